@@ -1,0 +1,55 @@
+"""User-facing errors: each names where the problem is (file:line:col, layer, blob) and what to do.
+
+Command-line tools catch :class:`CaffeError` and print its message without a traceback; anything
+else escaping is a bug in pycaffe_alt.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class CaffeError(Exception):
+    """Base of every error pycaffe_alt reports to a user.
+
+    ``where`` is the place (``file:line:col``, ``layer 'conv1'``...), ``what`` says what is wrong,
+    ``hint`` what to do about it.
+    """
+
+    def __init__(self, what: str, where: Optional[str] = None, hint: Optional[str] = None):
+        self.what = what
+        self.where = where
+        self.hint = hint
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        text = f"{self.where}: {self.what}" if self.where else self.what
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+class PrototxtError(CaffeError):
+    """A text or binary protobuf file that cannot be read or does not follow the schema."""
+
+
+class UnknownTypeError(CaffeError):
+    """A layer (or solver, filler, ...) type name that is not registered."""
+
+
+class NetError(CaffeError):
+    """A net that cannot be built: missing blob, wrong number of bottoms, shape mismatch."""
+
+
+class WeightsError(CaffeError):
+    """A caffemodel/binaryproto/solverstate that cannot be read or does not fit the net."""
+
+
+class DataError(CaffeError):
+    """A dataset (LMDB, image list, HDF5...) that is missing, empty or corrupt."""
+
+
+class SolverError(CaffeError):
+    """A solver configuration or training state that cannot be used."""

@@ -1,0 +1,102 @@
+"""Caffe's weight fillers (FillerParameter), as functions that fill a tensor in place.
+
+Formulas follow Caffe's filler.hpp: fan-in is ``count / shape[0]``, fan-out ``count / shape[1]``;
+``sparse`` in the gaussian filler keeps each weight with probability ``sparse / shape[0]``.
+Random numbers come from torch's generator (``caffe.set_random_seed`` seeds it), so values differ
+from Caffe's own RNG stream but follow the same distributions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import torch
+
+from .errors import UnknownTypeError
+
+# FillerParameter.VarianceNorm values (wire facts).
+FAN_IN, FAN_OUT, AVERAGE = 0, 1, 2
+
+
+def _fans(t: torch.Tensor):
+    count = t.numel()
+    fan_in = count // t.shape[0] if t.dim() > 0 and t.shape[0] else count
+    fan_out = count // t.shape[1] if t.dim() > 1 and t.shape[1] else count
+    return fan_in, fan_out
+
+
+def _variance_n(t: torch.Tensor, norm: int) -> float:
+    fan_in, fan_out = _fans(t)
+    if norm == AVERAGE:
+        return (fan_in + fan_out) / 2.0
+    if norm == FAN_OUT:
+        return float(fan_out)
+    return float(fan_in)
+
+
+def _constant(t, p):
+    t.fill_(p.value)
+
+
+def _uniform(t, p):
+    t.uniform_(p.min, p.max)
+
+
+def _gaussian(t, p):
+    t.normal_(p.mean, p.std)
+    if p.sparse >= 0:
+        # Caffe: each weight survives with probability sparse / num_outputs (shape[0]).
+        keep = min(1.0, p.sparse / float(t.shape[0])) if t.dim() > 0 and t.shape[0] else 0.0
+        t.mul_(torch.bernoulli(torch.full_like(t, keep)))
+
+
+def _positive_unitball(t, p):
+    t.uniform_(0.0, 1.0)
+    rows = t.view(t.shape[0], -1) if t.dim() > 0 else t.view(1, -1)
+    rows.div_(rows.sum(dim=1, keepdim=True))
+
+
+def _xavier(t, p):
+    scale = math.sqrt(3.0 / _variance_n(t, p.variance_norm))
+    t.uniform_(-scale, scale)
+
+
+def _msra(t, p):
+    t.normal_(0.0, math.sqrt(2.0 / _variance_n(t, p.variance_norm)))
+
+
+def _bilinear(t, p):
+    # Upsampling kernel for Deconvolution (Caffe's BilinearFiller), same for every (out, in) pair.
+    if t.dim() < 2:
+        raise ValueError("bilinear filler needs a blob with at least 2 axes")
+    h, w = t.shape[-2], t.shape[-1]
+    f = math.ceil(w / 2.0)
+    c = (2 * f - 1 - f % 2) / (2.0 * f)
+    x = torch.arange(w, dtype=torch.float64)
+    y = torch.arange(h, dtype=torch.float64)
+    kernel = (1 - (y[:, None] / f - c).abs()) * (1 - (x[None, :] / f - c).abs())
+    t.copy_(kernel.to(t.dtype).expand_as(t))
+
+
+FILLERS: Dict[str, Callable] = {
+    "constant": _constant,
+    "uniform": _uniform,
+    "gaussian": _gaussian,
+    "positive_unitball": _positive_unitball,
+    "xavier": _xavier,
+    "msra": _msra,
+    "bilinear": _bilinear,
+}
+
+
+def fill(t: torch.Tensor, filler_param) -> torch.Tensor:
+    """Fill ``t`` in place according to a caffe_pb2.FillerParameter; returns ``t``."""
+    kind = filler_param.type or "constant"
+    try:
+        fn = FILLERS[kind]
+    except KeyError:
+        raise UnknownTypeError(f"unknown filler type {kind!r}",
+                               hint=f"known fillers: {', '.join(sorted(FILLERS))}") from None
+    with torch.no_grad():
+        fn(t, filler_param)
+    return t

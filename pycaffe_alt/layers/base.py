@@ -1,0 +1,147 @@
+"""The layer contract every Caffe layer type implements.
+
+A layer is an ``nn.Module`` built from its ``LayerParameter`` and the shapes of its bottoms (Caffe's
+``LayerSetUp``). ``forward(*bottoms)`` maps bottom tensors to top tensors with torch ops, so autograd
+gives the backward; where Caffe's backward is not the exact gradient of its forward, the layer uses
+a custom ``torch.autograd.Function`` and says so. Parameter blobs are ``nn.Parameter``s registered
+in Caffe's order (``self.blobs``) under the names in ``blob_names`` (state_dict keys).
+
+Declaring arity (Caffe's ``ExactNumBottomBlobs``/``MinTopBlobs``...) is done with class attributes;
+the net checks it before construction and names the layer when it does not hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import NetError
+from ..fillers import fill
+
+Shape = Tuple[int, ...]
+Tops = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+TRAIN = 0
+TEST = 1
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a layer may need to know at construction besides its parameter and bottom shapes."""
+
+    phase: int = TEST
+    # Python layers execute code named in a prototxt: only when the user explicitly allowed it.
+    allow_python: bool = False
+    # Where the net definition came from (for messages).
+    source: str = "<net>"
+
+
+class Layer(nn.Module):
+    """Base class of all layers. Subclasses set ``type_name`` via the registry and arity attributes.
+
+    Subclass constructors take ``(param, bottom_shapes, ctx)`` and must call
+    ``super().__init__(param, bottom_shapes, ctx)`` first.
+    """
+
+    # (min, max) number of bottoms/tops; max None = unbounded. Caffe's Exact/Min/MaxNum*Blobs.
+    num_bottoms: ClassVar[Tuple[int, Optional[int]]] = (0, None)
+    num_tops: ClassVar[Tuple[int, Optional[int]]] = (0, None)
+    # Caffe's EqualNumBottomTopBlobs.
+    equal_bottom_top: ClassVar[bool] = False
+    # Caffe's AutoTopBlobs: missing tops are created anonymously (loss layers).
+    auto_top: ClassVar[bool] = False
+    # Loss layers: top 0 gets loss_weight 1 unless the prototxt says otherwise.
+    is_loss: ClassVar[bool] = False
+    # state_dict names of the parameter blobs, in Caffe's blob order.
+    blob_names: ClassVar[Tuple[str, ...]] = ("weight", "bias")
+    # Layers whose tops cannot be derived from shapes alone (data-dependent) set this False and
+    # override ``top_shapes``.
+    shape_by_fake_run: ClassVar[bool] = True
+    # In Caffe an in-place layer's backward reads the blob's buffer, which later in-place layers
+    # have overwritten: it sees the blob's *final* value. Parameter-free layers whose Caffe
+    # backward reads that buffer define ``inplace_backward(top_diff, buffer) -> bottom_diff``
+    # with Caffe's formula; the net uses it only in such chains (see net.py).
+    inplace_backward = None
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], ctx: LayerContext):
+        super().__init__()
+        self.param = param
+        self.name: str = param.name
+        self.ctx = ctx
+        self._type_name: str = param.type
+        self._blob_list: List[nn.Parameter] = []
+        self.train(ctx.phase == TRAIN)
+
+    # -- pycaffe surface -------------------------------------------------------------------
+    @property
+    def type(self) -> str:  # noqa: A003 - pycaffe's Layer.type is a string
+        """The Caffe type name, e.g. ``"Convolution"`` (pycaffe's ``layer.type``)."""
+        return self._type_name
+
+    @property
+    def blobs(self) -> List[nn.Parameter]:
+        """Parameter blobs in Caffe's order (weights, bias, ...)."""
+        return self._blob_list
+
+    # -- parameters ---------------------------------------------------------------------------
+    def add_blob(self, shape: Sequence[int], filler=None, name: Optional[str] = None) -> nn.Parameter:
+        """Create the next parameter blob, filled by ``filler`` (a FillerParameter or None = zeros)."""
+        index = len(self._blob_list)
+        if name is None:
+            name = self.blob_names[index] if index < len(self.blob_names) else f"blob{index}"
+        tensor = torch.zeros(tuple(int(d) for d in shape), dtype=torch.float32)
+        if filler is not None:
+            fill(tensor, filler)
+        p = nn.Parameter(tensor)
+        self.register_parameter(name, p)
+        self._blob_list.append(p)
+        return p
+
+    def replace_blob(self, index: int, p: nn.Parameter) -> None:
+        """Make blob ``index`` the given Parameter (parameter sharing by ``param { name }``)."""
+        for attr, value in list(self._parameters.items()):
+            if value is self._blob_list[index]:
+                self._parameters[attr] = p
+        self._blob_list[index] = p
+
+    # -- shapes -------------------------------------------------------------------------------
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
+        """Shapes of the tops for bottoms of the given shapes (Caffe's ``Reshape``).
+
+        The default runs ``forward`` on fake tensors (no data, no compute); layers whose output
+        shape depends on data override this.
+        """
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = [torch.empty(s, dtype=torch.float32) for s in bottom_shapes]
+            with torch.no_grad():
+                tops = self.forward(*fake)
+        if isinstance(tops, torch.Tensor):
+            tops = (tops,)
+        return [tuple(t.shape) for t in tops]
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        """Caffe's ``AllowForceBackward``: loss layers never push gradients into labels."""
+        return not self.is_loss or bottom_index != 1
+
+    def error(self, what: str, hint: Optional[str] = None) -> NetError:
+        """An error naming this layer and its type (raise it)."""
+        return NetError(what, f"{self.ctx.source}: layer '{self.name}' (type {self.type})", hint)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, type={self.type!r}"
+
+
+def check_bottom_count(cls: type, n_bottoms: int, n_tops: int, where: str) -> None:
+    """Raise a NetError when a layer is given a number of bottoms/tops its type does not take."""
+    for what, n, (lo, hi) in (("bottom", n_bottoms, cls.num_bottoms), ("top", n_tops, cls.num_tops)):
+        if n < lo or (hi is not None and n > hi):
+            want = str(lo) if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+            raise NetError(f"takes {want} {what} blob(s), got {n}", where,
+                           f"check the '{what}:' lines of this layer")
+    if cls.equal_bottom_top and n_bottoms != n_tops:
+        raise NetError(f"needs as many tops as bottoms, got {n_bottoms} bottoms and {n_tops} tops",
+                       where, "add one 'top:' per 'bottom:'")
