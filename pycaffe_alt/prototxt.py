@@ -1,0 +1,318 @@
+"""Read and write Caffe's protobuf files (text prototxt and binary) with precise errors.
+
+Text files are parsed by protobuf's ``text_format.Parse``, which accepts what Caffe's C++
+``TextFormat::Parse`` accepts: ``#`` comments, repeated fields written several times, strings
+in single or double quotes, enum values by name or number; and, like Caffe, it rejects a
+singular field given twice. Errors become :class:`~pycaffe_alt.errors.PrototxtError` with
+``file:line:col``, a readable message and a hint (close field names, valid enum values).
+
+Nets and solvers are upgraded from legacy formats on read, as Caffe's
+``ReadNetParamsFrom*FileOrDie`` / ``ReadSolverParamsFromTextFileOrDie`` do (see upgrade.py).
+Relative paths inside files (``net: "examples/..."``, data sources) are kept as written: Caffe
+resolves them against the current directory, not the file's.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tempfile
+from typing import Optional, Tuple, TypeVar, Union
+
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
+
+from . import upgrade
+from .errors import PrototxtError
+from .proto import caffe_pb2
+
+PathOrText = Union[str, "os.PathLike[str]"]
+M = TypeVar("M", bound=pb_message.Message)
+
+# Bytes that never occur in a text prototxt but almost always early in a binary protobuf
+# (field tags and lengths below 0x20): control characters other than whitespace.
+_BINARY_BYTES = frozenset(range(0x00, 0x09)) | frozenset(range(0x0E, 0x20)) | {0x7F}
+_SNIFF_BYTES = 8192
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+def read_net(path_or_text: PathOrText) -> caffe_pb2.NetParameter:
+    """A NetParameter from a prototxt path, a caffemodel path, or prototxt text; upgraded.
+
+    A file is read as text unless its first bytes look binary (a ``.caffemodel``). Legacy
+    formats (V0, V1, input fields, old BatchNorm params) are upgraded as Caffe does on load, and
+    a warning is logged on the "pycaffe_alt" logger when that happens.
+    """
+    net = caffe_pb2.NetParameter()
+    source, data = _source_of(path_or_text)
+    if data is None:
+        raw = _read_bytes(source)
+        if _looks_binary(raw[:_SNIFF_BYTES]):
+            _parse_binary(raw, net, source)
+        else:
+            parse_text(_decode_text(raw, source), net, source)
+    else:
+        parse_text(data, net, source)
+    upgrade.upgrade_net_as_needed(net, source)
+    return net
+
+
+def read_solver(path: PathOrText) -> caffe_pb2.SolverParameter:
+    """A SolverParameter from a solver prototxt (path, or text), upgraded as Caffe does.
+
+    The old ``solver_type`` enum becomes the ``type`` string; when read from a file, a missing
+    (or directory) ``snapshot_prefix`` is derived from the file name (Caffe's
+    UpgradeSnapshotPrefixProperty). ``net:`` paths are kept exactly as written.
+    """
+    solver = caffe_pb2.SolverParameter()
+    source, data = _source_of(path)
+    if data is None:
+        parse_text(read_text_file(source), solver, source)
+        upgrade.upgrade_solver_as_needed(solver, source)
+        upgrade.upgrade_snapshot_prefix(solver, source)
+    else:
+        parse_text(data, solver, source)
+        upgrade.upgrade_solver_as_needed(solver, source)
+    return solver
+
+
+def read_text_file(path: PathOrText) -> str:
+    """The contents of a text file, with PrototxtError for a missing or non-UTF-8 file."""
+    source = os.fspath(path)
+    return _decode_text(_read_bytes(source), source)
+
+
+def parse_text(text: str, message: M, filename: str = "<text>") -> M:
+    """Parse prototxt ``text`` into ``message`` (cleared first) and return it.
+
+    Raises PrototxtError with ``filename:line:col`` on a syntax error, an unknown field or enum
+    value, or a singular field given twice.
+    """
+    if text.startswith("\ufeff"):  # a BOM some editors write; not part of the syntax
+        text = text[1:]
+    message.Clear()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise _readable_parse_error(exc, text, message, filename) from None
+    return message
+
+
+def read_binary(path: PathOrText, message: M) -> M:
+    """Parse the binary protobuf file at ``path`` into ``message`` (cleared first), return it."""
+    source = os.fspath(path)
+    return _parse_binary(_read_bytes(source), message, source)
+
+
+def write_text(message: pb_message.Message, path: PathOrText) -> None:
+    """Write ``message`` as prototxt to ``path`` atomically (temporary file, then rename)."""
+    _write_atomic(os.fspath(path), text_format.MessageToString(message).encode("utf-8"))
+
+
+def write_binary(message: pb_message.Message, path: PathOrText) -> None:
+    """Write ``message`` in binary wire format to ``path`` atomically."""
+    _write_atomic(os.fspath(path), message.SerializeToString())
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+def _source_of(path_or_text: PathOrText) -> Tuple[str, Optional[str]]:
+    """(name for messages, text) — text is None when the argument names a file.
+
+    A str is prototxt text when it is not an existing file and contains a character no sane
+    path has in this role (newline, brace, colon, quote); otherwise it is a path.
+    """
+    if not isinstance(path_or_text, str):
+        return os.fspath(path_or_text), None
+    if os.path.isfile(path_or_text):
+        return path_or_text, None
+    if any(c in path_or_text for c in "\n{}:\"'"):
+        return "<text>", path_or_text
+    return path_or_text, None
+
+
+def _read_bytes(path: str) -> bytes:
+    if not os.path.exists(path):
+        raise PrototxtError(f"file '{path}' does not exist",
+                            hint="check the path; relative paths are taken from the current "
+                                 f"directory ({os.getcwd()}), as in Caffe")
+    if os.path.isdir(path):
+        raise PrototxtError(f"'{path}' is a directory, not a file")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise PrototxtError(f"cannot read '{path}': {exc.strerror}") from None
+
+
+def _looks_binary(head: bytes) -> bool:
+    return any(b in _BINARY_BYTES for b in head)
+
+
+def _decode_text(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PrototxtError("the file is not UTF-8 text", where=f"{source}:{line}:{column}",
+                            hint="save the prototxt as UTF-8") from None
+
+
+def _parse_binary(raw: bytes, message: M, source: str) -> M:
+    message.Clear()
+    name = message.DESCRIPTOR.name
+    try:
+        message.ParseFromString(raw)
+    except pb_message.DecodeError:
+        raise PrototxtError(
+            f"not a valid {name} (truncated or corrupt)", where=source,
+            hint=f"the file should be a binary {name}; re-download or re-create it") from None
+    return message
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+def _write_atomic(path: str, payload: bytes) -> None:
+    """Write via a temporary file in the same directory and os.replace: readers never see a
+    half-written file, and an interrupted write leaves the old file intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise PrototxtError(f"cannot write '{path}': directory '{directory}' does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 - umask).
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# readable parse errors
+# --------------------------------------------------------------------------------------------
+
+_POSITION = re.compile(r"^(\d+):(\d+)\s*:\s*")
+_UNKNOWN_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "([^"]+)"')
+_UNKNOWN_ENUM_NAME = re.compile(r'Enum type "([\w.]+)" has no value named (.+?)\.?$')
+_UNKNOWN_ENUM_NUMBER = re.compile(r'Enum type "([\w.]+)" has no value with number (-?\d+)')
+_DUPLICATE = re.compile(r'Message type "([\w.]+)" should not have multiple "([^"]+)" fields')
+_EXPECTED_STRING = re.compile(r"Expected string but found: '(.*)'")
+
+# Fields that moved between formats: a hint beats a plain "no such field".
+_LEGACY_FIELD_HINTS = {
+    "blobs_lr": "blobs_lr is the old V1 form; inside layer {} write param { lr_mult: ... } "
+                "once per parameter blob",
+    "weight_decay": "weight_decay per blob is the old V1 form; inside layer {} write "
+                    "param { decay_mult: ... } once per parameter blob",
+    "solver_type": "solver_type is the old enum form; write type: \"SGD\" (or Nesterov, "
+                   "AdaGrad, RMSProp, AdaDelta, Adam)",
+}
+
+
+def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_message.Message,
+                          filename: str) -> PrototxtError:
+    raw = str(exc)
+    line, column = exc.GetLine(), exc.GetColumn()
+    detail = _POSITION.sub("", raw)
+    # upb/python quote the offending source line before the message: drop it, we give line:col.
+    if line is not None:
+        lines = text.splitlines()
+        if 0 < line <= len(lines):
+            quoted = f"'{lines[line - 1]}': "
+            if detail.startswith(quoted):
+                detail = detail[len(quoted):]
+    where = f"{filename}:{line}:{column}" if line is not None else filename
+    what, hint = _explain(detail, message)
+    return PrototxtError(what, where=where, hint=hint)
+
+
+def _explain(detail: str, root: pb_message.Message) -> Tuple[str, Optional[str]]:
+    pool = root.DESCRIPTOR.file.pool
+    match = _UNKNOWN_FIELD.search(detail)
+    if match:
+        full_name, field = match.groups()
+        descriptor = pool.FindMessageTypeByName(full_name)
+        return (f"{descriptor.name} has no field '{field}'",
+                _field_hint(descriptor, field, root))
+    match = _UNKNOWN_ENUM_NAME.search(detail) or _UNKNOWN_ENUM_NUMBER.search(detail)
+    if match:
+        full_name, value = match.groups()
+        enum = pool.FindEnumTypeByName(full_name)
+        names = [v.name for v in enum.values]
+        what = f"{_short_name(enum)} has no value '{value}'"
+        close = difflib.get_close_matches(value.upper(), names, n=1, cutoff=0.6)
+        valid = "valid values: " + ", ".join(names)
+        return what, (f"did you mean '{close[0]}'? {valid}" if close else valid)
+    match = _DUPLICATE.search(detail)
+    if match:
+        full_name, field = match.groups()
+        return (f"{full_name.split('.')[-1]} field '{field}' is given more than once",
+                f"'{field}' holds a single value; remove the repeated line")
+    match = _EXPECTED_STRING.search(detail)
+    if match:
+        token = match.group(1)
+        hint = f"string values are quoted: \"{token}\""
+        v1_type = _v1_type_string(token)
+        if v1_type is not None:
+            hint = (f"{token} is the old V1 enum form; inside layer {{}} write "
+                    f"type: \"{v1_type}\" (or keep the whole file in the old layers {{}} form)")
+        return f"expected a quoted string, found {token}", hint
+    what = detail.rstrip(".")
+    hint = None
+    if 'Expected "}"' in detail or "got }" in detail or "Expected identifier" in detail:
+        hint = "check that every '{' has a matching '}' and that fields are written name: value"
+    elif 'Expected ":"' in detail:
+        hint = "a value field is written name: value (one value per line, or name: [a, b])"
+    return what[:1].lower() + what[1:] if what else "cannot parse the file", hint
+
+
+def _field_hint(descriptor, field: str, root: pb_message.Message) -> Optional[str]:
+    names = [f.name for f in descriptor.fields]
+    if field in _LEGACY_FIELD_HINTS:
+        return _LEGACY_FIELD_HINTS[field]
+    # A net file given as a solver (or the reverse) fails on its first field; say so.
+    if descriptor.full_name == "caffe.SolverParameter" and \
+            field in caffe_pb2.NetParameter.DESCRIPTOR.fields_by_name:
+        return "this looks like a net prototxt; a solver names it with net: \"path\""
+    if descriptor.full_name == "caffe.NetParameter" and \
+            field in caffe_pb2.SolverParameter.DESCRIPTOR.fields_by_name:
+        return "this looks like a solver prototxt, not a net"
+    close = difflib.get_close_matches(field, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if len(names) <= 25:
+        return f"{descriptor.name} accepts: " + ", ".join(names)
+    return f"see {descriptor.full_name} in pycaffe_alt/proto/caffe.proto for its fields"
+
+
+def _short_name(enum) -> str:
+    # caffe.PoolingParameter.PoolMethod -> PoolingParameter.PoolMethod
+    return enum.full_name.split(".", 1)[-1]
+
+
+def _v1_type_string(token: str) -> Optional[str]:
+    try:
+        value = caffe_pb2.V1LayerParameter.LayerType.Value(token)
+    except ValueError:
+        return None
+    return upgrade.V1_LAYER_TYPES.get(value) or None

@@ -1,0 +1,185 @@
+"""Reading and writing prototxt / binary protobuf files, and the errors users see."""
+import logging
+import os
+import shutil
+import stat
+
+import pytest
+
+from pycaffe_alt import prototxt
+from pycaffe_alt.errors import PrototxtError
+from pycaffe_alt.proto import caffe_pb2
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = os.path.join(HERE, "fixtures", "prototxt")
+LENET_V1 = os.path.join(HERE, "fixtures", "golden", "nets", "legacy_v1_lenet")
+
+
+def fixture(name):
+    return os.path.join(FIX, name)
+
+
+def test_caffe_text_quirks_comments_repeats_single_quotes():
+    net = prototxt.read_net(fixture("quirks.prototxt"))
+    assert net.name == "Quirks"
+    layer = net.layer[0]
+    assert layer.name == "data"
+    assert list(layer.top) == ["a", "b"]
+    assert [list(s.dim) for s in layer.input_param.shape] == [[1, 2], [3]]
+
+
+def test_read_net_accepts_text():
+    net = prototxt.read_net('name: "T"\nlayer { name: "r" type: "ReLU" bottom: "x" top: "x" }')
+    assert net.name == "T" and net.layer[0].type == "ReLU"
+
+
+def test_read_net_current_format_logs_no_warning(caplog):
+    with caplog.at_level(logging.INFO, logger="pycaffe_alt"):
+        prototxt.read_net(fixture("quirks.prototxt"))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_read_net_v1_logs_upgrade_warning(caplog):
+    with caplog.at_level(logging.INFO, logger="pycaffe_alt"):
+        net = prototxt.read_net(os.path.join(LENET_V1, "net.prototxt"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("will not support V1LayerParameter" in w for w in warnings)
+    assert any("only support input layers" in w for w in warnings)
+    assert [layer.type for layer in net.layer] == [
+        "Input", "Convolution", "Pooling", "ReLU", "InnerProduct", "Softmax"]
+
+
+def test_read_net_reads_binary_caffemodel():
+    net = prototxt.read_net(os.path.join(LENET_V1, "weights.caffemodel"))
+    conv = [layer for layer in net.layer if layer.name == "conv1"][0]
+    assert list(conv.blobs[0].shape.dim) == [6, 1, 5, 5]
+    assert len(conv.blobs[0].data) == 150
+
+
+def test_syntax_error_has_line_and_column():
+    with pytest.raises(PrototxtError) as info:
+        prototxt.read_net(fixture("syntax_error.prototxt"))
+    err = info.value
+    assert err.where == fixture("syntax_error.prototxt") + ":7:17"
+    assert 'expected ":"' in err.what
+    assert err.hint
+
+
+def test_unknown_field_suggests_close_name():
+    with pytest.raises(PrototxtError) as info:
+        prototxt.read_net(fixture("unknown_field.prototxt"))
+    err = info.value
+    assert err.where.endswith("unknown_field.prototxt:5:3")
+    assert err.what == "LayerParameter has no field 'convolution_parm'"
+    assert err.hint == "did you mean 'convolution_param'?"
+    assert "Traceback" not in str(err)
+
+
+def test_unknown_enum_lists_valid_values():
+    with pytest.raises(PrototxtError) as info:
+        prototxt.read_net(fixture("bad_enum.prototxt"))
+    err = info.value
+    assert err.where.endswith("bad_enum.prototxt:5:25")
+    assert "PoolingParameter.PoolMethod has no value 'MAXIMUM'" in err.what
+    assert "MAX, AVE, STOCHASTIC" in err.hint
+    assert "did you mean 'MAX'" in err.hint
+
+
+def test_enum_number_out_of_range():
+    with pytest.raises(PrototxtError) as info:
+        prototxt.parse_text("layer { pooling_param { pool: 7 } }", caffe_pb2.NetParameter(), "n")
+    assert info.value.where == "n:1:31"
+    assert "has no value '7'" in info.value.what
+
+
+def test_singular_field_twice_is_an_error_as_in_caffe():
+    with pytest.raises(PrototxtError) as info:
+        prototxt.parse_text('layer {\n name: "a"\n name: "b"\n}', caffe_pb2.NetParameter(), "f")
+    assert info.value.where.startswith("f:3:")
+    assert "'name' is given more than once" in info.value.what
+
+
+def test_v1_enum_type_in_new_layer_gets_hint():
+    with pytest.raises(PrototxtError) as info:
+        prototxt.parse_text("layer { type: CONVOLUTION }", caffe_pb2.NetParameter(), "f")
+    assert 'type: "Convolution"' in info.value.hint
+
+
+def test_net_given_as_solver_is_explained():
+    with pytest.raises(PrototxtError) as info:
+        prototxt.read_solver(os.path.join(LENET_V1, "net.prototxt"))
+    assert "SolverParameter has no field 'name'" in info.value.what
+    assert "net prototxt" in info.value.hint
+
+
+def test_missing_file():
+    missing = os.path.join(FIX, "no_such_net.prototxt")
+    for reader in (prototxt.read_net, prototxt.read_solver,
+                   lambda p: prototxt.read_binary(p, caffe_pb2.NetParameter())):
+        with pytest.raises(PrototxtError) as info:
+            reader(missing)
+        assert missing in str(info.value) and "does not exist" in str(info.value)
+
+
+def test_corrupt_binary(tmp_path):
+    raw = open(os.path.join(LENET_V1, "weights.caffemodel"), "rb").read()
+    broken = tmp_path / "broken.caffemodel"
+    broken.write_bytes(raw[: len(raw) // 2])
+    for read in (prototxt.read_net, lambda p: prototxt.read_binary(p, caffe_pb2.NetParameter())):
+        with pytest.raises(PrototxtError) as info:
+            read(str(broken))
+        assert "not a valid NetParameter (truncated or corrupt)" in info.value.what
+        assert info.value.where == str(broken)
+
+
+def test_non_utf8_text_names_position(tmp_path):
+    bad = tmp_path / "latin1.prototxt"
+    bad.write_bytes(b'name: "x"\n# caf\xe9\n')
+    with pytest.raises(PrototxtError) as info:
+        prototxt.read_net(str(bad))
+    assert info.value.where == f"{bad}:2:6"
+
+
+def test_solver_keeps_relative_net_path(tmp_path, monkeypatch):
+    shutil.copy(fixture("solver_old.prototxt"), tmp_path / "solver.prototxt")
+    monkeypatch.chdir(tmp_path)
+    solver = prototxt.read_solver("solver.prototxt")
+    assert solver.net == "examples/mnist/lenet_train_test.prototxt"
+    assert solver.type == "Nesterov" and not solver.HasField("solver_type")
+    # Caffe's UpgradeSnapshotPrefixProperty: unset prefix -> solver path minus extension.
+    assert solver.snapshot_prefix == "solver"
+
+
+def test_solver_snapshot_prefix_directory(tmp_path, monkeypatch):
+    (tmp_path / "snaps").mkdir()
+    (tmp_path / "s.prototxt").write_text('base_lr: 0.1\nsnapshot_prefix: "snaps"\n')
+    monkeypatch.chdir(tmp_path)
+    assert prototxt.read_solver("s.prototxt").snapshot_prefix == os.path.join("snaps", "s")
+    (tmp_path / "t.prototxt").write_text('base_lr: 0.1\nsnapshot_prefix: "out/lenet"\n')
+    assert prototxt.read_solver("t.prototxt").snapshot_prefix == "out/lenet"
+
+
+def test_write_text_roundtrip_and_atomic(tmp_path):
+    net = prototxt.read_net(fixture("v1_data.prototxt"))
+    out = tmp_path / "net.prototxt"
+    out.write_text("old contents")
+    prototxt.write_text(net, str(out))
+    assert prototxt.read_net(str(out)) == net
+    assert os.listdir(tmp_path) == ["net.prototxt"]  # no temporary file left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # the mode a plain open() gives, not mkstemp's 0600
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~umask
+
+
+def test_write_binary_roundtrip(tmp_path):
+    net = prototxt.read_net(os.path.join(LENET_V1, "weights.caffemodel"))
+    out = tmp_path / "w.caffemodel"
+    prototxt.write_binary(net, out)
+    assert prototxt.read_binary(out, caffe_pb2.NetParameter()) == net
+    assert os.listdir(tmp_path) == ["w.caffemodel"]
+
+
+def test_write_into_missing_directory(tmp_path):
+    with pytest.raises(PrototxtError, match="does not exist"):
+        prototxt.write_text(caffe_pb2.NetParameter(), str(tmp_path / "nope" / "x.prototxt"))
