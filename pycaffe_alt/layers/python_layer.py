@@ -1,0 +1,253 @@
+"""The ``Python`` layer: a user's pycaffe-style layer class, run inside the torch graph.
+
+A prototxt naming ``python_param { module: "m" layer: "C" }`` makes us import and run ``m.C``, so
+this is opt-in: the net must be built with ``allow_python=True`` (CLI ``--allow-python``).
+
+The user class follows pycaffe's protocol (``setup``, ``reshape``, ``forward``, ``backward`` over
+lists of blobs with numpy ``.data``/``.diff``; ``self.param_str``, ``self.phase``; optional
+``self.blobs``). As in Caffe, ``reshape`` runs before every ``forward``; the backward is a custom
+``torch.autograd.Function`` that hands the top diffs to the user's ``backward`` and returns the
+bottom (and parameter blob) diffs it wrote.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..registry import LAYERS
+from .base import Layer, Shape
+
+
+class PyBlob:
+    """What a Python layer sees of a blob (pycaffe's ``Blob``): numpy ``data`` and ``diff``,
+    ``reshape(*shape)``, ``shape``, ``count`` and the legacy ``num/channels/height/width``."""
+
+    def __init__(self, data: np.ndarray, diff: Optional[np.ndarray] = None):
+        self._data = data
+        self._diff = np.zeros_like(data) if diff is None else diff
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @property
+    def diff(self) -> np.ndarray:
+        return self._diff
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self._data.shape)
+
+    @property
+    def count(self) -> int:
+        return int(self._data.size)
+
+    def _legacy(self, i: int) -> int:
+        return int(self._data.shape[i]) if i < self._data.ndim else 1
+
+    num = property(lambda self: self._legacy(0))
+    channels = property(lambda self: self._legacy(1))
+    height = property(lambda self: self._legacy(2))
+    width = property(lambda self: self._legacy(3))
+
+    def reshape(self, *shape: int) -> None:
+        """Caffe's Blob::Reshape: new (zeroed) storage only when the shape changes."""
+        shape = tuple(int(d) for d in shape)
+        if shape != self.shape:
+            self._data = np.zeros(shape, dtype=self._data.dtype)
+            self._diff = np.zeros(shape, dtype=self._data.dtype)
+
+    def _bind(self, data: np.ndarray, diff: Optional[np.ndarray] = None) -> None:
+        self._data = data
+        self._diff = np.zeros_like(data) if diff is None else diff
+
+    def __repr__(self) -> str:
+        return f"PyBlob(shape={self.shape})"
+
+
+class PyBlobVec(list):
+    """A Python layer's ``self.blobs``: a list of PyBlobs plus pycaffe's ``add_blob(*shape)``."""
+
+    def add_blob(self, *shape: int) -> None:
+        self.append(PyBlob(np.zeros(tuple(int(d) for d in shape), dtype=np.float32)))
+
+
+class PythonLayerBase:
+    """Base class for user Python layers, in the role of pycaffe's ``caffe.Layer``.
+
+    Subclass it and define ``setup``, ``reshape``, ``forward`` and ``backward``; ``param_str``,
+    ``phase`` and ``blobs`` are set before ``setup`` is called.
+    """
+
+    def __init__(self, param: Any = None):
+        self.param = param
+        self.param_str = ""
+        self.phase = 0
+        self.blobs = PyBlobVec()
+
+    def setup(self, bottom, top) -> None:
+        pass
+
+    def reshape(self, bottom, top) -> None:
+        raise NotImplementedError("a Python layer must define reshape(bottom, top)")
+
+    def forward(self, bottom, top) -> None:
+        raise NotImplementedError("a Python layer must define forward(bottom, top)")
+
+    def backward(self, top, propagate_down, bottom) -> None:
+        pass
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (a copy from other devices)."""
+    return t.detach().cpu().numpy()
+
+
+def _new_tops(n: int, dtype: np.dtype) -> List[PyBlob]:
+    return [PyBlob(np.zeros((0,), dtype=dtype)) for _ in range(n)]
+
+
+def _instantiate(cls: type, param) -> Any:
+    """pycaffe constructs the user class with the LayerParameter; a plain class with no
+    constructor argument is accepted too."""
+    try:
+        takes_param = len(inspect.signature(cls).parameters) >= 1
+    except (TypeError, ValueError):  # no introspectable signature: construct without arguments
+        takes_param = False
+    return cls(param) if takes_param else cls()
+
+
+class _PythonFunction(torch.autograd.Function):
+    """Forward and backward through the user's numpy code (Caffe's Forward_cpu/Backward_cpu)."""
+
+    @staticmethod
+    def forward(ctx, layer: "Python", n_bottoms: int, *tensors: torch.Tensor):  # type: ignore[override]
+        bottoms, params = tensors[:n_bottoms], tensors[n_bottoms:]
+        layer._bind_params(params)
+        bottom_blobs = [PyBlob(_to_numpy(b)) for b in bottoms]
+        top_blobs = layer._tops
+        layer.user.reshape(bottom_blobs, top_blobs)
+        layer.user.forward(bottom_blobs, top_blobs)
+        ctx.layer, ctx.n_bottoms = layer, n_bottoms
+        ctx.save_for_backward(*tensors)
+        ref = bottoms[0] if bottoms else (params[0] if params else None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        # Copies: the top arrays are reused by the next forward, as Caffe reuses its top blobs.
+        outs = tuple(torch.from_numpy(np.array(t.data, copy=True)).to(device) for t in top_blobs)
+        ctx.top_data = [np.array(t.data, copy=True) for t in top_blobs]
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *top_grads: Optional[torch.Tensor]):
+        layer, n_bottoms = ctx.layer, ctx.n_bottoms
+        tensors = ctx.saved_tensors
+        bottoms, params = tensors[:n_bottoms], tensors[n_bottoms:]
+        layer._bind_params(params)
+        top_blobs = [PyBlob(data, np.zeros_like(data) if g is None else
+                            np.ascontiguousarray(_to_numpy(g), dtype=data.dtype).reshape(data.shape))
+                     for data, g in zip(ctx.top_data, top_grads)]
+        bottom_blobs = [PyBlob(np.array(_to_numpy(b), copy=True)) for b in bottoms]
+        propagate_down = [bool(ctx.needs_input_grad[2 + i]) for i in range(n_bottoms)]
+        layer.user.backward(top_blobs, propagate_down, bottom_blobs)
+        grads: List[Optional[torch.Tensor]] = [None, None]
+        for i, (b, blob) in enumerate(zip(bottoms, bottom_blobs)):
+            grads.append(torch.from_numpy(np.array(blob.diff, copy=True)).to(b) if propagate_down[i] else None)
+        for p, blob in zip(params, layer.user.blobs):
+            grads.append(torch.from_numpy(np.array(blob.diff, copy=True)).to(p))
+        return tuple(grads)
+
+
+@LAYERS.register("Python")
+class Python(Layer):
+    """Runs ``python_param.layer`` from module ``python_param.module`` (pycaffe's protocol); only
+    when the net was built with ``allow_python=True``."""
+
+    blob_names = ()
+    shape_by_fake_run = False
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        pp = param.python_param
+        module_name, class_name = pp.module, pp.layer
+        if not ctx.allow_python:
+            raise self.error(
+                f"would import and run Python code: class '{class_name}' from module '{module_name}'",
+                "Python layers run arbitrary code, so they are off by default; if you trust this "
+                "net, pass allow_python=True to pycaffe_alt.Net(...) or the solver, or --allow-python "
+                "on the command line")
+        if not module_name or not class_name:
+            raise self.error("python_param needs both 'module' and 'layer'",
+                             "e.g. python_param { module: 'my_layers' layer: 'MyLayer' }")
+        cls = self._import(module_name, class_name)
+        self.user = _instantiate(cls, param)
+        # pycaffe sets these attributes before setup (PythonLayer::LayerSetUp).
+        self.user.param_str = pp.param_str
+        self.user.phase = int(ctx.phase)
+        if not isinstance(getattr(self.user, "blobs", None), PyBlobVec):
+            self.user.blobs = PyBlobVec()
+        self.n_tops = len(param.top)
+        bottoms = [PyBlob(np.zeros(tuple(s), dtype=np.float32)) for s in bottom_shapes]
+        self._tops = _new_tops(self.n_tops, np.float32)
+        try:
+            self.user.setup(bottoms, self._tops)
+            self.user.reshape(bottoms, self._tops)
+        except Exception as e:
+            raise self.error(f"setup of {module_name}.{class_name} failed: {type(e).__name__}: {e}",
+                             "see the chained traceback above for where in the layer's code") from e
+        # Blobs the user added in setup become parameter blobs (learned, saved in the caffemodel).
+        self._param_names: List[str] = []
+        for i, blob in enumerate(self.user.blobs):
+            p = self.add_blob(blob.shape, name=f"blob{i}")
+            self._param_names.append(f"blob{i}")
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(np.asarray(blob.data, dtype=np.float32)))
+        self._bind_params(self.blobs)
+
+    def _import(self, module_name: str, class_name: str) -> type:
+        # As Caffe's embedded interpreter, the working directory is importable.
+        cwd = os.getcwd()
+        added = cwd not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise self.error(f"cannot import module '{module_name}': {e}",
+                             f"put {module_name}.py in the working directory ({cwd}) or on PYTHONPATH") from e
+        finally:
+            if added:
+                sys.path.remove(cwd)
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise self.error(f"module '{module_name}' ({getattr(module, '__file__', '?')}) has no "
+                             f"'{class_name}'", "check python_param.layer (the class name)")
+        return cls
+
+    def _bind_params(self, params: Sequence[torch.Tensor]) -> None:
+        """Point the user's ``self.blobs[i].data`` at the current parameter values (a view on CPU,
+        so in-place updates by the user reach the parameter)."""
+        for blob, p in zip(self.user.blobs, params):
+            blob._bind(_to_numpy(p))
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
+        # The user's reshape decides the tops (called with the bottoms' shapes, as Caffe's Reshape).
+        bottoms = [PyBlob(np.zeros(tuple(s), dtype=np.float32)) for s in bottom_shapes]
+        self.user.reshape(bottoms, self._tops)
+        return [t.shape for t in self._tops]
+
+    def forward(self, *bottoms: torch.Tensor):
+        dtype = bottoms[0].dtype if bottoms else torch.float32
+        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        if self._tops and self._tops[0].data.dtype != np_dtype:
+            self._tops = _new_tops(self.n_tops, np_dtype)
+        # Parameters by attribute name, so functional_call and parameter sharing see replacements.
+        params = [getattr(self, n) for n in self._param_names]
+        outs = _PythonFunction.apply(self, len(bottoms), *bottoms, *params)
+        return outs[0] if len(outs) == 1 else outs

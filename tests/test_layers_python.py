@@ -1,0 +1,154 @@
+"""The Python layer: opt-in refusal, import errors, pycaffe-style user classes in the torch graph."""
+from __future__ import annotations
+
+import sys
+import textwrap
+import uuid
+
+import pytest
+import torch
+from google.protobuf import text_format
+
+from layer_check import gradcheck_layer
+from pycaffe_alt.errors import NetError
+from pycaffe_alt.layers import LAYERS, TEST, TRAIN, LayerContext
+from pycaffe_alt.layers.python_layer import PythonLayerBase
+from pycaffe_alt.proto import caffe_pb2
+
+USER_CODE = textwrap.dedent('''
+    import numpy as np
+
+    class Double:
+        """y = factor * x, factor from param_str; a hand-written backward."""
+        def setup(self, bottom, top):
+            self.factor = float(self.param_str or 2)
+        def reshape(self, bottom, top):
+            top[0].reshape(*bottom[0].data.shape)
+        def forward(self, bottom, top):
+            top[0].data[...] = self.factor * bottom[0].data
+        def backward(self, top, propagate_down, bottom):
+            self.seen_propagate_down = list(propagate_down)
+            if propagate_down[0]:
+                bottom[0].diff[...] = self.factor * top[0].diff
+
+    class ChannelScale:
+        """y[n, c] = x[n, c] * w[c] with a learnable blob w."""
+        def setup(self, bottom, top):
+            self.blobs.add_blob(bottom[0].channels)
+            self.blobs[0].data[...] = 1.5
+        def reshape(self, bottom, top):
+            top[0].reshape(*bottom[0].shape)
+        def forward(self, bottom, top):
+            top[0].data[...] = bottom[0].data * self.blobs[0].data[None, :]
+        def backward(self, top, propagate_down, bottom):
+            bottom[0].diff[...] = top[0].diff * self.blobs[0].data[None, :]
+            self.blobs[0].diff[...] += (top[0].diff * bottom[0].data).sum(0)
+
+    class Source:
+        """No bottoms, two tops (a data-layer style Python layer); reports the phase."""
+        def setup(self, bottom, top):
+            pass
+        def reshape(self, bottom, top):
+            top[0].reshape(2, 3, 4, 5)
+            top[1].reshape(2)
+        def forward(self, bottom, top):
+            t = top[0]
+            top[0].data[...] = np.arange(t.count).reshape(t.num, t.channels, t.height, t.width)
+            top[1].data[...] = self.phase
+
+    class Broken:
+        def setup(self, bottom, top):
+            raise ValueError("param_str must be a number")
+        def reshape(self, bottom, top):
+            pass
+''')
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A user layer module in a temp dir that is the working directory (Caffe imports from cwd)."""
+    name = f"user_layers_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(USER_CODE)
+    monkeypatch.chdir(tmp_path)
+    yield name
+    sys.modules.pop(name, None)
+
+
+def python_layer(module: str, cls: str, bottom_shapes, *, tops=("y",), param_str: str = "",
+                 allow: bool = True, phase: int = TEST):
+    param = caffe_pb2.LayerParameter()
+    text_format.Parse(f'name: "py" type: "Python" python_param {{ module: "{module}" layer: "{cls}" '
+                      f'param_str: "{param_str}" }}', param)
+    param.top.extend(tops)
+    return LAYERS.get("Python")(param, [tuple(s) for s in bottom_shapes],
+                                LayerContext(phase=phase, allow_python=allow))
+
+
+def test_refused_unless_allowed(user_module):
+    with pytest.raises(NetError) as info:
+        python_layer(user_module, "Double", [(2, 3)], allow=False)
+    msg = str(info.value)
+    for part in ("'py'", user_module, "Double", "allow_python=True", "--allow-python"):
+        assert part in msg
+    assert user_module not in sys.modules  # nothing was imported
+
+
+def test_import_error_names_the_module(user_module):
+    with pytest.raises(NetError, match="cannot import module 'no_such_layers_mod'"):
+        python_layer("no_such_layers_mod", "X", [(2, 3)])
+    with pytest.raises(NetError, match="has no 'Missing'"):
+        python_layer(user_module, "Missing", [(2, 3)])
+
+
+def test_setup_error_is_reported_with_the_layer(user_module):
+    with pytest.raises(NetError, match="setup of .*Broken failed: ValueError: param_str must be a number"):
+        python_layer(user_module, "Broken", [(2, 3)])
+
+
+def test_forward_backward_and_param_str(user_module):
+    layer = python_layer(user_module, "Double", [(2, 3)], param_str="3")
+    assert layer.top_shapes([(2, 3)]) == [(2, 3)]
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 4.0, 1.0]], requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.float32 and torch.equal(y, 3 * x.detach())
+    (y * torch.arange(6.0).reshape(2, 3)).sum().backward()
+    assert torch.equal(x.grad, 3 * torch.arange(6.0).reshape(2, 3))
+    assert layer.user.seen_propagate_down == [True]
+    # A later forward must not overwrite the earlier output (Caffe reuses top arrays; we copy).
+    y2 = layer(torch.ones(2, 3))
+    assert torch.equal(y, 3 * x.detach()) and torch.equal(y2, torch.full((2, 3), 3.0))
+
+
+def test_gradcheck_through_user_backward(user_module):
+    layer = python_layer(user_module, "Double", [(2, 3)])
+    assert gradcheck_layer(layer, [torch.randn(2, 3)])
+
+
+def test_user_blobs_become_parameters(user_module):
+    layer = python_layer(user_module, "ChannelScale", [(2, 3)])
+    assert [tuple(p.shape) for p in layer.blobs] == [(3,)]
+    assert torch.equal(layer.blobs[0].detach(), torch.full((3,), 1.5))
+    x = torch.randn(2, 3)
+    assert torch.allclose(layer(x), 1.5 * x)
+    with torch.no_grad():
+        layer.blobs[0].copy_(torch.tensor([1.0, 2.0, 3.0]))  # e.g. a solver update
+    assert torch.allclose(layer(x), x * torch.tensor([1.0, 2.0, 3.0]))
+    assert gradcheck_layer(layer, [torch.randn(2, 3)])  # includes the parameter blob
+
+
+def test_no_bottom_layer_with_two_tops_and_phase(user_module):
+    layer = python_layer(user_module, "Source", [], tops=("data", "phase"), phase=TRAIN)
+    assert layer.top_shapes([]) == [(2, 3, 4, 5), (2,)]
+    data, phase = layer()
+    assert torch.equal(data.flatten(), torch.arange(120.0)) and torch.equal(phase, torch.zeros(2))
+    test_layer = python_layer(user_module, "Source", [], tops=("data", "phase"), phase=TEST)
+    assert torch.equal(test_layer()[1], torch.ones(2))
+
+
+def test_python_layer_base_class_defaults():
+    base = PythonLayerBase("p")
+    assert base.param == "p" and base.param_str == "" and len(base.blobs) == 0
+    base.blobs.add_blob(2, 3)
+    assert base.blobs[0].shape == (2, 3) and base.blobs[0].count == 6 and base.blobs[0].height == 1
+    with pytest.raises(NotImplementedError):
+        base.forward([], [])
