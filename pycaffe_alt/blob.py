@@ -1,0 +1,140 @@
+"""pycaffe-style blob views: ``.data`` and ``.diff`` as numpy arrays that read and write through.
+
+On the CPU the arrays share memory with the torch tensors, so ``blob.data[...] = x`` writes the
+tensor directly. On CUDA a host copy stands in, like Caffe's SyncedMemory: reading ``.data`` brings
+the device values down and marks the host copy as the newer one; the net pushes such copies back
+to the device before it next computes (``HostMirror.push``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Set, Tuple
+
+import numpy as np
+import torch
+
+
+class HostMirror:
+    """Numpy access to a tensor that may live on a GPU, with Caffe's head-state rule."""
+
+    def __init__(self, get: Callable[[], torch.Tensor], dirty: Optional[Set["HostMirror"]]):
+        self._get = get
+        self._dirty = dirty  # the owner's set of mirrors whose host copy is newer
+        self._host: Optional[np.ndarray] = None
+        self._synced: Optional[Tuple[int, int]] = None  # (id, _version) of the tensor at last sync
+
+    def array(self) -> np.ndarray:
+        t = self._get()
+        if t.device.type == "cpu":
+            return t.detach().numpy()
+        key = (id(t), t._version)
+        if self._host is None or self._synced != key or self._host.shape != tuple(t.shape):
+            self._host = t.detach().cpu().numpy()
+            self._synced = key
+        if self._dirty is not None:
+            self._dirty.add(self)
+        return self._host
+
+    def push(self) -> None:
+        """Copy a host copy that may have been written back to the device tensor."""
+        t = self._get()
+        if self._host is not None and t.device.type != "cpu" and self._host.shape == tuple(t.shape):
+            with torch.no_grad():
+                t.copy_(torch.from_numpy(self._host), non_blocking=False)
+            self._synced = (id(t), t._version)
+
+
+class _BlobView:
+    """What blobs and parameter blobs share: numpy ``data``/``diff`` and Caffe's legacy dims."""
+
+    _data: HostMirror
+    _diff: HostMirror
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data.array()
+
+    @data.setter
+    def data(self, value) -> None:
+        self.data[...] = value
+
+    @property
+    def diff(self) -> np.ndarray:
+        return self._diff.array()
+
+    @diff.setter
+    def diff(self, value) -> None:
+        self.diff[...] = value
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def _legacy(self, axis: int) -> int:
+        # Caffe's LegacyShape: the shape padded with 1s on the left to 4 axes.
+        shape = self.shape
+        return shape[axis - 4 + len(shape)] if len(shape) >= 4 - axis else 1
+
+    num = property(lambda self: self._legacy(0))
+    channels = property(lambda self: self._legacy(1))
+    height = property(lambda self: self._legacy(2))
+    width = property(lambda self: self._legacy(3))
+
+
+def _shape_args(shape) -> Tuple[int, ...]:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return tuple(int(d) for d in shape)
+
+
+class Blob(_BlobView):
+    """One named blob of a Net (pycaffe's ``net.blobs[name]``): data, diff and shape."""
+
+    def __init__(self, store, name: str):
+        self._store = store
+        self.name = name
+        self._data = HostMirror(lambda: store.data_tensor(name), store.dirty)
+        self._diff = HostMirror(lambda: store.diff_tensor(name), store.dirty)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self._store.shape(self.name))
+
+    def reshape(self, *shape: int) -> None:
+        """Change the blob's shape (contents become zeros); call ``net.reshape()`` after inputs."""
+        self._store.reshape(self.name, _shape_args(shape))
+
+    def __repr__(self) -> str:
+        return f"Blob({self.name!r}, shape={self.shape})"
+
+
+class ParamBlob(_BlobView):
+    """A parameter blob (``net.params[layer][i]``): ``.data`` is the weights, ``.diff`` the gradient."""
+
+    def __init__(self, param: torch.nn.Parameter, dirty: Optional[Set[HostMirror]] = None):
+        self.param = param
+        self._data = HostMirror(lambda: self.param, dirty)
+        self._diff = HostMirror(self._grad, dirty)
+
+    def _grad(self) -> torch.Tensor:
+        p = self.param
+        if p.grad is None or p.grad.shape != p.shape:
+            p.grad = torch.zeros_like(p)
+        return p.grad
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.param.shape)
+
+    def reshape(self, *shape: int) -> None:
+        """Replace the parameter's contents with zeros of a new shape (net surgery)."""
+        with torch.no_grad():
+            self.param.data = torch.zeros(_shape_args(shape), dtype=self.param.dtype,
+                                          device=self.param.device)
+        self.param.grad = None
+
+    def __repr__(self) -> str:
+        return f"ParamBlob(shape={self.shape})"

@@ -1,0 +1,47 @@
+"""Caffe's (glog's) log line format, so that existing log parsers read our logs.
+
+``I1123 05:42:38.123456  4321 solver.py:240] Iteration 100, loss = 0.3``: severity letter,
+month-day, time with microseconds, process id, source file:line, then the message. Everything in
+pycaffe_alt logs through the ``pycaffe_alt`` logger; ``setup_logging`` installs the formatter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Optional, TextIO
+
+LOGGER_NAME = "pycaffe_alt"
+
+
+class GlogFormatter(logging.Formatter):
+    """Formats records the way glog does (Caffe's log lines)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.localtime(record.created)
+        micros = int((record.created - int(record.created)) * 1e6)
+        head = "%s%s %s.%06d %5d %s:%d] " % (
+            record.levelname[0], time.strftime("%m%d", t), time.strftime("%H:%M:%S", t), micros,
+            os.getpid(), os.path.basename(record.pathname), record.lineno)
+        return head + record.getMessage()
+
+
+def get_logger() -> logging.Logger:
+    """The package logger."""
+    return logging.getLogger(LOGGER_NAME)
+
+
+def setup_logging(stream: Optional[TextIO] = None, level: int = logging.INFO) -> logging.Logger:
+    """Send the package's log lines to ``stream`` (stderr by default, as glog does)."""
+    logger = get_logger()
+    for h in list(logger.handlers):
+        if getattr(h, "_pycaffe_alt", False):
+            logger.removeHandler(h)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(GlogFormatter())
+    handler._pycaffe_alt = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger

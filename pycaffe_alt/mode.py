@@ -1,0 +1,64 @@
+"""pycaffe's process-wide defaults: ``set_mode_cpu/gpu``, ``set_device``, ``set_random_seed``.
+
+These only choose the default device for nets and solvers created afterwards (an explicit
+``device=`` argument always wins); nothing reads them while computing.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from .errors import CaffeError
+
+
+class _Defaults:
+    """Where new nets go: pycaffe's Caffe::mode() and Caffe::device_id (nothing else)."""
+
+    def __init__(self) -> None:
+        self.gpu = False
+        self.device_id = 0
+
+
+_defaults = _Defaults()
+
+
+def set_mode_cpu() -> None:
+    """New nets and solvers run on the CPU (pycaffe ``caffe.set_mode_cpu()``)."""
+    _defaults.gpu = False
+
+
+def set_mode_gpu() -> None:
+    """New nets and solvers run on the GPU chosen by ``set_device`` (default 0)."""
+    if not torch.cuda.is_available():
+        raise CaffeError("set_mode_gpu: no CUDA device is available to PyTorch",
+                         hint="install a CUDA build of torch, or use set_mode_cpu()")
+    _defaults.gpu = True
+
+
+def set_device(device_id: int) -> None:
+    """Choose the GPU used in GPU mode (pycaffe ``caffe.set_device(i)``)."""
+    _defaults.device_id = int(device_id)
+
+
+def default_device() -> torch.device:
+    """The device a net created now lands on."""
+    return torch.device("cuda", _defaults.device_id) if _defaults.gpu else torch.device("cpu")
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed every generator pycaffe_alt draws from (fillers, dropout, data shuffling)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def resolve_device(gpu: "int | str | None") -> torch.device:
+    """A device from a CLI-style value: None/'' -> CPU, 0 -> cuda:0, 'cpu' -> CPU."""
+    if gpu is None or gpu == "" or str(gpu).lower() == "cpu" or int(gpu) < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CaffeError(f"--gpu {gpu}: no CUDA device is available to PyTorch",
+                         hint="run without --gpu to use the CPU, or install a CUDA build of torch")
+    return torch.device("cuda", int(gpu))

@@ -1,0 +1,698 @@
+"""The Net: a Caffe NetParameter as a ``torch.nn.Module``, with pycaffe's ``caffe.Net`` API.
+
+Building follows Caffe's Net::Init as a short sequence of named steps: read and upgrade the
+definition, filter layers by NetState, connect bottoms and tops (in-place tops replace the blob's
+value; a blob read by several layers just fans out, autograd sums its gradients, so no Split
+layers are needed), set each layer up with its bottom shapes and infer top shapes, attach loss
+weights, share parameters by ``param { name }``, and run Caffe's need-backward analysis.
+
+Two ways to run it:
+- pycaffe: ``net.blobs['data'].data[...] = x; net.forward(); net.backward()``, numpy in and out;
+- torch: ``net(data=tensor)`` (tensors as keyword arguments) returns ``{top: tensor}`` and is
+  differentiable like any module; ``net.loss(outputs)`` is the weighted sum of its loss tops.
+``state_dict()`` keys are ``<layer name>.<blob name>`` (``conv1.weight``, ``bn1.mean``).
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .blob import Blob, HostMirror, ParamBlob
+from .errors import CaffeError, NetError
+from .layers import LAYERS, Layer, LayerContext, TEST, TRAIN
+from .layers.base import check_bottom_count
+from .mode import default_device
+from .netstate import LayerLinks, layer_included, plan_backward
+from .proto import caffe_pb2
+
+Shape = Tuple[int, ...]
+ANONYMOUS_TOP = "(automatic)"
+
+
+@dataclass
+class Step:
+    """One layer in execution order, with the names it reads and writes."""
+
+    index: int
+    name: str
+    layer: Layer
+    bottoms: Tuple[str, ...]
+    tops: Tuple[str, ...]
+    detach: Tuple[bool, ...]  # bottoms that receive no gradient (need-backward analysis)
+    runs: bool  # Input layers are fed, not run
+    # In place, overwritten later, and Caffe's backward reads the buffer: see _BufferBackward.
+    reads_final: bool = False
+
+
+class _FinalValue:
+    """The value an in-place blob ends a forward pass with (filled in after the pass)."""
+
+    value: Optional[torch.Tensor] = None
+
+
+class _BufferBackward(torch.autograd.Function):
+    """An in-place layer whose Caffe backward reads the blob buffer after later in-place layers
+    overwrote it (e.g. ReLU then an in-place Scale: Caffe masks by the *scaled* sign)."""
+
+    @staticmethod
+    def forward(ctx, x, layer, final):
+        ctx.layer, ctx.final = layer, final
+        return layer(x)
+
+    @staticmethod
+    def backward(ctx, top_diff):
+        return ctx.layer.inplace_backward(top_diff, ctx.final.value), None, None
+
+
+@dataclass
+class ParamInfo:
+    """A learnable parameter and what the solver needs to know of it (Caffe's learnable_params_)."""
+
+    param: nn.Parameter
+    layer: str
+    index: int
+    lr_mult: float
+    decay_mult: float
+    name: str  # display name: the param's shared name or its index
+    has_lr_mult: bool = False
+    has_decay_mult: bool = False
+
+
+def _load_net_param(source) -> Tuple["caffe_pb2.NetParameter", str]:
+    if isinstance(source, caffe_pb2.NetParameter):
+        return source, "<net_param>"
+    from .prototxt import read_net
+
+    path = os.fspath(source)
+    return read_net(path), path
+
+
+def _parse_pycaffe_args(args, phase, weights):
+    """pycaffe's two signatures: Net(file, phase, ...) and Net(file, weights, phase)."""
+    args = list(args)
+    if args and isinstance(args[0], (str, os.PathLike)):
+        if weights is not None:
+            raise TypeError("weights given twice")
+        weights = os.fspath(args.pop(0))
+    if args:
+        if phase is not None:
+            raise TypeError("phase given twice")
+        phase = args.pop(0)
+    if args:
+        raise TypeError("Net(network_file, [weights,] phase, level=0, stages=None, weights=None)")
+    if phase is None:
+        raise TypeError("Net() needs a phase: caffe.TRAIN or caffe.TEST")
+    return int(phase), weights
+
+
+class _BlobStore:
+    """The net's blob values and diffs, by name (what pycaffe Blob views read)."""
+
+    def __init__(self, net: "Net"):
+        self._net = net
+        self.dirty: Set[HostMirror] = set()
+
+    def data_tensor(self, name: str) -> torch.Tensor:
+        # The value a layer produced wins over the inferred shape (Filter's top depends on data).
+        t = self._net._values.get(name)
+        if t is None:
+            t = torch.zeros(self._net._shapes[name], device=self._net.device)
+            self._net._values[name] = t
+        return t
+
+    def diff_tensor(self, name: str) -> torch.Tensor:
+        shape = tuple(self.data_tensor(name).shape)
+        d = self._net._diffs.get(name)
+        if d is None or tuple(d.shape) != shape:
+            # Loss tops start with their loss weight as diff (Caffe's Layer::SetLossWeights).
+            d = torch.full(shape, self._net._loss_weights.get(name, 0.0), device=self._net.device)
+            self._net._diffs[name] = d
+        return d
+
+    def shape(self, name: str) -> Shape:
+        t = self._net._values.get(name)
+        return tuple(t.shape) if t is not None else self._net._shapes[name]
+
+    def reshape(self, name: str, shape: Shape) -> None:
+        self._net._shapes[name] = shape
+        self._net._values[name] = torch.zeros(shape, device=self._net.device)
+        self._net._diffs.pop(name, None)
+
+
+class LayerView:
+    """pycaffe's ``net.layers[i]``: ``.type``, ``.blobs`` (numpy views), and the module itself."""
+
+    def __init__(self, module: Layer, blobs: List[ParamBlob]):
+        self.module = module
+        self.blobs = blobs
+
+    @property
+    def type(self) -> str:  # noqa: A003 - pycaffe name
+        return self.module.type
+
+    @property
+    def name(self) -> str:
+        return self.module.name
+
+    def __repr__(self) -> str:
+        return f"<Layer {self.name!r} type {self.type!r}>"
+
+
+class Net(nn.Module):
+    """A Caffe net (pycaffe's ``caffe.Net``) that is also a ``torch.nn.Module``.
+
+    ``Net(prototxt, phase)``, ``Net(prototxt, weights, phase)`` or
+    ``Net(prototxt, phase, weights=..., stages=[...], level=0)``; ``prototxt`` may also be a
+    ``caffe_pb2.NetParameter``. ``allow_python=True`` permits Python layers (off by default:
+    they execute code named in the file). ``device`` defaults to ``set_mode_cpu/gpu``'s choice.
+    """
+
+    def __init__(self, network_file, *args, phase: Optional[int] = None, weights=None,
+                 stages: Optional[Iterable[str]] = None, level: int = 0,
+                 allow_python: bool = False, device: Union[str, torch.device, None] = None):
+        super().__init__()
+        phase, weights = _parse_pycaffe_args(args, phase, weights)
+        net_param, source = _load_net_param(network_file)
+        self.source = source
+        self.phase = phase
+        self._device = torch.device(device) if device is not None else default_device()
+        self.net_param = self._filtered(net_param, phase, stages, level)
+        self._values: Dict[str, torch.Tensor] = {}
+        self._diffs: Dict[str, torch.Tensor] = {}
+        self._shapes: Dict[str, Shape] = OrderedDict()
+        self._store = _BlobStore(self)
+        self._build(LayerContext(phase=phase, allow_python=allow_python, source=source))
+        self.train(phase == TRAIN)
+        self.to(self._device)
+        if weights:
+            self.copy_from(weights)
+
+    # ------------------------------------------------------------------ building
+    @staticmethod
+    def _filtered(net_param, phase: int, stages, level: int):
+        """Caffe's FilterNet with the state set as pycaffe's Net constructor sets it."""
+        state = caffe_pb2.NetState()
+        state.CopyFrom(net_param.state)
+        state.phase = phase
+        if stages is not None:
+            del state.stage[:]
+            state.stage.extend(stages)
+        if level:
+            state.level = level
+        out = caffe_pb2.NetParameter()
+        out.CopyFrom(net_param)
+        del out.layer[:]
+        out.state.CopyFrom(state)
+        for layer in net_param.layer:
+            if layer_included(layer, state, "<net>"):
+                out.layer.add().CopyFrom(layer)
+        return out
+
+    def _build(self, ctx: LayerContext) -> None:
+        available: "OrderedDict[str, None]" = OrderedDict()  # produced, not yet consumed
+        produced: Set[str] = set()
+        self._steps: List[Step] = []
+        self._inputs: List[str] = []
+        self._loss_weights: "OrderedDict[str, float]" = OrderedDict()
+        self.top_names: "OrderedDict[str, List[str]]" = OrderedDict()
+        self.bottom_names: "OrderedDict[str, List[str]]" = OrderedDict()
+        links: List[LayerLinks] = []
+        modules: List[Layer] = []
+        shared: Dict[str, Tuple[nn.Parameter, str, int]] = {}
+        self._param_infos: List[ParamInfo] = []
+        seen_names: Set[str] = set()
+
+        for index, lp in enumerate(self.net_param.layer):
+            where = f"{ctx.source}: layer '{lp.name}' (type {lp.type})"
+            if lp.name in seen_names:
+                raise NetError(f"duplicate layer name '{lp.name}'", ctx.source,
+                               "give every layer a unique name")
+            seen_names.add(lp.name)
+            cls = LAYERS.get(lp.type, where=where)
+            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
+                raise NetError(f"has {len(lp.propagate_down)} propagate_down values for "
+                               f"{len(lp.bottom)} bottoms", where, "give one per bottom or none")
+            bottoms = list(lp.bottom)
+            for bi, b in enumerate(bottoms):
+                if b not in produced:
+                    raise NetError(f"unknown bottom blob '{b}' (bottom {bi})", where,
+                                   "no earlier layer in this phase produces it; check the name "
+                                   "and the include/exclude rules of the layer that should")
+            tops = list(lp.top)
+            if cls.auto_top:
+                need = max(cls.num_tops[0], 1 if cls.is_loss else 0)
+                tops += [ANONYMOUS_TOP + f"{index}_{i}" for i in range(len(tops), need)]
+            check_bottom_count(cls, len(bottoms), len(tops), where)
+            for t in tops:
+                if t in produced and t not in bottoms:
+                    raise NetError(f"top blob '{t}' is produced by more than one layer", where,
+                                   "rename one of the tops, or make this layer in-place "
+                                   "(same bottom and top)")
+            bottom_shapes = [self._shapes[b] for b in bottoms]
+            try:
+                layer = cls(lp, bottom_shapes, ctx)
+            except CaffeError:
+                raise
+            except Exception as e:  # a layer's own check failed in torch/numpy
+                raise NetError(f"cannot set up with bottom shapes {bottom_shapes}: {e}", where) from None
+            top_shapes = self._infer_top_shapes(layer, bottom_shapes, where)
+            if len(top_shapes) != len(tops):
+                raise NetError(f"produces {len(top_shapes)} tops but {len(tops)} are named", where)
+            for b in bottoms:
+                available.pop(b, None)
+            for t, s in zip(tops, top_shapes):
+                self._shapes[t] = tuple(int(d) for d in s)
+                produced.add(t)
+                if not t.startswith(ANONYMOUS_TOP):
+                    available[t] = None
+            if lp.type == "Input":
+                self._inputs.extend(tops)
+            weights = self._top_loss_weights(lp, cls, len(tops), where)
+            for t, w in zip(tops, weights):
+                if w:
+                    self._loss_weights[t] = w
+            lr_mults = self._attach_params(layer, lp, shared, where)
+            links.append(LayerLinks(bottoms, tops, weights, lr_mults, list(lp.propagate_down),
+                                    [layer.allow_force_backward(i) for i in range(len(bottoms))]))
+            modules.append(layer)
+            self.top_names[lp.name] = [t for t in tops if not t.startswith(ANONYMOUS_TOP)]
+            self.bottom_names[lp.name] = bottoms
+            self._steps.append(Step(index, lp.name, layer, tuple(bottoms), tuple(tops), (),
+                                    lp.type != "Input"))
+
+        self._mark_buffer_readers()
+        # Outputs: blobs nobody consumed, in Caffe's (sorted std::set) order.
+        self._outputs = sorted(available)
+        plan = plan_backward(links, self.net_param.force_backward)
+        self._plan = plan
+        for step, needs in zip(self._steps, plan.bottom_needs):
+            step.detach = tuple(not n for n in needs)
+        # A parameter gets a gradient when one of its users needs it (Caffe's
+        # param_propagate_down: lr_mult != 0, or force_backward).
+        param_needs: Dict[int, Tuple[nn.Parameter, bool]] = {}
+        for step, pneeds in zip(self._steps, plan.param_needs):
+            for p, need in zip(step.layer.blobs, pneeds):
+                param_needs[id(p)] = (p, param_needs.get(id(p), (p, False))[1] or need)
+        for p, need in param_needs.values():
+            p.requires_grad_(need)
+        self._backward_possible = any(plan.layer_needs)
+        # Backward seeds come only from blobs whose (last) producer runs backward.
+        self._seedable = {t for step, need in zip(self._steps, plan.layer_needs) if need
+                          for t in step.tops}
+        self._register_modules(modules)
+        self._views = self._make_views(modules)
+
+    def _mark_buffer_readers(self) -> None:
+        for i, step in enumerate(self._steps):
+            if step.layer.inplace_backward is None or step.tops != step.bottoms or len(step.tops) != 1:
+                continue
+            blob = step.tops[0]
+            step.reads_final = any(s.tops == (blob,) and blob in s.bottoms for s in self._steps[i + 1:])
+
+    def _infer_top_shapes(self, layer: Layer, bottom_shapes, where) -> List[Shape]:
+        try:
+            return [tuple(s) for s in layer.top_shapes(bottom_shapes)]
+        except CaffeError:
+            raise
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NetError(f"incompatible bottom shapes {bottom_shapes}: {msg}", where,
+                           "check the shapes the layers above produce and this layer's "
+                           "parameters") from None
+
+    @staticmethod
+    def _top_loss_weights(lp, cls, n_tops: int, where: str) -> List[float]:
+        """Caffe's SetLossWeights: explicit per-top weights, else 1 on a loss layer's first top."""
+        if len(lp.loss_weight):
+            if len(lp.loss_weight) != n_tops:
+                raise NetError(f"has {len(lp.loss_weight)} loss_weight values for {n_tops} tops",
+                               where, "give one loss_weight per top")
+            return [float(w) for w in lp.loss_weight]
+        return [1.0 if (cls.is_loss and i == 0) else 0.0 for i in range(n_tops)]
+
+    def _attach_params(self, layer: Layer, lp, shared, where) -> List[float]:
+        """Record lr_mult/decay_mult of each blob and share blobs named in ``param { name }``."""
+        blobs = layer.blobs
+        if len(lp.param) > len(blobs):
+            raise NetError(f"has {len(lp.param)} 'param' entries but only {len(blobs)} "
+                           "parameter blobs", where, "remove the extra 'param { }' entries")
+        lr_mults = []
+        for i in range(len(blobs)):
+            spec = lp.param[i] if i < len(lp.param) else caffe_pb2.ParamSpec()
+            lr_mults.append(spec.lr_mult)
+            if spec.name and spec.name in shared:
+                owner, owner_layer, owner_index = shared[spec.name]
+                mine = blobs[i]
+                permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+                ok = (owner.numel() == mine.numel()) if permissive else (owner.shape == mine.shape)
+                if not ok:
+                    raise NetError(f"cannot share param '{spec.name}' owned by layer "
+                                   f"'{owner_layer}': owner shape {tuple(owner.shape)}, this layer "
+                                   f"expects {tuple(mine.shape)}", where)
+                info = next(pi for pi in self._param_infos if pi.param is owner)
+                # Caffe: a sharer may set lr/decay only if the owner left them unset or agrees.
+                for attr in ("lr_mult", "decay_mult"):
+                    if spec.HasField(attr):
+                        if getattr(info, "has_" + attr) and getattr(info, attr) != getattr(spec, attr):
+                            raise NetError(f"shared param '{spec.name}' has mismatched {attr}", where)
+                        setattr(info, attr, getattr(spec, attr))
+                        setattr(info, "has_" + attr, True)
+                layer.replace_blob(i, owner)
+                continue
+            info = ParamInfo(blobs[i], lp.name, i, spec.lr_mult, spec.decay_mult, spec.name or str(i),
+                             spec.HasField("lr_mult"), spec.HasField("decay_mult"))
+            self._param_infos.append(info)
+            if spec.name:
+                shared[spec.name] = (blobs[i], lp.name, i)
+        return lr_mults
+
+    def _register_modules(self, modules: List[Layer]) -> None:
+        """Layers become submodules named after the layer (state_dict keys ``conv1.weight``)."""
+        taken: Set[str] = set()
+        self._module_keys: Dict[str, str] = {}
+        for i, m in enumerate(modules):
+            key = (m.name or f"layer{i}").replace(".", "_")
+            while key in taken:
+                key += "_"
+            taken.add(key)
+            self._module_keys[m.name] = key
+            # Set through _modules so that layer names may equal Net attribute names.
+            self._modules[key] = m
+
+    def _make_views(self, modules: List[Layer]):
+        dirty = self._store.dirty
+        views = OrderedDict()
+        for m in modules:
+            views[m.name] = LayerView(m, [ParamBlob(p, dirty) for p in m.blobs])
+        return views
+
+    # ------------------------------------------------------------------ pycaffe properties
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def blobs(self) -> "OrderedDict[str, Blob]":
+        """Every named blob, in the order layers produce them (no Split copies)."""
+        cache = self.__dict__.get("_blob_views")
+        if cache is None or list(cache) != [n for n in self._shapes if not n.startswith(ANONYMOUS_TOP)]:
+            cache = OrderedDict((n, Blob(self._store, n)) for n in self._shapes
+                                if not n.startswith(ANONYMOUS_TOP))
+            self.__dict__["_blob_views"] = cache
+        return cache
+
+    @property
+    def params(self) -> "OrderedDict[str, List[ParamBlob]]":
+        """Layer name -> its parameter blobs, for layers that have any."""
+        return OrderedDict((n, v.blobs) for n, v in self._views.items() if v.blobs)
+
+    @property
+    def layers(self) -> List[LayerView]:
+        return list(self._views.values())
+
+    @property
+    def layer_dict(self) -> "OrderedDict[str, LayerView]":
+        return OrderedDict(self._views)
+
+    @property
+    def _layer_names(self) -> List[str]:
+        return list(self._views)
+
+    @property
+    def _blob_names(self) -> List[str]:
+        return list(self.blobs)
+
+    @property
+    def inputs(self) -> List[str]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> List[str]:
+        return list(self._outputs)
+
+    @property
+    def blob_loss_weights(self) -> "OrderedDict[str, float]":
+        return OrderedDict((n, self._loss_weights.get(n, 0.0)) for n in self.blobs)
+
+    @property
+    def layer_modules(self) -> "OrderedDict[str, Layer]":
+        """Layer name -> the nn.Module implementing it."""
+        return OrderedDict((n, v.module) for n, v in self._views.items())
+
+    @property
+    def learnable_params(self) -> List[ParamInfo]:
+        """Owned parameters with their lr_mult/decay_mult (shared ones appear once)."""
+        return list(self._param_infos)
+
+    # ------------------------------------------------------------------ running (torch)
+    def _layer_index(self, name: Optional[str], default: int) -> int:
+        if name is None:
+            return default
+        for step in self._steps:
+            if step.name == name:
+                return step.index
+        raise NetError(f"no layer named '{name}'", self.source,
+                       f"layers: {', '.join(s.name for s in self._steps)}")
+
+    def run(self, inputs: Optional[Dict[str, torch.Tensor]] = None, start: int = 0,
+            end: Optional[int] = None, first_versions: Optional[Dict[str, torch.Tensor]] = None
+            ) -> Dict[str, torch.Tensor]:
+        """Run layers ``start..end`` (indices) on tensors; returns the dict of every blob's value.
+
+        Missing inputs are taken from the blobs' current values (what pycaffe wrote); tensors
+        given here become the input blobs' values. ``first_versions`` collects each produced
+        blob's first value in this pass (an in-place blob's diff is the gradient of that one).
+        """
+        values = self._values
+        if inputs:
+            values.update(inputs)
+        for name in self._inputs:
+            if name not in values:
+                values[name] = self._store.data_tensor(name)
+        last = len(self._steps) - 1 if end is None else end
+        finals: Dict[str, _FinalValue] = {}
+        for step in self._steps[start:last + 1]:
+            if not step.runs:
+                continue
+            bottoms = [values[b] for b in step.bottoms]
+            if True in step.detach:
+                bottoms = [b.detach() if d else b for b, d in zip(bottoms, step.detach)]
+            if step.reads_final and bottoms[0].requires_grad:
+                final = finals.setdefault(step.tops[0], _FinalValue())
+                out = _BufferBackward.apply(bottoms[0], step.layer, final)
+            else:
+                out = step.layer(*bottoms)
+            if isinstance(out, torch.Tensor):
+                out = (out,)
+            for t, v in zip(step.tops, out):
+                if first_versions is not None:
+                    first_versions.setdefault(t, v)
+                values[t] = v
+        for name, final in finals.items():
+            final.value = values[name].detach()
+        return values
+
+    def loss(self, values: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Caffe's net loss: sum over loss tops of loss_weight * sum(top)."""
+        values = self._values if values is None else values
+        total = None
+        for name, w in self._loss_weights.items():
+            term = values[name].sum() * w
+            total = term if total is None else total + term
+        return total if total is not None else torch.zeros((), device=self.device)
+
+    # ------------------------------------------------------------------ running (pycaffe)
+    def forward(self, blobs: Optional[Sequence[str]] = None, start: Optional[str] = None,
+                end: Optional[str] = None, **kwargs):
+        """pycaffe ``net.forward``; with tensors as keyword arguments, the nn.Module forward.
+
+        pycaffe form: keyword arrays are copied into the input blobs, layers ``start..end`` run,
+        and a dict of output blob arrays (the net outputs, or the tops of ``end``, plus ``blobs``)
+        comes back. Tensor form: ``net(data=t)`` returns ``{output: tensor}``, differentiable.
+        """
+        if kwargs and all(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            last = self._layer_index(end, len(self._steps) - 1)
+            values = self.run(kwargs, self._layer_index(start, 0), last)
+            return {n: values[n] for n in self._output_names(blobs, end)}
+        for name, arr in kwargs.items():
+            if name not in self._shapes:
+                raise NetError(f"forward() got an array for '{name}', which is not a blob of this net",
+                               self.source, f"inputs: {', '.join(self._inputs)}")
+            arr = np.asarray(arr)
+            if arr.shape and self.blobs[name].shape and arr.shape[0] != self.blobs[name].shape[0]:
+                raise NetError(f"input '{name}' has batch size {arr.shape[0]}, the blob has "
+                               f"{self.blobs[name].shape[0]}", self.source,
+                               f"reshape first: net.blobs['{name}'].reshape(...); net.reshape()")
+            self.blobs[name].data[...] = arr
+        self._forward_pycaffe(self._layer_index(start, 0),
+                              self._layer_index(end, len(self._steps) - 1))
+        return {n: self.blobs[n].data for n in self._output_names(blobs, end)}
+
+    def _output_names(self, blobs, end) -> List[str]:
+        names = list(self.top_names[end]) if end is not None else list(self._outputs)
+        for b in blobs or ():
+            if b not in names:
+                names.append(b)
+        return names
+
+    def _push_host_writes(self) -> None:
+        """Copy numpy writes made on GPU nets (host copies) to the device."""
+        dirty = self._store.dirty
+        while dirty:
+            dirty.pop().push()
+
+    def _forward_pycaffe(self, start: int, end: int) -> None:
+        self._push_host_writes()
+        grad = self._backward_possible and torch.is_grad_enabled()
+        # Leaves for inputs that receive gradients (force_backward nets).
+        for name in self._inputs:
+            t = self._store.data_tensor(name).detach()
+            if grad and self._plan.blob_needs.get(name, False):
+                t.requires_grad_(True)
+            self._values[name] = t
+        first_versions: Dict[str, torch.Tensor] = {}
+        with torch.set_grad_enabled(grad):
+            self.run(None, start, end, first_versions)
+        self._first_versions = first_versions
+
+    def backward(self, diffs: Optional[Sequence[str]] = None, start: Optional[str] = None,
+                 end: Optional[str] = None, **kwargs) -> Dict[str, np.ndarray]:
+        """pycaffe ``net.backward``: top diffs in, blob and parameter diffs filled.
+
+        Seeds are the diffs of the net outputs (or of ``start``'s tops) — loss tops hold their
+        loss weight, as Caffe sets them. Parameter diffs accumulate like Caffe's; blob diffs are
+        overwritten. Returns the diffs of the net inputs (plus ``diffs``).
+        """
+        for name, arr in kwargs.items():
+            self.blobs[name].diff[...] = arr
+        self._push_host_writes()
+        lo = self._layer_index(end, 0)
+        hi = self._layer_index(start, len(self._steps) - 1)
+        seeds = self.top_names[start] if start is not None else \
+            list(dict.fromkeys(self._outputs + list(self._loss_weights)))
+        tensors, grads = [], []
+        for name in seeds:
+            v = self._values.get(name)
+            if v is not None and v.requires_grad and name in self._seedable:
+                tensors.append(v)
+                grads.append(self._store.diff_tensor(name).to(v.dtype))
+        if tensors:
+            self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1])
+        names = list(self._inputs) if start is None else []
+        names += [d for d in diffs or () if d not in names]
+        return {n: self.blobs[n].diff for n in names}
+
+    def _accumulate_grads(self, tensors, grads, steps: Sequence[Step]) -> None:
+        """Gradients of the seeds w.r.t. the blobs and parameters of ``steps``."""
+        blob_names = list(dict.fromkeys(n for s in steps for n in s.bottoms + s.tops))
+        blob_ts = []
+        for n in blob_names:
+            # In-place chains: a blob's diff is the gradient of its first value in this pass.
+            t = self._first_versions.get(n, self._values.get(n))
+            if t is not None and t.requires_grad:
+                blob_ts.append((n, t))
+        params = list({id(p): p for s in steps for p in s.layer.blobs if p.requires_grad}.values())
+        inputs = [t for _, t in blob_ts] + params
+        got = torch.autograd.grad(tensors, inputs, grads, allow_unused=True)
+        for (n, _), g in zip(blob_ts, got):
+            if g is not None:
+                self._diffs[n] = g.detach()
+        for p, g in zip(params, got[len(blob_ts):]):
+            if g is not None:
+                p.grad = g.detach() if p.grad is None else p.grad + g.detach()
+
+    def forward_all(self, blobs: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, np.ndarray]:
+        """pycaffe ``forward_all``: run all items through in batches, outputs concatenated."""
+        outs: Dict[str, List[np.ndarray]] = {n: [] for n in self._output_names(blobs, None)}
+        if not kwargs:
+            return {k: v.copy() for k, v in self.forward(blobs).items()}
+        n_items = len(next(iter(kwargs.values())))
+        batch = self.blobs[self._inputs[0]].shape[0] if self._inputs else n_items
+        for lo in range(0, n_items, batch):
+            chunk = {}
+            for k, v in kwargs.items():
+                part = np.asarray(v[lo:lo + batch])
+                if len(part) < batch:  # pad the last batch like pycaffe does
+                    pad = np.zeros((batch - len(part),) + part.shape[1:], dtype=part.dtype)
+                    part = np.concatenate([part, pad])
+                chunk[k] = part
+            result = self.forward(blobs, **chunk)
+            for k in outs:
+                outs[k].append(result[k].copy())
+        trimmed = {}
+        for k, parts in outs.items():
+            arr = np.concatenate(parts) if parts and parts[0].ndim else np.asarray(parts)
+            trimmed[k] = arr[:n_items] if arr.ndim else arr
+        return trimmed
+
+    def reshape(self) -> None:
+        """Propagate input shapes through every layer (pycaffe ``net.reshape()``)."""
+        for step in self._steps:
+            if not step.runs:
+                continue
+            where = f"{self.source}: layer '{step.name}' (type {step.layer.type})"
+            bottom_shapes = [self._shapes[b] for b in step.bottoms]
+            for t, s in zip(step.tops, self._infer_top_shapes(step.layer, bottom_shapes, where)):
+                self._shapes[t] = tuple(s)
+                self._values.pop(t, None)
+                self._diffs.pop(t, None)
+
+    # ------------------------------------------------------------------ weights
+    def _param_lists(self) -> Dict[str, List[nn.Parameter]]:
+        return {n: list(v.module.blobs) for n, v in self._views.items() if v.module.blobs}
+
+    def copy_from(self, path: str) -> None:
+        """Load weights from a .caffemodel (or .h5) by layer name (pycaffe ``copy_from``)."""
+        from .weights import copy_weights
+
+        copy_weights(self._param_lists(), os.fspath(path))
+
+    def save(self, path: str) -> None:
+        """Write the net with its weights as a .caffemodel (atomically)."""
+        from .weights import atomic_write, net_param_with_weights
+
+        proto = net_param_with_weights(self.net_param, self._param_lists())
+        atomic_write(os.fspath(path), proto.SerializeToString())
+
+    def share_with(self, other: "Net") -> None:
+        """Use ``other``'s parameter blobs for layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        theirs = other._param_lists()
+        for name, view in self._views.items():
+            if name not in theirs or not view.module.blobs:
+                continue
+            mine = view.module.blobs
+            if len(mine) != len(theirs[name]):
+                raise NetError(f"layer '{name}': {len(mine)} blobs here, {len(theirs[name])} in the "
+                               "other net", self.source)
+            for i, p in enumerate(theirs[name]):
+                if tuple(p.shape) != tuple(mine[i].shape):
+                    raise NetError(f"layer '{name}' blob {i}: shape {tuple(mine[i].shape)} here, "
+                                   f"{tuple(p.shape)} in the other net", self.source)
+                view.module.replace_blob(i, p)
+            view.blobs = [ParamBlob(p, self._store.dirty) for p in view.module.blobs]
+        for info in self._param_infos:
+            layer = self._views[info.layer].module
+            info.param = layer.blobs[info.index]
+
+    # ------------------------------------------------------------------ torch plumbing
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Blob values follow the module (net.to('cuda'), net.double()).
+        self._values = {k: fn(v) for k, v in self._values.items()}
+        self._diffs = {k: fn(v) for k, v in self._diffs.items()}
+        probe = next(iter(self.parameters()), None)
+        if probe is None and self._values:
+            probe = next(iter(self._values.values()))
+        if probe is not None:
+            self._device = probe.device
+        return self
+
+    def __repr__(self) -> str:
+        return f"Net({self.net_param.name or self.source!r}, {len(self._steps)} layers, " \
+               f"phase={'TRAIN' if self.phase == TRAIN else 'TEST'})"

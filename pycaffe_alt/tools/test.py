@@ -1,0 +1,87 @@
+"""``tools/test``: score a model like ``caffe test``.
+
+Runs the net in TEST phase (or ``--phase TRAIN``) for ``--iterations`` forward passes and logs
+each output per batch, then the mean of each output over the batches, with the loss weight
+applied to loss outputs as Caffe prints them (``loss = 0.3 (* 1 = 0.3 loss)``).
+"""
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..log import get_logger, setup_logging
+from ..mode import resolve_device
+from .cli import parse_args, run_main
+
+
+def add_net_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the tools that build a net from a prototxt (Caffe's names)."""
+    parser.add_argument("--model", required=True, help="the net definition (.prototxt)")
+    parser.add_argument("--weights", default="", help="trained weights (.caffemodel), comma-separated")
+    parser.add_argument("--gpu", default=None, help="GPU id to run on (default: CPU)")
+    parser.add_argument("--stage", default="", help="comma-separated NetState stages")
+    parser.add_argument("--level", type=int, default=0, help="NetState level")
+    parser.add_argument("--allow-python", "--allow_python", action="store_true",
+                        help="allow Python layers (they run code named in the prototxt)")
+
+
+def build_net(args, phase: int):
+    """The Net described by the shared flags."""
+    from ..net import Net
+
+    stages = [s for s in args.stage.split(",") if s]
+    net = Net(args.model, phase, stages=stages, level=args.level,
+              allow_python=args.allow_python, device=resolve_device(args.gpu))
+    for w in [w for w in args.weights.split(",") if w]:
+        net.copy_from(w)
+    return net
+
+
+def score(net, iterations: int) -> "OrderedDict[str, float]":
+    """Mean of every element of every net output over ``iterations`` forward passes."""
+    log = get_logger()
+    sums: "OrderedDict[str, np.ndarray]" = OrderedDict()
+    loss = 0.0
+    with torch.no_grad():
+        for i in range(iterations):
+            outs = net.forward()
+            loss += float(net.loss().item()) if net._loss_weights else 0.0
+            for name, value in outs.items():
+                flat = np.asarray(value, dtype=np.float64).ravel()
+                for j, v in enumerate(flat):
+                    log.info("Batch %d, %s = %g", i, name if flat.size == 1 else f"{name}[{j}]", v)
+                sums[name] = sums.get(name, 0) + flat
+    log.info("Loss: %g", loss / max(iterations, 1))
+    means: "OrderedDict[str, float]" = OrderedDict()
+    for name, total in sums.items():
+        mean = total / max(iterations, 1)
+        weight = net.blob_loss_weights.get(name, 0.0)
+        for j, v in enumerate(mean):
+            label = name if mean.size == 1 else f"{name}[{j}]"
+            suffix = f" (* {weight:g} = {weight * v:g} loss)" if weight else ""
+            log.info("%s = %g%s", label, v, suffix)
+            means[label] = float(v)
+    return means
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="test", description=__doc__.splitlines()[0])
+    add_net_flags(parser)
+    parser.add_argument("--iterations", type=int, default=50, help="number of batches to score")
+    parser.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST")
+    args = parse_args(parser, argv)
+    setup_logging()
+    from ..layers import TEST, TRAIN
+
+    net = build_net(args, TRAIN if args.phase == "TRAIN" else TEST)
+    get_logger().info("Running for %d iterations.", args.iterations)
+    score(net, args.iterations)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,216 @@
+"""Binary weight files: ``.caffemodel`` (a NetParameter with blobs), ``.binaryproto`` (one BlobProto).
+
+Weights are matched to layers by name, as Caffe's ``CopyTrainedLayersFrom`` does: layers of the
+file that the net lacks are ignored (real caffemodels often hold the whole training net), and a
+blob whose shape differs is an error naming the layer and both shapes. Legacy 4-D shapes
+(num, channels, height, width) match any shape with the same dims once padded with 1s on the left.
+HDF5 weight files (``*.h5``) hold ``data/<layer>/<i>`` datasets.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from .errors import WeightsError
+from .proto import caffe_pb2
+
+LayerBlobs = "OrderedDict[str, List[np.ndarray]]"
+
+
+def blob_shape(blob) -> Tuple[int, ...]:
+    """The shape a BlobProto declares: ``shape.dim`` or the legacy 4 dims."""
+    if blob.HasField("shape"):
+        return tuple(int(d) for d in blob.shape.dim)
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        return (blob.num, blob.channels, blob.height, blob.width)
+    # Caffe writes a 0-axis blob (one value, e.g. a shared PReLU slope) with no shape at all.
+    return ()
+
+
+def _legacy_dims(blob) -> Tuple[int, ...]:
+    return (blob.num, blob.channels, blob.height, blob.width)
+
+
+def blob_to_array(blob, diff: bool = False) -> np.ndarray:
+    """A BlobProto as a float32 numpy array of its declared shape."""
+    if diff:
+        values = blob.double_diff if len(blob.double_diff) else blob.diff
+    else:
+        values = blob.double_data if len(blob.double_data) else blob.data
+    arr = np.asarray(values, dtype=np.float32)
+    shape = blob_shape(blob)
+    if arr.size != int(np.prod(shape, dtype=np.int64)):
+        raise WeightsError(f"blob declares shape {shape} but holds {arr.size} values",
+                           hint="the file is truncated or was not written by Caffe")
+    return arr.reshape(shape)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def array_to_blob(arr: np.ndarray, diff: np.ndarray = None):
+    """A BlobProto holding ``arr`` (float32) with its shape (and an optional diff).
+
+    The packed float fields are assembled as wire bytes and parsed once: element-wise ``extend``
+    is far too slow for real models (VGG-16 has 138M weights).
+    """
+    arr = np.asarray(arr, dtype=np.float32)
+    shape = caffe_pb2.BlobShape(dim=arr.shape).SerializeToString()
+    wire = _length_delimited(7, shape) + _length_delimited(5, arr.astype("<f4").tobytes())
+    if diff is not None:
+        wire += _length_delimited(6, np.asarray(diff, dtype="<f4").tobytes())
+    blob = caffe_pb2.BlobProto()
+    blob.ParseFromString(wire)
+    return blob
+
+
+def _parse(path: str, message):
+    if not os.path.exists(path):
+        raise WeightsError(f"file not found: {path}", hint="check the path (relative paths are "
+                           "taken from the current directory)")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        message.ParseFromString(raw)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise WeightsError(f"not a valid {type(message).__name__} ({e}); the file is truncated "
+                           "or corrupt", where=path,
+                           hint="download or copy it again; check it is a Caffe binary file") from None
+    return message
+
+
+def read_net_weights(path: str) -> "OrderedDict[str, Tuple[str, List]]":
+    """``{layer name: (type, [BlobProto, ...])}`` of every layer with blobs in a weights file."""
+    if path.endswith(".h5"):
+        return _read_h5(path)
+    from .upgrade import net_needs_upgrade, upgrade_net_as_needed
+
+    net = _parse(path, caffe_pb2.NetParameter())
+    if net_needs_upgrade(net):  # V0/V1 weights: Caffe upgrades them on load, blobs included
+        upgrade_net_as_needed(net, path)
+    out: "OrderedDict[str, Tuple[str, List]]" = OrderedDict()
+    for layer in net.layer:
+        if len(layer.blobs):
+            out[layer.name] = (layer.type, list(layer.blobs))
+    if not net.layer:
+        raise WeightsError("holds no layers", where=path,
+                           hint="is this a .caffemodel? solverstates and binaryprotos are different files")
+    return out
+
+
+def _read_h5(path: str):
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - h5py is a dependency
+        raise WeightsError("reading HDF5 weights needs h5py", where=path, hint="pip install h5py")
+    out = OrderedDict()
+    try:
+        with h5py.File(path, "r") as f:
+            for name in f["data"]:
+                group = f["data"][name]
+                blobs = [array_to_blob(np.asarray(group[str(i)])) for i in range(len(group))]
+                out[name] = ("", blobs)
+    except (OSError, KeyError) as e:
+        raise WeightsError(f"not a Caffe HDF5 weights file ({e})", where=path) from None
+    return out
+
+
+def shapes_match(blob, shape: Sequence[int]) -> bool:
+    """Caffe's Blob::ShapeEquals: exact shape, or legacy 4-D dims equal after left-padding."""
+    if not any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        return blob_shape(blob) == tuple(shape)
+    if len(shape) > 4:
+        return False
+    padded = (1,) * (4 - len(shape)) + tuple(shape)
+    return _legacy_dims(blob) == padded
+
+
+def copy_weights(layers: Dict[str, List], path: str) -> List[str]:
+    """Copy a weights file into ``layers`` ({name: [nn.Parameter]}); returns layers copied.
+
+    Layers of the file missing from ``layers`` are ignored (Caffe logs "Ignoring source layer").
+    """
+    import torch
+
+    copied = []
+    for name, (_, blobs) in read_net_weights(path).items():
+        target = layers.get(name)
+        if target is None:
+            continue
+        if len(blobs) != len(target):
+            raise WeightsError(
+                f"layer '{name}': the file has {len(blobs)} blob(s), the net expects {len(target)}",
+                where=path, hint="rename the layer in the prototxt to learn it from scratch instead")
+        for i, (blob, param) in enumerate(zip(blobs, target)):
+            shape = tuple(param.shape)
+            if not shapes_match(blob, shape):
+                raise WeightsError(
+                    f"layer '{name}' blob {i}: shape mismatch; the file has {blob_shape(blob)}, "
+                    f"the net expects {shape}", where=path,
+                    hint="the prototxt and the weights belong to different models, or rename the "
+                         "layer to learn its parameters from scratch")
+            value = torch.from_numpy(blob_to_array(blob).reshape(shape))
+            with torch.no_grad():
+                param.data.copy_(value.to(param.device, param.dtype))
+        copied.append(name)
+    return copied
+
+
+def read_binaryproto(path: str) -> np.ndarray:
+    """The array of a ``.binaryproto`` file (e.g. a mean image, shape (1, C, H, W))."""
+    return blob_to_array(_parse(path, caffe_pb2.BlobProto()))
+
+
+def write_binaryproto(arr: np.ndarray, path: str) -> None:
+    """Write ``arr`` as a BlobProto file atomically (legacy 4-D dims set as Caffe's tools do)."""
+    arr = np.asarray(arr, dtype=np.float32)
+    blob = caffe_pb2.BlobProto()
+    if arr.ndim == 4:
+        blob.num, blob.channels, blob.height, blob.width = arr.shape
+    else:
+        blob.shape.dim.extend(arr.shape)
+    blob.data.extend(arr.ravel().tolist())
+    atomic_write(path, blob.SerializeToString())
+
+
+def atomic_write(path: str, payload: bytes) -> None:
+    """Write bytes so that ``path`` holds either its old content or the new one, never a part."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise WeightsError(f"cannot write {path}: {e.strerror}", hint="check the folder exists and "
+                           "is writable, and that the disk has room") from None
+
+
+def net_param_with_weights(net_param, layers: Dict[str, List]) -> "caffe_pb2.NetParameter":
+    """A copy of ``net_param`` whose layers carry their current blobs (Caffe's Net::ToProto)."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net_param)
+    for layer in out.layer:
+        del layer.blobs[:]
+        for p in layers.get(layer.name, ()):
+            layer.blobs.append(array_to_blob(p.detach().cpu().numpy()))
+    return out
