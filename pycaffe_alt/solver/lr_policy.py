@@ -1,0 +1,150 @@
+"""Learning-rate policies as closed forms of the iteration (Caffe's ``SGDSolver::GetLearningRate``).
+
+Caffe computes the rate inside the solver with side effects (``current_step_`` advances while the
+policy is evaluated). Here every policy is a pure function ``(solver_param, it) -> rate`` looked up
+in a table, and the step counter that Caffe stores in the solverstate is derived separately by
+:func:`current_step`, so a restored ``current_step`` can be checked instead of trusted.
+
+Precision: Caffe's rate is a ``Dtype`` (float32) built from float32 proto fields; intermediate
+``pow``/``exp`` calls run in double. We evaluate the same expressions in float64 on the float32
+field values, with the float32 roundings Caffe performs on its ``Dtype`` sub-expressions, and
+round the result to float32. The returned Python float is therefore exactly Caffe's rate.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+
+from ..errors import SolverError
+
+_f32 = np.float32
+
+
+def _rounded(x: float) -> float:
+    """Round to the float32 value Caffe stores in its ``Dtype rate``."""
+    return float(_f32(x))
+
+
+def _require(ok: bool, policy: str, what: str, hint: str) -> None:
+    # Caffe aborts with a CHECK on these; we tell the user which field to fix instead.
+    if not ok:
+        raise SolverError(what, where=f'lr_policy "{policy}"', hint=hint)
+
+
+def multistep_index(stepvalues: Sequence[int], it: int) -> int:
+    """Caffe's multistep ``current_step`` after the rate for iteration ``it`` was computed.
+
+    Caffe advances ``current_step`` by at most one per iteration, when ``it >=
+    stepvalue[current_step]``. For sorted, distinct step values that is simply the number of
+    step values ``<= it``; in general step ``k`` is taken at iteration
+    ``t_k = max(stepvalue[k], t_{k-1} + 1)``, which this function follows so that repeated or
+    unsorted step values behave exactly as in Caffe (for a run started at iteration 0).
+    """
+    taken = 0
+    previous = None
+    for value in stepvalues:
+        at = value if previous is None else max(value, previous + 1)
+        if at > it:
+            break
+        taken += 1
+        previous = at
+    return taken
+
+
+def _fixed(p, it: int) -> float:
+    return _rounded(p.base_lr)
+
+
+def _step(p, it: int) -> float:
+    _require(p.stepsize > 0, "step", f"stepsize must be > 0 (got {p.stepsize})",
+             "set stepsize: the number of iterations between rate drops")
+    _require(p.gamma >= 0, "step", f"gamma must be >= 0 (got {p.gamma})",
+             "gamma is the factor applied at each step, e.g. gamma: 0.1")
+    return _rounded(p.base_lr * math.pow(p.gamma, it // p.stepsize))
+
+
+def _exp(p, it: int) -> float:
+    _require(p.gamma >= 0, "exp", f"gamma must be >= 0 (got {p.gamma})",
+             "gamma is the per-iteration decay factor, e.g. gamma: 0.999")
+    return _rounded(p.base_lr * math.pow(p.gamma, it))
+
+
+def _inv(p, it: int) -> float:
+    _require(p.gamma >= 0, "inv", f"gamma must be >= 0 (got {p.gamma})",
+             "inv uses base_lr * (1 + gamma * iter) ^ (-power)")
+    # Caffe forms 1 + gamma * iter in float32 before the pow.
+    base = _f32(1) + _f32(p.gamma) * _f32(it)
+    return _rounded(p.base_lr * math.pow(float(base), -p.power))
+
+
+def _multistep(p, it: int) -> float:
+    _require(p.gamma >= 0, "multistep", f"gamma must be >= 0 (got {p.gamma})",
+             "gamma is the factor applied at each stepvalue, e.g. gamma: 0.1")
+    return _rounded(p.base_lr * math.pow(p.gamma, multistep_index(p.stepvalue, it)))
+
+
+def _poly(p, it: int) -> float:
+    _require(p.max_iter > 0, "poly", f"max_iter must be > 0 (got {p.max_iter})",
+             "poly decays the rate to zero at max_iter; set max_iter")
+    # Caffe: Dtype(1) - Dtype(iter) / Dtype(max_iter), all float32.
+    frac = _f32(1) - _f32(it) / _f32(p.max_iter)
+    return _rounded(p.base_lr * math.pow(float(frac), p.power))
+
+
+def _sigmoid(p, it: int) -> float:
+    _require(p.stepsize > 0, "sigmoid", f"stepsize must be > 0 (got {p.stepsize})",
+             "stepsize is the iteration at the middle of the sigmoid")
+    # Caffe's source also CHECKs gamma >= 0 here, but the reference Caffe run in
+    # golden/solvers/adadelta_sigmoid uses gamma -0.2 (a decaying sigmoid) and we follow it;
+    # a negative gamma is the only way to make the sigmoid policy decrease the rate.
+    x = -_f32(p.gamma) * (_f32(it) - _f32(p.stepsize))
+    return _rounded(p.base_lr * (1.0 / (1.0 + math.exp(float(x)))))
+
+
+LR_POLICIES: Dict[str, Callable[[object, int], float]] = {
+    "fixed": _fixed,
+    "step": _step,
+    "exp": _exp,
+    "inv": _inv,
+    "multistep": _multistep,
+    "poly": _poly,
+    "sigmoid": _sigmoid,
+}
+
+
+def _policy(name: str) -> Callable[[object, int], float]:
+    try:
+        return LR_POLICIES[name]
+    except KeyError:
+        raise SolverError(f'unknown learning rate policy "{name}"', where="lr_policy",
+                          hint="use one of: " + ", ".join(LR_POLICIES)) from None
+
+
+def learning_rate(solver_param, it: int) -> float:
+    """The rate Caffe uses (and logs as ``Iteration it, lr = ...``) for the update at ``it``.
+
+    ``solver_param`` is a ``caffe_pb2.SolverParameter``; the result is float32-exact.
+    """
+    return _policy(solver_param.lr_policy)(solver_param, it)
+
+
+def current_step(solver_param, it: int) -> Optional[int]:
+    """The ``current_step`` Caffe holds after computing the rate for iteration ``it``.
+
+    ``step`` sets it to ``it // stepsize`` and ``multistep`` advances it (see
+    :func:`multistep_index`); the other policies never touch it, so None is returned and the
+    caller keeps whatever value it had (0, or the one restored from a solverstate).
+    """
+    name = solver_param.lr_policy
+    _policy(name)  # unknown names fail the same way as in learning_rate
+    counter = _STEP_COUNTERS.get(name)
+    return None if counter is None else counter(solver_param, it)
+
+
+# Policies whose position Caffe records in SolverState.current_step.
+_STEP_COUNTERS: Dict[str, Callable[[object, int], int]] = {
+    "step": lambda p, it: it // p.stepsize if p.stepsize > 0 else 0,
+    "multistep": lambda p, it: multistep_index(p.stepvalue, it),
+}

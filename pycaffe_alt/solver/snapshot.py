@@ -1,0 +1,356 @@
+"""Snapshot files: solver states (binary proto and HDF5), HDF5 weights, and their names.
+
+Layouts follow Caffe so that each side reads the other's files:
+
+- ``<prefix>_iter_<N>.solverstate``: a ``caffe_pb2.SolverState`` (iter, learned_net, history
+  blobs with their shapes, current_step). History blobs are in the update rule's order (see
+  :mod:`pycaffe_alt.solver.rules`: AdaDelta/Adam store all first-set blobs, then all second-set
+  blobs).
+- ``<prefix>_iter_<N>.solverstate.h5`` (``snapshot_format: HDF5``): datasets ``iter`` and
+  ``current_step`` (int32, shape (1,)), ``learned_net`` (a null-terminated fixed-length string,
+  as ``H5LTmake_dataset_string`` writes it) and a group ``history`` with datasets ``0``..``n-1``.
+- ``<prefix>_iter_<N>.caffemodel.h5``: a group ``data`` with one group per layer, holding the
+  layer's blobs as datasets ``0``, ``1``, ... (Caffe's ``Net::ToHDF5``).
+
+Our own continuation data (data cursors, RNG states, alternation phase) travels in
+``SolverState.resume_state`` (field 5221, which Caffe skips as an unknown field) or in an extra
+``resume_state`` dataset of the HDF5 state (Caffe reads only the datasets it knows). Its encoding,
+chosen so that loading a snapshot never executes anything (unlike pickle), is::
+
+    b"pycaffe_alt.resume.v1\\n" | uint64 LE length of the JSON header | JSON header | raw bytes
+
+The JSON header holds the dict; every ``bytes`` value in it (e.g. a torch RNG state) is replaced
+by ``{"__bytes__": [offset, length]}`` pointing into the raw section. Values may be None, bool,
+int, float (NaN/inf allowed), str, bytes, lists (tuples come back as lists) and dicts with str
+keys.
+
+Every file is written atomically (temp file in the same folder, fsync, rename), so a run killed
+while snapshotting leaves the previous snapshot intact.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from ..errors import SolverError, WeightsError
+from ..proto import caffe_pb2
+from ..weights import array_to_blob, atomic_write, blob_to_array
+
+RESUME_MAGIC = b"pycaffe_alt.resume.v1\n"
+_BYTES_KEY = "__bytes__"
+
+
+def snapshot_filename(prefix: str, it: int, ext: str) -> str:
+    """Caffe's snapshot name ``<prefix>_iter_<it><ext>``; ``ext`` like ``.caffemodel``,
+    ``.solverstate``, ``.caffemodel.h5`` or ``.solverstate.h5``."""
+    return f"{prefix}_iter_{int(it)}{ext}"
+
+
+def is_hdf5(path: str) -> bool:
+    """Caffe picks the HDF5 reader for files whose name ends in ``.h5``."""
+    return path.endswith(".h5")
+
+
+class SolverStateData(NamedTuple):
+    """What a solverstate holds; unpacks as ``(iter, current_step, learned_net, history, resume_state)``."""
+
+    iter: int
+    current_step: int
+    learned_net: Optional[str]
+    history: List[np.ndarray]
+    resume_state: Optional[Dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------------------------
+# resume_state codec
+
+
+def _to_tree(value: Any, blobs: List[bytes], offset: List[int]) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        blobs.append(data)
+        ref = {_BYTES_KEY: [offset[0], len(data)]}
+        offset[0] += len(data)
+        return ref
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_to_tree(v, blobs, offset) for v in value]
+    if isinstance(value, dict):
+        if _BYTES_KEY in value:
+            raise TypeError(f"resume_state dict keys must not be {_BYTES_KEY!r}")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"resume_state dict keys must be str, got {type(k).__name__}")
+            out[k] = _to_tree(v, blobs, offset)
+        return out
+    raise TypeError(f"resume_state cannot hold a {type(value).__name__}; convert it to "
+                    "bytes, numbers, strings, lists or dicts")
+
+
+def encode_resume_state(state: Dict[str, Any]) -> bytes:
+    """Serialize a resume-state dict (see the module docstring for the format)."""
+    blobs: List[bytes] = []
+    header = json.dumps(_to_tree(state, blobs, [0]), separators=(",", ":")).encode("utf-8")
+    return RESUME_MAGIC + struct.pack("<Q", len(header)) + header + b"".join(blobs)
+
+
+def _from_tree(value: Any, raw: bytes) -> Any:
+    if isinstance(value, list):
+        return [_from_tree(v, raw) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {_BYTES_KEY}:
+            start, length = value[_BYTES_KEY]
+            if not (isinstance(start, int) and isinstance(length, int)
+                    and 0 <= start and start + length <= len(raw)):
+                raise ValueError("a bytes reference points outside the data")
+            return raw[start:start + length]
+        return {k: _from_tree(v, raw) for k, v in value.items()}
+    return value
+
+
+def decode_resume_state(payload: bytes, where: str = "resume_state") -> Dict[str, Any]:
+    """Inverse of :func:`encode_resume_state`; a damaged payload raises SolverError at ``where``."""
+    try:
+        if not payload.startswith(RESUME_MAGIC):
+            raise ValueError("it does not start with the pycaffe_alt resume-state marker")
+        start = len(RESUME_MAGIC)
+        (length,) = struct.unpack_from("<Q", payload, start)
+        start += 8
+        if start + length > len(payload):
+            raise ValueError("it is truncated")
+        tree = json.loads(payload[start:start + length].decode("utf-8"))
+        state = _from_tree(tree, payload[start + length:])
+        if not isinstance(state, dict):
+            raise ValueError("it is not a dict")
+        return state
+    except (ValueError, struct.error, UnicodeDecodeError, TypeError) as e:
+        raise SolverError(f"the resume state is damaged ({e})", where=where,
+                          hint="resume from an earlier snapshot, or delete the file's resume "
+                               "data to restart like Caffe (data cursor at the first record)") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# binary proto solverstate
+
+
+def _history_arrays(states: Sequence, path: str) -> List[np.ndarray]:
+    arrays = []
+    for i, blob in enumerate(states):
+        try:
+            arrays.append(blob_to_array(blob))
+        except WeightsError as e:
+            raise SolverError(f"history blob {i}: {e.what}", where=path, hint=e.hint) from None
+    return arrays
+
+
+def write_solverstate(path: str, iter: int, current_step: int, learned_net: Optional[str],
+                     history: Sequence[np.ndarray],
+                     resume_state: Optional[Dict[str, Any]] = None) -> None:
+    """Write a Caffe ``.solverstate`` atomically (history as float32 blobs with shapes).
+
+    ``learned_net`` is the matching ``.caffemodel`` path as Caffe records it (None leaves the
+    field unset: restoring then keeps the net's current weights). ``resume_state`` is our
+    continuation data, stored in the field Caffe ignores.
+    """
+    state = caffe_pb2.SolverState()
+    state.iter = int(iter)
+    if learned_net is not None:
+        state.learned_net = learned_net
+    for arr in history:
+        state.history.append(array_to_blob(np.asarray(arr)))
+    state.current_step = int(current_step)
+    if resume_state is not None:
+        state.resume_state = encode_resume_state(resume_state)
+    atomic_write(path, state.SerializeToString())
+
+
+def _require_file(path: str, kind: str, error=SolverError) -> None:
+    if not os.path.isfile(path):
+        raise error(f"{kind} file not found", where=path,
+                    hint="check the path; snapshots are named <prefix>_iter_<N>.solverstate "
+                         "(relative paths are taken from the current directory)")
+
+
+def _read_bytes(path: str, kind: str) -> bytes:
+    _require_file(path, kind)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SolverError(f"cannot read the {kind}: {e.strerror}", where=path,
+                          hint="check the path; snapshots are named <prefix>_iter_<N>.solverstate") from None
+
+
+def read_solverstate(path: str) -> SolverStateData:
+    """Read a Caffe (or our) ``.solverstate``; a missing, truncated or corrupt file is a SolverError."""
+    raw = _read_bytes(path, "solver state")
+    state = caffe_pb2.SolverState()
+    try:
+        state.ParseFromString(raw)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise SolverError(f"not a valid solver state ({e}); the file is truncated or corrupt",
+                          where=path, hint="resume from another snapshot") from None
+    # Caffe always writes iter; an empty or foreign file parses "successfully" without it.
+    if not state.HasField("iter"):
+        raise SolverError("not a solver state (no iteration recorded)", where=path,
+                          hint="pass a .solverstate file written by Caffe or pycaffe_alt")
+    resume = (decode_resume_state(state.resume_state, where=path)
+              if state.HasField("resume_state") else None)
+    return SolverStateData(
+        iter=state.iter, current_step=state.current_step,
+        learned_net=state.learned_net if state.HasField("learned_net") else None,
+        history=_history_arrays(state.history, path), resume_state=resume)
+
+
+def check_history(history: Sequence[np.ndarray], expected_shapes: Sequence[Tuple[int, ...]],
+                  path: str) -> None:
+    """Caffe's restore check, with shapes too: the file must hold one blob per expected shape."""
+    if len(history) != len(expected_shapes):
+        raise SolverError(f"holds {len(history)} history blobs but this solver and net need "
+                          f"{len(expected_shapes)}", where=path,
+                          hint="resume with the same solver type and net that wrote the snapshot")
+    for i, (arr, shape) in enumerate(zip(history, expected_shapes)):
+        if int(np.prod(arr.shape)) != int(np.prod(shape)):
+            raise SolverError(f"history blob {i} has shape {tuple(arr.shape)}, the parameter "
+                              f"needs {tuple(shape)}", where=path,
+                              hint="resume with the same net that wrote the snapshot")
+
+
+# ---------------------------------------------------------------------------------------------
+# HDF5
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - h5py is a dependency
+        raise SolverError("HDF5 snapshots need h5py", hint="pip install h5py") from None
+    return h5py
+
+
+def _save_int(group, name: str, value: int) -> None:
+    # hdf5_save_int: a one-element native int dataset.
+    group.create_dataset(name, data=np.array([value], dtype=np.int32))
+
+
+def _save_string(group, name: str, text: str) -> None:
+    # H5LTmake_dataset_string: scalar, fixed length strlen + 1, null-terminated; Caffe's reader
+    # relies on the terminating null.
+    h5py = _h5py()
+    raw = text.encode("utf-8") + b"\0"
+    tid = h5py.h5t.C_S1.copy()
+    tid.set_size(len(raw))
+    tid.set_strpad(h5py.h5t.STR_NULLTERM)
+    space = h5py.h5s.create(h5py.h5s.SCALAR)
+    dset = h5py.h5d.create(group.id, name.encode("utf-8"), tid, space)
+    dset.write(h5py.h5s.ALL, h5py.h5s.ALL, np.array(raw, dtype=f"S{len(raw)}"))
+
+
+def _h5_bytes(fill) -> bytes:
+    """Build an HDF5 file in memory (so it can then be written atomically)."""
+    h5py = _h5py()
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        fill(f)
+    return buffer.getvalue()
+
+
+def write_solverstate_h5(path: str, iter: int, current_step: int, learned_net: Optional[str],
+                         history: Sequence[np.ndarray],
+                         resume_state: Optional[Dict[str, Any]] = None) -> None:
+    """Write ``.solverstate.h5`` as Caffe's ``SnapshotSolverStateToHDF5`` lays it out, atomically."""
+
+    def fill(f) -> None:
+        _save_int(f, "iter", int(iter))
+        if learned_net is not None:
+            _save_string(f, "learned_net", learned_net)
+        _save_int(f, "current_step", int(current_step))
+        group = f.create_group("history")
+        for i, arr in enumerate(history):
+            group.create_dataset(str(i), data=np.asarray(arr, dtype=np.float32))
+        if resume_state is not None:
+            f.create_dataset("resume_state",
+                             data=np.frombuffer(encode_resume_state(resume_state), dtype=np.uint8))
+
+    atomic_write(path, _h5_bytes(fill))
+
+
+def _numbered(group, what: str) -> List[Optional[np.ndarray]]:
+    """Datasets named 0..n-1 of a group as a list (None where an index is missing)."""
+    try:
+        indices = sorted(int(name) for name in group)
+    except ValueError:
+        raise ValueError(f"{what} holds a dataset whose name is not a number") from None
+    out: List[Optional[np.ndarray]] = [None] * (indices[-1] + 1 if indices else 0)
+    for i in indices:
+        out[i] = np.asarray(group[str(i)], dtype=np.float32)
+    return out
+
+
+def read_solverstate_h5(path: str) -> SolverStateData:
+    """Read a ``.solverstate.h5`` (Caffe's or ours)."""
+    h5py = _h5py()
+    _require_file(path, "solver state")
+    try:
+        with h5py.File(path, "r") as f:
+            it = int(np.asarray(f["iter"]).reshape(-1)[0])
+            step = int(np.asarray(f["current_step"]).reshape(-1)[0])
+            learned = None
+            if "learned_net" in f:
+                value = f["learned_net"][()]
+                learned = (value.decode("utf-8") if isinstance(value, bytes) else str(value)).rstrip("\0")
+            history = _numbered(f["history"], "history")
+            resume = (bytes(np.asarray(f["resume_state"], dtype=np.uint8).tobytes())
+                      if "resume_state" in f else None)
+    except (OSError, KeyError, IndexError, ValueError, TypeError) as e:
+        raise SolverError(f"not a valid HDF5 solver state ({e})", where=path,
+                          hint="resume from another snapshot") from None
+    if any(h is None for h in history):
+        raise SolverError("history datasets are not numbered 0..n-1", where=path,
+                          hint="the file is damaged; resume from another snapshot")
+    return SolverStateData(iter=it, current_step=step, learned_net=learned, history=history,
+                           resume_state=None if resume is None else decode_resume_state(resume, path))
+
+
+def read_any_solverstate(path: str) -> SolverStateData:
+    """Pick the reader by file name, as Caffe's ``Solver::Restore`` does (``.h5`` -> HDF5)."""
+    return read_solverstate_h5(path) if is_hdf5(path) else read_solverstate(path)
+
+
+def write_weights_h5(layers: Sequence[Tuple[str, Sequence[Optional[np.ndarray]]]], path: str) -> None:
+    """Write ``.caffemodel.h5`` (Caffe's ``Net::ToHDF5`` without diffs), atomically.
+
+    ``layers`` lists every layer in net order with its blobs; a None blob is skipped, as Caffe
+    skips parameters a layer shares from another (only owners are saved).
+    """
+
+    def fill(f) -> None:
+        data = f.create_group("data")
+        for name, blobs in layers:
+            group = data.create_group(name)
+            for i, arr in enumerate(blobs):
+                if arr is not None:
+                    group.create_dataset(str(i), data=np.asarray(arr, dtype=np.float32))
+
+    atomic_write(path, _h5_bytes(fill))
+
+
+def read_weights_h5(path: str) -> Dict[str, List[Optional[np.ndarray]]]:
+    """``{layer name: [blob arrays]}`` of a ``.caffemodel.h5`` (None where a shared blob was skipped)."""
+    h5py = _h5py()
+    _require_file(path, "HDF5 weights", WeightsError)
+    try:
+        with h5py.File(path, "r") as f:
+            data = f["data"]
+            return {name: _numbered(data[name], f"layer {name!r}") for name in data}
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise WeightsError(f"not a Caffe HDF5 weights file ({e})", where=path,
+                          hint="HDF5 weights hold a group data/<layer>/<i>") from None
