@@ -1,0 +1,362 @@
+"""Batch assembly and prefetching for the data layers.
+
+Design: a batch is a *pure function of its number*. ``BatchMaker.make(b)`` reads the records of
+batch ``b`` (positions from :class:`Ordering`), draws that batch's random crops and flips from a
+generator derived from ``(layer seed, b)``, and transforms them. Hence
+
+* the order is deterministic and independent of how batches are produced: a background thread,
+  or N worker processes each working on different batch numbers, give identical batches;
+* the whole reading state is ``(next batch number, seed, skip)``: ``state()``/``load_state()``
+  resume bit-exactly, and prefetched batches can simply be dropped.
+
+Order follows Caffe's Data layer: records in key order with a wrapping cursor (after the last
+record comes the first), an optional random skip at the start (``rand_skip``), and an optional
+reshuffle at every pass (ImageData's ``shuffle``; off by default for Data, as in Caffe).
+
+Every batch carries the record index (position in key order) of each sample: the alternation
+mask store keys on them.
+
+Workers are separate processes that each open the dataset themselves: record sources open their
+files lazily in the process that reads (an LMDB environment must not cross a fork). When the
+target device is CUDA, batches are put in pinned memory and copied with ``non_blocking=True``.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Protocol, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import CaffeError, DataError
+from .transformer import TransformSpec, draw_params, output_shape, transform_into
+
+# Sub-streams of a layer's seed: one family of generators per purpose, so that e.g. turning
+# shuffling on does not change the crops.
+_STREAM_TRANSFORM = 0
+_STREAM_SHUFFLE = 1
+_STREAM_SKIP = 2
+
+
+def derived_generator(seed: int, stream: int, number: int) -> np.random.Generator:
+    """The generator for item ``number`` of sub-stream ``stream`` of a layer seed (pure)."""
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, stream, number])))
+
+
+def layer_seed(name: str) -> int:
+    """A layer's seed, from torch's seed and the layer name.
+
+    ``torch.manual_seed`` (and the solver's ``random_seed``) therefore makes runs reproducible,
+    and two data layers of one net get different streams. Reading ``initial_seed`` rather than
+    drawing from torch's generator leaves the weight fillers' random stream untouched.
+    """
+    seq = np.random.SeedSequence([torch.initial_seed() & (2**64 - 1),
+                                  int.from_bytes(name.encode("utf-8")[:32].ljust(32, b"\0"),
+                                                 "little")])
+    return int(seq.generate_state(2, np.uint32).view(np.uint64)[0] >> np.uint64(1))
+
+
+def draw_skip(seed: int, rand_skip: int, num_records: int) -> int:
+    """Caffe's ``rand_skip``: skip a random number of records in [0, rand_skip) at the start."""
+    if rand_skip <= 0:
+        return 0
+    return int(derived_generator(seed, _STREAM_SKIP, 0).integers(rand_skip)) % max(num_records, 1)
+
+
+class RecordSource(Protocol):
+    """Random access to the records of a dataset, in its canonical (key/list) order."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Tuple[np.ndarray, float]:
+        """Record ``index`` as a C,H,W array (uint8 or float32) and its label."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Ordering:
+    """Which record is the ``n``-th sample served: key order from ``skip`` on, wrapping at the
+    end; with ``shuffle`` every pass (epoch) uses its own permutation."""
+
+    num_records: int
+    skip: int = 0
+    shuffle: bool = False
+    seed: int = 0
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return derived_generator(self.seed, _STREAM_SHUFFLE, epoch).permutation(self.num_records)
+
+    def indices(self, first: int, count: int,
+                cache: Optional[Dict[int, np.ndarray]] = None) -> np.ndarray:
+        """Record indices (int64) of samples ``first .. first+count-1``."""
+        pos = self.skip + first + np.arange(count, dtype=np.int64)
+        if not self.shuffle:
+            return pos % self.num_records
+        epochs, within = np.divmod(pos, self.num_records)
+        out = np.empty(count, dtype=np.int64)
+        for e in np.unique(epochs):
+            perm = cache.get(int(e)) if cache is not None else None
+            if perm is None:
+                perm = self.permutation(int(e))
+                if cache is not None:
+                    cache.clear()  # one or two passes are live at a time
+                    cache[int(e)] = perm
+            sel = epochs == e
+            out[sel] = perm[within[sel]]
+        return out
+
+
+class BatchMaker:
+    """Builds batch ``b`` of a record source (pure function of ``b``); picklable for workers.
+
+    A batch is a dict of numpy arrays: ``data`` (N,C,H,W float32), ``label`` (N float32) and
+    ``indices`` (N int64 record positions). As in Caffe, the first sample of a batch fixes the
+    batch's shape; a later sample of another shape is an error.
+    """
+
+    def __init__(self, source: RecordSource, spec: TransformSpec, batch_size: int,
+                 ordering: Ordering, seed: int, where: str):
+        self.source = source
+        self.spec = spec
+        self.batch_size = batch_size
+        self.ordering = ordering
+        self.seed = seed
+        self.where = where
+        self._perm_cache: Dict[int, np.ndarray] = {}
+
+    def indices(self, b: int) -> np.ndarray:
+        return self.ordering.indices(b * self.batch_size, self.batch_size, self._perm_cache)
+
+    def make(self, b: int) -> Dict[str, np.ndarray]:
+        indices = self.indices(b)
+        rng = derived_generator(self.seed, _STREAM_TRANSFORM, b)
+        labels = np.empty(self.batch_size, dtype=np.float32)
+        data = None
+        for i, index in enumerate(indices):
+            image, labels[i] = self.source.load(int(index))
+            where = f"{self.where}: record {int(index)}"
+            shape = output_shape(self.spec, image.shape, where)
+            if data is None:
+                data = np.empty((self.batch_size,) + shape, dtype=np.float32)
+            elif shape != data.shape[1:]:
+                raise DataError(
+                    f"gives a {shape} sample but the batch's first sample is {data.shape[1:]}",
+                    where, "records of different sizes need batch_size: 1, a crop_size, or "
+                    "resizing when the dataset is made (convert_imageset --resize_height/width)")
+            mirror, h_off, w_off = draw_params(self.spec, rng, image.shape[1], image.shape[2])
+            transform_into(data[i], image, self.spec, mirror, h_off, w_off)
+        return {"data": data, "label": labels, "indices": indices}
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _to_tensors(batch: Dict[str, np.ndarray], pin: bool) -> Dict[str, torch.Tensor]:
+    out = {k: torch.from_numpy(v) for k, v in batch.items()}
+    if pin:
+        out = {k: (v.pin_memory() if k != "indices" else v) for k, v in out.items()}
+    return out
+
+
+class _ThreadPrefetcher:
+    """Produces batches start, start+1, ... in a background thread (Caffe's prefetch thread).
+
+    Reading and decoding run in numpy/OpenCV/LMDB code that releases the GIL, so the thread
+    overlaps with the net's forward/backward.
+    """
+
+    def __init__(self, maker: BatchMaker, start: int, depth: int, pin: bool):
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(maker, start, pin),
+                                        name="pycaffe_alt-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, maker: BatchMaker, start: int, pin: bool) -> None:
+        for b in itertools.count(start):
+            try:
+                item = _to_tensors(maker.make(b), pin)
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = e
+            if self._queue.full():
+                # About to wait for the consumer: hold no database handle while idle. py-lmdb
+                # allows one environment per path and process, so an idle (or abandoned, not yet
+                # garbage-collected) layer must not block other readers of the same LMDB.
+                # Reopening costs ~0.1 ms per batch.
+                maker.source.close()
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or isinstance(item, BaseException):
+                return
+
+    def next(self) -> Dict[str, torch.Tensor]:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise DataError("the prefetch thread stopped without a batch") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset over batch numbers, for torch's DataLoader workers."""
+
+    def __init__(self, maker: BatchMaker):
+        self.maker = maker
+
+    def __getitem__(self, b: int):
+        try:
+            return self.maker.make(b)
+        except CaffeError as e:
+            # Returned rather than raised so the user sees our message, not a worker traceback.
+            return {"error": e}
+
+
+class _CountFrom(torch.utils.data.Sampler):
+    """Batch numbers start, start+1, ... without end (the cursor wraps over the records)."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+class _ProcessPrefetcher:
+    """Produces batches in ``workers`` processes (torch DataLoader), delivered in order."""
+
+    def __init__(self, maker: BatchMaker, start: int, workers: int, depth: int, pin: bool):
+        loader = torch.utils.data.DataLoader(
+            _BatchDataset(maker), batch_size=None, sampler=_CountFrom(start),
+            num_workers=workers, pin_memory=pin, prefetch_factor=max(1, -(-depth // workers)),
+            persistent_workers=False)
+        self._iter = iter(loader)
+
+    def next(self) -> Dict[str, torch.Tensor]:
+        item = next(self._iter)
+        if "error" in item:
+            raise item["error"]
+        return item
+
+    def close(self) -> None:
+        shutdown = getattr(self._iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iter = None
+
+
+class InputPipeline:
+    """Serves the batches of a :class:`BatchMaker` in order, prefetched.
+
+    ``workers == 0``: one background thread (the default, as Caffe's prefetch thread);
+    ``workers >= 1``: that many processes. ``depth`` batches are read ahead (data_param.prefetch).
+    Prefetching starts at the first ``next_batch`` call, on the device given there.
+    """
+
+    def __init__(self, maker: BatchMaker, *, workers: int = 0, depth: int = 4):
+        if workers < 0:
+            raise DataError(f"workers must be >= 0, got {workers}", maker.where)
+        self.maker = maker
+        self.workers = workers
+        self.depth = depth
+        self._next = 0  # number of the next batch handed to the layer
+        self._engine = None
+        self._engine_pin = False
+
+    # -- serving --------------------------------------------------------------------------
+    def next_batch(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        """The next batch as tensors on ``device`` (``indices`` stays a CPU LongTensor)."""
+        pin = device.type == "cuda"
+        if self._engine is None or self._engine_pin != pin:
+            self._start(pin)
+        batch = self._engine.next()
+        self._next += 1
+        if device.type != "cpu":
+            batch = {k: (v if k == "indices" else v.to(device, non_blocking=pin))
+                     for k, v in batch.items()}
+        return batch
+
+    def _start(self, pin: bool) -> None:
+        self._stop_engine()
+        if self.workers == 0:
+            self._engine = _ThreadPrefetcher(self.maker, self._next, self.depth, pin)
+        else:
+            self._engine = _ProcessPrefetcher(self.maker, self._next, self.workers, self.depth,
+                                              pin)
+        self._engine_pin = pin
+
+    def _stop_engine(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def set_workers(self, workers: int) -> None:
+        """Change the number of worker processes; the order of batches does not change."""
+        if workers < 0:
+            raise DataError(f"workers must be >= 0, got {workers}", self.maker.where)
+        self._stop_engine()
+        self.workers = workers
+
+    def set_shuffle(self, shuffle: bool) -> None:
+        """Reshuffle the records at every pass (True) or read them in key order (False)."""
+        self._stop_engine()
+        o = self.maker.ordering
+        self.maker.ordering = Ordering(o.num_records, o.skip, bool(shuffle), o.seed)
+        self.maker._perm_cache.clear()
+
+    # -- resume ---------------------------------------------------------------------------
+    def state(self) -> Dict[str, object]:
+        """Everything needed to continue exactly: batches served so far, seed, skip, shuffle."""
+        o = self.maker.ordering
+        return {"batch": self._next, "seed": self.maker.seed, "skip": o.skip,
+                "shuffle": o.shuffle, "num_records": o.num_records,
+                "batch_size": self.maker.batch_size}
+
+    def load_state(self, state: Dict[str, object]) -> None:
+        """Continue from a ``state()``: the next batch is the one that followed it."""
+        o = self.maker.ordering
+        try:
+            n, bs = int(state["num_records"]), int(state["batch_size"])
+            batch, seed, skip = int(state["batch"]), int(state["seed"]), int(state["skip"])
+            shuffle = bool(state["shuffle"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"data state is incomplete or malformed ({e!r})", self.maker.where,
+                            "pass a dict returned by state()") from None
+        if n != o.num_records or bs != self.maker.batch_size:
+            raise DataError(f"data state was saved for {n} records in batches of {bs}, this "
+                            f"layer has {o.num_records} records in batches of "
+                            f"{self.maker.batch_size}", self.maker.where,
+                            "resume with the same dataset and batch_size")
+        self._stop_engine()
+        self.maker.seed = seed
+        self.maker.ordering = Ordering(n, skip, shuffle, seed)
+        self.maker._perm_cache.clear()
+        self._next = batch
+
+    def close(self) -> None:
+        """Stop prefetching and close the dataset in this process."""
+        self._stop_engine()
+        self.maker.close()
+
+    def __del__(self):
+        try:
+            self._stop_engine()
+        except Exception:
+            pass
+

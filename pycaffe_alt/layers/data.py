@@ -1,0 +1,531 @@
+"""Caffe's data layers: ``Data`` (LMDB/LevelDB of Datum records), ``ImageData`` (list of image
+files), ``HDF5Data`` (list of .h5 files), ``MemoryData`` (arrays from Python); ``WindowData`` is
+refused with advice.
+
+A data layer has no bottoms; ``forward()`` returns the next batch as float32 tensors on the layer's
+device (set with ``layer.to(device)``), and ``layer.last_indices`` holds the record index (position
+in key/list order) of each sample of that batch: the alternation mask store keys on them.
+``state()``/``load_state()`` save and restore the reading position and random streams so that a
+resumed run reads exactly what an uninterrupted run would have read.
+
+Paths in the prototxt are used as given, relative to the current directory, as Caffe does.
+Top shapes come from the first record, as in Caffe's ``DataLayerSetUp``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..data.db import open_db
+from ..data.pipeline import BatchMaker, InputPipeline, Ordering, draw_skip, layer_seed
+from ..data.transformer import TransformSpec, output_shape, spec_from_param
+from ..errors import CaffeError, DataError
+from ..registry import LAYERS
+from .base import TRAIN, Layer, Shape
+
+
+def _pipeline_option(param, name: str, default):
+    """An input-pipeline option (``workers``, ``shuffle``) from the layer's parameter message.
+
+    These are pycaffe_alt extensions: the schema may or may not declare them, so the field is read
+    only when the message type has it (``layer.set_pipeline`` sets them from Python either way).
+    """
+    if name in param.DESCRIPTOR.fields_by_name:
+        return type(default)(getattr(param, name))
+    return default
+
+
+class DataLayerBase(Layer):
+    """What every data layer shares: no bottoms, no parameter blobs, a device, record indices."""
+
+    num_bottoms = (0, 0)
+    blob_names = ()
+    shape_by_fake_run = False
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        # Moves with layer.to(device) and tells forward() where the batch must go; not saved.
+        self.register_buffer("_device_probe", torch.empty(0), persistent=False)
+        self.last_indices: torch.Tensor = torch.empty(0, dtype=torch.long)
+        self._top_shapes: List[Shape] = []
+
+    @property
+    def where(self) -> str:
+        return f"{self.ctx.source}: layer '{self.name}' (type {self.type})"
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_probe.device
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
+        return list(self._top_shapes)
+
+    def require_batch_size(self, batch_size: int, field: str) -> int:
+        if batch_size <= 0:
+            raise self.error(f"{field}.batch_size must be positive, got {batch_size}",
+                             f"set {field} {{ batch_size: N }}")
+        return int(batch_size)
+
+    def require_source(self, source: str, field: str, what: str, create_hint: str) -> str:
+        if not source:
+            raise self.error(f"{field}.source is not set", f"give the path of the {what}")
+        if not os.path.exists(source):
+            raise DataError(f"{what} {source!r} does not exist (relative paths are taken from the "
+                            f"current directory, {os.getcwd()})", self.where, create_hint)
+        return source
+
+
+class PipelinedDataLayer(DataLayerBase):
+    """A data layer fed by an :class:`InputPipeline` (Data, ImageData)."""
+
+    def init_pipeline(self, source, spec: TransformSpec, batch_size: int, rand_skip: int,
+                      shuffle: bool, workers: int, prefetch: int) -> None:
+        seed = layer_seed(self.name)
+        n = len(source)
+        skip = draw_skip(seed, rand_skip, n)
+        ordering = Ordering(n, skip, shuffle, seed)
+        maker = BatchMaker(source, spec, batch_size, ordering, seed, self.where)
+        # The first record served fixes the top shapes (Caffe reads it in DataLayerSetUp).
+        first = int(ordering.indices(0, 1)[0])
+        image, _ = source.load(first)
+        shape = output_shape(spec, image.shape, f"{self.where}: record {first}")
+        # Release this process's handles: the prefetch thread or worker processes reopen them.
+        source.close()
+        self._top_shapes = [(batch_size,) + shape]
+        if len(self.param.top) > 1:
+            self._top_shapes.append((batch_size,))
+        self.pipeline = InputPipeline(maker, workers=workers, depth=prefetch)
+
+    def forward(self):
+        batch = self.pipeline.next_batch(self.device)
+        self.last_indices = batch["indices"]
+        if len(self._top_shapes) > 1:
+            return batch["data"], batch["label"]
+        return batch["data"]
+
+    def set_pipeline(self, workers: Optional[int] = None, shuffle: Optional[bool] = None) -> None:
+        """Read with ``workers`` processes (0: one background thread) and/or reshuffle the
+        records at every pass; neither changes which batch comes next."""
+        if workers is not None:
+            self.pipeline.set_workers(int(workers))
+        if shuffle is not None:
+            self.pipeline.set_shuffle(bool(shuffle))
+
+    def state(self) -> Dict[str, object]:
+        """Reading position and random-stream seeds (see :meth:`InputPipeline.state`)."""
+        return self.pipeline.state()
+
+    def load_state(self, state: Dict[str, object]) -> None:
+        """Continue exactly where ``state()`` was taken."""
+        self.pipeline.load_state(state)
+
+    def close(self) -> None:
+        """Stop prefetching and release the dataset."""
+        self.pipeline.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: Datum records from an LMDB / LevelDB
+# ---------------------------------------------------------------------------------------------
+class DbSource:
+    """Records of a Caffe database, decoded as Caffe's Data layer does (picklable, fork-safe)."""
+
+    def __init__(self, path: str, backend: str, force_color: bool, force_gray: bool, where: str):
+        try:
+            self.reader = open_db(path, backend, "r")
+        except DataError as e:
+            raise DataError(f"{e.what} ({path})", where, e.hint) from None
+        self.force_color = force_color
+        self.force_gray = force_gray
+        self.where = where
+        self._warned_force = False
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def load(self, index: int) -> Tuple[np.ndarray, float]:
+        from ..data.datum import datum_to_array, decode_datum
+
+        datum = self.reader.datum(index)  # a corrupt record raises naming the path and key
+        where = f"{self.where}: {self.reader.where(index)}"
+        if datum.encoded:
+            image = decode_datum(datum, self.force_color, self.force_gray, where=where)
+        else:
+            if (self.force_color or self.force_gray) and not self._warned_force:
+                # Caffe logs this and goes on with the raw pixels.
+                warnings.warn(f"{self.where}: force_color/force_gray only apply to encoded "
+                              "records; this database holds raw pixels")
+                self._warned_force = True
+            image = datum_to_array(datum, where=where)
+        return image, float(datum.label)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _backend_of(dp, path: str) -> str:
+    """``data_param.backend``; when the prototxt leaves it out, the kind of database found.
+
+    Caffe's default is LEVELDB, which fails on the LMDBs everyone uses today; choosing by what is
+    on disk (an LMDB folder holds data.mdb) accepts both without changing an explicit choice.
+    """
+    if dp.HasField("backend"):
+        return "lmdb" if dp.backend == dp.LMDB else "leveldb"
+    lmdb_layout = os.path.isfile(os.path.join(path, "data.mdb")) or os.path.isfile(path)
+    return "lmdb" if lmdb_layout else "leveldb"
+
+
+@LAYERS.register("Data")
+class Data(PipelinedDataLayer):
+    """Caffe's ``Data`` layer: Datum records in key order with a wrapping cursor, transformed by
+    ``transform_param``; tops ``data`` and optionally ``label``.
+
+    ``data_param``: source, batch_size, backend (LMDB/LEVELDB), rand_skip, prefetch. Extensions:
+    ``set_pipeline(workers=N, shuffle=True)`` (per-pass reshuffle, off by default as in Caffe).
+    """
+
+    num_tops = (1, 2)
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        dp = param.data_param
+        batch_size = self.require_batch_size(dp.batch_size, "data_param")
+        source = self.require_source(
+            dp.source, "data_param", "database",
+            "create it with tools/convert_imageset ROOT/ LIST.txt DB (images), tools/convert_mnist "
+            "or data/mnist/get_mnist (MNIST), tools/convert_cifar or data/cifar10/get_cifar10")
+        spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
+        records = DbSource(source, _backend_of(dp, source), spec.force_color, spec.force_gray,
+                           self.where)
+        self.init_pipeline(records, spec, batch_size, int(dp.rand_skip),
+                           shuffle=_pipeline_option(dp, "shuffle", False),
+                           workers=_pipeline_option(dp, "workers", 0),
+                           prefetch=max(1, int(dp.prefetch)))
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageData: a list file of "path label" lines
+# ---------------------------------------------------------------------------------------------
+def parse_image_list(path: str, where: str) -> List[Tuple[str, int]]:
+    """Lines ``<image path> <integer label>`` (split at the last space, as Caffe does).
+
+    Blank lines are ignored; any other line without an integer label after its last space is an
+    error naming the file and line number.
+    """
+    entries: List[Tuple[str, int]] = []
+    with open(path, "r", encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            name, sep, label = line.rpartition(" ")
+            try:
+                value = int(label)
+            except ValueError:
+                value = None
+            if not sep or not name or value is None:
+                raise DataError(f"line {lineno} is {line!r}, not '<image path> <integer label>'",
+                                f"{path}:{lineno}",
+                                "write one image per line: its path, a space, its integer label")
+            entries.append((name, value))
+    if not entries:
+        raise DataError(f"image list {path!r} has no entries", where,
+                        "write one '<image path> <label>' line per image")
+    return entries
+
+
+class ImageListSource:
+    """Images named by a list file, read as Caffe's ImageData layer reads them."""
+
+    def __init__(self, entries: List[Tuple[str, int]], root: str, new_height: int, new_width: int,
+                 is_color: bool, list_path: str):
+        self.entries = entries
+        self.root = root
+        self.new_height = new_height
+        self.new_width = new_width
+        self.is_color = is_color
+        self.list_path = list_path
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, index: int) -> Tuple[np.ndarray, float]:
+        from ..data.image import read_image
+
+        name, label = self.entries[index]
+        # Caffe concatenates root_folder and the listed name as strings (no separator added).
+        path = self.root + name
+        try:
+            image = read_image(path, self.new_height, self.new_width, self.is_color)
+        except CaffeError as e:
+            raise DataError(f"{e.what} ({path})", f"{self.list_path} entry {index + 1}",
+                            e.hint) from None
+        return image.transpose(2, 0, 1), float(label)
+
+    def close(self) -> None:
+        pass
+
+
+@LAYERS.register("ImageData")
+class ImageData(PipelinedDataLayer):
+    """Caffe's ``ImageData`` layer: images listed in a text file, tops ``data`` and ``label``.
+
+    ``image_data_param``: source, root_folder, batch_size, new_height/new_width (both or neither),
+    is_color, shuffle (a new order at every pass), rand_skip.
+    """
+
+    num_tops = (2, 2)
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        ip = param.image_data_param
+        batch_size = self.require_batch_size(ip.batch_size, "image_data_param")
+        if (ip.new_height > 0) != (ip.new_width > 0):
+            raise self.error("image_data_param sets only one of new_height/new_width",
+                             "set both (resize) or neither (keep the image size)")
+        source = self.require_source(
+            ip.source, "image_data_param", "image list",
+            "write a text file with one '<image path> <label>' line per image (paths relative "
+            "to root_folder)")
+        entries = parse_image_list(source, self.where)
+        spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
+        records = ImageListSource(entries, ip.root_folder, int(ip.new_height), int(ip.new_width),
+                                  bool(ip.is_color), source)
+        self.init_pipeline(records, spec, batch_size, int(ip.rand_skip),
+                           shuffle=bool(ip.shuffle),
+                           workers=_pipeline_option(ip, "workers", 0),
+                           prefetch=max(1, int(param.data_param.prefetch)))
+
+
+# ---------------------------------------------------------------------------------------------
+# HDF5Data: datasets named after the tops, from the .h5 files listed in a text file
+# ---------------------------------------------------------------------------------------------
+@LAYERS.register("HDF5Data")
+class HDF5Data(DataLayerBase):
+    """Caffe's ``HDF5Data`` layer: one top per dataset of the same name in each listed .h5 file.
+
+    ``hdf5_data_param``: source (a text file naming one .h5 file per line), batch_size, shuffle.
+    Rows are served file after file, wrapping at the end. With ``shuffle`` the file order is
+    permuted at every pass and the rows of a file at every visit (Caffe's random_shuffle; here
+    from the layer's seed, so runs repeat). No ``transform_param`` (Caffe refuses it too).
+    ``last_indices`` are global row numbers: file offset (in list order) + row in file.
+    """
+
+    num_tops = (1, None)
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        import h5py
+
+        hp = param.hdf5_data_param
+        if param.HasField("transform_param"):
+            raise self.error("HDF5Data does not transform data",
+                             "remove transform_param; store preprocessed data in the .h5 files")
+        self.batch_size = self.require_batch_size(hp.batch_size, "hdf5_data_param")
+        source = self.require_source(hp.source, "hdf5_data_param", "HDF5 file list",
+                                     "write a text file naming one .h5 file per line")
+        with open(source, "r", encoding="utf-8") as f:
+            # Caffe reads whitespace-separated names.
+            self.files = f.read().split()
+        if not self.files:
+            raise DataError(f"HDF5 file list {source!r} names no files", self.where,
+                            "write one .h5 path per line")
+        self.datasets = list(param.top)
+        self.shuffle = bool(hp.shuffle)
+        self.seed = layer_seed(self.name)
+        rows, tails = [], None
+        for path in self.files:
+            if not os.path.isfile(path):
+                raise DataError(f"HDF5 file {path!r} (listed in {source}) does not exist",
+                                self.where, "fix the list file or create the file with h5py")
+            try:
+                with h5py.File(path, "r") as h5:
+                    shapes = [self._dataset_shape(h5, name, path) for name in self.datasets]
+            except OSError as e:
+                raise DataError(f"cannot read HDF5 file {path!r} ({e})", self.where,
+                                "the file is not HDF5 or is damaged") from None
+            n = shapes[0][0]
+            if any(s[0] != n for s in shapes):
+                raise DataError(f"datasets {self.datasets} of {path!r} have different numbers of "
+                                f"rows {[s[0] for s in shapes]}", self.where,
+                                "every top's dataset needs one row per example")
+            if n == 0:
+                raise DataError(f"HDF5 file {path!r} has no rows", self.where)
+            if tails is None:
+                tails = [s[1:] for s in shapes]
+            elif tails != [s[1:] for s in shapes]:
+                raise DataError(f"datasets of {path!r} have row shapes {[s[1:] for s in shapes]} "
+                                f"but the first file's are {tails}", self.where,
+                                "all listed files must hold rows of the same shapes")
+            rows.append(n)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.rows)[:-1]])
+        self.total = int(self.rows.sum())
+        self._top_shapes = [(self.batch_size,) + tuple(t) for t in tails]
+        self._served = 0  # rows served so far
+        self._cache: Tuple[Optional[int], List[np.ndarray]] = (None, [])
+
+    def _dataset_shape(self, h5, name: str, path: str) -> Tuple[int, ...]:
+        if name not in h5 or not hasattr(h5[name], "shape"):
+            raise DataError(f"HDF5 file {path!r} has no dataset {name!r} (one per top)",
+                            self.where, "name the tops after the datasets in the file")
+        ds = h5[name]
+        if ds.ndim < 1 or ds.dtype.kind not in "fiub":
+            raise DataError(f"dataset {name!r} of {path!r} is {ds.dtype} with {ds.ndim} axes; "
+                            "numeric data with at least one axis is needed", self.where)
+        return tuple(int(d) for d in ds.shape)
+
+    # Pure functions of (seed, pass, visit) so that state() is just a counter.
+    def _file_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.files))
+        from ..data.pipeline import derived_generator
+        return derived_generator(self.seed, 10, epoch).permutation(len(self.files))
+
+    def _row_order(self, epoch: int, file_index: int) -> np.ndarray:
+        n = int(self.rows[file_index])
+        if not self.shuffle:
+            return np.arange(n)
+        from ..data.pipeline import derived_generator
+        return derived_generator(self.seed, 11, epoch * len(self.files) + file_index).permutation(n)
+
+    def _file_arrays(self, file_index: int) -> List[np.ndarray]:
+        import h5py
+
+        if self._cache[0] != file_index:
+            with h5py.File(self.files[file_index], "r") as h5:
+                arrays = [np.asarray(h5[name][...], dtype=np.float32) for name in self.datasets]
+            self._cache = (file_index, arrays)
+        return self._cache[1]
+
+    def forward(self):
+        tops = [np.empty(s, dtype=np.float32) for s in self._top_shapes]
+        indices = np.empty(self.batch_size, dtype=np.int64)
+        i = 0
+        while i < self.batch_size:
+            epoch, pos = divmod(self._served, self.total)
+            order = self._file_order(epoch)
+            ends = np.cumsum(self.rows[order])
+            k = int(np.searchsorted(ends, pos, side="right"))
+            f = int(order[k])
+            start_in_file = pos - (int(ends[k]) - int(self.rows[f]))
+            take = min(self.batch_size - i, int(self.rows[f]) - start_in_file)
+            rows = self._row_order(epoch, f)[start_in_file:start_in_file + take]
+            for top, arr in zip(tops, self._file_arrays(f)):
+                top[i:i + take] = arr[rows]
+            indices[i:i + take] = self.offsets[f] + rows
+            i += take
+            self._served += take
+        self.last_indices = torch.from_numpy(indices)
+        out = tuple(torch.from_numpy(t).to(self.device) for t in tops)
+        return out[0] if len(out) == 1 else out
+
+    def state(self) -> Dict[str, object]:
+        return {"served": self._served, "seed": self.seed, "total": self.total}
+
+    def load_state(self, state: Dict[str, object]) -> None:
+        if int(state.get("total", -1)) != self.total:
+            raise DataError(f"data state was saved for {state.get('total')} rows, this layer "
+                            f"reads {self.total}", self.where, "resume with the same files")
+        self._served = int(state["served"])
+        self.seed = int(state["seed"])
+
+
+# ---------------------------------------------------------------------------------------------
+# MemoryData: arrays handed over from Python
+# ---------------------------------------------------------------------------------------------
+@LAYERS.register("MemoryData")
+class MemoryData(DataLayerBase):
+    """Caffe's ``MemoryData`` layer: serves ``batch_size`` rows at a time of the arrays given to
+    :meth:`set_input_arrays` (pycaffe's ``net.set_input_arrays``), wrapping around.
+
+    ``memory_data_param``: batch_size, channels, height, width. Like Caffe, arrays are not
+    transformed; the label top is batch_size x 1 x 1 x 1 once data flows (batch_size at setup).
+    """
+
+    num_tops = (2, 2)
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        mp = param.memory_data_param
+        dims = (mp.batch_size, mp.channels, mp.height, mp.width)
+        if min(dims) <= 0:
+            raise self.error(f"memory_data_param needs positive batch_size, channels, height and "
+                             f"width, got {dims}", "set all four in memory_data_param")
+        self.batch_size = int(mp.batch_size)
+        self.sample_shape = tuple(int(d) for d in dims[1:])
+        self._top_shapes = [(self.batch_size,) + self.sample_shape, (self.batch_size,)]
+        self._data: Optional[torch.Tensor] = None
+        self._labels: Optional[torch.Tensor] = None
+        self._pos = 0
+        if param.HasField("transform_param"):
+            warnings.warn(f"{self.where}: MemoryData does not transform arrays given with "
+                          "set_input_arrays (as in Caffe); transform_param is ignored")
+
+    def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
+        """Serve these arrays: data N x C x H x W, labels N values; N a multiple of batch_size.
+
+        The arrays are copied (as float32), so changing them afterwards does not change the data.
+        """
+        data = np.asarray(data)
+        labels = np.asarray(labels)
+        if data.ndim != 4 or tuple(data.shape[1:]) != self.sample_shape:
+            raise DataError(f"data has shape {data.shape}, expected N x "
+                            f"{' x '.join(map(str, self.sample_shape))}", self.where,
+                            "match memory_data_param's channels, height and width")
+        n = data.shape[0]
+        if labels.size != n or (labels.ndim > 1 and labels.shape[0] != n):
+            raise DataError(f"{n} data rows but labels of shape {labels.shape}", self.where,
+                            "give one label per row")
+        if n == 0 or n % self.batch_size:
+            raise DataError(f"{n} rows is not a positive multiple of batch_size "
+                            f"{self.batch_size}", self.where,
+                            "pad or trim the arrays to a multiple of the batch size")
+        self._data = torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
+        self._labels = torch.from_numpy(np.array(labels, dtype=np.float32).reshape(n))
+        self._pos = 0
+
+    def forward(self):
+        if self._data is None:
+            raise DataError("no data: call set_input_arrays(data, labels) first", self.where,
+                            "net.set_input_arrays(data, labels) or "
+                            "net.layers[i].set_input_arrays(...)")
+        b, pos = self.batch_size, self._pos
+        data = self._data[pos:pos + b]
+        # Caffe reshapes the label top to batch x 1 x 1 x 1 in Forward.
+        labels = self._labels[pos:pos + b].reshape(b, 1, 1, 1)
+        self.last_indices = torch.arange(pos, pos + b, dtype=torch.long)
+        self._pos = (pos + b) % self._data.shape[0]
+        device = self.device
+        return data.to(device), labels.to(device)
+
+    def state(self) -> Dict[str, object]:
+        return {"pos": self._pos}
+
+    def load_state(self, state: Dict[str, object]) -> None:
+        self._pos = int(state["pos"])
+
+
+# ---------------------------------------------------------------------------------------------
+# WindowData: refused
+# ---------------------------------------------------------------------------------------------
+@LAYERS.register("WindowData")
+class WindowData(DataLayerBase):
+    """R-CNN's window sampler; not supported (it raises at construction with what to use)."""
+
+    num_tops = (0, None)
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        raise self.error(
+            "WindowData is not supported by pycaffe_alt",
+            "crop the windows beforehand (a script writing the crops plus a '<file> <label>' list) "
+            "and read them with ImageData, or pack them into an LMDB with tools/convert_imageset "
+            "and use Data")
+
+    def forward(self):  # pragma: no cover - never constructed
+        raise NotImplementedError

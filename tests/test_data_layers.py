@@ -1,0 +1,351 @@
+"""Data, ImageData, HDF5Data, MemoryData, WindowData: Caffe's batches, options and bad inputs."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+
+from layer_check import make_layer
+from pycaffe_alt.data.datum import array_to_datum
+from pycaffe_alt.data.db import open_db
+from pycaffe_alt.errors import CaffeError, DataError
+from pycaffe_alt.layers import TEST, TRAIN
+from pycaffe_alt.proto import caffe_pb2
+from pycaffe_alt.weights import write_binaryproto
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden", "data")
+CASES = ["mnist_encoded_meanvalue", "mnist_scale_crop", "photos_encoded_meanvalues",
+         "photos_resized_meanfile"]
+
+
+@pytest.fixture
+def in_golden(monkeypatch):
+    monkeypatch.chdir(GOLDEN)  # prototxt paths are relative to the current directory, as in Caffe
+
+
+def layer_from(text, phase=TEST):
+    layer = make_layer(text, [], phase)
+    return layer
+
+
+def data_layer(source, transform="", batch_size=4, phase=TEST, extra=""):
+    return layer_from(f'type: "Data" top: "data" top: "label" transform_param {{ {transform} }} '
+                      f'data_param {{ source: "{source}" batch_size: {batch_size} backend: LMDB '
+                      f'{extra} }}', phase)
+
+
+def write_lmdb(path, arrays, labels, corrupt=()):
+    with open_db(str(path), "lmdb", "w") as db:
+        for i, (a, l) in enumerate(zip(arrays, labels)):
+            value = array_to_datum(a, l).SerializeToString()
+            db.put(f"{i:08d}_x", b"\x08garbage\xff\xff" if i in corrupt else value)
+
+
+# -- golden parity ----------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_first_three_batches_equal_caffe(in_golden, case):
+    net = caffe_pb2.NetParameter()
+    with open(f"data_{case}.prototxt") as f:
+        text_format.Parse(f.read(), net)
+    layer = layer_from(text_format.MessageToString(net.layer[0]))
+    ref = np.load(f"data_{case}.npz")
+    assert layer.top_shapes([]) == [ref["data/0"].shape, ref["label/0"].shape]
+    for k in range(3):
+        data, label = layer()
+        assert data.dtype == torch.float32 and label.dtype == torch.float32
+        np.testing.assert_array_equal(data.numpy(), ref[f"data/{k}"])
+        np.testing.assert_array_equal(label.numpy(), ref[f"label/{k}"])
+    layer.close()
+
+
+def test_cursor_wraps_and_records_indices_are_key_positions(in_golden):
+    layer = data_layer("photos_resized_lmdb", batch_size=5)
+    seen = [layer()[1] is not None and layer.last_indices.tolist() for _ in range(3)]
+    assert seen == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 0, 1, 2]]
+    assert layer.last_indices.dtype == torch.long
+    layer.close()
+
+
+def test_data_only_top(in_golden):
+    layer = layer_from('type: "Data" top: "data" data_param { source: "mnist_test_lmdb" '
+                       'batch_size: 3 backend: LMDB }')
+    assert layer.top_shapes([]) == [(3, 1, 28, 28)]
+    out = layer()
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 1, 28, 28)
+    layer.close()
+
+
+def test_backend_left_out_is_detected_from_disk(in_golden):
+    layer = layer_from('type: "Data" top: "data" data_param { source: "mnist_test_lmdb" '
+                       'batch_size: 2 }')
+    assert layer().shape == (2, 1, 28, 28)
+    layer.close()
+
+
+# -- transform options through the layer --------------------------------------------------------
+def test_force_gray_and_force_color_decode_encoded_records(in_golden):
+    gray = data_layer("photos_encoded_lmdb", "force_gray: true", batch_size=1)
+    data, _ = gray()
+    with open("photos/Blender_Suzanne1.jpg", "rb") as f:
+        expected = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(data[0, 0].numpy(), expected.astype(np.float32))
+    color = data_layer("mnist_test_encoded_lmdb", "force_color: true", batch_size=2)
+    data, _ = color()
+    assert data.shape == (2, 3, 28, 28)
+    assert torch.equal(data[:, 0], data[:, 1]) and torch.equal(data[:, 1], data[:, 2])
+    plain = layer_from('type: "Data" top: "data" data_param { source: "mnist_test_lmdb" '
+                       'batch_size: 2 backend: LMDB }')
+    assert torch.equal(plain()[:, 0], data[:, 0])
+    for layer in (gray, color, plain):
+        layer.close()
+
+
+def test_an_idle_layer_holds_no_lmdb_handle(in_golden):
+    # py-lmdb allows one environment per path and process: a layer whose prefetch queue is full
+    # must let others (another net, a tool, a check script) open the same database.
+    import time
+
+    import lmdb
+
+    layer = data_layer("mnist_test_lmdb", batch_size=2)
+    layer()
+    deadline = time.time() + 10
+    while not layer.pipeline._engine._queue.full() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # the producer closes the handle right before it blocks
+    env = lmdb.open("mnist_test_lmdb", readonly=True, lock=False)
+    env.close()
+    assert layer()[0].shape == (2, 1, 28, 28)
+    layer.close()
+
+
+def test_mean_file_equals_mean_value_for_a_constant_mean(in_golden, tmp_path):
+    write_binaryproto(np.full((1, 1, 28, 28), 33.25, np.float32), str(tmp_path / "m.binaryproto"))
+    by_file = data_layer("mnist_test_lmdb", f'mean_file: "{tmp_path}/m.binaryproto" scale: 0.5')
+    a = by_file()[0]
+    by_file.close()
+    by_value = data_layer("mnist_test_lmdb", "mean_value: 33.25 scale: 0.5")
+    b = by_value()[0]
+    by_value.close()
+    assert torch.equal(a, b) and a.min() < 0
+
+
+def test_train_phase_random_crop_and_mirror_are_seeded_and_valid(in_golden):
+    plain = data_layer("mnist_test_lmdb", batch_size=16)
+    full = plain()[0].numpy()
+    plain.close()
+
+    def train_batches(seed):
+        torch.manual_seed(seed)
+        layer = data_layer("mnist_test_lmdb", "crop_size: 20 mirror: true", 16, TRAIN)
+        out = [layer()[0].numpy() for _ in range(1)]
+        layer.close()
+        return out[0]
+
+    a, b, c = train_batches(1), train_batches(1), train_batches(2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    offsets, flips = set(), 0
+    for i in range(16):  # every sample is some 20x20 window of its image, maybe flipped
+        matches = [(h, w, m) for h in range(9) for w in range(9) for m in (0, 1)
+                   if np.array_equal(a[i, 0], (full[i, 0, h:h + 20, w:w + 20][:, ::-1] if m else
+                                               full[i, 0, h:h + 20, w:w + 20]))]
+        assert matches, f"sample {i} is not a crop of its record"
+        offsets.add(matches[0][:2])
+        flips += matches[0][2]
+    assert len(offsets) > 4 and 0 < flips < 16
+
+
+# -- ImageData ---------------------------------------------------------------------------------
+def image_layer(source, extra="", batch_size=4, phase=TEST, root="digits/"):
+    return layer_from(f'type: "ImageData" top: "data" top: "label" image_data_param {{ '
+                      f'source: "{source}" root_folder: "{root}" batch_size: {batch_size} {extra} }}',
+                      phase)
+
+
+def read_list(path):
+    with open(path) as f:
+        return [(line.rsplit(" ", 1)[0], int(line.rsplit(" ", 1)[1])) for line in f if line.strip()]
+
+
+def test_image_data_reads_the_list_in_order_with_resize(in_golden):
+    entries = read_list("digits_test.txt")
+    layer = image_layer("digits_test.txt", "new_height: 20 new_width: 17 is_color: false")
+    assert layer.top_shapes([]) == [(4, 1, 20, 17), (4,)]
+    data, label = layer()
+    for i in range(4):
+        img = cv2.imread("digits/" + entries[i][0], cv2.IMREAD_GRAYSCALE)
+        expected = cv2.resize(img, (17, 20), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(data[i, 0].numpy(), expected.astype(np.float32))
+    assert label.tolist() == [e[1] for e in entries[:4]]
+    assert layer.last_indices.tolist() == [0, 1, 2, 3]
+    colour = image_layer("digits_test.txt", batch_size=1)
+    assert colour().__getitem__(0).shape[1] == 3  # is_color defaults to true
+    layer.close(), colour.close()
+
+
+def test_image_data_shuffle_permutes_every_pass(in_golden):
+    entries = read_list("digits_test.txt")
+    n = len(entries)
+    layer = image_layer("digits_test.txt", "shuffle: true", batch_size=n)
+    passes = []
+    for _ in range(2):
+        _, label = layer()
+        idx = layer.last_indices.tolist()
+        assert sorted(idx) == list(range(n))
+        assert label.tolist() == [entries[i][1] for i in idx]
+        passes.append(idx)
+    assert passes[0] != list(range(n)) and passes[0] != passes[1]
+    layer.close()
+
+
+def test_image_data_rand_skip_starts_later(in_golden):
+    torch.manual_seed(0)
+    layer = image_layer("digits_test.txt", "rand_skip: 10", batch_size=2)
+    layer()
+    first = layer.last_indices.tolist()
+    assert 0 <= first[0] < 10 and first[1] == first[0] + 1
+    layer.close()
+
+
+def test_image_data_malformed_list_line_names_the_line(tmp_path):
+    bad = tmp_path / "list.txt"
+    bad.write_text("a.png 1\nb.png 2\nc.png\n")
+    with pytest.raises(DataError, match=r"list.txt:3") as e:
+        image_layer(str(bad))
+    assert "integer label" in str(e.value)
+
+
+def test_image_data_missing_image_names_file_and_entry(tmp_path, monkeypatch):
+    monkeypatch.chdir(GOLDEN)
+    lst = tmp_path / "list.txt"
+    lst.write_text("d00512.png 3\nnot_there.png 1\n")
+    layer = image_layer(str(lst), batch_size=2)  # the first image sets the shape
+    with pytest.raises(DataError, match="not_there.png") as e:
+        layer()
+    assert "entry 2" in str(e.value)
+    layer.close()
+
+
+# -- HDF5Data ----------------------------------------------------------------------------------
+@pytest.fixture
+def h5_list(tmp_path):
+    import h5py
+
+    names = []
+    for f, rows in enumerate((5, 3)):
+        path = tmp_path / f"part{f}.h5"
+        with h5py.File(path, "w") as h5:
+            base = 100 * f
+            h5["data"] = (base + np.arange(rows * 6)).reshape(rows, 2, 3).astype(np.float64)
+            h5["label"] = (base + np.arange(rows)).astype(np.int32)
+        names.append(str(path))
+    lst = tmp_path / "files.txt"
+    lst.write_text("\n".join(names) + "\n")
+    return str(lst)
+
+
+def test_hdf5_data_reads_files_in_order_and_wraps(h5_list):
+    layer = layer_from(f'type: "HDF5Data" top: "data" top: "label" hdf5_data_param {{ '
+                       f'source: "{h5_list}" batch_size: 3 }}')
+    assert layer.top_shapes([]) == [(3, 2, 3), (3,)]
+    labels = []
+    for _ in range(4):
+        data, label = layer()
+        assert data.dtype == torch.float32
+        assert torch.equal(data[:, 0, 0], label * 6 - 500 * (label >= 100).float())
+        labels += label.tolist()
+    assert labels == [0, 1, 2, 3, 4, 100, 101, 102, 0, 1, 2, 3]
+    state = layer.state()
+    nxt = layer()[1].tolist()
+    layer.load_state(state)
+    assert layer()[1].tolist() == nxt == [4, 100, 101]
+
+
+def test_hdf5_data_shuffle_covers_every_row_each_pass(h5_list):
+    layer = layer_from(f'type: "HDF5Data" top: "data" top: "label" hdf5_data_param {{ '
+                       f'source: "{h5_list}" batch_size: 8 shuffle: true }}')
+    p1 = layer()[1].tolist()
+    i1 = layer.last_indices.tolist()
+    p2 = layer()[1].tolist()
+    assert sorted(p1) == sorted(p2) == [0, 1, 2, 3, 4, 100, 101, 102]
+    assert sorted(i1) == list(range(8)) and p1 != p2
+
+
+def test_hdf5_data_errors(h5_list):
+    with pytest.raises(CaffeError, match="does not transform"):
+        layer_from(f'type: "HDF5Data" top: "data" transform_param {{ scale: 2 }} '
+                   f'hdf5_data_param {{ source: "{h5_list}" batch_size: 3 }}')
+    with pytest.raises(DataError, match="no dataset 'image'"):
+        layer_from(f'type: "HDF5Data" top: "image" hdf5_data_param {{ source: "{h5_list}" '
+                   f'batch_size: 3 }}')
+
+
+# -- MemoryData --------------------------------------------------------------------------------
+MEMORY = ('type: "MemoryData" top: "data" top: "label" memory_data_param { batch_size: 2 '
+          'channels: 1 height: 2 width: 3 }')
+
+
+def test_memory_data_serves_arrays_and_wraps():
+    layer = layer_from(MEMORY)
+    assert layer.top_shapes([]) == [(2, 1, 2, 3), (2,)]
+    data = np.arange(4 * 6, dtype=np.float64).reshape(4, 1, 2, 3)
+    layer.set_input_arrays(data, np.array([5, 6, 7, 8]))
+    got = [layer() for _ in range(3)]
+    assert got[0][0].dtype == torch.float32
+    assert torch.equal(got[1][0], torch.tensor(data[2:4], dtype=torch.float32))
+    assert got[1][1].shape == (2, 1, 1, 1) and got[1][1].flatten().tolist() == [7, 8]
+    assert torch.equal(got[2][0], got[0][0]) and layer.last_indices.tolist() == [0, 1]
+
+
+def test_memory_data_errors():
+    layer = layer_from(MEMORY)
+    with pytest.raises(DataError, match="set_input_arrays"):
+        layer()
+    with pytest.raises(DataError, match="multiple of batch_size"):
+        layer.set_input_arrays(np.zeros((3, 1, 2, 3)), np.zeros(3))
+    with pytest.raises(DataError, match="expected N x 1 x 2 x 3"):
+        layer.set_input_arrays(np.zeros((2, 3, 2, 3)), np.zeros(2))
+    with pytest.raises(CaffeError, match="positive"):
+        layer_from('type: "MemoryData" top: "data" top: "label" memory_data_param { batch_size: 2 }')
+
+
+def test_window_data_is_refused_with_advice():
+    with pytest.raises(CaffeError, match="not supported") as e:
+        layer_from('type: "WindowData" top: "data" top: "label" window_data_param { source: "w" }')
+    assert "ImageData" in str(e.value)
+
+
+# -- bad inputs --------------------------------------------------------------------------------
+def test_missing_source_names_path_and_the_creating_command(tmp_path):
+    with pytest.raises(DataError) as e:
+        data_layer(str(tmp_path / "train_lmdb"))
+    assert "train_lmdb" in str(e.value) and "convert_imageset" in str(e.value)
+    with pytest.raises(DataError, match="image list") as e:
+        image_layer(str(tmp_path / "list.txt"))
+
+
+def test_corrupt_record_names_the_key(tmp_path):
+    arrays = [np.full((1, 4, 4), i, np.uint8) for i in range(6)]
+    write_lmdb(tmp_path / "db", arrays, range(6), corrupt={4})
+    layer = data_layer(str(tmp_path / "db"), batch_size=2)
+    layer(), layer()
+    with pytest.raises(DataError) as e:
+        layer()
+    assert "00000004_x" in str(e.value) and str(tmp_path / "db") in str(e.value)
+    layer.close()
+
+
+def test_records_of_different_sizes_in_one_batch(tmp_path):
+    arrays = [np.zeros((1, 4, 4), np.uint8), np.zeros((1, 5, 5), np.uint8)]
+    write_lmdb(tmp_path / "db", arrays, [0, 1])
+    layer = data_layer(str(tmp_path / "db"), batch_size=2)
+    with pytest.raises(DataError, match="batch_size: 1"):
+        layer()
+    layer.close()
+
+
+def test_bad_batch_size():
+    with pytest.raises(CaffeError, match="batch_size must be positive"):
+        layer_from('type: "Data" top: "data" data_param { source: "x" }')
