@@ -643,6 +643,26 @@ class Net(nn.Module):
                 self._values.pop(t, None)
                 self._diffs.pop(t, None)
 
+    def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
+        """Feed a MemoryData layer from numpy arrays (pycaffe ``net.set_input_arrays``).
+
+        Like pycaffe, the net's first layer must be a MemoryData layer.
+        """
+        first = self._steps[0].layer if self._steps else None
+        if first is None or first.type != "MemoryData":
+            raise NetError("set_input_arrays needs a MemoryData layer as the first layer",
+                           self.source, "use net.blobs[...].data for Input layers")
+        first.set_input_arrays(data, labels)
+
+    @property
+    def batch_indices(self) -> Optional[torch.Tensor]:
+        """Record indices of the samples in the current batch (from the first data layer)."""
+        for step in self._steps:
+            idx = getattr(step.layer, "last_indices", None)
+            if idx is not None:
+                return idx
+        return None
+
     # ------------------------------------------------------------------ weights
     def _param_lists(self) -> Dict[str, List[nn.Parameter]]:
         return {n: list(v.module.blobs) for n, v in self._views.items() if v.module.blobs}

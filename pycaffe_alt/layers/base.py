@@ -123,6 +123,15 @@ class Layer(nn.Module):
             tops = (tops,)
         return [tuple(t.shape) for t in tops]
 
+    def canonical_axis(self, axis: int, ndim: int, what: str = "axis") -> int:
+        """Caffe's ``Blob::CanonicalAxisIndex``: negative axes count from the end; an axis
+        outside ``[-ndim, ndim)`` is an error naming this layer."""
+        axis = int(axis)
+        if not -ndim <= axis < max(ndim, 1):
+            raise self.error(f"{what} {axis} is out of range for a {ndim}-axis bottom",
+                             f"use an axis in [{-ndim}, {ndim - 1}]")
+        return axis + ndim if axis < 0 else axis
+
     def allow_force_backward(self, bottom_index: int) -> bool:
         """Caffe's ``AllowForceBackward``: loss layers never push gradients into labels."""
         return not self.is_loss or bottom_index != 1

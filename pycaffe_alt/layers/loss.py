@@ -73,11 +73,6 @@ def with_caffe_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.T
     return value.detach() + (surrogate - surrogate.detach())
 
 
-def canonical_axis(axis: int, ndim: int) -> Optional[int]:
-    """Caffe's CanonicalAxisIndex: negative axes count from the end; None when out of range."""
-    a = axis + ndim if axis < 0 else axis
-    return a if 0 <= a < ndim else None
-
 
 def legacy_dim(shape: Shape, index: int) -> int:
     """Caffe's num()/channels()/height()/width(): axes past the last one count as 1."""
@@ -149,11 +144,7 @@ class SoftmaxWithLoss(LossLayer):
         super().__init__(param, bottom_shapes, ctx)
         s0 = tuple(bottom_shapes[0])
         axis = param.softmax_param.axis
-        a = canonical_axis(axis, len(s0))
-        if a is None:
-            raise self.error(f"axis {axis} is out of range for a bottom of shape {s0}",
-                             f"use an axis in [-{len(s0)}, {len(s0) - 1}]")
-        self.axis = a
+        a = self.axis = self.canonical_axis(axis, len(s0))
         outer, inner = _prod(s0[:a]), _prod(s0[a + 1:])
         n_labels = _prod(bottom_shapes[1])
         if outer * inner != n_labels:
@@ -413,10 +404,7 @@ class Accuracy(Layer):
         super().__init__(param, bottom_shapes, ctx)
         ap = param.accuracy_param
         s0 = tuple(bottom_shapes[0])
-        a = canonical_axis(ap.axis, len(s0))
-        if a is None:
-            raise self.error(f"axis {ap.axis} is out of range for a bottom of shape {s0}",
-                             f"use an axis in [-{len(s0)}, {len(s0) - 1}]")
+        a = self.canonical_axis(ap.axis, len(s0))
         self.axis, self.top_k, self.n_tops = a, int(ap.top_k), max(len(param.top), 1)
         self.ignore_label = int(ap.ignore_label) if ap.HasField("ignore_label") else None
         n_labels = _prod(bottom_shapes[1])

@@ -21,13 +21,6 @@ from .base import Layer, Shape
 
 
 # -- shared helpers ----------------------------------------------------------------------------
-def canonical_axis(layer: Layer, axis: int, num_axes: int, what: str = "axis") -> int:
-    """Caffe's ``CanonicalAxisIndex``: -num_axes <= axis < num_axes, negatives count from the end."""
-    if not -num_axes <= axis < num_axes:
-        raise layer.error(f"{what} {axis} is out of range for a {num_axes}-axis bottom",
-                          f"use an axis in [{-num_axes}, {num_axes - 1}]")
-    return axis + num_axes if axis < 0 else axis
-
 
 def count(shape: Sequence[int], start: int = 0, end: Optional[int] = None) -> int:
     """Product of ``shape[start:end]`` (Caffe's ``Blob::count(start, end)``)."""
@@ -45,7 +38,7 @@ def legacy_or_axis(layer: Layer, p, legacy_field: str, num_axes: int) -> int:
             raise layer.error(f"{legacy_field} {legacy} is out of range for a {num_axes}-axis bottom",
                               f"use a value below {num_axes}")
         return legacy
-    return canonical_axis(layer, int(p.axis), num_axes)
+    return layer.canonical_axis(int(p.axis), num_axes)
 
 
 def caffe_topk(x: torch.Tensor, dim: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +90,7 @@ class InnerProduct(Layer):
         self.num_output = int(p.num_output)
         if self.num_output <= 0:
             raise self.error("needs num_output > 0", "set inner_product_param { num_output: N }")
-        self.axis = canonical_axis(self, int(p.axis), len(shape))
+        self.axis = self.canonical_axis(int(p.axis), len(shape))
         self.K = count(shape, self.axis)
         self.transpose = bool(p.transpose)
         self.bias_term = bool(p.bias_term)
@@ -336,8 +329,8 @@ class Flatten(Layer):
 
     def _axes(self, num_axes: int) -> Tuple[int, int]:
         p = self.param.flatten_param
-        start = canonical_axis(self, int(p.axis), num_axes)
-        end = canonical_axis(self, int(p.end_axis), num_axes, "end_axis")
+        start = self.canonical_axis(int(p.axis), num_axes)
+        end = self.canonical_axis(int(p.end_axis), num_axes, "end_axis")
         if end < start:
             raise self.error(f"end_axis {p.end_axis} comes before axis {p.axis}",
                              "end_axis must not precede axis")
@@ -432,7 +425,7 @@ class Crop(Layer):
         super().__init__(param, bottom_shapes, ctx)
         p = param.crop_param
         n = len(bottom_shapes[0])
-        self.axis = canonical_axis(self, int(p.axis), n)
+        self.axis = self.canonical_axis(int(p.axis), n)
         self.offsets = [int(o) for o in p.offset]
         if len(self.offsets) > 1 and self.axis + len(self.offsets) != n:
             raise self.error(f"has {len(self.offsets)} offsets for the {n - self.axis} axes from "
@@ -473,7 +466,7 @@ class Tile(Layer):
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
         p = param.tile_param
-        self.axis = canonical_axis(self, int(p.axis), len(bottom_shapes[0]))
+        self.axis = self.canonical_axis(int(p.axis), len(bottom_shapes[0]))
         if not p.HasField("tiles") or p.tiles <= 0:
             raise self.error("needs a positive number of tiles", "set tile_param { tiles: T }")
         self.tiles = int(p.tiles)
@@ -505,10 +498,10 @@ class Reduction(Layer):
         if self.op not in (self.SUM, self.ASUM, self.SUMSQ, self.MEAN):
             raise self.error(f"unknown reduction operation {self.op}", "use SUM, ASUM, SUMSQ or MEAN")
         self.coeff = float(p.coeff)
-        canonical_axis(self, int(p.axis), len(bottom_shapes[0]))
+        self.canonical_axis(int(p.axis), len(bottom_shapes[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis = canonical_axis(self, int(self.param.reduction_param.axis), x.dim())
+        axis = self.canonical_axis(int(self.param.reduction_param.axis), x.dim())
         rows = x.reshape(tuple(x.shape[:axis]) + (-1,))
         if self.op == self.ASUM:
             y = rows.abs().sum(-1)
@@ -540,7 +533,7 @@ class ArgMax(Layer):
         shape = tuple(bottom_shapes[0])
         self.out_max_val = bool(p.out_max_val)
         self.top_k = int(p.top_k)
-        self.axis = canonical_axis(self, int(p.axis), len(shape)) if p.HasField("axis") else None
+        self.axis = self.canonical_axis(int(p.axis), len(shape)) if p.HasField("axis") else None
         if self.top_k < 1:
             raise self.error("top_k must be at least 1", "set argmax_param { top_k: 1 } or more")
         self._check_k(shape)
