@@ -1,0 +1,217 @@
+"""The pycaffe Net surface and the nn.Module view of the same net."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pycaffe_alt as caffe
+from pycaffe_alt.errors import NetError
+from pycaffe_alt.prototxt import parse_text
+from pycaffe_alt.proto import caffe_pb2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENET = os.path.join(ROOT, "tests", "fixtures", "golden", "nets", "lenet_loss")
+
+STAGED = """
+name: "staged"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "deploy_only" type: "ReLU" bottom: "ip" top: "r" include { stage: "deploy" } }
+layer { name: "train_only" type: "TanH" bottom: "ip" top: "t" include { phase: TRAIN } }
+layer { name: "lvl" type: "Sigmoid" bottom: "ip" top: "s" include { min_level: 2 } }
+layer { name: "not_x" type: "AbsVal" bottom: "ip" top: "a" exclude { stage: "x" } }
+"""
+
+
+def net_from_text(text, phase=caffe.TEST, **kw):
+    return caffe.Net(parse_text(text, caffe_pb2.NetParameter()), phase, **kw)
+
+
+@pytest.fixture
+def lenet():
+    return caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
+                     caffe.TRAIN)
+
+
+def test_pycaffe_constructor_signatures():
+    p = os.path.join(LENET, "net.prototxt")
+    w = os.path.join(LENET, "weights.caffemodel")
+    a = caffe.Net(p, w, caffe.TEST)
+    b = caffe.Net(p, caffe.TEST, weights=w)
+    np.testing.assert_array_equal(a.params["conv1"][0].data, b.params["conv1"][0].data)
+    with pytest.raises(TypeError):
+        caffe.Net(p)
+
+
+def test_netstate_filtering_phase_stage_level():
+    names = lambda n: [l.name for l in n.layers]  # noqa: E731
+    assert names(net_from_text(STAGED)) == ["data", "ip", "not_x"]
+    assert names(net_from_text(STAGED, caffe.TRAIN)) == ["data", "ip", "train_only", "not_x"]
+    assert "deploy_only" in names(net_from_text(STAGED, stages=["deploy"]))
+    assert "not_x" not in names(net_from_text(STAGED, stages=["x"]))
+    assert "lvl" in names(net_from_text(STAGED, level=2))
+
+
+def test_blobs_data_and_diff_write_through(lenet):
+    blob = lenet.blobs["data"]
+    assert blob.shape == (2, 1, 28, 28) and blob.count == 2 * 28 * 28
+    assert (blob.num, blob.channels, blob.height, blob.width) == (2, 1, 28, 28)
+    held = blob.data  # pycaffe habit: keep the array, write into it, run
+    held[...] = 0.5
+    lenet.blobs["label"].data[...] = [1, 3]
+    lenet.forward()
+    assert np.all(lenet._values["data"].detach().numpy() == 0.5)
+    lenet.blobs["conv1"].diff[...] = 2.0
+    assert float(lenet._diffs["conv1"].mean()) == 2.0
+
+
+def test_params_write_through_changes_output(lenet):
+    lenet.blobs["data"].data[...] = np.random.rand(2, 1, 28, 28)
+    lenet.forward()
+    before = lenet.blobs["ip2"].data.copy()
+    lenet.params["ip2"][1].data[...] += 1.0
+    lenet.forward()
+    np.testing.assert_allclose(lenet.blobs["ip2"].data, before + 1.0, rtol=1e-5)
+
+
+def test_loss_diff_starts_at_loss_weight(lenet):
+    assert lenet.blob_loss_weights["loss"] == 1.0
+    assert float(lenet.blobs["loss"].diff) == 1.0
+
+
+def test_reshape_propagates(lenet):
+    lenet.blobs["data"].reshape(5, 1, 28, 28)
+    lenet.blobs["label"].reshape(5)
+    lenet.reshape()
+    assert lenet.blobs["ip2"].shape == (5, 10)
+    lenet.blobs["data"].data[...] = 0
+    lenet.forward()
+    assert lenet.blobs["ip2"].data.shape == (5, 10)
+
+
+def test_forward_kwargs_start_end_and_blobs(lenet):
+    x = np.random.rand(2, 1, 28, 28).astype(np.float32)
+    out = lenet.forward(data=x, label=np.array([0, 1]))
+    assert set(out) == {"loss"}
+    part = lenet.forward(end="pool1")
+    assert list(part) == ["pool1"]
+    rest = lenet.forward(start="conv2", blobs=["ip1"])
+    assert set(rest) == {"loss", "ip1"}
+    with pytest.raises(NetError, match="no layer named"):
+        lenet.forward(end="nope")
+    with pytest.raises(NetError, match="batch size"):
+        lenet.forward(data=np.zeros((3, 1, 28, 28)))
+
+
+def test_backward_matches_autograd_and_accumulates(lenet):
+    x = np.random.rand(2, 1, 28, 28).astype(np.float32)
+    lenet.forward(data=x, label=np.array([2, 7]))
+    diffs = lenet.backward()
+    assert set(diffs) == {"data", "label"}
+    g1 = lenet.params["conv1"][0].diff.copy()
+    # The same gradient by plain autograd on the tensor path.
+    ref = caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
+                    caffe.TRAIN)
+    outs = ref(data=torch.from_numpy(x), label=torch.tensor([2.0, 7.0]))
+    ref.loss({**ref._values, **outs}).backward()
+    np.testing.assert_allclose(g1, ref.params["conv1"][0].diff, rtol=1e-5, atol=1e-7)
+    assert np.abs(lenet.blobs["data"].diff).sum() > 0  # force_backward: input diffs exist
+    lenet.forward()
+    lenet.backward()  # Caffe accumulates parameter diffs until the solver clears them
+    np.testing.assert_allclose(lenet.params["conv1"][0].diff, 2 * g1, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_all_batches_and_trims():
+    net = caffe.Net(os.path.join(ROOT, "models", "lenet", "deploy.prototxt"), caffe.TEST)
+    net.blobs["data"].reshape(4, 1, 28, 28)
+    net.reshape()
+    x = np.random.rand(10, 1, 28, 28).astype(np.float32)
+    out = net.forward_all(data=x)
+    assert out["prob"].shape == (10, 10)
+    single = net.forward(data=np.concatenate([x[8:10], x[:2]]))
+    np.testing.assert_allclose(out["prob"][8:10], single["prob"][:2], rtol=1e-5)
+
+
+def test_save_copy_from_roundtrip(tmp_path, lenet):
+    path = str(tmp_path / "m.caffemodel")
+    lenet.params["ip1"][0].data[...] = 0.25
+    lenet.save(path)
+    other = caffe.Net(os.path.join(LENET, "net.prototxt"), caffe.TEST)
+    other.copy_from(path)
+    assert np.all(other.params["ip1"][0].data == 0.25)
+
+
+def test_share_with_uses_the_same_tensors(lenet):
+    other = caffe.Net(os.path.join(LENET, "net.prototxt"), caffe.TEST)
+    other.share_with(lenet)
+    lenet.params["conv1"][0].data[...] = 3.0
+    assert np.all(other.params["conv1"][0].data == 3.0)
+
+
+def test_names_and_views(lenet):
+    assert lenet._layer_names[:3] == ["data", "label", "conv1"]
+    assert lenet.layer_dict["conv1"].type == "Convolution"
+    assert len(lenet.layers[2].blobs) == 2 and lenet.layers[2].blobs[0].shape == (20, 1, 5, 5)
+    assert lenet.inputs == ["data", "label"]
+    assert lenet.outputs == ["loss"]
+    assert lenet.top_names["conv1"] == ["conv1"] and lenet.bottom_names["loss"] == ["ip2", "label"]
+    assert "SoftmaxWithLoss" in caffe.layer_type_list()
+
+
+def test_is_an_nn_module_with_layer_named_state_dict(lenet):
+    assert isinstance(lenet, torch.nn.Module)
+    keys = list(lenet.state_dict())
+    assert keys[:4] == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
+    opt = torch.optim.SGD(lenet.parameters(), lr=0.01)
+    x = torch.rand(2, 1, 28, 28)
+    y = torch.tensor([1.0, 2.0])
+    first = None
+    for _ in range(5):
+        opt.zero_grad()
+        out = lenet(data=x, label=y)
+        out["loss"].backward()
+        opt.step()
+        first = first if first is not None else float(out["loss"].detach())
+    assert float(lenet(data=x, label=y)["loss"].detach()) < first
+
+
+def test_param_sharing_by_name_and_mismatch():
+    text = """
+    layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 1 dim: 3 } } }
+    layer { name: "p" type: "InnerProduct" bottom: "a" top: "p" param { name: "w" } inner_product_param { num_output: 2 } }
+    layer { name: "q" type: "InnerProduct" bottom: "a" top: "q" param { name: "w" } inner_product_param { num_output: %d } }
+    """
+    net = net_from_text(text % 2)
+    assert net.layer_dict["p"].module.weight is net.layer_dict["q"].module.weight
+    assert len(net.learnable_params) == 3  # shared weight once, two biases
+    with pytest.raises(NetError, match="cannot share param 'w'"):
+        net_from_text(text % 3)
+
+
+def test_duplicate_top_and_layer_names_are_errors():
+    with pytest.raises(NetError, match="more than one layer"):
+        net_from_text("""
+        layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 1 } } }
+        layer { name: "b" type: "AbsVal" bottom: "a" top: "x" }
+        layer { name: "c" type: "AbsVal" bottom: "a" top: "x" }""")
+    with pytest.raises(NetError, match="duplicate layer name"):
+        net_from_text("""
+        layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 1 } } }
+        layer { name: "a" type: "AbsVal" bottom: "a" top: "x" }""")
+
+
+def test_lr_mult_zero_param_gets_no_gradient():
+    net = net_from_text("""
+    force_backward: false
+    layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "y" type: "Input" top: "y" input_param { shape { dim: 2 dim: 2 } } }
+    layer { name: "p" type: "InnerProduct" bottom: "a" top: "p" param { lr_mult: 0 } param { lr_mult: 1 }
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 1 } } }
+    layer { name: "l" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "l" }""", caffe.TRAIN)
+    net.blobs["a"].data[...] = 1
+    net.forward()
+    net.backward()
+    assert np.all(net.params["p"][0].diff == 0) and np.any(net.params["p"][1].diff != 0)
+    assert np.all(net.blobs["a"].diff == 0)  # no force_backward: inputs get no diff
