@@ -1,0 +1,108 @@
+"""Caffe's ``Datum`` record: conversion to and from numpy arrays, and decoding of encoded images.
+
+A Datum holds one C x H x W example: raw uint8 pixels in ``data``, or floats in ``float_data``, or
+(``encoded: true``) a whole JPEG/PNG file in ``data`` with no shape fields. Pixels of colour
+images are in OpenCV's BGR order, as Caffe's tools write them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..errors import DataError
+from ..proto import caffe_pb2
+
+
+def array_to_datum(arr: np.ndarray, label: Optional[int] = None) -> "caffe_pb2.Datum":
+    """A C x H x W array as a Datum: uint8 goes to ``data`` as bytes, anything else to ``float_data``.
+
+    Same layout as pycaffe's ``caffe.io.array_to_datum``.
+    """
+    arr = np.asarray(arr)
+    if arr.ndim != 3:
+        raise DataError(f"a Datum holds a 3-D (channels, height, width) array, got shape {arr.shape}",
+                        hint="add the channel axis, e.g. arr[None] for a grey H x W image")
+    datum = caffe_pb2.Datum()
+    datum.channels, datum.height, datum.width = (int(n) for n in arr.shape)
+    if arr.dtype == np.uint8:
+        datum.data = np.ascontiguousarray(arr).tobytes()
+    else:
+        datum.float_data.extend(np.asarray(arr, dtype=np.float64).ravel().tolist())
+    if label is not None:
+        datum.label = int(label)
+    return datum
+
+
+def decode_datum(datum: "caffe_pb2.Datum", force_color: bool = False, force_gray: bool = False,
+                 where: str = "Datum") -> np.ndarray:
+    """Decode an ``encoded`` Datum to a C x H x W uint8 array (BGR for colour), as Caffe does.
+
+    Without force flags Caffe decodes with the image's own channels (``DecodeDatumToCVMatNative``,
+    OpenCV's IMREAD_UNCHANGED: a grey PNG stays 1 channel); ``force_color`` / ``force_gray``
+    decode to 3 / 1 channels (``DecodeDatumToCVMat``), as transform_param's flags do.
+    """
+    import cv2
+
+    if force_color and force_gray:
+        raise DataError("cannot force both colour and grey decoding", where=where,
+                        hint="set at most one of force_color / force_gray")
+    if force_color:
+        flag = cv2.IMREAD_COLOR
+    elif force_gray:
+        flag = cv2.IMREAD_GRAYSCALE
+    else:
+        flag = cv2.IMREAD_UNCHANGED
+    img = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), flag)
+    if img is None:
+        raise DataError("the encoded image in this record cannot be decoded (not a JPEG/PNG "
+                        "OpenCV can read, or truncated)", where=where,
+                        hint="re-create the database with convert_imageset --encoded")
+    if img.dtype != np.uint8:
+        # Caffe's CVMatToDatum CHECKs for 8-bit images; 16-bit PNGs are refused the same way.
+        raise DataError(f"the encoded image is {img.dtype}, Caffe only reads 8-bit images",
+                        where=where, hint="convert the image to 8 bits per channel")
+    return hwc_to_chw(img)
+
+
+def hwc_to_chw(img: np.ndarray) -> np.ndarray:
+    """OpenCV's H x W (x C) image as a contiguous C x H x W array (Caffe's CVMatToDatum layout)."""
+    if img.ndim == 2:
+        return np.ascontiguousarray(img[None])
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def datum_to_array(datum: "caffe_pb2.Datum", where: str = "Datum") -> np.ndarray:
+    """The C x H x W pixels of a Datum: uint8 for ``data``, float32 for ``float_data``.
+
+    An encoded Datum is decoded with its own channel count, as Caffe's ``DecodeDatumNative``.
+    """
+    if datum.encoded:
+        return decode_datum(datum, where=where)
+    shape = (datum.channels, datum.height, datum.width)
+    size = shape[0] * shape[1] * shape[2]
+    if len(datum.data):
+        if len(datum.data) != size:
+            raise DataError(f"the record holds {len(datum.data)} bytes but its shape "
+                            f"{shape[0]}x{shape[1]}x{shape[2]} needs {size}", where=where,
+                            hint="the database is corrupt or was written by another tool; re-create it")
+        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape)
+    if len(datum.float_data) != size:
+        raise DataError(f"the record holds {len(datum.float_data)} floats but its shape "
+                        f"{shape[0]}x{shape[1]}x{shape[2]} needs {size}", where=where,
+                        hint="the database is corrupt or was written by another tool; re-create it")
+    return np.asarray(datum.float_data, dtype=np.float32).reshape(shape)
+
+
+def parse_datum(value: bytes, where: str) -> "caffe_pb2.Datum":
+    """Parse serialized Datum bytes; ``where`` (e.g. "train_lmdb key '00000007'") names the record."""
+    from google.protobuf.message import DecodeError
+
+    datum = caffe_pb2.Datum()
+    try:
+        datum.ParseFromString(bytes(value))
+    except (DecodeError, ValueError, TypeError) as e:
+        raise DataError(f"record is not a Caffe Datum ({e})", where=where,
+                        hint="the database is corrupt or holds something else; re-create it with "
+                             "convert_imageset / convert_mnist") from None
+    return datum

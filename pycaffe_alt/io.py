@@ -1,0 +1,280 @@
+"""pycaffe's ``caffe.io``: array <-> proto conversion, image loading, and the input ``Transformer``.
+
+Behaves like BVLC Caffe's python/caffe/io.py (same functions, arguments and results) without its
+scikit-image dependency: images load with Pillow; resizing uses scikit-image when it is installed
+(identical results) and otherwise OpenCV's bilinear resize (scipy's zoom for channel counts other
+than 1 and 3, as pycaffe), which can differ from scikit-image by a fraction of a grey level near the
+borders and when shrinking (skimage then smooths first).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .data import datum as _datum
+from .errors import DataError
+from .proto import caffe_pb2
+
+
+# --- proto / datum / ndarray conversion ---------------------------------------------------------
+
+def blobproto_to_array(blob: "caffe_pb2.BlobProto", return_diff: bool = False) -> np.ndarray:
+    """The data (or diff) of a BlobProto as an array, shaped by its legacy 4-D fields if set."""
+    values = np.array(blob.diff if return_diff else blob.data)
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        return values.reshape(blob.num, blob.channels, blob.height, blob.width)
+    return values.reshape(tuple(blob.shape.dim))
+
+
+def array_to_blobproto(arr: np.ndarray, diff: Optional[np.ndarray] = None) -> "caffe_pb2.BlobProto":
+    """An N-D array (and optional diff of the same shape) as a BlobProto with ``shape`` set."""
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend(int(n) for n in arr.shape)
+    blob.data.extend(np.asarray(arr, dtype=np.float64).ravel().tolist())
+    if diff is not None:
+        blob.diff.extend(np.asarray(diff, dtype=np.float64).ravel().tolist())
+    return blob
+
+
+def arraylist_to_blobprotovector_str(arraylist: Iterable[np.ndarray]) -> bytes:
+    """Serialized BlobProtoVector of the arrays."""
+    vec = caffe_pb2.BlobProtoVector()
+    vec.blobs.extend(array_to_blobproto(a) for a in arraylist)
+    return vec.SerializeToString()
+
+
+def blobprotovector_str_to_arraylist(data: bytes) -> List[np.ndarray]:
+    """Arrays of a serialized BlobProtoVector."""
+    vec = caffe_pb2.BlobProtoVector()
+    vec.ParseFromString(data)
+    return [blobproto_to_array(b) for b in vec.blobs]
+
+
+def array_to_datum(arr: np.ndarray, label: Optional[int] = None) -> "caffe_pb2.Datum":
+    """A C x H x W array as a Datum (uint8 -> ``data`` bytes, otherwise ``float_data``)."""
+    return _datum.array_to_datum(arr, label)
+
+
+def datum_to_array(datum: "caffe_pb2.Datum") -> np.ndarray:
+    """C x H x W pixels of a Datum: uint8 for byte data, float64 for float_data (as pycaffe).
+
+    Unlike pycaffe, an encoded Datum is decoded (with its own channel count, as Caffe's layers).
+    """
+    arr = _datum.datum_to_array(datum)
+    return arr if arr.dtype == np.uint8 else arr.astype(np.float64)
+
+
+# --- image IO -----------------------------------------------------------------------------------
+
+def _rgb_to_gray(img: np.ndarray) -> np.ndarray:
+    # scikit-image's rgb2gray weights (ITU-R BT.709 luma), which pycaffe's as_grey load used.
+    return img[..., 0] * 0.2125 + img[..., 1] * 0.7154 + img[..., 2] * 0.0721
+
+
+def load_image(filename: str, color: bool = True) -> np.ndarray:
+    """An image file as float32 in [0, 1]: H x W x 3 RGB (``color``) or H x W x 1 intensity.
+
+    Grey files are repeated to 3 channels when ``color``; an alpha channel is dropped.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(filename) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                img = np.asarray(im, dtype=np.float64) / 65535.0
+            elif im.mode == "F":
+                img = np.asarray(im, dtype=np.float64)
+            else:
+                if im.mode == "1" or im.mode == "LA":
+                    im = im.convert("L")
+                elif im.mode == "P":
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                elif im.mode not in ("L", "RGB", "RGBA"):
+                    im = im.convert("RGB")
+                img = np.asarray(im, dtype=np.float64) / 255.0
+    except FileNotFoundError:
+        raise DataError("no such image file", where=str(filename)) from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"cannot read the image ({e})", where=str(filename)) from None
+    if not color and img.ndim == 3:
+        img = _rgb_to_gray(img)
+    img = img.astype(np.float32)
+    if img.ndim == 2:
+        img = img[:, :, None]
+        if color:
+            img = np.tile(img, (1, 1, 3))
+    elif img.shape[2] == 4:
+        img = img[:, :, :3]
+    return img
+
+
+def _resize_unit(im: np.ndarray, new_dims: Tuple[int, int], interp_order: int) -> np.ndarray:
+    """Resize an H x W x K image with values in [0, 1] (pycaffe normalises before resizing)."""
+    try:
+        from skimage.transform import resize
+    except ImportError:
+        resize = None
+    if resize is not None:
+        return resize(im, new_dims, order=interp_order, mode="constant")
+    import cv2
+
+    interp = cv2.INTER_NEAREST if interp_order == 0 else \
+        cv2.INTER_LINEAR if interp_order == 1 else cv2.INTER_CUBIC
+    out = cv2.resize(im.astype(np.float32), (int(new_dims[1]), int(new_dims[0])),
+                     interpolation=interp)
+    return np.clip(out.reshape(int(new_dims[0]), int(new_dims[1]), im.shape[-1]), 0.0, 1.0)
+
+
+def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1) -> np.ndarray:
+    """Resize an H x W x K image to ``new_dims`` = (height, width); float32, K kept."""
+    new_dims = (int(new_dims[0]), int(new_dims[1]))
+    if im.shape[-1] in (1, 3):
+        im_min, im_max = im.min(), im.max()
+        if im_max <= im_min:
+            # A constant image stays constant (and avoids dividing by zero below).
+            return np.full(new_dims + (im.shape[-1],), im_min, dtype=np.float32)
+        unit = (im - im_min) / (im_max - im_min)
+        resized = _resize_unit(unit, new_dims, interp_order) * (im_max - im_min) + im_min
+    else:
+        from scipy.ndimage import zoom
+
+        scale = tuple(np.array(new_dims, dtype=float) / np.array(im.shape[:2]))
+        resized = zoom(im, scale + (1,), order=interp_order)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def oversample(images: Sequence[np.ndarray], crop_dims: Sequence[int]) -> np.ndarray:
+    """10 crops per H x W x K image: 4 corners and centre, then their mirrors; (10N) x h x w x K."""
+    im_shape = np.array(images[0].shape)
+    crop_h, crop_w = int(crop_dims[0]), int(crop_dims[1])
+    # Centre crop start, truncated toward zero like pycaffe's float-to-int store.
+    cy = int(im_shape[0] / 2.0 - crop_h / 2.0)
+    cx = int(im_shape[1] / 2.0 - crop_w / 2.0)
+    starts = [(0, 0), (0, im_shape[1] - crop_w), (im_shape[0] - crop_h, 0),
+              (im_shape[0] - crop_h, im_shape[1] - crop_w), (cy, cx)]
+    crops = np.empty((10 * len(images), crop_h, crop_w, im_shape[-1]), dtype=np.float32)
+    ix = 0
+    for im in images:
+        for y, x in starts:
+            crops[ix] = im[y:y + crop_h, x:x + crop_w, :]
+            ix += 1
+        crops[ix:ix + 5] = crops[ix - 5:ix, :, ::-1, :]
+        ix += 5
+    return crops
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+class Transformer:
+    """Prepares images for a net's inputs (and undoes it), as pycaffe's ``caffe.io.Transformer``.
+
+    ``inputs`` maps input blob names to their shapes (N, K, H, W), e.g.
+    ``{name: net.blobs[name].data.shape}``. ``preprocess`` applies, in order: float32, resize to
+    H x W, transpose, channel swap, raw scale, mean subtraction, input scale.
+    """
+
+    def __init__(self, inputs: Dict[str, Sequence[int]]):
+        self.inputs = {k: tuple(v) for k, v in inputs.items()}
+        self.transpose: Dict[str, Sequence[int]] = {}
+        self.channel_swap: Dict[str, Sequence[int]] = {}
+        self.raw_scale: Dict[str, float] = {}
+        self.mean: Dict[str, np.ndarray] = {}
+        self.input_scale: Dict[str, float] = {}
+
+    def _check_input(self, in_: str) -> None:
+        if in_ not in self.inputs:
+            raise DataError(f"'{in_}' is not one of the net inputs: {sorted(self.inputs)}",
+                            where="Transformer", hint="use a name passed in the inputs dict")
+
+    def preprocess(self, in_: str, data: np.ndarray) -> np.ndarray:
+        """H' x W' x K image -> K x H x W float32 array for input ``in_``."""
+        self._check_input(in_)
+        # Our own float32 copy: the in-place steps below keep float32 (as pycaffe's do) without
+        # touching the caller's array.
+        caffe_in = np.array(data, dtype=np.float32, copy=True)
+        in_dims = self.inputs[in_][2:]
+        if caffe_in.shape[:2] != in_dims:
+            caffe_in = resize_image(caffe_in, in_dims)
+        if in_ in self.transpose:
+            caffe_in = caffe_in.transpose(self.transpose[in_])
+        if in_ in self.channel_swap:
+            caffe_in = caffe_in[list(self.channel_swap[in_]), :, :]
+        if self.raw_scale.get(in_) is not None:
+            caffe_in *= self.raw_scale[in_]
+        if self.mean.get(in_) is not None:
+            caffe_in -= self.mean[in_]
+        if self.input_scale.get(in_) is not None:
+            caffe_in *= self.input_scale[in_]
+        return caffe_in
+
+    def deprocess(self, in_: str, data: np.ndarray) -> np.ndarray:
+        """Undo :meth:`preprocess` (except the resize) for a K x H x W (or 1 x K x H x W) array."""
+        self._check_input(in_)
+        decaf_in = np.array(data, copy=True).squeeze()
+        if self.input_scale.get(in_) is not None:
+            decaf_in /= self.input_scale[in_]
+        if self.mean.get(in_) is not None:
+            decaf_in += self.mean[in_]
+        if self.raw_scale.get(in_) is not None:
+            decaf_in /= self.raw_scale[in_]
+        if in_ in self.channel_swap:
+            decaf_in = decaf_in[np.argsort(self.channel_swap[in_]), :, :]
+        if in_ in self.transpose:
+            decaf_in = decaf_in.transpose(np.argsort(self.transpose[in_]))
+        return decaf_in
+
+    def set_transpose(self, in_: str, order: Sequence[int]) -> None:
+        """Dimension order, e.g. (2, 0, 1) turns H x W x K into K x H x W."""
+        self._check_input(in_)
+        if len(order) != len(self.inputs[in_]) - 1:
+            raise DataError(f"transpose order {tuple(order)} needs {len(self.inputs[in_]) - 1} "
+                            f"axes", where=f"Transformer input '{in_}'",
+                            hint="give one entry per axis of a single image, e.g. (2, 0, 1)")
+        self.transpose[in_] = order
+
+    def set_channel_swap(self, in_: str, order: Sequence[int]) -> None:
+        """Channel order after transposing, e.g. (2, 1, 0) turns RGB into BGR."""
+        self._check_input(in_)
+        if len(order) != self.inputs[in_][1]:
+            raise DataError(f"channel swap {tuple(order)} needs {self.inputs[in_][1]} entries "
+                            f"(the input's channels)", where=f"Transformer input '{in_}'")
+        self.channel_swap[in_] = order
+
+    def set_raw_scale(self, in_: str, scale: float) -> None:
+        """Scale applied before the mean, e.g. 255 for models trained on [0, 255] pixels."""
+        self._check_input(in_)
+        self.raw_scale[in_] = scale
+
+    def set_mean(self, in_: str, mean: np.ndarray) -> None:
+        """Mean to subtract: one value per channel (K,) or a K x H x W image (resized if needed)."""
+        self._check_input(in_)
+        mean = np.asarray(mean)
+        where = f"Transformer input '{in_}'"
+        if mean.ndim == 1:
+            if mean.shape[0] != self.inputs[in_][1]:
+                raise DataError(f"mean has {mean.shape[0]} channels, input has "
+                                f"{self.inputs[in_][1]}", where=where)
+            mean = mean[:, np.newaxis, np.newaxis]
+        else:
+            shape = mean.shape if mean.ndim != 2 else (1,) + mean.shape
+            if len(shape) != 3:
+                raise DataError(f"mean shape {mean.shape} is neither (K,) nor K x H x W",
+                                where=where)
+            if shape != self.inputs[in_][1:]:
+                # Resize the mean image to the input size, through [0, 1] as pycaffe does.
+                m_min, m_max = mean.min(), mean.max()
+                if m_max <= m_min:  # constant: nothing to interpolate (pycaffe divides by zero)
+                    self.mean[in_] = np.full((shape[0],) + tuple(self.inputs[in_][2:]), m_min,
+                                             dtype=np.float32)
+                    return
+                unit = (mean.reshape(shape) - m_min) / (m_max - m_min)
+                mean = resize_image(unit.transpose((1, 2, 0)), self.inputs[in_][2:]) \
+                    .transpose((2, 0, 1)) * (m_max - m_min) + m_min
+        self.mean[in_] = mean
+
+    def set_input_scale(self, in_: str, scale: float) -> None:
+        """Scale applied after the mean subtraction."""
+        self._check_input(in_)
+        self.input_scale[in_] = scale

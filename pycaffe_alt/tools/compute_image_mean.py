@@ -1,0 +1,78 @@
+"""compute_image_mean: the per-pixel mean of every record in a database, as a BlobProto.
+
+    compute_image_mean [--backend lmdb] INPUT_DB [OUTPUT_FILE]
+
+Follows Caffe's tools/compute_image_mean.cpp: encoded records are decoded with their own channels,
+the sum is kept in the BlobProto's float32 ``data`` (so it rounds like Caffe's), divided by the
+record count, and written with the legacy num=1/channels/height/width fields.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..data.datum import datum_to_array
+from ..data.db import open_db
+from ..errors import DataError
+from ..proto import caffe_pb2
+from .cli import parse_args, progress, run_main
+
+
+def mean_blob(db_path: str, backend: str = "lmdb") -> "caffe_pb2.BlobProto":
+    """Mean image of all records of the database as Caffe's BlobProto (num=1, C, H, W)."""
+    reader = open_db(db_path, backend, "r")
+    try:
+        total = None
+        shape = None
+        for i in progress(range(len(reader)), len(reader), "compute_image_mean"):
+            pixels = datum_to_array(reader.datum(i), where=reader.where(i))
+            if shape is None:
+                shape = pixels.shape
+                total = np.zeros(pixels.size, dtype=np.float32)
+            elif pixels.shape != shape:
+                raise DataError(f"record is {'x'.join(map(str, pixels.shape))} but the first is "
+                                f"{'x'.join(map(str, shape))}; a mean needs equal sizes",
+                                where=reader.where(i),
+                                hint="convert with --resize_height/--resize_width")
+            # float32 accumulation, one record at a time, as Caffe adds into BlobProto.data.
+            total += pixels.reshape(-1).astype(np.float32)
+        count = len(reader)
+    finally:
+        reader.close()
+    blob = caffe_pb2.BlobProto()
+    blob.num = 1
+    blob.channels, blob.height, blob.width = (int(n) for n in shape)
+    blob.data.extend((total / np.float32(count)).astype(np.float32).tolist())
+    return blob
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="compute_image_mean",
+                                description="Compute the mean image of a leveldb/lmdb.")
+    p.add_argument("input_db", metavar="INPUT_DB")
+    p.add_argument("output_file", metavar="OUTPUT_FILE", nargs="?",
+                   help="binaryproto to write (omitted: only print the channel means)")
+    p.add_argument("--backend", default="lmdb", help="lmdb (default) or leveldb")
+    args = parse_args(p, argv)
+    start = time.time()
+    blob = mean_blob(args.input_db, args.backend)
+    if args.output_file:
+        try:
+            with open(args.output_file, "wb") as f:
+                f.write(blob.SerializeToString())
+        except OSError as e:
+            raise DataError(f"cannot write ({e.strerror})", where=args.output_file) from None
+    mean = np.asarray(blob.data, dtype=np.float32).reshape(blob.channels, -1)
+    for c, value in enumerate(mean.mean(axis=1, dtype=np.float64)):
+        print(f"mean_value channel [{c}]: {value:g}")
+    print(f"compute_image_mean: {blob.channels}x{blob.height}x{blob.width} mean of "
+          f"{args.input_db}" + (f" written to {args.output_file}" if args.output_file else "")
+          + f" in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,143 @@
+"""convert_imageset: a folder of images + a list file -> LMDB/LevelDB of Datum records, as Caffe's tool.
+
+    convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME
+
+Each LISTFILE line is ``relative/path.jpg LABEL`` (the label after the last space; paths may contain
+spaces). Record keys are ``%08d_<path>`` with the line's position (after --shuffle), as Caffe writes
+them, so a skipped image leaves a gap in the numbering exactly as in Caffe.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import time
+from typing import List, Optional, Sequence, Tuple
+
+from ..data.db import normalize_backend, open_db
+from ..data.image import guess_encoding, image_to_datum
+from ..errors import DataError
+from .cli import add_bool_flag, parse_args, progress, run_main, warn
+
+_BOOL_FLAGS = ("gray", "shuffle", "check_size", "encoded")
+
+
+def read_list_file(path: str) -> List[Tuple[str, int]]:
+    """(relative filename, label) per non-blank line; a malformed line raises naming its number."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read the list file ({e.strerror})", where=path) from None
+    except UnicodeDecodeError:
+        raise DataError("the list file is not UTF-8 text", where=path) from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue  # blank lines (typically a trailing one) are not entries
+        # Caffe splits at the last space, so file names may contain spaces; tabs are accepted too.
+        name, _, label = line.rstrip().rpartition(" ")
+        if not name and "\t" in line:
+            name, _, label = line.rstrip().rpartition("\t")
+        try:
+            value = int(label)
+        except ValueError:
+            value = None
+        if not name.strip() or value is None:
+            raise DataError(f"malformed line {line!r}: expected 'FILENAME LABEL' with an integer "
+                            f"label", where=f"{path}:{number}",
+                            hint="one image per line: a path relative to ROOTFOLDER, a space, "
+                                 "the integer label")
+        entries.append((name.strip("\t"), value))
+    return entries
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert_imageset",
+        description="Convert a set of images to an LMDB/LevelDB of Caffe Datum records.")
+    p.add_argument("root_folder", metavar="ROOTFOLDER/",
+                   help="prefix joined to each listed file name (Caffe concatenates the strings: "
+                        "keep the trailing slash)")
+    p.add_argument("list_file", metavar="LISTFILE", help="lines of 'relative/path LABEL'")
+    p.add_argument("db_name", metavar="DB_NAME", help="database to create (must not exist)")
+    add_bool_flag(p, "gray", "treat images as grayscale (1 channel)")
+    add_bool_flag(p, "shuffle", "randomly shuffle the order of images and their labels")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for --shuffle (ours; Caffe's shuffle is unseeded)")
+    p.add_argument("--backend", default="lmdb", help="lmdb (default) or leveldb")
+    p.add_argument("--resize_width", type=int, default=0, help="width images are resized to")
+    p.add_argument("--resize_height", type=int, default=0, help="height images are resized to")
+    add_bool_flag(p, "check_size", "check that all images have the same size")
+    add_bool_flag(p, "encoded", "store the encoded image (the file bytes) in the Datum")
+    p.add_argument("--encode_type", default="",
+                   help="encode images as this type ('png', 'jpg', ...); implies --encoded")
+    return p
+
+
+def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
+            shuffle: bool = False, seed: int = 0, backend: str = "lmdb", resize_width: int = 0,
+            resize_height: int = 0, check_size: bool = False, encoded: bool = False,
+            encode_type: str = "") -> Tuple[int, List[str]]:
+    """Write the database; returns (records written, warnings for skipped images)."""
+    backend = normalize_backend(backend)
+    entries = read_list_file(list_file)
+    if shuffle:
+        random.Random(seed).shuffle(entries)
+    # Caffe: an encode_type alone means encoded output; negative sizes mean "no resize".
+    encoded = encoded or bool(encode_type)
+    resize_height, resize_width = max(0, resize_height), max(0, resize_width)
+    skipped: List[str] = []
+    first_shape = None
+    with open_db(db_name, backend, "w") as db:
+        for line_id, (name, label) in enumerate(progress(entries, len(entries), "convert_imageset")):
+            encoding = encode_type or (guess_encoding(name) if encoded else "")
+            path = root_folder + name  # Caffe concatenates ROOTFOLDER and the name as strings
+            try:
+                datum = image_to_datum(path, label, resize_height, resize_width, not gray, encoding)
+            except DataError as e:
+                message = f"skipping {name!r}: {e.message()}"
+                warn(message)
+                skipped.append(message)
+                continue
+            if check_size and not datum.encoded:
+                shape = (datum.channels, datum.height, datum.width)
+                if first_shape is None:
+                    first_shape = shape
+                elif shape != first_shape:
+                    raise DataError(f"image is {shape[0]}x{shape[1]}x{shape[2]} but the first one "
+                                    f"was {first_shape[0]}x{first_shape[1]}x{first_shape[2]} "
+                                    f"(--check_size)", where=path,
+                                    hint="resize with --resize_height/--resize_width")
+            db.put("%08d_%s" % (line_id, name), datum.SerializeToString())
+        written = db.count
+    return written, skipped
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(build_parser(), argv, _BOOL_FLAGS)
+    start = time.time()
+    existed = os.path.exists(args.db_name)  # then open_db refuses it and we must not delete it
+    try:
+        written, skipped = convert(args.root_folder, args.list_file, args.db_name, args.gray,
+                                   args.shuffle, args.seed, args.backend, args.resize_width,
+                                   args.resize_height, args.check_size, args.encoded,
+                                   args.encode_type)
+    except BaseException:
+        # Do not leave a half-written database that a later run would refuse to replace.
+        if not existed:
+            shutil.rmtree(args.db_name, ignore_errors=True)
+        raise
+    print(f"convert_imageset: wrote {written} records to {args.db_name}, skipped {len(skipped)} "
+          f"unreadable images, in {time.time() - start:.1f}s")
+    if written == 0:
+        shutil.rmtree(args.db_name, ignore_errors=True)
+        raise DataError("no image could be read, so no database was written", where=args.list_file,
+                        hint="check ROOTFOLDER (it is prefixed to each listed name) and the files")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,121 @@
+"""caffe.io-style API (pycaffe parity), the embedded MNIST subset, and the offline download check."""
+import os
+import shutil
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+import pycaffe_alt.io as cio
+from pycaffe_alt.errors import DataError
+from pycaffe_alt.proto import caffe_pb2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "fixtures", "golden", "data")
+
+
+def test_blobproto_round_trips_and_legacy_shape():
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    blob = cio.array_to_blobproto(arr, diff=-arr)
+    assert list(blob.shape.dim) == [2, 3, 4]
+    assert np.array_equal(cio.blobproto_to_array(blob), arr)
+    assert np.array_equal(cio.blobproto_to_array(blob, return_diff=True), -arr)
+    mean = caffe_pb2.BlobProto()
+    mean.ParseFromString(open(os.path.join(GOLDEN, "mnist_mean.binaryproto"), "rb").read())
+    assert cio.blobproto_to_array(mean).shape == (1, 1, 28, 28)  # Caffe's legacy num/channels/...
+    arrays = [arr, np.ones((5,), np.float32)]
+    back = cio.blobprotovector_str_to_arraylist(cio.arraylist_to_blobprotovector_str(arrays))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, back))
+
+
+def test_datum_conversion_like_pycaffe():
+    u8 = np.arange(12, dtype=np.uint8).reshape(1, 3, 4)
+    assert np.array_equal(cio.datum_to_array(cio.array_to_datum(u8, 2)), u8)
+    f = np.linspace(0, 1, 12).reshape(3, 2, 2)
+    out = cio.datum_to_array(cio.array_to_datum(f))
+    assert out.dtype == np.float64 and np.allclose(out, f)
+
+
+def test_load_image_rgb_float_and_grey():
+    path = os.path.join(GOLDEN, "photos", "HappyFish.jpg")
+    img = cio.load_image(path)
+    bgr = cv2.imread(path)
+    assert img.dtype == np.float32 and img.shape == bgr.shape
+    # Pillow and OpenCV may use different JPEG IDCTs: allow a couple of grey levels.
+    assert np.abs(img * 255 - bgr[:, :, ::-1]).max() <= 3
+    digit = os.path.join(GOLDEN, "digits", "d00512.png")
+    grey = cio.load_image(digit, color=False)
+    assert grey.shape == (28, 28, 1)
+    assert np.array_equal(np.round(grey[:, :, 0] * 255), cv2.imread(digit, cv2.IMREAD_GRAYSCALE))
+    colour = cio.load_image(digit)
+    assert colour.shape == (28, 28, 3) and np.array_equal(colour[..., 0], colour[..., 2])
+    with pytest.raises(DataError, match="nope.png"):
+        cio.load_image("nope.png")
+
+
+def test_resize_and_oversample():
+    img = np.random.default_rng(0).random((8, 10, 3)).astype(np.float32)
+    out = cio.resize_image(img, (16, 20))
+    assert out.shape == (16, 20, 3) and out.dtype == np.float32
+    assert img.min() - 1e-6 <= out.min() and out.max() <= img.max() + 1e-6
+    assert np.all(cio.resize_image(np.full((4, 4, 1), 0.3), (2, 3)) == np.float32(0.3))
+    assert cio.resize_image(np.zeros((4, 4, 5)), (8, 8)).shape == (8, 8, 5)
+    crops = cio.oversample([img], (4, 6))
+    assert crops.shape == (10, 4, 6, 3)
+    assert np.array_equal(crops[0], img[:4, :6]) and np.array_equal(crops[3], img[4:, 4:])
+    assert np.array_equal(crops[4], img[2:6, 2:8]) and np.array_equal(crops[5], img[:4, :6][:, ::-1])
+
+
+def test_transformer_preprocess_deprocess():
+    t = cio.Transformer({"data": (1, 3, 6, 8)})
+    t.set_transpose("data", (2, 0, 1))
+    t.set_channel_swap("data", (2, 1, 0))
+    t.set_raw_scale("data", 255.0)
+    t.set_mean("data", np.array([104.0, 117.0, 123.0]))
+    t.set_input_scale("data", 0.5)
+    rgb = np.random.default_rng(1).random((6, 8, 3)).astype(np.float32)
+    before = rgb.copy()
+    x = t.preprocess("data", rgb)
+    assert x.dtype == np.float32 and x.shape == (3, 6, 8)
+    want = (rgb.transpose(2, 0, 1)[::-1] * 255 - np.array([104, 117, 123])[:, None, None]) * 0.5
+    assert np.allclose(x, want, atol=1e-4)
+    assert np.array_equal(rgb, before)  # the caller's array is not modified
+    assert np.allclose(t.deprocess("data", x[None]), rgb, atol=1e-5)
+    with pytest.raises(DataError, match="not one of the net inputs"):
+        t.preprocess("label", rgb)
+    with pytest.raises(DataError, match="channels"):
+        t.set_mean("data", np.zeros(4))
+    t.set_mean("data", np.ones((3, 3, 4)) * 7)  # elementwise mean of another size is resized
+    assert t.mean["data"].shape == (3, 6, 8) and np.allclose(t.mean["data"], 7)
+    ramp = np.random.default_rng(2).random((3, 3, 4)) * 100 + 50
+    t.set_mean("data", ramp)
+    assert t.mean["data"].shape == (3, 6, 8)
+    assert ramp.min() - 1e-3 <= t.mean["data"].min() and t.mean["data"].max() <= ramp.max() + 1e-3
+
+
+def test_mnist5k_split_is_stratified_and_idempotent(tmp_path):
+    from pycaffe_alt.data.db import LMDBReader
+    from pycaffe_alt.data.mnist5k import ensure_mnist5k_lmdb
+
+    shutil.copy(os.path.join(ROOT, "data", "mnist5k", "mnist_5k.csv.gz"), tmp_path)
+    train, test = ensure_mnist5k_lmdb(str(tmp_path))
+    tr, te = LMDBReader(train), LMDBReader(test)
+    assert (len(tr), len(te)) == (4000, 1000)
+    test_labels = [te.datum(i).label for i in range(len(te))]
+    assert np.bincount(test_labels).tolist() == [100] * 10
+    assert len(set(test_labels[:20])) > 3  # mixed order, not sorted by digit
+    d = tr.datum(0)
+    assert (d.channels, d.height, d.width, len(d.data)) == (1, 28, 28, 784)
+    mtime = os.path.getmtime(os.path.join(train, "data.mdb"))
+    assert ensure_mnist5k_lmdb(str(tmp_path)) == (train, test)
+    assert os.path.getmtime(os.path.join(train, "data.mdb")) == mtime
+
+
+def test_offline_download_fails_fast():
+    from pycaffe_alt.data.download import require_network
+
+    start = time.time()
+    with pytest.raises(DataError, match="no network.*\n.*mnist5k"):
+        require_network("https://host.invalid/x.tar.gz", "use data/mnist5k")
+    assert time.time() - start < 10
