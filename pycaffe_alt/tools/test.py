@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import CaffeError
 from ..log import get_logger, setup_logging
 from ..mode import resolve_device
 from .cli import parse_args, run_main
@@ -22,11 +23,47 @@ def add_net_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the tools that build a net from a prototxt (Caffe's names)."""
     parser.add_argument("--model", required=True, help="the net definition (.prototxt)")
     parser.add_argument("--weights", default="", help="trained weights (.caffemodel), comma-separated")
-    parser.add_argument("--gpu", default=None, help="GPU id to run on (default: CPU)")
+    parser.add_argument("--gpu", default=None,
+                        help="GPU id to run on (default: CPU); N,M or 'all' are accepted but only "
+                             "the first device is used")
     parser.add_argument("--stage", default="", help="comma-separated NetState stages")
     parser.add_argument("--level", type=int, default=0, help="NetState level")
     parser.add_argument("--allow-python", "--allow_python", action="store_true",
                         help="allow Python layers (they run code named in the prototxt)")
+
+
+def gpu_ids(flag: Optional[str]) -> List[int]:
+    """Device ids of Caffe's ``--gpu`` flag: ``N``, ``N,M,...`` or ``all``; empty means the CPU."""
+    if flag is None or str(flag).strip() in ("", "cpu", "-1"):
+        return []
+    flag = str(flag).strip()
+    if flag == "all":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise CaffeError("--gpu all: no CUDA device is available to PyTorch",
+                             hint="run without --gpu to use the CPU")
+        return list(range(count))
+    try:
+        return [int(s) for s in flag.split(",") if s.strip()]
+    except ValueError:
+        raise CaffeError(f"--gpu {flag!r}: expected a device id (0), a list (0,1) or 'all'",
+                         hint="run tools/device_query to list the devices") from None
+
+
+def select_device(flag: Optional[str]) -> torch.device:
+    """The one device a tool runs on for ``--gpu``.
+
+    Caffe trains data-parallel on several GPUs (NCCL); pycaffe_alt does not implement that, so a
+    list runs on its first device, with a warning rather than silently pretending.
+    """
+    ids = gpu_ids(flag)
+    if not ids:
+        return resolve_device(None)
+    if len(ids) > 1:
+        get_logger().warning("--gpu %s: multi-GPU data-parallel execution is not implemented; "
+                             "running on GPU %d only (the effective batch size is NOT multiplied "
+                             "by %d as in Caffe)", flag, ids[0], len(ids))
+    return resolve_device(ids[0])
 
 
 def build_net(args, phase: int):
@@ -35,7 +72,7 @@ def build_net(args, phase: int):
 
     stages = [s for s in args.stage.split(",") if s]
     net = Net(args.model, phase, stages=stages, level=args.level,
-              allow_python=args.allow_python, device=resolve_device(args.gpu))
+              allow_python=args.allow_python, device=select_device(args.gpu))
     for w in [w for w in args.weights.split(",") if w]:
         net.copy_from(w)
     return net
