@@ -8,6 +8,8 @@ from .errors import CaffeError
 from .layers import LAYERS, TEST, TRAIN
 from .mode import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from .net import Net
+from .solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver,
+                     SGDSolver, Solver, get_solver)
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,6 @@ def layer_type_list() -> list:
 
 
 __all__ = ["Net", "TRAIN", "TEST", "set_mode_cpu", "set_mode_gpu", "set_device",
-           "set_random_seed", "layer_type_list", "CaffeError"]
+           "set_random_seed", "layer_type_list", "CaffeError",
+           "get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
+           "AdaDeltaSolver", "AdamSolver", "Solver"]

@@ -1,0 +1,605 @@
+"""The solver: Caffe's ``Solver``/``SGDSolver`` as one thin stateful class over pure formulas.
+
+A :class:`Solver` owns the train net, the test nets (sharing the train net's parameter tensors,
+Caffe's ``ShareTrainedLayersWith``), the update rule's history and the iteration counter. The
+formulas live elsewhere and are pure: learning rates in :mod:`.lr_policy`, gradient preparation
+in :mod:`.regularize`, update rules in :mod:`.rules`, file layouts in :mod:`.snapshot`. The
+training loop (Caffe's ``Step``/``Solve``: display, test, snapshot cadence, stop requests, the
+non-finite loss guard) lives in :mod:`pycaffe_alt.train.loop`, and what a snapshot records for
+exact continuation in :mod:`pycaffe_alt.train.resume`.
+
+One iteration (Caffe's ``Step`` body) is ``forward_backward`` ``iter_size`` times, then
+``apply_update``: learning rate, clip on the gradient *summed* over ``iter_size``, then per
+parameter normalize, regularize, update value, and finally ``data -= update``.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import CaffeError, NetError, SolverError
+from ..layers import TEST, TRAIN
+from ..log import get_logger
+from ..mode import default_device, set_random_seed
+from ..net import Net
+from ..proto import caffe_pb2
+from .lr_policy import current_step, learning_rate
+from .regularize import clip_gradients, local_decay, normalize, regularize
+from .rules import RuleHyper, apply_update, check_hyper, local_rate, update_rule
+from .snapshot import (check_history, read_any_solverstate, snapshot_filename,
+                       write_solverstate, write_solverstate_h5, write_weights_h5)
+
+logger = get_logger()
+
+SolverSource = Union[str, os.PathLike, "caffe_pb2.SolverParameter"]
+
+
+class NonFiniteLossError(SolverError):
+    """Training stopped because the loss became NaN or infinite (no snapshot of it is written)."""
+
+
+def format_value(x: float) -> str:
+    """A float32 value as Caffe's ``ostream << float`` prints it (6 significant digits)."""
+    return "%g" % float(np.float32(x))
+
+
+def loss_suffix(weight: float, value: float) -> str:
+    """Caffe's `` (* w = w*v loss)`` suffix of an output line, empty for a non-loss output."""
+    if not weight:
+        return ""
+    product = np.float32(weight) * np.float32(value)
+    return f" (* {format_value(weight)} = {format_value(product)} loss)"
+
+
+def _read_solver_param(solver: SolverSource) -> Tuple["caffe_pb2.SolverParameter", str]:
+    from ..prototxt import read_solver
+    from ..upgrade import upgrade_solver_as_needed
+
+    if isinstance(solver, caffe_pb2.SolverParameter):
+        param = caffe_pb2.SolverParameter()
+        param.CopyFrom(solver)
+        upgrade_solver_as_needed(param, "<solver_param>")
+        return param, "<solver_param>"
+    path = os.fspath(solver)
+    if not os.path.isfile(path):
+        raise SolverError("solver file not found", where=path,
+                          hint=f"check the path (relative paths start at {os.getcwd()})")
+    return read_solver(path), path
+
+
+def _split_weights(entries: Iterable[str]) -> List[str]:
+    """Caffe's weights lists: every entry may itself be a comma-separated list."""
+    out = []
+    for entry in entries:
+        out.extend(w.strip() for w in str(entry).split(",") if w.strip())
+    return out
+
+
+class Solver:
+    """Caffe's Solver/SGDSolver: trains a net from a SolverParameter; the update rule is chosen
+    by ``param.type`` (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam).
+
+    ``Solver(solver, device=None, weights=(), allow_python=False, stages=None, level=None)``:
+    ``solver`` is a solver prototxt path or a ``caffe_pb2.SolverParameter``; ``device`` a torch
+    device (default: the file's ``solver_mode``/``device_id`` when CUDA is available, else
+    pycaffe's ``set_mode_*`` choice); ``weights`` caffemodels copied into the nets before training
+    (Caffe's ``--weights``); ``stages``/``level`` are added to ``train_state`` like ``caffe train
+    -stage/-level``.
+
+    pycaffe surface: ``net``, ``test_nets``, ``iter``, ``param``, ``type``, ``lr``, ``step(n)``,
+    ``solve(resume=None)``, ``test(i)``, ``snapshot()``, ``restore(path)``, ``apply_update()``,
+    ``add_callback(on_start, on_gradients_ready)``. Training hooks: :meth:`add_hook` (see
+    :mod:`pycaffe_alt.train.loop`); stop/snapshot requests (signals): :meth:`request_stop`,
+    :meth:`request_snapshot`.
+    """
+
+    forced_type: Optional[str] = None  # the pycaffe subclasses (SGDSolver, ...) fix the rule
+
+    def __init__(self, solver: SolverSource, *, device: Union[str, torch.device, None] = None,
+                 weights: Sequence[str] = (), allow_python: bool = False,
+                 stages: Optional[Sequence[str]] = None, level: Optional[int] = None):
+        from ..train.loop import LossSmoother, NonFiniteLossGuard
+
+        self.param, self.source = _read_solver_param(solver)
+        if self.forced_type is not None:
+            self.param.type = self.forced_type
+        self.type: str = self.param.type
+        if stages is not None:
+            self.param.train_state.stage.extend(stages)
+        if level is not None:
+            self.param.train_state.level = int(level)
+        self._check_param()
+        self.rule = update_rule(self.type)
+        self.hyper = RuleHyper.from_solver_param(self.param)
+        check_hyper(self.type, self.hyper)
+        self.device = self._pick_device(device)
+        self._iter = 0
+        self.current_step = 0
+        logger.info("Initializing solver from parameters: %s", self.source)
+        self.check_snapshot_folder(required=self.param.snapshot > 0)
+        # Caffe seeds before building the nets: fillers, dropout and data streams follow it.
+        if self.param.random_seed >= 0:
+            set_random_seed(self.param.random_seed)
+        self.net: Net = self._build_train_net(allow_python)
+        self.test_nets: List[Net] = self._build_test_nets(allow_python)
+        for path in _split_weights(list(self.param.weights) + list(weights)):
+            self._load_weights(path)
+        for test_net in self.test_nets:
+            test_net.share_with(self.net)
+        logger.info("Solver scaffolding done.")
+
+        self._refresh_params()
+        self.history: List[torch.Tensor] = self.rule.new_history(self._datas)
+        self.smoother = LossSmoother(self.param.average_loss)
+        self.guard = NonFiniteLossGuard()
+        self.hooks: list = []
+        self.last_snapshot: Optional[Tuple[str, str]] = None
+        self.stopped_early = False
+        self._stop_requested = False
+        self._snapshot_requested = False
+
+    # ------------------------------------------------------------------ construction
+    def _where(self, field: str) -> str:
+        return f"{self.source}: {field}"
+
+    def _check_param(self) -> None:
+        p = self.param
+        if p.average_loss < 1:
+            raise SolverError(f"average_loss must be >= 1 (got {p.average_loss})",
+                              self._where("average_loss"), "1 logs the plain loss")
+        if p.iter_size < 1:
+            raise SolverError(f"iter_size must be >= 1 (got {p.iter_size})",
+                              self._where("iter_size"), "batches accumulated per update")
+        if p.snapshot > 0 and not p.HasField("snapshot_prefix"):
+            raise SolverError("snapshot is set but snapshot_prefix is not",
+                              self._where("snapshot_prefix"),
+                              'add snapshot_prefix: "folder/name" to the solver file')
+        if p.test_iter and any(n < 0 for n in p.test_iter):
+            raise SolverError("test_iter values must be >= 0", self._where("test_iter"))
+
+    def _pick_device(self, device) -> torch.device:
+        if device is not None:
+            return torch.device(device)
+        if self.param.solver_mode == caffe_pb2.SolverParameter.GPU:
+            if torch.cuda.is_available():
+                return torch.device("cuda", self.param.device_id)
+            logger.warning("solver_mode is GPU but no CUDA device is available; training on %s",
+                           default_device())
+        return default_device()
+
+    def check_snapshot_folder(self, required: bool = True) -> None:
+        """Fail now, not at the first snapshot, when snapshot files cannot be written there
+        (Caffe's CheckSnapshotWritePermissions probes with a temporary file the same way)."""
+        if not required:
+            return
+        probe = snapshot_filename(self.param.snapshot_prefix, self._iter, ".tempfile")
+        try:
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise SolverError(f"cannot write snapshots with prefix '{self.param.snapshot_prefix}' "
+                              f"({e.strerror})", self._where("snapshot_prefix"),
+                              "make sure the folder exists and is writable (relative prefixes "
+                              f"start at {os.getcwd()})") from None
+
+    def _net_file(self, path: str, field: str) -> str:
+        if not os.path.isfile(path):
+            raise NetError(f"net file '{path}' not found", self._where(field),
+                           f"paths in the solver file are relative to the current directory "
+                           f"({os.getcwd()}), as in Caffe")
+        return path
+
+    def _net_state(self, net_param, phase: int, extra) -> "caffe_pb2.NetState":
+        """Caffe's NetState precedence: phase, then the net's own state, then train/test_state."""
+        state = caffe_pb2.NetState()
+        state.phase = phase
+        state.MergeFrom(net_param.state)
+        if extra is not None:
+            state.MergeFrom(extra)
+        state.phase = phase  # train_state/test_state cannot change which net this is
+        return state
+
+    def _make_net(self, source, phase: int, extra_state, allow_python: bool) -> Net:
+        from ..prototxt import read_net
+
+        inline_def = isinstance(source, caffe_pb2.NetParameter)
+        net_param = source if inline_def else read_net(source)
+        state = self._net_state(net_param, phase, extra_state)
+        # Net(level=0) means "keep the file's level", so a level reset to 0 goes inline too.
+        level_reset = state.level == 0 and net_param.state.level != 0
+        if inline_def or level_reset:
+            inline = caffe_pb2.NetParameter()
+            inline.CopyFrom(net_param)
+            inline.state.CopyFrom(state)
+            return Net(inline, phase=phase, stages=list(state.stage), level=state.level,
+                       allow_python=allow_python, device=self.device)
+        # From the file itself, so that errors name it.
+        return Net(source, phase=phase, stages=list(state.stage), level=state.level,
+                   allow_python=allow_python, device=self.device)
+
+    def _build_train_net(self, allow_python: bool) -> Net:
+        p = self.param
+        given = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if len(given) != 1:
+            raise SolverError(f"the solver must name exactly one train net; it sets "
+                              f"{len(given)} of net, net_param, train_net, train_net_param",
+                              self.source, 'e.g. net: "train_val.prototxt"')
+        field = given[0]
+        if field.endswith("_param"):
+            source = getattr(p, field)
+            logger.info("Creating training net specified in %s.", field)
+        else:
+            source = self._net_file(getattr(p, field), field)
+            logger.info("Creating training net from %s file: %s", field, source)
+        return self._make_net(source, TRAIN, p.train_state, allow_python)
+
+    def _build_test_nets(self, allow_python: bool) -> List[Net]:
+        p = self.param
+        sources: List[Tuple[str, object]] = [("test_net_param", n) for n in p.test_net_param]
+        sources += [("test_net file: " + f, self._net_file(f, "test_net")) for f in p.test_net]
+        generic = p.HasField("net") or p.HasField("net_param")
+        if generic:
+            if len(p.test_iter) < len(sources):
+                raise SolverError(f"{len(p.test_iter)} test_iter values for {len(sources)} test "
+                                  "nets", self._where("test_iter"), "give one test_iter per test net")
+            for _ in range(len(p.test_iter) - len(sources)):
+                if p.HasField("net_param"):
+                    sources.append(("net_param", p.net_param))
+                else:
+                    sources.append(("net file: " + p.net, p.net))
+        elif len(p.test_iter) != len(sources):
+            raise SolverError(f"{len(p.test_iter)} test_iter values for {len(sources)} test nets",
+                              self._where("test_iter"), "give exactly one test_iter per test net")
+        if p.test_state and len(p.test_state) != len(sources):
+            raise SolverError(f"{len(p.test_state)} test_state entries for {len(sources)} test "
+                              "nets", self._where("test_state"), "give none, or one per test net")
+        if sources and p.test_interval <= 0:
+            raise SolverError("test nets are defined but test_interval is not > 0",
+                              self._where("test_interval"),
+                              "set test_interval, or remove test_iter to train without testing")
+        nets = []
+        for i, (label, source) in enumerate(sources):
+            logger.info("Creating test net (#%d) specified by %s", i, label)
+            extra = p.test_state[i] if p.test_state else None
+            net = self._make_net(source, TEST, extra, allow_python)
+            nets.append(net)
+        return nets
+
+    def _load_weights(self, path: str) -> None:
+        """Caffe's --weights: copy into the train net and every test net (layers matched by name)."""
+        if not os.path.isfile(path):
+            raise SolverError(f"weights file '{path}' not found", self._where("weights"),
+                              f"check the path (relative paths start at {os.getcwd()})")
+        logger.info("Finetuning from %s", path)
+        for net in [self.net] + self.test_nets:
+            net.copy_from(path)
+
+    def _refresh_params(self) -> None:
+        """Cache the learnable parameters and their per-blob multipliers (Caffe's
+        learnable_params_, params_lr_, params_weight_decay_)."""
+        infos = self.net.learnable_params
+        self._params = [i.param for i in infos]
+        self._datas = [p.detach() for p in self._params]
+        self._lr_mults = [float(i.lr_mult) for i in infos]
+        self._decays = [local_decay(self.param.weight_decay, i.decay_mult) for i in infos]
+        self._zero_diffs = {}
+        self._rate_cache: Tuple[Optional[float], List[float]] = (None, [])
+
+    # ------------------------------------------------------------------ pycaffe surface
+    @property
+    def iter(self) -> int:  # noqa: A003 - pycaffe name
+        return self._iter
+
+    @iter.setter
+    def iter(self, value: int) -> None:  # noqa: A003
+        self._iter = int(value)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the current iteration (pycaffe ``SGDSolver.lr``)."""
+        return learning_rate(self.param, self._iter)
+
+    @property
+    def nets(self) -> List[Net]:
+        return [self.net] + self.test_nets
+
+    def add_hook(self, hook) -> None:
+        """Call ``hook``'s optional ``before_step(solver)``, ``after_backward(solver, loss)``,
+        ``after_step(solver, loss)``, ``on_test(solver, net_id, results)`` and
+        ``on_snapshot(solver, paths)`` during training (see :mod:`pycaffe_alt.train.loop`)."""
+        self.hooks.append(hook)
+
+    def add_callback(self, on_start, on_gradients_ready) -> None:
+        """pycaffe's ``add_callback``: two callables, run before each iteration's forward pass
+        and after its gradients are ready (before the update)."""
+        from ..train.loop import CallbackHook
+
+        self.add_hook(CallbackHook(on_start, on_gradients_ready))
+
+    def request_stop(self) -> None:
+        """Stop at the next iteration boundary (Caffe's SolverAction::STOP, e.g. on SIGINT)."""
+        self._stop_requested = True
+
+    def request_snapshot(self) -> None:
+        """Snapshot at the next iteration boundary and go on (SolverAction::SNAPSHOT, SIGHUP)."""
+        self._snapshot_requested = True
+
+    def take_requests(self) -> Tuple[bool, bool]:
+        """(snapshot, stop) requested since the last call; both are consumed."""
+        snap, stop = self._snapshot_requested, self._stop_requested
+        self._snapshot_requested = self._stop_requested = False
+        return snap, stop
+
+    def step(self, iters: int) -> float:
+        """Run ``iters`` iterations (Caffe's Solver::Step, with its display/test/snapshot cadence);
+        returns the last smoothed loss."""
+        from ..train.loop import run_steps
+
+        return run_steps(self, int(iters))
+
+    def solve(self, resume: Optional[str] = None) -> None:
+        """Caffe's Solve: restore ``resume`` if given, train to ``max_iter``, snapshot at the end
+        (``snapshot_after_train``), then one display forward and one test at ``max_iter``."""
+        from ..train.loop import solve
+
+        solve(self, resume)
+
+    def test_all(self) -> List["OrderedDict[str, float]"]:
+        """Test every test net (stops early when a stop was requested during testing)."""
+        results = []
+        for i in range(len(self.test_nets)):
+            if self.stopped_early:
+                break
+            results.append(self.test(i))
+        return results
+
+    # ------------------------------------------------------------------ one iteration
+    def clear_param_diffs(self) -> None:
+        """Caffe's ClearParamDiffs: gradients start from nothing every iteration."""
+        for p in self._params:
+            p.grad = None
+
+    def push_host_writes(self) -> None:
+        """Bring numpy writes made through pycaffe views on GPU nets to the device tensors."""
+        for net in self.nets:
+            net._push_host_writes()
+
+    def forward_backward(self) -> torch.Tensor:
+        """``iter_size`` forward/backward passes, gradients accumulated in ``param.grad``;
+        returns the loss averaged over the passes as a device tensor (no host sync)."""
+        total = None
+        for _ in range(self.param.iter_size):
+            values = self.net.run()
+            loss = self.net.loss(values)
+            if loss.requires_grad:
+                loss.backward()
+            loss = loss.detach()
+            total = loss if total is None else total + loss
+        # Caffe: loss /= iter_size, in float32.
+        return total / self.param.iter_size if self.param.iter_size > 1 else total
+
+    def _diffs(self) -> List[torch.Tensor]:
+        """The gradient of every learnable parameter; parameters that got none (lr_mult 0,
+        nothing below a loss) use a zeroed buffer so the update formulas see Caffe's zero diff."""
+        diffs = []
+        for i, p in enumerate(self._params):
+            g = p.grad
+            if g is None:
+                g = self._zero_diffs.get(i)
+                if g is None:
+                    g = self._zero_diffs[i] = torch.zeros_like(self._datas[i])
+                else:
+                    g.zero_()
+            diffs.append(g)
+        return diffs
+
+    def _local_rates(self, rate: float) -> List[float]:
+        cached_rate, rates = self._rate_cache
+        if cached_rate != rate:
+            rates = [local_rate(rate, m) for m in self._lr_mults]
+            self._rate_cache = (rate, rates)
+        return rates
+
+    def display_due(self, it: Optional[int] = None) -> bool:
+        it = self._iter if it is None else it
+        return bool(self.param.display) and it % self.param.display == 0
+
+    def apply_update(self) -> None:
+        """Caffe's SGDSolver::ApplyUpdate for the current iteration, then ``iter += 1``."""
+        it = self._iter
+        rate = learning_rate(self.param, it)
+        step = current_step(self.param, it)
+        if step is not None:
+            if self.param.lr_policy == "multistep" and step != self.current_step:
+                logger.info("MultiStep Status: Iteration %d, step = %d", it, step)
+            self.current_step = step
+        if self.display_due(it):
+            logger.info("Iteration %d, lr = %s", it, format_value(rate))
+        with torch.no_grad():
+            diffs = self._diffs()
+            clipped = clip_gradients(diffs, self.param.clip_gradients)
+            if clipped is not None:
+                logger.info("%s", clipped.message())
+            normalize(diffs, self.param.iter_size)
+            regularize(self._datas, diffs, self._decays, self.param.regularization_type)
+            self.rule.update(diffs, self.history, self._local_rates(rate), self.hyper, it)
+            apply_update(self._datas, diffs)
+        self._iter += 1
+
+    # ------------------------------------------------------------------ testing
+    def test(self, test_net_id: int = 0) -> "OrderedDict[str, float]":
+        """Caffe's Test(): average the test net's outputs over ``test_iter`` batches and log them.
+
+        Keys are the output blob names; an output with several values gives ``name`` for the
+        first and ``name[k]`` for the others. Empty when a stop request interrupted the test.
+        """
+        if not 0 <= test_net_id < len(self.test_nets):
+            raise SolverError(f"no test net #{test_net_id} (the solver has "
+                              f"{len(self.test_nets)})", self.source)
+        logger.info("Iteration %d, Testing net (#%d)", self._iter, test_net_id)
+        self.push_host_writes()
+        net = self.test_nets[test_net_id]
+        n_iter = self.param.test_iter[test_net_id]
+        scores = loss = None
+        with torch.no_grad():
+            for _ in range(n_iter):
+                # Caffe polls for signals at every test batch.
+                snap, stop = self.take_requests()
+                if snap:
+                    self.snapshot()
+                if stop:
+                    self.stopped_early = True
+                    logger.info("Test interrupted.")
+                    return OrderedDict()
+                values = net.run()
+                batch = torch.cat([values[n].detach().reshape(-1).float() for n in net.outputs]) \
+                    if net.outputs else torch.zeros(0, device=net.device)
+                scores = batch.clone() if scores is None else scores + batch
+                if self.param.test_compute_loss:
+                    iter_loss = net.loss(values).detach().float()
+                    loss = iter_loss if loss is None else loss + iter_loss
+        results: "OrderedDict[str, float]" = OrderedDict()
+        if self.param.test_compute_loss and loss is not None:
+            logger.info("Test loss: %s", format_value(float((loss / n_iter).cpu())))
+        if scores is None:
+            return results
+        means = (scores / n_iter).cpu().numpy() if n_iter else scores.cpu().numpy()
+        weights = net.blob_loss_weights
+        index = 0
+        for name in net.outputs:
+            count = values[name].numel()
+            for k in range(count):
+                value = float(means[index])
+                logger.info("    Test net output #%d: %s = %s%s", index, name,
+                            format_value(value), loss_suffix(weights[name], value))
+                results[name if k == 0 else f"{name}[{k}]"] = value
+                index += 1
+        for hook in self.hooks:
+            if hasattr(hook, "on_test"):
+                hook.on_test(self, test_net_id, results)
+        return results
+
+    # ------------------------------------------------------------------ snapshots
+    def _owned_blobs(self) -> List[Tuple[str, List[Optional[np.ndarray]]]]:
+        owners = {(i.layer, i.index) for i in self.net.learnable_params}
+        layers = []
+        for name, view in self.net.layer_dict.items():
+            blobs = view.module.blobs
+            if blobs:
+                layers.append((name, [p.detach().cpu().numpy() if (name, j) in owners else None
+                                      for j, p in enumerate(blobs)]))
+        return layers
+
+    def snapshot(self) -> Tuple[str, str]:
+        """Write ``<prefix>_iter_<N>.caffemodel`` (or ``.caffemodel.h5``) and the matching
+        ``.solverstate`` atomically; returns both paths. Refuses (NonFiniteLossError) when the
+        loss has become NaN/inf, so that the last snapshot on disk stays a good one."""
+        from ..train.resume import capture
+
+        self.guard.check(self)
+        self._check_finite_weights()
+        hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
+        prefix = self.param.snapshot_prefix
+        if hdf5:
+            model = snapshot_filename(prefix, self._iter, ".caffemodel.h5")
+            logger.info("Snapshotting to HDF5 file %s", model)
+            write_weights_h5(self._owned_blobs(), model)
+        else:
+            model = snapshot_filename(prefix, self._iter, ".caffemodel")
+            logger.info("Snapshotting to binary proto file %s", model)
+            self.net.save(model)
+        history = [h.detach().cpu().numpy() for h in self.history]
+        resume_state = capture(self)
+        if hdf5:
+            state = snapshot_filename(prefix, self._iter, ".solverstate.h5")
+            logger.info("Snapshotting solver state to HDF5 file %s", state)
+            write_solverstate_h5(state, self._iter, self.current_step, model, history, resume_state)
+        else:
+            state = snapshot_filename(prefix, self._iter, ".solverstate")
+            logger.info("Snapshotting solver state to binary proto file %s", state)
+            write_solverstate(state, self._iter, self.current_step, model, history, resume_state)
+        self.last_snapshot = (model, state)
+        for hook in self.hooks:
+            if hasattr(hook, "on_snapshot"):
+                hook.on_snapshot(self, self.last_snapshot)
+        return self.last_snapshot
+
+    def _check_finite_weights(self) -> None:
+        # A huge step can overflow the weights before the loss shows it; such a state must not
+        # replace the last good snapshot either.
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(d).all() for d in self._datas]).all() \
+                if self._datas else torch.tensor(True)
+        if not bool(finite):
+            kept = (f"the last good snapshot is {self.last_snapshot[1]}" if self.last_snapshot
+                    else "no snapshot was written in this run")
+            raise NonFiniteLossError(
+                f"training stopped: the weights became NaN or infinite by iteration {self._iter}; "
+                f"{kept}", where=self.source,
+                hint="lower base_lr, set clip_gradients, or check the data (resume from the last "
+                     "good snapshot with --snapshot)")
+
+    def _learned_net_path(self, learned_net: str, state_path: str) -> str:
+        # Caffe opens learned_net as written (relative to the current directory); a snapshot
+        # folder that was moved still works when the caffemodel sits next to the solverstate.
+        if os.path.isfile(learned_net):
+            return learned_net
+        beside = os.path.join(os.path.dirname(state_path), os.path.basename(learned_net))
+        if os.path.isfile(beside):
+            return beside
+        raise SolverError(f"the weights it names, '{learned_net}', are not found (nor next to "
+                          "the solver state)", where=state_path,
+                          hint="keep the .caffemodel of the snapshot with its .solverstate")
+
+    def restore(self, state_path: str) -> None:
+        """Caffe's Restore from a ``.solverstate`` (or ``.solverstate.h5``): iteration,
+        current_step, history and the weights of ``learned_net``; with our continuation data also
+        the data cursors and random generators (otherwise the data restarts where it is, as in
+        Caffe)."""
+        from ..train.resume import apply
+
+        state_path = os.fspath(state_path)
+        data = read_any_solverstate(state_path)
+        shapes = self.rule.history_shapes([tuple(d.shape) for d in self._datas])
+        check_history(data.history, shapes, state_path)
+        if data.learned_net:
+            weights = self._learned_net_path(data.learned_net, state_path)
+            try:
+                self.net.copy_from(weights)
+            except CaffeError as e:
+                raise SolverError(f"cannot restore its weights: {e.what}", where=weights,
+                                  hint=e.hint) from None
+        logger.info("%sSolver: restoring history", self.type)
+        with torch.no_grad():
+            for h, arr in zip(self.history, data.history):
+                h.copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(h.shape).to(h.device, h.dtype))
+        self._iter = int(data.iter)
+        self.current_step = int(data.current_step)
+        if data.resume_state is not None:
+            apply(self, data.resume_state, state_path)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} type={self.type} iter={self._iter} net={self.net!r}>"
+
+
+def _typed(name: str, doc: str) -> type:
+    return type(f"{name}Solver", (Solver,), {"forced_type": name, "__doc__": doc,
+                                            "__module__": __name__})
+
+
+SGDSolver = _typed("SGD", "pycaffe's ``caffe.SGDSolver``: a Solver that always uses the SGD rule.")
+NesterovSolver = _typed("Nesterov", "pycaffe's ``caffe.NesterovSolver`` (Nesterov momentum).")
+AdaGradSolver = _typed("AdaGrad", "pycaffe's ``caffe.AdaGradSolver``.")
+RMSPropSolver = _typed("RMSProp", "pycaffe's ``caffe.RMSPropSolver``.")
+AdaDeltaSolver = _typed("AdaDelta", "pycaffe's ``caffe.AdaDeltaSolver``.")
+AdamSolver = _typed("Adam", "pycaffe's ``caffe.AdamSolver``.")
+
+
+def get_solver(solver: SolverSource, **kwargs) -> Solver:
+    """pycaffe's ``caffe.get_solver(path)``: the solver of the type the file names."""
+    return Solver(solver, **kwargs)
