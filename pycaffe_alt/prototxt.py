@@ -16,13 +16,12 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import tempfile
 from typing import Optional, Tuple, TypeVar, Union
 
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
-from . import upgrade
+from . import fileio, upgrade
 from .errors import PrototxtError
 from .proto import caffe_pb2
 
@@ -181,30 +180,7 @@ def _parse_binary(raw: bytes, message: M, source: str) -> M:
 # --------------------------------------------------------------------------------------------
 
 def _write_atomic(path: str, payload: bytes) -> None:
-    """Write via a temporary file in the same directory and os.replace: readers never see a
-    half-written file, and an interrupted write leaves the old file intact."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise PrototxtError(f"cannot write '{path}': directory '{directory}' does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 - umask).
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    fileio.atomic_write(path, payload, PrototxtError)
 
 
 # --------------------------------------------------------------------------------------------

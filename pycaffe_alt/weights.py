@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from . import fileio
 from .errors import WeightsError
 from .proto import caffe_pb2
 
@@ -189,20 +190,8 @@ def write_binaryproto(arr: np.ndarray, path: str) -> None:
 
 
 def atomic_write(path: str, payload: bytes) -> None:
-    """Write bytes so that ``path`` holds either its old content or the new one, never a part."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise WeightsError(f"cannot write {path}: {e.strerror}", hint="check the folder exists and "
-                           "is writable, and that the disk has room") from None
+    """Write a weights file atomically (see :func:`pycaffe_alt.fileio.atomic_write`)."""
+    fileio.atomic_write(path, payload, WeightsError)
 
 
 def net_param_with_weights(net_param, layers: Dict[str, List]) -> "caffe_pb2.NetParameter":
