@@ -27,6 +27,22 @@ class GlogFormatter(logging.Formatter):
         return head + record.getMessage()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be replaced,
+    e.g. by a progress bar or a test harness, after logging was set up)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def get_logger() -> logging.Logger:
     """The package logger."""
     return logging.getLogger(LOGGER_NAME)
@@ -38,10 +54,9 @@ def setup_logging(stream: Optional[TextIO] = None, level: int = logging.INFO) ->
     for h in list(logger.handlers):
         if getattr(h, "_pycaffe_alt", False):
             logger.removeHandler(h)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(GlogFormatter())
     handler._pycaffe_alt = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
     return logger

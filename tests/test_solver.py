@@ -376,17 +376,26 @@ def test_weights_that_do_not_fit(tmp_path):
 
 
 def test_unwritable_snapshot_folder(tmp_path):
+    # A path through a regular file cannot be a folder, whoever runs the test (even root).
+    (tmp_path / "a_file").write_text("x")
     p = lsq_param(tmp_path, snapshot=1)
-    p.snapshot_prefix = str(tmp_path / "no" / "such" / "folder" / "snap")
-    with pytest.raises(SolverError, match="no/such/folder"):
+    p.snapshot_prefix = str(tmp_path / "a_file" / "folder" / "snap")
+    with pytest.raises(SolverError, match="a_file/folder"):
         caffe.Solver(p, device="cpu")
     # snapshot_after_train alone: solve() checks before the first iteration.
     p = lsq_param(tmp_path, snapshot_after_train=True)
-    p.snapshot_prefix = str(tmp_path / "no" / "such" / "folder" / "snap")
+    p.snapshot_prefix = str(tmp_path / "a_file" / "folder" / "snap")
     s = caffe.Solver(p, device="cpu")
-    with pytest.raises(SolverError, match="no/such/folder"):
+    with pytest.raises(SolverError, match="a_file/folder"):
         s.solve()
     assert s.iter == 0
+
+
+def test_missing_snapshot_folder_is_created(tmp_path):
+    p = lsq_param(tmp_path, snapshot=1)
+    p.snapshot_prefix = str(tmp_path / "new" / "folder" / "snap")
+    caffe.Solver(p, device="cpu")
+    assert (tmp_path / "new" / "folder").is_dir()
 
 
 def test_test_iter_count_must_match_test_nets(tmp_path):

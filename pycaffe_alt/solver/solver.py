@@ -113,9 +113,10 @@ class Solver:
         if level is not None:
             self.param.train_state.level = int(level)
         self._check_param()
-        self.rule = update_rule(self.type)
+        rule_type = self._rule_type()
+        self.rule = update_rule(rule_type)
         self.hyper = RuleHyper.from_solver_param(self.param)
-        check_hyper(self.type, self.hyper)
+        check_hyper(rule_type, self.hyper)
         self.device = self._pick_device(device)
         self._iter = 0
         self.current_step = 0
@@ -143,6 +144,15 @@ class Solver:
         self._snapshot_requested = False
 
     # ------------------------------------------------------------------ construction
+    def _rule_type(self) -> str:
+        """The update rule's name; a solver type that wraps a rule (Alternation) overrides it."""
+        if self.type in SOLVER_CLASSES:
+            raise SolverError(f'solver type "{self.type}" is trained by '
+                              f'{SOLVER_CLASSES[self.type].partition(":")[2]}, not by the plain '
+                              "Solver", self._where("type"),
+                              "build it with get_solver(path) (tools/train does)")
+        return self.type
+
     def _where(self, field: str) -> str:
         return f"{self.source}: {field}"
 
@@ -177,7 +187,12 @@ class Solver:
         if not required:
             return
         probe = snapshot_filename(self.param.snapshot_prefix, self._iter, ".tempfile")
+        folder = os.path.dirname(probe)
         try:
+            if folder and not os.path.isdir(folder):
+                # Unlike Caffe, create a missing snapshot folder (fresh clones lack snapshots/).
+                os.makedirs(folder, exist_ok=True)
+                logger.info("Created snapshot folder %s", folder)
             with open(probe, "wb"):
                 pass
             os.remove(probe)
@@ -438,10 +453,23 @@ class Solver:
         Keys are the output blob names; an output with several values gives ``name`` for the
         first and ``name[k]`` for the others. Empty when a stop request interrupted the test.
         """
+        results = self.evaluate(test_net_id)
+        for hook in self.hooks:
+            if hasattr(hook, "on_test"):
+                hook.on_test(self, test_net_id, results)
+        return results
+
+    def evaluate(self, test_net_id: int = 0, tag: str = "") -> "OrderedDict[str, float]":
+        """The body of :meth:`test` without the ``on_test`` hooks. ``tag`` (e.g. ``" (MaskT)"``)
+        is written after ``Test net output #k`` and ``Test loss`` in the log lines, so that a
+        second evaluation of the same net under other conditions is told apart (and is not read
+        as Caffe's own output lines by log parsers); with a tag the ``Testing net`` line is not
+        repeated."""
         if not 0 <= test_net_id < len(self.test_nets):
             raise SolverError(f"no test net #{test_net_id} (the solver has "
                               f"{len(self.test_nets)})", self.source)
-        logger.info("Iteration %d, Testing net (#%d)", self._iter, test_net_id)
+        if not tag:
+            logger.info("Iteration %d, Testing net (#%d)", self._iter, test_net_id)
         self.push_host_writes()
         net = self.test_nets[test_net_id]
         n_iter = self.param.test_iter[test_net_id]
@@ -465,7 +493,7 @@ class Solver:
                     loss = iter_loss if loss is None else loss + iter_loss
         results: "OrderedDict[str, float]" = OrderedDict()
         if self.param.test_compute_loss and loss is not None:
-            logger.info("Test loss: %s", format_value(float((loss / n_iter).cpu())))
+            logger.info("Test loss%s: %s", tag, format_value(float((loss / n_iter).cpu())))
         if scores is None:
             return results
         means = (scores / n_iter).cpu().numpy() if n_iter else scores.cpu().numpy()
@@ -475,13 +503,10 @@ class Solver:
             count = values[name].numel()
             for k in range(count):
                 value = float(means[index])
-                logger.info("    Test net output #%d: %s = %s%s", index, name,
+                logger.info("    Test net output #%d%s: %s = %s%s", index, tag, name,
                             format_value(value), loss_suffix(weights[name], value))
                 results[name if k == 0 else f"{name}[{k}]"] = value
                 index += 1
-        for hook in self.hooks:
-            if hasattr(hook, "on_test"):
-                hook.on_test(self, test_net_id, results)
         return results
 
     # ------------------------------------------------------------------ snapshots
@@ -499,8 +524,6 @@ class Solver:
         """Write ``<prefix>_iter_<N>.caffemodel`` (or ``.caffemodel.h5``) and the matching
         ``.solverstate`` atomically; returns both paths. Refuses (NonFiniteLossError) when the
         loss has become NaN/inf, so that the last snapshot on disk stays a good one."""
-        from ..train.resume import capture
-
         self.guard.check(self)
         self._check_finite_weights()
         hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
@@ -514,7 +537,7 @@ class Solver:
             logger.info("Snapshotting to binary proto file %s", model)
             self.net.save(model)
         history = [h.detach().cpu().numpy() for h in self.history]
-        resume_state = capture(self)
+        resume_state = self._resume_state()
         if hdf5:
             state = snapshot_filename(prefix, self._iter, ".solverstate.h5")
             logger.info("Snapshotting solver state to HDF5 file %s", state)
@@ -561,8 +584,6 @@ class Solver:
         current_step, history and the weights of ``learned_net``; with our continuation data also
         the data cursors and random generators (otherwise the data restarts where it is, as in
         Caffe)."""
-        from ..train.resume import apply
-
         state_path = os.fspath(state_path)
         data = read_any_solverstate(state_path)
         shapes = self.rule.history_shapes([tuple(d.shape) for d in self._datas])
@@ -581,10 +602,32 @@ class Solver:
         self._iter = int(data.iter)
         self.current_step = int(data.current_step)
         if data.resume_state is not None:
-            apply(self, data.resume_state, state_path)
+            self._apply_resume_state(data.resume_state, state_path)
+
+    def _resume_state(self) -> dict:
+        """The continuation data written into the solverstate (see :mod:`pycaffe_alt.train.resume`);
+        a solver with more state (Alternation) extends the dict. Called while snapshotting, after
+        the weights are written and before the solverstate."""
+        from ..train.resume import capture
+
+        return capture(self)
+
+    def _apply_resume_state(self, state: dict, state_path: str) -> None:
+        """Inverse of :meth:`_resume_state`, called by :meth:`restore` after the weights and the
+        history are back."""
+        from ..train.resume import apply
+
+        apply(self, state, state_path)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} type={self.type} iter={self._iter} net={self.net!r}>"
+
+    # ---- pycaffe extras ----
+    def share_weights(self, net: Net) -> None:
+        """pycaffe ``solver.share_weights(net)``: ``net`` uses the train net's parameter tensors
+        for layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        net.share_with(self.net)
+    # ---- end of pycaffe extras ----
 
 
 def _typed(name: str, doc: str) -> type:
@@ -600,6 +643,29 @@ AdaDeltaSolver = _typed("AdaDelta", "pycaffe's ``caffe.AdaDeltaSolver``.")
 AdamSolver = _typed("Adam", "pycaffe's ``caffe.AdamSolver``.")
 
 
+# Solver types that are more than an update rule, by Caffe ``type`` string: the class that trains
+# them, as "module:Class" (imported when first used; the modules import this one).
+SOLVER_CLASSES = {"Alternation": "pycaffe_alt.alternation.solver:AlternationSolver"}
+
+
+def solver_class(type_name: str) -> type:
+    """The class :func:`get_solver` builds for a solver ``type`` (Solver for a plain update rule)."""
+    import importlib
+
+    target = SOLVER_CLASSES.get(type_name)
+    if target is None:
+        return Solver
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def get_solver(solver: SolverSource, **kwargs) -> Solver:
     """pycaffe's ``caffe.get_solver(path)``: the solver of the type the file names."""
-    return Solver(solver, **kwargs)
+    if isinstance(solver, caffe_pb2.SolverParameter):
+        type_name = solver.type
+    else:
+        from ..prototxt import read_solver
+
+        path = os.fspath(solver)
+        type_name = read_solver(path).type if os.path.isfile(path) else ""
+    return solver_class(type_name)(solver, **kwargs)
