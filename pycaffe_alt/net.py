@@ -677,11 +677,14 @@ class Net(nn.Module):
         """Write the net with its weights as a .caffemodel (atomically)."""
         from .weights import atomic_write, net_param_with_weights
 
+        self._push_host_writes()  # numpy edits of GPU weights (net surgery) go in too
         proto = net_param_with_weights(self.net_param, self._param_lists())
         atomic_write(os.fspath(path), proto.SerializeToString())
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s parameter blobs for layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        self._push_host_writes()
+        other._push_host_writes()
         theirs = other._param_lists()
         for name, view in self._views.items():
             if name not in theirs or not view.module.blobs:
@@ -716,3 +719,126 @@ class Net(nn.Module):
     def __repr__(self) -> str:
         return f"Net({self.net_param.name or self.source!r}, {len(self._steps)} layers, " \
                f"phase={'TRAIN' if self.phase == TRAIN else 'TEST'})"
+
+    # ---- pycaffe extras ----
+    # The rest of pycaffe's Net surface (python/caffe/pycaffe.py, _caffe.cpp), written in terms of
+    # the methods above. pycaffe's index lists ``_inputs``/``_outputs`` are not provided: those
+    # attribute names hold blob names here (use ``inputs``/``outputs``).
+    @property
+    def _blobs(self) -> List[Blob]:
+        return list(self.blobs.values())
+
+    @property
+    def _blob_loss_weights(self) -> List[float]:
+        return list(self.blob_loss_weights.values())
+
+    def _blob_ids(self, names: Sequence[str]) -> List[int]:
+        index = {n: i for i, n in enumerate(self.blobs)}
+        return [index[n] for n in names]
+
+    def _bottom_ids(self, i: int) -> List[int]:
+        """Blob indices (into ``net.blobs``) of layer ``i``'s bottoms."""
+        return self._blob_ids(self.bottom_names[self._layer_names[i]])
+
+    def _top_ids(self, i: int) -> List[int]:
+        """Blob indices (into ``net.blobs``) of layer ``i``'s tops."""
+        return self._blob_ids(self.top_names[self._layer_names[i]])
+
+    def _forward(self, start: int, end: int) -> float:
+        """Caffe's ForwardFromTo(start, end) by layer index; returns the loss."""
+        self._forward_pycaffe(start, end)
+        return float(self.loss().detach())
+
+    def _backward(self, start: int, end: int) -> None:
+        """Caffe's BackwardFromTo(start, end): layers ``start`` down to ``end``, by index."""
+        self.backward(start=self._layer_names[start], end=self._layer_names[end])
+
+    def clear_param_diffs(self) -> None:
+        """Zero every parameter diff (Caffe's ClearParamDiffs)."""
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def _batch(self, blobs: Dict[str, np.ndarray]):
+        """Yield ``{name: array}`` batches of the net's batch size; the last one is zero-padded
+        (pycaffe ``Net._batch``)."""
+        num = len(next(iter(blobs.values())))
+        size = next(iter(self.blobs.values())).shape[0]
+        for lo in range(0, num - num % size, size):
+            yield {name: arr[lo:lo + size] for name, arr in blobs.items()}
+        if num % size:
+            rest = num % size
+            yield {name: np.concatenate([np.asarray(arr[num - rest:]),
+                                         np.zeros((size - rest,) + np.shape(arr)[1:])])
+                   for name, arr in blobs.items()}
+
+    def forward_backward_all(self, blobs: Optional[Sequence[str]] = None,
+                             diffs: Optional[Sequence[str]] = None, **kwargs):
+        """pycaffe ``forward_backward_all``: forward and backward in batches; input arrays and
+        output diffs as keywords; returns ``(outputs, diffs)`` dicts of concatenated arrays."""
+        from itertools import zip_longest
+
+        outs: Dict[str, list] = {n: [] for n in self._output_names(blobs, None)}
+        grads: Dict[str, list] = {n: [] for n in dict.fromkeys(self.inputs + list(diffs or ()))}
+        fwd = self._batch({k: kwargs[k] for k in self.inputs if k in kwargs}) \
+            if any(k in kwargs for k in self.inputs) else ([{}] if not kwargs else ())
+        bwd = self._batch({k: kwargs[k] for k in self.outputs if k in kwargs}) \
+            if any(k in kwargs for k in self.outputs) else ()
+        for fb, bb in zip_longest(fwd, bwd, fillvalue={}):
+            for k, v in self.forward(blobs=blobs, **fb).items():
+                outs[k].extend(np.array(v, copy=True))
+            for k, v in self.backward(diffs=diffs, **bb).items():
+                grads[k].extend(np.array(v, copy=True))
+        given = len(next(iter(kwargs.values()))) if kwargs else None
+        packed = []
+        for table in (outs, grads):
+            arrays = {k: np.asarray(v) for k, v in table.items()}
+            packed.append({k: a[:given] for k, a in arrays.items()} if given else arrays)
+        return packed[0], packed[1]
+
+    def save_hdf5(self, path: str) -> None:
+        """Write the weights as Caffe's HDF5 layout ``data/<layer>/<i>`` (pycaffe ``save_hdf5``)."""
+        from .solver.snapshot import write_weights_h5
+
+        write_weights_h5([(name, [p.detach().cpu().numpy() for p in view.module.blobs])
+                          for name, view in self._views.items()], os.fspath(path))
+
+    def load_hdf5(self, path: str) -> None:
+        """Copy weights from a Caffe HDF5 file by layer name, whatever its file name (pycaffe
+        ``load_hdf5``); blobs a snapshot skipped as shared are left alone."""
+        from .errors import WeightsError
+        from .solver.snapshot import read_weights_h5
+
+        path = os.fspath(path)
+        mine = self._param_lists()
+        for name, arrays in read_weights_h5(path).items():
+            target = mine.get(name, [])
+            if name in mine and len(arrays) != len(target):
+                raise WeightsError(f"layer '{name}': the file has {len(arrays)} blob(s), the net "
+                                   f"expects {len(target)}", where=path)
+            for i, (arr, p) in enumerate(zip(arrays, target)):
+                if arr is not None and tuple(arr.shape) != tuple(p.shape):
+                    raise WeightsError(f"layer '{name}' blob {i}: the file has shape "
+                                       f"{tuple(arr.shape)}, the net expects {tuple(p.shape)}",
+                                       where=path)
+                if arr is not None:
+                    with torch.no_grad():
+                        p.copy_(torch.from_numpy(arr).to(p.device, p.dtype))
+
+    def _unsupported_hook(self, name: str) -> None:
+        raise NetError(f"net.{name}(callback) is not supported", self.source,
+                       "register torch hooks on the layer modules instead: "
+                       "net.layer_dict[name].module.register_forward_hook(...)")
+
+    def before_forward(self, callback) -> None:
+        self._unsupported_hook("before_forward")
+
+    def after_forward(self, callback) -> None:
+        self._unsupported_hook("after_forward")
+
+    def before_backward(self, callback) -> None:
+        self._unsupported_hook("before_backward")
+
+    def after_backward(self, callback) -> None:
+        self._unsupported_hook("after_backward")
+    # ---- end of pycaffe extras ----

@@ -115,20 +115,11 @@ def read_net_weights(path: str) -> "OrderedDict[str, Tuple[str, List]]":
 
 
 def _read_h5(path: str):
-    try:
-        import h5py
-    except ImportError:  # pragma: no cover - h5py is a dependency
-        raise WeightsError("reading HDF5 weights needs h5py", where=path, hint="pip install h5py")
-    out = OrderedDict()
-    try:
-        with h5py.File(path, "r") as f:
-            for name in f["data"]:
-                group = f["data"][name]
-                blobs = [array_to_blob(np.asarray(group[str(i)])) for i in range(len(group))]
-                out[name] = ("", blobs)
-    except (OSError, KeyError) as e:
-        raise WeightsError(f"not a Caffe HDF5 weights file ({e})", where=path) from None
-    return out
+    # HDF5 weights (data/<layer>/<i>); a shared blob Caffe skipped when writing reads as None.
+    from .solver.snapshot import read_weights_h5
+
+    return OrderedDict((name, ("", [None if a is None else array_to_blob(a) for a in arrays]))
+                       for name, arrays in read_weights_h5(path).items())
 
 
 def shapes_match(blob, shape: Sequence[int]) -> bool:
@@ -158,6 +149,8 @@ def copy_weights(layers: Dict[str, List], path: str) -> List[str]:
                 f"layer '{name}': the file has {len(blobs)} blob(s), the net expects {len(target)}",
                 where=path, hint="rename the layer in the prototxt to learn it from scratch instead")
         for i, (blob, param) in enumerate(zip(blobs, target)):
+            if blob is None:  # shared blob not stored (HDF5): its owner's copy fills it
+                continue
             shape = tuple(param.shape)
             if not shapes_match(blob, shape):
                 raise WeightsError(

@@ -19,12 +19,10 @@ from torch import nn
 
 from ..errors import NetError
 from ..fillers import fill
+from ..phase import TEST, TRAIN  # noqa: F401 - re-exported by the layers package
 
 Shape = Tuple[int, ...]
 Tops = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-TRAIN = 0
-TEST = 1
 
 
 @dataclass(frozen=True)
