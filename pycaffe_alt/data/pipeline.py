@@ -113,8 +113,9 @@ class Ordering:
 class BatchMaker:
     """Builds batch ``b`` of a record source (pure function of ``b``); picklable for workers.
 
-    A batch is a dict of numpy arrays: ``data`` (N,C,H,W float32), ``label`` (N float32) and
-    ``indices`` (N int64 record positions). As in Caffe, the first sample of a batch fixes the
+    A batch is a dict of numpy arrays: ``data`` (N,C,H,W float32), ``label`` (N float32),
+    ``indices`` (N int64 record positions) and ``mirrored`` (N bool: which samples were flipped;
+    the alternation solver flips their stored spatial supports to match). As in Caffe, the first sample of a batch fixes the
     batch's shape; a later sample of another shape is an error.
     """
 
@@ -135,6 +136,7 @@ class BatchMaker:
         indices = self.indices(b)
         rng = derived_generator(self.seed, _STREAM_TRANSFORM, b)
         labels = np.empty(self.batch_size, dtype=np.float32)
+        mirrored = np.zeros(self.batch_size, dtype=bool)
         data = None
         for i, index in enumerate(indices):
             image, labels[i] = self.source.load(int(index))
@@ -149,16 +151,21 @@ class BatchMaker:
                     "resizing when the dataset is made (convert_imageset --resize_height/width)")
             mirror, h_off, w_off = draw_params(self.spec, rng, image.shape[1], image.shape[2])
             transform_into(data[i], image, self.spec, mirror, h_off, w_off)
-        return {"data": data, "label": labels, "indices": indices}
+            mirrored[i] = mirror
+        return {"data": data, "label": labels, "indices": indices, "mirrored": mirrored}
 
     def close(self) -> None:
         self.source.close()
 
 
+# Per-sample bookkeeping that stays a CPU tensor (the data and labels go to the device).
+_HOST_KEYS = ("indices", "mirrored")
+
+
 def _to_tensors(batch: Dict[str, np.ndarray], pin: bool) -> Dict[str, torch.Tensor]:
     out = {k: torch.from_numpy(v) for k, v in batch.items()}
     if pin:
-        out = {k: (v.pin_memory() if k != "indices" else v) for k, v in out.items()}
+        out = {k: (v.pin_memory() if k not in _HOST_KEYS else v) for k, v in out.items()}
     return out
 
 
@@ -281,14 +288,14 @@ class InputPipeline:
 
     # -- serving --------------------------------------------------------------------------
     def next_batch(self, device: torch.device) -> Dict[str, torch.Tensor]:
-        """The next batch as tensors on ``device`` (``indices`` stays a CPU LongTensor)."""
+        """The next batch as tensors on ``device`` (``indices`` and ``mirrored`` stay on the CPU)."""
         pin = device.type == "cuda"
         if self._engine is None or self._engine_pin != pin:
             self._start(pin)
         batch = self._engine.next()
         self._next += 1
         if device.type != "cpu":
-            batch = {k: (v if k == "indices" else v.to(device, non_blocking=pin))
+            batch = {k: (v if k in _HOST_KEYS else v.to(device, non_blocking=pin))
                      for k, v in batch.items()}
         return batch
 

@@ -39,6 +39,36 @@ def _pipeline_option(param, name: str, default):
     return default
 
 
+def _is_embedded_dataset(source: str) -> bool:
+    """Whether ``source`` names one of the embedded mnist5k LMDBs (``.../mnist5k/mnist5k_*_lmdb``)."""
+    from ..data import mnist5k
+
+    folder, name = os.path.split(os.path.normpath(source))
+    return name in (mnist5k.TRAIN_NAME, mnist5k.TEST_NAME) and \
+        os.path.isfile(os.path.join(folder, mnist5k.CSV_NAME))
+
+
+def _create_db_hint(source: str) -> str:
+    """The exact commands that make a missing database, for the datasets the repository knows."""
+    folder = os.path.dirname(os.path.normpath(source)) or "."
+    name = os.path.basename(os.path.normpath(source)).lower()
+    if name.startswith("cifar100"):
+        return (f"run data/cifar100/get_cifar100 (downloads CIFAR-100 and writes "
+                f"{folder}/cifar100_{{train,test}}_lmdb), or without network: "
+                f"tools/convert_cifar --label fine DIR {folder}  (DIR: the extracted "
+                "cifar-100-python folder)")
+    if name.startswith("cifar10"):
+        return (f"run data/cifar10/get_cifar10 (downloads CIFAR-10 and writes "
+                f"{folder}/cifar10_{{train,test}}_lmdb and the mean), or without network: "
+                f"tools/convert_cifar DIR {folder}  (DIR: the extracted cifar-10-batches-bin "
+                "folder)")
+    if name.startswith("mnist"):
+        return ("run data/mnist/get_mnist (downloads MNIST and writes the LMDBs), or without "
+                "network: tools/convert_mnist IMAGES.idx LABELS.idx DB")
+    return ("create it with tools/convert_imageset ROOT/ LIST.txt DB (images), tools/convert_mnist "
+            "or data/mnist/get_mnist (MNIST), tools/convert_cifar or data/cifar10/get_cifar10")
+
+
 class DataLayerBase(Layer):
     """What every data layer shares: no bottoms, no parameter blobs, a device, record indices."""
 
@@ -51,6 +81,9 @@ class DataLayerBase(Layer):
         # Moves with layer.to(device) and tells forward() where the batch must go; not saved.
         self.register_buffer("_device_probe", torch.empty(0), persistent=False)
         self.last_indices: torch.Tensor = torch.empty(0, dtype=torch.long)
+        # Which samples of the last batch were mirrored (bool, CPU); None for layers that never
+        # mirror. The alternation solver flips stored spatial supports of those samples.
+        self.last_mirrored: Optional[torch.Tensor] = None
         self._top_shapes: List[Shape] = []
 
     @property
@@ -73,6 +106,12 @@ class DataLayerBase(Layer):
     def require_source(self, source: str, field: str, what: str, create_hint: str) -> str:
         if not source:
             raise self.error(f"{field}.source is not set", f"give the path of the {what}")
+        if not os.path.exists(source) and _is_embedded_dataset(source):
+            # The embedded digits ship as a CSV; their LMDBs are made on first use, so a fresh
+            # clone trains offline without a preparation step.
+            from ..data.mnist5k import ensure_mnist5k_lmdb
+
+            ensure_mnist5k_lmdb(os.path.dirname(os.path.normpath(source)))
         if not os.path.exists(source):
             raise DataError(f"{what} {source!r} does not exist (relative paths are taken from the "
                             f"current directory, {os.getcwd()})", self.where, create_hint)
@@ -103,6 +142,7 @@ class PipelinedDataLayer(DataLayerBase):
     def forward(self):
         batch = self.pipeline.next_batch(self.device)
         self.last_indices = batch["indices"]
+        self.last_mirrored = batch.get("mirrored")
         if len(self._top_shapes) > 1:
             return batch["data"], batch["label"]
         return batch["data"]
@@ -194,10 +234,8 @@ class Data(PipelinedDataLayer):
         super().__init__(param, bottom_shapes, ctx)
         dp = param.data_param
         batch_size = self.require_batch_size(dp.batch_size, "data_param")
-        source = self.require_source(
-            dp.source, "data_param", "database",
-            "create it with tools/convert_imageset ROOT/ LIST.txt DB (images), tools/convert_mnist "
-            "or data/mnist/get_mnist (MNIST), tools/convert_cifar or data/cifar10/get_cifar10")
+        source = self.require_source(dp.source, "data_param", "database",
+                                     _create_db_hint(dp.source))
         spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
         records = DbSource(source, _backend_of(dp, source), spec.force_color, spec.force_gray,
                            self.where)

@@ -1,0 +1,335 @@
+"""How the alternation solver obtains supports from a net: the I-alternation support pass over the
+training set, and the per-batch eq. 41 supports of B-alternation and MaskT testing.
+
+Both work through ``HardThreshold.fixed_support``: the callable receives the layer's input ``q``,
+computes the support by the chosen rule and returns it, so the layer outputs ``m * q`` (or
+``m * (q - beta)``). Consequence, on purpose: the support of layer ``l`` is computed from the
+signal that arrives when the layers below already apply *their* computed supports, i.e. exactly
+the signal the weight step will see with those supports fixed. With rule EQ12 this is ordinary
+thresholding (``m = q > beta`` gives ``m * q = eta*(q; beta)``), so the recorded supports are the
+net's own.
+
+No state lives here beyond one pass; the solver owns the store and the schedule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import SolverError
+from ..layers.data import DataLayerBase, PipelinedDataLayer
+from ..layers.support import HardThreshold, SupportMask
+from .mask_store import MaskStore
+from .rules import (batch_support, batch_support_sums, channel_view, count_changed_bits,
+                    reconstruction_support, threshold_support)
+
+SumsReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the pieces of a net
+# ---------------------------------------------------------------------------------------------
+def hard_threshold_layers(net) -> List[Tuple[str, HardThreshold]]:
+    """``(name, layer)`` of every HardThreshold layer of ``net``, in execution order."""
+    return [(s.name, s.layer) for s in net._steps if isinstance(s.layer, HardThreshold)]
+
+
+def store_supportmask_layers(net) -> List[str]:
+    """Names of SupportMask layers with source STORE (not driven by the solver, see docs)."""
+    return [s.name for s in net._steps
+            if isinstance(s.layer, SupportMask) and s.layer.source == "STORE"]
+
+
+def data_steps(net) -> list:
+    """The data layers' steps (layers that produce batches and record indices)."""
+    return [s for s in net._steps if isinstance(s.layer, DataLayerBase)]
+
+
+def first_data_layer(net) -> Optional[DataLayerBase]:
+    """The data layer whose ``last_indices`` key the supports (the one ``net.batch_indices`` reads)."""
+    steps = data_steps(net)
+    return steps[0].layer if steps else None
+
+
+def record_count(layer: DataLayerBase) -> Optional[int]:
+    """Number of records of a data layer's dataset (the store's key space), or None if unknown."""
+    if isinstance(layer, PipelinedDataLayer):
+        return int(layer.pipeline.maker.ordering.num_records)
+    total = getattr(layer, "total", None)  # HDF5Data
+    if total is not None:
+        return int(total)
+    data = getattr(layer, "_data", None)  # MemoryData once arrays are set
+    return int(data.shape[0]) if data is not None else None
+
+
+def batch_size_of(layer: DataLayerBase) -> int:
+    """Samples per forward of a data layer (its top 0's first axis)."""
+    return int(layer.top_shapes([])[0][0])
+
+
+def support_layout(net) -> List[Tuple[str, Tuple[int, ...]]]:
+    """``[(layer name, unit shape)]`` of the HardThreshold supports (the mask store's layout)."""
+    layout = []
+    for step in net._steps:
+        if isinstance(step.layer, HardThreshold):
+            shape = tuple(net._shapes[step.bottoms[0]])
+            layout.append((step.name, shape[1:]))
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules applied to a layer's input q
+# ---------------------------------------------------------------------------------------------
+def thresholded_signal(layer: HardThreshold, q: torch.Tensor) -> torch.Tensor:
+    """The layer's thresholded output ``x`` for input ``q`` in its current mode, detached.
+
+    KEEP: ``q * (q > beta)``; SHIFT and RELU_BIAS: ``(q - beta) * (q > beta)``. Eq. 38 and 41
+    reconstruct this signal (docs/alternation.md, "Which signal x the reconstruction rules see").
+    """
+    q = q.detach()
+    beta = channel_view(layer.beta.detach().to(q.dtype), q)
+    m = q > beta
+    shift = layer.mode == "RELU_BIAS" or layer.output == "SHIFT"
+    return (q - beta) * m if shift else q * m
+
+
+def instance_support(layer: HardThreshold, q: torch.Tensor, rule: str, beta: float) -> torch.Tensor:
+    """One support per example: eq. 12 (``q > beta_layer``) or eq. 38 (``x^2 > beta``). Bool."""
+    if rule == "EQ12":
+        return threshold_support(q, layer.beta)
+    return reconstruction_support(thresholded_signal(layer, q), beta)
+
+
+def _identity(stats: torch.Tensor) -> torch.Tensor:
+    return stats
+
+
+class BatchSupport:
+    """``fixed_support`` callable of one HardThreshold layer: eq. 41 from the batch it is given.
+
+    ``m_i = (sum_n x_i^(n)^2 > beta * N)`` with ``x`` the layer's thresholded signal and ``N``
+    the number of examples summed (``beta`` is per example, so one setting serves any batch
+    size). One mask for the whole batch, shape ``(1, *unit_shape)``; the last one is kept in
+    ``sink[name]`` (DSD prunes with it).
+
+    Distributed training: ``reduce`` is THE place where the statistics would be all-reduced
+    (SUM) across processes. It receives one flat float32 tensor, the per-unit sums followed by
+    the example count, and must return the reduced tensor of the same shape; the default is the
+    identity (one process). With ``torch.distributed.all_reduce`` there, every process derives
+    the same mask from the global batch.
+    """
+
+    def __init__(self, layer: HardThreshold, name: str, beta: float,
+                 reduce: Optional[SumsReducer] = None,
+                 sink: Optional[Dict[str, torch.Tensor]] = None):
+        self.layer = layer
+        self.name = name
+        self.beta = float(beta)
+        self.reduce = reduce or _identity
+        self.sink = sink
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        sums = batch_support_sums(thresholded_signal(self.layer, q)).float()
+        count = torch.full((1,), float(q.shape[0]), dtype=sums.dtype, device=sums.device)
+        stats = self.reduce(torch.cat([sums.reshape(-1), count]))
+        sums, n = stats[:-1].reshape(sums.shape), stats[-1]
+        mask = batch_support(sums, n * self.beta)
+        if self.sink is not None:
+            self.sink[self.name] = mask
+        return mask.unsqueeze(0)
+
+
+class StoredSupports:
+    """``fixed_support`` provider of I-alternation's weight step: the stored supports of the
+    records in the current batch (``data_layer.last_indices``), fetched once per batch for all
+    layers (one host->device copy).
+
+    A sample the data layer mirrored gets its spatial (N, C, H, W) masks flipped along the width,
+    so the support follows the image; 2-D (N, C) supports are not flipped. This is an
+    approximation (a convolution of a flipped image is the flip of the convolution with flipped
+    filters, not with the same ones). Random crops: the stored support is the centre crop's, used
+    as is (docs/alternation.md, "Limits").
+    """
+
+    def __init__(self, store: MaskStore, data_layer: DataLayerBase):
+        self.store = store
+        self.data_layer = data_layer
+        self._key: Optional[torch.Tensor] = None
+        self._masks: Dict[str, torch.Tensor] = {}
+
+    def masks(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        idx = self.data_layer.last_indices
+        if self._key is not idx:
+            masks = self.store.get(idx, device)
+            mirrored = getattr(self.data_layer, "last_mirrored", None)
+            if mirrored is not None and bool(mirrored.any()):
+                sel = mirrored.to(device)
+                for name, m in masks.items():
+                    if m.dim() == 4:
+                        masks[name] = torch.where(sel.view(-1, 1, 1, 1), m.flip(-1), m)
+            self._masks, self._key = masks, idx
+        return self._masks
+
+    def for_layer(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def provide(q: torch.Tensor) -> torch.Tensor:
+            return self.masks(q.device)[name]
+        return provide
+
+
+# ---------------------------------------------------------------------------------------------
+# The I-alternation support pass
+# ---------------------------------------------------------------------------------------------
+class _Recorder:
+    """``fixed_support`` of one layer during the pass: computes the rule's support, keeps it,
+    returns it (so the layers above see the signal the weight step will see)."""
+
+    def __init__(self, layer: HardThreshold, name: str, rule: str, beta: float,
+                 sink: Dict[str, torch.Tensor]):
+        self.layer, self.name, self.rule, self.beta, self.sink = layer, name, rule, beta, sink
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        m = instance_support(self.layer, q, self.rule, self.beta)
+        self.sink[self.name] = m
+        return m
+
+
+def _pass_range(net) -> Tuple[int, int]:
+    """Step indices the pass runs: from the first layer after the data layers up to the last
+    HardThreshold (nothing above the last support is needed)."""
+    steps = net._steps
+    data_idx = [i for i, s in enumerate(steps) if isinstance(s.layer, DataLayerBase)]
+    ht_idx = [i for i, s in enumerate(steps) if isinstance(s.layer, HardThreshold)]
+    first_other = next(i for i, s in enumerate(steps) if not isinstance(s.layer, DataLayerBase))
+    if data_idx and max(data_idx) > first_other:
+        raise SolverError(f"{net.source}: data layer '{steps[max(data_idx)].name}' comes after "
+                          f"layer '{steps[first_other].name}'",
+                          hint="I-alternation feeds the net its own batches and needs the data "
+                               "layers first; move them to the top of the prototxt")
+    return first_other, max(ht_idx)
+
+
+def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.0,
+                     batch_size: int = 0) -> Dict[str, object]:
+    """One pass over the whole training set of ``net``'s first data layer: every record exactly
+    once, in key order, with the TEST-style transform (centre crop, no mirror) and the layers in
+    test mode (Dropout off, BatchNorm on its global statistics), no gradients; each record's
+    support at every HardThreshold layer goes into ``store`` under its record index.
+
+    Only the layers up to the last HardThreshold run. Batches of ``batch_size`` (default: the
+    train batch); the last batch wraps around to the first records (as the Data layer does) so
+    every forward has the train batch's shape, and only its new records are stored. Packing
+    runs on the device, one device->host copy per batch (MaskStore.put).
+
+    Returns the statistics: ``seconds``, ``records``, ``batches``, ``first`` (no earlier
+    supports), ``changed_fraction`` per layer and ``changed_overall`` (None on a first pass),
+    ``on_fraction`` per layer and ``on_overall``, ``store_bytes``.
+    """
+    from ..data.pipeline import BatchMaker, InputPipeline, Ordering
+
+    t0 = time.perf_counter()
+    layer = first_data_layer(net)
+    if not isinstance(layer, PipelinedDataLayer):
+        kind = type(layer).__name__ if layer is not None else "no data layer"
+        raise SolverError(f"{net.source}: I-alternation reads the training set through a Data or "
+                          f"ImageData layer; the train net has {kind}",
+                          hint="use a Data (LMDB) or ImageData layer, or mode: BATCH")
+    maker = layer.pipeline.maker
+    n = int(maker.ordering.num_records)
+    if n != store.num_records:
+        raise SolverError(f"the mask store holds {store.num_records} records but the training "
+                          f"set has {n}")
+    bs = int(batch_size) or maker.batch_size
+    # Our own reader of the same records (a copy: the training prefetch thread keeps its own),
+    # TEST-style: centre crop, no mirror.
+    source = pickle.loads(pickle.dumps(maker.source))
+    spec = dataclasses.replace(maker.spec, train=False, mirror=False)
+    pass_maker = BatchMaker(source, spec, bs, Ordering(n), maker.seed, layer.where)
+    pipe = InputPipeline(pass_maker, workers=0, depth=2)
+    tops = net.top_names[data_steps(net)[0].name]
+    start, end = _pass_range(net)
+
+    hts = hard_threshold_layers(net)
+    sink: Dict[str, torch.Tensor] = {}
+    saved = [(ht, ht.fixed_support) for _, ht in hts]
+    for name, ht in hts:
+        ht.fixed_support = _Recorder(ht, name, rule, beta, sink)
+    was_training = net.training
+    names = store.layer_names()
+    slices = {nm: slice(store.offsets[nm], store.offsets[nm] + (store.units[nm] + 7) // 8)
+              for nm in names}
+    changed = {nm: 0 for nm in names}
+    on = {nm: None for nm in names}
+    compared = 0
+    batches = math.ceil(n / bs)
+    net.eval()
+    try:
+        with torch.no_grad():
+            for b in range(batches):
+                batch = pipe.next_batch(net.device)
+                inputs = {tops[0]: batch["data"]}
+                if len(tops) > 1:
+                    inputs[tops[1]] = batch["label"]
+                net.run(inputs, start=start, end=end)
+                keep = min(bs, n - b * bs)
+                idx = batch["indices"][:keep]
+                masks = {nm: sink[nm][:keep] for nm in names}
+                for nm in names:
+                    count = masks[nm].sum(dtype=torch.int64)
+                    on[nm] = count if on[nm] is None else on[nm] + count
+                idx_np = idx.numpy()
+                was = store.is_filled(idx_np)
+                old = store.rows[idx_np[was]].copy() if was.any() else None
+                store.put(None, idx_np, masks)
+                if old is not None:
+                    new = store.rows[idx_np[was]]
+                    for nm in names:
+                        changed[nm] += count_changed_bits(old[:, slices[nm]], new[:, slices[nm]])
+                    compared += int(was.sum())
+    finally:
+        for ht, fs in saved:
+            ht.fixed_support = fs
+        net.train(was_training)
+        pipe.close()
+    units = store.units
+    on_counts = {nm: int(on[nm]) for nm in names}
+    total_units = sum(units.values())
+    stats: Dict[str, object] = {
+        "seconds": time.perf_counter() - t0, "records": n, "batches": batches,
+        "first": compared == 0,
+        "changed_fraction": {nm: (changed[nm] / (units[nm] * compared) if compared else None)
+                             for nm in names},
+        "changed_overall": (sum(changed.values()) / (total_units * compared) if compared
+                            else None),
+        "on_fraction": {nm: on_counts[nm] / (units[nm] * n) for nm in names},
+        "on_overall": sum(on_counts.values()) / (total_units * n),
+        "store_bytes": store.nbytes,
+    }
+    return stats
+
+
+def data_states(net) -> Dict[str, object]:
+    """Reading positions of ``net``'s data layers (to evaluate the same batches twice)."""
+    return {s.name: s.layer.state() for s in data_steps(net) if hasattr(s.layer, "state")}
+
+
+def load_data_states(net, states: Dict[str, object]) -> None:
+    for s in data_steps(net):
+        if s.name in states:
+            s.layer.load_state(states[s.name])
+
+
+def fraction_text(fractions: Dict[str, Optional[float]], overall: Optional[float]) -> str:
+    """``4.21% (ht1 3.10%, ht2 5.00%)`` for a log line."""
+    parts = ", ".join(f"{nm} {100 * f:.2f}%" for nm, f in fractions.items() if f is not None)
+    return f"{100 * overall:.2f}% ({parts})"
+
+
+__all__ = ["BatchSupport", "StoredSupports", "hard_threshold_layers", "first_data_layer",
+           "record_count", "batch_size_of", "support_layout", "thresholded_signal",
+           "instance_support", "run_support_pass", "fraction_text", "data_states",
+           "load_data_states", "store_supportmask_layers", "data_steps"]
