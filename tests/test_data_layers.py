@@ -349,3 +349,19 @@ def test_records_of_different_sizes_in_one_batch(tmp_path):
 def test_bad_batch_size():
     with pytest.raises(CaffeError, match="batch_size must be positive"):
         layer_from('type: "Data" top: "data" data_param { source: "x" }')
+
+
+def test_workers_and_shuffle_come_from_the_prototxt(tmp_path):
+    """data_param { workers shuffle } (our fields 5201/5202) reach the pipeline."""
+    import pycaffe_alt as caffe
+    from pycaffe_alt.prototxt import parse_text
+    from pycaffe_alt.proto import caffe_pb2
+
+    src = os.path.join(os.path.dirname(__file__), "fixtures", "golden", "data", "mnist_test_lmdb")
+    text = f'''layer {{ name: "d" type: "Data" top: "data" top: "label"
+      data_param {{ source: "{src}" batch_size: 4 backend: LMDB workers: 1 shuffle: true }} }}'''
+    net = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), caffe.TRAIN)
+    layer = net.layer_dict["d"].module
+    assert layer.pipeline.workers == 1
+    net.forward()
+    assert net.blobs["data"].data.shape == (4, 1, 28, 28)

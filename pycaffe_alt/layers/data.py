@@ -28,17 +28,6 @@ from ..registry import LAYERS
 from .base import TRAIN, Layer, Shape
 
 
-def _pipeline_option(param, name: str, default):
-    """An input-pipeline option (``workers``, ``shuffle``) from the layer's parameter message.
-
-    These are pycaffe_alt extensions: the schema may or may not declare them, so the field is read
-    only when the message type has it (``layer.set_pipeline`` sets them from Python either way).
-    """
-    if name in param.DESCRIPTOR.fields_by_name:
-        return type(default)(getattr(param, name))
-    return default
-
-
 def _is_embedded_dataset(source: str) -> bool:
     """Whether ``source`` names one of the embedded mnist5k LMDBs (``.../mnist5k/mnist5k_*_lmdb``)."""
     from ..data import mnist5k
@@ -240,8 +229,8 @@ class Data(PipelinedDataLayer):
         records = DbSource(source, _backend_of(dp, source), spec.force_color, spec.force_gray,
                            self.where)
         self.init_pipeline(records, spec, batch_size, int(dp.rand_skip),
-                           shuffle=_pipeline_option(dp, "shuffle", False),
-                           workers=_pipeline_option(dp, "workers", 0),
+                           shuffle=bool(dp.shuffle),
+                           workers=int(dp.workers),
                            prefetch=max(1, int(dp.prefetch)))
 
 
@@ -335,7 +324,7 @@ class ImageData(PipelinedDataLayer):
                                   bool(ip.is_color), source)
         self.init_pipeline(records, spec, batch_size, int(ip.rand_skip),
                            shuffle=bool(ip.shuffle),
-                           workers=_pipeline_option(ip, "workers", 0),
+                           workers=int(ip.workers),
                            prefetch=max(1, int(param.data_param.prefetch)))
 
 
