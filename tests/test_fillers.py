@@ -1,0 +1,66 @@
+"""Caffe's fillers: the distributions and exact kernels of filler.hpp."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pycaffe_alt.errors import UnknownTypeError
+from pycaffe_alt.fillers import fill
+from pycaffe_alt.proto import caffe_pb2
+
+
+def filled(shape, **kw):
+    t = torch.empty(shape)
+    return fill(t, caffe_pb2.FillerParameter(**kw))
+
+
+def test_constant_default_is_zero_and_value():
+    assert torch.all(filled((3, 4)) == 0)
+    assert torch.all(filled((3, 4), type="constant", value=0.25) == 0.25)
+
+
+def test_uniform_range():
+    t = filled((200, 50), type="uniform", min=-0.3, max=0.7)
+    assert t.min() >= -0.3 and t.max() <= 0.7 and abs(float(t.mean()) - 0.2) < 0.02
+
+
+def test_gaussian_and_sparse():
+    t = filled((400, 100), type="gaussian", mean=1.0, std=0.5)
+    assert abs(float(t.mean()) - 1.0) < 0.02 and abs(float(t.std()) - 0.5) < 0.02
+    # sparse: each weight kept with probability sparse / num_outputs (shape[0]).
+    s = filled((100, 400), type="gaussian", std=1.0, sparse=20)
+    kept = float((s != 0).float().mean())
+    assert abs(kept - 0.2) < 0.02
+
+
+def test_positive_unitball_rows_sum_to_one():
+    t = filled((5, 3, 2, 2), type="positive_unitball")
+    assert torch.all(t >= 0)
+    np.testing.assert_allclose(t.view(5, -1).sum(1).numpy(), np.ones(5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm,n", [(0, 3 * 3 * 3), (1, 64 * 3 * 3), (2, (27 + 576) / 2)])
+def test_xavier_bound_follows_variance_norm(norm, n):
+    t = filled((64, 3, 3, 3), type="xavier", variance_norm=norm)
+    bound = math.sqrt(3.0 / n)
+    assert float(t.abs().max()) <= bound and float(t.abs().max()) > 0.9 * bound
+
+
+@pytest.mark.parametrize("norm,n", [(0, 16 * 9), (1, 256 * 9)])
+def test_msra_std_follows_variance_norm(norm, n):
+    t = filled((256, 16, 3, 3), type="msra", variance_norm=norm)
+    assert abs(float(t.std()) - math.sqrt(2.0 / n)) < 0.05 * math.sqrt(2.0 / n)
+
+
+def test_bilinear_kernel_is_caffes_upsampling_kernel():
+    t = filled((2, 1, 4, 4), type="bilinear")
+    # f = ceil(4/2) = 2, c = (2f - 1 - f % 2) / (2f) = 0.75: weights (1 - |x/f - c|) per axis.
+    axis = np.array([0.25, 0.75, 0.75, 0.25])
+    np.testing.assert_allclose(t[0, 0].numpy(), np.outer(axis, axis), rtol=1e-6)
+    assert torch.equal(t[0], t[1])
+
+
+def test_unknown_filler_lists_known_ones():
+    with pytest.raises(UnknownTypeError, match="xavier"):
+        filled((2, 2), type="glorot")
