@@ -1,5 +1,5 @@
-"""The paper's training method: support rules, the bit-packed mask store, and (later) the
-alternation solver (:mod:`.solver`, :mod:`.support_pass`) and DSD. See docs/alternation.md for the choices made and why.
+"""The paper's training method: support rules, the bit-packed mask store, the alternation solver
+(:mod:`.solver`, :mod:`.support_pass`) and DSD (:mod:`.dsd`, :mod:`.pruning`). See docs/alternation.md for the choices made and why.
 
 Kept import-light: layers import :mod:`.rules`, so this package must not import the layers.
 """
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from .solver import AlternationSolver
 
         return AlternationSolver
+    if name in ("DSDSolver", "SupportDSDSolver"):
+        from . import dsd
+
+        return getattr(dsd, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

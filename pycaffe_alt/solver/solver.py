@@ -146,6 +146,11 @@ class Solver:
     # ------------------------------------------------------------------ construction
     def _rule_type(self) -> str:
         """The update rule's name; a solver type that wraps a rule (Alternation) overrides it."""
+        if self.param.HasField("dsd_param"):
+            raise SolverError("a solver file with dsd_param is trained by the DSD solver "
+                              f"({DSD_SOLVER.partition(':')[2]}), not by the plain Solver",
+                              self._where("dsd_param"),
+                              "build it with get_solver(path) (tools/train does)")
         if self.type in SOLVER_CLASSES:
             raise SolverError(f'solver type "{self.type}" is trained by '
                               f'{SOLVER_CLASSES[self.type].partition(":")[2]}, not by the plain '
@@ -646,6 +651,9 @@ AdamSolver = _typed("Adam", "pycaffe's ``caffe.AdamSolver``.")
 # Solver types that are more than an update rule, by Caffe ``type`` string: the class that trains
 # them, as "module:Class" (imported when first used; the modules import this one).
 SOLVER_CLASSES = {"Alternation": "pycaffe_alt.alternation.solver:AlternationSolver"}
+# A solver file with a dsd_param is trained by DSD whatever its type (the type then names the
+# update rule); this function picks the DSD class from the file's parameters.
+DSD_SOLVER = "pycaffe_alt.alternation.dsd:dsd_solver_class"
 
 
 def solver_class(type_name: str) -> type:
@@ -660,12 +668,18 @@ def solver_class(type_name: str) -> type:
 
 
 def get_solver(solver: SolverSource, **kwargs) -> Solver:
-    """pycaffe's ``caffe.get_solver(path)``: the solver of the type the file names."""
+    """pycaffe's ``caffe.get_solver(path)``: the solver of the type the file names (DSD when
+    the file has a ``dsd_param``)."""
+    import importlib
+
     if isinstance(solver, caffe_pb2.SolverParameter):
-        type_name = solver.type
+        param = solver
     else:
         from ..prototxt import read_solver
 
         path = os.fspath(solver)
-        type_name = read_solver(path).type if os.path.isfile(path) else ""
-    return solver_class(type_name)(solver, **kwargs)
+        param = read_solver(path) if os.path.isfile(path) else caffe_pb2.SolverParameter(type="")
+    if param.HasField("dsd_param"):
+        module, _, name = DSD_SOLVER.partition(":")
+        return getattr(importlib.import_module(module), name)(param)(solver, **kwargs)
+    return solver_class(param.type)(solver, **kwargs)
