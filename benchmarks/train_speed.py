@@ -102,8 +102,9 @@ _LINE = re.compile(r"^I(\d{4}) (\d\d:\d\d:\d\d\.\d+) .*Iteration (\d+), loss = "
 
 
 def ours_ms_per_iter(solver_path, warmup):
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # same threads as hand
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train"), "--solver",
-                           solver_path], capture_output=True, text=True, cwd=ROOT)
+                           solver_path], capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
     stamps = {}
@@ -140,11 +141,14 @@ def hand_ms_per_iter(name, x, y, iters, warmup, batch):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--nets", default="lenet,allcnn_c")
     ap.add_argument("--iters", type=int, default=0, help="iterations per run (default per net)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     folder = tempfile.mkdtemp(prefix="train_speed_")
     try:

@@ -287,6 +287,9 @@ class Net(nn.Module):
                                     lp.type != "Input"))
 
         self._mark_buffer_readers()
+        # Blobs a pass recomputes (input blobs written in place keep their storage).
+        self._produced = [t for step in self._steps if step.runs for t in step.tops
+                          if t not in self._inputs]
         # Outputs: blobs nobody consumed, in Caffe's (sorted std::set) order.
         self._outputs = sorted(available)
         plan = plan_backward(links, self.net_param.force_backward)
@@ -470,6 +473,11 @@ class Net(nn.Module):
         blob's first value in this pass (an in-place blob's diff is the gradient of that one).
         """
         values = self._values
+        if start == 0:
+            # Drop last pass's activations before making new ones: they are overwritten anyway,
+            # and freeing them first lets the allocator reuse their memory (~5% of a LeNet step).
+            for name in self._produced:
+                values.pop(name, None)
         if inputs:
             values.update(inputs)
         for name in self._inputs:

@@ -215,3 +215,15 @@ def test_lr_mult_zero_param_gets_no_gradient():
     net.backward()
     assert np.all(net.params["p"][0].diff == 0) and np.any(net.params["p"][1].diff != 0)
     assert np.all(net.blobs["a"].diff == 0)  # no force_backward: inputs get no diff
+
+
+def test_in_place_layer_on_an_input_blob_keeps_the_fed_value():
+    net = net_from_text("""
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "drop" type: "Dropout" bottom: "data" top: "data" }
+    layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+            inner_product_param { num_output: 2 weight_filler { type: "constant" value: 1 } } }""")
+    for value in (1.0, 2.0):
+        net.blobs["data"].data[...] = value
+        out = net.forward()
+        np.testing.assert_allclose(out["ip"], np.full((2, 2), 3 * value))
