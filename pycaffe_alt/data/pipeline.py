@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ..errors import CaffeError, DataError
-from .transformer import TransformSpec, draw_params, output_shape, transform_into
+from .transformer import (TransformSpec, draw_params, normalize_batch, output_shape,
+                          place_pixels)
 
 # Sub-streams of a layer's seed: one family of generators per purpose, so that e.g. turning
 # shuffling on does not change the crops.
@@ -137,21 +138,29 @@ class BatchMaker:
         rng = derived_generator(self.seed, _STREAM_TRANSFORM, b)
         labels = np.empty(self.batch_size, dtype=np.float32)
         mirrored = np.zeros(self.batch_size, dtype=bool)
+        offsets = []
         data = None
+        first_shape = None
         for i, index in enumerate(indices):
             image, labels[i] = self.source.load(int(index))
-            where = f"{self.where}: record {int(index)}"
-            shape = output_shape(self.spec, image.shape, where)
-            if data is None:
-                data = np.empty((self.batch_size,) + shape, dtype=np.float32)
-            elif shape != data.shape[1:]:
-                raise DataError(
-                    f"gives a {shape} sample but the batch's first sample is {data.shape[1:]}",
-                    where, "records of different sizes need batch_size: 1, a crop_size, or "
-                    "resizing when the dataset is made (convert_imageset --resize_height/width)")
+            if image.shape != first_shape:  # the checks (and their messages) once per shape
+                where = f"{self.where}: record {int(index)}"
+                shape = output_shape(self.spec, image.shape, where)
+                if data is None:
+                    data = np.empty((self.batch_size,) + shape, dtype=np.float32)
+                    first_shape = image.shape
+                elif shape != data.shape[1:]:
+                    raise DataError(
+                        f"gives a {shape} sample but the batch's first sample is {data.shape[1:]}",
+                        where, "records of different sizes need batch_size: 1, a crop_size, or "
+                        "resizing when the dataset is made (convert_imageset --resize_height/width)")
             mirror, h_off, w_off = draw_params(self.spec, rng, image.shape[1], image.shape[2])
-            transform_into(data[i], image, self.spec, mirror, h_off, w_off)
+            place_pixels(data[i], image, mirror, h_off, w_off)
             mirrored[i] = mirror
+            offsets.append((mirror, h_off, w_off))
+        # Mean and scale over the whole batch at once: the same per-element arithmetic as
+        # Caffe's (pixel - mean) * scale, without a Python-level pass per sample.
+        normalize_batch(data, self.spec, offsets)
         return {"data": data, "label": labels, "indices": indices, "mirrored": mirrored}
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -148,28 +148,41 @@ def draw_params(spec: TransformSpec, rng: Optional[np.random.Generator], height:
     return mirror, h_off, w_off
 
 
-def transform_into(out: np.ndarray, image: np.ndarray, spec: TransformSpec, mirror: bool,
-                   h_off: int, w_off: int) -> None:
-    """Write the transformed C,H,W ``image`` into ``out`` (float32, C,h,w of the output shape).
-
-    Equals Caffe's per-pixel ``(pixel - mean[source position]) * scale`` written to the mirrored
-    position: subtracting the crop of the mean and then flipping both is the same thing.
-    """
+def place_pixels(out: np.ndarray, image: np.ndarray, mirror: bool, h_off: int, w_off: int) -> None:
+    """Copy the (cropped, mirrored) pixels of the C,H,W ``image`` into ``out`` as float32."""
     _, oh, ow = out.shape
     src = image[:, h_off:h_off + oh, w_off:w_off + ow]
     if mirror:
         src = src[:, :, ::-1]
     # uint8 -> float32 is exact; float records are already float32.
     np.copyto(out, src, casting="unsafe")
+
+
+def normalize_batch(data: np.ndarray, spec: TransformSpec,
+                    offsets: Sequence[Tuple[bool, int, int]]) -> None:
+    """Subtract the mean and apply the scale to placed pixels ``data`` (N,C,h,w) in place.
+
+    Equals Caffe's per-pixel ``(pixel - mean[source position]) * scale`` written to the mirrored
+    position: subtracting the crop of the mean and then flipping both is the same thing. A mean
+    file is cropped (and flipped) per sample with that sample's ``(mirror, h_off, w_off)``.
+    """
+    _, _, oh, ow = data.shape
     if spec.mean is not None:
-        mean = spec.mean[:, h_off:h_off + oh, w_off:w_off + ow]
-        out -= mean[:, :, ::-1] if mirror else mean
+        for out, (mirror, h_off, w_off) in zip(data, offsets):
+            mean = spec.mean[:, h_off:h_off + oh, w_off:w_off + ow]
+            out -= mean[:, :, ::-1] if mirror else mean
     elif spec.mean_values:
-        values = np.asarray(spec.mean_values, dtype=np.float32)
         # One value serves every channel (Caffe replicates it).
-        out -= values.reshape(-1, 1, 1)
+        data -= np.asarray(spec.mean_values, dtype=np.float32).reshape(1, -1, 1, 1)
     if spec.scale != 1:
-        out *= spec.scale
+        data *= np.float32(spec.scale)
+
+
+def transform_into(out: np.ndarray, image: np.ndarray, spec: TransformSpec, mirror: bool,
+                   h_off: int, w_off: int) -> None:
+    """Write the transformed C,H,W ``image`` into ``out`` (float32, C,h,w of the output shape)."""
+    place_pixels(out, image, mirror, h_off, w_off)
+    normalize_batch(out[None], spec, [(mirror, h_off, w_off)])
 
 
 def transform(image: np.ndarray, spec: TransformSpec, rng: Optional[np.random.Generator],
