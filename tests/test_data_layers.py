@@ -111,8 +111,9 @@ def test_an_idle_layer_holds_no_lmdb_handle(in_golden):
 
     layer = data_layer("mnist_test_lmdb", batch_size=2)
     layer()
+    queue = getattr(layer.pipeline._engine, "_queue", None)  # None: batches read in line
     deadline = time.time() + 10
-    while not layer.pipeline._engine._queue.full() and time.time() < deadline:
+    while queue is not None and not queue.full() and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(0.05)  # the producer closes the handle right before it blocks
     env = lmdb.open("mnist_test_lmdb", readonly=True, lock=False)
@@ -349,6 +350,23 @@ def test_records_of_different_sizes_in_one_batch(tmp_path):
 def test_bad_batch_size():
     with pytest.raises(CaffeError, match="batch_size must be positive"):
         layer_from('type: "Data" top: "data" data_param { source: "x" }')
+
+
+def test_reads_in_line_when_torch_uses_every_core(in_golden, monkeypatch):
+    """On the CPU with every core in torch's pool, batches are made in the caller's thread
+    (a prefetch thread would pre-empt torch's workers); otherwise a prefetch thread."""
+    from pycaffe_alt.data import pipeline
+
+    monkeypatch.setattr(pipeline, "_cores_are_busy", lambda: True)
+    layer = data_layer("mnist_test_lmdb", batch_size=2)
+    first = layer()[0].clone()
+    assert isinstance(layer.pipeline._engine, pipeline._SyncReader)
+    layer.close()
+    monkeypatch.setattr(pipeline, "_cores_are_busy", lambda: False)
+    threaded = data_layer("mnist_test_lmdb", batch_size=2)
+    assert torch.equal(threaded()[0], first)  # same batches either way
+    assert isinstance(threaded.pipeline._engine, pipeline._ThreadPrefetcher)
+    threaded.close()
 
 
 def test_workers_and_shuffle_come_from_the_prototxt(tmp_path):

@@ -23,6 +23,7 @@ target device is CUDA, batches are put in pinned memory and copied with ``non_bl
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -178,6 +179,35 @@ def _to_tensors(batch: Dict[str, np.ndarray], pin: bool) -> Dict[str, torch.Tens
     return out
 
 
+class _SyncReader:
+    """Makes each batch when it is asked for, in the caller's thread.
+
+    Used on the CPU when torch's threads already occupy every core: a prefetch thread could only
+    run by pre-empting one of them, which stalls each parallel op at its barrier (measured: a
+    LeNet training step is ~15% slower with the thread than with reading in line).
+    """
+
+    def __init__(self, maker: BatchMaker, start: int):
+        self.maker = maker
+        self.b = start
+
+    def next(self) -> Dict[str, torch.Tensor]:
+        batch = _to_tensors(self.maker.make(self.b), False)
+        self.b += 1
+        # Between batches hold no database handle, as the prefetch thread does when idle
+        # (py-lmdb allows one environment per path and process); reopening costs ~0.1 ms.
+        self.maker.source.close()
+        return batch
+
+    def close(self) -> None:
+        self.maker.source.close()
+
+
+def _cores_are_busy() -> bool:
+    """Whether torch's intra-op threads use every core of this machine."""
+    return torch.get_num_threads() >= (os.cpu_count() or 1)
+
+
 class _ThreadPrefetcher:
     """Produces batches start, start+1, ... in a background thread (Caffe's prefetch thread).
 
@@ -310,7 +340,9 @@ class InputPipeline:
 
     def _start(self, pin: bool) -> None:
         self._stop_engine()
-        if self.workers == 0:
+        if self.workers == 0 and not pin and _cores_are_busy():
+            self._engine = _SyncReader(self.maker, self._next)
+        elif self.workers == 0:
             self._engine = _ThreadPrefetcher(self.maker, self._next, self.depth, pin)
         else:
             self._engine = _ProcessPrefetcher(self.maker, self._next, self.workers, self.depth,
