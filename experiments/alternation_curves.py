@@ -171,29 +171,11 @@ def data_missing(spec: DatasetSpec) -> List[str]:
 # ---------------------------------------------------------------------------------------------
 # Solver parameters of one run
 # ---------------------------------------------------------------------------------------------
-def _active_in(layer, phase: int, state) -> bool:
-    """Whether a layer is in the net of ``phase`` with ``state``'s stages (Caffe's include /
-    exclude rules; levels are not used by the shipped nets)."""
-
-    def matches(rule) -> bool:
-        if rule.HasField("phase") and rule.phase != phase:
-            return False
-        stages = set(state.stage)
-        if any(s not in stages for s in rule.stage):
-            return False
-        if any(s in stages for s in rule.not_stage):
-            return False
-        return True
-
-    if layer.include:
-        return any(matches(r) for r in layer.include)
-    return not any(matches(r) for r in layer.exclude)
-
-
 def run_param(spec: DatasetSpec, method: Method, args, out_dir: str):
     """The SolverParameter of one run: the shipped solver, its net inlined with absolute data
     sources (and the dataset's sources and the method's output where they differ), the run's
     length, test cadence, seed and schedule overrides; no snapshots."""
+    from pycaffe_alt.netstate import layer_included
     from pycaffe_alt.proto import caffe_pb2
     from pycaffe_alt.prototxt import read_net, read_solver
 
@@ -205,7 +187,8 @@ def run_param(spec: DatasetSpec, method: Method, args, out_dir: str):
             for phase, state, i in ((caffe_pb2.TRAIN, param.train_state, 0),
                                     (caffe_pb2.TEST, param.test_state[0] if param.test_state
                                      else caffe_pb2.NetState(), 1)):
-                if spec.sources is not None and _active_in(layer, phase, state):
+                state = caffe_pb2.NetState(phase=phase, level=state.level, stage=state.stage)
+                if spec.sources is not None and layer_included(layer, state):
                     layer.data_param.source = spec.sources[i]
             if not os.path.isabs(layer.data_param.source):
                 layer.data_param.source = os.path.join(ROOT, layer.data_param.source)
