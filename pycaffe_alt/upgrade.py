@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 from .errors import PrototxtError
 from .proto import caffe_pb2
@@ -487,56 +487,64 @@ def net_needs_upgrade(net: caffe_pb2.NetParameter) -> bool:
             or net_needs_batchnorm_upgrade(net))
 
 
+class _NetUpgrade(NamedTuple):
+    """One step of Caffe's UpgradeNetAsNeeded: when it applies, what it upgrades, how."""
+
+    needed: Callable[[caffe_pb2.NetParameter], bool]
+    apply: Callable[[caffe_pb2.NetParameter, Problems], object]
+    name: str  # recorded in UpgradeReport.applied
+    what: str  # "... specified using deprecated <what>"
+    problem_line: Optional[str]  # logged when the step reported problems
+    note: Optional[str]  # Caffe's warning after the step
+
+
+_LEGACY_NOTE = ("Note that future Caffe releases will not support {}; use upgrade_net_proto_text "
+                "for prototxt and upgrade_net_proto_binary for model weights to upgrade this and "
+                "any other net protos to the new format.")
+
+# Caffe's order. The V1 note is a warning although BVLC master only logs it at INFO (older
+# Caffe warned, and a warning is what tells users their file is legacy).
+_NET_UPGRADES = (
+    _NetUpgrade(net_needs_v0_to_v1_upgrade, upgrade_v0_net, "V0LayerParameter",
+                "V0LayerParameter",
+                "Warning: had one or more problems upgrading V0NetParameter to NetParameter "
+                "(see above); continuing anyway.", _LEGACY_NOTE.format("V0NetParameter")),
+    _NetUpgrade(net_needs_data_upgrade, lambda net, _: upgrade_net_data_transformation(net),
+                "data transformation", "transformation parameters", None,
+                "Note that future Caffe releases will only support transform_param messages "
+                "for transformation fields."),
+    _NetUpgrade(net_needs_v1_to_v2_upgrade, upgrade_v1_net, "V1LayerParameter",
+                "V1LayerParameter",
+                "Warning: had one or more problems upgrading V1LayerParameter (see above); "
+                "continuing anyway.", _LEGACY_NOTE.format("V1LayerParameter")),
+    _NetUpgrade(net_needs_input_upgrade, lambda net, _: upgrade_net_input(net), "input fields",
+                "input fields", None,
+                "Note that future Caffe releases will only support input layers and not input "
+                "fields."),
+    _NetUpgrade(net_needs_batchnorm_upgrade, lambda net, _: upgrade_net_batchnorm(net),
+                "BatchNorm params", None, None, None),
+)
+
+
 def upgrade_net_as_needed(net: caffe_pb2.NetParameter, source: str = "<net>") -> UpgradeReport:
     """Apply every needed net upgrade in Caffe's order, logging as Caffe's UpgradeNetAsNeeded."""
     report = UpgradeReport()
-    if net_needs_v0_to_v1_upgrade(net):
-        logger.info("Attempting to upgrade input file specified using deprecated "
-                    "V0LayerParameter: %s", source)
+    for step in _NET_UPGRADES:
+        if not step.needed(net):
+            continue
+        if step.what is None:
+            logger.info("Attempting to upgrade batch norm layers using deprecated params: %s",
+                        source)
+        else:
+            logger.info("Attempting to upgrade input file specified using deprecated %s: %s",
+                        step.what, source)
         before = len(report.problems)
-        upgrade_v0_net(net, report.problems)
-        report.applied.append("V0LayerParameter")
-        if len(report.problems) > before:
-            logger.error("Warning: had one or more problems upgrading V0NetParameter to "
-                         "NetParameter (see above); continuing anyway.")
-        logger.warning("Note that future Caffe releases will not support V0NetParameter; use "
-                       "upgrade_net_proto_text for prototxt and upgrade_net_proto_binary for "
-                       "model weights to upgrade this and any other net protos to the new "
-                       "format.")
-    if net_needs_data_upgrade(net):
-        logger.info("Attempting to upgrade input file specified using deprecated "
-                    "transformation parameters: %s", source)
-        upgrade_net_data_transformation(net)
-        report.applied.append("data transformation")
-        logger.warning("Note that future Caffe releases will only support transform_param "
-                       "messages for transformation fields.")
-    if net_needs_v1_to_v2_upgrade(net):
-        logger.info("Attempting to upgrade input file specified using deprecated "
-                    "V1LayerParameter: %s", source)
-        before = len(report.problems)
-        upgrade_v1_net(net, report.problems)
-        report.applied.append("V1LayerParameter")
-        if len(report.problems) > before:
-            logger.error("Warning: had one or more problems upgrading V1LayerParameter (see "
-                         "above); continuing anyway.")
-        # BVLC master only logs this at INFO; older Caffe warned, and a warning is what tells
-        # users their file is legacy.
-        logger.warning("Note that future Caffe releases will not support V1LayerParameter; "
-                       "use upgrade_net_proto_text for prototxt and upgrade_net_proto_binary "
-                       "for model weights to upgrade this and any other net protos to the new "
-                       "format.")
-    if net_needs_input_upgrade(net):
-        logger.info("Attempting to upgrade input file specified using deprecated input "
-                    "fields: %s", source)
-        upgrade_net_input(net)
-        report.applied.append("input fields")
-        logger.warning("Note that future Caffe releases will only support input layers and "
-                       "not input fields.")
-    if net_needs_batchnorm_upgrade(net):
-        logger.info("Attempting to upgrade batch norm layers using deprecated params: %s",
-                    source)
-        upgrade_net_batchnorm(net)
-        report.applied.append("BatchNorm params")
+        step.apply(net, report.problems)
+        report.applied.append(step.name)
+        if step.problem_line and len(report.problems) > before:
+            logger.error(step.problem_line)
+        if step.note:
+            logger.warning(step.note)
     return report
 
 
