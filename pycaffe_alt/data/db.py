@@ -87,9 +87,16 @@ class _Reader:
 
     def datum(self, i: int):
         """Record ``i`` parsed as a Datum (errors name the database and key)."""
+        from ..proto import caffe_pb2
         from .datum import parse_datum
 
-        return parse_datum(self.value(i), self.where(i))
+        value = self.value(i)
+        datum = caffe_pb2.Datum()
+        try:  # the message (with the key) is only built when parsing fails: this is a hot path
+            datum.ParseFromString(value)
+            return datum
+        except Exception:
+            return parse_datum(value, self.where(i))
 
     def __iter__(self) -> Iterator[Tuple[bytes, bytes]]:
         for i in range(len(self._keys)):

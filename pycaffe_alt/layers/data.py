@@ -180,8 +180,8 @@ class DbSource:
         from ..data.datum import datum_to_array, decode_datum
 
         datum = self.reader.datum(index)  # a corrupt record raises naming the path and key
-        where = f"{self.where}: {self.reader.where(index)}"
         if datum.encoded:
+            where = f"{self.where}: {self.reader.where(index)}"
             image = decode_datum(datum, self.force_color, self.force_gray, where=where)
         else:
             if (self.force_color or self.force_gray) and not self._warned_force:
@@ -189,7 +189,10 @@ class DbSource:
                 warnings.warn(f"{self.where}: force_color/force_gray only apply to encoded "
                               "records; this database holds raw pixels")
                 self._warned_force = True
-            image = datum_to_array(datum, where=where)
+            try:
+                image = datum_to_array(datum, where=self.where)
+            except DataError:  # say it again with the record's key (built only on failure)
+                image = datum_to_array(datum, where=f"{self.where}: {self.reader.where(index)}")
         return image, float(datum.label)
 
     def close(self) -> None:
