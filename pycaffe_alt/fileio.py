@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Type
+from typing import Iterable, Type
 
 from .errors import CaffeError
 
@@ -16,11 +16,18 @@ def _current_umask() -> int:
 
 
 def atomic_write(path: str, payload: bytes, error: Type[CaffeError] = CaffeError) -> None:
-    """Write ``payload`` to ``path`` through a temporary file in the same folder.
+    """Write ``payload`` to ``path`` atomically (see :func:`atomic_write_chunks`)."""
+    atomic_write_chunks(path, (payload,), error)
+
+
+def atomic_write_chunks(path: str, chunks: Iterable[bytes],
+                        error: Type[CaffeError] = CaffeError) -> None:
+    """Write the concatenated ``chunks`` to ``path`` through a temporary file in the same folder.
 
     The temporary file is flushed to disk and renamed over the target (one ``os.replace``), so a
-    crash or Ctrl-C at any point leaves the previous file intact and no temporary behind. A
-    failure to write raises ``error`` naming the path.
+    crash or Ctrl-C at any point leaves the previous file intact and no temporary behind. Chunks
+    are written as they come, so a large file is never held in memory whole. A failure to write
+    raises ``error`` naming the path.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -34,7 +41,8 @@ def atomic_write(path: str, payload: bytes, error: Type[CaffeError] = CaffeError
                     hint="check the folder is writable") from None
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         # mkstemp creates 0600; give the file the mode a plain open() would (0666 - umask).

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import itertools
 import os
 import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import SolverError
+from ..fileio import atomic_write_chunks
 from ..weights import atomic_write
 from .rules import count_changed_bits
 
@@ -276,22 +278,9 @@ class MaskStore:
         # Big (or memory-mapped) stores are streamed chunk by chunk, never held twice in memory.
         if isinstance(self.rows, np.memmap):
             self.rows.flush()
-        folder = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(header)
-                for lo in range(0, self.num_records, _CHUNK_ROWS):
-                    f.write(np.ascontiguousarray(self.rows[lo:lo + _CHUNK_ROWS]).tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise SolverError(f"cannot write the mask store {path}: {e.strerror}",
-                              hint="check the folder exists and is writable, and that the disk "
-                                   "has room") from None
+        rows = (np.ascontiguousarray(self.rows[lo:lo + _CHUNK_ROWS]).tobytes()
+                for lo in range(0, self.num_records, _CHUNK_ROWS))
+        atomic_write_chunks(path, itertools.chain((header,), rows), SolverError)
 
     @classmethod
     def load(cls, path: str, expect_layout: Optional[Layout] = None,
