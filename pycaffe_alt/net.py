@@ -25,7 +25,7 @@ from torch import nn
 
 from .blob import Blob, HostMirror, ParamBlob
 from .errors import CaffeError, NetError
-from .layers import LAYERS, Layer, LayerContext, TEST, TRAIN
+from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
 from .mode import default_device
 from .netstate import LayerLinks, layer_included, plan_backward

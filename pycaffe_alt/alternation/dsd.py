@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -35,7 +34,7 @@ from ..fileio import atomic_write
 from ..log import get_logger
 from ..proto import caffe_pb2
 from ..solver.rules import UPDATE_RULES, UpdateRule
-from ..solver.snapshot import snapshot_filename
+from ..solver.snapshot import snapshot_companion, snapshot_filename
 from ..solver.solver import Solver, SolverSource, format_value
 from . import pruning
 from .solver import AlternationSolver
@@ -371,7 +370,9 @@ class DSDSolver(Solver):
         phase = str(dsd["phase"])
         self.prune_stats = {k: tuple(v) for k, v in dsd.get("prune_stats", {}).items()}
         if phase == "sparse":
-            path = AlternationSolver._beside(dsd["masks"], state_path)
+            path = snapshot_companion(dsd["masks"], state_path, "the pruning masks",
+                                      "keep the .dsdmask file of the snapshot with its "
+                                      ".solverstate")
             keep = decode_masks(_read(path), path)
             shapes = {n: tuple(self.net.layer_dict[n].module.weight.shape)
                       for n in self.prune_layers}

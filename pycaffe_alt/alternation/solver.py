@@ -32,7 +32,7 @@ from ..errors import SolverError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from ..solver.rules import UPDATE_RULES
-from ..solver.snapshot import snapshot_filename
+from ..solver.snapshot import snapshot_companion, snapshot_filename
 from ..solver.solver import Solver, SolverSource, format_value
 from .mask_store import MaskStore
 from .support_pass import (BatchSupport, StoredSupports, batch_size_of, data_states,
@@ -423,7 +423,8 @@ class AlternationSolver(Solver):
         self._window_count = int(alt["window_count"])
         self.store, self._stored = None, None
         if alt.get("masks"):
-            path = self._beside(alt["masks"], state_path)
+            path = snapshot_companion(alt["masks"], state_path, "the mask store",
+                                      "keep the .masks file of the snapshot with its .solverstate")
             work = self._store_work_path()
             self.store = MaskStore.load(
                 path, expect_layout=self.layout, expect_records=self.records,
@@ -452,17 +453,5 @@ class AlternationSolver(Solver):
                 self.phase = "support"  # no masks to continue with: recompute them first
             else:
                 self._install_stored_supports()
-
-    @staticmethod
-    def _beside(path: str, state_path: str) -> str:
-        if os.path.isfile(path):
-            return path
-        beside = os.path.join(os.path.dirname(state_path), os.path.basename(path))
-        if os.path.isfile(beside):
-            return beside
-        raise SolverError(f"the mask store it names, '{path}', is not found (nor next to the "
-                          "solver state)", state_path,
-                          "keep the .masks file of the snapshot with its .solverstate")
-
 
 __all__ = ["AlternationSolver", "PHASES"]

@@ -46,6 +46,19 @@ RESUME_MAGIC = b"pycaffe_alt.resume.v1\n"
 _BYTES_KEY = "__bytes__"
 
 
+def snapshot_companion(path: str, state_path: str, what: str, hint: str) -> str:
+    """A file a solverstate names (its caffemodel, mask store...): as written (Caffe opens it
+    relative to the current directory), else next to the solverstate, so that a snapshot folder
+    that was moved still resumes; otherwise a SolverError naming both."""
+    if os.path.isfile(path):
+        return path
+    beside = os.path.join(os.path.dirname(state_path), os.path.basename(path))
+    if os.path.isfile(beside):
+        return beside
+    raise SolverError(f"{what} it names, '{path}', not found (nor next to the solver state)",
+                      where=state_path, hint=hint)
+
+
 def snapshot_filename(prefix: str, it: int, ext: str) -> str:
     """Caffe's snapshot name ``<prefix>_iter_<it><ext>``; ``ext`` like ``.caffemodel``,
     ``.solverstate``, ``.caffemodel.h5`` or ``.solverstate.h5``."""

@@ -30,8 +30,9 @@ from ..proto import caffe_pb2
 from .lr_policy import current_step, learning_rate
 from .regularize import clip_gradients, local_decay, normalize, regularize
 from .rules import RuleHyper, apply_update, check_hyper, local_rate, update_rule
-from .snapshot import (check_history, read_any_solverstate, snapshot_filename,
-                       write_solverstate, write_solverstate_h5, write_weights_h5)
+from .snapshot import (check_history, read_any_solverstate, snapshot_companion,
+                       snapshot_filename, write_solverstate, write_solverstate_h5,
+                       write_weights_h5)
 
 logger = get_logger()
 
@@ -572,18 +573,6 @@ class Solver:
                 hint="lower base_lr, set clip_gradients, or check the data (resume from the last "
                      "good snapshot with --snapshot)")
 
-    def _learned_net_path(self, learned_net: str, state_path: str) -> str:
-        # Caffe opens learned_net as written (relative to the current directory); a snapshot
-        # folder that was moved still works when the caffemodel sits next to the solverstate.
-        if os.path.isfile(learned_net):
-            return learned_net
-        beside = os.path.join(os.path.dirname(state_path), os.path.basename(learned_net))
-        if os.path.isfile(beside):
-            return beside
-        raise SolverError(f"the weights it names, '{learned_net}', are not found (nor next to "
-                          "the solver state)", where=state_path,
-                          hint="keep the .caffemodel of the snapshot with its .solverstate")
-
     def restore(self, state_path: str) -> None:
         """Caffe's Restore from a ``.solverstate`` (or ``.solverstate.h5``): iteration,
         current_step, history and the weights of ``learned_net``; with our continuation data also
@@ -594,7 +583,9 @@ class Solver:
         shapes = self.rule.history_shapes([tuple(d.shape) for d in self._datas])
         check_history(data.history, shapes, state_path)
         if data.learned_net:
-            weights = self._learned_net_path(data.learned_net, state_path)
+            weights = snapshot_companion(data.learned_net, state_path, "the weights",
+                                         "keep the .caffemodel of the snapshot with its "
+                                         ".solverstate")
             try:
                 self.net.copy_from(weights)
             except CaffeError as e:
