@@ -130,6 +130,17 @@ class Layer(nn.Module):
                              f"use an axis in [{-ndim}, {ndim - 1}]")
         return axis + ndim if axis < 0 else axis
 
+    def per_top(self, items: Sequence, n_tops: int, what: str, field: str) -> list:
+        """Caffe's "one for all tops, or one per top" rule: ``items`` expanded to ``n_tops``
+        entries, or an error naming this layer (``what``: e.g. "input shapes")."""
+        items = list(items)
+        if len(items) == 1:
+            return items * n_tops
+        if len(items) != n_tops:
+            raise self.error(f"gives {len(items)} {what} for {n_tops} tops",
+                             f"give '{field}' once for all tops, or once per top")
+        return items
+
     def allow_force_backward(self, bottom_index: int) -> bool:
         """Caffe's ``AllowForceBackward``: loss layers never push gradients into labels."""
         return not self.is_loss or bottom_index != 1

@@ -20,13 +20,10 @@ class Input(Layer):
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
-        shapes = [tuple(int(d) for d in s.dim) for s in param.input_param.shape]
-        n = len(param.top)
-        if len(shapes) not in (0, 1, n):
-            raise self.error(f"has {n} tops but {len(shapes)} input shapes",
-                             "give one 'shape { }' for all tops or one per top")
         # No shape at all: empty blobs, to be reshaped from Python before use (as in Caffe).
-        self.shapes: List[Shape] = [shapes[0]] * n if len(shapes) == 1 else (shapes or [(0,)] * n)
+        shapes = [tuple(int(d) for d in s.dim) for s in param.input_param.shape] or [(0,)]
+        self.shapes: List[Shape] = self.per_top(shapes, len(param.top), "input shapes",
+                                                "shape { }")
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
         return list(self.shapes)

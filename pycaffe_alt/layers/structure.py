@@ -653,15 +653,13 @@ class DummyData(Layer):
         super().__init__(param, bottom_shapes, ctx)
         p = param.dummy_data_param
         n = len(param.top)
-        if len(p.data_filler) not in (0, 1, n):
-            raise self.error(f"has {len(p.data_filler)} data_filler for {n} tops",
-                             "give no data_filler (zeros), one for all tops, or one per top")
+        # No data_filler: zeros.
         fillers = list(p.data_filler) or [caffe_pb2.FillerParameter(type="constant", value=0)]
         for f in fillers:
             if (f.type or "constant") not in FILLERS:
                 raise self.error(f"unknown data_filler type {f.type!r}",
                                  f"known fillers: {', '.join(sorted(FILLERS))}")
-        self.fillers = [fillers[0]] * n if len(fillers) == 1 else fillers
+        self.fillers = self.per_top(fillers, n, "data_filler entries", "data_filler { }")
         self.shapes = self._shapes(p, n)
         # Carries the dtype/device the tops are created with (moves with .to()/.double()).
         self.register_buffer("_like", torch.zeros(0), persistent=False)
@@ -677,11 +675,8 @@ class DummyData(Layer):
                     raise self.error(f"gives {len(v)} '{name}' values for {n} tops",
                                      f"give '{name}' once, or once per top")
             return [tuple(int(v[0] if len(v) == 1 else v[i]) for _, v in legacy) for i in range(n)]
-        if len(p.shape) not in (1, n):
-            raise self.error(f"gives {len(p.shape)} shapes for {n} tops",
-                             "give 'shape { }' once, or once per top")
-        shapes = [tuple(int(d) for d in s.dim) for s in p.shape]
-        return [shapes[0] if len(shapes) == 1 else shapes[i] for i in range(n)]
+        return self.per_top([tuple(int(d) for d in s.dim) for s in p.shape], n, "shapes",
+                            "shape { }")
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
         return list(self.shapes)
