@@ -383,3 +383,63 @@ def test_workers_and_shuffle_come_from_the_prototxt(tmp_path):
     assert layer.pipeline.workers == 1
     net.forward()
     assert net.blobs["data"].data.shape == (4, 1, 28, 28)
+
+
+def test_float_and_raw_records_mixed_in_a_batch_read_as_caffe(tmp_path):
+    """The batch read decodes raw uint8 records directly and sends anything else (float_data
+    here) through the record-by-record path: both land in the batch as Caffe's transformer
+    leaves them."""
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, (2, 3, 4), dtype=np.uint8) for _ in range(4)]
+    arrays[1] = rng.standard_normal((2, 3, 4)).astype(np.float32)  # a float_data record
+    write_lmdb(tmp_path / "db", arrays, [5, 6, 7, 8])
+    layer = data_layer(str(tmp_path / "db"), "scale: 0.5", batch_size=4)
+    data, label = layer()
+    expected = np.stack([a.astype(np.float32) * np.float32(0.5) for a in arrays])
+    np.testing.assert_array_equal(data.numpy(), expected)
+    np.testing.assert_array_equal(label.numpy(), [5, 6, 7, 8])
+    layer.close()
+
+
+@pytest.mark.parametrize("in_line", [True, False])
+def test_training_holds_the_lmdb_open_and_releases_it_after(in_golden, monkeypatch, tmp_path,
+                                                            in_line):
+    """Inside solver.step the database is opened once, not once per batch (reopening costs
+    1.5-2 ms per LeNet batch); when step returns, other code can open it again."""
+    import time
+
+    import lmdb
+
+    from pycaffe_alt.data import db as db_module
+    from pycaffe_alt.data import pipeline
+    from pycaffe_alt.solver.solver import get_solver
+
+    monkeypatch.setattr(pipeline, "_cores_are_busy", lambda: in_line)
+    opened = []
+    real_open = db_module._open_lmdb
+    monkeypatch.setattr(db_module, "_open_lmdb",
+                        lambda path: opened.append(path) or real_open(path))
+    net = tmp_path / "net.prototxt"
+    net.write_text(
+        'layer { name: "d" type: "Data" top: "data" top: "label" transform_param { scale: 0.0039 }'
+        ' data_param { source: "mnist_test_lmdb" batch_size: 2 backend: LMDB } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+        'inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(f'net: "{net}" base_lr: 0.01 lr_policy: "fixed" max_iter: 100 '
+                           f'display: 0 snapshot_after_train: false solver_mode: CPU')
+    solver = get_solver(str(solver_file))
+    before = len(opened)
+    solver.step(12)
+    assert len(opened) - before == 1
+    deadline = time.time() + 5  # a prefetch thread lets go at its next wait (0.1 s polls)
+    while True:
+        try:
+            lmdb.open("mnist_test_lmdb", readonly=True, lock=False).close()
+            break
+        except lmdb.Error:
+            assert time.time() < deadline, "the database stayed open after training"
+            time.sleep(0.05)
+    solver.step(2)  # and training goes on reading it
+    assert solver.iter == 14

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import DataError
 
@@ -84,6 +84,10 @@ class _Reader:
     def where(self, i: int) -> str:
         """Human-readable location of record ``i`` for error messages: path and key."""
         return f"{self.path} key '{self._keys[i].decode('utf-8', 'replace')}'"
+
+    def values(self, indices: Sequence[int]) -> List[bytes]:
+        """Serialized records ``indices`` (a batch), in that order."""
+        return [self.value(int(i)) for i in indices]
 
     def datum(self, i: int):
         """Record ``i`` parsed as a Datum (errors name the database and key)."""
@@ -215,6 +219,20 @@ class LMDBReader(_Reader):
             raise DataError(f"LMDB is corrupt ({e})",
                             where=f"{self.path} key '{key.decode('utf-8', 'replace')}'",
                             hint="re-create the database") from None
+
+    def values(self, indices: Sequence[int]) -> List[bytes]:
+        # One transaction lookup for the whole batch; any problem is reported record by record
+        # through value(), which names the key.
+        import lmdb
+
+        keys, get = self._keys, self._txn().get
+        try:
+            out = [get(keys[i]) for i in indices]
+        except lmdb.Error:
+            out = [None]
+        if None in out:
+            return super().values(indices)
+        return out
 
     def close(self) -> None:
         """Release this process's handle (the reader reopens on the next read)."""

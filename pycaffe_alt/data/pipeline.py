@@ -22,18 +22,19 @@ target device is CUDA, batches are put in pinned memory and copied with ``non_bl
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Protocol, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import CaffeError, DataError
-from .transformer import (TransformSpec, draw_params, normalize_batch, output_shape,
+from .transformer import (TransformSpec, draw_params, needs_random, normalize_batch, output_shape,
                           place_pixels)
 
 # Sub-streams of a layer's seed: one family of generators per purpose, so that e.g. turning
@@ -75,6 +76,9 @@ class RecordSource(Protocol):
 
     def load(self, index: int) -> Tuple[np.ndarray, float]:
         """Record ``index`` as a C,H,W array (uint8 or float32) and its label."""
+
+    def load_many(self, indices: Sequence[int]) -> Iterable[Tuple[np.ndarray, float]]:
+        """``load`` of each of ``indices``, in order (a source may read them in one go)."""
 
     def close(self) -> None: ...
 
@@ -130,39 +134,67 @@ class BatchMaker:
         self.seed = seed
         self.where = where
         self._perm_cache: Dict[int, np.ndarray] = {}
+        # > 0 while a training loop runs (InputPipeline.hold): the database stays open between
+        # batches. Otherwise it is released after each batch, see release_if_idle.
+        self.holds = 0
 
     def indices(self, b: int) -> np.ndarray:
         return self.ordering.indices(b * self.batch_size, self.batch_size, self._perm_cache)
 
     def make(self, b: int) -> Dict[str, np.ndarray]:
         indices = self.indices(b)
-        rng = derived_generator(self.seed, _STREAM_TRANSFORM, b)
         labels = np.empty(self.batch_size, dtype=np.float32)
+        images = []
+        for i, (image, labels[i]) in enumerate(self.source.load_many(indices)):
+            images.append(image)
+        data = np.empty((self.batch_size,) + self._sample_shape(indices, images), dtype=np.float32)
         mirrored = np.zeros(self.batch_size, dtype=bool)
-        offsets = []
-        data = None
-        first_shape = None
-        for i, index in enumerate(indices):
-            image, labels[i] = self.source.load(int(index))
-            if image.shape != first_shape:  # the checks (and their messages) once per shape
-                where = f"{self.where}: record {int(index)}"
-                shape = output_shape(self.spec, image.shape, where)
-                if data is None:
-                    data = np.empty((self.batch_size,) + shape, dtype=np.float32)
-                    first_shape = image.shape
-                elif shape != data.shape[1:]:
-                    raise DataError(
-                        f"gives a {shape} sample but the batch's first sample is {data.shape[1:]}",
-                        where, "records of different sizes need batch_size: 1, a crop_size, or "
-                        "resizing when the dataset is made (convert_imageset --resize_height/width)")
-            mirror, h_off, w_off = draw_params(self.spec, rng, image.shape[1], image.shape[2])
-            place_pixels(data[i], image, mirror, h_off, w_off)
-            mirrored[i] = mirror
-            offsets.append((mirror, h_off, w_off))
+        if not needs_random(self.spec) and not self.spec.crop_size:
+            # Nothing is cropped or flipped: one cast-copy of the whole batch (the shapes were
+            # checked equal above).
+            np.concatenate(images, axis=0, out=data.reshape((-1,) + data.shape[2:]),
+                           casting="unsafe")
+            offsets = [(False, 0, 0)] * self.batch_size
+        else:
+            rng = derived_generator(self.seed, _STREAM_TRANSFORM, b)
+            offsets = []
+            for i, image in enumerate(images):
+                mirror, h_off, w_off = draw_params(self.spec, rng, image.shape[1], image.shape[2])
+                place_pixels(data[i], image, mirror, h_off, w_off)
+                mirrored[i] = mirror
+                offsets.append((mirror, h_off, w_off))
         # Mean and scale over the whole batch at once: the same per-element arithmetic as
         # Caffe's (pixel - mean) * scale, without a Python-level pass per sample.
         normalize_batch(data, self.spec, offsets)
         return {"data": data, "label": labels, "indices": indices, "mirrored": mirrored}
+
+    def _sample_shape(self, indices: np.ndarray, images: Sequence[np.ndarray]) -> Tuple[int, ...]:
+        """The transformed C,H,W shared by the batch; Caffe's checks run once per record shape."""
+        shape, first_shape = None, None
+        for index, image in zip(indices, images):
+            if image.shape == first_shape:
+                continue
+            where = f"{self.where}: record {int(index)}"
+            sample = output_shape(self.spec, image.shape, where)
+            if shape is None:
+                shape, first_shape = sample, image.shape
+            elif sample != shape:
+                raise DataError(
+                    f"gives a {sample} sample but the batch's first sample is {shape}",
+                    where, "records of different sizes need batch_size: 1, a crop_size, or "
+                    "resizing when the dataset is made (convert_imageset --resize_height/width)")
+        return shape
+
+    def release_if_idle(self) -> None:
+        """Close the dataset between batches unless a training loop holds it open.
+
+        py-lmdb refuses a second environment on the same files in one process, so a handle kept
+        while nobody trains would stop other code in the process (a script, a checker, another
+        tool) from opening the database. Reopening costs 1.5-2 ms per batch (mapping and
+        faulting the file in again), which is why a running training loop holds it instead.
+        """
+        if not self.holds:
+            self.source.close()
 
     def close(self) -> None:
         self.source.close()
@@ -194,9 +226,7 @@ class _SyncReader:
     def next(self) -> Dict[str, torch.Tensor]:
         batch = _to_tensors(self.maker.make(self.b), False)
         self.b += 1
-        # Between batches hold no database handle, as the prefetch thread does when idle
-        # (py-lmdb allows one environment per path and process); reopening costs ~0.1 ms.
-        self.maker.source.close()
+        self.maker.release_if_idle()
         return batch
 
     def close(self) -> None:
@@ -228,18 +258,14 @@ class _ThreadPrefetcher:
                 item = _to_tensors(maker.make(b), pin)
             except BaseException as e:  # handed to the consumer, which raises it
                 item = e
-            if self._queue.full():
-                # About to wait for the consumer: hold no database handle while idle. py-lmdb
-                # allows one environment per path and process, so an idle (or abandoned, not yet
-                # garbage-collected) layer must not block other readers of the same LMDB.
-                # Reopening costs ~0.1 ms per batch.
-                maker.source.close()
             while not self._stop.is_set():
                 try:
                     self._queue.put(item, timeout=0.1)
                     break
                 except queue.Full:
-                    continue
+                    # Waiting for the consumer: an idle (or abandoned, not yet garbage-collected)
+                    # layer must not keep the database from other code in this process.
+                    maker.release_if_idle()
             if self._stop.is_set() or isinstance(item, BaseException):
                 return
 
@@ -396,6 +422,22 @@ class InputPipeline:
         self.maker.ordering = Ordering(n, skip, shuffle, seed)
         self.maker._perm_cache.clear()
         self._next = batch
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep the dataset open between batches while the block runs (a training loop).
+
+        Outside a hold, the database is closed after each batch (see
+        :meth:`BatchMaker.release_if_idle`); in line reading closes it again when the hold ends,
+        a prefetch thread at its next wait.
+        """
+        self.maker.holds += 1
+        try:
+            yield
+        finally:
+            self.maker.holds -= 1
+            if isinstance(self._engine, _SyncReader):
+                self.maker.release_if_idle()
 
     def close(self) -> None:
         """Stop prefetching and close the dataset in this process."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from ..data.db import open_db
 from ..data.pipeline import BatchMaker, InputPipeline, Ordering, draw_skip, layer_seed
 from ..data.transformer import TransformSpec, output_shape, spec_from_param
 from ..errors import CaffeError, DataError
+from ..proto import caffe_pb2
 from ..registry import LAYERS
 from .base import TRAIN, Layer, Shape
 
@@ -136,6 +137,10 @@ class PipelinedDataLayer(DataLayerBase):
             return batch["data"], batch["label"]
         return batch["data"]
 
+    def hold(self) -> ContextManager[None]:
+        """Keep the dataset open between batches while the block runs (see InputPipeline.hold)."""
+        return self.pipeline.hold()
+
     def set_pipeline(self, workers: Optional[int] = None, shuffle: Optional[bool] = None) -> None:
         """Read with ``workers`` processes (0: one background thread) and/or reshuffle the
         records at every pass; neither changes which batch comes next."""
@@ -194,6 +199,25 @@ class DbSource:
             except DataError:  # say it again with the record's key (built only on failure)
                 image = datum_to_array(datum, where=f"{self.where}: {self.reader.where(index)}")
         return image, float(datum.label)
+
+    def load_many(self, indices: Sequence[int]) -> Iterator[Tuple[np.ndarray, float]]:
+        """``load`` for a batch: one read of every record, raw uint8 Datums decoded without a
+        per-record detour; anything else (encoded, float_data, malformed) goes through ``load``,
+        which decodes it or names the record in its error."""
+        datum = caffe_pb2.Datum()
+        raw_ok = not (self.force_color or self.force_gray)  # load() warns about those once
+        for index, value in zip(indices, self.reader.values(indices)):
+            try:
+                datum.ParseFromString(value)
+            except Exception:
+                yield self.load(int(index))
+                continue
+            data = datum.data
+            c, h, w = datum.channels, datum.height, datum.width
+            if raw_ok and not datum.encoded and data and len(data) == c * h * w:
+                yield np.frombuffer(data, dtype=np.uint8).reshape(c, h, w), float(datum.label)
+            else:
+                yield self.load(int(index))
 
     def close(self) -> None:
         self.reader.close()
@@ -295,6 +319,10 @@ class ImageListSource:
             raise DataError(f"{e.what} ({path})", f"{self.list_path} entry {index + 1}",
                             e.hint) from None
         return image.transpose(2, 0, 1), float(label)
+
+    def load_many(self, indices: Sequence[int]) -> Iterator[Tuple[np.ndarray, float]]:
+        """``load`` for each of ``indices`` (images are separate files: nothing to batch)."""
+        return (self.load(int(i)) for i in indices)
 
     def close(self) -> None:
         pass

@@ -26,11 +26,13 @@ iterations, before every snapshot and at the end of ``step``), and once when ``s
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
+from ..layers.data import PipelinedDataLayer
 from ..log import get_logger
 
 logger = get_logger()
@@ -193,6 +195,25 @@ def run_steps(solver, iters: int) -> float:
     solver.stopped_early = False
     solver.push_host_writes()
     solver._refresh_params()
+    with datasets_held(solver.nets):
+        _iterate(solver, stop_iter)
+    solver.guard.check(solver)
+    return solver.smoother.value()
+
+
+@contextlib.contextmanager
+def datasets_held(nets) -> Iterator[None]:
+    """Keep every data layer's database open between batches while training runs (outside
+    training each batch closes it, so that other code in the process can open it)."""
+    with contextlib.ExitStack() as stack:
+        for net in nets:
+            for layer in net.layer_modules.values():
+                if isinstance(layer, PipelinedDataLayer):
+                    stack.enter_context(layer.hold())
+        yield
+
+
+def _iterate(solver, stop_iter: int) -> None:
     hooks = solver.hooks
     while solver.iter < stop_iter:
         solver.clear_param_diffs()
@@ -220,8 +241,6 @@ def run_steps(solver, iters: int) -> float:
         if stop_requested:
             solver.stopped_early = True
             break
-    solver.guard.check(solver)
-    return solver.smoother.value()
 
 
 def solve(solver, resume: Optional[str] = None) -> None:
