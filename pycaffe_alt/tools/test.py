@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import CaffeError
+from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from ..mode import resolve_device
 from .cli import parse_args, run_main
@@ -112,6 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST")
     args = parse_args(parser, argv)
     setup_logging()
+    keep_freed_memory()  # reuse activation memory across iterations, as Caffe does
     from ..layers import TEST, TRAIN
 
     net = build_net(args, TRAIN if args.phase == "TRAIN" else TEST)

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import CaffeError
+from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from .cli import parse_args, run_main
 from .test import add_net_flags, build_net
@@ -217,6 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="net phase (caffe time's default: TRAIN)")
     args = parse_args(parser, argv)
     setup_logging()
+    keep_freed_memory()  # reuse activation memory across iterations, as Caffe does
     from ..layers import TEST, TRAIN
 
     log = get_logger()

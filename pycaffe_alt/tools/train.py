@@ -22,6 +22,7 @@ import threading
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import CaffeError, SolverError, WeightsError
+from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from ..proto import caffe_pb2
 from .cli import parse_args, run_main
@@ -141,6 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_flags(args)
     setup_logging()
     log = get_logger()
+    keep_freed_memory()  # reuse activation memory across iterations, as Caffe does
 
     from ..prototxt import read_solver
 
