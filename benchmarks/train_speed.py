@@ -13,9 +13,16 @@ CPU build on this 2-core machine at 24 ms (LeNet) and 940 ms (All-CNN-C) per for
   "hand+lmdb" reads each batch from the same LMDB in the loop (lmdb + Datum parsing + numpy,
   what a hand-written loop over a Caffe LMDB does), "hand+ram" slices records decoded once into
   memory (pays nothing for data: an upper bound no data-reading trainer can reach).
-Runs alternate hand / ours / hand / ours ... and the medians are compared.
+"hand+lmdb+keep" is hand+lmdb with the malloc policy tools/train applies to itself
+(pycaffe_alt/host_memory.py: freed activation memory is kept for the next iteration, as Caffe
+reuses its blobs), i.e. the same process conditions.
+Every run is a fresh process (this script re-invoked with --worker), as a user runs either
+script: a loop timed inside a long-lived parent process would be measured under different
+conditions (warm allocator and caches) than tools/train in its own process. Runs alternate
+hand+ram / hand+lmdb / hand+lmdb+keep / ours, round after round; the medians are compared and
+every round is printed, since this shared machine drifts by +-20% between runs.
 
-usage: python3 benchmarks/train_speed.py [--nets lenet,allcnn_c] [--iters 200] [--rounds 2]
+usage: python3 benchmarks/train_speed.py [--nets lenet,allcnn_c] [--iters 300] [--rounds 5]
 """
 import argparse
 import datetime
@@ -120,7 +127,19 @@ def ours_ms_per_iter(solver_path, warmup):
     return (stamps[last] - stamps[first]).total_seconds() * 1000.0 / (last - first)
 
 
-def hand_ms_per_iter(name, x, y, iters, warmup, batch, source=None):
+def hand_ms_per_iter(name, source, iters, warmup, batch, worker):
+    """ms/iter of a hand-written loop in a fresh process (this script with ``--worker``)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", worker,
+                           "--nets", name, "--source", source,
+                           "--iters", str(iters), "--warmup", str(warmup), "--batch", str(batch)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-2000:])
+    return float(proc.stdout.split()[-1])
+
+
+def hand_loop(name, x, y, iters, warmup, batch, source=None):
     """ms/iter of a hand-written loop; with ``source`` it reads each batch from that LMDB."""
     from pycaffe_alt.proto import caffe_pb2
 
@@ -164,11 +183,23 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--nets", default="lenet,allcnn_c")
     ap.add_argument("--iters", type=int, default=0, help="iterations per run (default per net)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--worker", choices=("lmdb", "lmdb+keep", "ram"), help=argparse.SUPPRESS)
+    ap.add_argument("--source", help=argparse.SUPPRESS)
+    ap.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:  # one hand-written run in this fresh process; prints its ms/iter
+        if args.worker == "lmdb+keep":  # the malloc policy tools/train applies to itself
+            from pycaffe_alt.host_memory import keep_freed_memory
+
+            keep_freed_memory()
+        x, y = load_records(args.source)
+        print(hand_loop(args.nets, x, y, args.iters, args.warmup, args.batch,
+                        None if args.worker == "ram" else args.source))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     folder = tempfile.mkdtemp(prefix="train_speed_")
     try:
@@ -176,17 +207,22 @@ def main():
             iters = args.iters or (300 if name == "lenet" else 30)
             warmup = 20 if name == "lenet" else 10
             source = make_lmdb(name, folder)
-            x, y = load_records(source)
             solver = write_solver(name, folder, source, iters, args.batch)
-            ram, hand, ours = [], [], []
+            ram, hand, keep, ours = [], [], [], []
             for _ in range(args.rounds):
-                ram.append(hand_ms_per_iter(name, x, y, iters, warmup, args.batch))
-                hand.append(hand_ms_per_iter(name, x, y, iters, warmup, args.batch, source))
+                ram.append(hand_ms_per_iter(name, source, iters, warmup, args.batch, "ram"))
+                hand.append(hand_ms_per_iter(name, source, iters, warmup, args.batch, "lmdb"))
+                keep.append(hand_ms_per_iter(name, source, iters, warmup, args.batch,
+                                             "lmdb+keep"))
                 ours.append(ours_ms_per_iter(solver, warmup))
-            r, h, o = statistics.median(ram), statistics.median(hand), statistics.median(ours)
-            print(f"{name:9s} batch {args.batch}: hand+lmdb {h:7.1f} ms/iter   tools/train "
-                  f"{o:7.1f} ms/iter   ratio ours/hand {h / o:.3f}   (hand+ram {r:7.1f} ms/iter, "
-                  f"ratio {r / o:.3f})")
+                print(f"  round: hand+ram {ram[-1]:7.1f}  hand+lmdb {hand[-1]:7.1f}  "
+                      f"hand+lmdb+keep {keep[-1]:7.1f}  tools/train {ours[-1]:7.1f} ms/iter",
+                      flush=True)
+            r, h, k, o = (statistics.median(v) for v in (ram, hand, keep, ours))
+            print(f"{name:9s} batch {args.batch}: tools/train {o:7.1f} ms/iter; hand-written "
+                  f"loop reading the LMDB {h:7.1f} (ratio ours/hand {h / o:.3f}), the same with "
+                  f"tools/train's malloc policy {k:7.1f} (ratio {k / o:.3f}), on data preloaded "
+                  f"in RAM {r:7.1f} (ratio {r / o:.3f})")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
