@@ -2,16 +2,20 @@
 
 Formulas follow Caffe's filler.hpp: fan-in is ``count / shape[0]``, fan-out ``count / shape[1]``;
 ``sparse`` in the gaussian filler keeps each weight with probability ``sparse / shape[0]``.
-Random numbers come from torch's generator (``caffe.set_random_seed`` seeds it), so values differ
-from Caffe's own RNG stream but follow the same distributions.
+``uniform``, ``xavier`` and ``positive_unitball`` draw from Caffe's own stream
+(:mod:`pycaffe_alt.caffe_rng`): with the same ``random_seed`` and net they give Caffe's values
+bit for bit. ``gaussian`` and ``msra`` draw from torch's generator (same distribution, other
+values than boost's normal distribution).
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, Dict
 
+import numpy as np
 import torch
 
+from . import caffe_rng
 from .errors import UnknownTypeError
 
 # FillerParameter.VarianceNorm values (wire facts).
@@ -38,8 +42,15 @@ def _constant(t, p):
     t.fill_(p.value)
 
 
+def _caffe_uniform(t: torch.Tensor, a: float, b: float) -> np.ndarray:
+    """Fill ``t`` with ``caffe_rng_uniform(count, a, b)``; returns the float32 values."""
+    values = caffe_rng.stream().uniform(t.numel(), a, b)
+    t.copy_(torch.from_numpy(values).reshape(t.shape))
+    return values
+
+
 def _uniform(t, p):
-    t.uniform_(p.min, p.max)
+    _caffe_uniform(t, p.min, p.max)
 
 
 def _gaussian(t, p):
@@ -51,14 +62,17 @@ def _gaussian(t, p):
 
 
 def _positive_unitball(t, p):
-    t.uniform_(0.0, 1.0)
-    rows = t.view(t.shape[0], -1) if t.dim() > 0 else t.view(1, -1)
-    rows.div_(rows.sum(dim=1, keepdim=True))
+    values = caffe_rng.stream().uniform(t.numel(), 0.0, 1.0)
+    rows = values.reshape(t.shape[0] if t.dim() > 0 else 1, -1)
+    # Caffe sums each row left to right in float, then divides every element by that sum.
+    sums = np.cumsum(rows, axis=1, dtype=np.float32)[:, -1:]
+    t.copy_(torch.from_numpy(rows / sums).reshape(t.shape))
 
 
 def _xavier(t, p):
-    scale = math.sqrt(3.0 / _variance_n(t, p.variance_norm))
-    t.uniform_(-scale, scale)
+    # Caffe computes n and the scale in float: sqrt(Dtype(3) / n).
+    scale = np.sqrt(np.float32(3.0) / np.float32(_variance_n(t, p.variance_norm)))
+    _caffe_uniform(t, -scale, scale)
 
 
 def _msra(t, p):

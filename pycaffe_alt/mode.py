@@ -10,6 +10,7 @@ import random
 import numpy as np
 import torch
 
+from . import caffe_rng
 from .errors import CaffeError
 
 
@@ -48,7 +49,12 @@ def default_device() -> torch.device:
 
 
 def set_random_seed(seed: int) -> None:
-    """Seed every generator pycaffe_alt draws from (fillers, dropout, data shuffling)."""
+    """Seed every generator pycaffe_alt draws from (fillers, dropout, data shuffling).
+
+    Caffe's own stream (:mod:`pycaffe_alt.caffe_rng`) restarts too, so the fillers that follow
+    it give Caffe's initial weights for the same seed and net.
+    """
+    caffe_rng.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)

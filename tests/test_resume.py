@@ -127,3 +127,27 @@ def test_restored_solver_reads_the_same_next_batch(tmp_path):
     resumed.net.run()
     assert torch.equal(resumed.net._values["data"], expected[0])
     assert torch.equal(resumed.net.layer_dict["mnist"].module.last_indices, expected[1])
+
+
+def test_resume_continues_caffes_random_stream(tmp_path):
+    """DummyData with a uniform filler draws from Caffe's stream at every forward: the stream's
+    position travels in the snapshot, so the resumed run sees the same data as a straight one."""
+    p = caffe_pb2.SolverParameter()
+    text_format.Parse("""
+      layer { name: "d" type: "DummyData" top: "x" top: "y"
+        dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 }
+          data_filler { type: "uniform" min: -1 max: 1 } data_filler { type: "uniform" min: 0 max: 1 } } }
+      layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
+        inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
+      layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" }""",
+                      p.net_param)
+    text_format.Parse('base_lr: 0.1 lr_policy: "fixed" display: 0 max_iter: 6 random_seed: 3 '
+                      'snapshot_after_train: false', p)
+    p.snapshot_prefix = str(tmp_path / "dummy")
+    straight, rec = run(p, 6)
+    first, rec1 = run(p, 3)
+    _, state = first.snapshot()
+    resumed, rec2 = run(p, 3, restore=state)
+    assert rec1.losses + rec2.losses == rec.losses
+    for a, b in zip(weights(straight), weights(resumed)):
+        assert torch.equal(a, b)

@@ -7,15 +7,19 @@ weights after 30 iterations, and the same for a run resumed from Caffe's own ite
 solverstate (Caffe restarts the data cursor on resume, and so do we for a Caffe solverstate).
 
 About the starting weights: the fixture's ``init.caffemodel`` is NOT what Caffe started from.
-Caffe's ``train.log`` shows neither ``weights:`` in the solver dump nor a "Finetuning from" line,
-so the reference runs began from Caffe's own fillers (xavier, zero biases, random_seed 1), which
-torch cannot reproduce. Those weights can be recovered exactly enough, though: SGD with momentum
-is invertible. From Caffe's ``sgd_fixed`` iteration-15 weights and history, ``w_t = w_{t+1} +
-h_{t+1}`` and ``h_t = (h_{t+1} - lr * (g(w_t) + decay)) / momentum`` with ``g(w_t)`` evaluated on
-batch ``t`` (records ``16t..16t+15``), in float64. The recovered biases are ~1e-7, i.e. Caffe's
-constant-0 bias filler; they are set to exactly 0 (a ReLU kink at 0 makes this matter). All nine
-cases share that start (every ref.npz has the same iteration-0 loss), so one recovery serves
-all, and the trajectories of the other eight cases are independent checks.
+Caffe's ``train.log`` shows neither ``weights:`` in the solver dump nor a "Finetuning from" line:
+the reference runs began from Caffe's own fillers (xavier, zero biases) under ``random_seed: 1``.
+We reproduce that start two independent ways, and check they agree:
+
+- forwards, as Caffe made it: ``random_seed`` seeds our copy of Caffe's stream (boost::mt19937
+  with boost's uniform_real, pycaffe_alt/caffe_rng.py); the Data layer takes Caffe's set-up draws,
+  then conv1, ip1 and ip2 take their xavier values. The trajectories below start this way, with
+  no weights file, which is exactly the command Caffe's logs show;
+- backwards, from Caffe's own files: SGD with momentum is invertible. From Caffe's ``sgd_fixed``
+  iteration-15 weights and history, ``w_t = w_{t+1} + h_{t+1}`` and ``h_t = (h_{t+1} - lr *
+  (g(w_t) + decay)) / momentum`` with ``g(w_t)`` evaluated on batch ``t`` (records
+  ``16t..16t+15``), in float64. The recovered biases are ~1e-7, i.e. Caffe's constant-0 filler;
+  they are set to exactly 0.
 """
 from __future__ import annotations
 
@@ -144,8 +148,23 @@ def compare_weights(solver, ref, prefix: str):
     return worst
 
 
+def test_random_seed_gives_caffes_initial_weights(caffe_init, monkeypatch, tmp_path):
+    """random_seed: 1 through our Caffe stream == Caffe's start recovered from its snapshot."""
+    param = solver_for("sgd_fixed", tmp_path, monkeypatch)
+    seeded = caffe.get_solver(param, device="cpu").net
+    recovered = caffe.Net("net.prototxt", caffe.TRAIN, weights=str(caffe_init))
+    for layer in ("conv1", "ip1", "ip2"):
+        w, ref = seeded.params[layer][0].data, recovered.params[layer][0].data
+        assert np.abs(w - ref).max() <= 1e-6 * np.abs(ref).max(), layer  # a few float32 ulps
+        assert not seeded.params[layer][1].data.any()
+    # The fixture's init.caffemodel is another set of weights altogether.
+    fixture = caffe.Net("net.prototxt", caffe.TRAIN, weights="init.caffemodel")
+    assert np.abs(fixture.params["conv1"][0].data - seeded.params["conv1"][0].data).max() > 0.1
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_trajectory_matches_caffe(case, caffe_init, tmp_path, monkeypatch, log):
+def test_trajectory_matches_caffe(case, tmp_path, monkeypatch, log):
+    """Caffe's command as its log shows it (no --weights): random_seed 1 makes the start."""
     param = solver_for(case, tmp_path, monkeypatch)
     ref = np.load("ref.npz")
     tests = []
@@ -154,7 +173,7 @@ def test_trajectory_matches_caffe(case, caffe_init, tmp_path, monkeypatch, log):
         def on_test(self, solver, net_id, results):
             tests.append((solver.iter, results["accuracy"], results["loss"]))
 
-    solver = caffe.get_solver(param, weights=[str(caffe_init)], device="cpu")
+    solver = caffe.get_solver(param, device="cpu")
     solver.add_hook(TestRecorder())
     solver.solve()
 
@@ -185,12 +204,12 @@ def test_resume_from_caffe_solverstate(case, tmp_path, monkeypatch, log):
     assert compare_weights(solver, ref, "resume_final/") <= TOL
 
 
-def test_log_lines_are_caffes(tmp_path, monkeypatch, log, caffe_init):
+def test_log_lines_are_caffes(tmp_path, monkeypatch, log):
     """The lines log parsers read, in Caffe's order and format (compare train.log)."""
     param = solver_for("sgd_fixed", tmp_path, monkeypatch)
     param.max_iter = 1
     param.snapshot = 0
-    solver = caffe.get_solver(param, weights=[str(caffe_init)], device="cpu")
+    solver = caffe.get_solver(param, device="cpu")
     solver.solve()
     lines = [l for l in log.lines if l.startswith(("Iteration", "    Train", "    Test"))]
     assert lines[:6] == [

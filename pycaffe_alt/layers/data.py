@@ -20,9 +20,10 @@ from typing import ContextManager, Dict, Iterator, List, Optional, Sequence, Tup
 import numpy as np
 import torch
 
+from .. import caffe_rng
 from ..data.db import open_db
 from ..data.pipeline import BatchMaker, InputPipeline, Ordering, draw_skip, layer_seed
-from ..data.transformer import TransformSpec, output_shape, spec_from_param
+from ..data.transformer import TransformSpec, needs_random, output_shape, spec_from_param
 from ..errors import CaffeError, DataError
 from ..proto import caffe_pb2
 from ..registry import LAYERS
@@ -253,6 +254,9 @@ class Data(PipelinedDataLayer):
         source = self.require_source(dp.source, "data_param", "database",
                                      _create_db_hint(dp.source))
         spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
+        # Caffe's set-up draws from its stream: the reader thread's and the prefetch thread's
+        # seeds, and two transformer seeds (InitRand runs twice) when it crops or mirrors.
+        caffe_rng.skip(2 + 2 * needs_random(spec))
         records = DbSource(source, _backend_of(dp, source), spec.force_color, spec.force_gray,
                            self.where)
         self.init_pipeline(records, spec, batch_size, int(dp.rand_skip),
@@ -351,6 +355,9 @@ class ImageData(PipelinedDataLayer):
             "to root_folder)")
         entries = parse_image_list(source, self.where)
         spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
+        # Caffe's set-up draws: the prefetch thread's seed, the shuffle generator's seed, the
+        # rand_skip draw, and two transformer seeds when it crops or mirrors.
+        caffe_rng.skip(1 + bool(ip.shuffle) + (ip.rand_skip > 0) + 2 * needs_random(spec))
         records = ImageListSource(entries, ip.root_folder, int(ip.new_height), int(ip.new_width),
                                   bool(ip.is_color), source)
         self.init_pipeline(records, spec, batch_size, int(ip.rand_skip),
@@ -523,6 +530,9 @@ class MemoryData(DataLayerBase):
         if param.HasField("transform_param"):
             warnings.warn(f"{self.where}: MemoryData does not transform arrays given with "
                           "set_input_arrays (as in Caffe); transform_param is ignored")
+        # Caffe's BaseDataLayer set-up seeds a transformer that would crop or mirror.
+        caffe_rng.skip(needs_random(spec_from_param(param.transform_param, ctx.phase == TRAIN,
+                                                    self.where)))
 
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """Serve these arrays: data N x C x H x W, labels N values; N a multiple of batch_size.

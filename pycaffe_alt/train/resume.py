@@ -23,6 +23,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from .. import caffe_rng
 from ..log import get_logger
 
 logger = get_logger()
@@ -54,6 +55,7 @@ def _set_numpy_rng_state(state: Dict[str, Any]) -> None:
 def _rng_state() -> Dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     state = {"torch": torch.get_rng_state().numpy().tobytes(),
+             "caffe": caffe_rng.stream().state(),
              "numpy": _numpy_rng_state(),
              "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -64,6 +66,8 @@ def _rng_state() -> Dict[str, Any]:
 def _set_rng_state(state: Dict[str, Any]) -> None:
     if "torch" in state:
         torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
+    if "caffe" in state:  # absent in snapshots from before the stream was kept
+        caffe_rng.stream().set_state(state["caffe"])
     if "numpy" in state:
         _set_numpy_rng_state(state["numpy"])
     if "python" in state:

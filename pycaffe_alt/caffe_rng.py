@@ -1,0 +1,97 @@
+"""Caffe's random number stream, so that ``random_seed`` gives Caffe's very initial weights.
+
+Caffe draws everything at set-up from one generator: ``Caffe::set_random_seed(s)`` makes it a
+``boost::mt19937`` seeded with ``s`` (the standard MT19937 ``init_genrand``); without a seed it
+is seeded from /dev/urandom. Fillers take ``caffe_rng_uniform``: ``boost::uniform_real<float>``
+over ``[a, nextafter(b, +inf))``, which turns one 32-bit draw ``u`` into
+``float(u) / 2^32 * (b' - a) + a`` in float arithmetic and draws again when the result is not
+below ``b'``. Layers that start threads or seed their own generators take raw draws from the same
+stream first (see :func:`skip`), so the layer order of a net decides which values each filler gets.
+
+What follows Caffe draw for draw: ``constant``, ``uniform``, ``xavier``, ``positive_unitball``
+fillers and the set-up draws of data layers. ``gaussian`` and ``msra`` (boost's ziggurat normal
+distribution) and every draw made while running (dropout masks, random crops and mirrors) use
+torch's and numpy's generators instead: same distributions, different values; a gaussian filler
+does not advance this stream, so uniform fillers after one no longer line up with Caffe's.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import numpy as np
+
+_TWO_32 = np.float32(4294967296.0)  # boost: float(eng.max() - eng.min()) + 1
+
+
+class CaffeRNG:
+    """A boost::mt19937 stream (Caffe's ``caffe_rng()``) with Caffe's uniform draws."""
+
+    def __init__(self, seed: Optional[int] = None):
+        if seed is None:  # Caffe's cluster_seedgen reads /dev/urandom
+            seed = int.from_bytes(os.urandom(4), "little")
+        # RandomState seeds an integer the way boost::mt19937(seed) does (init_genrand).
+        state = np.random.RandomState(int(seed) & 0xFFFFFFFF).get_state()
+        self._bits = np.random.MT19937()
+        self._bits.state = {"bit_generator": "MT19937",
+                            "state": {"key": state[1], "pos": int(state[2])}}
+
+    def raw(self, n: int) -> np.ndarray:
+        """``n`` 32-bit draws (``caffe_rng_rand()``)."""
+        return self._bits.random_raw(int(n)).astype(np.uint32)
+
+    def uniform(self, n: int, a: float, b: float) -> np.ndarray:
+        """``caffe_rng_uniform<float>(n, a, b)``: ``n`` float32 values in ``[a, b]``."""
+        a32, b32 = np.float32(a), np.nextafter(np.float32(b), np.float32(np.inf))
+        span = np.float32(b32 - a32)
+        # boost draws again when a value is not below b' (float(u) may round up to 2^32): the
+        # accepted values, in order, are Caffe's sequence; rejected draws are simply used up.
+        parts, missing = [], int(n)
+        while missing:
+            values = self._from_raw(self.raw(missing), a32, span)
+            kept = values[values < b32]
+            parts.append(kept)
+            missing -= len(kept)
+        return np.concatenate(parts) if parts else np.empty(0, np.float32)
+
+    @staticmethod
+    def _from_raw(raw: np.ndarray, a32: np.float32, span: np.float32) -> np.ndarray:
+        return raw.astype(np.float32) / _TWO_32 * span + a32
+
+    def skip(self, n: int) -> None:
+        """Advance by ``n`` raw draws."""
+        if n > 0:
+            self._bits.random_raw(int(n))
+
+    def state(self) -> Dict[str, object]:
+        """The generator's position (MT19937 key words and index), for exact resume."""
+        st = self._bits.state["state"]
+        return {"key": np.asarray(st["key"], dtype=np.uint32).tobytes(), "pos": int(st["pos"])}
+
+    def set_state(self, state: Dict[str, object]) -> None:
+        """Continue from a :meth:`state`."""
+        key = np.frombuffer(state["key"], dtype=np.uint32).copy()  # type: ignore[arg-type]
+        self._bits.state = {"bit_generator": "MT19937",
+                            "state": {"key": key, "pos": int(state["pos"])}}  # type: ignore[arg-type]
+
+
+_stream: Optional[CaffeRNG] = None
+
+
+def seed(value: Optional[int]) -> None:
+    """``Caffe::set_random_seed``: restart the stream (``None``: from /dev/urandom)."""
+    global _stream
+    _stream = CaffeRNG(value)
+
+
+def stream() -> CaffeRNG:
+    """The process's stream (seeded from /dev/urandom until :func:`seed` is called)."""
+    global _stream
+    if _stream is None:
+        _stream = CaffeRNG(None)
+    return _stream
+
+
+def skip(n: int) -> None:
+    """Take ``n`` raw draws, as a Caffe layer does at set-up (thread seeds, generator seeds)."""
+    stream().skip(n)

@@ -1,0 +1,109 @@
+"""Caffe's random stream (pycaffe_alt/caffe_rng.py) and the fillers that follow it."""
+import numpy as np
+import pytest
+import torch
+
+import pycaffe_alt as caffe
+from pycaffe_alt import caffe_rng
+from pycaffe_alt.caffe_rng import CaffeRNG
+from pycaffe_alt.fillers import fill
+from pycaffe_alt.proto import caffe_pb2
+
+
+def test_the_stream_is_mt19937_seeded_like_boost():
+    # Published values of the standard mt19937 (which boost::mt19937 is): the default seed
+    # 5489 gives 3499211612 first, and 4123659995 as the 10000th output (C++ [rand.predef]).
+    rng = CaffeRNG(5489)
+    first = rng.raw(10000)
+    assert first[0] == 3499211612 and first[-1] == 4123659995
+    assert CaffeRNG(2**32 + 5489).raw(1)[0] == 3499211612  # Caffe's seed is an unsigned int
+
+
+class Scripted(CaffeRNG):
+    """A stream that returns given 32-bit draws."""
+
+    def __init__(self, draws):
+        super().__init__(0)
+        self.draws = list(draws)
+
+    def raw(self, n):
+        out, self.draws = self.draws[:n], self.draws[n:]
+        return np.array(out, dtype=np.uint32)
+
+
+def test_uniform_is_boosts_formula_and_redraws_at_the_top():
+    # float(u) / 2^32 * (b' - a) + a in float32, b' = nextafter(b); 0xFFFFFFFF rounds to 2^32,
+    # which gives b' itself: boost rejects it and the next draw takes its place.
+    rng = Scripted([0xFFFFFFFF, 0, 1 << 31, 3 << 30])
+    values = rng.uniform(3, 0.0, 1.0)
+    assert values.dtype == np.float32
+    top = np.nextafter(np.float32(1), np.float32(2))  # the span is b' - a, a hair above 1
+    np.testing.assert_array_equal(values, np.float32([0.0, 0.5, 0.75]) * top)
+    assert rng.draws == []
+
+
+def test_uniform_values_lie_in_the_closed_interval():
+    values = CaffeRNG(7).uniform(100000, -0.25, 0.5)
+    assert values.min() >= -0.25 and values.max() <= 0.5
+    assert abs(float(values.mean()) - 0.125) < 0.005
+
+
+def filler(kind, **fields):
+    p = caffe_pb2.FillerParameter(type=kind)
+    for k, v in fields.items():
+        setattr(p, k, v)
+    return p
+
+
+def test_fillers_take_caffes_values():
+    caffe_rng.seed(3)
+    w = fill(torch.empty(4, 3, 2, 2), filler("xavier"))
+    rng = CaffeRNG(3)
+    scale = np.sqrt(np.float32(3) / np.float32(12))
+    np.testing.assert_array_equal(w.numpy().ravel(), rng.uniform(48, -scale, scale))
+    u = fill(torch.empty(5), filler("uniform", min=-2.0, max=3.0))
+    np.testing.assert_array_equal(u.numpy(), rng.uniform(5, -2.0, 3.0))
+    b = fill(torch.empty(2, 3), filler("positive_unitball"))
+    raw = rng.uniform(6, 0.0, 1.0).reshape(2, 3)
+    np.testing.assert_array_equal(b.numpy(), raw / np.cumsum(raw, axis=1, dtype=np.float32)[:, -1:])
+    np.testing.assert_allclose(b.numpy().sum(axis=1), 1.0, rtol=1e-6)
+
+
+NET = """
+layer {{ name: "data" type: "Data" top: "data" top: "label"
+  transform_param {{ {transform} }} data_param {{ source: "{source}" batch_size: 2 backend: LMDB }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param {{ num_output: 3 weight_filler {{ type: "xavier" }} }} }}
+"""
+
+
+@pytest.mark.parametrize("transform, draws", [("scale: 0.5", 2), ("mirror: true", 4)])
+def test_data_layers_take_caffes_setup_draws(tmp_path, transform, draws):
+    """A Data layer uses up Caffe's set-up draws (reader and prefetch thread seeds, plus two
+    transformer seeds when it mirrors or crops) before the next layer's filler draws."""
+    from pycaffe_alt.data.datum import array_to_datum
+    from pycaffe_alt.data.db import open_db
+
+    with open_db(str(tmp_path / "db"), "lmdb", "w") as db:
+        for i in range(4):
+            db.put(f"{i:08d}", array_to_datum(np.full((1, 2, 2), i, np.uint8), i).SerializeToString())
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET.format(transform=transform, source=tmp_path / "db"))
+    caffe.set_random_seed(11)
+    net = caffe.Net(str(path), caffe.TRAIN)
+    rng = CaffeRNG(11)
+    rng.skip(draws)
+    scale = np.sqrt(np.float32(3) / np.float32(4))
+    np.testing.assert_array_equal(net.params["ip"][0].data.ravel(), rng.uniform(12, -scale, scale))
+
+
+def test_same_seed_same_net_different_seed_other_weights(tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 5 } } }\n'
+                    'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" '
+                    'inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }\n')
+    weights = []
+    for seed in (5, 5, 6):
+        caffe.set_random_seed(seed)
+        weights.append(caffe.Net(str(path), caffe.TEST).params["ip"][0].data.copy())
+    assert np.array_equal(weights[0], weights[1]) and not np.array_equal(weights[0], weights[2])
