@@ -102,13 +102,17 @@ def test_force_gray_and_force_color_decode_encoded_records(in_golden):
         layer.close()
 
 
-def test_an_idle_layer_holds_no_lmdb_handle(in_golden):
+@pytest.mark.parametrize("in_line", [True, False])
+def test_an_idle_layer_holds_no_lmdb_handle(in_golden, monkeypatch, in_line):
     # py-lmdb allows one environment per path and process: a layer whose prefetch queue is full
     # must let others (another net, a tool, a check script) open the same database.
     import time
 
     import lmdb
 
+    from pycaffe_alt.data import pipeline
+
+    monkeypatch.setattr(pipeline, "_cores_are_busy", lambda: in_line)
     layer = data_layer("mnist_test_lmdb", batch_size=2)
     layer()
     queue = getattr(layer.pipeline._engine, "_queue", None)  # None: batches read in line

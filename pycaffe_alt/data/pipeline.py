@@ -258,13 +258,16 @@ class _ThreadPrefetcher:
                 item = _to_tensors(maker.make(b), pin)
             except BaseException as e:  # handed to the consumer, which raises it
                 item = e
+            # About to wait for the consumer: an idle (or abandoned, not yet garbage-collected)
+            # layer must not keep the database from other code in this process. While waiting,
+            # look again every 0.1 s, since a training loop's hold may end meanwhile.
+            if self._queue.full():
+                maker.release_if_idle()
             while not self._stop.is_set():
                 try:
                     self._queue.put(item, timeout=0.1)
                     break
                 except queue.Full:
-                    # Waiting for the consumer: an idle (or abandoned, not yet garbage-collected)
-                    # layer must not keep the database from other code in this process.
                     maker.release_if_idle()
             if self._stop.is_set() or isinstance(item, BaseException):
                 return

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, List, Optional
+from typing import Any, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -202,7 +202,7 @@ def run_steps(solver, iters: int) -> float:
 
 
 @contextlib.contextmanager
-def datasets_held(nets) -> Iterator[None]:
+def datasets_held(nets: Iterable[Any]) -> Iterator[None]:
     """Keep every data layer's database open between batches while training runs (outside
     training each batch closes it, so that other code in the process can open it)."""
     with contextlib.ExitStack() as stack:
