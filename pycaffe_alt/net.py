@@ -464,13 +464,15 @@ class Net(nn.Module):
                        f"layers: {', '.join(s.name for s in self._steps)}")
 
     def run(self, inputs: Optional[Dict[str, torch.Tensor]] = None, start: int = 0,
-            end: Optional[int] = None, first_versions: Optional[Dict[str, torch.Tensor]] = None
+            end: Optional[int] = None, first_versions: Optional[Dict[str, torch.Tensor]] = None,
+            trace: Optional[List[Tuple[Step, Sequence[torch.Tensor], Sequence[torch.Tensor]]]] = None
             ) -> Dict[str, torch.Tensor]:
         """Run layers ``start..end`` (indices) on tensors; returns the dict of every blob's value.
 
         Missing inputs are taken from the blobs' current values (what pycaffe wrote); tensors
         given here become the input blobs' values. ``first_versions`` collects each produced
         blob's first value in this pass (an in-place blob's diff is the gradient of that one).
+        ``trace`` receives ``(step, bottoms, tops)`` for every layer in order (debug_info).
         """
         values = self._values
         if start == 0:
@@ -487,6 +489,8 @@ class Net(nn.Module):
         finals: Dict[str, _FinalValue] = {}
         for step in self._steps[start:last + 1]:
             if not step.runs:
+                if trace is not None:  # Caffe's Input layers run (as no-ops) and are reported
+                    trace.append((step, (), tuple(values[t] for t in step.tops)))
                 continue
             bottoms = [values[b] for b in step.bottoms]
             if True in step.detach:
@@ -498,6 +502,8 @@ class Net(nn.Module):
                 out = step.layer(*bottoms)
             if isinstance(out, torch.Tensor):
                 out = (out,)
+            if trace is not None:
+                trace.append((step, bottoms, out))
             for t, v in zip(step.tops, out):
                 if first_versions is not None:
                     first_versions.setdefault(t, v)

@@ -298,8 +298,8 @@ class AlternationSolver(Solver):
                 self.iter - self.last_support_iter >= self.gap_iters:
             self.support_step()
 
-    def forward_backward(self) -> torch.Tensor:
-        loss = super().forward_backward()
+    def forward_backward(self, debug: bool = False) -> torch.Tensor:
+        loss = super().forward_backward(debug)
         self._last_loss = loss
         return loss
 

@@ -390,15 +390,24 @@ class Solver:
         for net in self.nets:
             net._push_host_writes()
 
-    def forward_backward(self) -> torch.Tensor:
+    def forward_backward(self, debug: bool = False) -> torch.Tensor:
         """``iter_size`` forward/backward passes, gradients accumulated in ``param.grad``;
-        returns the loss averaged over the passes as a device tensor (no host sync)."""
+        returns the loss averaged over the passes as a device tensor (no host sync).
+        ``debug`` logs Caffe's debug_info lines for each pass."""
+        from ..train import debug_info
+
         total = None
         for _ in range(self.param.iter_size):
-            values = self.net.run()
+            trace = [] if debug else None
+            values = self.net.run(trace=trace)
+            grads = debug_info.watch_bottoms(trace) if debug else {}
+            if debug:
+                debug_info.log_forward(trace)
             loss = self.net.loss(values)
             if loss.requires_grad:
                 loss.backward()
+            if debug:
+                debug_info.log_backward(trace, grads, self._params)
             loss = loss.detach()
             total = loss if total is None else total + loss
         # Caffe: loss /= iter_size, in float32.
@@ -490,7 +499,12 @@ class Solver:
                     self.stopped_early = True
                     logger.info("Test interrupted.")
                     return OrderedDict()
-                values = net.run()
+                trace = [] if self.param.debug_info else None  # Caffe: test nets always
+                values = net.run(trace=trace)
+                if trace is not None:
+                    from ..train import debug_info
+
+                    debug_info.log_forward(trace)
                 batch = torch.cat([values[n].detach().reshape(-1).float() for n in net.outputs]) \
                     if net.outputs else torch.zeros(0, device=net.device)
                 scores = batch.clone() if scores is None else scores + batch

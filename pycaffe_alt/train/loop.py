@@ -164,27 +164,6 @@ def display(solver, smoothed: torch.Tensor) -> None:
             logger.info("    Train net output #%d: %s = %s%s", index, name, format_value(v),
                         loss_suffix(weights[name], v))
             index += 1
-    if solver.param.debug_info:
-        debug_info(solver)
-
-
-def debug_info(solver) -> None:
-    """``debug_info: true``: mean absolute value of every top blob and parameter (Caffe's
-    ForwardDebugInfo/UpdateDebugInfo lines; blob diffs are not kept by autograd, so Caffe's
-    backward lines are not printed)."""
-    net = solver.net
-    for step in net._steps:
-        for top in step.tops:
-            t = net._values.get(top)
-            if t is not None and t.numel():
-                logger.info("    [Forward] Layer %s, top blob %s data: %g", step.name, top,
-                            float(t.detach().abs().mean()))
-    for info in net.learnable_params:
-        p = info.param
-        grad = p.grad
-        logger.info("    [Update] Layer %s, param %d data: %g; diff: %g", info.layer, info.index,
-                    float(p.detach().abs().mean()),
-                    float(grad.abs().mean()) if grad is not None else 0.0)
 
 
 def run_steps(solver, iters: int) -> float:
@@ -223,7 +202,8 @@ def _iterate(solver, stop_iter: int) -> None:
                 break
         _call(hooks, "before_step", solver)
         shown = solver.display_due()
-        loss = solver.forward_backward()
+        # Caffe's debug_info lines come with display iterations only (Step sets it per pass).
+        loss = solver.forward_backward(debug=shown and solver.param.debug_info)
         smoothed = solver.smoother.update(loss, solver.iter)
         if shown:
             display(solver, smoothed)
