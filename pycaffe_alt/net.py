@@ -687,12 +687,13 @@ class Net(nn.Module):
 
         copy_weights(self._param_lists(), os.fspath(path))
 
-    def save(self, path: str) -> None:
-        """Write the net with its weights as a .caffemodel (atomically)."""
+    def save(self, path: str, diffs: Optional[Dict[str, List[np.ndarray]]] = None) -> None:
+        """Write the net with its weights as a .caffemodel (atomically); ``diffs`` (layer name
+        -> one array per blob) are written as the blobs' diffs (Caffe's ``snapshot_diff``)."""
         from .weights import atomic_write, net_param_with_weights
 
         self._push_host_writes()  # numpy edits of GPU weights (net surgery) go in too
-        proto = net_param_with_weights(self.net_param, self._param_lists())
+        proto = net_param_with_weights(self.net_param, self._param_lists(), diffs)
         atomic_write(os.fspath(path), proto.SerializeToString())
 
     def share_with(self, other: "Net") -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -187,12 +187,18 @@ def atomic_write(path: str, payload: bytes) -> None:
     fileio.atomic_write(path, payload, WeightsError)
 
 
-def net_param_with_weights(net_param, layers: Dict[str, List]) -> "caffe_pb2.NetParameter":
-    """A copy of ``net_param`` whose layers carry their current blobs (Caffe's Net::ToProto)."""
+def net_param_with_weights(net_param, layers: Dict[str, List],
+                           diffs: Optional[Dict[str, List[np.ndarray]]] = None
+                           ) -> "caffe_pb2.NetParameter":
+    """A copy of ``net_param`` whose layers carry their current blobs (Caffe's Net::ToProto);
+    with ``diffs`` (layer name -> one array per blob) each blob also carries its diff
+    (``ToProto(param, write_diff=true)``, the solver's ``snapshot_diff``)."""
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
     for layer in out.layer:
         del layer.blobs[:]
-        for p in layers.get(layer.name, ()):
-            layer.blobs.append(array_to_blob(p.detach().cpu().numpy()))
+        layer_diffs = diffs.get(layer.name) if diffs is not None else None
+        for i, p in enumerate(layers.get(layer.name, ())):
+            diff = layer_diffs[i] if layer_diffs is not None else None
+            layer.blobs.append(array_to_blob(p.detach().cpu().numpy(), diff))
     return out

@@ -314,6 +314,45 @@ def test_snapshot_and_restore_round_trip(tmp_path, fmt):
     np.testing.assert_array_equal(t.net.params["ip"][0].data, s.net.params["ip"][0].data)
 
 
+@pytest.mark.parametrize("fmt", ["BINARYPROTO", "HDF5"])
+def test_snapshot_diff_writes_each_blobs_diff(tmp_path, fmt):
+    """snapshot_diff: the caffemodel carries every blob's diff, which after an SGD update is the
+    update itself (Caffe copies the history into the diff); off by default."""
+    s = lsq_solver(tmp_path, momentum=0.9, snapshot_diff=True,
+                   snapshot_format=getattr(caffe_pb2.SolverParameter, fmt))
+    s.step(2)
+    model, _ = s.snapshot()
+    if fmt == "HDF5":
+        import h5py
+
+        with h5py.File(model, "r") as f:
+            diffs = [f["diff/ip/0"][()], f["diff/ip/1"][()]]
+            np.testing.assert_array_equal(f["data/ip/0"][()], s.net.params["ip"][0].data)
+    else:
+        net = caffe_pb2.NetParameter()
+        with open(model, "rb") as f:
+            net.ParseFromString(f.read())
+        blobs = [l for l in net.layer if l.name == "ip"][0].blobs
+        diffs = [np.array(b.diff, np.float32).reshape(b.shape.dim) for b in blobs]
+    for diff, history in zip(diffs, s.history):
+        assert diff.any()
+        np.testing.assert_array_equal(diff, history.numpy())
+    (tmp_path / "plain").mkdir()
+    plain = lsq_solver(tmp_path / "plain", snapshot_format=getattr(caffe_pb2.SolverParameter, fmt))
+    plain.step(1)
+    model, _ = plain.snapshot()
+    if fmt == "HDF5":
+        import h5py
+
+        with h5py.File(model, "r") as f:
+            assert "diff" not in f
+    else:
+        net = caffe_pb2.NetParameter()
+        with open(model, "rb") as f:
+            net.ParseFromString(f.read())
+        assert all(len(b.diff) == 0 for l in net.layer for b in l.blobs)
+
+
 def test_restore_finds_the_caffemodel_next_to_a_moved_solverstate(tmp_path, monkeypatch):
     s = lsq_solver(tmp_path)
     s.step(1)

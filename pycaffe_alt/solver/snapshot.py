@@ -338,20 +338,26 @@ def read_any_solverstate(path: str) -> SolverStateData:
     return read_solverstate_h5(path) if is_hdf5(path) else read_solverstate(path)
 
 
-def write_weights_h5(layers: Sequence[Tuple[str, Sequence[Optional[np.ndarray]]]], path: str) -> None:
-    """Write ``.caffemodel.h5`` (Caffe's ``Net::ToHDF5`` without diffs), atomically.
+def write_weights_h5(layers: Sequence[Tuple[str, Sequence[Optional[np.ndarray]]]], path: str,
+                     diffs: Optional[Sequence[Tuple[str, Sequence[Optional[np.ndarray]]]]] = None
+                     ) -> None:
+    """Write ``.caffemodel.h5`` (Caffe's ``Net::ToHDF5``), atomically.
 
     ``layers`` lists every layer in net order with its blobs; a None blob is skipped, as Caffe
-    skips parameters a layer shares from another (only owners are saved).
+    skips parameters a layer shares from another (only owners are saved). ``diffs``, in the same
+    layout, go to a ``diff`` group next to ``data`` (``snapshot_diff``).
     """
 
     def fill(f) -> None:
-        data = f.create_group("data")
-        for name, blobs in layers:
-            group = data.create_group(name)
-            for i, arr in enumerate(blobs):
-                if arr is not None:
-                    group.create_dataset(str(i), data=np.asarray(arr, dtype=np.float32))
+        for group_name, table in (("data", layers), ("diff", diffs)):
+            if table is None:
+                continue
+            top = f.create_group(group_name)
+            for name, blobs in table:
+                group = top.create_group(name)
+                for i, arr in enumerate(blobs):
+                    if arr is not None:
+                        group.create_dataset(str(i), data=np.asarray(arr, dtype=np.float32))
 
     atomic_write(path, _h5_bytes(fill))
 

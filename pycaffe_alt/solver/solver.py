@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -530,15 +530,28 @@ class Solver:
         return results
 
     # ------------------------------------------------------------------ snapshots
-    def _owned_blobs(self) -> List[Tuple[str, List[Optional[np.ndarray]]]]:
+    def _owned_blobs(self, diffs: bool = False) -> List[Tuple[str, List[Optional[np.ndarray]]]]:
+        """Every layer's blobs (data, or with ``diffs`` their diffs), None where the blob is
+        shared from another layer (Caffe saves owners only)."""
         owners = {(i.layer, i.index) for i in self.net.learnable_params}
+        diff_of = self._param_diffs() if diffs else {}
         layers = []
         for name, view in self.net.layer_dict.items():
             blobs = view.module.blobs
             if blobs:
-                layers.append((name, [p.detach().cpu().numpy() if (name, j) in owners else None
+                layers.append((name, [(diff_of.get(id(p)) if diffs else p.detach().cpu().numpy())
+                                      if (name, j) in owners else None
                                       for j, p in enumerate(blobs)]))
         return layers
+
+    def _param_diffs(self) -> Dict[int, np.ndarray]:
+        """id(parameter) -> its diff as Caffe holds it after an update (the update value;
+        zeros before the first iteration)."""
+        out = {}
+        for i, p in enumerate(self._params):
+            g = p.grad if p.grad is not None else self._zero_diffs.get(i)
+            out[id(p)] = g.detach().cpu().numpy() if g is not None else np.zeros(p.shape, np.float32)
+        return out
 
     def snapshot(self) -> Tuple[str, str]:
         """Write ``<prefix>_iter_<N>.caffemodel`` (or ``.caffemodel.h5``) and the matching
@@ -551,11 +564,18 @@ class Solver:
         if hdf5:
             model = snapshot_filename(prefix, self._iter, ".caffemodel.h5")
             logger.info("Snapshotting to HDF5 file %s", model)
-            write_weights_h5(self._owned_blobs(), model)
+            write_weights_h5(self._owned_blobs(), model,
+                             self._owned_blobs(diffs=True) if self.param.snapshot_diff else None)
         else:
             model = snapshot_filename(prefix, self._iter, ".caffemodel")
             logger.info("Snapshotting to binary proto file %s", model)
-            self.net.save(model)
+            # snapshot_diff: every blob's diff too (a shared blob shows its owner's diff)
+            diffs = None
+            if self.param.snapshot_diff:
+                diff_of = self._param_diffs()
+                diffs = {name: [diff_of.get(id(p), np.zeros(p.shape, np.float32)) for p in blobs]
+                         for name, blobs in self.net._param_lists().items()}
+            self.net.save(model, diffs)
         history = [h.detach().cpu().numpy() for h in self.history]
         resume_state = self._resume_state()
         if hdf5:
