@@ -107,3 +107,14 @@ def test_same_seed_same_net_different_seed_other_weights(tmp_path):
         caffe.set_random_seed(seed)
         weights.append(caffe.Net(str(path), caffe.TEST).params["ip"][0].data.copy())
     assert np.array_equal(weights[0], weights[1]) and not np.array_equal(weights[0], weights[2])
+
+
+def test_draws_equal_boosts():
+    """What boost 1.85 itself draws for Caffe's calls (fixtures/boost_rng, made by real boost)."""
+    from pathlib import Path
+
+    ref = (Path(__file__).parent / "fixtures" / "boost_rng" / "mt19937_seed5.txt").read_text().split()
+    rng = CaffeRNG(5)
+    np.testing.assert_array_equal(rng.uniform(300, -0.3, 0.3), np.float32(ref[:300]))
+    rng.skip(300)  # the reference's 300 bernoulli draws take one raw draw each
+    assert rng.raw(5).tolist() == [int(v) for v in ref[600:]]
