@@ -42,11 +42,9 @@ def _constant(t, p):
     t.fill_(p.value)
 
 
-def _caffe_uniform(t: torch.Tensor, a: float, b: float) -> np.ndarray:
-    """Fill ``t`` with ``caffe_rng_uniform(count, a, b)``; returns the float32 values."""
-    values = caffe_rng.stream().uniform(t.numel(), a, b)
-    t.copy_(torch.from_numpy(values).reshape(t.shape))
-    return values
+def _caffe_uniform(t: torch.Tensor, a: float, b: float) -> None:
+    """Fill ``t`` with ``caffe_rng_uniform(count, a, b)``."""
+    t.copy_(torch.from_numpy(caffe_rng.stream().uniform(t.numel(), a, b)).reshape(t.shape))
 
 
 def _uniform(t, p):

@@ -229,10 +229,8 @@ class LMDBReader(_Reader):
         try:
             out = [get(keys[i]) for i in indices]
         except lmdb.Error:
-            out = [None]
-        if None in out:
             return super().values(indices)
-        return out
+        return super().values(indices) if None in out else out
 
     def close(self) -> None:
         """Release this process's handle (the reader reopens on the next read)."""

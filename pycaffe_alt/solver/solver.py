@@ -394,14 +394,14 @@ class Solver:
         """``iter_size`` forward/backward passes, gradients accumulated in ``param.grad``;
         returns the loss averaged over the passes as a device tensor (no host sync).
         ``debug`` logs Caffe's debug_info lines for each pass."""
-        from ..train import debug_info
-
+        if debug:  # imported here: debug_info formats with this module's format_value
+            from ..train import debug_info
         total = None
         for _ in range(self.param.iter_size):
             trace = [] if debug else None
             values = self.net.run(trace=trace)
-            grads = debug_info.watch_bottoms(trace) if debug else {}
             if debug:
+                grads = debug_info.watch_bottoms(trace)
                 debug_info.log_forward(trace)
             loss = self.net.loss(values)
             if loss.requires_grad:
@@ -534,15 +534,26 @@ class Solver:
         """Every layer's blobs (data, or with ``diffs`` their diffs), None where the blob is
         shared from another layer (Caffe saves owners only)."""
         owners = {(i.layer, i.index) for i in self.net.learnable_params}
-        diff_of = self._param_diffs() if diffs else {}
+        diff_of = self._param_diffs() if diffs else None
         layers = []
         for name, view in self.net.layer_dict.items():
-            blobs = view.module.blobs
-            if blobs:
-                layers.append((name, [(diff_of.get(id(p)) if diffs else p.detach().cpu().numpy())
-                                      if (name, j) in owners else None
-                                      for j, p in enumerate(blobs)]))
+            arrays: List[Optional[np.ndarray]] = []
+            for j, p in enumerate(view.module.blobs):
+                if (name, j) not in owners:
+                    arrays.append(None)
+                elif diff_of is not None:
+                    arrays.append(diff_of[id(p)])
+                else:
+                    arrays.append(p.detach().cpu().numpy())
+            if arrays:
+                layers.append((name, arrays))
         return layers
+
+    def _layer_diffs(self) -> Dict[str, List[np.ndarray]]:
+        """Layer name -> the diff of each of its blobs (a shared blob shows its owner's diff)."""
+        diff_of = self._param_diffs()
+        return {name: [diff_of.get(id(p), np.zeros(p.shape, np.float32)) for p in blobs]
+                for name, blobs in self.net._param_lists().items()}
 
     def _param_diffs(self) -> Dict[int, np.ndarray]:
         """id(parameter) -> its diff as Caffe holds it after an update (the update value;
@@ -569,13 +580,7 @@ class Solver:
         else:
             model = snapshot_filename(prefix, self._iter, ".caffemodel")
             logger.info("Snapshotting to binary proto file %s", model)
-            # snapshot_diff: every blob's diff too (a shared blob shows its owner's diff)
-            diffs = None
-            if self.param.snapshot_diff:
-                diff_of = self._param_diffs()
-                diffs = {name: [diff_of.get(id(p), np.zeros(p.shape, np.float32)) for p in blobs]
-                         for name, blobs in self.net._param_lists().items()}
-            self.net.save(model, diffs)
+            self.net.save(model, self._layer_diffs() if self.param.snapshot_diff else None)
         history = [h.detach().cpu().numpy() for h in self.history]
         resume_state = self._resume_state()
         if hdf5:
