@@ -53,3 +53,7 @@ class DataError(CaffeError):
 
 class SolverError(CaffeError):
     """A solver configuration or training state that cannot be used."""
+
+
+class NonFiniteLossError(SolverError):
+    """Training stopped because the loss became NaN or infinite (no snapshot of it is written)."""

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Optional, TextIO
 
+import numpy as np
+
 LOGGER_NAME = "pycaffe_alt"
 
 
@@ -46,6 +48,19 @@ class _StderrHandler(logging.StreamHandler):
 def get_logger() -> logging.Logger:
     """The package logger."""
     return logging.getLogger(LOGGER_NAME)
+
+
+def format_value(x: float) -> str:
+    """A float32 value as Caffe's ``ostream << float`` prints it (6 significant digits)."""
+    return "%g" % float(np.float32(x))
+
+
+def loss_suffix(weight: float, value: float) -> str:
+    """Caffe's `` (* w = w*v loss)`` suffix of an output line, empty for a non-loss output."""
+    if not weight:
+        return ""
+    product = np.float32(weight) * np.float32(value)
+    return f" (* {format_value(weight)} = {format_value(product)} loss)"
 
 
 def setup_logging(stream: Optional[TextIO] = None, level: int = logging.INFO) -> logging.Logger:

@@ -21,12 +21,15 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import CaffeError, NetError, SolverError
+from ..errors import CaffeError, NetError, NonFiniteLossError, SolverError
 from ..layers import TEST, TRAIN
-from ..log import get_logger
+from ..log import format_value, get_logger, loss_suffix
 from ..mode import default_device, set_random_seed
 from ..net import Net
 from ..proto import caffe_pb2
+from ..train import debug_info, loop
+from ..train.resume import apply as apply_resume_state
+from ..train.resume import capture as capture_resume_state
 from .lr_policy import current_step, learning_rate
 from .regularize import clip_gradients, local_decay, normalize, regularize
 from .rules import RuleHyper, apply_update, check_hyper, local_rate, update_rule
@@ -37,23 +40,6 @@ from .snapshot import (check_history, read_any_solverstate, snapshot_companion,
 logger = get_logger()
 
 SolverSource = Union[str, os.PathLike, "caffe_pb2.SolverParameter"]
-
-
-class NonFiniteLossError(SolverError):
-    """Training stopped because the loss became NaN or infinite (no snapshot of it is written)."""
-
-
-def format_value(x: float) -> str:
-    """A float32 value as Caffe's ``ostream << float`` prints it (6 significant digits)."""
-    return "%g" % float(np.float32(x))
-
-
-def loss_suffix(weight: float, value: float) -> str:
-    """Caffe's `` (* w = w*v loss)`` suffix of an output line, empty for a non-loss output."""
-    if not weight:
-        return ""
-    product = np.float32(weight) * np.float32(value)
-    return f" (* {format_value(weight)} = {format_value(product)} loss)"
 
 
 def _read_solver_param(solver: SolverSource) -> Tuple["caffe_pb2.SolverParameter", str]:
@@ -103,8 +89,6 @@ class Solver:
     def __init__(self, solver: SolverSource, *, device: Union[str, torch.device, None] = None,
                  weights: Sequence[str] = (), allow_python: bool = False,
                  stages: Optional[Sequence[str]] = None, level: Optional[int] = None):
-        from ..train.loop import LossSmoother, NonFiniteLossGuard
-
         self.param, self.source = _read_solver_param(solver)
         if self.forced_type is not None:
             self.param.type = self.forced_type
@@ -134,10 +118,10 @@ class Solver:
             test_net.share_with(self.net)
         logger.info("Solver scaffolding done.")
 
-        self._refresh_params()
+        self.refresh_params()
         self.history: List[torch.Tensor] = self.rule.new_history(self._datas)
-        self.smoother = LossSmoother(self.param.average_loss)
-        self.guard = NonFiniteLossGuard()
+        self.smoother = loop.LossSmoother(self.param.average_loss)
+        self.guard = loop.NonFiniteLossGuard()
         self.hooks: list = []
         self.last_snapshot: Optional[Tuple[str, str]] = None
         self.stopped_early = False
@@ -300,7 +284,7 @@ class Solver:
         for net in [self.net] + self.test_nets:
             net.copy_from(path)
 
-    def _refresh_params(self) -> None:
+    def refresh_params(self) -> None:
         """Cache the learnable parameters and their per-blob multipliers (Caffe's
         learnable_params_, params_lr_, params_weight_decay_)."""
         infos = self.net.learnable_params
@@ -338,9 +322,7 @@ class Solver:
     def add_callback(self, on_start, on_gradients_ready) -> None:
         """pycaffe's ``add_callback``: two callables, run before each iteration's forward pass
         and after its gradients are ready (before the update)."""
-        from ..train.loop import CallbackHook
-
-        self.add_hook(CallbackHook(on_start, on_gradients_ready))
+        self.add_hook(loop.CallbackHook(on_start, on_gradients_ready))
 
     def request_stop(self) -> None:
         """Stop at the next iteration boundary (Caffe's SolverAction::STOP, e.g. on SIGINT)."""
@@ -359,16 +341,12 @@ class Solver:
     def step(self, iters: int) -> float:
         """Run ``iters`` iterations (Caffe's Solver::Step, with its display/test/snapshot cadence);
         returns the last smoothed loss."""
-        from ..train.loop import run_steps
-
-        return run_steps(self, int(iters))
+        return loop.run_steps(self, int(iters))
 
     def solve(self, resume: Optional[str] = None) -> None:
         """Caffe's Solve: restore ``resume`` if given, train to ``max_iter``, snapshot at the end
         (``snapshot_after_train``), then one display forward and one test at ``max_iter``."""
-        from ..train.loop import solve
-
-        solve(self, resume)
+        loop.solve(self, resume)
 
     def test_all(self) -> List["OrderedDict[str, float]"]:
         """Test every test net (stops early when a stop was requested during testing)."""
@@ -394,8 +372,6 @@ class Solver:
         """``iter_size`` forward/backward passes, gradients accumulated in ``param.grad``;
         returns the loss averaged over the passes as a device tensor (no host sync).
         ``debug`` logs Caffe's debug_info lines for each pass."""
-        if debug:  # imported here: debug_info formats with this module's format_value
-            from ..train import debug_info
         total = None
         for _ in range(self.param.iter_size):
             trace = [] if debug else None
@@ -502,8 +478,6 @@ class Solver:
                 trace = [] if self.param.debug_info else None  # Caffe: test nets always
                 values = net.run(trace=trace)
                 if trace is not None:
-                    from ..train import debug_info
-
                     debug_info.log_forward(trace)
                 batch = torch.cat([values[n].detach().reshape(-1).float() for n in net.outputs]) \
                     if net.outputs else torch.zeros(0, device=net.device)
@@ -643,16 +617,12 @@ class Solver:
         """The continuation data written into the solverstate (see :mod:`pycaffe_alt.train.resume`);
         a solver with more state (Alternation) extends the dict. Called while snapshotting, after
         the weights are written and before the solverstate."""
-        from ..train.resume import capture
-
-        return capture(self)
+        return capture_resume_state(self)
 
     def _apply_resume_state(self, state: dict, state_path: str) -> None:
         """Inverse of :meth:`_resume_state`, called by :meth:`restore` after the weights and the
         history are back."""
-        from ..train.resume import apply
-
-        apply(self, state, state_path)
+        apply_resume_state(self, state, state_path)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} type={self.type} iter={self._iter} net={self.net!r}>"

@@ -20,8 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..log import get_logger
-from ..solver.solver import format_value
+from ..log import format_value, get_logger
 
 logger = get_logger()
 

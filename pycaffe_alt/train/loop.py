@@ -20,6 +20,14 @@ A hook is any object with some of ``before_step(solver)``, ``after_backward(solv
 ``on_snapshot(solver, paths)``; ``loss`` is the smoothed loss as a 0-d device tensor (call
 ``float()`` only when needed: each read is a host sync on a GPU).
 
+The loop drives any object with the solver's public training surface: ``iter``, ``param``,
+``net``/``nets``/``test_nets``, ``hooks``, ``smoother``, ``guard``, ``stopped_early``,
+``refresh_params()``, ``push_host_writes()``, ``clear_param_diffs()``, ``display_due()``,
+``forward_backward(debug)``, ``apply_update()``, ``test_all()``, ``take_requests()``,
+``snapshot()``, ``check_snapshot_folder()`` and ``restore()``. It imports nothing from
+:mod:`pycaffe_alt.solver` (the solver imports it); Caffe's number formatting comes from
+:mod:`pycaffe_alt.log` and NonFiniteLossError from :mod:`pycaffe_alt.errors`.
+
 Host syncs: the loss stays on the device. It is read at display iterations (to print it), by the
 non-finite guard (every iteration on the CPU where reading is free; on a GPU at display
 iterations, before every snapshot and at the end of ``step``), and once when ``step`` returns.
@@ -32,8 +40,9 @@ from typing import Any, Iterable, Iterator, List, Optional
 
 import torch
 
+from ..errors import NonFiniteLossError
 from ..layers.data import PipelinedDataLayer
-from ..log import get_logger
+from ..log import format_value, get_logger, loss_suffix
 
 logger = get_logger()
 
@@ -107,8 +116,6 @@ class NonFiniteLossGuard:
         return it if it >= 0 else None
 
     def check(self, solver) -> None:
-        from ..solver.solver import NonFiniteLossError
-
         it = self.failed_at()
         if it is None:
             return
@@ -151,8 +158,6 @@ def _test_due(solver) -> bool:
 
 def display(solver, smoothed: torch.Tensor) -> None:
     """Caffe's display block: the smoothed loss, then every element of every net output."""
-    from ..solver.solver import format_value, loss_suffix
-
     logger.info("Iteration %d, loss = %s", solver.iter, format_value(float(smoothed)))
     net = solver.net
     values = net._values
@@ -173,7 +178,7 @@ def run_steps(solver, iters: int) -> float:
     solver.smoother.reset(start_iter)
     solver.stopped_early = False
     solver.push_host_writes()
-    solver._refresh_params()
+    solver.refresh_params()
     with datasets_held(solver.nets):
         _iterate(solver, stop_iter)
     solver.guard.check(solver)
@@ -247,8 +252,6 @@ def solve(solver, resume: Optional[str] = None) -> None:
         smoothed = solver.smoother.update(loss, solver.iter)
         solver.guard.observe(loss, solver.iter)
         solver.guard.check(solver)
-        from ..solver.solver import format_value
-
         logger.info("Iteration %d, loss = %s", solver.iter, format_value(float(smoothed)))
     if p.test_interval and solver.iter % p.test_interval == 0:
         solver.test_all()
