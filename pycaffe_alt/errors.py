@@ -55,5 +55,17 @@ class SolverError(CaffeError):
     """A solver configuration or training state that cannot be used."""
 
 
+class DistributedError(CaffeError):
+    """Data-parallel training that cannot start or cannot go on (a rank missing, failed or lost).
+
+    ``rank`` is the rank that reports it; the other ranks of the job stop without repeating it.
+    """
+
+    def __init__(self, what: str, where: Optional[str] = None, hint: Optional[str] = None,
+                 rank: Optional[int] = None):
+        self.rank = rank
+        super().__init__(what, where, hint)
+
+
 class NonFiniteLossError(SolverError):
     """Training stopped because the loss became NaN or infinite (no snapshot of it is written)."""

@@ -33,6 +33,7 @@ from typing import Dict, Iterable, Iterator, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..distributed.sharding import UNSHARDED, Shard
 from ..errors import CaffeError, DataError
 from .transformer import (TransformSpec, draw_params, needs_random, normalize_batch, output_shape,
                           place_pixels)
@@ -42,11 +43,14 @@ from .transformer import (TransformSpec, draw_params, needs_random, normalize_ba
 _STREAM_TRANSFORM = 0
 _STREAM_SHUFFLE = 1
 _STREAM_SKIP = 2
+_STREAM_SHARD_TRANSFORM = 3
 
 
-def derived_generator(seed: int, stream: int, number: int) -> np.random.Generator:
-    """The generator for item ``number`` of sub-stream ``stream`` of a layer seed (pure)."""
-    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, stream, number])))
+def derived_generator(seed: int, stream: int, number: int, *more: int) -> np.random.Generator:
+    """The generator for item ``number`` (and ``more`` coordinates) of sub-stream ``stream`` of
+    a layer seed (pure)."""
+    return np.random.Generator(np.random.Philox(
+        np.random.SeedSequence([seed, stream, number, *more])))
 
 
 def layer_seed(name: str) -> int:
@@ -99,7 +103,13 @@ class Ordering:
     def indices(self, first: int, count: int,
                 cache: Optional[Dict[int, np.ndarray]] = None) -> np.ndarray:
         """Record indices (int64) of samples ``first .. first+count-1``."""
-        pos = self.skip + first + np.arange(count, dtype=np.int64)
+        return self.records(first + np.arange(count, dtype=np.int64), cache)
+
+    def records(self, samples: np.ndarray,
+                cache: Optional[Dict[int, np.ndarray]] = None) -> np.ndarray:
+        """Record indices (int64) of the global sample numbers ``samples``."""
+        pos = self.skip + np.asarray(samples, dtype=np.int64)
+        count = len(pos)
         if not self.shuffle:
             return pos % self.num_records
         epochs, within = np.divmod(pos, self.num_records)
@@ -126,8 +136,10 @@ class BatchMaker:
     """
 
     def __init__(self, source: RecordSource, spec: TransformSpec, batch_size: int,
-                 ordering: Ordering, seed: int, where: str):
+                 ordering: Ordering, seed: int, where: str, shard: Shard = UNSHARDED):
         self.source = source
+        # Data-parallel training: which samples of the global order this rank reads.
+        self.shard = shard
         self.spec = spec
         self.batch_size = batch_size
         self.ordering = ordering
@@ -139,7 +151,17 @@ class BatchMaker:
         self.holds = 0
 
     def indices(self, b: int) -> np.ndarray:
-        return self.ordering.indices(b * self.batch_size, self.batch_size, self._perm_cache)
+        samples = self.shard.positions(b * self.batch_size, self.batch_size)
+        return self.ordering.records(samples, self._perm_cache)
+
+    def transform_generator(self, b: int) -> np.random.Generator:
+        """The crops' and flips' generator of batch ``b``. A data-parallel rank draws from its
+        own sub-stream (as each of Caffe's solvers seeds its own transformer), so its records
+        are the single-process run's, but not its random crops and flips."""
+        s = self.shard
+        if s.world == 1 and s.start == 0:
+            return derived_generator(self.seed, _STREAM_TRANSFORM, b)
+        return derived_generator(self.seed, _STREAM_SHARD_TRANSFORM, b, s.rank, s.world, s.start)
 
     def make(self, b: int) -> Dict[str, np.ndarray]:
         indices = self.indices(b)
@@ -156,7 +178,7 @@ class BatchMaker:
                            casting="unsafe")
             offsets = [(False, 0, 0)] * self.batch_size
         else:
-            rng = derived_generator(self.seed, _STREAM_TRANSFORM, b)
+            rng = self.transform_generator(b)
             offsets = []
             for i, image in enumerate(images):
                 mirror, h_off, w_off = draw_params(self.spec, rng, image.shape[1], image.shape[2])
@@ -397,13 +419,24 @@ class InputPipeline:
         self.maker.ordering = Ordering(o.num_records, o.skip, bool(shuffle), o.seed)
         self.maker._perm_cache.clear()
 
+    def set_shard(self, rank: int, world: int) -> None:
+        """Read as rank ``rank`` of ``world`` data-parallel ranks (Caffe's skip rule, see
+        :mod:`pycaffe_alt.distributed.sharding`), continuing from the current global cursor."""
+        self._stop_engine()
+        shard, served = self.maker.shard.regrouped(rank, world, self._next * self.maker.batch_size)
+        self.maker.shard = shard
+        self._next = served // self.maker.batch_size
+
     # -- resume ---------------------------------------------------------------------------
     def state(self) -> Dict[str, object]:
-        """Everything needed to continue exactly: batches served so far, seed, skip, shuffle."""
+        """Everything needed to continue exactly: batches served so far, seed, skip, shuffle,
+        and under data parallelism the shard geometry and the global cursor."""
         o = self.maker.ordering
-        return {"batch": self._next, "seed": self.maker.seed, "skip": o.skip,
-                "shuffle": o.shuffle, "num_records": o.num_records,
-                "batch_size": self.maker.batch_size}
+        state = {"batch": self._next, "seed": self.maker.seed, "skip": o.skip,
+                 "shuffle": o.shuffle, "num_records": o.num_records,
+                 "batch_size": self.maker.batch_size}
+        state.update(self.maker.shard.state(self._next * self.maker.batch_size))
+        return state
 
     def load_state(self, state: Dict[str, object]) -> None:
         """Continue from a ``state()``: the next batch is the one that followed it."""
@@ -424,7 +457,9 @@ class InputPipeline:
         self.maker.seed = seed
         self.maker.ordering = Ordering(n, skip, shuffle, seed)
         self.maker._perm_cache.clear()
-        self._next = batch
+        # A snapshot of W ranks continues on this layer's own number of ranks (see Shard.resumed).
+        self.maker.shard, served = self.maker.shard.resumed(state, batch * bs)
+        self._next = served // bs
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:

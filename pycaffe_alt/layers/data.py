@@ -24,6 +24,7 @@ from .. import caffe_rng
 from ..data.db import open_db
 from ..data.pipeline import BatchMaker, InputPipeline, Ordering, draw_skip, layer_seed
 from ..data.transformer import TransformSpec, needs_random, output_shape, spec_from_param
+from ..distributed.sharding import UNSHARDED
 from ..errors import CaffeError, DataError
 from ..proto import caffe_pb2
 from ..registry import LAYERS
@@ -149,6 +150,11 @@ class PipelinedDataLayer(DataLayerBase):
             self.pipeline.set_workers(int(workers))
         if shuffle is not None:
             self.pipeline.set_shuffle(bool(shuffle))
+
+    def set_shard(self, rank: int, world: int) -> None:
+        """Read as data-parallel rank ``rank`` of ``world``: record k of the order goes to rank
+        k mod world (Caffe's DataLayer skip rule; :mod:`pycaffe_alt.distributed.sharding`)."""
+        self.pipeline.set_shard(rank, world)
 
     def state(self) -> Dict[str, object]:
         """Reading position and random-stream seeds (see :meth:`InputPipeline.state`)."""
@@ -431,7 +437,8 @@ class HDF5Data(DataLayerBase):
         self.offsets = np.concatenate([[0], np.cumsum(self.rows)[:-1]])
         self.total = int(self.rows.sum())
         self._top_shapes = [(self.batch_size,) + tuple(t) for t in tails]
-        self._served = 0  # rows served so far
+        self._served = 0  # rows served so far (by this rank)
+        self._shard = UNSHARDED
         self._cache: Tuple[Optional[int], List[np.ndarray]] = (None, [])
 
     def _dataset_shape(self, h5, name: str, path: str) -> Tuple[int, ...]:
@@ -467,37 +474,64 @@ class HDF5Data(DataLayerBase):
             self._cache = (file_index, arrays)
         return self._cache[1]
 
+    def _locate(self, pos: int) -> Tuple[int, int, int]:
+        """Global row position ``pos`` of the serving order -> (pass, file, place of the row
+        in that file's order)."""
+        epoch, within = divmod(pos, self.total)
+        order = self._file_order(epoch)
+        ends = np.cumsum(self.rows[order])
+        k = int(np.searchsorted(ends, within, side="right"))
+        f = int(order[k])
+        return epoch, f, within - (int(ends[k]) - int(self.rows[f]))
+
     def forward(self):
         tops = [np.empty(s, dtype=np.float32) for s in self._top_shapes]
         indices = np.empty(self.batch_size, dtype=np.int64)
+        shard = self._shard
+        if shard.world == 1:
+            self._forward_runs(tops, indices, shard.start + self._served)
+        else:
+            # Data-parallel: every world-th row of the global order (Caffe's skip rule).
+            for i, pos in enumerate(shard.positions(self._served, self.batch_size)):
+                epoch, f, place = self._locate(int(pos))
+                row = int(self._row_order(epoch, f)[place])
+                for top, arr in zip(tops, self._file_arrays(f)):
+                    top[i] = arr[row]
+                indices[i] = self.offsets[f] + row
+        self._served += self.batch_size
+        self.last_indices = torch.from_numpy(indices)
+        out = tuple(torch.from_numpy(t).to(self.device) for t in tops)
+        return out[0] if len(out) == 1 else out
+
+    def _forward_runs(self, tops: List[np.ndarray], indices: np.ndarray, pos: int) -> None:
+        """Fill a batch from consecutive rows, copying each file's run in one go."""
         i = 0
         while i < self.batch_size:
-            epoch, pos = divmod(self._served, self.total)
-            order = self._file_order(epoch)
-            ends = np.cumsum(self.rows[order])
-            k = int(np.searchsorted(ends, pos, side="right"))
-            f = int(order[k])
-            start_in_file = pos - (int(ends[k]) - int(self.rows[f]))
+            epoch, f, start_in_file = self._locate(pos)
             take = min(self.batch_size - i, int(self.rows[f]) - start_in_file)
             rows = self._row_order(epoch, f)[start_in_file:start_in_file + take]
             for top, arr in zip(tops, self._file_arrays(f)):
                 top[i:i + take] = arr[rows]
             indices[i:i + take] = self.offsets[f] + rows
             i += take
-            self._served += take
-        self.last_indices = torch.from_numpy(indices)
-        out = tuple(torch.from_numpy(t).to(self.device) for t in tops)
-        return out[0] if len(out) == 1 else out
+            pos += take
+
+    def set_shard(self, rank: int, world: int) -> None:
+        """Read as data-parallel rank ``rank`` of ``world`` (row k of the order to rank
+        k mod world, Caffe's skip rule)."""
+        self._shard, self._served = self._shard.regrouped(rank, world, self._served)
 
     def state(self) -> Dict[str, object]:
-        return {"served": self._served, "seed": self.seed, "total": self.total}
+        state = {"served": self._served, "seed": self.seed, "total": self.total}
+        state.update(self._shard.state(self._served))
+        return state
 
     def load_state(self, state: Dict[str, object]) -> None:
         if int(state.get("total", -1)) != self.total:
             raise DataError(f"data state was saved for {state.get('total')} rows, this layer "
                             f"reads {self.total}", self.where, "resume with the same files")
-        self._served = int(state["served"])
         self.seed = int(state["seed"])
+        self._shard, self._served = self._shard.resumed(state, int(state["served"]))
 
 
 # ---------------------------------------------------------------------------------------------

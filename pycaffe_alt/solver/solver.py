@@ -127,6 +127,9 @@ class Solver:
         self.stopped_early = False
         self._stop_requested = False
         self._snapshot_requested = False
+        # False on data-parallel ranks other than 0 (pycaffe_alt.distributed): like Caffe's
+        # non-root solvers they train but neither test nor write snapshots.
+        self.root_solver = True
 
     # ------------------------------------------------------------------ construction
     def _rule_type(self) -> str:
@@ -176,7 +179,9 @@ class Solver:
         (Caffe's CheckSnapshotWritePermissions probes with a temporary file the same way)."""
         if not required:
             return
-        probe = snapshot_filename(self.param.snapshot_prefix, self._iter, ".tempfile")
+        # The process id keeps ranks of a data-parallel job from removing each other's probe.
+        probe = snapshot_filename(self.param.snapshot_prefix, self._iter,
+                                  f".{os.getpid()}.tempfile")
         folder = os.path.dirname(probe)
         try:
             if folder and not os.path.isdir(folder):
@@ -349,8 +354,11 @@ class Solver:
         loop.solve(self, resume)
 
     def test_all(self) -> List["OrderedDict[str, float]"]:
-        """Test every test net (stops early when a stop was requested during testing)."""
+        """Test every test net (stops early when a stop was requested during testing); a
+        non-root data-parallel rank does not test."""
         results = []
+        if not self.root_solver:
+            return results
         for i in range(len(self.test_nets)):
             if self.stopped_early:
                 break
@@ -544,6 +552,8 @@ class Solver:
         loss has become NaN/inf, so that the last snapshot on disk stays a good one."""
         self.guard.check(self)
         self._check_finite_weights()
+        if not self.root_solver:  # data-parallel: rank 0 writes the job's snapshots
+            return self.last_snapshot
         hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
         prefix = self.param.snapshot_prefix
         if hdf5:

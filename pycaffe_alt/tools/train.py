@@ -2,7 +2,7 @@
 
     train --solver S [--weights W1,W2 | --snapshot STATE] [--gpu N|N,M|all]
           [--sigint_effect stop|snapshot|none] [--sighup_effect stop|snapshot|none]
-          [--stage A,B] [--level N] [--allow-python]
+          [--stage A,B] [--level N] [--allow-python] [--dist-timeout SECONDS]
 
 Follows caffe.cpp's ``train()``: ``--weights`` (fine-tune) and ``--snapshot`` (resume) exclude each
 other; without ``--gpu`` the solver file's ``solver_mode``/``device_id`` choose the device;
@@ -10,22 +10,30 @@ other; without ``--gpu`` the solver file's ``solver_mode``/``device_id`` choose 
 (defaults: SIGINT stops, SIGHUP snapshots), and a stop ends with exit status 0 as in Caffe.
 Every user mistake (a bad solver file, a missing net or dataset, weights that do not fit, an
 unwritable snapshot folder) is reported in one paragraph before training starts, without a
-traceback. In a terminal a progress bar (iterations/s, ETA) sits below the log lines; when
+traceback. Data-parallel training (docs/distributed.md): ``--gpu 0,1`` / ``--gpu all`` start one
+rank per GPU; under a torch.distributed launcher (``python3 -m torch.distributed.run
+--nproc_per_node N tools/train ...``, torchrun, multi-node) each process joins the job as the
+launcher's environment says. In a terminal a progress bar (iterations/s, ETA) sits below the log lines; when
 stderr is a file or a pipe only Caffe's plain log lines are written.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import signal
+import sys
 import threading
 from typing import Dict, List, Optional, Sequence
 
-from ..errors import CaffeError, SolverError, WeightsError
+from ..distributed.group import DEFAULT_START_TIMEOUT, LaunchEnv, launch_env
+from ..distributed.launch import spawn_ranks, without_flag
+from ..errors import CaffeError, DistributedError, SolverError, WeightsError
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from ..proto import caffe_pb2
-from .cli import parse_args, run_main
+from .cli import gflags_argv, parse_args, run_main
 from .progress import training_progress
 from .test import gpu_ids, select_device
 
@@ -129,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "(not with --snapshot)")
     parser.add_argument("--snapshot", default="", help="a .solverstate to resume training from")
     parser.add_argument("--gpu", default="",
-                        help="GPU id (N); N,M or 'all' run on the first id only (no data-parallel)")
+                        help="GPU id (N); N,M or 'all' train data-parallel, one process per GPU")
     parser.add_argument("--sigint_effect", "--sigint-effect", choices=EFFECTS, default="stop",
                         help="what SIGINT (Ctrl-C) does (default: stop)")
     parser.add_argument("--sighup_effect", "--sighup-effect", choices=EFFECTS, default="snapshot",
@@ -138,6 +146,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--level", type=int, default=None, help="NetState level of the train net")
     parser.add_argument("--allow-python", "--allow_python", action="store_true",
                         help="allow Python layers (they run code named in the prototxt)")
+    parser.add_argument("--dist-timeout", "--dist_timeout", type=float,
+                        default=DEFAULT_START_TIMEOUT,
+                        help="data-parallel: seconds to wait for every rank at start-up "
+                             f"(default {DEFAULT_START_TIMEOUT:g})")
+    argv = gflags_argv(sys.argv[1:] if argv is None else list(argv))
     args = parse_args(parser, argv)
     check_flags(args)
     setup_logging()
@@ -147,7 +160,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..prototxt import read_solver
 
     param = read_solver(args.solver)  # syntax errors name file:line here, before any net is built
+    job = launch_env()
+    if job is not None and job.rank != 0:
+        log.setLevel(logging.WARNING)  # rank 0 alone logs Caffe's lines
+    ids = gpu_ids(args.gpu)
+    if len(ids) > 1 and job is None:
+        # Caffe's -gpu 0,1: one rank per GPU, started here.
+        for i in ids:
+            select_device(str(i))  # no CUDA, or no such device: one message, before any spawn
+        log.info("Using GPUs %s: one data-parallel rank each", ", ".join(map(str, ids)))
+        return spawn_ranks(without_flag(argv, "gpu"), [["--gpu", str(i)] for i in ids])
     gpu = gpu_flag_for(args.gpu, param)
+    if job is not None:
+        gpu = rank_gpu(job, ids, gpu)
     device = select_device(gpu)
     if device.type == "cpu":
         log.info("Use CPU.")
@@ -157,17 +182,74 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.info("Using GPUs %s", ", ".join(map(str, gpu_ids(gpu))))
         log.info("GPU %d: %s", device.index, torch.cuda.get_device_name(device))
 
-    from ..solver.solver import get_solver
-
-    stages = _split(args.stage)
-    solver = get_solver(args.solver, device=device, weights=tuple(_split(args.weights)),
-                        allow_python=args.allow_python, stages=stages or None, level=args.level)
+    if job is not None:
+        return train_rank(args, job, device)
+    solver = build_solver(args, device)
     if args.snapshot:
         log.info("Resuming from %s", args.snapshot)
         solver.restore(args.snapshot)
     log.info("Starting Optimization")
     with SignalEffects(solver, args.sigint_effect, args.sighup_effect), training_progress(solver):
         solver.solve()
+    log.info("Optimization Done.")
+    return 0
+
+
+def build_solver(args: argparse.Namespace, device):
+    """The solver the flags ask for, on ``device``."""
+    from ..solver.solver import get_solver
+
+    stages = _split(args.stage)
+    return get_solver(args.solver, device=device, weights=tuple(_split(args.weights)),
+                      allow_python=args.allow_python, stages=stages or None, level=args.level)
+
+
+def rank_gpu(job: LaunchEnv, ids: List[int], gpu: str) -> str:
+    """The device of a launched rank: its LOCAL_RANK-th id of a ``--gpu`` list; with a single
+    id or the solver file's GPU mode, that id plus LOCAL_RANK (one GPU per local rank)."""
+    if len(ids) > 1:
+        if job.local_rank >= len(ids):
+            raise DistributedError(f"LOCAL_RANK {job.local_rank} but --gpu lists {len(ids)} "
+                                   "devices", hint="list one GPU per local rank, or leave --gpu "
+                                   "out and use --nproc_per_node N on N GPUs", rank=job.rank)
+        return str(ids[job.local_rank])
+    if gpu:
+        return str(int(gpu) + job.local_rank)
+    return ""
+
+
+def train_rank(args: argparse.Namespace, job: LaunchEnv, device) -> int:
+    """One rank of a data-parallel job: join, build, (restore), train; rank 0 logs, tests and
+    snapshots. A failure on any rank ends every rank with a non-zero status and one report."""
+    from ..distributed import DataParallel, FailureBoard, join, leave
+
+    log = get_logger()
+    store = join(job, device, start_timeout=args.dist_timeout)
+    board = FailureBoard(store, job.rank, job.world_size, job.endpoint)
+    dp = None
+    try:
+        try:
+            solver = build_solver(args, device)
+        except CaffeError as e:
+            board.report(e.what)
+            raise DistributedError(f"rank {job.rank}: {e.what}", e.where, e.hint,
+                                   rank=job.rank) from None
+        dp = DataParallel(solver, board=board)
+        if args.snapshot:
+            log.info("Resuming from %s", args.snapshot)
+            dp.restore(args.snapshot)
+        log.info("Starting Optimization")
+        progress = training_progress(solver) if job.rank == 0 else contextlib.nullcontext()
+        with SignalEffects(dp, args.sigint_effect, args.sighup_effect), progress:
+            dp.solve()
+    except DistributedError as e:
+        if e.rank is not None and e.rank != job.rank:
+            return 1  # another rank reports it: one paragraph for the job
+        raise
+    finally:
+        if dp is not None:
+            dp.close()
+    leave()
     log.info("Optimization Done.")
     return 0
 

@@ -1,0 +1,70 @@
+"""Which records of a TRAIN data layer a data-parallel rank reads: Caffe's skip rule.
+
+Caffe's ``DataLayer::Skip`` keeps record ``k`` of the reading order on rank ``k mod
+solver_count`` (TEST phases are not split). Rank ``r`` of ``W`` therefore serves, as its local
+sample ``j``, the global sample ``j * W + r``; with a per-rank batch of ``B``, local batch ``b`` of
+all ranks together holds global samples ``b*W*B .. (b+1)*W*B - 1``, exactly the records of batch
+``b`` of one process reading at batch ``W*B``.
+
+``start`` is the global sample where the shard's local counting begins: 0 for a fresh run, the
+recorded global cursor when a snapshot taken with another number of ranks is resumed (the local
+batch count then restarts at 0 and the global order carries on where it stopped).
+
+Pure and picklable: the worker processes of the input pipeline carry it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``world`` reads global samples ``start + j*world + rank`` (j = 0, 1, ...)."""
+
+    rank: int = 0
+    world: int = 1
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.world})")
+
+    def positions(self, first: int, count: int) -> np.ndarray:
+        """Global sample numbers (int64) of local samples ``first .. first+count-1``."""
+        local = first + np.arange(count, dtype=np.int64)
+        return self.start + local * self.world + self.rank
+
+    def cursor(self, served: int) -> int:
+        """The global data cursor once every rank has served ``served`` local samples."""
+        return self.start + served * self.world
+
+    def state(self, served: int) -> Dict[str, int]:
+        """What a snapshot records: the shard geometry and the global cursor."""
+        return {"world_size": self.world, "shard_start": self.start,
+                "global_cursor": self.cursor(served)}
+
+    def resumed(self, state: Mapping[str, object], served: int) -> Tuple["Shard", int]:
+        """This rank's shard and local served count continuing from a :meth:`state` taken by
+        any rank of a run that had served ``served`` local samples per rank.
+
+        The same number of ranks continues the local counting unchanged (so per-batch random
+        draws repeat exactly); another number starts counting afresh at the global cursor."""
+        world = int(state.get("world_size", 1))
+        start = int(state.get("shard_start", 0))
+        if world == self.world:
+            return Shard(self.rank, self.world, start), served
+        cursor = start + served * world
+        return Shard(self.rank, self.world, cursor), 0
+
+    def regrouped(self, rank: int, world: int, served: int) -> Tuple["Shard", int]:
+        """The shard of ``rank`` of ``world`` continuing from this one after ``served`` local
+        samples (the local count is kept when the number of ranks does not change)."""
+        if world == self.world:
+            return Shard(rank, world, self.start), served
+        return Shard(rank, world, self.cursor(served)), 0
+
+
+UNSHARDED = Shard()
