@@ -20,6 +20,7 @@ ends, the snapshot files on disk are complete ones.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -30,6 +31,13 @@ import torch.distributed as dist
 from ..errors import DistributedError
 
 GRACE_SECONDS = 3.0
+
+
+def _cause(error: BaseException) -> str:
+    """The first sentence of a communication error, without gloo's source location."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
 
 
 def is_communication_error(e: BaseException) -> bool:
@@ -67,6 +75,22 @@ class FailureBoard:
         self._try_set(f"failed/{self.rank}", message.strip().splitlines()[0][:500]
                       if message.strip() else "failed")
 
+    def same_failure_on_root(self, message: str, wait: float = GRACE_SECONDS) -> bool:
+        """On a rank other than 0: whether rank 0 reports the same failure within ``wait`` s
+        (a bad solver or net file fails every rank alike; one report is enough)."""
+        if self.rank == 0:
+            return False
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                if self._has("failed/0"):
+                    return self.store.get("failed/0").decode(errors="replace") == \
+                        message.strip().splitlines()[0][:500]
+            except Exception:
+                return False
+            time.sleep(0.05)
+        return False
+
     def finished(self) -> None:
         self._try_set(f"done/{self.rank}", "1")
 
@@ -81,7 +105,7 @@ class FailureBoard:
         """The error this rank raises after a collective failed (see the module docstring).
 
         Its ``rank`` is the rank that prints it: the others exit non-zero without repeating it."""
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        cause = _cause(error)
         if not self._try_set(f"lost/{self.rank}", "1"):
             return DistributedError(
                 f"rank {self.rank} lost contact with the job's store at {self.endpoint} during "

@@ -118,7 +118,9 @@ def _wait(procs: List[subprocess.Popen]) -> int:
     if first_failure is None:
         return 0
     code = codes[first_failure]
-    if code < 0:  # a signal: the rank could not say anything itself
+    others_reported = any(c is not None and c > 0 for r, c in enumerate(codes)
+                          if r != first_failure)
+    if code < 0 and not others_reported:  # killed: nobody else has named it
         print(f"train: error: rank {first_failure} {_describe(code)}; the job stopped "
               "(resume from the last snapshot with --snapshot)", file=sys.stderr, flush=True)
     return 1 if code < 0 else code

@@ -195,8 +195,8 @@ class DataParallel:
         except CaffeError as e:
             if self.board is not None:
                 self.board.report(f"{e.what}")
-            raise DistributedError(f"rank {self.rank}: {e.what}", e.where, e.hint,
-                                   rank=self.rank) from None
+            raise DistributedError(e.what, f"rank {self.rank}: {e.where}" if e.where
+                                   else f"rank {self.rank}", e.hint, rank=self.rank) from None
         except RuntimeError as e:
             lost = self._lost(e, self.solver.iter if self.solver.iter else it)
             if lost is e:

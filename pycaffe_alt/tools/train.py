@@ -232,8 +232,10 @@ def train_rank(args: argparse.Namespace, job: LaunchEnv, device) -> int:
             solver = build_solver(args, device)
         except CaffeError as e:
             board.report(e.what)
-            raise DistributedError(f"rank {job.rank}: {e.what}", e.where, e.hint,
-                                   rank=job.rank) from None
+            if board.same_failure_on_root(e.what):
+                return 1  # every rank read the same files: rank 0's report says it once
+            raise DistributedError(e.what, f"rank {job.rank}: {e.where}" if e.where
+                                   else f"rank {job.rank}", e.hint, rank=job.rank) from None
         dp = DataParallel(solver, board=board)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)

@@ -1,0 +1,270 @@
+"""Data-parallel training (pycaffe_alt.distributed): Caffe's multi-GPU semantics on 2 gloo ranks.
+
+The jobs run tools/train under ``python3 -m torch.distributed.run`` (and the --gpu launcher's
+spawn path on the CPU) on the golden sgd_fixed case (SGD with momentum, weight decay, lr_mult),
+30 iterations; every subprocess has a timeout.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pycaffe_alt.distributed.launch import free_port
+from pycaffe_alt.distributed.sharding import Shard
+from pycaffe_alt.solver.snapshot import read_any_solverstate
+from pycaffe_alt.weights import blob_to_array, read_net_weights
+
+from train_case import TOOLS, make_case
+
+TRAIN = os.path.join(TOOLS, "train")
+JOB_TIMEOUT = 180
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _case(tmp_path, name, batch, **fields):
+    (tmp_path / name).mkdir()
+    folder = make_case(tmp_path / name, **fields)
+    net = os.path.join(folder, "net.prototxt")
+    with open(net) as f:
+        text = f.read()
+    with open(net, "w") as f:  # the TRAIN layer's batch (the TEST layer reads 32)
+        f.write(text.replace("batch_size: 16", f"batch_size: {batch}"))
+    return folder
+
+
+def _torchrun(folder, *args, ranks=2, popen=False, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN,
+           "--solver", "solver.prototxt", "--dist-timeout", "60", *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=folder, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.run(cmd, cwd=folder, env=_env(), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT)
+
+
+def _train(folder, *args):
+    return subprocess.run([sys.executable, TRAIN, "--solver", "solver.prototxt", *args],
+                          cwd=folder, env=_env(), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT)
+
+
+def _weights(path):
+    return {(name, i): blob_to_array(b) for name, (_, blobs) in read_net_weights(path).items()
+            for i, b in enumerate(blobs)}
+
+
+def _max_rel(a, b):
+    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-12)) for k in b)
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process at batch 16 and two ranks at batch 8, 30 iterations, snapshots at 15 and 30."""
+    tmp = tmp_path_factory.mktemp("dp")
+    single = _case(tmp, "single", 16)
+    _ok(_train(single))
+    double = _case(tmp, "double", 8)
+    result = _torchrun(double)
+    _ok(result)
+    return single, double, result
+
+
+def test_two_ranks_at_b_equal_one_process_at_2b(runs):
+    single, double, result = runs
+    rel = _max_rel(_weights(os.path.join(double, "snap_iter_30.caffemodel")),
+                   _weights(os.path.join(single, "snap_iter_30.caffemodel")))
+    assert rel <= 1e-4, rel
+    # Rank 0 alone logs (one "Solving" line), tests and snapshots (the ordinary file names).
+    log = result.stdout + result.stderr
+    assert log.count("Solving SmallNet") == 1
+    assert log.count("Snapshotting to binary proto file snap_iter_30.caffemodel") == 1
+    assert sorted(f for f in os.listdir(double) if f.startswith("snap")) == [
+        "snap_iter_15.caffemodel", "snap_iter_15.solverstate",
+        "snap_iter_30.caffemodel", "snap_iter_30.solverstate"]
+    # The resume state holds the global data cursor: 15 iterations x 2 ranks x 8 records.
+    state = read_any_solverstate(os.path.join(double, "snap_iter_15.solverstate")).resume_state
+    data = state["data"]["train"]["mnist"]
+    assert (data["world_size"], data["global_cursor"]) == (2, 240)
+
+
+def test_resume_on_two_ranks_equals_the_straight_run(runs, tmp_path):
+    _, double, _ = runs
+    again = _case(tmp_path, "again", 8)
+    for name in ("snap_iter_15.caffemodel", "snap_iter_15.solverstate"):
+        os.link(os.path.join(double, name), os.path.join(again, name))
+    _ok(_torchrun(again, "--snapshot", "snap_iter_15.solverstate"))
+    rel = _max_rel(_weights(os.path.join(again, "snap_iter_30.caffemodel")),
+                   _weights(os.path.join(double, "snap_iter_30.caffemodel")))
+    assert rel <= 1e-6, rel
+
+
+def test_resume_on_one_rank_continues_the_global_record_order(runs, tmp_path, monkeypatch):
+    import pycaffe_alt as caffe
+
+    _, double, _ = runs
+    monkeypatch.chdir(double)
+    solver = caffe.get_solver("solver.prototxt", device="cpu")
+    solver.restore("snap_iter_15.solverstate")
+    assert solver.iter == 15
+    solver.step(1)
+    # 2 ranks x 8 records x 15 iterations were read: one rank at batch 8 goes on at record 240.
+    assert solver.net.layer_modules["mnist"].last_indices.tolist() == list(range(240, 248))
+    solver.step(14)
+    assert solver.iter == 30 and np.isfinite(solver.smoother.value())
+
+
+def test_shard_rule_partitions_the_single_process_batches():
+    # W ranks at batch B read, batch by batch, what one process reads at batch W*B.
+    for world, batch in ((2, 8), (3, 5)):
+        ranks = [Shard(r, world) for r in range(world)]
+        for b in range(3):
+            union = np.sort(np.concatenate([s.positions(b * batch, batch) for s in ranks]))
+            assert union.tolist() == list(range(b * world * batch, (b + 1) * world * batch))
+    s, served = Shard(1, 2).resumed({"world_size": 2, "shard_start": 0}, 24)
+    assert (s, served) == (Shard(1, 2, 0), 24)
+    s, served = Shard(0, 3).resumed({"world_size": 2, "shard_start": 0}, 24)
+    assert (s, served) == (Shard(0, 3, 48), 0)
+
+
+def test_data_layers_read_their_shard(tmp_path, monkeypatch):
+    import h5py
+
+    import pycaffe_alt as caffe
+    from pycaffe_alt.proto import caffe_pb2  # noqa: F401
+
+    rows = np.arange(20, dtype=np.float32).reshape(20, 1)
+    for i in range(2):
+        with h5py.File(tmp_path / f"p{i}.h5", "w") as h5:
+            h5["data"] = rows[10 * i:10 * i + 10]
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'p0.h5'}\n{tmp_path / 'p1.h5'}\n")
+    lmdb = os.path.join(os.path.dirname(TOOLS), "tests", "fixtures", "golden", "data",
+                        "mnist_train_lmdb")
+
+    def net(batch):
+        path = tmp_path / f"net{batch}.prototxt"
+        path.write_text(
+            f'layer {{ name: "h" type: "HDF5Data" top: "data" hdf5_data_param {{ source: '
+            f'"{tmp_path / "list.txt"}" batch_size: {batch} shuffle: true }} }}\n'
+            f'layer {{ name: "d" type: "Data" top: "x" top: "y" data_param {{ source: "{lmdb}" '
+            f'batch_size: {batch} backend: LMDB }} }}\n')
+        return caffe.Net(str(path), caffe.TRAIN)
+
+    caffe.set_random_seed(3)
+    whole = net(6)
+    ranks = []
+    for r in range(2):
+        caffe.set_random_seed(3)
+        n = net(3)
+        for name in ("h", "d"):
+            n.layer_modules[name].set_shard(r, 2)
+        ranks.append(n)
+    for _ in range(5):  # crosses both files and a shuffled pass
+        whole.forward()
+        for n in ranks:
+            n.forward()
+        for name, blob in (("h", "data"), ("d", "x")):
+            joined = np.stack([n.blobs[blob].data for n in ranks], axis=1)
+            assert np.array_equal(joined.reshape(whole.blobs[blob].data.shape),
+                                  whole.blobs[blob].data)
+            idx = np.stack([n.layer_modules[name].last_indices.numpy() for n in ranks], axis=1)
+            assert idx.reshape(-1).tolist() == whole.layer_modules[name].last_indices.tolist()
+
+
+def test_a_missing_rank_times_out_with_a_message(tmp_path):
+    folder = _case(tmp_path, "alone", 8)
+    env = dict(_env(), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    result = subprocess.run([sys.executable, TRAIN, "--solver", "solver.prototxt",
+                             "--dist-timeout", "2"], cwd=folder, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "did not arrive within 2 s" in result.stderr or "only 1 of 2 ranks" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _rank_pid(parent_pid, rank, deadline):
+    """The pid of the process with RANK=rank below parent_pid (Linux /proc)."""
+    while time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and ppid == parent_pid:
+                return int(pid)
+        time.sleep(0.2)
+    raise AssertionError(f"rank {rank} did not start")
+
+
+def _wait_for_line(proc, text, deadline):
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never came:\n" + "".join(lines[-30:]))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks in /proc")
+def test_a_killed_rank_ends_the_job_with_one_report(tmp_path):
+    folder = _case(tmp_path, "kill", 8, max_iter=100000, snapshot=0, test_interval=100000)
+    launcher = ("import sys; from pycaffe_alt.distributed.launch import spawn_ranks; "
+                "sys.exit(spawn_ranks(['--solver', 'solver.prototxt', '--dist-timeout', '60'], "
+                "[[], []]))")
+    env = dict(_env(), PYTHONPATH=os.path.dirname(TOOLS))
+    proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        _wait_for_line(proc, "Iteration 5,", deadline)
+        os.kill(_rank_pid(proc.pid, 1, deadline), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode not in (0, None)
+    reports = [line for line in out.splitlines() if "error:" in line]
+    assert len(reports) == 1, out[-3000:]
+    assert "rank 1" in reports[0] and ("killed" in reports[0] or "without a report" in reports[0])
+    assert "Traceback" not in out
+    assert not [f for f in os.listdir(folder) if f.startswith("snap")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks in /proc")
+def test_sigint_on_rank_0_snapshots_and_stops_every_rank(tmp_path):
+    folder = _case(tmp_path, "sigint", 8, max_iter=100000, snapshot=0, test_interval=100000)
+    proc = _torchrun(folder, popen=True)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        _wait_for_line(proc, "Iteration 5,", deadline)
+        os.kill(_rank_pid(proc.pid, 0, deadline), signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "Optimization stopped early." in out
+    states = [f for f in os.listdir(folder) if f.endswith(".solverstate")]
+    assert len(states) == 1
+    it = read_any_solverstate(os.path.join(folder, states[0])).iter
+    assert 5 <= it < 100000 and states[0] == f"snap_iter_{it}.solverstate"
