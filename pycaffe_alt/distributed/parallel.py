@@ -34,6 +34,7 @@ What it does, following Caffe's ``caffe train -gpu 0,1`` (P2PSync/NCCL):
 from __future__ import annotations
 
 import math
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -79,6 +80,7 @@ class DataParallel:
         if quiet and not self.root:
             logger.setLevel(max(logger.level, 30))  # WARNING: Caffe's non-root solvers are silent
         self._stop = self._snapshot = False
+        self.exchange_seconds = 0.0  # time spent in the per-iteration exchange (benchmarks)
         self.board = board
         self.watchdog = Watchdog(self.board) if (self.board is not None and watchdog) else None
         if self.watchdog is not None:
@@ -151,7 +153,9 @@ class DataParallel:
             local = torch.tensor([float(smoothed), float(self._stop), float(self._snapshot)],
                                  dtype=torch.float64, device=self._device)
             gathered = [torch.empty_like(local) for _ in range(self.world)]
+            t0 = time.perf_counter()
             dist.all_gather(gathered, local, group=self.group)
+            self.exchange_seconds += time.perf_counter() - t0
         except RuntimeError as e:
             raise self._lost(e, it) from None
         rows = torch.stack(gathered).cpu().tolist()

@@ -14,6 +14,7 @@ benchmarks/scaling.py).
 """
 from __future__ import annotations
 
+import time
 from typing import List, Optional, Sequence
 
 import torch
@@ -89,8 +90,6 @@ class GradientReducer:
 
     def finish(self) -> None:
         """Complete every bucket's all-reduce and set each gradient to the ranks' mean."""
-        import time
-
         for b in self.buckets:
             if b.work is None:
                 self._launch(b)
