@@ -268,3 +268,24 @@ def test_sigint_on_rank_0_snapshots_and_stops_every_rank(tmp_path):
     assert len(states) == 1
     it = read_any_solverstate(os.path.join(folder, states[0])).iter
     assert 5 <= it < 100000 and states[0] == f"snap_iter_{it}.solverstate"
+
+
+@pytest.mark.parametrize("alternation", [
+    "mode: BATCH warmup_iter: 4 support_beta: 0.01",          # B-alternation: eq. 41 all-reduced
+    "mode: INSTANCE warmup_iter: 4 gap_iter: 8"])             # I-alternation: supports per record
+def test_alternation_on_two_ranks_equals_one_process_at_double_batch(tmp_path, alternation):
+    from pycaffe_alt.prototxt import write_text
+
+    from alternation_case import solver_param
+
+    finals = []
+    for name, batch, ranks in (("one", 16, 1), ("two", 8, 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        param = solver_param(folder, alternation, "max_iter: 20 snapshot_after_train: true",
+                             batch=batch)
+        write_text(param, str(folder / "solver.prototxt"))
+        _ok(_train(str(folder)) if ranks == 1 else _torchrun(str(folder)))
+        finals.append(_weights(str(folder / "tiny_iter_20.caffemodel")))
+    rel = _max_rel(finals[1], finals[0])
+    assert rel <= 1e-4, rel

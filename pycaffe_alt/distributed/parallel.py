@@ -94,6 +94,7 @@ class DataParallel:
         self.reducer = GradientReducer([i.param for i in solver.net.learnable_params], group, passes=solver.param.iter_size, overlap=overlap,
                                        bucket_bytes=bucket_bytes)
         solver.hooks.insert(0, self)  # averaged gradients before any user callback sees them
+        self._install_support_reduction()
 
     # ------------------------------------------------------------------ start-up
     def _all_tensors(self) -> List[torch.Tensor]:
@@ -130,6 +131,25 @@ class DataParallel:
         self.solver.restore(state_path)
         if self.solver.param.random_seed >= 0 and self.rank > 0:
             set_random_seed(self.solver.param.random_seed + self.rank + self.world * self.solver.iter)
+
+    def _sum_over_ranks(self, stats: torch.Tensor) -> torch.Tensor:
+        """All-reduce (SUM) of eq. 41's per-unit sums and example count: every rank thresholds
+        the statistics of the global batch, so its batch support is one process's at W*B."""
+        stats = stats.clone()
+        try:
+            dist.all_reduce(stats, group=self.group)
+        except RuntimeError as e:
+            raise self._lost(e, self.solver.iter) from None
+        return stats
+
+    def _install_support_reduction(self) -> None:
+        """The paper's batch supports (B-alternation, SupportMask source BATCH) over the global
+        batch: the hooks those take for exactly this (TRAIN net only: rank 0 alone tests)."""
+        if hasattr(self.solver, "reduce_sums"):  # AlternationSolver's eq. 41 hook
+            self.solver.reduce_sums = self._sum_over_ranks
+        for layer in self.solver.net.layer_modules.values():
+            if getattr(layer, "source", None) == "BATCH" and hasattr(layer, "reduce_sums"):
+                layer.reduce_sums = self._sum_over_ranks
 
     # ------------------------------------------------------------------ requests (signals)
     def request_stop(self) -> None:
