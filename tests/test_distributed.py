@@ -289,3 +289,35 @@ def test_alternation_on_two_ranks_equals_one_process_at_double_batch(tmp_path, a
         finals.append(_weights(str(folder / "tiny_iter_20.caffemodel")))
     rel = _max_rel(finals[1], finals[0])
     assert rel <= 1e-4, rel
+
+
+def test_gpu_list_flags_and_launcher_environment(tmp_path):
+    from pycaffe_alt.distributed.group import LaunchEnv, launch_env
+    from pycaffe_alt.distributed.launch import rank_env, without_flag
+    from pycaffe_alt.errors import DistributedError
+    from pycaffe_alt.tools.train import rank_gpu
+
+    assert without_flag(["--solver", "s", "--gpu", "0,1", "--gpu=all", "-x"], "gpu") == \
+        ["--solver", "s", "-x"]
+    env = rank_env(1, 2, 1234, base={})
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == \
+        ("1", "1", "2", "1234")
+    assert launch_env(env) == LaunchEnv(1, 2, 1, "127.0.0.1", 1234)
+    assert launch_env({}) is None and launch_env(dict(env, WORLD_SIZE="1", RANK="0")) is None
+    with pytest.raises(DistributedError, match="MASTER_ADDR"):
+        launch_env({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "1"})
+    with pytest.raises(DistributedError, match="RANK 2 is not in"):
+        launch_env(dict(env, RANK="2"))
+    job = LaunchEnv(1, 2, 1, "h", 1)
+    assert rank_gpu(job, [3, 5], "") == "5" and rank_gpu(job, [], "2") == "3"
+    assert rank_gpu(job, [], "") == ""
+    with pytest.raises(DistributedError, match="LOCAL_RANK 2"):
+        rank_gpu(LaunchEnv(2, 3, 2, "h", 1), [0, 1], "")
+    # Without CUDA, --gpu 0,1 fails once, before any rank is started.
+    import torch
+
+    if not torch.cuda.is_available():
+        folder = _case(tmp_path, "gpus", 8)
+        result = _train(folder, "--gpu", "0,1")
+        assert result.returncode == 1 and result.stderr.count("error:") == 1
+        assert "no CUDA device" in result.stderr and "Traceback" not in result.stderr
