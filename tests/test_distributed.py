@@ -118,6 +118,7 @@ def test_resume_on_one_rank_continues_the_global_record_order(runs, tmp_path, mo
     _, double, _ = runs
     monkeypatch.chdir(double)
     solver = caffe.get_solver("solver.prototxt", device="cpu")
+    solver.param.snapshot = 0  # the other tests read this folder's snapshots
     solver.restore("snap_iter_15.solverstate")
     assert solver.iter == 15
     solver.step(1)
