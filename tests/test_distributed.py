@@ -322,3 +322,18 @@ def test_gpu_list_flags_and_launcher_environment(tmp_path):
         result = _train(folder, "--gpu", "0,1")
         assert result.returncode == 1 and result.stderr.count("error:") == 1
         assert "no CUDA device" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_adam_iter_size_clipping_and_step_policy_on_two_ranks(tmp_path):
+    # iter_size 2: each rank accumulates two batches of 4; the job's 16 records per iteration are
+    # one process's two batches of 8. Clipping sees the averaged, accumulated gradient (Caffe).
+    fields = dict(type="Adam", base_lr=0.002, momentum=0.9, momentum2=0.999, iter_size=2,
+                  clip_gradients=0.5, lr_policy="step", stepsize=8, gamma=0.5, max_iter=20,
+                  snapshot=0, test_interval=100)
+    single = _case(tmp_path, "single", 8, **fields)
+    _ok(_train(single))
+    double = _case(tmp_path, "double", 4, **fields)
+    _ok(_torchrun(double))
+    rel = _max_rel(_weights(os.path.join(double, "snap_iter_20.caffemodel")),
+                   _weights(os.path.join(single, "snap_iter_20.caffemodel")))
+    assert rel <= 1e-4, rel
