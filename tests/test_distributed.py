@@ -337,3 +337,13 @@ def test_adam_iter_size_clipping_and_step_policy_on_two_ranks(tmp_path):
     rel = _max_rel(_weights(os.path.join(double, "snap_iter_20.caffemodel")),
                    _weights(os.path.join(single, "snap_iter_20.caffemodel")))
     assert rel <= 1e-4, rel
+
+
+def test_a_nan_loss_stops_every_rank_with_one_report(tmp_path):
+    folder = _case(tmp_path, "nan", 8, base_lr=1e8, max_iter=30, snapshot=0, test_interval=100)
+    result = _torchrun(folder)
+    assert result.returncode != 0
+    reports = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(reports) == 1, result.stderr[-3000:]
+    assert "NaN or infinite at iteration" in reports[0] and "rank " in reports[0]
+    assert not [f for f in os.listdir(folder) if f.startswith("snap")]
