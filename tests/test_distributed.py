@@ -347,3 +347,27 @@ def test_a_nan_loss_stops_every_rank_with_one_report(tmp_path):
     assert len(reports) == 1, result.stderr[-3000:]
     assert "NaN or infinite at iteration" in reports[0] and "rank " in reports[0]
     assert not [f for f in os.listdir(folder) if f.startswith("snap")]
+
+
+def test_worker_processes_read_the_same_shard(tmp_path):
+    import pycaffe_alt as caffe
+
+    lmdb = os.path.join(os.path.dirname(TOOLS), "tests", "fixtures", "golden", "data",
+                        "mnist_train_lmdb")
+    path = tmp_path / "net.prototxt"
+    path.write_text(f'layer {{ name: "d" type: "Data" top: "x" top: "y" data_param {{ '
+                    f'source: "{lmdb}" batch_size: 5 backend: LMDB }} }}\n')
+    seen = []
+    for workers in (0, 1):
+        caffe.set_random_seed(3)
+        net = caffe.Net(str(path), caffe.TRAIN)
+        layer = net.layer_modules["d"]
+        layer.set_pipeline(workers=workers)
+        layer.set_shard(1, 2)
+        batches = []
+        for _ in range(3):
+            net.forward()
+            batches.append(layer.last_indices.tolist())
+        layer.close()
+        seen.append(batches)
+    assert seen[0] == seen[1] == [[1, 3, 5, 7, 9], [11, 13, 15, 17, 19], [21, 23, 25, 27, 29]]
