@@ -83,6 +83,7 @@ def runs(tmp_path_factory):
     return single, double, result
 
 
+@pytest.mark.slow
 def test_two_ranks_at_b_equal_one_process_at_2b(runs):
     single, double, result = runs
     rel = _max_rel(_weights(os.path.join(double, "snap_iter_30.caffemodel")),
@@ -101,6 +102,7 @@ def test_two_ranks_at_b_equal_one_process_at_2b(runs):
     assert (data["world_size"], data["global_cursor"]) == (2, 240)
 
 
+@pytest.mark.slow
 def test_resume_on_two_ranks_equals_the_straight_run(runs, tmp_path):
     _, double, _ = runs
     again = _case(tmp_path, "again", 8)
@@ -112,6 +114,7 @@ def test_resume_on_two_ranks_equals_the_straight_run(runs, tmp_path):
     assert rel <= 1e-6, rel
 
 
+@pytest.mark.slow
 def test_resume_on_one_rank_continues_the_global_record_order(runs, tmp_path, monkeypatch):
     import pycaffe_alt as caffe
 
@@ -185,6 +188,7 @@ def test_data_layers_read_their_shard(tmp_path, monkeypatch):
             assert idx.reshape(-1).tolist() == whole.layer_modules[name].last_indices.tolist()
 
 
+@pytest.mark.slow
 def test_a_missing_rank_times_out_with_a_message(tmp_path):
     folder = _case(tmp_path, "alone", 8)
     env = dict(_env(), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -228,6 +232,7 @@ def _wait_for_line(proc, text, deadline):
     raise AssertionError(f"{text!r} never came:\n" + "".join(lines[-30:]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks in /proc")
 def test_a_killed_rank_ends_the_job_with_one_report(tmp_path):
     folder = _case(tmp_path, "kill", 8, max_iter=100000, snapshot=0, test_interval=100000)
@@ -252,6 +257,7 @@ def test_a_killed_rank_ends_the_job_with_one_report(tmp_path):
     assert not [f for f in os.listdir(folder) if f.startswith("snap")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks in /proc")
 def test_sigint_on_rank_0_snapshots_and_stops_every_rank(tmp_path):
     folder = _case(tmp_path, "sigint", 8, max_iter=100000, snapshot=0, test_interval=100000)
@@ -271,6 +277,7 @@ def test_sigint_on_rank_0_snapshots_and_stops_every_rank(tmp_path):
     assert 5 <= it < 100000 and states[0] == f"snap_iter_{it}.solverstate"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alternation", [
     "mode: BATCH warmup_iter: 4 support_beta: 0.01",          # B-alternation: eq. 41 all-reduced
     "mode: INSTANCE warmup_iter: 4 gap_iter: 8"])             # I-alternation: supports per record
@@ -292,6 +299,7 @@ def test_alternation_on_two_ranks_equals_one_process_at_double_batch(tmp_path, a
     assert rel <= 1e-4, rel
 
 
+@pytest.mark.slow
 def test_gpu_list_flags_and_launcher_environment(tmp_path):
     from pycaffe_alt.distributed.group import LaunchEnv, launch_env
     from pycaffe_alt.distributed.launch import rank_env, without_flag
@@ -324,6 +332,7 @@ def test_gpu_list_flags_and_launcher_environment(tmp_path):
         assert "no CUDA device" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_adam_iter_size_clipping_and_step_policy_on_two_ranks(tmp_path):
     # iter_size 2: each rank accumulates two batches of 4; the job's 16 records per iteration are
     # one process's two batches of 8. Clipping sees the averaged, accumulated gradient (Caffe).
@@ -339,6 +348,7 @@ def test_adam_iter_size_clipping_and_step_policy_on_two_ranks(tmp_path):
     assert rel <= 1e-4, rel
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_every_rank_with_one_report(tmp_path):
     folder = _case(tmp_path, "nan", 8, base_lr=1e8, max_iter=30, snapshot=0, test_interval=100)
     result = _torchrun(folder)
