@@ -148,7 +148,6 @@ def test_data_layers_read_their_shard(tmp_path, monkeypatch):
     import h5py
 
     import pycaffe_alt as caffe
-    from pycaffe_alt.proto import caffe_pb2  # noqa: F401
 
     rows = np.arange(20, dtype=np.float32).reshape(20, 1)
     for i in range(2):

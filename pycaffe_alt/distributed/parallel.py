@@ -91,7 +91,8 @@ class DataParallel:
         if solver.param.random_seed >= 0 and self.rank > 0:
             set_random_seed(solver.param.random_seed + self.rank)
         solver.refresh_params()
-        self.reducer = GradientReducer([i.param for i in solver.net.learnable_params], group, passes=solver.param.iter_size, overlap=overlap,
+        self.reducer = GradientReducer([i.param for i in solver.net.learnable_params], group,
+                                       passes=solver.param.iter_size, overlap=overlap,
                                        bucket_bytes=bucket_bytes)
         solver.hooks.insert(0, self)  # averaged gradients before any user callback sees them
         self._install_support_reduction()
@@ -129,6 +130,7 @@ class DataParallel:
         """Resume every rank from a snapshot (the files must be readable on every rank's
         machine); the data layers continue the global record order (see :mod:`.sharding`)."""
         self.solver.restore(state_path)
+        # The snapshot holds rank 0's generators; the others get their own, deterministically.
         if self.solver.param.random_seed >= 0 and self.rank > 0:
             set_random_seed(self.solver.param.random_seed + self.rank + self.world * self.solver.iter)
 
