@@ -51,7 +51,8 @@ logger = get_logger()
 
 def _shardable(net) -> Dict[str, object]:
     """The TRAIN net's data layers that can read a shard of their records, by name."""
-    return {name: m for name, m in net.layer_modules.items() if callable(getattr(m, "set_shard", None))}
+    return {name: m for name, m in net.layer_modules.items()
+            if callable(getattr(m, "set_shard", None))}
 
 
 class DataParallel:
@@ -132,7 +133,8 @@ class DataParallel:
         self.solver.restore(state_path)
         # The snapshot holds rank 0's generators; the others get their own, deterministically.
         if self.solver.param.random_seed >= 0 and self.rank > 0:
-            set_random_seed(self.solver.param.random_seed + self.rank + self.world * self.solver.iter)
+            s = self.solver
+            set_random_seed(s.param.random_seed + self.rank + self.world * s.iter)
 
     def _sum_over_ranks(self, stats: torch.Tensor) -> torch.Tensor:
         """All-reduce (SUM) of eq. 41's per-unit sums and example count: every rank thresholds
