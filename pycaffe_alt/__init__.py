@@ -17,6 +17,7 @@ import time
 import types
 from typing import List
 
+from .caffe_alias import install_as_caffe, install_finder
 from .errors import CaffeError
 from .phase import TEST, TRAIN
 
@@ -47,7 +48,8 @@ _LAZY = {
     "Detector": ("detector", "Detector"),
 }
 # Submodules that pycaffe users reach as attributes (``caffe.io.load_image``).
-_SUBMODULES = ("io", "draw", "proto", "net_spec", "classifier", "detector")
+_SUBMODULES = ("io", "draw", "proto", "net_spec", "classifier", "detector", "coord_map",
+               "pycaffe", "_caffe")
 
 
 def __getattr__(name: str):
@@ -64,7 +66,7 @@ def __getattr__(name: str):
     return value
 
 
-_HELPERS = {"importlib", "sys", "time", "types", "List"}
+_HELPERS = {"importlib", "sys", "time", "types", "List", "install_finder"}
 
 
 def __dir__() -> List[str]:
@@ -93,6 +95,10 @@ class _PackageModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _PackageModule
+
+# ``caffe.X`` resolves to this package's own ``X`` whenever ``sys.modules['caffe']`` is this
+# package (install_as_caffe(), ``pycaffe-alt run``, or a user's one-line alias): see caffe_alias.
+install_finder()
 
 
 def layer_type_list() -> List[str]:
@@ -189,7 +195,7 @@ class Timer:
         return running * 1000.0
 
 
-__all__ = ["Net", "TRAIN", "TEST", "CaffeError", "__version__",
+__all__ = ["Net", "TRAIN", "TEST", "CaffeError", "__version__", "install_as_caffe",
            "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed", "layer_type_list",
            "init_log", "log", "has_nccl", "solver_count", "set_solver_count", "solver_rank",
            "set_solver_rank", "set_multiprocess", "NCCL", "Timer", "Layer",

@@ -53,3 +53,8 @@ class DataError(CaffeError):
 
 class SolverError(CaffeError):
     """A solver configuration or training state that cannot be used."""
+
+
+class ArgumentTypeError(CaffeError, TypeError):
+    """A pycaffe API called with an argument of the wrong type. It is a ``TypeError`` as well,
+    with pycaffe's own message, because pycaffe raises TypeError there and programs catch it."""
