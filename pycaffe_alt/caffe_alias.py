@@ -172,9 +172,3 @@ def install_as_caffe() -> types.ModuleType:
                 f"'import caffe' now gives pycaffe_alt, not the Caffe at {real}"), stacklevel=2)
         sys.modules[ALIAS] = package
     return package
-
-
-def pth_line() -> str:
-    """The line of the ``.pth`` file that turns on the bare ``import caffe`` alias at start-up."""
-    return f"import {__name__}; {__name__}.install_finder(top_level=True)\n"
-
