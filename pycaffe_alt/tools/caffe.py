@@ -24,8 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ..errors import CaffeError
 from .cli import run_main
 
-# subcommand -> ("module[:function]" relative to pycaffe_alt.tools, one-line description); the
-# function defaults to ``main``. Caffe's four come first, then the other tools of tools/.
+# subcommand -> ("module[:function]" under pycaffe_alt.tools, or a relative name such as "..run",
+# one-line description); the function defaults to ``main``. Caffe's four come first, then the other tools of tools/.
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("train", "train or finetune a model"),
     "test": ("test", "score a model"),
@@ -77,7 +77,8 @@ def split_command(argv: Sequence[str]) -> Tuple[str, List[str]]:
 def command_main(name: str) -> Callable[[Optional[Sequence[str]]], int]:
     """The ``main(argv)`` of a subcommand."""
     module_name, _, function = COMMANDS[name][0].partition(":")
-    module = importlib.import_module("." + module_name, __package__)
+    relative = module_name if module_name.startswith(".") else "." + module_name
+    module = importlib.import_module(relative, __package__)
     return getattr(module, function or "main")
 
 
