@@ -185,6 +185,8 @@ class Net(nn.Module):
         self.net_param = self._filtered(net_param, phase, stages, level)
         self._values: Dict[str, torch.Tensor] = {}
         self._diffs: Dict[str, torch.Tensor] = {}
+        # Layers whose autograd graph a pycaffe backward has used up (freed) since their forward.
+        self._spent_steps: Set[int] = set()
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
         self._build(LayerContext(phase=phase, allow_python=allow_python, source=source))
@@ -578,6 +580,7 @@ class Net(nn.Module):
         with torch.set_grad_enabled(grad):
             self.run(None, start, end, first_versions)
         self._first_versions = first_versions
+        self._spent_steps.difference_update(range(start, end + 1))
 
     def backward(self, diffs: Optional[Sequence[str]] = None, start: Optional[str] = None,
                  end: Optional[str] = None, **kwargs) -> Dict[str, np.ndarray]:
@@ -596,11 +599,15 @@ class Net(nn.Module):
         seeds = self.top_names[start] if start is not None else \
             list(dict.fromkeys(self._outputs + list(self._loss_weights)))
         tensors, grads = self._seed_tensors(seeds)
-        if not tensors and any(name in self._seedable for name in seeds):
+        if (not tensors and any(name in self._seedable for name in seeds)) or \
+                not self._spent_steps.isdisjoint(range(lo, hi + 1)):
+            # No graph yet, or a previous backward freed it: Caffe's backward can run any
+            # number of times on what the blobs hold.
             self._replay_graph(lo, hi)
             tensors, grads = self._seed_tensors(seeds)
         if tensors:
             self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1])
+            self._spent_steps.update(range(lo, hi + 1))
         names = list(self.bottom_names[end]) if end is not None else list(self._inputs)
         names += [d for d in diffs or () if d not in names]
         return {n: self.blobs[n].diff for n in names}
