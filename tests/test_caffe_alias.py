@@ -236,3 +236,46 @@ def test_bare_alias_warns_when_a_real_caffe_is_importable(clean_caffe, tmp_path,
     with pytest.warns(CaffeShadowWarning, match="uninstall-caffe-alias"):
         caffe = importlib.import_module("caffe")
     assert caffe is pycaffe_alt and pycaffe_alt.__spec__.name == "pycaffe_alt"
+
+
+# ------------------------------------------------------------------ every tool after pip install
+CAFFE_INSTALLED_NAMES = {"caffe", "convert_imageset", "compute_image_mean", "extract_features",
+                         "upgrade_net_proto_text", "upgrade_net_proto_binary",
+                         "upgrade_solver_proto_text", "train", "test", "time", "device_query"}
+
+
+def _console_scripts():
+    import ast
+
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "entry_points":
+            return dict(s.split("=", 1) for s in ast.literal_eval(node.value)["console_scripts"])
+    raise AssertionError("setup.py has no entry_points")
+
+
+def test_every_tool_is_a_pycaffe_alt_command_and_console_scripts_resolve():
+    tools = {name for name in os.listdir(os.path.join(ROOT, "tools"))
+             if os.access(os.path.join(ROOT, "tools", name), os.X_OK)}
+    assert tools <= set(caffe_cli.COMMANDS), tools - set(caffe_cli.COMMANDS)
+    assert {"draw_net", "run", "install-caffe-alias", "uninstall-caffe-alias"} <= set(caffe_cli.COMMANDS)
+    for name in caffe_cli.COMMANDS:
+        assert callable(caffe_cli.command_main(name)), name
+    scripts = _console_scripts()
+    assert scripts["pycaffe-alt"] == "pycaffe_alt.tools.caffe:run"
+    assert not set(scripts) & CAFFE_INSTALLED_NAMES  # never a name a Caffe install puts on PATH
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
+        if name != "pycaffe-alt":
+            assert name in caffe_cli.COMMANDS
+
+
+def test_draw_net_tool_writes_dot(tmp_path, capsys):
+    out = tmp_path / "lenet.dot"
+    assert caffe_cli.main(["draw_net", "--rankdir", "TB", "--phase", "TEST",
+                           os.path.join(ROOT, "models", "lenet", "train_val.prototxt"), str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith('digraph "LeNet"') and "rankdir=TB" in text and "conv1" in text
+    assert "Drawing net to" in capsys.readouterr().out
