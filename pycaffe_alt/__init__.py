@@ -174,15 +174,20 @@ class NCCL:
 
 
 class Timer:
-    """pycaffe's ``caffe.Timer``: ``start()``, ``stop()``, elapsed milliseconds in ``ms``
-    (wall clock; call ``torch.cuda.synchronize()`` first when timing GPU work)."""
+    """pycaffe's ``caffe.Timer`` (Caffe's CPU ``Timer``): ``start()``, ``stop()``, ``ms``.
+
+    As in Caffe, ``start()`` while running is ignored, reading ``ms`` stops a running timer first
+    and reads 0 before the timer ever ran. Wall clock: call ``torch.cuda.synchronize()`` before
+    ``stop()`` when timing GPU work.
+    """
 
     def __init__(self) -> None:
         self._start = None
         self._elapsed = 0.0
 
     def start(self) -> None:
-        self._start = time.perf_counter()
+        if self._start is None:
+            self._start = time.perf_counter()
 
     def stop(self) -> None:
         if self._start is not None:
@@ -191,8 +196,8 @@ class Timer:
 
     @property
     def ms(self) -> float:
-        running = time.perf_counter() - self._start if self._start is not None else self._elapsed
-        return running * 1000.0
+        self.stop()
+        return self._elapsed * 1000.0
 
 
 __all__ = ["Net", "TRAIN", "TEST", "CaffeError", "__version__", "install_as_caffe",

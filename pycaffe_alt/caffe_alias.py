@@ -109,14 +109,17 @@ class CaffeAliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return None
         target_name = PACKAGE + fullname[len(ALIAS):]
         module = sys.modules.get(target_name)
-        if module is None:
+        if module is not None:
+            is_package = hasattr(module, "__path__")
+        else:
             try:
-                if importlib.util.find_spec(target_name) is None:
-                    return None  # the usual ModuleNotFoundError: No module named 'caffe.X'
+                found = importlib.util.find_spec(target_name)
             except ModuleNotFoundError:
-                return None
-        return self._spec(fullname, target_name,
-                          is_package=module is not None and hasattr(module, "__path__"))
+                found = None
+            if found is None:
+                return None  # the usual ModuleNotFoundError: No module named 'caffe.X'
+            is_package = found.submodule_search_locations is not None
+        return self._spec(fullname, target_name, is_package)
 
     def _spec(self, fullname: str, target_name: str, is_package: bool):
         spec = importlib.machinery.ModuleSpec(fullname, self, is_package=is_package)

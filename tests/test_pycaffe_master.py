@@ -294,3 +294,20 @@ def test_resize_image_any_channel_count():
     # scipy's zoom (order 1) keeps the corners.
     np.testing.assert_allclose(out[0, 0], im[0, 0], atol=1e-6)
     np.testing.assert_allclose(out[-1, -1], im[-1, -1], atol=1e-6)
+
+
+def test_timer_follows_caffes_timer():
+    import time
+
+    timer = caffe.Timer()
+    assert timer.ms == 0.0  # never run
+    timer.start()
+    time.sleep(0.01)
+    first = timer.ms  # reading stops a running timer (Caffe's Timer::MilliSeconds)
+    time.sleep(0.01)
+    assert first >= 10 and timer.ms == first
+    timer.start()
+    time.sleep(0.01)
+    timer.start()  # ignored while running
+    timer.stop()
+    assert timer.ms >= 10
