@@ -311,3 +311,15 @@ def test_timer_follows_caffes_timer():
     timer.start()  # ignored while running
     timer.stop()
     assert timer.ms >= 10
+
+
+def test_load_image_errors_are_oserrors_as_in_pycaffe(tmp_path):
+    # pycaffe's load_image (skimage imread) raises FileNotFoundError / OSError; programs catch
+    # IOError. Ours are those and CaffeErrors.
+    with pytest.raises(FileNotFoundError) as e:
+        caffe.io.load_image(str(tmp_path / "missing.jpg"))
+    assert isinstance(e.value, CaffeError) and "missing.jpg" in str(e.value)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(IOError) as e:
+        caffe.io.load_image(str(tmp_path / "bad.jpg"))
+    assert isinstance(e.value, CaffeError) and "cannot read the image" in str(e.value)
