@@ -42,15 +42,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.isfile(script):
         raise CaffeError(f"can't open file '{script}': no such file", "pycaffe-alt run",
                          "give the path of the Python program to run")
-    install_as_caffe()
     sys.argv = [script] + args[1:]
     # As `python3 script.py`: the script's folder comes first on the path (its sibling modules,
-    # Python layers included, are importable), instead of this launcher's.
+    # Python layers included, are importable), instead of this launcher's. Before aliasing, so
+    # that a real Caffe next to the script is noticed (and named in the warning).
     script_dir = os.path.dirname(os.path.abspath(script))
     if sys.path:
         sys.path[0] = script_dir
     else:
         sys.path.append(script_dir)
+    install_as_caffe()
     runpy.run_path(script, run_name="__main__")
     return 0
 

@@ -279,3 +279,14 @@ def test_draw_net_tool_writes_dot(tmp_path, capsys):
     text = out.read_text()
     assert text.startswith('digraph "LeNet"') and "rankdir=TB" in text and "conv1" in text
     assert "Drawing net to" in capsys.readouterr().out
+
+
+def test_run_next_to_a_real_caffe_says_so(tmp_path):
+    # BVLC's python/classify.py run from a Caffe checkout: python/caffe is a real Caffe.
+    pkg = _fake_real_caffe(tmp_path)
+    script = pkg.parent / "prog.py"
+    script.write_text("import caffe\nprint('GOT', caffe.__name__)\n")
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", str(script)])
+    assert r.returncode == 0, r.stderr
+    assert "GOT pycaffe_alt" in r.stdout
+    assert "CaffeShadowWarning" in r.stderr and str(pkg) in r.stderr
