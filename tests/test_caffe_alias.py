@@ -6,10 +6,12 @@ import importlib
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import types
 import venv
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -132,12 +134,16 @@ def test_run_reports_a_missing_script_and_keeps_the_exit_status(tmp_path):
 
 def test_pth_alias_install_and_uninstall(program, tmp_path):
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python = str(env_dir / "bin" / "python")
-    r = _run([python, "-m", "pycaffe_alt.tools.caffe", "install-caffe-alias"])
-    assert r.returncode == 0, r.stderr
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
+    # The new environment sees this one's packages (numpy, protobuf) through a path .pth, so the
+    # test does not depend on what the base interpreter has installed.
+    paths = sysconfig.get_paths()
+    (Path(site) / "outer_env.pth").write_text(f"{paths['purelib']}\n{paths['platlib']}\n")
+    r = _run([python, "-m", "pycaffe_alt.tools.caffe", "install-caffe-alias"])
+    assert r.returncode == 0, r.stderr
     assert os.path.exists(os.path.join(site, PTH_NAME))
     _ok(_run([python, str(program), "a", "--b"]))
     r = _run([python, "-m", "pycaffe_alt.tools.caffe", "uninstall-caffe-alias"])
