@@ -29,7 +29,6 @@ module is already imported and warns (:class:`CaffeShadowWarning`) when one is i
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
@@ -79,13 +78,14 @@ def real_caffe_location(path: Optional[Sequence[str]] = None) -> Optional[str]:
     return location
 
 
-class CaffeAliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class CaffeAliasFinder:
     """Resolves ``caffe.X`` to the already-importable ``pycaffe_alt.X`` while ``caffe`` is the
     pycaffe_alt package; with ``top_level=True`` (the ``.pth`` alias) also a bare ``import caffe``.
 
-    The loader hands back the existing module object (``create_module``) and leaves its own
-    ``__spec__`` and ``__name__`` in place, so the module stays what it is, only reachable by a
-    second name.
+    A meta-path finder and its own loader (the protocol of ``importlib.abc.MetaPathFinder`` and
+    ``Loader``, without importing that module: ``import pycaffe_alt`` stays cheap). The loader
+    hands back the existing module object (``create_module``) and leaves its own ``__spec__``
+    and ``__name__`` in place, so the module stays what it is, only reachable by a second name.
     """
 
     def __init__(self, top_level: bool = False):
