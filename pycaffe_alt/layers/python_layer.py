@@ -234,8 +234,9 @@ class Python(Layer):
         except Exception as e:
             # The user's own exception goes on unchanged, as pycaffe lets it through
             # (programs catch e.g. RuntimeError from Net()); a note names the layer.
-            e.add_note(f"raised by the setup of Python layer '{param.name}' "
-                       f"({module_name}.{class_name})")
+            if hasattr(e, "add_note"):  # Python 3.11+
+                e.add_note(f"raised by the setup of Python layer '{param.name}' "
+                           f"({module_name}.{class_name})")
             raise
         # Blobs the user added in setup become parameter blobs (learned, saved in the caffemodel).
         self._param_names: List[str] = []
