@@ -7,7 +7,8 @@ setup(
     description="Caffe nets, solvers and tools on PyTorch, with the alternation training of "
                 "'CNNs are Globally Optimal Given Multi-Layer Support'",
     packages=find_packages(include=["pycaffe_alt", "pycaffe_alt.*"]),
-    package_data={"pycaffe_alt.proto": ["caffe.proto"]},
+    package_data={"pycaffe_alt.proto": ["caffe.proto"],
+                  "pycaffe_alt.imagenet": ["ilsvrc_2012_mean.npy"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -20,10 +21,25 @@ setup(
         "h5py>=3.0",
         "tqdm>=4.60",
         "matplotlib>=3.5",
+        # caffe.io.resize_image: pycaffe resizes images of other than 1 or 3 channels with
+        # scipy.ndimage.zoom; the same library gives the same numbers.
+        "scipy>=1.6",
     ],
     extras_require={
         "test": ["pytest>=7", "grpcio-tools==1.85.1"],
         "leveldb": ["plyvel"],
     },
-    entry_points={"console_scripts": ["pycaffe-alt=pycaffe_alt.tools.caffe:run"]},
+    # `pycaffe-alt <tool>` runs every tool (pycaffe_alt/tools/caffe.py COMMANDS). Tools also get
+    # their own command only where the name cannot clash with what a Caffe install puts on PATH
+    # (caffe, convert_imageset, compute_image_mean, extract_features, upgrade_*; Caffe's Python
+    # scripts end in .py) and is not a shell word (test, time): see docs/pycaffe.md.
+    entry_points={"console_scripts": [
+        "pycaffe-alt=pycaffe_alt.tools.caffe:run",
+        "draw_net=pycaffe_alt.tools.entry_points:draw_net",
+        "parse_log=pycaffe_alt.tools.entry_points:parse_log",
+        "plot_training_log=pycaffe_alt.tools.entry_points:plot_training_log",
+        "convert_mnist=pycaffe_alt.tools.entry_points:convert_mnist",
+        "convert_cifar=pycaffe_alt.tools.entry_points:convert_cifar",
+        "convert_relu=pycaffe_alt.tools.entry_points:convert_relu",
+    ]},
 )

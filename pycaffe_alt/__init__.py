@@ -17,6 +17,7 @@ import time
 import types
 from typing import List
 
+from .caffe_alias import install_as_caffe, install_finder
 from .errors import CaffeError
 from .phase import TEST, TRAIN
 
@@ -47,7 +48,8 @@ _LAZY = {
     "Detector": ("detector", "Detector"),
 }
 # Submodules that pycaffe users reach as attributes (``caffe.io.load_image``).
-_SUBMODULES = ("io", "draw", "proto", "net_spec", "classifier", "detector")
+_SUBMODULES = ("io", "draw", "proto", "net_spec", "classifier", "detector", "coord_map",
+               "pycaffe", "_caffe")
 
 
 def __getattr__(name: str):
@@ -64,7 +66,7 @@ def __getattr__(name: str):
     return value
 
 
-_HELPERS = {"importlib", "sys", "time", "types", "List"}
+_HELPERS = {"importlib", "sys", "time", "types", "List", "install_finder"}
 
 
 def __dir__() -> List[str]:
@@ -93,6 +95,10 @@ class _PackageModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _PackageModule
+
+# ``caffe.X`` resolves to this package's own ``X`` whenever ``sys.modules['caffe']`` is this
+# package (install_as_caffe(), ``pycaffe-alt run``, or a user's one-line alias): see caffe_alias.
+install_finder()
 
 
 def layer_type_list() -> List[str]:
@@ -168,15 +174,20 @@ class NCCL:
 
 
 class Timer:
-    """pycaffe's ``caffe.Timer``: ``start()``, ``stop()``, elapsed milliseconds in ``ms``
-    (wall clock; call ``torch.cuda.synchronize()`` first when timing GPU work)."""
+    """pycaffe's ``caffe.Timer`` (Caffe's CPU ``Timer``): ``start()``, ``stop()``, ``ms``.
+
+    As in Caffe, ``start()`` while running is ignored, reading ``ms`` stops a running timer first
+    and reads 0 before the timer ever ran. Wall clock: call ``torch.cuda.synchronize()`` before
+    ``stop()`` when timing GPU work.
+    """
 
     def __init__(self) -> None:
         self._start = None
         self._elapsed = 0.0
 
     def start(self) -> None:
-        self._start = time.perf_counter()
+        if self._start is None:
+            self._start = time.perf_counter()
 
     def stop(self) -> None:
         if self._start is not None:
@@ -185,11 +196,11 @@ class Timer:
 
     @property
     def ms(self) -> float:
-        running = time.perf_counter() - self._start if self._start is not None else self._elapsed
-        return running * 1000.0
+        self.stop()
+        return self._elapsed * 1000.0
 
 
-__all__ = ["Net", "TRAIN", "TEST", "CaffeError", "__version__",
+__all__ = ["Net", "TRAIN", "TEST", "CaffeError", "__version__", "install_as_caffe",
            "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed", "layer_type_list",
            "init_log", "log", "has_nccl", "solver_count", "set_solver_count", "solver_rank",
            "set_solver_rank", "set_multiprocess", "NCCL", "Timer", "Layer",

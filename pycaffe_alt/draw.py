@@ -21,6 +21,7 @@ from .errors import CaffeError
 from .proto import caffe_pb2
 
 LAYER_STYLE = {"shape": "record", "style": "filled", "fillcolor": "#6495ED"}
+LAYER_STYLE_DEFAULT = LAYER_STYLE  # pycaffe's name for it
 NEURON_LAYER_STYLE = {"shape": "record", "style": "filled", "fillcolor": "#90EE90"}
 BLOB_STYLE = {"shape": "octagon", "style": "filled", "fillcolor": "#E0E0E0"}
 _TYPE_COLORS = {"Convolution": "#FF5050", "Deconvolution": "#FF5050", "Pooling": "#FF9900",

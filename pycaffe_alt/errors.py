@@ -69,3 +69,17 @@ class DistributedError(CaffeError):
 
 class NonFiniteLossError(SolverError):
     """Training stopped because the loss became NaN or infinite (no snapshot of it is written)."""
+
+
+class ArgumentTypeError(CaffeError, TypeError):
+    """A pycaffe API called with an argument of the wrong type. It is a ``TypeError`` as well,
+    with pycaffe's own message, because pycaffe raises TypeError there and programs catch it."""
+
+
+class ImageNotFoundError(DataError, FileNotFoundError):
+    """An image file that does not exist; a ``FileNotFoundError`` too, as pycaffe's ``load_image``
+    (scikit-image's imread) raises one and programs catch ``IOError``/``OSError``."""
+
+
+class ImageReadError(DataError, OSError):
+    """An image file that cannot be decoded; an ``OSError`` too (what pycaffe's imread raises)."""

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .data import datum as _datum
-from .errors import DataError
+from .errors import DataError, ImageNotFoundError, ImageReadError
 from .proto import caffe_pb2
 
 
@@ -95,9 +95,9 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
                     im = im.convert("RGB")
                 img = np.asarray(im, dtype=np.float64) / 255.0
     except FileNotFoundError:
-        raise DataError("no such image file", where=str(filename)) from None
+        raise ImageNotFoundError("no such image file", where=str(filename)) from None
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"cannot read the image ({e})", where=str(filename)) from None
+        raise ImageReadError(f"cannot read the image ({e})", where=str(filename)) from None
     if not color and img.ndim == 3:
         img = _rgb_to_gray(img)
     img = img.astype(np.float32)

@@ -185,6 +185,8 @@ class Net(nn.Module):
         self.net_param = self._filtered(net_param, phase, stages, level)
         self._values: Dict[str, torch.Tensor] = {}
         self._diffs: Dict[str, torch.Tensor] = {}
+        # Layers whose autograd graph a pycaffe backward has used up (freed) since their forward.
+        self._spent_steps: Set[int] = set()
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
         self._build(LayerContext(phase=phase, allow_python=allow_python, source=source))
@@ -260,6 +262,8 @@ class Net(nn.Module):
             except CaffeError:
                 raise
             except Exception as e:  # a layer's own check failed in torch/numpy
+                if cls.runs_user_code:
+                    raise
                 raise NetError(f"cannot set up with bottom shapes {bottom_shapes}: {e}", where) from None
             top_shapes = self._infer_top_shapes(layer, bottom_shapes, where)
             if len(top_shapes) != len(tops):
@@ -324,6 +328,8 @@ class Net(nn.Module):
         except CaffeError:
             raise
         except Exception as e:
+            if layer.runs_user_code:
+                raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise NetError(f"incompatible bottom shapes {bottom_shapes}: {msg}", where,
                            "check the shapes the layers above produce and this layer's "
@@ -574,6 +580,7 @@ class Net(nn.Module):
         with torch.set_grad_enabled(grad):
             self.run(None, start, end, first_versions)
         self._first_versions = first_versions
+        self._spent_steps.difference_update(range(start, end + 1))
 
     def backward(self, diffs: Optional[Sequence[str]] = None, start: Optional[str] = None,
                  end: Optional[str] = None, **kwargs) -> Dict[str, np.ndarray]:
@@ -581,7 +588,8 @@ class Net(nn.Module):
 
         Seeds are the diffs of the net outputs (or of ``start``'s tops) — loss tops hold their
         loss weight, as Caffe sets them. Parameter diffs accumulate like Caffe's; blob diffs are
-        overwritten. Returns the diffs of the net inputs (plus ``diffs``).
+        overwritten. Returns, as pycaffe master does, the diffs of ``end``'s bottoms (of the net
+        inputs when ``end`` is not given), plus those named in ``diffs``.
         """
         for name, arr in kwargs.items():
             self.blobs[name].diff[...] = arr
@@ -590,17 +598,59 @@ class Net(nn.Module):
         hi = self._layer_index(start, len(self._steps) - 1)
         seeds = self.top_names[start] if start is not None else \
             list(dict.fromkeys(self._outputs + list(self._loss_weights)))
+        tensors, grads = self._seed_tensors(seeds)
+        if (not tensors and any(name in self._seedable for name in seeds)) or \
+                not self._spent_steps.isdisjoint(range(lo, hi + 1)):
+            # No graph yet, or a previous backward freed it: Caffe's backward can run any
+            # number of times on what the blobs hold.
+            self._replay_graph(lo, hi)
+            tensors, grads = self._seed_tensors(seeds)
+        if tensors:
+            self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1])
+            self._spent_steps.update(range(lo, hi + 1))
+        names = list(self.bottom_names[end]) if end is not None else list(self._inputs)
+        names += [d for d in diffs or () if d not in names]
+        return {n: self.blobs[n].diff for n in names}
+
+    def _seed_tensors(self, seeds: Sequence[str]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The seeds' values that carry a graph, and their diffs as the gradients to push."""
         tensors, grads = [], []
         for name in seeds:
             v = self._values.get(name)
             if v is not None and v.requires_grad and name in self._seedable:
                 tensors.append(v)
                 grads.append(self._store.diff_tensor(name).to(v.dtype))
-        if tensors:
-            self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1])
-        names = list(self._inputs) if start is None else []
-        names += [d for d in diffs or () if d not in names]
-        return {n: self.blobs[n].diff for n in names}
+        return tensors, grads
+
+    def _replay_graph(self, lo: int, hi: int) -> None:
+        """Record the graph of layers ``lo..hi`` from the data now in the blobs.
+
+        Caffe's Backward reads the data in the blobs and needs no forward in the same session
+        (pycaffe's ``net.backward()`` right after building a net works, BVLC's test_python_layer
+        does it); the autograd graph a backward uses is made by a forward, so when none was
+        recorded the layers with bottoms run again on the blobs' data. Layers without bottoms
+        keep their tops (running a data layer would read the next batch). In-place layers then
+        see their own output (the same gradient for ReLU-like layers; Dropout draws a new mask).
+        """
+        self._push_host_writes()
+        values, first = self._values, {}
+        with torch.enable_grad():
+            for step in self._steps[lo:hi + 1]:
+                if not step.runs or not step.bottoms:
+                    continue
+                bottoms = []
+                for name, detach in zip(step.bottoms, step.detach):
+                    v = values.get(name)
+                    if v is None:
+                        v = self._store.data_tensor(name)
+                    if not v.requires_grad and not detach and self._plan.blob_needs.get(name):
+                        v = values[name] = v.detach().requires_grad_(True)
+                    bottoms.append(v.detach() if detach else v)
+                out = step.layer(*bottoms)
+                for t, v in zip(step.tops, (out,) if isinstance(out, torch.Tensor) else out):
+                    first.setdefault(t, v)
+                    values[t] = v
+        self._first_versions = first
 
     def _accumulate_grads(self, tensors, grads, steps: Sequence[Step]) -> None:
         """Gradients of the seeds w.r.t. the blobs and parameters of ``steps``."""

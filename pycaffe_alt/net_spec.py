@@ -26,7 +26,7 @@ from collections import Counter, OrderedDict
 from functools import lru_cache
 from typing import Any, Dict, Tuple, Union
 
-from .errors import NetError
+from .errors import ArgumentTypeError, NetError
 from .proto import caffe_pb2
 
 # Layer types that read another type's parameter message (Caffe's layer sources say which).
@@ -114,9 +114,11 @@ class Function:
         self.type_name = type_name
         for index, top in enumerate(inputs):
             if not isinstance(top, Top):
-                raise NetError(f"input {index} is a {type(top).__name__}, not a layer output",
-                               f"NetSpec layer of type {type_name}",
-                               "pass blobs made by other layers (n.data, n.conv1, ...)")
+                # pycaffe's TypeError and message (net_spec.py Function.__init__), word for word:
+                # programs match it; a tuple here usually means a multi-top layer's result was
+                # passed whole instead of unpacked (L.Silence(*tops)).
+                raise ArgumentTypeError(f"{type_name} input {index} is not a Top "
+                                        f"(type is {type(top)})")
         self.inputs = tuple(inputs)
         params = dict(params)
         self.ntop = int(params.pop("ntop", 1))

@@ -100,9 +100,12 @@ def test_import_error_names_the_module(user_module):
         python_layer(user_module, "Missing", [(2, 3)])
 
 
-def test_setup_error_is_reported_with_the_layer(user_module):
-    with pytest.raises(NetError, match="setup of .*Broken failed: ValueError: param_str must be a number"):
+def test_setup_error_reaches_the_caller_unchanged_with_a_note(user_module):
+    # pycaffe lets the layer's own exception through (BVLC test_python_layer.test_exception).
+    with pytest.raises(ValueError, match="param_str must be a number") as info:
         python_layer(user_module, "Broken", [(2, 3)])
+    assert any("Python layer 'py'" in note and "Broken" in note
+               for note in getattr(info.value, "__notes__", []))
 
 
 def test_forward_backward_and_param_str(user_module):

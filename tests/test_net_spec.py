@@ -151,7 +151,7 @@ def test_errors_name_the_layer_and_keyword():
     n.ip = L.InnerProduct(n.data, num_output="three")
     with pytest.raises(NetError, match="bad value for 'num_output'"):
         n.to_proto()
-    with pytest.raises(NetError, match="not a layer output"):
+    with pytest.raises(TypeError, match=r"^ReLU input 0 is not a Top \(type is <class 'numpy.ndarray'>\)$"):
         L.ReLU(np.zeros(3))
     with pytest.raises(NetError, match="cannot assign"):
         n.x = 3

@@ -1,13 +1,16 @@
 """Tests for pycaffe_alt/proto: caffe.proto schema and its generated module.
 
 The strongest checks compare our schema field by field with BVLC Caffe's
-caffe.proto (and the SSD fork's) when a local mirror of those repositories is
-readable; they are skipped otherwise. Set PYCAFFE_ALT_BVLC_PROTO /
-PYCAFFE_ALT_SSD_PROTO to a caffe.proto path to point them at other copies.
+caffe.proto (and the SSD fork's), through facts about those schemas shipped in
+tests/fixtures/upstream_proto (field tables, BVLC's compiled descriptor, hashes
+of its comment lines; make_fixtures.py there rebuilds them from the upstream
+files), so they run everywhere without the upstream sources.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -26,10 +29,7 @@ PROTO_FILE = os.path.join(PROTO_DIR, "caffe.proto")
 PB2_FILE = os.path.join(PROTO_DIR, "caffe_pb2.py")
 FIXTURES = os.path.join(HERE, "fixtures", "golden")
 
-MIRROR = "/work/.mirror"
-BVLC_GIT = os.path.join(MIRROR, "BVLC+caffe", "repo")
-SSD_GIT = os.path.join(MIRROR, "weiliu89+caffe", "repo")
-UPSTREAM_PATH = "src/caffe/proto/caffe.proto"
+UPSTREAM = os.path.join(HERE, "fixtures", "upstream_proto")
 
 try:
     from grpc_tools import protoc as _protoc  # noqa: F401
@@ -81,35 +81,11 @@ def _is_packed(field):
     return bool(field.GetOptions().packed)
 
 
-def _read_upstream(env_var, git_dir, rev):
-    """Text of an upstream caffe.proto, or None when not available here."""
-    path = os.environ.get(env_var)
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        except OSError:
-            return None
-    if not os.path.isdir(git_dir):
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-C", git_dir, "show", "%s:%s" % (rev, UPSTREAM_PATH)],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.decode("utf-8")
-
-
-def _bvlc_text():
-    return _read_upstream("PYCAFFE_ALT_BVLC_PROTO", BVLC_GIT, "HEAD")
-
-
-def _ssd_text():
-    return _read_upstream("PYCAFFE_ALT_SSD_PROTO", SSD_GIT, "ssd")
+def _upstream_facts(name):
+    """(fields, enum_values) of an upstream schema, as parse_proto_facts gives them."""
+    with open(os.path.join(UPSTREAM, name), encoding="utf-8") as f:
+        facts = json.load(f)
+    return facts["fields"], [tuple(v) for v in facts["enum_values"]]
 
 
 _SCALARS = {
@@ -221,9 +197,9 @@ def _enum_desc(path):
     return owner.enum_types_by_name.get(parts[-1]) if owner else None
 
 
-def check_against(text, skip_numbers=()):
-    """All mismatches between an upstream proto text and our descriptor."""
-    fields, enum_values = parse_proto_facts(text)
+def check_against(facts, skip_numbers=()):
+    """All mismatches between an upstream schema's (fields, enum_values) and our descriptor."""
+    fields, enum_values = facts
     problems = []
     for f in fields:
         if (f["message"], f["number"]) in skip_numbers:
@@ -658,10 +634,7 @@ def test_our_numbers_in_our_range():
 
 
 def test_matches_bvlc_caffe_proto():
-    text = _bvlc_text()
-    if text is None:
-        pytest.skip("BVLC caffe.proto not readable (no mirror at %s)" % BVLC_GIT)
-    fields, problems = check_against(text)
+    fields, problems = check_against(_upstream_facts("bvlc_facts.json"))
     assert len(fields) > 400, "parser found too few fields: %d" % len(fields)
     messages = {f["message"] for f in fields}
     for name in messages:
@@ -677,27 +650,17 @@ SSD_COLLISIONS = {
 
 
 def test_matches_ssd_caffe_proto():
-    text = _ssd_text()
-    if text is None:
-        pytest.skip("SSD fork caffe.proto not readable (no mirror at %s)" % SSD_GIT)
-    fields, problems = check_against(text, skip_numbers=SSD_COLLISIONS)
+    fields, problems = check_against(_upstream_facts("ssd_facts.json"),
+                                     skip_numbers=SSD_COLLISIONS)
     assert len(fields) > 400
     assert not problems, "\n".join(problems)
 
 
-@needs_grpc_tools
-def test_matches_bvlc_descriptor_exactly(tmp_path):
-    """Compile BVLC's proto with protoc and compare every field and enum value."""
-    text = _bvlc_text()
-    if text is None:
-        pytest.skip("BVLC caffe.proto not readable (no mirror at %s)" % BVLC_GIT)
-    src = tmp_path / "bvlc"
-    src.mkdir()
-    (src / "caffe.proto").write_text(text, encoding="utf-8")
-    out = tmp_path / "bvlc.desc"
-    assert _run_protoc(["-I" + str(src), "--descriptor_set_out=" + str(out), "caffe.proto"]) == 0
+def test_matches_bvlc_descriptor_exactly():
+    """BVLC's proto as protoc compiled it: compare every field and enum value."""
     fds = descriptor_pb2.FileDescriptorSet()
-    fds.ParseFromString(out.read_bytes())
+    with open(os.path.join(UPSTREAM, "bvlc_caffe.desc"), "rb") as f:
+        fds.ParseFromString(f.read())
     (theirs,) = fds.file
     ours = _embedded_descriptor()
     assert theirs.package == ours.package == "caffe"
@@ -748,18 +711,15 @@ def test_matches_bvlc_descriptor_exactly(tmp_path):
 
 
 def test_no_copied_upstream_comments():
-    """Our .proto is written in our own words: no long upstream comment lines."""
-    text = _bvlc_text()
-    if text is None:
-        pytest.skip("BVLC caffe.proto not readable")
-    upstream = {
-        c.strip()
-        for c in re.findall(r"//(.*)", text)
-        if len(c.strip()) >= 40
-    }
+    """Our .proto is written in our own words: no long upstream comment lines (compared by
+    their SHA-256, the fixture holds no upstream text)."""
+    with open(os.path.join(UPSTREAM, "bvlc_comment_sha256.txt"), encoding="utf-8") as f:
+        upstream = set(f.read().split())
+    assert len(upstream) > 100
     with open(PROTO_FILE, encoding="utf-8") as f:
         ours = {c.strip() for c in re.findall(r"//(.*)", f.read())}
-    assert not (upstream & ours)
+    hashes = {hashlib.sha256(c.encode("utf-8")).hexdigest(): c for c in ours}
+    assert not [hashes[h] for h in upstream & set(hashes)]
 
 
 def test_generate_module_runs_as_script(tmp_path):

@@ -62,6 +62,9 @@ class Layer(nn.Module):
     # backward reads that buffer define ``inplace_backward(top_diff, buffer) -> bottom_diff``
     # with Caffe's formula; the net uses it only in such chains (see net.py).
     inplace_backward = None
+    # Layers that run a user's code (Python layers): the user's exceptions reach the caller
+    # unchanged, as in pycaffe, instead of being reworded into a NetError.
+    runs_user_code: ClassVar[bool] = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], ctx: LayerContext):
         super().__init__()

@@ -1,7 +1,16 @@
 """The ``Python`` layer: a user's pycaffe-style layer class, run inside the torch graph.
 
-A prototxt naming ``python_param { module: "m" layer: "C" }`` makes us import and run ``m.C``, so
-this is opt-in: the net must be built with ``allow_python=True`` (CLI ``--allow-python``).
+A prototxt naming ``python_param { module: "m" layer: "C" }`` names code to run. The rule:
+
+* **No flag needed** when no new code is imported: module ``m`` is already imported in this
+  process (in ``sys.modules``, or it is the running script ``__main__`` whose file is ``m.py``)
+  and ``m.C`` is a class that subclasses ``caffe.Layer``. The program that defines the layer is
+  already running, so the net runs nothing the program did not already load; this is what
+  pycaffe scripts and BVLC's own tests do (define the layer, then build the net).
+* **Opt-in otherwise**: importing ``m`` would execute a file a prototxt points at, and a prototxt
+  (downloaded with a model) is data, not code; so the net must be built with
+  ``allow_python=True`` (CLI ``--allow-python``). The subclass requirement matters as well:
+  without it a prototxt could name any callable of any loaded module (``os.system``).
 
 The user class follows pycaffe's protocol (``setup``, ``reshape``, ``forward``, ``backward`` over
 lists of blobs with numpy ``.data``/``.diff``; ``self.param_str``, ``self.phase``; optional
@@ -113,6 +122,22 @@ def _new_tops(n: int, dtype: np.dtype) -> List[PyBlob]:
     return [PyBlob(np.zeros((0,), dtype=dtype)) for _ in range(n)]
 
 
+def loaded_layer_class(module_name: str, class_name: str) -> Optional[type]:
+    """The class ``module_name.class_name`` when running it imports nothing new: the module is in
+    ``sys.modules`` (or is the running script, ``__main__``, loaded from ``module_name.py``) and
+    the class subclasses ``caffe.Layer``; else None."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        main = sys.modules.get("__main__")
+        main_file = getattr(main, "__file__", None)
+        if main_file and os.path.splitext(os.path.basename(main_file))[0] == module_name:
+            module = main
+    cls = getattr(module, class_name, None) if module is not None else None
+    if isinstance(cls, type) and issubclass(cls, PythonLayerBase):
+        return cls
+    return None
+
+
 def _instantiate(cls: type, param) -> Any:
     """pycaffe constructs the user class with the LayerParameter; a plain class with no
     constructor argument is accepted too."""
@@ -171,21 +196,29 @@ class Python(Layer):
 
     blob_names = ()
     shape_by_fake_run = False
+    runs_user_code = True
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
         pp = param.python_param
         module_name, class_name = pp.module, pp.layer
-        if not ctx.allow_python:
-            raise self.error(
-                f"would import and run Python code: class '{class_name}' from module '{module_name}'",
-                "Python layers run arbitrary code, so they are off by default; if you trust this "
-                "net, pass allow_python=True to pycaffe_alt.Net(...) or the solver, or --allow-python "
-                "on the command line")
         if not module_name or not class_name:
             raise self.error("python_param needs both 'module' and 'layer'",
                              "e.g. python_param { module: 'my_layers' layer: 'MyLayer' }")
-        cls = self._import(module_name, class_name)
+        cls = loaded_layer_class(module_name, class_name)
+        if cls is None:
+            if not ctx.allow_python:
+                state = (f"its '{class_name}' is not a caffe.Layer subclass"
+                         if module_name in sys.modules else "it is not imported")
+                raise self.error(
+                    f"would import and run Python code: class '{class_name}' from module "
+                    f"'{module_name}'",
+                    f"a Python layer runs without a flag only when its module is already imported "
+                    f"in this process and its class subclasses caffe.Layer ({state}). If you trust "
+                    "this net, pass allow_python=True to pycaffe_alt.Net(...) or the solver, or "
+                    "--allow-python on the command line; or import the module before building "
+                    "the net")
+            cls = self._import(module_name, class_name)
         self.user = _instantiate(cls, param)
         # pycaffe sets these attributes before setup (PythonLayer::LayerSetUp).
         self.user.param_str = pp.param_str
@@ -199,8 +232,12 @@ class Python(Layer):
             self.user.setup(bottoms, self._tops)
             self.user.reshape(bottoms, self._tops)
         except Exception as e:
-            raise self.error(f"setup of {module_name}.{class_name} failed: {type(e).__name__}: {e}",
-                             "see the chained traceback above for where in the layer's code") from e
+            # The user's own exception goes on unchanged, as pycaffe lets it through
+            # (programs catch e.g. RuntimeError from Net()); a note names the layer.
+            if hasattr(e, "add_note"):  # Python 3.11+
+                e.add_note(f"raised by the setup of Python layer '{param.name}' "
+                           f"({module_name}.{class_name})")
+            raise
         # Blobs the user added in setup become parameter blobs (learned, saved in the caffemodel).
         self._param_names: List[str] = []
         for i, blob in enumerate(self.user.blobs):

@@ -1,0 +1,177 @@
+"""``import caffe`` for programs that cannot be edited: ``caffe`` and every ``caffe.X`` are
+pycaffe_alt's own module objects.
+
+Three ways to get there, one mechanism (a finder on ``sys.meta_path``, the import system's
+documented hook, PEP 451):
+
+* ``pycaffe_alt.install_as_caffe()`` (the convention of ``pymysql.install_as_MySQLdb()``) makes
+  ``sys.modules['caffe']`` the pycaffe_alt package; ``pycaffe-alt run script.py`` calls it before
+  running the script.
+* The one-line alias users write, a ``caffe/__init__.py`` holding ``import sys, pycaffe_alt;
+  sys.modules[__name__] = pycaffe_alt``, ends in the same state.
+* ``pycaffe-alt install-caffe-alias`` writes a ``.pth`` file that installs a finder answering a
+  bare ``import caffe`` (see :mod:`pycaffe_alt.tools.caffe_alias`).
+
+Only aliasing the top-level name is not enough: ``import caffe.io`` would then find ``io.py``
+through the package's ``__path__`` and execute it a second time as a new module ``caffe.io``,
+whose relative imports load ``caffe.proto.caffe_pb2`` a second time (protobuf's process-wide
+descriptor pool refuses that) and whose error classes are copies that ``except
+pycaffe_alt.CaffeError`` does not catch. The :class:`CaffeAliasFinder` therefore answers every
+``caffe.X`` while ``sys.modules['caffe']`` is the pycaffe_alt package, by handing back the module
+``pycaffe_alt.X`` itself: nothing is loaded twice and ``caffe.io is pycaffe_alt.io``. A ``caffe.X``
+with no ``pycaffe_alt.X`` fails with the usual ``ModuleNotFoundError``. The finder is installed
+when pycaffe_alt is imported and does nothing while ``caffe`` is another module (a real Caffe).
+
+A real Caffe is never shadowed silently: :func:`install_as_caffe` refuses when another ``caffe``
+module is already imported and warns (:class:`CaffeShadowWarning`) when one is importable from
+``sys.path``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+import types
+import warnings
+from typing import Optional, Sequence
+
+from .errors import CaffeError
+
+ALIAS = "caffe"
+PACKAGE = __name__.rpartition(".")[0]  # "pycaffe_alt"
+
+
+class CaffeShadowWarning(UserWarning):
+    """``caffe`` now means pycaffe_alt although a real Caffe's pycaffe is importable too."""
+
+
+def _package() -> types.ModuleType:
+    return sys.modules[PACKAGE]
+
+
+def aliased() -> bool:
+    """Whether ``sys.modules['caffe']`` is the pycaffe_alt package."""
+    return sys.modules.get(ALIAS) is sys.modules.get(PACKAGE)
+
+
+def real_caffe_location(path: Optional[Sequence[str]] = None) -> Optional[str]:
+    """Where a ``caffe`` package that is not an alias of ours would be imported from (searching
+    ``path``, default ``sys.path``), or None.
+
+    A ``caffe`` whose ``__init__.py`` mentions pycaffe_alt is one of the one-line aliases and not
+    counted; anything else named ``caffe`` (BVLC's ``python/caffe`` with its ``_caffe`` extension,
+    a ``caffe`` distribution's package) is.
+    """
+    spec = importlib.machinery.PathFinder.find_spec(ALIAS, None if path is None else list(path))
+    if spec is None:
+        return None
+    origin = spec.origin if spec.origin not in (None, "namespace") else None
+    location = origin or next(iter(spec.submodule_search_locations or []), None) or ALIAS
+    if origin and origin.endswith(".py"):
+        try:
+            with open(origin, encoding="utf-8", errors="replace") as f:
+                if PACKAGE in f.read():
+                    return None
+        except OSError:
+            pass
+    return location
+
+
+class CaffeAliasFinder:
+    """Resolves ``caffe.X`` to the already-importable ``pycaffe_alt.X`` while ``caffe`` is the
+    pycaffe_alt package; with ``top_level=True`` (the ``.pth`` alias) also a bare ``import caffe``.
+
+    A meta-path finder and its own loader (the protocol of ``importlib.abc.MetaPathFinder`` and
+    ``Loader``, without importing that module: ``import pycaffe_alt`` stays cheap). The loader
+    hands back the existing module object (``create_module``) and leaves its own ``__spec__``
+    and ``__name__`` in place, so the module stays what it is, only reachable by a second name.
+    """
+
+    def __init__(self, top_level: bool = False):
+        self.top_level = top_level
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} caffe -> {PACKAGE} top_level={self.top_level}>"
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        if fullname == ALIAS:
+            if not self.top_level:
+                return None
+            real = real_caffe_location()
+            if real is not None:
+                warnings.warn(CaffeShadowWarning(
+                    f"'import caffe' gives pycaffe_alt (the alias written by 'pycaffe-alt "
+                    f"install-caffe-alias'), not the Caffe at {real}; run 'pycaffe-alt "
+                    f"uninstall-caffe-alias' to use that one"), stacklevel=2)
+            return self._spec(fullname, PACKAGE, is_package=True)
+        if not fullname.startswith(ALIAS + ".") or not aliased():
+            return None
+        target_name = PACKAGE + fullname[len(ALIAS):]
+        module = sys.modules.get(target_name)
+        if module is not None:
+            is_package = hasattr(module, "__path__")
+        else:
+            try:
+                found = importlib.util.find_spec(target_name)
+            except ModuleNotFoundError:
+                found = None
+            if found is None:
+                return None  # the usual ModuleNotFoundError: No module named 'caffe.X'
+            is_package = found.submodule_search_locations is not None
+        return self._spec(fullname, target_name, is_package)
+
+    def _spec(self, fullname: str, target_name: str, is_package: bool):
+        spec = importlib.machinery.ModuleSpec(fullname, self, is_package=is_package)
+        spec.loader_state = target_name
+        return spec
+
+    def create_module(self, spec):
+        module = importlib.import_module(spec.loader_state)
+        # The import system stamps the new spec on whatever create_module returns; keep the
+        # module's own (exec_module puts it back) so reload() and pickling see pycaffe_alt.X.
+        spec.loader_state = (spec.loader_state, module.__spec__)
+        return module
+
+    def exec_module(self, module) -> None:
+        # Nothing to execute: the module is pycaffe_alt's, already imported.
+        _, own_spec = module.__spec__.loader_state
+        module.__spec__ = own_spec
+
+
+def install_finder(top_level: bool = False) -> CaffeAliasFinder:
+    """Put a :class:`CaffeAliasFinder` first on ``sys.meta_path`` (once; a later call with
+    ``top_level=True`` upgrades the installed one) and return it."""
+    for finder in sys.meta_path:
+        if isinstance(finder, CaffeAliasFinder):
+            finder.top_level = finder.top_level or top_level
+            return finder
+    finder = CaffeAliasFinder(top_level)
+    # First: the path finder would otherwise find caffe.X through pycaffe_alt's __path__ and
+    # load a second copy.
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+def install_as_caffe() -> types.ModuleType:
+    """Make ``import caffe`` and every ``caffe.X`` give pycaffe_alt's modules in this process.
+
+    Refuses (:class:`~pycaffe_alt.errors.CaffeError`) when another ``caffe`` module is already
+    imported; warns (:class:`CaffeShadowWarning`) when a real Caffe is importable from
+    ``sys.path``, which ``import caffe`` now no longer reaches. Returns the package.
+    """
+    package = _package()
+    current = sys.modules.get(ALIAS)
+    if current is not None and current is not package:
+        raise CaffeError(
+            f"a different 'caffe' module is already imported ({getattr(current, '__file__', current)})",
+            "install_as_caffe",
+            "call pycaffe_alt.install_as_caffe() before anything imports caffe, or use that Caffe")
+    install_finder()
+    if current is None:
+        real = real_caffe_location()
+        if real is not None:
+            warnings.warn(CaffeShadowWarning(
+                f"'import caffe' now gives pycaffe_alt, not the Caffe at {real}"), stacklevel=2)
+        sys.modules[ALIAS] = package
+    return package

@@ -1,0 +1,62 @@
+"""Run an unchanged pycaffe program on pycaffe_alt: ``import caffe`` in it (and every
+``caffe.X``) gives pycaffe_alt's modules.
+
+    pycaffe-alt run script.py [args...]
+    python3 -m pycaffe_alt.run script.py [args...]
+    pycaffe-alt run -m package.module [args...]
+
+The script runs as ``python3 script.py args...`` would run it: as ``__main__`` (its ``if __name__
+== "__main__"`` block runs), with ``sys.argv`` = ``[script.py, args...]`` and the script's folder
+first on ``sys.path``. Its exceptions and exit status are its own. See
+:func:`pycaffe_alt.install_as_caffe` for what aliasing does and when it refuses.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from typing import List, Optional, Sequence
+
+from .caffe_alias import install_as_caffe
+from .errors import CaffeError
+
+USAGE = ("usage: pycaffe-alt run SCRIPT.py [ARGS...]\n"
+         "       pycaffe-alt run -m MODULE [ARGS...]\n"
+         "Runs an unchanged pycaffe program with 'import caffe' meaning pycaffe_alt.")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the program named in ``argv`` (default ``sys.argv[1:]``) with the caffe alias on."""
+    args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if args[0] == "-m":
+        if len(args) < 2:
+            raise CaffeError("-m needs a module name", "pycaffe-alt run", USAGE)
+        install_as_caffe()
+        sys.argv = [args[1]] + args[2:]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        return 0
+    script = args[0]
+    if not os.path.isfile(script):
+        raise CaffeError(f"can't open file '{script}': no such file", "pycaffe-alt run",
+                         "give the path of the Python program to run")
+    sys.argv = [script] + args[1:]
+    # As `python3 script.py`: the script's folder comes first on the path (its sibling modules,
+    # Python layers included, are importable), instead of this launcher's. Before aliasing, so
+    # that a real Caffe next to the script is noticed (and named in the warning).
+    script_dir = os.path.dirname(os.path.abspath(script))
+    if sys.path:
+        sys.path[0] = script_dir
+    else:
+        sys.path.append(script_dir)
+    install_as_caffe()
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    from .tools.cli import run_main
+
+    run_main(main)

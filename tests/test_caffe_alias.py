@@ -1,0 +1,298 @@
+"""``import caffe`` is pycaffe_alt, one module object per module, in each of the three ways:
+install_as_caffe() (and ``pycaffe-alt run``), the one-line ``caffe/__init__.py`` alias, and the
+``.pth`` written by ``pycaffe-alt install-caffe-alias``. Programs run in subprocesses so that the
+alias does not leak into the other tests."""
+import importlib
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import types
+import venv
+import warnings
+from pathlib import Path
+
+import pytest
+
+import pycaffe_alt
+from pycaffe_alt import caffe_alias
+from pycaffe_alt.caffe_alias import CaffeAliasFinder, CaffeShadowWarning, install_as_caffe
+from pycaffe_alt.errors import CaffeError
+from pycaffe_alt.tools import caffe as caffe_cli
+from pycaffe_alt.tools.caffe_alias import PTH_NAME
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# An unchanged pycaffe program: pycaffe's module layout, FCN net surgery, an error caught by the
+# package's base class, and a check that no caffe.X module is a second copy. (Nets built from
+# such specs run in test_pycaffe_master.py; here the program stays torch-free and quick.)
+PROGRAM = textwrap.dedent('''
+    import sys
+    import caffe
+    import caffe.io
+    from caffe.io import load_image
+    from caffe.proto import caffe_pb2
+    import caffe.draw
+    import caffe.net_spec
+    import caffe.coord_map
+    from caffe import layers as L, params as P
+    from caffe.coord_map import crop
+
+    import pycaffe_alt
+    assert caffe is pycaffe_alt
+    assert caffe.io is pycaffe_alt.io and sys.modules["caffe.io"] is pycaffe_alt.io
+    assert caffe_pb2 is pycaffe_alt.proto.caffe_pb2
+    assert caffe.draw is pycaffe_alt.draw and caffe.coord_map is pycaffe_alt.coord_map
+    assert caffe.net_spec.NetSpec is caffe.NetSpec
+    for name, module in list(sys.modules.items()):
+        if name.startswith("caffe.") and module is not None:
+            assert module.__name__ == "pycaffe_alt" + name[len("caffe"):], (name, module)
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 20, 20]))
+    n.conv = L.Convolution(n.data, num_output=4, kernel_size=3, pad=2,
+                           weight_filler=dict(type="xavier"))
+    n.pool = L.Pooling(n.conv, pool=P.Pooling.MAX, kernel_size=2, stride=2)
+    n.up = L.Deconvolution(n.pool, convolution_param=dict(num_output=4, kernel_size=4, stride=2))
+    n.score = crop(n.up, n.data)
+    proto = caffe_pb2.NetParameter.FromString(n.to_proto().SerializeToString())
+    assert list(proto.layer[-1].crop_param.offset) == [2]  # pad 2 grows 20 -> 24 after up
+    assert caffe.draw.to_dot(proto, "LR").startswith("digraph")
+    assert "torch" not in sys.modules  # none of this needs torch: the program starts fast
+
+    try:
+        load_image("/no/such/image.png")
+    except pycaffe_alt.CaffeError as e:   # one error class hierarchy
+        import caffe.errors
+        assert isinstance(e, caffe.errors.CaffeError)
+    else:
+        raise AssertionError("no error")
+    try:
+        import caffe.no_such_module
+    except ModuleNotFoundError as e:
+        assert e.name == "caffe.no_such_module", e.name
+    else:
+        raise AssertionError("caffe.no_such_module imported")
+    if __name__ == "__main__":
+        print("PROGRAM OK", sys.argv[1:])
+''')
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def _run(args, env=None, cwd=None):
+    return subprocess.run(args, capture_output=True, text=True, env=env or _env(), cwd=cwd,
+                          timeout=300)
+
+
+@pytest.fixture
+def program(tmp_path):
+    path = tmp_path / "classify_thing.py"
+    path.write_text(PROGRAM)
+    return path
+
+
+def _ok(result, args="['a', '--b']"):
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"PROGRAM OK {args}" in result.stdout
+
+
+def test_install_as_caffe_then_the_program(program, tmp_path):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text("import runpy, sys, pycaffe_alt\npycaffe_alt.install_as_caffe()\n"
+                        "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    _ok(_run([sys.executable, str(launcher), str(program), "a", "--b"]))
+
+
+def test_one_line_alias_package(program, tmp_path):
+    alias = tmp_path / "alias" / "caffe"
+    alias.mkdir(parents=True)
+    (alias / "__init__.py").write_text("import sys, pycaffe_alt\nsys.modules[__name__] = pycaffe_alt\n")
+    env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path / "alias"), ROOT]))
+    _ok(_run([sys.executable, str(program), "a", "--b"], env=env))
+
+
+def test_pycaffe_alt_run_and_python_m(program, tmp_path):
+    # `pycaffe-alt run` is the console script's `run` subcommand; both set argv and __main__.
+    _ok(_run([sys.executable, "-m", "pycaffe_alt.run", str(program), "a", "--b"], cwd=tmp_path))
+    _ok(_run([sys.executable, "-m", "pycaffe_alt.tools.caffe", "run", str(program), "a", "--b"],
+             cwd=tmp_path))
+
+
+def test_run_reports_a_missing_script_and_keeps_the_exit_status(tmp_path):
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", str(tmp_path / "nope.py")])
+    assert r.returncode == 1 and "can't open file" in r.stderr and "Traceback" not in r.stderr
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys, caffe\nsys.exit(3 if caffe.__name__ == 'pycaffe_alt' else 4)\n")
+    assert _run([sys.executable, "-m", "pycaffe_alt.run", str(exits)]).returncode == 3
+
+
+def test_pth_alias_install_and_uninstall(program, tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # The new environment sees this one's packages (numpy, protobuf) through a path .pth, so the
+    # test does not depend on what the base interpreter has installed.
+    paths = sysconfig.get_paths()
+    (Path(site) / "outer_env.pth").write_text(f"{paths['purelib']}\n{paths['platlib']}\n")
+    r = _run([python, "-m", "pycaffe_alt.tools.caffe", "install-caffe-alias"])
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(os.path.join(site, PTH_NAME))
+    _ok(_run([python, str(program), "a", "--b"]))
+    r = _run([python, "-m", "pycaffe_alt.tools.caffe", "uninstall-caffe-alias"])
+    assert r.returncode == 0 and not os.path.exists(os.path.join(site, PTH_NAME))
+    r = _run([python, "-c", "import caffe"])
+    assert r.returncode != 0 and "No module named 'caffe'" in r.stderr
+
+
+# ------------------------------------------------------------------ in-process finder behaviour
+@pytest.fixture
+def clean_caffe():
+    """Remove every caffe / caffe.X entry this test adds to sys.modules."""
+    before = {k: v for k, v in sys.modules.items() if k == "caffe" or k.startswith("caffe.")}
+    yield
+    for k in [k for k in sys.modules if k == "caffe" or k.startswith("caffe.")]:
+        if k not in before:
+            del sys.modules[k]
+    sys.modules.update(before)
+
+
+def _fake_real_caffe(tmp_path):
+    pkg = tmp_path / "realcaffe" / "caffe"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from ._caffe import Net\n")
+    (pkg / "io.py").write_text("REAL = True\n")
+    return pkg
+
+
+def test_finder_hands_back_the_same_module_objects(clean_caffe):
+    assert any(isinstance(f, CaffeAliasFinder) for f in sys.meta_path)
+    assert install_as_caffe() is pycaffe_alt
+    io = importlib.import_module("caffe.io")
+    assert io is pycaffe_alt.io and io.__name__ == "pycaffe_alt.io"
+    assert io.__spec__.name == "pycaffe_alt.io"  # its own spec, not a caffe.io copy
+    pb2 = importlib.import_module("caffe.proto.caffe_pb2")
+    assert pb2 is pycaffe_alt.proto.caffe_pb2
+    for name in ("caffe.classifier", "caffe.detector", "caffe.pycaffe", "caffe._caffe",
+                 "caffe.draw", "caffe.net_spec", "caffe.coord_map", "caffe.solver.solver"):
+        assert importlib.import_module(name) is importlib.import_module("pycaffe_alt" + name[5:])
+    with pytest.raises(ModuleNotFoundError, match="caffe.nothing_here"):
+        importlib.import_module("caffe.nothing_here")
+    # caffe.layers stays NetSpec's layer factory even after `import caffe.layers`.
+    importlib.import_module("caffe.layers")
+    assert sys.modules["caffe"].layers is pycaffe_alt.net_spec.layers
+
+
+def test_finder_leaves_another_caffe_alone(clean_caffe, tmp_path):
+    pkg = _fake_real_caffe(tmp_path)
+    other = types.ModuleType("caffe")
+    other.__path__ = [str(pkg)]
+    sys.modules["caffe"] = other
+    io = importlib.import_module("caffe.io")
+    assert io.REAL and io is not pycaffe_alt.io
+    with pytest.raises(CaffeError, match="different 'caffe' module is already imported"):
+        install_as_caffe()
+
+
+def test_install_as_caffe_says_when_it_shadows_a_real_caffe(clean_caffe, tmp_path, monkeypatch):
+    pkg = _fake_real_caffe(tmp_path)
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    assert caffe_alias.real_caffe_location() == str(pkg / "__init__.py")
+    with pytest.warns(CaffeShadowWarning, match="not the Caffe at .*realcaffe"):
+        install_as_caffe()
+    assert sys.modules["caffe"] is pycaffe_alt
+
+
+def test_a_one_line_alias_on_the_path_is_not_a_real_caffe(tmp_path, monkeypatch):
+    alias = tmp_path / "caffe"
+    alias.mkdir()
+    (alias / "__init__.py").write_text("import sys, pycaffe_alt\nsys.modules[__name__] = pycaffe_alt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert caffe_alias.real_caffe_location() is None
+
+
+def test_install_caffe_alias_refuses_to_shadow_a_real_caffe(tmp_path, monkeypatch):
+    pkg = _fake_real_caffe(tmp_path)
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    with pytest.raises(CaffeError, match="real Caffe is importable") as info:
+        caffe_cli.main(["install-caffe-alias", "--site-dir", str(site)])
+    assert "--force" in str(info.value) and not (site / PTH_NAME).exists()
+    assert caffe_cli.main(["install-caffe-alias", "--site-dir", str(site), "--force"]) == 0
+    assert "install_finder(top_level=True)" in (site / PTH_NAME).read_text()
+    assert caffe_cli.main(["uninstall-caffe-alias", "--site-dir", str(site)]) == 0
+    assert not (site / PTH_NAME).exists()
+
+
+def test_bare_alias_warns_when_a_real_caffe_is_importable(clean_caffe, tmp_path, monkeypatch):
+    pkg = _fake_real_caffe(tmp_path)
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    finder = CaffeAliasFinder(top_level=True)
+    monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
+    with pytest.warns(CaffeShadowWarning, match="uninstall-caffe-alias"):
+        caffe = importlib.import_module("caffe")
+    assert caffe is pycaffe_alt and pycaffe_alt.__spec__.name == "pycaffe_alt"
+
+
+# ------------------------------------------------------------------ every tool after pip install
+CAFFE_INSTALLED_NAMES = {"caffe", "convert_imageset", "compute_image_mean", "extract_features",
+                         "upgrade_net_proto_text", "upgrade_net_proto_binary",
+                         "upgrade_solver_proto_text", "train", "test", "time", "device_query"}
+
+
+def _console_scripts():
+    import ast
+
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "entry_points":
+            return dict(s.split("=", 1) for s in ast.literal_eval(node.value)["console_scripts"])
+    raise AssertionError("setup.py has no entry_points")
+
+
+def test_every_tool_is_a_pycaffe_alt_command_and_console_scripts_resolve():
+    tools = {name for name in os.listdir(os.path.join(ROOT, "tools"))
+             if os.access(os.path.join(ROOT, "tools", name), os.X_OK)}
+    assert tools <= set(caffe_cli.COMMANDS), tools - set(caffe_cli.COMMANDS)
+    assert {"draw_net", "run", "install-caffe-alias", "uninstall-caffe-alias"} <= set(caffe_cli.COMMANDS)
+    for name in caffe_cli.COMMANDS:
+        assert callable(caffe_cli.command_main(name)), name
+    scripts = _console_scripts()
+    assert scripts["pycaffe-alt"] == "pycaffe_alt.tools.caffe:run"
+    assert not set(scripts) & CAFFE_INSTALLED_NAMES  # never a name a Caffe install puts on PATH
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
+        if name != "pycaffe-alt":
+            assert name in caffe_cli.COMMANDS
+
+
+def test_draw_net_tool_writes_dot(tmp_path, capsys):
+    out = tmp_path / "lenet.dot"
+    assert caffe_cli.main(["draw_net", "--rankdir", "TB", "--phase", "TEST",
+                           os.path.join(ROOT, "models", "lenet", "train_val.prototxt"), str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith('digraph "LeNet"') and "rankdir=TB" in text and "conv1" in text
+    assert "Drawing net to" in capsys.readouterr().out
+
+
+def test_run_next_to_a_real_caffe_says_so(tmp_path):
+    # BVLC's python/classify.py run from a Caffe checkout: python/caffe is a real Caffe.
+    pkg = _fake_real_caffe(tmp_path)
+    script = pkg.parent / "prog.py"
+    script.write_text("import caffe\nprint('GOT', caffe.__name__)\n")
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", str(script)])
+    assert r.returncode == 0, r.stderr
+    assert "GOT pycaffe_alt" in r.stdout
+    assert "CaffeShadowWarning" in r.stderr and str(pkg) in r.stderr

@@ -1,0 +1,325 @@
+"""pycaffe master behaviours, each written from what BVLC's python/caffe documents and does:
+Net.backward(start=, end=) and its return value, backward without a forward, NetSpec's
+TypeError, caffe.coord_map, Python-layer exceptions and the no-flag rule, caffe._caffe /
+caffe.pycaffe, the ImageNet mean file, resize_image for any channel count."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import pycaffe_alt as caffe
+from pycaffe_alt import layers as L
+from pycaffe_alt import params as P
+from pycaffe_alt.coord_map import (AxisMismatchException, UndefinedMapException, compose,
+                                   coord_map, coord_map_from_to, crop, inverse)
+from pycaffe_alt.errors import CaffeError, NetError
+from pycaffe_alt.proto import caffe_pb2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NET = """name: 'small' force_backward: true
+layer { type: 'DummyData' name: 'data' top: 'data' top: 'label'
+  dummy_data_param { num: 4 channels: 2 height: 3 width: 3 num: 4 channels: 1 height: 1 width: 1
+    data_filler { type: 'gaussian' std: 1 } data_filler { type: 'constant' } } }
+layer { type: 'Convolution' name: 'conv' bottom: 'data' top: 'conv'
+  convolution_param { num_output: 3 kernel_size: 2 weight_filler { type: 'gaussian' std: 1 } } }
+layer { type: 'InnerProduct' name: 'ip' bottom: 'conv' top: 'ip'
+  inner_product_param { num_output: 5 weight_filler { type: 'gaussian' std: 1 } } }
+layer { type: 'SoftmaxWithLoss' name: 'loss' bottom: 'ip' bottom: 'label' top: 'loss' }
+"""
+
+
+@pytest.fixture
+def net(tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET)
+    caffe.set_random_seed(3)
+    return caffe.Net(str(path), caffe.TRAIN)
+
+
+# ------------------------------------------------------------------ Net.backward
+def test_backward_end_returns_the_bottom_diffs_of_end(net):
+    # pycaffe: outputs = bottom_names[end] + diffs when end is given; the diff is W^T g.
+    g = np.random.RandomState(0).randn(*net.blobs["ip"].diff.shape).astype(np.float32)
+    net.forward()
+    net.blobs["ip"].diff[...] = g
+    out = net.backward(start="ip", end="ip")
+    assert set(out) == {"conv"}
+    w = net.params["ip"][0].data
+    expected = (g @ w).reshape(net.blobs["conv"].data.shape)
+    np.testing.assert_allclose(out["conv"], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(net.blobs["conv"].diff, expected, rtol=1e-4, atol=1e-5)
+    assert set(net.backward(start="ip", end="ip", diffs=["ip"])) == {"conv", "ip"}
+
+
+def test_backward_without_end_returns_the_input_diffs_plus_diffs(tmp_path):
+    path = tmp_path / "deploy.prototxt"
+    path.write_text("name: 'd' force_backward: true input: 'x' input_shape { dim: 2 dim: 3 }\n"
+                    "layer { type: 'InnerProduct' name: 'ip' bottom: 'x' top: 'y'\n"
+                    "  inner_product_param { num_output: 2 weight_filler { type: 'constant' value: 1 } } }\n")
+    net = caffe.Net(str(path), caffe.TEST)
+    net.forward(x=np.ones((2, 3), np.float32))
+    out = net.backward(diffs=["y"], y=np.ones((2, 2), np.float32))
+    assert set(out) == {"x", "y"}
+    np.testing.assert_allclose(out["x"], np.full((2, 3), 2.0))
+
+
+def test_backward_works_without_a_forward_first(net):
+    # Caffe's Backward reads the blobs; BVLC's tests call net.backward() right after Net().
+    g = np.ones(net.blobs["ip"].diff.shape, np.float32)
+    net.blobs["ip"].diff[...] = g
+    data_before = net.blobs["data"].data.copy()
+    out = net.backward(start="ip", end="ip")
+    np.testing.assert_allclose(out["conv"], (g @ net.params["ip"][0].data).reshape(
+        net.blobs["conv"].data.shape), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(net.blobs["data"].data, data_before)  # no new batch drawn
+
+
+def test_clear_param_diffs_and_apply_update(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the solver's paths are relative to the working directory
+    (tmp_path / "net.prototxt").write_text(NET)
+    (tmp_path / "solver.prototxt").write_text(
+        "net: 'net.prototxt' base_lr: 0.1 lr_policy: 'fixed' max_iter: 1 solver_mode: CPU "
+        "snapshot_prefix: 'snap'")
+    solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    net = solver.net
+    net.forward()
+    net.backward()
+    diff = net.params["ip"][0].diff.copy()
+    before = net.params["ip"][0].data.copy()
+    assert np.abs(diff).max() > 0
+    solver.apply_update()  # SGD: w -= lr * diff (no momentum, no decay)
+    np.testing.assert_allclose(net.params["ip"][0].data, before - 0.1 * diff, rtol=1e-5, atol=1e-6)
+    net.clear_param_diffs()
+    assert not net.params["ip"][0].diff.any()
+
+
+# ------------------------------------------------------------------ NetSpec
+def test_netspec_function_input_that_is_not_a_top_is_a_type_error():
+    data = L.DummyData(ntop=2)
+    with pytest.raises(TypeError, match=r"^Silence input 0 is not a Top \(type is <class 'tuple'>\)$") as e:
+        L.Silence(data, ntop=0)
+    assert isinstance(e.value, CaffeError)  # and one of ours
+    L.Silence(*data, ntop=0)
+
+
+# ------------------------------------------------------------------ coord_map
+def fcn(pad=100, ks=3, stride=1, dstride=2):
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 1, 30, 30]))
+    n.conv = L.Convolution(n.data, num_output=2, kernel_size=ks, stride=stride, pad=pad)
+    n.pool = L.Pooling(n.conv, pool=P.Pooling.MAX, kernel_size=2, stride=2)
+    n.up = L.Deconvolution(n.pool, num_output=2, kernel_size=2 * dstride, stride=dstride)
+    return n
+
+
+def test_layer_maps():
+    n = fcn(pad=1, ks=3, stride=2)
+    ax, a, b = coord_map(n.conv.fn)  # scale 1/s, shift (p - (k-1)/2)/s
+    assert ax == 1 and a == 0.5 and b == 0.0
+    ax, a, b = coord_map(n.up.fn)  # scale s, shift (k-1)/2 - p
+    assert ax == 1 and a == 2 and b == 1.5
+    assert coord_map(L.ReLU(n.conv).fn)[0] is None
+    with pytest.raises(UndefinedMapException):
+        coord_map(L.InnerProduct(n.conv, num_output=3).fn)
+    assert compose((1, np.array([2.0]), np.array([1.0])), inverse((1, np.array([2.0]), np.array([1.0]))))[1] == 1
+    with pytest.raises(AxisMismatchException):
+        compose((1, 1, 0), (2, 1, 0))
+
+
+def test_coord_map_and_crop_align_an_upsampled_map_with_the_input():
+    n = fcn(pad=100)
+    ax, a, b = coord_map_from_to(n.up, n.data)
+    assert ax == 1 and np.all(a == 1) and np.all(b == -100)
+    n.score = crop(n.up, n.data)
+    proto = n.to_proto()
+    layer = proto.layer[-1]
+    assert layer.type == "Crop" and layer.crop_param.axis == 2 and list(layer.crop_param.offset) == [100]
+    net = caffe.Net(caffe_pb2.NetParameter.FromString(proto.SerializeToString()), caffe.TEST)
+    assert net.forward()["score"].shape == (1, 2, 30, 30)
+    # Through the Crop the offset adds up (pycaffe's crop-of-crop).
+    n.crop2 = L.Crop(n.up, n.data, axis=2, offset=5)
+    assert np.all(coord_map_from_to(n.crop2, n.data)[2] == -100 + 5)
+
+
+def test_rectangular_and_nd_kernels_map_per_axis():
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 1, 20, 20]))
+    n.conv = L.Convolution(n.data, num_output=1, kernel_size=[3, 5], pad=[1, 0])
+    ax, a, b = coord_map_from_to(n.conv, n.data)
+    assert np.all(a == 1) and list(b) == [0, 2]  # a scalar stride maps both axes alike
+
+
+def test_crop_errors_are_pycaffes():
+    n = fcn()
+    n.other = L.Input(shape=dict(dim=[1, 1, 30, 30]))
+    with pytest.raises(RuntimeError, match="Could not compute map between tops"):
+        coord_map_from_to(n.up, n.other)
+    with pytest.raises(AssertionError, match="scale mismatch"):
+        crop(n.pool, n.data)
+    n2 = fcn(pad=0, ks=5)  # the upsampled map is smaller than the input
+    with pytest.raises(AssertionError, match="cannot crop negative offset") as e:
+        crop(n2.up, n2.data)
+    assert isinstance(e.value, CaffeError)
+
+
+# ------------------------------------------------------------------ Python layers
+class TimesTen(caffe.Layer):
+    """y = 10 x (defined here: this module is imported, so no flag is needed)."""
+
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        top[0].data[...] = 10 * bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        bottom[0].diff[...] = 10 * top[0].diff
+
+
+class Raises(caffe.Layer):
+    def setup(self, bottom, top):
+        raise RuntimeError("setup refused")
+
+
+class NotALayer:
+    def __init__(self, param=None):
+        raise AssertionError("must not be constructed")
+
+
+def python_net(module, layer):
+    return ("name: 'p' force_backward: true input: 'x' input_shape { dim: 2 dim: 3 }\n"
+            f"layer {{ type: 'Python' name: 'l' bottom: 'x' top: 'y'\n"
+            f"  python_param {{ module: '{module}' layer: '{layer}' }} }}\n")
+
+
+def test_python_layer_from_an_imported_module_runs_without_a_flag(tmp_path):
+    path = tmp_path / "p.prototxt"
+    path.write_text(python_net(__name__, "TimesTen"))
+    net = caffe.Net(str(path), caffe.TEST)
+    net.blobs["x"].diff[...] = 0
+    net.blobs["y"].diff[...] = 1
+    out = net.backward()  # pycaffe: backward right after Net()
+    np.testing.assert_allclose(out["x"], np.full((2, 3), 10.0))
+    assert net.forward(x=np.ones((2, 3), np.float32))["y"].max() == 10
+
+
+def test_python_layer_that_would_import_code_needs_the_flag(tmp_path, monkeypatch):
+    module = "i14_never_imported_layers"
+    (tmp_path / f"{module}.py").write_text("raise SystemExit('imported!')\n")
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "p.prototxt"
+    path.write_text(python_net(module, "Anything"))
+    with pytest.raises(NetError) as e:
+        caffe.Net(str(path), caffe.TEST)
+    msg = str(e.value)
+    assert "not imported" in msg and "allow_python=True" in msg and "--allow-python" in msg
+    assert module not in sys.modules
+    # An imported module whose class is not a caffe.Layer (here: a plain class, or os.system)
+    # is refused as well, and nothing is constructed or called.
+    for mod, cls in ((__name__, "NotALayer"), ("os", "system")):
+        path.write_text(python_net(mod, cls))
+        with pytest.raises(NetError, match="not a caffe.Layer subclass"):
+            caffe.Net(str(path), caffe.TEST)
+
+
+def test_python_layer_exception_reaches_the_caller(tmp_path):
+    path = tmp_path / "p.prototxt"
+    path.write_text(python_net(__name__, "Raises"))
+    with pytest.raises(RuntimeError, match="setup refused"):
+        caffe.Net(str(path), caffe.TEST)
+
+
+def test_python_layer_in_the_running_script(tmp_path):
+    # `python3 my_layers.py` (or `pycaffe-alt run my_layers.py`) whose prototxt names
+    # module 'my_layers': the script is __main__, already running, so no flag is needed.
+    script = tmp_path / "my_layers.py"
+    script.write_text(textwrap.dedent("""
+        import sys, numpy as np, caffe
+        class Plus1(caffe.Layer):
+            def setup(self, bottom, top): pass
+            def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)
+            def forward(self, bottom, top): top[0].data[...] = bottom[0].data + 1
+        if __name__ == "__main__":
+            open("p.prototxt", "w").write(
+                "input: 'x' input_shape { dim: 1 dim: 2 } layer { type: 'Python' name: 'l' "
+                "bottom: 'x' top: 'y' python_param { module: 'my_layers' layer: 'Plus1' } }")
+            net = caffe.Net("p.prototxt", caffe.TEST)
+            print("Y", net.forward(x=np.zeros((1, 2), np.float32))["y"].tolist())
+    """))
+    r = subprocess.run([sys.executable, "-m", "pycaffe_alt.run", str(script)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Y [[1.0, 1.0]]" in r.stdout
+
+
+# ------------------------------------------------------------------ module layout, files
+def test_caffe_underscore_caffe_and_pycaffe_modules():
+    from pycaffe_alt import _caffe, pycaffe
+    for name in ("Net", "Layer", "get_solver", "layer_type_list", "Timer", "NCCL", "log",
+                 "init_log", "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed",
+                 "solver_count", "set_solver_count", "solver_rank", "set_solver_rank",
+                 "set_multiprocess", "has_nccl", "SGDSolver", "AdamSolver", "__version__"):
+        assert getattr(_caffe, name) is getattr(caffe, name), name
+    for name in pycaffe.__all__:
+        assert getattr(pycaffe, name) is getattr(caffe, name), name
+    from pycaffe_alt.blob import Blob
+    from pycaffe_alt.layers.python_layer import PyBlobVec
+    assert _caffe.Blob is Blob and _caffe.BlobVec is PyBlobVec
+    assert _caffe.SolverParameter is caffe_pb2.SolverParameter
+
+
+def test_imagenet_mean_file_ships_with_the_package():
+    from pycaffe_alt.imagenet import BGR_MEAN, MEAN_FILE, ilsvrc_2012_mean
+    assert MEAN_FILE == os.path.join(os.path.dirname(caffe.__file__), "imagenet",
+                                     "ilsvrc_2012_mean.npy")
+    mean = np.load(MEAN_FILE)
+    assert mean.shape == (3, 256, 256) and mean.dtype == np.float64
+    np.testing.assert_allclose(mean.mean(1).mean(1), [104.00698793, 116.66876762, 122.67891434])
+    np.testing.assert_array_equal(mean, ilsvrc_2012_mean())
+    assert BGR_MEAN[0] < BGR_MEAN[1] < BGR_MEAN[2]
+
+
+def test_resize_image_any_channel_count():
+    im = np.random.RandomState(0).rand(6, 8, 4).astype(np.float32)
+    out = caffe.io.resize_image(im, (12, 16))
+    assert out.shape == (12, 16, 4) and out.dtype == np.float32
+    # scipy's zoom (order 1) keeps the corners.
+    np.testing.assert_allclose(out[0, 0], im[0, 0], atol=1e-6)
+    np.testing.assert_allclose(out[-1, -1], im[-1, -1], atol=1e-6)
+
+
+def test_timer_follows_caffes_timer():
+    import time
+
+    timer = caffe.Timer()
+    assert timer.ms == 0.0  # never run
+    timer.start()
+    time.sleep(0.01)
+    first = timer.ms  # reading stops a running timer (Caffe's Timer::MilliSeconds)
+    time.sleep(0.01)
+    assert first >= 10 and timer.ms == first
+    timer.start()
+    time.sleep(0.01)
+    timer.start()  # ignored while running
+    timer.stop()
+    assert timer.ms >= 10
+
+
+def test_load_image_errors_are_oserrors_as_in_pycaffe(tmp_path):
+    # pycaffe's load_image (skimage imread) raises FileNotFoundError / OSError; programs catch
+    # IOError. Ours are those and CaffeErrors.
+    with pytest.raises(FileNotFoundError) as e:
+        caffe.io.load_image(str(tmp_path / "missing.jpg"))
+    assert isinstance(e.value, CaffeError) and "missing.jpg" in str(e.value)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(IOError) as e:
+        caffe.io.load_image(str(tmp_path / "bad.jpg"))
+    assert isinstance(e.value, CaffeError) and "cannot read the image" in str(e.value)
