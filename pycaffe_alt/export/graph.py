@@ -363,78 +363,88 @@ def _prune(ops: List[Op], outputs: Sequence[str]) -> List[Op]:
     return list(reversed(kept))
 
 
-def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Sequence[str]] = None,
-              include_loss: bool = False) -> Graph:
-    """Lower a built Net (use ``phase=TEST``) to a :class:`Graph`.
+@dataclass
+class LayerPlan:
+    """Which layers of a Net an exported model runs: its inputs, layers (in order), outputs."""
+
+    inputs: List[str]
+    layers: List[str]
+    outputs: List[str]
+
+
+def plan_layers(net, outputs: Optional[Sequence[str]] = None,
+                inputs: Optional[Sequence[str]] = None, include_loss: bool = False) -> LayerPlan:
+    """Select the layers of a built Net (use ``phase=TEST``) that compute ``outputs``.
 
     ``outputs``: blob names to return (default: blobs no kept layer reads, sorted as Caffe sorts
     its outputs). ``inputs``: blobs fed from outside (default: the tops of Input and data
-    layers); naming an inner blob cuts the net there. ``include_loss`` keeps loss layers (their
-    label bottoms become inputs); Accuracy is always dropped.
+    layers, which are replaced by inputs of the data's shape); naming an inner blob cuts the net
+    there. Loss layers are dropped unless ``include_loss`` (their label bottoms become inputs);
+    Accuracy and Silence always are.
     """
-    low = _Lowering(net, include_loss)
     modules = net.layer_modules
+    blobs = set(net.blobs)
+    for kind, names in (("input", inputs), ("output", outputs)):
+        for name in names or ():
+            if name not in blobs:
+                raise NetError(f"{kind} '{name}' is not a blob of this net", net.source,
+                               f"blobs: {', '.join(net.blobs)}")
     fed: List[str] = list(inputs) if inputs is not None else []
-    for name in fed:
-        if name not in low.shapes:
-            raise NetError(f"input '{name}' is not a blob of this net", net.source,
-                           f"blobs: {', '.join(low.shapes)}")
-    ops: List[Op] = []
-    data_tops: List[str] = []
+    candidates: List[str] = []
     for name, module in modules.items():
-        bottoms, tops = list(net.bottom_names[name]), list(net.top_names[name])
+        bottoms, tops = net.bottom_names[name], net.top_names[name]
         if module.type in DATA_TYPES and not bottoms:
-            data_tops += [t for t in tops if t not in data_tops]
+            if inputs is None:
+                fed += [t for t in tops if t not in fed]
             continue
-        if module.type in METRIC_TYPES or (_is_loss_layer(module) and not include_loss):
+        if module.type in METRIC_TYPES or module.type == "Silence":
             continue
-        if inputs is not None and set(tops) <= set(fed) and not set(tops) & set(bottoms):
+        if _is_loss_layer(module) and not include_loss:
+            continue
+        if inputs is not None and tops and set(tops) <= set(fed) and not set(tops) & set(bottoms):
             continue  # produced upstream of the cut: fed from outside instead
-        ops.extend(low.lower(name, module, bottoms, tops))
-    if inputs is None:
-        fed = data_tops
+        candidates.append(name)
     if outputs is None:
-        read = {b for op in ops for b in op.inputs}
-        written = [t for op in ops for t in op.outputs]
-        outputs = sorted({t for t in written if t not in read})
+        read = {b for n in candidates for b in net.bottom_names[n]}
+        outputs = sorted({t for n in candidates for t in net.top_names[n] if t not in read})
     outputs = list(outputs)
-    for name in outputs:
-        if name not in low.shapes:
-            raise NetError(f"output '{name}' is not a blob of this net", net.source,
-                           f"blobs: {', '.join(low.shapes)}")
-    ops_needed = _prune(ops, outputs)
-    # Unsupported layers matter only when an output needs them.
-    low_needed = _prune_unsupported(net, low, outputs, fed, include_loss)
-    if low_needed:
-        raise NetError(
-            "cannot export: no operator for layer(s) " + ", ".join(low_needed) + ". The other "
-            "layers convert; these have no equivalent in the export formats",
-            net.source, "choose outputs before these layers (--outputs), cut the net with "
-            "--inputs, or rewrite the layers with supported ones (docs/convert.md lists them)")
-    ops = _fold_scales(ops_needed, set(outputs))
-    used_inputs = {b for op in ops for b in op.inputs} | set(outputs)
-    missing = sorted(b for op in ops for b in op.inputs
-                     if b not in fed and not any(b in o.outputs for o in ops))
-    if missing:
-        raise NetError(f"blob(s) {', '.join(missing)} are read but neither produced nor fed",
-                       net.source, "add them to --inputs")
-    graph_inputs = OrderedDict((n, low.shapes[n]) for n in fed if n in used_inputs)
-    return Graph(net.net_param.name or "CaffeNet", graph_inputs, ops, outputs, low.shapes)
-
-
-def _prune_unsupported(net, low: _Lowering, outputs, fed, include_loss) -> List[str]:
-    """The unsupported layers some output depends on (by blob dependencies on the layer list)."""
-    if not low.unsupported:
-        return []
-    bad = {u.split("'")[1] for u in low.unsupported}
     needed = set(outputs)
-    hit: List[str] = []
-    for name in reversed(list(net.layer_modules)):
+    kept: List[str] = []
+    for name in reversed(candidates):
         tops = set(net.top_names[name])
-        if needed & tops and not tops <= set(fed):
-            if name in bad:
-                hit.append(next(u for u in low.unsupported if u.split("'")[1] == name))
+        if needed & tops:
+            kept.append(name)
             needed -= tops
             needed |= set(net.bottom_names[name])
-    return list(reversed(hit))
+    kept.reverse()
+    missing = sorted(needed - set(fed))
+    if missing:
+        raise NetError(f"blob(s) {', '.join(missing)} are needed but neither computed by a kept "
+                       "layer nor fed as inputs", net.source,
+                       "add them to the inputs (--inputs), or keep the loss layers that read them")
+    used = [n for n in fed if n in needed]
+    return LayerPlan(used, kept, outputs)
 
+
+def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Sequence[str]] = None,
+              include_loss: bool = False) -> Graph:
+    """Lower a built Net (use ``phase=TEST``) to a :class:`Graph` (arguments: :func:`plan_layers`).
+
+    Raises one NetError naming every needed layer that has no operator here.
+    """
+    plan = plan_layers(net, outputs, inputs, include_loss)
+    low = _Lowering(net, include_loss)
+    modules = net.layer_modules
+    ops: List[Op] = []
+    for name in plan.layers:
+        ops.extend(low.lower(name, modules[name], list(net.bottom_names[name]),
+                             list(net.top_names[name])))
+    if low.unsupported:
+        raise NetError(
+            "cannot export layer(s) " + ", ".join(low.unsupported) + ": the export formats have "
+            "no operator for them (the other layers convert)", net.source,
+            "choose outputs before these layers (--outputs), cut the net above them (--inputs), "
+            "or replace them with supported layers (docs/convert.md lists them)")
+    ops = _fold_scales(ops, set(plan.outputs))
+    graph_inputs = OrderedDict((n, low.shapes[n]) for n in plan.inputs)
+    return Graph(net.net_param.name or "CaffeNet", graph_inputs, ops, plan.outputs, low.shapes)
