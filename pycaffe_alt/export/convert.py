@@ -120,12 +120,11 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
         if weights:
             net.copy_from(weights)
     else:
-        param = model if isinstance(model, caffe_pb2.NetParameter) else prototxt.read_net(model)
+        source = model
         if shapes:
-            param = apply_shapes(param, shapes)
-        net = Net(param, TEST, weights=weights)
-        if not isinstance(model, caffe_pb2.NetParameter):
-            net.source = os.fspath(model)
+            param = model if isinstance(model, caffe_pb2.NetParameter) else prototxt.read_net(model)
+            source = apply_shapes(param, shapes)
+        net = Net(source, TEST, weights=weights)
     if state_dict is not None:
         weight_formats.load_state_dict(net, state_dict)
     return net

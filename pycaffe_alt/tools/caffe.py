@@ -27,6 +27,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "time": ("time_net", "benchmark model execution time"),
     "parse_log": ("parse_log", "training log -> train/test CSV tables"),
     "plot_training_log": ("plot_training_log", "plot training logs into a PNG"),
+    "convert_model": ("convert_model", "a net + weights to ONNX/TorchScript/torch.export/PyTorch code"),
 }
 
 
