@@ -379,7 +379,8 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
     ``outputs``: blob names to return (default: blobs no kept layer reads, sorted as Caffe sorts
     its outputs). ``inputs``: blobs fed from outside (default: the tops of Input and data
     layers, which are replaced by inputs of the data's shape); naming an inner blob cuts the net
-    there. Loss layers are dropped unless ``include_loss`` (their label bottoms become inputs);
+    there: a fed blob is its value as the layers after the cut read it, so every layer that
+    writes only fed blobs (an in-place rewrite too) is left out. Loss layers are dropped unless ``include_loss`` (their label bottoms become inputs);
     Accuracy and Silence always are.
     """
     modules = net.layer_modules
@@ -401,8 +402,8 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
             continue
         if _is_loss_layer(module) and not include_loss:
             continue
-        if inputs is not None and tops and set(tops) <= set(fed) and not set(tops) & set(bottoms):
-            continue  # produced upstream of the cut: fed from outside instead
+        if inputs is not None and tops and set(tops) <= set(fed):
+            continue  # writes only fed blobs (in-place rewrites included): upstream of the cut
         candidates.append(name)
     if outputs is None:
         read = {b for n in candidates for b in net.bottom_names[n]}
