@@ -24,6 +24,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "grpcio-tools==1.85.1"],
         "leveldb": ["plyvel"],
+        # convert_model --to onnx (onnx) and its check against the Net (onnxruntime)
+        "export": ["onnx>=1.14", "onnxruntime>=1.16"],
     },
     entry_points={"console_scripts": ["pycaffe-alt=pycaffe_alt.tools.caffe:run"]},
 )
