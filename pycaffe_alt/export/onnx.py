@@ -61,6 +61,7 @@ class _Builder:
             for t in op.outputs:
                 self.last_writer[t] = i
         self.taken = set(graph.inputs)
+        self.const_names: set = set()
         self.counter = 0
 
     # -- names ----------------------------------------------------------------------------------
@@ -84,7 +85,10 @@ class _Builder:
         return name
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # A layer applied to several bottoms (Convolution with 2 bottoms) reuses its weights.
+        if name not in self.const_names:
+            self.const_names.add(name)
+            self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def scalar(self, op: Op, what: str, value: float) -> str:

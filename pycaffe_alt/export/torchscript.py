@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import warnings
 
 import torch
 
@@ -20,7 +21,11 @@ def script(graph: Graph) -> torch.jit.ScriptModule:
     with tempfile.TemporaryDirectory(prefix="pycaffe_alt_ts_") as tmp:
         model = pytorch_code.instantiate(graph, tmp)
         try:
-            return torch.jit.script(model)
+            with warnings.catch_warnings():
+                # torch 2.10+ marks TorchScript deprecated; the format is still what many
+                # deployments load (docs/convert.md says so), so the warning is not the user's.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.script(model)
         finally:
             sys.modules.pop(type(model).__module__, None)
 
