@@ -362,6 +362,10 @@ def test_unsupported_layers_fail_clearly(workdir):
     for bad in ("data", "data=", "data=1,x", "data=0,3"):
         with pytest.raises(CaffeError, match="BLOB=D0,D1"):
             parse_shapes([bad])
+    with pytest.raises(CaffeError, match="does not exist"):
+        convert(proto, None, "onnx", str(workdir / "no_such_dir" / "odd.onnx"), outputs=["relu"])
+    with pytest.raises(CaffeError, match="is a directory"):
+        convert(proto, None, "pytorch", str(workdir), outputs=["relu"])
     with pytest.raises(NetError, match="no Input or data layer"):
         convert(proto, None, "onnx", str(workdir / "odd.onnx"), shapes={"conv": (1, 4, 6, 6)})
 

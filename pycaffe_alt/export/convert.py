@@ -130,6 +130,19 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
     return net
 
 
+def check_writable(path: str) -> None:
+    """A CaffeError unless ``path`` can be created: its directory exists and is writable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CaffeError(f"the output {path} is a directory", hint="give a file name (--out FILE)")
+    if not os.path.isdir(directory):
+        raise CaffeError(f"cannot write {path}: the directory {directory} does not exist",
+                         hint="create it first, or choose another --out")
+    if not os.access(directory, os.W_OK):
+        raise CaffeError(f"cannot write {path}: the directory {directory} is not writable",
+                         hint="choose another --out")
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     scale = float(np.max(np.abs(b))) if b.size else 0.0
     diff = float(np.max(np.abs(a - b))) if b.size else 0.0
@@ -202,19 +215,24 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
         raise CaffeError(f"unknown format {to!r}", hint="formats: " + ", ".join(FORMATS))
     if not out:
         raise CaffeError("no output path given", hint="give out= (--out PATH)")
+    check_writable(out)
     net = build_net(model, weights, shapes, state_dict)
     if to in ("caffemodel", "h5"):
         path = (weight_formats.write_caffemodel if to == "caffemodel" else weight_formats.write_h5)(net, out)
         return Conversion(to, [path])
     graph = lower_net(net, outputs, inputs, include_loss)
-    if to == "onnx":
-        paths = [onnx_format.write(graph, out)]
-    elif to == "torchscript":
-        paths = [torchscript.write(graph, out)]
-    elif to == "export":
-        paths = [exported.write(graph, out)]
-    else:
-        paths = list(pytorch_code.write(graph, out, source=getattr(net, "source", "")))
+    try:
+        if to == "onnx":
+            paths = [onnx_format.write(graph, out)]
+        elif to == "torchscript":
+            paths = [torchscript.write(graph, out)]
+        elif to == "export":
+            paths = [exported.write(graph, out)]
+        else:
+            paths = list(pytorch_code.write(graph, out, source=getattr(net, "source", "")))
+    except OSError as e:  # disk full, permissions changed meanwhile
+        raise CaffeError(f"cannot write {out}: {e.strerror or e}",
+                         hint="check the disk space and the permissions of the directory") from None
     result = Conversion(to, paths, dict(graph.inputs), list(graph.outputs))
     if to == "onnx":
         result.notes.append(f"ONNX opset {onnx_format.OPSET}")
