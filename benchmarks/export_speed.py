@@ -3,18 +3,23 @@
 
 For each model (random weights) and batch size, in one process on one CPU thread, the runtimes
 are timed in alternation, several rounds, and the median of each is reported with its ratio
-to the eager Net (``net(data=x)``, the tensor form of pycaffe's forward; > 1 = faster than it):
+to the eager Net. The time is the process's CPU time (``time.process_time``), not wall time: with
+one thread per runtime the two agree on an idle machine, and CPU time is not inflated by waiting
+for a core on a shared one (``--wall`` measures wall time instead). The reference is the eager
+Net (``net(data=x)``, the tensor form of pycaffe's forward; ratio > 1 = faster than it):
 
 * ``net``: our eager Net (reference);
 * ``pytorch``: the generated standalone module (eager PyTorch, the hand-written equivalent);
 * ``torchscript``: ``torch.jit.load`` of the torchscript file;
 * ``export``: ``torch.export.load(...).module()`` of the .pt2 file (eager execution of the graph);
-* ``onnxruntime``: the .onnx file in onnxruntime (CPU provider, 1 intra-op thread).
+* ``onnxruntime``: the .onnx file in onnxruntime (CPU provider, 1 intra-op thread);
+* ``export+compile`` (with ``--compile``): ``torch.compile`` of the loaded ExportedProgram's module
+  (inductor; compiled during the warm-up, not timed).
 
 Every runtime's output is also compared with the Net's (max relative difference printed).
 
 usage: python3 benchmarks/export_speed.py [--models resnet18,googlenet] [--batches 1,16]
-                                          [--rounds 5] [--csv OUT.csv]
+                                          [--rounds 5] [--csv OUT.csv] [--wall] [--compile]
 """
 import argparse
 import csv
@@ -49,10 +54,11 @@ def randomize(net: Net, seed: int = 0) -> None:
                 continue
             for p in m.blobs:
                 fan_in = p[0].numel() if p.dim() >= 2 else 1
-                p.copy_(torch.randn(p.shape, generator=gen) * ((2.0 / fan_in) ** 0.5 if p.dim() >= 2 else 0.1))
+                std = (2.0 / fan_in) ** 0.5 if p.dim() >= 2 else 0.1
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def runners(model: str, tmp: str):
+def runners(model: str, tmp: str, compile_export: bool = False):
     """name -> callable(x) for each runtime, and the Net."""
     proto = os.path.join(ROOT, "models", model, "deploy.prototxt")
     net = Net(proto, TEST)
@@ -76,6 +82,8 @@ def runners(model: str, tmp: str):
             out["torchscript"] = torch.jit.load(path)
         elif fmt == "export":
             out["export"] = torch.export.load(path).module()
+            if compile_export:
+                out["export+compile"] = torch.compile(torch.export.load(path).module())
         else:
             sys.path.insert(0, tmp)
             module = __import__(os.path.splitext(os.path.basename(path))[0])
@@ -89,6 +97,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--csv", default="")
+    ap.add_argument("--wall", action="store_true", help="measure wall time instead of CPU time")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the .pt2")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -97,7 +107,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
-            run = runners(model, tmp)
+            run = runners(model, tmp, args.compile)
             for batch in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(batch, 3, 224, 224)
                 with torch.no_grad():
@@ -106,14 +116,16 @@ def main() -> None:
                     for name, f in run.items():  # warm-up and check
                         y = f(x).numpy()
                         errs[name] = float(np.abs(y - ref).max() / np.abs(ref).max())
+                    clock = time.perf_counter if args.wall else time.process_time
                     times = {name: [] for name in run}
                     for _ in range(args.rounds):
                         for name, f in run.items():
-                            t0 = time.perf_counter()
+                            t0 = clock()
                             f(x)
-                            times[name].append(time.perf_counter() - t0)
+                            times[name].append(clock() - t0)
                 base = statistics.median(times["net"])
-                print(f"\n{model}, batch {batch} (median of {args.rounds}):")
+                what = "wall" if args.wall else "CPU"
+                print(f"\n{model}, batch {batch} ({what} time, median of {args.rounds}):")
                 print(f"  {'runtime':<12} {'ms':>9} {'vs net':>7} {'max rel diff':>13}")
                 for name, ts in times.items():
                     med = statistics.median(ts)

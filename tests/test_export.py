@@ -331,7 +331,8 @@ def test_state_dict_that_does_not_fit_is_one_clear_error(nets, workdir):
 UNSUPPORTED = """
 name: "Odd"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
-layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 } }
 layer { name: "am" type: "ArgMax" bottom: "conv" top: "am" argmax_param { axis: 1 } }
 layer { name: "mvn" type: "MVN" bottom: "conv" top: "mvn" }
 layer { name: "relu" type: "ReLU" bottom: "conv" top: "relu" }

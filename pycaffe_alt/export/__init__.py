@@ -13,3 +13,7 @@ from .convert import FORMATS, Conversion, convert  # noqa: F401
 from .graph import Graph, Op, lower_net, plan_layers  # noqa: F401
 from .module import NetModule, as_module, dynamic_batch_shapes  # noqa: F401
 from .weights import load_state_dict, state_dict_to_caffemodel  # noqa: F401
+
+__all__ = ["FORMATS", "Conversion", "convert", "Graph", "Op", "lower_net", "plan_layers",
+           "NetModule", "as_module", "dynamic_batch_shapes", "load_state_dict",
+           "state_dict_to_caffemodel"]

@@ -101,9 +101,7 @@ def _is_loss_layer(module) -> bool:
 class _Lowering:
     """Turns one layer at a time into ops; collects the layers it cannot express."""
 
-    def __init__(self, net, include_loss: bool):
-        self.net = net
-        self.include_loss = include_loss
+    def __init__(self, net):
         self.shapes = {n: tuple(b.shape) for n, b in net.blobs.items()}
         self.unsupported: List[str] = []
 
@@ -380,8 +378,8 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
     its outputs). ``inputs``: blobs fed from outside (default: the tops of Input and data
     layers, which are replaced by inputs of the data's shape); naming an inner blob cuts the net
     there: a fed blob is its value as the layers after the cut read it, so every layer that
-    writes only fed blobs (an in-place rewrite too) is left out. Loss layers are dropped unless ``include_loss`` (their label bottoms become inputs);
-    Accuracy and Silence always are.
+    writes only fed blobs (an in-place rewrite too) is left out. Loss layers are dropped unless
+    ``include_loss`` (their label bottoms become inputs); Accuracy and Silence always are.
     """
     modules = net.layer_modules
     blobs = set(net.blobs)
@@ -434,7 +432,7 @@ def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Seq
     Raises one NetError naming every needed layer that has no operator here.
     """
     plan = plan_layers(net, outputs, inputs, include_loss)
-    low = _Lowering(net, include_loss)
+    low = _Lowering(net)
     modules = net.layer_modules
     ops: List[Op] = []
     for name in plan.layers:

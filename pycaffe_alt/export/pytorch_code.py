@@ -239,7 +239,8 @@ class _Writer:
     def _lrn(self, op: Op, ins: List[str]) -> str:
         a = op.attrs
         if a["across"]:
-            ctor = f"nn.LocalResponseNorm({a['size']}, alpha={_f(a['alpha'])}, beta={_f(a['beta'])}, k={_f(a['k'])})"
+            ctor = (f"nn.LocalResponseNorm({a['size']}, alpha={_f(a['alpha'])}, "
+                    f"beta={_f(a['beta'])}, k={_f(a['k'])})")
             return f"{self.attr(op, ctor, {})}({ins[0]})"
         x = ins[0]
         return (f"{x} * (F.avg_pool2d({x} * {x}, {a['size']}, 1, {(a['size'] - 1) // 2}, "
@@ -331,7 +332,8 @@ def generate(graph: Graph, class_name: Optional[str] = None, weights_file: str =
     rtype = "torch.Tensor" if len(outs) == 1 else "Tuple[" + ", ".join(["torch.Tensor"] * len(outs)) + "]"
     in_doc = ", ".join(f"{n} {_shape_doc(s)}" for n, s in graph.inputs.items())
     lines = [
-        f'"""{graph.name}: PyTorch code written by pycaffe_alt convert_model{" from " + source if source else ""}.',
+        f'"""{graph.name}: PyTorch code written by pycaffe_alt convert_model'
+        + (f" from {source}." if source else "."),
         "",
         "Needs torch only. load() returns the module (eval mode) with its weights;",
         f"model(*inputs) takes {in_doc}",
