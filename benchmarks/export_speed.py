@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pycaffe_alt import Net  # noqa: E402
 from pycaffe_alt.export import convert  # noqa: E402
+from pycaffe_alt.host_memory import keep_freed_memory  # noqa: E402
 from pycaffe_alt.export import onnx as onnx_format  # noqa: E402
 from pycaffe_alt.phase import TEST  # noqa: E402
 
@@ -102,6 +103,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    # One malloc policy for every runtime: freed memory is kept for reuse (what the training
+    # tools set, pycaffe_alt/host_memory.py). With glibc's default, large activations freed
+    # early are unmapped and re-faulted on every call, which penalises whichever runtime frees
+    # them first (the generated eager module measured 0.5x the Net at batch 16 that way).
+    print("malloc keeps freed memory:", keep_freed_memory())
     print(f"torch {torch.__version__}, 1 thread; onnxruntime "
           f"{__import__('onnxruntime').__version__ if onnx_format.onnxruntime_available() else 'missing'}")
     rows = []

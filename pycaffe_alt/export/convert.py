@@ -55,9 +55,8 @@ class Conversion:
         """The lines the command-line tool prints."""
         lines = [f"convert_model: wrote {', '.join(self.paths)} ({self.format})"]
         if self.inputs:
-            lines.append("  inputs:  " + ", ".join(f"{n} {tuple(s)}" for n, s in self.inputs.items())
-                         + "  (axis 0 = batch, dynamic)" * (self.format in ("onnx", "torchscript",
-                                                                            "export", "pytorch")))
+            shapes = ", ".join(f"{n} {tuple(s)}" for n, s in self.inputs.items())
+            lines.append(f"  inputs:  {shapes}  (axis 0 = batch, dynamic)")
             lines.append("  outputs: " + ", ".join(self.outputs))
         for batch, errs in self.max_rel_error.items():
             worst = max(errs.values()) if errs else 0.0
