@@ -45,6 +45,8 @@ KINDS = {
     "max_pool": "kernel, stride, pad, ceil, torch_exact, end_pad, global",
     "ave_pool": "kernel, stride, pad, ceil, torch_exact, end_pad, global [window_scale?]",
     "relu": "negative_slope",
+    "prelu": "[slope (C,) or () when shared]",
+    "elu": "alpha",
     "hard_threshold": "mode (RELU_BIAS | KEEP | SHIFT), shared [beta]",
     "sigmoid": "", "tanh": "", "abs": "",
     "power": "power, scale, shift",
@@ -180,6 +182,13 @@ class _Lowering:
     # -- neurons -------------------------------------------------------------------------------
     def _relu(self, name, m, bottoms, tops):
         return [Op("relu", name, bottoms, tops, dict(negative_slope=m.negative_slope))]
+
+    def _prelu(self, name, m, bottoms, tops):
+        return [Op("prelu", name, bottoms, tops, dict(shared=m.channel_shared),
+                   OrderedDict(slope=_arr(m.slope)))]
+
+    def _elu(self, name, m, bottoms, tops):
+        return [Op("elu", name, bottoms, tops, dict(alpha=m.alpha))]
 
     def _hardthreshold(self, name, m, bottoms, tops):
         mode = "RELU_BIAS" if m.mode == "RELU_BIAS" else m.output  # KEEP or SHIFT

@@ -182,6 +182,16 @@ class _Builder:
             return self.node("LeakyRelu", ins, outs, op, alpha=float(slope))
         self.node("Relu", ins, outs, op)
 
+    def _prelu(self, op, ins, outs):
+        ndim = len(self.graph.shapes[op.inputs[0]])
+        slope = op.params["slope"]
+        # ONNX PRelu broadcasts the slope from the right: (C, 1, 1) for an (N, C, H, W) input.
+        slope = slope.reshape((-1,) + (1,) * (ndim - 2)) if slope.ndim else slope.reshape(1)
+        self.node("PRelu", [ins[0], self.const(f"{op.name}.slope", slope)], outs, op)
+
+    def _elu(self, op, ins, outs):
+        self.node("Elu", ins, outs, op, alpha=float(op.attrs["alpha"]))
+
     def _hard_threshold(self, op, ins, outs):
         ndim = len(self.graph.shapes[op.inputs[0]])
         beta = op.params["beta"]

@@ -210,6 +210,15 @@ class _Writer:
         ctor = f"nn.LeakyReLU({_f(slope)})" if slope else "nn.ReLU()"
         return f"{self.attr(op, ctor, {})}({ins[0]})"
 
+    def _prelu(self, op: Op, ins: List[str]) -> str:
+        slope = op.params["slope"].reshape(-1)  # nn.PReLU keeps a shared slope as shape (1,)
+        ctor = f"nn.PReLU({slope.shape[0]})"
+        return f"{self.attr(op, ctor, {'weight': slope})}({ins[0]})"
+
+    def _elu(self, op: Op, ins: List[str]) -> str:
+        ctor = f"nn.ELU({_f(op.attrs['alpha'])})"
+        return f"{self.attr(op, ctor, {})}({ins[0]})"
+
     def _hard_threshold(self, op: Op, ins: List[str]) -> str:
         self.helper(_HARD_THRESHOLD)
         beta = op.params["beta"]
