@@ -28,6 +28,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "grpcio-tools==1.85.1"],
         "leveldb": ["plyvel"],
+        # convert_model --to onnx (onnx) and its check against the Net (onnxruntime)
+        "export": ["onnx>=1.14", "onnxruntime>=1.16"],
     },
     # `pycaffe-alt <tool>` runs every tool (pycaffe_alt/tools/caffe.py COMMANDS). Tools also get
     # their own command only where the name cannot clash with what a Caffe install puts on PATH

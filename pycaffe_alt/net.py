@@ -861,6 +861,14 @@ class Net(nn.Module):
             packed.append({k: a[:given] for k, a in arrays.items()} if given else arrays)
         return packed[0], packed[1]
 
+    def as_module(self, outputs: Optional[Sequence[str]] = None,
+                  inputs: Optional[Sequence[str]] = None, include_loss: bool = False) -> nn.Module:
+        """This net as a plain nn.Module, ``forward(*inputs)`` -> the ``outputs`` blobs, sharing
+        the layers and parameters (see :func:`pycaffe_alt.export.as_module`)."""
+        from .export.module import as_module
+
+        return as_module(self, outputs, inputs, include_loss)
+
     def save_hdf5(self, path: str) -> None:
         """Write the weights as Caffe's HDF5 layout ``data/<layer>/<i>`` (pycaffe ``save_hdf5``)."""
         from .solver.snapshot import write_weights_h5

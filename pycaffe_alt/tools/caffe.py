@@ -48,6 +48,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "install-caffe-alias": ("caffe_alias:install_main",
                             "make a bare 'import caffe' give pycaffe_alt in this environment"),
     "uninstall-caffe-alias": ("caffe_alias:uninstall_main", "remove that alias again"),
+    "convert_model": ("convert_model", "a net + weights to ONNX/TorchScript/torch.export/PyTorch code"),
 }
 
 

@@ -1,0 +1,261 @@
+"""``convert(model, weights, to=FORMAT, out=PATH)``: one call from a Caffe net to any format.
+
+The net is built in the TEST phase (TRAIN-only layers are gone), with ``shapes`` overriding the
+input sizes (a data layer named there becomes an Input layer, so its database is not needed);
+it is lowered once (:mod:`.graph`) and written by the format's module. Unless ``verify=False``,
+the written file is then loaded back through its own runtime (onnxruntime, torch.jit.load,
+torch.export.load, the generated .py) and run against the Net's layers on the same random input;
+the largest relative difference is reported, and a difference over :data:`TOLERANCE` is an error.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import CaffeError, NetError
+from ..proto import caffe_pb2
+from . import exported, pytorch_code, torchscript
+from . import onnx as onnx_format
+from . import weights as weight_formats
+from .graph import DATA_TYPES, Graph, lower_net
+from .module import as_module
+
+FORMATS: Dict[str, str] = {
+    "onnx": "one .onnx file (onnxruntime, TensorRT, OpenVINO...)",
+    "torchscript": "a torch.jit.save'd ScriptModule: torch.jit.load(PATH)(data)",
+    "export": "a torch.export ExportedProgram (.pt2): torch.export.load(PATH).module()(data)",
+    "pytorch": "standalone PyTorch code (.py) + its weights (.pt): load() returns the module",
+    "caffemodel": "Caffe binary weights",
+    "h5": "Caffe HDF5 weights",
+}
+# Exported and reference outputs must agree to this relative difference (max |a-b| / max |b|).
+TOLERANCE = 1e-4
+
+
+@dataclass
+class Conversion:
+    """What :func:`convert` wrote and how well the result reproduced the Net."""
+
+    format: str
+    paths: List[str]
+    inputs: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    outputs: List[str] = field(default_factory=list)
+    # output blob -> max |exported - net| / max |net|, per verified batch size
+    max_rel_error: Dict[int, Dict[str, float]] = field(default_factory=dict)
+    verified_with: str = ""
+    notes: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The lines the command-line tool prints."""
+        lines = [f"convert_model: wrote {', '.join(self.paths)} ({self.format})"]
+        if self.inputs:
+            shapes = ", ".join(f"{n} {tuple(s)}" for n, s in self.inputs.items())
+            lines.append(f"  inputs:  {shapes}  (axis 0 = batch, dynamic)")
+            lines.append("  outputs: " + ", ".join(self.outputs))
+        for batch, errs in self.max_rel_error.items():
+            worst = max(errs.values()) if errs else 0.0
+            lines.append(f"  checked with {self.verified_with} at batch {batch}: "
+                         f"max relative difference {worst:.2e}")
+        lines += ["  " + n for n in self.notes]
+        return "\n".join(lines)
+
+
+def apply_shapes(net_param: "caffe_pb2.NetParameter",
+                 shapes: Mapping[str, Sequence[int]]) -> "caffe_pb2.NetParameter":
+    """A copy of ``net_param`` whose Input layers take the given top shapes, and whose data
+    layers with a top named in ``shapes`` become Input layers (other tops of such a layer, e.g.
+    a label, get shape ``(batch,)``), so no database is opened."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net_param)
+    found = set()
+    for layer in out.layer:
+        if layer.type not in DATA_TYPES or layer.bottom:
+            continue
+        tops = list(layer.top)
+        given = [t for t in tops if t in shapes]
+        if not given:
+            continue
+        batch = int(shapes[given[0]][0]) if len(shapes[given[0]]) else 1
+        if layer.type != "Input":
+            keep = caffe_pb2.LayerParameter()
+            keep.name, keep.type = layer.name, "Input"
+            keep.top.extend(tops)
+            keep.include.extend(layer.include)
+            keep.exclude.extend(layer.exclude)
+            layer.CopyFrom(keep)
+        old = [list(s.dim) for s in layer.input_param.shape]
+        layer.input_param.ClearField("shape")
+        for i, t in enumerate(tops):
+            dims = shapes.get(t) or (old[i] if i < len(old) else old[0] if len(old) == 1 else [batch])
+            layer.input_param.shape.add().dim.extend(int(d) for d in dims)
+            found.add(t)
+    missing = sorted(set(shapes) - found)
+    if missing:
+        raise NetError(f"--shape names {', '.join(missing)}, which no Input or data layer produces",
+                       None, "give shapes for the tops of Input/Data layers (e.g. data=1,3,224,224)")
+    return out
+
+
+def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str, Sequence[int]]] = None,
+              state_dict=None):
+    """A TEST-phase Net from a prototxt path / NetParameter / Net, with weights from a caffemodel
+    or .h5 (``weights``) or a ``net.state_dict()``-named state (``state_dict``)."""
+    from .. import prototxt
+    from ..net import Net
+    from ..phase import TEST
+
+    if isinstance(model, Net):
+        if shapes:
+            raise NetError("shapes can be changed only when building the net from a prototxt",
+                           model.source, "reshape the input blobs and call net.reshape() instead")
+        net = model
+        if weights:
+            net.copy_from(weights)
+    else:
+        source = model
+        if shapes:
+            param = model if isinstance(model, caffe_pb2.NetParameter) else prototxt.read_net(model)
+            source = apply_shapes(param, shapes)
+        net = Net(source, TEST, weights=weights)
+    if state_dict is not None:
+        weight_formats.load_state_dict(net, state_dict)
+    return net
+
+
+def check_writable(path: str) -> None:
+    """A CaffeError unless ``path`` can be created: its directory exists and is writable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CaffeError(f"the output {path} is a directory", hint="give a file name (--out FILE)")
+    if not os.path.isdir(directory):
+        raise CaffeError(f"cannot write {path}: the directory {directory} does not exist",
+                         hint="create it first, or choose another --out")
+    if not os.access(directory, os.W_OK):
+        raise CaffeError(f"cannot write {path}: the directory {directory} is not writable",
+                         hint="choose another --out")
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    diff = float(np.max(np.abs(a - b))) if b.size else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def reference(net, graph: Graph, inputs: Dict[str, torch.Tensor], include_loss: bool) -> List[np.ndarray]:
+    """The Net's own layers' outputs for ``inputs`` (through :func:`as_module`)."""
+    module = as_module(net, graph.outputs, list(graph.inputs), include_loss)
+    with torch.no_grad():
+        out = module(*[inputs[n].to(net.device) for n in graph.inputs])
+    out = (out,) if isinstance(out, torch.Tensor) else out
+    return [o.detach().cpu().numpy() for o in out]
+
+
+def random_inputs(graph: Graph, batch: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Normal random values for each graph input at batch size ``batch``; label inputs of loss
+    layers get class 0 (a valid label for any classifier)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = {op.inputs[1] for op in graph.ops if op.kind == "softmax_loss"}
+    out = {}
+    for name, shape in graph.inputs.items():
+        shape = (batch,) + tuple(shape[1:])
+        out[name] = torch.zeros(shape) if name in labels else torch.randn(shape, generator=gen)
+    return out
+
+
+def run_file(fmt: str, path: str, graph: Graph, inputs: Dict[str, torch.Tensor]) -> List[np.ndarray]:
+    """Run a written file through its own runtime on named inputs."""
+    args = [inputs[n] for n in graph.inputs]
+    if fmt == "onnx":
+        return onnx_format.run_onnxruntime(path, {n: t.numpy() for n, t in inputs.items()},
+                                           graph.outputs)
+    with torch.no_grad():
+        if fmt == "torchscript":
+            out = torchscript.load(path)(*args)
+        elif fmt == "export":
+            out = exported.load(path)(*args)
+        else:
+            out = _import_generated(path).load()(*args)
+    out = (out,) if isinstance(out, torch.Tensor) else out
+    return [o.detach().cpu().numpy() for o in out]
+
+
+def _import_generated(path: str):
+    name = f"pycaffe_alt_check_{abs(hash(os.path.abspath(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(name, None)
+    return module
+
+
+def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optional[str] = None, *,
+            outputs: Optional[Sequence[str]] = None, inputs: Optional[Sequence[str]] = None,
+            shapes: Optional[Mapping[str, Sequence[int]]] = None, include_loss: bool = False,
+            state_dict=None, verify: Union[bool, Sequence[int]] = True) -> Conversion:
+    """Convert a Caffe net (prototxt path, NetParameter or Net) with its weights to ``to``.
+
+    ``weights``: a .caffemodel or .h5; ``state_dict``: instead (or on top), a PyTorch state in
+    ``net.state_dict()`` naming (mapping or file): with ``to="caffemodel"`` that is the reverse
+    conversion. ``outputs``/``inputs``: blob names (default: the net's outputs and its Input/data
+    tops). ``shapes``: ``{blob: shape}`` for Input/data tops. ``verify``: check the written file
+    against the Net (True: at the net's batch size and at 2 more; or a list of batch sizes).
+    """
+    if to not in FORMATS:
+        raise CaffeError(f"unknown format {to!r}", hint="formats: " + ", ".join(FORMATS))
+    if not out:
+        raise CaffeError("no output path given", hint="give out= (--out PATH)")
+    check_writable(out)
+    net = build_net(model, weights, shapes, state_dict)
+    if to in ("caffemodel", "h5"):
+        path = (weight_formats.write_caffemodel if to == "caffemodel" else weight_formats.write_h5)(net, out)
+        return Conversion(to, [path])
+    graph = lower_net(net, outputs, inputs, include_loss)
+    try:
+        if to == "onnx":
+            paths = [onnx_format.write(graph, out)]
+        elif to == "torchscript":
+            paths = [torchscript.write(graph, out)]
+        elif to == "export":
+            paths = [exported.write(graph, out)]
+        else:
+            paths = list(pytorch_code.write(graph, out, source=getattr(net, "source", "")))
+    except OSError as e:  # disk full, permissions changed meanwhile
+        raise CaffeError(f"cannot write {out}: {e.strerror or e}",
+                         hint="check the disk space and the permissions of the directory") from None
+    result = Conversion(to, paths, dict(graph.inputs), list(graph.outputs))
+    if to == "onnx":
+        result.notes.append(f"ONNX opset {onnx_format.OPSET}")
+    if verify is False:
+        return result
+    if to == "onnx" and not onnx_format.onnxruntime_available():
+        result.notes.append("not checked: onnxruntime is not installed (pip install onnxruntime)")
+        return result
+    first = next(iter(graph.inputs.values()), (1,))
+    batches = [int(first[0]) if first else 1, int(first[0]) + 2 if first else 3] if verify is True \
+        else [int(b) for b in verify]
+    result.verified_with = {"onnx": "onnxruntime", "torchscript": "torch.jit.load",
+                            "export": "torch.export.load", "pytorch": "the generated load()"}[to]
+    for batch in batches:
+        feed = random_inputs(graph, batch)
+        ref = reference(net, graph, feed, include_loss)
+        got = run_file(to, paths[0], graph, feed)
+        errs = {n: _rel(g, r) for n, g, r in zip(graph.outputs, got, ref)}
+        result.max_rel_error[batch] = errs
+        bad = {n: e for n, e in errs.items() if not e <= TOLERANCE}
+        if bad:
+            raise CaffeError(
+                f"the {to} file {paths[0]} does not reproduce the net at batch {batch}: relative "
+                f"difference " + ", ".join(f"{n} {e:.2e}" for n, e in bad.items()) +
+                f" (tolerance {TOLERANCE:g})", hint="this is a bug in pycaffe_alt's exporter; "
+                "please report it with the prototxt (the file was written; --no-verify skips this "
+                "check)")
+    return result

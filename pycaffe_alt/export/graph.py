@@ -1,0 +1,458 @@
+"""A Net lowered to a small, runtime-neutral operator graph: what every export format is written from.
+
+Lowering takes a built :class:`~pycaffe_alt.net.Net` (its TEST-phase layers, their current
+parameter values and the blob shapes of its current batch) and produces :class:`Graph`:
+
+* the net inputs (``Input`` layers and the tops of data layers, which become inputs of the data's
+  shape: the exported model takes the *transformed* data the data layer would produce);
+* one :class:`Op` per computing layer, in Caffe's order, reading and writing Caffe blob names
+  (in-place layers read and write the same name, exactly as Caffe runs them);
+* the outputs (by default the blobs nobody reads once loss and accuracy layers are gone).
+
+Layers that only move blobs around (``Split``, ``Dropout`` in TEST, ``Silence``) become
+``identity`` ops or disappear; loss layers (and ``Accuracy``) are dropped unless asked; a
+``BatchNorm`` directly followed by a per-channel ``Scale`` becomes one ``batch_norm`` op with an
+affine part (exact: the same two affine maps, composed); layers no format here can express raise
+one :class:`~pycaffe_alt.errors.NetError` naming all of them.
+
+Each ``Op.kind`` has a fixed attribute set (see :data:`KINDS`); parameters are float32 numpy
+arrays already in the form the op needs (BatchNorm statistics divided by their scale factor, an
+InnerProduct weight as ``(num_output, K)``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from ..errors import NetError
+from ..layers.vision import (AVE, MAX, PoolGeometry, pooled_shape, torch_pool_is_exact,
+                             window_counts)
+
+Shape = Tuple[int, ...]
+
+# Layer types that produce data from outside the net: their tops become graph inputs.
+DATA_TYPES = {"Input", "Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData",
+              "Python"}
+# Layers that compute a metric or a loss from labels; dropped unless loss layers are asked for.
+METRIC_TYPES = {"Accuracy"}
+# Op kinds and what each carries (attrs; params in brackets).
+KINDS = {
+    "conv": "nd, stride, pad, dilation, group, transposed [weight, bias?]",
+    "linear": "axis [weight (num_output, K), bias?]",
+    "max_pool": "kernel, stride, pad, ceil, torch_exact, end_pad, global",
+    "ave_pool": "kernel, stride, pad, ceil, torch_exact, end_pad, global [window_scale?]",
+    "relu": "negative_slope",
+    "prelu": "[slope (C,) or () when shared]",
+    "elu": "alpha",
+    "hard_threshold": "mode (RELU_BIAS | KEEP | SHIFT), shared [beta]",
+    "sigmoid": "", "tanh": "", "abs": "",
+    "power": "power, scale, shift",
+    "lrn": "size, alpha, beta, k, across",
+    "batch_norm": "eps [mean, var, weight?, bias?]",
+    "affine": "shape (broadcast shape of the parameters) [weight?, bias?]",
+    "eltwise": "op (SUM | PROD | MAX), coeffs",
+    "concat": "axis",
+    "softmax": "axis",
+    "flatten": "axis, end_axis",
+    "reshape": "shape (without the batch axis)",
+    "identity": "",
+    "softmax_loss": "axis, normalize (count of valid outputs)",
+    "euclidean_loss": "",
+}
+
+
+@dataclass
+class Op:
+    """One operation: a Caffe layer (or a fused pair) reading and writing Caffe blob names."""
+
+    kind: str
+    name: str                                   # the Caffe layer name (the first, when fused)
+    inputs: List[str]
+    outputs: List[str]
+    attrs: Dict[str, object] = field(default_factory=dict)
+    params: "OrderedDict[str, np.ndarray]" = field(default_factory=OrderedDict)
+    layer_type: str = ""                        # Caffe type(s), for messages and comments
+
+
+@dataclass
+class Graph:
+    """A lowered net: named inputs with their shapes, ops in order, named outputs."""
+
+    name: str
+    inputs: "OrderedDict[str, Shape]"
+    ops: List[Op]
+    outputs: List[str]
+    shapes: Dict[str, Shape]                    # every blob's shape at the export batch size
+
+    def param_count(self) -> int:
+        """Number of stored parameter values (after folding)."""
+        return sum(int(a.size) for op in self.ops for a in op.params.values())
+
+
+def _arr(p) -> np.ndarray:
+    return p.detach().cpu().numpy().astype(np.float32, copy=True)
+
+
+def _is_loss_layer(module) -> bool:
+    return bool(getattr(module, "is_loss", False)) or module.type in METRIC_TYPES
+
+
+class _Lowering:
+    """Turns one layer at a time into ops; collects the layers it cannot express."""
+
+    def __init__(self, net):
+        self.shapes = {n: tuple(b.shape) for n, b in net.blobs.items()}
+        self.unsupported: List[str] = []
+
+    def lower(self, name: str, module, bottoms: List[str], tops: List[str]) -> List[Op]:
+        handler = getattr(self, "_" + module.type.lower(), None)
+        if handler is None:
+            self.unsupported.append(f"'{name}' ({module.type})")
+            return []
+        out = handler(name, module, bottoms, tops)
+        if out is None:
+            return []
+        for op in out:
+            op.layer_type = op.layer_type or module.type
+        return out
+
+    def _reject(self, name: str, module, why: str) -> None:
+        self.unsupported.append(f"'{name}' ({module.type}: {why})")
+
+    # -- vision --------------------------------------------------------------------------------
+    def _convolution(self, name, m, bottoms, tops, transposed=False):
+        if m.axis != 1:
+            return self._reject(name, m, f"channel axis {m.axis}")
+        ops = []
+        for b, t in zip(bottoms, tops):
+            params = OrderedDict(weight=_arr(m.weight))
+            if m.bias_term:
+                params["bias"] = _arr(m.bias)
+            g = m.geom
+            ops.append(Op("conv", name, [b], [t], dict(
+                nd=m.n_spatial, stride=g.stride, pad=g.pad, dilation=g.dilation, group=m.group,
+                transposed=transposed, kernel=g.kernel), params))
+        return ops
+
+    def _deconvolution(self, name, m, bottoms, tops):
+        return self._convolution(name, m, bottoms, tops, transposed=True)
+
+    def _innerproduct(self, name, m, bottoms, tops):
+        w = _arr(m.weight)
+        params = OrderedDict(weight=w.T.copy() if m.transpose else w)
+        if m.bias_term:
+            params["bias"] = _arr(m.bias)
+        return [Op("linear", name, bottoms, tops, dict(axis=m.axis), params)]
+
+    def _pooling(self, name, m, bottoms, tops):
+        if len(tops) > 1:
+            return self._reject(name, m, "the argmax mask top")
+        if m.method not in (MAX, AVE):
+            return self._reject(name, m, "STOCHASTIC pooling")
+        h, w = self.shapes[bottoms[0]][2:]
+        if m.global_pooling:
+            kind = "max_pool" if m.method == MAX else "ave_pool"
+            return [Op(kind, name, bottoms, tops, dict(global_=True))]
+        geom = PoolGeometry(m.kernel, m.stride, m.pad, m.ceil)
+        oh, ow = pooled_shape(geom, h, w)
+        # Extra bottom/right padding that makes a floor-mode pooling with no implicit padding
+        # produce exactly Caffe's windows (negative: trailing rows no window reaches).
+        end_pad = tuple(max(0, (o - 1) * s + k - p - size)
+                        for size, o, k, s, p in zip((h, w), (oh, ow), m.kernel, m.stride, m.pad))
+        attrs = dict(global_=False, kernel=tuple(m.kernel), stride=tuple(m.stride),
+                     pad=tuple(m.pad), ceil=m.ceil, end_pad=end_pad, out=(oh, ow),
+                     torch_exact=torch_pool_is_exact(geom, h, w))
+        if m.method == MAX:
+            # Caffe gives -FLT_MAX for a window lying wholly past the input; not worth an op.
+            if any((o - 1) * s - p >= size for size, o, s, p in zip((h, w), (oh, ow), m.stride, m.pad)):
+                return self._reject(name, m, "a pooling window lies wholly outside the input")
+            return [Op("max_pool", name, bottoms, tops, attrs)]
+        params = OrderedDict()
+        # Caffe's AVE divisor is the window clipped to the padded input; after explicit padding
+        # every window has kernel_h*kernel_w cells, so one constant map rescales the plain mean.
+        rows = np.array(window_counts(h, oh, m.kernel[0], m.stride[0], m.pad[0]), np.float32)
+        cols = np.array(window_counts(w, ow, m.kernel[1], m.stride[1], m.pad[1]), np.float32)
+        params["window_scale"] = (m.kernel[0] * m.kernel[1] / (rows[:, None] * cols[None, :])
+                                  ).astype(np.float32)
+        return [Op("ave_pool", name, bottoms, tops, attrs, params)]
+
+    # -- neurons -------------------------------------------------------------------------------
+    def _relu(self, name, m, bottoms, tops):
+        return [Op("relu", name, bottoms, tops, dict(negative_slope=m.negative_slope))]
+
+    def _prelu(self, name, m, bottoms, tops):
+        return [Op("prelu", name, bottoms, tops, dict(shared=m.channel_shared),
+                   OrderedDict(slope=_arr(m.slope)))]
+
+    def _elu(self, name, m, bottoms, tops):
+        return [Op("elu", name, bottoms, tops, dict(alpha=m.alpha))]
+
+    def _hardthreshold(self, name, m, bottoms, tops):
+        mode = "RELU_BIAS" if m.mode == "RELU_BIAS" else m.output  # KEEP or SHIFT
+        return [Op("hard_threshold", name, bottoms, tops,
+                   dict(mode=mode, shared=m.channel_shared), OrderedDict(beta=_arr(m.beta)))]
+
+    def _sigmoid(self, name, m, bottoms, tops):
+        return [Op("sigmoid", name, bottoms, tops)]
+
+    def _tanh(self, name, m, bottoms, tops):
+        return [Op("tanh", name, bottoms, tops)]
+
+    def _absval(self, name, m, bottoms, tops):
+        return [Op("abs", name, bottoms, tops)]
+
+    def _power(self, name, m, bottoms, tops):
+        return [Op("power", name, bottoms, tops, dict(power=m.power, scale=m.scale, shift=m.shift))]
+
+    def _dropout(self, name, m, bottoms, tops):
+        # TEST-phase Caffe dropout is the identity (it scales at TRAIN time).
+        return [Op("identity", name, bottoms, tops)]
+
+    def _split(self, name, m, bottoms, tops):
+        return [Op("identity", name, bottoms, [t]) for t in tops]
+
+    def _silence(self, name, m, bottoms, tops):
+        return None
+
+    # -- normalisation ---------------------------------------------------------------------------
+    def _lrn(self, name, m, bottoms, tops):
+        return [Op("lrn", name, bottoms, tops, dict(size=m.size, alpha=m.alpha, beta=m.beta,
+                                                    k=m.k if m.region == 0 else 1.0,
+                                                    across=m.region == 0))]
+
+    def _batchnorm(self, name, m, bottoms, tops):
+        if m.use_global_stats is False:
+            return self._reject(name, m, "use_global_stats: false normalises with batch statistics")
+        factor = float(m.scale_factor.detach()[0])
+        inv = 0.0 if factor == 0 else 1.0 / factor
+        params = OrderedDict(mean=_arr(m.mean) * inv, var=_arr(m.variance) * inv)
+        return [Op("batch_norm", name, bottoms, tops, dict(eps=m.eps), params)]
+
+    def _scale(self, name, m, bottoms, tops):
+        if len(bottoms) != 1:
+            return self._reject(name, m, "a second bottom as the scale")
+        return self._affine(name, m, bottoms, tops, m.weight, m.bias if m.bias_term else None)
+
+    def _bias(self, name, m, bottoms, tops):
+        if len(bottoms) != 1:
+            return self._reject(name, m, "a second bottom as the bias")
+        return self._affine(name, m, bottoms, tops, None, m.bias)
+
+    def _affine(self, name, m, bottoms, tops, weight, bias):
+        ndim = len(self.shapes[bottoms[0]])
+        axis = m.axis + ndim if m.axis < 0 else m.axis
+        ref = weight if weight is not None else bias
+        if axis == 0 and ref.dim() > 0:
+            return self._reject(name, m, "parameters over the batch axis")
+        # Broadcast shape without the batch axis: (C, 1, 1) for a per-channel scale.
+        bshape = tuple(ref.shape) + (1,) * (ndim - axis - ref.dim())
+        bshape = bshape[-(ndim - 1):] if ref.dim() else ()
+        params = OrderedDict()
+        if weight is not None:
+            params["weight"] = _arr(weight)
+        if bias is not None:
+            params["bias"] = _arr(bias)
+        return [Op("affine", name, bottoms, tops, dict(shape=bshape, axis=axis), params)]
+
+    def _softmax(self, name, m, bottoms, tops):
+        return [Op("softmax", name, bottoms, tops, dict(axis=m.axis))]
+
+    # -- structure -----------------------------------------------------------------------------
+    def _eltwise(self, name, m, bottoms, tops):
+        op = {m.PROD: "PROD", m.SUM: "SUM", m.MAX: "MAX"}[m.op]
+        return [Op("eltwise", name, bottoms, tops, dict(op=op, coeffs=list(m.coeffs)))]
+
+    def _concat(self, name, m, bottoms, tops):
+        if m.axis == 0:
+            return self._reject(name, m, "concatenation along the batch axis")
+        return [Op("concat", name, bottoms, tops, dict(axis=m.axis))]
+
+    def _flatten(self, name, m, bottoms, tops):
+        start, end = self._flatten_axes(m, bottoms)
+        if start == 0:
+            return self._reject(name, m, "flattening the batch axis")
+        return [Op("flatten", name, bottoms, tops, dict(axis=start, end_axis=end))]
+
+    def _flatten_axes(self, m, bottoms) -> Tuple[int, int]:
+        n = len(self.shapes[bottoms[0]])
+        p = m.param.flatten_param
+        start, end = int(p.axis), int(p.end_axis)
+        return (start + n if start < 0 else start, end + n if end < 0 else end)
+
+    def _reshape(self, name, m, bottoms, tops):
+        src, dst = self.shapes[bottoms[0]], self.shapes[tops[0]]
+        start = m.axis if m.axis >= 0 else len(src) + m.axis + 1
+        keeps_batch = start >= 1 or (m.dims and m.dims[0] == 0)
+        if not keeps_batch or dst[0] != src[0]:
+            return self._reject(name, m, "a reshape that changes the batch axis")
+        return [Op("reshape", name, bottoms, tops, dict(shape=tuple(dst[1:])))]
+
+    # -- losses (only when asked) ----------------------------------------------------------------
+    def _softmaxwithloss(self, name, m, bottoms, tops):
+        lp = m.param.loss_param
+        if lp.HasField("ignore_label") or len(tops) > 1:
+            return self._reject(name, m, "ignore_label or a second top")
+        if lp.HasField("normalize") or lp.normalization not in (1, 2):  # VALID, BATCH_SIZE
+            return self._reject(name, m, "a normalization other than VALID or BATCH_SIZE")
+        shape = self.shapes[bottoms[0]]
+        axis = m.param.softmax_param.axis
+        axis = axis + len(shape) if axis < 0 else axis
+        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        # VALID without ignore_label counts every (outer, inner) position: batch * inner.
+        per_item = inner if lp.normalization == 1 else 1
+        return [Op("softmax_loss", name, bottoms, tops[:1], dict(axis=axis, per_item=per_item))]
+
+    def _euclideanloss(self, name, m, bottoms, tops):
+        return [Op("euclidean_loss", name, bottoms, tops[:1])]
+
+
+def _fold_scales(ops: List[Op], outputs: Set[str]) -> List[Op]:
+    """BatchNorm + the per-channel Scale reading it (and nothing else reading BatchNorm's result)
+    become one batch_norm op: ``(x - mean) / sqrt(var + eps) * gamma + beta`` is both layers.
+
+    Caffe nets write ``bn`` and ``scale`` in place on the conv's blob; the fold is exact whenever
+    the Scale is the only reader of the BatchNorm's value.
+    """
+    out: List[Op] = []
+    skip: Set[int] = set()
+    for i, op in enumerate(ops):
+        if i in skip:
+            continue
+        if op.kind == "batch_norm" and "weight" not in op.params:
+            nxt = _sole_reader(ops, i, outputs)
+            if nxt is not None:
+                sc = ops[nxt]
+                channels = op.params["mean"].shape[0]
+                if (sc.kind == "affine" and sc.attrs["axis"] == 1 and sc.layer_type == "Scale"
+                        and "weight" in sc.params and sc.params["weight"].shape == (channels,)):
+                    params = OrderedDict(op.params)
+                    params["weight"] = sc.params["weight"]
+                    params["bias"] = sc.params.get("bias", np.zeros(channels, np.float32))
+                    out.append(Op("batch_norm", op.name, op.inputs, sc.outputs, dict(op.attrs),
+                                  params, f"BatchNorm+Scale ({sc.name})"))
+                    skip.add(nxt)
+                    continue
+        out.append(op)
+    return out
+
+
+def _sole_reader(ops: List[Op], i: int, outputs: Set[str]) -> Optional[int]:
+    """Index of the only op reading the value ops[i] writes, when that op is a one-input op and
+    the value is not a graph output; else None."""
+    (blob,) = ops[i].outputs
+    readers = []
+    for j in range(i + 1, len(ops)):
+        if blob in ops[j].inputs:
+            readers.append(j)
+        if blob in ops[j].outputs:
+            break
+    else:
+        if blob in outputs:
+            return None
+    if len(readers) != 1 or ops[readers[0]].inputs != [blob]:
+        return None
+    return readers[0]
+
+
+def _prune(ops: List[Op], outputs: Sequence[str]) -> List[Op]:
+    """Only the ops that some output depends on (walking back through in-place rewrites)."""
+    needed = set(outputs)
+    kept: List[Op] = []
+    for op in reversed(ops):
+        if needed & set(op.outputs):
+            kept.append(op)
+            # an in-place op's input is the same blob: it stays needed (earlier version)
+            needed -= set(op.outputs)
+            needed |= set(op.inputs)
+    return list(reversed(kept))
+
+
+@dataclass
+class LayerPlan:
+    """Which layers of a Net an exported model runs: its inputs, layers (in order), outputs."""
+
+    inputs: List[str]
+    layers: List[str]
+    outputs: List[str]
+
+
+def plan_layers(net, outputs: Optional[Sequence[str]] = None,
+                inputs: Optional[Sequence[str]] = None, include_loss: bool = False) -> LayerPlan:
+    """Select the layers of a built Net (use ``phase=TEST``) that compute ``outputs``.
+
+    ``outputs``: blob names to return (default: blobs no kept layer reads, sorted as Caffe sorts
+    its outputs). ``inputs``: blobs fed from outside (default: the tops of Input and data
+    layers, which are replaced by inputs of the data's shape); naming an inner blob cuts the net
+    there: a fed blob is its value as the layers after the cut read it, so every layer that
+    writes only fed blobs (an in-place rewrite too) is left out. Loss layers are dropped unless
+    ``include_loss`` (their label bottoms become inputs); Accuracy and Silence always are.
+    """
+    modules = net.layer_modules
+    blobs = set(net.blobs)
+    for kind, names in (("input", inputs), ("output", outputs)):
+        for name in names or ():
+            if name not in blobs:
+                raise NetError(f"{kind} '{name}' is not a blob of this net", net.source,
+                               f"blobs: {', '.join(net.blobs)}")
+    fed: List[str] = list(inputs) if inputs is not None else []
+    candidates: List[str] = []
+    for name, module in modules.items():
+        bottoms, tops = net.bottom_names[name], net.top_names[name]
+        if module.type in DATA_TYPES and not bottoms:
+            if inputs is None:
+                fed += [t for t in tops if t not in fed]
+            continue
+        if module.type in METRIC_TYPES or module.type == "Silence":
+            continue
+        if _is_loss_layer(module) and not include_loss:
+            continue
+        if inputs is not None and tops and set(tops) <= set(fed):
+            continue  # writes only fed blobs (in-place rewrites included): upstream of the cut
+        candidates.append(name)
+    if outputs is None:
+        read = {b for n in candidates for b in net.bottom_names[n]}
+        outputs = sorted({t for n in candidates for t in net.top_names[n] if t not in read})
+    outputs = list(outputs)
+    needed = set(outputs)
+    kept: List[str] = []
+    for name in reversed(candidates):
+        tops = set(net.top_names[name])
+        if needed & tops:
+            kept.append(name)
+            needed -= tops
+            needed |= set(net.bottom_names[name])
+    kept.reverse()
+    missing = sorted(needed - set(fed))
+    if missing:
+        raise NetError(f"blob(s) {', '.join(missing)} are needed but neither computed by a kept "
+                       "layer nor fed as inputs", net.source,
+                       "add them to the inputs (--inputs), or keep the loss layers that read them")
+    used = [n for n in fed if n in needed]
+    return LayerPlan(used, kept, outputs)
+
+
+def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Sequence[str]] = None,
+              include_loss: bool = False) -> Graph:
+    """Lower a built Net (use ``phase=TEST``) to a :class:`Graph` (arguments: :func:`plan_layers`).
+
+    Raises one NetError naming every needed layer that has no operator here.
+    """
+    plan = plan_layers(net, outputs, inputs, include_loss)
+    low = _Lowering(net)
+    modules = net.layer_modules
+    ops: List[Op] = []
+    for name in plan.layers:
+        ops.extend(low.lower(name, modules[name], list(net.bottom_names[name]),
+                             list(net.top_names[name])))
+    if low.unsupported:
+        raise NetError(
+            "cannot export layer(s) " + ", ".join(low.unsupported) + ": the export formats have "
+            "no operator for them (the other layers convert)", net.source,
+            "choose outputs before these layers (--outputs), cut the net above them (--inputs), "
+            "or replace them with supported layers (docs/convert.md lists them)")
+    ops = _fold_scales(ops, set(plan.outputs))
+    graph_inputs = OrderedDict((n, low.shapes[n]) for n in plan.inputs)
+    return Graph(net.net_param.name or "CaffeNet", graph_inputs, ops, plan.outputs, low.shapes)

@@ -1,0 +1,448 @@
+"""Export formats (issue 13): each written file reloads in a fresh process and reproduces the Net.
+
+Nets: LeNet (models/lenet), GoogLeNet (models/googlenet, 224x224: its 7x7 pool5 needs the full
+size) and a ResNet block with BatchNorm/Scale, all with random weights, plus
+tests/fixtures/export_zoo.prototxt (every layer kind the exporters write, in odd geometries).
+
+Per format, every net is exported once (module-scoped fixture) and one subprocess reloads all of
+them and runs two batch sizes; the outputs are compared here with the Net's own layers
+(``net.as_module``) at relative difference <= 1e-5 (max |a - b| / max |b|). The torchscript,
+export and pytorch files are run with ``python -I`` from a scratch directory behind an import
+blocker, and the child first checks that ``import pycaffe_alt`` fails there (the editable install
+would otherwise make it importable from anywhere).
+"""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pycaffe_alt import Net
+from pycaffe_alt.errors import CaffeError, NetError, WeightsError
+from pycaffe_alt.export import as_module, convert, lower_net, state_dict_to_caffemodel
+from pycaffe_alt.phase import TEST
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+BATCHES = (1, 3)
+REL_TOL = 1e-5
+
+RESNET_BLOCK = """
+name: "ResBlock"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 8 dim: 12 dim: 12 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 16 kernel_size: 3 pad: 1 stride: 2 bias_term: false } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+  convolution_param { num_output: 16 kernel_size: 3 pad: 1 bias_term: false } }
+layer { name: "bn2" type: "BatchNorm" bottom: "conv2" top: "conv2" }
+layer { name: "scale2" type: "Scale" bottom: "conv2" top: "conv2" scale_param { bias_term: true } }
+layer { name: "proj" type: "Convolution" bottom: "data" top: "proj"
+  convolution_param { num_output: 16 kernel_size: 1 stride: 2 bias_term: false } }
+layer { name: "bn_proj" type: "BatchNorm" bottom: "proj" top: "proj" }
+layer { name: "scale_proj" type: "Scale" bottom: "proj" top: "proj" scale_param { bias_term: true } }
+layer { name: "sum" type: "Eltwise" bottom: "proj" bottom: "conv2" top: "sum" }
+layer { name: "thr" type: "HardThreshold" bottom: "sum" top: "sum" }
+layer { name: "pool" type: "Pooling" bottom: "sum" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc" inner_product_param { num_output: 10 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+# name -> (prototxt, outputs compared)
+NETS = {
+    "lenet": (os.path.join(ROOT, "models", "lenet", "deploy.prototxt"), ["prob", "ip2"]),
+    "googlenet": (os.path.join(ROOT, "models", "googlenet", "deploy.prototxt"),
+                  ["prob", "loss3/classifier", "inception_3a/output"]),
+    "resblock": (None, ["prob", "fc", "sum"]),
+    "zoo": (os.path.join(FIXTURES, "export_zoo.prototxt"), ["prob", "scaled", "cat", "gpool", "deconv"]),
+}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "export": ".pt2", "pytorch": ".py"}
+
+# The child process: blocks pycaffe_alt (torch-only formats), loads each file with its runtime,
+# runs the saved inputs and saves the outputs.
+CHILD = r'''
+import json, sys
+import numpy as np
+BLOCK = sys.argv[2] == "block"
+if BLOCK:
+    class _NoPycaffeAlt:
+        def find_spec(self, name, path=None, target=None):
+            if name == "pycaffe_alt" or name.startswith("pycaffe_alt."):
+                raise ModuleNotFoundError("No module named " + repr(name))
+    sys.meta_path.insert(0, _NoPycaffeAlt())
+    try:
+        import pycaffe_alt  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit("pycaffe_alt is importable in the child")
+jobs = json.load(open(sys.argv[1]))
+for job in jobs:
+    fmt, path = job["format"], job["path"]
+    if fmt == "onnx":
+        import onnxruntime as ort
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        run = lambda *xs: sess.run(job["outputs"], dict(zip(job["inputs"], [x.numpy() for x in xs])))
+    else:
+        import torch
+        if fmt == "torchscript":
+            model = torch.jit.load(path)
+        elif fmt == "export":
+            model = torch.export.load(path).module()
+        else:
+            import importlib.util, os
+            sys.path.insert(0, os.path.dirname(path))
+            spec = importlib.util.spec_from_file_location("generated_net", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            model = mod.load()
+        def run(*xs):
+            with torch.no_grad():
+                out = model(*xs)
+            out = (out,) if isinstance(out, torch.Tensor) else out
+            return [o.numpy() for o in out]
+    import torch
+    for batch, files in job["feeds"].items():
+        xs = [torch.from_numpy(np.load(f)) for f in files]
+        for i, y in enumerate(run(*xs)):
+            np.save(f"{job['out']}_{batch}_{i}.npy", np.asarray(y))
+print("ok")
+'''
+
+
+def randomize(net, seed=0):
+    """Random weights of a sensible scale; BatchNorm statistics with a scale factor of 2."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.layer_modules.values():
+            if module.type == "BatchNorm":
+                module.mean.copy_(torch.randn(module.mean.shape, generator=gen))
+                module.variance.copy_(torch.rand(module.variance.shape, generator=gen) * 3 + 0.5)
+                module.scale_factor.fill_(2.0)
+                continue
+            for p in module.blobs:
+                if p.dim() >= 2:
+                    fan_in = p[0].numel()
+                    p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return net
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def nets(workdir):
+    """name -> (prototxt path, caffemodel path, Net with those weights, outputs)."""
+    out = {}
+    for i, (name, (proto, outputs)) in enumerate(NETS.items()):
+        if proto is None:
+            proto = str(workdir / f"{name}.prototxt")
+            with open(proto, "w") as f:
+                f.write(RESNET_BLOCK)
+        net = randomize(Net(proto, TEST), seed=i)
+        weights = str(workdir / f"{name}.caffemodel")
+        net.save(weights)
+        out[name] = (proto, weights, net, outputs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def feeds(nets, workdir):
+    """name -> {batch: (input arrays, reference outputs from the Net's own layers)}."""
+    out = {}
+    gen = torch.Generator().manual_seed(1)
+    for name, (_, _, net, outputs) in nets.items():
+        module = net.as_module(outputs=outputs)
+        out[name] = {}
+        for batch in BATCHES:
+            xs = [torch.randn((batch,) + s[1:], generator=gen) for s in module.input_shapes.values()]
+            with torch.no_grad():
+                ref = module(*xs)
+            out[name][batch] = ([x.numpy() for x in xs], [r.numpy() for r in ref])
+    return out
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+def _export_and_run(fmt, nets, feeds, workdir):
+    """Export every net to ``fmt`` (no in-process check), run all in one fresh process."""
+    jobs, paths = [], {}
+    for name, (proto, weights, net, outputs) in nets.items():
+        path = str(workdir / f"{name}_{fmt}{SUFFIX[fmt]}")
+        result = convert(proto, weights, fmt, path, outputs=outputs, verify=False)
+        assert result.outputs == outputs
+        paths[name] = path
+        feed_files = {}
+        for batch, (xs, _) in feeds[name].items():
+            feed_files[batch] = []
+            for i, x in enumerate(xs):
+                f = str(workdir / f"{name}_in_{batch}_{i}.npy")
+                np.save(f, x)
+                feed_files[batch].append(f)
+        jobs.append(dict(format=fmt, path=path, inputs=list(result.inputs), outputs=outputs,
+                         feeds=feed_files, out=str(workdir / f"{name}_{fmt}_out")))
+    job_file = workdir / f"jobs_{fmt}.json"
+    job_file.write_text(json.dumps(jobs))
+    child = workdir / "child.py"
+    child.write_text(CHILD)
+    scratch = workdir / f"scratch_{fmt}"
+    scratch.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["OMP_NUM_THREADS"] = "1"
+    block = "allow" if fmt == "onnx" else "block"
+    proc = subprocess.run([sys.executable, "-I", str(child), str(job_file), block], cwd=str(scratch),
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {}
+    for job, name in zip(jobs, nets):
+        results[name] = {b: [np.load(f"{job['out']}_{b}_{i}.npy") for i in range(len(job["outputs"]))]
+                         for b in BATCHES}
+    return paths, results
+
+
+@pytest.fixture(scope="module", params=["onnx", "torchscript", "export", "pytorch"])
+def exported_format(request, nets, feeds, workdir):
+    if request.param == "onnx":
+        pytest.importorskip("onnxruntime")
+    paths, results = _export_and_run(request.param, nets, feeds, workdir)
+    return request.param, paths, results
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_format_reproduces_net_in_fresh_process(exported_format, feeds, name):
+    fmt, _, results = exported_format
+    for batch in BATCHES:
+        _, refs = feeds[name][batch]
+        got = results[name][batch]
+        assert len(got) == len(refs)
+        for out_name, g, r in zip(NETS[name][1], got, refs):
+            assert g.shape == r.shape, (fmt, name, out_name, batch)
+            assert _rel(g, r) <= REL_TOL, (fmt, name, out_name, batch, _rel(g, r))
+
+
+def test_onnx_uses_standard_operators(nets, workdir):
+    onnx = pytest.importorskip("onnx")
+    seen = {}
+    for name in ("googlenet", "resblock", "zoo"):
+        proto, weights, _, outputs = nets[name]
+        path = str(workdir / f"{name}_ops.onnx")
+        convert(proto, weights, "onnx", path, outputs=outputs, verify=False)
+        model = onnx.load(path)
+        assert model.opset_import[0].version == 17
+        assert [i.name for i in model.graph.input] == ["data"]
+        assert [o.name for o in model.graph.output] == outputs
+        for value in list(model.graph.input) + list(model.graph.output):
+            assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+        seen[name] = [n.op_type for n in model.graph.node]
+    # GoogLeNet's LRN and ResNet's BatchNorm+Scale are single standard nodes, not arithmetic.
+    assert seen["googlenet"].count("LRN") == 2 and "Pow" not in seen["googlenet"]
+    assert seen["resblock"].count("BatchNormalization") == 3
+    assert "Mul" not in seen["resblock"] and "Sqrt" not in seen["resblock"]
+    # 57 convolutions, 13 max pools, each a single node.
+    assert seen["googlenet"].count("Conv") == 57 and seen["googlenet"].count("MaxPool") == 13
+
+
+def test_generated_code_is_torch_only_and_readable(nets, workdir):
+    proto, weights, _, outputs = nets["resblock"]
+    path = str(workdir / "resblock_read.py")
+    result = convert(proto, weights, "pytorch", path, outputs=outputs, verify=False)
+    assert result.paths == [path, str(workdir / "resblock_read.pt")]
+    source = open(path).read()
+    imports = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imports |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imports.add(node.module.split(".")[0])
+    assert imports <= {"os", "typing", "torch"}
+    # One attribute per layer with a module; BatchNorm+Scale folded into one BatchNorm2d.
+    assert "self.conv1 = nn.Conv2d(8, 16" in source
+    assert "self.bn1 = nn.BatchNorm2d(16" in source and "self.scale1" not in source
+    assert "# bn1 (BatchNorm+Scale (scale1))" in source
+    assert "def load(" in source
+    zoo_proto, zoo_weights, _, zoo_outputs = nets["zoo"]
+    zoo = str(workdir / "zoo_read.py")
+    convert(zoo_proto, zoo_weights, "pytorch", zoo, outputs=zoo_outputs, verify=False)
+    zoo_source = open(zoo).read()
+    # torch's pooling where it gives Caffe's windows (ceil_mode), explicit pads where it cannot.
+    assert "ceil_mode=True" in zoo_source and "nn.ConstantPad2d" in zoo_source
+
+
+def test_convert_checks_the_written_file(nets, workdir):
+    proto, weights, _, outputs = nets["lenet"]
+    result = convert(proto, weights, "pytorch", str(workdir / "lenet_checked.py"), outputs=outputs)
+    assert set(result.max_rel_error) == {1, 3}
+    assert all(e <= REL_TOL for errs in result.max_rel_error.values() for e in errs.values())
+    assert "checked with the generated load() at batch 3" in result.summary()
+
+
+def test_weight_formats_and_state_dict_round_trip(nets, workdir):
+    proto, weights, net, _ = nets["resblock"]
+    for fmt in ("caffemodel", "h5"):
+        path = str(workdir / f"resblock_copy.{fmt}")
+        convert(proto, weights, fmt, path)
+        again = Net(proto, TEST, weights=path)
+        for key, value in net.state_dict().items():
+            assert torch.equal(again.state_dict()[key], value), (fmt, key)
+    # The reverse: a PyTorch state_dict (net.state_dict() naming) into a caffemodel.
+    state = {k: v.clone() + 1.0 for k, v in net.state_dict().items()}
+    sd_path = str(workdir / "resblock_state.pt")
+    torch.save(state, sd_path)
+    back = str(workdir / "resblock_from_state.caffemodel")
+    state_dict_to_caffemodel(proto, sd_path, back)
+    again = Net(proto, TEST, weights=back)
+    for key, value in state.items():
+        assert torch.equal(again.state_dict()[key], value), key
+    # ... and the same through the tool, as DataParallel would save it ('module.' prefix).
+    torch.save({"module." + k: v for k, v in state.items()}, sd_path)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_model"),
+                           "--model", proto, "--state-dict", sd_path, "--to", "caffemodel",
+                           "--out", back], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(Net(proto, TEST, weights=back).state_dict()["fc.weight"], state["fc.weight"])
+
+
+def test_state_dict_that_does_not_fit_is_one_clear_error(nets, workdir):
+    proto, _, net, _ = nets["resblock"]
+    state = dict(net.state_dict())
+    state.pop("conv1.weight")
+    state["fc.weight"] = torch.zeros(3, 3)
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError) as err:
+        state_dict_to_caffemodel(proto, state, str(workdir / "never.caffemodel"))
+    text = str(err.value)
+    assert "missing: conv1.weight" in text and "not in the net: extra.weight" in text
+    assert "fc.weight: (3, 3) for (10, 16)" in text
+    assert not os.path.exists(workdir / "never.caffemodel")
+
+
+UNSUPPORTED = """
+name: "Odd"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "am" type: "ArgMax" bottom: "conv" top: "am" argmax_param { axis: 1 } }
+layer { name: "mvn" type: "MVN" bottom: "conv" top: "mvn" }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "relu" }
+"""
+
+
+def test_unsupported_layers_fail_clearly(workdir):
+    proto = str(workdir / "odd.prototxt")
+    with open(proto, "w") as f:
+        f.write(UNSUPPORTED)
+    with pytest.raises(NetError) as err:
+        convert(proto, None, "onnx", str(workdir / "odd.onnx"))
+    text = str(err.value)
+    assert "'am' (ArgMax)" in text and "'mvn' (MVN)" in text and "--outputs" in text
+    assert not os.path.exists(workdir / "odd.onnx")
+    # Outputs that do not need them convert.
+    result = convert(proto, None, "pytorch", str(workdir / "odd.py"), outputs=["relu"])
+    assert result.outputs == ["relu"]
+    # The tool: one paragraph, no traceback, exit status 1.
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_model"), "--model",
+                           proto, "--to", "torchscript", "--out", str(workdir / "odd.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "ArgMax" in proc.stderr and "Traceback" not in proc.stderr
+    from pycaffe_alt.tools.convert_model import parse_shapes
+
+    assert parse_shapes(["data=2,3,8,8"]) == {"data": (2, 3, 8, 8)}
+    for bad in ("data", "data=", "data=1,x", "data=0,3"):
+        with pytest.raises(CaffeError, match="BLOB=D0,D1"):
+            parse_shapes([bad])
+    with pytest.raises(CaffeError, match="does not exist"):
+        convert(proto, None, "onnx", str(workdir / "no_such_dir" / "odd.onnx"), outputs=["relu"])
+    with pytest.raises(CaffeError, match="is a directory"):
+        convert(proto, None, "pytorch", str(workdir), outputs=["relu"])
+    with pytest.raises(NetError, match="no Input or data layer"):
+        convert(proto, None, "onnx", str(workdir / "odd.onnx"), shapes={"conv": (1, 4, 6, 6)})
+
+
+def test_data_layers_become_inputs_losses_dropped_unless_asked(workdir):
+    proto = os.path.join(ROOT, "models", "lenet", "train_val.prototxt")
+    shapes = {"data": (2, 1, 28, 28)}
+    result = convert(proto, None, "pytorch", str(workdir / "lenet_tv.py"), shapes=shapes)
+    assert list(result.inputs) == ["data"] and result.outputs == ["ip2"]
+    # With the loss: the label becomes an input and the file computes Caffe's loss.
+    net = randomize(_lenet_tv_net(proto, shapes), 3)
+    weights = str(workdir / "lenet_tv.caffemodel")
+    net.save(weights)
+    res = convert(proto, weights, "pytorch", str(workdir / "lenet_tv_loss.py"), shapes=shapes,
+                  include_loss=True, outputs=["loss"])
+    assert list(res.inputs) == ["data", "label"]
+    assert all(e <= REL_TOL for errs in res.max_rel_error.values() for e in errs.values())
+    x = torch.randn(2, 1, 28, 28)
+    label = torch.tensor([3.0, 7.0])
+    with torch.no_grad():
+        ref = net.as_module(outputs=["loss"], include_loss=True)(x, label)
+    sys.path.insert(0, str(workdir))
+    try:
+        import lenet_tv_loss
+    finally:
+        sys.path.remove(str(workdir))
+    with torch.no_grad():
+        got = lenet_tv_loss.load()(x, label)
+    assert abs(float(got) - float(ref)) <= 1e-5 * abs(float(ref))
+
+
+def _lenet_tv_net(proto, shapes):
+    from pycaffe_alt import prototxt
+    from pycaffe_alt.export.convert import apply_shapes
+
+    return Net(apply_shapes(prototxt.read_net(proto), shapes), TEST)
+
+
+def test_as_module_shares_parameters_and_exports_with_dynamic_batch(nets):
+    _, _, net, _ = nets["lenet"]
+    module = net.as_module(outputs=["ip2", "prob"])
+    assert module.input_names == ["data"] and module.output_names == ["ip2", "prob"]
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        ip2, prob = module(x)
+        ref = net(data=x)
+        assert torch.equal(prob, ref["prob"])
+        assert {id(p) for p in module.parameters()} == {id(p) for p in net.parameters()}
+        net.params["ip2"][1].data[...] += 1.0  # a pycaffe-style edit shows in the module
+        assert torch.allclose(module(x)[0], ip2 + 1.0, atol=1e-6)
+        net.params["ip2"][1].data[...] -= 1.0
+    # torch.export with a dynamic batch from a batch-2 example, then batch 1 and 5 run.
+    from pycaffe_alt.export import dynamic_batch_shapes
+    ep = torch.export.export(module, module.example_inputs(2),
+                             dynamic_shapes=dynamic_batch_shapes(module, 1))
+    for b in (1, 5):
+        xb = torch.randn(b, 1, 28, 28)
+        with torch.no_grad():
+            assert torch.allclose(ep.module()(xb)[1], module(xb)[1], atol=1e-6)
+    # cutting the net: inputs at an inner blob
+    head = as_module(net, outputs=["prob"], inputs=["ip1"])
+    assert head.input_names == ["ip1"] and [type(m).__name__ for m in head.layers] == [
+        "InnerProduct", "Softmax"]
+
+
+def test_onnx_missing_is_a_clear_message(nets, workdir, monkeypatch):
+    proto, weights, _, _ = nets["lenet"]
+    monkeypatch.setitem(sys.modules, "onnx", None)  # "import onnx" now raises ImportError
+    with pytest.raises(CaffeError) as err:
+        convert(proto, weights, "onnx", str(workdir / "none.onnx"))
+    assert "pip install onnx" in str(err.value)
+
+
+def test_graph_lowering_drops_and_folds(nets):
+    _, _, net, _ = nets["resblock"]
+    graph = lower_net(net)
+    kinds = [op.kind for op in graph.ops]
+    assert kinds.count("batch_norm") == 3 and "affine" not in kinds
+    assert graph.outputs == ["prob"] and list(graph.inputs) == ["data"]
