@@ -136,17 +136,7 @@ def _source_of(path_or_text: PathOrText) -> Tuple[str, Optional[str]]:
 
 
 def _read_bytes(path: str) -> bytes:
-    if not os.path.exists(path):
-        raise PrototxtError(f"file '{path}' does not exist",
-                            hint="check the path; relative paths are taken from the current "
-                                 f"directory ({os.getcwd()}), as in Caffe")
-    if os.path.isdir(path):
-        raise PrototxtError(f"'{path}' is a directory, not a file")
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise PrototxtError(f"cannot read '{path}': {exc.strerror}") from None
+    return fileio.read_input_bytes(path, PrototxtError)
 
 
 def _looks_binary(head: bytes) -> bool:

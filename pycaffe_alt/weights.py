@@ -84,8 +84,7 @@ def _parse(path: str, message):
     if not os.path.exists(path):
         raise WeightsError(f"file not found: {path}", hint="check the path (relative paths are "
                            "taken from the current directory)")
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = fileio.read_input_bytes(path, WeightsError, "weights file")
     try:
         message.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as e:

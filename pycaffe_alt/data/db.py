@@ -20,6 +20,7 @@ import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import DataError
+from ..fileio import check_input_path
 
 # Which command makes a database, by the name Caffe's examples give it (for "missing" hints).
 _CREATORS = (
@@ -50,6 +51,29 @@ def _as_bytes(key: Union[bytes, str]) -> bytes:
 def _check_exists(path: str, backend: str) -> None:
     if not os.path.exists(path):
         raise DataError(f"{backend} database does not exist", where=path, hint=_missing_hint(path))
+    # A database is a folder (or LMDB's single-file layout); a FIFO or device would block or
+    # be read forever.
+    check_input_path(path, DataError, "database", folder_ok=True)
+
+
+def check_lmdb_size(env, path: str) -> None:
+    """Refuse an LMDB whose data file is shorter than its own meta page says.
+
+    LMDB memory-maps data.mdb and trusts the meta page's last page number: reading a page past
+    the end of a truncated file is a SIGBUS that kills the process with no message. py-lmdb's
+    ``env.info()['last_pgno']`` and ``env.stat()['psize']`` give the size the file must have.
+    """
+    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+    try:
+        actual = os.path.getsize(data_file)
+    except OSError as e:
+        raise DataError(f"cannot read the LMDB data file ({e.strerror})", where=data_file) from None
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    if actual < needed:
+        raise DataError(f"data.mdb is truncated ({actual} of {needed} bytes): re-create the "
+                        "database", where=path,
+                        hint="the copy or download was cut short, or the disk filled up while "
+                             "it was written")
 
 
 class _Reader:
@@ -136,12 +160,18 @@ def _open_lmdb(path: str):
         # A directory is Caffe's layout (data.mdb inside); a bare file is MDB_NOSUBDIR. No lock file
         # (lock=False), so databases on read-only media open too; do not read a database while
         # another process writes it.
-        return lmdb.open(path, readonly=True, lock=False, readahead=False,
-                         subdir=os.path.isdir(path), max_readers=1024)
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False,
+                        subdir=os.path.isdir(path), max_readers=1024)
     except lmdb.Error as e:
         raise DataError(f"cannot open as an LMDB ({e})", where=path,
                         hint="the path must be a database written by convert_imageset/"
                              "convert_mnist (a folder holding data.mdb)") from None
+    try:
+        check_lmdb_size(env, path)
+    except BaseException:
+        env.close()
+        raise
+    return env
 
 
 def _acquire_env(path: str):

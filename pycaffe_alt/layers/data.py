@@ -25,6 +25,7 @@ from ..data.db import open_db
 from ..data.pipeline import BatchMaker, InputPipeline, Ordering, draw_skip, layer_seed
 from ..data.transformer import TransformSpec, needs_random, output_shape, spec_from_param
 from ..errors import CaffeError, DataError
+from ..fileio import check_input_path
 from ..proto import caffe_pb2
 from ..registry import LAYERS
 from .base import TRAIN, Layer, Shape
@@ -106,7 +107,7 @@ class DataLayerBase(Layer):
         if not os.path.exists(source):
             raise DataError(f"{what} {source!r} does not exist (relative paths are taken from the "
                             f"current directory, {os.getcwd()})", self.where, create_hint)
-        return source
+        return check_input_path(source, DataError, what, folder_ok=True)
 
 
 class PipelinedDataLayer(DataLayerBase):
@@ -275,6 +276,7 @@ def parse_image_list(path: str, where: str) -> List[Tuple[str, int]]:
     error naming the file and line number.
     """
     entries: List[Tuple[str, int]] = []
+    check_input_path(path, DataError, "image list")
     with open(path, "r", encoding="utf-8", errors="surrogateescape") as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\r\n")
@@ -393,6 +395,7 @@ class HDF5Data(DataLayerBase):
         self.batch_size = self.require_batch_size(hp.batch_size, "hdf5_data_param")
         source = self.require_source(hp.source, "hdf5_data_param", "HDF5 file list",
                                      "write a text file naming one .h5 file per line")
+        check_input_path(source, DataError, "HDF5 file list")
         with open(source, "r", encoding="utf-8") as f:
             # Caffe reads whitespace-separated names.
             self.files = f.read().split()

@@ -39,6 +39,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..errors import SolverError, WeightsError
+from ..fileio import check_input_path, read_input_bytes
 from ..proto import caffe_pb2
 from ..weights import array_to_blob, atomic_write, blob_to_array
 
@@ -186,20 +187,16 @@ def write_solverstate(path: str, iter: int, current_step: int, learned_net: Opti
 
 
 def _require_file(path: str, kind: str, error=SolverError) -> None:
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise error(f"{kind} file not found", where=path,
                     hint="check the path; snapshots are named <prefix>_iter_<N>.solverstate "
                          "(relative paths are taken from the current directory)")
+    check_input_path(path, error, f"{kind} file")
 
 
 def _read_bytes(path: str, kind: str) -> bytes:
     _require_file(path, kind)
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise SolverError(f"cannot read the {kind}: {e.strerror}", where=path,
-                          hint="check the path; snapshots are named <prefix>_iter_<N>.solverstate") from None
+    return read_input_bytes(path, SolverError, kind)
 
 
 def read_solverstate(path: str) -> SolverStateData:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import CaffeError, NetError, SolverError
+from ..fileio import remove_stale_temporaries
 from ..layers import TEST, TRAIN
 from ..log import get_logger
 from ..mode import default_device, set_random_seed
@@ -190,6 +191,10 @@ class Solver:
     def check_snapshot_folder(self, required: bool = True) -> None:
         """Fail now, not at the first snapshot, when snapshot files cannot be written there
         (Caffe's CheckSnapshotWritePermissions probes with a temporary file the same way)."""
+        if self.param.snapshot_prefix:
+            # Temporaries of snapshots a killed run was writing (SIGKILL skips every cleanup).
+            for path in remove_stale_temporaries(self.param.snapshot_prefix):
+                logger.info("Removed %s, left by an interrupted snapshot", path)
         if not required:
             return
         probe = snapshot_filename(self.param.snapshot_prefix, self._iter, ".tempfile")

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 from ..data.db import normalize_backend, open_db
 from ..data.image import guess_encoding, image_to_datum
 from ..errors import DataError
+from ..fileio import read_input_bytes
 from .cli import add_bool_flag, parse_args, progress, run_main, warn
 
 _BOOL_FLAGS = ("gray", "shuffle", "check_size", "encoded")
@@ -26,10 +27,7 @@ _BOOL_FLAGS = ("gray", "shuffle", "check_size", "encoded")
 def read_list_file(path: str) -> List[Tuple[str, int]]:
     """(relative filename, label) per non-blank line; a malformed line raises naming its number."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read the list file ({e.strerror})", where=path) from None
+        text = read_input_bytes(path, DataError, "list file").decode("utf-8")
     except UnicodeDecodeError:
         raise DataError("the list file is not UTF-8 text", where=path) from None
     entries = []
