@@ -90,7 +90,11 @@ def _load_net_param(source) -> Tuple["caffe_pb2.NetParameter", str]:
     from .prototxt import read_net
 
     path = os.fspath(source)
-    return read_net(path), path
+    net_param = read_net(path)
+    if not net_param.layer:  # an empty or comments-only file would "score" Loss: 0
+        raise NetError("the net has no layers", path,
+                       "is this the right file? a net prototxt holds layer { ... } blocks")
+    return net_param, path
 
 
 def _parse_pycaffe_args(args, phase, weights):
@@ -681,11 +685,12 @@ class Net(nn.Module):
     def _param_lists(self) -> Dict[str, List[nn.Parameter]]:
         return {n: list(v.module.blobs) for n, v in self._views.items() if v.module.blobs}
 
-    def copy_from(self, path: str) -> None:
-        """Load weights from a .caffemodel (or .h5) by layer name (pycaffe ``copy_from``)."""
+    def copy_from(self, path: str) -> List[str]:
+        """Load weights from a .caffemodel (or .h5) by layer name (pycaffe ``copy_from``);
+        returns the names of the layers copied."""
         from .weights import copy_weights
 
-        copy_weights(self._param_lists(), os.fspath(path))
+        return copy_weights(self._param_lists(), os.fspath(path))
 
     def save(self, path: str, diffs: Optional[Dict[str, List[np.ndarray]]] = None) -> None:
         """Write the net with its weights as a .caffemodel (atomically); ``diffs`` (layer name

@@ -283,6 +283,17 @@ class LMDBReader(_Reader):
         self._local = threading.local()
 
 
+def _make_folder(path: str) -> None:
+    # Missing parent folders are created too (Caffe's mkdir would fail); one that cannot be
+    # made (a parent is a file, read-only, /proc...) is reported, not a bare OSError.
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise DataError(f"cannot create the database folder ({e.strerror})", where=path,
+                        hint="check that the parent folder exists, is a folder and is "
+                             "writable") from None
+
+
 class LMDBWriter:
     """Write a new LMDB (Caffe refuses an existing path, and so do we); use as a context manager.
 
@@ -298,7 +309,7 @@ class LMDBWriter:
             raise DataError("output database already exists", where=self.path,
                             hint="remove it or choose another name (Caffe's tools refuse to "
                                  "overwrite too)")
-        os.makedirs(self.path)
+        _make_folder(self.path)
         try:
             self._env = lmdb.open(self.path, map_size=_INITIAL_MAP_SIZE, subdir=True)
         except lmdb.Error as e:
@@ -412,9 +423,15 @@ class LevelDBWriter:
         if os.path.exists(self.path):
             raise DataError("output database already exists", where=self.path,
                             hint="remove it or choose another name")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            _make_folder(parent)
         # Caffe's LevelDB options: 64 KiB blocks, 256 MiB write buffer.
-        self._db = plyvel.DB(self.path, create_if_missing=True, error_if_exists=True,
-                             block_size=65536, write_buffer_size=268435456)
+        try:
+            self._db = plyvel.DB(self.path, create_if_missing=True, error_if_exists=True,
+                                 block_size=65536, write_buffer_size=268435456)
+        except plyvel.Error as e:
+            raise DataError(f"cannot create LevelDB ({e})", where=self.path) from None
         self._batch = self._db.write_batch()
         self._queued = 0
         self._commit_every = commit_every

@@ -212,12 +212,23 @@ def read_solverstate(path: str) -> SolverStateData:
     if not state.HasField("iter"):
         raise SolverError("not a solver state (no iteration recorded)", where=path,
                           hint="pass a .solverstate file written by Caffe or pycaffe_alt")
+    _check_counters(state.iter, state.current_step, path)
     resume = (decode_resume_state(state.resume_state, where=path)
               if state.HasField("resume_state") else None)
     return SolverStateData(
         iter=state.iter, current_step=state.current_step,
         learned_net=state.learned_net if state.HasField("learned_net") else None,
         history=_history_arrays(state.history, path), resume_state=resume)
+
+
+def _check_counters(it: int, step: int, path: str) -> None:
+    # Caffe would resume at a negative iteration (and train max_iter - iter steps); a
+    # solverstate never holds one, so the file is damaged or not a solver state.
+    for field, value in (("iter", it), ("current_step", step)):
+        if value < 0:
+            raise SolverError(f"{field} is {value}; a solver state's {field} is never negative",
+                              where=path, hint="the file is damaged; resume from another "
+                                               "snapshot")
 
 
 def check_history(history: Sequence[np.ndarray], expected_shapes: Sequence[Tuple[int, ...]],
@@ -323,6 +334,7 @@ def read_solverstate_h5(path: str) -> SolverStateData:
     except (OSError, KeyError, IndexError, ValueError, TypeError) as e:
         raise SolverError(f"not a valid HDF5 solver state ({e})", where=path,
                           hint="resume from another snapshot") from None
+    _check_counters(it, step, path)
     if any(h is None for h in history):
         raise SolverError("history datasets are not numbered 0..n-1", where=path,
                           hint="the file is damaged; resume from another snapshot")
