@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .blob import Blob, HostMirror, ParamBlob
+from .blob_memory import check_blob_fits, zeros
 from .errors import CaffeError, NetError
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
@@ -126,7 +127,7 @@ class _BlobStore:
         # The value a layer produced wins over the inferred shape (Filter's top depends on data).
         t = self._net._values.get(name)
         if t is None:
-            t = torch.zeros(self._net._shapes[name], device=self._net.device)
+            t = zeros(self._net._shapes[name], self._net.device, name, self._net.source)
             self._net._values[name] = t
         return t
 
@@ -145,7 +146,7 @@ class _BlobStore:
 
     def reshape(self, name: str, shape: Shape) -> None:
         self._net._shapes[name] = shape
-        self._net._values[name] = torch.zeros(shape, device=self._net.device)
+        self._net._values[name] = zeros(shape, self._net.device, name, self._net.source)
         self._net._diffs.pop(name, None)
 
 
@@ -271,6 +272,7 @@ class Net(nn.Module):
             for b in bottoms:
                 available.pop(b, None)
             for t, s in zip(tops, top_shapes):
+                check_blob_fits(s, self._device, t, where)
                 self._shapes[t] = tuple(int(d) for d in s)
                 produced.add(t)
                 if not t.startswith(ANONYMOUS_TOP):

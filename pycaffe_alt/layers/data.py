@@ -291,6 +291,9 @@ def parse_image_list(path: str, where: str) -> List[Tuple[str, int]]:
                 raise DataError(f"line {lineno} is {line!r}, not '<image path> <integer label>'",
                                 f"{path}:{lineno}",
                                 "write one image per line: its path, a space, its integer label")
+            if not -2 ** 31 <= value < 2 ** 31:  # Caffe reads labels as int
+                raise DataError(f"label {value} does not fit an int32", f"{path}:{lineno}",
+                                "labels are 32-bit integers")
             entries.append((name, value))
     if not entries:
         raise DataError(f"image list {path!r} has no entries", where,
@@ -348,6 +351,10 @@ class ImageData(PipelinedDataLayer):
         super().__init__(param, bottom_shapes, ctx)
         ip = param.image_data_param
         batch_size = self.require_batch_size(ip.batch_size, "image_data_param")
+        for field in ("new_height", "new_width"):
+            if getattr(ip, field) < 0:  # Caffe's CHECK refuses them too
+                raise self.error(f"image_data_param.{field} is {getattr(ip, field)}; sizes are "
+                                 ">= 0", "0 keeps the image size")
         if (ip.new_height > 0) != (ip.new_width > 0):
             raise self.error("image_data_param sets only one of new_height/new_width",
                              "set both (resize) or neither (keep the image size)")
