@@ -351,10 +351,6 @@ class ImageData(PipelinedDataLayer):
         super().__init__(param, bottom_shapes, ctx)
         ip = param.image_data_param
         batch_size = self.require_batch_size(ip.batch_size, "image_data_param")
-        for field in ("new_height", "new_width"):
-            if getattr(ip, field) < 0:  # Caffe's CHECK refuses them too
-                raise self.error(f"image_data_param.{field} is {getattr(ip, field)}; sizes are "
-                                 ">= 0", "0 keeps the image size")
         if (ip.new_height > 0) != (ip.new_width > 0):
             raise self.error("image_data_param sets only one of new_height/new_width",
                              "set both (resize) or neither (keep the image size)")
