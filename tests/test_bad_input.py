@@ -391,3 +391,15 @@ def test_lrn_window_wider_than_the_channels_is_zero_padded(tmp_path):
 def test_small_inputs_caffe_accepts(tmp_path, layer, shape):
     net = Net(input_net(tmp_path, layer, shape=shape), TEST)
     net.forward()
+
+
+def test_failed_conversion_leaves_no_half_database(tmp_path):
+    from pycaffe_alt.data.db import open_db
+
+    path = str(tmp_path / "half_lmdb")
+    with pytest.raises(KeyboardInterrupt):
+        with open_db(path, "lmdb", "w") as db:
+            for i in range(1500):  # one batch of 1000 is committed before the interruption
+                db.put(f"{i:08d}", b"x")
+            raise KeyboardInterrupt
+    assert not os.path.exists(path)

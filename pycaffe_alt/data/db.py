@@ -359,7 +359,12 @@ class LMDBWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self._pending.clear()  # an interrupted conversion keeps only committed batches
+            # A failed or interrupted conversion leaves no half database behind: the next run
+            # would be refused with "already exists" (the writer made the folder, so it is ours).
+            self._pending.clear()
+            self.close()
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
         self.close()
 
 
@@ -459,8 +464,11 @@ class LevelDBWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None:  # as LMDBWriter: no half database left behind
             self._batch = self._db.write_batch()
+            self.close()
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
         self.close()
 
 
