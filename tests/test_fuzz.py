@@ -38,7 +38,7 @@ from train_case import GOLDEN, HERE
 TEST = 1
 
 EXAMPLES = {"prototxt": 150, "net": 100, "solver": 80, "caffemodel": 120, "solverstate": 120,
-            "datum": 150, "tools": 100}
+            "hdf5": 80, "datum": 150, "tools": 100}
 CASES = sum(EXAMPLES.values())
 
 
@@ -251,6 +251,31 @@ def test_fuzz_solverstate_decoder(work, ops):
     with open(path, "wb") as f:
         f.write(_mutate_bytes((work / "state.solverstate").read_bytes(), ops))
     _clean(lambda: read_solverstate(path), path, errors=SolverError)
+
+
+@pytest.fixture(scope="module")
+def hdf5_files(work):
+    from pycaffe_alt.solver.snapshot import write_solverstate_h5, write_weights_h5
+
+    weights, state = str(work / "w.caffemodel.h5"), str(work / "s.solverstate.h5")
+    write_weights_h5([("conv1", [np.ones((6, 1, 5, 5)), np.ones(6)]), ("ip2", [np.ones((10, 24))])],
+                     weights)
+    write_solverstate_h5(state, 5, 1, weights, [np.ones((6, 1, 5, 5)), np.ones(6)])
+    return weights, state
+
+
+@fuzz_settings("hdf5")
+@given(which=st.sampled_from([0, 1]), ops=byte_ops)
+def test_fuzz_hdf5_snapshot_decoders(work, hdf5_files, which, ops):
+    # h5py reports damage as OSError, KeyError or RuntimeError ("bad symbol table node").
+    from pycaffe_alt.solver.snapshot import read_solverstate_h5, read_weights_h5
+
+    source = hdf5_files[which]
+    path = str(work / ("mutated" + os.path.basename(source)))
+    with open(path, "wb") as f:
+        f.write(_mutate_bytes(open(source, "rb").read(), ops))
+    reader = read_weights_h5 if which == 0 else read_solverstate_h5
+    _clean(lambda: reader(path), path, errors=(WeightsError, SolverError))
 
 
 def _records():

@@ -416,7 +416,7 @@ class HDF5Data(DataLayerBase):
             try:
                 with h5py.File(path, "r") as h5:
                     shapes = [self._dataset_shape(h5, name, path) for name in self.datasets]
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # h5py: RuntimeError for damaged tables
                 raise DataError(f"cannot read HDF5 file {path!r} ({e})", self.where,
                                 "the file is not HDF5 or is damaged") from None
             n = shapes[0][0]
@@ -468,8 +468,13 @@ class HDF5Data(DataLayerBase):
         import h5py
 
         if self._cache[0] != file_index:
-            with h5py.File(self.files[file_index], "r") as h5:
-                arrays = [np.asarray(h5[name][...], dtype=np.float32) for name in self.datasets]
+            path = self.files[file_index]
+            try:
+                with h5py.File(path, "r") as h5:
+                    arrays = [np.asarray(h5[name][...], dtype=np.float32) for name in self.datasets]
+            except (OSError, RuntimeError, KeyError) as e:  # damaged (or changed) since set-up
+                raise DataError(f"cannot read HDF5 file {path!r} ({e})", self.where,
+                                "the file is damaged or was replaced while training") from None
             self._cache = (file_index, arrays)
         return self._cache[1]
 

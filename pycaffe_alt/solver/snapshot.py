@@ -317,7 +317,8 @@ def _numbered(group, what: str) -> List[Optional[np.ndarray]]:
 
 
 def read_solverstate_h5(path: str) -> SolverStateData:
-    """Read a ``.solverstate.h5`` (Caffe's or ours)."""
+    """Read a ``.solverstate.h5`` (Caffe's or ours); a damaged file is a SolverError (h5py
+    reports some damage as OSError, some, in group tables, as RuntimeError)."""
     h5py = _h5py()
     _require_file(path, "solver state")
     try:
@@ -331,7 +332,7 @@ def read_solverstate_h5(path: str) -> SolverStateData:
             history = _numbered(f["history"], "history")
             resume = (bytes(np.asarray(f["resume_state"], dtype=np.uint8).tobytes())
                       if "resume_state" in f else None)
-    except (OSError, KeyError, IndexError, ValueError, TypeError) as e:
+    except (OSError, KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
         raise SolverError(f"not a valid HDF5 solver state ({e})", where=path,
                           hint="resume from another snapshot") from None
     _check_counters(it, step, path)
@@ -379,6 +380,6 @@ def read_weights_h5(path: str) -> Dict[str, List[Optional[np.ndarray]]]:
         with h5py.File(path, "r") as f:
             data = f["data"]
             return {name: _numbered(data[name], f"layer {name!r}") for name in data}
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         raise WeightsError(f"not a Caffe HDF5 weights file ({e})", where=path,
                           hint="HDF5 weights hold a group data/<layer>/<i>") from None
