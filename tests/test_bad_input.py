@@ -3,7 +3,6 @@ ends in one documented error (pycaffe_alt.errors) that names the file, or a warn
 accepts the input; never a crash, a hang, a traceback or a silent success."""
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bad_input_case import (PHOTOS, PHOTOS_LIST, SGD_CASE, data_net, input_net, make_fifo,
-                            no_hang, truncated_lmdb)
+from bad_input_case import (PHOTOS, PHOTOS_LIST, data_net, input_net, make_fifo, no_hang,
+                            truncated_lmdb)
 from pycaffe_alt import fileio
 from pycaffe_alt.errors import (CaffeError, DataError, NetError, PrototxtError, SolverError,
                                 WeightsError)
