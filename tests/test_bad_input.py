@@ -200,6 +200,13 @@ def test_net_without_layers(tmp_path, text):
     assert msg.startswith(f"{path}: the net has no layers")
 
 
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_test_tool_scores_at_least_one_batch(tmp_path, count):
+    path = input_net(tmp_path, 'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }')
+    msg = _tool_error(test_tool, ["--model", path, "--iterations", count])
+    assert msg.startswith(f"--iterations {count}: must be at least 1")
+
+
 def _foreign_weights(path):
     net = caffe_pb2.NetParameter(name="other")
     layer = net.layer.add(name="not_in_the_net", type="InnerProduct")

@@ -225,9 +225,10 @@ class InfogainLoss(LossLayer):
             path = alt if os.path.exists(alt) else path
         try:
             blob = caffe_pb2.BlobProto.FromString(read_input_bytes(path, what="infogain matrix"))
-        except CaffeError as e:
-            raise self.error(e.what, "check infogain_loss_param.source (relative to the working "
-                                     "directory)")
+        except CaffeError as e:  # missing, a directory, a FIFO...
+            raise self.error(f"cannot read the infogain matrix '{ip.source}': {e.what}",
+                             "check infogain_loss_param.source (relative to the working "
+                             "directory)")
         except Exception as e:  # protobuf DecodeError and friends
             raise self.error(f"'{ip.source}' is not a BlobProto binaryproto ({e})",
                              "save H with caffe_pb2.BlobProto(...).SerializeToString()")

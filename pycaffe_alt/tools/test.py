@@ -124,6 +124,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_bool_flag(parser, "allow_unmatched_weights",
                   "score the net even when --weights shares no layer name with it (ours)")
     args = parse_args(parser, argv, ["allow_unmatched_weights"])
+    if args.iterations < 1:  # Caffe would print "Loss: -nan" (0/0) for nothing scored
+        raise CaffeError(f"--iterations {args.iterations}: must be at least 1",
+                         hint="the number of batches to score")
     setup_logging()
     keep_freed_memory()  # reuse activation memory across iterations, as Caffe does
     from ..layers import TEST, TRAIN
