@@ -83,6 +83,12 @@ def test_fifo_and_devices_refused_by_every_tool_argument(tmp_path, monkeypatch):
         assert ("FIFO" in msg or "character device" in msg) and msg.count("'") >= 2
     assert "FIFO" in _tool_error(train, ["--solver", fifo])
     assert "FIFO" in _tool_error(train, ["--solver", "solver.prototxt", "--snapshot", fifo])
+    with open("solver.prototxt") as f:
+        solver_text = f.read()
+    with open("fifo_net_solver.prototxt", "w") as f:
+        f.write(solver_text.replace('net: "net.prototxt"', f'net: "{fifo}"'))
+    msg = _tool_error(train, ["--solver", "fifo_net_solver.prototxt"])
+    assert msg.startswith("fifo_net_solver.prototxt: net: ") and "FIFO" in msg
     assert "FIFO" in _tool_error(compute_image_mean, [fifo], DataError)
     assert "FIFO" in _tool_error(convert_imageset, [PHOTOS + "/", fifo, str(tmp_path / "db")],
                                  DataError)

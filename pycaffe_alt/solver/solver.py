@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import CaffeError, NetError, SolverError, located_in
-from ..fileio import remove_stale_temporaries
+from ..fileio import check_input_path, remove_stale_temporaries
 from ..layers import TEST, TRAIN
 from ..log import get_logger
 from ..mode import default_device, set_random_seed
@@ -231,11 +231,12 @@ class Solver:
                               f"start at {os.getcwd()})") from None
 
     def _net_file(self, path: str, field: str) -> str:
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise NetError(f"net file '{path}' not found", self._where(field),
                            f"paths in the solver file are relative to the current directory "
                            f"({os.getcwd()}), as in Caffe")
-        return path
+        with located_in(self._where(field)):  # a FIFO, device or directory: say which
+            return check_input_path(path, NetError, "net file")
 
     def _net_state(self, net_param, phase: int, extra) -> "caffe_pb2.NetState":
         """Caffe's NetState precedence: phase, then the net's own state, then train/test_state."""
@@ -315,9 +316,11 @@ class Solver:
 
     def _load_weights(self, path: str) -> None:
         """Caffe's --weights: copy into the train net and every test net (layers matched by name)."""
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise SolverError(f"weights file '{path}' not found", self._where("weights"),
                               f"check the path (relative paths start at {os.getcwd()})")
+        with located_in(self._where("weights")):
+            check_input_path(path, SolverError, "weights file")
         logger.info("Finetuning from %s", path)
         for net in [self.net] + self.test_nets:
             net.copy_from(path)
