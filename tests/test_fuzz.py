@@ -40,10 +40,13 @@ TEST = 1
 EXAMPLES = {"prototxt": 150, "net": 100, "solver": 80, "caffemodel": 120, "solverstate": 120,
             "hdf5": 80, "datum": 150, "tools": 100}
 CASES = sum(EXAMPLES.values())
+# A longer campaign on demand (e.g. PYCAFFE_ALT_FUZZ_SCALE=10): still derandomized.
+SCALE = float(os.environ.get("PYCAFFE_ALT_FUZZ_SCALE", "1"))
 
 
 def fuzz_settings(kind: str):
-    return settings(max_examples=EXAMPLES[kind], derandomize=True, deadline=None, database=None,
+    return settings(max_examples=max(1, int(EXAMPLES[kind] * SCALE)), derandomize=True,
+                    deadline=None, database=None,
                     suppress_health_check=list(HealthCheck), print_blob=True)
 
 
