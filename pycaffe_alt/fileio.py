@@ -85,6 +85,7 @@ def atomic_write_chunks(path: str, chunks: Iterable[bytes],
     raises ``error`` naming the path.
     """
     path = os.fspath(path)
+    _check_output_path(path, error)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise error(f"cannot write '{path}': folder '{folder}' does not exist",
@@ -110,6 +111,24 @@ def atomic_write_chunks(path: str, chunks: Iterable[bytes],
             raise error(f"cannot write '{path}': {e.strerror}",
                         hint="check the folder is writable and the disk has room") from None
         raise
+
+
+def _check_output_path(path: str, error: Type[CaffeError]) -> None:
+    # os.replace would put a regular file in place of a device, FIFO or socket (as root, a
+    # "/dev/null" or "/dev/zero" given as the output would be destroyed), and a directory
+    # cannot be replaced: refuse them. Links are followed: /dev/stdout is a link to a device.
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise error(f"cannot write '{path}': {e.strerror}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = "a directory" if stat.S_ISDIR(mode) else \
+        next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise error(f"cannot write '{path}': it is {kind}, not a regular file",
+                hint="give the path of a file to create or replace")
 
 
 def _temporary_prefix(path: str) -> str:

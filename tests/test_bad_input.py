@@ -114,6 +114,19 @@ def test_fifo_model_exits_quickly_in_a_subprocess(tmp_path):
     assert p.returncode == 1 and "FIFO" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_outputs_never_replace_a_fifo_device_or_folder(tmp_path):
+    # A plain os.replace would put a regular file where the FIFO (or, as root, /dev/null) was.
+    import stat
+
+    fifo = make_fifo(tmp_path)
+    for target, kind in ((fifo, "FIFO"), (str(tmp_path), "directory")):
+        with no_hang(), pytest.raises(WeightsError, match=kind) as info:
+            fileio.atomic_write(target, b"data", WeightsError)
+        assert target in info.value.message()
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
+
+
 def test_path_check_kinds(tmp_path):
     fifo = make_fifo(tmp_path)
     (tmp_path / "f").write_bytes(b"x")

@@ -307,22 +307,41 @@ def test_fuzz_datum_decoder(record, ops):
 
 @pytest.fixture(scope="module")
 def tool_inputs(work):
-    """Paths a tool argument may name: valid ones and every kind of bad one."""
+    """Paths a tool argument may name: valid ones and every kind of bad one.
+
+    All of them live in their own folder (a tool may write to any path it is given as output,
+    so the other cases' inputs and the repository's fixtures are never among them); the one
+    device, /dev/zero, is only ever given as an input (see OUTPUT_KINDS).
+    """
+    work = work / "tools"
+    work.mkdir()
+    (work / "net.prototxt").write_text(NET_TEXT)
+    (work / "solver.prototxt").write_text(
+        SOLVER_TEXT.replace('net: "net.prototxt"', f'net: "{work / "net.prototxt"}"'))
+    shutil.copy(os.path.join(SGD_CASE, "init.caffemodel"), work / "init.caffemodel")
+    shutil.copy(os.path.join(SGD_CASE, "snap_iter_15.solverstate"), work / "state.solverstate")
     (work / "empty").write_bytes(b"")
     (work / "garbage").write_bytes(bytes(range(256)) * 4)
     (work / "comments.prototxt").write_text("# nothing here\n")
     (work / "folder").mkdir()
     (work / "list.txt").write_text("HappyFish.jpg 1\nWindowsLogo.jpg 2\n")
     (work / "log.txt").write_text("I1203 10:00:00.000000 1 solver.cpp:1] Iteration 0, loss = 1\n")
+    # Copies only: a tool may write to any path it is given (the upgrade tools' OUT), and the
+    # repository's fixtures must never be the target.
+    shutil.copytree(MNIST_LMDB, work / "good_lmdb")
+    shutil.copytree(PHOTOS, work / "photos")
+    shutil.copy(PHOTOS_LIST, work / "photos.txt")
     return {
-        "good_net": "net.prototxt", "good_solver": "solver.prototxt",
-        "good_weights": "init.caffemodel", "good_state": "state.solverstate",
-        "good_db": MNIST_LMDB, "good_list": str(work / "list.txt"), "photos": PHOTOS + "/",
+        "good_net": str(work / "net.prototxt"), "good_solver": str(work / "solver.prototxt"),
+        "good_weights": str(work / "init.caffemodel"),
+        "good_state": str(work / "state.solverstate"),
+        "good_db": str(work / "good_lmdb"), "good_list": str(work / "list.txt"),
+        "photos": str(work / "photos") + "/",
         "good_log": str(work / "log.txt"),
         "missing": "no_such_file", "fifo": make_fifo(work), "zero": "/dev/zero",
         "folder": str(work / "folder"), "empty": str(work / "empty"),
         "garbage": str(work / "garbage"), "comments": str(work / "comments.prototxt"),
-        "truncated_db": truncated_lmdb(work), "photo_list": PHOTOS_LIST,
+        "truncated_db": truncated_lmdb(work), "photo_list": str(work / "photos.txt"),
     }
 
 
@@ -330,6 +349,9 @@ NUMBERS = ["1", "2", "0", "-1", "-7", "x", "", "1e3", "99999999999"]
 PATH_KINDS = ["good_net", "good_solver", "good_weights", "good_state", "good_db", "good_list",
               "photos", "good_log", "missing", "fifo", "zero", "folder", "empty", "garbage",
               "comments", "truncated_db", "photo_list"]
+# The last positional of compute_image_mean, convert_imageset, the upgrade tools and parse_log
+# is written to: never a device there (a regression of the output check would replace it).
+OUTPUT_KINDS = [k for k in PATH_KINDS if k != "zero"] + ["new_output"] * 4
 
 # tool -> (module, positional slots, {flag: "path" | "number" | choices})
 TOOLS = {
@@ -358,8 +380,8 @@ def tool_calls(draw):
     _, positionals, flags = TOOLS[name]
     argv = []
     for slot in range(draw(st.integers(max(0, positionals - 1), positionals))):
-        kind = draw(st.sampled_from(PATH_KINDS + ["new_output"]))
-        argv.append(("pos", kind))
+        kinds = OUTPUT_KINDS if slot == positionals - 1 else PATH_KINDS
+        argv.append(("pos", draw(st.sampled_from(kinds))))
     for flag in draw(st.lists(st.sampled_from(sorted(flags)), max_size=4, unique=True)
                      if flags else st.just([])):
         values = flags[flag]
@@ -379,7 +401,7 @@ def _argv(spec, inputs, work):
     argv, names = [], []
     for flag, value in spec:
         if flag == "pos":
-            path = (str(work / f"out_{next(_outputs)}") if value == "new_output"
+            path = (str(work / "tools" / f"out_{next(_outputs)}") if value == "new_output"
                     else inputs[value])
             argv.append(path)
             names.append(path)
