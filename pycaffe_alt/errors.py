@@ -5,7 +5,8 @@ else escaping is a bug in pycaffe_alt.
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 
 class CaffeError(Exception):
@@ -29,6 +30,29 @@ class CaffeError(Exception):
 
     def __str__(self) -> str:
         return self.message()
+
+    def locate(self, place: str) -> "CaffeError":
+        """Put ``place`` (a file, or a file and a layer) in front of where this error is, unless
+        it already starts there; returns the error, to be raised again."""
+        if not self.where:
+            self.where = place
+        elif not self.where.startswith(place):
+            self.where = f"{place}: {self.where}"
+        self.args = (self.message(),)
+        return self
+
+
+@contextmanager
+def located_in(place: str) -> Iterator[None]:
+    """Errors raised inside the block name ``place`` first (see :meth:`CaffeError.locate`).
+
+    The one way file-less checks (a solver field, a blob's size, an upgrade rule) get the file
+    they are about: the check names the field or blob, the reader that knows the file wraps it.
+    """
+    try:
+        yield
+    except CaffeError as e:
+        raise e.locate(place)
 
 
 class PrototxtError(CaffeError):

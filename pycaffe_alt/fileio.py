@@ -1,12 +1,67 @@
-"""Atomic file writes: every file pycaffe_alt writes (weights, snapshots, prototxts, mask stores)
-either keeps its old content or gets the whole new one, never a part."""
+"""File plumbing shared by every reader and writer.
+
+- Inputs: :func:`check_input_path` / :func:`read_input_bytes` refuse anything but a regular file
+  (or, where a database is expected, a folder) *before* opening it: a FIFO would block the tool
+  forever, ``/dev/zero`` would be read until memory runs out, a directory fails with a bare
+  IsADirectoryError. Every path a tool opens goes through them.
+- Outputs: atomic writes, so every file pycaffe_alt writes (weights, snapshots, prototxts, mask
+  stores) either keeps its old content or gets the whole new one, never a part; the temporary
+  file's name carries the writer's process id, so that one left by a killed run is recognised and
+  removed by :func:`remove_stale_temporaries` at the next start.
+"""
 from __future__ import annotations
 
+import glob
 import os
+import re
+import stat
 import tempfile
-from typing import Iterable, Type
+from typing import Iterable, List, Type
 
 from .errors import CaffeError
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_input_path(path: "str | os.PathLike[str]", error: Type[CaffeError] = CaffeError,
+                     what: str = "file", folder_ok: bool = False) -> str:
+    """``path`` as a str when it names a regular file (or a folder, with ``folder_ok``).
+
+    Otherwise ``error`` naming the path and saying what it is instead: missing, a directory, a
+    FIFO, a device or a socket. Symbolic links are followed (a link to a file is a file).
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist",
+                    hint="check the path; relative paths are taken from the current directory "
+                         f"({os.getcwd()}), as in Caffe") from None
+    except OSError as e:
+        raise error(f"cannot open {what} '{path}': {e.strerror}") from None
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return path
+    if stat.S_ISDIR(mode):
+        raise error(f"'{path}' is a directory, not a {what}",
+                    hint=f"give the path of the {what} itself")
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise error(f"'{path}' is {kind}, not a {what}",
+                hint="give a regular file: pipes and devices are refused because reading them "
+                     "could wait or run forever")
+
+
+def read_input_bytes(path: "str | os.PathLike[str]", error: Type[CaffeError] = CaffeError,
+                     what: str = "file") -> bytes:
+    """The whole content of the regular file ``path`` (checked by :func:`check_input_path`)."""
+    path = check_input_path(path, error, what)
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as e:
+        raise error(f"cannot read {what} '{path}': {e.strerror}") from None
+    except MemoryError:
+        raise error(f"{what} '{path}' is too large to read into memory") from None
 
 
 def _current_umask() -> int:
@@ -30,12 +85,13 @@ def atomic_write_chunks(path: str, chunks: Iterable[bytes],
     raises ``error`` naming the path.
     """
     path = os.fspath(path)
+    _check_output_path(path, error)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise error(f"cannot write '{path}': folder '{folder}' does not exist",
                     hint="create the folder first")
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temporary_prefix(path), suffix=".tmp")
     except OSError as e:
         raise error(f"cannot write '{path}': {e.strerror}",
                     hint="check the folder is writable") from None
@@ -55,3 +111,64 @@ def atomic_write_chunks(path: str, chunks: Iterable[bytes],
             raise error(f"cannot write '{path}': {e.strerror}",
                         hint="check the folder is writable and the disk has room") from None
         raise
+
+
+def _check_output_path(path: str, error: Type[CaffeError]) -> None:
+    # os.replace would put a regular file in place of a device, FIFO or socket (as root, a
+    # "/dev/null" or "/dev/zero" given as the output would be destroyed), and a directory
+    # cannot be replaced: refuse them. Links are followed: /dev/stdout is a link to a device.
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise error(f"cannot write '{path}': {e.strerror}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = "a directory" if stat.S_ISDIR(mode) else \
+        next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise error(f"cannot write '{path}': it is {kind}, not a regular file",
+                hint="give the path of a file to create or replace")
+
+
+def _temporary_prefix(path: str) -> str:
+    # ".<name>.<pid>." + mkstemp's random part + ".tmp": the pid tells a live writer's
+    # temporary from one a killed run left behind.
+    return f".{os.path.basename(path)}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> List[str]:
+    """Delete temporaries that killed writers left next to files named ``<prefix>*``.
+
+    ``prefix`` is a path prefix such as a solver's ``snapshot_prefix`` (``snapshots/lenet``):
+    files ``snapshots/.lenet*.<pid>.XXXXXXXX.tmp`` whose process no longer runs are removed
+    (a SIGKILL during an atomic write cannot clean up after itself). Temporaries of running
+    processes, and files of any other pattern, are left alone. Returns the paths removed.
+    """
+    folder = os.path.dirname(prefix) or "."
+    base = os.path.basename(prefix)
+    pattern = re.compile(r"^\." + re.escape(base) + r".*\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for candidate in glob.glob(os.path.join(glob.escape(folder), "." + glob.escape(base) + "*.tmp")):
+        match = pattern.match(os.path.basename(candidate))
+        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if stat.S_ISREG(os.lstat(candidate).st_mode):
+                os.unlink(candidate)
+                removed.append(candidate)
+        except OSError:  # already gone, or not ours to delete: leave it
+            pass
+    return removed

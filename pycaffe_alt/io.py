@@ -8,12 +8,14 @@ borders and when shrinking (skimage then smooths first).
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .data import datum as _datum
 from .errors import DataError, ImageNotFoundError, ImageReadError
+from .fileio import check_input_path
 from .proto import caffe_pb2
 
 
@@ -79,6 +81,8 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(filename, (str, os.PathLike)):
+        check_input_path(filename, DataError, "image file")
     try:
         with Image.open(filename) as im:
             im.load()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .blob import Blob, HostMirror, ParamBlob
+from .blob_memory import check_blob_fits, zeros
 from .errors import CaffeError, NetError
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
@@ -90,7 +91,11 @@ def _load_net_param(source) -> Tuple["caffe_pb2.NetParameter", str]:
     from .prototxt import read_net
 
     path = os.fspath(source)
-    return read_net(path), path
+    net_param = read_net(path)
+    if not net_param.layer:  # an empty or comments-only file would "score" Loss: 0
+        raise NetError("the net has no layers", path,
+                       "is this the right file? a net prototxt holds layer { ... } blocks")
+    return net_param, path
 
 
 def _parse_pycaffe_args(args, phase, weights):
@@ -122,7 +127,7 @@ class _BlobStore:
         # The value a layer produced wins over the inferred shape (Filter's top depends on data).
         t = self._net._values.get(name)
         if t is None:
-            t = torch.zeros(self._net._shapes[name], device=self._net.device)
+            t = zeros(self._net._shapes[name], self._net.device, name, self._net.source)
             self._net._values[name] = t
         return t
 
@@ -141,7 +146,7 @@ class _BlobStore:
 
     def reshape(self, name: str, shape: Shape) -> None:
         self._net._shapes[name] = shape
-        self._net._values[name] = torch.zeros(shape, device=self._net.device)
+        self._net._values[name] = zeros(shape, self._net.device, name, self._net.source)
         self._net._diffs.pop(name, None)
 
 
@@ -271,6 +276,7 @@ class Net(nn.Module):
             for b in bottoms:
                 available.pop(b, None)
             for t, s in zip(tops, top_shapes):
+                check_blob_fits(s, self._device, t, where)
                 self._shapes[t] = tuple(int(d) for d in s)
                 produced.add(t)
                 if not t.startswith(ANONYMOUS_TOP):
@@ -731,11 +737,12 @@ class Net(nn.Module):
     def _param_lists(self) -> Dict[str, List[nn.Parameter]]:
         return {n: list(v.module.blobs) for n, v in self._views.items() if v.module.blobs}
 
-    def copy_from(self, path: str) -> None:
-        """Load weights from a .caffemodel (or .h5) by layer name (pycaffe ``copy_from``)."""
+    def copy_from(self, path: str) -> List[str]:
+        """Load weights from a .caffemodel (or .h5) by layer name (pycaffe ``copy_from``);
+        returns the names of the layers copied."""
         from .weights import copy_weights
 
-        copy_weights(self._param_lists(), os.fspath(path))
+        return copy_weights(self._param_lists(), os.fspath(path))
 
     def save(self, path: str, diffs: Optional[Dict[str, List[np.ndarray]]] = None) -> None:
         """Write the net with its weights as a .caffemodel (atomically); ``diffs`` (layer name

@@ -22,7 +22,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
 from . import fileio, upgrade
-from .errors import PrototxtError
+from .errors import PrototxtError, located_in
 from .proto import caffe_pb2
 
 PathOrText = Union[str, "os.PathLike[str]"]
@@ -55,7 +55,8 @@ def read_net(path_or_text: PathOrText) -> caffe_pb2.NetParameter:
             parse_text(_decode_text(raw, source), net, source)
     else:
         parse_text(data, net, source)
-    upgrade.upgrade_net_as_needed(net, source)
+    with located_in(source):  # upgrade rules (input_dim counts...) name no file themselves
+        upgrade.upgrade_net_as_needed(net, source)
     return net
 
 
@@ -70,11 +71,12 @@ def read_solver(path: PathOrText) -> caffe_pb2.SolverParameter:
     source, data = _source_of(path)
     if data is None:
         parse_text(read_text_file(source), solver, source)
-        upgrade.upgrade_solver_as_needed(solver, source)
-        upgrade.upgrade_snapshot_prefix(solver, source)
     else:
         parse_text(data, solver, source)
+    with located_in(source):
         upgrade.upgrade_solver_as_needed(solver, source)
+        if data is None:
+            upgrade.upgrade_snapshot_prefix(solver, source)
     return solver
 
 
@@ -136,17 +138,7 @@ def _source_of(path_or_text: PathOrText) -> Tuple[str, Optional[str]]:
 
 
 def _read_bytes(path: str) -> bytes:
-    if not os.path.exists(path):
-        raise PrototxtError(f"file '{path}' does not exist",
-                            hint="check the path; relative paths are taken from the current "
-                                 f"directory ({os.getcwd()}), as in Caffe")
-    if os.path.isdir(path):
-        raise PrototxtError(f"'{path}' is a directory, not a file")
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise PrototxtError(f"cannot read '{path}': {exc.strerror}") from None
+    return fileio.read_input_bytes(path, PrototxtError)
 
 
 def _looks_binary(head: bytes) -> bool:

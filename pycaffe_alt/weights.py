@@ -16,7 +16,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from . import fileio
-from .errors import WeightsError
+from .errors import WeightsError, located_in
+from .log import get_logger
 from .proto import caffe_pb2
 
 LayerBlobs = "OrderedDict[str, List[np.ndarray]]"
@@ -84,8 +85,7 @@ def _parse(path: str, message):
     if not os.path.exists(path):
         raise WeightsError(f"file not found: {path}", hint="check the path (relative paths are "
                            "taken from the current directory)")
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = fileio.read_input_bytes(path, WeightsError, "weights file")
     try:
         message.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as e:
@@ -136,11 +136,14 @@ def copy_weights(layers: Dict[str, List], path: str) -> List[str]:
     """Copy a weights file into ``layers`` ({name: [nn.Parameter]}); returns layers copied.
 
     Layers of the file missing from ``layers`` are ignored (Caffe logs "Ignoring source layer").
+    A file that shares no layer name with the net at all (the wrong model, or layers renamed)
+    copies nothing; that is logged as a warning naming the file (see :func:`unmatched_warning`).
     """
     import torch
 
     copied = []
-    for name, (_, blobs) in read_net_weights(path).items():
+    stored = read_net_weights(path)
+    for name, (_, blobs) in stored.items():
         target = layers.get(name)
         if target is None:
             continue
@@ -158,16 +161,38 @@ def copy_weights(layers: Dict[str, List], path: str) -> List[str]:
                     f"the net expects {shape}", where=path,
                     hint="the prototxt and the weights belong to different models, or rename the "
                          "layer to learn its parameters from scratch")
-            value = torch.from_numpy(blob_to_array(blob).reshape(shape))
+            with located_in(f"{path}: layer '{name}' blob {i}"):
+                value = torch.from_numpy(blob_to_array(blob).reshape(shape))
             with torch.no_grad():
                 param.data.copy_(value.to(param.device, param.dtype))
         copied.append(name)
+    message = unmatched_warning(path, list(stored), [n for n, blobs in layers.items() if blobs])
+    if message is not None:
+        get_logger().warning("%s", message)
     return copied
+
+
+def unmatched_warning(path: str, file_layers: Sequence[str], net_layers: Sequence[str]
+                      ) -> Optional[str]:
+    """The warning for a weights file none of whose layers the net has (None when some match).
+
+    Caffe copies by name and silently ignores the rest, so such a file leaves the net at its
+    initial (random) weights without a word; we say so.
+    """
+    if not file_layers or not net_layers or set(file_layers) & set(net_layers):
+        return None
+    def names(items: Sequence[str]) -> str:
+        return ", ".join(f"'{n}'" for n in items[:5]) + (", ..." if len(items) > 5 else "")
+    return (f"{path}: no layer of this weights file matches a layer of the net by name (file: "
+            f"{names(list(file_layers))}; net: {names(list(net_layers))}); nothing was copied "
+            "and the net keeps its initial weights")
 
 
 def read_binaryproto(path: str) -> np.ndarray:
     """The array of a ``.binaryproto`` file (e.g. a mean image, shape (1, C, H, W))."""
-    return blob_to_array(_parse(path, caffe_pb2.BlobProto()))
+    blob = _parse(path, caffe_pb2.BlobProto())
+    with located_in(path):
+        return blob_to_array(blob)
 
 
 def write_binaryproto(arr: np.ndarray, path: str) -> None:

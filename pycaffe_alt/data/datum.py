@@ -53,7 +53,10 @@ def decode_datum(datum: "caffe_pb2.Datum", force_color: bool = False, force_gray
         flag = cv2.IMREAD_GRAYSCALE
     else:
         flag = cv2.IMREAD_UNCHANGED
-    img = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), flag)
+    try:
+        img = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), flag)
+    except cv2.error:  # e.g. an empty buffer: OpenCV asserts instead of returning None
+        img = None
     if img is None:
         raise DataError("the encoded image in this record cannot be decoded (not a JPEG/PNG "
                         "OpenCV can read, or truncated)", where=where,

@@ -20,6 +20,7 @@ import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import DataError
+from ..fileio import check_input_path
 
 # Which command makes a database, by the name Caffe's examples give it (for "missing" hints).
 _CREATORS = (
@@ -50,6 +51,29 @@ def _as_bytes(key: Union[bytes, str]) -> bytes:
 def _check_exists(path: str, backend: str) -> None:
     if not os.path.exists(path):
         raise DataError(f"{backend} database does not exist", where=path, hint=_missing_hint(path))
+    # A database is a folder (or LMDB's single-file layout); a FIFO or device would block or
+    # be read forever.
+    check_input_path(path, DataError, "database", folder_ok=True)
+
+
+def check_lmdb_size(env, path: str) -> None:
+    """Refuse an LMDB whose data file is shorter than its own meta page says.
+
+    LMDB memory-maps data.mdb and trusts the meta page's last page number: reading a page past
+    the end of a truncated file is a SIGBUS that kills the process with no message. py-lmdb's
+    ``env.info()['last_pgno']`` and ``env.stat()['psize']`` give the size the file must have.
+    """
+    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+    try:
+        actual = os.path.getsize(data_file)
+    except OSError as e:
+        raise DataError(f"cannot read the LMDB data file ({e.strerror})", where=data_file) from None
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    if actual < needed:
+        raise DataError(f"data.mdb is truncated ({actual} of {needed} bytes): re-create the "
+                        "database", where=path,
+                        hint="the copy or download was cut short, or the disk filled up while "
+                             "it was written")
 
 
 class _Reader:
@@ -136,12 +160,18 @@ def _open_lmdb(path: str):
         # A directory is Caffe's layout (data.mdb inside); a bare file is MDB_NOSUBDIR. No lock file
         # (lock=False), so databases on read-only media open too; do not read a database while
         # another process writes it.
-        return lmdb.open(path, readonly=True, lock=False, readahead=False,
-                         subdir=os.path.isdir(path), max_readers=1024)
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False,
+                        subdir=os.path.isdir(path), max_readers=1024)
     except lmdb.Error as e:
         raise DataError(f"cannot open as an LMDB ({e})", where=path,
                         hint="the path must be a database written by convert_imageset/"
                              "convert_mnist (a folder holding data.mdb)") from None
+    try:
+        check_lmdb_size(env, path)
+    except BaseException:
+        env.close()
+        raise
+    return env
 
 
 def _acquire_env(path: str):
@@ -253,6 +283,17 @@ class LMDBReader(_Reader):
         self._local = threading.local()
 
 
+def _make_folder(path: str) -> None:
+    # Missing parent folders are created too (Caffe's mkdir would fail); one that cannot be
+    # made (a parent is a file, read-only, /proc...) is reported, not a bare OSError.
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise DataError(f"cannot create the database folder ({e.strerror})", where=path,
+                        hint="check that the parent folder exists, is a folder and is "
+                             "writable") from None
+
+
 class LMDBWriter:
     """Write a new LMDB (Caffe refuses an existing path, and so do we); use as a context manager.
 
@@ -268,7 +309,7 @@ class LMDBWriter:
             raise DataError("output database already exists", where=self.path,
                             hint="remove it or choose another name (Caffe's tools refuse to "
                                  "overwrite too)")
-        os.makedirs(self.path)
+        _make_folder(self.path)
         try:
             self._env = lmdb.open(self.path, map_size=_INITIAL_MAP_SIZE, subdir=True)
         except lmdb.Error as e:
@@ -318,7 +359,12 @@ class LMDBWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self._pending.clear()  # an interrupted conversion keeps only committed batches
+            # A failed or interrupted conversion leaves no half database behind: the next run
+            # would be refused with "already exists" (the writer made the folder, so it is ours).
+            self._pending.clear()
+            self.close()
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
         self.close()
 
 
@@ -382,9 +428,15 @@ class LevelDBWriter:
         if os.path.exists(self.path):
             raise DataError("output database already exists", where=self.path,
                             hint="remove it or choose another name")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            _make_folder(parent)
         # Caffe's LevelDB options: 64 KiB blocks, 256 MiB write buffer.
-        self._db = plyvel.DB(self.path, create_if_missing=True, error_if_exists=True,
-                             block_size=65536, write_buffer_size=268435456)
+        try:
+            self._db = plyvel.DB(self.path, create_if_missing=True, error_if_exists=True,
+                                 block_size=65536, write_buffer_size=268435456)
+        except plyvel.Error as e:
+            raise DataError(f"cannot create LevelDB ({e})", where=self.path) from None
         self._batch = self._db.write_batch()
         self._queued = 0
         self._commit_every = commit_every
@@ -412,8 +464,11 @@ class LevelDBWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None:  # as LMDBWriter: no half database left behind
             self._batch = self._db.write_batch()
+            self.close()
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
         self.close()
 
 

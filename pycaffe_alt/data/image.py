@@ -10,17 +10,14 @@ import os
 import numpy as np
 
 from ..errors import DataError
+from ..fileio import check_input_path, read_input_bytes
 from ..proto import caffe_pb2
 from .datum import array_to_datum, hwc_to_chw
 
 
 def read_file_bytes(path: str) -> bytes:
     """The whole file (Caffe's ``ReadFileToDatum`` stores these bytes unchanged)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise DataError(f"cannot read file ({e.strerror})", where=path) from None
+    return read_input_bytes(path, DataError, "image file")
 
 
 def read_image(path: str, height: int = 0, width: int = 0, is_color: bool = True) -> np.ndarray:
@@ -33,9 +30,10 @@ def read_image(path: str, height: int = 0, width: int = 0, is_color: bool = True
     import cv2
 
     # cv2.imread returns None both for a missing and an undecodable file; tell the user which.
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise DataError("no such image file", where=path,
                         hint="check the list file's paths and the root folder argument")
+    check_input_path(path, DataError, "image file")
     img = cv2.imread(path, cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
     if img is None:
         raise DataError("could not decode the image (not an image format OpenCV reads, or "

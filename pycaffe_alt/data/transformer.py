@@ -62,7 +62,7 @@ def load_mean_file(path: str, where: str) -> np.ndarray:
     from ..errors import WeightsError
     from ..weights import read_binaryproto
 
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise DataError(f"mean_file {path!r} does not exist (looked in {os.getcwd()})", where,
                         "create it with tools/compute_image_mean <lmdb> <file.binaryproto>, or "
                         "fix the path (relative paths are taken from the current directory, as in "

@@ -11,18 +11,43 @@ the net checks it before construction and names the layer when it does not hold.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Sequence, Tuple, Union
+from typing import ClassVar, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..blob_memory import check_blob_fits, zeros
 from ..errors import NetError
 from ..fillers import fill
 from ..phase import TEST, TRAIN  # noqa: F401 - re-exported by the layers package
 
 Shape = Tuple[int, ...]
 Tops = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Mute torch's fake-tensor logger while shapes are inferred.
+
+    When a layer's forward fails on fake tensors (a kernel larger than its input...), torch logs
+    the exception with its traceback before re-raising it; the net turns the exception into one
+    NetError naming the layer, so the traceback would only precede that message as noise.
+    """
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    muted = _DropRecords()
+    log.addFilter(muted)
+    try:
+        yield
+    finally:
+        log.removeFilter(muted)
 
 
 @dataclass(frozen=True)
@@ -92,7 +117,9 @@ class Layer(nn.Module):
         index = len(self._blob_list)
         if name is None:
             name = self.blob_names[index] if index < len(self.blob_names) else f"blob{index}"
-        tensor = torch.zeros(tuple(int(d) for d in shape), dtype=torch.float32)
+        where = f"{self.ctx.source}: layer '{self.name}' (type {self.type})"
+        check_blob_fits(shape, None, f"{self.name}.{name}", where)  # parameters start on the CPU
+        tensor = zeros(tuple(int(d) for d in shape), None, f"{self.name}.{name}", where)
         if filler is not None:
             fill(tensor, filler)
         p = nn.Parameter(tensor)
@@ -116,7 +143,7 @@ class Layer(nn.Module):
         """
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with _quiet_fake_tensor_log(), FakeTensorMode(allow_non_fake_inputs=True):
             fake = [torch.empty(s, dtype=torch.float32) for s in bottom_shapes]
             with torch.no_grad():
                 tops = self.forward(*fake)

@@ -26,6 +26,7 @@ from ..data.pipeline import BatchMaker, InputPipeline, Ordering, draw_skip, laye
 from ..data.transformer import TransformSpec, needs_random, output_shape, spec_from_param
 from ..distributed.sharding import UNSHARDED
 from ..errors import CaffeError, DataError
+from ..fileio import check_input_path
 from ..proto import caffe_pb2
 from ..registry import LAYERS
 from .base import TRAIN, Layer, Shape
@@ -107,7 +108,7 @@ class DataLayerBase(Layer):
         if not os.path.exists(source):
             raise DataError(f"{what} {source!r} does not exist (relative paths are taken from the "
                             f"current directory, {os.getcwd()})", self.where, create_hint)
-        return source
+        return check_input_path(source, DataError, what, folder_ok=True)
 
 
 class PipelinedDataLayer(DataLayerBase):
@@ -281,6 +282,7 @@ def parse_image_list(path: str, where: str) -> List[Tuple[str, int]]:
     error naming the file and line number.
     """
     entries: List[Tuple[str, int]] = []
+    check_input_path(path, DataError, "image list")
     with open(path, "r", encoding="utf-8", errors="surrogateescape") as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\r\n")
@@ -295,6 +297,9 @@ def parse_image_list(path: str, where: str) -> List[Tuple[str, int]]:
                 raise DataError(f"line {lineno} is {line!r}, not '<image path> <integer label>'",
                                 f"{path}:{lineno}",
                                 "write one image per line: its path, a space, its integer label")
+            if not -2 ** 31 <= value < 2 ** 31:  # Caffe reads labels as int
+                raise DataError(f"label {value} does not fit an int32", f"{path}:{lineno}",
+                                "labels are 32-bit integers")
             entries.append((name, value))
     if not entries:
         raise DataError(f"image list {path!r} has no entries", where,
@@ -399,6 +404,7 @@ class HDF5Data(DataLayerBase):
         self.batch_size = self.require_batch_size(hp.batch_size, "hdf5_data_param")
         source = self.require_source(hp.source, "hdf5_data_param", "HDF5 file list",
                                      "write a text file naming one .h5 file per line")
+        check_input_path(source, DataError, "HDF5 file list")
         with open(source, "r", encoding="utf-8") as f:
             # Caffe reads whitespace-separated names.
             self.files = f.read().split()
@@ -416,7 +422,7 @@ class HDF5Data(DataLayerBase):
             try:
                 with h5py.File(path, "r") as h5:
                     shapes = [self._dataset_shape(h5, name, path) for name in self.datasets]
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # h5py: RuntimeError for damaged tables
                 raise DataError(f"cannot read HDF5 file {path!r} ({e})", self.where,
                                 "the file is not HDF5 or is damaged") from None
             n = shapes[0][0]
@@ -469,8 +475,13 @@ class HDF5Data(DataLayerBase):
         import h5py
 
         if self._cache[0] != file_index:
-            with h5py.File(self.files[file_index], "r") as h5:
-                arrays = [np.asarray(h5[name][...], dtype=np.float32) for name in self.datasets]
+            path = self.files[file_index]
+            try:
+                with h5py.File(path, "r") as h5:
+                    arrays = [np.asarray(h5[name][...], dtype=np.float32) for name in self.datasets]
+            except (OSError, RuntimeError, KeyError) as e:  # damaged (or changed) since set-up
+                raise DataError(f"cannot read HDF5 file {path!r} ({e})", self.where,
+                                "the file is damaged or was replaced while training") from None
             self._cache = (file_index, arrays)
         return self._cache[1]
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import CaffeError
+from ..fileio import read_input_bytes
 from ..proto import caffe_pb2
 from ..registry import LAYERS
 from .base import Layer, Shape
@@ -222,11 +224,11 @@ class InfogainLoss(LossLayer):
             alt = os.path.join(os.path.dirname(os.path.abspath(self.ctx.source)), path)
             path = alt if os.path.exists(alt) else path
         try:
-            with open(path, "rb") as f:
-                blob = caffe_pb2.BlobProto.FromString(f.read())
-        except OSError as e:
-            raise self.error(f"cannot read the infogain matrix '{ip.source}': {e.strerror}",
-                             "check infogain_loss_param.source (relative to the working directory)")
+            blob = caffe_pb2.BlobProto.FromString(read_input_bytes(path, what="infogain matrix"))
+        except CaffeError as e:  # missing, a directory, a FIFO...
+            raise self.error(f"cannot read the infogain matrix '{ip.source}': {e.what}",
+                             "check infogain_loss_param.source (relative to the working "
+                             "directory)")
         except Exception as e:  # protobuf DecodeError and friends
             raise self.error(f"'{ip.source}' is not a BlobProto binaryproto ({e})",
                              "save H with caffe_pb2.BlobProto(...).SerializeToString()")

@@ -33,11 +33,14 @@ def lrn_across_channels(x: torch.Tensor, size: int, alpha: float, beta: float, k
     """Caffe's cross-channel LRN: x * (k + alpha/size * sum_{window over channels} x^2)^-beta.
 
     The channel window is centred and zero-padded by (size-1)/2 on both sides (Caffe's
-    ``padded_square``); an average pool that counts the padding gives sum/size directly.
+    ``padded_square``), so a window wider than the channel count is fine (local_size 5 over 3
+    channels); the zeros are added explicitly because torch's pooling refuses an input smaller
+    than its kernel even when the padding would cover it. An average over the padded windows
+    gives sum/size directly.
     """
-    sq = (x * x).unsqueeze(1)  # (N, 1, C, H, W): pool along C only
-    avg = F.avg_pool3d(sq, (size, 1, 1), stride=1, padding=((size - 1) // 2, 0, 0),
-                       count_include_pad=True).squeeze(1)
+    pad = (size - 1) // 2
+    sq = F.pad((x * x).unsqueeze(1), (0, 0, 0, 0, pad, pad))  # (N, 1, C + 2 pad, H, W)
+    avg = F.avg_pool3d(sq, (size, 1, 1), stride=1).squeeze(1)
     return x * (avg * alpha + k).pow(-beta)
 
 

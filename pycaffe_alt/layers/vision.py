@@ -447,6 +447,12 @@ class Pooling(Layer):
             raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {shape}",
                              "reshape the input to 4 axes")
         _check_pool_geometry(self, self._geometry(shape[2], shape[3]), self.method)
+        out = pooled_shape(self._geometry(shape[2], shape[3]), shape[2], shape[3])
+        if min(out) < 1:  # Caffe's Reshape CHECK fails on the negative (or empty) top
+            raise self.error(f"the kernel {self._geometry(shape[2], shape[3]).kernel} (pad "
+                             f"{self.pad}) does not fit the {shape[2]}x{shape[3]} input: the "
+                             f"output would be {out[0]}x{out[1]}",
+                             "use a smaller kernel, padding, or global_pooling: true")
 
     def _pair(self, pp, name: str, hname: str, wname: str) -> Pair:
         has_h, has_w = pp.HasField(hname), pp.HasField(wname)

@@ -39,6 +39,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..errors import SolverError, WeightsError
+from ..fileio import check_input_path, read_input_bytes
 from ..proto import caffe_pb2
 from ..weights import array_to_blob, atomic_write, blob_to_array
 
@@ -186,20 +187,16 @@ def write_solverstate(path: str, iter: int, current_step: int, learned_net: Opti
 
 
 def _require_file(path: str, kind: str, error=SolverError) -> None:
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise error(f"{kind} file not found", where=path,
                     hint="check the path; snapshots are named <prefix>_iter_<N>.solverstate "
                          "(relative paths are taken from the current directory)")
+    check_input_path(path, error, f"{kind} file")
 
 
 def _read_bytes(path: str, kind: str) -> bytes:
     _require_file(path, kind)
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise SolverError(f"cannot read the {kind}: {e.strerror}", where=path,
-                          hint="check the path; snapshots are named <prefix>_iter_<N>.solverstate") from None
+    return read_input_bytes(path, SolverError, kind)
 
 
 def read_solverstate(path: str) -> SolverStateData:
@@ -215,12 +212,23 @@ def read_solverstate(path: str) -> SolverStateData:
     if not state.HasField("iter"):
         raise SolverError("not a solver state (no iteration recorded)", where=path,
                           hint="pass a .solverstate file written by Caffe or pycaffe_alt")
+    _check_counters(state.iter, state.current_step, path)
     resume = (decode_resume_state(state.resume_state, where=path)
               if state.HasField("resume_state") else None)
     return SolverStateData(
         iter=state.iter, current_step=state.current_step,
         learned_net=state.learned_net if state.HasField("learned_net") else None,
         history=_history_arrays(state.history, path), resume_state=resume)
+
+
+def _check_counters(it: int, step: int, path: str) -> None:
+    # Caffe would resume at a negative iteration (and train max_iter - iter steps); a
+    # solverstate never holds one, so the file is damaged or not a solver state.
+    for field, value in (("iter", it), ("current_step", step)):
+        if value < 0:
+            raise SolverError(f"{field} is {value}; a solver state's {field} is never negative",
+                              where=path, hint="the file is damaged; resume from another "
+                                               "snapshot")
 
 
 def check_history(history: Sequence[np.ndarray], expected_shapes: Sequence[Tuple[int, ...]],
@@ -309,7 +317,8 @@ def _numbered(group, what: str) -> List[Optional[np.ndarray]]:
 
 
 def read_solverstate_h5(path: str) -> SolverStateData:
-    """Read a ``.solverstate.h5`` (Caffe's or ours)."""
+    """Read a ``.solverstate.h5`` (Caffe's or ours); a damaged file is a SolverError (h5py
+    reports some damage as OSError, some, in group tables, as RuntimeError)."""
     h5py = _h5py()
     _require_file(path, "solver state")
     try:
@@ -323,9 +332,10 @@ def read_solverstate_h5(path: str) -> SolverStateData:
             history = _numbered(f["history"], "history")
             resume = (bytes(np.asarray(f["resume_state"], dtype=np.uint8).tobytes())
                       if "resume_state" in f else None)
-    except (OSError, KeyError, IndexError, ValueError, TypeError) as e:
+    except (OSError, KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
         raise SolverError(f"not a valid HDF5 solver state ({e})", where=path,
                           hint="resume from another snapshot") from None
+    _check_counters(it, step, path)
     if any(h is None for h in history):
         raise SolverError("history datasets are not numbered 0..n-1", where=path,
                           hint="the file is damaged; resume from another snapshot")
@@ -370,6 +380,6 @@ def read_weights_h5(path: str) -> Dict[str, List[Optional[np.ndarray]]]:
         with h5py.File(path, "r") as f:
             data = f["data"]
             return {name: _numbered(data[name], f"layer {name!r}") for name in data}
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         raise WeightsError(f"not a Caffe HDF5 weights file ({e})", where=path,
                           hint="HDF5 weights hold a group data/<layer>/<i>") from None

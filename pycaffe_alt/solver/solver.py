@@ -21,7 +21,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import CaffeError, NetError, NonFiniteLossError, SolverError
+from ..errors import CaffeError, NetError, NonFiniteLossError, SolverError, located_in
+from ..fileio import check_input_path, remove_stale_temporaries
 from ..layers import TEST, TRAIN
 from ..log import format_value, get_logger, loss_suffix
 from ..mode import default_device, set_random_seed
@@ -31,7 +32,7 @@ from ..train import debug_info, loop
 from ..train.resume import apply as apply_resume_state
 from ..train.resume import capture as capture_resume_state
 from .lr_policy import current_step, learning_rate
-from .regularize import clip_gradients, local_decay, normalize, regularize
+from .regularize import clip_gradients, local_decay, normalize, regularize, regularizer
 from .rules import RuleHyper, apply_update, check_hyper, local_rate, update_rule
 from .snapshot import (check_history, read_any_solverstate, snapshot_companion,
                        snapshot_filename, write_solverstate, write_solverstate_h5,
@@ -97,11 +98,12 @@ class Solver:
             self.param.train_state.stage.extend(stages)
         if level is not None:
             self.param.train_state.level = int(level)
-        self._check_param()
-        rule_type = self._rule_type()
-        self.rule = update_rule(rule_type)
-        self.hyper = RuleHyper.from_solver_param(self.param)
-        check_hyper(rule_type, self.hyper)
+        with located_in(self.source):  # value errors name the solver file first
+            self._check_param()
+            rule_type = self._rule_type()
+            self.rule = update_rule(rule_type)
+            self.hyper = RuleHyper.from_solver_param(self.param)
+            check_hyper(rule_type, self.hyper)
         self.device = self._pick_device(device)
         self._iter = 0
         self.current_step = 0
@@ -163,6 +165,22 @@ class Solver:
                               'add snapshot_prefix: "folder/name" to the solver file')
         if p.test_iter and any(n < 0 for n in p.test_iter):
             raise SolverError("test_iter values must be >= 0", self._where("test_iter"))
+        # Caffe would run no iteration and report success; that is never what was meant.
+        if p.max_iter < 0:
+            raise SolverError(f"max_iter must be >= 0 (got {p.max_iter})", self._where("max_iter"),
+                              "the number of iterations to train")
+        for k in range(1, len(p.stepvalue)):
+            if p.stepvalue[k] < p.stepvalue[k - 1]:
+                # Caffe accepts it (step k is then taken one iteration after step k-1), so do we.
+                logger.warning("%s: the values are not increasing (stepvalue %d is %d, after %d);"
+                               " as in Caffe, that step is taken one iteration after the previous "
+                               "one", self._where("stepvalue"), k, p.stepvalue[k],
+                               p.stepvalue[k - 1])
+                break
+        # Unknown names and missing policy parameters fail now, not at the first update.
+        regularizer(p.regularization_type)
+        if p.lr_policy:
+            learning_rate(p, 0)
 
     def _pick_device(self, device) -> torch.device:
         if device is not None:
@@ -177,6 +195,10 @@ class Solver:
     def check_snapshot_folder(self, required: bool = True) -> None:
         """Fail now, not at the first snapshot, when snapshot files cannot be written there
         (Caffe's CheckSnapshotWritePermissions probes with a temporary file the same way)."""
+        if self.param.snapshot_prefix:
+            # Temporaries of snapshots a killed run was writing (SIGKILL skips every cleanup).
+            for path in remove_stale_temporaries(self.param.snapshot_prefix):
+                logger.info("Removed %s, left by an interrupted snapshot", path)
         if not required:
             return
         # The process id keeps ranks of a data-parallel job from removing each other's probe.
@@ -198,11 +220,12 @@ class Solver:
                               f"start at {os.getcwd()})") from None
 
     def _net_file(self, path: str, field: str) -> str:
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise NetError(f"net file '{path}' not found", self._where(field),
                            f"paths in the solver file are relative to the current directory "
                            f"({os.getcwd()}), as in Caffe")
-        return path
+        with located_in(self._where(field)):  # a FIFO, device or directory: say which
+            return check_input_path(path, NetError, "net file")
 
     def _net_state(self, net_param, phase: int, extra) -> "caffe_pb2.NetState":
         """Caffe's NetState precedence: phase, then the net's own state, then train/test_state."""
@@ -282,9 +305,11 @@ class Solver:
 
     def _load_weights(self, path: str) -> None:
         """Caffe's --weights: copy into the train net and every test net (layers matched by name)."""
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise SolverError(f"weights file '{path}' not found", self._where("weights"),
                               f"check the path (relative paths start at {os.getcwd()})")
+        with located_in(self._where("weights")):
+            check_input_path(path, SolverError, "weights file")
         logger.info("Finetuning from %s", path)
         for net in [self.net] + self.test_nets:
             net.copy_from(path)
@@ -426,8 +451,9 @@ class Solver:
     def apply_update(self) -> None:
         """Caffe's SGDSolver::ApplyUpdate for the current iteration, then ``iter += 1``."""
         it = self._iter
-        rate = learning_rate(self.param, it)
-        step = current_step(self.param, it)
+        with located_in(self.source):  # e.g. no lr_policy at all: a solver-file error
+            rate = learning_rate(self.param, it)
+            step = current_step(self.param, it)
         if step is not None:
             if self.param.lr_policy == "multistep" and step != self.current_step:
                 logger.info("MultiStep Status: Iteration %d, step = %d", it, step)

@@ -17,6 +17,7 @@ import numpy as np
 from ..data.datum import datum_to_array
 from ..data.db import open_db
 from ..errors import DataError
+from ..fileio import atomic_write
 from ..proto import caffe_pb2
 from .cli import parse_args, progress, run_main
 
@@ -60,11 +61,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.time()
     blob = mean_blob(args.input_db, args.backend)
     if args.output_file:
-        try:
-            with open(args.output_file, "wb") as f:
-                f.write(blob.SerializeToString())
-        except OSError as e:
-            raise DataError(f"cannot write ({e.strerror})", where=args.output_file) from None
+        # Atomic: an interrupted run keeps the old file, and a FIFO or device given as the
+        # output is replaced by the file instead of blocking the write.
+        atomic_write(args.output_file, blob.SerializeToString(), DataError)
     mean = np.asarray(blob.data, dtype=np.float32).reshape(blob.channels, -1)
     for c, value in enumerate(mean.mean(axis=1, dtype=np.float64)):
         print(f"mean_value channel [{c}]: {value:g}")

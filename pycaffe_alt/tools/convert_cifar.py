@@ -26,6 +26,7 @@ import numpy as np
 from ..data.datum import array_to_datum
 from ..data.db import normalize_backend, open_db
 from ..errors import DataError
+from ..fileio import read_input_bytes
 from .cli import parse_args, progress, run_main
 
 IMAGE_BYTES = 3 * 32 * 32
@@ -76,7 +77,7 @@ def detect(input_dir: str) -> Tuple[str, str, str]:
 def read_python_batch(path: str, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
     """(N x 3072 uint8 images, N labels) from one pickled batch."""
     try:
-        with open(path, "rb") as f:
+        with io.BytesIO(read_input_bytes(path, DataError, "CIFAR batch")) as f:
             # latin1 is numpy's advice for Python 2 pickles (the official ones); keys may then be
             # str or, from other writers, bytes.
             batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
@@ -95,7 +96,7 @@ def read_python_batch(path: str, label_key: str) -> Tuple[np.ndarray, np.ndarray
 def read_binary_batch(path: str, label_bytes: int, label_index: int) -> Tuple[np.ndarray, np.ndarray]:
     """(N x 3072 uint8 images, N labels) from one binary batch (label byte(s) then the pixels)."""
     try:
-        raw = np.fromfile(path, dtype=np.uint8)
+        raw = np.frombuffer(read_input_bytes(path, DataError, "CIFAR batch"), dtype=np.uint8)
     except OSError as e:
         raise DataError(f"cannot read ({e.strerror})", where=path) from None
     record = label_bytes + IMAGE_BYTES

@@ -18,18 +18,17 @@ from typing import List, Optional, Sequence, Tuple
 from ..data.db import normalize_backend, open_db
 from ..data.image import guess_encoding, image_to_datum
 from ..errors import DataError
+from ..fileio import read_input_bytes
 from .cli import add_bool_flag, parse_args, progress, run_main, warn
 
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 _BOOL_FLAGS = ("gray", "shuffle", "check_size", "encoded")
 
 
 def read_list_file(path: str) -> List[Tuple[str, int]]:
     """(relative filename, label) per non-blank line; a malformed line raises naming its number."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read the list file ({e.strerror})", where=path) from None
+        text = read_input_bytes(path, DataError, "list file").decode("utf-8")
     except UnicodeDecodeError:
         raise DataError("the list file is not UTF-8 text", where=path) from None
     entries = []
@@ -50,6 +49,10 @@ def read_list_file(path: str) -> List[Tuple[str, int]]:
                             f"label", where=f"{path}:{number}",
                             hint="one image per line: a path relative to ROOTFOLDER, a space, "
                                  "the integer label")
+        if not INT32_MIN <= value <= INT32_MAX:  # Datum.label is an int32
+            raise DataError(f"label {value} does not fit the Datum's int32 label",
+                            where=f"{path}:{number}",
+                            hint=f"labels are integers from {INT32_MIN} to {INT32_MAX}")
         entries.append((name.strip("\t"), value))
     return entries
 
@@ -86,8 +89,12 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
     entries = read_list_file(list_file)
     if shuffle:
         random.Random(seed).shuffle(entries)
-    # Caffe: an encode_type alone means encoded output; negative sizes mean "no resize".
+    # Caffe: an encode_type alone means encoded output; negative sizes mean "no resize"
+    # (std::max(0, FLAGS_resize_*)), accepted without a word: we accept them with one.
     encoded = encoded or bool(encode_type)
+    for flag, value in (("--resize_height", resize_height), ("--resize_width", resize_width)):
+        if value < 0:
+            warn(f"{flag} {value} is negative; as in Caffe it is taken as 0 (no resize)")
     resize_height, resize_width = max(0, resize_height), max(0, resize_width)
     skipped: List[str] = []
     first_shape = None

@@ -20,6 +20,7 @@ import numpy as np
 from ..data.datum import array_to_datum
 from ..data.db import normalize_backend, open_db
 from ..errors import DataError
+from ..fileio import read_input_bytes
 from .cli import parse_args, progress, run_main
 
 IMAGE_MAGIC = 2051  # IDX: unsigned byte, 3 dimensions
@@ -29,8 +30,7 @@ LABEL_MAGIC = 2049  # IDX: unsigned byte, 1 dimension
 def read_idx(path: str, magic: int) -> np.ndarray:
     """An IDX file (gzipped when it starts with the gzip signature) as a uint8 array."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_input_bytes(path, DataError, "IDX file")
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except OSError as e:  # includes gzip.BadGzipFile

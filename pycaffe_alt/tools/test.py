@@ -13,11 +13,11 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import CaffeError
+from ..errors import CaffeError, WeightsError
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from ..mode import resolve_device
-from .cli import parse_args, run_main
+from .cli import add_bool_flag, parse_args, run_main
 
 
 def add_net_flags(parser: argparse.ArgumentParser) -> None:
@@ -67,15 +67,25 @@ def select_device(flag: Optional[str]) -> torch.device:
     return resolve_device(ids[0])
 
 
-def build_net(args, phase: int):
-    """The Net described by the shared flags."""
+def build_net(args, phase: int, require_weights_match: bool = False):
+    """The Net described by the shared flags.
+
+    With ``require_weights_match``, a ``--weights`` file that copies into no layer of the net
+    (no layer name in common) is an error instead of a warning: scoring the random net would
+    look like a result.
+    """
     from ..net import Net
 
     stages = [s for s in args.stage.split(",") if s]
     net = Net(args.model, phase, stages=stages, level=args.level,
               allow_python=args.allow_python, device=select_device(args.gpu))
     for w in [w for w in args.weights.split(",") if w]:
-        net.copy_from(w)
+        if not net.copy_from(w) and require_weights_match and len(net.params):
+            raise WeightsError("no layer of this weights file has the name of a layer of the net, "
+                               "so nothing would be tested but the net's random initial weights",
+                               where=w, hint=f"check that --weights belongs to --model "
+                                             f"({args.model}); to score the unmatched net anyway, "
+                                             "add --allow_unmatched_weights")
     return net
 
 
@@ -111,12 +121,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_net_flags(parser)
     parser.add_argument("--iterations", type=int, default=50, help="number of batches to score")
     parser.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST")
-    args = parse_args(parser, argv)
+    add_bool_flag(parser, "allow_unmatched_weights",
+                  "score the net even when --weights shares no layer name with it (ours)")
+    args = parse_args(parser, argv, ["allow_unmatched_weights"])
+    if args.iterations < 1:  # Caffe would print "Loss: -nan" (0/0) for nothing scored
+        raise CaffeError(f"--iterations {args.iterations}: must be at least 1",
+                         hint="the number of batches to score")
     setup_logging()
     keep_freed_memory()  # reuse activation memory across iterations, as Caffe does
     from ..layers import TEST, TRAIN
 
-    net = build_net(args, TRAIN if args.phase == "TRAIN" else TEST)
+    net = build_net(args, TRAIN if args.phase == "TRAIN" else TEST,
+                    require_weights_match=not args.allow_unmatched_weights)
     get_logger().info("Running for %d iterations.", args.iterations)
     score(net, args.iterations)
     return 0

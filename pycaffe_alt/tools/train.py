@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 from ..distributed.group import DEFAULT_START_TIMEOUT, LaunchEnv, launch_env
 from ..distributed.launch import spawn_ranks, without_flag
 from ..errors import CaffeError, DistributedError, SolverError, WeightsError
+from ..fileio import check_input_path
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from ..proto import caffe_pb2
@@ -101,12 +102,15 @@ def check_flags(args: argparse.Namespace) -> None:
                           hint="--snapshot continues a run (its weights and solver history); "
                                "--weights starts a new run from trained weights")
     for path in _split(args.weights):
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise WeightsError(f"--weights: file {path!r} does not exist",
                                hint="give a .caffemodel (or .h5) path; several are separated by commas")
-    if args.snapshot and not os.path.isfile(args.snapshot):
+        check_input_path(path, WeightsError, "weights file")
+    if args.snapshot and not os.path.lexists(args.snapshot):
         raise SolverError(f"--snapshot: file {args.snapshot!r} does not exist",
                           hint="give a .solverstate (or .solverstate.h5) written by a previous run")
+    if args.snapshot:
+        check_input_path(args.snapshot, SolverError, "solver state file")
 
 
 def gpu_flag_for(args_gpu: str, param) -> str:
