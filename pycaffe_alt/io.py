@@ -82,7 +82,11 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(filename, (str, os.PathLike)):
-        check_input_path(filename, DataError, "image file")
+        # A missing file is pycaffe's FileNotFoundError; a FIFO, device or folder is refused
+        # before Pillow could block on it, as an unreadable image (an OSError, as imread's).
+        if not os.path.lexists(filename):
+            raise ImageNotFoundError("no such image file", where=os.fspath(filename))
+        check_input_path(filename, ImageReadError, "image file")
     try:
         with Image.open(filename) as im:
             im.load()
