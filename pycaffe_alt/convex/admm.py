@@ -18,7 +18,8 @@ with ``Q = S^2`` (the output bias minimized out; Q = I without one). Residuals (
 G^T (T - T_old)||``; converged when ``r <= sqrt(m) abs_tol + rel_tol max(||(U, G U)||,
 ||(V, T)||)`` and ``s <= sqrt(p) abs_tol + rel_tol rho ||Lam + G^T Nu||``.
 
-The linear system is factored once. Its matrix is ``B + F^T Q F`` with ``B = rho (I + Z^T Z)``
+The linear system is factored once (again only when ``adapt`` > 0 changes rho, see
+:meth:`ADMM._balance`). Its matrix is ``B + F^T Q F`` with ``B = rho (I + Z^T Z)``
 repeated on every block (because ``(2D - I)^2 = I``), so by Woodbury only a d x d Cholesky
 factor (B) and an n x n one (``I + S F B^{-1} F^T S``) are needed; every iteration then costs a
 few passes over the patterns (O(P n K d C)).
@@ -50,13 +51,17 @@ class ADMMStats:
 class ADMM:
     """The ADMM iterations on a :class:`ConvexProgram` (state: U, V, T, Lam, Nu).
 
-    ``ADMM(program, rho, abs_tol, rel_tol, relaxation)``; :meth:`step` runs one iteration and returns its
+    ``ADMM(program, rho, abs_tol, rel_tol, relaxation, adapt)`` (``adapt``: residual balancing
+    every that many iterations; 0 = rho fixed); :meth:`step` runs one iteration and returns its
     :class:`ADMMStats`; ``V`` is the current (group-sparse) solution estimate.
     """
 
     def __init__(self, program: ConvexProgram, rho: float, abs_tol: float = 1e-8,
-                 rel_tol: float = 1e-6, relaxation: float = 1.0):
+                 rel_tol: float = 1e-6, relaxation: float = 1.0, adapt: int = 0):
         self.prog = program
+        self.adapt = int(adapt)
+        self._iter = 0
+        self.refactors = 0
         self.relaxation = float(relaxation)
         self.rho = float(rho)
         self.abs_tol = float(abs_tol)
@@ -118,7 +123,23 @@ class ADMM:
             math.sqrt(float((self.V ** 2).sum() + (self.T ** 2).sum())))
         eps_d = math.sqrt(self.U.numel()) * self.abs_tol + \
             self.rel_tol * rho * float((self.Lam + p.GT(self.Nu)).norm())
+        self._iter += 1
+        if self.adapt and self._iter % self.adapt == 0:
+            self._balance(primal / max(eps_p, 1e-300), dual / max(eps_d, 1e-300))
         return ADMMStats(primal, dual, eps_p, eps_d)
+
+    def _balance(self, primal: float, dual: float) -> None:
+        """Residual balancing (Boyd et al. 2011, sec. 3.4.1, on residuals relative to their
+        tolerances): rho x 2 when the primal residual lags by more than 10x, / 2 when the dual
+        one does; the scaled duals are rescaled and the linear system is factored again."""
+        factor = 2.0 if primal > 10 * dual else 0.5 if dual > 10 * primal else 1.0
+        if factor == 1.0:
+            return
+        self.rho *= factor
+        self.Lam = self.Lam / factor
+        self.Nu = self.Nu / factor
+        self._factor()
+        self.refactors += 1
 
 
 __all__ = ["ADMM", "ADMMStats"]

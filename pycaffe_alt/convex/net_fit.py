@@ -51,6 +51,8 @@ from ..errors import SolverError
 from ..proto import caffe_pb2
 
 DATA_TYPES = ("Data", "ImageData", "HDF5Data", "MemoryData")
+NONLINEAR = ("ReLU", "HardThreshold", "Sigmoid", "TanH", "PReLU", "ELU", "AbsVal", "Power",
+             "Dropout", "Pooling")
 SHAPE = ("data layer (Data, ImageData, HDF5Data or MemoryData) -> InnerProduct or Convolution -> "
          "ReLU (or HardThreshold with beta 0) -> [Pooling AVE to 1x1] -> InnerProduct -> "
          "EuclideanLoss")
@@ -191,7 +193,7 @@ def check_two_layer(net) -> TwoLayerNet:
         pool = lp.name
         current = lp.top[0]
         i, lp, m = take("the last InnerProduct", "InnerProduct")
-    if lp.type in ("ReLU", "HardThreshold", "Sigmoid", "TanH", "Convolution") or \
+    if lp.type in NONLINEAR + ("Convolution",) or \
             (lp.type == "InnerProduct" and list(lp.bottom) != [current]):
         raise _refuse(net, i, f"a second hidden layer ({lp.type}): the convex program is exact "
                       "for nets with ONE ReLU layer between two weight layers")
@@ -210,6 +212,10 @@ def check_two_layer(net) -> TwoLayerNet:
     current = lp.top[0]
 
     i, lp, m = take("the loss", "EuclideanLoss")
+    if lp.type in NONLINEAR:
+        raise _refuse(net, i, f"a second hidden layer ({lp.type} after the InnerProduct "
+                      f"'{last}'): the convex program is exact for nets with ONE ReLU layer "
+                      "between two weight layers")
     if lp.type != "EuclideanLoss":
         raise _refuse(net, i, f"{lp.type}: the convex program is the one of the squared loss; "
                       "only EuclideanLoss is solved (a classifier can be trained on one-hot "

@@ -37,14 +37,26 @@ class Units:
         return int(self.W1.shape[0])
 
 
-def active_blocks(V: torch.Tensor, rel: float = 1e-12) -> List[tuple]:
-    """``(s, p, c)`` of the nonzero blocks (norm above ``rel`` x the largest one)."""
+# Blocks shorter than this fraction of the longest are dropped: an iterative solver leaves many
+# tiny ones that would each cost a hidden unit; the objective is recomputed without them.
+PRUNE = 1e-4
+
+
+def active_blocks(V: torch.Tensor, rel: float = PRUNE) -> List[tuple]:
+    """``(s, p, c)`` of the blocks kept (norm above ``rel`` x the largest one)."""
     norms = V.norm(dim=2)
     top = float(norms.max()) if norms.numel() else 0.0
     if top == 0.0:
         return []
     idx = (norms > rel * top).nonzero().tolist()
     return [tuple(i) for i in idx]
+
+
+def pruned(V: torch.Tensor, rel: float = PRUNE) -> torch.Tensor:
+    """V without the blocks :func:`active_blocks` drops."""
+    norms = V.norm(dim=2, keepdim=True)
+    top = float(norms.max()) if norms.numel() else 0.0
+    return V * (norms > rel * top) if top > 0 else V
 
 
 def recover_units(prog: ConvexProgram, problem: ConvexProblem, V: torch.Tensor) -> Units:
@@ -105,4 +117,4 @@ def write_into_net(net, problem: ConvexProblem, units: Units) -> None:
             last.bias.copy_(torch.from_numpy(units.b2).to(last.bias.dtype))
 
 
-__all__ = ["Units", "active_blocks", "recover_units", "write_into_net"]
+__all__ = ["Units", "active_blocks", "pruned", "PRUNE", "recover_units", "write_into_net"]

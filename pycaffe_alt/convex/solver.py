@@ -30,7 +30,8 @@ from .certificate import lower_bound
 from .net_fit import ConvexProblem, build_problem, check_two_layer, decay_mults
 from .patterns import arrangement_count, enumerate_patterns, sample_patterns
 from .program import ConvexProgram
-from .recover import recover_units, write_into_net
+from .polish import polish
+from .recover import pruned, recover_units, write_into_net
 from .sampled import fista, gated_objective, split_into_cones
 
 logger = get_logger()
@@ -109,6 +110,9 @@ class ConvexSolver(Solver):
                   (not c.abs_tol >= 0, f"abs_tol must be >= 0, got {c.abs_tol}"),
                   (not c.rel_tol >= 0, f"rel_tol must be >= 0, got {c.rel_tol}"),
                   (not c.gap_tol >= 0, f"gap_tol must be >= 0, got {c.gap_tol}"),
+                  (c.polish_iter < 0, f"polish_iter must be >= 0, got {c.polish_iter}"),
+                  (c.adapt_interval < 0, f"adapt_interval must be >= 0, got "
+                   f"{c.adapt_interval}"),
                   (c.max_exact_patterns <= 0,
                    f"max_exact_patterns must be > 0, got {c.max_exact_patterns}"),
                   (p.max_iter <= 0, f"max_iter (the solver's iterations) must be > 0, got "
@@ -211,10 +215,10 @@ class ConvexSolver(Solver):
 
     def _run_admm(self, exact: bool, start: float):
         c, prog = self.convex, self.program
-        admm = ADMM(prog, c.rho, c.abs_tol, c.rel_tol, c.relaxation)
+        admm = ADMM(prog, c.rho, c.abs_tol, c.rel_tol, c.relaxation, c.adapt_interval)
         setup = time.perf_counter() - start
-        logger.info("Convex: ADMM, rho = %g, linear system factored in %.3g s (setup)", c.rho,
-                    setup)
+        logger.info("Convex: ADMM, rho = %g, relaxation %g, linear system factored in %.3g s "
+                    "(setup)", c.rho, c.relaxation, setup)
         seconds, it = 0.0, 0
         for it in range(1, self.param.max_iter + 1):
             t0 = time.perf_counter()
@@ -238,6 +242,8 @@ class ConvexSolver(Solver):
                             "dual %.3g <= %.3g)", it, stats.primal, stats.eps_primal,
                             stats.dual, stats.eps_dual)
                 break
+        if admm.refactors:
+            logger.info("Convex: rho adapted %d time(s), now %g", admm.refactors, admm.rho)
         return admm.V, it, seconds, setup
 
     def _run_sampled(self, H: torch.Tensor, exact: bool, start: float):
@@ -267,15 +273,22 @@ class ConvexSolver(Solver):
     def _finish(self, V: torch.Tensor, iters: int, seconds: float, setup: float,
                 exact: bool) -> None:
         prog, problem = self.program, self.problem
-        last = self.result_history[-1] if self.result_history else None
-        if last is None or last["iter"] != iters:
-            is_admm = self.convex.method == _CP.ADMM
-            last = self._record(iters, seconds, V, prog.objective(V) if is_admm else
-                                self._gated_value, None, None, exact, certify=exact and is_admm)
+        is_admm = self.convex.method == _CP.ADMM
+        kept = pruned(V)
+        program_value = prog.objective(kept) if is_admm else self._gated_value
+        final = polish(prog, kept, int(self.convex.polish_iter))
+        if final is not kept:
+            logger.info("Convex: units polished by L-BFGS (%d iterations at most): objective "
+                        "%s -> %s", self.convex.polish_iter,
+                        _fmt(prog.net_objective(kept) * problem.scale),
+                        _fmt(prog.net_objective(final) * problem.scale))
+        # The final line describes the net that is written (tiny blocks dropped, polished).
+        last = self._record(iters, seconds, final, program_value, None, None, exact,
+                            certify=exact)
+        V = final
         units = recover_units(prog, problem, V)
-        logger.info("Convex: %d hidden unit(s) used of %d (layer '%s'); largest cone "
-                    "violation %.3g", units.count, problem.roles.hidden, problem.roles.first,
-                    prog.violation(V))
+        logger.info("Convex: %d hidden unit(s) used of %d (layer '%s')", units.count,
+                    problem.roles.hidden, problem.roles.first)
         write_into_net(self.net, problem, units)
         self.result = ConvexResult(
             objective=last["objective"], lower_bound=last["lower_bound"], gap=last["gap"],
