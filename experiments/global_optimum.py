@@ -2,14 +2,14 @@
 """The certified global optimum of two-layer ReLU nets (solver type "Convex") against what SGD and
 I-alternation reach from random starts; ADMM's convergence; exact against sampled patterns.
 
-    python3 experiments/global_optimum.py                 # all datasets, ~5-10 CPU minutes
+    python3 experiments/global_optimum.py                 # all datasets, ~10 CPU minutes
     python3 experiments/global_optimum.py --quick         # fewer SGD runs (smoke test)
     python3 experiments/global_optimum.py --plot-only     # redraw from the CSV files
 
 Datasets (small enough that EVERY arrangement pattern is enumerated, so the optimum is certified
 by the dual bound): ``teacher`` (40 points in R^2, a 3-unit teacher plus noise, biases on both
-layers), ``mnist2`` (mnist5k digits 3 vs 5, 2x2 block means, 24 examples, targets +-1),
-``mnist10`` (two digits of each class, 2x2 block means, one-hot targets: 10 stacked programs),
+layers), ``mnist2`` (mnist5k digits 3 vs 5, 2x2 block means, 16 examples, targets +-1),
+``mnist10`` (one digit of each class, 2x2 block means, one-hot targets: 10 stacked programs),
 ``cnn2`` (mnist5k 3 vs 5 at 3x3 block means, 6 images, Convolution 2x2 -> ReLU -> global AVE
 pooling -> InnerProduct). Objective = Caffe's (EuclideanLoss over the whole set + weight_decay/2
 ||W||^2), weight_decay 0.01.
@@ -85,11 +85,11 @@ def dataset(name):
         y += 0.1 * rng.standard_normal(y.shape)
         return X.astype(np.float32), y.astype(np.float32), "fc", 0.1
     if name == "mnist2":
-        X, lab = _mnist((3, 5), 12, 2)
+        X, lab = _mnist((3, 5), 8, 2)
         return (X.reshape(len(X), -1).astype(np.float32),
                 np.where(lab == 3, 1.0, -1.0)[:, None].astype(np.float32), "fc", 0.1)
     if name == "mnist10":
-        X, lab = _mnist(range(10), 2, 2)
+        X, lab = _mnist(range(10), 1, 2)
         return (X.reshape(len(X), -1).astype(np.float32),
                 np.eye(10)[lab].astype(np.float32), "fc", 0.1)
     if name == "cnn2":
@@ -99,18 +99,49 @@ def dataset(name):
     raise ValueError(name)
 
 
-def write_case(folder, X, y, kind, hidden, relu="relu"):
+LMDB = ('layer {{ name: "data" type: "Data" top: "data" top: "label" '
+        'data_param {{ source: "{src}" batch_size: {batch} backend: LMDB }} }}\n')
+
+
+def integer_labels(y) -> bool:
+    """Whether the targets fit a Datum's int label (one integer per example)."""
+    return y.shape[1] == 1 and np.array_equal(y, np.round(y))
+
+
+def _write_lmdb(path, X, y):
+    from pycaffe_alt.data.datum import array_to_datum
+    from pycaffe_alt.data.db import open_db
+
+    if os.path.exists(path):
+        return
+    writer = open_db(path, "lmdb", "w")
+    for i in range(len(X)):
+        x = X[i].reshape(-1, 1, 1) if X[i].ndim == 1 else X[i]
+        writer.put(f"{i:08d}", array_to_datum(x.astype(np.float64), int(y[i, 0]))
+                   .SerializeToString())
+    writer.close()
+
+
+def write_case(folder, X, y, kind, hidden, relu="relu", lmdb=False):
+    """The net prototxt (HDF5Data, or a Data layer over an LMDB of float Datums with integer
+    labels: I-alternation reads Data/ImageData only)."""
     import h5py
 
     os.makedirs(folder, exist_ok=True)
-    h5 = os.path.join(folder, "train.h5")
-    with h5py.File(h5, "w") as f:
-        f["data"] = X
-        f["label"] = y
-    src = os.path.join(folder, "train.txt")
-    with open(src, "w") as f:
-        f.write(h5 + "\n")
-    text = DATA.format(src=src, batch=len(X)) + FIRST[kind].format(hidden=hidden) + RELU[relu]
+    if lmdb:
+        src = os.path.join(folder, "train_lmdb")
+        _write_lmdb(src, X, y)
+        data = LMDB.format(src=src, batch=len(X))
+    else:
+        h5 = os.path.join(folder, "train.h5")
+        with h5py.File(h5, "w") as f:
+            f["data"] = X
+            f["label"] = y
+        src = os.path.join(folder, "train.txt")
+        with open(src, "w") as f:
+            f.write(h5 + "\n")
+        data = DATA.format(src=src, batch=len(X))
+    text = data + FIRST[kind].format(hidden=hidden) + RELU[relu]
     text += (POOL if kind == "cnn" else "") + LAST.format(bottom="p" if kind == "cnn" else "h",
                                                          outputs=y.shape[1])
     net = os.path.join(folder, f"net_{relu}.prototxt")
@@ -134,7 +165,7 @@ def objective(net_path, X, y, params):
 
 
 # ------------------------------------------------------------------------------ arms
-def run_convex(folder, X, y, kind, rho, hidden, extra="", max_iter=3000, display=50):
+def run_convex(folder, X, y, kind, rho, hidden, extra="", max_iter=1500, display=100):
     from pycaffe_alt.solver.solver import get_solver
 
     net = write_case(folder, X, y, kind, hidden)
@@ -197,7 +228,7 @@ def run_alternation(folder, X, y, kind, hidden, lr, seed, iters, exact_step=Fals
     """The product's AlternationSolver (I-alternation) on the HardThreshold(beta 0) version."""
     from pycaffe_alt.solver.solver import get_solver
 
-    net = write_case(folder, X, y, kind, hidden, relu="ht")
+    net = write_case(folder, X, y, kind, hidden, relu="ht", lmdb=True)
     relu_net = write_case(folder, X, y, kind, hidden)
     step = " weight_step: LEAST_SQUARES" if exact_step else ""
     solver_path = os.path.join(folder, f"alt_{seed}.prototxt")
@@ -219,7 +250,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "out", "global_optimum"))
     ap.add_argument("--datasets", default="teacher,mnist2,mnist10,cnn2")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--iters", type=int, default=3000, help="SGD / alternation iterations")
+    ap.add_argument("--iters", type=int, default=1500, help="SGD / alternation iterations")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--results", action="store_true",
@@ -252,7 +283,7 @@ def run_all(args):
         X, y, kind, rho = dataset(name)
         folder = os.path.join(args.out, name)
         t0 = time.perf_counter()
-        r, check, _ = run_convex(folder, X, y, kind, rho, hidden=200)
+        r, check, _ = run_convex(folder, X, y, kind, rho, hidden=2000)
         wall = time.perf_counter() - t0
         opt = r.objective
         print(f"{name}: optimum {opt:.8g} (net re-evaluated {check:.8g}), lower bound "
@@ -281,6 +312,10 @@ def run_all(args):
         best_lr = min((x for x in runs if x["arm"] == "sgd" and x["dataset"] == name),
                       key=lambda x: x["objective"])["lr"]
         arms = [("ialt", False)] + ([("exact_step", True)] if exact_step_available() else [])
+        if not integer_labels(y):
+            print(f"  alternation arms skipped: {name}'s targets are not one integer per "
+                  "example, and I-alternation reads Data/ImageData (Datum labels are int32)")
+            arms = []
         for arm, exact in arms:
             for seed in seeds:
                 t = time.perf_counter()
@@ -295,7 +330,7 @@ def run_all(args):
             for method in ("ADMM", "SAMPLED"):
                 for count in (8, 32, 128, 512):
                     sr, value, _ = run_convex(os.path.join(folder, f"s_{method}_{count}"), X, y,
-                                              kind, rho, hidden=400, display=0,
+                                              kind, rho, hidden=2000, display=0,
                                               extra=f"method: {method} num_patterns: {count}")
                     sampled_rows.append(dict(dataset=name, method=method, num_patterns=count,
                                              patterns=sr.patterns, objective=value,
