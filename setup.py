@@ -20,9 +20,11 @@ setup(
         "h5py>=3.0",
         "tqdm>=4.60",
         "matplotlib>=3.5",
+        # The Convex solver's certificate: non-negative least squares (scipy.optimize.nnls).
+        "scipy>=1.8",
     ],
     extras_require={
-        "test": ["pytest>=7", "grpcio-tools==1.85.1"],
+        "test": ["pytest>=7", "grpcio-tools==1.85.1", "cvxpy>=1.4"],
         "leveldb": ["plyvel"],
     },
     entry_points={"console_scripts": ["pycaffe-alt=pycaffe_alt.tools.caffe:run"]},
