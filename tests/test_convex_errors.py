@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from convex_case import CNN, DATA, FC, Case, fc_data
 from pycaffe_alt.errors import SolverError

@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -229,7 +228,8 @@ def check_two_layer(net) -> TwoLayerNet:
                       "the two-layer form", HINT + " (remove accuracy or other extra layers from "
                       "the TRAIN phase with include { phase: TEST })")
     if loss_top and net.blob_loss_weights.get(loss_top, 0.0) <= 0:
-        raise _refuse(net, i, "the EuclideanLoss has loss_weight <= 0", "use a positive loss_weight")
+        raise _refuse(net, i, "the EuclideanLoss has loss_weight <= 0",
+                      "use a positive loss_weight")
     return TwoLayerNet(data_name, data_index, data_top, label_top, first, first_index, first_type,
                        relu, pool, last, last_index, lp.name, loss_top, hidden, outputs,
                        first_bias, last_bias)

@@ -105,12 +105,6 @@ class ConvexProgram:
             return torch.zeros(self.y.shape[1], dtype=torch.float64, device=self.device)
         return (self.y - g).sum(0) / (self.y.shape[0] + self.ridge)
 
-    def violation(self, V: torch.Tensor) -> float:
-        """Largest violation of the cone constraints relative to the largest |Z v| (0: feasible)."""
-        GV = self.G(V)
-        scale = float(GV.abs().max()) or 1.0
-        return float((-GV).clamp_min(0).max()) / scale
-
 
 def group_norms(V: torch.Tensor) -> torch.Tensor:
     """``||V[s,p,:,c]||`` (2, P, C)."""

@@ -28,7 +28,7 @@ from ..solver.solver import Solver, SolverSource
 from .admm import ADMM
 from .certificate import lower_bound
 from .net_fit import ConvexProblem, build_problem, check_two_layer, decay_mults
-from .patterns import arrangement_count, enumerate_patterns, sample_patterns
+from .patterns import enumerate_patterns, sample_patterns
 from .program import ConvexProgram
 from .polish import polish
 from .recover import pruned, recover_units, write_into_net
@@ -146,8 +146,8 @@ class ConvexSolver(Solver):
         if c.num_patterns == 0:
             D, H = enumerate_patterns(problem.Z, int(c.max_exact_patterns),
                                       self._where("convex_param"))
-            logger.info("Convex: %d arrangement patterns, every one enumerated (%d distinct "
-                        "hyperplanes; count 2 sum_k<d C(m-1,k) checked)", D.shape[0],
+            logger.info("Convex: %d arrangement patterns of %d feature rows, every one "
+                        "enumerated (count 2 sum_k<d C(m-1,k) checked)", D.shape[0],
                         int(problem.Z.shape[0] * problem.Z.shape[1]))
             return D, H, True
         seed = int(self.param.random_seed)
@@ -197,9 +197,12 @@ class ConvexSolver(Solver):
                     "output(s), beta = %.6g (N x weight_decay%s)", n, K, d, problem.y.shape[1],
                     problem.beta, " x decay_mult scaling" if problem.unit_scale != 1 else "")
         if problem.y.shape[1] > 1:
-            logger.info("Convex: %d outputs are solved as %d scalar programs whose units are "
-                        "stacked (each unit feeds one output): the optimum among such nets",
-                        problem.y.shape[1], problem.y.shape[1])
+            logger.warning("Convex: %d outputs are solved as %d scalar programs whose units "
+                           "are stacked (each unit feeds one output): the objective and the "
+                           "lower bound are those of such nets; a net whose units feed several "
+                           "outputs can go lower (docs/global_optimum.md: the same program at "
+                           "weight_decay / sqrt(C) bounds it)", problem.y.shape[1],
+                           problem.y.shape[1])
         D, H, exact = self._patterns(problem)
         self.program = ConvexProgram(problem.Z, D, problem.y, problem.beta,
                                      problem.out_bias_ridge, device=self.device)
