@@ -60,8 +60,9 @@ def pruned(V: torch.Tensor, rel: float = PRUNE) -> torch.Tensor:
 
 
 def recover_units(prog: ConvexProgram, problem: ConvexProblem, V: torch.Tensor) -> Units:
-    """The units of V in the net's parameterization (see module doc)."""
-    blocks = active_blocks(V)
+    """The units of every nonzero block of V in the net's parameterization (see module doc);
+    prune V first (:func:`pruned`) to drop tiny blocks."""
+    blocks = active_blocks(V, rel=0.0)   # every nonzero block: V is already pruned
     C = prog.y.shape[1]
     d_in = problem.d_in
     rows, out = [], []

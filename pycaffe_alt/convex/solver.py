@@ -281,6 +281,7 @@ class ConvexSolver(Solver):
         program_value = prog.objective(kept) if is_admm else self._gated_value
         final = polish(prog, kept, int(self.convex.polish_iter))
         if final is not kept:
+            final = pruned(final)   # units the polish shrank to almost nothing
             logger.info("Convex: units polished by L-BFGS (%d iterations at most): objective "
                         "%s -> %s", self.convex.polish_iter,
                         _fmt(prog.net_objective(kept) * problem.scale),
