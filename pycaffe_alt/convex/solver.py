@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -161,12 +161,14 @@ class ConvexSolver(Solver):
 
     def _record(self, it: int, seconds: float, V: torch.Tensor, program_value: float,
                 primal: Optional[float], dual: Optional[float], exact: bool,
-                certify: bool) -> dict:
+                certify: bool, more_outputs: Sequence[torch.Tensor] = ()) -> dict:
         prog, scale = self.program, self.problem.scale
         objective = prog.net_objective(V) * scale
         lb = None
         if certify:
-            lb = lower_bound(prog, prog.relu_output(V), cones=True) * scale
+            # Any residual gives a valid bound: keep the best (more_outputs: earlier points).
+            lb = max(lower_bound(prog, g, cones=True)
+                     for g in [prog.relu_output(V), *more_outputs]) * scale
         gap = None if lb is None else (objective - lb) / max(abs(objective), 1e-300)
         entry = {"iter": it, "seconds": seconds, "objective": objective,
                  "program": program_value * scale, "primal": primal, "dual": dual,
@@ -287,8 +289,9 @@ class ConvexSolver(Solver):
                         _fmt(prog.net_objective(kept) * problem.scale),
                         _fmt(prog.net_objective(final) * problem.scale))
         # The final line describes the net that is written (tiny blocks dropped, polished).
+        before = [prog.relu_output(kept), prog.F(kept)] if final is not kept else []
         last = self._record(iters, seconds, final, program_value, None, None, exact,
-                            certify=exact)
+                            certify=exact, more_outputs=before)
         V = final
         units = recover_units(prog, problem, V)
         logger.info("Convex: %d hidden unit(s) used of %d (layer '%s')", units.count,
