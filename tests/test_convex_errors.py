@@ -159,3 +159,26 @@ def test_tools_train_reports_a_bad_net_in_one_paragraph(tmp_path):
     out = _train(case.solver_path, str(tmp_path))
     assert out.returncode != 0
     assert "SoftmaxWithLoss" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_memory_data_reads_the_same_training_set_as_hdf5(tmp_path):
+    X, y = fc_data()
+    hdf5 = Case(tmp_path, X, y, batch=3, hidden=60, convex="rho: 0.03", max_iter=200)
+    a = hdf5.run()
+    memory = tmp_path / "memory.prototxt"
+    text = open(hdf5.net_path).read()
+    start = text.index("layer {", 1)        # everything after the HDF5Data layer
+    memory.write_text('layer { name: "data" type: "MemoryData" top: "data" top: "label" '
+                      'memory_data_param { batch_size: 4 channels: 2 height: 1 width: 1 } }\n'
+                      + text[start:])
+    solver_text = open(hdf5.solver_path).read().replace(hdf5.net_path, str(memory)) \
+        .replace(hdf5.prefix, str(tmp_path / "mem"))
+    (tmp_path / "mem_solver.prototxt").write_text(solver_text)
+    from pycaffe_alt.solver.solver import get_solver
+
+    b = get_solver(str(tmp_path / "mem_solver.prototxt"))
+    b.net.set_input_arrays(X.reshape(8, 2, 1, 1), y.reshape(8))
+    b.solve()
+    assert np.array_equal(a.problem.Z.numpy(), b.problem.Z.numpy())
+    assert np.array_equal(a.problem.y.numpy(), b.problem.y.numpy())
+    assert abs(a.result.objective - b.result.objective) <= 1e-12 * a.result.objective
