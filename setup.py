@@ -22,11 +22,12 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.5",
         # caffe.io.resize_image: pycaffe resizes images of other than 1 or 3 channels with
-        # scipy.ndimage.zoom; the same library gives the same numbers.
-        "scipy>=1.6",
+        # scipy.ndimage.zoom (the same library gives the same numbers); the Convex solver's
+        # certificate uses non-negative least squares (scipy.optimize.nnls).
+        "scipy>=1.8",
     ],
     extras_require={
-        "test": ["pytest>=7", "grpcio-tools==1.85.1"],
+        "test": ["pytest>=7", "grpcio-tools==1.85.1", "cvxpy>=1.4"],
         "leveldb": ["plyvel"],
         # convert_model --to onnx (onnx) and its check against the Net (onnxruntime)
         "export": ["onnx>=1.14", "onnxruntime>=1.16"],

@@ -686,7 +686,8 @@ AdamSolver = _typed("Adam", "pycaffe's ``caffe.AdamSolver``.")
 
 # Solver types that are more than an update rule, by Caffe ``type`` string: the class that trains
 # them, as "module:Class" (imported when first used; the modules import this one).
-SOLVER_CLASSES = {"Alternation": "pycaffe_alt.alternation.solver:AlternationSolver"}
+SOLVER_CLASSES = {"Alternation": "pycaffe_alt.alternation.solver:AlternationSolver",
+                  "Convex": "pycaffe_alt.convex.solver:ConvexSolver"}
 # A solver file with a dsd_param is trained by DSD whatever its type (the type then names the
 # update rule); this function picks the DSD class from the file's parameters.
 DSD_SOLVER = "pycaffe_alt.alternation.dsd:dsd_solver_class"
