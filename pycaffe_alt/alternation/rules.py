@@ -13,6 +13,10 @@ Eq. 41 is split in two (:func:`batch_support_sums`, :func:`batch_support`) so th
 trainer can ``torch.distributed.all_reduce`` the per-unit sums of every process before thresholding:
 the sum over the global batch is then the sum of the local sums, and every process derives the same
 mask. :func:`changed_fraction` measures how much a support moved between two alternation steps.
+
+B-alternation's two sparser batch rules: :func:`calibrated_threshold` (eq. 41 with its threshold
+chosen so that a target share of units is on) and :func:`majority_support` (a unit is on for the
+batch when it is on for more than half of the examples).
 """
 from __future__ import annotations
 
