@@ -53,7 +53,8 @@ FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
 # Columns of <method>.csv, in order.
 CSV_COLUMNS = ("iteration", "train_loss", "test_accuracy", "test_loss", "maskt_accuracy",
-               "maskt_loss", "support_on", "lr", "wall_s", "test_s")
+               "maskt_loss", "support_on", "lr", "wall_s", "test_s", "staleness",
+               "threshold_gap", "threshold_gap_rel", "beta_mean")
 SMOOTH_TESTS = 3  # tests averaged by the smoothed "iterations to SGD's accuracy" criterion
 SUPPORT_COLUMNS = ("support_step", "iteration", "seconds", "on_fraction", "changed_fraction",
                    "store_bytes")
@@ -89,13 +90,26 @@ class DatasetSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A training method: which shipped solver kind and which HardThreshold output."""
+    """A training method: which shipped solver kind and which HardThreshold output, plus
+    ``alternation_param`` settings that replace the shipped ones (``alt``: pairs of field name
+    and value; a ``gap_epochs`` there wins over ``--gap-epochs``) and, for SGD,
+    ``threshold_after_warmup`` (the HardThreshold layers switch to THRESHOLD mode where the
+    alternation runs' warm-up ends: SGD on the thresholded net itself, no fixed supports)."""
 
     name: str
     label: str
     solver_kind: str                       # sgd / alt / balt
     output: Optional[str] = None           # None: as in the net file (KEEP); else KEEP / SHIFT
+    alt: Tuple[Tuple[str, object], ...] = ()
+    threshold_after_warmup: bool = False
 
+
+# The staleness-triggered arm's threshold (share of stored support bits that differ from eq. 12
+# on the training batch, all layers' bits pooled). Chosen once, before the comparison, from one
+# probe run (seed 1701, gap 4 epochs): one epoch after a support step the staleness was 1.1-5.6%
+# (5.6% after the first step, where beta still drifts), at the end of the 4-epoch gaps 2.2-7.7%.
+# 2% sits at the one-epoch level; it was not tuned on the comparison's outcome.
+STALENESS_THRESHOLD = 0.02
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("sgd", "SGD", "sgd"),
@@ -103,7 +117,27 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("balt", "B-alternation (eq. 9, KEEP)", "balt"),
     Method("ialt_shift", "I-alternation (eq. 2, SHIFT)", "alt", "SHIFT"),
     Method("balt_shift", "B-alternation (eq. 2, SHIFT)", "balt", "SHIFT"),
+    # The comparison of issue 9 (docs/experiments.md): gaps in epochs, staleness trigger,
+    # momentum reset, beta learned under fixed supports, calibrated / majority B-alternation.
+    Method("sgd_thr", "SGD on the thresholded net", "sgd", threshold_after_warmup=True),
+    Method("ialt_g025", "I-alt, gap 0.25 epoch", "alt", alt=(("gap_epochs", 0.25),)),
+    Method("ialt_g1", "I-alt, gap 1 epoch", "alt", alt=(("gap_epochs", 1.0),)),
+    Method("ialt_g4", "I-alt, gap 4 epochs", "alt", alt=(("gap_epochs", 4.0),)),
+    Method("ialt_stale", f"I-alt, staleness > {100 * STALENESS_THRESHOLD:g}%", "alt",
+           alt=(("gap_epochs", 0.0), ("staleness_threshold", STALENESS_THRESHOLD))),
+    Method("ialt_g1_reset", "I-alt, gap 1, reset_momentum", "alt",
+           alt=(("gap_epochs", 1.0), ("reset_momentum", True))),
+    Method("ialt_g1_beta", "I-alt, gap 1, learn_beta", "alt",
+           alt=(("gap_epochs", 1.0), ("learn_beta", True))),
+    Method("ialt_g4_beta", "I-alt, gap 4, learn_beta", "alt",
+           alt=(("gap_epochs", 4.0), ("learn_beta", True))),
+    Method("balt_cal", "B-alt, calibrated 50% on", "balt", alt=(("support_target_on", 0.5),)),
+    Method("balt_cal25", "B-alt, calibrated 25% on", "balt",
+           alt=(("support_target_on", 0.25),)),
+    Method("balt_maj", "B-alt, majority vote", "balt", alt=(("batch_rule", "MAJORITY"),)),
 )}
+COMPARE_METHODS = ("sgd", "sgd_thr", "ialt_g025", "ialt_g1", "ialt_g4", "ialt_stale",
+                   "balt_cal", "balt_maj")
 DEFAULT_METHODS = ("sgd", "ialt", "balt", "ialt_shift")
 
 
@@ -214,7 +248,7 @@ def run_param(spec: DatasetSpec, method: Method, args, out_dir: str):
     param.random_seed = args.seed
     if method.solver_kind != "sgd":
         ap = param.alternation_param
-        ap.test_with_masks = True
+        ap.test_with_masks = not args.no_maskt
         warmup_epochs = args.warmup_epochs if args.warmup_epochs is not None \
             else spec.warmup_epochs
         gap_epochs = args.gap_epochs if args.gap_epochs is not None else spec.gap_epochs
@@ -226,6 +260,10 @@ def run_param(spec: DatasetSpec, method: Method, args, out_dir: str):
             ap.warmup_iter = args.warmup_iter
         if args.gap_iter is not None:
             ap.gap_iter = args.gap_iter
+        for field, value in method.alt:
+            if field == "batch_rule":
+                value = caffe_pb2.AlternationParameter.BatchRule.Value(value)
+            setattr(ap, field, value)
     return param
 
 
@@ -314,6 +352,16 @@ class Recorder:
         from pycaffe_alt.solver.lr_policy import learning_rate
 
         row["lr"] = learning_rate(solver.param, it)
+        if self.alternation and solver.phase == "weights":
+            stale = solver.last_staleness
+            row["staleness"] = stale["overall"] if stale else None
+            gap = solver.last_threshold_gap
+            if gap is not None:
+                row["threshold_gap"] = gap["gap"]
+                row["threshold_gap_rel"] = gap["relative"]
+                solver.last_threshold_gap = None
+        betas = beta_stats(solver.net)
+        row["beta_mean"] = sum(b["mean"] for b in betas.values()) / len(betas) if betas else None
         supports = getattr(solver, "last_batch_supports", None)
         if supports and getattr(solver, "mode", None) == "BATCH" and solver.phase == "weights":
             on = sum(int(m.sum()) for m in supports.values())
@@ -321,7 +369,7 @@ class Recorder:
             row["support_on"] = on / total if total else None
         self._stamp(row)
 
-    def on_test(self, solver, net_id: int, results) -> None:
+    def on_test(self, solver, net_id: int, results) -> None:  # noqa: D102
         if net_id != 0 or not results:
             return
         self.test_s += time.perf_counter() - self.t_last
@@ -346,6 +394,43 @@ def beta_stats(net) -> Dict[str, Dict[str, float]]:
     return out
 
 
+class ThresholdSwitch:
+    """SGD on the thresholded net (method ``sgd_thr``): at ``switch_iter`` every HardThreshold of
+    the train and test nets goes from RELU_BIAS (the warm-up) to THRESHOLD mode, as the
+    alternation solver does at the end of its warm-up, but no support is ever fixed."""
+
+    def __init__(self, switch_iter: int):
+        self.switch_iter = switch_iter
+        self.done = False
+
+    def before_step(self, solver) -> None:
+        if self.done or solver.iter < self.switch_iter:
+            return
+        from pycaffe_alt.alternation.support_pass import hard_threshold_layers
+
+        for net in solver.nets:
+            for _, ht in hard_threshold_layers(net):
+                ht.set_mode("THRESHOLD")
+        self.done = True
+
+
+def warmup_iters_of(spec: DatasetSpec, args, out_dir: str) -> int:
+    """The alternation runs' warm-up in iterations (what ``sgd_thr`` switches at)."""
+    from pycaffe_alt.alternation.support_pass import (batch_size_of, first_data_layer,
+                                                      record_count)
+
+    param = run_param(spec, METHODS["ialt"], args, out_dir)
+    ap = param.alternation_param
+    if ap.warmup_iter > 0:
+        return int(ap.warmup_iter)
+    from pycaffe_alt.solver.solver import get_solver
+
+    solver = get_solver(run_param(spec, METHODS["sgd"], args, out_dir), device=args.device)
+    layer = first_data_layer(solver.net)
+    per_epoch = record_count(layer) / (batch_size_of(layer) * param.iter_size)
+    return int(round(ap.warmup_epochs * per_epoch))
+
+
 def _file_logger(path: str) -> logging.Handler:
     from pycaffe_alt.log import GlogFormatter, get_logger
 
@@ -364,7 +449,11 @@ def make_init_weights(spec: DatasetSpec, args, out_dir: str) -> str:
     path = os.path.join(out_dir, "init.caffemodel")
     param = run_param(spec, METHODS["sgd"], args, out_dir)
     solver = get_solver(param, device=args.device)
-    solver.net.save(path)
+    # Written aside and renamed: another process of the same comparison may be reading it
+    # (same seed, same bytes).
+    tmp = os.path.join(out_dir, f"init.{os.getpid()}.tmp.caffemodel")
+    solver.net.save(tmp)
+    os.replace(tmp, path)
     return path
 
 
@@ -383,6 +472,8 @@ def train_one(spec: DatasetSpec, method: Method, args, out_dir: str, init: str) 
             logger.propagate = False
         solver = get_solver(param, device=args.device, weights=[init])
         rec = Recorder(solver, param.display)
+        if method.threshold_after_warmup:
+            solver.hooks.insert(0, ThresholdSwitch(warmup_iters_of(spec, args, out_dir)))
         solver.hooks.insert(0, _SwitchProbe(rec))
         solver.add_hook(rec)
         rec.start()
@@ -400,6 +491,7 @@ def train_one(spec: DatasetSpec, method: Method, args, out_dir: str, init: str) 
         "average_loss": int(param.average_loss), "seed": int(param.random_seed),
         "wall_s": wall, "test_wall_s": rec.test_s, "train_wall_s": wall - rec.test_s,
         "threads": _threads(),
+        "batch": _train_batch(solver), "records_all": _train_records(solver),
     }
     if rec.alternation:
         test_batch = _test_batch(solver)
@@ -435,6 +527,20 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _train_batch(solver) -> Optional[int]:
+    from pycaffe_alt.alternation.support_pass import batch_size_of, first_data_layer
+
+    layer = first_data_layer(solver.net)
+    return batch_size_of(layer) * int(solver.param.iter_size) if layer is not None else None
+
+
+def _train_records(solver) -> Optional[int]:
+    from pycaffe_alt.alternation.support_pass import first_data_layer, record_count
+
+    layer = first_data_layer(solver.net)
+    return record_count(layer) if layer is not None else None
 
 
 def _test_batch(solver) -> Optional[int]:
@@ -718,6 +824,288 @@ def report(dataset: str, out_dir: str, methods: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The comparison over seeds (issue 9): iterations and compute to SGD's plateau
+# ---------------------------------------------------------------------------------------------
+COMPARE_MARGINS = (0.005, 0.002)  # SGD's plateau minus 0.5 and minus 0.2 points
+# A training iteration costs a forward and a backward pass of its batch; the backward is counted
+# as two forwards (the usual estimate: two matrix products per layer instead of one).
+TRAIN_FORWARD_EQUIV = 3.0
+COMPARE_COLUMNS = ("seed", "method", "plateau", "final_mean3", "best_mean3",
+                   "iters_to_m05", "fwd_to_m05", "iters_to_m02", "fwd_to_m02",
+                   "support_steps", "max_iter", "train_wall_s")
+COMPARE_SUMMARY_COLUMNS = ("method", "seeds", "final_mean3_mean", "final_mean3_std",
+                           "reached_m05", "iters_to_m05_median", "fwd_to_m05_median",
+                           "iters_ratio_m05_median", "reached_m02", "iters_to_m02_median",
+                           "fwd_to_m02_median", "iters_ratio_m02_median", "support_steps_mean")
+
+
+def plateau_of(rows: List[dict], max_iter: int) -> Optional[float]:
+    """SGD's plateau: the mean test accuracy over the tests of the run's last third."""
+    pts = [v for it, v in test_points(rows) if it >= max_iter * 2 / 3]
+    return sum(pts) / len(pts) if pts else None
+
+
+def forward_equivalents(iteration: int, support_iters: Sequence[int], batch: int,
+                        records: int) -> float:
+    """Compute spent before ``iteration``, in forward passes over the training set: every
+    training iteration ``TRAIN_FORWARD_EQUIV`` forwards of its batch, every support step one
+    forward of every record (counted whole, although the pass stops at the last
+    HardThreshold). Tests are not counted (every arm tests alike)."""
+    passes = sum(1 for s in support_iters if s <= iteration)
+    return (iteration * batch * TRAIN_FORWARD_EQUIV + passes * records) / records
+
+
+def load_cut(out_dir: str, methods: Sequence[str], limit: Optional[int]
+             ) -> Dict[str, Tuple[List[dict], dict, List[dict]]]:
+    """:func:`load_runs` cut to the first ``limit`` iterations (None: whole runs); ``max_iter``
+    and the support-step iterations are cut alike."""
+    data = load_runs(out_dir, list(methods))
+    if limit is None:
+        return data
+    out = {}
+    for m, (rows, facts, support) in data.items():
+        if int(facts["max_iter"]) < limit:
+            continue  # too short to be cut there
+        facts = dict(facts, max_iter=limit,
+                     support_iters=[x for x in facts.get("support_iters") or [] if x <= limit])
+        out[m] = ([r for r in rows if r["iteration"] <= limit], facts,
+                  [r for r in support if r["iteration"] <= limit])
+    return out
+
+
+def compare_rows(seed_dirs: Dict[int, str], methods: Sequence[str],
+                 limit: Optional[int] = None) -> List[dict]:
+    """One row per (seed, method): the targets are that seed's SGD plateau minus the margins,
+    reached at the first test whose trailing mean over ``SMOOTH_TESTS`` tests is at or above."""
+    rows = []
+    for seed, d in seed_dirs.items():
+        data = load_cut(d, methods, limit)
+        if "sgd" not in data:
+            continue
+        sgd_rows, sgd_facts, _ = data["sgd"]
+        plateau = plateau_of(sgd_rows, int(sgd_facts["max_iter"]))
+        for m in methods:
+            if m not in data:
+                continue
+            rws, facts, support = data[m]
+            acc = test_points(rws)
+            sm = smoothed(acc)
+            sup_iters = [int(x) for x in facts.get("support_iters") or []]
+            batch, records = facts.get("batch") or 64, facts.get("records_all") or 4000
+            row = {"seed": seed, "method": m, "plateau": plateau,
+                   "final_mean3": sm[-1][1] if sm else None,
+                   "best_mean3": max(v for _, v in sm) if sm else None,
+                   "support_steps": len(sup_iters) if facts.get("mode") == "INSTANCE" else None,
+                   "max_iter": facts.get("max_iter"), "train_wall_s": facts.get("train_wall_s")}
+            for margin, tag in zip(COMPARE_MARGINS, ("m05", "m02")):
+                it = first_reach(sm, plateau - margin) if plateau is not None else None
+                row[f"iters_to_{tag}"] = it
+                row[f"fwd_to_{tag}"] = (forward_equivalents(it, sup_iters, batch, records)
+                                        if it is not None else None)
+            rows.append(row)
+    return rows
+
+
+STALENESS_COLUMNS = ("seed", "method", "staleness_mean", "staleness_max", "gap_rel_median",
+                     "gap_abs_median", "gap_rel_median_late", "beta_mean_switch",
+                     "beta_mean_end", "support_on_mean")
+
+
+def staleness_rows(seed_dirs: Dict[int, str], methods: Sequence[str],
+                   limit: Optional[int] = None) -> List[dict]:
+    """Per (seed, method) of the alternation runs: the mean and largest staleness logged in weight
+    steps, the median thresholded-minus-masked loss (relative and absolute; ``_late``: the second
+    half of the run), the mean beta (all HardThresholds' means averaged) at the first logged
+    iteration after the warm-up and at the end, and B-alternation's mean share of units on."""
+    out = []
+    for seed, d in seed_dirs.items():
+        data = load_cut(d, methods, limit)
+        for m in methods:
+            if m not in data or m == "sgd":
+                continue
+            rows, facts, _ = data[m]
+            end = int(facts["max_iter"])
+            switch = facts.get("switch_iter") or facts.get("warmup_iters") or 0
+
+            def col(key, since=0):
+                return [r[key] for r in rows if r.get(key) is not None and
+                        r["iteration"] >= since]
+            st, rel, ab = col("staleness"), col("threshold_gap_rel"), col("threshold_gap")
+            betas = [(r["iteration"], r["beta_mean"]) for r in rows
+                     if r.get("beta_mean") is not None and r["iteration"] >= switch]
+            on = col("support_on")
+            out.append({
+                "seed": seed, "method": m,
+                "staleness_mean": sum(st) / len(st) if st else None,
+                "staleness_max": max(st) if st else None,
+                "gap_rel_median": _median(rel), "gap_abs_median": _median(ab),
+                "gap_rel_median_late": _median(col("threshold_gap_rel", end // 2)),
+                "beta_mean_switch": betas[0][1] if betas else None,
+                "beta_mean_end": betas[-1][1] if betas else None,
+                "support_on_mean": sum(on) / len(on) if on else None})
+    return out
+
+
+def _median(values: List[float]) -> Optional[float]:
+    v = sorted(values)
+    if not v:
+        return None
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def compare_summary(rows: List[dict], methods: Sequence[str]) -> List[dict]:
+    """Per method over the seeds: the final 3-test mean (mean, std), how many seeds reached each
+    target and the medians over those seeds of iterations, compute and iterations / SGD's.
+    Seeds that never reach a target are counted out, not given the run length."""
+    by_seed_sgd = {r["seed"]: r for r in rows if r["method"] == "sgd"}
+    out = []
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        finals = [r["final_mean3"] for r in rs if r["final_mean3"] is not None]
+        mean = sum(finals) / len(finals) if finals else None
+        std = (sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) ** 0.5 \
+            if len(finals) > 1 else None
+        row = {"method": m, "seeds": len(rs), "final_mean3_mean": mean, "final_mean3_std": std}
+        for tag in ("m05", "m02"):
+            hit = [r for r in rs if r[f"iters_to_{tag}"] is not None]
+            row[f"reached_{tag}"] = f"{len(hit)}/{len(rs)}"
+            row[f"iters_to_{tag}_median"] = _median([r[f"iters_to_{tag}"] for r in hit])
+            row[f"fwd_to_{tag}_median"] = _median([r[f"fwd_to_{tag}"] for r in hit])
+            ratios = [r[f"iters_to_{tag}"] / by_seed_sgd[r["seed"]][f"iters_to_{tag}"]
+                      for r in hit if r["seed"] in by_seed_sgd
+                      and by_seed_sgd[r["seed"]][f"iters_to_{tag}"]]
+            row[f"iters_ratio_{tag}_median"] = _median(ratios)
+        steps = [r["support_steps"] for r in rs if r["support_steps"] is not None]
+        row["support_steps_mean"] = sum(steps) / len(steps) if steps else None
+        out.append(row)
+    return out
+
+
+def plot_compare(out_path: str, dataset: str, seed_dirs: Dict[int, str],
+                 methods: Sequence[str], limit: Optional[int] = None) -> None:
+    """Mean over seeds of the 3-test trailing mean accuracy against iterations and against
+    compute (forward-pass equivalents), with SGD's mean plateau minus 0.5 / 0.2 points."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.6), dpi=85)
+    FigureCanvasAgg(fig)
+    ax_it, ax_fw = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    colors = ["black", "gray", "tab:blue", "tab:cyan", "tab:purple", "tab:green", "tab:red",
+              "tab:orange", "tab:brown", "tab:pink", "tab:olive"]
+    plateaus = []
+    for k, m in enumerate(methods):
+        curves = []
+        for d in seed_dirs.values():
+            data = load_cut(d, [m, "sgd"], limit)
+            if m not in data:
+                continue
+            rows, facts, _ = data[m]
+            if m == "sgd":
+                plateaus.append(plateau_of(rows, int(facts["max_iter"])))
+            sm = smoothed(test_points(rows))
+            sup = [int(x) for x in facts.get("support_iters") or []]
+            curves.append([(it, forward_equivalents(it, sup, facts.get("batch") or 64,
+                                                    facts.get("records_all") or 4000), v)
+                           for it, v in sm])
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        its = [curves[0][j][0] for j in range(n)]
+        fws = [sum(c[j][1] for c in curves) / len(curves) for j in range(n)]
+        accs = [100 * sum(c[j][2] for c in curves) / len(curves) for j in range(n)]
+        label = f"{METHODS[m].label} ({len(curves)} seeds)"
+        style = "-" if m.startswith(("sgd", "ialt")) else "--"
+        ax_it.plot(its, accs, color=colors[k % len(colors)], ls=style, lw=1.2, label=label)
+        ax_fw.plot(fws, accs, color=colors[k % len(colors)], ls=style, lw=1.2, label=label)
+    plateaus = [p for p in plateaus if p is not None]
+    for ax in (ax_it, ax_fw):
+        if plateaus:
+            p = 100 * sum(plateaus) / len(plateaus)
+            for margin, ls in zip(COMPARE_MARGINS, (":", "-.")):
+                ax.axhline(p - 100 * margin, color="gray", lw=0.8, ls=ls)
+            ax.set_ylim(p - 4, p + 1)
+        ax.set_ylabel("test accuracy (%), mean of last 3 tests, mean over seeds")
+        ax.grid(True, alpha=0.3)
+    ax_it.set_xlabel("iteration")
+    ax_fw.set_xlabel("forward passes over the training set (backward = 2)")
+    ax_it.set_title(f"{dataset}: accuracy against iterations")
+    ax_fw.set_title(f"{dataset}: accuracy against compute")
+    ax_fw.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_path)
+
+
+def compare_report(dataset: str, out_root: str, seeds: Sequence[int],
+                   methods: Sequence[str], limit: Optional[int] = None) -> str:
+    """compare.csv (per seed and method), compare_summary.csv/.md and compare.png in
+    ``out_root``; returns the markdown table."""
+    seed_dirs = {s: os.path.join(out_root, f"seed{s}") for s in seeds
+                 if os.path.isdir(os.path.join(out_root, f"seed{s}"))}
+    rows = compare_rows(seed_dirs, methods, limit)
+    if not rows:
+        return ""
+    _write_csv(os.path.join(out_root, "compare_staleness.csv"), STALENESS_COLUMNS,
+               staleness_rows(seed_dirs, methods, limit))
+    _write_csv(os.path.join(out_root, "compare.csv"), COMPARE_COLUMNS, rows)
+    summary = compare_summary(rows, methods)
+    _write_csv(os.path.join(out_root, "compare_summary.csv"), COMPARE_SUMMARY_COLUMNS, summary)
+    head = ("method", "seeds", "final acc (3-test mean)", "reached -0.5", "iters", "compute",
+            "iters / SGD", "reached -0.2", "iters", "compute", "iters / SGD", "support steps")
+
+    def f(v, fmt):
+        return "—" if v is None else fmt.format(v)
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        lines.append("| " + " | ".join([
+            METHODS[r["method"]].label, str(r["seeds"]),
+            f(r["final_mean3_mean"] and 100 * r["final_mean3_mean"], "{:.2f}%") +
+            (f" ± {100 * r['final_mean3_std']:.2f}" if r["final_mean3_std"] is not None else ""),
+            r["reached_m05"], f(r["iters_to_m05_median"], "{:.0f}"),
+            f(r["fwd_to_m05_median"], "{:.1f}"), f(r["iters_ratio_m05_median"], "{:.2f}"),
+            r["reached_m02"], f(r["iters_to_m02_median"], "{:.0f}"),
+            f(r["fwd_to_m02_median"], "{:.1f}"), f(r["iters_ratio_m02_median"], "{:.2f}"),
+            f(r["support_steps_mean"], "{:.1f}")]) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(out_root, "compare_summary.md"), "w") as fh:
+        fh.write(f"# {dataset}, seeds {', '.join(str(s) for s in seed_dirs)}\n\n{table}\n")
+    plot_compare(os.path.join(out_root, f"{dataset}_compare.png"), dataset, seed_dirs, methods,
+                 limit)
+    return table
+
+
+def run_compare(name: str, args) -> int:
+    """``--seeds``: every method for every seed (each seed its own common start, in
+    ``<out>/seed<s>``), then the comparison report in ``<out>``."""
+    out_root = os.path.abspath(args.out or os.path.join(ROOT, "experiments", "out",
+                                                        f"{name}_compare"))
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "sgd" not in methods:
+        methods.insert(0, "sgd")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"alternation_curves: unknown method(s) {', '.join(unknown)}; choose from "
+              f"{', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    if not args.plot_only:
+        for seed in seeds:
+            sub = argparse.Namespace(**vars(args))
+            sub.seed, sub.out, sub.seeds = seed, os.path.join(out_root, f"seed{seed}"), None
+            sub.methods = ",".join(methods)
+            status = run_dataset(name, sub)
+            if status:
+                return status
+    table = compare_report(name, out_root, seeds, methods, args.compare_iters)
+    print(table or f"{name}: no runs in {out_root}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 def run_dataset(name: str, args) -> int:
@@ -743,6 +1131,9 @@ def run_dataset(name: str, args) -> int:
     print(f"{name}: common start {init} (seed {args.seed}); methods {', '.join(methods)}; "
           f"output in {out_dir}", flush=True)
     for m in methods:
+        if args.skip_done and os.path.isfile(os.path.join(out_dir, f"{m}.json")):
+            print(f"{name}/{m}: already in {out_dir}, skipped (--skip-done)", flush=True)
+            continue
         t = time.perf_counter()
         facts = train_one(spec, METHODS[m], args, out_dir, init)
         rows = read_csv(os.path.join(out_dir, f"{m}.csv"))
@@ -770,6 +1161,15 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--warmup-iter", type=int, help="overrides --warmup-epochs")
     p.add_argument("--gap-iter", type=int, help="overrides --gap-epochs")
     p.add_argument("--seed", type=int, default=1701)
+    p.add_argument("--seeds", help="comma list: the issue-9 comparison over these seeds "
+                   "(one folder per seed in --out, then compare_summary.md / compare.png)")
+    p.add_argument("--no-maskt", action="store_true",
+                   help="no MaskT evaluation at tests (saves test time; training is the same)")
+    p.add_argument("--compare-iters", type=int,
+                   help="--seeds: analyse the first N iterations only (runs are identical up to "
+                        "any iteration whatever their length, so longer runs can be cut)")
+    p.add_argument("--skip-done", action="store_true",
+                   help="do not rerun a method whose <method>.json is already in the folder")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--gpu", type=int, help="CUDA device id (default: CPU)")
     p.add_argument("--plot-only", action="store_true",
@@ -792,7 +1192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = list(DATASETS) if args.dataset == "all" else [args.dataset]
     status = 0
     for name in names:
-        status = run_dataset(name, args) or status
+        status = (run_compare(name, args) if args.seeds else run_dataset(name, args)) or status
     return status
 
 

@@ -49,7 +49,8 @@ def test_driver_writes_csv_with_expected_columns(tiny_run):
         rows = _rows(out / f"{method}.csv")
         assert tuple(rows[0].keys()) == drv.CSV_COLUMNS == (
             "iteration", "train_loss", "test_accuracy", "test_loss", "maskt_accuracy",
-            "maskt_loss", "support_on", "lr", "wall_s", "test_s")
+            "maskt_loss", "support_on", "lr", "wall_s", "test_s", "staleness",
+            "threshold_gap", "threshold_gap_rel", "beta_mean")
         tested = [int(r["iteration"]) for r in rows if r["test_accuracy"]]
         assert tested == [0, 6, 12]
         logged = [int(r["iteration"]) for r in rows if r["train_loss"]]
@@ -136,6 +137,42 @@ def test_first_reach_and_ratio():
     assert summary["sgd"]["iters_to_sgd_final_smoothed"] == 200
     assert summary["ialt"]["iters_to_sgd_final_smoothed"] == 150
     assert summary["ialt"]["ratio_to_sgd_smoothed"] == 0.75
+
+
+def test_comparison_metric_on_hand_made_runs(tmp_path):
+    """Iterations and compute to SGD's plateau minus 0.5 / 0.2 points (issue 9's metric)."""
+    drv = _driver()
+    # Forward-pass equivalents: 10 iterations of 64 at 3 forwards each over 640 records = 3
+    # passes, plus one support pass (at iteration 5; the one at 20 comes later).
+    assert drv.forward_equivalents(10, [5, 20], 64, 640) == pytest.approx(4.0)
+    sgd = [(0, 0.5), (30, 0.96), (60, 0.97), (90, 0.97), (120, 0.98)]
+    alt = [(0, 0.5), (30, 0.97), (60, 0.98), (90, 0.98), (120, 0.98)]
+    for name, pts, sup in (("sgd", sgd, []), ("ialt_g1", alt, [10, 40])):
+        d = tmp_path / "seed1"
+        d.mkdir(exist_ok=True)
+        drv._write_csv(str(d / f"{name}.csv"), drv.CSV_COLUMNS,
+                       [{"iteration": i, "test_accuracy": a} for i, a in pts])
+        (d / f"{name}.json").write_text(json.dumps({
+            "max_iter": 120, "support_iters": sup, "batch": 64, "records_all": 640,
+            "mode": "INSTANCE" if sup else None}))
+    rows = {r["method"]: r for r in drv.compare_rows({1: str(tmp_path / "seed1")},
+                                                     ["sgd", "ialt_g1"])}
+    # Plateau: SGD's tests in the last third (iterations >= 80): (0.97 + 0.98) / 2 = 0.975.
+    assert rows["sgd"]["plateau"] == pytest.approx(0.975)
+    # 3-test means: SGD 0.5, 0.73, 0.81, 0.9667, 0.9733; I-alt 0.5, 0.735, 0.8167, 0.9767, 0.98.
+    # Targets 0.970 / 0.973: SGD reaches both at 120, I-alternation both at 90.
+    assert rows["sgd"]["iters_to_m05"] == 120 and rows["sgd"]["iters_to_m02"] == 120
+    assert rows["ialt_g1"]["iters_to_m05"] == 90 and rows["ialt_g1"]["iters_to_m02"] == 90
+    assert rows["sgd"]["fwd_to_m05"] == pytest.approx(120 * 64 * 3 / 640)
+    assert rows["ialt_g1"]["fwd_to_m02"] == pytest.approx(90 * 64 * 3 / 640 + 2)
+    summary = {r["method"]: r for r in drv.compare_summary(list(rows.values()),
+                                                           ["sgd", "ialt_g1"])}
+    assert summary["ialt_g1"]["iters_ratio_m02_median"] == pytest.approx(0.75)
+    assert summary["ialt_g1"]["reached_m05"] == "1/1"
+    # Cut to the first 90 iterations: the plateau is then SGD's tests from 60 on.
+    cut = {r["method"]: r for r in drv.compare_rows({1: str(tmp_path / "seed1")},
+                                                    ["sgd", "ialt_g1"], limit=90)}
+    assert cut["sgd"]["plateau"] == pytest.approx(0.97)
 
 
 def test_missing_dataset_is_skipped_with_the_command(tmp_path, capsys):

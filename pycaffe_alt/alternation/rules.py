@@ -13,9 +13,14 @@ Eq. 41 is split in two (:func:`batch_support_sums`, :func:`batch_support`) so th
 trainer can ``torch.distributed.all_reduce`` the per-unit sums of every process before thresholding:
 the sum over the global batch is then the sum of the local sums, and every process derives the same
 mask. :func:`changed_fraction` measures how much a support moved between two alternation steps.
+
+B-alternation's two sparser batch rules: :func:`calibrated_threshold` (eq. 41 with its threshold
+chosen so that a target share of units is on) and :func:`majority_support` (a unit is on for the
+batch when it is on for more than half of the examples).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import numpy as np
@@ -100,3 +105,36 @@ def changed_fraction(old_packed: Union[np.ndarray, torch.Tensor],
 def count_changed_bits(old_packed: np.ndarray, new_packed: np.ndarray) -> int:
     """Number of bits that differ between two uint8 arrays of the same shape."""
     return _popcount(np.bitwise_xor(old_packed, new_packed))
+
+
+def calibrated_threshold(sums: torch.Tensor, target_on: float) -> torch.Tensor:
+    """Eq. 41's threshold chosen so that ``sums > t`` keeps ``target_on`` of the units on.
+
+    ``sums`` are the per-unit statistics of one layer (any shape, all units pooled);
+    ``k = floor(target_on * units)`` units are meant to be on, and ``t`` is the ``(units - k)``-th
+    smallest sum, so ``sums > t`` holds for at most ``k`` units: fewer when sums tie at ``t``, in
+    particular when more than ``1 - target_on`` of the units have a zero sum (those are never
+    turned on unless ``target_on`` is 1: eq. 41 at ``beta = 0`` then already keeps fewer than
+    the target). ``target_on >= 1`` gives ``-1`` (every unit on), ``target_on <= 0`` the largest
+    sum (none on). A 0-d tensor on ``sums``' device, no host sync.
+    """
+    flat = sums.detach().reshape(-1)
+    units = flat.numel()
+    k = int(math.floor(float(target_on) * units + 1e-9))
+    if k >= units:
+        return torch.full((), -1.0, dtype=flat.dtype, device=flat.device)
+    if units == 0:
+        return torch.zeros((), dtype=flat.dtype, device=flat.device)
+    # kthvalue is 1-based: the (units - k)-th smallest.
+    return torch.kthvalue(flat, units - k).values
+
+
+def majority_support(on_counts: torch.Tensor, examples: Union[torch.Tensor, Number]
+                     ) -> torch.Tensor:
+    """The majority vote of the paper's Sec. 3.4: a unit is on for the whole batch when its own
+    support (eq. 12) is on for more than half of the ``examples``: ``2 * count > N``. Bool.
+
+    ``on_counts`` is the per-unit count of examples whose support is on (summed over the batch,
+    and over processes when distributed: all-reduce the counts and ``N`` alike).
+    """
+    return on_counts * 2 > examples

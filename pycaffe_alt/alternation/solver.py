@@ -13,8 +13,14 @@ Schedule (docs/alternation.md, "Alternation solver"):
   record's support stored in a :class:`MaskStore` under its record index), then a *weight step*
   (training with those supports fixed) for ``gap_iter`` / ``gap_epochs`` or until the training
   loss stops improving for ``patience`` windows; repeat until ``max_iter``;
-* **mode BATCH** (B-alternation): each training batch gets eq. 41's support, computed in the same
-  forward pass, applied as a fixed support; no store.
+* **mode BATCH** (B-alternation): each training batch gets eq. 41's support (or the calibrated /
+  majority-vote variant, ``batch_rule``, ``support_target_on``), computed in the same forward
+  pass, applied as a fixed support; no store.
+
+Staleness (``staleness_threshold``, ``reset_momentum``, ``learn_beta``, ``log_threshold_gap``):
+the weight step measures how far its stored supports are from eq. 12 on each batch
+(:mod:`.staleness`), can call the next support step when they are too stale, and at display
+iterations logs the thresholded-minus-masked loss.
 
 State that a snapshot must carry (phase, counters, patience, the mask store file) goes into the
 solverstate's ``resume_state`` under ``"alternation"``; the store itself is written next to the
@@ -35,10 +41,11 @@ from ..solver.rules import UPDATE_RULES
 from ..solver.snapshot import snapshot_companion, snapshot_filename
 from ..solver.solver import Solver, SolverSource, format_value
 from .mask_store import MaskStore
-from .support_pass import (BatchSupport, StoredSupports, batch_size_of, data_states,
-                           first_data_layer, fraction_text, hard_threshold_layers,
+from .staleness import StalenessMeter, threshold_gap
+from .support_pass import (BatchSupport, StoredSupports, batch_size_of, capture_rng,
+                           data_states, first_data_layer, fraction_text, hard_threshold_layers,
                            load_data_states, record_count, run_support_pass,
-                           store_supportmask_layers, support_layout)
+                           store_supportmask_layers, support_layout, thresholded_loss)
 
 logger = get_logger()
 
@@ -70,7 +77,10 @@ class AlternationSolver(Solver):
     of I-alternation, None before the first support step and in BATCH mode), ``records`` (training
     set size), ``iters_per_epoch``, ``support_steps`` (count), ``last_support_stats``,
     ``last_batch_supports`` (BATCH: the last eq. 41 mask per layer), ``reduce_sums`` (BATCH: the
-    all-reduce hook, see :class:`~pycaffe_alt.alternation.support_pass.BatchSupport`).
+    all-reduce hook, see :class:`~pycaffe_alt.alternation.support_pass.BatchSupport`),
+    ``last_batch_betas`` (BATCH, calibrated: the per-example threshold per layer),
+    ``last_staleness`` (I: ``{"per_layer", "overall"}`` of the last measured batch),
+    ``last_threshold_gap`` (the last thresholded-minus-masked loss, see :mod:`.staleness`).
     Methods: :meth:`support_step`, :meth:`test` (``masked=True`` for MaskT), plus Solver's.
     """
 
@@ -80,6 +90,13 @@ class AlternationSolver(Solver):
         self.mode: str = _AP.Mode.Name(ap.mode)
         self.support_rule: str = _AP.SupportRule.Name(ap.support_rule)
         self.support_beta = float(ap.support_beta)
+        self.batch_rule: str = _AP.BatchRule.Name(ap.batch_rule)
+        self.support_target_on = float(ap.support_target_on)
+        self.staleness_threshold = float(ap.staleness_threshold)
+        self.last_batch_betas: Dict[str, torch.Tensor] = {}
+        self.last_staleness: Optional[Dict[str, Any]] = None
+        self.last_threshold_gap: Optional[Dict[str, float]] = None
+        self._meter = StalenessMeter()
         self.reduce_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.last_batch_supports: Dict[str, torch.Tensor] = {}
         self.last_support_stats: Optional[Dict[str, Any]] = None
@@ -98,6 +115,8 @@ class AlternationSolver(Solver):
                               "not driven by the alternation solver", self._where("type"),
                               "the solver stores the supports of HardThreshold layers; use "
                               "HardThreshold instead (or SupportMask source BATCH/BOTTOM)")
+        for _, ht in self._train_hts:
+            ht.learn_beta_fixed = bool(ap.learn_beta)
         self._test_hts = [hard_threshold_layers(n) for n in self.test_nets]
         self.layout = support_layout(self.net)
         self._data_layer = first_data_layer(self.net)
@@ -159,14 +178,22 @@ class AlternationSolver(Solver):
                   (ap.gap_iter < 0 or ap.gap_epochs < 0, "the gap must be >= 0"),
                   (ap.patience < 0, "patience must be >= 0"),
                   (ap.support_beta < 0, "support_beta must be >= 0 (it bounds squares)"),
-                  (ap.support_batch_size < 0, "support_batch_size must be >= 0")]
+                  (ap.support_batch_size < 0, "support_batch_size must be >= 0"),
+                  (not 0 <= ap.staleness_threshold < 1,
+                   "staleness_threshold must be in [0, 1) (a share of support bits; 0 = off)"),
+                  (not 0 <= ap.support_target_on <= 1,
+                   "support_target_on must be in [0, 1] (a share of units; 0 = off)"),
+                  (ap.support_target_on > 0 and ap.batch_rule == _AP.MAJORITY,
+                   "support_target_on calibrates eq. 41 (batch_rule EQ41); the majority vote "
+                   "has no threshold to calibrate")]
         for bad, what in checks:
             if bad:
                 raise SolverError(what, self._where("alternation_param"))
         if ap.mode == _AP.INSTANCE and ap.gap_iter <= 0 and ap.gap_epochs <= 0 and \
-                ap.patience <= 0:
-            raise SolverError("I-alternation needs a gap (gap_iter or gap_epochs) or patience "
-                              "to end a weight step", self._where("alternation_param"),
+                ap.patience <= 0 and ap.staleness_threshold <= 0:
+            raise SolverError("I-alternation needs a gap (gap_iter or gap_epochs), patience or "
+                              "a staleness_threshold to end a weight step",
+                              self._where("alternation_param"),
                               "e.g. alternation_param { gap_epochs: 4 }")
 
     def _net_file_name(self) -> str:
@@ -178,10 +205,17 @@ class AlternationSolver(Solver):
 
     def _gap_text(self) -> str:
         if self.mode == "BATCH":
+            if self.batch_rule == "MAJORITY":
+                return "batch (majority vote)"
+            if self.support_target_on > 0:
+                return f"batch (eq. 41, {100 * self.support_target_on:g}% of units on)"
             return "batch (eq. 41)"
         parts = []
         if self.gap_iters > 0:
             parts.append(f"{self.gap_iters} iterations")
+        if self.staleness_threshold > 0:
+            parts.append(f"or when over {100 * self.staleness_threshold:g}% of the stored "
+                         "support bits are stale")
         if self.param.alternation_param.patience > 0:
             parts.append(f"or after {self.param.alternation_param.patience} windows of "
                          f"{self.window} iterations without improvement")
@@ -197,10 +231,15 @@ class AlternationSolver(Solver):
         for _, ht in self._all_hts():
             ht.set_mode(mode)
 
+    def _batch_support(self, ht, name: str, sink=None, beta_sink=None) -> BatchSupport:
+        return BatchSupport(ht, name, self.support_beta, self._reduce, sink,
+                            rule=self.batch_rule, target_on=self.support_target_on,
+                            beta_sink=beta_sink)
+
     def _install_batch_supports(self) -> None:
         for name, ht in self._train_hts:
-            ht.fixed_support = BatchSupport(ht, name, self.support_beta, self._reduce,
-                                            self.last_batch_supports)
+            ht.fixed_support = self._batch_support(ht, name, self.last_batch_supports,
+                                                   self.last_batch_betas)
 
     def _reduce(self, stats: torch.Tensor) -> torch.Tensor:
         # The single place where eq. 41's statistics would be all-reduced (see BatchSupport).
@@ -208,8 +247,9 @@ class AlternationSolver(Solver):
 
     def _install_stored_supports(self) -> None:
         self._stored = StoredSupports(self.store, self._data_layer)
+        self._meter.reset()
         for name, ht in self._train_hts:
-            ht.fixed_support = self._stored.for_layer(name)
+            ht.fixed_support = self._meter.wrap(name, ht, self._stored.for_layer(name))
 
     def _end_warmup(self) -> None:
         self._set_modes("THRESHOLD")
@@ -263,6 +303,11 @@ class AlternationSolver(Solver):
             ht.fixed_support = None
         stats = run_support_pass(self.net, self.store, self.support_rule, self.support_beta,
                                  int(self.param.alternation_param.support_batch_size))
+        if self.param.alternation_param.reset_momentum:
+            # The history was built against the previous supports' objective: start afresh.
+            with torch.no_grad():
+                for h in self.history:
+                    h.zero_()
         self.support_steps += 1
         self.last_support_iter = self.iter
         self.last_support_stats = stats
@@ -273,8 +318,10 @@ class AlternationSolver(Solver):
             change = "support bits changed " + fraction_text(stats["changed_fraction"],
                                                              stats["changed_overall"])
         logger.info("Iteration %d, alternation: support step %d (I), %.1f s, %s; mask store "
-                    "%.1f MiB", self.iter, self.support_steps, stats["seconds"], change,
-                    stats["store_bytes"] / 2**20)
+                    "%.1f MiB%s", self.iter, self.support_steps, stats["seconds"], change,
+                    stats["store_bytes"] / 2**20,
+                    "; update history zeroed" if self.param.alternation_param.reset_momentum
+                    else "")
         self._start_weight_step()
         return stats
 
@@ -298,12 +345,42 @@ class AlternationSolver(Solver):
                 self.iter - self.last_support_iter >= self.gap_iters:
             self.support_step()
 
+    def _gap_due(self) -> bool:
+        return self.phase == "weights" and self.param.alternation_param.log_threshold_gap and \
+            self.display_due()
+
     def forward_backward(self, debug: bool = False) -> torch.Tensor:
+        gap_due = self._gap_due()
+        rng = capture_rng(self.device) if gap_due else None
         loss = super().forward_backward(debug)
         self._last_loss = loss
+        if self.mode == "INSTANCE" and self.phase == "weights" and \
+                (self.staleness_threshold > 0 or self.display_due()):
+            self.last_staleness = self._meter.read()
+            if self.display_due() and self.last_staleness is not None:
+                logger.info("Iteration %d, alternation: stale support bits %s", self.iter,
+                            fraction_text(self.last_staleness["per_layer"],
+                                          self.last_staleness["overall"]))
+        if gap_due:
+            # One more forward of this batch, thresholding (docs/alternation.md, "Staleness").
+            thr, masked = thresholded_loss(self.net, self._train_hts, rng)
+            self.last_threshold_gap = threshold_gap(thr, masked)
+            g = self.last_threshold_gap
+            logger.info("Iteration %d, alternation: thresholded loss %s, masked loss %s, "
+                        "gap %s (%.1f%%)", self.iter, format_value(g["thresholded"]),
+                        format_value(g["masked"]), format_value(g["gap"]),
+                        100 * g["relative"])
         return loss
 
     def _after_iteration(self) -> None:
+        if self.staleness_threshold > 0 and self.mode == "INSTANCE" and \
+                self.phase == "weights" and self.last_staleness is not None and \
+                self.last_staleness["overall"] > self.staleness_threshold:
+            logger.info("Iteration %d, alternation: %.2f%% of the stored support bits are stale "
+                        "(threshold %.2f%%); support step next", self.iter,
+                        100 * self.last_staleness["overall"], 100 * self.staleness_threshold)
+            self.phase = "support"
+            return
         patience = self.param.alternation_param.patience
         if self.mode != "INSTANCE" or self.phase != "weights" or patience <= 0 or \
                 self._last_loss is None:
@@ -375,7 +452,7 @@ class AlternationSolver(Solver):
         hts = self._test_hts[test_net_id]
         saved = [(ht, ht.fixed_support) for _, ht in hts]
         for name, ht in hts:
-            ht.fixed_support = BatchSupport(ht, name, self.support_beta, self._reduce)
+            ht.fixed_support = self._batch_support(ht, name)
         try:
             return self.evaluate(test_net_id, tag=" (MaskT)")
         finally:

@@ -25,8 +25,9 @@ from ..errors import SolverError
 from ..layers.data import DataLayerBase, PipelinedDataLayer
 from ..layers.support import HardThreshold, SupportMask
 from .mask_store import MaskStore
-from .rules import (batch_support, batch_support_sums, channel_view, count_changed_bits,
-                    reconstruction_support, threshold_support)
+from .rules import (batch_support, batch_support_sums, calibrated_threshold, channel_view,
+                    count_changed_bits, majority_support, reconstruction_support,
+                    threshold_support)
 
 SumsReducer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -110,35 +111,54 @@ def _identity(stats: torch.Tensor) -> torch.Tensor:
 
 
 class BatchSupport:
-    """``fixed_support`` callable of one HardThreshold layer: eq. 41 from the batch it is given.
+    """``fixed_support`` callable of one HardThreshold layer: one mask for the batch it is given.
 
-    ``m_i = (sum_n x_i^(n)^2 > beta * N)`` with ``x`` the layer's thresholded signal and ``N``
-    the number of examples summed (``beta`` is per example, so one setting serves any batch
-    size). One mask for the whole batch, shape ``(1, *unit_shape)``; the last one is kept in
-    ``sink[name]`` (DSD prunes with it).
+    Rule ``EQ41`` (the default): ``m_i = (sum_n x_i^(n)^2 > beta * N)`` with ``x`` the layer's
+    thresholded signal and ``N`` the number of examples summed (``beta`` is per example, so one
+    setting serves any batch size); with ``target_on > 0`` the threshold is instead calibrated on
+    this batch's sums so that ``target_on`` of the layer's units are on
+    (:func:`~pycaffe_alt.alternation.rules.calibrated_threshold`; the per-example value,
+    threshold / N, is kept in ``beta_sink[name]``). Rule ``MAJORITY``: ``m_i`` is on when eq. 12
+    (``q > beta_layer``) is on for more than half of the ``N`` examples. The mask has shape
+    ``(1, *unit_shape)``; the last one is kept in ``sink[name]`` (DSD prunes with it).
 
     Distributed training: ``reduce`` is THE place where the statistics would be all-reduced
-    (SUM) across processes. It receives one flat float32 tensor, the per-unit sums followed by
-    the example count, and must return the reduced tensor of the same shape; the default is the
-    identity (one process). With ``torch.distributed.all_reduce`` there, every process derives
-    the same mask from the global batch.
+    (SUM) across processes. It receives one flat float32 tensor, the per-unit sums (EQ41) or
+    counts (MAJORITY) followed by the example count, and must return the reduced tensor of the
+    same shape; the default is the identity (one process). With ``torch.distributed.all_reduce``
+    there, every process derives the same mask (and the same calibrated threshold) from the
+    global batch.
     """
 
     def __init__(self, layer: HardThreshold, name: str, beta: float,
                  reduce: Optional[SumsReducer] = None,
-                 sink: Optional[Dict[str, torch.Tensor]] = None):
+                 sink: Optional[Dict[str, torch.Tensor]] = None, rule: str = "EQ41",
+                 target_on: float = 0.0, beta_sink: Optional[Dict[str, torch.Tensor]] = None):
         self.layer = layer
         self.name = name
         self.beta = float(beta)
         self.reduce = reduce or _identity
         self.sink = sink
+        self.rule = rule
+        self.target_on = float(target_on)
+        self.beta_sink = beta_sink
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        sums = batch_support_sums(thresholded_signal(self.layer, q)).float()
-        count = torch.full((1,), float(q.shape[0]), dtype=sums.dtype, device=sums.device)
-        stats = self.reduce(torch.cat([sums.reshape(-1), count]))
-        sums, n = stats[:-1].reshape(sums.shape), stats[-1]
-        mask = batch_support(sums, n * self.beta)
+        if self.rule == "MAJORITY":
+            per_unit = threshold_support(q, self.layer.beta).sum(dim=0, dtype=torch.float32)
+        else:
+            per_unit = batch_support_sums(thresholded_signal(self.layer, q)).float()
+        count = torch.full((1,), float(q.shape[0]), dtype=per_unit.dtype, device=per_unit.device)
+        stats = self.reduce(torch.cat([per_unit.reshape(-1), count]))
+        per_unit, n = stats[:-1].reshape(per_unit.shape), stats[-1]
+        if self.rule == "MAJORITY":
+            mask = majority_support(per_unit, n)
+        else:
+            threshold = calibrated_threshold(per_unit, self.target_on) if self.target_on > 0 \
+                else n * self.beta
+            mask = batch_support(per_unit, threshold)
+            if self.beta_sink is not None:
+                self.beta_sink[self.name] = threshold / n
         if self.sink is not None:
             self.sink[self.name] = mask
         return mask.unsqueeze(0)
@@ -312,6 +332,51 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
     return stats
 
 
+def capture_rng(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The torch generator states a train-mode forward on ``device`` draws from (Dropout)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def thresholded_loss(net, hts: List[Tuple[str, HardThreshold]],
+                     rng: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The loss of the *thresholded* net (no fixed supports) on the batch ``net`` just ran,
+    without disturbing training: the layers above the data layers run once more (no gradients),
+    with the HardThresholds of ``hts`` thresholding, Dropout drawing from ``rng`` (the states
+    :func:`capture_rng` took before the masked forward, so both passes drop the same units), and
+    afterwards the blob values, every layer buffer (BatchNorm statistics) and the generators are
+    as they were. Costs one forward pass of the batch. Returns ``(thresholded, masked)``, 0-d
+    device tensors: the new loss and the loss of the pass that just ran (the last of
+    ``iter_size`` passes, the same batch).
+    """
+    start, _ = _pass_range(net)
+    values = net.run(start=len(net._steps))  # no layer runs: the current blob values
+    saved_values = dict(values)
+    masked = net.loss(saved_values).detach()
+    buffers = [(b, b.detach().clone()) for m in net.layer_modules.values() for b in m.buffers()]
+    saved_fs = [(ht, ht.fixed_support) for _, ht in hts]
+    devices = [net.device] if net.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            if rng is not None:
+                torch.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state(rng[1], net.device)
+            for ht, _ in saved_fs:
+                ht.fixed_support = None
+            loss = net.loss(net.run(start=start)).detach()
+    finally:
+        for ht, fs in saved_fs:
+            ht.fixed_support = fs
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)
+        values.clear()
+        values.update(saved_values)
+    return loss, masked
+
+
 def data_states(net) -> Dict[str, object]:
     """Reading positions of ``net``'s data layers (to evaluate the same batches twice)."""
     return {s.name: s.layer.state() for s in data_steps(net) if hasattr(s.layer, "state")}
@@ -332,4 +397,5 @@ def fraction_text(fractions: Dict[str, Optional[float]], overall: Optional[float
 __all__ = ["BatchSupport", "StoredSupports", "hard_threshold_layers", "first_data_layer",
            "record_count", "batch_size_of", "support_layout", "thresholded_signal",
            "instance_support", "run_support_pass", "fraction_text", "data_states",
-           "load_data_states", "store_supportmask_layers", "data_steps"]
+           "load_data_states", "store_supportmask_layers", "data_steps", "capture_rng",
+           "thresholded_loss"]

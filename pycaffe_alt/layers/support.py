@@ -9,7 +9,8 @@ A trainer drives the layers through plain attributes, never global flags:
 
 * ``HardThreshold.fixed_support``: ``None`` (threshold normally) or a callable ``f(q) -> bool mask``
   of ``q``'s shape; the layer then outputs ``m * q`` (or ``m * (q - beta)``) with ``m`` a constant,
-  so the net is linear in each layer's weights (eq. 13);
+  so the net is linear in each layer's weights (eq. 13); ``HardThreshold.learn_beta_fixed``
+  gives beta the ReLU surrogate's gradient under a fixed support with output KEEP;
 * ``HardThreshold.record_support`` / ``SupportMask.record_support``: ``None`` or a callable that
   forward calls with the support it computed (bool, detached), so a pass can store supports;
 * ``SupportMask.support_provider``: the per-instance mask for source STORE, ``(q) -> mask``;
@@ -123,6 +124,8 @@ class HardThreshold(Layer):
                       p.beta_filler if p.HasField("beta_filler") else None)
         self.fixed_support: Optional[SupportFn] = None
         self.record_support: Optional[RecordFn] = None
+        # With a fixed support and output KEEP: give beta the ReLU surrogate's gradient.
+        self.learn_beta_fixed = False
 
     def top_shapes(self, bottom_shapes):
         # Element-wise: no fake run (it would call the trainer's hooks on fake tensors).
@@ -154,7 +157,15 @@ class HardThreshold(Layer):
             self.record_support(threshold_support(q, self.beta))
         if self.fixed_support is not None:
             m = _constant_mask(self, self.fixed_support(q), q, "fixed_support")
-            return m * (q - beta) if shift else m * q
+            if shift:
+                return m * (q - beta)
+            if self.learn_beta_fixed:
+                # KEEP output does not depend on beta; the ReLU(q - beta) surrogate gives beta
+                # the gradient -(q > beta) (as _ThresholdFn does without fixed supports). The
+                # added term is exactly zero in value.
+                live = threshold_support(q, self.beta).to(q.dtype)
+                return m * q - live * (beta - beta.detach())
+            return m * q
         if self.mode == "RELU_BIAS":
             # Exactly Caffe's ReLU of (q - beta): gradient 0 at the kink, as Caffe's ReLU.
             return torch.relu(q - beta)
