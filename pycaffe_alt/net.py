@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import memory_format as mf
 from .blob import Blob, HostMirror, ParamBlob
 from .errors import CaffeError, NetError
 from .layers import LAYERS, TRAIN, Layer, LayerContext
@@ -122,7 +123,7 @@ class _BlobStore:
         # The value a layer produced wins over the inferred shape (Filter's top depends on data).
         t = self._net._values.get(name)
         if t is None:
-            t = torch.zeros(self._net._shapes[name], device=self._net.device)
+            t = mf.zeros(self._net._shapes[name], self._net.memory_format, self._net.device)
             self._net._values[name] = t
         return t
 
@@ -132,7 +133,7 @@ class _BlobStore:
         if d is None or tuple(d.shape) != shape:
             # Loss tops start with their loss weight as diff (Caffe's Layer::SetLossWeights).
             d = torch.full(shape, self._net._loss_weights.get(name, 0.0), device=self._net.device)
-            self._net._diffs[name] = d
+            d = self._net._diffs[name] = mf.in_format(d, self._net.memory_format)
         return d
 
     def shape(self, name: str) -> Shape:
@@ -141,7 +142,7 @@ class _BlobStore:
 
     def reshape(self, name: str, shape: Shape) -> None:
         self._net._shapes[name] = shape
-        self._net._values[name] = torch.zeros(shape, device=self._net.device)
+        self._net._values[name] = mf.zeros(shape, self._net.memory_format, self._net.device)
         self._net._diffs.pop(name, None)
 
 
@@ -171,11 +172,14 @@ class Net(nn.Module):
     ``Net(prototxt, phase, weights=..., stages=[...], level=0)``; ``prototxt`` may also be a
     ``caffe_pb2.NetParameter``. ``allow_python=True`` permits Python layers (off by default:
     they execute code named in the file). ``device`` defaults to ``set_mode_cpu/gpu``'s choice.
+    ``memory_format``: ``"auto"`` (channels-last for 4-D conv nets where the device gains, see
+    :mod:`pycaffe_alt.memory_format`), ``"channels_last"`` or ``"contiguous"``.
     """
 
     def __init__(self, network_file, *args, phase: Optional[int] = None, weights=None,
                  stages: Optional[Iterable[str]] = None, level: int = 0,
-                 allow_python: bool = False, device: Union[str, torch.device, None] = None):
+                 allow_python: bool = False, device: Union[str, torch.device, None] = None,
+                 memory_format: mf.FormatRequest = "auto"):
         super().__init__()
         phase, weights = _parse_pycaffe_args(args, phase, weights)
         net_param, source = _load_net_param(network_file)
@@ -187,9 +191,13 @@ class Net(nn.Module):
         self._diffs: Dict[str, torch.Tensor] = {}
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
+        self.memory_format = torch.contiguous_format
         self._build(LayerContext(phase=phase, allow_python=allow_python, source=source))
         self.train(phase == TRAIN)
         self.to(self._device)
+        self.memory_format = mf.choose(memory_format, self._device, (
+            (s.layer.type, [self._shapes[b] for b in s.bottoms]) for s in self._steps), source)
+        mf.apply_to_parameters(self, self.memory_format)
         if weights:
             self.copy_from(weights)
 
@@ -617,9 +625,13 @@ class Net(nn.Module):
         for (n, _), g in zip(blob_ts, got):
             if g is not None:
                 self._diffs[n] = g.detach()
+        blob_grads = {id(g) for g in got[:len(blob_ts)]}
         for p, g in zip(params, got[len(blob_ts):]):
             if g is not None:
-                p.grad = g.detach() if p.grad is None else p.grad + g.detach()
+                if p.grad is None:  # a fresh tensor unless autograd handed it to a blob too
+                    p.grad = g.detach().clone() if id(g) in blob_grads else g.detach()
+                else:  # in place, as Caffe accumulates: diff arrays the user holds stay live
+                    p.grad.add_(g.detach())
 
     def forward_all(self, blobs: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, np.ndarray]:
         """pycaffe ``forward_all``: run all items through in batches, outputs concatenated."""
