@@ -25,6 +25,7 @@ from torch import nn
 
 from . import memory_format as mf
 from .blob import Blob, HostMirror, ParamBlob
+from .compile import CompiledNet
 from .errors import CaffeError, NetError
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
@@ -173,13 +174,14 @@ class Net(nn.Module):
     ``caffe_pb2.NetParameter``. ``allow_python=True`` permits Python layers (off by default:
     they execute code named in the file). ``device`` defaults to ``set_mode_cpu/gpu``'s choice.
     ``memory_format``: ``"auto"`` (channels-last for 4-D conv nets where the device gains, see
-    :mod:`pycaffe_alt.memory_format`), ``"channels_last"`` or ``"contiguous"``.
+    :mod:`pycaffe_alt.memory_format`), ``"channels_last"`` or ``"contiguous"``. ``compile``:
+    run the layers as one ``torch.compile`` graph (see :mod:`pycaffe_alt.compile`).
     """
 
     def __init__(self, network_file, *args, phase: Optional[int] = None, weights=None,
                  stages: Optional[Iterable[str]] = None, level: int = 0,
                  allow_python: bool = False, device: Union[str, torch.device, None] = None,
-                 memory_format: mf.FormatRequest = "auto"):
+                 memory_format: mf.FormatRequest = "auto", compile: bool = False):  # noqa: A002
         super().__init__()
         phase, weights = _parse_pycaffe_args(args, phase, weights)
         net_param, source = _load_net_param(network_file)
@@ -191,13 +193,17 @@ class Net(nn.Module):
         self._diffs: Dict[str, torch.Tensor] = {}
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
+        self._compiled: Optional[CompiledNet] = None
         self.memory_format = torch.contiguous_format
         self._build(LayerContext(phase=phase, allow_python=allow_python, source=source))
         self.train(phase == TRAIN)
         self.to(self._device)
         self.memory_format = mf.choose(memory_format, self._device, (
-            (s.layer.type, [self._shapes[b] for b in s.bottoms]) for s in self._steps), source)
+            (s.layer.type, [self._shapes[b] for b in s.bottoms]) for s in self._steps), source,
+            compiled=compile)
         mf.apply_to_parameters(self, self.memory_format)
+        if compile:
+            self.set_compile(True)
         if weights:
             self.copy_from(weights)
 
@@ -403,6 +409,17 @@ class Net(nn.Module):
             views[m.name] = LayerView(m, [ParamBlob(p, dirty) for p in m.blobs])
         return views
 
+    def set_compile(self, enabled: bool = True) -> bool:
+        """Run forward passes through ``torch.compile`` (or stop doing so); returns whether
+        compiling is on (it stays off, with one log line, where the net cannot be compiled)."""
+        self._compiled = CompiledNet.for_net(self) if enabled else None
+        return self._compiled is not None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether forward passes go through ``torch.compile``."""
+        return self._compiled is not None and self._compiled.active
+
     # ------------------------------------------------------------------ pycaffe properties
     @property
     def device(self) -> torch.device:
@@ -446,6 +463,11 @@ class Net(nn.Module):
     @property
     def outputs(self) -> List[str]:
         return list(self._outputs)
+
+    @property
+    def loss_tops(self) -> List[str]:
+        """The blobs the net loss sums (named and automatic loss tops)."""
+        return list(self._loss_weights)
 
     @property
     def blob_loss_weights(self) -> "OrderedDict[str, float]":
@@ -494,6 +516,17 @@ class Net(nn.Module):
             if name not in values:
                 values[name] = self._store.data_tensor(name)
         last = len(self._steps) - 1 if end is None else end
+        if self._compiled is not None and first_versions is None and trace is None:
+            return self._compiled.run(values, start, last)
+        self.run_steps(values, start, last, first_versions, trace)
+        return values
+
+    def run_steps(self, values: Dict[str, torch.Tensor], start: int, last: int,
+                  first_versions: Optional[Dict[str, torch.Tensor]] = None,
+                  trace: Optional[List[Tuple[Step, Sequence[torch.Tensor], Sequence[torch.Tensor]]]]
+                  = None) -> None:
+        """Run layers ``start..last`` (indices) on the blob values in ``values`` (updated in
+        place); ``first_versions`` and ``trace`` as in :meth:`run`."""
         finals: Dict[str, _FinalValue] = {}
         for step in self._steps[start:last + 1]:
             if not step.runs:
@@ -518,7 +551,11 @@ class Net(nn.Module):
                 values[t] = v
         for name, final in finals.items():
             final.value = values[name].detach()
-        return values
+
+    @property
+    def steps(self) -> List[Step]:
+        """The layers in execution order with the blob names they read and write."""
+        return list(self._steps)
 
     def loss(self, values: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Caffe's net loss: sum over loss tops of loss_weight * sum(top)."""
@@ -540,8 +577,11 @@ class Net(nn.Module):
         """
         if kwargs and all(isinstance(v, torch.Tensor) for v in kwargs.values()):
             last = self._layer_index(end, len(self._steps) - 1)
+            names = self._output_names(blobs, end)
+            if self._compiled is not None:
+                self._compiled.want(names)
             values = self.run(kwargs, self._layer_index(start, 0), last)
-            return {n: values[n] for n in self._output_names(blobs, end)}
+            return {n: values[n] for n in names}
         for name, arr in kwargs.items():
             if name not in self._shapes:
                 raise NetError(f"forward() got an array for '{name}', which is not a blob of this net",

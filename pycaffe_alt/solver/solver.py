@@ -102,9 +102,11 @@ class Solver:
 
     def __init__(self, solver: SolverSource, *, device: Union[str, torch.device, None] = None,
                  weights: Sequence[str] = (), allow_python: bool = False,
-                 stages: Optional[Sequence[str]] = None, level: Optional[int] = None):
+                 stages: Optional[Sequence[str]] = None, level: Optional[int] = None,
+                 compile: bool = False):  # noqa: A002 - the issue's name for torch.compile
         from ..train.loop import LossSmoother, NonFiniteLossGuard
 
+        self._compile = compile  # the nets run through torch.compile (pycaffe_alt/compile.py)
         self.param, self.source = _read_solver_param(solver)
         if self.forced_type is not None:
             self.param.type = self.forced_type
@@ -238,10 +240,10 @@ class Solver:
             inline.CopyFrom(net_param)
             inline.state.CopyFrom(state)
             return Net(inline, phase=phase, stages=list(state.stage), level=state.level,
-                       allow_python=allow_python, device=self.device)
+                       allow_python=allow_python, device=self.device, compile=self._compile)
         # From the file itself, so that errors name it.
         return Net(source, phase=phase, stages=list(state.stage), level=state.level,
-                   allow_python=allow_python, device=self.device)
+                   allow_python=allow_python, device=self.device, compile=self._compile)
 
     def _build_train_net(self, allow_python: bool) -> Net:
         p = self.param

@@ -138,6 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--level", type=int, default=None, help="NetState level of the train net")
     parser.add_argument("--allow-python", "--allow_python", action="store_true",
                         help="allow Python layers (they run code named in the prototxt)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the nets through torch.compile (see docs/performance.md)")
     args = parse_args(parser, argv)
     check_flags(args)
     setup_logging()
@@ -161,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     stages = _split(args.stage)
     solver = get_solver(args.solver, device=device, weights=tuple(_split(args.weights)),
-                        allow_python=args.allow_python, stages=stages or None, level=args.level)
+                        allow_python=args.allow_python, stages=stages or None, level=args.level,
+                        compile=args.compile)
     if args.snapshot:
         log.info("Resuming from %s", args.snapshot)
         solver.restore(args.snapshot)
