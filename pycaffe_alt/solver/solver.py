@@ -25,6 +25,7 @@ from ..errors import CaffeError, NetError, SolverError
 from ..layers import TEST, TRAIN
 from ..log import get_logger
 from ..mode import default_device, set_random_seed
+from ..mixed_precision import MixedPrecision
 from ..net import Net
 from ..proto import caffe_pb2
 from .lr_policy import current_step, learning_rate
@@ -121,6 +122,7 @@ class Solver:
         self.hyper = RuleHyper.from_solver_param(self.param)
         check_hyper(rule_type, self.hyper)
         self.device = self._pick_device(device)
+        self.precision = MixedPrecision.from_solver_param(self.param, self.device, self.source)
         self._iter = 0
         self.current_step = 0
         logger.info("Initializing solver from parameters: %s", self.source)
@@ -401,13 +403,14 @@ class Solver:
         total = None
         for _ in range(self.param.iter_size):
             trace = [] if debug else None
-            values = self.net.run(trace=trace)
-            if debug:
-                grads = debug_info.watch_bottoms(trace)
-                debug_info.log_forward(trace)
-            loss = self.net.loss(values)
+            with self.precision.autocast():
+                values = self.net.run(trace=trace)
+                if debug:
+                    grads = debug_info.watch_bottoms(trace)
+                    debug_info.log_forward(trace)
+                loss = self.net.loss(values)
             if loss.requires_grad:
-                loss.backward()
+                self.precision.scaled(loss).backward()
             if debug:
                 debug_info.log_backward(trace, grads, self._params)
             loss = loss.detach()
@@ -454,6 +457,9 @@ class Solver:
             logger.info("Iteration %d, lr = %s", it, format_value(rate))
         with torch.no_grad():
             diffs = self._diffs()
+            if not self.precision.unscale_and_check(diffs):  # FP16 overflow: skip this step
+                self._iter += 1
+                return
             clipped = clip_gradients(diffs, self.param.clip_gradients)
             if clipped is not None:
                 logger.info("%s", clipped.message())
