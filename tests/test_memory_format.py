@@ -62,7 +62,7 @@ def test_conv_net_weights_and_activations_are_channels_last_views_stay_nchw():
     assert net.blobs["conv1"].data[0, 1, 2, 3] == 42.0  # a fresh view of the same tensor
     w = net.params["conv2"][0].data
     w[1, 2, 3, 4] = -7.0
-    assert float(net.params["conv2"][0].param[1, 2, 3, 4]) == -7.0
+    assert float(net.params["conv2"][0].param.detach()[1, 2, 3, 4]) == -7.0
     net.backward()
     assert is_channels_last(net.params["conv2"][0].param.grad)
     assert net.params["conv2"][0].diff.shape == w.shape
