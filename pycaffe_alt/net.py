@@ -503,6 +503,8 @@ class Net(nn.Module):
         given here become the input blobs' values. ``first_versions`` collects each produced
         blob's first value in this pass (an in-place blob's diff is the gradient of that one).
         ``trace`` receives ``(step, bottoms, tops)`` for every layer in order (debug_info).
+        With compiling on (:meth:`set_compile`) a pass without ``first_versions``/``trace`` runs
+        compiled and brings out only the outputs, loss tops and requested blobs.
         """
         values = self._values
         if start == 0:
