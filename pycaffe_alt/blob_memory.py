@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import memory_format
 from .errors import NetError
 
 FLOAT_BYTES = 4  # blobs are float32, as Caffe's Dtype float
@@ -68,10 +69,12 @@ def check_blob_fits(shape: Sequence[int], device, blob: str, where: str) -> None
                        f"{torch.device(device or 'cpu')}")
 
 
-def zeros(shape: Sequence[int], device, blob: str, where: str) -> torch.Tensor:
-    """``torch.zeros(shape)`` on ``device``; an allocation failure is a NetError naming the blob."""
+def zeros(shape: Sequence[int], device, blob: str, where: str,
+          fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A zero blob of ``shape`` on ``device`` stored in ``fmt`` (see memory_format.zeros); an
+    allocation failure is a NetError naming the blob."""
     try:
-        return torch.zeros(tuple(shape), device=device)
+        return memory_format.zeros(shape, fmt, device)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if isinstance(e, RuntimeError) and "alloc" not in str(e).lower() \
                 and "out of memory" not in str(e).lower():

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import memory_format as mf
 from .blob import Blob, HostMirror, ParamBlob
 from .blob_memory import check_blob_fits, zeros
+from .compile import CompiledNet
 from .errors import CaffeError, NetError
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
@@ -127,7 +129,8 @@ class _BlobStore:
         # The value a layer produced wins over the inferred shape (Filter's top depends on data).
         t = self._net._values.get(name)
         if t is None:
-            t = zeros(self._net._shapes[name], self._net.device, name, self._net.source)
+            t = zeros(self._net._shapes[name], self._net.device, name, self._net.source,
+                      self._net.memory_format)
             self._net._values[name] = t
         return t
 
@@ -137,7 +140,7 @@ class _BlobStore:
         if d is None or tuple(d.shape) != shape:
             # Loss tops start with their loss weight as diff (Caffe's Layer::SetLossWeights).
             d = torch.full(shape, self._net._loss_weights.get(name, 0.0), device=self._net.device)
-            self._net._diffs[name] = d
+            d = self._net._diffs[name] = mf.in_format(d, self._net.memory_format)
         return d
 
     def shape(self, name: str) -> Shape:
@@ -146,7 +149,8 @@ class _BlobStore:
 
     def reshape(self, name: str, shape: Shape) -> None:
         self._net._shapes[name] = shape
-        self._net._values[name] = zeros(shape, self._net.device, name, self._net.source)
+        self._net._values[name] = zeros(shape, self._net.device, name, self._net.source,
+                                        self._net.memory_format)
         self._net._diffs.pop(name, None)
 
 
@@ -176,11 +180,15 @@ class Net(nn.Module):
     ``Net(prototxt, phase, weights=..., stages=[...], level=0)``; ``prototxt`` may also be a
     ``caffe_pb2.NetParameter``. ``allow_python=True`` permits Python layers (off by default:
     they execute code named in the file). ``device`` defaults to ``set_mode_cpu/gpu``'s choice.
+    ``memory_format``: ``"auto"`` (channels-last for 4-D conv nets where the device gains, see
+    :mod:`pycaffe_alt.memory_format`), ``"channels_last"`` or ``"contiguous"``. ``compile``:
+    run the layers as one ``torch.compile`` graph (see :mod:`pycaffe_alt.compile`).
     """
 
     def __init__(self, network_file, *args, phase: Optional[int] = None, weights=None,
                  stages: Optional[Iterable[str]] = None, level: int = 0,
-                 allow_python: bool = False, device: Union[str, torch.device, None] = None):
+                 allow_python: bool = False, device: Union[str, torch.device, None] = None,
+                 memory_format: mf.FormatRequest = "auto", compile: bool = False):  # noqa: A002
         super().__init__()
         phase, weights = _parse_pycaffe_args(args, phase, weights)
         net_param, source = _load_net_param(network_file)
@@ -194,9 +202,17 @@ class Net(nn.Module):
         self._spent_steps: Set[int] = set()
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
+        self._compiled: Optional[CompiledNet] = None
+        self.memory_format = torch.contiguous_format
         self._build(LayerContext(phase=phase, allow_python=allow_python, source=source))
         self.train(phase == TRAIN)
         self.to(self._device)
+        self.memory_format = mf.choose(memory_format, self._device, (
+            (s.layer.type, [self._shapes[b] for b in s.bottoms]) for s in self._steps), source,
+            compiled=compile)
+        mf.apply_to_parameters(self, self.memory_format)
+        if compile:
+            self.set_compile(True)
         if weights:
             self.copy_from(weights)
 
@@ -407,6 +423,17 @@ class Net(nn.Module):
             views[m.name] = LayerView(m, [ParamBlob(p, dirty) for p in m.blobs])
         return views
 
+    def set_compile(self, enabled: bool = True) -> bool:
+        """Run forward passes through ``torch.compile`` (or stop doing so); returns whether
+        compiling is on (it stays off, with one log line, where the net cannot be compiled)."""
+        self._compiled = CompiledNet.for_net(self) if enabled else None
+        return self._compiled is not None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether forward passes go through ``torch.compile``."""
+        return self._compiled is not None and self._compiled.active
+
     # ------------------------------------------------------------------ pycaffe properties
     @property
     def device(self) -> torch.device:
@@ -452,6 +479,11 @@ class Net(nn.Module):
         return list(self._outputs)
 
     @property
+    def loss_tops(self) -> List[str]:
+        """The blobs the net loss sums (named and automatic loss tops)."""
+        return list(self._loss_weights)
+
+    @property
     def blob_loss_weights(self) -> "OrderedDict[str, float]":
         return OrderedDict((n, self._loss_weights.get(n, 0.0)) for n in self.blobs)
 
@@ -485,6 +517,8 @@ class Net(nn.Module):
         given here become the input blobs' values. ``first_versions`` collects each produced
         blob's first value in this pass (an in-place blob's diff is the gradient of that one).
         ``trace`` receives ``(step, bottoms, tops)`` for every layer in order (debug_info).
+        With compiling on (:meth:`set_compile`) a pass without ``first_versions``/``trace`` runs
+        compiled and brings out only the outputs, loss tops and requested blobs.
         """
         values = self._values
         if start == 0:
@@ -498,6 +532,17 @@ class Net(nn.Module):
             if name not in values:
                 values[name] = self._store.data_tensor(name)
         last = len(self._steps) - 1 if end is None else end
+        if self._compiled is not None and first_versions is None and trace is None:
+            return self._compiled.run(values, start, last)
+        self.run_steps(values, start, last, first_versions, trace)
+        return values
+
+    def run_steps(self, values: Dict[str, torch.Tensor], start: int, last: int,
+                  first_versions: Optional[Dict[str, torch.Tensor]] = None,
+                  trace: Optional[List[Tuple[Step, Sequence[torch.Tensor], Sequence[torch.Tensor]]]]
+                  = None) -> None:
+        """Run layers ``start..last`` (indices) on the blob values in ``values`` (updated in
+        place); ``first_versions`` and ``trace`` as in :meth:`run`."""
         finals: Dict[str, _FinalValue] = {}
         for step in self._steps[start:last + 1]:
             if not step.runs:
@@ -522,7 +567,11 @@ class Net(nn.Module):
                 values[t] = v
         for name, final in finals.items():
             final.value = values[name].detach()
-        return values
+
+    @property
+    def steps(self) -> List[Step]:
+        """The layers in execution order with the blob names they read and write."""
+        return list(self._steps)
 
     def loss(self, values: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Caffe's net loss: sum over loss tops of loss_weight * sum(top)."""
@@ -544,8 +593,11 @@ class Net(nn.Module):
         """
         if kwargs and all(isinstance(v, torch.Tensor) for v in kwargs.values()):
             last = self._layer_index(end, len(self._steps) - 1)
+            names = self._output_names(blobs, end)
+            if self._compiled is not None:
+                self._compiled.want(names)
             values = self.run(kwargs, self._layer_index(start, 0), last)
-            return {n: values[n] for n in self._output_names(blobs, end)}
+            return {n: values[n] for n in names}
         for name, arr in kwargs.items():
             if name not in self._shapes:
                 raise NetError(f"forward() got an array for '{name}', which is not a blob of this net",
@@ -673,9 +725,13 @@ class Net(nn.Module):
         for (n, _), g in zip(blob_ts, got):
             if g is not None:
                 self._diffs[n] = g.detach()
+        blob_grads = {id(g) for g in got[:len(blob_ts)]}
         for p, g in zip(params, got[len(blob_ts):]):
             if g is not None:
-                p.grad = g.detach() if p.grad is None else p.grad + g.detach()
+                if p.grad is None:  # a fresh tensor unless autograd handed it to a blob too
+                    p.grad = g.detach().clone() if id(g) in blob_grads else g.detach()
+                else:  # in place, as Caffe accumulates: diff arrays the user holds stay live
+                    p.grad.add_(g.detach())
 
     def forward_all(self, blobs: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, np.ndarray]:
         """pycaffe ``forward_all``: run all items through in batches, outputs concatenated."""

@@ -82,7 +82,7 @@ def legacy_dim(shape: Shape, index: int) -> int:
 
 
 def _prod(dims: Sequence[int]) -> int:
-    return int(math.prod(int(d) for d in dims))
+    return int(math.prod(dims))  # no generator: torch.compile traces it without a break
 
 
 # -- shared layer machinery --------------------------------------------------------------------
@@ -96,7 +96,10 @@ def _check_class_labels(layer: Layer, labels: torch.Tensor, num_classes: int,
     idx = labels.long()
     valid = idx != ignore_label if ignore_label is not None else torch.ones_like(idx, dtype=torch.bool)
     bad = valid & ((idx < 0) | (idx >= num_classes))
-    if bool(bad.any()):
+    # The check reads the labels on the host; a compiled graph cannot (it would break there).
+    # Compiled runs skip it: an out-of-range label then fails the graph's indexing, and
+    # pycaffe_alt.compile re-runs the step eagerly, which raises this error.
+    if not torch.compiler.is_compiling() and bool(bad.any()):
         first = idx[bad][0].item()
         raise layer.error(f"label {first} is outside the {num_classes} classes [0, {num_classes - 1}]",
                           "labels must be class indices of the predictions' class axis"

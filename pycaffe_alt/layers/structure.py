@@ -24,7 +24,8 @@ from .base import Layer, Shape
 
 def count(shape: Sequence[int], start: int = 0, end: Optional[int] = None) -> int:
     """Product of ``shape[start:end]`` (Caffe's ``Blob::count(start, end)``)."""
-    return math.prod(int(d) for d in shape[start:end])
+    # A plain product over the slice (no generator): torch.compile traces this without a break.
+    return int(math.prod(shape[start:end]))
 
 
 def legacy_or_axis(layer: Layer, p, legacy_field: str, num_axes: int) -> int:

@@ -26,6 +26,7 @@ from ..fileio import check_input_path, remove_stale_temporaries
 from ..layers import TEST, TRAIN
 from ..log import format_value, get_logger, loss_suffix
 from ..mode import default_device, set_random_seed
+from ..mixed_precision import MixedPrecision
 from ..net import Net
 from ..proto import caffe_pb2
 from ..train import debug_info, loop
@@ -89,7 +90,9 @@ class Solver:
 
     def __init__(self, solver: SolverSource, *, device: Union[str, torch.device, None] = None,
                  weights: Sequence[str] = (), allow_python: bool = False,
-                 stages: Optional[Sequence[str]] = None, level: Optional[int] = None):
+                 stages: Optional[Sequence[str]] = None, level: Optional[int] = None,
+                 compile: bool = False):  # noqa: A002 - the issue's name for torch.compile
+        self._compile = compile  # the nets run through torch.compile (pycaffe_alt/compile.py)
         self.param, self.source = _read_solver_param(solver)
         if self.forced_type is not None:
             self.param.type = self.forced_type
@@ -105,6 +108,7 @@ class Solver:
             self.hyper = RuleHyper.from_solver_param(self.param)
             check_hyper(rule_type, self.hyper)
         self.device = self._pick_device(device)
+        self.precision = MixedPrecision.from_solver_param(self.param, self.device, self.source)
         self._iter = 0
         self.current_step = 0
         logger.info("Initializing solver from parameters: %s", self.source)
@@ -250,10 +254,10 @@ class Solver:
             inline.CopyFrom(net_param)
             inline.state.CopyFrom(state)
             return Net(inline, phase=phase, stages=list(state.stage), level=state.level,
-                       allow_python=allow_python, device=self.device)
+                       allow_python=allow_python, device=self.device, compile=self._compile)
         # From the file itself, so that errors name it.
         return Net(source, phase=phase, stages=list(state.stage), level=state.level,
-                   allow_python=allow_python, device=self.device)
+                   allow_python=allow_python, device=self.device, compile=self._compile)
 
     def _build_train_net(self, allow_python: bool) -> Net:
         p = self.param
@@ -408,13 +412,14 @@ class Solver:
         total = None
         for _ in range(self.param.iter_size):
             trace = [] if debug else None
-            values = self.net.run(trace=trace)
-            if debug:
-                grads = debug_info.watch_bottoms(trace)
-                debug_info.log_forward(trace)
-            loss = self.net.loss(values)
+            with self.precision.autocast():
+                values = self.net.run(trace=trace)
+                if debug:
+                    grads = debug_info.watch_bottoms(trace)
+                    debug_info.log_forward(trace)
+                loss = self.net.loss(values)
             if loss.requires_grad:
-                loss.backward()
+                self.precision.scaled(loss).backward()
             if debug:
                 debug_info.log_backward(trace, grads, self._params)
             loss = loss.detach()
@@ -462,6 +467,9 @@ class Solver:
             logger.info("Iteration %d, lr = %s", it, format_value(rate))
         with torch.no_grad():
             diffs = self._diffs()
+            if not self.precision.unscale_and_check(diffs):  # FP16 overflow: skip this step
+                self._iter += 1
+                return
             clipped = clip_gradients(diffs, self.param.clip_gradients)
             if clipped is not None:
                 logger.info("%s", clipped.message())

@@ -31,6 +31,8 @@ def add_net_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", type=int, default=0, help="NetState level")
     parser.add_argument("--allow-python", "--allow_python", action="store_true",
                         help="allow Python layers (they run code named in the prototxt)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the net through torch.compile (see docs/performance.md)")
 
 
 def gpu_ids(flag: Optional[str]) -> List[int]:
@@ -78,7 +80,8 @@ def build_net(args, phase: int, require_weights_match: bool = False):
 
     stages = [s for s in args.stage.split(",") if s]
     net = Net(args.model, phase, stages=stages, level=args.level,
-              allow_python=args.allow_python, device=select_device(args.gpu))
+              allow_python=args.allow_python, device=select_device(args.gpu),
+              compile=args.compile)
     for w in [w for w in args.weights.split(",") if w]:
         if not net.copy_from(w) and require_weights_match and len(net.params):
             raise WeightsError("no layer of this weights file has the name of a layer of the net, "
@@ -96,10 +99,10 @@ def score(net, iterations: int) -> "OrderedDict[str, float]":
     loss = 0.0
     with torch.no_grad():
         for i in range(iterations):
-            outs = net.forward()
-            loss += float(net.loss().item()) if net._loss_weights else 0.0
-            for name, value in outs.items():
-                flat = np.asarray(value, dtype=np.float64).ravel()
+            values = net.run()  # the whole pass (one graph with --compile)
+            loss += float(net.loss(values).item()) if net.loss_tops else 0.0
+            for name in net.outputs:
+                flat = values[name].detach().cpu().double().numpy().ravel()
                 for j, v in enumerate(flat):
                     log.info("Batch %d, %s = %g", i, name if flat.size == 1 else f"{name}[{j}]", v)
                 sums[name] = sums.get(name, 0) + flat

@@ -154,6 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         default=DEFAULT_START_TIMEOUT,
                         help="data-parallel: seconds to wait for every rank at start-up "
                              f"(default {DEFAULT_START_TIMEOUT:g})")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the nets through torch.compile (see docs/performance.md)")
     argv = gflags_argv(sys.argv[1:] if argv is None else list(argv))
     args = parse_args(parser, argv)
     check_flags(args)
@@ -205,7 +207,8 @@ def build_solver(args: argparse.Namespace, device):
 
     stages = _split(args.stage)
     return get_solver(args.solver, device=device, weights=tuple(_split(args.weights)),
-                      allow_python=args.allow_python, stages=stages or None, level=args.level)
+                      allow_python=args.allow_python, stages=stages or None, level=args.level,
+                      compile=args.compile)
 
 
 def rank_gpu(job: LaunchEnv, ids: List[int], gpu: str) -> str:

@@ -1,0 +1,114 @@
+"""torch.compile for nets: no graph breaks for LeNet, compiled = eager numerics, eager fallback."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pycaffe_alt as caffe
+from pycaffe_alt.compile import CompiledNet, leading_sources
+from pycaffe_alt.errors import NetError
+from pycaffe_alt.proto import caffe_pb2
+from pycaffe_alt.prototxt import parse_text, read_net
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENET = os.path.join(ROOT, "tests", "fixtures", "golden", "nets", "lenet_loss")
+
+TINY = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 2 dim: 6 dim: 6 } } }
+layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 4 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+        inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "ip" top: "ip" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip" top: "ip2"
+        inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+
+
+def tiny(**kw):
+    return caffe.Net(parse_text(TINY, caffe_pb2.NetParameter()), caffe.TRAIN, **kw)
+
+
+def test_lenet_traces_as_one_graph():
+    net = caffe.Net(read_net(os.path.join(LENET, "net.prototxt")), caffe.TRAIN)
+    x = torch.zeros(net.blobs["data"].shape)
+    label = torch.zeros(net.blobs["label"].shape)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(data=x, label=label)
+    assert explained.graph_break_count <= 2, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def eager_compiled_pair(**kw):
+    eager, compiled = tiny(**kw), tiny(compile=True, **kw)
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def step(net, x, label):
+    net.zero_grad(set_to_none=True)
+    values = net(data=x, label=label, blobs=["ip2"])
+    loss = net.loss(values)
+    loss.backward()
+    return values, loss.detach()
+
+
+def test_compiled_pass_matches_eager():
+    torch._dynamo.reset()
+    eager, compiled = eager_compiled_pair()
+    assert compiled.compiled
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(eager.blobs["data"].shape, generator=g)
+    label = torch.tensor([0.0, 1.0, 2.0, 1.0])
+    (v1, l1), (v2, l2) = step(eager, x, label), step(compiled, x, label)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v1["ip2"], v2["ip2"], rtol=1e-5, atol=1e-6)
+    for (name, p1), p2 in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert compiled.compiled  # no fallback happened
+
+
+def failing_compiler(fn):
+    def run(*args, **kwargs):
+        raise RuntimeError("backend exploded")
+    return run
+
+
+def test_compiler_failure_falls_back_to_eager_with_one_log_line(caplog):
+    eager, net = eager_compiled_pair()
+    net._compiled = CompiledNet(net, leading_sources(net.steps), net.outputs + net.loss_tops,
+                                compiler=failing_compiler)
+    x = torch.randn(net.blobs["data"].shape)
+    label = torch.zeros(4)
+    with caplog.at_level(logging.WARNING, logger="pycaffe_alt"):
+        (_, l1), (_, l2) = step(eager, x, label), step(net, x, label)
+        step(net, x, label)
+    torch.testing.assert_close(l1, l2)
+    lines = [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(lines) == 1 and "backend exploded" in lines[0].getMessage()
+    assert not net.compiled
+
+
+def test_bad_label_in_compiled_net_raises_the_layers_error():
+    net = tiny()
+    net._compiled = CompiledNet(net, leading_sources(net.steps), net.outputs + net.loss_tops,
+                                compiler=failing_compiler)
+    with pytest.raises(NetError, match="label 7 is outside"):
+        net.run({"data": torch.zeros(net.blobs["data"].shape),
+                 "label": torch.tensor([0.0, 7.0, 0.0, 0.0])})
+
+
+def test_solver_builds_compiled_nets(tmp_path):
+    net_file = tmp_path / "net.prototxt"
+    net_file.write_text(TINY)
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(f'net: "{net_file}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 1\n')
+    solver = caffe.get_solver(str(solver_file), compile=True)
+    assert solver.net.compiled
+    assert solver.net.memory_format is torch.contiguous_format  # Inductor picks layouts itself
+    np.testing.assert_array_equal(solver.net.params["conv"][0].data.shape, (3, 2, 3, 3))

@@ -1,0 +1,102 @@
+"""Channels-last by default for 4-D conv nets: the rule, the layout, and pycaffe's NCHW views."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pycaffe_alt as caffe
+from pycaffe_alt import memory_format as mf
+from pycaffe_alt.errors import NetError
+from pycaffe_alt.proto import caffe_pb2
+from pycaffe_alt.prototxt import parse_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENET = os.path.join(ROOT, "tests", "fixtures", "golden", "nets", "lenet_loss")
+ALLCNN = os.path.join(ROOT, "tests", "fixtures", "golden", "nets", "allcnn_c_deploy")
+
+MLP = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }
+"""
+
+
+def lenet(**kw):
+    return caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
+                     caffe.TRAIN, **kw)
+
+
+def is_channels_last(t):
+    return t.stride() == torch.empty(t.shape, memory_format=torch.channels_last).stride()
+
+
+def test_rule_picks_channels_last_for_conv_nets_on_cpu_only():
+    cpu = torch.device("cpu")
+    conv = [("Input", []), ("Convolution", [(2, 3, 8, 8)])]
+    assert mf.choose("auto", cpu, conv) is torch.channels_last
+    assert mf.choose("auto", cpu, [("InnerProduct", [(2, 3)])]) is torch.contiguous_format
+    assert mf.choose("auto", cpu, [("Convolution", [(2, 3, 8)])]) is torch.contiguous_format
+    assert mf.choose("contiguous", cpu, conv) is torch.contiguous_format
+    assert mf.choose(torch.channels_last, cpu, []) is torch.channels_last
+    with pytest.raises(NetError, match="memory_format"):
+        mf.choose("nhwc", cpu, conv)
+
+
+def test_conv_net_weights_and_activations_are_channels_last_views_stay_nchw():
+    net = lenet()
+    assert net.memory_format is torch.channels_last
+    # LeNet's first weight has one input channel: the exact channels-last strides still matter.
+    assert is_channels_last(net.params["conv1"][0].param)
+    x = np.random.default_rng(0).standard_normal(net.blobs["data"].shape).astype(np.float32)
+    net.blobs["data"].data[...] = x
+    net.forward()
+    outputs = net(data=torch.from_numpy(x), label=torch.zeros(net.blobs["label"].shape),
+                  blobs=["conv1", "pool2"])
+    assert is_channels_last(outputs["conv1"]) and is_channels_last(outputs["pool2"])
+    arr = net.blobs["conv1"].data
+    assert arr.shape == net.blobs["conv1"].shape  # NCHW shape over NHWC memory
+    assert not arr.flags.c_contiguous
+    # The view writes through: an edit through numpy is the tensor's value.
+    arr[0, 1, 2, 3] = 42.0
+    assert net.blobs["conv1"].data[0, 1, 2, 3] == 42.0  # a fresh view of the same tensor
+    w = net.params["conv2"][0].data
+    w[1, 2, 3, 4] = -7.0
+    assert float(net.params["conv2"][0].param.detach()[1, 2, 3, 4]) == -7.0
+    net.backward()
+    assert is_channels_last(net.params["conv2"][0].param.grad)
+    assert net.params["conv2"][0].diff.shape == w.shape
+
+
+def test_channels_last_matches_nchw_results():
+    a, b = lenet(), lenet(memory_format="contiguous")
+    assert b.memory_format is torch.contiguous_format
+    x = np.random.default_rng(1).standard_normal(a.blobs["data"].shape).astype(np.float32)
+    label = np.arange(a.blobs["label"].count, dtype=np.float32).reshape(a.blobs["label"].shape) % 10
+    for net in (a, b):
+        net.blobs["data"].data[...] = x
+        net.blobs["label"].data[...] = label
+        net.forward()
+        net.backward()
+    np.testing.assert_allclose(a.blobs["loss"].data, b.blobs["loss"].data, rtol=1e-5)
+    for name in ("conv1", "conv2", "ip1"):
+        for pa, pb in zip(a.params[name], b.params[name]):
+            np.testing.assert_allclose(pa.diff, pb.diff, rtol=1e-4, atol=1e-6)
+
+
+def test_mlp_stays_contiguous():
+    net = caffe.Net(parse_text(MLP, caffe_pb2.NetParameter()), caffe.TEST)
+    assert net.memory_format is torch.contiguous_format
+
+
+def test_param_diffs_accumulate_in_place_across_backward_calls():
+    net = lenet()
+    x = np.random.default_rng(2).standard_normal(net.blobs["data"].shape).astype(np.float32)
+    net.blobs["data"].data[...] = x
+    net.forward()
+    net.backward()
+    held = net.params["ip1"][0].diff  # a view the user keeps, as in Caffe
+    once = held.copy()
+    net.forward()
+    net.backward()
+    np.testing.assert_allclose(held, 2 * once, rtol=1e-5, atol=1e-7)
