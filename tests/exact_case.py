@@ -16,8 +16,8 @@ NET = """name: "TeacherStudent"
 layer { name: "data" type: "HDF5Data" top: "data" top: "label"
   hdf5_data_param { source: "%(list)s" batch_size: %(batch)d } }
 layer { name: "hidden" type: "InnerProduct" bottom: "data" top: "hidden"
-  param { lr_mult: 1 decay_mult: 1 }
-  inner_product_param { num_output: %(k)d bias_term: false weight_filler { type: "gaussian" std: 0.1 } } }
+  param { lr_mult: 1 decay_mult: 1 } %(bias_param)s
+  inner_product_param { num_output: %(k)d bias_term: %(bias)s weight_filler { type: "gaussian" std: 0.1 } } }
 layer { name: "relu" type: "ReLU" bottom: "hidden" top: "hidden" }
 layer { name: "out" type: "InnerProduct" bottom: "hidden" top: "out"
   param { lr_mult: 0 decay_mult: 0 }
@@ -38,7 +38,7 @@ type: "%(type)s"
 base_lr: %(lr)s
 lr_policy: "fixed"
 momentum: %(momentum)s
-weight_decay: 0
+weight_decay: %(decay)s
 max_iter: %(max_iter)d
 display: %(display)d
 snapshot: %(snapshot)d
@@ -67,8 +67,11 @@ def teacher_files(folder, d: int = 20, k: int = 4, n: int = 2000, noise: float =
                   seed: int = 0, skip: bool = False, batch: int = 500,
                   solver_type: str = "Alternation", lr: float = 0.01, momentum: float = 0.9,
                   max_iter: int = 10, snapshot: int = 0, display: int = 1,
-                  extra: Optional[str] = None) -> Dict[str, object]:
-    """Write data, net, solver and start weights under ``folder``; returns paths and arrays."""
+                  extra: Optional[str] = None, weight_decay: float = 0.0,
+                  bias: bool = False) -> Dict[str, object]:
+    """Write data, net, solver and start weights under ``folder``; returns paths and arrays.
+
+    ``bias``: the hidden layer gets a bias (start 0), trained with decay_mult 0."""
     import h5py
 
     from pycaffe_alt.net import Net
@@ -83,14 +86,17 @@ def teacher_files(folder, d: int = 20, k: int = 4, n: int = 2000, noise: float =
     (folder / "train.txt").write_text(f"{h5}\n")
     net = folder / "net.prototxt"
     net.write_text(NET % {"list": folder / "train.txt", "batch": batch, "k": k,
-                          "skip": SKIP if skip else "", "pred": "sum" if skip else "out"})
+                          "skip": SKIP if skip else "", "pred": "sum" if skip else "out",
+                          "bias": "true" if bias else "false",
+                          "bias_param": "param { lr_mult: 1 decay_mult: 0 }" if bias else ""})
     if extra is None:
         extra = ('alternation_param { weight_step: LEAST_SQUARES warmup_iter: 0 gap_iter: 1 }'
                  if solver_type == "Alternation" else "")
     solver = folder / "solver.prototxt"
     solver.write_text(SOLVER % {"net": net, "type": solver_type, "lr": lr, "momentum": momentum,
                                 "max_iter": max_iter, "display": display, "snapshot": snapshot,
-                                "prefix": folder / "snap", "extra": extra})
+                                "prefix": folder / "snap", "extra": extra,
+                                "decay": weight_decay})
     start = folder / "start.caffemodel"
     built = Net(str(net), 1)
     built.params["hidden"][0].data[...] = case["w0"]
