@@ -327,6 +327,7 @@ class ExactWeightStep:
         self.max_dense, self.cg_iter = int(max_dense), int(cg_iter)
         self.where = where
         self.first = data_step(net).index + 1
+        self._check_only(tuple(only))
         self.blocks = layer_blocks(net, float(weight_decay), tuple(only))
         if not self.blocks:
             raise SolverError(f"{net.source}: no InnerProduct or Convolution layer with lr_mult > 0 "
@@ -344,13 +345,22 @@ class ExactWeightStep:
         self.loss_end = max(s.index for s in self.loss_steps)
 
     # ------------------------------------------------------------------ checks
-    def _check(self, regularization: str, only: Tuple[str, ...]) -> None:
+    def _check_only(self, only: Tuple[str, ...]) -> None:
         net = self.net
         names = {s.name for s in net._steps}
         missing = [n for n in only if n not in names]
         if missing:
             raise SolverError(f"exact_layer names {', '.join(missing)}, which the train net "
-                              f"{net.source} does not have", self.where)
+                              f"{net.source} does not have", self.where,
+                              "name InnerProduct / Convolution layers with lr_mult > 0")
+        solvable = {b.name for b in layer_blocks(net, 0.0)}
+        other = [n for n in only if n not in solvable]
+        if other:
+            raise SolverError(f"exact_layer names {', '.join(other)}, not an InnerProduct or "
+                              f"Convolution layer with lr_mult > 0 in {net.source}", self.where)
+
+    def _check(self, regularization: str, only: Tuple[str, ...]) -> None:
+        net = self.net
         for b in self.blocks:
             lay = b.layer
             if isinstance(lay, InnerProduct) and lay.axis != 1:
