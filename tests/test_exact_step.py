@@ -226,7 +226,7 @@ def test_conv_layer_solve_zeroes_the_masked_gradient(tmp_path, method):
     net.eval()
     for p in conv.params():
         p.grad = None
-    for inputs, idx in ex._batches():
+    for inputs, idx in ex.batches():
         ex._fix(idx)
         values = net.run(inputs, start=ex.first)
         (net.loss(values) * len(idx) / ex.records).backward()

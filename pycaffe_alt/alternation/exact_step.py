@@ -403,7 +403,7 @@ class ExactWeightStep:
                                   self.where)
 
     # ------------------------------------------------------------------ passes
-    def _batches(self) -> Iterator[Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
+    def batches(self) -> Iterator[Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
         return ordered_batches(self.net, self.records, self.batch_size)
 
     def _fix(self, idx: torch.Tensor) -> None:
@@ -421,7 +421,7 @@ class ExactWeightStep:
         self.fixed.record(sink)
         try:
             with torch.no_grad():
-                for inputs, idx in self._batches():
+                for inputs, idx in self.batches():
                     values = net.run(inputs, start=self.first, end=self.loss_end)
                     total += float(net.loss(values)) * len(idx)
                     if self.store is None:
@@ -477,7 +477,7 @@ class ExactWeightStep:
         rhs = torch.zeros(k, block.cout, dtype=torch.float64, device=self.net.device)
         loss = self.loss_steps[0]
         other = loss.bottoms[1] if loss.bottoms[0] == block.top else loss.bottoms[0]
-        for inputs, idx in self._batches():
+        for inputs, idx in self.batches():
             values = self._upstream(block, inputs, idx)
             feats = block.features(values[block.bottom]).double()
             pred = values[block.top].reshape(len(idx), block.cout, -1).double()
@@ -514,7 +514,7 @@ class ExactWeightStep:
         dev = self.net.device
         gram = torch.zeros(n, n, dtype=torch.float64, device=dev)
         rhs = torch.zeros(n, 1, dtype=torch.float64, device=dev)
-        for inputs, idx in self._batches():
+        for inputs, idx in self.batches():
             feats, jac, resid = self._jacobian(block, inputs, idx)
             a = design_rows(jac, feats)
             gram += a.t() @ a
@@ -530,7 +530,7 @@ class ExactWeightStep:
                         ) -> torch.Tensor:
         """One pass: ``sum_x A_x' A_x direction`` (or, with None, ``sum_x A_x' (y_x - f_x)``)."""
         out = torch.zeros(block.cout, block.n_feats, dtype=torch.float64, device=self.net.device)
-        for inputs, idx in self._batches():
+        for inputs, idx in self.batches():
             values = self._upstream(block, inputs, idx)
             feats = block.features(values[block.bottom])
             z = values[block.top].detach().requires_grad_(True)
@@ -588,7 +588,7 @@ class ExactWeightStep:
             for p in params:
                 p.grad = None
             total = torch.zeros((), dtype=torch.float64, device=net.device)
-            for inputs, idx in self._batches():
+            for inputs, idx in self.batches():
                 self._upstream(block, inputs, idx, through=False)
                 with torch.enable_grad():
                     # Re-run the solved layer itself with gradients into its blobs.
