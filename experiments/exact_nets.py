@@ -95,9 +95,9 @@ def solver_text(net_path: str, kind: str, base_lr: float = 0.01, max_iter: int =
     lines = [f'net: "{net_path}"', f"base_lr: {base_lr}", 'lr_policy: "fixed"',
              f"momentum: {momentum}", f"weight_decay: {weight_decay}", f"max_iter: {max_iter}",
              f"display: {display}", f"random_seed: {seed}", "snapshot_after_train: false"]
-    if test_interval:
-        lines += [f"test_interval: {test_interval}", f"test_iter: {test_iter}",
-                  "test_initialization: true"]
+    # Test nets always exist; with test_interval 0 the caller tests when it wants to.
+    lines += [f"test_interval: {test_interval or 1000000}", f"test_iter: {test_iter}",
+              f"test_initialization: {'true' if test_interval else 'false'}"]
     if prefix:
         lines.append(f'snapshot_prefix: "{prefix}"')
     if kind == "SGD":

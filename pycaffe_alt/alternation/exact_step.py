@@ -538,7 +538,7 @@ class ExactWeightStep:
                 values = self._downstream(block, z)
                 _, pred, target = self._prediction(values, block)
                 if direction is None:
-                    u = (target.detach() - pred.detach())
+                    u = target.detach().reshape(pred.shape) - pred.detach()
                 else:
                     zdir = block.output(feats, direction).reshape(z.shape)
                     dummy = torch.zeros_like(pred, requires_grad=True)

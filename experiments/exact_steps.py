@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""Exact weight steps (alternation_param.weight_step) against SGD: seed 004's teacher-student
+problem and LeNet on mnist5k. docs/exact_steps.md discusses the results.
+
+    python3 experiments/exact_steps.py [--parts teacher,samples,mnist5k] [--seeds 3]
+        [--mnist-seeds 1] [--sgd-epochs 10] [--alternations 3] [--cg-iter 3] [--lbfgs-iter 3]
+        [--out experiments/results] [--threads 1]
+
+Parts:
+
+* ``teacher``: ``y = sum_j relu(w_j' x)`` (d 20, k 4, n 2000, Gaussian x; output weights fixed
+  to 1), the student started at the teacher + 30% noise (Frobenius), with and without a skip
+  connection. LEAST_SQUARES alternations (Jagatap & Hegde) against SGD (momentum 0.9, batch 500,
+  the best lr of 0.03/0.1/0.3 per seed) for the same compute. Compute in forward-pass
+  equivalents (FPE, one forward over the training set): an alternation is counted as 4 (support
+  pass 1, the solve's forward 1, its one backward 2), an SGD iteration as 3 x batch / n.
+  -> ``teacher_recovery.csv``, ``teacher_recovery.png``.
+* ``samples``: the share of seeds recovered (relative error < 1e-4 after 20 alternations)
+  against n / (d k^2) for a few (d, k). -> ``teacher_samples.csv``, ``teacher_samples.png``.
+* ``mnist5k``: LeNet (models/lenet, hard-threshold form, HDF5 copies of the 4,000/1,000 digits)
+  from one init per seed: SGD (softmax), SGD (squared loss on one-hot targets), LEAST_SQUARES
+  on the squared-loss LeNet, CONVEX on the softmax LeNet. Test accuracy (all 1,000 test digits)
+  against iterations and FPE (SGD: 3 x batch / n per iteration; exact steps: their measured
+  seconds over the measured seconds of one forward pass). Iterations and FPE to reach SGD's
+  plateau (mean of its last three tests) minus 0.5 and minus 0.2 points.
+  -> ``mnist5k_exact.csv``, ``mnist5k_exact_summary.csv``, ``mnist5k_exact.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "experiments")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+from exact_case import relative_error, teacher_files  # noqa: E402
+from exact_nets import mnist5k_hdf5, net_text, solver_text  # noqa: E402
+from pycaffe_alt.solver import get_solver  # noqa: E402
+
+ALTERNATION_FPE = 4.0
+SGD_FPE_PER_RECORD = 3.0
+
+
+def write_csv(path: str, rows: List[Dict[str, object]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def hidden(solver) -> np.ndarray:
+    return solver.net.params["hidden"][0].data.astype(np.float64)
+
+
+def start(case) -> object:
+    solver = get_solver(str(case["solver"]))
+    solver.net.copy_from(str(case["weights"]))
+    return solver
+
+
+# ------------------------------------------------------------------ teacher-student
+def teacher_part(out: str, work: str, seeds: int) -> None:
+    rows = []
+    n, batch, alternations = 2000, 500, 10
+    sgd_iters = int(alternations * ALTERNATION_FPE * n / (SGD_FPE_PER_RECORD * batch))
+    for skip in (False, True):
+        for seed in range(seeds):
+            tag = f"{'skip' if skip else 'plain'}_{seed}"
+            case = teacher_files(os.path.join(work, "ls_" + tag), n=n, batch=batch, seed=seed,
+                                 skip=skip, max_iter=alternations, display=0)
+            solver = start(case)
+            rows.append(dict(arm="LEAST_SQUARES", skip=skip, seed=seed, lr="", iteration=0,
+                             fpe=0.0, rel_error=relative_error(hidden(solver), case["w"])))
+            for it in range(1, alternations + 1):
+                solver.step(1)
+                rows.append(dict(arm="LEAST_SQUARES", skip=skip, seed=seed, lr="", iteration=it,
+                                 fpe=it * ALTERNATION_FPE,
+                                 rel_error=relative_error(hidden(solver), case["w"])))
+            best = None
+            for lr in (0.03, 0.1, 0.3):
+                case = teacher_files(os.path.join(work, f"sgd{lr}_" + tag), n=n, batch=batch,
+                                     seed=seed, skip=skip, solver_type="SGD", lr=lr,
+                                     max_iter=sgd_iters, display=0)
+                solver = start(case)
+                curve = [(0, relative_error(hidden(solver), case["w"]))]
+                for it in range(1, sgd_iters + 1):
+                    solver.step(1)
+                    if it % 4 == 0 or it == sgd_iters:
+                        curve.append((it, relative_error(hidden(solver), case["w"])))
+                final = curve[-1][1]
+                if np.isfinite(final) and (best is None or final < best[0]):
+                    best = (final, lr, curve)
+            for it, err in best[2]:
+                rows.append(dict(arm="SGD", skip=skip, seed=seed, lr=best[1], iteration=it,
+                                 fpe=it * SGD_FPE_PER_RECORD * batch / n, rel_error=err))
+            print(f"teacher {tag}: LS after {alternations} = {rows[-len(best[2]) - 1]['rel_error']:.2e}"
+                  f", SGD (lr {best[1]}) = {best[0]:.2e}", flush=True)
+    write_csv(os.path.join(out, "teacher_recovery.csv"), rows)
+    plot_teacher(out, rows)
+
+
+def plot_teacher(out: str, rows) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, skip in zip(axes, (False, True)):
+        for arm, color in (("LEAST_SQUARES", "C0"), ("SGD", "C3")):
+            seeds = sorted({r["seed"] for r in rows if r["arm"] == arm and r["skip"] == skip})
+            for s in seeds:
+                pts = [(r["fpe"], max(r["rel_error"], 1e-9)) for r in rows
+                       if r["arm"] == arm and r["skip"] == skip and r["seed"] == s]
+                ax.semilogy(*zip(*pts), color=color, alpha=0.7,
+                            label=arm if s == seeds[0] else None)
+        ax.set_title(f"teacher d20 k4 n2000{' + skip' if skip else ''}")
+        ax.set_xlabel("forward-pass equivalents")
+        ax.axhline(1e-4, color="gray", lw=0.5, ls="--")
+        ax.legend()
+    axes[0].set_ylabel("relative error ||W - W*|| / ||W*||")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "teacher_recovery.png"), dpi=110)
+    plt.close(fig)
+
+
+def samples_part(out: str, work: str, seeds: int) -> None:
+    rows = []
+    for d, k in ((10, 2), (20, 2), (10, 4), (20, 4)):
+        for c in (0.125, 0.25, 0.5, 1, 2, 4):
+            n = max(int(c * d * k * k), 2)
+            ok = 0
+            for seed in range(seeds):
+                case = teacher_files(os.path.join(work, f"n_{d}_{k}_{c}_{seed}"), d=d, k=k, n=n,
+                                     seed=100 + seed, batch=min(n, 500), max_iter=20, display=0)
+                solver = start(case)
+                solver.step(20)
+                err = relative_error(hidden(solver), case["w"])
+                ok += err < 1e-4
+                rows.append(dict(d=d, k=k, n=n, n_over_dk2=n / (d * k * k), seed=seed,
+                                 rel_error=err, recovered=int(err < 1e-4)))
+            print(f"samples d {d} k {k} n {n} ({c} d k^2): {ok}/{seeds} recovered", flush=True)
+    write_csv(os.path.join(out, "teacher_samples.csv"), rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for d, k in sorted({(r["d"], r["k"]) for r in rows}):
+        pts = sorted({r["n_over_dk2"] for r in rows if r["d"] == d and r["k"] == k})
+        rate = [np.mean([r["recovered"] for r in rows if r["d"] == d and r["k"] == k
+                         and r["n_over_dk2"] == p]) for p in pts]
+        ax.semilogx(pts, rate, marker="o", label=f"d {d}, k {k}")
+    ax.set_xlabel("n / (d k^2)")
+    ax.set_ylabel("share of seeds recovered (rel. error < 1e-4)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "teacher_samples.png"), dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ mnist5k
+def forward_seconds(solver) -> float:
+    ex, net = solver.exact, solver.net
+    net.eval()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for inputs, _ in ex.batches():
+            net.loss(net.run(inputs, start=ex.first, end=ex.loss_end))
+    net.train()
+    return time.perf_counter() - t
+
+
+def accuracy(solver) -> float:
+    return float(solver.test(0)["accuracy"])
+
+
+def mnist_part(out: str, work: str, seeds: int, sgd_epochs: float, alternations: int,
+               cg_iter: int, lbfgs_iter: int) -> None:
+    lists = mnist5k_hdf5(os.path.join(work, "data"))
+    n, batch = 4000, 64
+    nets = {}
+    for loss in ("softmax", "euclidean"):
+        nets[loss] = os.path.join(work, f"lenet_{loss}.prototxt")
+        with open(nets[loss], "w") as f:
+            f.write(net_text("lenet", lists, loss, batch=batch))
+    sgd_iters = int(sgd_epochs * n / batch)
+    test_every = max(1, sgd_iters // 10)
+    rows = []
+    arms = (("SGD softmax", "SGD", "softmax", 0.01), ("SGD euclidean", "SGD", "euclidean", 0.01),
+            ("LEAST_SQUARES", "LEAST_SQUARES", "euclidean", 0.0),
+            ("CONVEX", "CONVEX", "softmax", 0.0))
+    for seed in range(seeds):
+        init = os.path.join(work, f"init_{seed}.caffemodel")
+        for arm, kind, loss, lr in arms:
+            path = os.path.join(work, f"{arm.replace(' ', '_')}_{seed}.prototxt")
+            with open(path, "w") as f:
+                f.write(solver_text(nets[loss], kind, base_lr=lr or 0.01,
+                                    max_iter=sgd_iters if kind == "SGD" else alternations,
+                                    test_iter=10, seed=seed + 1, extra=(
+                                        f"cg_iter: {cg_iter} lbfgs_iter: {lbfgs_iter}")))
+            solver = get_solver(path)
+            if not os.path.exists(init):
+                solver.net.save(init)  # the filler's weights for this seed: every arm starts here
+            solver.net.copy_from(init)
+            t0 = time.perf_counter()
+            rows.append(dict(arm=arm, seed=seed, iteration=0, fpe=0.0, accuracy=accuracy(solver),
+                             wall_s=0.0))
+            if kind == "SGD":
+                for it in range(test_every, sgd_iters + 1, test_every):
+                    solver.step(test_every)
+                    rows.append(dict(arm=arm, seed=seed, iteration=it,
+                                     fpe=it * SGD_FPE_PER_RECORD * batch / n,
+                                     accuracy=accuracy(solver),
+                                     wall_s=time.perf_counter() - t0))
+            else:
+                fwd = forward_seconds(solver)
+                fpe = 0.0
+                for it in range(1, alternations + 1):
+                    t = time.perf_counter()
+                    solver.step(1)
+                    fpe += (time.perf_counter() - t) / fwd
+                    rows.append(dict(arm=arm, seed=seed, iteration=it, fpe=fpe,
+                                     accuracy=accuracy(solver),
+                                     wall_s=time.perf_counter() - t0))
+            print(f"mnist5k {arm} seed {seed}: accuracy {rows[-1]['accuracy']:.4f} after "
+                  f"{rows[-1]['iteration']} iterations, {rows[-1]['fpe']:.1f} FPE, "
+                  f"{rows[-1]['wall_s']:.0f} s", flush=True)
+            write_csv(os.path.join(out, "mnist5k_exact.csv"), rows)
+    summarize_mnist(out, rows)
+
+
+def summarize_mnist(out: str, rows) -> None:
+    summary = []
+    for seed in sorted({r["seed"] for r in rows}):
+        sgd = [r for r in rows if r["arm"] == "SGD softmax" and r["seed"] == seed]
+        plateau = float(np.mean([r["accuracy"] for r in sgd[-3:]]))
+        for arm in dict.fromkeys(r["arm"] for r in rows):
+            curve = [r for r in rows if r["arm"] == arm and r["seed"] == seed]
+            row = dict(arm=arm, seed=seed, sgd_plateau=plateau,
+                       final_accuracy=curve[-1]["accuracy"],
+                       best_accuracy=max(r["accuracy"] for r in curve))
+            for gap in (0.005, 0.002):
+                hit = next((r for r in curve if r["iteration"] > 0 and
+                            r["accuracy"] >= plateau - gap), None)
+                key = f"minus_{gap * 100:.1f}pt"
+                row[f"iters_{key}"] = hit["iteration"] if hit else "not reached"
+                row[f"fpe_{key}"] = round(hit["fpe"], 1) if hit else "not reached"
+            summary.append(row)
+    write_csv(os.path.join(out, "mnist5k_exact_summary.csv"), summary)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+        for seed in sorted({r["seed"] for r in rows}):
+            pts = [(r["fpe"], 100 * r["accuracy"]) for r in rows
+                   if r["arm"] == arm and r["seed"] == seed]
+            ax.plot(*zip(*pts), marker="o", ms=3, color=f"C{i}", label=arm if seed == 0 else None)
+    ax.set_xlabel("forward-pass equivalents (4,000 training digits)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(80, 100)
+    ax.legend()
+    ax.set_title("LeNet on mnist5k: exact weight steps vs SGD")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "mnist5k_exact.png"), dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="teacher,samples,mnist5k")
+    ap.add_argument("--seeds", type=int, default=3, help="teacher-student seeds")
+    ap.add_argument("--mnist-seeds", type=int, default=1)
+    ap.add_argument("--sgd-epochs", type=float, default=10)
+    ap.add_argument("--alternations", type=int, default=3)
+    ap.add_argument("--cg-iter", type=int, default=3)
+    ap.add_argument("--lbfgs-iter", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"))
+    ap.add_argument("--work", default=os.path.join(ROOT, "experiments", "out", "exact_steps"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("pycaffe_alt").setLevel(logging.WARNING)
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    parts = args.parts.split(",")
+    if "teacher" in parts:
+        teacher_part(args.out, args.work, args.seeds)
+    if "samples" in parts:
+        samples_part(args.out, args.work, args.seeds)
+    if "mnist5k" in parts:
+        mnist_part(args.out, args.work, args.mnist_seeds, args.sgd_epochs, args.alternations,
+                   args.cg_iter, args.lbfgs_iter)
+
+
+if __name__ == "__main__":
+    main()
