@@ -290,3 +290,24 @@ def test_bad_exact_step_configuration_names_the_field(tmp_path, extra, message):
         get_solver(str(case["solver"]))
     assert message in str(e.value)
     assert str(case["solver"]) in str(e.value)
+
+
+def test_record_stream_covers_each_record_once_and_keeps_the_cursor(tmp_path):
+    from pycaffe_alt.alternation.record_stream import ordered_batches
+
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "d" type: "MemoryData" top: "data" top: "label" '
+        'memory_data_param { batch_size: 4 channels: 1 height: 2 width: 2 } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+        'inner_product_param { num_output: 1 } }\n')
+    net = Net(str(tmp_path / "net.prototxt"), 0)
+    x = np.arange(12 * 4, dtype=np.float32).reshape(12, 1, 2, 2)
+    net.set_input_arrays(x, np.arange(12, dtype=np.float32))
+    net.forward()  # the training cursor is now at record 4
+    seen = []
+    for inputs, idx in ordered_batches(net, 12):
+        np.testing.assert_array_equal(inputs["data"].numpy(), x[idx.numpy()])
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(12))
+    net.forward()
+    assert net.batch_indices.tolist() == [4, 5, 6, 7]
