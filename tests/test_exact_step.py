@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exact_case import hidden_weights, relative_error, teacher_files
-from pycaffe_alt.alternation.exact_step import (ExactWeightStep, FixedSupports, design_rows,
+from pycaffe_alt.alternation.exact_step import (FixedSupports, design_rows,
                                                 ridge_solve)
 from pycaffe_alt.alternation.pool_switches import decode_switches, encode_switches
 from pycaffe_alt.layers.vision import PoolGeometry, max_pool
