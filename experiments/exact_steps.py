@@ -15,8 +15,9 @@ Parts:
   equivalents (FPE, one forward over the training set): an alternation is counted as 4 (support
   pass 1, the solve's forward 1, its one backward 2), an SGD iteration as 3 x batch / n.
   -> ``teacher_recovery.csv``, ``teacher_recovery.png``.
-* ``samples``: the share of seeds recovered (relative error < 1e-4 after 20 alternations)
-  against n / (d k^2) for a few (d, k). -> ``teacher_samples.csv``, ``teacher_samples.png``.
+* ``samples``: the share of seeds recovered (relative error < 1e-4 after 20 alternations,
+  start at teacher + 30%) against n / (d k^2) for a few (d, k), n from 0.5 to 4 times the
+  number of unknowns d k. -> ``teacher_samples.csv``, ``teacher_samples.png``.
 * ``mnist5k``: LeNet (models/lenet, hard-threshold form, HDF5 copies of the 4,000/1,000 digits)
   from one init per seed: SGD (softmax), SGD (squared loss on one-hot targets), LEAST_SQUARES
   on the squared-loss LeNet, CONVEX on the softmax LeNet. Test accuracy (all 1,000 test digits)
@@ -137,8 +138,9 @@ def plot_teacher(out: str, rows) -> None:
 def samples_part(out: str, work: str, seeds: int) -> None:
     rows = []
     for d, k in ((10, 2), (20, 2), (10, 4), (20, 4)):
-        for c in (0.125, 0.25, 0.5, 1, 2, 4):
-            n = max(int(c * d * k * k), 2)
+        for ratio in (0.5, 1, 1.1, 1.25, 1.5, 2, 4):  # n / (d k): multiples of the unknowns
+            n = int(round(ratio * d * k))
+            c = n / (d * k * k)
             ok = 0
             for seed in range(seeds):
                 case = teacher_files(os.path.join(work, f"n_{d}_{k}_{c}_{seed}"), d=d, k=k, n=n,
@@ -147,23 +149,35 @@ def samples_part(out: str, work: str, seeds: int) -> None:
                 solver.step(20)
                 err = relative_error(hidden(solver), case["w"])
                 ok += err < 1e-4
-                rows.append(dict(d=d, k=k, n=n, n_over_dk2=n / (d * k * k), seed=seed,
+                rows.append(dict(d=d, k=k, n=n, n_over_dk=n / (d * k), n_over_dk2=c, seed=seed,
                                  rel_error=err, recovered=int(err < 1e-4)))
-            print(f"samples d {d} k {k} n {n} ({c} d k^2): {ok}/{seeds} recovered", flush=True)
+            print(f"samples d {d} k {k} n {n} ({ratio} d k = {c:.3g} d k^2): {ok}/{seeds} "
+                  "recovered", flush=True)
     write_csv(os.path.join(out, "teacher_samples.csv"), rows)
+    plot_samples(out, rows)
+
+
+def plot_samples(out: str, rows) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for d, k in sorted({(r["d"], r["k"]) for r in rows}):
-        pts = sorted({r["n_over_dk2"] for r in rows if r["d"] == d and r["k"] == k})
-        rate = [np.mean([r["recovered"] for r in rows if r["d"] == d and r["k"] == k
-                         and r["n_over_dk2"] == p]) for p in pts]
-        ax.semilogx(pts, rate, marker="o", label=f"d {d}, k {k}")
-    ax.set_xlabel("n / (d k^2)")
-    ax.set_ylabel("share of seeds recovered (rel. error < 1e-4)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, label in ((axes[0], "n_over_dk2", "n / (d k^2)"),
+                           (axes[1], "n_over_dk", "n / (d k)  (d k = number of unknowns)")):
+        for d, k in sorted({(int(r["d"]), int(r["k"])) for r in rows}):
+            sub = [r for r in rows if int(r["d"]) == d and int(r["k"]) == k]
+            pts = sorted({float(r[key]) for r in sub})
+            rate = [np.mean([int(r["recovered"]) for r in sub if float(r[key]) == p]) for p in pts]
+            ax.plot(pts, rate, marker="o", label=f"d {d}, k {k}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([0.25, 0.5, 1, 2, 4])
+        ax.set_xlabel(label)
+        ax.legend()
+    axes[0].set_ylabel("share of seeds recovered (rel. error < 1e-4)")
+    fig.suptitle("LEAST_SQUARES alternations from teacher + 30%: samples needed")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "teacher_samples.png"), dpi=110)
     plt.close(fig)
