@@ -20,7 +20,8 @@ Parts:
   number of unknowns d k. -> ``teacher_samples.csv``, ``teacher_samples.png``.
 * ``mnist5k``: LeNet (models/lenet, hard-threshold form, HDF5 copies of the 4,000/1,000 digits)
   from one init per seed: SGD (softmax), SGD (squared loss on one-hot targets), LEAST_SQUARES
-  on the squared-loss LeNet, CONVEX on the softmax LeNet. Test accuracy (all 1,000 test digits)
+  on the squared-loss LeNet, CONVEX on the softmax LeNet (every layer solved), and both exact
+  steps solving the output layer ip2 only (``exact_layer: "ip2"``). Test accuracy (all 1,000 test digits)
   against iterations and FPE (SGD: 3 x batch / n per iteration; exact steps: their measured
   seconds over the measured seconds of one forward pass). Iterations and FPE to reach SGD's
   plateau (mean of its last three tests) minus 0.5 and minus 0.2 points.
@@ -199,8 +200,16 @@ def accuracy(solver) -> float:
     return float(solver.test(0)["accuracy"])
 
 
+# (name, weight step, loss, layers solved: () = every trainable layer)
+MNIST_ARMS = (("SGD softmax", "SGD", "softmax", ()), ("SGD euclidean", "SGD", "euclidean", ()),
+              ("LEAST_SQUARES", "LEAST_SQUARES", "euclidean", ()),
+              ("CONVEX", "CONVEX", "softmax", ()),
+              ("LEAST_SQUARES ip2 only", "LEAST_SQUARES", "euclidean", ("ip2",)),
+              ("CONVEX ip2 only", "CONVEX", "softmax", ("ip2",)))
+
+
 def mnist_part(out: str, work: str, seeds: int, sgd_epochs: float, alternations: int,
-               cg_iter: int, lbfgs_iter: int) -> None:
+               cg_iter: int, lbfgs_iter: int, only=None, seed_from: int = 0) -> None:
     lists = mnist5k_hdf5(os.path.join(work, "data"))
     n, batch = 4000, 64
     nets = {}
@@ -210,19 +219,27 @@ def mnist_part(out: str, work: str, seeds: int, sgd_epochs: float, alternations:
             f.write(net_text("lenet", lists, loss, batch=batch))
     sgd_iters = int(sgd_epochs * n / batch)
     test_every = max(1, sgd_iters // 10)
+    arms = [a for a in MNIST_ARMS if only is None or a[0] in only]
+    csv_path = os.path.join(out, "mnist5k_exact.csv")
     rows = []
-    arms = (("SGD softmax", "SGD", "softmax", 0.01), ("SGD euclidean", "SGD", "euclidean", 0.01),
-            ("LEAST_SQUARES", "LEAST_SQUARES", "euclidean", 0.0),
-            ("CONVEX", "CONVEX", "softmax", 0.0))
-    for seed in range(seeds):
+    if os.path.exists(csv_path):  # keep the arms not run now (runs can be split by --arms)
+        with open(csv_path) as f:
+            rows = [dict(r, seed=int(r["seed"]), iteration=int(r["iteration"]),
+                         fpe=float(r["fpe"]), accuracy=float(r["accuracy"]),
+                         wall_s=float(r["wall_s"])) for r in csv.DictReader(f)
+                    if r["arm"] not in {a[0] for a in arms}
+                    or not seed_from <= int(r["seed"]) < seeds]
+    for seed in range(seed_from, seeds):
         init = os.path.join(work, f"init_{seed}.caffemodel")
-        for arm, kind, loss, lr in arms:
+        for arm, kind, loss, layers in arms:
             path = os.path.join(work, f"{arm.replace(' ', '_')}_{seed}.prototxt")
+            only_layers = " ".join(f'exact_layer: "{n}"' for n in layers)
             with open(path, "w") as f:
-                f.write(solver_text(nets[loss], kind, base_lr=lr or 0.01,
+                f.write(solver_text(nets[loss], kind, base_lr=0.01,
                                     max_iter=sgd_iters if kind == "SGD" else alternations,
                                     test_iter=10, seed=seed + 1, extra=(
-                                        f"cg_iter: {cg_iter} lbfgs_iter: {lbfgs_iter}")))
+                                        f"cg_iter: {cg_iter} lbfgs_iter: {lbfgs_iter} "
+                                        f"{only_layers}")))
             solver = get_solver(path)
             if not os.path.exists(init):
                 solver.net.save(init)  # the filler's weights for this seed: every arm starts here
@@ -250,7 +267,7 @@ def mnist_part(out: str, work: str, seeds: int, sgd_epochs: float, alternations:
             print(f"mnist5k {arm} seed {seed}: accuracy {rows[-1]['accuracy']:.4f} after "
                   f"{rows[-1]['iteration']} iterations, {rows[-1]['fpe']:.1f} FPE, "
                   f"{rows[-1]['wall_s']:.0f} s", flush=True)
-            write_csv(os.path.join(out, "mnist5k_exact.csv"), rows)
+            write_csv(csv_path, rows)
     summarize_mnist(out, rows)
 
 
@@ -276,17 +293,19 @@ def summarize_mnist(out: str, rows) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
-        for seed in sorted({r["seed"] for r in rows}):
-            pts = [(r["fpe"], 100 * r["accuracy"]) for r in rows
-                   if r["arm"] == arm and r["seed"] == seed]
-            ax.plot(*zip(*pts), marker="o", ms=3, color=f"C{i}", label=arm if seed == 0 else None)
-    ax.set_xlabel("forward-pass equivalents (4,000 training digits)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(80, 100)
-    ax.legend()
-    ax.set_title("LeNet on mnist5k: exact weight steps vs SGD")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, low in zip(axes, (0, 90)):
+        for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+            for seed in sorted({r["seed"] for r in rows}):
+                pts = [(r["fpe"], 100 * r["accuracy"]) for r in rows
+                       if r["arm"] == arm and r["seed"] == seed]
+                ax.plot(*zip(*pts), marker="o", ms=3, color=f"C{i}",
+                        label=arm if seed == 0 else None)
+        ax.set_xlabel("forward-pass equivalents (4,000 training digits)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(low, 100)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("LeNet on mnist5k from one init: exact weight steps vs SGD")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "mnist5k_exact.png"), dpi=110)
     plt.close(fig)
@@ -304,6 +323,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"))
     ap.add_argument("--work", default=os.path.join(ROOT, "experiments", "out", "exact_steps"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed-from", type=int, default=0, help="mnist5k: first seed to run")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="mnist5k: summary and figure from <out>/mnist5k_exact.csv")
+    ap.add_argument("--arms", default=None, help="comma-separated mnist5k arms (default all: "
+                    + ", ".join(a[0] for a in MNIST_ARMS) + ")")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("pycaffe_alt").setLevel(logging.WARNING)
@@ -314,9 +338,16 @@ def main() -> None:
         teacher_part(args.out, args.work, args.seeds)
     if "samples" in parts:
         samples_part(args.out, args.work, args.seeds)
-    if "mnist5k" in parts:
+    if "mnist5k" in parts and args.plot_only:
+        with open(os.path.join(args.out, "mnist5k_exact.csv")) as f:
+            rows = [dict(r, seed=int(r["seed"]), iteration=int(r["iteration"]),
+                         fpe=float(r["fpe"]), accuracy=float(r["accuracy"]))
+                    for r in csv.DictReader(f)]
+        summarize_mnist(args.out, rows)
+    elif "mnist5k" in parts:
         mnist_part(args.out, args.work, args.mnist_seeds, args.sgd_epochs, args.alternations,
-                   args.cg_iter, args.lbfgs_iter)
+                   args.cg_iter, args.lbfgs_iter,
+                   args.arms.split(",") if args.arms else None, args.seed_from)
 
 
 if __name__ == "__main__":
