@@ -316,6 +316,7 @@ def summarize_mnist(out: str, rows) -> None:
         ax.set_xlabel("forward-pass equivalents (4,000 training digits)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(low, 100)
+    axes[1].set_xlim(0, 1.1 * max(r["fpe"] for r in rows if r["arm"].startswith("SGD")))
     axes[0].legend(fontsize=8)
     fig.suptitle("LeNet on mnist5k from one init: exact weight steps vs SGD")
     fig.tight_layout()
