@@ -15,7 +15,10 @@ Schedule (docs/alternation.md, "Alternation solver"):
   loss stops improving for ``patience`` windows; repeat until ``max_iter``;
 * **mode BATCH** (B-alternation): each training batch gets eq. 41's support (or the calibrated /
   majority-vote variant, ``batch_rule``, ``support_target_on``), computed in the same forward
-  pass, applied as a fixed support; no store.
+  pass, applied as a fixed support; no store;
+* **weight_step LEAST_SQUARES / CONVEX** (exact weight steps, docs/exact_steps.md): after the
+  warm-up every iteration is one support step (supports of HardThreshold *and ReLU* layers, plus
+  the max-pool switches) and one sweep of exact layer solves (:mod:`.exact_step`); no gap.
 
 Staleness (``staleness_threshold``, ``reset_momentum``, ``learn_beta``, ``log_threshold_gap``):
 the weight step measures how far its stored supports are from eq. 12 on each batch
@@ -40,6 +43,7 @@ from ..proto import caffe_pb2
 from ..solver.rules import UPDATE_RULES
 from ..solver.snapshot import snapshot_companion, snapshot_filename
 from ..solver.solver import Solver, SolverSource, format_value
+from .exact_step import ExactWeightStep
 from .mask_store import MaskStore
 from .staleness import StalenessMeter, threshold_gap
 from .support_pass import (BatchSupport, StoredSupports, batch_size_of, capture_rng,
@@ -97,13 +101,17 @@ class AlternationSolver(Solver):
         self.last_staleness: Optional[Dict[str, Any]] = None
         self.last_threshold_gap: Optional[Dict[str, float]] = None
         self._meter = StalenessMeter()
+        self.weight_step: str = _AP.WeightStep.Name(ap.weight_step)
+        self.exact: Optional[ExactWeightStep] = None
+        self.last_exact_stats: Optional[Dict[str, Any]] = None
+        self._exact_ran = False
         self.reduce_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.last_batch_supports: Dict[str, torch.Tensor] = {}
         self.last_support_stats: Optional[Dict[str, Any]] = None
         self._check_alternation_param(ap)
 
         self._train_hts = hard_threshold_layers(self.net)
-        if not self._train_hts:
+        if not self._train_hts and self.weight_step == "SGD":
             raise SolverError(f"the train net {self._net_file_name()} has no HardThreshold layer; "
                               "the alternation solver trains weights and supports of "
                               "HardThreshold layers", self._where("type"),
@@ -149,6 +157,8 @@ class AlternationSolver(Solver):
         self.store: Optional[MaskStore] = None
         self._stored: Optional[StoredSupports] = None
 
+        if self.weight_step != "SGD":
+            self.exact = self._make_exact_step(ap)
         self._set_modes("RELU_BIAS" if self.phase == "warmup" else "THRESHOLD")
         if self.phase == "weights":  # BATCH without warm-up
             self._install_batch_supports()
@@ -189,12 +199,33 @@ class AlternationSolver(Solver):
         for bad, what in checks:
             if bad:
                 raise SolverError(what, self._where("alternation_param"))
-        if ap.mode == _AP.INSTANCE and ap.gap_iter <= 0 and ap.gap_epochs <= 0 and \
-                ap.patience <= 0 and ap.staleness_threshold <= 0:
+        if ap.weight_step != _AP.SGD and ap.mode != _AP.INSTANCE:
+            raise SolverError(f"weight_step {_AP.WeightStep.Name(ap.weight_step)} solves with "
+                              "per-record supports; mode BATCH has none",
+                              self._where("alternation_param"), "use mode: INSTANCE")
+        if ap.weight_step != _AP.SGD and (ap.lbfgs_iter <= 0 or ap.cg_iter < 0 or
+                                          ap.exact_batch_size < 0 or ap.max_dense_unknowns < 0):
+            raise SolverError("lbfgs_iter must be > 0, cg_iter, exact_batch_size and "
+                              "max_dense_unknowns >= 0", self._where("alternation_param"))
+        if ap.mode == _AP.INSTANCE and ap.weight_step == _AP.SGD and ap.gap_iter <= 0 and \
+                ap.gap_epochs <= 0 and ap.patience <= 0 and ap.staleness_threshold <= 0:
             raise SolverError("I-alternation needs a gap (gap_iter or gap_epochs), patience or "
                               "a staleness_threshold to end a weight step",
                               self._where("alternation_param"),
                               "e.g. alternation_param { gap_epochs: 4 }")
+
+    def _make_exact_step(self, ap) -> ExactWeightStep:
+        work = self._store_work_path()
+        return ExactWeightStep(
+            self.net, self.weight_step, self.records, float(self.param.weight_decay),
+            regularization=self.param.regularization_type,
+            batch_size=int(ap.exact_batch_size), order=_AP.SolveOrder.Name(ap.solve_order),
+            lbfgs_iter=int(ap.lbfgs_iter), max_dense=int(ap.max_dense_unknowns),
+            cg_iter=int(ap.cg_iter), only=tuple(ap.exact_layer),
+            rule=self.support_rule, beta=self.support_beta,
+            where=self._where("alternation_param.weight_step"),
+            store_path=work[:-len("_masks.bin")] + "_exact_masks.bin" if work else None,
+            max_ram_bytes=int(ap.mask_store_max_ram))
 
     def _net_file_name(self) -> str:
         p = self.param
@@ -337,7 +368,7 @@ class AlternationSolver(Solver):
     def _before_iteration(self) -> None:
         if self.phase == "warmup" and self.iter >= self.warmup_iters:
             self._end_warmup()
-        if self.mode != "INSTANCE":
+        if self.mode != "INSTANCE" or self.exact is not None:
             return
         if self.phase == "support":
             self.support_step()
@@ -350,6 +381,11 @@ class AlternationSolver(Solver):
             self.display_due()
 
     def forward_backward(self, debug: bool = False) -> torch.Tensor:
+        if self.exact is not None and self.phase != "warmup":
+            # Exact steps recompute every support each iteration: nothing goes stale.
+            loss = self.exact_iteration()
+            self._last_loss = loss
+            return loss
         gap_due = self._gap_due()
         rng = capture_rng(self.device) if gap_due else None
         loss = super().forward_backward(debug)
@@ -371,6 +407,31 @@ class AlternationSolver(Solver):
                         format_value(g["masked"]), format_value(g["gap"]),
                         100 * g["relative"])
         return loss
+
+    def exact_iteration(self) -> torch.Tensor:
+        """One alternation with an exact weight step (support step + a sweep of layer solves);
+        returns the training loss at the weights before it (as an SGD iteration's forward
+        does). :meth:`apply_update` then only counts the iteration."""
+        self.push_host_writes()
+        stats = self.exact.iterate()
+        self.support_steps += 1
+        self.last_support_iter = self.iter
+        self.last_exact_stats = stats
+        self._exact_ran = True
+        changed = "first supports" if stats["changed"] is None else \
+            f"{100 * stats['changed']:.3f}% of support/switch bits changed"
+        solved = ", ".join(f"{n} ({how}, {sec:.2f} s)" for n, how, sec in stats["layers"])
+        logger.info("Iteration %d, alternation: exact weight step (%s): loss %s before it, %s; "
+                    "solved %s; %.2f s", self.iter, self.weight_step,
+                    format_value(stats["loss"]), changed, solved, stats["seconds"])
+        return torch.tensor(stats["loss"], dtype=torch.float32, device=self.device)
+
+    def apply_update(self) -> None:
+        if not self._exact_ran:
+            super().apply_update()
+            return
+        self._exact_ran = False  # the weights were solved for: no gradient update
+        self._iter += 1
 
     def _after_iteration(self) -> None:
         if self.staleness_threshold > 0 and self.mode == "INSTANCE" and \

@@ -9,6 +9,7 @@ side, Clip passes the gradient at both bounds, AbsVal has gradient 0 at 0).
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,13 +87,22 @@ def log_base_scale(layer: Layer, base: float) -> float:
 # -- layers -------------------------------------------------------------------------------------
 @LAYERS.register("ReLU")
 class ReLU(NeuronLayer):
-    """``max(x, 0) + negative_slope * min(x, 0)``."""
+    """``max(x, 0) + negative_slope * min(x, 0)``.
+
+    ``fixed_support``: ``None``, or a callable ``f(x) -> bool mask`` the alternation solver sets
+    to fix the support (a ReLU is a HardThreshold with beta 0); the layer then outputs
+    ``x`` where the mask is on and ``negative_slope * x`` elsewhere, linear in ``x`` (eq. 13).
+    """
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
         self.negative_slope = float(param.relu_param.negative_slope)
+        self.fixed_support: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed_support is not None:
+            m = self.fixed_support(x).detach().to(device=x.device, dtype=torch.bool)
+            return torch.where(m, x, x * self.negative_slope)
         return leaky_relu(x, self.negative_slope)
 
     def inplace_backward(self, top_diff: torch.Tensor, final: torch.Tensor) -> torch.Tensor:

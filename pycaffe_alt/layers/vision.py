@@ -307,6 +307,17 @@ def max_pool(x: torch.Tensor, geom: PoolGeometry, with_mask: bool = False):
     return y, idx.to(x.dtype)
 
 
+def gather_switches(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """MAX pooling with given switches: ``y[n, c, i, j] = x[n, c].flat[idx[n, c, i, j]]``.
+
+    ``idx`` is Caffe's mask (``h * W + w`` in the unpadded plane, int64); its batch axis may be
+    1 (one set of switches for every example). Linear in ``x``.
+    """
+    n, c = x.shape[:2]
+    idx = idx.expand(n, c, *idx.shape[2:])
+    return x.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1).clamp_min(0)).view(idx.shape)
+
+
 def max_pool_exact(x: torch.Tensor, geom: PoolGeometry, with_mask: bool = False):
     """MAX pooling for any Caffe geometry: explicit -inf padding to Caffe's windows, then a plain
     pooling. -inf padding never wins a window that holds an input value (Caffe skips padding)."""
@@ -406,6 +417,11 @@ class Pooling(Layer):
     A second top (MAX only) receives Caffe's argmax mask. STOCHASTIC samples in TRAIN and takes
     the probability-weighted average in TEST; its TEST gradient is the exact one of that average
     (Caffe has no meaningful TEST backward for it).
+
+    ``fixed_switches`` (MAX only): ``None``, or a callable ``f(x) -> int64 indices`` of the top's
+    shape (each window's argmax as ``h * W + w`` in the unpadded plane, as Caffe's mask top) that
+    the alternation solver sets; the top then gathers ``x`` at those positions, so the layer is
+    linear in ``x`` (the stored switches of eq. 13, docs/exact_steps.md).
     """
 
     num_bottoms = (1, 1)
@@ -453,6 +469,7 @@ class Pooling(Layer):
                              f"{self.pad}) does not fit the {shape[2]}x{shape[3]} input: the "
                              f"output would be {out[0]}x{out[1]}",
                              "use a smaller kernel, padding, or global_pooling: true")
+        self.fixed_switches = None
 
     def _pair(self, pp, name: str, hname: str, wname: str) -> Pair:
         has_h, has_w = pp.HasField(hname), pp.HasField(wname)
@@ -472,6 +489,10 @@ class Pooling(Layer):
             raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {tuple(x.shape)}",
                              "reshape the input to 4 axes")
         h, w = x.shape[-2:]
+        if self.fixed_switches is not None and self.method == MAX:
+            idx = self.fixed_switches(x).to(device=x.device, dtype=torch.long)
+            y = gather_switches(x, idx)
+            return (y, idx.to(x.dtype)) if self.with_mask else y
         if self.global_pooling and self.method != STOCHASTIC:
             # The whole plane is one window: plain reductions are exact and fastest.
             if self.method == AVE:

@@ -1,0 +1,116 @@
+"""Every training record exactly once, in batches: the stream an exact weight step sums over.
+
+An exact weight step (docs/exact_steps.md) builds its normal equations, or its full-batch loss,
+from the whole training set, with each record's stored support looked up by its record index.
+:func:`ordered_batches` yields ``(inputs, indices)`` for the net's (single) data layer:
+
+* Data / ImageData: a private reader of the same records in key order with the TEST-style
+  transform (centre crop, no mirror), as the I-alternation support pass reads them; batches of
+  ``batch_size`` (default: the train batch);
+* HDF5Data / MemoryData: the layer itself, put at the start of a pass and put back afterwards
+  (``state``/``load_state``), in its own batch size and order (HDF5 shuffle included); a last
+  batch that wraps into the next pass keeps only the records not seen yet.
+
+The training data cursor is left where it was, so an exact step does not change which batches
+a later SGD iteration or a test sees.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+from typing import Dict, Iterator, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import SolverError
+from ..layers.data import DataLayerBase, HDF5Data, MemoryData, PipelinedDataLayer
+
+Batch = Tuple[Dict[str, torch.Tensor], torch.Tensor]
+
+
+def data_step(net):
+    """The net's only data layer step; SolverError when there is none or more than one."""
+    steps = [s for s in net._steps if isinstance(s.layer, DataLayerBase)]
+    if len(steps) != 1:
+        found = ", ".join(s.name for s in steps) or "none"
+        raise SolverError(f"{net.source}: an exact weight step streams the training set through "
+                          f"exactly one data layer; the train net has {found}",
+                          hint="give the train net one Data, ImageData, HDF5Data or MemoryData "
+                               "layer with the inputs and the targets")
+    return steps[0]
+
+
+def _pipelined(layer: PipelinedDataLayer, tops, batch_size: int,
+               device: torch.device) -> Iterator[Batch]:
+    from ..data.pipeline import BatchMaker, InputPipeline, Ordering
+
+    maker = layer.pipeline.maker
+    n = int(maker.ordering.num_records)
+    bs = int(batch_size) or maker.batch_size
+    source = pickle.loads(pickle.dumps(maker.source))  # the training prefetcher keeps its own
+    spec = dataclasses.replace(maker.spec, train=False, mirror=False)
+    pipe = InputPipeline(BatchMaker(source, spec, bs, Ordering(n), maker.seed, layer.where),
+                         workers=0, depth=2)
+    try:
+        for b in range(math.ceil(n / bs)):
+            batch = pipe.next_batch(device)
+            keep = min(bs, n - b * bs)  # the last batch wraps to the first records
+            inputs = {tops[0]: batch["data"][:keep]}
+            if len(tops) > 1:
+                inputs[tops[1]] = batch["label"][:keep]
+            yield inputs, batch["indices"][:keep]
+    finally:
+        pipe.close()
+
+
+def _start_state(layer: DataLayerBase) -> dict:
+    state = dict(layer.state())
+    if isinstance(layer, HDF5Data):
+        state["served"] = 0
+    else:
+        state["pos"] = 0
+    return state
+
+
+def _self_served(layer: DataLayerBase, tops, n: int) -> Iterator[Batch]:
+    saved = layer.state()
+    seen = np.zeros(n, dtype=bool)
+    try:
+        layer.load_state(_start_state(layer))
+        while not seen.all():
+            out = layer()
+            out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+            idx = layer.last_indices.cpu()
+            fresh = ~seen[idx.numpy()]
+            seen[idx.numpy()] = True
+            if not fresh.any():
+                continue
+            sel = torch.from_numpy(fresh)
+            yield ({t: v[sel.to(v.device)] for t, v in zip(tops, out)}, idx[sel])
+    finally:
+        layer.load_state(saved)
+
+
+def ordered_batches(net, num_records: int, batch_size: int = 0) -> Iterator[Batch]:
+    """``(inputs, indices)`` covering each of the ``num_records`` training records once.
+
+    ``inputs`` maps the data layer's top names to tensors on the net's device (feed them to
+    ``net.run(inputs, start=first_layer_after_data)``); ``indices`` are the records' indices
+    (int64, CPU), the keys of the mask store. A batch may be smaller than the others (the last).
+    """
+    step = data_step(net)
+    layer = step.layer
+    tops = net.top_names[step.name]
+    if isinstance(layer, PipelinedDataLayer):
+        yield from _pipelined(layer, tops, batch_size, net.device)
+    elif isinstance(layer, (HDF5Data, MemoryData)):
+        yield from _self_served(layer, tops, int(num_records))
+    else:
+        raise SolverError(f"{net.source}: data layer '{step.name}' ({layer.type}) cannot be "
+                          "streamed record by record for an exact weight step",
+                          hint="use a Data, ImageData, HDF5Data or MemoryData layer")
+
+
+__all__ = ["ordered_batches", "data_step"]
