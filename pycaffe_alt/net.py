@@ -573,6 +573,15 @@ class Net(nn.Module):
         """The layers in execution order with the blob names they read and write."""
         return list(self._steps)
 
+    def blob_shape(self, name: str) -> Shape:
+        """The shape inferred for blob ``name`` when the net was built or last reshaped."""
+        return self._shapes[name]
+
+    def blob_value(self, name: str) -> Optional[torch.Tensor]:
+        """The tensor the last pass left in blob ``name`` (None before any pass); unlike
+        ``blobs[name].data`` no host copy is made."""
+        return self._values.get(name)
+
     def loss(self, values: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Caffe's net loss: sum over loss tops of loss_weight * sum(top)."""
         values = self._values if values is None else values

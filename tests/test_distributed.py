@@ -279,7 +279,10 @@ def test_sigint_on_rank_0_snapshots_and_stops_every_rank(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("alternation", [
     "mode: BATCH warmup_iter: 4 support_beta: 0.01",          # B-alternation: eq. 41 all-reduced
-    "mode: INSTANCE warmup_iter: 4 gap_iter: 8"])             # I-alternation: supports per record
+    "mode: INSTANCE warmup_iter: 4 gap_iter: 8",              # I-alternation: supports per record
+    # Epochs are counted in global batches (512 records / (2 x 8) = 32 iterations), so this is
+    # the schedule above; counted per rank it would be twice as long.
+    "mode: INSTANCE warmup_epochs: 0.125 gap_epochs: 0.25"])
 def test_alternation_on_two_ranks_equals_one_process_at_double_batch(tmp_path, alternation):
     from pycaffe_alt.prototxt import write_text
 

@@ -430,7 +430,7 @@ class SupportDSDSolver(DSDSolver, AlternationSolver):
     def support_masks(self) -> Dict[str, torch.Tensor]:
         """Keep masks from the channels' supports over one estimation pass (see the class)."""
         self.channel_support = self.estimate_channel_support()
-        steps = self.net._steps
+        steps = self.net.steps
         by_name = {s.name: s for s in steps}
         keep, notes = {}, []
         for name in self.prune_layers:
@@ -467,7 +467,7 @@ class SupportDSDSolver(DSDSolver, AlternationSolver):
         cursor is restored afterwards, so the training batches are those without the pass."""
         net = self.net
         names = [n for n, _ in self._train_hts]
-        last = max(i for i, s in enumerate(net._steps) if s.name in names)
+        last = max(i for i, s in enumerate(net.steps) if s.name in names)
         batches = max(1, math.ceil(self.records / self.batch_size))
         counts: Dict[str, torch.Tensor] = {}
         saved = data_states(net)

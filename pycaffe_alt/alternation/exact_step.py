@@ -103,12 +103,12 @@ def ridge_vector(cout: int, n_weight_feats: int, has_bias: bool, lam_w: float,
 def support_layers(net) -> List[Tuple[str, object]]:
     """``(name, layer)`` of every HardThreshold and ReLU layer (a ReLU is a HardThreshold with
     beta 0 for the alternation solver), in execution order."""
-    return [(s.name, s.layer) for s in net._steps if isinstance(s.layer, (HardThreshold, ReLU))]
+    return [(s.name, s.layer) for s in net.steps if isinstance(s.layer, (HardThreshold, ReLU))]
 
 
 def max_pool_layers(net) -> List[Tuple[str, Pooling]]:
     """``(name, layer)`` of every MAX Pooling layer, in execution order."""
-    return [(s.name, s.layer) for s in net._steps
+    return [(s.name, s.layer) for s in net.steps
             if isinstance(s.layer, Pooling) and s.layer.method == MAX]
 
 
@@ -121,8 +121,8 @@ def pool_geometry(layer: Pooling, in_hw: Tuple[int, int]) -> PoolGeometry:
 def exact_layout(net) -> List[Tuple[str, Tuple[int, ...]]]:
     """The mask store layout: each support's unit shape, then each MAX pool's switch planes
     ``(bits, C, OH, OW)`` under ``name#switch``."""
-    shapes = net._shapes
-    steps = {s.name: s for s in net._steps}
+    shapes = {n: net.blob_shape(n) for s in net.steps for n in (*s.bottoms, *s.tops)}
+    steps = {s.name: s for s in net.steps}
     layout = [(n, tuple(shapes[steps[n].bottoms[0]])[1:]) for n, _ in support_layers(net)]
     for n, layer in max_pool_layers(net):
         in_shape = tuple(shapes[steps[n].bottoms[0]])
@@ -218,7 +218,7 @@ def layer_blocks(net, weight_decay: float, only: Tuple[str, ...] = ()) -> List[L
     """The InnerProduct / Convolution layers with a trainable blob, in execution order."""
     infos = {(i.layer, i.index): i for i in net.learnable_params}
     blocks = []
-    for s in net._steps:
+    for s in net.steps:
         if not isinstance(s.layer, (InnerProduct, Convolution)):
             continue
         if only and s.name not in only:
@@ -340,14 +340,14 @@ class ExactWeightStep:
         layout = exact_layout(net)
         self.store = MaskStore(layout, self.records, path=store_path,
                                max_ram_bytes=max_ram_bytes) if layout else None
-        self.loss_steps = [s for s in net._steps
+        self.loss_steps = [s for s in net.steps
                            if any(net.blob_loss_weights.get(t, 0.0) != 0 for t in s.tops)]
         self.loss_end = max(s.index for s in self.loss_steps)
 
     # ------------------------------------------------------------------ checks
     def _check_only(self, only: Tuple[str, ...]) -> None:
         net = self.net
-        names = {s.name for s in net._steps}
+        names = {s.name for s in net.steps}
         missing = [n for n in only if n not in names]
         if missing:
             raise SolverError(f"exact_layer names {', '.join(missing)}, which the train net "
@@ -373,12 +373,12 @@ class ExactWeightStep:
                                   f"group {lay.group})", self.where,
                                   "set lr_mult: 0 on it, list the others in exact_layer, or use "
                                   "weight_step: SGD")
-        for s in net._steps:
+        for s in net.steps:
             if isinstance(s.layer, (HardThreshold, ReLU)) and s.reads_final:
                 raise SolverError(f"layer '{s.name}' works in place on a blob that a later layer "
                                   "also changes in place; its backward would not see the fixed "
                                   "support", self.where, f"give '{s.name}' its own top blob")
-        losses = [s for s in net._steps
+        losses = [s for s in net.steps
                   if any(net.blob_loss_weights.get(t, 0.0) != 0 for t in s.tops)]
         if self.kind == "LEAST_SQUARES":
             if regularization != "L2":
@@ -462,7 +462,7 @@ class ExactWeightStep:
 
     def _separable(self, block: LayerBlock) -> bool:
         loss = self.loss_steps[0]
-        between = self.net._steps[block.index + 1:loss.index]
+        between = self.net.steps[block.index + 1:loss.index]
         return block.top in loss.bottoms[:2] and not any(block.top in s.tops for s in between)
 
     # ------------------------------------------------------------------ LEAST_SQUARES

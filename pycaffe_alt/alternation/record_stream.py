@@ -32,7 +32,7 @@ Batch = Tuple[Dict[str, torch.Tensor], torch.Tensor]
 
 def data_step(net):
     """The net's only data layer step; SolverError when there is none or more than one."""
-    steps = [s for s in net._steps if isinstance(s.layer, DataLayerBase)]
+    steps = [s for s in net.steps if isinstance(s.layer, DataLayerBase)]
     if len(steps) != 1:
         found = ", ".join(s.name for s in steps) or "none"
         raise SolverError(f"{net.source}: an exact weight step streams the training set through "

@@ -136,13 +136,7 @@ class AlternationSolver(Solver):
                               "HDF5Data layer")
         self.records = int(records)
         self.batch_size = batch_size_of(self._data_layer)
-        self.iters_per_epoch = self.records / (self.batch_size * self.param.iter_size)
-        self.warmup_iters = int(ap.warmup_iter) if ap.warmup_iter > 0 else \
-            int(round(ap.warmup_epochs * self.iters_per_epoch))
-        self.gap_iters = int(ap.gap_iter) if ap.gap_iter > 0 else \
-            int(round(ap.gap_epochs * self.iters_per_epoch))
-        # Patience windows: the display interval, or one epoch when nothing is displayed.
-        self.window = int(self.param.display) or max(1, int(round(self.iters_per_epoch)))
+        self._epoch_schedule()
 
         # Schedule state (all of it goes into snapshots).
         self.phase: str = "warmup" if self.warmup_iters > 0 else \
@@ -226,6 +220,27 @@ class AlternationSolver(Solver):
             where=self._where("alternation_param.weight_step"),
             store_path=work[:-len("_masks.bin")] + "_exact_masks.bin" if work else None,
             max_ram_bytes=int(ap.mask_store_max_ram))
+
+    def _epoch_schedule(self) -> None:
+        """Iterations per epoch and the schedule set in epochs. A data-parallel job reads
+        world_size x batch_size records per iteration (Caffe's multi-GPU rule), so its epochs
+        are that many times shorter in iterations, as for one process at the global batch."""
+        ap = self.param.alternation_param
+        global_batch = self.batch_size * self.param.iter_size * self.world_size
+        self.iters_per_epoch = self.records / global_batch
+        self.warmup_iters = int(ap.warmup_iter) if ap.warmup_iter > 0 else \
+            int(round(ap.warmup_epochs * self.iters_per_epoch))
+        self.gap_iters = int(ap.gap_iter) if ap.gap_iter > 0 else \
+            int(round(ap.gap_epochs * self.iters_per_epoch))
+        # Patience windows: the display interval, or one epoch when nothing is displayed.
+        self.window = int(self.param.display) or max(1, int(round(self.iters_per_epoch)))
+
+    def set_world_size(self, world: int) -> None:
+        super().set_world_size(world)
+        self._epoch_schedule()
+        if self.iter == 0 and self.support_steps == 0 and self.phase == "warmup" and \
+                self.warmup_iters == 0:  # the warm-up rounds to nothing at this world size
+            self.phase = "support" if self.mode == "INSTANCE" else "weights"
 
     def _net_file_name(self) -> str:
         p = self.param

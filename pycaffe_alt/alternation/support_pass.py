@@ -37,18 +37,18 @@ SumsReducer = Callable[[torch.Tensor], torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 def hard_threshold_layers(net) -> List[Tuple[str, HardThreshold]]:
     """``(name, layer)`` of every HardThreshold layer of ``net``, in execution order."""
-    return [(s.name, s.layer) for s in net._steps if isinstance(s.layer, HardThreshold)]
+    return [(s.name, s.layer) for s in net.steps if isinstance(s.layer, HardThreshold)]
 
 
 def store_supportmask_layers(net) -> List[str]:
     """Names of SupportMask layers with source STORE (not driven by the solver, see docs)."""
-    return [s.name for s in net._steps
+    return [s.name for s in net.steps
             if isinstance(s.layer, SupportMask) and s.layer.source == "STORE"]
 
 
 def data_steps(net) -> list:
     """The data layers' steps (layers that produce batches and record indices)."""
-    return [s for s in net._steps if isinstance(s.layer, DataLayerBase)]
+    return [s for s in net.steps if isinstance(s.layer, DataLayerBase)]
 
 
 def first_data_layer(net) -> Optional[DataLayerBase]:
@@ -76,9 +76,9 @@ def batch_size_of(layer: DataLayerBase) -> int:
 def support_layout(net) -> List[Tuple[str, Tuple[int, ...]]]:
     """``[(layer name, unit shape)]`` of the HardThreshold supports (the mask store's layout)."""
     layout = []
-    for step in net._steps:
+    for step in net.steps:
         if isinstance(step.layer, HardThreshold):
-            shape = tuple(net._shapes[step.bottoms[0]])
+            shape = tuple(net.blob_shape(step.bottoms[0]))
             layout.append((step.name, shape[1:]))
     return layout
 
@@ -221,7 +221,7 @@ class _Recorder:
 def _pass_range(net) -> Tuple[int, int]:
     """Step indices the pass runs: from the first layer after the data layers up to the last
     HardThreshold (nothing above the last support is needed)."""
-    steps = net._steps
+    steps = net.steps
     data_idx = [i for i, s in enumerate(steps) if isinstance(s.layer, DataLayerBase)]
     ht_idx = [i for i, s in enumerate(steps) if isinstance(s.layer, HardThreshold)]
     first_other = next(i for i, s in enumerate(steps) if not isinstance(s.layer, DataLayerBase))
@@ -351,7 +351,7 @@ def thresholded_loss(net, hts: List[Tuple[str, HardThreshold]],
     ``iter_size`` passes, the same batch).
     """
     start, _ = _pass_range(net)
-    values = net.run(start=len(net._steps))  # no layer runs: the current blob values
+    values = net.run(start=len(net.steps))  # no layer runs: the current blob values
     saved_values = dict(values)
     masked = net.loss(saved_values).detach()
     buffers = [(b, b.detach().clone()) for m in net.layer_modules.values() for b in m.buffers()]

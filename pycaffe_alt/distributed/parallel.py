@@ -78,6 +78,7 @@ class DataParallel:
         self.world = dist.get_world_size(group)
         self.root = self.rank == 0
         solver.root_solver = self.root
+        solver.set_world_size(self.world)  # epochs are world_size x shorter in iterations
         if quiet and not self.root:
             logger.setLevel(max(logger.level, 30))  # WARNING: Caffe's non-root solvers are silent
         self._stop = self._snapshot = False

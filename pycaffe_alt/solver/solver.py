@@ -136,6 +136,7 @@ class Solver:
         # False on data-parallel ranks other than 0 (pycaffe_alt.distributed): like Caffe's
         # non-root solvers they train but neither test nor write snapshots.
         self.root_solver = True
+        self.world_size = 1  # ranks of a data-parallel job (set_world_size)
 
     # ------------------------------------------------------------------ construction
     def _rule_type(self) -> str:
@@ -357,6 +358,13 @@ class Solver:
         """pycaffe's ``add_callback``: two callables, run before each iteration's forward pass
         and after its gradients are ready (before the update)."""
         self.add_hook(loop.CallbackHook(on_start, on_gradients_ready))
+
+    def set_world_size(self, world: int) -> None:
+        """Train as one of ``world`` data-parallel ranks (pycaffe_alt.distributed): each rank runs
+        the file's batch, so the job reads ``world`` batches per iteration and an epoch takes
+        ``world`` times fewer iterations. Plain solvers count iterations only; solvers whose
+        schedule is set in epochs (alternation) override this to rescale it."""
+        self.world_size = int(world)
 
     def request_stop(self) -> None:
         """Stop at the next iteration boundary (Caffe's SolverAction::STOP, e.g. on SIGINT)."""

@@ -160,11 +160,10 @@ def display(solver, smoothed: torch.Tensor) -> None:
     """Caffe's display block: the smoothed loss, then every element of every net output."""
     logger.info("Iteration %d, loss = %s", solver.iter, format_value(float(smoothed)))
     net = solver.net
-    values = net._values
     weights = net.blob_loss_weights
     index = 0
     for name in net.outputs:
-        flat = values[name].detach().reshape(-1).float().cpu().tolist()
+        flat = net.blob_value(name).detach().reshape(-1).float().cpu().tolist()
         for v in flat:
             logger.info("    Train net output #%d: %s = %s%s", index, name, format_value(v),
                         loss_suffix(weights[name], v))
