@@ -174,6 +174,18 @@ def _clean(fn, *names: str, errors=CaffeError):
     return None
 
 
+def _write_mutated(path, base, ops) -> str:
+    """Write ``base`` (text or bytes) mutated by ``ops`` to ``path``; returns the path as a str."""
+    path = str(path)
+    if isinstance(base, bytes):
+        with open(path, "wb") as f:
+            f.write(_mutate_bytes(base, ops))
+    else:
+        with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
+            f.write(_mutate_text(base, ops))
+    return path
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A folder holding the valid inputs the cases mutate, made the current directory."""
@@ -201,9 +213,7 @@ PROTOTXT_BASES = [NET_TEXT, SOLVER_TEXT] + [
 @fuzz_settings("prototxt")
 @given(base=st.sampled_from(PROTOTXT_BASES), ops=text_ops)
 def test_fuzz_prototxt_parser(work, base, ops):
-    path = str(work / "mutated.prototxt")
-    with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
-        f.write(_mutate_text(base, ops))
+    path = _write_mutated(work / "mutated.prototxt", base, ops)
     _clean(lambda: read_net(path), path, errors=PrototxtError)
     _clean(lambda: read_solver(path), path, errors=PrototxtError)
 
@@ -211,9 +221,7 @@ def test_fuzz_prototxt_parser(work, base, ops):
 @fuzz_settings("net")
 @given(ops=text_ops)
 def test_fuzz_net_construction(work, ops):
-    path = str(work / "mutated_net.prototxt")
-    with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
-        f.write(_mutate_text(NET_TEXT, ops))
+    path = _write_mutated(work / "mutated_net.prototxt", NET_TEXT, ops)
     net = _clean(lambda: Net(path, TEST), path)
     if net is not None:
         _clean(net.forward, path)
@@ -224,9 +232,7 @@ def test_fuzz_net_construction(work, ops):
 def test_fuzz_solver_values(work, ops):
     from pycaffe_alt.solver.solver import Solver
 
-    path = str(work / "mutated_solver.prototxt")
-    with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
-        f.write(_mutate_text(SOLVER_TEXT, ops))
+    path = _write_mutated(work / "mutated_solver.prototxt", SOLVER_TEXT, ops)
     solver = _clean(lambda: Solver(path), path)
     if solver is not None:
         _clean(lambda: solver.step(1), path)
@@ -240,9 +246,7 @@ def target_net(work):
 @fuzz_settings("caffemodel")
 @given(ops=byte_ops)
 def test_fuzz_caffemodel_decoder(work, target_net, ops):
-    path = str(work / "mutated.caffemodel")
-    with open(path, "wb") as f:
-        f.write(_mutate_bytes((work / "init.caffemodel").read_bytes(), ops))
+    path = _write_mutated(work / "mutated.caffemodel", (work / "init.caffemodel").read_bytes(), ops)
     _clean(lambda: target_net.copy_from(path), path, errors=WeightsError)
     _clean(lambda: read_net(path), path, errors=CaffeError)
 
@@ -250,9 +254,8 @@ def test_fuzz_caffemodel_decoder(work, target_net, ops):
 @fuzz_settings("solverstate")
 @given(ops=byte_ops)
 def test_fuzz_solverstate_decoder(work, ops):
-    path = str(work / "mutated.solverstate")
-    with open(path, "wb") as f:
-        f.write(_mutate_bytes((work / "state.solverstate").read_bytes(), ops))
+    path = _write_mutated(work / "mutated.solverstate", (work / "state.solverstate").read_bytes(),
+                          ops)
     _clean(lambda: read_solverstate(path), path, errors=SolverError)
 
 
@@ -274,9 +277,8 @@ def test_fuzz_hdf5_snapshot_decoders(work, hdf5_files, which, ops):
     from pycaffe_alt.solver.snapshot import read_solverstate_h5, read_weights_h5
 
     source = hdf5_files[which]
-    path = str(work / ("mutated" + os.path.basename(source)))
-    with open(path, "wb") as f:
-        f.write(_mutate_bytes(open(source, "rb").read(), ops))
+    with open(source, "rb") as f:
+        path = _write_mutated(work / ("mutated" + os.path.basename(source)), f.read(), ops)
     reader = read_weights_h5 if which == 0 else read_solverstate_h5
     _clean(lambda: reader(path), path, errors=(WeightsError, SolverError))
 
