@@ -9,7 +9,6 @@ them, so a skipped image leaves a gap in the numbering exactly as in Caffe.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import time
@@ -126,17 +125,10 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv, _BOOL_FLAGS)
     start = time.time()
-    existed = os.path.exists(args.db_name)  # then open_db refuses it and we must not delete it
-    try:
-        written, skipped = convert(args.root_folder, args.list_file, args.db_name, args.gray,
-                                   args.shuffle, args.seed, args.backend, args.resize_width,
-                                   args.resize_height, args.check_size, args.encoded,
-                                   args.encode_type)
-    except BaseException:
-        # Do not leave a half-written database that a later run would refuse to replace.
-        if not existed:
-            shutil.rmtree(args.db_name, ignore_errors=True)
-        raise
+    # A failed or interrupted run leaves no half-written database: the writer removes it.
+    written, skipped = convert(args.root_folder, args.list_file, args.db_name, args.gray,
+                               args.shuffle, args.seed, args.backend, args.resize_width,
+                               args.resize_height, args.check_size, args.encoded, args.encode_type)
     print(f"convert_imageset: wrote {written} records to {args.db_name}, skipped {len(skipped)} "
           f"unreadable images, in {time.time() - start:.1f}s")
     if written == 0:
