@@ -77,10 +77,10 @@ def detect(input_dir: str) -> Tuple[str, str, str]:
 def read_python_batch(path: str, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
     """(N x 3072 uint8 images, N labels) from one pickled batch."""
     try:
-        with io.BytesIO(read_input_bytes(path, DataError, "CIFAR batch")) as f:
-            # latin1 is numpy's advice for Python 2 pickles (the official ones); keys may then be
-            # str or, from other writers, bytes.
-            batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+        raw = read_input_bytes(path, DataError, "CIFAR batch")
+        # latin1 is numpy's advice for Python 2 pickles (the official ones); keys may then be
+        # str or, from other writers, bytes.
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
         batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
@@ -95,10 +95,7 @@ def read_python_batch(path: str, label_key: str) -> Tuple[np.ndarray, np.ndarray
 
 def read_binary_batch(path: str, label_bytes: int, label_index: int) -> Tuple[np.ndarray, np.ndarray]:
     """(N x 3072 uint8 images, N labels) from one binary batch (label byte(s) then the pixels)."""
-    try:
-        raw = np.frombuffer(read_input_bytes(path, DataError, "CIFAR batch"), dtype=np.uint8)
-    except OSError as e:
-        raise DataError(f"cannot read ({e.strerror})", where=path) from None
+    raw = np.frombuffer(read_input_bytes(path, DataError, "CIFAR batch"), dtype=np.uint8)
     record = label_bytes + IMAGE_BYTES
     if raw.size == 0 or raw.size % record:
         raise DataError(f"file size {raw.size} is not a multiple of the {record}-byte record",
