@@ -129,18 +129,24 @@ class _BlobStore:
         # The value a layer produced wins over the inferred shape (Filter's top depends on data).
         t = self._net._values.get(name)
         if t is None:
-            t = zeros(self._net._shapes[name], self._net.device, name, self._net.source,
-                      self._net.memory_format)
-            self._net._values[name] = t
+            t = self._net._values[name] = self._zeros(name, self._net._shapes[name])
         return t
+
+    def _zeros(self, name: str, shape: Shape) -> torch.Tensor:
+        """A zero value for blob ``name`` in the net's memory format (NetError when too big)."""
+        return zeros(shape, self._net.device, name, self._net.source, self._net.memory_format)
 
     def diff_tensor(self, name: str) -> torch.Tensor:
         shape = tuple(self.data_tensor(name).shape)
         d = self._net._diffs.get(name)
         if d is None or tuple(d.shape) != shape:
             # Loss tops start with their loss weight as diff (Caffe's Layer::SetLossWeights).
-            d = torch.full(shape, self._net._loss_weights.get(name, 0.0), device=self._net.device)
-            d = self._net._diffs[name] = mf.in_format(d, self._net.memory_format)
+            # Allocated in the net's format directly (no NCHW tensor to copy from).
+            d = mf.zeros(shape, self._net.memory_format, self._net.device)
+            weight = self._net._loss_weights.get(name, 0.0)
+            if weight:
+                d.fill_(weight)
+            self._net._diffs[name] = d
         return d
 
     def shape(self, name: str) -> Shape:
@@ -149,8 +155,7 @@ class _BlobStore:
 
     def reshape(self, name: str, shape: Shape) -> None:
         self._net._shapes[name] = shape
-        self._net._values[name] = zeros(shape, self._net.device, name, self._net.source,
-                                        self._net.memory_format)
+        self._net._values[name] = self._zeros(name, shape)
         self._net._diffs.pop(name, None)
 
 
