@@ -163,23 +163,28 @@ def objective(net_path, X, y, params):
         for name, arrays in params.items():
             for blob, a in zip(net.params[name], arrays):
                 blob.data[...] = a
-    net = net.double()
     return net_objective(net, torch.from_numpy(X).double(), torch.from_numpy(y).double(), WD)
 
 
 # ------------------------------------------------------------------------------ arms
-def run_convex(folder, X, y, kind, rho, hidden, extra="", max_iter=1000, display=100, wd=WD):
+def solve(solver_path, text):
+    """Write the solver file ``text`` to ``solver_path``, solve it, return the solver."""
     from pycaffe_alt.solver.solver import get_solver
 
-    net = write_case(folder, X, y, kind, hidden)
-    solver_path = os.path.join(folder, "convex.prototxt")
     with open(solver_path, "w") as f:
-        f.write(f'net: "{net}" type: "Convex" max_iter: {max_iter} display: {display} '
-                f'weight_decay: {wd} snapshot_prefix: "{folder}/cvx" solver_mode: CPU '
-                f'random_seed: 1\nconvex_param {{ rho: {rho} adapt_interval: 50 '
-                f'max_exact_patterns: 100000 gap_tol: 1e-6 {extra} }}\n')
+        f.write(text)
     solver = get_solver(solver_path)
     solver.solve()
+    return solver
+
+
+def run_convex(folder, X, y, kind, rho, hidden, extra="", max_iter=1000, display=100, wd=WD):
+    net = write_case(folder, X, y, kind, hidden)
+    solver = solve(os.path.join(folder, "convex.prototxt"),
+                   f'net: "{net}" type: "Convex" max_iter: {max_iter} display: {display} '
+                   f'weight_decay: {wd} snapshot_prefix: "{folder}/cvx" solver_mode: CPU '
+                   f'random_seed: 1\nconvex_param {{ rho: {rho} adapt_interval: 50 '
+                   f'max_exact_patterns: 100000 gap_tol: 1e-6 {extra} }}\n')
     r = solver.result
     params = {k: [b.data.copy() for b in v] for k, v in solver.net.params.items()}
     return r, objective(net, X, y, params), net
@@ -229,19 +234,14 @@ def exact_step_available() -> bool:
 
 def run_alternation(folder, X, y, kind, hidden, lr, seed, iters, exact_step=False):
     """The product's AlternationSolver (I-alternation) on the HardThreshold(beta 0) version."""
-    from pycaffe_alt.solver.solver import get_solver
-
     net = write_case(folder, X, y, kind, hidden, relu="ht", lmdb=True)
     relu_net = write_case(folder, X, y, kind, hidden)
     step = " weight_step: LEAST_SQUARES" if exact_step else ""
-    solver_path = os.path.join(folder, f"alt_{seed}.prototxt")
-    with open(solver_path, "w") as f:
-        f.write(f'net: "{net}" type: "Alternation" base_lr: {lr} lr_policy: "fixed" '
-                f'momentum: 0.9 weight_decay: {WD} max_iter: {iters} display: 0 '
-                f'snapshot_after_train: false solver_mode: CPU random_seed: {seed}\n'
-                f'alternation_param {{ mode: INSTANCE base_type: "SGD" gap_iter: 200{step} }}\n')
-    solver = get_solver(solver_path)
-    solver.solve()
+    solver = solve(os.path.join(folder, f"alt_{seed}.prototxt"),
+                   f'net: "{net}" type: "Alternation" base_lr: {lr} lr_policy: "fixed" '
+                   f'momentum: 0.9 weight_decay: {WD} max_iter: {iters} display: 0 '
+                   f'snapshot_after_train: false solver_mode: CPU random_seed: {seed}\n'
+                   f'alternation_param {{ mode: INSTANCE base_type: "SGD" gap_iter: 200{step} }}\n')
     params = {k: [b.data.copy() for b in v] for k, v in solver.net.params.items()
               if k in ("ip1", "ip2")}
     return objective(relu_net, X, y, params)

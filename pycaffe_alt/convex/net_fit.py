@@ -259,8 +259,10 @@ def decay_mults(net, roles: TwoLayerNet) -> Dict[Tuple[str, int], float]:
 
 
 def read_training_set(net, roles: TwoLayerNet) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Every training record once, through the net's data layer (any batch size): inputs
-    (n, ...) and labels (n, ...) as float64, in record order."""
+    """Every training record once (:func:`~pycaffe_alt.alternation.record_stream.ordered_batches`,
+    which leaves the training cursor where it was): inputs (n, ...) and labels (n, ...) as
+    float64, in record order."""
+    from ..alternation.record_stream import ordered_batches
     from ..alternation.support_pass import record_count
 
     layer = net.layers[roles.data_index].module
@@ -275,20 +277,16 @@ def read_training_set(net, roles: TwoLayerNet) -> Tuple[torch.Tensor, torch.Tens
     labels: Optional[torch.Tensor] = None
     seen = torch.zeros(total, dtype=torch.bool)
     with torch.no_grad():
-        # Batches in reading order; the cursor wraps, so the last batch may repeat records.
-        for _ in range(10 * total + 10):
-            values = net.run(start=roles.data_index, end=roles.data_index)
+        for values, idx in ordered_batches(net, total):
             data = values[roles.data_top].detach().double().cpu()
             label = values[roles.label_top].detach().double().cpu()
-            idx = layer.last_indices.cpu().long()
+            idx = idx.long()
             if inputs is None:
                 inputs = torch.zeros((total,) + tuple(data.shape[1:]), dtype=torch.float64)
                 labels = torch.zeros((total,) + tuple(label.shape[1:]), dtype=torch.float64)
             inputs[idx] = data
             labels[idx] = label
             seen[idx] = True
-            if bool(seen.all()):
-                break
     if inputs is None or not bool(seen.all()):
         raise _refuse(net, roles.data_index, f"reading the training set did not reach all "
                       f"{total} records", "check the data layer's source")
