@@ -335,13 +335,13 @@ class ExactWeightStep:
                               "exact weight steps solve InnerProduct / Convolution weights")
         if order == "TOP_DOWN":
             self.blocks.reverse()
+        self.loss_steps = [s for s in net.steps
+                           if any(net.blob_loss_weights.get(t, 0.0) != 0 for t in s.tops)]
         self._check(regularization, only)
         self.fixed = FixedSupports(net, rule, beta)
         layout = exact_layout(net)
         self.store = MaskStore(layout, self.records, path=store_path,
                                max_ram_bytes=max_ram_bytes) if layout else None
-        self.loss_steps = [s for s in net.steps
-                           if any(net.blob_loss_weights.get(t, 0.0) != 0 for t in s.tops)]
         self.loss_end = max(s.index for s in self.loss_steps)
 
     # ------------------------------------------------------------------ checks
@@ -378,8 +378,7 @@ class ExactWeightStep:
                 raise SolverError(f"layer '{s.name}' works in place on a blob that a later layer "
                                   "also changes in place; its backward would not see the fixed "
                                   "support", self.where, f"give '{s.name}' its own top blob")
-        losses = [s for s in net.steps
-                  if any(net.blob_loss_weights.get(t, 0.0) != 0 for t in s.tops)]
+        losses = self.loss_steps
         if self.kind == "LEAST_SQUARES":
             if regularization != "L2":
                 raise SolverError(f"weight_step LEAST_SQUARES solves a ridge (L2) problem; "

@@ -42,8 +42,10 @@ def data_step(net):
     return steps[0]
 
 
-def _pipelined(layer: PipelinedDataLayer, tops, batch_size: int,
-               device: torch.device) -> Iterator[Batch]:
+def test_reader(layer: PipelinedDataLayer, batch_size: int = 0):
+    """``(pipe, n, bs)``: a private reader of ``layer``'s ``n`` records in key order, batches of
+    ``bs`` (``batch_size``, default the train batch), TEST-style transform (centre crop, no
+    mirror); the last batch wraps to the first records. The caller closes ``pipe``."""
     from ..data.pipeline import BatchMaker, InputPipeline, Ordering
 
     maker = layer.pipeline.maker
@@ -53,6 +55,12 @@ def _pipelined(layer: PipelinedDataLayer, tops, batch_size: int,
     spec = dataclasses.replace(maker.spec, train=False, mirror=False)
     pipe = InputPipeline(BatchMaker(source, spec, bs, Ordering(n), maker.seed, layer.where),
                          workers=0, depth=2)
+    return pipe, n, bs
+
+
+def _pipelined(layer: PipelinedDataLayer, tops, batch_size: int,
+               device: torch.device) -> Iterator[Batch]:
+    pipe, n, bs = test_reader(layer, batch_size)
     try:
         for b in range(math.ceil(n / bs)):
             batch = pipe.next_batch(device)
@@ -113,4 +121,4 @@ def ordered_batches(net, num_records: int, batch_size: int = 0) -> Iterator[Batc
                           hint="use a Data, ImageData, HDF5Data or MemoryData layer")
 
 
-__all__ = ["ordered_batches", "data_step"]
+__all__ = ["ordered_batches", "data_step", "test_reader"]

@@ -13,9 +13,7 @@ No state lives here beyond one pass; the solver owns the store and the schedule.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import pickle
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -25,6 +23,7 @@ from ..errors import SolverError
 from ..layers.data import DataLayerBase, PipelinedDataLayer
 from ..layers.support import HardThreshold, SupportMask
 from .mask_store import MaskStore
+from .record_stream import test_reader
 from .rules import (batch_support, batch_support_sums, calibrated_threshold, channel_view,
                     count_changed_bits, majority_support, reconstruction_support,
                     threshold_support)
@@ -249,8 +248,6 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
     supports), ``changed_fraction`` per layer and ``changed_overall`` (None on a first pass),
     ``on_fraction`` per layer and ``on_overall``, ``store_bytes``.
     """
-    from ..data.pipeline import BatchMaker, InputPipeline, Ordering
-
     t0 = time.perf_counter()
     layer = first_data_layer(net)
     if not isinstance(layer, PipelinedDataLayer):
@@ -258,18 +255,11 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
         raise SolverError(f"{net.source}: I-alternation reads the training set through a Data or "
                           f"ImageData layer; the train net has {kind}",
                           hint="use a Data (LMDB) or ImageData layer, or mode: BATCH")
-    maker = layer.pipeline.maker
-    n = int(maker.ordering.num_records)
+    n = int(layer.pipeline.maker.ordering.num_records)
     if n != store.num_records:
         raise SolverError(f"the mask store holds {store.num_records} records but the training "
                           f"set has {n}")
-    bs = int(batch_size) or maker.batch_size
-    # Our own reader of the same records (a copy: the training prefetch thread keeps its own),
-    # TEST-style: centre crop, no mirror.
-    source = pickle.loads(pickle.dumps(maker.source))
-    spec = dataclasses.replace(maker.spec, train=False, mirror=False)
-    pass_maker = BatchMaker(source, spec, bs, Ordering(n), maker.seed, layer.where)
-    pipe = InputPipeline(pass_maker, workers=0, depth=2)
+    pipe, n, bs = test_reader(layer, batch_size)
     tops = net.top_names[data_steps(net)[0].name]
     start, end = _pass_range(net)
 
