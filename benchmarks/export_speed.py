@@ -38,6 +38,7 @@ from pycaffe_alt import Net  # noqa: E402
 from pycaffe_alt.export import convert  # noqa: E402
 from pycaffe_alt.host_memory import keep_freed_memory  # noqa: E402
 from pycaffe_alt.export import onnx as onnx_format  # noqa: E402
+from pycaffe_alt.export import pytorch_code  # noqa: E402
 from pycaffe_alt.phase import TEST  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,9 +87,7 @@ def runners(model: str, tmp: str, compile_export: bool = False):
             if compile_export:
                 out["export+compile"] = torch.compile(torch.export.load(path).module())
         else:
-            sys.path.insert(0, tmp)
-            module = __import__(os.path.splitext(os.path.basename(path))[0])
-            out["pytorch"] = module.load()
+            out["pytorch"] = pytorch_code.import_generated(path).load()
     return out
 
 

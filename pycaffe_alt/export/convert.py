@@ -9,9 +9,7 @@ the largest relative difference is reported, and a difference over :data:`TOLERA
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -180,21 +178,9 @@ def run_file(fmt: str, path: str, graph: Graph, inputs: Dict[str, torch.Tensor])
         elif fmt == "export":
             out = exported.load(path)(*args)
         else:
-            out = _import_generated(path).load()(*args)
+            out = pytorch_code.import_generated(path).load()(*args)
     out = (out,) if isinstance(out, torch.Tensor) else out
     return [o.detach().cpu().numpy() for o in out]
-
-
-def _import_generated(path: str):
-    name = f"pycaffe_alt_check_{abs(hash(os.path.abspath(path)))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(name, None)
-    return module
 
 
 def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optional[str] = None, *,

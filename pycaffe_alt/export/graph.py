@@ -357,19 +357,6 @@ def _sole_reader(ops: List[Op], i: int, outputs: Set[str]) -> Optional[int]:
     return readers[0]
 
 
-def _prune(ops: List[Op], outputs: Sequence[str]) -> List[Op]:
-    """Only the ops that some output depends on (walking back through in-place rewrites)."""
-    needed = set(outputs)
-    kept: List[Op] = []
-    for op in reversed(ops):
-        if needed & set(op.outputs):
-            kept.append(op)
-            # an in-place op's input is the same blob: it stays needed (earlier version)
-            needed -= set(op.outputs)
-            needed |= set(op.inputs)
-    return list(reversed(kept))
-
-
 @dataclass
 class LayerPlan:
     """Which layers of a Net an exported model runs: its inputs, layers (in order), outputs."""

@@ -30,6 +30,8 @@ from .graph import Graph, Op
 OPSET = 17  # ONNX 1.12 (2022): what current runtimes (onnxruntime, TensorRT, OpenVINO) all read
 # Above this many bytes of weights, they go to a side file (protobuf's 2 GB message limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
+# Op kinds that are one ONNX operator of their input, with no attributes.
+_UNARY = {"sigmoid": "Sigmoid", "tanh": "Tanh", "abs": "Abs", "identity": "Identity"}
 
 
 def require_onnx():
@@ -103,12 +105,14 @@ class _Builder:
         for i, op in enumerate(self.graph.ops):
             ins = [self.value(b) for b in op.inputs]
             outs = [self.out_name(i, op, t) for t in op.outputs]
-            emit = getattr(self, "_" + op.kind, None)
-            if emit is None:
+            if op.kind in _UNARY:
+                self.node(_UNARY[op.kind], ins, outs, op)
+            elif hasattr(self, "_" + op.kind):
+                getattr(self, "_" + op.kind)(op, ins, outs)
+            else:
                 raise NetError(f"layer '{op.name}' ({op.layer_type}) has no ONNX form here", None,
                                "export it in the pytorch, torchscript or export format, or "
                                "leave it out (loss layers are left out unless asked)")
-            emit(op, ins, outs)
             for t, o in zip(op.outputs, outs):
                 self.current[t] = o
         h = self.helper
@@ -211,15 +215,6 @@ class _Builder:
             value = shifted
         self.node("Where", [keep, value, self.scalar(op, "zero", 0.0)], outs, op)
 
-    def _sigmoid(self, op, ins, outs):
-        self.node("Sigmoid", ins, outs, op)
-
-    def _tanh(self, op, ins, outs):
-        self.node("Tanh", ins, outs, op)
-
-    def _abs(self, op, ins, outs):
-        self.node("Abs", ins, outs, op)
-
     def _power(self, op, ins, outs):
         # Caffe's Power: (shift + scale * x) ^ power.
         a = op.attrs
@@ -314,9 +309,6 @@ class _Builder:
 
     def _reshape(self, op, ins, outs):
         self._reshape_to(op, ins, outs, op.attrs["shape"])
-
-    def _identity(self, op, ins, outs):
-        self.node("Identity", ins, outs, op)
 
 
 def to_model(graph: Graph):

@@ -114,6 +114,10 @@ def _f(v: float) -> str:
     return repr(float(v))
 
 
+# Op kinds that are one torch function of their input.
+_UNARY = {"sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "abs": "torch.abs"}
+
+
 class _Writer:
     """Accumulates the pieces of the generated file for one graph."""
 
@@ -145,7 +149,10 @@ class _Writer:
 
     def emit(self, op: Op) -> None:
         ins = [self.var(b) for b in op.inputs]
-        expr = getattr(self, "_" + op.kind)(op, ins)
+        if op.kind in _UNARY:
+            expr = f"{_UNARY[op.kind]}({ins[0]})"
+        else:
+            expr = getattr(self, "_" + op.kind)(op, ins)
         outs = [self.var(t) for t in op.outputs]
         self.body.append(f"        # {op.name} ({op.layer_type})")
         if isinstance(expr, list):  # one expression per output (Split)
@@ -226,15 +233,6 @@ class _Writer:
         ctor = (f"HardThreshold({1 if op.attrs['shared'] else beta.shape[0]}, "
                 f"{op.attrs['mode']!r}, {ndim}, shared={op.attrs['shared']})")
         return f"{self.attr(op, ctor, op.params)}({ins[0]})"
-
-    def _sigmoid(self, op: Op, ins: List[str]) -> str:
-        return f"torch.sigmoid({ins[0]})"
-
-    def _tanh(self, op: Op, ins: List[str]) -> str:
-        return f"torch.tanh({ins[0]})"
-
-    def _abs(self, op: Op, ins: List[str]) -> str:
-        return f"torch.abs({ins[0]})"
 
     def _power(self, op: Op, ins: List[str]) -> str:
         a = op.attrs
@@ -404,9 +402,19 @@ def instantiate(graph: Graph, directory: str) -> nn.Module:
     reads the source of what it compiles, so keep the directory until scripting is done); eval
     mode, with the graph's weights loaded through the file's own ``load()``."""
     path, _ = write(graph, os.path.join(directory, "caffe_generated.py"))
+    # TorchScript resolves the helper classes through sys.modules: keep the module there.
+    return import_generated(path, keep=True).load()
+
+
+def import_generated(path: str, keep: bool = False):
+    """Import a generated ``.py`` file as a module; ``keep``: leave it in ``sys.modules``."""
     name = f"pycaffe_alt_generated_{abs(hash(os.path.abspath(path)))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # TorchScript resolves the helper classes through it
-    spec.loader.exec_module(module)
-    return module.load()
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if not keep:
+            sys.modules.pop(name, None)
+    return module
