@@ -182,7 +182,7 @@ def check_two_layer(net) -> TwoLayerNet:
             raise _refuse(net, i, f"{name} pooling: the convex program covers average pooling "
                           "only (max pooling makes the output a non-convex function of the "
                           "units' patterns)", "use pool: AVE")
-        shape = tuple(net.blobs[lp.top[0]].shape)
+        shape = tuple(net.blob_shape(lp.top[0]))
         if len(shape) != 4 or shape[2:] != (1, 1):
             raise _refuse(net, i, f"average pooling to {shape[2:]} positions per channel: each "
                           "hidden unit would feed several output weights (a vector-output "
@@ -201,7 +201,7 @@ def check_two_layer(net) -> TwoLayerNet:
     if m.axis != 1:
         raise _refuse(net, i, f"InnerProduct with axis {m.axis}: only axis 1 is supported",
                       "remove inner_product_param.axis")
-    shape = tuple(net.blobs[current].shape)
+    shape = tuple(net.blob_shape(current))
     if len(shape) == 4 and shape[2:] != (1, 1):
         raise _refuse(net, i, f"the last InnerProduct sees {shape[2]}x{shape[3]} positions per "
                       "hidden channel: each unit would feed several output weights (a "
@@ -320,7 +320,7 @@ def features(net, roles: TwoLayerNet, inputs: torch.Tensor,
         g = first.geom
         cols = F.unfold(inputs, g.kernel, dilation=g.dilation, padding=g.pad, stride=g.stride)
         patches = cols.transpose(1, 2)                     # (n, K, C*kh*kw), conv weight order
-        spatial = tuple(net.blobs[net.top_names[roles.first][0]].shape[2:])
+        spatial = tuple(net.blob_shape(net.top_names[roles.first][0])[2:])
         weights = _pool_weights(net, roles, spatial)
         if weights.numel() != patches.shape[1]:
             raise _refuse(net, roles.first_index, "internal: pooling weights do not match the "
