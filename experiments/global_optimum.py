@@ -312,11 +312,12 @@ def run_all(args):
             print(f"  full-net lower bound (stacked program at weight_decay/sqrt(C)): "
                   f"{fr.lower_bound:.8g}", flush=True)
         for hidden in (8, 32, 128):
+            relu_net = write_case(folder, X, y, kind, hidden)
             for lr in lrs:
                 for seed in seeds:
                     t = time.perf_counter()
                     params = sgd_run(X, y, kind, hidden, lr, seed, args.iters)
-                    value = objective(write_case(folder, X, y, kind, hidden), X, y, params)
+                    value = objective(relu_net, X, y, params)
                     runs.append(dict(dataset=name, arm="sgd", hidden=hidden, lr=lr, seed=seed,
                                      objective=value, rel_gap=(value - opt) / opt,
                                      iterations=args.iters, seconds=time.perf_counter() - t))
