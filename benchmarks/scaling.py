@@ -96,7 +96,7 @@ def _comm_seconds(dp) -> float:
 
 
 def run_config(name: str, args) -> dict:
-    from pycaffe_alt.distributed.launch import free_port
+    from pycaffe_alt.distributed.launch import free_port, rank_env
     from pycaffe_alt.distributed.reducer import DEFAULT_BUCKET_BYTES
 
     ranks, threads, batch = {"1r1t": (1, 1, args.batch), "1r2t": (1, 2, 2 * args.batch),
@@ -112,10 +112,7 @@ def run_config(name: str, args) -> dict:
     procs = []
     port = free_port()
     for r in range(ranks):
-        e = dict(env)
-        if ranks > 1:
-            e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        e = rank_env(r, ranks, port, base=env) if ranks > 1 else env
         procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):

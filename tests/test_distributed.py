@@ -24,6 +24,8 @@ from train_case import TOOLS, make_case
 
 TRAIN = os.path.join(TOOLS, "train")
 JOB_TIMEOUT = 180
+MNIST_LMDB = os.path.join(os.path.dirname(TOOLS), "tests", "fixtures", "golden", "data",
+                          "mnist_train_lmdb")
 
 
 def _env():
@@ -154,8 +156,7 @@ def test_data_layers_read_their_shard(tmp_path, monkeypatch):
         with h5py.File(tmp_path / f"p{i}.h5", "w") as h5:
             h5["data"] = rows[10 * i:10 * i + 10]
     (tmp_path / "list.txt").write_text(f"{tmp_path / 'p0.h5'}\n{tmp_path / 'p1.h5'}\n")
-    lmdb = os.path.join(os.path.dirname(TOOLS), "tests", "fixtures", "golden", "data",
-                        "mnist_train_lmdb")
+    lmdb = MNIST_LMDB
 
     def net(batch):
         path = tmp_path / f"net{batch}.prototxt"
@@ -231,6 +232,19 @@ def _wait_for_line(proc, text, deadline):
     raise AssertionError(f"{text!r} never came:\n" + "".join(lines[-30:]))
 
 
+def _signal_rank_at_iteration_5(proc, rank, sig):
+    """Send ``sig`` to rank ``rank`` of the job ``proc`` once it logs iteration 5; the job's
+    output."""
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        _wait_for_line(proc, "Iteration 5,", deadline)
+        os.kill(_rank_pid(proc.pid, rank, deadline), sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks in /proc")
 def test_a_killed_rank_ends_the_job_with_one_report(tmp_path):
@@ -241,13 +255,7 @@ def test_a_killed_rank_ends_the_job_with_one_report(tmp_path):
     env = dict(_env(), PYTHONPATH=os.path.dirname(TOOLS))
     proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=folder, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + JOB_TIMEOUT
-        _wait_for_line(proc, "Iteration 5,", deadline)
-        os.kill(_rank_pid(proc.pid, 1, deadline), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    out = _signal_rank_at_iteration_5(proc, 1, signal.SIGKILL)
     assert proc.returncode not in (0, None)
     reports = [line for line in out.splitlines() if "error:" in line]
     assert len(reports) == 1, out[-3000:]
@@ -261,13 +269,7 @@ def test_a_killed_rank_ends_the_job_with_one_report(tmp_path):
 def test_sigint_on_rank_0_snapshots_and_stops_every_rank(tmp_path):
     folder = _case(tmp_path, "sigint", 8, max_iter=100000, snapshot=0, test_interval=100000)
     proc = _torchrun(folder, popen=True)
-    try:
-        deadline = time.monotonic() + JOB_TIMEOUT
-        _wait_for_line(proc, "Iteration 5,", deadline)
-        os.kill(_rank_pid(proc.pid, 0, deadline), signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    out = _signal_rank_at_iteration_5(proc, 0, signal.SIGINT)
     assert proc.returncode == 0, out[-3000:]
     assert "Optimization stopped early." in out
     states = [f for f in os.listdir(folder) if f.endswith(".solverstate")]
@@ -364,8 +366,7 @@ def test_a_nan_loss_stops_every_rank_with_one_report(tmp_path):
 def test_worker_processes_read_the_same_shard(tmp_path):
     import pycaffe_alt as caffe
 
-    lmdb = os.path.join(os.path.dirname(TOOLS), "tests", "fixtures", "golden", "data",
-                        "mnist_train_lmdb")
+    lmdb = MNIST_LMDB
     path = tmp_path / "net.prototxt"
     path.write_text(f'layer {{ name: "d" type: "Data" top: "x" top: "y" data_param {{ '
                     f'source: "{lmdb}" batch_size: 5 backend: LMDB }} }}\n')

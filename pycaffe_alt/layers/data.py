@@ -96,7 +96,8 @@ class DataLayerBase(Layer):
                              f"set {field} {{ batch_size: N }}")
         return int(batch_size)
 
-    def require_source(self, source: str, field: str, what: str, create_hint: str) -> str:
+    def require_source(self, source: str, field: str, what: str, create_hint: str,
+                       folder_ok: bool = False) -> str:
         if not source:
             raise self.error(f"{field}.source is not set", f"give the path of the {what}")
         if not os.path.exists(source) and _is_embedded_dataset(source):
@@ -108,7 +109,7 @@ class DataLayerBase(Layer):
         if not os.path.exists(source):
             raise DataError(f"{what} {source!r} does not exist (relative paths are taken from the "
                             f"current directory, {os.getcwd()})", self.where, create_hint)
-        return check_input_path(source, DataError, what, folder_ok=True)
+        return check_input_path(source, DataError, what, folder_ok=folder_ok)
 
 
 class PipelinedDataLayer(DataLayerBase):
@@ -259,7 +260,7 @@ class Data(PipelinedDataLayer):
         dp = param.data_param
         batch_size = self.require_batch_size(dp.batch_size, "data_param")
         source = self.require_source(dp.source, "data_param", "database",
-                                     _create_db_hint(dp.source))
+                                     _create_db_hint(dp.source), folder_ok=True)
         spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
         # Caffe's set-up draws from its stream: the reader thread's and the prefetch thread's
         # seeds, and two transformer seeds (InitRand runs twice) when it crops or mirrors.
@@ -404,7 +405,6 @@ class HDF5Data(DataLayerBase):
         self.batch_size = self.require_batch_size(hp.batch_size, "hdf5_data_param")
         source = self.require_source(hp.source, "hdf5_data_param", "HDF5 file list",
                                      "write a text file naming one .h5 file per line")
-        check_input_path(source, DataError, "HDF5 file list")
         with open(source, "r", encoding="utf-8") as f:
             # Caffe reads whitespace-separated names.
             self.files = f.read().split()
@@ -502,10 +502,15 @@ class HDF5Data(DataLayerBase):
         if shard.world == 1:
             self._forward_runs(tops, indices, shard.start + self._served)
         else:
-            # Data-parallel: every world-th row of the global order (Caffe's skip rule).
+            # Data-parallel: every world-th row of the global order (Caffe's skip rule). A
+            # file's row order is drawn once per batch, not once per row.
+            orders: Dict[Tuple[int, int], np.ndarray] = {}
             for i, pos in enumerate(shard.positions(self._served, self.batch_size)):
                 epoch, f, place = self._locate(int(pos))
-                row = int(self._row_order(epoch, f)[place])
+                order = orders.get((epoch, f))
+                if order is None:
+                    order = orders[(epoch, f)] = self._row_order(epoch, f)
+                row = int(order[place])
                 for top, arr in zip(tops, self._file_arrays(f)):
                     top[i] = arr[row]
                 indices[i] = self.offsets[f] + row
