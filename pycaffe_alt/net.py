@@ -592,7 +592,9 @@ class Net(nn.Module):
         values = self._values if values is None else values
         total = None
         for name, w in self._loss_weights.items():
-            term = values[name].sum() * w
+            v = values[name]
+            # A scalar loss top of weight 1 (the usual case) is its own term: no extra ops.
+            term = v if (w == 1.0 and v.dim() == 0) else v.sum() * w
             total = term if total is None else total + term
         return total if total is not None else torch.zeros((), device=self.device)
 

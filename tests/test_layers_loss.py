@@ -134,6 +134,23 @@ def test_softmax_loss_bad_labels_and_shapes_are_named_errors():
     layer = _softmax_loss("", [(4, 3), (4,)])
     with pytest.raises(NetError, match="label 3 is outside"):
         layer(X.float(), torch.tensor([0.0, 3.0, 1.0, 1.0]))
+    # A NaN label must not pass as "ignored" (its int64 cast is no class and no ignore_label).
+    with pytest.raises(NetError, match="is outside"):
+        layer(X.float(), torch.tensor([0.0, float("nan"), 1.0, 1.0]))
+    ignoring = _softmax_loss("loss_param { ignore_label: 2 }", [(4, 3), (4,)])
+    with pytest.raises(NetError, match="label -1 is outside"):
+        ignoring(X.float(), torch.tensor([2.0, -1.0, 1.0, 1.0]))
+
+
+def test_softmax_loss_clamp_in_one_row_keeps_the_other_rows_exact():
+    layer = _softmax_loss("", [(2, 2), (2,)]).double()
+    x = torch.tensor([[0.0, 200.0], [0.5, -0.5]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    loss = layer(x, y)
+    other = -F.log_softmax(x.detach()[1], 0)[1]
+    assert loss.item() == pytest.approx((-math.log(FLT_MIN) + other.item()) / 2, rel=1e-12)
+    loss.backward()
+    assert torch.allclose(x.grad, (F.softmax(x.detach(), 1) - F.one_hot(y.long(), 2)) / 2)
 
 
 # -- float64 gradchecks (non-label bottoms) ----------------------------------------------------

@@ -86,25 +86,52 @@ def _prod(dims: Sequence[int]) -> int:
 
 
 # -- shared layer machinery --------------------------------------------------------------------
-def _check_class_labels(layer: Layer, labels: torch.Tensor, num_classes: int,
-                        ignore_label: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Integer class labels (truncated like Caffe's static_cast<int>) and the mask of labels that
-    count. Ignored positions get index 0 so they can be gathered safely and then masked out.
+def _class_indices(layer: Layer, labels: torch.Tensor, num_classes: int,
+                   ignore_label: Optional[int]) -> torch.Tensor:
+    """Integer class labels (truncated like Caffe's static_cast<int>), checked to lie in
+    ``[0, num_classes)`` unless they equal ``ignore_label``.
 
-    Caffe only DCHECKs the range (release builds read garbage); we raise an error instead.
+    Caffe only DCHECKs the range (release builds read garbage); we raise an error instead. The
+    common case costs one reduction and one host read (``aminmax``); only a batch whose extremes
+    fall outside the classes is searched for the first offending label.
     """
     idx = labels.long()
-    valid = idx != ignore_label if ignore_label is not None else torch.ones_like(idx, dtype=torch.bool)
-    bad = valid & ((idx < 0) | (idx >= num_classes))
     # The check reads the labels on the host; a compiled graph cannot (it would break there).
     # Compiled runs skip it: an out-of-range label then fails the graph's indexing, and
     # pycaffe_alt.compile re-runs the step eagerly, which raises this error.
-    if not torch.compiler.is_compiling() and bool(bad.any()):
+    if torch.compiler.is_compiling() or idx.numel() == 0:
+        return idx
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+    if lo >= 0 and hi < num_classes:
+        return idx
+    bad = (idx < 0) | (idx >= num_classes)
+    if ignore_label is not None:
+        bad &= idx != ignore_label
+    if bool(bad.any()):
         first = idx[bad][0].item()
         raise layer.error(f"label {first} is outside the {num_classes} classes [0, {num_classes - 1}]",
                           "labels must be class indices of the predictions' class axis"
                           + ("" if ignore_label is None else f" or the ignore_label {ignore_label}"))
+    return idx
+
+
+def _check_class_labels(layer: Layer, labels: torch.Tensor, num_classes: int,
+                        ignore_label: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_class_indices` plus the mask of labels that count; ignored positions get index 0
+    so they can be gathered safely and then masked out."""
+    idx = _class_indices(layer, labels, num_classes, ignore_label)
+    if ignore_label is None:
+        return idx, torch.ones_like(idx, dtype=torch.bool)
+    valid = idx != ignore_label
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
+# F.nll_loss's ignore_index when the layer ignores nothing: a value no float label converts to
+# (2^62 + 1 has no float32/float64 representation; a NaN or infinite label becomes INT64_MIN on
+# x86 and 0 or INT64_MAX on ARM, all of which nll_loss range-checks), so no label is skipped.
+_NO_IGNORE = -(2 ** 62) - 1
+# Below this log-probability Caffe's clamp of prob at FLT_MIN takes effect.
+_LOG_FLT_MIN = math.log(FLT_MIN)
 
 
 class LossLayer(Layer):
@@ -163,18 +190,55 @@ class SoftmaxWithLoss(LossLayer):
     def forward(self, x: torch.Tensor, label: torch.Tensor):
         outer, c = _prod(x.shape[:self.axis]), x.shape[self.axis]
         x3 = x.reshape(outer, c, -1)
-        idx, valid = _check_class_labels(self, label.reshape(outer, -1), c, self.ignore_label)
+        labels = label.reshape(outer, -1)
         logp = F.log_softmax(x3, dim=1)
-        nll = -logp.gather(1, idx.unsqueeze(1)).squeeze(1)
-        # Caffe: loss -= log(max(prob, FLT_MIN)); its backward is prob - onehot regardless of the
-        # clamp, i.e. the gradient of the unclamped log-softmax.
-        nll = with_caffe_gradient(nll.clamp(max=-math.log(FLT_MIN)), nll)
-        count: Union[int, torch.Tensor] = valid.sum() if self.ignore_label is not None else valid.numel()
-        loss = (nll * valid).sum() / loss_normalizer(self.mode, outer, x3.shape[2], count)
+        ignore = _NO_IGNORE if self.ignore_label is None else self.ignore_label
+        loss = None
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            loss = self._unclamped_loss(logp, labels, ignore)
+        if loss is None:
+            idx = _class_indices(self, labels, c, self.ignore_label)
+            # One fused op picks -log p[label] and zeroes ignored positions (value and gradient).
+            nll = F.nll_loss(logp, idx, reduction="none", ignore_index=ignore)
+            # Caffe: loss -= log(max(prob, FLT_MIN)); its backward is prob - onehot regardless of
+            # the clamp, i.e. the gradient of the unclamped log-softmax.
+            nll = with_caffe_gradient(nll.clamp(max=-math.log(FLT_MIN)), nll)
+            count: Union[int, torch.Tensor] = (idx != ignore).sum() \
+                if self.ignore_label is not None else idx.numel()
+            loss = nll.sum() / loss_normalizer(self.mode, outer, x3.shape[2], count)
         if self.n_tops == 1:
             return loss
         # Caffe's backward ignores any diff arriving at the probability top.
         return loss, F.softmax(x, dim=self.axis).detach()
+
+    def _unclamped_loss(self, logp: torch.Tensor, labels: torch.Tensor,
+                        ignore: int) -> Optional[torch.Tensor]:
+        """The loss in as few ops as torch's own cross-entropy, where host reads are free (CPU,
+        eager); None when Caffe's FLT_MIN clamp would act (the general path handles it).
+
+        Each small op of the general path costs a LeNet training step more than its own time
+        (benchmarks/net_overhead.py), so this path does without them: when no log-probability
+        is below log(FLT_MIN) the clamp is void, and ``nll_loss``'s own reduction gives the sum,
+        or directly the mean when Caffe's normalizer is the number of labels. Out-of-range
+        labels make ``nll_loss`` raise on the CPU; the layer's error then names the label.
+        """
+        if float(logp.detach().min()) < _LOG_FLT_MIN:
+            return None
+        idx = labels.long()
+        outer, inner = logp.shape[0], logp.shape[2]
+        by_count = self.ignore_label is None and (
+            self.mode in (FULL, VALID) or (self.mode == BATCH_SIZE and inner == 1))
+        try:
+            total = F.nll_loss(logp, idx, reduction="mean" if by_count else "sum",
+                               ignore_index=ignore)
+        except (IndexError, RuntimeError):
+            _class_indices(self, labels, logp.shape[1], self.ignore_label)  # raises the layer's error
+            raise
+        if by_count:
+            return total
+        count: Union[int, torch.Tensor] = (idx != ignore).sum() \
+            if self.ignore_label is not None else idx.numel()
+        return total / loss_normalizer(self.mode, outer, inner, count)
 
 
 @LAYERS.register("InfogainLoss")
