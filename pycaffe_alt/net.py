@@ -216,6 +216,8 @@ class Net(nn.Module):
             (s.layer.type, [self._shapes[b] for b in s.bottoms]) for s in self._steps), source,
             compiled=compile)
         mf.apply_to_parameters(self, self.memory_format)
+        for step in self._steps:
+            step.layer.set_memory_format(self.memory_format)
         if compile:
             self.set_compile(True)
         if weights:

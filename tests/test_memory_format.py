@@ -100,3 +100,38 @@ def test_param_diffs_accumulate_in_place_across_backward_calls():
     net.forward()
     net.backward()
     np.testing.assert_allclose(held, 2 * once, rtol=1e-5, atol=1e-7)
+
+
+DATA_CONV = """
+layer { name: "data" type: "Data" top: "data" top: "label"
+        data_param { source: "%s" batch_size: 4 backend: LMDB }
+        transform_param { %s } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "gaussian" std: 1 } } }
+"""
+
+
+@pytest.mark.parametrize("transform", ["scale: 0.5", "crop_size: 5 mirror: true mean_value: 9",
+                                       "mean_value: 1 mean_value: 2 mean_value: 3"])
+def test_data_layer_batches_come_channels_last_with_the_same_values(tmp_path, transform):
+    from pycaffe_alt.data.datum import array_to_datum
+    from pycaffe_alt.data.db import LMDBWriter
+
+    rng = np.random.default_rng(3)
+    path = str(tmp_path / "rgb_lmdb")
+    with LMDBWriter(path) as w:
+        for i in range(10):
+            img = rng.integers(0, 256, (3, 7, 6), dtype=np.uint8)
+            w.put(f"{i:04d}", array_to_datum(img, i % 3).SerializeToString())
+    text = DATA_CONV % (path, transform)
+    nets = [caffe.Net(parse_text(text, caffe_pb2.NetParameter()), caffe.TRAIN, memory_format=f)
+            for f in ("auto", "contiguous")]
+    assert nets[0].memory_format is torch.channels_last
+    for _ in range(3):  # a few batches, wrapping around the 10 records
+        for net in nets:
+            net.forward()
+        fast, plain = (net.blob_value("data") for net in nets)
+        assert is_channels_last(fast)  # laid out by the data layer, no reorder in the net
+        assert plain.is_contiguous()
+        torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+        np.testing.assert_array_equal(nets[0].blobs["label"].data, nets[1].blobs["label"].data)

@@ -146,6 +146,10 @@ class BatchMaker:
         self.seed = seed
         self.where = where
         self._perm_cache: Dict[int, np.ndarray] = {}
+        # Lay batches out channels-last (NHWC in memory, NCHW in shape) for a net that runs in
+        # that format (pycaffe_alt/memory_format.py): its first convolution then reads them as
+        # they are, instead of reordering every batch on the training thread.
+        self.channels_last = False
         # > 0 while a training loop runs (InputPipeline.hold): the database stays open between
         # batches. Otherwise it is released after each batch, see release_if_idle.
         self.holds = 0
@@ -169,13 +173,17 @@ class BatchMaker:
         images = []
         for i, (image, labels[i]) in enumerate(self.source.load_many(indices)):
             images.append(image)
-        data = np.empty((self.batch_size,) + self._sample_shape(indices, images), dtype=np.float32)
+        data = self._batch_buffer(self._sample_shape(indices, images))
         mirrored = np.zeros(self.batch_size, dtype=bool)
         if not needs_random(self.spec) and not self.spec.crop_size:
             # Nothing is cropped or flipped: one cast-copy of the whole batch (the shapes were
-            # checked equal above).
-            np.concatenate(images, axis=0, out=data.reshape((-1,) + data.shape[2:]),
-                           casting="unsafe")
+            # checked equal above), or one per sample into a channels-last buffer.
+            if data.flags.c_contiguous:
+                np.concatenate(images, axis=0, out=data.reshape((-1,) + data.shape[2:]),
+                               casting="unsafe")
+            else:
+                for i, image in enumerate(images):
+                    np.copyto(data[i], image, casting="unsafe")
             offsets = [(False, 0, 0)] * self.batch_size
         else:
             rng = self.transform_generator(b)
@@ -189,6 +197,13 @@ class BatchMaker:
         # Caffe's (pixel - mean) * scale, without a Python-level pass per sample.
         normalize_batch(data, self.spec, offsets)
         return {"data": data, "label": labels, "indices": indices, "mirrored": mirrored}
+
+    def _batch_buffer(self, sample: Tuple[int, ...]) -> np.ndarray:
+        """An uninitialized float32 (N, C, H, W) batch, channels-last in memory when asked."""
+        if self.channels_last and len(sample) == 3:
+            c, h, w = sample
+            return np.empty((self.batch_size, h, w, c), dtype=np.float32).transpose(0, 3, 1, 2)
+        return np.empty((self.batch_size,) + sample, dtype=np.float32)
 
     def _sample_shape(self, indices: np.ndarray, images: Sequence[np.ndarray]) -> Tuple[int, ...]:
         """The transformed C,H,W shared by the batch; Caffe's checks run once per record shape."""

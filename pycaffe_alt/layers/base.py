@@ -171,6 +171,10 @@ class Layer(nn.Module):
                              f"give '{field}' once for all tops, or once per top")
         return items
 
+    def set_memory_format(self, fmt: torch.memory_format) -> None:
+        """Told by the Net which memory format its 4-D tensors use (pycaffe_alt.memory_format);
+        layers that produce batches (data layers) lay them out that way. Others ignore it."""
+
     def allow_force_backward(self, bottom_index: int) -> bool:
         """Caffe's ``AllowForceBackward``: loss layers never push gradients into labels."""
         return not self.is_loss or bottom_index != 1

@@ -153,6 +153,10 @@ class PipelinedDataLayer(DataLayerBase):
         if shuffle is not None:
             self.pipeline.set_shuffle(bool(shuffle))
 
+    def set_memory_format(self, fmt: torch.memory_format) -> None:
+        """Make batches in the net's memory format (channels-last batches need no reorder)."""
+        self.pipeline.maker.channels_last = fmt is torch.channels_last
+
     def set_shard(self, rank: int, world: int) -> None:
         """Read as data-parallel rank ``rank`` of ``world``: record k of the order goes to rank
         k mod world (Caffe's DataLayer skip rule; :mod:`pycaffe_alt.distributed.sharding`)."""
@@ -531,6 +535,10 @@ class HDF5Data(DataLayerBase):
             indices[i:i + take] = self.offsets[f] + rows
             i += take
             pos += take
+
+    def set_memory_format(self, fmt: torch.memory_format) -> None:
+        """Make batches in the net's memory format (channels-last batches need no reorder)."""
+        self.pipeline.maker.channels_last = fmt is torch.channels_last
 
     def set_shard(self, rank: int, world: int) -> None:
         """Read as data-parallel rank ``rank`` of ``world`` (row k of the order to rank
