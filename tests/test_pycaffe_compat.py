@@ -468,19 +468,16 @@ def test_public_names():
     assert timer.ms >= 0
 
 
-def test_import_is_lazy_and_fast():
+def test_import_is_lazy():
+    # How long the import takes is measured by benchmarks/import_time.py (not a timed test).
     code = textwrap.dedent("""
-        import sys, time
-        t = time.perf_counter()
+        import sys
         import pycaffe_alt
         import pycaffe_alt.data.db
         from pycaffe_alt.proto import caffe_pb2
-        elapsed = time.perf_counter() - t
         assert pycaffe_alt.TRAIN == 0 and pycaffe_alt.TEST == 1
-        print(elapsed, 'torch' in sys.modules)
+        print('torch' in sys.modules)
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT), check=True).stdout.split()
-    elapsed, torch_loaded = float(out[0]), out[1] == "True"
-    assert not torch_loaded
-    assert elapsed < 0.5
+    assert out[-1] == "False"  # torch loads on first use of a net or solver, not on import
