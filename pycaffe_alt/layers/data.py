@@ -536,10 +536,6 @@ class HDF5Data(DataLayerBase):
             i += take
             pos += take
 
-    def set_memory_format(self, fmt: torch.memory_format) -> None:
-        """Make batches in the net's memory format (channels-last batches need no reorder)."""
-        self.pipeline.maker.channels_last = fmt is torch.channels_last
-
     def set_shard(self, rank: int, world: int) -> None:
         """Read as data-parallel rank ``rank`` of ``world`` (row k of the order to rank
         k mod world, Caffe's skip rule)."""
