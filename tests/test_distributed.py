@@ -6,6 +6,7 @@ spawn path on the CPU) on the golden sgd_fixed case (SGD with momentum, weight d
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -281,26 +282,82 @@ def test_sigint_on_rank_0_snapshots_and_stops_every_rank(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("alternation", [
     "mode: BATCH warmup_iter: 4 support_beta: 0.01",          # B-alternation: eq. 41 all-reduced
-    "mode: INSTANCE warmup_iter: 4 gap_iter: 8",              # I-alternation: supports per record
+    # I-alternation: support steps at 4 and 12, the pass split by record over the ranks; the
+    # snapshot at 10 (weights, history, schedule and the whole mask store) resumes exactly.
+    "mode: INSTANCE warmup_iter: 4 gap_iter: 8",
     # Epochs are counted in global batches (512 records / (2 x 8) = 32 iterations), so this is
     # the schedule above; counted per rank it would be twice as long.
-    "mode: INSTANCE warmup_epochs: 0.125 gap_epochs: 0.25"])
+    "mode: INSTANCE warmup_epochs: 0.125 gap_epochs: 0.25",
+    # Patience: window means (display 2) of the global batch's loss, so the ranks call support
+    # steps at the same iterations as one process at the double batch.
+    "mode: INSTANCE warmup_iter: 2 patience: 1 min_improvement: 0.05"])
 def test_alternation_on_two_ranks_equals_one_process_at_double_batch(tmp_path, alternation):
     from pycaffe_alt.prototxt import write_text
 
     from alternation_case import solver_param
 
-    finals = []
-    for name, batch, ranks in (("one", 16, 1), ("two", 8, 2)):
+    def run(name, batch, ranks, *args, extra=""):
         folder = tmp_path / name
         folder.mkdir()
-        param = solver_param(folder, alternation, "max_iter: 20 snapshot_after_train: true",
-                             batch=batch)
+        param = solver_param(folder, alternation, "max_iter: 20 snapshot_after_train: true "
+                             + extra, batch=batch)
         write_text(param, str(folder / "solver.prototxt"))
-        _ok(_train(str(folder)) if ranks == 1 else _torchrun(str(folder)))
-        finals.append(_weights(str(folder / "tiny_iter_20.caffemodel")))
-    rel = _max_rel(finals[1], finals[0])
+        result = _train(str(folder)) if ranks == 1 else _torchrun(str(folder), *args)
+        _ok(result)
+        return folder, result.stdout + result.stderr
+
+    patience = "patience" in alternation
+    extra = "display: 2" if patience else "snapshot: 10"
+    (one, log_one), (two, log_two) = run("one", 16, 1, extra=extra), run("two", 8, 2, extra=extra)
+    rel = _max_rel(_weights(str(two / "tiny_iter_20.caffemodel")),
+                   _weights(str(one / "tiny_iter_20.caffemodel")))
     assert rel <= 1e-4, rel
+    if patience:
+        steps = [[line.split(",")[0].split()[-1] for line in log.splitlines()
+                  if "support step next" in line] for log in (log_one, log_two)]
+        assert len(steps[0]) >= 2 and steps[0] == steps[1], steps
+    if alternation.endswith("gap_iter: 8"):
+        again = tmp_path / "again"
+        again.mkdir()
+        for suffix in ("caffemodel", "solverstate", "masks"):
+            os.link(two / f"tiny_iter_10.{suffix}", again / f"tiny_iter_10.{suffix}")
+        param = solver_param(again, alternation, "max_iter: 20 snapshot_after_train: true",
+                             batch=8)
+        write_text(param, str(again / "solver.prototxt"))
+        _ok(_torchrun(str(again), "--snapshot", "tiny_iter_10.solverstate"))
+        rel = _max_rel(_weights(str(again / "tiny_iter_20.caffemodel")),
+                       _weights(str(two / "tiny_iter_20.caffemodel")))
+        assert rel <= 1e-6, rel
+        assert (again / "tiny_iter_20.masks").read_bytes() == \
+            (two / "tiny_iter_20.masks").read_bytes()
+
+
+@pytest.mark.slow
+def test_support_pass_split_by_record_gives_the_single_process_store(tmp_path):
+    # tests/dp_support_pass.py: two support steps (the second with other thresholds) on one
+    # process and on 2 ranks, the same weights and pass batch; every rank saves its store.
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dp_support_pass.py")
+    _ok(subprocess.run([sys.executable, script, str(tmp_path)], env=_env(), capture_output=True,
+                       text=True, timeout=JOB_TIMEOUT))
+    _ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
+                        str(tmp_path)], env=_env(), capture_output=True, text=True,
+                       timeout=JOB_TIMEOUT))
+    for step in (1, 2):
+        single = (tmp_path / f"single_{step}.masks").read_bytes()
+        assert (tmp_path / f"rank0_{step}.masks").read_bytes() == single
+        assert (tmp_path / f"rank1_{step}.masks").read_bytes() == single
+    stats = {name: json.loads((tmp_path / f"{name}.json").read_text())
+             for name in ("single", "rank0", "rank1")}
+    for one, r0, r1 in zip(stats["single"], stats["rank0"], stats["rank1"]):
+        # Each rank computed half of the 512 records (32 batches of 8, one process 64) ...
+        assert (one["records_computed"], one["batches"]) == (512, 64)
+        assert (r0["records_computed"], r0["batches"]) == (r1["records_computed"], r1["batches"]) \
+            == (256, 32)
+        # ... and logs the whole pass's statistics.
+        for key in ("records", "first", "changed_overall", "on_overall"):
+            assert one[key] == r0[key] == r1[key], key
+    assert stats["single"][1]["changed_overall"] > 0
 
 
 @pytest.mark.slow
@@ -361,6 +418,51 @@ def test_a_nan_loss_stops_every_rank_with_one_report(tmp_path):
     assert len(reports) == 1, result.stderr[-3000:]
     assert "NaN or infinite at iteration" in reports[0] and "rank " in reports[0]
     assert not [f for f in os.listdir(folder) if f.startswith("snap")]
+
+
+def test_gather_rows_completes_every_rank_store_in_chunks():
+    import threading
+
+    import torch
+
+    from pycaffe_alt.alternation.mask_store import MaskStore
+    from pycaffe_alt.alternation.support_pass import gather_rows
+    from pycaffe_alt.distributed.sharding import RecordSplit
+
+    layout, n, world = [("a", (3, 5)), ("b", (9,))], 11, 3
+    gen = torch.Generator().manual_seed(0)
+    masks = {name: torch.rand((n,) + shape, generator=gen) > 0.5 for name, shape in layout}
+    whole = MaskStore(layout, n)
+    whole.put(None, list(range(n)), masks)
+    # Three "ranks" in threads: an all-gather is a barrier plus a shared table.
+    table, barrier = {}, threading.Barrier(world)
+
+    def gather_for(rank):
+        def gather(t):
+            table[rank] = t.clone()
+            barrier.wait()
+            parts = [table[q] for q in range(world)]
+            barrier.wait()
+            return parts
+        return gather
+
+    stores = []
+    for r in range(world):
+        store = MaskStore(layout, n)
+        mine = np.arange(r, n, world)
+        store.put(None, mine, {k: v[mine] for k, v in masks.items()})
+        stores.append(store)
+    splits = [RecordSplit(r, world, gather_for(r), lambda t: t) for r in range(world)]
+    threads = [threading.Thread(target=gather_rows, args=(stores[r], splits[r]),
+                                kwargs={"chunk_bytes": 2 * whole.row_bytes})
+               for r in range(world)]  # 2 rows per chunk: ceil(4 / 2) = 2 gathers
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    for store in stores:
+        assert store.filled.all()
+        assert np.array_equal(store.read_rows(range(n)), whole.read_rows(range(n)))
 
 
 def test_worker_processes_read_the_same_shard(tmp_path):

@@ -45,6 +45,7 @@ from ..log import get_logger
 from ..mode import set_random_seed
 from .failure import FailureBoard, Watchdog, is_communication_error
 from .reducer import DEFAULT_BUCKET_BYTES, GradientReducer
+from .sharding import RecordSplit
 
 logger = get_logger()
 
@@ -147,11 +148,29 @@ class DataParallel:
             raise self._lost(e, self.solver.iter) from None
         return stats
 
+    def _gather(self, t: torch.Tensor) -> List[torch.Tensor]:
+        """All-gather of a CPU tensor (through the device: NCCL reads device memory)."""
+        local = t.to(self._device)
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        try:
+            dist.all_gather(parts, local, group=self.group)
+        except RuntimeError as e:
+            raise self._lost(e, self.solver.iter) from None
+        return [p.cpu() for p in parts]
+
+    def _sum_on_host(self, t: torch.Tensor) -> torch.Tensor:
+        return self._sum_over_ranks(t.to(self._device)).cpu()
+
     def _install_support_reduction(self) -> None:
-        """The paper's batch supports (B-alternation, SupportMask source BATCH) over the global
-        batch: the hooks those take for exactly this (TRAIN net only: rank 0 alone tests)."""
-        if hasattr(self.solver, "reduce_sums"):  # AlternationSolver's eq. 41 hook
+        """The paper's method over the global batch (TRAIN net only: rank 0 alone tests):
+        eq. 41's sums of B-alternation and SupportMask source BATCH, and the alternation
+        schedule's patience/staleness counts, through the hooks those take for exactly this;
+        I-alternation's support pass split by record (:class:`.sharding.RecordSplit`)."""
+        if hasattr(self.solver, "reduce_sums"):  # AlternationSolver's hook
             self.solver.reduce_sums = self._sum_over_ranks
+        if hasattr(self.solver, "record_split"):
+            self.solver.record_split = RecordSplit(self.rank, self.world, self._gather,
+                                                   self._sum_on_host)
         for layer in self.solver.net.layer_modules.values():
             if getattr(layer, "source", None) == "BATCH" and hasattr(layer, "reduce_sums"):
                 layer.reduce_sums = self._sum_over_ranks
@@ -237,6 +256,9 @@ class DataParallel:
     def close(self) -> None:
         """Remove the hooks and stop the watchdog (the process group stays)."""
         self.reducer.close()
+        if hasattr(self.solver, "record_split"):  # the solver goes on as one process
+            self.solver.record_split = None
+            self.solver.reduce_sums = None
         if self in self.solver.hooks:
             self.solver.hooks.remove(self)
         if self.board is not None:
