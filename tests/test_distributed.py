@@ -332,6 +332,43 @@ def test_alternation_on_two_ranks_equals_one_process_at_double_batch(tmp_path, a
             (two / "tiny_iter_20.masks").read_bytes()
 
 
+# No biases before the BatchNorms: their gradient is 0 there (BatchNorm removes the mean), so
+# they would hold float noise only.
+BN_SOLVER = """
+type: "SGD" base_lr: 0.05 momentum: 0.9 weight_decay: 0.0005 lr_policy: "fixed" max_iter: 12
+display: 0 random_seed: 3 snapshot_after_train: true snapshot_prefix: "bn"
+net_param { name: "TinyBN"
+  layer { name: "mnist" type: "Data" top: "data" top: "label"
+    transform_param { scale: 0.00390625 }
+    data_param { source: "%(lmdb)s" batch_size: %(batch)d backend: LMDB } }
+  layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+    convolution_param { num_output: 4 kernel_size: 5 stride: 2 bias_term: false
+      weight_filler { type: "xavier" } } }
+  layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+  layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+  layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+  layer { name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1"
+    inner_product_param { num_output: 10 bias_term: false weight_filler { type: "xavier" } } }
+  layer { name: "bn2" type: "BatchNorm" bottom: "ip1" top: "ip1" }
+  layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" } }
+"""
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_on_two_ranks_equals_one_process_at_double_batch(tmp_path):
+    finals = []
+    for name, batch, ranks in (("one", 16, 1), ("two", 8, 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "solver.prototxt").write_text(BN_SOLVER % {"lmdb": MNIST_LMDB, "batch": batch})
+        _ok(_train(str(folder)) if ranks == 1 else _torchrun(str(folder), "--sync-bn"))
+        finals.append(_weights(str(folder / "bn_iter_12.caffemodel")))
+    # Every blob, the BatchNorm layers' running mean, variance and scale factor included.
+    assert ("bn1", 1) in finals[0] and ("bn2", 2) in finals[0]
+    rel = _max_rel(finals[1], finals[0])
+    assert rel <= 1e-4, rel
+
+
 @pytest.mark.slow
 def test_support_pass_split_by_record_gives_the_single_process_store(tmp_path):
     # tests/dp_support_pass.py: two support steps (the second with other thresholds) on one

@@ -27,7 +27,12 @@ What it does, following Caffe's ``caffe train -gpu 0,1`` (P2PSync/NCCL):
   state records the global data cursor, so a snapshot resumes exactly on the same number of ranks
   and continues the same record order on any other number;
 - BatchNorm statistics stay per rank, as in Caffe (each rank normalizes by its own batch and keeps
-  its own running averages; rank 0's are the ones saved);
+  its own running averages; rank 0's are the ones saved), unless ``sync_batchnorm=True`` makes
+  them the global batch's;
+- the paper's method: eq. 41's batch sums and the alternation schedule's decisions (patience,
+  staleness) are summed over the ranks; I-alternation's support pass is split by record, each
+  rank computing records ``r, r+W, ...`` and all-gathering the packed rows into every rank's
+  (replicated) mask store;
 - layers that draw random numbers while training (Dropout, random crops and mirrors) use a
   different stream on every rank, as Caffe seeds each solver with ``random_seed + rank``.
 """
@@ -39,6 +44,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
 from ..errors import CaffeError, DistributedError
 from ..log import get_logger
@@ -63,12 +69,15 @@ class DataParallel:
     all-reduce during backward (else after it). ``board``: a :class:`.failure.FailureBoard` on
     the job's store (from :func:`.group.join`) for failure reports between ranks; without it a
     failed rank still ends the job (the others' collectives fail) but they cannot name it.
-    ``quiet``: ranks other than 0 log warnings and errors only.
+    ``quiet``: ranks other than 0 log warnings and errors only. ``sync_batchnorm``: the TRAIN
+    net's BatchNorm layers normalize by the statistics of the global batch (a differentiable
+    all-reduce of their sums, the layer's ``sum_over_ranks`` hook) instead of Caffe's per-rank
+    ones, so a net with BatchNorm also trains as one process at batch ``W*B``.
     """
 
     def __init__(self, solver, group=None, *, overlap: bool = True,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, board: Optional[FailureBoard] = None,
-                 quiet: bool = True, watchdog: bool = True):
+                 quiet: bool = True, watchdog: bool = True, sync_batchnorm: bool = False):
         if not (dist.is_available() and dist.is_initialized()):
             raise DistributedError("DataParallel needs an initialized process group",
                                    hint="call pycaffe_alt.distributed.join(...) or "
@@ -99,6 +108,11 @@ class DataParallel:
                                        bucket_bytes=bucket_bytes)
         solver.hooks.insert(0, self)  # averaged gradients before any user callback sees them
         self._install_support_reduction()
+        self.sync_batchnorm = sync_batchnorm
+        self._synced = [m for m in solver.net.layer_modules.values()
+                        if hasattr(m, "sum_over_ranks")] if sync_batchnorm else []
+        for layer in self._synced:
+            layer.sum_over_ranks = self._differentiable_sum
 
     # ------------------------------------------------------------------ start-up
     def _all_tensors(self) -> List[torch.Tensor]:
@@ -147,6 +161,11 @@ class DataParallel:
         except RuntimeError as e:
             raise self._lost(e, self.solver.iter) from None
         return stats
+
+    def _differentiable_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks whose backward sums the gradients over the ranks (BatchNorm's
+        global batch statistics): every rank's input gets the gradient of every rank's loss."""
+        return dist_nn.all_reduce(t, group=self.group)
 
     def _gather(self, t: torch.Tensor) -> List[torch.Tensor]:
         """All-gather of a CPU tensor (through the device: NCCL reads device memory)."""
@@ -259,6 +278,8 @@ class DataParallel:
         if hasattr(self.solver, "record_split"):  # the solver goes on as one process
             self.solver.record_split = None
             self.solver.reduce_sums = None
+        for layer in self._synced:
+            layer.sum_over_ranks = None
         if self in self.solver.hooks:
             self.solver.hooks.remove(self)
         if self.board is not None:

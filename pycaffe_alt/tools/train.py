@@ -2,7 +2,7 @@
 
     train --solver S [--weights W1,W2 | --snapshot STATE] [--gpu N|N,M|all]
           [--sigint_effect stop|snapshot|none] [--sighup_effect stop|snapshot|none]
-          [--stage A,B] [--level N] [--allow-python] [--dist-timeout SECONDS]
+          [--stage A,B] [--level N] [--allow-python] [--dist-timeout SECONDS] [--sync-bn]
 
 Follows caffe.cpp's ``train()``: ``--weights`` (fine-tune) and ``--snapshot`` (resume) exclude each
 other; without ``--gpu`` the solver file's ``solver_mode``/``device_id`` choose the device;
@@ -13,7 +13,8 @@ unwritable snapshot folder) is reported in one paragraph before training starts,
 traceback. Data-parallel training (docs/distributed.md): ``--gpu 0,1`` / ``--gpu all`` start one
 rank per GPU; under a torch.distributed launcher (``python3 -m torch.distributed.run
 --nproc_per_node N tools/train ...``, torchrun, multi-node) each process joins the job as the
-launcher's environment says. In a terminal a progress bar (iterations/s, ETA) sits below the log lines; when
+launcher's environment says; ``--sync-bn`` gives BatchNorm the global batch's statistics. In a
+terminal a progress bar (iterations/s, ETA) sits below the log lines; when
 stderr is a file or a pipe only Caffe's plain log lines are written.
 """
 from __future__ import annotations
@@ -154,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         default=DEFAULT_START_TIMEOUT,
                         help="data-parallel: seconds to wait for every rank at start-up "
                              f"(default {DEFAULT_START_TIMEOUT:g})")
+    parser.add_argument("--sync-bn", "--sync_bn", action="store_true",
+                        help="data-parallel: BatchNorm uses the global batch's statistics "
+                             "(default: per rank, as Caffe)")
     parser.add_argument("--compile", action="store_true",
                         help="run the nets through torch.compile (see docs/performance.md)")
     argv = gflags_argv(sys.argv[1:] if argv is None else list(argv))
@@ -190,6 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if job is not None:
         return train_rank(args, job, device)
+    if args.sync_bn:
+        log.warning("--sync-bn has no effect on one process (its batch is the whole batch)")
     solver = build_solver(args, device)
     if args.snapshot:
         log.info("Resuming from %s", args.snapshot)
@@ -243,7 +249,7 @@ def train_rank(args: argparse.Namespace, job: LaunchEnv, device) -> int:
                 return 1  # every rank read the same files: rank 0's report says it once
             raise DistributedError(e.what, f"rank {job.rank}: {e.where}" if e.where
                                    else f"rank {job.rank}", e.hint, rank=job.rank) from None
-        dp = DataParallel(solver, board=board)
+        dp = DataParallel(solver, board=board, sync_batchnorm=args.sync_bn)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)
             dp.restore(args.snapshot)
