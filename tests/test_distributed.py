@@ -290,7 +290,9 @@ def test_sigint_on_rank_0_snapshots_and_stops_every_rank(tmp_path):
     "mode: INSTANCE warmup_epochs: 0.125 gap_epochs: 0.25",
     # Patience: window means (display 2) of the global batch's loss, so the ranks call support
     # steps at the same iterations as one process at the double batch.
-    "mode: INSTANCE warmup_iter: 2 patience: 1 min_improvement: 0.05"])
+    "mode: INSTANCE warmup_iter: 2 patience: 1 min_improvement: 0.05",
+    # Staleness: the stale bits of both ranks' batches together decide the support step.
+    "mode: INSTANCE warmup_iter: 2 gap_iter: 100 staleness_threshold: 0.03"])
 def test_alternation_on_two_ranks_equals_one_process_at_double_batch(tmp_path, alternation):
     from pycaffe_alt.prototxt import write_text
 
@@ -306,13 +308,13 @@ def test_alternation_on_two_ranks_equals_one_process_at_double_batch(tmp_path, a
         _ok(result)
         return folder, result.stdout + result.stderr
 
-    patience = "patience" in alternation
-    extra = "display: 2" if patience else "snapshot: 10"
+    decided = "patience" in alternation or "staleness" in alternation
+    extra = "display: 2" if decided else "snapshot: 10"
     (one, log_one), (two, log_two) = run("one", 16, 1, extra=extra), run("two", 8, 2, extra=extra)
     rel = _max_rel(_weights(str(two / "tiny_iter_20.caffemodel")),
                    _weights(str(one / "tiny_iter_20.caffemodel")))
     assert rel <= 1e-4, rel
-    if patience:
+    if decided:
         steps = [[line.split(",")[0].split()[-1] for line in log.splitlines()
                   if "support step next" in line] for log in (log_one, log_two)]
         assert len(steps[0]) >= 2 and steps[0] == steps[1], steps
