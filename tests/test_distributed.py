@@ -202,6 +202,30 @@ def test_a_missing_rank_times_out_with_a_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+def test_a_bad_command_line_or_solver_file_is_reported_once(tmp_path):
+    # Found before the ranks join: local rank 0 reports it, local rank 1 exits quietly (torchrun
+    # adds its own summary of the failed ranks).
+    folder = _case(tmp_path, "bad", 8)
+    (tmp_path / "bad" / "solvers" / "case" / "broken.prototxt").write_text("base_lr: [\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN,
+           "--solver", "broken.prototxt"]
+    result = subprocess.run(cmd, cwd=folder, env=_env(), capture_output=True, text=True,
+                            timeout=JOB_TIMEOUT)
+    assert result.returncode != 0
+    assert result.stderr.count("train: error:") == 1, result.stderr[-3000:]
+    assert "broken.prototxt:1" in result.stderr
+    # Which processes stay quiet: local ranks > 0 of a launched job (also for argparse's
+    # errors, which the same rule covers in tools/train).
+    from pycaffe_alt.tools.train import later_local_rank
+
+    assert later_local_rank({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert not later_local_rank({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
+    assert not later_local_rank({}) and not later_local_rank({"WORLD_SIZE": "2",
+                                                              "LOCAL_RANK": "x"})
+
+
 def _rank_pid(parent_pid, rank, deadline):
     """The pid of the process with RANK=rank below parent_pid (Linux /proc)."""
     while time.monotonic() < deadline:

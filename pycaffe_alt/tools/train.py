@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -114,6 +115,23 @@ def check_flags(args: argparse.Namespace) -> None:
         check_input_path(args.snapshot, SolverError, "solver state file")
 
 
+def later_local_rank(environ: Optional[Dict[str, str]] = None) -> bool:
+    """True in a process a launcher started as local rank 1, 2, ... of a job.
+
+    Such a process does not print the mistakes it finds before joining the job in the command
+    line or the solver file (it exits with status 1 quietly): every local rank of a machine got
+    the same arguments and reads the same files, so local rank 0 finds the same mistake and
+    prints it, once per machine (machines may differ, so each reports its own). Rank-specific
+    problems (the launcher's environment, the rank's GPU) are reported by the rank itself.
+    Not joining first is deliberate: a rank that cannot start must not wait for the others.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        return int(env.get("WORLD_SIZE", "1")) > 1 and int(env.get("LOCAL_RANK", "0")) > 0
+    except ValueError:
+        return False  # launch_env reports the malformed environment on every rank
+
+
 def gpu_flag_for(args_gpu: str, param) -> str:
     """The ``--gpu`` value in force: the flag, else the solver file's ``solver_mode: GPU``.
 
@@ -161,15 +179,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="run the nets through torch.compile (see docs/performance.md)")
     argv = gflags_argv(sys.argv[1:] if argv is None else list(argv))
-    args = parse_args(parser, argv)
-    check_flags(args)
-    setup_logging()
+    quiet = later_local_rank()
+    setup_logging()  # outside the redirection below: the log handler keeps the real stderr
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            args = parse_args(parser, argv)
+            check_flags(args)
+            from ..prototxt import read_solver
+
+            # Syntax errors name file:line here, before any net is built.
+            param = read_solver(args.solver)
+    except (CaffeError, SystemExit) as e:
+        if quiet and not (isinstance(e, SystemExit) and e.code in (0, None)):
+            return 1  # local rank 0 reports this mistake of the command line or solver file
+        raise
     log = get_logger()
     keep_freed_memory()  # reuse activation memory across iterations, as Caffe does
-
-    from ..prototxt import read_solver
-
-    param = read_solver(args.solver)  # syntax errors name file:line here, before any net is built
     job = launch_env()
     if job is not None and job.rank != 0:
         log.setLevel(logging.WARNING)  # rank 0 alone logs Caffe's lines
