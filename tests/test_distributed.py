@@ -528,6 +528,38 @@ def test_gather_rows_completes_every_rank_store_in_chunks():
         assert np.array_equal(store.read_rows(range(n)), whole.read_rows(range(n)))
 
 
+def test_a_request_made_while_the_ranks_exchange_is_kept(tmp_path, monkeypatch):
+    # A signal handler runs right after the blocking all_gather returns, i.e. in the middle of
+    # the per-iteration exchange; its stop request must act at the next exchange, not vanish.
+    import torch.distributed as dist
+
+    import pycaffe_alt as caffe
+    from pycaffe_alt.distributed import DataParallel
+
+    folder = _case(tmp_path, "req", 8, max_iter=50, snapshot=0, test_interval=1000)
+    monkeypatch.chdir(folder)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        solver = caffe.get_solver("solver.prototxt", device="cpu")
+        dp = DataParallel(solver, watchdog=False)
+        real, calls = dist.all_gather, []
+
+        def all_gather_then_signal(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 1:
+                dp.request_stop()  # what SignalEffects.handle does on SIGINT
+            return result
+
+        monkeypatch.setattr(dist, "all_gather", all_gather_then_signal)
+        dp.step(5)
+        assert solver.stopped_early and solver.iter == 2
+        dp.close()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_worker_processes_read_the_same_shard(tmp_path):
     import pycaffe_alt as caffe
 

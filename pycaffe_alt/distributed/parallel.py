@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -91,7 +91,13 @@ class DataParallel:
         solver.set_world_size(self.world)  # epochs are world_size x shorter in iterations
         if quiet and not self.root:
             logger.setLevel(max(logger.level, 30))  # WARNING: Caffe's non-root solvers are silent
-        self._stop = self._snapshot = False
+        # Requests are counted, never cleared: a signal handler (which may run between any
+        # two bytecodes of the exchange, e.g. right after a blocking all_gather returns) only
+        # increments its count, and the exchange sends whether the count moved since the last
+        # one. Clearing a flag after the exchange instead lost the requests that arrived while
+        # it waited for the other ranks (the SIGINT test then ran on to max_iter).
+        self._stops = self._snapshots = 0
+        self._stops_sent = self._snapshots_sent = 0
         self.exchange_seconds = 0.0  # time spent in the per-iteration exchange (benchmarks)
         self.board = board
         self.watchdog = Watchdog(self.board) if (self.board is not None and watchdog) else None
@@ -196,12 +202,21 @@ class DataParallel:
 
     # ------------------------------------------------------------------ requests (signals)
     def request_stop(self) -> None:
-        """Stop every rank after the current iteration (then the final snapshot is written)."""
-        self._stop = True
+        """Stop every rank after the current iteration (then the final snapshot is written).
+        Safe to call from a signal handler."""
+        self._stops += 1
 
     def request_snapshot(self) -> None:
-        """Snapshot (rank 0) after the current iteration, on behalf of the whole job."""
-        self._snapshot = True
+        """Snapshot (rank 0) after the current iteration, on behalf of the whole job. Safe to
+        call from a signal handler."""
+        self._snapshots += 1
+
+    def _take_requests(self) -> Tuple[bool, bool]:
+        """(stop, snapshot) requested since the last exchange; each count is read once."""
+        stops, snapshots = self._stops, self._snapshots
+        stop, snapshot = stops != self._stops_sent, snapshots != self._snapshots_sent
+        self._stops_sent, self._snapshots_sent = stops, snapshots
+        return stop, snapshot
 
     # ------------------------------------------------------------------ hooks (train.loop)
     def before_step(self, solver) -> None:
@@ -213,7 +228,8 @@ class DataParallel:
         try:
             self.reducer.finish()
             # The smoothed loss turns NaN with the first NaN loss, and training stops there.
-            local = torch.tensor([float(smoothed), float(self._stop), float(self._snapshot)],
+            stop, snapshot = self._take_requests()
+            local = torch.tensor([float(smoothed), float(stop), float(snapshot)],
                                  dtype=torch.float64, device=self._device)
             gathered = [torch.empty_like(local) for _ in range(self.world)]
             t0 = time.perf_counter()
@@ -222,7 +238,6 @@ class DataParallel:
         except RuntimeError as e:
             raise self._lost(e, it) from None
         rows = torch.stack(gathered).cpu().tolist()
-        self._stop = self._snapshot = False
         bad = [(r, row[0]) for r, row in enumerate(rows) if not math.isfinite(row[0])]
         if bad:
             kept = (f"the last good snapshot is {solver.last_snapshot[1]}" if solver.last_snapshot
