@@ -339,7 +339,9 @@ class AlternationSolver(Solver):
 
         Returns the pass statistics (``seconds``, ``changed_fraction`` per layer,
         ``changed_overall``, ``on_fraction``, ``store_bytes``, ...; see
-        :func:`~pycaffe_alt.alternation.support_pass.run_support_pass`).
+        :func:`~pycaffe_alt.alternation.support_pass.run_support_pass`). In a data-parallel job
+        (``record_split`` set) every rank must call it: each computes its share of the records
+        and the ranks exchange them.
         """
         if self.mode != "INSTANCE":
             raise SolverError("support_step() is I-alternation's (mode INSTANCE); B-alternation "
