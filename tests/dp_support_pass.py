@@ -7,7 +7,6 @@ usage: [torchrun --nproc_per_node 2] python3 tests/dp_support_pass.py OUT
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

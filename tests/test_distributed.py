@@ -371,7 +371,8 @@ net_param { name: "TinyBN"
     convolution_param { num_output: 4 kernel_size: 5 stride: 2 bias_term: false
       weight_filler { type: "xavier" } } }
   layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
-  layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+  layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1"
+    scale_param { bias_term: true } }
   layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
   layer { name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1"
     inner_product_param { num_output: 10 bias_term: false weight_filler { type: "xavier" } } }
