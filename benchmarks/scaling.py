@@ -17,7 +17,16 @@ data-parallel runs, "comm share" is the part of an iteration rank 0 spends waiti
 gradient all-reduce and the per-iteration loss/request exchange (with overlap, only what backward
 did not hide). Every job runs ``--rounds`` times, alternating configurations; medians are shown.
 
-usage: python3 benchmarks/scaling.py [--iters 60] [--batch 64] [--rounds 3]
+I-alternation's support pass (``--support-pass``; solvers/lenet_alt, the same LeNet with
+HardThresholds, all 4,000 mnist5k records, pass batch B per rank), each a fresh job timing the
+second of two support steps (the first also allocates the store):
+
+- ``sp1r``: 1 process, 1 thread: the whole pass (what every rank did before the split);
+- ``sp2r``: 2 gloo ranks, 1 thread each: half of the records each, then the all-gather of the
+  packed rows (the whole store) and the sums of the statistics; "comm share" is that exchange's
+  part of rank 0's pass time.
+
+usage: python3 benchmarks/scaling.py [--iters 60] [--batch 64] [--rounds 3] [--support-pass]
        (the machine's other load changes the numbers: compare the columns of one run)
 """
 from __future__ import annotations
@@ -34,10 +43,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 
-def _solver_param(batch: int):
+def _solver_param(batch: int, solver: str = "lenet_sgd"):
+    import tempfile
+
     from pycaffe_alt.prototxt import read_net, read_solver
 
-    param = read_solver(os.path.join(ROOT, "solvers", "lenet_sgd.prototxt"))
+    param = read_solver(os.path.join(ROOT, "solvers", solver + ".prototxt"))
+    # The mask store's working file (used only past its RAM limit) stays out of the repository.
+    param.snapshot_prefix = os.path.join(tempfile.gettempdir(), "pycaffe_alt_scaling", solver)
     net = read_net(os.path.join(ROOT, param.net))
     param.ClearField("net")
     param.ClearField("test_iter")
@@ -66,13 +79,25 @@ def worker(args) -> None:
     device = torch.device("cpu")
     if job is not None:
         join(job, device, start_timeout=120)
-    solver = caffe.get_solver(_solver_param(args.batch), device="cpu")
+    solver = caffe.get_solver(_solver_param(args.batch, "lenet_alt" if args.support_pass
+                                            else "lenet_sgd"), device="cpu")
     runner = solver
     dp = None
     if job is not None:
         dp = DataParallel(solver, overlap=not args.sync, bucket_bytes=args.bucket_kb << 10,
                           watchdog=False)
         runner = dp
+    if args.support_pass:
+        solver.support_step()
+        stats = solver.support_step()
+        if job is None or job.rank == 0:
+            print(json.dumps({"seconds": stats["seconds"], "records": stats["records"],
+                              "records_computed": stats["records_computed"],
+                              "comm_share": stats["gather_seconds"] / stats["seconds"],
+                              "exchange_seconds": stats["gather_seconds"],
+                              "store_bytes": stats["store_bytes"]}), flush=True)
+        _leave(dp)
+        return
     runner.step(args.warmup)
     comm0 = _comm_seconds(dp)
     t0 = time.perf_counter()
@@ -83,6 +108,10 @@ def worker(args) -> None:
     if job is None or job.rank == 0:
         print(json.dumps({"images_per_s": world * args.batch * args.iters / seconds,
                           "comm_share": comm / seconds}), flush=True)
+    _leave(dp)
+
+
+def _leave(dp) -> None:
     if dp is not None:
         dp.close()
         import torch.distributed as dist
@@ -101,13 +130,16 @@ def run_config(name: str, args) -> dict:
 
     ranks, threads, batch = {"1r1t": (1, 1, args.batch), "1r2t": (1, 2, 2 * args.batch),
                              "2r1t": (2, 1, args.batch), "2r1t-b256k": (2, 1, args.batch),
-                             "2r1t-sync": (2, 1, args.batch)}[name]
+                             "2r1t-sync": (2, 1, args.batch), "sp1r": (1, 1, args.batch),
+                             "sp2r": (2, 1, args.batch)}[name]
     bucket_kb = 256 if name.endswith("b256k") else DEFAULT_BUCKET_BYTES >> 10
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads),
            "--batch", str(batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
            "--bucket-kb", str(bucket_kb)]
     if name.endswith("sync"):
         cmd.append("--sync")
+    if name.startswith("sp"):
+        cmd.append("--support-pass")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     procs = []
     port = free_port()
@@ -126,7 +158,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--configs", default="1r1t,1r2t,2r1t,2r1t-b256k,2r1t-sync")
+    parser.add_argument("--configs", default="",
+                        help="default: 1r1t,1r2t,2r1t,2r1t-b256k,2r1t-sync "
+                             "(with --support-pass: sp1r,sp2r)")
+    parser.add_argument("--support-pass", action="store_true",
+                        help="time I-alternation's support pass on 1 rank and split on 2")
     parser.add_argument("--bucket-kb", type=int, default=4096, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -135,13 +171,19 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    configs = args.configs.split(",")
+    configs = (args.configs or ("sp1r,sp2r" if args.support_pass
+                                else "1r1t,1r2t,2r1t,2r1t-b256k,2r1t-sync")).split(",")
     results = {c: [] for c in configs}
     for r in range(args.rounds):
         for c in configs:
             results[c].append(run_config(c, args))
-            print(f"round {r}: {c:10s} {results[c][-1]['images_per_s']:8.1f} images/s  "
-                  f"comm share {results[c][-1]['comm_share']:.1%}", flush=True)
+            last = results[c][-1]
+            what = f"{last['seconds']:8.2f} s pass" if args.support_pass \
+                else f"{last['images_per_s']:8.1f} images/s"
+            print(f"round {r}: {c:10s} {what}  comm share {last['comm_share']:.1%}", flush=True)
+    if args.support_pass:
+        _report_support_pass(configs, results, args)
+        return
     print(f"\nLeNet, mnist5k, per-rank batch {args.batch}, {args.iters} iterations, "
           f"median of {args.rounds} rounds (os.cpu_count() = {os.cpu_count()})")
     base = statistics.median(x["images_per_s"] for x in results[configs[0]])
@@ -150,6 +192,22 @@ def main() -> None:
         ips = statistics.median(x["images_per_s"] for x in results[c])
         share = statistics.median(x["comm_share"] for x in results[c])
         print(f"{c:10s} {ips:9.1f} {ips / base:8.2f}x {share:10.1%}")
+
+
+def _report_support_pass(configs, results, args) -> None:
+    first = results[configs[0]][0]
+    print(f"\nI-alternation support pass, LeNet (solvers/lenet_alt), {first['records']} mnist5k "
+          f"records, pass batch {args.batch} per rank, store {first['store_bytes']} bytes, "
+          f"median of {args.rounds} rounds (os.cpu_count() = {os.cpu_count()})")
+    base = statistics.median(x["seconds"] for x in results[configs[0]])
+    print(f"{'config':10s} {'records/rank':>12s} {'seconds':>8s} {'speed-up':>9s} "
+          f"{'exchange s':>11s} {'comm share':>11s}")
+    for c in configs:
+        sec = statistics.median(x["seconds"] for x in results[c])
+        exchange = statistics.median(x["exchange_seconds"] for x in results[c])
+        share = statistics.median(x["comm_share"] for x in results[c])
+        print(f"{c:10s} {results[c][0]['records_computed']:12d} {sec:8.2f} {base / sec:8.2f}x "
+              f"{exchange:11.3f} {share:10.1%}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ spawn path on the CPU) on the golden sgd_fixed case (SGD with momentum, weight d
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -201,6 +202,30 @@ def test_a_missing_rank_times_out_with_a_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+def test_a_bad_command_line_or_solver_file_is_reported_once(tmp_path):
+    # Found before the ranks join: local rank 0 reports it, local rank 1 exits quietly (torchrun
+    # adds its own summary of the failed ranks).
+    folder = _case(tmp_path, "bad", 8)
+    (tmp_path / "bad" / "solvers" / "case" / "broken.prototxt").write_text("base_lr: [\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN,
+           "--solver", "broken.prototxt"]
+    result = subprocess.run(cmd, cwd=folder, env=_env(), capture_output=True, text=True,
+                            timeout=JOB_TIMEOUT)
+    assert result.returncode != 0
+    assert result.stderr.count("train: error:") == 1, result.stderr[-3000:]
+    assert "broken.prototxt:1" in result.stderr
+    # Which processes stay quiet: local ranks > 0 of a launched job (also for argparse's
+    # errors, which the same rule covers in tools/train).
+    from pycaffe_alt.tools.train import later_local_rank
+
+    assert later_local_rank({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert not later_local_rank({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
+    assert not later_local_rank({}) and not later_local_rank({"WORLD_SIZE": "2",
+                                                              "LOCAL_RANK": "x"})
+
+
 def _rank_pid(parent_pid, rank, deadline):
     """The pid of the process with RANK=rank below parent_pid (Linux /proc)."""
     while time.monotonic() < deadline:
@@ -281,26 +306,122 @@ def test_sigint_on_rank_0_snapshots_and_stops_every_rank(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("alternation", [
     "mode: BATCH warmup_iter: 4 support_beta: 0.01",          # B-alternation: eq. 41 all-reduced
-    "mode: INSTANCE warmup_iter: 4 gap_iter: 8",              # I-alternation: supports per record
+    # I-alternation: support steps at 4 and 12, the pass split by record over the ranks; the
+    # snapshot at 10 (weights, history, schedule and the whole mask store) resumes exactly.
+    "mode: INSTANCE warmup_iter: 4 gap_iter: 8",
     # Epochs are counted in global batches (512 records / (2 x 8) = 32 iterations), so this is
     # the schedule above; counted per rank it would be twice as long.
-    "mode: INSTANCE warmup_epochs: 0.125 gap_epochs: 0.25"])
+    "mode: INSTANCE warmup_epochs: 0.125 gap_epochs: 0.25",
+    # Patience: window means (display 2) of the global batch's loss, so the ranks call support
+    # steps at the same iterations as one process at the double batch.
+    "mode: INSTANCE warmup_iter: 2 patience: 1 min_improvement: 0.05",
+    # Staleness: the stale bits of both ranks' batches together decide the support step.
+    "mode: INSTANCE warmup_iter: 2 gap_iter: 100 staleness_threshold: 0.03"])
 def test_alternation_on_two_ranks_equals_one_process_at_double_batch(tmp_path, alternation):
     from pycaffe_alt.prototxt import write_text
 
     from alternation_case import solver_param
 
+    def run(name, batch, ranks, *args, extra=""):
+        folder = tmp_path / name
+        folder.mkdir()
+        param = solver_param(folder, alternation, "max_iter: 20 snapshot_after_train: true "
+                             + extra, batch=batch)
+        write_text(param, str(folder / "solver.prototxt"))
+        result = _train(str(folder)) if ranks == 1 else _torchrun(str(folder), *args)
+        _ok(result)
+        return folder, result.stdout + result.stderr
+
+    decided = "patience" in alternation or "staleness" in alternation
+    extra = "display: 2" if decided else "snapshot: 10"
+    (one, log_one), (two, log_two) = run("one", 16, 1, extra=extra), run("two", 8, 2, extra=extra)
+    rel = _max_rel(_weights(str(two / "tiny_iter_20.caffemodel")),
+                   _weights(str(one / "tiny_iter_20.caffemodel")))
+    assert rel <= 1e-4, rel
+    if decided:
+        steps = [[line.split(",")[0].split()[-1] for line in log.splitlines()
+                  if "support step next" in line] for log in (log_one, log_two)]
+        assert len(steps[0]) >= 2 and steps[0] == steps[1], steps
+    if alternation.endswith("gap_iter: 8"):
+        again = tmp_path / "again"
+        again.mkdir()
+        for suffix in ("caffemodel", "solverstate", "masks"):
+            os.link(two / f"tiny_iter_10.{suffix}", again / f"tiny_iter_10.{suffix}")
+        param = solver_param(again, alternation, "max_iter: 20 snapshot_after_train: true",
+                             batch=8)
+        write_text(param, str(again / "solver.prototxt"))
+        _ok(_torchrun(str(again), "--snapshot", "tiny_iter_10.solverstate"))
+        rel = _max_rel(_weights(str(again / "tiny_iter_20.caffemodel")),
+                       _weights(str(two / "tiny_iter_20.caffemodel")))
+        assert rel <= 1e-6, rel
+        assert (again / "tiny_iter_20.masks").read_bytes() == \
+            (two / "tiny_iter_20.masks").read_bytes()
+
+
+# No biases before the BatchNorms: their gradient is 0 there (BatchNorm removes the mean), so
+# they would hold float noise only.
+BN_SOLVER = """
+type: "SGD" base_lr: 0.05 momentum: 0.9 weight_decay: 0.0005 lr_policy: "fixed" max_iter: 12
+display: 0 random_seed: 3 snapshot_after_train: true snapshot_prefix: "bn"
+net_param { name: "TinyBN"
+  layer { name: "mnist" type: "Data" top: "data" top: "label"
+    transform_param { scale: 0.00390625 }
+    data_param { source: "%(lmdb)s" batch_size: %(batch)d backend: LMDB } }
+  layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+    convolution_param { num_output: 4 kernel_size: 5 stride: 2 bias_term: false
+      weight_filler { type: "xavier" } } }
+  layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+  layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1"
+    scale_param { bias_term: true } }
+  layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+  layer { name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1"
+    inner_product_param { num_output: 10 bias_term: false weight_filler { type: "xavier" } } }
+  layer { name: "bn2" type: "BatchNorm" bottom: "ip1" top: "ip1" }
+  layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" } }
+"""
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_on_two_ranks_equals_one_process_at_double_batch(tmp_path):
     finals = []
     for name, batch, ranks in (("one", 16, 1), ("two", 8, 2)):
         folder = tmp_path / name
         folder.mkdir()
-        param = solver_param(folder, alternation, "max_iter: 20 snapshot_after_train: true",
-                             batch=batch)
-        write_text(param, str(folder / "solver.prototxt"))
-        _ok(_train(str(folder)) if ranks == 1 else _torchrun(str(folder)))
-        finals.append(_weights(str(folder / "tiny_iter_20.caffemodel")))
+        (folder / "solver.prototxt").write_text(BN_SOLVER % {"lmdb": MNIST_LMDB, "batch": batch})
+        _ok(_train(str(folder)) if ranks == 1 else _torchrun(str(folder), "--sync-bn"))
+        finals.append(_weights(str(folder / "bn_iter_12.caffemodel")))
+    # Every blob, the BatchNorm layers' running mean, variance and scale factor included.
+    assert ("bn1", 1) in finals[0] and ("bn2", 2) in finals[0]
     rel = _max_rel(finals[1], finals[0])
     assert rel <= 1e-4, rel
+
+
+@pytest.mark.slow
+def test_support_pass_split_by_record_gives_the_single_process_store(tmp_path):
+    # tests/dp_support_pass.py: two support steps (the second with other thresholds) on one
+    # process and on 2 ranks, the same weights and pass batch; every rank saves its store.
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dp_support_pass.py")
+    _ok(subprocess.run([sys.executable, script, str(tmp_path)], env=_env(), capture_output=True,
+                       text=True, timeout=JOB_TIMEOUT))
+    _ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
+                        str(tmp_path)], env=_env(), capture_output=True, text=True,
+                       timeout=JOB_TIMEOUT))
+    for step in (1, 2):
+        single = (tmp_path / f"single_{step}.masks").read_bytes()
+        assert (tmp_path / f"rank0_{step}.masks").read_bytes() == single
+        assert (tmp_path / f"rank1_{step}.masks").read_bytes() == single
+    stats = {name: json.loads((tmp_path / f"{name}.json").read_text())
+             for name in ("single", "rank0", "rank1")}
+    for one, r0, r1 in zip(stats["single"], stats["rank0"], stats["rank1"]):
+        # Each rank computed half of the 512 records (32 batches of 8, one process 64) ...
+        assert (one["records_computed"], one["batches"]) == (512, 64)
+        assert (r0["records_computed"], r0["batches"]) == (r1["records_computed"], r1["batches"]) \
+            == (256, 32)
+        # ... and logs the whole pass's statistics.
+        for key in ("records", "first", "changed_overall", "on_overall"):
+            assert one[key] == r0[key] == r1[key], key
+    assert stats["single"][1]["changed_overall"] > 0
 
 
 @pytest.mark.slow
@@ -361,6 +482,83 @@ def test_a_nan_loss_stops_every_rank_with_one_report(tmp_path):
     assert len(reports) == 1, result.stderr[-3000:]
     assert "NaN or infinite at iteration" in reports[0] and "rank " in reports[0]
     assert not [f for f in os.listdir(folder) if f.startswith("snap")]
+
+
+def test_gather_rows_completes_every_rank_store_in_chunks():
+    import threading
+
+    import torch
+
+    from pycaffe_alt.alternation.mask_store import MaskStore
+    from pycaffe_alt.alternation.support_pass import gather_rows
+    from pycaffe_alt.distributed.sharding import RecordSplit
+
+    layout, n, world = [("a", (3, 5)), ("b", (9,))], 11, 3
+    gen = torch.Generator().manual_seed(0)
+    masks = {name: torch.rand((n,) + shape, generator=gen) > 0.5 for name, shape in layout}
+    whole = MaskStore(layout, n)
+    whole.put(None, list(range(n)), masks)
+    # Three "ranks" in threads: an all-gather is a barrier plus a shared table.
+    table, barrier = {}, threading.Barrier(world)
+
+    def gather_for(rank):
+        def gather(t):
+            table[rank] = t.clone()
+            barrier.wait()
+            parts = [table[q] for q in range(world)]
+            barrier.wait()
+            return parts
+        return gather
+
+    stores = []
+    for r in range(world):
+        store = MaskStore(layout, n)
+        mine = np.arange(r, n, world)
+        store.put(None, mine, {k: v[mine] for k, v in masks.items()})
+        stores.append(store)
+    splits = [RecordSplit(r, world, gather_for(r), lambda t: t) for r in range(world)]
+    threads = [threading.Thread(target=gather_rows, args=(stores[r], splits[r]),
+                                kwargs={"chunk_bytes": 2 * whole.row_bytes})
+               for r in range(world)]  # 2 rows per chunk: ceil(4 / 2) = 2 gathers
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    for store in stores:
+        assert store.filled.all()
+        assert np.array_equal(store.read_rows(range(n)), whole.read_rows(range(n)))
+
+
+def test_a_request_made_while_the_ranks_exchange_is_kept(tmp_path, monkeypatch):
+    # A signal handler runs right after the blocking all_gather returns, i.e. in the middle of
+    # the per-iteration exchange; its stop request must act at the next exchange, not vanish.
+    import torch.distributed as dist
+
+    import pycaffe_alt as caffe
+    from pycaffe_alt.distributed import DataParallel
+
+    folder = _case(tmp_path, "req", 8, max_iter=50, snapshot=0, test_interval=1000)
+    monkeypatch.chdir(folder)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        solver = caffe.get_solver("solver.prototxt", device="cpu")
+        dp = DataParallel(solver, watchdog=False)
+        real, calls = dist.all_gather, []
+
+        def all_gather_then_signal(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 1:
+                dp.request_stop()  # what SignalEffects.handle does on SIGINT
+            return result
+
+        monkeypatch.setattr(dist, "all_gather", all_gather_then_signal)
+        dp.step(5)
+        assert solver.stopped_early and solver.iter == 2
+        dp.close()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_worker_processes_read_the_same_shard(tmp_path):

@@ -226,6 +226,26 @@ class MaskStore:
         self.filled[idx] = True
         return changed
 
+    def read_rows(self, indices: Union[torch.Tensor, Sequence[int]]) -> np.ndarray:
+        """The packed rows of records ``indices``: a ``(len, row_bytes)`` uint8 copy (a layer's
+        bytes are the columns ``offsets[name] .. + ceil(units / 8)``). Unfilled rows are zeros."""
+        return np.ascontiguousarray(self.rows[self._indices(indices)])
+
+    def write_rows(self, indices: Union[torch.Tensor, Sequence[int]], rows: np.ndarray) -> None:
+        """Store packed rows (as :meth:`read_rows` gives them, e.g. from another process) for
+        records ``indices``; they count as filled."""
+        idx = self._indices(indices)
+        rows = np.asarray(rows, dtype=np.uint8)
+        if rows.shape != (len(idx), self.row_bytes):
+            raise SolverError(f"packed rows of shape {rows.shape} do not fit the store's "
+                              f"{(len(idx), self.row_bytes)}")
+        self.rows[idx] = rows
+        self.filled[idx] = True
+
+    def layer_columns(self, name: str) -> slice:
+        """The byte columns of layer ``name`` in a packed row."""
+        return self._layer_slice(name)
+
     def is_filled(self, indices: Union[torch.Tensor, Sequence[int]]) -> np.ndarray:
         """Bool array: which of ``indices`` already have a stored support."""
         return self.filled[self._indices(indices)]

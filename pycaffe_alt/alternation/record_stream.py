@@ -24,6 +24,7 @@ from typing import Dict, Iterator, Tuple
 import numpy as np
 import torch
 
+from ..distributed.sharding import UNSHARDED, Shard
 from ..errors import SolverError
 from ..layers.data import DataLayerBase, HDF5Data, MemoryData, PipelinedDataLayer
 
@@ -42,10 +43,12 @@ def data_step(net):
     return steps[0]
 
 
-def test_reader(layer: PipelinedDataLayer, batch_size: int = 0):
+def test_reader(layer: PipelinedDataLayer, batch_size: int = 0, shard: Shard = UNSHARDED):
     """``(pipe, n, bs)``: a private reader of ``layer``'s ``n`` records in key order, batches of
     ``bs`` (``batch_size``, default the train batch), TEST-style transform (centre crop, no
-    mirror); the last batch wraps to the first records. The caller closes ``pipe``."""
+    mirror); the last batch wraps to the first records. With a ``shard`` (a data-parallel
+    rank's part of a pass), local sample ``j`` is record ``shard.positions`` gives (key order,
+    Caffe's skip rule), wrapping likewise. The caller closes ``pipe``."""
     from ..data.pipeline import BatchMaker, InputPipeline, Ordering
 
     maker = layer.pipeline.maker
@@ -53,7 +56,8 @@ def test_reader(layer: PipelinedDataLayer, batch_size: int = 0):
     bs = int(batch_size) or maker.batch_size
     source = pickle.loads(pickle.dumps(maker.source))  # the training prefetcher keeps its own
     spec = dataclasses.replace(maker.spec, train=False, mirror=False)
-    pipe = InputPipeline(BatchMaker(source, spec, bs, Ordering(n), maker.seed, layer.where),
+    pipe = InputPipeline(BatchMaker(source, spec, bs, Ordering(n), maker.seed, layer.where,
+                                    shard=shard),
                          workers=0, depth=2)
     return pipe, n, bs
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..distributed.sharding import RecordSplit
 from ..errors import SolverError
 from ..log import get_logger
 from ..proto import caffe_pb2
@@ -80,8 +81,12 @@ class AlternationSolver(Solver):
     ``"weights"``), ``mode`` (``"INSTANCE"`` or ``"BATCH"``), ``store`` (the :class:`MaskStore`
     of I-alternation, None before the first support step and in BATCH mode), ``records`` (training
     set size), ``iters_per_epoch``, ``support_steps`` (count), ``last_support_stats``,
-    ``last_batch_supports`` (BATCH: the last eq. 41 mask per layer), ``reduce_sums`` (BATCH: the
-    all-reduce hook, see :class:`~pycaffe_alt.alternation.support_pass.BatchSupport`),
+    ``last_batch_supports`` (BATCH: the last eq. 41 mask per layer), ``reduce_sums`` (the
+    all-reduce hook of data-parallel training: eq. 41's sums, see
+    :class:`~pycaffe_alt.alternation.support_pass.BatchSupport`, and the patience and staleness
+    counts, so every rank takes the schedule's decisions on the global batch), ``record_split``
+    (INSTANCE, data-parallel: a :class:`~pycaffe_alt.distributed.sharding.RecordSplit` that
+    splits the support pass by record over the ranks),
     ``last_batch_betas`` (BATCH, calibrated: the per-example threshold per layer),
     ``last_staleness`` (I: ``{"per_layer", "overall"}`` of the last measured batch),
     ``last_threshold_gap`` (the last thresholded-minus-masked loss, see :mod:`.staleness`).
@@ -106,6 +111,7 @@ class AlternationSolver(Solver):
         self.last_exact_stats: Optional[Dict[str, Any]] = None
         self._exact_ran = False
         self.reduce_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.record_split: Optional[RecordSplit] = None
         self.last_batch_supports: Dict[str, torch.Tensor] = {}
         self.last_support_stats: Optional[Dict[str, Any]] = None
         self._check_alternation_param(ap)
@@ -333,7 +339,9 @@ class AlternationSolver(Solver):
 
         Returns the pass statistics (``seconds``, ``changed_fraction`` per layer,
         ``changed_overall``, ``on_fraction``, ``store_bytes``, ...; see
-        :func:`~pycaffe_alt.alternation.support_pass.run_support_pass`).
+        :func:`~pycaffe_alt.alternation.support_pass.run_support_pass`). In a data-parallel job
+        (``record_split`` set) every rank must call it: each computes its share of the records
+        and the ranks exchange them.
         """
         if self.mode != "INSTANCE":
             raise SolverError("support_step() is I-alternation's (mode INSTANCE); B-alternation "
@@ -348,7 +356,8 @@ class AlternationSolver(Solver):
         for _, ht in self._train_hts:
             ht.fixed_support = None
         stats = run_support_pass(self.net, self.store, self.support_rule, self.support_beta,
-                                 int(self.param.alternation_param.support_batch_size))
+                                 int(self.param.alternation_param.support_batch_size),
+                                 split=self.record_split)
         if self.param.alternation_param.reset_momentum:
             # The history was built against the previous supports' objective: start afresh.
             with torch.no_grad():
@@ -363,8 +372,10 @@ class AlternationSolver(Solver):
         else:
             change = "support bits changed " + fraction_text(stats["changed_fraction"],
                                                              stats["changed_overall"])
-        logger.info("Iteration %d, alternation: support step %d (I), %.1f s, %s; mask store "
-                    "%.1f MiB%s", self.iter, self.support_steps, stats["seconds"], change,
+        split = "" if self.record_split is None else \
+            f" ({self.record_split.world} ranks, exchange {stats['gather_seconds']:.2f} s)"
+        logger.info("Iteration %d, alternation: support step %d (I), %.1f s%s, %s; mask store "
+                    "%.1f MiB%s", self.iter, self.support_steps, stats["seconds"], split, change,
                     stats["store_bytes"] / 2**20,
                     "; update history zeroed" if self.param.alternation_param.reset_momentum
                     else "")
@@ -448,22 +459,45 @@ class AlternationSolver(Solver):
         self._exact_ran = False  # the weights were solved for: no gradient update
         self._iter += 1
 
+    def _sum_over_ranks(self, *values: torch.Tensor) -> torch.Tensor:
+        """``values`` (0-d) summed over the ranks of a data-parallel job (through
+        ``reduce_sums``), float64, on the device; themselves on one process."""
+        stats = torch.stack([v.detach().to(self.device, torch.float64) for v in values])
+        return stats if self.reduce_sums is None else self.reduce_sums(stats)
+
+    def _stale_share(self) -> float:
+        """The share of stale support bits of the last batch, over all ranks' batches (so every
+        rank of a job calls the support step at the same iteration, as one process at W*B)."""
+        if self.reduce_sums is None:
+            return float(self.last_staleness["overall"])
+        counts = self._meter.counts.values()
+        stale, total = self._sum_over_ranks(
+            torch.as_tensor(sum(float(d) for d, _ in counts)),
+            torch.as_tensor(float(sum(t for _, t in counts)))).tolist()
+        return stale / total if total else 0.0
+
     def _after_iteration(self) -> None:
         if self.staleness_threshold > 0 and self.mode == "INSTANCE" and \
-                self.phase == "weights" and self.last_staleness is not None and \
-                self.last_staleness["overall"] > self.staleness_threshold:
-            logger.info("Iteration %d, alternation: %.2f%% of the stored support bits are stale "
-                        "(threshold %.2f%%); support step next", self.iter,
-                        100 * self.last_staleness["overall"], 100 * self.staleness_threshold)
-            self.phase = "support"
-            return
+                self.phase == "weights" and self.last_staleness is not None:
+            stale = self._stale_share()
+            if stale > self.staleness_threshold:
+                logger.info("Iteration %d, alternation: %.2f%% of the stored support bits are "
+                            "stale (threshold %.2f%%); support step next", self.iter,
+                            100 * stale, 100 * self.staleness_threshold)
+                self.phase = "support"
+                return
         patience = self.param.alternation_param.patience
         if self.mode != "INSTANCE" or self.phase != "weights" or patience <= 0 or \
                 self._last_loss is None:
             return
         # The window mean of the raw losses (not Caffe's smoothed loss, which restarts at every
-        # step() call): a resumed run then takes the same decisions.
+        # step() call): a resumed run then takes the same decisions. Data-parallel: the mean
+        # over the ranks of their batch losses, i.e. the global batch's loss, summed every
+        # iteration so that every rank (and the snapshot rank 0 writes) holds the same window.
         loss = self._last_loss.detach().double()
+        if self.reduce_sums is not None:
+            total, ranks = self._sum_over_ranks(loss, torch.ones((), dtype=torch.float64))
+            loss = total / ranks
         self._window_sum = loss if self._window_sum is None else self._window_sum + loss
         self._window_count += 1
         if self._window_count < self.window:

@@ -17,8 +17,10 @@ import math
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
+from ..distributed.sharding import UNSHARDED, RecordSplit
 from ..errors import SolverError
 from ..layers.data import DataLayerBase, PipelinedDataLayer
 from ..layers.support import HardThreshold, SupportMask
@@ -233,7 +235,8 @@ def _pass_range(net) -> Tuple[int, int]:
 
 
 def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.0,
-                     batch_size: int = 0) -> Dict[str, object]:
+                     batch_size: int = 0, split: Optional[RecordSplit] = None
+                     ) -> Dict[str, object]:
     """One pass over the whole training set of ``net``'s first data layer: every record exactly
     once, in key order, with the TEST-style transform (centre crop, no mirror) and the layers in
     test mode (Dropout off, BatchNorm on its global statistics), no gradients; each record's
@@ -244,9 +247,17 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
     every forward has the train batch's shape, and only its new records are stored. Packing
     runs on the device, one device->host copy per batch (MaskStore.put).
 
-    Returns the statistics: ``seconds``, ``records``, ``batches``, ``first`` (no earlier
-    supports), ``changed_fraction`` per layer and ``changed_overall`` (None on a first pass),
-    ``on_fraction`` per layer and ``on_overall``, ``store_bytes``.
+    ``split`` (data-parallel training, :class:`~pycaffe_alt.distributed.sharding.RecordSplit`):
+    this rank computes only records ``rank, rank + W, ...`` (Caffe's skip rule in key order),
+    then the packed rows of every rank are all-gathered into every rank's store, so all ranks
+    end with the same complete store (the weight step of any rank may need any record's masks:
+    which records a rank reads changes with shuffle and the wrap-around), and the counts behind
+    the statistics are summed over the ranks (the statistics are the whole pass's).
+
+    Returns the statistics: ``seconds``, ``records``, ``batches`` and ``records_computed`` (this
+    rank's), ``first`` (no earlier supports), ``changed_fraction`` per layer and
+    ``changed_overall`` (None on a first pass), ``on_fraction`` per layer and ``on_overall``,
+    ``store_bytes``, ``gather_seconds`` (the all-gather and the sums; 0 without ``split``).
     """
     t0 = time.perf_counter()
     layer = first_data_layer(net)
@@ -259,7 +270,9 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
     if n != store.num_records:
         raise SolverError(f"the mask store holds {store.num_records} records but the training "
                           f"set has {n}")
-    pipe, n, bs = test_reader(layer, batch_size)
+    shard = split.shard if split is not None else UNSHARDED
+    pipe, n, bs = test_reader(layer, batch_size, shard)
+    mine = len(split.records(n)) if split is not None else n  # records this rank computes
     tops = net.top_names[data_steps(net)[0].name]
     start, end = _pass_range(net)
 
@@ -270,12 +283,11 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
         ht.fixed_support = _Recorder(ht, name, rule, beta, sink)
     was_training = net.training
     names = store.layer_names()
-    slices = {nm: slice(store.offsets[nm], store.offsets[nm] + (store.units[nm] + 7) // 8)
-              for nm in names}
+    columns = {nm: store.layer_columns(nm) for nm in names}
     changed = {nm: 0 for nm in names}
     on = {nm: None for nm in names}
     compared = 0
-    batches = math.ceil(n / bs)
+    batches = math.ceil(mine / bs)
     net.eval()
     try:
         with torch.no_grad():
@@ -285,7 +297,7 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
                 if len(tops) > 1:
                     inputs[tops[1]] = batch["label"]
                 net.run(inputs, start=start, end=end)
-                keep = min(bs, n - b * bs)
+                keep = min(bs, mine - b * bs)
                 idx = batch["indices"][:keep]
                 masks = {nm: sink[nm][:keep] for nm in names}
                 for nm in names:
@@ -293,23 +305,37 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
                     on[nm] = count if on[nm] is None else on[nm] + count
                 idx_np = idx.numpy()
                 was = store.is_filled(idx_np)
-                old = store.rows[idx_np[was]].copy() if was.any() else None
+                old = store.read_rows(idx_np[was]) if was.any() else None
                 store.put(None, idx_np, masks)
                 if old is not None:
-                    new = store.rows[idx_np[was]]
+                    new = store.read_rows(idx_np[was])
                     for nm in names:
-                        changed[nm] += count_changed_bits(old[:, slices[nm]], new[:, slices[nm]])
+                        changed[nm] += count_changed_bits(old[:, columns[nm]],
+                                                          new[:, columns[nm]])
                     compared += int(was.sum())
     finally:
         for ht, fs in saved:
             ht.fixed_support = fs
         net.train(was_training)
         pipe.close()
+    on_counts = {nm: int(on[nm]) if on[nm] is not None else 0 for nm in names}
+    gather_seconds = 0.0
+    if split is not None:
+        t1 = time.perf_counter()
+        gather_rows(store, split)
+        counts = torch.tensor([changed[nm] for nm in names] + [on_counts[nm] for nm in names] +
+                              [compared], dtype=torch.float64)
+        counts = split.reduce(counts).tolist()  # exact: integers far below 2^53
+        k = len(names)
+        changed = {nm: int(counts[i]) for i, nm in enumerate(names)}
+        on_counts = {nm: int(counts[k + i]) for i, nm in enumerate(names)}
+        compared = int(counts[2 * k])
+        gather_seconds = time.perf_counter() - t1
     units = store.units
-    on_counts = {nm: int(on[nm]) for nm in names}
     total_units = sum(units.values())
     stats: Dict[str, object] = {
         "seconds": time.perf_counter() - t0, "records": n, "batches": batches,
+        "records_computed": mine, "gather_seconds": gather_seconds,
         "first": compared == 0,
         "changed_fraction": {nm: (changed[nm] / (units[nm] * compared) if compared else None)
                              for nm in names},
@@ -320,6 +346,34 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
         "store_bytes": store.nbytes,
     }
     return stats
+
+
+# Rows exchanged per rank and all-gather: bounds the temporary memory of the exchange
+# (W x this many bytes) for stores of any size.
+GATHER_CHUNK_BYTES = 64 << 20
+
+
+def gather_rows(store: MaskStore, split: RecordSplit,
+                chunk_bytes: int = GATHER_CHUNK_BYTES) -> None:
+    """Complete every rank's store with the rows the other ranks computed (records
+    ``q, q + W, ...`` from rank ``q``): all-gathers of packed rows, each rank's part padded to
+    rank 0's length, in chunks of about ``chunk_bytes`` per rank; afterwards the stores are
+    byte-identical."""
+    n, world = store.num_records, split.world
+    height = split.rows_per_rank(n)
+    per_chunk = max(1, chunk_bytes // max(store.row_bytes, 1))
+    owned = [split.records(n, q) for q in range(world)]
+    mine = owned[split.rank]
+    for lo in range(0, height, per_chunk):
+        hi = min(height, lo + per_chunk)
+        part = np.zeros((hi - lo, store.row_bytes), dtype=np.uint8)
+        local = mine[lo:hi]
+        part[:len(local)] = store.read_rows(local)
+        parts = split.gather(torch.from_numpy(part))
+        for q, rows in enumerate(parts):
+            theirs = owned[q][lo:hi]
+            if q != split.rank and len(theirs):
+                store.write_rows(theirs, rows[:len(theirs)].numpy())
 
 
 def capture_rng(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -386,6 +440,6 @@ def fraction_text(fractions: Dict[str, Optional[float]], overall: Optional[float
 
 __all__ = ["BatchSupport", "StoredSupports", "hard_threshold_layers", "first_data_layer",
            "record_count", "batch_size_of", "support_layout", "thresholded_signal",
-           "instance_support", "run_support_pass", "fraction_text", "data_states",
+           "instance_support", "run_support_pass", "gather_rows", "fraction_text", "data_states",
            "load_data_states", "store_supportmask_layers", "data_steps", "capture_rng",
            "thresholded_loss"]

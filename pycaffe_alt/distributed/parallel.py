@@ -27,7 +27,12 @@ What it does, following Caffe's ``caffe train -gpu 0,1`` (P2PSync/NCCL):
   state records the global data cursor, so a snapshot resumes exactly on the same number of ranks
   and continues the same record order on any other number;
 - BatchNorm statistics stay per rank, as in Caffe (each rank normalizes by its own batch and keeps
-  its own running averages; rank 0's are the ones saved);
+  its own running averages; rank 0's are the ones saved), unless ``sync_batchnorm=True`` makes
+  them the global batch's;
+- the paper's method: eq. 41's batch sums and the alternation schedule's decisions (patience,
+  staleness) are summed over the ranks; I-alternation's support pass is split by record, each
+  rank computing records ``r, r+W, ...`` and all-gathering the packed rows into every rank's
+  (replicated) mask store;
 - layers that draw random numbers while training (Dropout, random crops and mirrors) use a
   different stream on every rank, as Caffe seeds each solver with ``random_seed + rank``.
 """
@@ -35,16 +40,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
 from ..errors import CaffeError, DistributedError
 from ..log import get_logger
 from ..mode import set_random_seed
 from .failure import FailureBoard, Watchdog, is_communication_error
 from .reducer import DEFAULT_BUCKET_BYTES, GradientReducer
+from .sharding import RecordSplit
 
 logger = get_logger()
 
@@ -62,12 +69,15 @@ class DataParallel:
     all-reduce during backward (else after it). ``board``: a :class:`.failure.FailureBoard` on
     the job's store (from :func:`.group.join`) for failure reports between ranks; without it a
     failed rank still ends the job (the others' collectives fail) but they cannot name it.
-    ``quiet``: ranks other than 0 log warnings and errors only.
+    ``quiet``: ranks other than 0 log warnings and errors only. ``sync_batchnorm``: the TRAIN
+    net's BatchNorm layers normalize by the statistics of the global batch (a differentiable
+    all-reduce of their sums, the layer's ``sum_over_ranks`` hook) instead of Caffe's per-rank
+    ones, so a net with BatchNorm also trains as one process at batch ``W*B``.
     """
 
     def __init__(self, solver, group=None, *, overlap: bool = True,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, board: Optional[FailureBoard] = None,
-                 quiet: bool = True, watchdog: bool = True):
+                 quiet: bool = True, watchdog: bool = True, sync_batchnorm: bool = False):
         if not (dist.is_available() and dist.is_initialized()):
             raise DistributedError("DataParallel needs an initialized process group",
                                    hint="call pycaffe_alt.distributed.join(...) or "
@@ -81,7 +91,13 @@ class DataParallel:
         solver.set_world_size(self.world)  # epochs are world_size x shorter in iterations
         if quiet and not self.root:
             logger.setLevel(max(logger.level, 30))  # WARNING: Caffe's non-root solvers are silent
-        self._stop = self._snapshot = False
+        # Requests are counted, never cleared: a signal handler (which may run between any
+        # two bytecodes of the exchange, e.g. right after a blocking all_gather returns) only
+        # increments its count, and the exchange sends whether the count moved since the last
+        # one. Clearing a flag after the exchange instead lost the requests that arrived while
+        # it waited for the other ranks (the SIGINT test then ran on to max_iter).
+        self._stops = self._snapshots = 0
+        self._stops_sent = self._snapshots_sent = 0
         self.exchange_seconds = 0.0  # time spent in the per-iteration exchange (benchmarks)
         self.board = board
         self.watchdog = Watchdog(self.board) if (self.board is not None and watchdog) else None
@@ -98,6 +114,11 @@ class DataParallel:
                                        bucket_bytes=bucket_bytes)
         solver.hooks.insert(0, self)  # averaged gradients before any user callback sees them
         self._install_support_reduction()
+        self.sync_batchnorm = sync_batchnorm
+        self._synced = [m for m in solver.net.layer_modules.values()
+                        if hasattr(m, "sum_over_ranks")] if sync_batchnorm else []
+        for layer in self._synced:
+            layer.sum_over_ranks = self._differentiable_sum
 
     # ------------------------------------------------------------------ start-up
     def _all_tensors(self) -> List[torch.Tensor]:
@@ -147,23 +168,55 @@ class DataParallel:
             raise self._lost(e, self.solver.iter) from None
         return stats
 
+    def _differentiable_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks whose backward sums the gradients over the ranks (BatchNorm's
+        global batch statistics): every rank's input gets the gradient of every rank's loss."""
+        return dist_nn.all_reduce(t, group=self.group)
+
+    def _gather(self, t: torch.Tensor) -> List[torch.Tensor]:
+        """All-gather of a CPU tensor (through the device: NCCL reads device memory)."""
+        local = t.to(self._device)
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        try:
+            dist.all_gather(parts, local, group=self.group)
+        except RuntimeError as e:
+            raise self._lost(e, self.solver.iter) from None
+        return [p.cpu() for p in parts]
+
+    def _sum_on_host(self, t: torch.Tensor) -> torch.Tensor:
+        return self._sum_over_ranks(t.to(self._device)).cpu()
+
     def _install_support_reduction(self) -> None:
-        """The paper's batch supports (B-alternation, SupportMask source BATCH) over the global
-        batch: the hooks those take for exactly this (TRAIN net only: rank 0 alone tests)."""
-        if hasattr(self.solver, "reduce_sums"):  # AlternationSolver's eq. 41 hook
+        """The paper's method over the global batch (TRAIN net only: rank 0 alone tests):
+        eq. 41's sums of B-alternation and SupportMask source BATCH, and the alternation
+        schedule's patience/staleness counts, through the hooks those take for exactly this;
+        I-alternation's support pass split by record (:class:`.sharding.RecordSplit`)."""
+        if hasattr(self.solver, "reduce_sums"):  # AlternationSolver's hook
             self.solver.reduce_sums = self._sum_over_ranks
+        if hasattr(self.solver, "record_split"):
+            self.solver.record_split = RecordSplit(self.rank, self.world, self._gather,
+                                                   self._sum_on_host)
         for layer in self.solver.net.layer_modules.values():
             if getattr(layer, "source", None) == "BATCH" and hasattr(layer, "reduce_sums"):
                 layer.reduce_sums = self._sum_over_ranks
 
     # ------------------------------------------------------------------ requests (signals)
     def request_stop(self) -> None:
-        """Stop every rank after the current iteration (then the final snapshot is written)."""
-        self._stop = True
+        """Stop every rank after the current iteration (then the final snapshot is written).
+        Safe to call from a signal handler."""
+        self._stops += 1
 
     def request_snapshot(self) -> None:
-        """Snapshot (rank 0) after the current iteration, on behalf of the whole job."""
-        self._snapshot = True
+        """Snapshot (rank 0) after the current iteration, on behalf of the whole job. Safe to
+        call from a signal handler."""
+        self._snapshots += 1
+
+    def _take_requests(self) -> Tuple[bool, bool]:
+        """(stop, snapshot) requested since the last exchange; each count is read once."""
+        stops, snapshots = self._stops, self._snapshots
+        stop, snapshot = stops != self._stops_sent, snapshots != self._snapshots_sent
+        self._stops_sent, self._snapshots_sent = stops, snapshots
+        return stop, snapshot
 
     # ------------------------------------------------------------------ hooks (train.loop)
     def before_step(self, solver) -> None:
@@ -175,7 +228,8 @@ class DataParallel:
         try:
             self.reducer.finish()
             # The smoothed loss turns NaN with the first NaN loss, and training stops there.
-            local = torch.tensor([float(smoothed), float(self._stop), float(self._snapshot)],
+            stop, snapshot = self._take_requests()
+            local = torch.tensor([float(smoothed), float(stop), float(snapshot)],
                                  dtype=torch.float64, device=self._device)
             gathered = [torch.empty_like(local) for _ in range(self.world)]
             t0 = time.perf_counter()
@@ -184,7 +238,6 @@ class DataParallel:
         except RuntimeError as e:
             raise self._lost(e, it) from None
         rows = torch.stack(gathered).cpu().tolist()
-        self._stop = self._snapshot = False
         bad = [(r, row[0]) for r, row in enumerate(rows) if not math.isfinite(row[0])]
         if bad:
             kept = (f"the last good snapshot is {solver.last_snapshot[1]}" if solver.last_snapshot
@@ -237,6 +290,11 @@ class DataParallel:
     def close(self) -> None:
         """Remove the hooks and stop the watchdog (the process group stays)."""
         self.reducer.close()
+        if hasattr(self.solver, "record_split"):  # the solver goes on as one process
+            self.solver.record_split = None
+            self.solver.reduce_sums = None
+        for layer in self._synced:
+            layer.sum_over_ranks = None
         if self in self.solver.hooks:
             self.solver.hooks.remove(self)
         if self.board is not None:

@@ -11,13 +11,19 @@ recorded global cursor when a snapshot taken with another number of ranks is res
 batch count then restarts at 0 and the global order carries on where it stopped).
 
 Pure and picklable: the worker processes of the input pipeline carry it.
+
+:class:`RecordSplit` is the same rule for passes that visit every record once (I-alternation's
+support pass): rank ``r`` takes records ``k = r, r + W, r + 2W, ...`` of the key order, plus the
+collectives that merge the ranks' results. It names no ``torch.distributed`` function, so the
+alternation code that uses it stays free of them; :class:`~.parallel.DataParallel` builds it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -68,3 +74,33 @@ class Shard:
 
 
 UNSHARDED = Shard()
+
+
+@dataclass(frozen=True)
+class RecordSplit:
+    """Rank ``rank`` of ``world`` takes records ``rank, rank + world, ...`` of a one-pass visit.
+
+    ``gather(t)``: all-gather of a CPU tensor of the same shape and dtype on every rank; returns
+    the ``world`` tensors (CPU), rank order. ``reduce(t)``: all-reduce (SUM) of a CPU float64
+    tensor, returned on the CPU. Every rank must call them the same number of times with the
+    same shapes (they are collectives).
+    """
+
+    rank: int
+    world: int
+    gather: Callable[[torch.Tensor], List[torch.Tensor]]
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def shard(self) -> Shard:
+        """The reading rule of the pass (local sample j is record ``j * world + rank``)."""
+        return Shard(self.rank, self.world)
+
+    def records(self, num_records: int, rank: int = -1) -> np.ndarray:
+        """Record indices (int64) that ``rank`` (default: this rank) takes of ``num_records``."""
+        r = self.rank if rank < 0 else rank
+        return np.arange(r, num_records, self.world, dtype=np.int64)
+
+    def rows_per_rank(self, num_records: int) -> int:
+        """The most records any rank takes (rank 0's): the padded height of a gather."""
+        return -(-num_records // self.world)

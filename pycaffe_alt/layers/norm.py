@@ -6,7 +6,7 @@ gradient and the comment says so.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,14 @@ class BatchNorm(Layer):
     Blobs: running ``mean`` and ``variance`` (sums weighted by the moving-average fraction) and
     ``scale_factor`` (shape (1,)) that they are divided by. They never receive gradients; in TRAIN
     with batch statistics the forward updates them in place, as Caffe does.
+
+    ``sum_over_ranks`` (default None): the hook of synchronized batch statistics in
+    data-parallel training (``DataParallel(..., sync_batchnorm=True)``). When set, it must
+    return its 1-D tensor summed over the ranks, differentiably (the gradient of the sum flows
+    back to every rank's input, e.g. ``torch.distributed.nn.functional.all_reduce``); the batch
+    mean and variance are then those of the global batch (two sums: the per-channel sums with
+    the sample count, then the centred squares), so W ranks at batch B normalize, and update
+    the running statistics, as one process at batch W*B. Caffe itself keeps per-rank statistics.
     """
 
     num_bottoms = (1, 1)
@@ -116,6 +124,7 @@ class BatchNorm(Layer):
             param.param.add().lr_mult = 0.0
         for shp in ((self.channels,), (self.channels,), (1,)):
             self.add_blob(shp, None).requires_grad_(False)
+        self.sum_over_ranks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
         # Not by a fake run: a TRAIN forward would update the running statistics.
@@ -135,16 +144,33 @@ class BatchNorm(Layer):
             mean = (self.mean.detach() * inv).to(x.dtype)
             var = (self.variance.detach() * inv).to(x.dtype)
             return (x - mean.view(view)) / (var + self.eps).sqrt().view(view)
-        mean = x.mean(dim=dims)
-        centred = x - mean.view(view)
-        var = (centred * centred).mean(dim=dims)  # biased, as Caffe's E((X-EX)^2)
-        with torch.no_grad():
+        if self.sum_over_ranks is None:
+            mean = x.mean(dim=dims)
+            centred = x - mean.view(view)
+            var = (centred * centred).mean(dim=dims)  # biased, as Caffe's E((X-EX)^2)
             m = x.numel() // self.channels
+        else:
+            mean, centred, var, m = self._global_moments(x, dims, view)
+        with torch.no_grad():
             correction = m / (m - 1) if m > 1 else 1.0
             self.scale_factor.mul_(self.maf).add_(1.0)
             self.mean.mul_(self.maf).add_(mean.detach().to(self.mean.dtype))
             self.variance.mul_(self.maf).add_(var.detach().to(self.variance.dtype) * correction)
         return centred / (var + self.eps).sqrt().view(view)
+
+    def _global_moments(self, x: torch.Tensor, dims: List[int], view: Tuple[int, ...]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Mean, centred input, biased variance and sample count of the global batch (the
+        input of every rank together), through :attr:`sum_over_ranks`; centring before
+        squaring keeps the single-batch formula's accuracy (no E(X^2) - E(X)^2)."""
+        local = x.numel() // self.channels
+        count = torch.full((1,), float(local), dtype=x.dtype, device=x.device)
+        sums = self.sum_over_ranks(torch.cat([x.sum(dim=dims), count]))
+        total = sums[-1].detach()
+        mean = sums[:-1] / total
+        centred = x - mean.view(view)
+        var = self.sum_over_ranks((centred * centred).sum(dim=dims)) / total
+        return mean, centred, var, int(round(float(total)))
 
 
 # -- Scale and Bias ---------------------------------------------------------------------------

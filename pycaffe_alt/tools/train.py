@@ -2,7 +2,7 @@
 
     train --solver S [--weights W1,W2 | --snapshot STATE] [--gpu N|N,M|all]
           [--sigint_effect stop|snapshot|none] [--sighup_effect stop|snapshot|none]
-          [--stage A,B] [--level N] [--allow-python] [--dist-timeout SECONDS]
+          [--stage A,B] [--level N] [--allow-python] [--dist-timeout SECONDS] [--sync-bn]
 
 Follows caffe.cpp's ``train()``: ``--weights`` (fine-tune) and ``--snapshot`` (resume) exclude each
 other; without ``--gpu`` the solver file's ``solver_mode``/``device_id`` choose the device;
@@ -13,13 +13,15 @@ unwritable snapshot folder) is reported in one paragraph before training starts,
 traceback. Data-parallel training (docs/distributed.md): ``--gpu 0,1`` / ``--gpu all`` start one
 rank per GPU; under a torch.distributed launcher (``python3 -m torch.distributed.run
 --nproc_per_node N tools/train ...``, torchrun, multi-node) each process joins the job as the
-launcher's environment says. In a terminal a progress bar (iterations/s, ETA) sits below the log lines; when
+launcher's environment says; ``--sync-bn`` gives BatchNorm the global batch's statistics. In a
+terminal a progress bar (iterations/s, ETA) sits below the log lines; when
 stderr is a file or a pipe only Caffe's plain log lines are written.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -113,6 +115,23 @@ def check_flags(args: argparse.Namespace) -> None:
         check_input_path(args.snapshot, SolverError, "solver state file")
 
 
+def later_local_rank(environ: Optional[Dict[str, str]] = None) -> bool:
+    """True in a process a launcher started as local rank 1, 2, ... of a job.
+
+    Such a process does not print the mistakes it finds before joining the job in the command
+    line or the solver file (it exits with status 1 quietly): every local rank of a machine got
+    the same arguments and reads the same files, so local rank 0 finds the same mistake and
+    prints it, once per machine (machines may differ, so each reports its own). Rank-specific
+    problems (the launcher's environment, the rank's GPU) are reported by the rank itself.
+    Not joining first is deliberate: a rank that cannot start must not wait for the others.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        return int(env.get("WORLD_SIZE", "1")) > 1 and int(env.get("LOCAL_RANK", "0")) > 0
+    except ValueError:
+        return False  # launch_env reports the malformed environment on every rank
+
+
 def gpu_flag_for(args_gpu: str, param) -> str:
     """The ``--gpu`` value in force: the flag, else the solver file's ``solver_mode: GPU``.
 
@@ -154,18 +173,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         default=DEFAULT_START_TIMEOUT,
                         help="data-parallel: seconds to wait for every rank at start-up "
                              f"(default {DEFAULT_START_TIMEOUT:g})")
+    parser.add_argument("--sync-bn", "--sync_bn", action="store_true",
+                        help="data-parallel: BatchNorm uses the global batch's statistics "
+                             "(default: per rank, as Caffe)")
     parser.add_argument("--compile", action="store_true",
                         help="run the nets through torch.compile (see docs/performance.md)")
     argv = gflags_argv(sys.argv[1:] if argv is None else list(argv))
-    args = parse_args(parser, argv)
-    check_flags(args)
-    setup_logging()
+    quiet = later_local_rank()
+    setup_logging()  # outside the redirection below: the log handler keeps the real stderr
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            args = parse_args(parser, argv)
+            check_flags(args)
+            from ..prototxt import read_solver
+
+            # Syntax errors name file:line here, before any net is built.
+            param = read_solver(args.solver)
+    except (CaffeError, SystemExit) as e:
+        if quiet and not (isinstance(e, SystemExit) and e.code in (0, None)):
+            return 1  # local rank 0 reports this mistake of the command line or solver file
+        raise
     log = get_logger()
     keep_freed_memory()  # reuse activation memory across iterations, as Caffe does
-
-    from ..prototxt import read_solver
-
-    param = read_solver(args.solver)  # syntax errors name file:line here, before any net is built
     job = launch_env()
     if job is not None and job.rank != 0:
         log.setLevel(logging.WARNING)  # rank 0 alone logs Caffe's lines
@@ -190,6 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if job is not None:
         return train_rank(args, job, device)
+    if args.sync_bn:
+        log.warning("--sync-bn has no effect on one process (its batch is the whole batch)")
     solver = build_solver(args, device)
     if args.snapshot:
         log.info("Resuming from %s", args.snapshot)
@@ -243,7 +274,7 @@ def train_rank(args: argparse.Namespace, job: LaunchEnv, device) -> int:
                 return 1  # every rank read the same files: rank 0's report says it once
             raise DistributedError(e.what, f"rank {job.rank}: {e.where}" if e.where
                                    else f"rank {job.rank}", e.hint, rank=job.rank) from None
-        dp = DataParallel(solver, board=board)
+        dp = DataParallel(solver, board=board, sync_batchnorm=args.sync_bn)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)
             dp.restore(args.snapshot)
