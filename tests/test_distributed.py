@@ -245,6 +245,36 @@ def _rank_pid(parent_pid, rank, deadline):
     raise AssertionError(f"rank {rank} did not start")
 
 
+def _descendants(pid):
+    """Every live process below ``pid`` (Linux /proc), children first."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_job(proc):
+    """Kill a launched job and its ranks: a failed test must not leave ranks training on (the
+    launchers start them in their own sessions, so the launcher's death does not reach them)."""
+    for pid in _descendants(proc.pid) + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    proc.wait()
+
+
 def _wait_for_line(proc, text, deadline):
     lines = []
     while time.monotonic() < deadline:
@@ -266,7 +296,7 @@ def _signal_rank_at_iteration_5(proc, rank, sig):
         os.kill(_rank_pid(proc.pid, rank, deadline), sig)
         out, _ = proc.communicate(timeout=60)
     finally:
-        proc.kill()
+        _kill_job(proc)
     return out
 
 

@@ -131,8 +131,10 @@ class Solver:
         self.hooks: list = []
         self.last_snapshot: Optional[Tuple[str, str]] = None
         self.stopped_early = False
-        self._stop_requested = False
-        self._snapshot_requested = False
+        # Requests are counted, never cleared by the loop: a signal handler that runs between
+        # the loop's read and a reset would otherwise be lost (take_requests compares counts).
+        self._stop_requests = self._stop_taken = 0
+        self._snapshot_requests = self._snapshot_taken = 0
         # False on data-parallel ranks other than 0 (pycaffe_alt.distributed): like Caffe's
         # non-root solvers they train but neither test nor write snapshots.
         self.root_solver = True
@@ -368,16 +370,17 @@ class Solver:
 
     def request_stop(self) -> None:
         """Stop at the next iteration boundary (Caffe's SolverAction::STOP, e.g. on SIGINT)."""
-        self._stop_requested = True
+        self._stop_requests += 1
 
     def request_snapshot(self) -> None:
         """Snapshot at the next iteration boundary and go on (SolverAction::SNAPSHOT, SIGHUP)."""
-        self._snapshot_requested = True
+        self._snapshot_requests += 1
 
     def take_requests(self) -> Tuple[bool, bool]:
         """(snapshot, stop) requested since the last call; both are consumed."""
-        snap, stop = self._snapshot_requested, self._stop_requested
-        self._snapshot_requested = self._stop_requested = False
+        snaps, stops = self._snapshot_requests, self._stop_requests
+        snap, stop = snaps != self._snapshot_taken, stops != self._stop_taken
+        self._snapshot_taken, self._stop_taken = snaps, stops
         return snap, stop
 
     def step(self, iters: int) -> float:
