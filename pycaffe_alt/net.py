@@ -14,6 +14,7 @@ Two ways to run it:
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -682,7 +683,7 @@ class Net(nn.Module):
             self._replay_graph(lo, hi)
             tensors, grads = self._seed_tensors(seeds)
         if tensors:
-            self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1])
+            self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
             self._spent_steps.update(range(lo, hi + 1))
         names = list(self.bottom_names[end]) if end is not None else list(self._inputs)
         names += [d for d in diffs or () if d not in names]
@@ -728,8 +729,19 @@ class Net(nn.Module):
                     values[t] = v
         self._first_versions = first
 
-    def _accumulate_grads(self, tensors, grads, steps: Sequence[Step]) -> None:
-        """Gradients of the seeds w.r.t. the blobs and parameters of ``steps``."""
+    def _accumulate_grads(self, tensors, grads, steps: Sequence[Step], whole: bool = False) -> None:
+        """Gradients of the seeds w.r.t. the blobs and parameters of ``steps``: blob diffs are
+        replaced, parameter diffs accumulate in place as Caffe's do (``.diff`` arrays the user
+        holds stay live).
+
+        ``whole`` (the range starts at the first layer, so every leaf below the seeds is one of
+        the steps' parameters or a forced input): autograd accumulates each parameter gradient
+        into ``.grad`` the moment backward produces it (AccumulateGrad adds in place), while it
+        is still in cache, and hooks keep the blobs' gradients as they pass; one fewer sweep
+        over every gradient than adding afterwards. A partial range asks ``autograd.grad`` for
+        its lowest blobs, which are no leaves (``backward(inputs=...)`` would run their
+        ``grad_fn`` and free graph a later call still needs).
+        """
         blob_names = list(dict.fromkeys(n for s in steps for n in s.bottoms + s.tops))
         blob_ts = []
         for n in blob_names:
@@ -738,18 +750,46 @@ class Net(nn.Module):
             if t is not None and t.requires_grad:
                 blob_ts.append((n, t))
         params = list({id(p): p for s in steps for p in s.layer.blobs if p.requires_grad}.values())
+        if whole:
+            got = self._backward_with_hooks(tensors, grads, blob_ts, params)
+        else:
+            got = self._backward_by_grad(tensors, grads, blob_ts, params)
+        # A blob gradient sharing memory with a parameter diff would change as that accumulates.
+        held = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
+        for n, g in got.items():
+            self._diffs[n] = g.clone() if g.untyped_storage().data_ptr() in held else g
+
+    @staticmethod
+    def _backward_with_hooks(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:
+        captured: Dict[str, torch.Tensor] = {}
+        leaves = [(n, t) for n, t in blob_ts if t.grad_fn is None]  # forced inputs
+        handles = [t.register_hook(functools.partial(captured.__setitem__, n))
+                   for n, t in blob_ts if t.grad_fn is not None]
+        for _, t in leaves:
+            t.grad = None  # an input leaf kept from an earlier pass must not accumulate
+        try:
+            inputs = list({id(t): t for t in params + [t for _, t in leaves]}.values())
+            torch.autograd.backward(tensors, grads, inputs=inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        for n, t in leaves:
+            if t.grad is not None:
+                captured[n] = t.grad
+                t.grad = None
+        return {n: g.detach() for n, g in captured.items()}
+
+    @staticmethod
+    def _backward_by_grad(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:
         inputs = [t for _, t in blob_ts] + params
         got = torch.autograd.grad(tensors, inputs, grads, allow_unused=True)
-        for (n, _), g in zip(blob_ts, got):
-            if g is not None:
-                self._diffs[n] = g.detach()
-        blob_grads = {id(g) for g in got[:len(blob_ts)]}
         for p, g in zip(params, got[len(blob_ts):]):
             if g is not None:
-                if p.grad is None:  # a fresh tensor unless autograd handed it to a blob too
-                    p.grad = g.detach().clone() if id(g) in blob_grads else g.detach()
+                if p.grad is None:
+                    p.grad = g.detach().clone()
                 else:  # in place, as Caffe accumulates: diff arrays the user holds stay live
                     p.grad.add_(g.detach())
+        return {n: g.detach() for (n, _), g in zip(blob_ts, got[:len(blob_ts)]) if g is not None}
 
     def forward_all(self, blobs: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, np.ndarray]:
         """pycaffe ``forward_all``: run all items through in batches, outputs concatenated."""
