@@ -238,12 +238,15 @@ def mnist_part(out: str, work: str, seeds: int, sgd_epochs: float, alternations:
             path = os.path.join(work, f"{arm.replace(' ', '_')}_{seed}.prototxt")
             only_layers = " ".join(f'exact_layer: "{n}"' for n in layers)
             with open(path, "w") as f:
+                # The warm-up arm's first WARMUP iterations are SGD iterations of the same
+                # solver (alternation_param.warmup_iter), counted in its iterations and FPE.
                 f.write(solver_text(nets[loss], kind, base_lr=0.01,
-                                    max_iter=sgd_iters if kind == "SGD" else alternations,
+                                    max_iter=sgd_iters if kind == "SGD"
+                                    else WARMUP.get(arm, 0) + alternations,
                                     test_iter=10, seed=seed + 1, extra=(
                                         f"cg_iter: {cg_iter} lbfgs_iter: {lbfgs_iter} "
-                                        f"{only_layers}").replace(
-                                            "warmup_iter: 0", f"warmup_iter: {WARMUP.get(arm, 0)}")))
+                                        f"{only_layers}")).replace(
+                                            "warmup_iter: 0", f"warmup_iter: {WARMUP.get(arm, 0)}"))
             solver = get_solver(path)
             if not os.path.exists(init):
                 solver.net.save(init)  # the filler's weights for this seed: every arm starts here
