@@ -455,6 +455,33 @@ def test_support_pass_split_by_record_gives_the_single_process_store(tmp_path):
 
 
 @pytest.mark.slow
+def test_dsd_support_pruning_on_two_ranks_equals_one_process_at_double_batch(tmp_path):
+    """DSD (support pruning, B-alternation): the estimation pass reads the training set once
+    between the ranks (global batches), so both the keep masks and the trained weights are one
+    process's at the double batch."""
+    from pycaffe_alt.prototxt import write_text
+
+    from alternation_case import solver_param
+
+    logs, finals = [], []
+    for name, batch, ranks in (("one", 16, 1), ("two", 8, 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        param = solver_param(folder, "mode: BATCH", "max_iter: 12 display: 1 "
+                             "snapshot_after_train: true dsd_param { dense_iter: 4 "
+                             "sparse_iter: 4 redense_iter: 4 prune_by: SUPPORT }", batch=batch)
+        param.type = "SGD"
+        write_text(param, str(folder / "solver.prototxt"))
+        result = _train(str(folder)) if ranks == 1 else _torchrun(str(folder))
+        _ok(result)
+        logs.append([line.split("] ", 1)[-1] for line in (result.stdout + result.stderr)
+                     .splitlines() if "DSD: eq. 41 supports of" in line])
+        finals.append(_weights(str(folder / "tiny_iter_12.caffemodel")))
+    assert logs[0] and logs[0] == logs[1]  # same batch count, channels and pruned layers
+    assert _max_rel(finals[1], finals[0]) <= 1e-4
+
+
+@pytest.mark.slow
 def test_gpu_list_flags_and_launcher_environment(tmp_path):
     from pycaffe_alt.distributed.group import LaunchEnv, launch_env
     from pycaffe_alt.distributed.launch import rank_env, without_flag

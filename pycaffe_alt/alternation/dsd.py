@@ -410,9 +410,15 @@ class SupportDSDSolver(DSDSolver, AlternationSolver):
     def __init__(self, solver: SolverSource, **kwargs):
         self.channel_support: Dict[str, torch.Tensor] = {}
         super().__init__(solver, **kwargs)
-        # The Dense step is the alternation warm-up (the schedule restarts with that length).
-        self.warmup_iters = self.dense_end
+        self._epoch_schedule()  # now with the Dense step as the warm-up
         self._restart_schedule()
+
+    def _epoch_schedule(self) -> None:
+        super()._epoch_schedule()
+        # The Dense step is the alternation warm-up, whatever alternation_param says (also when
+        # a data-parallel job rescales the schedule; dense_end is not set during the first call).
+        if hasattr(self, "dense_end"):
+            self.warmup_iters = self.dense_end
 
     def _hook_position(self) -> int:
         # After the alternation hook, so that the batch supports are installed when pruning.
@@ -461,14 +467,19 @@ class SupportDSDSolver(DSDSolver, AlternationSolver):
         return keep
 
     def estimate_channel_support(self) -> Dict[str, torch.Tensor]:
-        """One pass over the training set (``ceil(records / batch)`` train batches) up to the
-        last HardThreshold, with the eq. 41 batch supports that B-alternation applies; returns
-        per HardThreshold a bool per channel: in the support or not. The train net's data
-        cursor is restored afterwards, so the training batches are those without the pass."""
+        """One pass over the training set (``ceil(records / global batch)`` train batches) up to
+        the last HardThreshold, with the eq. 41 batch supports that B-alternation applies;
+        returns per HardThreshold a bool per channel: in the support or not. The train net's
+        data cursor is restored afterwards, so the training batches are those without the pass.
+
+        Data parallelism: each batch's eq. 41 sums are all-reduced (the global batch of
+        ``world_size x batch_size`` records), so the ranks together read the training set once,
+        every rank counts the same supports and derives the same keep masks, equal to one
+        process at the global batch."""
         net = self.net
         names = [n for n, _ in self._train_hts]
         last = max(i for i, s in enumerate(net.steps) if s.name in names)
-        batches = max(1, math.ceil(self.records / self.batch_size))
+        batches = max(1, math.ceil(self.records / (self.batch_size * self.world_size)))
         counts: Dict[str, torch.Tensor] = {}
         saved = data_states(net)
         was_training = net.training

@@ -244,9 +244,10 @@ class AlternationSolver(Solver):
     def set_world_size(self, world: int) -> None:
         super().set_world_size(world)
         self._epoch_schedule()
-        if self.iter == 0 and self.support_steps == 0 and self.phase == "warmup" and \
-                self.warmup_iters == 0:  # the warm-up rounds to nothing at this world size
-            self.phase = "support" if self.mode == "INSTANCE" else "weights"
+        if self.iter == 0 and self.support_steps == 0:
+            # The rescaled warm-up may end sooner (or round to nothing): phase and layer modes
+            # (thresholds, batch supports) as a fresh solver with this schedule has them.
+            self._restart_schedule()
 
     def _net_file_name(self) -> str:
         p = self.param
