@@ -132,3 +132,20 @@ def test_reader_pickles_without_handle():
     reader.value(0)
     clone = pickle.loads(pickle.dumps(reader))
     assert clone.value(7) == reader.value(7) and len(clone) == 128
+
+
+def test_a_reader_dropped_without_close_gives_the_database_back(tmp_path):
+    import gc
+
+    import lmdb
+
+    path = str(tmp_path / "db")
+    with LMDBWriter(path) as w:
+        w.put("0001", array_to_datum(np.zeros((1, 2, 2), np.uint8), 3).SerializeToString())
+    reader = LMDBReader(path)
+    assert reader.datum(0).label == 3
+    del reader
+    gc.collect()
+    # py-lmdb refuses a second environment on the same files while the first is open.
+    env = lmdb.open(path, readonly=True, lock=False)
+    env.close()

@@ -262,6 +262,14 @@ class LMDBReader(_Reader):
             return super().values(indices)
         return super().values(indices) if None in out else out
 
+    def __del__(self) -> None:
+        # A reader dropped without close() still gives back its share of the environment, so
+        # other code in the process (a Data layer, a plain lmdb.open) can open the database.
+        try:
+            self.close()
+        except Exception:  # half-built reader, or interpreter shutdown: nothing to give back
+            pass
+
     def close(self) -> None:
         """Release this process's handle (the reader reopens on the next read)."""
         if self._env_pid == os.getpid():
