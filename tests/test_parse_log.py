@@ -104,3 +104,21 @@ def test_missing_log_and_empty_log_are_user_errors(tmp_path):
         pl.main([str(empty), str(tmp_path)])
     with pytest.raises(CaffeError, match="does not exist"):
         pl.main([os.path.join(SOLVERS, "sgd_step", "train.log"), str(tmp_path / "nodir")])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_where_a_table_goes_is_refused_not_waited_on(tmp_path):
+    import subprocess
+    import sys
+
+    log = os.path.join(SOLVERS, "sgd_step", "train.log")
+    os.mkfifo(tmp_path / "train.log.train")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The tool as users run it, in a child with a timeout: the old open() blocked until someone
+    # read the FIFO.
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "parse_log"), log,
+                           str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=root)
+    assert proc.returncode != 0
+    assert "train.log.train" in proc.stderr and "FIFO" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert os.path.exists(tmp_path / "train.log.train")  # left as it was

@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import io
 import os
 import re
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CaffeError
+from ..fileio import atomic_write
 from .cli import parse_args, run_main
 
 Row = "OrderedDict[str, float]"
@@ -204,10 +206,14 @@ def write_csv(path: str, rows: Sequence[Row], delimiter: str = ",") -> bool:
     """Write rows as a CSV table (missing values empty); False (and no file) when there are none."""
     if not rows:
         return False
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns(rows), delimiter=delimiter, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns(rows), delimiter=delimiter, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    # Atomically, like every file the tools write: a FIFO or device in the way is refused (a
+    # plain open() would block on a FIFO until someone reads it), and an interrupted run
+    # leaves the previous table intact.
+    atomic_write(path, text.getvalue().encode())
     return True
 
 
