@@ -785,8 +785,8 @@ class Net(nn.Module):
         got = torch.autograd.grad(tensors, inputs, grads, allow_unused=True)
         for p, g in zip(params, got[len(blob_ts):]):
             if g is not None:
-                if p.grad is None:
-                    p.grad = g.detach().clone()
+                if p.grad is None:  # a blob diff sharing it is copied by the caller
+                    p.grad = g.detach()
                 else:  # in place, as Caffe accumulates: diff arrays the user holds stay live
                     p.grad.add_(g.detach())
         return {n: g.detach() for (n, _), g in zip(blob_ts, got[:len(blob_ts)]) if g is not None}

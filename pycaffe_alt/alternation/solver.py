@@ -497,8 +497,7 @@ class AlternationSolver(Solver):
         # iteration so that every rank (and the snapshot rank 0 writes) holds the same window.
         loss = self._last_loss.detach().double()
         if self.reduce_sums is not None:
-            total, ranks = self._sum_over_ranks(loss, torch.ones((), dtype=torch.float64))
-            loss = total / ranks
+            loss = self._sum_over_ranks(loss)[0] / self.world_size
         self._window_sum = loss if self._window_sum is None else self._window_sum + loss
         self._window_count += 1
         if self._window_count < self.window:

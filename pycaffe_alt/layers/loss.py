@@ -202,10 +202,8 @@ class SoftmaxWithLoss(LossLayer):
             nll = F.nll_loss(logp, idx, reduction="none", ignore_index=ignore)
             # Caffe: loss -= log(max(prob, FLT_MIN)); its backward is prob - onehot regardless of
             # the clamp, i.e. the gradient of the unclamped log-softmax.
-            nll = with_caffe_gradient(nll.clamp(max=-math.log(FLT_MIN)), nll)
-            count: Union[int, torch.Tensor] = (idx != ignore).sum() \
-                if self.ignore_label is not None else idx.numel()
-            loss = nll.sum() / loss_normalizer(self.mode, outer, x3.shape[2], count)
+            nll = with_caffe_gradient(nll.clamp(max=-_LOG_FLT_MIN), nll)
+            loss = nll.sum() / self._normalizer(idx, ignore, x3.shape[2])
         if self.n_tops == 1:
             return loss
         # Caffe's backward ignores any diff arriving at the probability top.
@@ -225,20 +223,22 @@ class SoftmaxWithLoss(LossLayer):
         if float(logp.detach().min()) < _LOG_FLT_MIN:
             return None
         idx = labels.long()
-        outer, inner = logp.shape[0], logp.shape[2]
-        by_count = self.ignore_label is None and (
-            self.mode in (FULL, VALID) or (self.mode == BATCH_SIZE and inner == 1))
+        norm = self._normalizer(idx, ignore, logp.shape[2])
+        # nll_loss's mean divides by the labels not ignored: Caffe's normalizer when nothing is.
+        by_count = self.ignore_label is None and norm == idx.numel()
         try:
             total = F.nll_loss(logp, idx, reduction="mean" if by_count else "sum",
                                ignore_index=ignore)
         except (IndexError, RuntimeError):
             _class_indices(self, labels, logp.shape[1], self.ignore_label)  # raises the layer's error
             raise
-        if by_count:
-            return total
+        return total if by_count else total / norm
+
+    def _normalizer(self, idx: torch.Tensor, ignore: int, inner: int) -> Normalizer:
+        """Caffe's normalizer of this batch's ``(outer, inner)`` labels ``idx``."""
         count: Union[int, torch.Tensor] = (idx != ignore).sum() \
             if self.ignore_label is not None else idx.numel()
-        return total / loss_normalizer(self.mode, outer, inner, count)
+        return loss_normalizer(self.mode, idx.shape[0], inner, count)
 
 
 @LAYERS.register("InfogainLoss")
