@@ -135,3 +135,24 @@ def test_data_layer_batches_come_channels_last_with_the_same_values(tmp_path, tr
         assert plain.is_contiguous()
         torch.testing.assert_close(fast, plain, rtol=0, atol=0)
         np.testing.assert_array_equal(nets[0].blobs["label"].data, nets[1].blobs["label"].data)
+
+
+def test_private_pass_readers_follow_the_training_batches_layout(tmp_path):
+    from pycaffe_alt.alternation.record_stream import test_reader
+    from pycaffe_alt.data.datum import array_to_datum
+    from pycaffe_alt.data.db import LMDBWriter
+
+    path = str(tmp_path / "rgb_lmdb")
+    with LMDBWriter(path) as w:
+        for i in range(4):
+            w.put(f"{i:04d}", array_to_datum(np.full((3, 7, 6), i, np.uint8), 0)
+                  .SerializeToString())
+    net = caffe.Net(parse_text(DATA_CONV % (path, "scale: 1"), caffe_pb2.NetParameter()),
+                    caffe.TRAIN)
+    pipe, n, bs = test_reader(net.layer_dict["data"].module)
+    try:
+        batch = pipe.next_batch(torch.device("cpu"))
+    finally:
+        pipe.close()
+    assert is_channels_last(batch["data"])  # what the support pass feeds the net
+    assert (n, bs) == (4, 4) and batch["data"][:, 0, 0, 0].tolist() == [0, 1, 2, 3]

@@ -56,9 +56,9 @@ def test_reader(layer: PipelinedDataLayer, batch_size: int = 0, shard: Shard = U
     bs = int(batch_size) or maker.batch_size
     source = pickle.loads(pickle.dumps(maker.source))  # the training prefetcher keeps its own
     spec = dataclasses.replace(maker.spec, train=False, mirror=False)
-    pipe = InputPipeline(BatchMaker(source, spec, bs, Ordering(n), maker.seed, layer.where,
-                                    shard=shard),
-                         workers=0, depth=2)
+    reader = BatchMaker(source, spec, bs, Ordering(n), maker.seed, layer.where, shard=shard)
+    reader.channels_last = maker.channels_last  # the net's layout, as the training batches have
+    pipe = InputPipeline(reader, workers=0, depth=2)
     return pipe, n, bs
 
 
