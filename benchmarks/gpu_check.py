@@ -19,10 +19,7 @@ tests/test_gpu_check.py); ``--quick`` shrinks everything further.
 usage: python3 benchmarks/gpu_check.py [--cpu] [--batch 64] [--rounds 5] [--cases all]
 """
 import argparse
-import glob
-import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -37,55 +34,23 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 import pycaffe_alt as caffe  # noqa: E402
+from golden_compare import compare_case, golden_cases  # noqa: E402
 from net_overhead import HAND  # noqa: E402
 from pycaffe_alt.proto import caffe_pb2  # noqa: E402
 from pycaffe_alt.prototxt import parse_text, read_net  # noqa: E402
 
-GOLDEN = os.path.join(ROOT, "tests", "fixtures", "golden")
-FWD_TOL, GRAD_TOL = 1e-4, 1e-3
 
 
 # ----------------------------------------------------------------------------- parity
-def _rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64).reshape(np.shape(b))
-    b = np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(1e-6, np.max(np.abs(b)))) if b.size else 0.0
-
-
 def golden_case(case: str, device: torch.device) -> float:
     """The worst error/tolerance ratio of one golden case on ``device`` (<= 1 passes)."""
-    meta = json.load(open(os.path.join(case, "meta.json")))
-    ref = np.load(os.path.join(case, "ref.npz"))
-    phase = caffe.TRAIN if meta["phase"] == "TRAIN" else caffe.TEST
-    net = caffe.Net(os.path.join(case, "net.prototxt"), os.path.join(case, "weights.caffemodel"),
-                    phase, device=device)
-    for k in ref.files:
-        if k.startswith("in/"):
-            net.blobs[k[3:]].reshape(*ref[k].shape)
-            net.blobs[k[3:]].data[...] = ref[k]
-    net.forward()
-    worst = 0.0
-    for k in ref.files:
-        if k.startswith("out/") and not re.search(r"_split_\d+$", k):
-            worst = max(worst, _rel_err(net.blobs[k[4:]].data, ref[k]) / FWD_TOL)
-    if any(k.startswith(("pdiff/", "bdiff/")) for k in ref.files):
-        for k in ref.files:
-            if k.startswith("topdiff/"):
-                net.blobs[k[8:]].diff[...] = ref[k]
-        net.backward()
-        for k in ref.files:
-            if k.startswith("pdiff/"):
-                _, layer, i = k.split("/")
-                worst = max(worst, _rel_err(net.params[layer][int(i)].diff, ref[k]) / GRAD_TOL)
-            elif k.startswith("bdiff/"):
-                worst = max(worst, _rel_err(net.blobs[k[6:]].diff, ref[k]) / GRAD_TOL)
-    return worst
+    return max((e / tol for _, e, tol in compare_case(case, device)), default=0.0)
 
 
 def parity(device: torch.device, limit: int):
-    cases = sorted(glob.glob(os.path.join(GOLDEN, "layers", "*")) +
-                   glob.glob(os.path.join(GOLDEN, "nets", "*")))
+    cases = golden_cases()
     cases = cases[:limit] if limit else cases
     failed = []
     for case in cases:
@@ -125,7 +90,7 @@ def resnet50_prototxt(batch: int, size: int, classes: int = 10) -> str:
     x = conv("conv1", "data", 64, 7, 2)
     out.append(f'layer {{ name: "pool1" type: "Pooling" bottom: "{x}" top: "pool1" '
                f'pooling_param {{ pool: MAX kernel_size: 3 stride: 2 }} }}')
-    x, channels = "pool1", 64
+    x = "pool1"
     for stage, (blocks, width) in enumerate(RESNET50):
         for b in range(blocks):
             stride = 2 if b == 0 and stage > 0 else 1
@@ -138,7 +103,7 @@ def resnet50_prototxt(batch: int, size: int, classes: int = 10) -> str:
             y = conv(n + "_c", y, width * 4, 1, 1, relu=False)
             out.append(f'layer {{ name: "{n}" type: "Eltwise" bottom: "{short}" bottom: "{y}" top: "{n}" }}')
             out.append(f'layer {{ name: "{n}_relu" type: "ReLU" bottom: "{n}" top: "{n}" }}')
-            x, channels = n, width * 4
+            x = n
     out.append(f'layer {{ name: "pool5" type: "Pooling" bottom: "{x}" top: "pool5" '
                f'pooling_param {{ pool: AVE global_pooling: true }} }}')
     out.append(f'layer {{ name: "fc" type: "InnerProduct" bottom: "pool5" top: "fc" '
