@@ -1,5 +1,6 @@
 """The pycaffe Net surface and the nn.Module view of the same net."""
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -121,6 +122,25 @@ def test_backward_matches_autograd_and_accumulates(lenet):
     lenet.forward()
     lenet.backward()  # Caffe accumulates parameter diffs until the solver clears them
     np.testing.assert_allclose(lenet.params["conv1"][0].diff, 2 * g1, rtol=1e-5, atol=1e-7)
+
+
+def test_a_pass_frees_the_last_passs_blobs_before_making_new_ones(lenet):
+    """Two passes' activations are never alive at once: by the time a pass reaches 'conv1',
+    the previous pass's value of 'ip2' is gone (peak memory, see docs/performance.md), while
+    the diffs of the last backward stay readable over the forward, as Caffe's do."""
+    x = np.random.rand(2, 1, 28, 28).astype(np.float32)
+    lenet.forward(data=x, label=np.array([2, 7]))
+    lenet.backward()
+    diff = lenet.blobs["ip2"].diff.copy()
+    old_value = weakref.ref(lenet.blob_value("ip2"))
+    alive = {}
+    conv1 = lenet.layer_modules["conv1"]
+    pre = conv1.register_forward_pre_hook(lambda m, args: alive.setdefault("value", old_value()))
+    lenet.forward()
+    pre.remove()
+    assert alive["value"] is None
+    assert np.abs(diff).sum() > 0
+    np.testing.assert_array_equal(lenet.blobs["ip2"].diff, diff)
 
 
 def test_forward_all_batches_and_trims():
