@@ -5,9 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pycaffe_alt as caffe
 from pycaffe_alt.compile import CompiledNet, leading_sources
+from pycaffe_alt.compile_ops import max_pool2d_with_indices
 from pycaffe_alt.errors import NetError
 from pycaffe_alt.proto import caffe_pb2
 from pycaffe_alt.prototxt import parse_text, read_net
@@ -112,3 +114,42 @@ def test_solver_builds_compiled_nets(tmp_path):
     assert solver.net.compiled
     assert solver.net.memory_format is torch.contiguous_format  # Inductor picks layouts itself
     np.testing.assert_array_equal(solver.net.params["conv"][0].data.shape, (3, 2, 3, 3))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("ceil", [False, True])
+def test_opaque_max_pool_matches_aten_in_values_strides_and_gradient(fmt, ceil):
+    x = torch.randn(2, 3, 7, 7).contiguous(memory_format=fmt).requires_grad_(True)
+    # The fake (meta) outputs must have the real kernel's strides, and autograd must hold.
+    torch.library.opcheck(torch.ops.pycaffe_alt.max_pool2d.default, (x, [2, 2], [2, 2], [0, 0], ceil))
+    y, idx = max_pool2d_with_indices(x, (2, 2), (2, 2), (0, 0), ceil)
+    ref, ref_idx = F.max_pool2d(x, 2, 2, 0, ceil_mode=ceil, return_indices=True)
+    assert torch.equal(y, ref) and torch.equal(idx, ref_idx) and y.stride() == ref.stride()
+    g = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, g)
+    (want,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(got, want)
+
+
+def graph_ops(net, grad: bool):
+    """The ops in the graph Dynamo traces for a pass of ``net`` (no Inductor)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(net.blobs["data"].shape)
+    label = torch.zeros(net.blobs["label"].shape)
+    with torch.set_grad_enabled(grad):
+        torch.compile(net, backend=capture)(data=x, label=label)
+    return {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_compiled_training_pass_calls_max_pooling_whole_on_the_cpu():
+    # Inductor's own lowering of max pooling is several times slower on the CPU
+    # (pycaffe_alt/compile_ops.py); a training trace calls the opaque op instead.
+    net = tiny()
+    assert torch.ops.pycaffe_alt.max_pool2d.default in graph_ops(net, grad=True)
+    assert torch.ops.pycaffe_alt.max_pool2d.default not in graph_ops(net, grad=False)

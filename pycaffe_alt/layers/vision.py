@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..compile_ops import keeps_max_pool_whole, max_pool2d_with_indices
 from ..registry import LAYERS
 from .base import Layer
 
@@ -300,6 +301,9 @@ def max_pool(x: torch.Tensor, geom: PoolGeometry, with_mask: bool = False):
     """
     if not torch_pool_is_exact(geom, *x.shape[-2:]):
         return max_pool_exact(x, geom, with_mask)
+    if keeps_max_pool_whole(x):  # under torch.compile on the CPU: ATen's kernels, not loops
+        y, idx = max_pool2d_with_indices(x, geom.kernel, geom.stride, geom.pad, geom.ceil)
+        return y, (idx.to(x.dtype) if with_mask else None)
     if not with_mask:
         return F.max_pool2d(x, geom.kernel, geom.stride, geom.pad, ceil_mode=geom.ceil), None
     # Torch's indices already number the unpadded plane, like Caffe's.
