@@ -639,3 +639,48 @@ def test_worker_processes_read_the_same_shard(tmp_path):
         layer.close()
         seen.append(batches)
     assert seen[0] == seen[1] == [[1, 3, 5, 7, 9], [11, 13, 15, 17, 19], [21, 23, 25, 27, 29]]
+
+
+def _exact_lmdb_case(folder, batch):
+    from pycaffe_alt.prototxt import write_text
+
+    from alternation_case import solver_param
+
+    folder.mkdir()
+    # Every iteration an exact step: a support pass and two L-BFGS solves over all 512 records,
+    # read in passes of 16 on one process and on each rank.
+    param = solver_param(folder, 'weight_step: CONVEX lbfgs_iter: 3 exact_batch_size: 16 '
+                         'exact_layer: "conv1" exact_layer: "ip2"',
+                         "max_iter: 2 display: 1 snapshot_after_train: true", batch=batch)
+    write_text(param, str(folder / "solver.prototxt"))
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_exact_steps_on_two_ranks_split_the_records_and_equal_one_process(tmp_path):
+    # CONVEX on the LMDB net (Data layer: each rank reads its shard) ...
+    one, two = _exact_lmdb_case(tmp_path / "one", 16), _exact_lmdb_case(tmp_path / "two", 8)
+    _ok(_train(one))
+    result = _torchrun(two)
+    _ok(result)
+    assert "(256 of 512 records on this rank)" in result.stdout + result.stderr
+    rel = _max_rel(_weights(os.path.join(two, "tiny_iter_2.caffemodel")),
+                   _weights(os.path.join(one, "tiny_iter_2.caffemodel")))
+    assert rel <= 1e-4, rel
+    # ... and LEAST_SQUARES on the teacher-student net (HDF5Data: each rank keeps its rows).
+    from exact_case import hidden_weights, teacher_files
+
+    finals = []
+    for name, ranks in (("ls_one", 1), ("ls_two", 2)):
+        case = teacher_files(tmp_path / name, d=10, k=3, n=600, batch=100, max_iter=2)
+        cmd = [TRAIN, "--solver", str(case["solver"]), "--weights", str(case["weights"])]
+        if ranks == 2:
+            cmd = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), *cmd, "--dist-timeout", "60"]
+        result = subprocess.run([sys.executable, *cmd], env=_env(), capture_output=True,
+                                text=True, timeout=JOB_TIMEOUT)
+        _ok(result)
+        if ranks == 2:
+            assert "(300 of 600 records on this rank)" in result.stdout + result.stderr
+        finals.append(hidden_weights(tmp_path / name / "snap_iter_2.caffemodel"))
+    np.testing.assert_allclose(finals[1], finals[0], rtol=1e-6, atol=1e-9)

@@ -14,6 +14,7 @@ from pycaffe_alt.alternation.exact_step import (FixedSupports, design_rows,
                                                 ridge_solve)
 from pycaffe_alt.alternation.pool_switches import decode_switches, encode_switches
 from pycaffe_alt.layers.vision import PoolGeometry, max_pool
+from pycaffe_alt.errors import SolverError
 from pycaffe_alt.net import Net
 from pycaffe_alt.solver import get_solver
 
@@ -311,3 +312,13 @@ def test_record_stream_covers_each_record_once_and_keeps_the_cursor(tmp_path):
     assert sorted(seen) == list(range(12))
     net.forward()
     assert net.batch_indices.tolist() == [4, 5, 6, 7]
+    # A data-parallel rank's share (rank 1 of 2: records 1, 3, 5, ...), and a rank that
+    # cannot get all of its records is told so instead of waiting forever.
+    from pycaffe_alt.distributed.sharding import RecordSplit
+
+    split = RecordSplit(1, 2, gather=None, reduce=None)
+    got = [i for inputs, idx in ordered_batches(net, 12, split=split) for i in idx.tolist()]
+    assert sorted(got) == list(range(1, 12, 2))
+    net.set_input_arrays(x[:8], np.arange(8, dtype=np.float32))
+    with pytest.raises(SolverError, match="served"):
+        list(ordered_batches(net, 12, split=split))

@@ -30,6 +30,13 @@ keep independent). Three cases:
 
 Everything below the solved layer runs without gradients, in TEST mode (Dropout off, BatchNorm on
 its statistics), on the records of :func:`~pycaffe_alt.alternation.record_stream.ordered_batches`.
+
+Data-parallel (``split``, a :class:`~pycaffe_alt.distributed.sharding.RecordSplit`): every
+quantity above is a sum over records (the support pass's loss and counts, ``G`` and ``b``, each
+CG product ``sum_x A_x' A_x v``, the L-BFGS loss and its gradient), so each rank streams only
+its records ``rank, rank + W, ...`` and the sums are all-reduced; every rank then solves the
+same system and ends with the same weights. A rank's mask store holds the masks of its own
+records only: the split is the same in every pass, so no masks are exchanged.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..distributed.sharding import RecordSplit
 from ..errors import SolverError
 from ..layers.neuron import ReLU
 from ..layers.structure import InnerProduct
@@ -313,8 +321,11 @@ class ExactWeightStep:
     or ``"CONVEX"``. :meth:`iterate` runs one alternation and returns its statistics (``loss``:
     the training objective's data term at the weights before the sweep, ``changed``: share of
     support/switch bits that changed, ``layers``: per solved layer its method and seconds).
-    ``where`` names the solver file field for errors.
+    ``where`` names the solver file field for errors. ``split`` (set by a data-parallel
+    solver): this rank's share of the records, see the module notes.
     """
+
+    split: Optional[RecordSplit] = None
 
     def __init__(self, net, kind: str, records: int, weight_decay: float,
                  regularization: str = "L2", batch_size: int = 0, order: str = "BOTTOM_UP",
@@ -403,7 +414,14 @@ class ExactWeightStep:
 
     # ------------------------------------------------------------------ passes
     def batches(self) -> Iterator[Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
-        return ordered_batches(self.net, self.records, self.batch_size)
+        return ordered_batches(self.net, self.records, self.batch_size, self.split)
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """A sum over this rank's records made a sum over all records (itself on one
+        process); the same dtype and device."""
+        if self.split is None:
+            return t
+        return self.split.reduce(t.detach().to("cpu", torch.float64)).to(t.device, t.dtype)
 
     def _fix(self, idx: torch.Tensor) -> None:
         if self.store is not None:
@@ -412,10 +430,11 @@ class ExactWeightStep:
     def support_pass(self) -> Dict[str, float]:
         """Compute and store every record's supports and switches at the current weights;
         returns ``loss`` (mean training loss there), ``changed`` (share of stored bits that
-        changed, None on the first pass), ``on`` (share of support units on)."""
+        changed, None on the first pass), ``on`` (share of support units on), all over every
+        rank's records, and ``records_computed`` (this rank's)."""
         net = self.net
         sink: Dict[str, torch.Tensor] = {}
-        total, changed_bits, compared, on, units = 0.0, 0, 0, 0, 0
+        total, changed_bits, compared, on, units, here = 0.0, 0, 0, 0, 0, 0
         sup_names = [n for n, _ in self.fixed.supports]
         self.fixed.record(sink)
         try:
@@ -423,6 +442,7 @@ class ExactWeightStep:
                 for inputs, idx in self.batches():
                     values = net.run(inputs, start=self.first, end=self.loss_end)
                     total += float(net.loss(values)) * len(idx)
+                    here += len(idx)
                     if self.store is None:
                         continue
                     was = self.store.is_filled(idx)
@@ -433,10 +453,13 @@ class ExactWeightStep:
                         units += sink[n].numel()
         finally:
             self.fixed.remove()
+        sums = self._sum_over_ranks(torch.tensor([total, changed_bits, compared, on, units],
+                                                 dtype=torch.float64)).tolist()
+        total, changed_bits, compared, on, units = sums
         real_bits = sum(self.store.units.values()) if self.store is not None else 0
         return {"loss": total / self.records,
                 "changed": changed_bits / (real_bits * compared) if compared else None,
-                "on": on / units if units else None}
+                "on": on / units if units else None, "records_computed": here}
 
     def _upstream(self, block: LayerBlock, inputs, idx, through: bool = True
                   ) -> Dict[str, torch.Tensor]:
@@ -483,6 +506,7 @@ class ExactWeightStep:
             target = values[other].reshape(pred.shape).double()
             gram += torch.einsum("bkl,bml->km", feats, feats)
             rhs += torch.einsum("bkl,bol->ko", feats, target - pred)
+        gram, rhs = self._sum_over_ranks(gram), self._sum_over_ranks(rhs)
         cur = block.current().double().t()
         s = self._scale()
         ridge = ridge_vector(1, block.n_weight_feats, block.bias is not None, block.lam_w,
@@ -518,6 +542,7 @@ class ExactWeightStep:
             a = design_rows(jac, feats)
             gram += a.t() @ a
             rhs += a.t() @ resid.unsqueeze(1)
+        gram, rhs = self._sum_over_ranks(gram), self._sum_over_ranks(rhs)
         cur = block.current().double().reshape(-1, 1)
         s = self._scale()
         ridge = ridge_vector(block.cout, block.n_weight_feats, block.bias is not None,
@@ -546,7 +571,7 @@ class ExactWeightStep:
                 (gz,) = torch.autograd.grad(pred, z, u)
             out += torch.einsum("bol,bkl->ok", gz.reshape(len(idx), block.cout, -1).double(),
                                 feats.double())
-        return out
+        return self._sum_over_ranks(out)
 
     def solve_cg(self, block: LayerBlock) -> float:
         """``cg_iter`` CG iterations on ``(s G + L) w = s b`` from the current weights; returns
@@ -595,6 +620,11 @@ class ExactWeightStep:
                     loss = net.loss(values) * (len(idx) / self.records)
                     loss.backward()
                 total += loss.detach().double()
+            if self.split is not None:  # the data term over every rank's records
+                total = self._sum_over_ranks(total)
+                for p in params:  # every rank reduces every block parameter (collectives)
+                    p.grad = self._sum_over_ranks(p.grad if p.grad is not None
+                                                  else torch.zeros_like(p))
             with torch.enable_grad():
                 reg = sum(0.5 * lam * (p * p).sum() for p, lam in zip(params, lams) if lam)
                 if isinstance(reg, torch.Tensor):

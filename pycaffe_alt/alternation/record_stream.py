@@ -13,18 +13,23 @@ from the whole training set, with each record's stored support looked up by its 
 
 The training data cursor is left where it was, so an exact step does not change which batches
 a later SGD iteration or a test sees.
+
+With a :class:`~pycaffe_alt.distributed.sharding.RecordSplit` (a data-parallel job) each rank
+streams only its records ``rank, rank + W, ...``: the Data/ImageData reader reads that shard
+(Caffe's skip rule in key order), the HDF5Data/MemoryData layer keeps only those rows of what it
+serves. The exact step then sums over the ranks (every sum it makes is over records).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import pickle
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..distributed.sharding import UNSHARDED, Shard
+from ..distributed.sharding import UNSHARDED, RecordSplit, Shard
 from ..errors import SolverError
 from ..layers.data import DataLayerBase, HDF5Data, MemoryData, PipelinedDataLayer
 
@@ -62,13 +67,14 @@ def test_reader(layer: PipelinedDataLayer, batch_size: int = 0, shard: Shard = U
     return pipe, n, bs
 
 
-def _pipelined(layer: PipelinedDataLayer, tops, batch_size: int,
-               device: torch.device) -> Iterator[Batch]:
-    pipe, n, bs = test_reader(layer, batch_size)
+def _pipelined(layer: PipelinedDataLayer, tops, batch_size: int, device: torch.device,
+               split: Optional[RecordSplit]) -> Iterator[Batch]:
+    pipe, n, bs = test_reader(layer, batch_size, split.shard if split is not None else UNSHARDED)
+    mine = len(split.records(n)) if split is not None else n
     try:
-        for b in range(math.ceil(n / bs)):
+        for b in range(math.ceil(mine / bs)):
             batch = pipe.next_batch(device)
-            keep = min(bs, n - b * bs)  # the last batch wraps to the first records
+            keep = min(bs, mine - b * bs)  # the last batch wraps to the first records
             inputs = {tops[0]: batch["data"][:keep]}
             if len(tops) > 1:
                 inputs[tops[1]] = batch["label"][:keep]
@@ -86,15 +92,25 @@ def _start_state(layer: DataLayerBase) -> dict:
     return state
 
 
-def _self_served(layer: DataLayerBase, tops, n: int) -> Iterator[Batch]:
+def _self_served(layer: DataLayerBase, tops, n: int,
+                 split: Optional[RecordSplit]) -> Iterator[Batch]:
     saved = layer.state()
-    seen = np.zeros(n, dtype=bool)
+    # Records already streamed, or not this rank's: both are skipped.
+    seen = np.ones(n, dtype=bool)
+    seen[split.records(n) if split is not None else slice(None)] = False
+    served, limit = 0, 2 * n + 1  # any order serves every record within two passes
     try:
         layer.load_state(_start_state(layer))
         while not seen.all():
+            if served > limit:
+                missing = int((~seen).sum())
+                raise SolverError(f"data layer '{layer.name}' served {served} records without "
+                                  f"{missing} of the {n} the exact weight step needs",
+                                  hint="its source must list every training record")
             out = layer()
             out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
             idx = layer.last_indices.cpu()
+            served += len(idx)
             fresh = ~seen[idx.numpy()]
             seen[idx.numpy()] = True
             if not fresh.any():
@@ -105,8 +121,10 @@ def _self_served(layer: DataLayerBase, tops, n: int) -> Iterator[Batch]:
         layer.load_state(saved)
 
 
-def ordered_batches(net, num_records: int, batch_size: int = 0) -> Iterator[Batch]:
-    """``(inputs, indices)`` covering each of the ``num_records`` training records once.
+def ordered_batches(net, num_records: int, batch_size: int = 0,
+                    split: Optional[RecordSplit] = None) -> Iterator[Batch]:
+    """``(inputs, indices)`` covering each of the ``num_records`` training records once (with
+    ``split``: this rank's records, see the module notes).
 
     ``inputs`` maps the data layer's top names to tensors on the net's device (feed them to
     ``net.run(inputs, start=first_layer_after_data)``); ``indices`` are the records' indices
@@ -116,9 +134,9 @@ def ordered_batches(net, num_records: int, batch_size: int = 0) -> Iterator[Batc
     layer = step.layer
     tops = net.top_names[step.name]
     if isinstance(layer, PipelinedDataLayer):
-        yield from _pipelined(layer, tops, batch_size, net.device)
+        yield from _pipelined(layer, tops, batch_size, net.device, split)
     elif isinstance(layer, (HDF5Data, MemoryData)):
-        yield from _self_served(layer, tops, int(num_records))
+        yield from _self_served(layer, tops, int(num_records), split)
     else:
         raise SolverError(f"{net.source}: data layer '{step.name}' ({layer.type}) cannot be "
                           "streamed record by record for an exact weight step",

@@ -440,6 +440,8 @@ class AlternationSolver(Solver):
         returns the training loss at the weights before it (as an SGD iteration's forward
         does). :meth:`apply_update` then only counts the iteration."""
         self.push_host_writes()
+        # Data-parallel: each rank streams its share of the records, the sums are reduced.
+        self.exact.split = self.record_split
         stats = self.exact.iterate()
         self.support_steps += 1
         self.last_support_iter = self.iter
@@ -448,9 +450,11 @@ class AlternationSolver(Solver):
         changed = "first supports" if stats["changed"] is None else \
             f"{100 * stats['changed']:.3f}% of support/switch bits changed"
         solved = ", ".join(f"{n} ({how}, {sec:.2f} s)" for n, how, sec in stats["layers"])
+        split = "" if self.record_split is None else \
+            f" ({stats['records_computed']} of {self.records} records on this rank)"
         logger.info("Iteration %d, alternation: exact weight step (%s): loss %s before it, %s; "
-                    "solved %s; %.2f s", self.iter, self.weight_step,
-                    format_value(stats["loss"]), changed, solved, stats["seconds"])
+                    "solved %s; %.2f s%s", self.iter, self.weight_step,
+                    format_value(stats["loss"]), changed, solved, stats["seconds"], split)
         return torch.tensor(stats["loss"], dtype=torch.float32, device=self.device)
 
     def apply_update(self) -> None:
