@@ -89,5 +89,7 @@ def max_pool2d_with_indices(x: torch.Tensor, kernel: Tuple[int, int], stride: Tu
 def keeps_max_pool_whole(x: torch.Tensor) -> bool:
     """Whether a max pooling of ``x`` should go through :func:`max_pool2d_with_indices`: while
     ``torch.compile`` traces a pass that will run backward, for CPU tensors. (Without a
-    backward, Inductor's forward lowering needs no argmax and is left alone.)"""
-    return x.device.type == "cpu" and x.requires_grad and torch.compiler.is_compiling()
+    backward, Inductor's forward lowering needs no argmax and is left alone; ``torch.export``
+    gets the standard op, so exported programs and ONNX files need nothing of ours.)"""
+    return x.device.type == "cpu" and x.requires_grad and torch.compiler.is_compiling() \
+        and not torch.compiler.is_exporting()

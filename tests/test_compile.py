@@ -153,3 +153,9 @@ def test_compiled_training_pass_calls_max_pooling_whole_on_the_cpu():
     net = tiny()
     assert torch.ops.pycaffe_alt.max_pool2d.default in graph_ops(net, grad=True)
     assert torch.ops.pycaffe_alt.max_pool2d.default not in graph_ops(net, grad=False)
+    # torch.export (grad enabled, as a user may call it) gets the standard op: an exported
+    # program must load and convert without pycaffe_alt.
+    module = net.as_module(outputs=["ip2"], inputs=["data"])
+    program = torch.export.export(module, (torch.randn(net.blobs["data"].shape),))
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("pycaffe_alt" in str(t) for t in targets), targets
