@@ -667,12 +667,17 @@ def test_exact_steps_on_two_ranks_split_the_records_and_equal_one_process(tmp_pa
     rel = _max_rel(_weights(os.path.join(two, "tiny_iter_2.caffemodel")),
                    _weights(os.path.join(one, "tiny_iter_2.caffemodel")))
     assert rel <= 1e-4, rel
-    # ... and LEAST_SQUARES on the teacher-student net (HDF5Data: each rank keeps its rows).
+    # ... and LEAST_SQUARES on the teacher-student net (HDF5Data: each rank keeps its rows),
+    # solved densely and by CG (max_dense_unknowns: 0; each CG product a reduced pass).
     from exact_case import hidden_weights, teacher_files
 
+    cg = ("alternation_param { weight_step: LEAST_SQUARES warmup_iter: 0 gap_iter: 1 "
+          "max_dense_unknowns: 0 cg_iter: 4 }")
     finals = []
-    for name, ranks in (("ls_one", 1), ("ls_two", 2)):
-        case = teacher_files(tmp_path / name, d=10, k=3, n=600, batch=100, max_iter=2)
+    for name, ranks, extra in (("ls_one", 1, None), ("ls_two", 2, None), ("cg_one", 1, cg),
+                               ("cg_two", 2, cg)):
+        case = teacher_files(tmp_path / name, d=10, k=3, n=600, batch=100, max_iter=2,
+                             extra=extra)
         cmd = [TRAIN, "--solver", str(case["solver"]), "--weights", str(case["weights"])]
         if ranks == 2:
             cmd = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -680,7 +685,10 @@ def test_exact_steps_on_two_ranks_split_the_records_and_equal_one_process(tmp_pa
         result = subprocess.run([sys.executable, *cmd], env=_env(), capture_output=True,
                                 text=True, timeout=JOB_TIMEOUT)
         _ok(result)
+        log = result.stdout + result.stderr
         if ranks == 2:
-            assert "(300 of 600 records on this rank)" in result.stdout + result.stderr
+            assert "(300 of 600 records on this rank)" in log
+        assert ("CG 4 on 30" in log) == (extra is not None), log[-2000:]
         finals.append(hidden_weights(tmp_path / name / "snap_iter_2.caffemodel"))
     np.testing.assert_allclose(finals[1], finals[0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(finals[3], finals[2], rtol=1e-6, atol=1e-9)
