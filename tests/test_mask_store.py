@@ -147,3 +147,32 @@ def test_size_is_one_bit_per_unit_plus_header():
     assert store.nbytes == len(store.header) + 1000 * units // 8
     assert 1.0 <= store.bits_per_unit < 1.001
     assert "bits/unit" in repr(store) and "1000 records" in repr(store)
+
+
+def test_working_files_are_private_to_each_store(tmp_path):
+    # The ranks of a data-parallel job on one machine derive the same working path: each store
+    # must map its own file (a shared one was truncated under the other's mapping: SIGBUS),
+    # and no file stays behind.
+    path = str(tmp_path / "job_masks.bin")
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.arange(10)
+    a = MaskStore(LAYOUT, 10, path=path, max_ram_bytes=0)
+    assert os.listdir(tmp_path) == []  # mapped and already unlinked
+    b = MaskStore(LAYOUT, 10, path=path, max_ram_bytes=0)
+    ma, mb = random_masks(10, gen), random_masks(10, gen)
+    a.put(None, idx, ma)
+    b.put(None, idx, mb)
+    assert all(torch.equal(a.get(idx)[n], ma[n]) and torch.equal(b.get(idx)[n], mb[n])
+               for n, _ in LAYOUT)
+    snap = str(tmp_path / "snap.masks")
+    a.save(snap)
+    c = MaskStore.load(snap, max_ram_bytes=0, work_path=path)
+    d = MaskStore.load(snap, max_ram_bytes=0, work_path=path)
+    c.put(None, idx, mb)
+    assert torch.equal(d.get(idx)["ht1"], ma["ht1"]) and torch.equal(c.get(idx)["ht1"], mb["ht1"])
+    assert sorted(os.listdir(tmp_path)) == ["snap.masks"]
+
+
+def test_unwritable_working_folder_is_a_solver_error(tmp_path):
+    with pytest.raises(SolverError, match="working file in .*missing"):
+        MaskStore(LAYOUT, 10, path=str(tmp_path / "missing" / "m.bin"), max_ram_bytes=0)

@@ -26,6 +26,7 @@ import math
 import itertools
 import os
 import struct
+import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -94,8 +95,9 @@ def unpack_bits(packed: torch.Tensor, units: int) -> torch.Tensor:
 class MaskStore:
     """Supports of ``num_records`` examples for the layers of ``layout`` (``[(name, unit_shape)]``).
 
-    ``path`` is the working file used when the rows exceed ``max_ram_bytes`` (put it next to the
-    snapshots); a store that fits in RAM never touches it. ``save``/``load`` write and read
+    ``path`` names where the working file goes when the rows exceed ``max_ram_bytes`` (put it
+    next to the snapshots); a store that fits in RAM never touches it. The working file itself
+    is private to the process (see :func:`_private_mapping`). ``save``/``load`` write and read
     snapshot files atomically.
     """
 
@@ -160,7 +162,7 @@ class MaskStore:
         return [n for n, _ in self.layout]
 
     def __repr__(self) -> str:
-        where = "RAM" if self.in_ram else f"memmap {self.path}"
+        where = "RAM" if self.in_ram else f"a working file next to {self.path}"
         return (f"MaskStore({len(self.layout)} layers, {self.num_records} records, "
                 f"{self.total_units} units/record, {_human(self.nbytes)} in {where}, "
                 f"{self.bits_per_unit:.4f} bits/unit, {int(self.filled.sum())} filled)")
@@ -283,11 +285,11 @@ class MaskStore:
 
     def _create_mapped(self, path: str) -> np.memmap:
         """A fresh working file (header + zero rows) mapped read/write."""
-        with open(path, "wb") as f:
+        def fill(f) -> None:
             f.write(self.header)
             f.truncate(len(self.header) + self.num_records * self.row_bytes)
-        return np.memmap(path, dtype=np.uint8, mode="r+", offset=len(self.header),
-                         shape=(self.num_records, self.row_bytes))
+
+        return _private_mapping(path, fill, len(self.header), (self.num_records, self.row_bytes))
 
     def save(self, path: str) -> None:
         """Write the store to ``path`` atomically (temporary file, then ``os.replace``)."""
@@ -310,8 +312,8 @@ class MaskStore:
 
         Raises SolverError when the file is not a mask store, or its layers/unit shapes differ
         from ``expect_layout`` or its record count from ``expect_records``. A store larger than
-        ``max_ram_bytes`` is copied to ``work_path`` (default ``path + ".work"``) and mapped, so
-        the snapshot file itself is never modified.
+        ``max_ram_bytes`` is copied to a working file next to ``work_path`` (default ``path``)
+        and mapped, so the snapshot file itself is never modified.
         """
         try:
             with open(path, "rb") as f:
@@ -357,16 +359,43 @@ class MaskStore:
             rows = np.fromfile(path, dtype=np.uint8, offset=offset)
             store.rows = rows.reshape(n, store.row_bytes)
         else:
-            work = work_path or path + ".work"
-            _copy_file(path, work)
+            work = work_path or path
             store.path = work
-            store.rows = np.memmap(work, dtype=np.uint8, mode="r+", offset=offset,
-                                   shape=(n, store.row_bytes))
+            store.rows = _private_mapping(work, lambda f: _copy_file(path, f), offset,
+                                          (n, store.row_bytes))
         return store
 
 
-def _copy_file(src: str, dst: str, chunk: int = 64 << 20) -> None:
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
+def _private_mapping(near: str, fill, offset: int, shape: Tuple[int, int]) -> np.memmap:
+    """Rows of a new working file next to ``near``, filled by ``fill(file)``, mapped read/write.
+
+    The file gets a unique name and is unlinked as soon as it is mapped: every process has its
+    own (the ranks of a data-parallel job on one machine derive the same ``near`` from the same
+    solver file; a shared name would let one rank truncate the file another has mapped, and the
+    other die of SIGBUS), and nothing is left behind however the process ends. The mapping
+    keeps the space until the store is dropped."""
+    folder = os.path.dirname(os.path.abspath(near))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(near) + ".", suffix=".work",
+                                   dir=folder)
+    except OSError as e:
+        raise SolverError(f"cannot create the mask store's working file in {folder}: "
+                          f"{e.strerror}", hint="set alternation_param.mask_store to a writable "
+                          "folder (or raise mask_store_max_ram)") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+        return np.memmap(tmp, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
+    except OSError as e:
+        raise SolverError(f"cannot write the mask store's working file in {folder}: "
+                          f"{e.strerror}", hint="free disk space there, or set "
+                          "alternation_param.mask_store to another folder") from None
+    finally:
+        os.unlink(tmp)
+
+
+def _copy_file(src: str, fo, chunk: int = 64 << 20) -> None:
+    with open(src, "rb") as fi:
         while True:
             buf = fi.read(chunk)
             if not buf:
