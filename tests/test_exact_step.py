@@ -266,6 +266,21 @@ def test_convex_step_lowers_the_softmax_loss_on_an_lmdb(tmp_path):
     assert [n for n, *_ in solver.last_exact_stats["layers"]] == ["conv1", "ip2"]
 
 
+def test_a_rank_streams_and_stores_only_its_records(tmp_path):
+    # Rank 1 of 2 (the other rank's sums stand in as zeros): half of the 512 records streamed,
+    # a store of their 256 rows, every one filled.
+    from alternation_case import solver_param
+    from pycaffe_alt.distributed.sharding import RecordSplit
+
+    param = solver_param(tmp_path, 'weight_step: CONVEX lbfgs_iter: 1 exact_layer: "ip2"')
+    exact = get_solver(param).exact
+    assert exact.store.num_records == 512
+    exact.split = RecordSplit(1, 2, gather=None, reduce=lambda t: t)
+    stats = exact.support_pass()
+    assert stats["records_computed"] == 256
+    assert exact.store.num_records == 256 and exact.store.filled.all()
+
+
 def test_least_squares_with_softmax_loss_is_reported_by_train(tmp_path):
     case = teacher_files(tmp_path, n=100, batch=50, max_iter=1)
     text = case["net"].read_text().replace('"EuclideanLoss"', '"SoftmaxWithLoss"')

@@ -35,8 +35,9 @@ Data-parallel (``split``, a :class:`~pycaffe_alt.distributed.sharding.RecordSpli
 quantity above is a sum over records (the support pass's loss and counts, ``G`` and ``b``, each
 CG product ``sum_x A_x' A_x v``, the L-BFGS loss and its gradient), so each rank streams only
 its records ``rank, rank + W, ...`` and the sums are all-reduced; every rank then solves the
-same system and ends with the same weights. A rank's mask store holds the masks of its own
-records only: the split is the same in every pass, so no masks are exchanged.
+same system and ends with the same weights. A rank's mask store has rows for its own records
+only (a W-th of the one-process store): the split is the same in every pass, so no masks are
+exchanged.
 """
 from __future__ import annotations
 
@@ -350,9 +351,9 @@ class ExactWeightStep:
                            if any(net.blob_loss_weights.get(t, 0.0) != 0 for t in s.tops)]
         self._check(regularization, only)
         self.fixed = FixedSupports(net, rule, beta)
-        layout = exact_layout(net)
-        self.store = MaskStore(layout, self.records, path=store_path,
-                               max_ram_bytes=max_ram_bytes) if layout else None
+        self._layout = exact_layout(net)
+        self._store_path, self._max_ram_bytes = store_path, int(max_ram_bytes)
+        self.store = self._new_store()
         self.loss_end = max(s.index for s in self.loss_steps)
 
     # ------------------------------------------------------------------ checks
@@ -423,9 +424,24 @@ class ExactWeightStep:
             return t
         return self.split.reduce(t.detach().to("cpu", torch.float64)).to(t.device, t.dtype)
 
+    def _new_store(self) -> Optional[MaskStore]:
+        """A store with a row for each record this process streams (with ``split``: its own
+        records only, a W-th of the set)."""
+        if not self._layout:
+            return None
+        return MaskStore(self._layout, self._streamed_records(), path=self._store_path,
+                         max_ram_bytes=self._max_ram_bytes)
+
+    def _streamed_records(self) -> int:
+        return len(self.split.records(self.records)) if self.split is not None else self.records
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Store rows of records ``idx`` (record ``rank + j * W`` is row ``j`` under a split)."""
+        return idx if self.split is None else (idx - self.split.rank) // self.split.world
+
     def _fix(self, idx: torch.Tensor) -> None:
         if self.store is not None:
-            self.fixed.install(self.store.get(idx, self.net.device))
+            self.fixed.install(self.store.get(self._rows(idx), self.net.device))
 
     def support_pass(self) -> Dict[str, float]:
         """Compute and store every record's supports and switches at the current weights;
@@ -433,6 +449,8 @@ class ExactWeightStep:
         changed, None on the first pass), ``on`` (share of support units on), all over every
         rank's records, and ``records_computed`` (this rank's)."""
         net = self.net
+        if self.store is not None and self.store.num_records != self._streamed_records():
+            self.store = self._new_store()  # the split changed (a job started or ended)
         sink: Dict[str, torch.Tensor] = {}
         total, changed_bits, compared, on, units, here = 0.0, 0, 0, 0, 0, 0
         sup_names = [n for n, _ in self.fixed.supports]
@@ -445,8 +463,9 @@ class ExactWeightStep:
                     here += len(idx)
                     if self.store is None:
                         continue
-                    was = self.store.is_filled(idx)
-                    changed_bits += self.store.put(None, idx, sink)
+                    rows = self._rows(idx)
+                    was = self.store.is_filled(rows)
+                    changed_bits += self.store.put(None, rows, sink)
                     compared += int(was.sum())
                     for n in sup_names:
                         on += int(sink[n].sum())
