@@ -521,8 +521,8 @@ class Net(nn.Module):
 
     def run(self, inputs: Optional[Dict[str, torch.Tensor]] = None, start: int = 0,
             end: Optional[int] = None, first_versions: Optional[Dict[str, torch.Tensor]] = None,
-            trace: Optional[List[Tuple[Step, Sequence[torch.Tensor], Sequence[torch.Tensor]]]] = None
-            ) -> Dict[str, torch.Tensor]:
+            trace: Optional[List[Tuple[Step, Sequence[torch.Tensor], Sequence[torch.Tensor]]]] = None,
+            eager: bool = False) -> Dict[str, torch.Tensor]:
         """Run layers ``start..end`` (indices) on tensors; returns the dict of every blob's value.
 
         Missing inputs are taken from the blobs' current values (what pycaffe wrote); tensors
@@ -530,7 +530,10 @@ class Net(nn.Module):
         blob's first value in this pass (an in-place blob's diff is the gradient of that one).
         ``trace`` receives ``(step, bottoms, tops)`` for every layer in order (debug_info).
         With compiling on (:meth:`set_compile`) a pass without ``first_versions``/``trace`` runs
-        compiled and brings out only the outputs, loss tops and requested blobs.
+        compiled and brings out only the outputs, loss tops and requested blobs; ``eager`` runs
+        it layer by layer all the same (passes that read intermediate blobs, differentiate
+        twice, or change layers' Python state between batches: the alternation's support
+        passes and exact weight steps).
         """
         values = self._values
         if start == 0:
@@ -544,7 +547,7 @@ class Net(nn.Module):
             if name not in values:
                 values[name] = self._store.data_tensor(name)
         last = len(self._steps) - 1 if end is None else end
-        if self._compiled is not None and first_versions is None and trace is None:
+        if self._compiled is not None and first_versions is None and trace is None and not eager:
             return self._compiled.run(values, start, last)
         self.run_steps(values, start, last, first_versions, trace)
         return values

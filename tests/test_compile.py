@@ -159,3 +159,23 @@ def test_compiled_training_pass_calls_max_pooling_whole_on_the_cpu():
     program = torch.export.export(module, (torch.randn(net.blobs["data"].shape),))
     targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
     assert not any("pycaffe_alt" in str(t) for t in targets), targets
+
+
+@pytest.mark.parametrize("method", ["", "max_dense_unknowns: 0 cg_iter: 3"])
+def test_exact_weight_steps_run_eagerly_in_a_compiled_solver(tmp_path, method):
+    # An exact step reads intermediate blobs and differentiates twice: its passes run layer by
+    # layer (Net.run(eager=True)) while the solver's net is compiled (it raised KeyError).
+    from exact_case import teacher_files
+
+    extra = ("alternation_param { weight_step: LEAST_SQUARES warmup_iter: 0 gap_iter: 1 "
+             f"{method} }}")
+    finals = []
+    for compiled in (False, True):
+        case = teacher_files(tmp_path / str(compiled), d=8, k=3, n=200, batch=50, max_iter=2,
+                             extra=extra)
+        solver = caffe.get_solver(str(case["solver"]), compile=compiled)
+        solver.net.copy_from(str(case["weights"]))
+        solver.step(2)
+        assert solver.net.compiled == compiled
+        finals.append(solver.net.params["hidden"][0].data.copy())
+    np.testing.assert_allclose(finals[1], finals[0], rtol=1e-5, atol=1e-7)

@@ -488,7 +488,7 @@ class SupportDSDSolver(DSDSolver, AlternationSolver):
             with torch.no_grad():
                 for _ in range(batches):
                     self.last_batch_supports.clear()
-                    net.run(end=last)
+                    net.run(end=last, eager=True)  # records each layer's supports
                     for name in names:
                         on = pruning.channel_on(self.last_batch_supports[name]).to(torch.int64)
                         counts[name] = on if name not in counts else counts[name] + on

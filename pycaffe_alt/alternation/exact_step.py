@@ -458,7 +458,7 @@ class ExactWeightStep:
         try:
             with torch.no_grad():
                 for inputs, idx in self.batches():
-                    values = net.run(inputs, start=self.first, end=self.loss_end)
+                    values = net.run(inputs, start=self.first, end=self.loss_end, eager=True)
                     total += float(net.loss(values)) * len(idx)
                     here += len(idx)
                     if self.store is None:
@@ -487,10 +487,11 @@ class ExactWeightStep:
         self._fix(idx)
         with torch.no_grad():
             return self.net.run(inputs, start=self.first,
-                                end=block.index if through else block.index - 1)
+                                end=block.index if through else block.index - 1, eager=True)
 
     def _downstream(self, block: LayerBlock, z: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.net.run({block.top: z}, start=block.index + 1, end=self.loss_end)
+        return self.net.run({block.top: z}, start=block.index + 1, end=self.loss_end,
+                            eager=True)
 
     def _prediction(self, values, block: LayerBlock) -> Tuple[str, torch.Tensor, torch.Tensor]:
         loss = self.loss_steps[0]
@@ -635,7 +636,7 @@ class ExactWeightStep:
                 self._upstream(block, inputs, idx, through=False)
                 with torch.enable_grad():
                     # Re-run the solved layer itself with gradients into its blobs.
-                    values = net.run(None, start=block.index, end=self.loss_end)
+                    values = net.run(None, start=block.index, end=self.loss_end, eager=True)
                     loss = net.loss(values) * (len(idx) / self.records)
                     loss.backward()
                 total += loss.detach().double()

@@ -296,7 +296,7 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
                 inputs = {tops[0]: batch["data"]}
                 if len(tops) > 1:
                     inputs[tops[1]] = batch["label"]
-                net.run(inputs, start=start, end=end)
+                net.run(inputs, start=start, end=end, eager=True)
                 keep = min(bs, mine - b * bs)
                 idx = batch["indices"][:keep]
                 masks = {nm: sink[nm][:keep] for nm in names}
@@ -395,7 +395,7 @@ def thresholded_loss(net, hts: List[Tuple[str, HardThreshold]],
     ``iter_size`` passes, the same batch).
     """
     start, _ = _pass_range(net)
-    values = net.run(start=len(net.steps))  # no layer runs: the current blob values
+    values = net.run(start=len(net.steps), eager=True)  # no layer runs: the current blob values
     saved_values = dict(values)
     masked = net.loss(saved_values).detach()
     buffers = [(b, b.detach().clone()) for m in net.layer_modules.values() for b in m.buffers()]
@@ -409,7 +409,7 @@ def thresholded_loss(net, hts: List[Tuple[str, HardThreshold]],
                     torch.cuda.set_rng_state(rng[1], net.device)
             for ht, _ in saved_fs:
                 ht.fixed_support = None
-            loss = net.loss(net.run(start=start)).detach()
+            loss = net.loss(net.run(start=start, eager=True)).detach()
     finally:
         for ht, fs in saved_fs:
             ht.fixed_support = fs
