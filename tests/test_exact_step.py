@@ -266,6 +266,34 @@ def test_convex_step_lowers_the_softmax_loss_on_an_lmdb(tmp_path):
     assert [n for n, *_ in solver.last_exact_stats["layers"]] == ["conv1", "ip2"]
 
 
+def test_a_sharded_hdf5_layer_streams_the_ranks_records_from_any_cursor(tmp_path):
+    # A data-parallel HDF5Data layer whose shard starts at an odd cursor (a resume on another
+    # number of ranks) served only the other rank's records: the stream starts it afresh.
+    import h5py
+
+    from pycaffe_alt.alternation.record_stream import ordered_batches
+    from pycaffe_alt.distributed.sharding import RecordSplit
+
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["data"] = np.arange(24, dtype=np.float32).reshape(12, 2)
+        f["label"] = np.arange(12, dtype=np.float32)
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'a.h5'}\n")
+    (tmp_path / "net.prototxt").write_text(
+        f'layer {{ name: "d" type: "HDF5Data" top: "data" top: "label" hdf5_data_param {{ '
+        f'source: "{tmp_path / "list.txt"}" batch_size: 4 }} }}\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+        'inner_product_param { num_output: 1 } }\n')
+    net = Net(str(tmp_path / "net.prototxt"), 0)
+    layer = net.steps[0].layer
+    layer.set_shard(1, 2)
+    layer.load_state({**layer.state(), "shard_start": 5})
+    before = layer.state()
+    got = [i for _, idx in ordered_batches(net, 12, split=RecordSplit(1, 2, None, None))
+           for i in idx.tolist()]
+    assert sorted(got) == [1, 3, 5, 7, 9, 11]
+    assert layer.state() == before  # the training cursor is left where it was
+
+
 def test_a_rank_streams_and_stores_only_its_records(tmp_path):
     # Rank 1 of 2 (the other rank's sums stand in as zeros): half of the 512 records streamed,
     # a store of their 256 rows, every one filled.

@@ -86,7 +86,10 @@ def _pipelined(layer: PipelinedDataLayer, tops, batch_size: int, device: torch.d
 def _start_state(layer: DataLayerBase) -> dict:
     state = dict(layer.state())
     if isinstance(layer, HDF5Data):
-        state["served"] = 0
+        # The first sample of the global order: a data-parallel (sharded) layer then serves
+        # rows rank, rank + W, ... of it, whatever cursor a resume on another number of
+        # ranks left its shard at (an offset cursor would serve only other ranks' records).
+        state.update(served=0, shard_start=0, global_cursor=0)
     else:
         state["pos"] = 0
     return state
