@@ -173,6 +173,9 @@ def test_working_files_are_private_to_each_store(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["snap.masks"]
 
 
-def test_unwritable_working_folder_is_a_solver_error(tmp_path):
-    with pytest.raises(SolverError, match="working file in .*missing"):
-        MaskStore(LAYOUT, 10, path=str(tmp_path / "missing" / "m.bin"), max_ram_bytes=0)
+def test_working_folder_is_made_or_refused_with_a_solver_error(tmp_path):
+    store = MaskStore(LAYOUT, 10, path=str(tmp_path / "new" / "m.bin"), max_ram_bytes=0)
+    assert not store.in_ram and os.listdir(tmp_path / "new") == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SolverError, match="working file in .*file"):
+        MaskStore(LAYOUT, 10, path=str(tmp_path / "file" / "m.bin"), max_ram_bytes=0)

@@ -376,6 +376,7 @@ def _private_mapping(near: str, fill, offset: int, shape: Tuple[int, int]) -> np
     keeps the space until the store is dropped."""
     folder = os.path.dirname(os.path.abspath(near))
     try:
+        os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(near) + ".", suffix=".work",
                                    dir=folder)
     except OSError as e:

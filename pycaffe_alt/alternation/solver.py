@@ -327,9 +327,7 @@ class AlternationSolver(Solver):
         return prefix + "_masks.bin" if prefix else None
 
     def _new_store(self) -> MaskStore:
-        path = self._store_work_path()
-        if path and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        path = self._store_work_path()  # its folder is made if a working file is needed
         return MaskStore(self.layout, self.records, path=path,
                          max_ram_bytes=int(self.param.alternation_param.mask_store_max_ram))
 
