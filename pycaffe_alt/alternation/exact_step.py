@@ -353,7 +353,9 @@ class ExactWeightStep:
         self.fixed = FixedSupports(net, rule, beta)
         self._layout = exact_layout(net)
         self._store_path, self._max_ram_bytes = store_path, int(max_ram_bytes)
-        self.store = self._new_store()
+        # Made by the first support pass, once the split (if any) is known: a data-parallel
+        # rank never allocates the one-process store.
+        self.store: Optional[MaskStore] = None
         self.loss_end = max(s.index for s in self.loss_steps)
 
     # ------------------------------------------------------------------ checks
@@ -449,8 +451,9 @@ class ExactWeightStep:
         changed, None on the first pass), ``on`` (share of support units on), all over every
         rank's records, and ``records_computed`` (this rank's)."""
         net = self.net
-        if self.store is not None and self.store.num_records != self._streamed_records():
-            self.store = self._new_store()  # the split changed (a job started or ended)
+        if self._layout and (self.store is None or
+                             self.store.num_records != self._streamed_records()):
+            self.store = self._new_store()  # first pass, or the split changed
         sink: Dict[str, torch.Tensor] = {}
         total, changed_bits, compared, on, units, here = 0.0, 0, 0, 0, 0, 0
         sup_names = [n for n, _ in self.fixed.supports]
