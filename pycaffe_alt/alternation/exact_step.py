@@ -48,7 +48,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..distributed.sharding import RecordSplit
+from ..distributed.sharding import RecordSplit, records_taken
 from ..errors import SolverError
 from ..layers.neuron import ReLU
 from ..layers.structure import InnerProduct
@@ -431,11 +431,8 @@ class ExactWeightStep:
         records only, a W-th of the set)."""
         if not self._layout:
             return None
-        return MaskStore(self._layout, self._streamed_records(), path=self._store_path,
-                         max_ram_bytes=self._max_ram_bytes)
-
-    def _streamed_records(self) -> int:
-        return len(self.split.records(self.records)) if self.split is not None else self.records
+        return MaskStore(self._layout, records_taken(self.split, self.records),
+                         path=self._store_path, max_ram_bytes=self._max_ram_bytes)
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Store rows of records ``idx`` (record ``rank + j * W`` is row ``j`` under a split)."""
@@ -452,7 +449,7 @@ class ExactWeightStep:
         rank's records, and ``records_computed`` (this rank's)."""
         net = self.net
         if self._layout and (self.store is None or
-                             self.store.num_records != self._streamed_records()):
+                             self.store.num_records != records_taken(self.split, self.records)):
             self.store = self._new_store()  # first pass, or the split changed
         sink: Dict[str, torch.Tensor] = {}
         total, changed_bits, compared, on, units, here = 0.0, 0, 0, 0, 0, 0

@@ -25,6 +25,7 @@ import json
 import math
 import itertools
 import os
+import shutil
 import struct
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -361,7 +362,7 @@ class MaskStore:
         else:
             work = work_path or path
             store.path = work
-            store.rows = _private_mapping(work, lambda f: _copy_file(path, f), offset,
+            store.rows = _private_mapping(work, lambda f: _copy_from(path, f), offset,
                                           (n, store.row_bytes))
         return store
 
@@ -395,13 +396,9 @@ def _private_mapping(near: str, fill, offset: int, shape: Tuple[int, int]) -> np
         os.unlink(tmp)
 
 
-def _copy_file(src: str, fo, chunk: int = 64 << 20) -> None:
+def _copy_from(src: str, fo) -> None:
     with open(src, "rb") as fi:
-        while True:
-            buf = fi.read(chunk)
-            if not buf:
-                break
-            fo.write(buf)
+        shutil.copyfileobj(fi, fo, 64 << 20)
 
 
 def _fmt(layout: Iterable[Tuple[str, Tuple[int, ...]]]) -> str:

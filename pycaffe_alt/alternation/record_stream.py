@@ -29,7 +29,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from ..distributed.sharding import UNSHARDED, RecordSplit, Shard
+from ..distributed.sharding import UNSHARDED, RecordSplit, records_taken
 from ..errors import SolverError
 from ..layers.data import DataLayerBase, HDF5Data, MemoryData, PipelinedDataLayer
 
@@ -48,12 +48,13 @@ def data_step(net):
     return steps[0]
 
 
-def test_reader(layer: PipelinedDataLayer, batch_size: int = 0, shard: Shard = UNSHARDED):
+def test_reader(layer: PipelinedDataLayer, batch_size: int = 0,
+                split: Optional[RecordSplit] = None):
     """``(pipe, n, bs)``: a private reader of ``layer``'s ``n`` records in key order, batches of
     ``bs`` (``batch_size``, default the train batch), TEST-style transform (centre crop, no
-    mirror); the last batch wraps to the first records. With a ``shard`` (a data-parallel
-    rank's part of a pass), local sample ``j`` is record ``shard.positions`` gives (key order,
-    Caffe's skip rule), wrapping likewise. The caller closes ``pipe``."""
+    mirror); the last batch wraps to the first records. With a ``split`` (a data-parallel
+    rank's part of a pass), local sample ``j`` is record ``j * W + rank`` (key order, Caffe's
+    skip rule), wrapping likewise. The caller closes ``pipe``."""
     from ..data.pipeline import BatchMaker, InputPipeline, Ordering
 
     maker = layer.pipeline.maker
@@ -61,6 +62,7 @@ def test_reader(layer: PipelinedDataLayer, batch_size: int = 0, shard: Shard = U
     bs = int(batch_size) or maker.batch_size
     source = pickle.loads(pickle.dumps(maker.source))  # the training prefetcher keeps its own
     spec = dataclasses.replace(maker.spec, train=False, mirror=False)
+    shard = split.shard if split is not None else UNSHARDED
     reader = BatchMaker(source, spec, bs, Ordering(n), maker.seed, layer.where, shard=shard)
     reader.channels_last = maker.channels_last  # the net's layout, as the training batches have
     pipe = InputPipeline(reader, workers=0, depth=2)
@@ -69,8 +71,8 @@ def test_reader(layer: PipelinedDataLayer, batch_size: int = 0, shard: Shard = U
 
 def _pipelined(layer: PipelinedDataLayer, tops, batch_size: int, device: torch.device,
                split: Optional[RecordSplit]) -> Iterator[Batch]:
-    pipe, n, bs = test_reader(layer, batch_size, split.shard if split is not None else UNSHARDED)
-    mine = len(split.records(n)) if split is not None else n
+    pipe, n, bs = test_reader(layer, batch_size, split)
+    mine = records_taken(split, n)
     try:
         for b in range(math.ceil(mine / bs)):
             batch = pipe.next_batch(device)

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..distributed.sharding import UNSHARDED, RecordSplit
+from ..distributed.sharding import RecordSplit, records_taken
 from ..errors import SolverError
 from ..layers.data import DataLayerBase, PipelinedDataLayer
 from ..layers.support import HardThreshold, SupportMask
@@ -270,9 +270,8 @@ def run_support_pass(net, store: MaskStore, rule: str = "EQ12", beta: float = 0.
     if n != store.num_records:
         raise SolverError(f"the mask store holds {store.num_records} records but the training "
                           f"set has {n}")
-    shard = split.shard if split is not None else UNSHARDED
-    pipe, n, bs = test_reader(layer, batch_size, shard)
-    mine = len(split.records(n)) if split is not None else n  # records this rank computes
+    pipe, n, bs = test_reader(layer, batch_size, split)
+    mine = records_taken(split, n)  # records this rank computes
     tops = net.top_names[data_steps(net)[0].name]
     start, end = _pass_range(net)
 

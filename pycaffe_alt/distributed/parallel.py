@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,7 @@ import torch.distributed.nn.functional as dist_nn
 from ..errors import CaffeError, DistributedError
 from ..log import get_logger
 from ..mode import set_random_seed
+from ..signal_requests import CountedRequest
 from .failure import FailureBoard, Watchdog, is_communication_error
 from .reducer import DEFAULT_BUCKET_BYTES, GradientReducer
 from .sharding import RecordSplit
@@ -91,13 +92,10 @@ class DataParallel:
         solver.set_world_size(self.world)  # epochs are world_size x shorter in iterations
         if quiet and not self.root:
             logger.setLevel(max(logger.level, 30))  # WARNING: Caffe's non-root solvers are silent
-        # Requests are counted, never cleared: a signal handler (which may run between any
-        # two bytecodes of the exchange, e.g. right after a blocking all_gather returns) only
-        # increments its count, and the exchange sends whether the count moved since the last
-        # one. Clearing a flag after the exchange instead lost the requests that arrived while
-        # it waited for the other ranks (the SIGINT test then ran on to max_iter).
-        self._stops = self._snapshots = 0
-        self._stops_sent = self._snapshots_sent = 0
+        # A signal handler may run between any two bytecodes of the exchange (e.g. right after
+        # a blocking all_gather returns): counted requests lose none (signal_requests.py).
+        self._stop_request = CountedRequest()
+        self._snapshot_request = CountedRequest()
         self.exchange_seconds = 0.0  # time spent in the per-iteration exchange (benchmarks)
         self.board = board
         self.watchdog = Watchdog(self.board) if (self.board is not None and watchdog) else None
@@ -204,19 +202,12 @@ class DataParallel:
     def request_stop(self) -> None:
         """Stop every rank after the current iteration (then the final snapshot is written).
         Safe to call from a signal handler."""
-        self._stops += 1
+        self._stop_request.make()
 
     def request_snapshot(self) -> None:
         """Snapshot (rank 0) after the current iteration, on behalf of the whole job. Safe to
         call from a signal handler."""
-        self._snapshots += 1
-
-    def _take_requests(self) -> Tuple[bool, bool]:
-        """(stop, snapshot) requested since the last exchange; each count is read once."""
-        stops, snapshots = self._stops, self._snapshots
-        stop, snapshot = stops != self._stops_sent, snapshots != self._snapshots_sent
-        self._stops_sent, self._snapshots_sent = stops, snapshots
-        return stop, snapshot
+        self._snapshot_request.make()
 
     # ------------------------------------------------------------------ hooks (train.loop)
     def before_step(self, solver) -> None:
@@ -228,7 +219,7 @@ class DataParallel:
         try:
             self.reducer.finish()
             # The smoothed loss turns NaN with the first NaN loss, and training stops there.
-            stop, snapshot = self._take_requests()
+            stop, snapshot = self._stop_request.take(), self._snapshot_request.take()
             local = torch.tensor([float(smoothed), float(stop), float(snapshot)],
                                  dtype=torch.float64, device=self._device)
             gathered = [torch.empty_like(local) for _ in range(self.world)]

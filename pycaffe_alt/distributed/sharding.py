@@ -20,7 +20,7 @@ alternation code that uses it stays free of them; :class:`~.parallel.DataParalle
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -104,3 +104,9 @@ class RecordSplit:
     def rows_per_rank(self, num_records: int) -> int:
         """The most records any rank takes (rank 0's): the padded height of a gather."""
         return -(-num_records // self.world)
+
+
+def records_taken(split: Optional[RecordSplit], num_records: int) -> int:
+    """How many of ``num_records`` records a one-pass visit gives this rank (all of them
+    without a split)."""
+    return len(split.records(num_records)) if split is not None else num_records

@@ -29,6 +29,7 @@ from ..mode import default_device, set_random_seed
 from ..mixed_precision import MixedPrecision
 from ..net import Net
 from ..proto import caffe_pb2
+from ..signal_requests import CountedRequest
 from ..train import debug_info, loop
 from ..train.resume import apply as apply_resume_state
 from ..train.resume import capture as capture_resume_state
@@ -131,10 +132,9 @@ class Solver:
         self.hooks: list = []
         self.last_snapshot: Optional[Tuple[str, str]] = None
         self.stopped_early = False
-        # Requests are counted, never cleared by the loop: a signal handler that runs between
-        # the loop's read and a reset would otherwise be lost (take_requests compares counts).
-        self._stop_requests = self._stop_taken = 0
-        self._snapshot_requests = self._snapshot_taken = 0
+        # Made by signal handlers at any moment: counted, so none is lost (signal_requests.py).
+        self._stop_request = CountedRequest()
+        self._snapshot_request = CountedRequest()
         # False on data-parallel ranks other than 0 (pycaffe_alt.distributed): like Caffe's
         # non-root solvers they train but neither test nor write snapshots.
         self.root_solver = True
@@ -370,18 +370,15 @@ class Solver:
 
     def request_stop(self) -> None:
         """Stop at the next iteration boundary (Caffe's SolverAction::STOP, e.g. on SIGINT)."""
-        self._stop_requests += 1
+        self._stop_request.make()
 
     def request_snapshot(self) -> None:
         """Snapshot at the next iteration boundary and go on (SolverAction::SNAPSHOT, SIGHUP)."""
-        self._snapshot_requests += 1
+        self._snapshot_request.make()
 
     def take_requests(self) -> Tuple[bool, bool]:
         """(snapshot, stop) requested since the last call; both are consumed."""
-        snaps, stops = self._snapshot_requests, self._stop_requests
-        snap, stop = snaps != self._snapshot_taken, stops != self._stop_taken
-        self._snapshot_taken, self._stop_taken = snaps, stops
-        return snap, stop
+        return self._snapshot_request.take(), self._stop_request.take()
 
     def step(self, iters: int) -> float:
         """Run ``iters`` iterations (Caffe's Solver::Step, with its display/test/snapshot cadence);
