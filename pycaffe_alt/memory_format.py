@@ -79,6 +79,15 @@ def choose(requested: FormatRequest, device: torch.device, layers: Iterable[Sequ
     return torch.contiguous_format
 
 
+def activation_format(net_format: torch.memory_format, compiled: bool) -> torch.memory_format:
+    """The layout of a net's 4-D activations in a pass: the net's own format, or channels-last
+    in a compiled pass (Inductor lays convolution outputs out channels-last: seen on this CPU,
+    and its layout optimisation does so on CUDA for convolution nets). Tensors fed into the
+    pass to be combined with those activations (the alternation's stored masks) should use it:
+    a mismatch costs a transpose of each of them inside the graph."""
+    return torch.channels_last if compiled else net_format
+
+
 def has_format(t: torch.Tensor, fmt: torch.memory_format) -> bool:
     """Whether ``t``'s strides are exactly ``fmt``'s.
 

@@ -140,10 +140,24 @@ def test_mirrored_samples_get_mirrored_spatial_supports(tmp_path):
     layer.last_indices = idx
     layer.last_mirrored = torch.tensor([True, False] * 8)
     plain = s.store.get(idx)
-    given = s._stored.masks(torch.device("cpu"))
+    given = s._stored.masks()
     assert torch.equal(given["thr1"][0], plain["thr1"][0].flip(-1))
     assert torch.equal(given["thr1"][1], plain["thr1"][1])
     assert torch.equal(given["thr2"], plain["thr2"])  # (N, C) supports are not flipped
+
+
+def test_stored_masks_come_in_the_activations_layout(tmp_path):
+    # A mask in another layout than the activations it multiplies is transposed every batch
+    # (inside a compiled graph too); the store's NCHW rows are laid out like the activations.
+    s = AlternationSolver(solver_param(tmp_path, I_ALT))
+    s.step(5)
+    assert s.net.memory_format is torch.channels_last  # "auto" on the CPU: a conv net
+    given = s._stored.masks()
+    assert given["thr1"].stride() == torch.empty(given["thr1"].shape,
+                                                 memory_format=torch.channels_last).stride()
+    assert given["thr2"].dim() == 2
+    plain = s.store.get(s.net.batch_indices)
+    assert torch.equal(given["thr1"], plain["thr1"])  # same values, other layout
 
 
 def test_changed_fraction_log_line(tmp_path, caplog):

@@ -181,9 +181,65 @@ def test_exact_weight_steps_run_eagerly_in_a_compiled_solver(tmp_path, method):
     np.testing.assert_allclose(finals[1], finals[0], rtol=1e-5, atol=1e-7)
 
 
+def test_i_alternation_weight_steps_compile_as_one_graph_across_support_steps(tmp_path):
+    # The stored supports are looked up between the data layers and the graph
+    # (Layer.prepare_pass): the masked pass is one graph, and the next support step reuses it.
+    from alternation_case import solver_param
+
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    solver = caffe.get_solver(solver_param(tmp_path, "mode: INSTANCE gap_iter: 3",
+                                           "max_iter: 12 display: 2"), compile=True)
+    net = solver.net
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    net._compiled = CompiledNet(net, leading_sources(net.steps), net.outputs + net.loss_tops,
+                                compiler=lambda fn: torch.compile(fn, backend=count))
+    solver.step(4)  # support step 1, then masked SGD (metered on display iterations)
+    assert solver.support_steps == 2 and solver.phase == "weights"
+    compiled = len(graphs)
+    assert compiled == 2, [g.code for g in graphs]  # with and without the staleness count
+    solver.step(8)
+    assert solver.support_steps == 4
+    assert len(graphs) == compiled  # no recompiles for later weight steps
+    assert not torch._dynamo.utils.counters["graph_break"], \
+        dict(torch._dynamo.utils.counters["graph_break"])
+    assert net.compiled
+    assert solver.last_staleness is not None and 0 <= solver.last_staleness["overall"] <= 1
+
+
+def test_stored_masks_keep_the_activations_channels_last():
+    # A mask (NCHW, from the store) times a channels-last input must stay channels-last, or
+    # every later layer runs in the slow layout (max pooling 4x slower on this CPU).
+    from pycaffe_alt.layers.support import HardThreshold
+
+    net = caffe.Net(parse_text(TINY.replace(
+        'layer { name: "pool"',
+        'layer { name: "thr" type: "HardThreshold" bottom: "conv" top: "conv" }\n'
+        'layer { name: "pool"'), caffe_pb2.NetParameter()), caffe.TRAIN,
+        memory_format="channels_last")
+    layer = net.layer_modules["thr"]
+    assert isinstance(layer, HardThreshold)
+    layer.set_mode("THRESHOLD")
+    q_shape = (4, 3, 4, 4)
+    mask = torch.rand(q_shape) > 0.5
+    layer.fixed_support = lambda q: mask
+    q = torch.randn(q_shape).contiguous(memory_format=torch.channels_last)
+    for output in ("KEEP", "SHIFT"):
+        layer.output = output
+        out = layer(q)
+        assert out.is_contiguous(memory_format=torch.channels_last), output
+    layer.learn_beta_fixed, layer.output = True, "KEEP"
+    assert layer(q).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_i_alternation_in_a_compiled_solver_matches_the_eager_one(tmp_path):
-    # Support passes run layer by layer; the masked SGD passes compile (in pieces: the mask
-    # lookups break the graph, docs/performance.md). Same weights as eager.
+    # Support passes run layer by layer; the masked SGD passes compile as one graph (the mask
+    # lookup runs before it, Layer.prepare_pass). Same weights as eager.
     from alternation_case import solver_param
 
     finals = []

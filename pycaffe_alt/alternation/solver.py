@@ -40,13 +40,14 @@ import torch
 from ..distributed.sharding import RecordSplit
 from ..errors import SolverError
 from ..log import get_logger
+from ..memory_format import activation_format
 from ..proto import caffe_pb2
 from ..solver.rules import UPDATE_RULES
 from ..solver.snapshot import snapshot_companion, snapshot_filename
 from ..solver.solver import Solver, SolverSource, format_value
 from .exact_step import ExactWeightStep
 from .mask_store import MaskStore
-from .staleness import StalenessMeter, threshold_gap
+from .staleness import MeteredSupport, StalenessMeter, threshold_gap
 from .support_pass import (BatchSupport, StoredSupports, batch_size_of, capture_rng,
                            data_states, first_data_layer, fraction_text, hard_threshold_layers,
                            load_data_states, record_count, run_support_pass,
@@ -156,6 +157,7 @@ class AlternationSolver(Solver):
         self._last_loss: Optional[torch.Tensor] = None
         self.store: Optional[MaskStore] = None
         self._stored: Optional[StoredSupports] = None
+        self._stored_providers: Dict[str, MeteredSupport] = {}
 
         if self.weight_step != "SGD":
             self.exact = self._make_exact_step(ap)
@@ -299,10 +301,20 @@ class AlternationSolver(Solver):
         return stats if self.reduce_sums is None else self.reduce_sums(stats)
 
     def _install_stored_supports(self) -> None:
-        self._stored = StoredSupports(self.store, self._data_layer)
+        # The providers are made once per store and reused by every weight step: a compiled
+        # training graph that calls them then stays valid across support steps.
+        if self._stored is None or self._stored.store is not self.store:
+            net = self.net
+            self._stored = StoredSupports(
+                self.store, self._data_layer, self.device,
+                lambda: activation_format(net.memory_format, net.compiled))
+            self._stored_providers = {
+                name: self._meter.wrap(name, ht, self._stored.for_layer(name))
+                for name, ht in self._train_hts}
+        self._stored.forget()
         self._meter.reset()
         for name, ht in self._train_hts:
-            ht.fixed_support = self._meter.wrap(name, ht, self._stored.for_layer(name))
+            ht.fixed_support = self._stored_providers[name]
 
     def _end_warmup(self) -> None:
         self._set_modes("THRESHOLD")
@@ -413,10 +425,12 @@ class AlternationSolver(Solver):
             return loss
         gap_due = self._gap_due()
         rng = capture_rng(self.device) if gap_due else None
+        metered = self.mode == "INSTANCE" and self.phase == "weights" and \
+            (self.staleness_threshold > 0 or self.display_due())
+        self._meter.set_enabled(metered)
         loss = super().forward_backward(debug)
         self._last_loss = loss
-        if self.mode == "INSTANCE" and self.phase == "weights" and \
-                (self.staleness_threshold > 0 or self.display_due()):
+        if metered:
             self.last_staleness = self._meter.read()
             if self.display_due() and self.last_staleness is not None:
                 logger.info("Iteration %d, alternation: stale support bits %s", self.iter,

@@ -53,17 +53,28 @@ class StalenessMeter:
     """
 
     def __init__(self) -> None:
-        self.counts: Dict[str, Tuple[torch.Tensor, int]] = {}
+        self._wrapped: Dict[str, "MeteredSupport"] = {}
 
-    def wrap(self, name: str, layer, provider: SupportFn) -> SupportFn:
-        def provide(q: torch.Tensor) -> torch.Tensor:
-            m = provider(q)
-            self.counts[name] = stale_bits(m, q, layer.beta)
-            return m
-        return provide
+    def wrap(self, name: str, layer, provider: SupportFn) -> "MeteredSupport":
+        """The metered ``fixed_support`` of layer ``name`` (replaces an earlier one of it)."""
+        metered = self._wrapped[name] = MeteredSupport(name, layer, provider)
+        return metered
+
+    @property
+    def counts(self) -> Dict[str, Tuple[torch.Tensor, int]]:
+        """``{name: (differing, total)}`` of the layers that served a batch since :meth:`reset`."""
+        return {n: w.counts for n, w in self._wrapped.items() if w.counts is not None}
 
     def reset(self) -> None:
-        self.counts = {}
+        for w in self._wrapped.values():
+            w.counts = None
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Count stale bits in the coming passes or not (the comparison costs about a tenth of
+        a LeNet weight-step iteration on the CPU; the solver needs it only on the iterations
+        it reads the meter)."""
+        for w in self._wrapped.values():
+            w.enabled = bool(enabled)
 
     def read(self) -> Optional[Dict[str, object]]:
         if not self.counts:
@@ -72,6 +83,30 @@ class StalenessMeter:
         total = sum(t for _, t in self.counts.values())
         overall = sum(float(d) for d, _ in self.counts.values()) / total if total else 0.0
         return {"per_layer": per_layer, "overall": overall}
+
+
+class MeteredSupport:
+    """A ``fixed_support`` that returns ``provider``'s mask and keeps its :func:`stale_bits` in
+    ``counts``; the provider's ``prepare`` (host work before a compiled pass) is passed on.
+
+    ``counts`` is an attribute that is only ever written inside a pass, never read there, so a
+    compiled graph does not depend on it (a dict filled in the pass would be guarded on)."""
+
+    def __init__(self, name: str, layer, provider: SupportFn):
+        self.name, self.layer, self.provider = name, layer, provider
+        self.counts: Optional[Tuple[torch.Tensor, int]] = None
+        self.enabled = True
+
+    def prepare(self) -> None:
+        prepare = getattr(self.provider, "prepare", None)
+        if prepare is not None:
+            prepare()
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        m = self.provider(q)
+        if self.enabled:
+            self.counts = stale_bits(m, q, self.layer.beta)
+        return m
 
 
 def threshold_gap(thresholded_loss: Number, masked_loss: Number) -> Dict[str, float]:
@@ -83,4 +118,4 @@ def threshold_gap(thresholded_loss: Number, masked_loss: Number) -> Dict[str, fl
             "gap": gap, "relative": rel}
 
 
-__all__ = ["stale_bits", "staleness", "StalenessMeter", "threshold_gap"]
+__all__ = ["stale_bits", "staleness", "StalenessMeter", "MeteredSupport", "threshold_gap"]

@@ -175,6 +175,12 @@ class Layer(nn.Module):
         """Told by the Net which memory format its 4-D tensors use (pycaffe_alt.memory_format);
         layers that produce batches (data layers) lay them out that way. Others ignore it."""
 
+    def prepare_pass(self) -> None:
+        """Host work this layer needs before a compiled pass reaches it, which the graph itself
+        cannot contain (e.g. looking the batch's stored supports up by record index). The
+        compiled runner (pycaffe_alt.compile) calls it after the data layers have produced the
+        batch; an eager pass does that work inside ``forward``. Most layers need none."""
+
     def allow_force_backward(self, bottom_index: int) -> bool:
         """Caffe's ``AllowForceBackward``: loss layers never push gradients into labels."""
         return not self.is_loss or bottom_index != 1

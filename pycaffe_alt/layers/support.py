@@ -16,6 +16,11 @@ A trainer drives the layers through plain attributes, never global flags:
 * ``SupportMask.support_provider``: the per-instance mask for source STORE, ``(q) -> mask``;
 * ``SupportMask.reduce_sums``: for source BATCH, ``None`` or a callable applied to eq. 41's
   per-unit sums before thresholding (a distributed trainer all-reduces them there).
+
+A ``fixed_support`` or ``support_provider`` that must do host work per batch (look the batch's
+records up in a store) may have a ``prepare()`` method: the layer's :meth:`Layer.prepare_pass`
+calls it before a compiled pass, so that the call inside the graph only returns tensors. Called
+in an eager pass, the provider does that work itself.
 """
 from __future__ import annotations
 
@@ -68,6 +73,12 @@ def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return g.sum()
     dims = [i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1]
     return g.sum(dim=dims, keepdim=True) if dims else g
+
+
+def _prepare(provider: Optional[Callable]) -> None:
+    prepare = getattr(provider, "prepare", None)
+    if prepare is not None:
+        prepare()
 
 
 def _constant_mask(layer: Layer, m: torch.Tensor, q: torch.Tensor, what: str) -> torch.Tensor:
@@ -131,6 +142,9 @@ class HardThreshold(Layer):
         # Element-wise: no fake run (it would call the trainer's hooks on fake tensors).
         return [tuple(bottom_shapes[0])]
 
+    def prepare_pass(self) -> None:
+        _prepare(self.fixed_support)
+
     def set_mode(self, mode: str) -> None:
         """Switch between ``"THRESHOLD"`` and ``"RELU_BIAS"`` (e.g. at the end of the warm-up)."""
         if mode not in _HT.Mode.keys():
@@ -157,15 +171,18 @@ class HardThreshold(Layer):
             self.record_support(threshold_support(q, self.beta))
         if self.fixed_support is not None:
             m = _constant_mask(self, self.fixed_support(q), q, "fixed_support")
+            # q first: an element-wise product takes its first operand's memory format, and a
+            # stored mask is NCHW while q may be channels-last (pycaffe_alt.memory_format); the
+            # other order turned the rest of the net NCHW (max pooling 4x slower on the CPU).
             if shift:
-                return m * (q - beta)
+                return (q - beta) * m
             if self.learn_beta_fixed:
                 # KEEP output does not depend on beta; the ReLU(q - beta) surrogate gives beta
                 # the gradient -(q > beta) (as _ThresholdFn does without fixed supports). The
                 # added term is exactly zero in value.
                 live = threshold_support(q, self.beta).to(q.dtype)
-                return m * q - live * (beta - beta.detach())
-            return m * q
+                return q * m - live * (beta - beta.detach())
+            return q * m
         if self.mode == "RELU_BIAS":
             # Exactly Caffe's ReLU of (q - beta): gradient 0 at the kink, as Caffe's ReLU.
             return torch.relu(q - beta)
@@ -223,6 +240,10 @@ class SupportMask(Layer):
     def top_shapes(self, bottom_shapes):
         # Element-wise; a fake run would need a STORE provider, which exists only while training.
         return [tuple(bottom_shapes[0])]
+
+    def prepare_pass(self) -> None:
+        if self.source == "STORE":
+            _prepare(self.support_provider)
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         # The mask bottom is a constant, like a label.
