@@ -34,6 +34,7 @@ was the compiler's, so the net logs one line and stays eager from then on.
 """
 from __future__ import annotations
 
+import types
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -68,6 +69,15 @@ def why_not_compilable(steps: Sequence["Step"]) -> Optional[str]:
     return None
 
 
+def _own_copy(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs, and counts them
+    against its recompile limit (8), per code object: with one ``_graph`` code for every net,
+    the ninth net variant of a process (a solver has a train net, test nets, and each runs with
+    and without gradients, before and after the alternation's warm-up) silently ran eagerly."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+
+
 class CompiledNet:
     """The compiled forward pass of one Net (made by :meth:`for_net`; see the module notes)."""
 
@@ -76,7 +86,7 @@ class CompiledNet:
         self._net = net
         self._sources = sources
         self._keep: Tuple[str, ...] = tuple(dict.fromkeys(keep))
-        self._fn = compiler(self._graph)
+        self._fn = compiler(types.MethodType(_own_copy(CompiledNet._graph), self))
         self.active = True
         # Layers with host work before a compiled pass (Layer.prepare_pass), by step index.
         self._preparers: Tuple[Tuple[int, Layer], ...] = tuple(

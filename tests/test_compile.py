@@ -96,6 +96,26 @@ def test_compiler_failure_falls_back_to_eager_with_one_log_line(caplog):
     assert not net.compiled
 
 
+def test_every_net_compiles_past_dynamos_recompile_limit():
+    # Dynamo counts compiled graphs per code object (limit 8); each CompiledNet has its own, so
+    # a process with many nets (solver nets, phases, notebooks) keeps compiling them all.
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    for k in range(limit + 2):
+        net = caffe.Net(parse_text(TINY.replace("num_output: 5", f"num_output: {k + 4}"),
+                                   caffe_pb2.NetParameter()), caffe.TRAIN)
+        net._compiled = CompiledNet(net, leading_sources(net.steps), net.outputs + net.loss_tops,
+                                    compiler=lambda fn: torch.compile(fn, backend=count))
+        net(data=torch.randn(4, 2, 6, 6), label=torch.zeros(4))
+    assert len(graphs) == limit + 2
+
+
 def test_bad_label_in_compiled_net_raises_the_layers_error():
     net = tiny()
     net._compiled = CompiledNet(net, leading_sources(net.steps), net.outputs + net.loss_tops,
