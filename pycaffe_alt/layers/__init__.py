@@ -2,7 +2,7 @@
 
 Families: vision (convolution, pooling), neuron (element-wise activations), norm (batch norm,
 scale, normalisation), structure (blob plumbing, inner product), recurrent (RNN, LSTM,
-LSTMUnit), loss (losses and accuracy),
+LSTMUnit), loss (losses and accuracy), output (HDF5Output),
 input/data (net inputs and data readers), python_layer (user code, opt-in), ssd (the SSD
 detector's layers), support (the paper's HardThreshold and SupportMask).
 """
@@ -14,7 +14,7 @@ from .base import TEST, TRAIN, Layer, LayerContext
 # Each module registers its types with LAYERS on import; a module that does not exist yet is
 # simply skipped so families can land one at a time.
 for _family in ("input", "vision", "neuron", "norm", "structure", "recurrent", "loss", "data",
-                "python_layer", "ssd", "support"):
+                "output", "python_layer", "ssd", "support"):
     try:
         importlib.import_module(f"{__name__}.{_family}")
     except ModuleNotFoundError as _e:  # only a missing family module is tolerated
