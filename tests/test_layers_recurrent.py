@@ -169,6 +169,23 @@ def test_lstm_static_input_and_exposed_state(x):
     np.testing.assert_allclose(out["c0_T"][0], c, atol=2e-6)
 
 
+def test_no_gradient_through_exposed_state(x):
+    # Caffe shares the data, not the diff, of exposed state bottoms and tops.
+    net = recurrent_net(expose=True)
+    rng = np.random.default_rng(8)
+    run(net, x, np.ones((T, N), np.float32), h0=rng.standard_normal((1, N, H)),
+        c0=rng.standard_normal((1, N, H)))
+    net.blobs["y"].diff[...] = 0
+    net.blobs["h0_T"].diff[...] = 1  # would reach x through h_T if it flowed
+    net.blobs["c0_T"].diff[...] = 1
+    net.backward()
+    assert not np.any(net.blobs["x"].diff)
+    assert not np.any(net.blobs["h0"].diff) and not np.any(net.blobs["c0"].diff)
+    net.blobs["y"].diff[...] = 1
+    net.backward()
+    assert np.any(net.blobs["x"].diff) and not np.any(net.blobs["h0"].diff)
+
+
 def test_lstm_unit_backward_is_the_derivative_for_binary_cont():
     g = torch.Generator().manual_seed(4)
     c_prev = torch.randn(1, N, H, dtype=torch.float64, generator=g, requires_grad=True)

@@ -13,7 +13,8 @@ the same parameters, the same order of operations and the same state semantics:
 * State: without ``expose_hidden`` a forward starts from the state the previous forward ended
   with (zeros at first), as Caffe copies its recurrent outputs into its recurrent inputs; only
   ``cont = 0`` resets a stream. Gradients do not flow across forwards (Caffe zeroes those
-  diffs). The time-step count T is fixed at setup; the stream count N may change (the state
+  diffs), nor into exposed initial-state bottoms or out of exposed final-state tops (Caffe
+  shares their data only). The time-step count T is fixed at setup; the stream count N may change (the state
   then restarts at zero).
 * Per step, RNN: ``h_t = tanh(W_hh (cont_t h_{t-1}) + W_xh x_t + b_h [+ W_xh_static x_static])``,
   ``o_t = tanh(W_ho h_t + b_o)``. LSTM: ``gates = W_hc (cont_t h_{t-1}) + W_xc x_t + b_c
@@ -202,7 +203,9 @@ class _Recurrent(Layer):
                                  "(1, N, num_output)")
 
     def allow_force_backward(self, bottom_index: int) -> bool:
-        return bottom_index != 1  # cont: "Cannot backpropagate to sequence indicators."
+        # x and x_static only: no gradient into cont ("Cannot backpropagate to sequence
+        # indicators."), nor into an exposed initial state (Caffe shares its data, not its diff).
+        return bottom_index == 0 or (self.static_input and bottom_index == 2)
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
         self._check_shapes([tuple(s) for s in bottom_shapes])
@@ -217,7 +220,7 @@ class _Recurrent(Layer):
         rest = list(rest)
         static = rest.pop(0) if self.static_input else None
         if self.expose_hidden:
-            state = tuple(rest)
+            state = tuple(r.detach() for r in rest)
         else:
             state = self._state
             if state is None or state[0].shape[1] != n or state[0].device != x.device:
@@ -234,7 +237,8 @@ class _Recurrent(Layer):
             # The next forward starts here; no gradient crosses forwards.
             self._state = tuple(s.detach() for s in state)
         out = torch.cat(outputs, dim=0)
-        return (out,) + tuple(state) if self.expose_hidden else out
+        # The exposed final state shares Caffe's data, not its diff: no gradient comes back.
+        return (out,) + tuple(s.detach() for s in state) if self.expose_hidden else out
 
     def _step_input(self, recurrent: torch.Tensor, x_t: torch.Tensor,
                     static_in: Optional[torch.Tensor]) -> torch.Tensor:
