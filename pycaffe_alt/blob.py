@@ -7,10 +7,12 @@ to the device before it next computes (``HostMirror.push``).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
+
+from .errors import NetError
 
 
 class HostMirror:
@@ -84,10 +86,28 @@ class _BlobView:
     width = property(lambda self: self._legacy(3))
 
 
-def _shape_args(shape) -> Tuple[int, ...]:
+MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
+
+
+def check_blob_shape(shape: Sequence[int], where: str = "<blob>") -> None:
+    """Caffe's Blob::Reshape checks: at most 32 axes, no negative dimension (NetError)."""
+    if len(shape) > MAX_BLOB_AXES:
+        raise NetError(f"blob shape has {len(shape)} axes; Caffe allows at most {MAX_BLOB_AXES}",
+                       where)
+    if any(d < 0 for d in shape):
+        raise NetError(f"blob shape {tuple(shape)} has a negative dimension", where,
+                       "every dimension must be >= 0")
+
+
+def _shape_args(shape, where: str = "<blob>") -> Tuple[int, ...]:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    return tuple(int(d) for d in shape)
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise NetError(f"reshape() takes integer dimensions, got {shape!r}", where) from None
+    check_blob_shape(dims, where)
+    return dims
 
 
 class Blob(_BlobView):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import caffe_rng
-from .errors import CaffeError
+from .errors import ArgumentTypeError, CaffeError
 
 
 class _Defaults:
@@ -54,6 +54,10 @@ def set_random_seed(seed: int) -> None:
     Caffe's own stream (:mod:`pycaffe_alt.caffe_rng`) restarts too, so the fillers that follow
     it give Caffe's initial weights for the same seed and net.
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
+            not 0 <= int(seed) < 2**63:
+        raise ArgumentTypeError(f"set_random_seed() takes an integer in [0, 2^63), got {seed!r}")
+    seed = int(seed)
     caffe_rng.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

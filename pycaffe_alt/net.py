@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from . import memory_format as mf
-from .blob import Blob, HostMirror, ParamBlob
+from .blob import Blob, HostMirror, ParamBlob, check_blob_shape
 from .blob_memory import check_blob_fits, zeros
 from .compile import CompiledNet
-from .errors import CaffeError, NetError
+from .errors import ArgumentTypeError, CaffeError, NetError
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
 from .mode import default_device
@@ -118,6 +118,9 @@ def _parse_pycaffe_args(args, phase, weights):
         raise TypeError("Net(network_file, [weights,] phase, level=0, stages=None, weights=None)")
     if phase is None:
         raise TypeError("Net() needs a phase: caffe.TRAIN or caffe.TEST")
+    if phase not in (caffe_pb2.TRAIN, caffe_pb2.TEST) or isinstance(phase, bool):
+        raise ArgumentTypeError(f"Net() phase must be caffe.TRAIN (0) or caffe.TEST (1), got "
+                                f"{phase!r}")
     return int(phase), weights
 
 
@@ -234,9 +237,13 @@ class Net(nn.Module):
         state.CopyFrom(net_param.state)
         state.phase = phase
         if stages is not None:
+            if isinstance(stages, (str, bytes)) or not all(isinstance(s, str) for s in stages):
+                raise ArgumentTypeError(f"Net() stages must be a list of strings, got {stages!r}")
             del state.stage[:]
             state.stage.extend(stages)
         if level:
+            if not isinstance(level, int) or isinstance(level, bool):
+                raise ArgumentTypeError(f"Net() level must be an integer, got {level!r}")
             state.level = level
         out = caffe_pb2.NetParameter()
         out.CopyFrom(net_param)
@@ -282,11 +289,13 @@ class Net(nn.Module):
                 need = max(cls.num_tops[0], 1 if cls.is_loss else 0)
                 tops += [ANONYMOUS_TOP + f"{index}_{i}" for i in range(len(tops), need)]
             check_bottom_count(cls, len(bottoms), len(tops), where)
-            for t in tops:
-                if t in produced and t not in bottoms:
-                    raise NetError(f"top blob '{t}' is produced by more than one layer", where,
-                                   "rename one of the tops, or make this layer in-place "
-                                   "(same bottom and top)")
+            for ti, t in enumerate(tops):
+                # Caffe's Net::AppendTop: top i may reuse a name only as bottom i (in place).
+                in_place = ti < len(bottoms) and bottoms[ti] == t
+                if (t in produced and not in_place) or t in tops[:ti]:
+                    raise NetError(f"top blob '{t}' (top {ti}) is produced by more than one "
+                                   "layer", where, "rename the top; a layer works in place only "
+                                   "when its top i has the name of its bottom i")
             bottom_shapes = [self._shapes[b] for b in bottoms]
             try:
                 layer = cls(lp, bottom_shapes, ctx)
@@ -358,7 +367,10 @@ class Net(nn.Module):
 
     def _infer_top_shapes(self, layer: Layer, bottom_shapes, where) -> List[Shape]:
         try:
-            return [tuple(s) for s in layer.top_shapes(bottom_shapes)]
+            shapes = [tuple(s) for s in layer.top_shapes(bottom_shapes)]
+            for s in shapes:
+                check_blob_shape(s, where)
+            return shapes
         except CaffeError:
             raise
         except Exception as e:
@@ -567,11 +579,25 @@ class Net(nn.Module):
             bottoms = [values[b] for b in step.bottoms]
             if True in step.detach:
                 bottoms = [b.detach() if d else b for b, d in zip(bottoms, step.detach)]
-            if step.reads_final and bottoms[0].requires_grad:
-                final = finals.setdefault(step.tops[0], _FinalValue())
-                out = _BufferBackward.apply(bottoms[0], step.layer, final)
-            else:
-                out = step.layer(*bottoms)
+            try:
+                if step.reads_final and bottoms[0].requires_grad:
+                    final = finals.setdefault(step.tops[0], _FinalValue())
+                    out = _BufferBackward.apply(bottoms[0], step.layer, final)
+                else:
+                    out = step.layer(*bottoms)
+            except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
+                # A check the layer makes at setup but not again after a reshape (pycaffe's
+                # blob.reshape, net.reshape) or a fault torch finds first: name the layer and
+                # the shapes it got, not a torch traceback. User layers keep their own errors.
+                if step.layer.runs_user_code or isinstance(e, CaffeError):
+                    raise
+                raise step.layer.error(
+                    f"failed on bottoms of shapes {[tuple(b.shape) for b in bottoms]}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+                    "check the shapes the layers above produce and this layer's parameters; "
+                    "after a reshape (blob.reshape, net.reshape), build the net with the new "
+                    "shapes to have every layer check them at setup"
+                ) from None
             if isinstance(out, torch.Tensor):
                 out = (out,)
             if trace is not None:
@@ -628,22 +654,53 @@ class Net(nn.Module):
             if name not in self._shapes:
                 raise NetError(f"forward() got an array for '{name}', which is not a blob of this net",
                                self.source, f"inputs: {', '.join(self._inputs)}")
-            arr = np.asarray(arr)
-            if arr.shape and self.blobs[name].shape and arr.shape[0] != self.blobs[name].shape[0]:
-                raise NetError(f"input '{name}' has batch size {arr.shape[0]}, the blob has "
-                               f"{self.blobs[name].shape[0]}", self.source,
-                               f"reshape first: net.blobs['{name}'].reshape(...); net.reshape()")
-            self.blobs[name].data[...] = arr
+            if start is None and name not in self._inputs:
+                # pycaffe refuses it too; a layer would overwrite the array before it is read.
+                raise NetError(f"forward() got an array for '{name}', which is not an input of "
+                               "this net (a layer computes it)", self.source,
+                               f"inputs: {', '.join(self._inputs)}; or start the pass above the "
+                               "layer that computes it (start=...)")
+            self._write_array(name, arr, "data", "forward()")
+        names = self._output_names(blobs, end)
         self._forward_pycaffe(self._layer_index(start, 0),
                               self._layer_index(end, len(self._steps) - 1))
-        return {n: self.blobs[n].data for n in self._output_names(blobs, end)}
+        return {n: self.blobs[n].data for n in names}
+
+    def _write_array(self, name: str, arr, field: str, caller: str) -> None:
+        """``blobs[name].<field>[...] = arr`` with a NetError naming the blob when ``arr`` does not
+        fit (wrong shape, not numbers)."""
+        target = getattr(self.blobs[name], field)
+        try:
+            arr = np.asarray(arr, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise NetError(f"{caller} got a value for '{name}' that is not an array of numbers "
+                           f"({e})", self.source) from None
+        if arr.shape and target.shape and arr.shape[0] != target.shape[0]:
+            raise NetError(f"{caller}: '{name}' has batch size {arr.shape[0]}, the blob has "
+                           f"{target.shape[0]}", self.source,
+                           f"reshape first: net.blobs['{name}'].reshape(...); net.reshape()")
+        try:
+            target[...] = arr
+        except ValueError:
+            raise NetError(f"{caller}: the array for '{name}' has shape {arr.shape}, the blob "
+                           f"{tuple(target.shape)}", self.source,
+                           f"reshape first: net.blobs['{name}'].reshape(...); net.reshape()") from None
 
     def _output_names(self, blobs, end) -> List[str]:
+        if end is not None:
+            self._layer_index(end, 0)  # an unknown layer name is a NetError
         names = list(self.top_names[end]) if end is not None else list(self._outputs)
         for b in blobs or ():
+            self._require_blob(b, "forward(blobs=...)")
             if b not in names:
                 names.append(b)
         return names
+
+    def _require_blob(self, name: str, caller: str) -> None:
+        if name not in self._shapes:
+            raise NetError(f"{caller}: no blob named '{name}' in this net", self.source,
+                           f"blobs: {', '.join(list(self._shapes)[:20])}"
+                           f"{', ...' if len(self._shapes) > 20 else ''}")
 
     def _push_host_writes(self) -> None:
         """Copy numpy writes made on GPU nets (host copies) to the device."""
@@ -679,7 +736,8 @@ class Net(nn.Module):
         inputs when ``end`` is not given), plus those named in ``diffs``.
         """
         for name, arr in kwargs.items():
-            self.blobs[name].diff[...] = arr
+            self._require_blob(name, "backward()")
+            self._write_array(name, arr, "diff", "backward()")
         self._push_host_writes()
         lo = self._layer_index(end, 0)
         hi = self._layer_index(start, len(self._steps) - 1)
@@ -696,6 +754,8 @@ class Net(nn.Module):
             self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
             self._spent_steps.update(range(lo, hi + 1))
         names = list(self.bottom_names[end]) if end is not None else list(self._inputs)
+        for d in diffs or ():
+            self._require_blob(d, "backward(diffs=...)")
         names += [d for d in diffs or () if d not in names]
         return {n: self.blobs[n].diff for n in names}
 
@@ -876,6 +936,9 @@ class Net(nn.Module):
         returns the names of the layers copied."""
         from .weights import copy_weights
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentTypeError(f"copy_from() takes the path of a weights file, got "
+                                    f"{type(path).__name__}")
         return copy_weights(self._param_lists(), os.fspath(path))
 
     def save(self, path: str, diffs: Optional[Dict[str, List[np.ndarray]]] = None) -> None:

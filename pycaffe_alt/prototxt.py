@@ -24,6 +24,7 @@ from google.protobuf import text_format
 from . import fileio, upgrade
 from .errors import PrototxtError, located_in
 from .proto import caffe_pb2
+from .proto.text_fields import invalid_text_field
 
 PathOrText = Union[str, "os.PathLike[str]"]
 M = TypeVar("M", bound=pb_message.Message)
@@ -164,6 +165,10 @@ def _parse_binary(raw: bytes, message: M, source: str) -> M:
         raise PrototxtError(
             f"not a valid {name} (truncated or corrupt)", where=source,
             hint=f"the file should be a binary {name}; re-download or re-create it") from None
+    bad = invalid_text_field(message)
+    if bad is not None:
+        raise PrototxtError(f"field {bad} of this binary {name} is not valid UTF-8 text; the file "
+                            "is corrupt", where=source, hint="re-download or re-create it")
     return message
 
 

@@ -19,6 +19,7 @@ from . import fileio
 from .errors import WeightsError, located_in
 from .log import get_logger
 from .proto import caffe_pb2
+from .proto.text_fields import invalid_text_field
 
 LayerBlobs = "OrderedDict[str, List[np.ndarray]]"
 
@@ -92,6 +93,10 @@ def _parse(path: str, message):
         raise WeightsError(f"not a valid {type(message).__name__} ({e}); the file is truncated "
                            "or corrupt", where=path,
                            hint="download or copy it again; check it is a Caffe binary file") from None
+    bad = invalid_text_field(message)
+    if bad is not None:  # e.g. a layer name: its weights would silently not load
+        raise WeightsError(f"field {bad} is not valid UTF-8 text; the file is corrupt", where=path,
+                           hint="download or copy it again")
     return message
 
 

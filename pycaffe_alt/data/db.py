@@ -156,6 +156,9 @@ _ENVS_LOCK = threading.Lock()
 def _open_lmdb(path: str):
     import lmdb
 
+    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+    # A FIFO or device in the database's place would block the open forever.
+    check_input_path(data_file, DataError, "database file (an LMDB data.mdb)")
     try:
         # A directory is Caffe's layout (data.mdb inside); a bare file is MDB_NOSUBDIR. No lock file
         # (lock=False), so databases on read-only media open too; do not read a database while

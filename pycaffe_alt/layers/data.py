@@ -409,9 +409,18 @@ class HDF5Data(DataLayerBase):
         self.batch_size = self.require_batch_size(hp.batch_size, "hdf5_data_param")
         source = self.require_source(hp.source, "hdf5_data_param", "HDF5 file list",
                                      "write a text file naming one .h5 file per line")
-        with open(source, "r", encoding="utf-8") as f:
+        with open(source, "rb") as f:
+            raw = f.read()
+        if raw.startswith(b"\x89HDF\r\n\x1a\n"):
+            raise DataError(f"source {source!r} is an HDF5 file, not a list of them", self.where,
+                            "hdf5_data_param.source names a text file with one .h5 path per "
+                            f"line: echo {source} > list.txt and use list.txt")
+        try:
             # Caffe reads whitespace-separated names.
-            self.files = f.read().split()
+            self.files = raw.decode("utf-8").split()
+        except UnicodeDecodeError:
+            raise DataError(f"HDF5 file list {source!r} is not UTF-8 text", self.where,
+                            "write a text file naming one .h5 file per line") from None
         if not self.files:
             raise DataError(f"HDF5 file list {source!r} names no files", self.where,
                             "write one .h5 path per line")
@@ -421,7 +430,8 @@ class HDF5Data(DataLayerBase):
         rows, tails = [], None
         for path in self.files:
             if not os.path.isfile(path):
-                raise DataError(f"HDF5 file {path!r} (listed in {source}) does not exist",
+                what = "is not a regular file" if os.path.exists(path) else "does not exist"
+                raise DataError(f"HDF5 file {path!r} (listed in {source}) {what}",
                                 self.where, "fix the list file or create the file with h5py")
             try:
                 with h5py.File(path, "r") as h5:

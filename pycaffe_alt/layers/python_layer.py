@@ -255,6 +255,9 @@ class Python(Layer):
             sys.path.insert(0, cwd)
         try:
             module = importlib.import_module(module_name)
+        except SyntaxError as e:
+            raise self.error(f"module '{module_name}' does not compile: {e.msg} ({e.filename}, "
+                             f"line {e.lineno})", "fix the module's Python syntax") from None
         except ImportError as e:
             raise self.error(f"cannot import module '{module_name}': {e}",
                              f"put {module_name}.py in the working directory ({cwd}) or on PYTHONPATH") from e
@@ -265,6 +268,10 @@ class Python(Layer):
         if cls is None:
             raise self.error(f"module '{module_name}' ({getattr(module, '__file__', '?')}) has no "
                              f"'{class_name}'", "check python_param.layer (the class name)")
+        if not isinstance(cls, type):
+            # e.g. module: "os" layer: "system" would call os.system(param)
+            raise self.error(f"'{module_name}.{class_name}' is a {type(cls).__name__}, not a "
+                             "class", "python_param.layer names a class (a caffe.Layer subclass)")
         return cls
 
     def _bind_params(self, params: Sequence[torch.Tensor]) -> None:

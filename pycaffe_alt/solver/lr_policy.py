@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import SolverError
 
 _f32 = np.float32
+_FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def _rounded(x: float) -> float:
@@ -100,7 +101,11 @@ def _sigmoid(p, it: int) -> float:
     # golden/solvers/adadelta_sigmoid uses gamma -0.2 (a decaying sigmoid) and we follow it;
     # a negative gamma is the only way to make the sigmoid policy decrease the rate.
     x = -_f32(p.gamma) * (_f32(it) - _f32(p.stepsize))
-    return _rounded(p.base_lr * (1.0 / (1.0 + math.exp(float(x)))))
+    # Caffe's float exp overflows to inf far out on the tail, and the rate is then exactly 0.
+    e = math.exp(float(x)) if x < 709.0 else math.inf
+    if e > _FLT_MAX:
+        e = math.inf
+    return _rounded(p.base_lr * (1.0 / (1.0 + e)))
 
 
 LR_POLICIES: Dict[str, Callable[[object, int], float]] = {

@@ -41,6 +41,7 @@ from google.protobuf.message import DecodeError
 from ..errors import SolverError, WeightsError
 from ..fileio import check_input_path, read_input_bytes
 from ..proto import caffe_pb2
+from ..proto.text_fields import invalid_text_field
 from ..weights import array_to_blob, atomic_write, blob_to_array
 
 RESUME_MAGIC = b"pycaffe_alt.resume.v1\n"
@@ -208,6 +209,10 @@ def read_solverstate(path: str) -> SolverStateData:
     except (DecodeError, RuntimeError, ValueError) as e:
         raise SolverError(f"not a valid solver state ({e}); the file is truncated or corrupt",
                           where=path, hint="resume from another snapshot") from None
+    bad = invalid_text_field(state)
+    if bad is not None:  # learned_net: a path that cannot be a str
+        raise SolverError(f"field {bad} is not valid UTF-8 text; the file is corrupt",
+                          where=path, hint="resume from another snapshot")
     # Caffe always writes iter; an empty or foreign file parses "successfully" without it.
     if not state.HasField("iter"):
         raise SolverError("not a solver state (no iteration recorded)", where=path,

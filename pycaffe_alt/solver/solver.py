@@ -106,6 +106,7 @@ class Solver:
             self._check_param()
             rule_type = self._rule_type()
             self.rule = update_rule(rule_type)
+            self._check_rule_param(rule_type)
             self.hyper = RuleHyper.from_solver_param(self.param)
             check_hyper(rule_type, self.hyper)
         self.device = self._pick_device(device)
@@ -188,6 +189,18 @@ class Solver:
         regularizer(p.regularization_type)
         if p.lr_policy:
             learning_rate(p, 0)
+
+    def _check_rule_param(self, rule_type: str) -> None:
+        """Hyper-parameters an update rule cannot run with (Caffe would divide by zero or take
+        the root of a negative number at some iteration and train on NaN)."""
+        p = self.param
+        if rule_type == "Adam":
+            for field in ("momentum", "momentum2"):
+                value = getattr(p, field)
+                if not 0 <= value < 1:
+                    raise SolverError(f"Adam needs 0 <= {field} < 1 (got {value:g})",
+                                      self._where(field), "Adam's usual values are momentum 0.9 "
+                                      "and momentum2 0.999 (beta1, beta2)")
 
     def _pick_device(self, device) -> torch.device:
         if device is not None:

@@ -243,6 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--delimiter", default=",", help="column delimiter (default ',')")
     parser.add_argument("--verbose", action="store_true", help="print the files written")
     args = parse_args(parser, argv)
+    if len(args.delimiter) != 1:
+        raise CaffeError(f"--delimiter must be one character, got {args.delimiter!r}",
+                         hint="e.g. --delimiter ';' (use $'\\t' in bash for a tab)")
     train, test = parse_log(args.logfile_path)
     if not train and not test:
         raise CaffeError(f"{args.logfile_path}: no training or test lines found",

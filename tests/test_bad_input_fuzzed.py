@@ -1,0 +1,177 @@
+"""Bad input found by a fuzz campaign: each case gave a traceback, a hang or a silently wrong
+result before, and must now give one error naming the file, field, layer or blob."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import pycaffe_alt as caffe
+from bad_input_case import make_fifo, no_hang
+from pycaffe_alt.errors import CaffeError, DataError, NetError, SolverError, WeightsError
+from pycaffe_alt.proto import caffe_pb2
+from pycaffe_alt.prototxt import parse_text, read_net
+from pycaffe_alt.solver.lr_policy import learning_rate
+from pycaffe_alt.solver.snapshot import read_solverstate
+from pycaffe_alt.weights import read_net_weights
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LENET = os.path.join(HERE, "fixtures", "golden", "nets", "lenet_loss")
+
+
+def lenet(phase=caffe.TEST):
+    return caffe.Net(os.path.join(LENET, "net.prototxt"),
+                     os.path.join(LENET, "weights.caffemodel"), phase)
+
+
+def net_from(text, phase=caffe.TEST):
+    return caffe.Net(parse_text(text, caffe_pb2.NetParameter()), phase)
+
+
+def corrupt_first(raw: bytes, text: bytes) -> bytes:
+    """``raw`` with the first byte of ``text`` replaced by 0xff (not UTF-8)."""
+    at = raw.index(text)
+    return raw[:at] + b"\xff" + raw[at + 1:]
+
+
+def test_caffemodel_with_a_non_utf8_layer_name_is_refused(tmp_path):
+    # Before: the layer's weights silently did not load (its name no longer matched).
+    raw = open(os.path.join(LENET, "weights.caffemodel"), "rb").read()
+    bad = tmp_path / "bad.caffemodel"
+    bad.write_bytes(corrupt_first(raw, b"conv1"))
+    with pytest.raises(WeightsError, match=r"layer\[\d+\]\.name is not valid UTF-8"):
+        read_net_weights(str(bad))
+    with pytest.raises(CaffeError, match="UTF-8"):
+        read_net(str(bad))  # the binary NetParameter reader (draw_net, upgrades)
+
+
+def test_solverstate_with_a_non_utf8_path_is_refused(tmp_path):
+    state = caffe_pb2.SolverState(iter=3, learned_net="snap_iter_3.caffemodel")
+    bad = tmp_path / "bad.solverstate"
+    bad.write_bytes(corrupt_first(state.SerializeToString(), b"snap"))
+    with pytest.raises(SolverError, match="learned_net is not valid UTF-8"):
+        read_solverstate(str(bad))
+
+
+def test_lmdb_whose_data_file_is_a_fifo_does_not_hang(tmp_path):
+    db = tmp_path / "db"
+    db.mkdir()
+    make_fifo(db, "data.mdb")
+    net = tmp_path / "net.prototxt"
+    net.write_text(f'layer {{ name: "d" type: "Data" top: "data" top: "label" '
+                   f'data_param {{ source: "{db}" batch_size: 2 backend: LMDB }} }}')
+    with no_hang(20), pytest.raises(DataError, match="FIFO"):
+        caffe.Net(str(net), caffe.TEST)
+
+
+def test_decaying_sigmoid_rate_reaches_zero_instead_of_overflowing():
+    p = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="sigmoid", gamma=-0.2, stepsize=1)
+    assert learning_rate(p, 100) > 0
+    assert learning_rate(p, 3600) == 0.0  # math.exp overflowed here (OverflowError)
+    assert learning_rate(p, 10**9) == 0.0
+
+
+@pytest.mark.parametrize("field, value", [("momentum", 1.0), ("momentum2", 2.0),
+                                          ("momentum", -0.1)])
+def test_adam_rejects_hyper_parameters_it_cannot_run_with(tmp_path, field, value):
+    net = tmp_path / "net.prototxt"
+    shutil.copy(os.path.join(LENET, "net.prototxt"), net)
+    p = caffe_pb2.SolverParameter(net=str(net), base_lr=0.01, type="Adam", momentum=0.9,
+                                  momentum2=0.999, lr_policy="fixed")
+    setattr(p, field, value)
+    with pytest.raises(SolverError, match=f"Adam needs 0 <= {field} < 1"):
+        caffe.get_solver(p)
+
+
+def test_top_names_follow_caffes_one_source_rule():
+    inputs = ('layer { name: "in" type: "Input" top: "data" top: "d2" '
+              'input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } } }')
+    # Eltwise writing its second bottom: accumulated across forwards before.
+    with pytest.raises(NetError, match="'d2' \\(top 0\\) is produced by more than one layer"):
+        net_from(inputs + 'layer { name: "a" type: "Eltwise" bottom: "data" bottom: "d2" '
+                          'top: "d2" }')
+    with pytest.raises(NetError, match="'data' \\(top 1\\)"):
+        net_from(inputs + 'layer { name: "s" type: "Slice" bottom: "data" top: "data" '
+                          'top: "data" slice_param { axis: 1 slice_point: 1 } }')
+    # In place (top i named as bottom i) stays allowed.
+    net_from(inputs + 'layer { name: "r" type: "ReLU" bottom: "d2" top: "d2" }')
+
+
+def test_a_layer_failing_after_a_reshape_names_itself():
+    net = lenet()
+    net.blobs["data"].reshape(4, 1, 28, 28)  # the label blob keeps its old batch size
+    net.reshape()
+    with pytest.raises(NetError, match=r"layer '\w+' \(type \w+\): failed on bottoms of shapes"):
+        net.forward()
+
+
+def test_blob_shapes_follow_caffes_limits():
+    net = lenet()
+    with pytest.raises(NetError, match="negative dimension"):
+        net.blobs["data"].reshape(-1, 1, 28, 28)
+    dims = " ".join("dim: 1" for _ in range(33))
+    with pytest.raises(NetError, match="33 axes; Caffe allows at most 32"):
+        net_from(f'layer {{ name: "in" type: "Input" top: "x" input_param {{ shape {{ {dims} }} '
+                 '} }')
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda n: n.forward(blobs=["nope"]), "no blob named 'nope'"),
+    (lambda n: n.backward(diffs=["nope"]), "no blob named 'nope'"),
+    (lambda n: n.backward(nope=np.zeros(1)), "no blob named 'nope'"),
+    (lambda n: n.forward(data=np.zeros((2, 2, 5, 5))), "has shape \\(2, 2, 5, 5\\)"),
+    (lambda n: n.forward(data="hello"), "not an array of numbers"),
+    (lambda n: n.forward(conv1=np.zeros((2, 20, 24, 24))), "not an input of this net"),
+    (lambda n: n.copy_from(None), "path of a weights file"),
+])
+def test_pycaffe_calls_with_bad_arguments_raise_caffe_errors(call, message):
+    with pytest.raises(CaffeError, match=message):
+        call(lenet())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"phase": 7}, "caffe.TRAIN"), ({"phase": caffe.TEST, "stages": [1]}, "list of strings"),
+    ({"phase": caffe.TEST, "level": "a"}, "integer"),
+])
+def test_net_constructor_arguments_are_checked(kwargs, message):
+    with pytest.raises(TypeError, match=message):  # ArgumentTypeError: a TypeError and CaffeError
+        caffe.Net(os.path.join(LENET, "net.prototxt"), **kwargs)
+
+
+def test_set_random_seed_range():
+    with pytest.raises(CaffeError, match="set_random_seed"):
+        caffe.set_random_seed(2**80)
+    caffe.set_random_seed(2**40)
+
+
+def test_python_layer_module_that_does_not_compile_or_names_a_function(tmp_path, monkeypatch):
+    (tmp_path / "broken_mod.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    layer = ('layer {{ name: "p" type: "Python" bottom: "x" top: "y" '
+             'python_param {{ module: "{}" layer: "{}" }} }}')
+    inputs = 'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 } } }'
+    for module, cls, message in (("broken_mod", "L", "does not compile"),
+                                 ("os", "getcwd", "not a class")):
+        with pytest.raises(NetError, match=message):
+            caffe.Net(parse_text(inputs + layer.format(module, cls), caffe_pb2.NetParameter()),
+                      caffe.TEST, allow_python=True)
+
+
+def test_hdf5data_source_that_is_an_hdf5_file(tmp_path):
+    import h5py
+
+    h5 = tmp_path / "d.h5"
+    with h5py.File(h5, "w") as f:
+        f["data"] = np.zeros((2, 3), np.float32)
+    with pytest.raises(DataError, match="is an HDF5 file, not a list of them"):
+        net_from(f'layer {{ name: "h" type: "HDF5Data" top: "data" '
+                 f'hdf5_data_param {{ source: "{h5}" batch_size: 2 }} }}')
+
+
+def test_parse_log_delimiter_must_be_one_character(tmp_path):
+    from pycaffe_alt.tools import parse_log
+
+    log = tmp_path / "train.log"
+    log.write_text("I1203 10:00:00.000000  1 solver.cpp:218] Iteration 0, loss = 2.3\n")
+    with pytest.raises(CaffeError, match="one character"):
+        parse_log.main([str(log), str(tmp_path), "--delimiter", "abc"])
