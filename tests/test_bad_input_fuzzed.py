@@ -53,6 +53,17 @@ def test_solverstate_with_a_non_utf8_path_is_refused(tmp_path):
         read_solverstate(str(bad))
 
 
+@pytest.mark.parametrize("state, message", [
+    (caffe_pb2.SolverState(iter=2**31 - 1), "largest int32"),
+    (caffe_pb2.SolverState(iter=3, learned_net=""), "learned_net is empty"),
+])
+def test_solverstate_values_that_cannot_be_resumed(tmp_path, state, message):
+    bad = tmp_path / "bad.solverstate"
+    bad.write_bytes(state.SerializeToString())
+    with pytest.raises(SolverError, match=message):
+        read_solverstate(str(bad))
+
+
 def test_lmdb_whose_data_file_is_a_fifo_does_not_hang(tmp_path):
     db = tmp_path / "db"
     db.mkdir()

@@ -218,6 +218,10 @@ def read_solverstate(path: str) -> SolverStateData:
         raise SolverError("not a solver state (no iteration recorded)", where=path,
                           hint="pass a .solverstate file written by Caffe or pycaffe_alt")
     _check_counters(state.iter, state.current_step, path)
+    if state.HasField("learned_net") and not state.learned_net:
+        # Caffe would try to open "" and fail; resuming with the initial weights is never meant.
+        raise SolverError("learned_net is empty: the state names no weights file", where=path,
+                          hint="the file is damaged; resume from another snapshot")
     resume = (decode_resume_state(state.resume_state, where=path)
               if state.HasField("resume_state") else None)
     return SolverStateData(
@@ -234,6 +238,9 @@ def _check_counters(it: int, step: int, path: str) -> None:
             raise SolverError(f"{field} is {value}; a solver state's {field} is never negative",
                               where=path, hint="the file is damaged; resume from another "
                                                "snapshot")
+    if it >= 2**31 - 1:  # int32 in Caffe's proto: no iteration could follow and be recorded
+        raise SolverError(f"iter is {it}, the largest int32; no iteration can follow it",
+                          where=path, hint="the file is damaged; resume from another snapshot")
 
 
 def check_history(history: Sequence[np.ndarray], expected_shapes: Sequence[Tuple[int, ...]],
