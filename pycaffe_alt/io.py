@@ -25,8 +25,16 @@ def blobproto_to_array(blob: "caffe_pb2.BlobProto", return_diff: bool = False) -
     """The data (or diff) of a BlobProto as an array, shaped by its legacy 4-D fields if set."""
     values = np.array(blob.diff if return_diff else blob.data)
     if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
-        return values.reshape(blob.num, blob.channels, blob.height, blob.width)
-    return values.reshape(tuple(blob.shape.dim))
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        shape = tuple(blob.shape.dim)
+    # A truncated or foreign binaryproto parses into a blob whose count does not match.
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) != values.size:
+        raise DataError(f"BlobProto of shape {shape} holds {values.size} "
+                        f"{'diff' if return_diff else 'data'} values",
+                        hint="the blob (or the .binaryproto it came from) is damaged or "
+                             "incomplete")
+    return values.reshape(shape)
 
 
 def array_to_blobproto(arr: np.ndarray, diff: Optional[np.ndarray] = None) -> "caffe_pb2.BlobProto":

@@ -179,6 +179,13 @@ def test_hdf5data_source_that_is_an_hdf5_file(tmp_path):
                  f'hdf5_data_param {{ source: "{h5}" batch_size: 2 }} }}')
 
 
+@pytest.mark.parametrize("dims, values", [((5, 5), [1.0, 2.0]), ((-1,), [1.0, 2.0, 3.0])])
+def test_blobproto_whose_count_does_not_match_its_shape(dims, values):
+    blob = caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=dims), data=values)
+    with pytest.raises(DataError, match="holds"):
+        caffe.io.blobproto_to_array(blob)
+
+
 def test_parse_log_delimiter_must_be_one_character(tmp_path):
     from pycaffe_alt.tools import parse_log
 
