@@ -186,6 +186,18 @@ def test_blobproto_whose_count_does_not_match_its_shape(dims, values):
         caffe.io.blobproto_to_array(blob)
 
 
+def test_log_tools_say_what_a_bad_log_path_is(tmp_path):
+    from pycaffe_alt.tools import parse_log, plot_training_log
+
+    fifo = make_fifo(tmp_path)
+    for path, message in ((fifo, "FIFO"), (str(tmp_path), "is a directory"),
+                          (str(tmp_path / "none.log"), "does not exist")):
+        with no_hang(20), pytest.raises(CaffeError, match=message):
+            parse_log.main([path, str(tmp_path)])
+        with no_hang(20), pytest.raises(CaffeError, match=message):
+            plot_training_log.main(["0", str(tmp_path / "p.png"), path])
+
+
 def test_parse_log_delimiter_must_be_one_character(tmp_path):
     from pycaffe_alt.tools import parse_log
 

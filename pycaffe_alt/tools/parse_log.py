@@ -31,7 +31,7 @@ from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CaffeError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, check_input_path
 from .cli import parse_args, run_main
 
 Row = "OrderedDict[str, float]"
@@ -184,9 +184,8 @@ def _move_smoothed_last(rows: List[Row]) -> List[Row]:
 
 def parse_log(path: str) -> Tuple[List[Row], List[Row]]:
     """``(train_rows, test_rows)`` of a log file, each row an OrderedDict of column -> value."""
-    if not os.path.isfile(path):
-        raise CaffeError(f"log file {path!r} does not exist",
-                         hint="give the file the training run wrote (e.g. tools/train ... 2> train.log)")
+    # Missing, a directory, a FIFO (reading it would wait forever): each said by name.
+    check_input_path(path, CaffeError, "log file")
     with open(path, errors="replace") as f:
         return parse_log_lines(f, _file_year(path))
 

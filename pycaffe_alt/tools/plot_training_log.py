@@ -31,6 +31,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from ..errors import CaffeError
+from ..fileio import check_input_path
 from .cli import parse_args, run_main
 from .parse_log import Row, parse_log
 
@@ -159,8 +160,7 @@ def save_figure(fig, path: str) -> None:
 
 def _check_logs(logs: Sequence[str]) -> None:
     for p in logs:
-        if not os.path.isfile(p):
-            raise CaffeError(f"log file {p!r} does not exist")
+        check_input_path(p, CaffeError, "log file")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
