@@ -325,3 +325,16 @@ def test_a_solver_trains_an_lstm(tmp_path):
         solver.step(1)
         losses.append(float(solver.net.blobs["loss"].data))
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_netspec_writes_an_lstm_net_that_builds():
+    from pycaffe_alt.net_spec import NetSpec, layers as L
+
+    n = NetSpec()
+    n.x, n.cont = L.Input(shape=[dict(dim=[T, N, D]), dict(dim=[T, N])], ntop=2)
+    n.h = L.LSTM(n.x, n.cont, recurrent_param=dict(num_output=H,
+                                                   weight_filler=dict(type="xavier")))
+    n.y = L.InnerProduct(n.h, num_output=2, axis=2)
+    net = caffe.Net(n.to_proto(), caffe.TEST)
+    assert [tuple(b.data.shape) for b in net.params["h"]] == [(4 * H, D), (4 * H,), (4 * H, H)]
+    assert net.forward()["y"].shape == (T, N, 2)
