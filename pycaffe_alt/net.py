@@ -206,7 +206,7 @@ class Net(nn.Module):
         self.source = source
         self.phase = phase
         self._device = torch.device(device) if device is not None else default_device()
-        self.net_param = self._filtered(net_param, phase, stages, level)
+        self.net_param = self._filtered(net_param, phase, stages, level, source)
         self._values: Dict[str, torch.Tensor] = {}
         self._diffs: Dict[str, torch.Tensor] = {}
         # Layers whose autograd graph a pycaffe backward has used up (freed) since their forward.
@@ -231,7 +231,7 @@ class Net(nn.Module):
 
     # ------------------------------------------------------------------ building
     @staticmethod
-    def _filtered(net_param, phase: int, stages, level: int):
+    def _filtered(net_param, phase: int, stages, level: int, where: str = "<net>"):
         """Caffe's FilterNet with the state set as pycaffe's Net constructor sets it."""
         state = caffe_pb2.NetState()
         state.CopyFrom(net_param.state)
@@ -250,7 +250,7 @@ class Net(nn.Module):
         del out.layer[:]
         out.state.CopyFrom(state)
         for layer in net_param.layer:
-            if layer_included(layer, state, "<net>"):
+            if layer_included(layer, state, where):
                 out.layer.add().CopyFrom(layer)
         return out
 

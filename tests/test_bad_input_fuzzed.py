@@ -198,6 +198,14 @@ def test_log_tools_say_what_a_bad_log_path_is(tmp_path):
             plot_training_log.main(["0", str(tmp_path / "p.png"), path])
 
 
+def test_include_and_exclude_error_names_the_file(tmp_path):
+    net = tmp_path / "incl.prototxt"
+    net.write_text('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 } } '
+                   'include { phase: TEST } exclude { phase: TRAIN } }')
+    with pytest.raises(NetError, match="incl.prototxt: layer 'in': specify either include"):
+        caffe.Net(str(net), caffe.TEST)
+
+
 def test_parse_log_delimiter_must_be_one_character(tmp_path):
     from pycaffe_alt.tools import parse_log
 
