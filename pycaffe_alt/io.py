@@ -146,6 +146,10 @@ def _resize_unit(im: np.ndarray, new_dims: Tuple[int, int], interp_order: int) -
 def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1) -> np.ndarray:
     """Resize an H x W x K image to ``new_dims`` = (height, width); float32, K kept."""
     new_dims = (int(new_dims[0]), int(new_dims[1]))
+    if im.ndim != 3 or 0 in im.shape or min(new_dims) < 1:
+        raise DataError(f"cannot resize an image of shape {im.shape} to {new_dims}",
+                        where="resize_image", hint="give a non-empty H x W x K image (a grey "
+                        "image as img[:, :, None]) and positive dimensions")
     if im.shape[-1] in (1, 3):
         im_min, im_max = im.min(), im.max()
         if im_max <= im_min:
@@ -165,6 +169,10 @@ def oversample(images: Sequence[np.ndarray], crop_dims: Sequence[int]) -> np.nda
     """10 crops per H x W x K image: 4 corners and centre, then their mirrors; (10N) x h x w x K."""
     im_shape = np.array(images[0].shape)
     crop_h, crop_w = int(crop_dims[0]), int(crop_dims[1])
+    if len(im_shape) != 3 or not (0 < crop_h <= im_shape[0] and 0 < crop_w <= im_shape[1]):
+        raise DataError(f"cannot take {crop_h} x {crop_w} crops of images of shape "
+                        f"{tuple(im_shape)}", where="oversample",
+                        hint="images are H x W x K and the crop fits inside them")
     # Centre crop start, truncated toward zero like pycaffe's float-to-int store.
     cy = int(im_shape[0] / 2.0 - crop_h / 2.0)
     cx = int(im_shape[1] / 2.0 - crop_w / 2.0)
@@ -213,16 +221,26 @@ class Transformer:
         in_dims = self.inputs[in_][2:]
         if caffe_in.shape[:2] != in_dims:
             caffe_in = resize_image(caffe_in, in_dims)
-        if in_ in self.transpose:
-            caffe_in = caffe_in.transpose(self.transpose[in_])
-        if in_ in self.channel_swap:
-            caffe_in = caffe_in[list(self.channel_swap[in_]), :, :]
-        if self.raw_scale.get(in_) is not None:
-            caffe_in *= self.raw_scale[in_]
-        if self.mean.get(in_) is not None:
-            caffe_in -= self.mean[in_]
-        if self.input_scale.get(in_) is not None:
-            caffe_in *= self.input_scale[in_]
+        try:
+            if in_ in self.transpose:
+                caffe_in = caffe_in.transpose(self.transpose[in_])
+            if in_ in self.channel_swap:
+                caffe_in = caffe_in[list(self.channel_swap[in_]), :, :]
+            if self.raw_scale.get(in_) is not None:
+                caffe_in *= self.raw_scale[in_]
+            if self.mean.get(in_) is not None:
+                caffe_in -= self.mean[in_]
+            if self.input_scale.get(in_) is not None:
+                caffe_in *= self.input_scale[in_]
+        except (ValueError, IndexError) as e:
+            # pycaffe fails in numpy here: name the input, the image and the settings instead.
+            raise DataError(
+                f"cannot preprocess an image of shape {np.shape(data)} for input '{in_}' of "
+                f"shape {self.inputs[in_]} ({e})", where="Transformer",
+                hint=f"transpose {self.transpose.get(in_)}, channel_swap "
+                     f"{self.channel_swap.get(in_)}, mean of shape "
+                     f"{np.shape(self.mean[in_]) if self.mean.get(in_) is not None else None}: "
+                     "the image must be H x W x K with K matching them") from None
         return caffe_in
 
     def deprocess(self, in_: str, data: np.ndarray) -> np.ndarray:

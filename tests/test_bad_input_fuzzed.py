@@ -206,6 +206,25 @@ def test_include_and_exclude_error_names_the_file(tmp_path):
         caffe.Net(str(net), caffe.TEST)
 
 
+@pytest.mark.parametrize("image, swap", [(np.zeros((8, 8, 4)), None), (np.zeros((8, 8)), None),
+                                         (np.zeros((8, 8, 3)), (2, 1, 7))])
+def test_transformer_with_an_image_that_does_not_fit(image, swap):
+    t = caffe.io.Transformer({"data": (1, 3, 8, 8)})
+    t.set_transpose("data", (2, 0, 1))
+    t.set_mean("data", np.zeros(3))
+    if swap:
+        t.set_channel_swap("data", swap)
+    with pytest.raises(DataError, match="cannot preprocess an image of shape"):
+        t.preprocess("data", image)
+
+
+def test_resize_and_oversample_refuse_impossible_sizes():
+    with pytest.raises(DataError, match="cannot resize"):
+        caffe.io.resize_image(np.zeros((0, 8, 3)), (4, 4))
+    with pytest.raises(DataError, match="cannot take 8 x 8 crops"):
+        caffe.io.oversample([np.zeros((4, 4, 3))], (8, 8))
+
+
 def test_parse_log_delimiter_must_be_one_character(tmp_path):
     from pycaffe_alt.tools import parse_log
 
