@@ -85,7 +85,7 @@ def atomic_write_chunks(path: str, chunks: Iterable[bytes],
     raises ``error`` naming the path.
     """
     path = os.fspath(path)
-    _check_output_path(path, error)
+    check_output_path(path, error)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise error(f"cannot write '{path}': folder '{folder}' does not exist",
@@ -113,7 +113,8 @@ def atomic_write_chunks(path: str, chunks: Iterable[bytes],
         raise
 
 
-def _check_output_path(path: str, error: Type[CaffeError]) -> None:
+def check_output_path(path: str, error: Type[CaffeError]) -> None:
+    """Refuse (``error``) an output path that exists and is not a regular file."""
     # os.replace would put a regular file in place of a device, FIFO or socket (as root, a
     # "/dev/null" or "/dev/zero" given as the output would be destroyed), and a directory
     # cannot be replaced: refuse them. Links are followed: /dev/stdout is a link to a device.

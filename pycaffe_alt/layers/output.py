@@ -15,6 +15,8 @@ from typing import List, Sequence
 
 import torch
 
+from ..errors import NetError
+from ..fileio import check_output_path
 from ..registry import LAYERS
 from .base import Layer, Shape
 
@@ -39,12 +41,15 @@ class HDF5Output(Layer):
         if not self.file_name:
             raise self.error("has no file name", "set hdf5_output_param { file_name: 'out.h5' }")
         self._check(bottom_shapes)
+        # A directory, FIFO or device in the file's place (h5py would block on a FIFO).
+        try:
+            check_output_path(self.file_name, NetError)
+        except NetError as e:
+            raise self.error(e.what, e.hint) from None
         folder = os.path.dirname(os.path.abspath(self.file_name))
-        if os.path.isdir(self.file_name) or not os.path.isdir(folder):
-            raise self.error(f"cannot create '{self.file_name}': "
-                             + ("it is a directory" if os.path.isdir(self.file_name)
-                                else f"folder '{folder}' does not exist"),
-                             "give the path of a file in an existing folder")
+        if not os.path.isdir(folder):
+            raise self.error(f"cannot create '{self.file_name}': folder '{folder}' does not "
+                             "exist", "give the path of a file in an existing folder")
         import h5py
 
         try:
