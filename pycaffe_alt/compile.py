@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Sequence, 
 
 import torch
 
-from .errors import CaffeError
+from .errors import CaffeError, first_line
 from .layers.base import Layer
 from .log import get_logger
 
@@ -140,7 +140,7 @@ class CompiledNet:
     def disable(self, error: BaseException) -> None:
         """Stop compiling after ``error`` (one log line) and run eagerly from now on."""
         self.active = False
-        what = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        what = first_line(error, default="")
         if isinstance(error, CaffeError):
             what = error.args[0] if error.args else what
         logger.warning("torch.compile failed for net %s (%s: %s); running eagerly",

@@ -9,6 +9,15 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 
+def first_line(error: BaseException, default: Optional[str] = None) -> str:
+    """The first line of ``error``'s message (the summary a one-paragraph report quotes), or
+    ``default`` (the exception's type name when not given) for an empty message."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if default is None else default
+
+
 class CaffeError(Exception):
     """Base of every error pycaffe_alt reports to a user.
 

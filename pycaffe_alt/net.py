@@ -28,7 +28,7 @@ from . import memory_format as mf
 from .blob import Blob, HostMirror, ParamBlob, check_blob_shape
 from .blob_memory import check_blob_fits, zeros
 from .compile import CompiledNet
-from .errors import ArgumentTypeError, CaffeError, NetError
+from .errors import ArgumentTypeError, CaffeError, NetError, first_line
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
 from .mode import default_device
@@ -376,7 +376,7 @@ class Net(nn.Module):
         except Exception as e:
             if layer.runs_user_code:
                 raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise NetError(f"incompatible bottom shapes {bottom_shapes}: {msg}", where,
                            "check the shapes the layers above produce and this layer's "
                            "parameters") from None
@@ -593,7 +593,7 @@ class Net(nn.Module):
                     raise
                 raise step.layer.error(
                     f"failed on bottoms of shapes {[tuple(b.shape) for b in bottoms]}: "
-                    f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+                    f"{first_line(e)}",
                     "check the shapes the layers above produce and this layer's parameters; "
                     "after a reshape (blob.reshape, net.reshape), build the net with the new "
                     "shapes to have every layer check them at setup"

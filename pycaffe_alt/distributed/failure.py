@@ -28,14 +28,14 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
-from ..errors import DistributedError
+from ..errors import DistributedError, first_line
 
 GRACE_SECONDS = 3.0
 
 
 def _cause(error: BaseException) -> str:
     """The first sentence of a communication error, without gloo's source location."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = first_line(error)
     text = re.sub(r"^\[[^\]]*\]\s*", "", text)
     return text.split(". ")[0].rstrip(".")
 

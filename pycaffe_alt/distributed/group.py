@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import DistributedError
+from ..errors import DistributedError, first_line
 from ..log import get_logger
 
 DEFAULT_START_TIMEOUT = 60.0
@@ -91,7 +91,7 @@ def join(info: LaunchEnv, device: torch.device, *, start_timeout: float = DEFAUL
         store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=info.world_size,
                                            timeout=timedelta(seconds=start_timeout)))
     except (RuntimeError, ValueError) as e:  # DistStoreError is a RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         who = "the other ranks" if info.rank == 0 else "rank 0"
         raise DistributedError(
             f"rank {info.rank} of {info.world_size}: {who} did not arrive within "
