@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import SolverError
 
 _f32 = np.float32
-_FLT_MAX = float(np.finfo(np.float32).max)
+_LN_FLT_MAX = math.log(float(np.finfo(np.float32).max))  # float exp overflows above it
 
 
 def _rounded(x: float) -> float:
@@ -102,9 +102,7 @@ def _sigmoid(p, it: int) -> float:
     # a negative gamma is the only way to make the sigmoid policy decrease the rate.
     x = -_f32(p.gamma) * (_f32(it) - _f32(p.stepsize))
     # Caffe's float exp overflows to inf far out on the tail, and the rate is then exactly 0.
-    e = math.exp(float(x)) if x < 709.0 else math.inf
-    if e > _FLT_MAX:
-        e = math.inf
+    e = math.exp(float(x)) if x <= _LN_FLT_MAX else math.inf
     return _rounded(p.base_lr * (1.0 / (1.0 + e)))
 
 
