@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence, Set, Tuple
 import numpy as np
 import torch
 
-from .errors import NetError
+from .errors import NetError, first_line
 
 
 class HostMirror:
@@ -45,6 +45,20 @@ class HostMirror:
             self._synced = (id(t), t._version)
 
 
+def _assign(view: "_BlobView", target: np.ndarray, value, field: str) -> None:
+    """``view.<field> = value``: numpy's broadcasting assignment into the blob's memory, with a
+    NetError naming the blob and both shapes when ``value`` does not fit (pycaffe's ``data`` has no
+    setter at all; the usual spelling is ``blob.data[...] = value``)."""
+    try:
+        target[...] = value
+    except (ValueError, TypeError) as e:
+        shape = getattr(value, "shape", None)
+        got = f"a value of shape {tuple(shape)}" if shape is not None else f"{type(value).__name__}"
+        raise NetError(f"cannot assign {got} to {view!r}.{field} ({first_line(e)})",
+                       None, f"give an array of shape {target.shape} (or one that broadcasts to "
+                            "it); to change the blob's shape, call reshape(...) first") from None
+
+
 class _BlobView:
     """What blobs and parameter blobs share: numpy ``data``/``diff`` and Caffe's legacy dims."""
 
@@ -57,7 +71,7 @@ class _BlobView:
 
     @data.setter
     def data(self, value) -> None:
-        self.data[...] = value
+        _assign(self, self.data, value, "data")
 
     @property
     def diff(self) -> np.ndarray:
@@ -65,7 +79,7 @@ class _BlobView:
 
     @diff.setter
     def diff(self, value) -> None:
-        self.diff[...] = value
+        _assign(self, self.diff, value, "diff")
 
     @property
     def shape(self) -> Tuple[int, ...]:

@@ -232,3 +232,60 @@ def test_parse_log_delimiter_must_be_one_character(tmp_path):
     log.write_text("I1203 10:00:00.000000  1 solver.cpp:218] Iteration 0, loss = 2.3\n")
     with pytest.raises(CaffeError, match="one character"):
         parse_log.main([str(log), str(tmp_path), "--delimiter", "abc"])
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("test", ["--model", "m.prototxt", "--iterations", "3000000000"]),
+    ("time_net", ["--model", "m.prototxt", "-iterations=-2147483649"]),
+    ("train", ["--solver", "s.prototxt", "--level", "2147483648"]),
+    ("convert_imageset", [".", "list.txt", "db", "--resize_width", "99999999999"]),
+])
+def test_int32_flags_refuse_values_gflags_would(tool, args, capsys):
+    # Before: accepted, then a run that never ends or a failure far from the flag.
+    import importlib
+
+    main = importlib.import_module(f"pycaffe_alt.tools.{tool}").main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert "32-bit signed integer" in capsys.readouterr().err
+
+
+def test_assigning_a_blob_array_of_the_wrong_shape_names_the_blob():
+    net = lenet()
+    net.blobs["data"].data = 0.5  # broadcasts, as numpy's assignment does
+    assert float(net.blobs["data"].data.max()) == 0.5
+    with pytest.raises(NetError, match=r"shape \(3, 3\) to Blob\('data'.*\)\.data"):
+        net.blobs["data"].data = np.ones((3, 3))
+    with pytest.raises(NetError, match=r"\.diff"):
+        net.params["conv1"][0].diff = "not numbers"
+
+
+def test_convert_imageset_with_an_empty_list_writes_nothing(tmp_path, capsys):
+    from pycaffe_alt.tools.convert_imageset import main
+
+    (tmp_path / "list.txt").write_text("\n")
+    with pytest.raises(DataError, match="names no image"):
+        main([str(tmp_path) + "/", str(tmp_path / "list.txt"), str(tmp_path / "db")])
+    assert not (tmp_path / "db").exists()
+    assert "wrote" not in capsys.readouterr().out
+
+
+def test_convert_relu_with_corrupt_weights_writes_no_prototxt(tmp_path):
+    from pycaffe_alt.tools.convert_relu import main
+
+    (tmp_path / "bad.caffemodel").write_bytes(b"\xff\xff\xff garbage")
+    out = tmp_path / "out.prototxt"
+    with pytest.raises(CaffeError):
+        main([os.path.join(LENET, "net.prototxt"), str(out), "--weights",
+              str(tmp_path / "bad.caffemodel"), "--out-weights", str(tmp_path / "o.caffemodel")])
+    assert not out.exists() and not (tmp_path / "o.caffemodel").exists()
+
+
+def test_solverstate_naming_a_folder_as_its_weights_says_so(tmp_path):
+    from pycaffe_alt.solver.snapshot import snapshot_companion
+
+    (tmp_path / "snapdir").mkdir()
+    with pytest.raises(SolverError, match="'.*snapdir' is a directory, not a file"):
+        snapshot_companion(str(tmp_path / "snapdir"), str(tmp_path / "x.solverstate"),
+                           "the weights", "keep them together")

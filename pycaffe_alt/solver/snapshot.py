@@ -57,6 +57,11 @@ def snapshot_companion(path: str, state_path: str, what: str, hint: str) -> str:
     beside = os.path.join(os.path.dirname(state_path), os.path.basename(path))
     if os.path.isfile(beside):
         return beside
+    if os.path.lexists(path):  # there, but a folder, FIFO, device or dangling link: say which
+        try:
+            check_input_path(path, SolverError)
+        except SolverError as e:
+            raise SolverError(f"{what} it names: {e.what}", where=state_path, hint=hint) from None
     raise SolverError(f"{what} it names, '{path}', not found (nor next to the solver state)",
                       where=state_path, hint=hint)
 

@@ -61,6 +61,23 @@ def gflags_argv(argv: Sequence[str], bool_flags: Iterable[str] = ()) -> List[str
     return out
 
 
+def int32(text: str) -> int:
+    """argparse type of a gflags ``int32`` flag: an integer that fits in 32 signed bits.
+
+    gflags refuses a value out of that range when it parses the command line ("illegal value ...
+    for int32 flag"); a plain ``int`` would accept it and fail much later, or loop for ever.
+    """
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -2 ** 31 <= value < 2 ** 31:
+        raise argparse.ArgumentTypeError(f"{text} does not fit in a 32-bit signed integer "
+                                         "(Caffe's int32 flags range from -2147483648 to "
+                                         "2147483647)")
+    return value
+
+
 def add_bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     """A gflags boolean: ``--name`` sets it; ``--name=false`` / ``--noname`` clear it.
 

@@ -18,7 +18,7 @@ from ..data.db import normalize_backend, open_db
 from ..data.image import guess_encoding, image_to_datum
 from ..errors import DataError
 from ..fileio import read_input_bytes
-from .cli import add_bool_flag, parse_args, progress, run_main, warn
+from .cli import add_bool_flag, int32, parse_args, progress, run_main, warn
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 _BOOL_FLAGS = ("gray", "shuffle", "check_size", "encoded")
@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db_name", metavar="DB_NAME", help="database to create (must not exist)")
     add_bool_flag(p, "gray", "treat images as grayscale (1 channel)")
     add_bool_flag(p, "shuffle", "randomly shuffle the order of images and their labels")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int32, default=0,
                    help="seed for --shuffle (ours; Caffe's shuffle is unseeded)")
     p.add_argument("--backend", default="lmdb", help="lmdb (default) or leveldb")
-    p.add_argument("--resize_width", type=int, default=0, help="width images are resized to")
-    p.add_argument("--resize_height", type=int, default=0, help="height images are resized to")
+    p.add_argument("--resize_width", type=int32, default=0, help="width images are resized to")
+    p.add_argument("--resize_height", type=int32, default=0, help="height images are resized to")
     add_bool_flag(p, "check_size", "check that all images have the same size")
     add_bool_flag(p, "encoded", "store the encoded image (the file bytes) in the Datum")
     p.add_argument("--encode_type", default="",
@@ -86,6 +86,11 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
     """Write the database; returns (records written, warnings for skipped images)."""
     backend = normalize_backend(backend)
     entries = read_list_file(list_file)
+    if not entries:
+        # Caffe writes an empty database here, which a Data layer then refuses to read from.
+        raise DataError("the list file names no image, so no database was written",
+                        where=list_file, hint="one image per line: a path relative to ROOTFOLDER, "
+                                              "a space, the integer label")
     if shuffle:
         random.Random(seed).shuffle(entries)
     # Caffe: an encode_type alone means encoded output; negative sizes mean "no resize"
@@ -129,12 +134,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written, skipped = convert(args.root_folder, args.list_file, args.db_name, args.gray,
                                args.shuffle, args.seed, args.backend, args.resize_width,
                                args.resize_height, args.check_size, args.encoded, args.encode_type)
-    print(f"convert_imageset: wrote {written} records to {args.db_name}, skipped {len(skipped)} "
-          f"unreadable images, in {time.time() - start:.1f}s")
     if written == 0:
         shutil.rmtree(args.db_name, ignore_errors=True)
         raise DataError("no image could be read, so no database was written", where=args.list_file,
                         hint="check ROOTFOLDER (it is prefixed to each listed name) and the files")
+    print(f"convert_imageset: wrote {written} records to {args.db_name}, skipped {len(skipped)} "
+          f"unreadable images, in {time.time() - start:.1f}s")
     return 0
 
 

@@ -232,17 +232,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--weights and --out-weights go together")
     net = prototxt.read_net(args.input)
     out, plan = convert_net(net, args.mode, args.ht_output, args.fold_bias)
-    prototxt.write_text(out, args.output)
-    folded = sum(c.folded for c in plan)
-    print(f"convert_relu: {len(plan)} ReLU layer(s) -> HardThreshold ({args.mode}, "
-          f"{args.ht_output}); "
-          f"{folded} bias(es) folded into beta; wrote {args.output}")
+    converted = None
     if args.weights:
+        # Read and convert the weights before writing anything: a corrupt caffemodel must not
+        # leave a converted prototxt behind as if the run had succeeded.
         weights = prototxt.read_binary(args.weights, caffe_pb2.NetParameter())
         from ..upgrade import net_needs_upgrade, upgrade_net_as_needed
 
         if net_needs_upgrade(weights):
             upgrade_net_as_needed(weights, args.weights)
-        prototxt.write_binary(convert_weights(weights, out, plan), args.out_weights)
+        converted = convert_weights(weights, out, plan)
+    prototxt.write_text(out, args.output)
+    folded = sum(c.folded for c in plan)
+    print(f"convert_relu: {len(plan)} ReLU layer(s) -> HardThreshold ({args.mode}, "
+          f"{args.ht_output}); "
+          f"{folded} bias(es) folded into beta; wrote {args.output}")
+    if converted is not None:
+        prototxt.write_binary(converted, args.out_weights)
         print(f"convert_relu: wrote {args.out_weights}")
     return 0

@@ -17,7 +17,7 @@ from ..errors import CaffeError, WeightsError
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from ..mode import resolve_device
-from .cli import add_bool_flag, parse_args, run_main
+from .cli import add_bool_flag, int32, parse_args, run_main
 
 
 def add_net_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def add_net_flags(parser: argparse.ArgumentParser) -> None:
                         help="GPU id to run on (default: CPU); N,M or 'all' are accepted but only "
                              "the first device is used")
     parser.add_argument("--stage", default="", help="comma-separated NetState stages")
-    parser.add_argument("--level", type=int, default=0, help="NetState level")
+    parser.add_argument("--level", type=int32, default=0, help="NetState level")
     parser.add_argument("--allow-python", "--allow_python", action="store_true",
                         help="allow Python layers (they run code named in the prototxt)")
     parser.add_argument("--compile", action="store_true",
@@ -122,7 +122,7 @@ def score(net, iterations: int) -> "OrderedDict[str, float]":
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="test", description=__doc__.splitlines()[0])
     add_net_flags(parser)
-    parser.add_argument("--iterations", type=int, default=50, help="number of batches to score")
+    parser.add_argument("--iterations", type=int32, default=50, help="number of batches to score")
     parser.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST")
     add_bool_flag(parser, "allow_unmatched_weights",
                   "score the net even when --weights shares no layer name with it (ours)")

@@ -33,7 +33,7 @@ import torch
 from ..errors import CaffeError
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
-from .cli import parse_args, run_main
+from .cli import int32, parse_args, run_main
 from .test import add_net_flags, build_net
 
 
@@ -242,7 +242,7 @@ def time_passes(net, iterations: int) -> Timings:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="time", description=__doc__.splitlines()[0])
     add_net_flags(parser)
-    parser.add_argument("--iterations", type=int, default=50, help="number of timed passes")
+    parser.add_argument("--iterations", type=int32, default=50, help="number of timed passes")
     parser.add_argument("--phase", choices=["TRAIN", "TEST"], default="TRAIN",
                         help="net phase (caffe time's default: TRAIN)")
     args = parse_args(parser, argv)
