@@ -117,9 +117,13 @@ def bench(name, batch, rounds, iters):
     for fn in fns.values():  # warm-up
         time_step(fn, 2)
     times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(time_step(fn, iters))
+    order = list(fns)
+    for r in range(rounds):
+        # Each round starts at the next variant: a variant always timed right after the same
+        # other one inherits that one's allocator and cache state, a bias that does not average
+        # out over rounds (it moved LeNet's ratios by several % between runs).
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            times[k].append(time_step(fns[k], iters))
     med = {k: statistics.median(v) for k, v in times.items()}
     best = min(med["hand NCHW"], med["hand channels_last"])
     print(f"{name} batch {batch}, ours in {format_name(ours.memory_format)}: " +
