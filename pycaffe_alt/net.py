@@ -466,12 +466,14 @@ class Net(nn.Module):
     @property
     def blobs(self) -> "OrderedDict[str, Blob]":
         """Every named blob, in the order layers produce them (no Split copies)."""
-        cache = self.__dict__.get("_blob_views")
-        if cache is None or list(cache) != [n for n in self._shapes if not n.startswith(ANONYMOUS_TOP)]:
-            cache = OrderedDict((n, Blob(self._store, n)) for n in self._shapes
-                                if not n.startswith(ANONYMOUS_TOP))
-            self.__dict__["_blob_views"] = cache
-        return cache
+        # Blob names are only ever added (at build), so their count tells whether the views
+        # are current; comparing the name lists made every ``net.blobs[...]`` O(blobs).
+        cached = self.__dict__.get("_blob_views")
+        if cached is None or cached[0] != len(self._shapes):
+            cached = (len(self._shapes), OrderedDict(
+                (n, Blob(self._store, n)) for n in self._shapes if not n.startswith(ANONYMOUS_TOP)))
+            self.__dict__["_blob_views"] = cached
+        return cached[1]
 
     @property
     def params(self) -> "OrderedDict[str, List[ParamBlob]]":
