@@ -4,9 +4,17 @@ On the CPU the arrays share memory with the torch tensors, so ``blob.data[...] =
 tensor directly. On CUDA a host copy stands in, like Caffe's SyncedMemory: reading ``.data`` brings
 the device values down and marks the host copy as the newer one; the net pushes such copies back
 to the device before it next computes (``HostMirror.push``).
+
+Caffe's blobs keep their memory from pass to pass (``Blob::Reshape`` reallocates only to grow),
+and pycaffe's arrays are views of it, so an array taken once shows every later pass:
+``feat = net.blobs['fc7'].data`` before a loop of ``net.forward()`` calls, or the arrays of a
+``forward()`` result. A pass here makes new tensors instead (autograd needs them), so the array
+handed out last stays the blob's memory for the user: after each pass the net copies the new
+value into it while it is alive (``HostMirror.refresh``), and later reads return it again.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -18,23 +26,72 @@ from .errors import NetError, first_line
 class HostMirror:
     """Numpy access to a tensor that may live on a GPU, with Caffe's head-state rule."""
 
-    def __init__(self, get: Callable[[], torch.Tensor], dirty: Optional[Set["HostMirror"]]):
+    def __init__(self, get: Callable[[], torch.Tensor], dirty: Optional[Set["HostMirror"]],
+                 held: Optional[Set["HostMirror"]] = None, label: Tuple[str, ...] = ()):
         self._get = get
+        self.label = label  # what the owner calls it, e.g. ("diff", blob name)
         self._dirty = dirty  # the owner's set of mirrors whose host copy is newer
+        self._held = held  # the owner's set of mirrors whose CPU array a user may still hold
         self._host: Optional[np.ndarray] = None
         self._synced: Optional[Tuple[int, int]] = None  # (id, _version) of the tensor at last sync
+        self._view: Optional["weakref.ref[np.ndarray]"] = None  # CPU: the array handed out last
+        # CPU: the tensor (weakly) and its version whose values the view last received.
+        self._source: Optional[Tuple["weakref.ref[torch.Tensor]", int]] = None
 
     def array(self) -> np.ndarray:
         t = self._get()
         if t.device.type == "cpu":
-            return t.detach().numpy()
+            return self._cpu_array(t)
         key = (id(t), t._version)
-        if self._host is None or self._synced != key or self._host.shape != tuple(t.shape):
+        if self._host is None or self._host.shape != tuple(t.shape):
             self._host = t.detach().cpu().numpy()
+            self._synced = key
+        elif self._synced != key:
+            # Into the same host memory, as Caffe's to_cpu() does: arrays held before see it.
+            self._host[...] = t.detach().cpu().numpy()
             self._synced = key
         if self._dirty is not None:
             self._dirty.add(self)
         return self._host
+
+    def held_array(self) -> Optional[np.ndarray]:
+        """The CPU array handed out last, if a user still holds it (None otherwise)."""
+        return self._view() if self._view is not None else None
+
+    def _cpu_array(self, t: torch.Tensor) -> np.ndarray:
+        arr = self.held_array()
+        if arr is not None and arr.shape == tuple(t.shape):
+            self._copy_into(arr, t)
+            return arr
+        arr = t.detach().numpy()
+        self._view = weakref.ref(arr)
+        self._source = None
+        if self._held is not None:
+            self._held.add(self)
+        return arr
+
+    def _copy_into(self, arr: np.ndarray, t: torch.Tensor) -> None:
+        if arr.__array_interface__["data"][0] == t.data_ptr():
+            return  # the array is the tensor's own memory
+        source = self._source
+        if source is not None and source[0]() is t and source[1] == t._version:
+            return  # already holds these values
+        with torch.no_grad():
+            torch.from_numpy(arr).copy_(t.detach())
+        self._source = (weakref.ref(t), t._version)
+
+    def refresh(self) -> bool:
+        """After a pass: bring the blob's new value into the CPU array a user holds. Returns
+        False once there is nothing left to keep live (the array is gone or no longer fits)."""
+        arr = self.held_array()
+        if arr is None:
+            return False
+        t = self._get()
+        if t.device.type != "cpu" or arr.shape != tuple(t.shape):
+            self._view = None
+            return False
+        self._copy_into(arr, t)
+        return True
 
     def push(self) -> None:
         """Copy a host copy that may have been written back to the device tensor."""
@@ -130,8 +187,10 @@ class Blob(_BlobView):
     def __init__(self, store, name: str):
         self._store = store
         self.name = name
-        self._data = HostMirror(lambda: store.data_tensor(name), store.dirty)
-        self._diff = HostMirror(lambda: store.diff_tensor(name), store.dirty)
+        self._data = HostMirror(lambda: store.data_tensor(name), store.dirty, store.held,
+                                ("data", name))
+        self._diff = HostMirror(lambda: store.diff_tensor(name), store.dirty, store.held,
+                                ("diff", name))
 
     @property
     def shape(self) -> Tuple[int, ...]:

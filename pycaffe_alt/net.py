@@ -130,6 +130,23 @@ class _BlobStore:
     def __init__(self, net: "Net"):
         self._net = net
         self.dirty: Set[HostMirror] = set()
+        self.held: Set[HostMirror] = set()  # blob views a user may hold (see blob.py)
+
+    def refresh_held(self) -> None:
+        """After a pass: copy new blob values and diffs into the arrays users hold."""
+        for mirror in list(self.held):
+            if not mirror.refresh():
+                self.held.discard(mirror)
+
+    def held_arrays(self, kind: str) -> Dict[str, np.ndarray]:
+        """Blob name -> the ``kind`` ("data" or "diff") array a user still holds."""
+        out = {}
+        for mirror in self.held:
+            if mirror.label[:1] == (kind,):
+                arr = mirror.held_array()
+                if arr is not None:
+                    out[mirror.label[1]] = arr
+        return out
 
     def data_tensor(self, name: str) -> torch.Tensor:
         # The value a layer produced wins over the inferred shape (Filter's top depends on data).
@@ -562,9 +579,13 @@ class Net(nn.Module):
                 values[name] = self._store.data_tensor(name)
         last = len(self._steps) - 1 if end is None else end
         if self._compiled is not None and first_versions is None and trace is None and not eager:
-            return self._compiled.run(values, start, last)
-        self.run_steps(values, start, last, first_versions, trace)
-        return values
+            out = self._compiled.run(values, start, last)
+        else:
+            self.run_steps(values, start, last, first_versions, trace)
+            out = values
+        if self._store.held:
+            self._store.refresh_held()
+        return out
 
     def run_steps(self, values: Dict[str, torch.Tensor], start: int, last: int,
                   first_versions: Optional[Dict[str, torch.Tensor]] = None,
@@ -712,6 +733,8 @@ class Net(nn.Module):
 
     def _forward_pycaffe(self, start: int, end: int) -> None:
         self._push_host_writes()
+        if start > 0 and self._store.held:
+            self._take_held_writes()
         grad = self._backward_possible and torch.is_grad_enabled()
         # Leaves for inputs that receive gradients (force_backward nets).
         for name in self._inputs:
@@ -727,6 +750,21 @@ class Net(nn.Module):
         with torch.set_grad_enabled(grad):
             self.run(None, start, end, first_versions)
         self._spent_steps.difference_update(range(start, end + 1))
+
+    def _take_held_writes(self) -> None:
+        """Before a pass that starts above the first layer: a held data array the user wrote
+        into (it is the blob's memory to them, see blob.py) becomes that blob's value, so the
+        layers read what was written, as Caffe's would."""
+        for name, arr in self._store.held_arrays("data").items():
+            t = self._values.get(name)
+            if t is None or t.device.type != "cpu" or tuple(t.shape) != arr.shape or \
+                    arr.__array_interface__["data"][0] == t.data_ptr():
+                continue
+            if not np.array_equal(arr, t.detach().numpy()):
+                value = torch.from_numpy(arr)
+                if self._plan.blob_needs.get(name, False) and torch.is_grad_enabled():
+                    value.requires_grad_(True)
+                self._values[name] = value
 
     def backward(self, diffs: Optional[Sequence[str]] = None, start: Optional[str] = None,
                  end: Optional[str] = None, **kwargs) -> Dict[str, np.ndarray]:
@@ -755,6 +793,8 @@ class Net(nn.Module):
         if tensors:
             self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
             self._spent_steps.update(range(lo, hi + 1))
+        if self._store.held:
+            self._store.refresh_held()
         names = list(self.bottom_names[end]) if end is not None else list(self._inputs)
         for d in diffs or ():
             self._require_blob(d, "backward(diffs=...)")
@@ -827,9 +867,15 @@ class Net(nn.Module):
         # sets of blob diffs are never alive at once (with the line above in _forward_pycaffe:
         # peak RSS of All-CNN-C's pycaffe step at batch 64, 770 -> 687 MB); the seeds' diffs
         # are already held in ``grads``.
+        # Diffs whose array a user holds keep their memory, as Caffe's do: the new gradient is
+        # copied into it (only those: a copy per blob would cost every pass).
+        held_diffs = self._store.held_arrays("diff")
+        kept: Dict[str, torch.Tensor] = {}
         for s in steps:
             for n in s.diff_bottoms:
-                self._diffs.pop(n, None)
+                old = self._diffs.pop(n, None)
+                if old is not None and n in held_diffs:
+                    kept[n] = old
         if whole:
             got = self._backward_whole(tensors, grads, blob_ts, params)
         else:
@@ -837,7 +883,12 @@ class Net(nn.Module):
         # A blob gradient sharing memory with a parameter diff would change as that accumulates.
         held = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
         for n, g in got.items():
-            self._diffs[n] = g.clone() if g.untyped_storage().data_ptr() in held else g
+            old = kept.get(n)
+            if old is not None and old.shape == g.shape and old.dtype == g.dtype:
+                old.copy_(g)
+                self._diffs[n] = old
+            else:
+                self._diffs[n] = g.clone() if g.untyped_storage().data_ptr() in held else g
 
     @staticmethod
     def _backward_whole(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:

@@ -143,6 +143,49 @@ def test_a_pass_frees_the_last_passs_blobs_before_making_new_ones(lenet):
     np.testing.assert_array_equal(lenet.blobs["ip2"].diff, diff)
 
 
+def test_arrays_a_user_holds_stay_the_blobs_memory_across_passes(lenet):
+    """pycaffe's arrays are views of blob memory that later passes write into (Caffe's blobs
+    keep their memory): a feature array taken once, the arrays of a forward() result and held
+    diffs all show the next pass, and fresh reads return that same memory (BVLC's net_surgery
+    notebook prints its post-surgery mean through an array taken before the surgery)."""
+    x = np.random.rand(2, 1, 28, 28).astype(np.float32)
+    out = lenet.forward(data=x, label=np.array([2, 7]))
+    conv1, loss = lenet.blobs["conv1"].data, out["loss"]
+    lenet.backward()
+    ip2_diff, conv1_diff = lenet.blobs["ip2"].diff, lenet.blobs["conv1"].diff
+    lenet.params["conv1"][1].data[...] += 1.0  # surgery: every conv1 output moves by one
+    before = conv1.copy()
+    lenet.forward(data=x)
+    np.testing.assert_allclose(conv1, before + 1.0, rtol=1e-5, atol=1e-5)
+    assert np.shares_memory(conv1, lenet.blobs["conv1"].data)
+    assert np.shares_memory(loss, lenet.blobs["loss"].data) and loss == lenet.blobs["loss"].data
+    new_x = x[::-1].copy()
+    lenet.forward(data=new_x, label=np.array([7, 2]))
+    lenet.backward()
+    with torch.enable_grad():  # the diffs of this second batch, from autograd directly
+        check = caffe.Net(os.path.join(LENET, "net.prototxt"), caffe.TRAIN)
+        check.load_state_dict(lenet.state_dict())
+        check.forward(data=new_x, label=np.array([7, 2]))
+        check.backward()
+    np.testing.assert_allclose(ip2_diff, check.blobs["ip2"].diff, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(conv1_diff, check.blobs["conv1"].diff, rtol=1e-5, atol=1e-8)
+    assert np.shares_memory(ip2_diff, lenet.blobs["ip2"].diff)
+
+
+def test_a_write_into_a_held_array_feeds_a_pass_that_starts_above_it(lenet):
+    x = np.random.rand(2, 1, 28, 28).astype(np.float32)
+    lenet.forward(data=x, label=np.array([2, 7]))
+    pool2 = lenet.blobs["pool2"].data
+    lenet.forward(data=x)  # the held array is now a copy of the blob's value
+    pool2[...] = 0.0
+    lenet.forward(start="ip1")
+    bias = lenet.params["ip2"][1].data
+    relu_of_bias = np.maximum(lenet.params["ip1"][1].data, 0)
+    expected = relu_of_bias @ lenet.params["ip2"][0].data.T + bias
+    np.testing.assert_allclose(lenet.blobs["ip2"].data, np.tile(expected, (2, 1)), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_forward_all_batches_and_trims():
     net = caffe.Net(os.path.join(ROOT, "models", "lenet", "deploy.prototxt"), caffe.TEST)
     net.blobs["data"].reshape(4, 1, 28, 28)
