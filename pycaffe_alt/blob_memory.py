@@ -73,6 +73,9 @@ def zeros(shape: Sequence[int], device, blob: str, where: str,
           fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """A zero blob of ``shape`` on ``device`` stored in ``fmt`` (see memory_format.zeros); an
     allocation failure is a NetError naming the blob."""
+    # Checked first, as at net construction: a blob.reshape() comes here directly, and torch
+    # reports an impossible size as an overflow rather than an allocation failure.
+    check_blob_fits(shape, device, blob, where)
     try:
         return memory_format.zeros(shape, fmt, device)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError

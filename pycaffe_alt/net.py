@@ -450,7 +450,9 @@ class Net(nn.Module):
         self._module_keys: Dict[str, str] = {}
         for i, m in enumerate(modules):
             key = (m.name or f"layer{i}").replace(".", "_")
-            while key in taken:
+            # A key equal to a plain attribute nn.Module assigns later ("training", set by
+            # train()/eval()) would make that assignment fail: such layers get a suffix.
+            while key in taken or key in self.__dict__:
                 key += "_"
             taken.add(key)
             self._module_keys[m.name] = key
@@ -783,6 +785,8 @@ class Net(nn.Module):
         hi = self._layer_index(start, len(self._steps) - 1)
         seeds = self.top_names[start] if start is not None else \
             list(dict.fromkeys(self._outputs + list(self._loss_weights)))
+        if lo > hi:  # Caffe's BackwardFromTo runs nothing for a reversed range
+            seeds = []
         tensors, grads = self._seed_tensors(seeds)
         if (not tensors and any(name in self._seedable for name in seeds)) or \
                 not self._spent_steps.isdisjoint(range(lo, hi + 1)):
@@ -929,7 +933,12 @@ class Net(nn.Module):
         outs: Dict[str, List[np.ndarray]] = {n: [] for n in self._output_names(blobs, None)}
         if not kwargs:
             return {k: v.copy() for k, v in self.forward(blobs).items()}
-        n_items = len(next(iter(kwargs.values())))
+        lengths = {k: len(v) for k, v in kwargs.items()}
+        n_items = next(iter(lengths.values()))
+        if len(set(lengths.values())) > 1:
+            raise NetError("forward_all() got inputs of different lengths: " +
+                           ", ".join(f"{k} {n}" for k, n in lengths.items()), self.source,
+                           "give every input the same number of items")
         batch = self.blobs[self._inputs[0]].shape[0] if self._inputs else n_items
         for lo in range(0, n_items, batch):
             chunk = {}
@@ -1106,16 +1115,23 @@ class Net(nn.Module):
             if any(k in kwargs for k in self.inputs) else ([{}] if not kwargs else ())
         bwd = self._batch({k: kwargs[k] for k in self.outputs if k in kwargs}) \
             if any(k in kwargs for k in self.outputs) else ()
+        per_batch = set()  # scalar blobs (a loss): one value per batch, as forward_all gives
         for fb, bb in zip_longest(fwd, bwd, fillvalue={}):
-            for k, v in self.forward(blobs=blobs, **fb).items():
-                outs[k].extend(np.array(v, copy=True))
-            for k, v in self.backward(diffs=diffs, **bb).items():
-                grads[k].extend(np.array(v, copy=True))
+            for table, result in ((outs, self.forward(blobs=blobs, **fb)),
+                                  (grads, self.backward(diffs=diffs, **bb))):
+                for k, v in result.items():
+                    v = np.array(v, copy=True)
+                    if v.ndim:
+                        table[k].extend(v)
+                    else:
+                        table[k].append(v)
+                        per_batch.add(k)
         given = len(next(iter(kwargs.values()))) if kwargs else None
         packed = []
         for table in (outs, grads):
             arrays = {k: np.asarray(v) for k, v in table.items()}
-            packed.append({k: a[:given] for k, a in arrays.items()} if given else arrays)
+            packed.append({k: a if k in per_batch or not given else a[:given]
+                           for k, a in arrays.items()})
         return packed[0], packed[1]
 
     def as_module(self, outputs: Optional[Sequence[str]] = None,

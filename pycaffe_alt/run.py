@@ -19,10 +19,13 @@ from typing import List, Optional, Sequence
 
 from .caffe_alias import install_as_caffe
 from .errors import CaffeError
+from .layers.python_layer import ALLOW_PYTHON_ENV
 
-USAGE = ("usage: pycaffe-alt run SCRIPT.py [ARGS...]\n"
-         "       pycaffe-alt run -m MODULE [ARGS...]\n"
-         "Runs an unchanged pycaffe program with 'import caffe' meaning pycaffe_alt.")
+USAGE = ("usage: pycaffe-alt run [--allow-python] SCRIPT.py [ARGS...]\n"
+         "       pycaffe-alt run [--allow-python] -m MODULE [ARGS...]\n"
+         "Runs an unchanged pycaffe program with 'import caffe' meaning pycaffe_alt.\n"
+         "--allow-python: its nets may import the Python layer modules they name (as Caffe "
+         "does; off by default, since a prototxt then runs code).")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -31,6 +34,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if args[0] in ("--allow-python", "--allow_python"):
+        # Through the environment: the program's own Net(...) calls cannot take the flag.
+        os.environ[ALLOW_PYTHON_ENV] = "1"
+        args = args[1:]
+        if not args:
+            raise CaffeError("--allow-python needs a program to run", "pycaffe-alt run", USAGE)
     if args[0] == "-m":
         if len(args) < 2:
             raise CaffeError("-m needs a module name", "pycaffe-alt run", USAGE)

@@ -289,3 +289,104 @@ def test_solverstate_naming_a_folder_as_its_weights_says_so(tmp_path):
     with pytest.raises(SolverError, match="'.*snapdir' is a directory, not a file"):
         snapshot_companion(str(tmp_path / "snapdir"), str(tmp_path / "x.solverstate"),
                            "the weights", "keep them together")
+
+
+# ---------------------------------------------------------------- second campaign (2026-12-03)
+def test_a_layer_named_like_a_module_attribute_builds():
+    # Before: TypeError from nn.Module.train() ("cannot assign 'bool' as child module").
+    net = net_from("""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "training" type: "ReLU" bottom: "data" top: "t" }""")
+    net.blobs["data"].data[...] = -1.0
+    assert float(net.forward()["t"].max()) == 0.0 and net.training is False
+
+
+@pytest.mark.parametrize("to, out, message", [
+    ("onnx", "pipe", "it is a FIFO"),
+    ("pytorch", "code", r"does not end in \.py"),
+    ("pytorch", "pt_dir.py", r"pt_dir\.pt is a directory"),
+])
+def test_convert_model_checks_every_output_path_before_writing(tmp_path, to, out, message):
+    from pycaffe_alt.export import convert
+
+    make_fifo(tmp_path)
+    (tmp_path / "pt_dir.pt").mkdir()
+    with no_hang(30), pytest.raises(CaffeError, match=message):
+        convert(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
+                to=to, out=str(tmp_path / out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "pt_dir.pt"]
+
+
+@pytest.mark.parametrize("field, message", [
+    ("warmup_epochs: nan", "warm-up must be >= 0 and finite"),
+    ("gap_epochs: inf", "the gap must be >= 0 and finite"),
+    ("support_beta: nan", "support_beta must be >= 0 and finite"),
+    ("min_improvement: nan", "min_improvement must be >= 0 and finite"),
+])
+def test_alternation_values_that_are_not_finite_are_refused(tmp_path, field, message):
+    from alternation_case import solver_param
+    from pycaffe_alt.alternation.solver import AlternationSolver
+
+    with pytest.raises(SolverError, match=message):
+        AlternationSolver(solver_param(tmp_path, field))
+
+
+def test_sigmoid_policy_with_a_nan_gamma_is_refused():
+    p = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="sigmoid", gamma=float("nan"),
+                                  stepsize=10)
+    with pytest.raises(SolverError, match="gamma must be finite"):
+        learning_rate(p, 1)
+
+
+def test_forward_backward_all_with_a_scalar_loss_gives_one_value_per_batch():
+    net = lenet()
+    x = np.random.rand(3, 1, 28, 28).astype(np.float32)  # batch 2: two batches
+    outs, diffs = net.forward_backward_all(data=x, label=np.zeros(3, np.float32))
+    assert outs["loss"].shape == (2,) and np.all(np.isfinite(outs["loss"]))
+    assert diffs["data"].shape == (3, 1, 28, 28)
+
+
+def test_forward_all_refuses_inputs_of_different_lengths():
+    with pytest.raises(NetError, match="different lengths: data 4, label 3"):
+        lenet().forward_all(data=np.zeros((4, 1, 28, 28)), label=np.zeros(3))
+
+
+def test_backward_over_a_reversed_range_runs_nothing():
+    net = lenet(caffe.TRAIN)
+    net.forward(data=np.random.rand(2, 1, 28, 28), label=np.array([1, 2]))
+    before = net.params["conv1"][0].diff.copy()
+    net.backward(start="conv1", end="ip2")  # Caffe's BackwardFromTo(0, 5): no layer
+    np.testing.assert_array_equal(net.params["conv1"][0].diff, before)
+
+
+def test_reshaping_a_blob_beyond_any_memory_names_it():
+    with pytest.raises(NetError, match="blob 'data' of shape .* needs"):
+        lenet().blobs["data"].reshape(2 ** 31, 2 ** 31, 4)
+
+
+def test_run_allow_python_lets_an_unchanged_program_import_its_layer_module(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "mylayer.py").write_text(
+        "import caffe\nclass Double(caffe.Layer):\n"
+        "    def setup(self, bottom, top): pass\n"
+        "    def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)\n"
+        "    def forward(self, bottom, top): top[0].data[...] = 2 * bottom[0].data\n"
+        "    def backward(self, top, propagate_down, bottom): pass\n")
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "d" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } }\n'
+        'layer { name: "double" type: "Python" bottom: "x" top: "y" '
+        'python_param { module: "mylayer" layer: "Double" } }\n')
+    (tmp_path / "prog.py").write_text(
+        "import caffe\nnet = caffe.Net('net.prototxt', caffe.TEST)\n"
+        "net.blobs['x'].data[...] = [1, 3]\nprint(net.forward()['y'].tolist())\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    env.pop("PYCAFFE_ALT_ALLOW_PYTHON", None)
+    run = [sys.executable, "-m", "pycaffe_alt.run"]
+    refused = subprocess.run(run + ["prog.py"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1 and "run --allow-python" in refused.stderr
+    allowed = subprocess.run(run + ["--allow-python", "prog.py"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert allowed.returncode == 0 and "[[2.0, 6.0]]" in allowed.stdout, allowed.stderr

@@ -89,7 +89,9 @@ def test_input_layer_and_zero_bias_decay_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("convex, words", [
-    ("rho: -1", "rho must be > 0"),
+    ("rho: -1", "rho must be finite and > 0"),
+    ("rho: inf", "rho must be finite and > 0"),
+    ("method: SAMPLED num_patterns: 1000000000", "more than max_exact_patterns"),
     ("num_patterns: -3", "num_patterns must be >= 0"),
     ("relaxation: 2.5", "relaxation must be in (0, 2)"),
     ("max_exact_patterns: 0", "max_exact_patterns must be > 0"),

@@ -31,6 +31,7 @@ snapshot as ``<prefix>_iter_N.masks``.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional
@@ -186,10 +187,18 @@ class AlternationSolver(Solver):
             logger.warning("%s: type \"Alternation\" without alternation_param: using its "
                            "defaults (I-alternation, SGD, no warm-up, a support step every epoch)",
                            self.source)
-        checks = [(ap.warmup_iter < 0 or ap.warmup_epochs < 0, "warm-up must be >= 0"),
-                  (ap.gap_iter < 0 or ap.gap_epochs < 0, "the gap must be >= 0"),
+        # Written as "not x >= 0" so that NaN fails too; the epoch counts and beta must also be
+        # finite (an infinite warm-up cannot be rounded to iterations; beta = inf turns off
+        # every unit).
+        checks = [(ap.warmup_iter < 0 or not 0 <= ap.warmup_epochs < math.inf,
+                   "warm-up must be >= 0 and finite"),
+                  (ap.gap_iter < 0 or not 0 <= ap.gap_epochs < math.inf,
+                   "the gap must be >= 0 and finite"),
                   (ap.patience < 0, "patience must be >= 0"),
-                  (ap.support_beta < 0, "support_beta must be >= 0 (it bounds squares)"),
+                  (not 0 <= ap.support_beta < math.inf,
+                   "support_beta must be >= 0 and finite (it bounds squares)"),
+                  (not 0 <= ap.min_improvement < math.inf,
+                   "min_improvement must be >= 0 and finite"),
                   (ap.support_batch_size < 0, "support_batch_size must be >= 0"),
                   (not 0 <= ap.staleness_threshold < 1,
                    "staleness_threshold must be in [0, 1) (a share of support bits; 0 = off)"),

@@ -14,6 +14,8 @@ set plus ``weight_decay/2 x decay_mult x ||W||^2``.
 """
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -104,7 +106,10 @@ class ConvexSolver(Solver):
                            "arrangement pattern", self.source)
         checks = [(c.num_patterns < 0, f"num_patterns must be >= 0 (0 = every pattern), got "
                    f"{c.num_patterns}"),
-                  (not c.rho > 0, f"rho must be > 0, got {c.rho}"),
+                  (c.num_patterns > c.max_exact_patterns,
+                   f"num_patterns {c.num_patterns} is more than max_exact_patterns "
+                   f"({c.max_exact_patterns}), the most patterns one problem may hold"),
+                  (not 0 < c.rho < math.inf, f"rho must be finite and > 0, got {c.rho}"),
                   (not 0 < c.relaxation < 2, f"relaxation must be in (0, 2), got "
                    f"{c.relaxation}"),
                   (not c.abs_tol >= 0, f"abs_tol must be >= 0, got {c.abs_tol}"),
@@ -125,7 +130,7 @@ class ConvexSolver(Solver):
             raise SolverError(f'regularization_type "{p.regularization_type}": the convex program '
                               "is the one of L2 weight decay", self._where("regularization_type"),
                               'use regularization_type: "L2"')
-        if not p.weight_decay > 0:
+        if not 0 < p.weight_decay < math.inf:
             raise SolverError(f"weight_decay {p.weight_decay}: the convex equivalence needs "
                               "weight decay > 0 (beta = N x weight_decay)",
                               self._where("weight_decay"), "set weight_decay > 0")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CaffeError, NetError
+from ..fileio import check_output_path
 from ..proto import caffe_pb2
 from . import exported, pytorch_code, torchscript
 from . import onnx as onnx_format
@@ -127,10 +128,12 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
 
 
 def check_writable(path: str) -> None:
-    """A CaffeError unless ``path`` can be created: its directory exists and is writable."""
+    """A CaffeError unless ``path`` can be created: its directory exists and is writable, and
+    nothing but a regular file is there (a FIFO would block the writer, a device be written)."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise CaffeError(f"the output {path} is a directory", hint="give a file name (--out FILE)")
+    check_output_path(path, CaffeError)
     if not os.path.isdir(directory):
         raise CaffeError(f"cannot write {path}: the directory {directory} does not exist",
                          hint="create it first, or choose another --out")
@@ -200,6 +203,13 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
     if not out:
         raise CaffeError("no output path given", hint="give out= (--out PATH)")
     check_writable(out)
+    if to == "pytorch":
+        # The code is imported back from the file (a module needs a .py name) and its weights
+        # go next to it: both paths are checked before anything is written.
+        if os.path.splitext(out)[1] != ".py":
+            raise CaffeError(f"the PyTorch code output {out} does not end in .py",
+                             hint="give --out NAME.py (its weights are written to NAME.pt)")
+        check_writable(os.path.splitext(out)[0] + ".pt")
     net = build_net(model, weights, shapes, state_dict)
     if to in ("caffemodel", "h5"):
         path = (weight_formats.write_caffemodel if to == "caffemodel" else weight_formats.write_h5)(net, out)

@@ -33,6 +33,12 @@ from ..registry import LAYERS
 from .base import Layer, Shape
 
 
+
+# The environment's opt-in for every net of a process (and its child processes): what
+# ``pycaffe-alt run --allow-python`` sets for an unchanged program, whose Net calls cannot be
+# given allow_python=True. Caffe itself imports any python_param module.
+ALLOW_PYTHON_ENV = "PYCAFFE_ALT_ALLOW_PYTHON"
+
 class PyBlob:
     """What a Python layer sees of a blob (pycaffe's ``Blob``): numpy ``data`` and ``diff``,
     ``reshape(*shape)``, ``shape``, ``count`` and the legacy ``num/channels/height/width``."""
@@ -207,7 +213,7 @@ class Python(Layer):
                              "e.g. python_param { module: 'my_layers' layer: 'MyLayer' }")
         cls = loaded_layer_class(module_name, class_name)
         if cls is None:
-            if not ctx.allow_python:
+            if not (ctx.allow_python or os.environ.get(ALLOW_PYTHON_ENV) == "1"):
                 state = (f"its '{class_name}' is not a caffe.Layer subclass"
                          if module_name in sys.modules else "it is not imported")
                 raise self.error(
@@ -216,8 +222,9 @@ class Python(Layer):
                     f"a Python layer runs without a flag only when its module is already imported "
                     f"in this process and its class subclasses caffe.Layer ({state}). If you trust "
                     "this net, pass allow_python=True to pycaffe_alt.Net(...) or the solver, or "
-                    "--allow-python on the command line; or import the module before building "
-                    "the net")
+                    "--allow-python on the command line (an unchanged program: pycaffe-alt run "
+                    f"--allow-python SCRIPT.py, or {ALLOW_PYTHON_ENV}=1 in the environment); or "
+                    "import the module before building the net")
             cls = self._import(module_name, class_name)
         self.user = _instantiate(cls, param)
         # pycaffe sets these attributes before setup (PythonLayer::LayerSetUp).

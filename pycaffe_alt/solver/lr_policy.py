@@ -100,6 +100,8 @@ def _sigmoid(p, it: int) -> float:
     # Caffe's source also CHECKs gamma >= 0 here, but the reference Caffe run in
     # golden/solvers/adadelta_sigmoid uses gamma -0.2 (a decaying sigmoid) and we follow it;
     # a negative gamma is the only way to make the sigmoid policy decrease the rate.
+    _require(math.isfinite(p.gamma), "sigmoid", f"gamma must be finite (got {p.gamma})",
+             "gamma is the sigmoid's slope, e.g. gamma: 0.001 (negative: a decaying rate)")
     x = -_f32(p.gamma) * (_f32(it) - _f32(p.stepsize))
     # Caffe's float exp overflows to inf far out on the tail, and the rate is then exactly 0.
     e = math.exp(float(x)) if x <= _LN_FLT_MAX else math.inf
