@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 from .caffe_alias import install_as_caffe
 from .errors import CaffeError
-from .layers.python_layer import ALLOW_PYTHON_ENV
+from .python_opt_in import ALLOW_PYTHON_ENV
 
 USAGE = ("usage: pycaffe-alt run [--allow-python] SCRIPT.py [ARGS...]\n"
          "       pycaffe-alt run [--allow-python] -m MODULE [ARGS...]\n"

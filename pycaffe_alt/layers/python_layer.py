@@ -29,15 +29,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..python_opt_in import ALLOW_PYTHON_ENV, python_layers_allowed
 from ..registry import LAYERS
 from .base import Layer, Shape
 
-
-
-# The environment's opt-in for every net of a process (and its child processes): what
-# ``pycaffe-alt run --allow-python`` sets for an unchanged program, whose Net calls cannot be
-# given allow_python=True. Caffe itself imports any python_param module.
-ALLOW_PYTHON_ENV = "PYCAFFE_ALT_ALLOW_PYTHON"
 
 class PyBlob:
     """What a Python layer sees of a blob (pycaffe's ``Blob``): numpy ``data`` and ``diff``,
@@ -213,7 +208,7 @@ class Python(Layer):
                              "e.g. python_param { module: 'my_layers' layer: 'MyLayer' }")
         cls = loaded_layer_class(module_name, class_name)
         if cls is None:
-            if not (ctx.allow_python or os.environ.get(ALLOW_PYTHON_ENV) == "1"):
+            if not (ctx.allow_python or python_layers_allowed()):
                 state = (f"its '{class_name}' is not a caffe.Layer subclass"
                          if module_name in sys.modules else "it is not imported")
                 raise self.error(
