@@ -62,8 +62,15 @@ class Classifier(Net):
         super().__init__(model_file, TEST, weights=pretrained_file, **net_kwargs)
         self.transformer = input_transformer(self, mean, input_scale, raw_scale, channel_swap)
         self.crop_dims = np.array(self.blobs[self.inputs[0]].data.shape[2:])
-        self.image_dims = tuple(int(d) for d in (image_dims if image_dims is not None
-                                                 else self.crop_dims))
+        dims = image_dims if image_dims is not None else self.crop_dims
+        try:
+            self.image_dims = tuple(int(d) for d in dims)
+        except (TypeError, ValueError):
+            self.image_dims = ()
+        if len(self.image_dims) != 2 or min(self.image_dims) < 1:
+            raise DataError(f"image_dims {dims!r} is not (height, width) of positive sizes",
+                            where="Classifier", hint="e.g. image_dims=(256, 256); the net's "
+                            f"crop is {tuple(int(d) for d in self.crop_dims)}")
 
     def predict(self, inputs: Sequence[np.ndarray], oversample: bool = True) -> np.ndarray:
         """Class probabilities (N x C, the net's first output) of N H x W x K images; with

@@ -171,7 +171,7 @@ def oversample(images: Sequence[np.ndarray], crop_dims: Sequence[int]) -> np.nda
     crop_h, crop_w = int(crop_dims[0]), int(crop_dims[1])
     if len(im_shape) != 3 or not (0 < crop_h <= im_shape[0] and 0 < crop_w <= im_shape[1]):
         raise DataError(f"cannot take {crop_h} x {crop_w} crops of images of shape "
-                        f"{tuple(im_shape)}", where="oversample",
+                        f"{tuple(int(d) for d in im_shape)}", where="oversample",
                         hint="images are H x W x K and the crop fits inside them")
     # Centre crop start, truncated toward zero like pycaffe's float-to-int store.
     cy = int(im_shape[0] / 2.0 - crop_h / 2.0)

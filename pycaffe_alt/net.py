@@ -1008,12 +1008,17 @@ class Net(nn.Module):
         -> one array per blob) are written as the blobs' diffs (Caffe's ``snapshot_diff``)."""
         from .weights import atomic_write, net_param_with_weights
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentTypeError(f"save() takes the path of the .caffemodel to write, got "
+                                    f"{type(path).__name__}")
         self._push_host_writes()  # numpy edits of GPU weights (net surgery) go in too
         proto = net_param_with_weights(self.net_param, self._param_lists(), diffs)
         atomic_write(os.fspath(path), proto.SerializeToString())
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s parameter blobs for layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        if not isinstance(other, Net):
+            raise ArgumentTypeError(f"share_with() takes another Net, got {type(other).__name__}")
         self._push_host_writes()
         other._push_host_writes()
         theirs = other._param_lists()

@@ -390,3 +390,34 @@ def test_run_allow_python_lets_an_unchanged_program_import_its_layer_module(tmp_
     allowed = subprocess.run(run + ["--allow-python", "prog.py"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
     assert allowed.returncode == 0 and "[[2.0, 6.0]]" in allowed.stdout, allowed.stderr
+
+
+def test_cifar_labels_outside_the_datasets_classes_are_refused(tmp_path):
+    import pickle
+
+    from pycaffe_alt.tools.convert_cifar import read_split
+
+    (tmp_path / "b").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
+                                               b"labels": [3, 11]}))
+    with pytest.raises(DataError, match="label 11 is outside cifar10's 10 classes"):
+        read_split(str(tmp_path), "cifar10", "python", ["b"], "fine")
+
+
+def test_mnist_image_file_with_no_pixels_is_refused(tmp_path):
+    import struct
+
+    from pycaffe_alt.tools.convert_mnist import convert
+
+    (tmp_path / "img").write_bytes(struct.pack(">IIII", 2051, 5, 0, 28))
+    (tmp_path / "lab").write_bytes(struct.pack(">II", 2049, 5) + bytes(5))
+    with pytest.raises(DataError, match="5 x 0 x 28"):
+        convert(str(tmp_path / "img"), str(tmp_path / "lab"), str(tmp_path / "db"))
+    assert not (tmp_path / "db").exists()
+
+
+def test_save_and_share_with_name_a_wrong_argument():
+    net = lenet()
+    with pytest.raises(CaffeError, match="save\\(\\) takes the path"):
+        net.save(None)
+    with pytest.raises(CaffeError, match="share_with\\(\\) takes another Net"):
+        net.share_with("x")

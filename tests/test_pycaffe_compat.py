@@ -481,3 +481,12 @@ def test_import_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT), check=True).stdout.split()
     assert out[-1] == "False"  # torch loads on first use of a net or solver, not on import
+
+
+@pytest.mark.parametrize("dims", [(-5, 10), (20, 20, 3), "ab"])
+def test_classifier_refuses_image_dims_that_are_not_a_size(deploy, dims):
+    from pycaffe_alt.errors import DataError
+
+    model_def, model_weights = deploy
+    with pytest.raises(DataError, match="is not \\(height, width\\)"):
+        caffe.Classifier(model_def, model_weights, image_dims=dims)

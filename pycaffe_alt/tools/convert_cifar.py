@@ -117,6 +117,14 @@ def read_split(folder: str, dataset: str, fmt: str, files: List[str],
             parts.append(read_binary_batch(path, 1, 0))
         else:  # CIFAR-100 binary: coarse label byte, then fine label byte
             parts.append(read_binary_batch(path, 2, 0 if label == "coarse" else 1))
+        # CIFAR's classes: 10, or 100 fine / 20 coarse. A label outside them is a corrupt or
+        # foreign batch; written as is, it would fail far away in a loss layer.
+        classes = 10 if dataset == "cifar10" else (20 if label == "coarse" else 100)
+        bad = parts[-1][1][(parts[-1][1] < 0) | (parts[-1][1] >= classes)]
+        if bad.size:
+            raise DataError(f"label {int(bad[0])} is outside {dataset}'s {classes} classes "
+                            f"(0..{classes - 1})", where=path,
+                            hint="is this a CIFAR batch of the right dataset?")
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

@@ -56,6 +56,11 @@ def convert(images_path: str, labels_path: str, db_path: str, backend: str = "lm
     """Write one LMDB from an image and a label IDX file; returns the record count."""
     images = read_idx(images_path, IMAGE_MAGIC)
     labels = read_idx(labels_path, LABEL_MAGIC)
+    if images.ndim != 3 or 0 in images.shape:
+        # An empty database or empty images would only fail later, in a Data layer or a mean.
+        raise DataError(f"the image file holds {' x '.join(map(str, images.shape))} "
+                        "(images x rows x columns): nothing to convert", where=images_path,
+                        hint="give an MNIST image file (idx3-ubyte) with at least one image")
     if len(images) != len(labels):
         raise DataError(f"{len(images)} images but {len(labels)} labels", where=labels_path,
                         hint="the two files must come from the same split (train or t10k)")
