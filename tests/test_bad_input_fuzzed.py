@@ -421,3 +421,27 @@ def test_save_and_share_with_name_a_wrong_argument():
         net.save(None)
     with pytest.raises(CaffeError, match="share_with\\(\\) takes another Net"):
         net.share_with("x")
+
+
+@pytest.mark.parametrize("outputs, message", [(None, "0 input"), (["data"], "also inputs")])
+def test_export_of_a_net_with_nothing_between_input_and_output_is_refused(outputs, message):
+    from pycaffe_alt.export import lower_net
+
+    net = net_from("""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "r" type: "ReLU" bottom: "data" top: "data" }""")
+    with pytest.raises(NetError, match="nothing to export: .*" + message):
+        lower_net(net, outputs)
+
+
+def test_export_check_accepts_nan_where_the_net_gives_nan(tmp_path):
+    # Before: "does not reproduce the net ... relative difference nan", blaming the exporter.
+    from pycaffe_alt.export import convert
+
+    (tmp_path / "n.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param '
+        '{ num_output: 4 weight_filler { type: "gaussian" std: 1 } } }\n'
+        'layer { name: "p" type: "Power" bottom: "ip" top: "p" power_param { power: 0.5 } }\n')
+    result = convert(str(tmp_path / "n.prototxt"), to="pytorch", out=str(tmp_path / "m.py"))
+    assert os.path.exists(result.paths[0])

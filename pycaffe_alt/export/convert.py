@@ -143,6 +143,12 @@ def check_writable(path: str) -> None:
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    # NaN (sqrt of a negative input) or inf in the same places in both agree; a NaN or inf in
+    # one only is a disagreement (the result is then inf).
+    same = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+    if np.any(~np.isfinite(a) & ~same) or np.any(~np.isfinite(b) & ~same):
+        return float("inf")
+    a, b = np.where(same, 0, a), np.where(same, 0, b)
     scale = float(np.max(np.abs(b))) if b.size else 0.0
     diff = float(np.max(np.abs(a - b))) if b.size else 0.0
     return diff / scale if scale > 0 else diff

@@ -440,6 +440,17 @@ def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Seq
             "no operator for them (the other layers convert)", net.source,
             "choose outputs before these layers (--outputs), cut the net above them (--inputs), "
             "or replace them with supported layers (docs/convert.md lists them)")
+    # An exported program maps inputs to outputs under distinct names: a net whose only layers
+    # work in place on its input (or has none) has nothing of that form to write.
+    fed_back = [n for n in plan.outputs if n in plan.inputs]
+    if not plan.outputs or not plan.inputs or not ops or fed_back:
+        what = (f"the output(s) {', '.join(fed_back)} are also inputs (a layer works in place "
+                "on the input blob)") if fed_back else \
+            f"it has {len(plan.inputs)} input(s), {len(plan.outputs)} output(s) and " \
+            f"{len(ops)} operator(s) between them"
+        raise NetError(f"nothing to export: {what}", net.source,
+                       "export a net with a layer that writes a new top above its inputs, or "
+                       "choose the outputs (--outputs) and inputs (--inputs)")
     ops = _fold_scales(ops, set(plan.outputs))
     graph_inputs = OrderedDict((n, low.shapes[n]) for n in plan.inputs)
     return Graph(net.net_param.name or "CaffeNet", graph_inputs, ops, plan.outputs, low.shapes)
