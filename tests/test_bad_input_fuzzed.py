@@ -445,3 +445,9 @@ def test_export_check_accepts_nan_where_the_net_gives_nan(tmp_path):
         'layer { name: "p" type: "Power" bottom: "ip" top: "p" power_param { power: 0.5 } }\n')
     result = convert(str(tmp_path / "n.prototxt"), to="pytorch", out=str(tmp_path / "m.py"))
     assert os.path.exists(result.paths[0])
+
+
+def test_a_nan_label_is_named_as_nan():
+    # Before: "label -9223372036854775808 is outside ..." (NaN converted to INT64_MIN).
+    with pytest.raises(NetError, match="label nan is outside the 10 classes"):
+        lenet().forward(data=np.zeros((2, 1, 28, 28)), label=np.array([np.nan, 1]))

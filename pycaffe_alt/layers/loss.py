@@ -108,7 +108,10 @@ def _class_indices(layer: Layer, labels: torch.Tensor, num_classes: int,
     if ignore_label is not None:
         bad &= idx != ignore_label
     if bool(bad.any()):
-        first = idx[bad][0].item()
+        # Name the label as given: a NaN or infinite float label converts to an arbitrary
+        # integer (INT64_MIN on x86), which would hide what is wrong.
+        given = labels.reshape(idx.shape)[bad][0].item()
+        first = idx[bad][0].item() if math.isfinite(given) else given
         raise layer.error(f"label {first} is outside the {num_classes} classes [0, {num_classes - 1}]",
                           "labels must be class indices of the predictions' class axis"
                           + ("" if ignore_label is None else f" or the ignore_label {ignore_label}"))
