@@ -23,6 +23,11 @@ import torch
 from .errors import NetError, first_line
 
 
+def is_memory_of(arr: np.ndarray, t: torch.Tensor) -> bool:
+    """Whether ``arr`` starts at ``t``'s memory (a view made by ``t.numpy()``)."""
+    return arr.__array_interface__["data"][0] == t.data_ptr()
+
+
 class HostMirror:
     """Numpy access to a tensor that may live on a GPU, with Caffe's head-state rule."""
 
@@ -71,7 +76,7 @@ class HostMirror:
         return arr
 
     def _copy_into(self, arr: np.ndarray, t: torch.Tensor) -> None:
-        if arr.__array_interface__["data"][0] == t.data_ptr():
+        if is_memory_of(arr, t):
             return  # the array is the tensor's own memory
         source = self._source
         if source is not None and source[0]() is t and source[1] == t._version:

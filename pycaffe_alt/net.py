@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import memory_format as mf
-from .blob import Blob, HostMirror, ParamBlob, check_blob_shape
+from .blob import Blob, HostMirror, ParamBlob, check_blob_shape, is_memory_of
 from .blob_memory import check_blob_fits, zeros
 from .compile import CompiledNet
 from .errors import ArgumentTypeError, CaffeError, NetError, first_line
@@ -760,7 +760,7 @@ class Net(nn.Module):
         for name, arr in self._store.held_arrays("data").items():
             t = self._values.get(name)
             if t is None or t.device.type != "cpu" or tuple(t.shape) != arr.shape or \
-                    arr.__array_interface__["data"][0] == t.data_ptr():
+                    is_memory_of(arr, t):
                 continue
             if not np.array_equal(arr, t.detach().numpy()):
                 value = torch.from_numpy(arr)

@@ -15,7 +15,6 @@ set plus ``weight_decay/2 x decay_mult x ||W||^2``.
 from __future__ import annotations
 
 import math
-
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence

@@ -110,7 +110,7 @@ def _class_indices(layer: Layer, labels: torch.Tensor, num_classes: int,
     if bool(bad.any()):
         # Name the label as given: a NaN or infinite float label converts to an arbitrary
         # integer (INT64_MIN on x86), which would hide what is wrong.
-        given = labels.reshape(idx.shape)[bad][0].item()
+        given = labels[bad][0].item()
         first = idx[bad][0].item() if math.isfinite(given) else given
         raise layer.error(f"label {first} is outside the {num_classes} classes [0, {num_classes - 1}]",
                           "labels must be class indices of the predictions' class axis"
