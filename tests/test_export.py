@@ -446,3 +446,23 @@ def test_graph_lowering_drops_and_folds(nets):
     kinds = [op.kind for op in graph.ops]
     assert kinds.count("batch_norm") == 3 and "affine" not in kinds
     assert graph.outputs == ["prob"] and list(graph.inputs) == ["data"]
+
+
+IN_PLACE_ON_INPUT = """name: "in_place_on_input"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "relu0" type: "ReLU" bottom: "data" top: "data" }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+"""
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pytorch"])
+def test_in_place_layer_on_an_input_is_exported_and_checked(workdir, fmt):
+    # The check used to plan its reference with the inputs named (a cut), which leaves out an
+    # in-place layer on the Input top: every correct file was reported as a mismatch.
+    proto = workdir / "in_place_on_input.prototxt"
+    proto.write_text(IN_PLACE_ON_INPUT)
+    net = Net(str(proto), TEST)
+    result = convert(net, to=fmt, out=str(workdir / f"in_place_on_input_{fmt}.py"))
+    assert all(e <= REL_TOL for errs in result.max_rel_error.values() for e in errs.values())
+    assert [op.kind for op in lower_net(net).ops] == ["relu", "conv"]

@@ -154,11 +154,17 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def reference(net, graph: Graph, inputs: Dict[str, torch.Tensor], include_loss: bool) -> List[np.ndarray]:
-    """The Net's own layers' outputs for ``inputs`` (through :func:`as_module`)."""
-    module = as_module(net, graph.outputs, list(graph.inputs), include_loss)
+def reference(net, graph: Graph, feed: Dict[str, torch.Tensor], include_loss: bool,
+              inputs: Optional[Sequence[str]] = None) -> List[np.ndarray]:
+    """The Net's own layers' outputs for ``feed`` (through :func:`as_module`).
+
+    ``inputs`` is what ``graph`` was lowered with (None: the net's Input/data tops). Naming them
+    again would not be the same plan: a named blob is a cut, and an in-place layer on an Input
+    top (``relu0: data -> data``) would be left out of the reference but not of the graph.
+    """
+    module = as_module(net, graph.outputs, inputs, include_loss)
     with torch.no_grad():
-        out = module(*[inputs[n].to(net.device) for n in graph.inputs])
+        out = module(*[feed[n].to(net.device) for n in graph.inputs])
     out = (out,) if isinstance(out, torch.Tensor) else out
     return [o.detach().cpu().numpy() for o in out]
 
@@ -248,7 +254,7 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
                             "export": "torch.export.load", "pytorch": "the generated load()"}[to]
     for batch in batches:
         feed = random_inputs(graph, batch)
-        ref = reference(net, graph, feed, include_loss)
+        ref = reference(net, graph, feed, include_loss, inputs)
         got = run_file(to, paths[0], graph, feed)
         errs = {n: _rel(g, r) for n, g, r in zip(graph.outputs, got, ref)}
         result.max_rel_error[batch] = errs
