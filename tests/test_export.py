@@ -466,3 +466,38 @@ def test_in_place_layer_on_an_input_is_exported_and_checked(workdir, fmt):
     result = convert(net, to=fmt, out=str(workdir / f"in_place_on_input_{fmt}.py"))
     assert all(e <= REL_TOL for errs in result.max_rel_error.values() for e in errs.values())
     assert [op.kind for op in lower_net(net).ops] == ["relu", "conv"]
+
+
+NON_ASCII_AND_SCALAR_SCALE = """name: "names"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "свёртка" type: "Convolution" bottom: "data" top: "выход"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "sc" type: "Scale" bottom: "выход" top: "s" scale_param { num_axes: 0 bias_term: true } }
+"""
+
+
+def test_torchscript_takes_non_ascii_names_and_a_scalar_scale(workdir):
+    # Both made torch.jit.script / jit.load fail with a traceback: non-ASCII attribute names are
+    # serialized as escapes the loader rejects, and Scale num_axes: 0 gave an empty list attribute.
+    proto = workdir / "names.prototxt"
+    proto.write_text(NON_ASCII_AND_SCALAR_SCALE, encoding="utf-8")
+    net = Net(str(proto), TEST)
+    net.params["sc"][0].data[...] = 1.5
+    net.params["sc"][1].data[...] = -0.25
+    result = convert(net, to="torchscript", out=str(workdir / "names.pt"))
+    assert all(e <= REL_TOL for errs in result.max_rel_error.values() for e in errs.values())
+    code = (workdir / "names_code.py")
+    convert(net, to="pytorch", out=str(code))
+    assert "# свёртка (Convolution)" in code.read_text(encoding="utf-8")
+
+
+def test_a_scripting_failure_is_one_message(workdir, monkeypatch):
+    from pycaffe_alt.export import torchscript
+
+    def refuse(graph, path):
+        raise RuntimeError("\nModule 'X' has no attribute 'y'\n  File ...")
+    monkeypatch.setattr(torchscript, "write", refuse)
+    proto = workdir / "in_place_on_input.prototxt"
+    proto.write_text(IN_PLACE_ON_INPUT)
+    with pytest.raises(CaffeError, match="could not write the torchscript form .*has no attribute"):
+        convert(str(proto), to="torchscript", out=str(workdir / "refused.pt"))

@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import CaffeError, NetError
+from ..errors import CaffeError, NetError, first_line
 from ..fileio import check_output_path
 from ..proto import caffe_pb2
 from . import exported, pytorch_code, torchscript
@@ -239,6 +239,11 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
     except OSError as e:  # disk full, permissions changed meanwhile
         raise CaffeError(f"cannot write {out}: {e.strerror or e}",
                          hint="check the disk space and the permissions of the directory") from None
+    except RuntimeError as e:  # torch.jit.script / torch.export refusing the generated module
+        raise CaffeError(f"could not write the {to} form of {getattr(net, 'source', 'the net')}: "
+                         f"{first_line(e)}",
+                         hint="this is a bug in pycaffe_alt's exporter; please report it with the "
+                         "prototxt, and meanwhile try another format (--to pytorch or onnx)") from None
     result = Conversion(to, paths, dict(graph.inputs), list(graph.outputs))
     if to == "onnx":
         result.notes.append(f"ONNX opset {onnx_format.OPSET}")

@@ -62,6 +62,8 @@ _AFFINE = '''
 class Affine(nn.Module):
     """Caffe's Scale / Bias layer: x * weight + bias, the parameters laid over axes from ``axis``."""
 
+    shape: List[int]  # declared: TorchScript cannot infer the type of an empty list (num_axes: 0)
+
     def __init__(self, param_shape: List[int], shape: List[int], weight: bool, bias: bool):
         super().__init__()
         self.shape = shape
@@ -95,8 +97,15 @@ class CaffeAvePool(nn.Module):
 
 def identifier(name: str, taken: set) -> str:
     """A Python identifier for a Caffe name (``conv1/7x7_s2`` -> ``conv1_7x7_s2``), unique in
-    ``taken`` and clear of keywords and nn.Module attributes."""
-    ident = re.sub(r"\W", "_", name) or "x"
+    ``taken`` and clear of keywords and nn.Module attributes.
+
+    ASCII only: Python accepts ``свёртка`` as a name, but TorchScript's serializer writes
+    non-ASCII attribute names as escapes its own loader rejects; the comment above each line
+    keeps the Caffe name as written.
+    """
+    ident = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    if not re.search(r"[0-9A-Za-z]", ident):
+        ident = "x"
     if ident[0].isdigit():
         ident = "_" + ident
     while keyword.iskeyword(ident) or hasattr(nn.Module, ident) or ident in taken or ident in (
