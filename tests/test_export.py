@@ -501,3 +501,20 @@ def test_a_scripting_failure_is_one_message(workdir, monkeypatch):
     proto.write_text(IN_PLACE_ON_INPUT)
     with pytest.raises(CaffeError, match="could not write the torchscript form .*has no attribute"):
         convert(str(proto), to="torchscript", out=str(workdir / "refused.pt"))
+
+
+def test_weights_sharing_no_layer_name_are_refused_unless_allowed(workdir):
+    proto = workdir / "in_place_on_input.prototxt"
+    proto.write_text(IN_PLACE_ON_INPUT)
+    weights = str(workdir / "in_place_on_input.caffemodel")
+    Net(str(proto), TEST).save(weights)
+    renamed = workdir / "renamed.prototxt"
+    renamed.write_text(IN_PLACE_ON_INPUT.replace('"conv"', '"conv_renamed"'))
+    with pytest.raises(WeightsError, match="random initial weights"):
+        convert(str(renamed), weights, to="pytorch", out=str(workdir / "renamed.py"))
+    with pytest.raises(WeightsError):
+        convert(str(renamed), weights, to="caffemodel", out=str(workdir / "renamed.caffemodel"))
+    assert not os.path.exists(workdir / "renamed.py")
+    result = convert(str(renamed), weights, to="pytorch", out=str(workdir / "renamed.py"),
+                     allow_unmatched_weights=True)
+    assert result.paths

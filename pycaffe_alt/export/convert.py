@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import CaffeError, NetError, first_line
+from ..errors import CaffeError, NetError, WeightsError, first_line
 from ..fileio import check_output_path
 from ..proto import caffe_pb2
 from . import exported, pytorch_code, torchscript
@@ -102,9 +102,14 @@ def apply_shapes(net_param: "caffe_pb2.NetParameter",
 
 
 def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str, Sequence[int]]] = None,
-              state_dict=None):
+              state_dict=None, allow_unmatched_weights: bool = False):
     """A TEST-phase Net from a prototxt path / NetParameter / Net, with weights from a caffemodel
-    or .h5 (``weights``) or a ``net.state_dict()``-named state (``state_dict``)."""
+    or .h5 (``weights``) or a ``net.state_dict()``-named state (``state_dict``).
+
+    A ``weights`` file that shares no layer name with a net that has parameters is an error
+    unless ``allow_unmatched_weights``: the converted file would hold the fillers' random values
+    and pass its own check (as ``tools/test`` refuses to score such a net).
+    """
     from .. import prototxt
     from ..net import Net
     from ..phase import TEST
@@ -114,14 +119,18 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
             raise NetError("shapes can be changed only when building the net from a prototxt",
                            model.source, "reshape the input blobs and call net.reshape() instead")
         net = model
-        if weights:
-            net.copy_from(weights)
     else:
         source = model
         if shapes:
             param = model if isinstance(model, caffe_pb2.NetParameter) else prototxt.read_net(model)
             source = apply_shapes(param, shapes)
-        net = Net(source, TEST, weights=weights)
+        net = Net(source, TEST)
+    if weights and not net.copy_from(weights) and len(net.params) and not allow_unmatched_weights:
+        raise WeightsError("no layer of this weights file has the name of a layer of the net, so "
+                           "the converted model would hold random initial weights", where=weights,
+                           hint=f"check that the weights belong to {getattr(net, 'source', 'the net')}; "
+                           "to convert the unmatched net anyway, add --allow-unmatched-weights "
+                           "(allow_unmatched_weights=True)")
     if state_dict is not None:
         weight_formats.load_state_dict(net, state_dict)
     return net
@@ -201,7 +210,8 @@ def run_file(fmt: str, path: str, graph: Graph, inputs: Dict[str, torch.Tensor])
 def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optional[str] = None, *,
             outputs: Optional[Sequence[str]] = None, inputs: Optional[Sequence[str]] = None,
             shapes: Optional[Mapping[str, Sequence[int]]] = None, include_loss: bool = False,
-            state_dict=None, verify: Union[bool, Sequence[int]] = True) -> Conversion:
+            state_dict=None, verify: Union[bool, Sequence[int]] = True,
+            allow_unmatched_weights: bool = False) -> Conversion:
     """Convert a Caffe net (prototxt path, NetParameter or Net) with its weights to ``to``.
 
     ``weights``: a .caffemodel or .h5; ``state_dict``: instead (or on top), a PyTorch state in
@@ -209,6 +219,7 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
     conversion. ``outputs``/``inputs``: blob names (default: the net's outputs and its Input/data
     tops). ``shapes``: ``{blob: shape}`` for Input/data tops. ``verify``: check the written file
     against the Net (True: at the net's batch size and at 2 more; or a list of batch sizes).
+    ``allow_unmatched_weights``: see :func:`build_net`.
     """
     if to not in FORMATS:
         raise CaffeError(f"unknown format {to!r}", hint="formats: " + ", ".join(FORMATS))
@@ -222,7 +233,7 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
             raise CaffeError(f"the PyTorch code output {out} does not end in .py",
                              hint="give --out NAME.py (its weights are written to NAME.pt)")
         check_writable(os.path.splitext(out)[0] + ".pt")
-    net = build_net(model, weights, shapes, state_dict)
+    net = build_net(model, weights, shapes, state_dict, allow_unmatched_weights)
     if to in ("caffemodel", "h5"):
         path = (weight_formats.write_caffemodel if to == "caffemodel" else weight_formats.write_h5)(net, out)
         return Conversion(to, [path])

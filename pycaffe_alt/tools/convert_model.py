@@ -64,12 +64,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="keep loss layers (their labels become inputs)")
     p.add_argument("--no-verify", "--no_verify", dest="no_verify", action="store_true",
                    help="do not run the written file against the net")
+    p.add_argument("--allow-unmatched-weights", "--allow_unmatched_weights",
+                   dest="allow_unmatched_weights", action="store_true",
+                   help="convert even when --weights shares no layer name with the net (its "
+                   "random initial weights are written)")
     args = parse_args(p, argv)
     setup_logging()
     result = convert(args.model, args.weights or None, args.to, args.out,
                      outputs=_names(args.outputs), inputs=_names(args.inputs),
                      shapes=parse_shapes(args.shape) or None, include_loss=args.include_loss,
-                     state_dict=args.state_dict or None, verify=not args.no_verify)
+                     state_dict=args.state_dict or None, verify=not args.no_verify,
+                     allow_unmatched_weights=args.allow_unmatched_weights)
     print(result.summary())
     return 0
 
