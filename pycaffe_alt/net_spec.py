@@ -22,9 +22,10 @@ passed as values (``weight_filler=caffe_pb2.FillerParameter(...)``); Deconvoluti
 """
 from __future__ import annotations
 
+import numbers
 from collections import Counter, OrderedDict
 from functools import lru_cache
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 from .errors import ArgumentTypeError, NetError
 from .proto import caffe_pb2
@@ -121,8 +122,20 @@ class Function:
                                         f"(type is {type(top)})")
         self.inputs = tuple(inputs)
         params = dict(params)
-        self.ntop = int(params.pop("ntop", 1))
+        ntop = params.pop("ntop", 1)
+        if isinstance(ntop, bool) or not isinstance(ntop, numbers.Integral) or ntop < 0:
+            raise NetError(f"ntop={ntop!r}: the number of tops must be a whole number >= 0",
+                           f"NetSpec layer of type {type_name}",
+                           "ntop=0 for a layer without tops, 2 or more for a tuple of tops")
+        self.ntop = int(ntop)
         self.in_place = bool(params.pop("in_place", False))
+        if self.in_place and self.ntop != len(self.inputs):
+            # pycaffe writes the bottoms as the tops, so any other count names tops that
+            # do not exist in the prototxt (an IndexError later, or a silently missing blob).
+            raise NetError(f"in_place=True writes the tops over the bottoms, so ntop ({self.ntop}) "
+                           f"must equal the number of bottoms ({len(self.inputs)})",
+                           f"NetSpec layer of type {type_name}",
+                           "drop in_place=True, or give as many bottoms as tops")
         self.params = params
         self.tops = tuple(Top(self, i) for i in range(self.ntop))
 
@@ -142,12 +155,26 @@ class Function:
         return names[self]
 
     def _to_proto(self, layers: "OrderedDict[Function, Any]", names, autonames) -> None:
-        if self in layers:
-            return
-        bottoms = []
-        for top in self.inputs:
-            top._to_proto(layers, names, autonames)
-            bottoms.append(layers[top.fn].top[top.n])
+        """Add this layer and every layer it depends on to ``layers``, inputs first.
+
+        pycaffe recurses here; a depth-first walk with an explicit stack gives the same order
+        and the same automatic names without Python's recursion limit (a chain of a few
+        thousand unnamed layers raised RecursionError).
+        """
+        stack: List[Tuple[Function, int]] = [(self, 0)]
+        while stack:
+            fn, i = stack.pop()
+            if fn in layers:
+                continue
+            if i < len(fn.inputs):
+                stack.append((fn, i + 1))
+                stack.append((fn.inputs[i].fn, 0))
+            else:
+                layers[fn] = fn._layer_proto(layers, names, autonames)
+
+    def _layer_proto(self, layers, names, autonames):
+        """This layer's LayerParameter; the layers of its inputs are already in ``layers``."""
+        bottoms = [layers[top.fn].top[top.n] for top in self.inputs]
         layer = caffe_pb2.LayerParameter()
         layer.type = self.type_name
         layer.bottom.extend(bottoms)
@@ -158,7 +185,7 @@ class Function:
         layer.name = self._layer_name(names, autonames)
         for key, value in self.params.items():
             self._assign(layer, key, value)
-        layers[self] = layer
+        return layer
 
     def _assign(self, layer, key: str, value: Any) -> None:
         target = layer
@@ -234,6 +261,10 @@ class NetSpec:
 
     def to_proto(self) -> "caffe_pb2.NetParameter":
         """Every layer needed for the assigned blobs, named after the attributes."""
+        for key in self.tops:
+            if not isinstance(key, str):
+                raise NetError(f"the blob name {key!r} is not a string", "NetSpec",
+                               "name blobs with strings: n.conv1 = ... or n['conv1'] = ...")
         names = {value: key for key, value in self.tops.items()}
         return _net_param(list(self.tops.values()), names)
 

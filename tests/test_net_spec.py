@@ -174,3 +174,45 @@ def test_generated_lenet_builds_and_runs():
     net.blobs["label"].data[...] = [0, 1, 2, 3]
     loss = float(net.forward()["loss"])
     assert np.isfinite(loss) and loss > 0
+
+
+def test_a_long_unnamed_chain_is_written_without_recursion_limit():
+    # pycaffe's recursive walk stops at Python's recursion limit; ours walks with a stack and
+    # gives the same order and automatic names.
+    x = L.Input(shape=dict(dim=[1, 3]))
+    for _ in range(3000):
+        x = L.ReLU(x)
+    net = x.to_proto()
+    assert len(net.layer) == 3001
+    assert [net.layer[i].name for i in (0, 1, 3000)] == ["Input1", "ReLU1", "ReLU3000"]
+    assert list(net.layer[2].bottom) == ["ReLU1"] and list(net.layer[2].top) == ["ReLU2"]
+
+
+def test_diamond_graph_order_and_names_match_the_recursive_walk():
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3]))
+    a = L.ReLU(n.data)
+    b = L.Sigmoid(a)
+    c = L.TanH(a)
+    n.out = L.Eltwise(b, c)
+    net = n.to_proto()
+    assert [(l.name, list(l.bottom), list(l.top)) for l in net.layer] == [
+        ("data", [], ["data"]), ("ReLU1", ["data"], ["ReLU1"]), ("Sigmoid1", ["ReLU1"], ["Sigmoid1"]),
+        ("TanH1", ["ReLU1"], ["TanH1"]), ("out", ["Sigmoid1", "TanH1"], ["out"])]
+
+
+@pytest.mark.parametrize("ntop", [-1, "2", 1.5, True])
+def test_ntop_must_be_a_whole_number(ntop):
+    with pytest.raises(NetError, match="ntop="):
+        L.ReLU(L.Input(shape=dict(dim=[1])), ntop=ntop)
+
+
+def test_in_place_needs_as_many_tops_as_bottoms_and_blob_names_are_strings():
+    data = L.Input(shape=dict(dim=[1, 4]))
+    with pytest.raises(NetError, match="must equal the number of bottoms"):
+        L.Slice(data, ntop=2, in_place=True)
+    n = caffe.NetSpec()
+    n.data = data
+    n.tops[3] = L.ReLU(n.data)
+    with pytest.raises(NetError, match="blob name 3 is not a string"):
+        n.to_proto()
