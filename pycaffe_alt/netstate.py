@@ -88,8 +88,15 @@ def plan_backward(layers: Sequence[LayerLinks], force_backward: bool) -> Backwar
         plan.bottom_needs.append(bottom_needs)
         plan.param_needs.append(params)
 
+    # Caffe runs this after inserting Split layers, so there every blob has one reader and a
+    # top "skips backprop" when that reader takes no diff. Without splits, a blob skips backprop
+    # only when it is read and *no* reader of it takes a diff (an Accuracy or Softmax output
+    # reading the loss's bottom must not cut the layers below off). Readers are collected per
+    # version of a blob: walking backward, a layer's tops are judged on the readers seen so far
+    # and then forgotten, and an in-place layer's bottom is a reader of the previous version.
     under_loss: set = set()
-    skip_backprop: set = set()
+    read: set = set()
+    read_with_diff: set = set()
     for li in range(len(layers) - 1, -1, -1):
         links = layers[li]
         contributes = False
@@ -97,8 +104,10 @@ def plan_backward(layers: Sequence[LayerLinks], force_backward: bool) -> Backwar
         for t, w in zip(links.tops, links.loss_weights):
             if w or t in under_loss:
                 contributes = True
-            if t not in skip_backprop:
+            if t not in read or t in read_with_diff:
                 skip = False
+        read.difference_update(links.tops)
+        read_with_diff.difference_update(links.tops)
         if plan.layer_needs[li] and skip:
             plan.layer_needs[li] = False
             plan.bottom_needs[li] = [False] * len(links.bottoms)
@@ -109,8 +118,9 @@ def plan_backward(layers: Sequence[LayerLinks], force_backward: bool) -> Backwar
                 under_loss.add(b)
             else:
                 plan.bottom_needs[li][bi] = False
-            if not plan.bottom_needs[li][bi]:
-                skip_backprop.add(b)
+            read.add(b)
+            if plan.bottom_needs[li][bi]:
+                read_with_diff.add(b)
 
     if force_backward:
         for li, links in enumerate(layers):

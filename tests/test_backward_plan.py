@@ -1,0 +1,100 @@
+"""Caffe's need-backward analysis (Net::Init, pycaffe_alt/netstate.py plan_backward) on nets
+where a blob has several readers.
+
+Caffe decides which layers run backward after inserting Split layers, so each blob has one
+reader; a blob read by a loss and also by a layer outside it (Accuracy in TRAIN, a Softmax
+output, a dangling Sigmoid) still gets its diff, and so does everything below it.
+"""
+import numpy as np
+import pytest
+
+import pycaffe_alt as caffe
+from pycaffe_alt.netstate import LayerLinks, plan_backward
+
+BASE = """name: "branch"
+layer { name: "in" type: "Input" top: "x" top: "t" input_param { shape { dim: 4 dim: 6 } shape { dim: 4 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "x" top: "h" inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }
+layer { name: "ip2" type: "InnerProduct" bottom: "h" top: "y" inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "y" bottom: "t" top: "l" }
+"""
+
+EXTRA_READERS = {
+    "accuracy": 'layer { name: "acc" type: "Accuracy" bottom: "y" bottom: "t" top: "acc" }',
+    "softmax output": 'layer { name: "prob" type: "Softmax" bottom: "y" top: "prob" }',
+    "dangling sigmoid on h": 'layer { name: "sig" type: "Sigmoid" bottom: "h" top: "s" }',
+    "zero-weight loss": 'layer { name: "l0" type: "EuclideanLoss" bottom: "y" bottom: "y" top: "l0" '
+                        'loss_weight: 0 }',
+}
+
+
+def _grads(tmp_path, extra):
+    path = tmp_path / "net.prototxt"
+    path.write_text(BASE + extra)
+    net = caffe.Net(str(path), caffe.TRAIN)
+    rng = np.random.RandomState(0)
+    for name in ("ip1", "ip2"):
+        for blob in net.params[name]:
+            blob.data[...] = rng.randn(*blob.data.shape)
+    net.blobs["x"].data[...] = rng.randn(4, 6)
+    net.blobs["t"].data[...] = [0, 1, 2, 1]
+    net.forward()
+    net.backward()
+    return {n: [b.diff.copy() for b in net.params[n]] for n in ("ip1", "ip2")}
+
+
+@pytest.mark.parametrize("reader", list(EXTRA_READERS))
+def test_a_reader_outside_the_loss_changes_no_gradient(tmp_path, reader):
+    want = _grads(tmp_path, "")
+    got = _grads(tmp_path, EXTRA_READERS[reader])
+    assert np.abs(want["ip1"][0]).sum() > 0
+    for name in want:
+        for w, g in zip(want[name], got[name]):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_solver_trains_the_layers_below_an_accuracy_reader(tmp_path):
+    (tmp_path / "net.prototxt").write_text(BASE + EXTRA_READERS["accuracy"])
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path}/net.prototxt"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 1\n'
+        f'display: 0\nsolver_mode: CPU\nsnapshot_prefix: "{tmp_path}/s"\n')
+    solver = caffe.SGDSolver(str(tmp_path / "solver.prototxt"))
+    solver.net.blobs["x"].data[...] = np.random.RandomState(1).randn(4, 6)
+    solver.net.blobs["t"].data[...] = [0, 1, 2, 1]
+    before = solver.net.params["ip1"][0].data.copy()
+    solver.step(1)
+    assert np.abs(solver.net.params["ip1"][0].data - before).max() > 0
+
+
+def _links(bottoms, tops, lr=(), loss=None, propagate_down=()):
+    return LayerLinks(bottoms, tops, loss or [0.0] * len(tops), list(lr), list(propagate_down),
+                      [True] * len(bottoms))
+
+
+def test_plan_skips_a_blob_only_when_no_reader_takes_its_diff():
+    layers = [_links([], ["x"]), _links(["x"], ["y"], lr=[1, 1]),
+              _links(["y"], ["a"]),                                  # reads y, no loss
+              _links(["y"], ["l"], loss=[1.0])]
+    plan = plan_backward(layers, force_backward=False)
+    assert plan.layer_needs == [False, True, False, True]
+    # propagate_down: false on the loss, y's only other reader: now no reader takes y's diff,
+    # and Caffe's layer_skip_propagate_down turns ip's backward off, weights included.
+    layers[3] = _links(["y"], ["l"], loss=[1.0], propagate_down=[False])
+    plan = plan_backward(layers, force_backward=False)
+    assert plan.layer_needs[1] is False and plan.layer_needs[3] is True
+
+
+def test_plan_judges_each_version_of_an_in_place_blob_by_its_own_readers():
+    # y (v1) is read by a loss-free layer and by the in-place layer; y (v2) feeds the loss.
+    layers = [_links([], ["x"]), _links(["x"], ["y"], lr=[1]),
+              _links(["y"], ["a"]),
+              _links(["y"], ["y"]),
+              _links(["y"], ["l"], loss=[1.0])]
+    plan = plan_backward(layers, force_backward=False)
+    assert plan.layer_needs == [False, True, False, True, True]
+    # The in-place layer takes no diff into y (v1): v1 has no reader taking a diff, so its
+    # producer skips backward, although the loss takes v2's diff (Caffe, with its splits: the
+    # split of v1 has only skipping tops).
+    layers[3] = _links(["y"], ["y"], propagate_down=[False])
+    plan = plan_backward(layers, force_backward=False)
+    assert plan.layer_needs == [False, False, False, True, True]
