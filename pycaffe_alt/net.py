@@ -283,14 +283,12 @@ class Net(nn.Module):
         modules: List[Layer] = []
         shared: Dict[str, Tuple[nn.Parameter, str, int]] = {}
         self._param_infos: List[ParamInfo] = []
-        seen_names: Set[str] = set()
 
+        # Layer names need not be unique: Caffe's Net::Init does not check (BVLC's
+        # mnist_autoencoder has two layers named "loss", HED's deploy five named "crop"). Layers
+        # are kept by position; name-keyed views follow pycaffe (see the properties below).
         for index, lp in enumerate(self.net_param.layer):
             where = f"{ctx.source}: layer '{lp.name}' (type {lp.type})"
-            if lp.name in seen_names:
-                raise NetError(f"duplicate layer name '{lp.name}'", ctx.source,
-                               "give every layer a unique name")
-            seen_names.add(lp.name)
             cls = LAYERS.get(lp.type, where=where)
             if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
                 raise NetError(f"has {len(lp.propagate_down)} propagate_down values for "
@@ -343,6 +341,8 @@ class Net(nn.Module):
             links.append(LayerLinks(bottoms, tops, weights, lr_mults, list(lp.propagate_down),
                                     [layer.allow_force_backward(i) for i in range(len(bottoms))]))
             modules.append(layer)
+            # pycaffe builds these dicts from the layer list: a repeated name keeps its first
+            # position and the last layer's blobs.
             self.top_names[lp.name] = [t for t in tops if not t.startswith(ANONYMOUS_TOP)]
             self.bottom_names[lp.name] = bottoms
             self._steps.append(Step(index, lp.name, layer, tuple(bottoms), tuple(tops), (),
@@ -459,12 +459,9 @@ class Net(nn.Module):
             # Set through _modules so that layer names may equal Net attribute names.
             self._modules[key] = m
 
-    def _make_views(self, modules: List[Layer]):
+    def _make_views(self, modules: List[Layer]) -> List[LayerView]:
         dirty = self._store.dirty
-        views = OrderedDict()
-        for m in modules:
-            views[m.name] = LayerView(m, [ParamBlob(p, dirty) for p in m.blobs])
-        return views
+        return [LayerView(m, [ParamBlob(p, dirty) for p in m.blobs]) for m in modules]
 
     def set_compile(self, enabled: bool = True) -> bool:
         """Run forward passes through ``torch.compile`` (or stop doing so); returns whether
@@ -496,20 +493,23 @@ class Net(nn.Module):
 
     @property
     def params(self) -> "OrderedDict[str, List[ParamBlob]]":
-        """Layer name -> its parameter blobs, for layers that have any."""
-        return OrderedDict((n, v.blobs) for n, v in self._views.items() if v.blobs)
+        """Layer name -> its parameter blobs, for layers that have any (a repeated layer name:
+        the last such layer's, at the first one's position, as pycaffe's dict gives)."""
+        return OrderedDict((v.name, v.blobs) for v in self._views if v.blobs)
 
     @property
     def layers(self) -> List[LayerView]:
-        return list(self._views.values())
+        """Every layer in order (repeated names included)."""
+        return list(self._views)
 
     @property
     def layer_dict(self) -> "OrderedDict[str, LayerView]":
-        return OrderedDict(self._views)
+        """Layer name -> view (a repeated name: the last layer, as pycaffe's dict gives)."""
+        return OrderedDict((v.name, v) for v in self._views)
 
     @property
     def _layer_names(self) -> List[str]:
-        return list(self._views)
+        return [v.name for v in self._views]
 
     @property
     def _blob_names(self) -> List[str]:
@@ -534,8 +534,14 @@ class Net(nn.Module):
 
     @property
     def layer_modules(self) -> "OrderedDict[str, Layer]":
-        """Layer name -> the nn.Module implementing it."""
-        return OrderedDict((n, v.module) for n, v in self._views.items())
+        """Layer name -> the nn.Module implementing it (a repeated name: the last layer; every
+        layer in order is :attr:`layer_sequence`)."""
+        return OrderedDict((v.name, v.module) for v in self._views)
+
+    @property
+    def layer_sequence(self) -> List[Layer]:
+        """Every layer's nn.Module in execution order, repeated layer names included."""
+        return [v.module for v in self._views]
 
     @property
     def learnable_params(self) -> List[ParamInfo]:
@@ -991,7 +997,12 @@ class Net(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def _param_lists(self) -> Dict[str, List[nn.Parameter]]:
-        return {n: list(v.module.blobs) for n, v in self._views.items() if v.module.blobs}
+        # Caffe's CopyTrainedLayersFrom copies into the first layer of a repeated name.
+        lists: Dict[str, List[nn.Parameter]] = {}
+        for v in self._views:
+            if v.module.blobs:
+                lists.setdefault(v.name, list(v.module.blobs))
+        return lists
 
     def copy_from(self, path: str) -> List[str]:
         """Load weights from a .caffemodel (or .h5) by layer name (pycaffe ``copy_from``);
@@ -1012,7 +1023,7 @@ class Net(nn.Module):
             raise ArgumentTypeError(f"save() takes the path of the .caffemodel to write, got "
                                     f"{type(path).__name__}")
         self._push_host_writes()  # numpy edits of GPU weights (net surgery) go in too
-        proto = net_param_with_weights(self.net_param, self._param_lists(), diffs)
+        proto = net_param_with_weights(self.net_param, [v.module.blobs for v in self._views], diffs)
         atomic_write(os.fspath(path), proto.SerializeToString())
 
     def share_with(self, other: "Net") -> None:
@@ -1022,7 +1033,9 @@ class Net(nn.Module):
         self._push_host_writes()
         other._push_host_writes()
         theirs = other._param_lists()
-        for name, view in self._views.items():
+        replaced: Dict[int, nn.Parameter] = {}
+        for view in self._views:
+            name = view.name
             if name not in theirs or not view.module.blobs:
                 continue
             mine = view.module.blobs
@@ -1033,11 +1046,11 @@ class Net(nn.Module):
                 if tuple(p.shape) != tuple(mine[i].shape):
                     raise NetError(f"layer '{name}' blob {i}: shape {tuple(mine[i].shape)} here, "
                                    f"{tuple(p.shape)} in the other net", self.source)
+                replaced[id(mine[i])] = p
                 view.module.replace_blob(i, p)
             view.blobs = [ParamBlob(p, self._store.dirty) for p in view.module.blobs]
         for info in self._param_infos:
-            layer = self._views[info.layer].module
-            info.param = layer.blobs[info.index]
+            info.param = replaced.get(id(info.param), info.param)
 
     # ------------------------------------------------------------------ torch plumbing
     def _apply(self, fn, recurse=True):
@@ -1074,11 +1087,11 @@ class Net(nn.Module):
 
     def _bottom_ids(self, i: int) -> List[int]:
         """Blob indices (into ``net.blobs``) of layer ``i``'s bottoms."""
-        return self._blob_ids(self.bottom_names[self._layer_names[i]])
+        return self._blob_ids(self._steps[i].bottoms)
 
     def _top_ids(self, i: int) -> List[int]:
         """Blob indices (into ``net.blobs``) of layer ``i``'s tops."""
-        return self._blob_ids(self.top_names[self._layer_names[i]])
+        return self._blob_ids([t for t in self._steps[i].tops if not t.startswith(ANONYMOUS_TOP)])
 
     def _forward(self, start: int, end: int) -> float:
         """Caffe's ForwardFromTo(start, end) by layer index; returns the loss."""
@@ -1151,8 +1164,8 @@ class Net(nn.Module):
         """Write the weights as Caffe's HDF5 layout ``data/<layer>/<i>`` (pycaffe ``save_hdf5``)."""
         from .solver.snapshot import write_weights_h5
 
-        write_weights_h5([(name, [p.detach().cpu().numpy() for p in view.module.blobs])
-                          for name, view in self._views.items()], os.fspath(path))
+        write_weights_h5([(view.name, [p.detach().cpu().numpy() for p in view.module.blobs])
+                          for view in self._views], os.fspath(path))
 
     def load_hdf5(self, path: str) -> None:
         """Copy weights from a Caffe HDF5 file by layer name, whatever its file name (pycaffe

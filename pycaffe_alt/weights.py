@@ -217,18 +217,21 @@ def atomic_write(path: str, payload: bytes) -> None:
     fileio.atomic_write(path, payload, WeightsError)
 
 
-def net_param_with_weights(net_param, layers: Dict[str, List],
+def net_param_with_weights(net_param, layers: Sequence[Sequence],
                            diffs: Optional[Dict[str, List[np.ndarray]]] = None
                            ) -> "caffe_pb2.NetParameter":
-    """A copy of ``net_param`` whose layers carry their current blobs (Caffe's Net::ToProto);
-    with ``diffs`` (layer name -> one array per blob) each blob also carries its diff
-    (``ToProto(param, write_diff=true)``, the solver's ``snapshot_diff``)."""
+    """A copy of ``net_param`` whose layers carry their current blobs (Caffe's Net::ToProto).
+
+    ``layers`` holds each layer's parameters, in the order of ``net_param.layer`` (by position:
+    layer names may repeat). With ``diffs`` (layer name -> one array per blob) each blob also
+    carries its diff (``ToProto(param, write_diff=true)``, the solver's ``snapshot_diff``).
+    """
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
-    for layer in out.layer:
+    for layer, params in zip(out.layer, layers):
         del layer.blobs[:]
         layer_diffs = diffs.get(layer.name) if diffs is not None else None
-        for i, p in enumerate(layers.get(layer.name, ())):
+        for i, p in enumerate(params):
             diff = layer_diffs[i] if layer_diffs is not None else None
             layer.blobs.append(array_to_blob(p.detach().cpu().numpy(), diff))
     return out

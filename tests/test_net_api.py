@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pycaffe_alt as caffe
-from pycaffe_alt.errors import NetError
+from pycaffe_alt.errors import NetError, WeightsError
 from pycaffe_alt.prototxt import parse_text
 from pycaffe_alt.proto import caffe_pb2
 
@@ -253,16 +253,51 @@ def test_param_sharing_by_name_and_mismatch():
         net_from_text(text % 3)
 
 
-def test_duplicate_top_and_layer_names_are_errors():
+def test_duplicate_top_is_an_error():
     with pytest.raises(NetError, match="more than one layer"):
         net_from_text("""
         layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 1 } } }
         layer { name: "b" type: "AbsVal" bottom: "a" top: "x" }
         layer { name: "c" type: "AbsVal" bottom: "a" top: "x" }""")
-    with pytest.raises(NetError, match="duplicate layer name"):
-        net_from_text("""
-        layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 1 } } }
-        layer { name: "a" type: "AbsVal" bottom: "a" top: "x" }""")
+
+
+REPEATED_NAMES = """
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y1"
+            inner_product_param { num_output: 2 weight_filler { type: "constant" value: 1 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y2"
+            inner_product_param { num_output: 2 weight_filler { type: "constant" value: 2 } } }
+    layer { name: "abs" type: "AbsVal" bottom: "y1" top: "z1" }
+    layer { name: "abs" type: "AbsVal" bottom: "y2" top: "z2" }"""
+
+
+def test_repeated_layer_names_build_and_run_as_in_caffe(tmp_path):
+    # Caffe's Net::Init does not check layer names (BVLC's mnist_autoencoder has two "loss"
+    # layers); pycaffe's name-keyed dicts keep the first position and the last layer.
+    net = net_from_text(REPEATED_NAMES)
+    assert net._layer_names == ["in", "ip", "ip", "abs", "abs"]
+    assert len(net.layers) == 5 and list(net.layer_dict) == ["in", "ip", "abs"]
+    assert net.top_names["ip"] == ["y2"] and net._top_ids(1) == [1] and net._top_ids(2) == [2]
+    assert float(net.params["ip"][0].data[0, 0]) == 2.0
+    net.blobs["x"].data[...] = 1
+    out = net.forward()
+    np.testing.assert_allclose(out["z1"], 3.0)
+    np.testing.assert_allclose(out["z2"], 6.0)
+    # Saved in layer order, each layer with its own blobs; copied back as Caffe's
+    # CopyTrainedLayersFrom does: each stored layer into the first layer of its name.
+    path = str(tmp_path / "repeated.caffemodel")
+    net.save(path)
+    stored = [(layer.name, layer.blobs[0].data[0]) for layer in
+              caffe_pb2.NetParameter.FromString(open(path, "rb").read()).layer
+              if layer.blobs]
+    assert stored == [("ip", 1.0), ("ip", 2.0)]
+    other = net_from_text(REPEATED_NAMES.replace("value: 1", "value: 5").replace("value: 2", "value: 7"))
+    other.copy_from(path)
+    assert [float(v.blobs[0].data[0, 0]) for v in other.layers if v.blobs] == [2.0, 7.0]
+    with pytest.raises(WeightsError, match="two layers named 'ip' have parameters"):
+        net.save_hdf5(str(tmp_path / "repeated.h5"))
+    with pytest.raises(NetError, match="'ip' \\(2 layers\\)"):
+        net.as_module()
 
 
 def test_lr_mult_zero_param_gets_no_gradient():

@@ -439,7 +439,7 @@ def thresholded_loss(net, hts: List[Tuple[str, HardThreshold]],
     values = net.run(start=len(net.steps), eager=True)  # no layer runs: the current blob values
     saved_values = dict(values)
     masked = net.loss(saved_values).detach()
-    buffers = [(b, b.detach().clone()) for m in net.layer_modules.values() for b in m.buffers()]
+    buffers = [(b, b.detach().clone()) for m in net.layer_sequence for b in m.buffers()]
     saved_fs = [(ht, ht.fixed_support) for _, ht in hts]
     devices = [net.device] if net.device.type == "cuda" else []
     try:

@@ -113,7 +113,7 @@ class DataParallel:
         solver.hooks.insert(0, self)  # averaged gradients before any user callback sees them
         self._install_support_reduction()
         self.sync_batchnorm = sync_batchnorm
-        self._synced = [m for m in solver.net.layer_modules.values()
+        self._synced = [m for m in solver.net.layer_sequence
                         if hasattr(m, "sum_over_ranks")] if sync_batchnorm else []
         for layer in self._synced:
             layer.sum_over_ranks = self._differentiable_sum
@@ -121,7 +121,7 @@ class DataParallel:
     # ------------------------------------------------------------------ start-up
     def _all_tensors(self) -> List[torch.Tensor]:
         seen, out = set(), []
-        for module in self.solver.net.layer_modules.values():
+        for module in self.solver.net.layer_sequence:
             for p in module.blobs:
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -194,7 +194,7 @@ class DataParallel:
         if hasattr(self.solver, "record_split"):
             self.solver.record_split = RecordSplit(self.rank, self.world, self._gather,
                                                    self._sum_on_host)
-        for layer in self.solver.net.layer_modules.values():
+        for layer in self.solver.net.layer_sequence:
             if getattr(layer, "source", None) == "BATCH" and hasattr(layer, "reduce_sums"):
                 layer.reduce_sums = self._sum_over_ranks
 

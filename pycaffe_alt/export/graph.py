@@ -377,6 +377,14 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
     writes only fed blobs (an in-place rewrite too) is left out. Loss layers are dropped unless
     ``include_loss`` (their label bottoms become inputs); Accuracy and Silence always are.
     """
+    names = [view.name for view in net.layers]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        # Caffe accepts repeated layer names; the exported forms name operators and weights
+        # after layers, so they need each name once.
+        raise NetError("layer name(s) " + ", ".join(f"'{n}' ({names.count(n)} layers)"
+                                                   for n in repeated) + " repeat", net.source,
+                       "give every layer its own name in the prototxt to export it")
     modules = net.layer_modules
     blobs = set(net.blobs)
     for kind, names in (("input", inputs), ("output", outputs)):

@@ -381,6 +381,13 @@ def write_weights_h5(layers: Sequence[Tuple[str, Sequence[Optional[np.ndarray]]]
                 continue
             top = f.create_group(group_name)
             for name, blobs in table:
+                if name in top:
+                    # A repeated layer name (Caffe allows them): HDF5 has one group per name.
+                    if any(a is not None for a in blobs):
+                        raise WeightsError(f"two layers named '{name}' have parameters; the HDF5 "
+                                           "layout has one group per layer name", where=path,
+                                           hint="rename one of them, or save as .caffemodel")
+                    continue
                 group = top.create_group(name)
                 for i, arr in enumerate(blobs):
                     if arr is not None:

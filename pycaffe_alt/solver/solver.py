@@ -573,7 +573,8 @@ class Solver:
         owners = {(i.layer, i.index) for i in self.net.learnable_params}
         diff_of = self._param_diffs() if diffs else None
         layers = []
-        for name, view in self.net.layer_dict.items():
+        for view in self.net.layers:  # every layer, in order: names may repeat
+            name = view.name
             arrays: List[Optional[np.ndarray]] = []
             for j, p in enumerate(view.module.blobs):
                 if (name, j) not in owners:

@@ -190,7 +190,7 @@ def datasets_held(nets: Iterable[Any]) -> Iterator[None]:
     training each batch closes it, so that other code in the process can open it)."""
     with contextlib.ExitStack() as stack:
         for net in nets:
-            for layer in net.layer_modules.values():
+            for layer in net.layer_sequence:
                 if isinstance(layer, PipelinedDataLayer):
                     stack.enter_context(layer.hold())
         yield
