@@ -199,7 +199,13 @@ _LEGACY_FIELD_HINTS = {
                     "param { decay_mult: ... } once per parameter blob",
     "solver_type": "solver_type is the old enum form; write type: \"SGD\" (or Nesterov, "
                    "AdaGrad, RMSProp, AdaDelta, Adam)",
+    # Forks (DenseNet-Caffe, SSD-era builds) added a boolean where BVLC has the enum.
+    "ceil_mode": "ceil_mode comes from a Caffe fork; BVLC's Caffe writes ceil_mode: false as "
+                 "round_mode: FLOOR (ceil_mode: true is the default, round_mode: CEIL)",
 }
+
+_LAYER_START = re.compile(r"^\s*layers?\s*\{")
+_LAYER_FIELD = re.compile(r'^\s*(name|type)\s*:\s*"?([^"\s}]+)"?')
 
 
 def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_message.Message,
@@ -216,7 +222,53 @@ def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_me
                 detail = detail[len(quoted):]
     where = f"{filename}:{line}:{column}" if line is not None else filename
     what, hint = _explain(detail, message)
+    layer = _enclosing_layer(text, line) if line is not None else None
+    if layer is not None:
+        name, kind = layer
+        what = f"layer '{name}' (type {kind}): {what}"
+        match = _UNKNOWN_FIELD.search(detail)
+        field = match.group(2) if match else ""
+        if match and match.group(1).endswith("LayerParameter") and field.endswith("_param") \
+                and field[:-len("_param")].replace("_", "") == kind.lower():
+            # The layer's own parameter block (ROIPooling's roi_pooling_param, BN's bn_param,
+            # Interp's interp_param...) missing from caffe.proto: the type is a fork's, and a
+            # close BVLC field name (pooling_param) would be the wrong suggestion.
+            hint = (f"'{match.group(2)}' is the parameter block of a layer type that a Caffe fork "
+                    f"adds; {kind} is not a layer of BVLC Caffe and cannot be built here "
+                    "(caffe.layer_type_list() lists the supported types; a Python layer can "
+                    "stand in for it)")
     return PrototxtError(what, where=where, hint=hint)
+
+
+def _enclosing_layer(text: str, line: int) -> Optional[Tuple[str, str]]:
+    """(name, type) of the top-level ``layer {}`` block holding 1-based ``line``, read from the
+    raw text (the parser stopped there), or None outside a layer. Braces inside quoted strings
+    and comments are not counted: close enough for naming the layer in a message."""
+    lines = text.splitlines()
+    depth, start = 0, None
+    for i, raw in enumerate(lines[:line]):
+        code = re.sub(r'"[^"]*"|#.*', "", raw)
+        if depth == 0 and _LAYER_START.match(code):
+            start = i
+        depth += code.count("{") - code.count("}")
+        if depth <= 0:
+            depth, start = 0, (start if i == line - 1 else None)
+    if start is None:
+        return None
+    found, depth = {}, 0
+    for raw in lines[start:]:
+        code = re.sub(r'"[^"]*"|#.*', "", raw)
+        field = _LAYER_FIELD.match(raw) if depth == 1 else None
+        if field and field.group(1) not in found:
+            found[field.group(1)] = field.group(2)
+        # the block's opening line may hold fields too: layer { name: "x" type: "Y" ... }
+        if depth == 0:
+            for key, value in re.findall(r'\b(name|type)\s*:\s*"?([^"\s}]+)', raw.split("{", 1)[-1]):
+                found.setdefault(key, value)
+        depth += code.count("{") - code.count("}")
+        if depth <= 0 or len(found) == 2:
+            break
+    return found.get("name", "?"), found.get("type", "?")
 
 
 def _explain(detail: str, root: pb_message.Message) -> Tuple[str, Optional[str]]:

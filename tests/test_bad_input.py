@@ -298,7 +298,7 @@ def test_image_data_negative_size_refused(tmp_path):
     net.write_text(f'layer {{ name: "d" type: "ImageData" top: "data" top: "label" '
                    f'image_data_param {{ source: "{PHOTOS_LIST}" root_folder: "{PHOTOS}/" '
                    f'batch_size: 1 new_height: -4 new_width: -4 }} }}\n')
-    with pytest.raises(PrototxtError, match=f"{net}:1:[0-9]+: value out of range: -4"):
+    with pytest.raises(PrototxtError, match=rf"{net}:1:[0-9]+: layer .d. \(type ImageData\): value out of range: -4"):
         Net(str(net), TEST)
 
 

@@ -518,3 +518,17 @@ def test_weights_sharing_no_layer_name_are_refused_unless_allowed(workdir):
     result = convert(str(renamed), weights, to="pytorch", out=str(workdir / "renamed.py"),
                      allow_unmatched_weights=True)
     assert result.paths
+
+
+def test_errors_name_the_prototxt_when_shapes_are_given(workdir):
+    proto = workdir / "small_pool.prototxt"
+    proto.write_text('layer { name: "d" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 '
+                     'dim: 8 dim: 8 } } }\nlayer { name: "p" type: "Pooling" bottom: "data" top: "z" '
+                     'pooling_param { kernel_size: 5 } }\n')
+    with pytest.raises(NetError) as info:
+        convert(str(proto), to="pytorch", out=str(workdir / "small_pool.py"),
+                shapes={"data": (1, 3, 4, 4)})
+    assert info.value.where.startswith(str(proto)) and "<net_param>" not in str(info.value)
+    net = convert(str(proto), to="pytorch", out=str(workdir / "small_pool.py"),
+                  shapes={"data": (1, 3, 6, 6)})
+    assert net.paths

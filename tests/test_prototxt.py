@@ -70,7 +70,7 @@ def test_unknown_field_suggests_close_name():
         prototxt.read_net(fixture("unknown_field.prototxt"))
     err = info.value
     assert err.where.endswith("unknown_field.prototxt:5:3")
-    assert err.what == "LayerParameter has no field 'convolution_parm'"
+    assert err.what == "layer 'conv1' (type Convolution): LayerParameter has no field 'convolution_parm'"
     assert err.hint == "did you mean 'convolution_param'?"
     assert "Traceback" not in str(err)
 
@@ -183,3 +183,41 @@ def test_write_binary_roundtrip(tmp_path):
 def test_write_into_missing_directory(tmp_path):
     with pytest.raises(PrototxtError, match="does not exist"):
         prototxt.write_text(caffe_pb2.NetParameter(), str(tmp_path / "nope" / "x.prototxt"))
+
+
+FORK_LAYERS = [
+    ("ROIPooling", "roi_pooling_param { pooled_w: 6 pooled_h: 6 }"),
+    ("BN", "bn_param { slope_filler { type: \"constant\" value: 1 } }"),
+    ("Interp", "interp_param { zoom_factor: 2 }"),
+    ("ShuffleChannel", "shuffle_channel_param { group: 2 }"),
+]
+
+
+@pytest.mark.parametrize("kind,block", FORK_LAYERS)
+def test_a_fork_layers_parameter_block_names_the_layer_and_the_fork(tmp_path, kind, block):
+    # protobuf stops at the unknown block; the message names the layer and says the type is a
+    # fork's (the closest BVLC field, e.g. pooling_param for roi_pooling_param, would mislead).
+    path = tmp_path / "fork.prototxt"
+    path.write_text('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 } } }\n'
+                    'layer {\n  name: "forked"\n  bottom: "x"\n  top: "y"\n'
+                    f'  {block}\n  type: "{kind}"\n}}\n')
+    with pytest.raises(PrototxtError) as info:
+        prototxt.read_net(str(path))
+    err = info.value
+    assert err.where.endswith("fork.prototxt:6:3")
+    assert err.what.startswith(f"layer 'forked' (type {kind}): LayerParameter has no field")
+    assert "Caffe fork" in err.hint and "did you mean" not in err.hint
+
+
+def test_a_typo_in_a_known_layers_block_still_suggests_the_field(tmp_path):
+    path = tmp_path / "typo.prototxt"
+    path.write_text('layer { name: "p" type: "Pooling" pooling_parma { pool: MAX } }\n')
+    with pytest.raises(PrototxtError, match="did you mean 'pooling_param'"):
+        prototxt.read_net(str(path))
+
+
+def test_ceil_mode_from_a_fork_is_translated(tmp_path):
+    path = tmp_path / "ceil.prototxt"
+    path.write_text('layer { name: "p" type: "Pooling" pooling_param { pool: MAX ceil_mode: false } }\n')
+    with pytest.raises(PrototxtError, match="round_mode: FLOOR"):
+        prototxt.read_net(str(path))

@@ -124,7 +124,12 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
         if shapes:
             param = model if isinstance(model, caffe_pb2.NetParameter) else prototxt.read_net(model)
             source = apply_shapes(param, shapes)
-        net = Net(source, TEST)
+        try:
+            net = Net(source, TEST)
+        except CaffeError as e:
+            raise _named_after(e, model) from None
+        if shapes and not isinstance(model, caffe_pb2.NetParameter):
+            net.source = os.fspath(model)  # built from the reshaped copy; messages name the file
     if weights and not net.copy_from(weights) and len(net.params) and not allow_unmatched_weights:
         raise WeightsError("no layer of this weights file has the name of a layer of the net, so "
                            "the converted model would hold random initial weights", where=weights,
@@ -134,6 +139,14 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
     if state_dict is not None:
         weight_formats.load_state_dict(net, state_dict)
     return net
+
+
+def _named_after(error: CaffeError, model) -> CaffeError:
+    """``error`` from building the reshaped copy of ``model``, naming the file, not the copy."""
+    if isinstance(model, (str, os.PathLike)) and error.where and error.where.startswith("<net_param>"):
+        error.where = os.fspath(model) + error.where[len("<net_param>"):]
+        error.args = (error.message(),)
+    return error
 
 
 def check_writable(path: str) -> None:
