@@ -137,6 +137,9 @@ class _Lowering:
                 transposed=transposed, kernel=g.kernel), params))
         return ops
 
+    # The depthwise forks' layers are Convolutions with a group per channel (layers/forks.py).
+    _convolutiondepthwise = _depthwiseconvolution = _convolution
+
     def _deconvolution(self, name, m, bottoms, tops):
         return self._convolution(name, m, bottoms, tops, transposed=True)
 
