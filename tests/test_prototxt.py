@@ -189,7 +189,7 @@ FORK_LAYERS = [
     ("ROIPooling", "roi_pooling_param { pooled_w: 6 pooled_h: 6 }"),
     ("BN", "bn_param { slope_filler { type: \"constant\" value: 1 } }"),
     ("Interp", "interp_param { zoom_factor: 2 }"),
-    ("ShuffleChannel", "shuffle_channel_param { group: 2 }"),
+    ("Upsample", "upsample_param { scale: 2 }"),
 ]
 
 
