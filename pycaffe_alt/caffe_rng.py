@@ -44,6 +44,9 @@ class CaffeRNG:
         """``caffe_rng_uniform<float>(n, a, b)``: ``n`` float32 values in ``[a, b]``."""
         a32, b32 = np.float32(a), np.nextafter(np.float32(b), np.float32(np.inf))
         span = np.float32(b32 - a32)
+        if not (np.isfinite(span) and span >= 0 and np.isfinite(a32)):
+            # No draw could land in [a, b]: the rejection loop below would never end.
+            raise ValueError(f"uniform draw needs finite a <= b, got a={a!r} b={b!r}")
         # boost draws again when a value is not below b' (float(u) may round up to 2^32): the
         # accepted values, in order, are Caffe's sequence; rejected draws are simply used up.
         parts, missing = [], int(n)

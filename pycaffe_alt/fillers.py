@@ -10,13 +10,17 @@ values than boost's normal distribution).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import numpy as np
 import torch
 
 from . import caffe_rng
-from .errors import UnknownTypeError
+from .errors import NetError, UnknownTypeError
+
+
+class FillerError(NetError):
+    """A FillerParameter that Caffe's filler.hpp refuses (the net names the layer)."""
 
 # FillerParameter.VarianceNorm values (wire facts).
 FAN_IN, FAN_OUT, AVERAGE = 0, 1, 2
@@ -79,8 +83,6 @@ def _msra(t, p):
 
 def _bilinear(t, p):
     # Upsampling kernel for Deconvolution (Caffe's BilinearFiller), same for every (out, in) pair.
-    if t.dim() < 2:
-        raise ValueError("bilinear filler needs a blob with at least 2 axes")
     h, w = t.shape[-2], t.shape[-1]
     f = math.ceil(w / 2.0)
     c = (2 * f - 1 - f % 2) / (2.0 * f)
@@ -101,14 +103,42 @@ FILLERS: Dict[str, Callable] = {
 }
 
 
+def check(filler_param, shape: Sequence[int]) -> None:
+    """Refuse what Caffe's filler.hpp refuses for a blob of ``shape`` (UnknownTypeError,
+    FillerError); layers that fill at every forward (DummyData) check once at setup."""
+    kind = filler_param.type or "constant"
+    if kind not in FILLERS:
+        raise UnknownTypeError(f"unknown filler type {kind!r}",
+                               hint=f"known fillers: {', '.join(sorted(FILLERS))}")
+    # CHECK_GE(sparse, -1) in the gaussian filler, CHECK_EQ(sparse, -1) "Sparsity not supported
+    # by this Filler." in every other one.
+    sparse = int(filler_param.sparse)
+    if (sparse < -1) if kind == "gaussian" else (sparse != -1):
+        raise FillerError(f"{kind} filler: sparse {sparse} is not supported",
+                          hint="sparse applies to the gaussian filler only (-1: dense, N >= 0: about "
+                               "N non-zero weights per output)")
+    if kind == "uniform":
+        # caffe_rng_uniform's CHECK_LE(a, b); a NaN bound or a span beyond float (-3e38..3e38)
+        # would make every draw fall outside [min, max] and the rejection loop never end.
+        lo, hi = np.float32(filler_param.min), np.float32(filler_param.max)
+        with np.errstate(over="ignore", invalid="ignore"):
+            ok = np.isfinite(lo) and np.isfinite(hi) and lo <= hi and np.isfinite(np.float32(hi - lo))
+        if not ok:
+            raise FillerError(f"uniform filler needs finite min <= max (and max - min within "
+                              f"float range), got min {filler_param.min:g} max {filler_param.max:g}",
+                              hint="e.g. weight_filler { type: \"uniform\" min: -0.1 max: 0.1 }")
+    if kind == "bilinear" and (len(shape) != 4 or shape[-1] != shape[-2]):
+        # CHECK_EQ(num_axes, 4) "Blob must be 4 dim.", CHECK_EQ(width, height) "Filter must be
+        # square".
+        raise FillerError(f"bilinear filler needs a 4-axis blob with a square kernel, got shape "
+                          f"{tuple(shape)}", hint="use it on a 2-D Deconvolution with kernel_size "
+                          "(not kernel_h != kernel_w)")
+
+
 def fill(t: torch.Tensor, filler_param) -> torch.Tensor:
     """Fill ``t`` in place according to a caffe_pb2.FillerParameter; returns ``t``."""
-    kind = filler_param.type or "constant"
-    try:
-        fn = FILLERS[kind]
-    except KeyError:
-        raise UnknownTypeError(f"unknown filler type {kind!r}",
-                               hint=f"known fillers: {', '.join(sorted(FILLERS))}") from None
+    check(filler_param, tuple(t.shape))
+    fn = FILLERS[filler_param.type or "constant"]
     with torch.no_grad():
         fn(t, filler_param)
     return t

@@ -314,8 +314,9 @@ class Net(nn.Module):
             bottom_shapes = [self._shapes[b] for b in bottoms]
             try:
                 layer = cls(lp, bottom_shapes, ctx)
-            except CaffeError:
-                raise
+            except CaffeError as e:
+                # A check below the layer (a filler, a data source) knows neither file nor layer.
+                raise e.locate(where)
             except Exception as e:  # a layer's own check failed in torch/numpy
                 if cls.runs_user_code:
                     raise

@@ -64,3 +64,41 @@ def test_bilinear_kernel_is_caffes_upsampling_kernel():
 def test_unknown_filler_lists_known_ones():
     with pytest.raises(UnknownTypeError, match="xavier"):
         filled((2, 2), type="glorot")
+
+
+@pytest.mark.parametrize("bounds", [dict(min=1, max=-1), dict(min=float("nan"), max=1),
+                                    dict(min=float("-inf"), max=float("inf")),
+                                    dict(min=-3e38, max=3e38)])
+def test_uniform_bounds_caffe_refuses_are_refused_not_looped_on(bounds):
+    # Every draw fell outside [min, max] and the rejection loop never ended (a hang).
+    from pycaffe_alt.fillers import FillerError
+    with pytest.raises(FillerError, match="finite min <= max"):
+        filled((3, 4), type="uniform", **bounds)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(type="bilinear"), "4-axis blob with a square kernel"),
+    (dict(type="gaussian", sparse=-2), "sparse -2"),
+    (dict(type="xavier", sparse=3), "sparse 3"),
+])
+def test_filler_checks_of_caffes_filler_hpp(kw, match):
+    from pycaffe_alt.fillers import FillerError
+    with pytest.raises(FillerError, match=match):
+        filled((4, 3), **kw)
+    with pytest.raises(FillerError, match="square"):
+        filled((2, 2, 3, 4), type="bilinear")
+
+
+def test_a_bad_filler_names_the_file_and_layer(tmp_path):
+    import pycaffe_alt as caffe
+    from pycaffe_alt.errors import CaffeError
+    path = tmp_path / "net.prototxt"
+    for body in ('layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param '
+                 '{ num_output: 2 weight_filler { type: "uniform" min: 1 max: -1 } } }',
+                 'layer { name: "d2" type: "DummyData" top: "z" dummy_data_param { shape { dim: 2 } '
+                 'data_filler { type: "uniform" min: 5 max: 1 } } }'):
+        path.write_text('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+                        + body)
+        with pytest.raises(CaffeError) as info:
+            caffe.Net(str(path), caffe.TEST)
+        assert str(info.value).startswith(f"{path}: layer '") and "finite min <= max" in str(info.value)

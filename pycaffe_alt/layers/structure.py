@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fillers import FILLERS, fill
+from ..fillers import check as check_filler
 from ..proto import caffe_pb2
 from ..registry import LAYERS
 from .base import Layer, Shape
@@ -662,6 +663,8 @@ class DummyData(Layer):
                                  f"known fillers: {', '.join(sorted(FILLERS))}")
         self.fillers = self.per_top(fillers, n, "data_filler entries", "data_filler { }")
         self.shapes = self._shapes(p, n)
+        for shape, f in zip(self.shapes, self.fillers):
+            check_filler(f, shape)  # refused here, named, not at some later forward
         # Carries the dtype/device the tops are created with (moves with .to()/.double()).
         self.register_buffer("_like", torch.zeros(0), persistent=False)
 
