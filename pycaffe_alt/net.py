@@ -34,6 +34,7 @@ from .layers.base import check_bottom_count
 from .mode import default_device
 from .netstate import LayerLinks, layer_included, plan_backward
 from .proto import caffe_pb2
+from .weights import copy_layer_blobs
 
 Shape = Tuple[int, ...]
 ANONYMOUS_TOP = "(automatic)"
@@ -338,6 +339,10 @@ class Net(nn.Module):
             for t, w in zip(tops, weights):
                 if w:
                     self._loss_weights[t] = w
+            if len(lp.blobs):
+                # Weights written into the prototxt (a NetParameter with blobs, Caffe's ToProto):
+                # Caffe's Layer constructor loads them and skips the fillers.
+                copy_layer_blobs(lp.name, list(lp.blobs), layer.blobs, ctx.source)
             lr_mults = self._attach_params(layer, lp, shared, where)
             links.append(LayerLinks(bottoms, tops, weights, lr_mults, list(lp.propagate_down),
                                     [layer.allow_force_backward(i) for i in range(len(bottoms))]))

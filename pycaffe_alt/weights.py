@@ -152,29 +152,37 @@ def copy_weights(layers: Dict[str, List], path: str) -> List[str]:
         target = layers.get(name)
         if target is None:
             continue
-        if len(blobs) != len(target):
-            raise WeightsError(
-                f"layer '{name}': the file has {len(blobs)} blob(s), the net expects {len(target)}",
-                where=path, hint="rename the layer in the prototxt to learn it from scratch instead")
-        for i, (blob, param) in enumerate(zip(blobs, target)):
-            if blob is None:  # shared blob not stored (HDF5): its owner's copy fills it
-                continue
-            shape = tuple(param.shape)
-            if not shapes_match(blob, shape):
-                raise WeightsError(
-                    f"layer '{name}' blob {i}: shape mismatch; the file has {blob_shape(blob)}, "
-                    f"the net expects {shape}", where=path,
-                    hint="the prototxt and the weights belong to different models, or rename the "
-                         "layer to learn its parameters from scratch")
-            with located_in(f"{path}: layer '{name}' blob {i}"):
-                value = torch.from_numpy(blob_to_array(blob).reshape(shape))
-            with torch.no_grad():
-                param.data.copy_(value.to(param.device, param.dtype))
+        copy_layer_blobs(name, blobs, target, path)
         copied.append(name)
     message = unmatched_warning(path, list(stored), [n for n, blobs in layers.items() if blobs])
     if message is not None:
         get_logger().warning("%s", message)
     return copied
+
+
+def copy_layer_blobs(name: str, blobs: Sequence, target: Sequence, where: str) -> None:
+    """Copy one layer's stored BlobProtos (None: a shared blob not stored) into its parameters
+    ``target``; the count and every shape must fit (a WeightsError naming ``where``)."""
+    import torch
+
+    if len(blobs) != len(target):
+        raise WeightsError(
+            f"layer '{name}': the file has {len(blobs)} blob(s), the net expects {len(target)}",
+            where=where, hint="rename the layer in the prototxt to learn it from scratch instead")
+    for i, (blob, param) in enumerate(zip(blobs, target)):
+        if blob is None:  # shared blob not stored (HDF5): its owner's copy fills it
+            continue
+        shape = tuple(param.shape)
+        if not shapes_match(blob, shape):
+            raise WeightsError(
+                f"layer '{name}' blob {i}: shape mismatch; the file has {blob_shape(blob)}, "
+                f"the net expects {shape}", where=where,
+                hint="the prototxt and the weights belong to different models, or rename the "
+                     "layer to learn its parameters from scratch")
+        with located_in(f"{where}: layer '{name}' blob {i}"):
+            value = torch.from_numpy(blob_to_array(blob).reshape(shape))
+        with torch.no_grad():
+            param.data.copy_(value.to(param.device, param.dtype))
 
 
 def unmatched_warning(path: str, file_layers: Sequence[str], net_layers: Sequence[str]

@@ -325,3 +325,29 @@ def test_in_place_layer_on_an_input_blob_keeps_the_fed_value():
         net.blobs["data"].data[...] = value
         out = net.forward()
         np.testing.assert_allclose(out["ip"], np.full((2, 2), 3 * value))
+
+
+def test_weights_written_into_the_net_definition_are_loaded(tmp_path):
+    # Caffe's Layer constructor loads LayerParameter.blobs (and skips the fillers); they were
+    # ignored, so a NetParameter holding its weights built a net of filler values.
+    net = net_from_text("""
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 2 }
+            blobs { shape { dim: 2 dim: 3 } data: [1, 2, 3, 4, 5, 6] } blobs { shape { dim: 2 } data: [7, 8] } }""")
+    np.testing.assert_array_equal(net.params["ip"][0].data, [[1, 2, 3], [4, 5, 6]])
+    np.testing.assert_array_equal(net.params["ip"][1].data, [7, 8])
+    path = str(tmp_path / "w.caffemodel")
+    net.params["ip"][1].data[...] = [-1, -2]
+    net.save(path)
+    again = caffe.Net(caffe_pb2.NetParameter.FromString(open(path, "rb").read()), caffe.TEST)
+    np.testing.assert_array_equal(again.params["ip"][1].data, [-1, -2])
+    with pytest.raises(WeightsError, match="layer 'ip': the file has 1 blob"):
+        net_from_text("""
+        layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 } } }
+        layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 2 }
+                blobs { shape { dim: 2 dim: 3 } data: [1, 2, 3, 4, 5, 6] } }""")
+    with pytest.raises(WeightsError, match="shape mismatch"):
+        net_from_text("""
+        layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 } } }
+        layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 2 bias_term: false }
+                blobs { shape { dim: 3 dim: 2 } data: [1, 2, 3, 4, 5, 6] } }""")
