@@ -183,12 +183,35 @@ class _BlobStore:
         self._net._diffs.pop(name, None)
 
 
+class BlobVec(list):
+    """A layer's parameter blobs (pycaffe's BlobVec): indexable and iterable, not assignable
+    (an array stored there would hide the blob and change no weight)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise ArgumentTypeError("a layer's list of blobs cannot be changed", hint="write the values "
+                                "into the blob instead: net.params[name][i].data[...] = array")
+
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = _refuse
+    __iadd__ = __imul__ = sort = reverse = _refuse
+
+
 class LayerView:
-    """pycaffe's ``net.layers[i]``: ``.type``, ``.blobs`` (numpy views), and the module itself."""
+    """pycaffe's ``net.layers[i]``: ``.type``, ``.blobs`` (numpy views), and the module itself.
+
+    For a Python layer, other attributes are the user's layer object's (pycaffe hands out that
+    object: py-faster-rcnn calls ``net.layers[0].set_roidb(...)``).
+    """
 
     def __init__(self, module: Layer, blobs: List[ParamBlob]):
         self.module = module
-        self.blobs = blobs
+        self.blobs = BlobVec(blobs)
+
+    def __getattr__(self, name: str):
+        module = self.__dict__.get("module")  # absent while unpickling
+        user = getattr(module, "user", None) if module is not None else None
+        if user is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(user, name)
 
     @property
     def type(self) -> str:  # noqa: A003 - pycaffe name
@@ -707,12 +730,8 @@ class Net(nn.Module):
         """``blobs[name].<field>[...] = arr`` with a NetError naming the blob when ``arr`` does not
         fit (wrong shape, not numbers)."""
         target = getattr(self.blobs[name], field)
-        try:
-            arr = np.asarray(arr, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise NetError(f"{caller} got a value for '{name}' that is not an array of numbers "
-                           f"({e})", self.source) from None
-        if arr.shape and target.shape and arr.shape[0] != target.shape[0]:
+        arr = self._input_array(name, arr, caller)
+        if target.shape and arr.shape[0] != target.shape[0]:
             raise NetError(f"{caller}: '{name}' has batch size {arr.shape[0]}, the blob has "
                            f"{target.shape[0]}", self.source,
                            f"reshape first: net.blobs['{name}'].reshape(...); net.reshape()")
@@ -722,6 +741,23 @@ class Net(nn.Module):
             raise NetError(f"{caller}: the array for '{name}' has shape {arr.shape}, the blob "
                            f"{tuple(target.shape)}", self.source,
                            f"reshape first: net.blobs['{name}'].reshape(...); net.reshape()") from None
+
+    def _input_array(self, name: str, value, caller: str) -> np.ndarray:
+        """``value`` as a float32 array with a batch axis, or a NetError naming the blob: None
+        (NaN as float), a single number (broadcast over the batch) and ragged lists are
+        refused, as pycaffe's batch-size check refuses them."""
+        if value is None:
+            raise NetError(f"{caller} got None for '{name}'", self.source,
+                           f"give an array of shape {tuple(self.blobs[name].shape)}")
+        try:
+            arr = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise NetError(f"{caller} got a value for '{name}' that is not an array of numbers "
+                           f"({first_line(e)})", self.source) from None
+        if arr.ndim == 0:
+            raise NetError(f"{caller} got a single number for '{name}', not a batch", self.source,
+                           f"give an array of shape {tuple(self.blobs[name].shape)}")
+        return arr
 
     def _output_names(self, blobs, end) -> List[str]:
         if end is not None:
@@ -945,6 +981,9 @@ class Net(nn.Module):
         outs: Dict[str, List[np.ndarray]] = {n: [] for n in self._output_names(blobs, None)}
         if not kwargs:
             return {k: v.copy() for k, v in self.forward(blobs).items()}
+        for k in kwargs:
+            self._require_blob(k, "forward_all()")
+        kwargs = {k: self._input_array(k, v, "forward_all()") for k, v in kwargs.items()}
         lengths = {k: len(v) for k, v in kwargs.items()}
         n_items = next(iter(lengths.values()))
         if len(set(lengths.values())) > 1:
@@ -1054,7 +1093,7 @@ class Net(nn.Module):
                                    f"{tuple(p.shape)} in the other net", self.source)
                 replaced[id(mine[i])] = p
                 view.module.replace_blob(i, p)
-            view.blobs = [ParamBlob(p, self._store.dirty) for p in view.module.blobs]
+            view.blobs = BlobVec(ParamBlob(p, self._store.dirty) for p in view.module.blobs)
         for info in self._param_infos:
             info.param = replaced.get(id(info.param), info.param)
 

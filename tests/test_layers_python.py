@@ -155,3 +155,20 @@ def test_python_layer_base_class_defaults():
     assert base.blobs[0].shape == (2, 3) and base.blobs[0].count == 6 and base.blobs[0].height == 1
     with pytest.raises(NotImplementedError):
         base.forward([], [])
+
+
+def test_net_layers_hand_out_the_users_layer_object(user_module, tmp_path):
+    # pycaffe's net.layers[i] is the user's object: py-faster-rcnn feeds its data layer with
+    # net.layers[0].set_roidb(...), and its fork names the parameter string param_str_.
+    import pycaffe_alt as caffe
+    path = tmp_path / "net.prototxt"
+    path.write_text(f'layer {{ name: "src" type: "Python" top: "a" top: "b" python_param {{ '
+                    f'module: "{user_module}" layer: "Source" param_str: "cfg" }} }}\n')
+    net = caffe.Net(str(path), caffe.TEST, allow_python=True)
+    view = net.layers[0]
+    assert view.type == "Python" and view.param_str == "cfg" and view.param_str_ == "cfg"
+    view.module.user.set_roidb = lambda roidb: setattr(view.module.user, "roidb", roidb)
+    view.set_roidb([1, 2])
+    assert view.roidb == [1, 2]
+    with pytest.raises(AttributeError):
+        view.no_such_method

@@ -351,3 +351,27 @@ def test_weights_written_into_the_net_definition_are_loaded(tmp_path):
         layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 } } }
         layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 2 bias_term: false }
                 blobs { shape { dim: 3 dim: 2 } data: [1, 2, 3, 4, 5, 6] } }""")
+
+
+def test_param_blob_lists_cannot_be_replaced_by_arrays():
+    net = net_from_text("""
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 2 } }""")
+    with pytest.raises(TypeError, match="cannot be changed"):
+        net.params["ip"][0] = np.zeros(3)
+    with pytest.raises(TypeError):
+        net.layers[1].blobs.append(np.zeros(3))
+    assert net.params["ip"][0].data.shape == (2, 3) and len(net.params["ip"]) == 2
+
+
+@pytest.mark.parametrize("value,match", [(None, "got None"), (3.0, "single number"),
+                                         ([np.ones((3,)), np.ones((4,))], "not an array of numbers")])
+def test_forward_and_forward_all_refuse_none_scalars_and_ragged_lists(value, match):
+    net = net_from_text("""
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 2 } }""")
+    # None became NaN everywhere and a number was broadcast over the batch, silently.
+    with pytest.raises(NetError, match=match):
+        net.forward(x=value)
+    with pytest.raises(NetError, match=match):
+        net.forward_all(x=value)

@@ -224,6 +224,7 @@ class Python(Layer):
         self.user = _instantiate(cls, param)
         # pycaffe sets these attributes before setup (PythonLayer::LayerSetUp).
         self.user.param_str = pp.param_str
+        self.user.param_str_ = pp.param_str  # the name py-faster-rcnn's Caffe fork gives it
         self.user.phase = int(ctx.phase)
         if not isinstance(getattr(self.user, "blobs", None), PyBlobVec):
             self.user.blobs = PyBlobVec()
