@@ -490,3 +490,18 @@ def test_classifier_refuses_image_dims_that_are_not_a_size(deploy, dims):
     model_def, model_weights = deploy
     with pytest.raises(DataError, match="is not \\(height, width\\)"):
         caffe.Classifier(model_def, model_weights, image_dims=dims)
+
+
+def test_a_pycaffe_solver_runs_where_set_mode_says_not_where_solver_mode_says(tmp_path):
+    # Caffe's Solver does not read solver_mode (the caffe tool does): with set_mode_cpu() a
+    # solver file saying GPU still trains on the CPU, without a warning.
+    import pycaffe_alt as caffe
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 1 } }\n')
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path}/net.prototxt"\nbase_lr: 0.1\nlr_policy: "fixed"\nsolver_mode: GPU\n'
+        f'device_id: 3\nsnapshot_prefix: "{tmp_path}/s"\n')
+    caffe.set_mode_cpu()
+    solver = caffe.SGDSolver(str(tmp_path / "solver.prototxt"))
+    assert solver.device.type == "cpu" and solver.net.device.type == "cpu"

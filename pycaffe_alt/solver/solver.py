@@ -202,15 +202,12 @@ class Solver:
                                       self._where(field), "Adam's usual values are momentum 0.9 "
                                       "and momentum2 0.999 (beta1, beta2)")
 
-    def _pick_device(self, device) -> torch.device:
-        if device is not None:
-            return torch.device(device)
-        if self.param.solver_mode == caffe_pb2.SolverParameter.GPU:
-            if torch.cuda.is_available():
-                return torch.device("cuda", self.param.device_id)
-            logger.warning("solver_mode is GPU but no CUDA device is available; training on %s",
-                           default_device())
-        return default_device()
+    @staticmethod
+    def _pick_device(device) -> torch.device:
+        # As in Caffe, the Solver class does not read solver_mode/device_id: the caffe tool
+        # does (tools/train turns them into ``device``), and pycaffe programs choose with
+        # caffe.set_mode_gpu()/set_device(i) (the default device), whatever the file says.
+        return torch.device(device) if device is not None else default_device()
 
     def check_snapshot_folder(self, required: bool = True) -> None:
         """Fail now, not at the first snapshot, when snapshot files cannot be written there
