@@ -460,6 +460,7 @@ def test_unknown_type_and_bad_hyper(tmp_path):
 
 def test_nan_loss_stops_with_the_iteration_named(tmp_path):
     s = lsq_solver(tmp_path, type="SGD", base_lr=1e6, snapshot=1)
+    s.guard.stop = True  # what tools/train builds (stop_on_nonfinite_loss=True)
     s.step(1)  # iteration 0 is finite; its snapshot is the last good one
     with pytest.raises(caffe.solver.NonFiniteLossError, match=r"at iteration \d+") as e:
         s.step(20)
@@ -471,3 +472,17 @@ def test_nan_loss_stops_with_the_iteration_named(tmp_path):
         model = f.with_suffix(".caffemodel")
         w = caffe.Net(lsq_param(tmp_path).net_param, caffe.TEST, weights=str(model))
         assert np.isfinite(w.params["ip"][0].data).all()
+
+
+def test_pycaffe_step_goes_on_after_a_nan_loss_with_one_warning(tmp_path, caplog):
+    # Caffe's Solver::Step logs "loss = nan" and carries on; programs check the loss themselves.
+    s = lsq_solver(tmp_path, type="SGD", base_lr=1e6)
+    with caplog.at_level("WARNING", logger="pycaffe_alt"):
+        s.step(20)
+        s.step(2)
+    assert s.iter == 22
+    assert not np.isfinite(float(s.net.blobs["loss"].data))
+    warnings = [r for r in caplog.records if "training goes on" in r.getMessage()]
+    assert len(warnings) == 1
+    model, state = s.snapshot()  # written, as Caffe writes it
+    assert os.path.exists(model) and os.path.exists(state)

@@ -73,12 +73,14 @@ class Solver:
     """Caffe's Solver/SGDSolver: trains a net from a SolverParameter; the update rule is chosen
     by ``param.type`` (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam).
 
-    ``Solver(solver, device=None, weights=(), allow_python=False, stages=None, level=None)``:
-    ``solver`` is a solver prototxt path or a ``caffe_pb2.SolverParameter``; ``device`` a torch
-    device (default: the file's ``solver_mode``/``device_id`` when CUDA is available, else
-    pycaffe's ``set_mode_*`` choice); ``weights`` caffemodels copied into the nets before training
-    (Caffe's ``--weights``); ``stages``/``level`` are added to ``train_state`` like ``caffe train
-    -stage/-level``.
+    ``Solver(solver, device=None, weights=(), allow_python=False, stages=None, level=None,
+    compile=False, stop_on_nonfinite_loss=False)``: ``solver`` is a solver prototxt path or a
+    ``caffe_pb2.SolverParameter``; ``device`` a torch device (default: pycaffe's ``set_mode_*`` /
+    ``set_device`` choice; the file's ``solver_mode`` is the caffe tool's business, as in Caffe);
+    ``weights`` caffemodels copied into the nets before training (Caffe's ``--weights``);
+    ``stages``/``level`` are added to ``train_state`` like ``caffe train -stage/-level``;
+    ``stop_on_nonfinite_loss`` raises NonFiniteLossError at a NaN/inf loss and refuses to
+    snapshot after it (tools/train), instead of one warning and going on as Caffe's Step does.
 
     pycaffe surface: ``net``, ``test_nets``, ``iter``, ``param``, ``type``, ``lr``, ``step(n)``,
     ``solve(resume=None)``, ``test(i)``, ``snapshot()``, ``restore(path)``, ``apply_update()``,
@@ -92,7 +94,8 @@ class Solver:
     def __init__(self, solver: SolverSource, *, device: Union[str, torch.device, None] = None,
                  weights: Sequence[str] = (), allow_python: bool = False,
                  stages: Optional[Sequence[str]] = None, level: Optional[int] = None,
-                 compile: bool = False):  # noqa: A002 - the issue's name for torch.compile
+                 compile: bool = False,  # noqa: A002 - the issue's name for torch.compile
+                 stop_on_nonfinite_loss: bool = False):
         self._compile = compile  # the nets run through torch.compile (pycaffe_alt/compile.py)
         self.param, self.source = _read_solver_param(solver)
         if self.forced_type is not None:
@@ -129,7 +132,8 @@ class Solver:
         self.refresh_params()
         self.history: List[torch.Tensor] = self.rule.new_history(self._datas)
         self.smoother = loop.LossSmoother(self.param.average_loss)
-        self.guard = loop.NonFiniteLossGuard()
+        # pycaffe's step() goes on after a NaN loss as Caffe's does; tools/train stops.
+        self.guard = loop.NonFiniteLossGuard(stop=stop_on_nonfinite_loss)
         self.hooks: list = []
         self.last_snapshot: Optional[Tuple[str, str]] = None
         self.stopped_early = False
@@ -604,7 +608,8 @@ class Solver:
         ``.solverstate`` atomically; returns both paths. Refuses (NonFiniteLossError) when the
         loss has become NaN/inf, so that the last snapshot on disk stays a good one."""
         self.guard.check(self)
-        self._check_finite_weights()
+        if self.guard.stop:  # pycaffe solvers write what they have, as Caffe's do
+            self._check_finite_weights()
         if not self.root_solver:  # data-parallel: rank 0 writes the job's snapshots
             return self.last_snapshot
         hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5

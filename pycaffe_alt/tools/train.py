@@ -239,7 +239,7 @@ def build_solver(args: argparse.Namespace, device):
     stages = _split(args.stage)
     return get_solver(args.solver, device=device, weights=tuple(_split(args.weights)),
                       allow_python=args.allow_python, stages=stages or None, level=args.level,
-                      compile=args.compile)
+                      compile=args.compile, stop_on_nonfinite_loss=True)
 
 
 def rank_gpu(job: LaunchEnv, ids: List[int], gpu: str) -> str:

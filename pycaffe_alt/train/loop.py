@@ -82,14 +82,19 @@ class LossSmoother:
 
 
 class NonFiniteLossGuard:
-    """Stops training when the loss becomes NaN or infinite, naming the first such iteration.
+    """Notices when the loss becomes NaN or infinite, naming the first such iteration.
 
     ``observe`` records each iteration's loss without a host sync on GPUs (a device-side "first
-    bad iteration" counter); ``check`` reads it and raises NonFiniteLossError. Snapshots call
-    ``check`` first, so a diverged state is never written over the last good snapshot.
+    bad iteration" counter); ``check`` reads it. With ``stop`` (tools/train) it raises
+    NonFiniteLossError, and since snapshots call ``check`` first, a diverged state is never
+    written over the last good snapshot. Without (pycaffe solvers, as Caffe's Solver::Step,
+    which only logs ``loss = nan``) it logs one warning and training goes on: programs check
+    the loss themselves and lower the rate or reload.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stop: bool = True) -> None:
+        self.stop = stop
+        self._warned = False
         self._first_bad: Optional[torch.Tensor] = None
         self._bad_value: Optional[torch.Tensor] = None
 
@@ -117,9 +122,14 @@ class NonFiniteLossGuard:
 
     def check(self, solver) -> None:
         it = self.failed_at()
-        if it is None:
+        if it is None or (self._warned and not self.stop):
             return
         value = float(self._bad_value)
+        if not self.stop:
+            self._warned = True
+            logger.warning("the loss became %s at iteration %d; training goes on (as Caffe's "
+                           "does); tools/train would stop here", value, it)
+            return
         kept = (f"the last good snapshot is {solver.last_snapshot[1]}" if solver.last_snapshot
                 else "no snapshot was written in this run")
         raise NonFiniteLossError(
