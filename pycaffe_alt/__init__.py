@@ -110,16 +110,13 @@ def layer_type_list() -> List[str]:
 
 # ---- process-wide pycaffe functions without a PyTorch counterpart ---------------------------
 
-_GLOG_LEVELS = {0: 20, 1: 30, 2: 40, 3: 50}  # glog minloglevel -> logging level
-
-
 def init_log(level: int = 0, stderr: bool = True) -> None:
     """pycaffe ``caffe.init_log([level[, stderr]])``: show pycaffe_alt's log lines (Caffe's glog
     format) on stderr from glog level ``level`` (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL) up.
     ``stderr`` is accepted for compatibility; lines always go to stderr."""
-    from .log import setup_logging
+    from .log import GLOG_LEVELS, setup_logging
 
-    setup_logging(level=_GLOG_LEVELS.get(int(level), 20))
+    setup_logging(level=GLOG_LEVELS.get(int(level), 20))
 
 
 def log(message: str) -> None:

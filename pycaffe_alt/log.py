@@ -63,6 +63,19 @@ def loss_suffix(weight: float, value: float) -> str:
     return f" (* {format_value(weight)} = {format_value(product)} loss)"
 
 
+GLOG_LEVELS = {0: logging.INFO, 1: logging.WARNING, 2: logging.ERROR, 3: logging.CRITICAL}
+
+
+def glog_env_level() -> int:
+    """The logging level glog's ``GLOG_minloglevel`` asks for (0 INFO, 1 WARNING, 2 ERROR,
+    3 FATAL; unset or unreadable: INFO), the knob Caffe users set to quiet pycaffe."""
+    try:
+        value = int(os.environ.get("GLOG_minloglevel", "0"))
+    except ValueError:
+        value = 0
+    return GLOG_LEVELS.get(min(max(value, 0), 3), logging.INFO)
+
+
 def setup_logging(stream: Optional[TextIO] = None, level: int = logging.INFO) -> logging.Logger:
     """Send the package's log lines to ``stream`` (stderr by default, as glog does)."""
     logger = get_logger()

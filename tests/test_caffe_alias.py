@@ -296,3 +296,23 @@ def test_run_next_to_a_real_caffe_says_so(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "GOT pycaffe_alt" in r.stdout
     assert "CaffeShadowWarning" in r.stderr and str(pkg) in r.stderr
+
+
+LOGGING_PROGRAM = """
+import caffe
+caffe.log("a line from the program")
+"""
+
+
+def test_run_shows_glog_lines_like_pycaffe_and_honours_glog_minloglevel(tmp_path):
+    # pycaffe never initializes glog, which then writes every line to stderr: log parsers read
+    # the solver's lines from there. GLOG_minloglevel=1 keeps only warnings and errors.
+    path = tmp_path / "logs.py"
+    path.write_text(LOGGING_PROGRAM)
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", str(path)])
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stderr.splitlines() if "a line from the program" in l)
+    assert line.startswith("I") and "] a line from the program" in line
+    quiet = _run([sys.executable, "-m", "pycaffe_alt.run", str(path)],
+                 env=_env(GLOG_minloglevel="1"))
+    assert quiet.returncode == 0 and "a line from the program" not in quiet.stderr
