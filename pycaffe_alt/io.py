@@ -13,6 +13,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from google.protobuf.message import DecodeError
+
 from .data import datum as _datum
 from .errors import DataError, ImageNotFoundError, ImageReadError
 from .fileio import check_input_path
@@ -57,7 +59,11 @@ def arraylist_to_blobprotovector_str(arraylist: Iterable[np.ndarray]) -> bytes:
 def blobprotovector_str_to_arraylist(data: bytes) -> List[np.ndarray]:
     """Arrays of a serialized BlobProtoVector."""
     vec = caffe_pb2.BlobProtoVector()
-    vec.ParseFromString(data)
+    try:
+        vec.ParseFromString(data)
+    except (DecodeError, TypeError) as e:
+        raise DataError(f"not a serialized BlobProtoVector ({e})", where="blobprotovector_str_to_arraylist",
+                        hint="pass the bytes arraylist_to_blobprotovector_str wrote, whole") from None
     return [blobproto_to_array(b) for b in vec.blobs]
 
 
@@ -145,11 +151,17 @@ def _resize_unit(im: np.ndarray, new_dims: Tuple[int, int], interp_order: int) -
 
 def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1) -> np.ndarray:
     """Resize an H x W x K image to ``new_dims`` = (height, width); float32, K kept."""
-    new_dims = (int(new_dims[0]), int(new_dims[1]))
-    if im.ndim != 3 or 0 in im.shape or min(new_dims) < 1:
-        raise DataError(f"cannot resize an image of shape {im.shape} to {new_dims}",
+    im = np.asarray(im)
+    if len(new_dims) != 2 or im.ndim != 3 or 0 in im.shape or min(int(d) for d in new_dims) < 1:
+        raise DataError(f"cannot resize an image of shape {im.shape} to {tuple(new_dims)}",
                         where="resize_image", hint="give a non-empty H x W x K image (a grey "
-                        "image as img[:, :, None]) and positive dimensions")
+                        "image as img[:, :, None]) and (height, width), both positive")
+    new_dims = (int(new_dims[0]), int(new_dims[1]))
+    needed = new_dims[0] * new_dims[1] * im.shape[-1] * 8  # the float64 intermediate
+    if needed > _physical_memory():
+        raise DataError(f"resizing to {new_dims} x {im.shape[-1]} needs {needed / 2**30:.1f} GiB, "
+                        "more than this machine's memory", where="resize_image",
+                        hint="resize to a smaller size")
     if im.shape[-1] in (1, 3):
         im_min, im_max = im.min(), im.max()
         if im_max <= im_min:
@@ -163,6 +175,29 @@ def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1)
         scale = tuple(np.array(new_dims, dtype=float) / np.array(im.shape[:2]))
         resized = zoom(im, scale + (1,), order=interp_order)
     return np.asarray(resized, dtype=np.float32)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no cap
+        return 1 << 62
+
+
+def _scale_value(value, what: str, in_: str) -> Optional[float]:
+    """A finite number (or None: no scaling, as pycaffe's preprocess skips it) for
+    set_raw_scale / set_input_scale (pycaffe stores anything and fails in numpy at the first
+    preprocess)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, (bool, str, bytes)) or not np.isfinite(number):
+        raise DataError(f"{what} must be a finite number, got {value!r}",
+                        where=f"Transformer input '{in_}'", hint="e.g. 255 for [0, 255] pixels")
+    return number
 
 
 def oversample(images: Sequence[np.ndarray], crop_dims: Sequence[int]) -> np.ndarray:
@@ -215,6 +250,9 @@ class Transformer:
     def preprocess(self, in_: str, data: np.ndarray) -> np.ndarray:
         """H' x W' x K image -> K x H x W float32 array for input ``in_``."""
         self._check_input(in_)
+        if len(self.inputs[in_]) != 4:
+            raise DataError(f"input '{in_}' has shape {self.inputs[in_]}; preprocess makes images "
+                            "for an N x K x H x W input", where="Transformer")
         # Our own float32 copy: the in-place steps below keep float32 (as pycaffe's do) without
         # touching the caller's array.
         caffe_in = np.array(data, dtype=np.float32, copy=True)
@@ -247,16 +285,21 @@ class Transformer:
         """Undo :meth:`preprocess` (except the resize) for a K x H x W (or 1 x K x H x W) array."""
         self._check_input(in_)
         decaf_in = np.array(data, copy=True).squeeze()
-        if self.input_scale.get(in_) is not None:
-            decaf_in /= self.input_scale[in_]
-        if self.mean.get(in_) is not None:
-            decaf_in += self.mean[in_]
-        if self.raw_scale.get(in_) is not None:
-            decaf_in /= self.raw_scale[in_]
-        if in_ in self.channel_swap:
-            decaf_in = decaf_in[np.argsort(self.channel_swap[in_]), :, :]
-        if in_ in self.transpose:
-            decaf_in = decaf_in.transpose(np.argsort(self.transpose[in_]))
+        try:
+            if self.input_scale.get(in_) is not None:
+                decaf_in /= self.input_scale[in_]
+            if self.mean.get(in_) is not None:
+                decaf_in += self.mean[in_]
+            if self.raw_scale.get(in_) is not None:
+                decaf_in /= self.raw_scale[in_]
+            if in_ in self.channel_swap:
+                decaf_in = decaf_in[np.argsort(self.channel_swap[in_]), :, :]
+            if in_ in self.transpose:
+                decaf_in = decaf_in.transpose(np.argsort(self.transpose[in_]))
+        except (ValueError, IndexError, TypeError) as e:
+            raise DataError(f"cannot deprocess an array of shape {np.shape(data)} for input "
+                            f"'{in_}' of shape {self.inputs[in_]} ({e})", where="Transformer",
+                            hint="give one preprocessed K x H x W image (or 1 x K x H x W)") from None
         return decaf_in
 
     def set_transpose(self, in_: str, order: Sequence[int]) -> None:
@@ -279,7 +322,7 @@ class Transformer:
     def set_raw_scale(self, in_: str, scale: float) -> None:
         """Scale applied before the mean, e.g. 255 for models trained on [0, 255] pixels."""
         self._check_input(in_)
-        self.raw_scale[in_] = scale
+        self.raw_scale[in_] = _scale_value(scale, "raw_scale", in_)
 
     def set_mean(self, in_: str, mean: np.ndarray) -> None:
         """Mean to subtract: one value per channel (K,) or a K x H x W image (resized if needed)."""
@@ -311,4 +354,4 @@ class Transformer:
     def set_input_scale(self, in_: str, scale: float) -> None:
         """Scale applied after the mean subtraction."""
         self._check_input(in_)
-        self.input_scale[in_] = scale
+        self.input_scale[in_] = _scale_value(scale, "input_scale", in_)

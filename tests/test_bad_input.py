@@ -428,3 +428,14 @@ def test_failed_conversion_leaves_no_half_database(tmp_path):
                 db.put(f"{i:08d}", b"x")
             raise KeyboardInterrupt
     assert not os.path.exists(path)
+
+
+def test_image_data_resize_beyond_memory_is_refused_before_any_image(tmp_path):
+    # OpenCV's own "Insufficient memory" error was the message.
+    net = tmp_path / "net.prototxt"
+    net.write_text(f'layer {{ name: "d" type: "ImageData" top: "data" top: "label" '
+                   f'image_data_param {{ source: "{PHOTOS_LIST}" root_folder: "{PHOTOS}/" '
+                   f'batch_size: 2 new_height: 100000 new_width: 100000 }} }}\n')
+    with pytest.raises(NetError, match=r"layer 'd' \(type ImageData\): blob 'data' of shape "
+                                       r"\(2, 3, 100000, 100000\) needs"):
+        Net(str(net), TEST)

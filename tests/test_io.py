@@ -119,3 +119,25 @@ def test_offline_download_fails_fast():
     with pytest.raises(DataError, match="no network.*\n.*mnist5k"):
         require_network("https://host.invalid/x.tar.gz", "use data/mnist5k")
     assert time.time() - start < 10
+
+
+def test_caffe_io_refuses_corrupt_and_mistyped_values_by_name():
+    # Each raised a bare numpy/protobuf/OpenCV exception (or stored a value that failed later).
+    with pytest.raises(DataError, match="not a serialized BlobProtoVector"):
+        cio.blobprotovector_str_to_arraylist(b"\xff\xff\xff")
+    with pytest.raises(DataError, match="32-bit label"):
+        cio.array_to_datum(np.zeros((1, 2, 2), np.uint8), label=2**40)
+    t = cio.Transformer({"data": (1, 3, 4, 4)})
+    for bad in ("x", float("nan"), True):
+        with pytest.raises(DataError, match="raw_scale must be a finite number"):
+            t.set_raw_scale("data", bad)
+    t.set_input_scale("data", None)  # pycaffe: None means no scaling
+    t.set_transpose("data", (2, 0, 1))
+    with pytest.raises(DataError, match="cannot deprocess"):
+        t.deprocess("data", np.ones((5, 5)))
+    with pytest.raises(DataError, match="N x K x H x W"):
+        cio.Transformer({"data": (1, 3)}).preprocess("data", np.ones((4, 4, 3)))
+    with pytest.raises(DataError, match="cannot resize"):
+        cio.resize_image(np.ones((4, 4, 3)), (5,))
+    with pytest.raises(DataError, match="more than this machine's memory"):
+        cio.resize_image(np.random.rand(4, 4, 3), (10**6, 10**6))

@@ -344,3 +344,11 @@ def test_ssd_head_runs_in_a_net(tmp_path):
     assert out.shape[:2] == (1, 1) and out.shape[3] == 7 and 1 <= out.shape[2] <= 3
     assert np.all(out[0, 0, :, 1] == 1) and np.all(np.diff(out[0, 0, :, 2]) <= 0)
     assert net.params["norm"][0].data.shape == (3,)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -2.0])
+def test_prior_box_aspect_ratio_must_be_positive(ratio):
+    # 0 divided by zero in the set-up ("float division by zero" was the whole message).
+    with pytest.raises(CaffeError, match="aspect_ratio must be positive"):
+        make_layer(f'type: "PriorBox" prior_box_param {{ min_size: 4 aspect_ratio: {ratio} }}',
+                   [(1, 2, 3, 3), (1, 3, 12, 12)])

@@ -30,6 +30,9 @@ def array_to_datum(arr: np.ndarray, label: Optional[int] = None) -> "caffe_pb2.D
     else:
         datum.float_data.extend(np.asarray(arr, dtype=np.float64).ravel().tolist())
     if label is not None:
+        if not -2**31 <= int(label) < 2**31:  # Datum.label is an int32
+            raise DataError(f"label {label} does not fit a Datum's 32-bit label",
+                            hint="labels are class indices")
         datum.label = int(label)
     return datum
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import caffe_rng
+from ..blob_memory import check_blob_fits
 from ..data.db import open_db
 from ..data.pipeline import BatchMaker, InputPipeline, Ordering, draw_skip, layer_seed
 from ..data.transformer import TransformSpec, needs_random, output_shape, spec_from_param
@@ -365,6 +366,11 @@ class ImageData(PipelinedDataLayer):
         if (ip.new_height > 0) != (ip.new_width > 0):
             raise self.error("image_data_param sets only one of new_height/new_width",
                              "set both (resize) or neither (keep the image size)")
+        if ip.new_height > 0:
+            # Before any image is resized: OpenCV's own allocation failure is not a message.
+            channels = 3 if ip.is_color else 1
+            check_blob_fits((batch_size, channels, int(ip.new_height), int(ip.new_width)), None,
+                            param.top[0] if len(param.top) else "data", self.where)
         source = self.require_source(
             ip.source, "image_data_param", "image list",
             "write a text file with one '<image path> <label>' line per image (paths relative "

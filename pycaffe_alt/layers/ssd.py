@@ -209,6 +209,10 @@ class PriorBox(Layer):
         self.step_hw = self._pair(p, "step", "step_h", "step_w", "step")
         self.offset = float(p.offset)
         self.clip = bool(p.clip)
+        if any(not ar > 0 for ar in p.aspect_ratio):
+            # The fork divides by sqrt(ar): 0 gives infinite boxes, a negative one NaN.
+            raise self.error(f"aspect_ratio must be positive, got {list(p.aspect_ratio)}",
+                             "aspect ratios are width / height of the prior boxes, e.g. 2 or 3")
         ratios = prior_aspect_ratios(p.aspect_ratio, bool(p.flip))
         self.box_sizes = prior_box_sizes(p.min_size, p.max_size, ratios)
         self.num_priors = self.box_sizes.shape[0]
