@@ -107,3 +107,10 @@ def test_executables_print_one_paragraph_and_exit_1(tmp_path):
     assert len(p.stderr.strip().splitlines()) <= 2  # the message and its hint
     p = _run("time", "--model", "missing.prototxt", cwd=tmp_path)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "missing.prototxt" in p.stderr
+
+
+@pytest.mark.parametrize("flag", [",", "init.caffemodel,", ",init.caffemodel"])
+def test_an_empty_weights_entry_is_refused(case, capsys, flag):
+    # It trained from scratch without a word (Caffe would try to open the empty name).
+    assert "empty entry" in _fails(capsys, ["--solver", "solver.prototxt", "--weights", flag],
+                                   WeightsError)

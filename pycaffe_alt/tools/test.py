@@ -82,7 +82,11 @@ def build_net(args, phase: int, require_weights_match: bool = False):
     net = Net(args.model, phase, stages=stages, level=args.level,
               allow_python=args.allow_python, device=select_device(args.gpu),
               compile=args.compile)
-    for w in [w for w in args.weights.split(",") if w]:
+    names = args.weights.split(",") if args.weights else []
+    if not all(names):  # Caffe would try to open the empty name
+        raise WeightsError(f"--weights {args.weights!r} has an empty entry",
+                           hint="give .caffemodel paths separated by single commas")
+    for w in names:
         if not net.copy_from(w) and require_weights_match and len(net.params):
             raise WeightsError("no layer of this weights file has the name of a layer of the net, "
                                "so nothing would be tested but the net's random initial weights",

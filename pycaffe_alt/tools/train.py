@@ -103,6 +103,10 @@ def check_flags(args: argparse.Namespace) -> None:
         raise SolverError("give --snapshot to resume training or --weights to fine-tune, not both",
                           hint="--snapshot continues a run (its weights and solver history); "
                                "--weights starts a new run from trained weights")
+    if args.weights and len(_split(args.weights)) != len(args.weights.split(",")):
+        # Caffe would try to open the empty name; an empty entry is a typo, not "no weights".
+        raise WeightsError(f"--weights {args.weights!r} has an empty entry",
+                           hint="give .caffemodel paths separated by single commas")
     for path in _split(args.weights):
         if not os.path.lexists(path):
             raise WeightsError(f"--weights: file {path!r} does not exist",
