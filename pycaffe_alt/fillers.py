@@ -82,14 +82,16 @@ def _msra(t, p):
 
 
 def _bilinear(t, p):
-    # Upsampling kernel for Deconvolution (Caffe's BilinearFiller), same for every (out, in) pair.
+    # Upsampling kernel for Deconvolution (Caffe's BilinearFiller), same for every (out, in)
+    # pair: f = ceil(w / 2), c = (w - 1) / (2 f) (BVLC's formula since 888597e; the older
+    # (2f - 1 - f % 2) / (2f) put odd kernels off centre), the product in float as Caffe's Dtype.
     h, w = t.shape[-2], t.shape[-1]
     f = math.ceil(w / 2.0)
-    c = (2 * f - 1 - f % 2) / (2.0 * f)
-    x = torch.arange(w, dtype=torch.float64)
-    y = torch.arange(h, dtype=torch.float64)
-    kernel = (1 - (y[:, None] / f - c).abs()) * (1 - (x[None, :] / f - c).abs())
-    t.copy_(kernel.to(t.dtype).expand_as(t))
+    c = np.float32((w - 1) / (2.0 * f))
+    x = np.arange(w, dtype=np.float32) / np.float32(f)
+    y = np.arange(h, dtype=np.float32) / np.float32(f)
+    kernel = (np.float32(1) - np.abs(y[:, None] - c)) * (np.float32(1) - np.abs(x[None, :] - c))
+    t.copy_(torch.from_numpy(kernel).to(t.dtype).expand_as(t))
 
 
 FILLERS: Dict[str, Callable] = {

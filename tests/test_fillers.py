@@ -55,10 +55,14 @@ def test_msra_std_follows_variance_norm(norm, n):
 
 def test_bilinear_kernel_is_caffes_upsampling_kernel():
     t = filled((2, 1, 4, 4), type="bilinear")
-    # f = ceil(4/2) = 2, c = (2f - 1 - f % 2) / (2f) = 0.75: weights (1 - |x/f - c|) per axis.
+    # f = ceil(4/2) = 2, c = (w - 1) / (2f) = 0.75: weights (1 - |x/f - c|) per axis.
     axis = np.array([0.25, 0.75, 0.75, 0.25])
     np.testing.assert_allclose(t[0, 0].numpy(), np.outer(axis, axis), rtol=1e-6)
     assert torch.equal(t[0], t[1])
+    # Odd kernels are centred (BVLC's formula; the pre-888597e one gave c = 0.75 for w = 3).
+    odd = np.array([0.5, 1.0, 0.5])
+    np.testing.assert_allclose(filled((1, 1, 3, 3), type="bilinear")[0, 0].numpy(),
+                               np.outer(odd, odd), rtol=1e-6)
 
 
 def test_unknown_filler_lists_known_ones():
