@@ -307,6 +307,7 @@ class Net(nn.Module):
         modules: List[Layer] = []
         shared: Dict[str, Tuple[nn.Parameter, str, int]] = {}
         self._param_infos: List[ParamInfo] = []
+        uses: Dict[str, int] = {}  # uses of each blob's current version (InsertSplits' count)
 
         # Layer names need not be unique: Caffe's Net::Init does not check (BVLC's
         # mnist_autoencoder has two layers named "loss", HED's deploy five named "crop"). Layers
@@ -335,6 +336,14 @@ class Net(nn.Module):
                     raise NetError(f"top blob '{t}' (top {ti}) is produced by more than one "
                                    "layer", where, "rename the top; a layer works in place only "
                                    "when its top i has the name of its bottom i")
+                if in_place and uses.get(t, 0) + bottoms.count(t) > 1:
+                    # Caffe's InsertSplits gives a blob with several uses a Split, and renames
+                    # the in-place layer's bottom to a split output: its top then names a
+                    # second producer, which Net::AppendTop refuses.
+                    raise NetError(f"works in place on '{t}', which another layer (or a "
+                                   "loss_weight) also uses; Caffe refuses this net (its Split "
+                                   f"makes '{t}' produced by multiple sources)", where,
+                                   f"give this layer a new top instead of '{t}'")
             bottom_shapes = [self._shapes[b] for b in bottoms]
             try:
                 layer = cls(lp, bottom_shapes, ctx)
@@ -350,6 +359,9 @@ class Net(nn.Module):
                 raise NetError(f"produces {len(top_shapes)} tops but {len(tops)} are named", where)
             for b in bottoms:
                 available.pop(b, None)
+                uses[b] = uses.get(b, 0) + 1
+            for ti, t in enumerate(tops):  # a new version: counted afresh (a loss_weight is a use)
+                uses[t] = int(ti < len(lp.loss_weight) and lp.loss_weight[ti] != 0)
             for t, s in zip(tops, top_shapes):
                 check_blob_fits(s, self._device, t, where)
                 self._shapes[t] = tuple(int(d) for d in s)
@@ -368,7 +380,9 @@ class Net(nn.Module):
                 copy_layer_blobs(lp.name, list(lp.blobs), layer.blobs, ctx.source)
             lr_mults = self._attach_params(layer, lp, shared, where)
             links.append(LayerLinks(bottoms, tops, weights, lr_mults, list(lp.propagate_down),
-                                    [layer.allow_force_backward(i) for i in range(len(bottoms))]))
+                                    [layer.allow_force_backward(i) for i in range(len(bottoms))],
+                                    [i < len(lp.loss_weight) and lp.loss_weight[i] != 0
+                                     for i in range(len(tops))]))
             modules.append(layer)
             # pycaffe builds these dicts from the layer list: a repeated name keeps its first
             # position and the last layer's blobs.

@@ -46,6 +46,9 @@ class LayerLinks:
     lr_mults: Sequence[float]  # one per parameter blob
     propagate_down: Sequence[bool]  # empty = not given
     allow_force_backward: Sequence[bool]  # one per bottom
+    # Tops with a non-zero loss_weight written in the prototxt: Caffe's InsertSplits counts
+    # such a use as a reader (a default weight of a loss layer is not counted).
+    explicit_loss: Sequence[bool] = ()
 
 
 @dataclass
@@ -101,10 +104,13 @@ def plan_backward(layers: Sequence[LayerLinks], force_backward: bool) -> Backwar
         links = layers[li]
         contributes = False
         skip = True
-        for t, w in zip(links.tops, links.loss_weights):
+        explicit = list(links.explicit_loss) + [False] * (len(links.tops) - len(links.explicit_loss))
+        for t, w, as_loss in zip(links.tops, links.loss_weights, explicit):
             if w or t in under_loss:
                 contributes = True
-            if t not in read or t in read_with_diff:
+            # A top an explicit loss weight uses is, after Caffe's splits, read by the split
+            # whose first top carries the weight: that reader takes the diff.
+            if t not in read or t in read_with_diff or as_loss:
                 skip = False
         read.difference_update(links.tops)
         read_with_diff.difference_update(links.tops)

@@ -98,3 +98,35 @@ def test_plan_judges_each_version_of_an_in_place_blob_by_its_own_readers():
     layers[3] = _links(["y"], ["y"], propagate_down=[False])
     plan = plan_backward(layers, force_backward=False)
     assert plan.layer_needs == [False, False, False, True, True]
+
+
+LOSS_TOP_READ = """name: "loss_top_read"
+layer { name: "in" type: "Input" top: "x" top: "y" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "p" inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "l" %s }
+layer { name: "pow" type: "Power" bottom: "l" top: "l2" }
+"""
+
+
+@pytest.mark.parametrize("weight,trains", [("", False), ("loss_weight: 1", True)])
+def test_a_loss_top_read_by_another_layer_trains_only_with_an_explicit_weight(tmp_path, weight, trains):
+    # Caffe's InsertSplits counts a loss_weight written in the prototxt as a use of the top (the
+    # split carries the weight and takes the diff); a loss layer's default weight is not counted,
+    # so the Power layer is the top's only reader and, taking no diff, cuts the net off.
+    path = tmp_path / "net.prototxt"
+    path.write_text(LOSS_TOP_READ % weight)
+    net = caffe.Net(str(path), caffe.TRAIN)
+    net.blobs["x"].data[...] = np.arange(6.0).reshape(2, 3)
+    net.blobs["y"].data[...] = 1.0
+    net.forward()
+    net.backward()
+    assert (np.abs(net.params["ip"][0].diff).sum() > 0) == trains
+
+
+def test_an_explicit_loss_weight_on_an_inner_top_counts_as_a_reader():
+    layers = [_links([], ["x"]), _links(["x"], ["y"], lr=[1], loss=[1.0]),
+              _links(["y"], ["s"])]                                   # a dangling reader of y
+    layers[1].explicit_loss = [True]
+    assert plan_backward(layers, force_backward=False).layer_needs[1] is True
+    layers[1].explicit_loss = [False]
+    assert plan_backward(layers, force_backward=False).layer_needs[1] is False
