@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import pycaffe_alt as caffe
+from pycaffe_alt.errors import NetError
 from pycaffe_alt.netstate import LayerLinks, plan_backward
 
 BASE = """name: "branch"
@@ -85,19 +86,28 @@ def test_plan_skips_a_blob_only_when_no_reader_takes_its_diff():
 
 
 def test_plan_judges_each_version_of_an_in_place_blob_by_its_own_readers():
-    # y (v1) is read by a loss-free layer and by the in-place layer; y (v2) feeds the loss.
+    # y (v1) is read only by the in-place layer, which takes no diff (propagate_down: false);
+    # y (v2) is read by the loss and a dangling layer. Caffe splits v2 only: v1's one reader
+    # skips, so ip does not run backward, although the loss takes v2's diff.
     layers = [_links([], ["x"]), _links(["x"], ["y"], lr=[1]),
-              _links(["y"], ["a"]),
-              _links(["y"], ["y"]),
-              _links(["y"], ["l"], loss=[1.0])]
+              _links(["y"], ["y"], propagate_down=[False]),
+              _links(["y"], ["l"], loss=[1.0]),
+              _links(["y"], ["a"])]
     plan = plan_backward(layers, force_backward=False)
-    assert plan.layer_needs == [False, True, False, True, True]
-    # The in-place layer takes no diff into y (v1): v1 has no reader taking a diff, so its
-    # producer skips backward, although the loss takes v2's diff (Caffe, with its splits: the
-    # split of v1 has only skipping tops).
-    layers[3] = _links(["y"], ["y"], propagate_down=[False])
-    plan = plan_backward(layers, force_backward=False)
-    assert plan.layer_needs == [False, False, False, True, True]
+    assert plan.layer_needs == [False, False, True, True, False]
+    layers[2] = _links(["y"], ["y"])
+    assert plan_backward(layers, force_backward=False).layer_needs == [False, True, True, True, False]
+
+
+def test_a_blob_used_elsewhere_cannot_be_rewritten_in_place(tmp_path):
+    # Caffe gives y a Split (two uses) and renames the ReLU's bottom: its top "y" then has two
+    # producers, "Top blob 'y' produced by multiple sources".
+    path = tmp_path / "net.prototxt"
+    path.write_text(BASE.replace('layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }',
+                                 'layer { name: "sig" type: "Sigmoid" bottom: "h" top: "s" }\n'
+                                 'layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }'))
+    with pytest.raises(NetError, match="layer 'relu' .*works in place on 'h'"):
+        caffe.Net(str(path), caffe.TRAIN)
 
 
 LOSS_TOP_READ = """name: "loss_top_read"
