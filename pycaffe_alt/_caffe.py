@@ -2,13 +2,12 @@
 programs that import them from there (``from caffe._caffe import Net``).
 
 Everything here is pycaffe_alt's own object, the same one ``caffe.<name>`` gives; the extension's
-vector wrapper types map to what we use (a Python layer's ``self.blobs`` is a
-:class:`~pycaffe_alt.layers.python_layer.PyBlobVec`; the others are plain lists).
+vector wrapper types map to what we use (``BlobVec`` is the type of ``net.params[name]``, and a
+Python layer's ``self.blobs`` is its growable subclass; the others are plain lists).
 """
 from . import (NCCL, TEST, TRAIN, Timer, __version__, has_nccl, init_log, layer_type_list, log,
                set_multiprocess, set_solver_count, set_solver_rank, solver_count, solver_rank)
-from .blob import Blob
-from .layers.python_layer import PyBlobVec as BlobVec
+from .blob import Blob, BlobVec
 from .layers.python_layer import PythonLayerBase as Layer
 from .mode import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from .net import Net

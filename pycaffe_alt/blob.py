@@ -14,13 +14,14 @@ value into it while it is alive (``HostMirror.refresh``), and later reads return
 """
 from __future__ import annotations
 
+import abc
 import weakref
 from typing import Callable, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 
-from .errors import NetError, first_line
+from .errors import ArgumentTypeError, NetError, first_line
 
 
 def is_memory_of(arr: np.ndarray, t: torch.Tensor) -> bool:
@@ -121,8 +122,13 @@ def _assign(view: "_BlobView", target: np.ndarray, value, field: str) -> None:
                             "it); to change the blob's shape, call reshape(...) first") from None
 
 
-class _BlobView:
-    """What blobs and parameter blobs share: numpy ``data``/``diff`` and Caffe's legacy dims."""
+class _BlobView(metaclass=abc.ABCMeta):
+    """What blobs and parameter blobs share: numpy ``data``/``diff`` and Caffe's legacy dims.
+
+    pycaffe has one ``caffe.Blob`` type for net blobs, parameter blobs and a Python layer's
+    blobs; here they are three views, and :class:`Blob` counts the others as its own
+    (``isinstance(net.params['conv1'][0], caffe.Blob)``, which BN-merging scripts test).
+    """
 
     _data: HostMirror
     _diff: HostMirror
@@ -236,3 +242,37 @@ class ParamBlob(_BlobView):
 
     def __repr__(self) -> str:
         return f"ParamBlob(shape={self.shape})"
+
+
+Blob.register(ParamBlob)
+
+
+class BlobVec(list):
+    """pycaffe's ``BlobVec``: a layer's blobs, ``net.params[name]`` (``type(...) is
+    caffe._caffe.BlobVec`` holds, as scripts test). A net layer's list is ``fixed``: an array
+    stored in it would hide the blob and change no weight. A Python layer's ``self.blobs`` is
+    the growable subclass with ``add_blob``."""
+
+    fixed = True
+
+    def __reduce_ex__(self, protocol):
+        # Copies of a fixed list are plain lists of the same blobs (rebuilding one would append).
+        return (list, (list(self),)) if self.fixed else super().__reduce_ex__(protocol)
+
+
+def _guarded(name: str):
+    method = getattr(list, name)
+
+    def guarded(self, *args, **kwargs):
+        if self.fixed:
+            raise ArgumentTypeError("a layer's list of blobs cannot be changed", hint="write the "
+                                    "values into the blob instead: net.params[name][i].data[...] = "
+                                    "array")
+        return method(self, *args, **kwargs)
+    guarded.__name__ = name
+    return guarded
+
+
+for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert",
+              "pop", "remove", "clear", "sort", "reverse"):
+    setattr(BlobVec, _name, _guarded(_name))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import memory_format as mf
-from .blob import Blob, HostMirror, ParamBlob, check_blob_shape, is_memory_of
+from .blob import Blob, BlobVec, HostMirror, ParamBlob, check_blob_shape, is_memory_of
 from .blob_memory import check_blob_fits, zeros
 from .compile import CompiledNet
 from .errors import ArgumentTypeError, CaffeError, NetError, first_line
@@ -183,18 +183,6 @@ class _BlobStore:
         self._net._diffs.pop(name, None)
 
 
-class BlobVec(list):
-    """A layer's parameter blobs (pycaffe's BlobVec): indexable and iterable, not assignable
-    (an array stored there would hide the blob and change no weight)."""
-
-    def _refuse(self, *args, **kwargs):
-        raise ArgumentTypeError("a layer's list of blobs cannot be changed", hint="write the values "
-                                "into the blob instead: net.params[name][i].data[...] = array")
-
-    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = _refuse
-    __iadd__ = __imul__ = sort = reverse = _refuse
-
-
 class LayerView:
     """pycaffe's ``net.layers[i]``: ``.type``, ``.blobs`` (numpy views), and the module itself.
 
@@ -206,12 +194,20 @@ class LayerView:
         self.module = module
         self.blobs = BlobVec(blobs)
 
-    def __getattr__(self, name: str):
+    def _user(self):
         module = self.__dict__.get("module")  # absent while unpickling
-        user = getattr(module, "user", None) if module is not None else None
+        return getattr(module, "user", None) if module is not None else None
+
+    def __getattr__(self, name: str):
+        user = self._user()
         if user is None or name.startswith("__"):
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
         return getattr(user, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # net.layers[1].factor = 3 sets the Python layer's attribute, as on pycaffe's object.
+        user = self._user() if name not in ("module", "blobs") else None
+        object.__setattr__(user if user is not None else self, name, value)
 
     @property
     def type(self) -> str:  # noqa: A003 - pycaffe name

@@ -172,3 +172,5 @@ def test_net_layers_hand_out_the_users_layer_object(user_module, tmp_path):
     assert view.roidb == [1, 2]
     with pytest.raises(AttributeError):
         view.no_such_method
+    view.threshold = 0.5  # written to the user's object, as on pycaffe's
+    assert view.module.user.threshold == 0.5

@@ -270,9 +270,20 @@ def test_caffe_underscore_caffe_and_pycaffe_modules():
         assert getattr(_caffe, name) is getattr(caffe, name), name
     for name in pycaffe.__all__:
         assert getattr(pycaffe, name) is getattr(caffe, name), name
-    from pycaffe_alt.blob import Blob
-    from pycaffe_alt.layers.python_layer import PyBlobVec
-    assert _caffe.Blob is Blob and _caffe.BlobVec is PyBlobVec
+    from pycaffe_alt.blob import Blob, BlobVec
+    from pycaffe_alt.layers.python_layer import PyBlob, PyBlobVec
+    assert _caffe.Blob is Blob and _caffe.BlobVec is BlobVec and issubclass(PyBlobVec, BlobVec)
+    # One Blob and one BlobVec type as in pycaffe: BN-merging scripts (MobileNet-SSD merge_bn.py)
+    # test type(net.params[k]) is caffe._caffe.BlobVec and skip layers otherwise.
+    net = caffe.Net(caffe_pb2.NetParameter(layer=[
+        caffe_pb2.LayerParameter(name="x", type="Input", top=["x"],
+                                 input_param=caffe_pb2.InputParameter(shape=[caffe_pb2.BlobShape(dim=[1, 2])])),
+        caffe_pb2.LayerParameter(name="ip", type="InnerProduct", bottom=["x"], top=["y"],
+                                 inner_product_param=caffe_pb2.InnerProductParameter(num_output=2))]),
+        caffe.TEST)
+    assert type(net.params["ip"]) is _caffe.BlobVec
+    assert isinstance(net.params["ip"][0], _caffe.Blob) and isinstance(net.blobs["y"], _caffe.Blob)
+    assert isinstance(PyBlob(np.zeros(2)), _caffe.Blob)
     assert _caffe.SolverParameter is caffe_pb2.SolverParameter
 
 

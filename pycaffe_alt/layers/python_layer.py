@@ -29,6 +29,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..blob import Blob, BlobVec
 from ..python_opt_in import ALLOW_PYTHON_ENV, python_layers_allowed
 from ..registry import LAYERS
 from .base import Layer, Shape
@@ -81,8 +82,14 @@ class PyBlob:
         return f"PyBlob(shape={self.shape})"
 
 
-class PyBlobVec(list):
-    """A Python layer's ``self.blobs``: a list of PyBlobs plus pycaffe's ``add_blob(*shape)``."""
+Blob.register(PyBlob)  # a Python layer's bottoms and tops are caffe.Blob too
+
+
+class PyBlobVec(BlobVec):
+    """A Python layer's ``self.blobs``: a growable list of PyBlobs with pycaffe's
+    ``add_blob(*shape)`` (a :class:`~pycaffe_alt.blob.BlobVec`, as in pycaffe)."""
+
+    fixed = False  # the user's layer fills its own list
 
     def add_blob(self, *shape: int) -> None:
         self.append(PyBlob(np.zeros(tuple(int(d) for d in shape), dtype=np.float32)))
