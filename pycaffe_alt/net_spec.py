@@ -256,8 +256,32 @@ class NetSpec:
     def __contains__(self, key: str) -> bool:
         return key in self.tops
 
+    # The SSD fork's NetSpec additions, which its model_libs.py (VGGNetBody, CreateMultiBoxHead)
+    # and ssd_*.py scripts use: names and values in order, a layer's parameters changed after
+    # the fact, a blob forgotten.
+    def __delitem__(self, key: str) -> None:
+        try:
+            del self.tops[key]
+        except KeyError:
+            raise KeyError(f"NetSpec has no blob '{key}'") from None
+
+    def keys(self) -> List[str]:
+        """The assigned blob names, in assignment order (the SSD fork's ``net.keys()``)."""
+        return list(self.tops)
+
+    def vals(self) -> List[Union[Top, Function]]:
+        """The assigned tops (or top-less layers), in assignment order."""
+        return list(self.tops.values())
+
+    def update(self, name: str, params: Dict[str, Any]) -> None:
+        """Merge ``params`` into the keyword parameters of the layer that made blob ``name``
+        (``net.update('conv5_1', {'dilation': 2})``)."""
+        value = self[name]
+        fn = value.fn if isinstance(value, Top) else value
+        fn.params.update(params)
+
     def __dir__(self):
-        return list(self.tops) + ["to_proto", "tops"]
+        return list(self.tops) + ["to_proto", "tops", "keys", "vals", "update"]
 
     def to_proto(self) -> "caffe_pb2.NetParameter":
         """Every layer needed for the assigned blobs, named after the attributes."""

@@ -216,3 +216,21 @@ def test_in_place_needs_as_many_tops_as_bottoms_and_blob_names_are_strings():
     n.tops[3] = L.ReLU(n.data)
     with pytest.raises(NetError, match="blob name 3 is not a string"):
         n.to_proto()
+
+
+def test_the_ssd_forks_netspec_methods():
+    # weiliu89/caffe's model_libs.py: net.keys(), net.vals(), net.update(name, params), del net[k].
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
+    n.conv = L.Convolution(n.data, num_output=4, kernel_size=3)
+    n.relu = L.ReLU(n.conv, in_place=True)
+    n.extra = L.Sigmoid(n.relu)
+    assert n.keys() == ["data", "conv", "relu", "extra"] and n.vals()[1] is n.conv
+    n.update("conv", {"dilation": 2, "pad": 2})
+    del n["extra"]
+    net = n.to_proto()
+    conv = _layer(net, "conv").convolution_param
+    assert list(conv.dilation) == [2] and list(conv.pad) == [2]
+    assert [l.name for l in net.layer] == ["data", "conv", "relu"]
+    with pytest.raises(KeyError):
+        del n["nope"]
