@@ -628,6 +628,8 @@ def test_our_numbers_in_our_range():
         ("SolverParameter", "alternation_param"),
         ("SolverParameter", "dsd_param"),
         ("SolverState", "resume_state"),
+        ("SolverParameter", "eval_type"),  # SSD's 41/42, taken by BVLC
+        ("SolverParameter", "ap_version"),
     }
     for msg, name in ours:
         assert 5200 <= _pool_message(msg).fields_by_name[name].number <= 5299
@@ -734,3 +736,12 @@ def test_generate_module_runs_as_script(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "caffe_pb2.py").exists()
+
+
+def test_ssd_solver_fields_parse_as_text():
+    # Every solver SSD's ssd_*.py scripts write sets these; their SSD numbers are BVLC's 41/42.
+    from pycaffe_alt.prototxt import parse_text
+    p = parse_text('base_lr: 0.001 eval_type: "detection" ap_version: "11point" '
+                   'show_per_class_result: true', caffe_pb2.SolverParameter())
+    assert (p.eval_type, p.ap_version, p.show_per_class_result) == ("detection", "11point", True)
+    assert caffe_pb2.SolverParameter().ap_version == "Integral"
