@@ -352,3 +352,14 @@ def test_prior_box_aspect_ratio_must_be_positive(ratio):
     with pytest.raises(CaffeError, match="aspect_ratio must be positive"):
         make_layer(f'type: "PriorBox" prior_box_param {{ min_size: 4 aspect_ratio: {ratio} }}',
                    [(1, 2, 3, 3), (1, 3, 12, 12)])
+
+
+def test_detection_output_ignores_save_output_param_with_a_warning(caplog):
+    # SSD's released deploys carry the block; the top blob does not depend on it.
+    text = ('type: "DetectionOutput" detection_output_param { num_classes: 2 '
+            'nms_param { nms_threshold: 0.45 } save_output_param { output_directory: "out" '
+            'label_map_file: "labelmap.prototxt" name_size_file: "sizes.txt" } }')
+    with caplog.at_level("WARNING", logger="pycaffe_alt"):
+        layer = make_layer(text, [(1, 8), (1, 4), (1, 2, 8)])
+    assert layer is not None and any("save_output_param is ignored" in r.getMessage()
+                                     for r in caplog.records)

@@ -117,9 +117,8 @@ class Layer(nn.Module):
         index = len(self._blob_list)
         if name is None:
             name = self.blob_names[index] if index < len(self.blob_names) else f"blob{index}"
-        where = f"{self.ctx.source}: layer '{self.name}' (type {self.type})"
-        check_blob_fits(shape, None, f"{self.name}.{name}", where)  # parameters start on the CPU
-        tensor = zeros(tuple(int(d) for d in shape), None, f"{self.name}.{name}", where)
+        check_blob_fits(shape, None, f"{self.name}.{name}", self.where)  # parameters start on the CPU
+        tensor = zeros(tuple(int(d) for d in shape), None, f"{self.name}.{name}", self.where)
         if filler is not None:
             fill(tensor, filler)
         p = nn.Parameter(tensor)
@@ -185,9 +184,14 @@ class Layer(nn.Module):
         """Caffe's ``AllowForceBackward``: loss layers never push gradients into labels."""
         return not self.is_loss or bottom_index != 1
 
+    @property
+    def where(self) -> str:
+        """``file: layer 'name' (type T)``, the place messages about this layer name."""
+        return f"{self.ctx.source}: layer '{self.name}' (type {self.type})"
+
     def error(self, what: str, hint: Optional[str] = None) -> NetError:
         """An error naming this layer and its type (raise it)."""
-        return NetError(what, f"{self.ctx.source}: layer '{self.name}' (type {self.type})", hint)
+        return NetError(what, self.where, hint)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, type={self.type!r}"

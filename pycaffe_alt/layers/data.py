@@ -81,10 +81,6 @@ class DataLayerBase(Layer):
         self._top_shapes: List[Shape] = []
 
     @property
-    def where(self) -> str:
-        return f"{self.ctx.source}: layer '{self.name}' (type {self.type})"
-
-    @property
     def device(self) -> torch.device:
         return self._device_probe.device
 

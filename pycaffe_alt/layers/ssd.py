@@ -16,6 +16,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..log import get_logger
 from ..proto import caffe_pb2
 from ..registry import LAYERS
 from .base import Layer, Shape
@@ -409,8 +410,11 @@ class DetectionOutput(Layer):
         self.top_k = int(p.nms_param.top_k) if p.nms_param.HasField("top_k") else -1
         s = p.save_output_param
         if s.output_directory and s.label_map_file and s.name_size_file:
-            raise self.error("writing detections to files (save_output_param) is not supported",
-                             "remove save_output_param and read the top blob instead")
+            # SSD's released deploys carry this block (ssd_pascal.py writes it); the top blob is
+            # the same with or without it, so it is ignored rather than the net refused.
+            get_logger().warning("%s: save_output_param is ignored: detections are not written to "
+                                 "%s; read the top blob instead", self.where,
+                                 s.output_directory)
         self._check_shapes(bottom_shapes)
 
     def _check_shapes(self, shapes: Sequence[Shape]) -> int:
