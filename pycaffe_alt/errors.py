@@ -84,6 +84,11 @@ class DataError(CaffeError):
     """A dataset (LMDB, image list, HDF5...) that is missing, empty or corrupt."""
 
 
+class BlobShapeError(DataError, ValueError):
+    """A BlobProto whose values do not fill its shape. A ``ValueError`` as well: pycaffe's
+    ``blobproto_to_array`` fails in numpy's reshape there, and BVLC's own test expects it."""
+
+
 class SolverError(CaffeError):
     """A solver configuration or training state that cannot be used."""
 

@@ -16,7 +16,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from .data import datum as _datum
-from .errors import DataError, ImageNotFoundError, ImageReadError
+from .errors import BlobShapeError, DataError, ImageNotFoundError, ImageReadError
 from .fileio import check_input_path
 from .proto import caffe_pb2
 
@@ -32,7 +32,7 @@ def blobproto_to_array(blob: "caffe_pb2.BlobProto", return_diff: bool = False) -
         shape = tuple(blob.shape.dim)
     # A truncated or foreign binaryproto parses into a blob whose count does not match.
     if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) != values.size:
-        raise DataError(f"BlobProto of shape {shape} holds {values.size} "
+        raise BlobShapeError(f"BlobProto of shape {shape} holds {values.size} "
                         f"{'diff' if return_diff else 'data'} values",
                         hint="the blob (or the .binaryproto it came from) is damaged or "
                              "incomplete")

@@ -27,6 +27,13 @@ def test_blobproto_round_trips_and_legacy_shape():
     arrays = [arr, np.ones((5,), np.float32)]
     back = cio.blobprotovector_str_to_arraylist(cio.arraylist_to_blobprotovector_str(arrays))
     assert all(np.array_equal(a, b) for a, b in zip(arrays, back))
+    # No shape at all: pycaffe fails in numpy's reshape, and BVLC's test_io expects ValueError.
+    shapeless = caffe_pb2.BlobProto()
+    shapeless.data.extend([0.0] * 100)
+    with pytest.raises(ValueError):
+        cio.blobproto_to_array(shapeless)
+    with pytest.raises(DataError, match="holds 100 data values"):
+        cio.blobproto_to_array(shapeless)
 
 
 def test_datum_conversion_like_pycaffe():
