@@ -76,14 +76,27 @@ def glog_env_level() -> int:
     return GLOG_LEVELS.get(min(max(value, 0), 3), logging.INFO)
 
 
-def setup_logging(stream: Optional[TextIO] = None, level: int = logging.INFO) -> logging.Logger:
-    """Send the package's log lines to ``stream`` (stderr by default, as glog does)."""
+class GlogEnvFilter(logging.Filter):
+    """Passes a record when ``GLOG_minloglevel`` allows its level, read at each record: pycaffe
+    programs set the variable in ``os.environ`` just before ``import caffe`` (glog reads it when
+    it loads), after a launcher has set logging up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= glog_env_level()
+
+
+def setup_logging(stream: Optional[TextIO] = None, level: int = logging.INFO,
+                  follow_glog_env: bool = False) -> logging.Logger:
+    """Send the package's log lines to ``stream`` (stderr by default, as glog does); with
+    ``follow_glog_env`` each line also passes :class:`GlogEnvFilter`."""
     logger = get_logger()
     for h in list(logger.handlers):
         if getattr(h, "_pycaffe_alt", False):
             logger.removeHandler(h)
     handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(GlogFormatter())
+    if follow_glog_env:
+        handler.addFilter(GlogEnvFilter())
     handler._pycaffe_alt = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level)

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 from .caffe_alias import install_as_caffe
 from .errors import CaffeError
-from .log import glog_env_level, setup_logging
+from .log import setup_logging
 from .python_opt_in import ALLOW_PYTHON_ENV
 
 USAGE = ("usage: pycaffe-alt run [--allow-python] SCRIPT.py [ARGS...]\n"
@@ -37,8 +37,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     # pycaffe never calls InitGoogleLogging, and glog then writes every line to stderr ("Logging
     # before InitGoogleLogging() is written to STDERR"): the solver's "Iteration N, loss = ..."
-    # lines that log parsers read. GLOG_minloglevel quiets it, as it quiets pycaffe.
-    setup_logging(level=glog_env_level())
+    # lines that log parsers read. GLOG_minloglevel quiets it, as it quiets pycaffe, also when
+    # the program sets it itself before `import caffe` (BVLC's notebooks do).
+    setup_logging(follow_glog_env=True)
     if args[0] in ("--allow-python", "--allow_python"):
         # Through the environment: the program's own Net(...) calls cannot take the flag.
         os.environ[ALLOW_PYTHON_ENV] = "1"

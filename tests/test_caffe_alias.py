@@ -316,3 +316,8 @@ def test_run_shows_glog_lines_like_pycaffe_and_honours_glog_minloglevel(tmp_path
     quiet = _run([sys.executable, "-m", "pycaffe_alt.run", str(path)],
                  env=_env(GLOG_minloglevel="1"))
     assert quiet.returncode == 0 and "a line from the program" not in quiet.stderr
+    # Set by the program before `import caffe`, as BVLC's notebooks do.
+    inside = tmp_path / "quiet_inside.py"
+    inside.write_text("import os\nos.environ['GLOG_minloglevel'] = '2'\n" + LOGGING_PROGRAM)
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", str(inside)])
+    assert r.returncode == 0 and "a line from the program" not in r.stderr
