@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from typing import Optional, Tuple, TypeVar, Union
+from typing import Dict, Optional, Tuple, TypeVar, Union
 
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
@@ -204,8 +204,17 @@ _LEGACY_FIELD_HINTS = {
                  "round_mode: FLOOR (ceil_mode: true is the default, round_mode: CEIL)",
 }
 
-_LAYER_START = re.compile(r"^\s*layers?\s*\{")
-_LAYER_FIELD = re.compile(r'^\s*(name|type)\s*:\s*"?([^"\s}]+)"?')
+# Text-format tokens, enough to follow blocks: comments and quoted strings (either quote,
+# backslash escapes) are skipped whole, so braces inside them do not count.
+_TOKEN = re.compile(r"""
+    (?P<comment>\#[^\n]*)
+  | (?P<string>"(?:[^"\\\n]|\\.)*"?|'(?:[^'\\\n]|\\.)*'?)
+  | (?P<open>[{<])
+  | (?P<close>[}>])
+  | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
+  | (?P<colon>:)
+  | (?P<other>[^\s])
+""", re.VERBOSE)
 
 
 def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_message.Message,
@@ -222,7 +231,7 @@ def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_me
                 detail = detail[len(quoted):]
     where = f"{filename}:{line}:{column}" if line is not None else filename
     what, hint = _explain(detail, message)
-    layer = _enclosing_layer(text, line) if line is not None else None
+    layer = _enclosing_layer(text, line, column or 1) if line is not None else None
     if layer is not None:
         name, kind = layer
         what = f"layer '{name}' (type {kind}): {what}"
@@ -240,34 +249,48 @@ def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_me
     return PrototxtError(what, where=where, hint=hint)
 
 
-def _enclosing_layer(text: str, line: int) -> Optional[Tuple[str, str]]:
-    """(name, type) of the top-level ``layer {}`` block holding 1-based ``line``, read from the
-    raw text (the parser stopped there), or None outside a layer. Braces inside quoted strings
-    and comments are not counted: close enough for naming the layer in a message."""
-    lines = text.splitlines()
-    depth, start = 0, None
-    for i, raw in enumerate(lines[:line]):
-        code = re.sub(r'"[^"]*"|#.*', "", raw)
-        if depth == 0 and _LAYER_START.match(code):
-            start = i
-        depth += code.count("{") - code.count("}")
-        if depth <= 0:
-            depth, start = 0, (start if i == line - 1 else None)
-    if start is None:
+def _enclosing_layer(text: str, line: int, column: int) -> Optional[Tuple[str, str]]:
+    """(name, type) of the top-level ``layer {}`` (or V1 ``layers {}``) block holding the
+    1-based ``line``/``column`` where the parser stopped, read from the block's own fields
+    (not those of nested messages); None outside a layer. '?' for a field not written."""
+    starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
+    if not 0 < line <= len(starts):
         return None
-    found, depth = {}, 0
-    for raw in lines[start:]:
-        code = re.sub(r'"[^"]*"|#.*', "", raw)
-        field = _LAYER_FIELD.match(raw) if depth == 1 else None
-        if field and field.group(1) not in found:
-            found[field.group(1)] = field.group(2)
-        # the block's opening line may hold fields too: layer { name: "x" type: "Y" ... }
-        if depth == 0:
-            for key, value in re.findall(r'\b(name|type)\s*:\s*"?([^"\s}]+)', raw.split("{", 1)[-1]):
-                found.setdefault(key, value)
-        depth += code.count("{") - code.count("}")
-        if depth <= 0 or len(found) == 2:
+    stop = starts[line - 1] + max(column - 1, 0)
+    tokens = [(m.lastgroup, m.group(), m.start()) for m in _TOKEN.finditer(text)]
+    depth, block, after_layer_word = 0, None, False
+    for index, (kind, value, offset) in enumerate(tokens):
+        if offset >= stop:
             break
+        if kind == "comment":
+            continue
+        if kind == "open":
+            if depth == 0:
+                block = index if after_layer_word else None
+            depth += 1
+        elif kind == "close":
+            depth = max(depth - 1, 0)
+            if depth == 0:
+                block = None
+        if kind != "colon":
+            after_layer_word = depth == 0 and kind == "word" and value in ("layer", "layers")
+    if block is None or depth == 0:
+        return None
+    found: Dict[str, str] = {}
+    depth = 0
+    fields = [t for t in tokens[block:] if t[0] != "comment"]
+    for index, (kind, value, _) in enumerate(fields):
+        if kind == "open":
+            depth += 1
+        elif kind == "close":
+            depth -= 1
+            if depth == 0:
+                break
+        elif depth == 1 and kind == "word" and value in ("name", "type") and value not in found \
+                and index + 2 < len(fields) and fields[index + 1][0] == "colon" \
+                and fields[index + 2][0] in ("string", "word"):
+            raw = fields[index + 2][1]
+            found[value] = raw[1:-1] if fields[index + 2][0] == "string" else raw
     return found.get("name", "?"), found.get("type", "?")
 
 

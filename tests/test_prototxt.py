@@ -221,3 +221,31 @@ def test_ceil_mode_from_a_fork_is_translated(tmp_path):
     path.write_text('layer { name: "p" type: "Pooling" pooling_param { pool: MAX ceil_mode: false } }\n')
     with pytest.raises(PrototxtError, match="round_mode: FLOOR"):
         prototxt.read_net(str(path))
+
+
+ENCLOSING_CASES = [
+    # (text, the layer a message must name, or None outside any layer)
+    ('layer { name: "a" type: "ReLU" } layer { name: "b" type: "Power" bogus: 1 }\n', ("b", "Power")),
+    ('layer { name: "a" type: "ReLU" } bogus_top: 1\n', None),
+    ('layer { param { name: "shared_w" } name: "ip" type: "InnerProduct"\n  bogus: 1 }\n',
+     ("ip", "InnerProduct")),
+    ('layer { weight_filler { type: "bilinear" } name: "d" type: "Deconvolution"\n  bogus: 1 }\n',
+     ("d", "Deconvolution")),
+    ('layer { # type: "Convolution" {\n  name: "r" type: "ReLU"\n  bogus: 1 }\n', ("r", "ReLU")),
+    ("layer { name: 'r{' type: 'ReLU' }\nlayer { name: \"x\\\"{\" type: \"TanH\"\n  bogus: 1 }\n",
+     ('x\\"{', "TanH")),
+    ('layers {\r\n  name: "v1"\r\n  type: RELU\r\n  bogus: 1\r\n}\r\n', ("v1", "RELU")),
+]
+
+
+@pytest.mark.parametrize("text,want", ENCLOSING_CASES)
+def test_parse_errors_name_the_enclosing_layer_or_none(tmp_path, text, want):
+    path = tmp_path / "net.prototxt"
+    path.write_bytes(text.encode())
+    with pytest.raises(PrototxtError) as info:
+        prototxt.read_net(str(path))
+    what = info.value.what
+    if want is None:
+        assert not what.startswith("layer '")
+    else:
+        assert what.startswith(f"layer '{want[0]}' (type {want[1]}): ")
