@@ -231,7 +231,10 @@ def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_me
                 detail = detail[len(quoted):]
     where = f"{filename}:{line}:{column}" if line is not None else filename
     what, hint = _explain(detail, message)
-    layer = _enclosing_layer(text, line, column or 1) if line is not None else None
+    try:
+        layer = _enclosing_layer(text, line, column or 1) if line is not None else None
+    except (IndexError, ValueError, TypeError, RecursionError):  # only an addition to the message
+        layer = None
     if layer is not None:
         name, kind = layer
         what = f"layer '{name}' (type {kind}): {what}"
