@@ -1069,9 +1069,10 @@ class Net(nn.Module):
                                     f"{type(path).__name__}")
         return copy_weights(self._param_lists(), os.fspath(path))
 
-    def save(self, path: str, diffs: Optional[Dict[str, List[np.ndarray]]] = None) -> None:
-        """Write the net with its weights as a .caffemodel (atomically); ``diffs`` (layer name
-        -> one array per blob) are written as the blobs' diffs (Caffe's ``snapshot_diff``)."""
+    def save(self, path: str, diffs: Optional[Sequence[Sequence[np.ndarray]]] = None) -> None:
+        """Write the net with its weights as a .caffemodel (atomically); ``diffs`` (one list of
+        arrays per layer, in layer order) are written as the blobs' diffs (Caffe's
+        ``snapshot_diff``)."""
         from .weights import atomic_write, net_param_with_weights
 
         if not isinstance(path, (str, os.PathLike)):

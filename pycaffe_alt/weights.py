@@ -226,19 +226,19 @@ def atomic_write(path: str, payload: bytes) -> None:
 
 
 def net_param_with_weights(net_param, layers: Sequence[Sequence],
-                           diffs: Optional[Dict[str, List[np.ndarray]]] = None
+                           diffs: Optional[Sequence[Sequence[np.ndarray]]] = None
                            ) -> "caffe_pb2.NetParameter":
     """A copy of ``net_param`` whose layers carry their current blobs (Caffe's Net::ToProto).
 
     ``layers`` holds each layer's parameters, in the order of ``net_param.layer`` (by position:
-    layer names may repeat). With ``diffs`` (layer name -> one array per blob) each blob also
+    layer names may repeat); ``diffs``, in the same order, one array per blob: each blob also
     carries its diff (``ToProto(param, write_diff=true)``, the solver's ``snapshot_diff``).
     """
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
-    for layer, params in zip(out.layer, layers):
+    for index, (layer, params) in enumerate(zip(out.layer, layers)):
         del layer.blobs[:]
-        layer_diffs = diffs.get(layer.name) if diffs is not None else None
+        layer_diffs = diffs[index] if diffs is not None else None
         for i, p in enumerate(params):
             diff = layer_diffs[i] if layer_diffs is not None else None
             layer.blobs.append(array_to_blob(p.detach().cpu().numpy(), diff))

@@ -486,3 +486,29 @@ def test_pycaffe_step_goes_on_after_a_nan_loss_with_one_warning(tmp_path, caplog
     assert len(warnings) == 1
     model, state = s.snapshot()  # written, as Caffe writes it
     assert os.path.exists(model) and os.path.exists(state)
+
+
+def test_snapshot_diff_with_repeated_layer_names_writes_each_layers_own(tmp_path):
+    # Caffe allows repeated names; ToProto(write_diff) writes every layer's own diff (they were
+    # looked up by name: the second layer got the first's, or an IndexError).
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "in" type: "Input" top: "x" top: "t" input_param { shape { dim: 2 dim: 3 } '
+        'shape { dim: 2 dim: 2 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "h" inner_product_param { '
+        'num_output: 4 bias_term: false weight_filler { type: "gaussian" std: 1 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "h" top: "y" inner_product_param { '
+        'num_output: 2 weight_filler { type: "gaussian" std: 1 } } }\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" }\n')
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path}/net.prototxt"\nbase_lr: 0.01\nlr_policy: "fixed"\nsnapshot_diff: true\n'
+        f'snapshot_prefix: "{tmp_path}/s"\n')
+    s = caffe.SGDSolver(str(tmp_path / "solver.prototxt"))
+    s.net.blobs["x"].data[...] = 1
+    s.step(1)
+    model, _ = s.snapshot()
+    saved = caffe_pb2.NetParameter.FromString(open(model, "rb").read())
+    shapes = [(list(b.shape.dim), len(b.data), len(b.diff)) for layer in saved.layer for b in layer.blobs]
+    assert shapes == [([4, 3], 12, 12), ([2, 4], 8, 8), ([2], 2, 2)]
+    second = [layer for layer in saved.layer if layer.name == "ip"][1]
+    np.testing.assert_allclose(np.array(second.blobs[0].diff).reshape(2, 4),
+                               s.net.layers[2].blobs[0].diff, rtol=1e-6)

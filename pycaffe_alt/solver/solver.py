@@ -588,11 +588,12 @@ class Solver:
                 layers.append((name, arrays))
         return layers
 
-    def _layer_diffs(self) -> Dict[str, List[np.ndarray]]:
-        """Layer name -> the diff of each of its blobs (a shared blob shows its owner's diff)."""
+    def _layer_diffs(self) -> List[List[np.ndarray]]:
+        """Each layer's blob diffs, in layer order (a shared blob shows its owner's diff; by
+        position, as layer names may repeat)."""
         diff_of = self._param_diffs()
-        return {name: [diff_of.get(id(p), np.zeros(p.shape, np.float32)) for p in blobs]
-                for name, blobs in self.net._param_lists().items()}
+        return [[diff_of.get(id(p), np.zeros(p.shape, np.float32)) for p in layer.blobs]
+                for layer in self.net.layer_sequence]
 
     def _param_diffs(self) -> Dict[int, np.ndarray]:
         """id(parameter) -> its diff as Caffe holds it after an update (the update value;
