@@ -184,20 +184,20 @@ def _physical_memory() -> int:
         return 1 << 62
 
 
-def _scale_value(value, what: str, in_: str) -> Optional[float]:
-    """A finite number (or None: no scaling, as pycaffe's preprocess skips it) for
-    set_raw_scale / set_input_scale (pycaffe stores anything and fails in numpy at the first
-    preprocess)."""
+def _scale_value(value, what: str, in_: str):
+    """A finite number or array of numbers (per-channel scales broadcast, as in pycaffe), or
+    None (no scaling: pycaffe's preprocess skips it), for set_raw_scale / set_input_scale.
+    pycaffe stores anything and fails in numpy at the first preprocess."""
     if value is None:
         return None
     try:
-        number = float(value)
+        arr = None if isinstance(value, (bool, str, bytes)) else np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        number = float("nan")
-    if isinstance(value, (bool, str, bytes)) or not np.isfinite(number):
-        raise DataError(f"{what} must be a finite number, got {value!r}",
+        arr = None
+    if arr is None or arr.size == 0 or not np.all(np.isfinite(arr)):
+        raise DataError(f"{what} must be a finite number (or array of numbers), got {value!r}",
                         where=f"Transformer input '{in_}'", hint="e.g. 255 for [0, 255] pixels")
-    return number
+    return float(arr) if arr.ndim == 0 else value
 
 
 def oversample(images: Sequence[np.ndarray], crop_dims: Sequence[int]) -> np.ndarray:

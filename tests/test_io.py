@@ -139,6 +139,8 @@ def test_caffe_io_refuses_corrupt_and_mistyped_values_by_name():
         with pytest.raises(DataError, match="raw_scale must be a finite number"):
             t.set_raw_scale("data", bad)
     t.set_input_scale("data", None)  # pycaffe: None means no scaling
+    t.set_input_scale("data", np.array([0.5, 1.0, 2.0])[:, None, None])  # per channel, broadcast
+    t.set_raw_scale("data", [255.0])
     t.set_transpose("data", (2, 0, 1))
     with pytest.raises(DataError, match="cannot deprocess"):
         t.deprocess("data", np.ones((5, 5)))
