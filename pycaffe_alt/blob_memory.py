@@ -9,13 +9,13 @@ way by :func:`zeros`.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from . import memory_format
 from .errors import NetError
+from .host_memory import physical_memory
 
 FLOAT_BYTES = 4  # blobs are float32, as Caffe's Dtype float
 
@@ -35,8 +35,8 @@ def device_memory(device: Optional[torch.device]) -> Optional[int]:
         if device.type == "cuda":
             return int(torch.cuda.get_device_properties(device).total_memory)
         if device.type == "cpu":
-            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError, RuntimeError, AssertionError):
+            return physical_memory()
+    except (RuntimeError, AssertionError):
         return None
     return None
 

@@ -17,6 +17,7 @@ import ctypes
 import os
 import platform
 import sys
+from typing import Optional
 
 # mallopt parameter numbers (glibc's malloc.h; facts of its ABI).
 _M_TRIM_THRESHOLD = -1
@@ -30,6 +31,14 @@ TRIM_THRESHOLD = 1 << 30
 # The environment variables through which glibc users choose these settings themselves.
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                   "GLIBC_TUNABLES")
+
+
+def physical_memory() -> Optional[int]:
+    """The machine's RAM in bytes (None where POSIX cannot say): what no host array can exceed."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def keep_freed_memory() -> bool:

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from .data import datum as _datum
 from .errors import BlobShapeError, DataError, ImageNotFoundError, ImageReadError
 from .fileio import check_input_path
+from .host_memory import physical_memory
 from .proto import caffe_pb2
 
 
@@ -158,7 +159,8 @@ def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1)
                         "image as img[:, :, None]) and (height, width), both positive")
     new_dims = (int(new_dims[0]), int(new_dims[1]))
     needed = new_dims[0] * new_dims[1] * im.shape[-1] * 8  # the float64 intermediate
-    if needed > _physical_memory():
+    capacity = physical_memory()
+    if capacity is not None and needed > capacity:
         raise DataError(f"resizing to {new_dims} x {im.shape[-1]} needs {needed / 2**30:.1f} GiB, "
                         "more than this machine's memory", where="resize_image",
                         hint="resize to a smaller size")
@@ -175,13 +177,6 @@ def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1)
         scale = tuple(np.array(new_dims, dtype=float) / np.array(im.shape[:2]))
         resized = zoom(im, scale + (1,), order=interp_order)
     return np.asarray(resized, dtype=np.float32)
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: no cap
-        return 1 << 62
 
 
 def _scale_value(value, what: str, in_: str):

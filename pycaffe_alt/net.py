@@ -324,6 +324,9 @@ class Net(nn.Module):
             if cls.auto_top:
                 need = max(cls.num_tops[0], 1 if cls.is_loss else 0)
                 tops += [ANONYMOUS_TOP + f"{index}_{i}" for i in range(len(tops), need)]
+            # Tops a non-zero loss_weight written in the prototxt uses (InsertSplits counts it).
+            explicit_loss = [i < len(lp.loss_weight) and lp.loss_weight[i] != 0
+                             for i in range(len(tops))]
             check_bottom_count(cls, len(bottoms), len(tops), where)
             for ti, t in enumerate(tops):
                 # Caffe's Net::AppendTop: top i may reuse a name only as bottom i (in place).
@@ -356,8 +359,8 @@ class Net(nn.Module):
             for b in bottoms:
                 available.pop(b, None)
                 uses[b] = uses.get(b, 0) + 1
-            for ti, t in enumerate(tops):  # a new version: counted afresh (a loss_weight is a use)
-                uses[t] = int(ti < len(lp.loss_weight) and lp.loss_weight[ti] != 0)
+            for t, as_loss in zip(tops, explicit_loss):  # a new version: counted afresh
+                uses[t] = int(as_loss)
             for t, s in zip(tops, top_shapes):
                 check_blob_fits(s, self._device, t, where)
                 self._shapes[t] = tuple(int(d) for d in s)
@@ -377,8 +380,7 @@ class Net(nn.Module):
             lr_mults = self._attach_params(layer, lp, shared, where)
             links.append(LayerLinks(bottoms, tops, weights, lr_mults, list(lp.propagate_down),
                                     [layer.allow_force_backward(i) for i in range(len(bottoms))],
-                                    [i < len(lp.loss_weight) and lp.loss_weight[i] != 0
-                                     for i in range(len(tops))]))
+                                    explicit_loss))
             modules.append(layer)
             # pycaffe builds these dicts from the layer list: a repeated name keeps its first
             # position and the last layer's blobs.

@@ -239,13 +239,13 @@ def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_me
         name, kind = layer
         what = f"layer '{name}' (type {kind}): {what}"
         match = _UNKNOWN_FIELD.search(detail)
-        field = match.group(2) if match else ""
-        if match and match.group(1).endswith("LayerParameter") and field.endswith("_param") \
+        message_name, field = match.groups() if match else ("", "")
+        if message_name.endswith("LayerParameter") and field.endswith("_param") \
                 and field[:-len("_param")].replace("_", "") == kind.lower():
             # The layer's own parameter block (ROIPooling's roi_pooling_param, BN's bn_param,
             # Interp's interp_param...) missing from caffe.proto: the type is a fork's, and a
             # close BVLC field name (pooling_param) would be the wrong suggestion.
-            hint = (f"'{match.group(2)}' is the parameter block of a layer type that a Caffe fork "
+            hint = (f"'{field}' is the parameter block of a layer type that a Caffe fork "
                     f"adds; {kind} is not a layer of BVLC Caffe and cannot be built here "
                     "(caffe.layer_type_list() lists the supported types; a Python layer can "
                     "stand in for it)")
