@@ -1053,13 +1053,9 @@ class Net(nn.Module):
         return None
 
     # ------------------------------------------------------------------ weights
-    def _param_lists(self) -> Dict[str, List[nn.Parameter]]:
-        # Caffe's CopyTrainedLayersFrom copies into the first layer of a repeated name.
-        lists: Dict[str, List[nn.Parameter]] = {}
-        for v in self._views:
-            if v.module.blobs:
-                lists.setdefault(v.name, list(v.module.blobs))
-        return lists
+    def _named_params(self) -> List[Tuple[str, List[nn.Parameter]]]:
+        """(name, parameters) of every layer in order, repeated names included."""
+        return [(v.name, list(v.module.blobs)) for v in self._views]
 
     def copy_from(self, path: str) -> List[str]:
         """Load weights from a .caffemodel (or .h5) by layer name (pycaffe ``copy_from``);
@@ -1069,7 +1065,8 @@ class Net(nn.Module):
         if not isinstance(path, (str, os.PathLike)):
             raise ArgumentTypeError(f"copy_from() takes the path of a weights file, got "
                                     f"{type(path).__name__}")
-        return copy_weights(self._param_lists(), os.fspath(path))
+        self._push_host_writes()  # a pending numpy write must not land on the loaded weights
+        return copy_weights(self._named_params(), os.fspath(path))
 
     def save(self, path: str, diffs: Optional[Sequence[Sequence[np.ndarray]]] = None) -> None:
         """Write the net with its weights as a .caffemodel (atomically); ``diffs`` (one list of
@@ -1090,12 +1087,17 @@ class Net(nn.Module):
             raise ArgumentTypeError(f"share_with() takes another Net, got {type(other).__name__}")
         self._push_host_writes()
         other._push_host_writes()
-        theirs = other._param_lists()
+        # Caffe walks the other net's layers in order and shares each into the first layer of
+        # its name here: of repeated names, the first layer here gets the last one's blobs.
+        theirs = {name: params for name, params in other._named_params() if params}
         replaced: Dict[int, nn.Parameter] = {}
+        seen = set()
         for view in self._views:
             name = view.name
-            if name not in theirs or not view.module.blobs:
+            if name in seen or name not in theirs or not view.module.blobs:
+                seen.add(name)
                 continue
+            seen.add(name)
             mine = view.module.blobs
             if len(mine) != len(theirs[name]):
                 raise NetError(f"layer '{name}': {len(mine)} blobs here, {len(theirs[name])} in the "
@@ -1222,30 +1224,24 @@ class Net(nn.Module):
         """Write the weights as Caffe's HDF5 layout ``data/<layer>/<i>`` (pycaffe ``save_hdf5``)."""
         from .solver.snapshot import write_weights_h5
 
-        write_weights_h5([(view.name, [p.detach().cpu().numpy() for p in view.module.blobs])
-                          for view in self._views], os.fspath(path))
+        # Net::ToHDF5 makes a group for every layer and stores only the blobs a layer owns (a
+        # blob shared from an earlier layer is left out; loading fills it from its owner).
+        seen: set = set()
+        table = []
+        for view in self._views:
+            arrays = [None if id(p) in seen else p.detach().cpu().numpy() for p in view.module.blobs]
+            seen.update(id(p) for p in view.module.blobs)
+            table.append((view.name, arrays))
+        write_weights_h5(table, os.fspath(path))
 
     def load_hdf5(self, path: str) -> None:
         """Copy weights from a Caffe HDF5 file by layer name, whatever its file name (pycaffe
-        ``load_hdf5``); blobs a snapshot skipped as shared are left alone."""
-        from .errors import WeightsError
-        from .solver.snapshot import read_weights_h5
+        ``load_hdf5``, Caffe's CopyTrainedLayersFromHDF5); blobs a snapshot skipped as shared
+        are left alone."""
+        from .weights import copy_weights
 
-        path = os.fspath(path)
-        mine = self._param_lists()
-        for name, arrays in read_weights_h5(path).items():
-            target = mine.get(name, [])
-            if name in mine and len(arrays) != len(target):
-                raise WeightsError(f"layer '{name}': the file has {len(arrays)} blob(s), the net "
-                                   f"expects {len(target)}", where=path)
-            for i, (arr, p) in enumerate(zip(arrays, target)):
-                if arr is not None and tuple(arr.shape) != tuple(p.shape):
-                    raise WeightsError(f"layer '{name}' blob {i}: the file has shape "
-                                       f"{tuple(arr.shape)}, the net expects {tuple(p.shape)}",
-                                       where=path)
-                if arr is not None:
-                    with torch.no_grad():
-                        p.copy_(torch.from_numpy(arr).to(p.device, p.dtype))
+        self._push_host_writes()
+        copy_weights(self._named_params(), os.fspath(path), hdf5=True)
 
     def _unsupported_hook(self, name: str) -> None:
         raise NetError(f"net.{name}(callback) is not supported", self.source,

@@ -4,7 +4,8 @@ Weights are matched to layers by name, as Caffe's ``CopyTrainedLayersFrom`` does
 file that the net lacks are ignored (real caffemodels often hold the whole training net), and a
 blob whose shape differs is an error naming the layer and both shapes. Legacy 4-D shapes
 (num, channels, height, width) match any shape with the same dims once padded with 1s on the left.
-HDF5 weight files (``*.h5``) hold ``data/<layer>/<i>`` datasets.
+HDF5 weight files (told by their content, as Caffe's H5Fis_hdf5 test tells them) hold
+``data/<layer>/<i>`` datasets.
 """
 from __future__ import annotations
 
@@ -100,9 +101,16 @@ def _parse(path: str, message):
     return message
 
 
-def read_net_weights(path: str) -> "OrderedDict[str, Tuple[str, List]]":
-    """``{layer name: (type, [BlobProto, ...])}`` of every layer with blobs in a weights file."""
-    if path.endswith(".h5"):
+def read_net_weights(path: str, hdf5: Optional[bool] = None
+                     ) -> "OrderedDict[str, Tuple[str, List]]":
+    """``{layer name: (type, [BlobProto, ...])}`` of every layer with blobs in a weights file.
+
+    ``hdf5`` None: the format is told from the file's content, as Caffe's H5Fis_hdf5 test does
+    (a ``.caffemodel.h5`` renamed, or a binary proto named ``.h5``, still loads).
+    """
+    if hdf5 is None:
+        hdf5 = is_hdf5_file(path)
+    if hdf5:
         return _read_h5(path)
     from .upgrade import net_needs_upgrade, upgrade_net_as_needed
 
@@ -117,6 +125,29 @@ def read_net_weights(path: str) -> "OrderedDict[str, Tuple[str, List]]":
         raise WeightsError("holds no layers", where=path,
                            hint="is this a .caffemodel? solverstates and binaryprotos are different files")
     return out
+
+
+# An HDF5 file's signature; its superblock sits at offset 0 or, after a user block, at 512,
+# 1024, 2048, ... (the HDF5 file format specification, "Format Signature").
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def is_hdf5_file(path: str) -> bool:
+    """Whether ``path`` is an HDF5 file (by its signature; a missing or unreadable file is not)."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            offset = 0
+            while offset + len(_HDF5_SIGNATURE) <= size:
+                f.seek(offset)
+                if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                    return True
+                offset = 512 if offset == 0 else offset * 2
+    except OSError:
+        return False
+    return False
 
 
 def _read_h5(path: str):
@@ -137,32 +168,54 @@ def shapes_match(blob, shape: Sequence[int]) -> bool:
     return _legacy_dims(blob) == padded
 
 
-def copy_weights(layers: Dict[str, List], path: str) -> List[str]:
-    """Copy a weights file into ``layers`` ({name: [nn.Parameter]}); returns layers copied.
+def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
+                 hdf5: Optional[bool] = None) -> List[str]:
+    """Copy a weights file into ``layers`` ((name, [nn.Parameter]) of every layer, in net
+    order); returns the layers copied. ``hdf5`` as in :func:`read_net_weights`.
 
+    A repeated layer name gets the weights in the layer Caffe picks: the first of the name from
+    a binary file (CopyTrainedLayersFrom searches the layers in order), the last from an HDF5
+    file (CopyTrainedLayersFromHDF5 looks names up in a map that the last layer of a name
+    wins). A layer without parameters whose name has blobs in the file is an error, as in Caffe
+    ("Incompatible number of blobs"): the weights would silently be dropped.
     Layers of the file missing from ``layers`` are ignored (Caffe logs "Ignoring source layer").
     A file that shares no layer name with the net at all (the wrong model, or layers renamed)
     copies nothing; that is logged as a warning naming the file (see :func:`unmatched_warning`).
     """
-    import torch
-
+    if hdf5 is None:
+        hdf5 = is_hdf5_file(path)
+    stored = read_net_weights(path, hdf5)
+    targets: Dict[str, Sequence] = {}
+    shared: Dict[str, List[bool]] = {}
+    owner_seen = set()  # a blob held by an earlier layer is shared from it (Caffe's param owner)
+    for name, params in layers:
+        flags = [id(p) in owner_seen for p in params]
+        owner_seen.update(id(p) for p in params)
+        if hdf5 or name not in targets:
+            targets[name], shared[name] = params, flags
     copied = []
-    stored = read_net_weights(path)
     for name, (_, blobs) in stored.items():
-        target = layers.get(name)
-        if target is None:
+        target = targets.get(name)
+        if target is None or not (blobs or target):
             continue
-        copy_layer_blobs(name, blobs, target, path)
+        if hdf5 and len(blobs) < len(target):
+            # CopyTrainedLayersFromHDF5: a dataset missing from the group is fine for a shared
+            # blob (its owner's copy fills it), "Incompatible number of blobs" otherwise.
+            blobs = list(blobs) + [None] * (len(target) - len(blobs))
+        copy_layer_blobs(name, blobs, target, path, shared[name])
         copied.append(name)
-    message = unmatched_warning(path, list(stored), [n for n, blobs in layers.items() if blobs])
+    message = unmatched_warning(path, list(stored), [n for n, blobs in targets.items() if blobs])
     if message is not None:
         get_logger().warning("%s", message)
     return copied
 
 
-def copy_layer_blobs(name: str, blobs: Sequence, target: Sequence, where: str) -> None:
-    """Copy one layer's stored BlobProtos (None: a shared blob not stored) into its parameters
-    ``target``; the count and every shape must fit (a WeightsError naming ``where``)."""
+def copy_layer_blobs(name: str, blobs: Sequence, target: Sequence, where: str,
+                     shared: Optional[Sequence[bool]] = None) -> None:
+    """Copy one layer's stored BlobProtos into its parameters ``target``; the count and every
+    shape must fit (a WeightsError naming ``where``). A None blob (HDF5: not stored) is left
+    alone where ``shared`` says the parameter is shared from an earlier layer, whose copy fills
+    it; for any other parameter it is an error."""
     import torch
 
     if len(blobs) != len(target):
@@ -170,8 +223,14 @@ def copy_layer_blobs(name: str, blobs: Sequence, target: Sequence, where: str) -
             f"layer '{name}': the file has {len(blobs)} blob(s), the net expects {len(target)}",
             where=where, hint="rename the layer in the prototxt to learn it from scratch instead")
     for i, (blob, param) in enumerate(zip(blobs, target)):
-        if blob is None:  # shared blob not stored (HDF5): its owner's copy fills it
-            continue
+        if blob is None:
+            if shared is not None and shared[i]:
+                continue
+            raise WeightsError(f"layer '{name}': blob {i} is not in the file (only a blob shared "
+                               "from an earlier layer may be left out)", where=where,
+                               hint="the file was written for a net that shares this parameter; "
+                                    "load it into that net, or rename the layer to learn it "
+                                    "from scratch")
         shape = tuple(param.shape)
         if not shapes_match(blob, shape):
             raise WeightsError(

@@ -300,6 +300,75 @@ def test_repeated_layer_names_build_and_run_as_in_caffe(tmp_path):
         net.as_module()
 
 
+def test_repeated_names_take_weights_where_caffe_puts_them(tmp_path):
+    import h5py
+
+    net = net_from_text(REPEATED_NAMES)
+    # HDF5 weights go to the *last* layer of a name (CopyTrainedLayersFromHDF5 looks names up in
+    # layer_names_index_, where the last layer of a name wins), whatever the file is called.
+    h5 = str(tmp_path / "weights.caffemodel")  # an HDF5 file without the .h5 suffix
+    with h5py.File(h5, "w") as f:
+        f["data/ip/0"] = np.full((2, 3), 9, np.float32)
+        f["data/ip/1"] = np.zeros(2, np.float32)
+    net.copy_from(h5)
+    assert [float(v.blobs[0].data[0, 0]) for v in net.layers if v.blobs] == [1.0, 9.0]
+    net.load_hdf5(h5)
+    assert [float(v.blobs[0].data[0, 0]) for v in net.layers if v.blobs] == [1.0, 9.0]
+    # A binary caffemodel named .h5 is still a binary caffemodel (Caffe tests the content).
+    binary = str(tmp_path / "binary.h5")
+    net.save(binary)
+    other = net_from_text(REPEATED_NAMES.replace("value: 1", "value: 5"))
+    assert other.copy_from(binary) == ["ip"]
+    # Both stored 'ip' layers were copied into the first 'ip', the last copy winning.
+    assert [float(v.blobs[0].data[0, 0]) for v in other.layers if v.blobs] == [9.0, 2.0]
+    # share_with: each of the other net's layers into the first layer of its name here, so
+    # the first 'ip' here ends with the other's last 'ip' (ShareTrainedLayersWith).
+    mine = net_from_text(REPEATED_NAMES.replace("value: 1", "value: 3").replace("value: 2", "value: 4"))
+    mine.share_with(other)
+    assert [float(v.blobs[0].data[0, 0]) for v in mine.layers if v.blobs] == [2.0, 4.0]
+
+
+SHARED = """
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "a" type: "InnerProduct" bottom: "x" top: "ya" param { name: "w" }
+            inner_product_param { num_output: 3 bias_term: false weight_filler { type: "gaussian" std: 1 } } }
+    layer { name: "r" type: "ReLU" bottom: "ya" top: "ya" }
+    layer { name: "b" type: "InnerProduct" bottom: "ya" top: "yb" param { name: "w" }
+            inner_product_param { num_output: 3 bias_term: false } }"""
+
+
+def test_hdf5_weights_have_a_group_per_layer_and_owned_blobs_only(tmp_path):
+    import h5py
+
+    net = net_from_text(SHARED)
+    path = str(tmp_path / "w.h5")
+    net.save_hdf5(path)
+    with h5py.File(path, "r") as f:  # Net::ToHDF5: every layer, blobs only where owned
+        assert list(f["data"]) == ["a", "b", "in", "r"]
+        assert list(f["data/a"]) == ["0"] and list(f["data/b"]) == [] and list(f["data/r"]) == []
+    other = net_from_text(SHARED)
+    other.load_hdf5(path)  # 'b' has no dataset: it shares 'a''s weights, which fill it
+    np.testing.assert_array_equal(other.params["b"][0].data, net.params["a"][0].data)
+    # The same file loaded where 'b' owns its weights: a blob is missing, as Caffe says.
+    unshared = net_from_text(SHARED.replace('param { name: "w" }\n            inner_product_param { num_output: 3 bias_term: false } }',
+                                            'inner_product_param { num_output: 3 bias_term: false } }'))
+    with pytest.raises(WeightsError, match="layer 'b': blob 0 is not in the file"):
+        unshared.load_hdf5(path)
+
+
+def test_weights_for_a_layer_without_parameters_are_an_error(tmp_path):
+    # Caffe: CHECK_EQ(target_blobs.size(), source_layer.blobs_size()) "Incompatible number of
+    # blobs" -- silently dropping the stored weights would leave the user's model untrained.
+    net = net_from_text(REPEATED_NAMES)
+    path = str(tmp_path / "w.caffemodel")
+    net.save(path)
+    plain = net_from_text("""
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "ip" type: "AbsVal" bottom: "x" top: "y" }""")
+    with pytest.raises(WeightsError, match="layer 'ip': the file has 2 blob\\(s\\), the net expects 0"):
+        plain.copy_from(path)
+
+
 def test_lr_mult_zero_param_gets_no_gradient():
     net = net_from_text("""
     force_backward: false

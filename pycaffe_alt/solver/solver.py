@@ -569,8 +569,10 @@ class Solver:
 
     # ------------------------------------------------------------------ snapshots
     def _owned_blobs(self, diffs: bool = False) -> List[Tuple[str, List[Optional[np.ndarray]]]]:
-        """Every layer's blobs (data, or with ``diffs`` their diffs), None where the blob is
-        shared from another layer (Caffe saves owners only)."""
+        """Every layer (an empty list for one without blobs: Caffe's ToHDF5 makes a group for
+        each layer) with its blobs' data, None where the blob is shared from another layer
+        (Caffe saves owners only); or, with ``diffs``, every blob's diff, shared ones included
+        (they show their owner's, as Caffe writes diffs regardless of sharing)."""
         owners = {(i.layer, i.index) for i in self.net.learnable_params}
         diff_of = self._param_diffs() if diffs else None
         layers = []
@@ -578,14 +580,13 @@ class Solver:
             name = view.name
             arrays: List[Optional[np.ndarray]] = []
             for j, p in enumerate(view.module.blobs):
-                if (name, j) not in owners:
+                if diff_of is not None:
+                    arrays.append(diff_of.get(id(p), np.zeros(p.shape, np.float32)))
+                elif (name, j) not in owners:
                     arrays.append(None)
-                elif diff_of is not None:
-                    arrays.append(diff_of[id(p)])
                 else:
                     arrays.append(p.detach().cpu().numpy())
-            if arrays:
-                layers.append((name, arrays))
+            layers.append((name, arrays))
         return layers
 
     def _layer_diffs(self) -> List[List[np.ndarray]]:
