@@ -83,11 +83,13 @@ def _msra(t, p):
 
 def _bilinear(t, p):
     # Upsampling kernel for Deconvolution (Caffe's BilinearFiller), same for every (out, in)
-    # pair: f = ceil(w / 2), c = (w - 1) / (2 f) (BVLC's formula since 888597e; the older
-    # (2f - 1 - f % 2) / (2f) put odd kernels off centre), the product in float as Caffe's Dtype.
+    # pair: f = ceil(w / 2), c = (2f - 1 - f % 2) / (2f), the product in float. That is the
+    # reference Caffe's formula (the build behind the golden fixtures, as the SSD branch keeps
+    # it). BVLC master changed c to (w - 1) / (2f) in 888597e (2017-10), which differs only for
+    # odd kernels with an even f (3, 7, 11, ...), where the older one sits off centre.
     h, w = t.shape[-2], t.shape[-1]
     f = math.ceil(w / 2.0)
-    c = np.float32((w - 1) / (2.0 * f))
+    c = np.float32((2 * f - 1 - f % 2) / (2.0 * f))
     x = np.arange(w, dtype=np.float32) / np.float32(f)
     y = np.arange(h, dtype=np.float32) / np.float32(f)
     kernel = (np.float32(1) - np.abs(y[:, None] - c)) * (np.float32(1) - np.abs(x[None, :] - c))

@@ -59,10 +59,15 @@ def test_bilinear_kernel_is_caffes_upsampling_kernel():
     axis = np.array([0.25, 0.75, 0.75, 0.25])
     np.testing.assert_allclose(t[0, 0].numpy(), np.outer(axis, axis), rtol=1e-6)
     assert torch.equal(t[0], t[1])
-    # Odd kernels are centred (BVLC's formula; the pre-888597e one gave c = 0.75 for w = 3).
-    odd = np.array([0.5, 1.0, 0.5])
+    # The reference Caffe's c = (2f - 1 - f % 2) / (2f): w = 3 has f = 2, c = 0.75, so the
+    # kernel sits off centre (BVLC master's later (w - 1) / (2f) = 0.5 would centre it) ...
+    odd = np.array([0.25, 0.75, 0.75])
     np.testing.assert_allclose(filled((1, 1, 3, 3), type="bilinear")[0, 0].numpy(),
                                np.outer(odd, odd), rtol=1e-6)
+    # ... while w = 5 (f = 3, c = 2/3) is centred under both formulas.
+    five = np.array([1, 2, 3, 2, 1]) / 3.0
+    np.testing.assert_allclose(filled((1, 1, 5, 5), type="bilinear")[0, 0].numpy(),
+                               np.outer(five, five), rtol=1e-6)
 
 
 def test_unknown_filler_lists_known_ones():

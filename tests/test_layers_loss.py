@@ -277,19 +277,23 @@ def test_infogain_from_binaryproto_source(tmp_path, monkeypatch):
 
 # -- Accuracy -------------------------------------------------------------------------------
 def test_accuracy_top_k_ties_ignore_and_per_class():
-    x = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0., 1., 2.]])
-    y = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0])
+    x = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0., 1., 2.],
+                      [0.4, 0.4, 0.2]])
+    y = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 1.0])
     text = 'type: "Accuracy" bottom: "x" bottom: "y" top: "acc" top: "per_class" accuracy_param { %s }'
     acc, per = make_layer(text % "top_k: 1", [x.shape, y.shape])(x, y)
-    # row 1 is a tie: the other class counts as better, so it is wrong at top-1 (Caffe)
-    assert acc.shape == () and acc.item() == pytest.approx(2 / 5)
-    assert torch.allclose(per, torch.tensor([0.0, 0.5, 1.0]))
+    # Ties rank the higher class index first (the reference's partial_sort of (score, index)
+    # pairs with std::greater): row 1 (label 0 tied with class 1) is wrong at top-1, row 5
+    # (label 1 tied with class 0) is right.
+    assert acc.shape == () and acc.item() == pytest.approx(3 / 6)
+    assert torch.allclose(per, torch.tensor([0.0, 2 / 3, 1.0]))
     acc2, _ = make_layer(text % "top_k: 2", [x.shape, y.shape])(x, y)
-    assert acc2.item() == pytest.approx(4 / 5)
+    assert acc2.item() == pytest.approx(5 / 6)
     acc3, per3 = make_layer(text % "ignore_label: 0", [x.shape, y.shape])(x, y)
-    assert acc3.item() == pytest.approx(2 / 3) and per3[0].item() == 0.0
+    assert acc3.item() == pytest.approx(3 / 4) and per3[0].item() == 0.0
+    # Every label ignored: accuracy / count is 0/0 in the reference's float arithmetic.
     all_ignored = make_layer('type: "Accuracy" accuracy_param { ignore_label: 0 }', [(2, 3), (2,)])
-    assert all_ignored(x[:2], torch.zeros(2)).item() == 0.0
+    assert torch.isnan(all_ignored(x[:2], torch.zeros(2)))
     with pytest.raises(NetError, match="top_k"):
         make_layer(text % "top_k: 4", [x.shape, y.shape])
 

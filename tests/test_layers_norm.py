@@ -287,6 +287,17 @@ def test_mvn_backward_is_caffes_formula():
     torch.testing.assert_close(x.grad, want)
 
 
+def test_mvn_top_has_four_axes_as_in_caffe():
+    # MVNLayer::Reshape: top (num, channels, height, width), missing axes 1.
+    layer = make_layer('type: "MVN"', [(2, 5)])
+    assert layer.top_shapes([(2, 5)]) == [(2, 5, 1, 1)]
+    y = layer(torch.arange(10.0).view(2, 5))
+    assert y.shape == (2, 5, 1, 1)
+    torch.testing.assert_close(y.view(2, 5).mean(dim=1), torch.zeros(2))
+    with pytest.raises(NetError, match="at most 4 axes"):
+        make_layer('type: "MVN"', [(1, 2, 2, 2, 2)])
+
+
 def test_mvn_gradcheck():
     torch.manual_seed(14)
     for text in ("", "across_channels: true", "normalize_variance: false"):

@@ -31,7 +31,8 @@ def reference_pool(x: np.ndarray, g: PoolGeometry, method: str):
 
     def size(i, k, s, p):  # computed here independently of the code under test
         out = (math.ceil if g.ceil else math.floor)((i + 2 * p - k) / s) + 1
-        return out - 1 if p > 0 and (out - 1) * s >= i + p else out
+        # Caffe clips both axes when either has padding (`if (pad_h_ || pad_w_)`).
+        return out - 1 if any(g.pad) and (out - 1) * s >= i + p else out
 
     oh = size(h, g.kernel[0], g.stride[0], g.pad[0])
     ow = size(w, g.kernel[1], g.stride[1], g.pad[1])
@@ -89,6 +90,21 @@ GEOMETRIES = _random_geometries(120, seed=1)
 ])
 def test_caffe_pooled_size(size, k, s, p, ceil, want):
     assert caffe_pooled_size(size, k, s, p, ceil) == want
+
+
+def test_padding_on_one_axis_clips_both_axes():
+    # PoolingLayer::Reshape: `if (pad_h_ || pad_w_)` then clips pooled_height_ AND pooled_width_
+    # when the last window would start at or past size + pad. Width here has no padding, yet
+    # its last window (start 6 >= 6 + 0) is dropped: 3 x 2, not 3 x 3.
+    assert caffe_pooled_size(6, 2, 3, 0, True, padded=True) == 2
+    assert caffe_pooled_size(6, 2, 3, 0, True) == 3
+    x = torch.arange(36.0).view(1, 1, 6, 6)
+    for pool in ("MAX", "AVE"):
+        layer = make_layer(f'type: "Pooling" pooling_param {{ pool: {pool} kernel_h: 2 kernel_w: 2 '
+                           'stride_h: 3 stride_w: 3 pad_h: 1 pad_w: 0 }', [x.shape])
+        assert layer.top_shapes([x.shape]) == [(1, 1, 3, 2)]
+        y = layer(x)
+        assert y.shape == (1, 1, 3, 2) and torch.isfinite(y).all()
 
 
 def test_pooling_layer_round_modes():
@@ -181,6 +197,15 @@ def test_global_pooling_non_square(tops):
     # Reshaped bottoms get a new global kernel.
     x2 = torch.randn(1, 3, 4, 2)
     torch.testing.assert_close(av(x2), x2.mean(dim=(2, 3), keepdim=True))
+
+
+def test_global_max_pooling_gradient_goes_to_the_first_maximum():
+    # Caffe's strict '>' scan records the first maximum as the argmax; the whole top diff goes
+    # there (not split between tied maxima).
+    layer = make_layer('type: "Pooling" pooling_param { pool: MAX global_pooling: true }', [(1, 1, 2, 2)])
+    x = torch.tensor([[[[1.0, 3.0], [3.0, 0.0]]]], requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.tolist() == [[[[0.0, 1.0], [0.0, 0.0]]]]
 
 
 def test_rectangular_pooling_h_w_fields():

@@ -463,9 +463,13 @@ class MultinomialLogisticLoss(LossLayer):
 @LAYERS.register("Accuracy")
 class Accuracy(Layer):
     """Top-k accuracy over ``accuracy_param.axis`` (a scalar), optionally per class (second top,
-    one value per class; 0 for classes with no example). A prediction counts as correct when
-    fewer than ``top_k`` classes score >= the true class (ties count against it, as in Caffe).
-    No backward."""
+    one value per class; 0 for classes with no example). No backward.
+
+    As the reference Caffe computes it (the SSD-era AccuracyLayer behind the golden fixtures):
+    the classes are ranked by (score, class index) descending with ``std::partial_sort`` and
+    ``std::greater``, so among equal scores the higher class index ranks first, and a prediction
+    is correct when its label is among the first ``top_k``. With every label ignored the
+    accuracy is 0/0, NaN. (BVLC master later counted ties against the label and returned 0.)"""
 
     num_bottoms = (2, 2)
     num_tops = (1, 2)
@@ -499,11 +503,10 @@ class Accuracy(Layer):
         x3 = x.detach().reshape(outer, c, -1)
         idx, valid = _check_class_labels(self, label.reshape(outer, -1), c, self.ignore_label)
         true_score = x3.gather(1, idx.unsqueeze(1))
-        better = (x3 >= true_score).sum(1) - 1  # the true class itself is not "better"
-        correct = (better < self.top_k) & valid
-        count = valid.sum()
-        acc = torch.where(count > 0, correct.sum().to(x.dtype) / count.clamp(min=1).to(x.dtype),
-                          torch.zeros((), dtype=x.dtype, device=x.device))
+        classes = torch.arange(c, device=x.device).view(1, c, 1)
+        ahead = (x3 > true_score) | ((x3 == true_score) & (classes > idx.unsqueeze(1)))
+        correct = (ahead.sum(1) < self.top_k) & valid
+        acc = correct.sum().to(x.dtype) / valid.sum().to(x.dtype)  # 0/0 = NaN as in Caffe
         if self.n_tops == 1:
             return acc
         flat_idx, flat_valid = idx.reshape(-1), valid.reshape(-1)

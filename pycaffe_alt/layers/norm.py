@@ -311,6 +311,9 @@ class MVN(Layer):
         if len(shape) < 2 and not self.across_channels:
             raise self.error(f"needs at least 2 axes (N, C, ...), got shape {shape}",
                              "reshape the input or set across_channels: true")
+        if len(shape) > 4:  # Caffe's MVN reads num/channels/height/width (legacy accessors)
+            raise self.error(f"takes at most 4 axes (N, C, H, W), got shape {shape}",
+                             "reshape the input to 4 axes first")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = 1 if self.across_channels else 2
@@ -319,7 +322,9 @@ class MVN(Layer):
         if self.normalize_variance:
             var = (centred * centred).mean(dim=-1, keepdim=True)
             centred = centred / _CaffeStdGrad.apply(var, self.eps)
-        return centred.reshape(x.shape)
+        # MVNLayer::Reshape makes the top (num, channels, height, width): a bottom with fewer
+        # than 4 axes gets a 4-axis top, the missing axes 1 ((N, D) gives (N, D, 1, 1)).
+        return centred.reshape(tuple(x.shape) + (1,) * (4 - x.dim()))
 
 
 # -- Softmax ----------------------------------------------------------------------------------

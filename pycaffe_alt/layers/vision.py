@@ -218,12 +218,15 @@ class PoolGeometry:
     ceil: bool = True
 
 
-def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True) -> int:
-    """Caffe's pooled extent: round (size+2*pad-kernel)/stride up (or down) and add 1; with padding,
-    drop a last window that would start at or beyond size+pad (inside the bottom/right padding)."""
+def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True,
+                      padded: Optional[bool] = None) -> int:
+    """Caffe's pooled extent: round (size+2*pad-kernel)/stride up (or down) and add 1; when the
+    layer has padding (``padded``: on either axis, default ``pad > 0``), drop a last window that
+    would start at or beyond size+pad. Caffe's PoolingLayer::Reshape tests ``pad_h_ || pad_w_``
+    once and then clips both axes, so padding one axis clips the other as well."""
     span = size + 2 * pad - kernel
     out = (-(-span // stride) if ceil else span // stride) + 1
-    if pad > 0 and (out - 1) * stride >= size + pad:
+    if (pad > 0 if padded is None else padded) and (out - 1) * stride >= size + pad:
         out -= 1
     return out
 
@@ -238,8 +241,9 @@ def _torch_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool
 
 def pooled_shape(geom: PoolGeometry, h: int, w: int) -> Pair:
     """Caffe's (pooled_height, pooled_width)."""
-    return (caffe_pooled_size(h, geom.kernel[0], geom.stride[0], geom.pad[0], geom.ceil),
-            caffe_pooled_size(w, geom.kernel[1], geom.stride[1], geom.pad[1], geom.ceil))
+    padded = any(geom.pad)
+    return (caffe_pooled_size(h, geom.kernel[0], geom.stride[0], geom.pad[0], geom.ceil, padded),
+            caffe_pooled_size(w, geom.kernel[1], geom.stride[1], geom.pad[1], geom.ceil, padded))
 
 
 def torch_pool_is_exact(geom: PoolGeometry, h: int, w: int) -> bool:
@@ -250,13 +254,11 @@ def torch_pool_is_exact(geom: PoolGeometry, h: int, w: int) -> bool:
     start past the input when there is no padding) and torch refuses pad > kernel/2. The tests
     compare both paths with a loop transcription of Caffe on CPU.
     """
-    for size, k, s, p in zip((h, w), geom.kernel, geom.stride, geom.pad):
-        if p > k // 2:
-            return False
-        caffe = caffe_pooled_size(size, k, s, p, geom.ceil)
-        if caffe < 1 or caffe != _torch_pooled_size(size, k, s, p, geom.ceil):
-            return False
-    return True
+    if any(p > k // 2 for k, p in zip(geom.kernel, geom.pad)):
+        return False
+    sizes = zip(pooled_shape(geom, h, w), (h, w), geom.kernel, geom.stride, geom.pad)
+    return all(caffe >= 1 and caffe == _torch_pooled_size(size, k, s, p, geom.ceil)
+               for caffe, size, k, s, p in sizes)
 
 
 def window_counts(size: int, out: int, kernel: int, stride: int, pad: int) -> List[int]:
@@ -502,7 +504,9 @@ class Pooling(Layer):
             if self.method == AVE:
                 return x.mean(dim=(2, 3), keepdim=True)
             if not self.with_mask:
-                return x.amax(dim=(2, 3), keepdim=True)
+                # max(dim) routes the gradient to one index, the first maximum, as Caffe's
+                # strict '>' scan does (amax would split it between tied maxima).
+                return x.flatten(2).max(dim=2, keepdim=True)[0].unsqueeze(3)
         y, mask = pool2d(x, self._geometry(h, w), self.method, self.training, self.with_mask)
         return (y, mask) if self.with_mask else y
 
