@@ -68,6 +68,15 @@ def test_cursor_wraps_and_records_indices_are_key_positions(in_golden):
     layer.close()
 
 
+def test_data_layer_ignores_rand_skip_as_caffe_does(in_golden):
+    # Caffe's Data layer never reads data_param.rand_skip (only ImageData does).
+    with pytest.warns(UserWarning, match="rand_skip is ignored"):
+        layer = data_layer("photos_resized_lmdb", batch_size=5, extra="rand_skip: 7", phase=TRAIN)
+    layer()
+    assert layer.last_indices.tolist() == [0, 1, 2, 3, 4]
+    layer.close()
+
+
 def test_data_only_top(in_golden):
     layer = layer_from('type: "Data" top: "data" data_param { source: "mnist_test_lmdb" '
                        'batch_size: 3 backend: LMDB }')

@@ -87,6 +87,18 @@ def test_current_step_as_caffe_records_it():
     assert current_step(solver('lr_policy: "inv" base_lr: 1 gamma: 0.1 power: 1'), 50) is None
 
 
+def test_multistep_goes_on_from_a_restored_counter():
+    # Caffe's multistep keeps current_step_ and advances it by at most one per iteration; a
+    # solverstate whose counter does not match the step values (edited before resuming) goes
+    # on from the stored count: at 15 with counter 0 it takes one step (not two), then the next.
+    multi = solver('lr_policy: "multistep" base_lr: 1 gamma: 0.1 stepvalue: 5 stepvalue: 12')
+    assert current_step(multi, 15, held=0) == 1 and current_step(multi, 16, held=1) == 2
+    assert learning_rate(multi, 15, current_step(multi, 15, held=0)) == pytest.approx(0.1)
+    assert learning_rate(multi, 15) == pytest.approx(0.01)  # a run started at 0
+    assert [current_step(multi, it, held=0) for it in (4, 5)] == [0, 1]
+    assert current_step(multi, 40, held=2) == 2
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_golden_learning_rates(case):
     param = solver((GOLDEN / case / "solver.prototxt").read_text())

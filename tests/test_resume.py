@@ -98,6 +98,31 @@ def test_n_plus_resume_plus_n_equals_2n_bitwise(tmp_path, fmt):
         assert torch.equal(a, b)
 
 
+def test_restore_logs_caffes_literal_line(tmp_path, caplog):
+    # Caffe's restore functions live in SGDSolver and print "SGDSolver: restoring history" for
+    # every solver type (the golden Adam/Nesterov/... train_resume.log files show it).
+    param = make_param(tmp_path)  # Nesterov
+    first, _ = run(param, 1)
+    _, state = first.snapshot()
+    with caplog.at_level("INFO", logger="pycaffe_alt"):
+        run(param, 0, restore=state)
+    lines = [r.getMessage() for r in caplog.records if "restoring history" in r.getMessage()]
+    assert lines == ["SGDSolver: restoring history"]
+
+
+def test_hdf5_snapshot_has_a_group_for_every_layer(tmp_path):
+    import h5py
+
+    param = make_param(tmp_path, "HDF5")
+    param.snapshot_diff = True
+    first, _ = run(param, 1)
+    model, _ = first.snapshot()
+    with h5py.File(model, "r") as f:  # Net::ToHDF5 creates data/<layer> (and diff/<layer>) for each
+        names = [layer.name for layer in first.net.layers]
+        assert sorted(f["data"]) == sorted(names) and sorted(f["diff"]) == sorted(names)
+        assert list(f["data/relu1"]) == [] and list(f["data/conv1"]) == ["0", "1"]
+
+
 def test_resume_state_is_needed(tmp_path):
     """Without our continuation data (a Caffe solverstate) the data cursor restarts at the first
     record and the generators are the fresh ones, as in Caffe: the run is a different one."""

@@ -140,6 +140,20 @@ def test_step_policy_rate_lives_in_sgd_history(tmp_path):
     assert s.current_step == 1  # after the rate of iteration 3 (Caffe's current_step_)
 
 
+def test_multistep_counter_goes_on_from_a_restored_value(tmp_path):
+    # A solverstate at iteration 15 whose current_step (0) does not match the step values
+    # [5, 12] (edited before resuming): Caffe takes one step at 15 and the next at 16.
+    param = lsq_param(tmp_path, type="SGD", lr_policy="multistep", gamma=0.1, max_iter=20)
+    param.stepvalue.extend([5, 12])
+    s = caffe.Solver(param, device="cpu")
+    s.iter, s.current_step = 15, 0
+    assert s.lr == pytest.approx(0.01)
+    s.step(1)
+    assert s.current_step == 1 and s.lr == pytest.approx(0.001)
+    s.step(1)
+    assert s.current_step == 2
+
+
 def test_l1_regularization(tmp_path):
     s = lsq_solver(tmp_path, type="SGD", weight_decay=0.1, regularization_type="L1")
     s.step(1)

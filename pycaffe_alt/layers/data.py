@@ -250,7 +250,8 @@ class Data(PipelinedDataLayer):
     """Caffe's ``Data`` layer: Datum records in key order with a wrapping cursor, transformed by
     ``transform_param``; tops ``data`` and optionally ``label``.
 
-    ``data_param``: source, batch_size, backend (LMDB/LEVELDB), rand_skip, prefetch. Extensions:
+    ``data_param``: source, batch_size, backend (LMDB/LEVELDB), prefetch (``rand_skip`` is
+    ignored with a warning, as Caffe's Data layer ignores it). Extensions:
     ``set_pipeline(workers=N, shuffle=True)`` (per-pass reshuffle, off by default as in Caffe).
     """
 
@@ -268,7 +269,12 @@ class Data(PipelinedDataLayer):
         caffe_rng.skip(2 + 2 * needs_random(spec))
         records = DbSource(source, _backend_of(dp, source), spec.force_color, spec.force_gray,
                            self.where)
-        self.init_pipeline(records, spec, batch_size, int(dp.rand_skip),
+        if dp.rand_skip:
+            # The reference Caffe's Data layer (DataReader) and BVLC master's alike never read
+            # data_param.rand_skip (only ImageData does): reading starts at the first record.
+            warnings.warn(f"{self.where}: data_param.rand_skip is ignored, as Caffe's Data layer "
+                          "ignores it; reading starts at the first record")
+        self.init_pipeline(records, spec, batch_size, 0,
                            shuffle=bool(dp.shuffle),
                            workers=int(dp.workers),
                            prefetch=max(1, int(dp.prefetch)))

@@ -80,10 +80,20 @@ def _inv(p, it: int) -> float:
     return _rounded(p.base_lr * math.pow(float(base), -p.power))
 
 
-def _multistep(p, it: int) -> float:
+def multistep_advance(stepvalues: Sequence[int], step: int, it: int) -> int:
+    """Caffe's multistep counter update at iteration ``it`` from the held ``step``: one step
+    further when ``it >= stepvalue[step]``. From 0 at iteration 0 it gives
+    :func:`multistep_index`; from a restored ``current_step`` it goes on from there, as Caffe
+    does (a solverstate resumed under edited step values keeps its count)."""
+    return step + 1 if 0 <= step < len(stepvalues) and it >= stepvalues[step] else step
+
+
+def _multistep(p, it: int, step: Optional[int] = None) -> float:
     _require(p.gamma >= 0, "multistep", f"gamma must be >= 0 (got {p.gamma})",
              "gamma is the factor applied at each stepvalue, e.g. gamma: 0.1")
-    return _rounded(p.base_lr * math.pow(p.gamma, multistep_index(p.stepvalue, it)))
+    if step is None:
+        step = multistep_index(p.stepvalue, it)
+    return _rounded(p.base_lr * math.pow(p.gamma, step))
 
 
 def _poly(p, it: int) -> float:
@@ -127,23 +137,32 @@ def _policy(name: str) -> Callable[[object, int], float]:
                           hint="use one of: " + ", ".join(LR_POLICIES)) from None
 
 
-def learning_rate(solver_param, it: int) -> float:
+def learning_rate(solver_param, it: int, step: Optional[int] = None) -> float:
     """The rate Caffe uses (and logs as ``Iteration it, lr = ...``) for the update at ``it``.
 
     ``solver_param`` is a ``caffe_pb2.SolverParameter``; the result is float32-exact.
+    ``step``: the multistep counter for this iteration (:func:`current_step` with the held
+    value); without it, the counter of a run started at iteration 0. Other policies ignore it.
     """
-    return _policy(solver_param.lr_policy)(solver_param, it)
+    policy = _policy(solver_param.lr_policy)
+    if step is not None and policy is _multistep:
+        return _multistep(solver_param, it, step)
+    return policy(solver_param, it)
 
 
-def current_step(solver_param, it: int) -> Optional[int]:
+def current_step(solver_param, it: int, held: Optional[int] = None) -> Optional[int]:
     """The ``current_step`` Caffe holds after computing the rate for iteration ``it``.
 
-    ``step`` sets it to ``it // stepsize`` and ``multistep`` advances it (see
-    :func:`multistep_index`); the other policies never touch it, so None is returned and the
-    caller keeps whatever value it had (0, or the one restored from a solverstate).
+    ``step`` sets it to ``it // stepsize``; ``multistep`` advances the ``held`` value by at most
+    one (:func:`multistep_advance`), or, with ``held`` None, gives the count of a run started at
+    iteration 0 (:func:`multistep_index`). The other policies never touch it, so None is
+    returned and the caller keeps whatever value it had (0, or the one restored from a
+    solverstate).
     """
     name = solver_param.lr_policy
     _policy(name)  # unknown names fail the same way as in learning_rate
+    if name == "multistep" and held is not None:
+        return multistep_advance(solver_param.stepvalue, held, it)
     counter = _STEP_COUNTERS.get(name)
     return None if counter is None else counter(solver_param, it)
 

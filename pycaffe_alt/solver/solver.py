@@ -358,7 +358,8 @@ class Solver:
     @property
     def lr(self) -> float:
         """The learning rate of the current iteration (pycaffe ``SGDSolver.lr``)."""
-        return learning_rate(self.param, self._iter)
+        return learning_rate(self.param, self._iter,
+                             current_step(self.param, self._iter, self.current_step))
 
     @property
     def nets(self) -> List[Net]:
@@ -479,8 +480,8 @@ class Solver:
         """Caffe's SGDSolver::ApplyUpdate for the current iteration, then ``iter += 1``."""
         it = self._iter
         with located_in(self.source):  # e.g. no lr_policy at all: a solver-file error
-            rate = learning_rate(self.param, it)
-            step = current_step(self.param, it)
+            step = current_step(self.param, it, self.current_step)
+            rate = learning_rate(self.param, it, step)
         if step is not None:
             if self.param.lr_policy == "multistep" and step != self.current_step:
                 logger.info("MultiStep Status: Iteration %d, step = %d", it, step)
@@ -674,7 +675,8 @@ class Solver:
             except CaffeError as e:
                 raise SolverError(f"cannot restore its weights: {e.what}", where=weights,
                                   hint=e.hint) from None
-        logger.info("%sSolver: restoring history", self.type)
+        # Caffe's SGDSolver restore functions print this literally, whichever solver type runs.
+        logger.info("SGDSolver: restoring history")
         with torch.no_grad():
             for h, arr in zip(self.history, data.history):
                 h.copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(h.shape).to(h.device, h.dtype))
