@@ -104,3 +104,21 @@ def test_only_at_display_iterations_and_off_by_default(records):
     records.clear()
     make_solver(False).step(1)
     assert debug_lines(records) == []
+
+
+@pytest.mark.parametrize("max_iter, shown", [(4, True), (4, False)])
+def test_final_forward_traces_when_the_last_iteration_did(records, max_iter, shown):
+    # Caffe's Solve runs one more forward after the last Step (only when max_iter is a display
+    # iteration), with the net's debug flag as the last iteration left it: with display 1 the
+    # last iteration (3) traced, so the final pass does; with display 2 it did not.
+    s = make_solver(True, display=1 if shown else 2)
+    s.param.max_iter = max_iter
+    from pycaffe_alt.train.loop import solve
+    solve(s)
+    finals = [i for i, r in enumerate(records) if r.getMessage().startswith(f"Iteration {max_iter}, loss")]
+    assert len(finals) == 1
+    before = [r.getMessage() for r in records[:finals[0]]]
+    # After the last iteration's own lines (its rate, or with display 2 the one before it).
+    last = max(i for i, m in enumerate(before) if ", lr = " in m)
+    assert any(m.strip().startswith("[Forward] Layer loss, top blob loss")
+               for m in before[last:]) == shown

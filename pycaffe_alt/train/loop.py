@@ -43,6 +43,7 @@ import torch
 from ..errors import NonFiniteLossError
 from ..layers.data import PipelinedDataLayer
 from ..log import format_value, get_logger, loss_suffix
+from . import debug_info
 
 logger = get_logger()
 
@@ -248,6 +249,7 @@ def solve(solver, resume: Optional[str] = None) -> None:
     p = solver.param
     # The final snapshot must not be the first moment we learn the folder is unwritable.
     solver.check_snapshot_folder(required=p.snapshot > 0 or p.snapshot_after_train)
+    start = solver.iter
     run_steps(solver, p.max_iter - solver.iter)
     if p.snapshot_after_train and (not p.snapshot or solver.iter % p.snapshot != 0):
         solver.snapshot()
@@ -256,8 +258,15 @@ def solve(solver, resume: Optional[str] = None) -> None:
         return
     # One more forward pass to show the loss and outputs of the final weights (no update).
     if solver.display_due():
+        # Caffe's Step leaves the net's debug_info flag as the last iteration set it, so this
+        # pass logs its [Forward] lines when that iteration was a display one.
+        trace = [] if p.debug_info and solver.iter > start and solver.display_due(solver.iter - 1) \
+            else None
         with torch.no_grad():
-            loss = solver.net.loss(solver.net.run())
+            values = solver.net.run(trace=trace)
+            if trace is not None:
+                debug_info.log_forward(trace)
+            loss = solver.net.loss(values)
         smoothed = solver.smoother.update(loss, solver.iter)
         solver.guard.observe(loss, solver.iter)
         solver.guard.check(solver)
