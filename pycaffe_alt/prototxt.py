@@ -199,9 +199,6 @@ _LEGACY_FIELD_HINTS = {
                     "param { decay_mult: ... } once per parameter blob",
     "solver_type": "solver_type is the old enum form; write type: \"SGD\" (or Nesterov, "
                    "AdaGrad, RMSProp, AdaDelta, Adam)",
-    # Forks (DenseNet-Caffe, SSD-era builds) added a boolean where BVLC has the enum.
-    "ceil_mode": "ceil_mode comes from a Caffe fork; BVLC's Caffe writes ceil_mode: false as "
-                 "round_mode: FLOOR (ceil_mode: true is the default, round_mode: CEIL)",
 }
 
 # Text-format tokens, enough to follow blocks: comments and quoted strings (either quote,

@@ -116,6 +116,18 @@ def test_pooling_layer_round_modes():
     assert floor.top_shapes([x]) == [(1, 1, 3, 4)]
 
 
+def test_forks_ceil_mode_chooses_the_rounding():
+    x = (1, 1, 6, 7)
+    floor = make_layer('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 '
+                       'ceil_mode: false }', [x])
+    ceil = make_layer('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 '
+                      'ceil_mode: true }', [x])
+    assert floor.top_shapes([x]) == [(1, 1, 3, 4)] and ceil.top_shapes([x]) == [(1, 1, 4, 4)]
+    with pytest.raises(NetError, match="ceil_mode and round_mode disagree"):
+        make_layer('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 '
+                   'ceil_mode: false round_mode: CEIL }', [x])
+
+
 # -- pooling against the reference loops -------------------------------------------------------
 @pytest.mark.parametrize("h, w, g", GEOMETRIES)
 def test_pooling_matches_caffe_loops(h, w, g):

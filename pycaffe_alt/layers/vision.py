@@ -445,6 +445,10 @@ class Pooling(Layer):
         if pp.round_mode not in (CEIL, FLOOR):
             raise self.error(f"unknown round_mode {pp.round_mode}", "use CEIL or FLOOR")
         self.ceil = pp.round_mode == CEIL
+        if pp.HasField("ceil_mode"):  # a fork's boolean (DenseNet-Caffe's prototxts)
+            if pp.HasField("round_mode") and pp.ceil_mode != self.ceil:
+                raise self.error("ceil_mode and round_mode disagree", "keep one of them")
+            self.ceil = bool(pp.ceil_mode)
         self.global_pooling = bool(pp.global_pooling)
         has_h, has_w = pp.HasField("kernel_h"), pp.HasField("kernel_w")
         if self.global_pooling:
