@@ -13,6 +13,7 @@ import torch
 from google.protobuf import text_format
 
 import pycaffe_alt as caffe
+from pycaffe_alt.errors import SolverError
 from pycaffe_alt.proto import caffe_pb2
 from pycaffe_alt.solver.snapshot import read_solverstate, write_solverstate
 
@@ -121,6 +122,38 @@ def test_hdf5_snapshot_has_a_group_for_every_layer(tmp_path):
         names = [layer.name for layer in first.net.layers]
         assert sorted(f["data"]) == sorted(names) and sorted(f["diff"]) == sorted(names)
         assert list(f["data/relu1"]) == [] and list(f["data/conv1"]) == ["0", "1"]
+
+
+@pytest.mark.parametrize("damage", ["torch_short", "numpy_pos", "python_missing", "batch_negative",
+                                    "world_zero", "train_not_dict"])
+def test_damaged_resume_data_is_one_solver_error(tmp_path, damage):
+    param = make_param(tmp_path)
+    first, _ = run(param, 2)
+    _, path = first.snapshot()
+    data = read_solverstate(path)
+    state = data.resume_state
+    mnist = state["data"]["train"]["mnist"]
+    if damage == "torch_short":
+        state["rng"]["torch"] = state["rng"]["torch"][:100]
+    elif damage == "numpy_pos":
+        state["rng"]["numpy"]["pos"] = "x"
+    elif damage == "python_missing":
+        state["rng"]["python"] = [3]
+    elif damage == "batch_negative":
+        mnist["batch"] = -4
+    elif damage == "world_zero":
+        mnist["world_size"] = 0
+    else:
+        state["data"]["train"] = 5
+    bad = str(tmp_path / "bad.solverstate")
+    write_solverstate(bad, data.iter, data.current_step, data.learned_net, data.history, state)
+    fresh = caffe.get_solver(param, device="cpu")
+    torch_before = torch.get_rng_state().clone()
+    with pytest.raises(SolverError, match="resume data .* is damaged") as e:
+        fresh.restore(bad)
+    assert "bad.solverstate" in str(e.value)
+    # The generators are checked before any is set: a damaged file leaves them alone.
+    assert torch.equal(torch.get_rng_state(), torch_before)
 
 
 def test_resume_state_is_needed(tmp_path):

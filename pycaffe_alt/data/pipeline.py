@@ -463,6 +463,9 @@ class InputPipeline:
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"data state is incomplete or malformed ({e!r})", self.maker.where,
                             "pass a dict returned by state()") from None
+        if batch < 0 or seed < 0 or not 0 <= skip < max(n, 1):
+            raise DataError(f"data state is out of range (batch {batch}, seed {seed}, skip {skip} "
+                            f"of {n} records)", self.maker.where, "pass a dict returned by state()")
         if n != o.num_records or bs != self.maker.batch_size:
             raise DataError(f"data state was saved for {n} records in batches of {bs}, this "
                             f"layer has {o.num_records} records in batches of "
@@ -473,7 +476,12 @@ class InputPipeline:
         self.maker.ordering = Ordering(n, skip, shuffle, seed)
         self.maker._perm_cache.clear()
         # A snapshot of W ranks continues on this layer's own number of ranks (see Shard.resumed).
-        self.maker.shard, served = self.maker.shard.resumed(state, batch * bs)
+        try:
+            shard, served = self.maker.shard.resumed(state, batch * bs)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"data state has a malformed shard position ({e})", self.maker.where,
+                            "pass a dict returned by state()") from None
+        self.maker.shard = shard
         self._next = served // bs
 
     @contextlib.contextmanager

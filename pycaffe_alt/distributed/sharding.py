@@ -60,6 +60,9 @@ class Shard:
         draws repeat exactly); another number starts counting afresh at the global cursor."""
         world = int(state.get("world_size", 1))
         start = int(state.get("shard_start", 0))
+        if world < 1 or start < 0 or served < 0:
+            raise ValueError(f"world_size {world}, shard_start {start} and served {served} must "
+                             "be >= 1, >= 0 and >= 0")
         if world == self.world:
             return Shard(self.rank, self.world, start), served
         cursor = start + served * world

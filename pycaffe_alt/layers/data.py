@@ -568,8 +568,12 @@ class HDF5Data(DataLayerBase):
         if int(state.get("total", -1)) != self.total:
             raise DataError(f"data state was saved for {state.get('total')} rows, this layer "
                             f"reads {self.total}", self.where, "resume with the same files")
-        self.seed = int(state["seed"])
-        self._shard, self._served = self._shard.resumed(state, int(state["served"]))
+        seed, served = int(state["seed"]), int(state["served"])
+        if seed < 0 or served < 0:
+            raise DataError(f"data state is out of range (seed {seed}, served {served})",
+                            self.where, "resume with a snapshot of this net")
+        self._shard, self._served = self._shard.resumed(state, served)
+        self.seed = seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,7 +651,11 @@ class MemoryData(DataLayerBase):
         return {"pos": self._pos}
 
     def load_state(self, state: Dict[str, object]) -> None:
-        self._pos = int(state["pos"])
+        pos = int(state["pos"])
+        if pos < 0:
+            raise DataError(f"data state is out of range (pos {pos})", self.where,
+                            "resume with a snapshot of this net")
+        self._pos = pos
 
 
 # ---------------------------------------------------------------------------------------------

@@ -683,7 +683,19 @@ class Solver:
         self._iter = int(data.iter)
         self.current_step = int(data.current_step)
         if data.resume_state is not None:
-            self._apply_resume_state(data.resume_state, state_path)
+            try:
+                self._apply_resume_state(data.resume_state, state_path)
+            except SolverError:
+                raise
+            except (CaffeError, KeyError, TypeError, ValueError, RuntimeError, OverflowError,
+                    AttributeError, IndexError) as e:
+                # The file's framing decoded, but a value inside is damaged or does not fit.
+                what = e.what if isinstance(e, CaffeError) else f"{type(e).__name__}: {e}"
+                raise SolverError(f"its resume data (data cursors, random generators) is damaged "
+                                  f"or does not fit this net ({what})", where=state_path,
+                                  hint="resume from an earlier snapshot, or delete the file's "
+                                       "resume data to restart like Caffe (data cursor at the "
+                                       "first record)") from None
 
     def _resume_state(self) -> dict:
         """The continuation data written into the solverstate (see :mod:`pycaffe_alt.train.resume`);

@@ -63,6 +63,29 @@ def _rng_state() -> Dict[str, Any]:
     return state
 
 
+def check_rng_state(state: Dict[str, Any]) -> None:
+    """Raise ValueError/TypeError/KeyError unless every generator state in ``state`` can be
+    set: each is tried on a throwaway generator first, so a damaged snapshot changes nothing."""
+    if not isinstance(state, dict):
+        raise TypeError(f"rng is a {type(state).__name__}, not a dict")
+    if "torch" in state:
+        torch.Generator().set_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
+    if "caffe" in state:
+        caffe_rng.CaffeRNG(0).set_state(state["caffe"])
+    if "numpy" in state:
+        numpy_state = state["numpy"]
+        keys = np.frombuffer(numpy_state["keys"], dtype=np.uint32).copy()
+        np.random.RandomState().set_state((numpy_state["kind"], keys, int(numpy_state["pos"]),
+                                           int(numpy_state["has_gauss"]),
+                                           float(numpy_state["gauss"])))
+    if "python" in state:
+        version, internal, gauss_next = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss_next))
+    cuda = state.get("cuda", [])
+    if not isinstance(cuda, list) or not all(isinstance(c, bytes) for c in cuda):
+        raise TypeError("cuda generator states are not a list of byte strings")
+
+
 def _set_rng_state(state: Dict[str, Any]) -> None:
     if "torch" in state:
         torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
@@ -90,6 +113,8 @@ def capture(solver) -> Dict[str, Any]:
 
 def _load_net_data_state(net, states: Dict[str, Any], label: str, where: str) -> None:
     layers = _data_layers(net)
+    if not isinstance(states, dict):
+        raise TypeError(f"the {label} data state is a {type(states).__name__}, not a dict")
     for name, state in states.items():
         layer = layers.get(name)
         if layer is None:
@@ -109,10 +134,14 @@ def apply(solver, state: Dict[str, Any], where: str = "resume_state") -> None:
         logger.warning("%s: continuation data of version %r (expected %d); data cursors and "
                        "random generators restart as in Caffe", where, version, VERSION)
         return
+    # Generator states are checked before anything is set; a data layer refuses a damaged
+    # position before it moves (DataError). The caller reports either as a damaged snapshot.
+    rng = state.get("rng", {})
+    check_rng_state(rng)
     data = state.get("data", {})
     _load_net_data_state(solver.net, data.get("train", {}), "train", where)
     tests: List[Dict[str, Any]] = data.get("test", [])
     for i, net in enumerate(solver.test_nets):
         if i < len(tests):
             _load_net_data_state(net, tests[i], f"test net #{i}", where)
-    _set_rng_state(state.get("rng", {}))
+    _set_rng_state(rng)
