@@ -67,15 +67,22 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
-def array_to_blob(arr: np.ndarray, diff: np.ndarray = None):
-    """A BlobProto holding ``arr`` (float32) with its shape (and an optional diff).
+def array_to_blob(arr: np.ndarray, diff: np.ndarray = None, legacy_dims: bool = False):
+    """A BlobProto holding ``arr`` (float32) with its shape (and an optional diff); with
+    ``legacy_dims`` a 4-D ``arr``'s shape goes into num/channels/height/width instead, as
+    Caffe's tools write mean files.
 
     The packed float fields are assembled as wire bytes and parsed once: element-wise ``extend``
     is far too slow for real models (VGG-16 has 138M weights).
     """
     arr = np.asarray(arr, dtype=np.float32)
-    shape = caffe_pb2.BlobShape(dim=arr.shape).SerializeToString()
-    wire = _length_delimited(7, shape) + _length_delimited(5, arr.astype("<f4").tobytes())
+    if legacy_dims and arr.ndim == 4:
+        # num, channels, height, width are BlobProto fields 1-4 (varints).
+        wire = b"".join(_varint(field << 3) + _varint(int(n)) for field, n in
+                        zip((1, 2, 3, 4), arr.shape))
+    else:
+        wire = _length_delimited(7, caffe_pb2.BlobShape(dim=arr.shape).SerializeToString())
+    wire += _length_delimited(5, arr.astype("<f4").tobytes())
     if diff is not None:
         wire += _length_delimited(6, np.asarray(diff, dtype="<f4").tobytes())
     blob = caffe_pb2.BlobProto()
@@ -269,14 +276,7 @@ def read_binaryproto(path: str) -> np.ndarray:
 
 def write_binaryproto(arr: np.ndarray, path: str) -> None:
     """Write ``arr`` as a BlobProto file atomically (legacy 4-D dims set as Caffe's tools do)."""
-    arr = np.asarray(arr, dtype=np.float32)
-    blob = caffe_pb2.BlobProto()
-    if arr.ndim == 4:
-        blob.num, blob.channels, blob.height, blob.width = arr.shape
-    else:
-        blob.shape.dim.extend(arr.shape)
-    blob.data.extend(arr.ravel().tolist())
-    atomic_write(path, blob.SerializeToString())
+    atomic_write(path, array_to_blob(arr, legacy_dims=True).SerializeToString())
 
 
 def atomic_write(path: str, payload: bytes) -> None:

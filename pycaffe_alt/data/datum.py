@@ -13,6 +13,10 @@ import numpy as np
 from ..errors import DataError
 from ..proto import caffe_pb2
 
+# protobuf serializes no message over 2 GiB - 1 bytes: the most a Datum's pixels or a mean
+# BlobProto's floats can take (Caffe's own tools cannot write more either).
+MESSAGE_BYTES_LIMIT = 2 ** 31 - 1
+
 
 def array_to_datum(arr: np.ndarray, label: Optional[int] = None) -> "caffe_pb2.Datum":
     """A C x H x W array as a Datum: uint8 goes to ``data`` as bytes, anything else to ``float_data``.

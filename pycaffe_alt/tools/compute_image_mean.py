@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data.datum import datum_to_array
+from ..data.datum import MESSAGE_BYTES_LIMIT, datum_to_array
 from ..data.db import open_db
 from ..errors import DataError
 from ..fileio import atomic_write
+from ..host_memory import physical_memory
 from ..proto import caffe_pb2
+from ..weights import array_to_blob
 from .cli import parse_args, progress, run_main
 
 
@@ -31,6 +33,7 @@ def mean_blob(db_path: str, backend: str = "lmdb") -> "caffe_pb2.BlobProto":
         for i in progress(range(len(reader)), len(reader), "compute_image_mean"):
             pixels = datum_to_array(reader.datum(i), where=reader.where(i))
             if shape is None:
+                _check_mean_size(pixels.shape, reader.where(i))
                 shape = pixels.shape
                 total = np.zeros(pixels.size, dtype=np.float32)
             elif pixels.shape != shape:
@@ -43,11 +46,25 @@ def mean_blob(db_path: str, backend: str = "lmdb") -> "caffe_pb2.BlobProto":
         count = len(reader)
     finally:
         reader.close()
-    blob = caffe_pb2.BlobProto()
-    blob.num = 1
-    blob.channels, blob.height, blob.width = (int(n) for n in shape)
-    blob.data.extend((total / np.float32(count)).astype(np.float32).tolist())
-    return blob
+    return array_to_blob((total / np.float32(count)).astype(np.float32).reshape((1,) + shape),
+                         legacy_dims=True)
+
+
+def _check_mean_size(shape: Tuple[int, ...], where: str) -> None:
+    """Refuse an empty record, or a mean no BlobProto can hold (2 GiB of floats) or this
+    machine cannot sum, before anything is accumulated."""
+    size = int(np.prod(shape))
+    if size == 0:
+        raise DataError(f"record has no pixels (shape {'x'.join(map(str, shape))})", where=where,
+                        hint="the record is empty or corrupt; re-create the database")
+    limit = min(MESSAGE_BYTES_LIMIT, physical_memory() or MESSAGE_BYTES_LIMIT)
+    if size * 4 > limit:
+        raise DataError(f"records of {'x'.join(map(str, shape))} pixels need a mean of "
+                        f"{size * 4:,} bytes, more than "
+                        + ("a BlobProto (at most 2 GiB) can hold" if limit == MESSAGE_BYTES_LIMIT
+                           else "this machine's memory"), where=where,
+                        hint="resize the images when creating the database (convert_imageset "
+                             "--resize_height/--resize_width)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

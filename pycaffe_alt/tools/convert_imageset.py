@@ -14,10 +14,14 @@ import shutil
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from google.protobuf.message import EncodeError
+
+from ..data.datum import MESSAGE_BYTES_LIMIT as DATUM_BYTES_LIMIT
 from ..data.db import normalize_backend, open_db
 from ..data.image import guess_encoding, image_to_datum
 from ..errors import DataError
 from ..fileio import read_input_bytes
+from ..host_memory import physical_memory
 from .cli import add_bool_flag, int32, parse_args, progress, run_main, warn
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -100,6 +104,8 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
         if value < 0:
             warn(f"{flag} {value} is negative; as in Caffe it is taken as 0 (no resize)")
     resize_height, resize_width = max(0, resize_height), max(0, resize_width)
+    if resize_height and resize_width:  # Caffe resizes only when both are given
+        _check_resized_size(resize_height, resize_width, 1 if gray else 3)
     skipped: List[str] = []
     first_shape = None
     with open_db(db_name, backend, "w") as db:
@@ -122,9 +128,31 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
                                     f"was {first_shape[0]}x{first_shape[1]}x{first_shape[2]} "
                                     f"(--check_size)", where=path,
                                     hint="resize with --resize_height/--resize_width")
-            db.put("%08d_%s" % (line_id, name), datum.SerializeToString())
+            try:
+                value = datum.SerializeToString()
+            except EncodeError:  # protobuf's 2 GiB message limit
+                message = (f"skipping {name!r}: its {datum.channels}x{datum.height}x{datum.width} "
+                           "pixels are more than a Datum (at most 2 GiB) can hold")
+                warn(message)
+                skipped.append(message)
+                continue
+            db.put("%08d_%s" % (line_id, name), value)
         written = db.count
     return written, skipped
+
+
+def _check_resized_size(height: int, width: int, channels: int) -> None:
+    """Refuse, before any image is read, a resize no Datum can hold (protobuf messages are at
+    most 2 GiB) or this machine cannot hold in memory; OpenCV's own allocation failure would
+    come with no word on the flags."""
+    size = height * width * channels
+    limit = min(DATUM_BYTES_LIMIT, physical_memory() or DATUM_BYTES_LIMIT)
+    if size > limit:
+        raise DataError(f"--resize_height {height} --resize_width {width} makes every image "
+                        f"{channels}x{height}x{width} = {size:,} bytes, more than "
+                        + ("a Datum (at most 2 GiB) can hold" if limit == DATUM_BYTES_LIMIT
+                           else "this machine's memory"),
+                        hint="choose a smaller size")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -129,7 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--iterations", type=int32, default=50, help="number of batches to score")
     parser.add_argument("--phase", choices=["TEST", "TRAIN"], default="TEST")
     add_bool_flag(parser, "allow_unmatched_weights",
-                  "score the net even when --weights shares no layer name with it (ours)")
+                  "score the net even when --weights shares no layer name with it, or is not "
+                  "given (ours)")
     args = parse_args(parser, argv, ["allow_unmatched_weights"])
     if args.iterations < 1:  # Caffe would print "Loss: -nan" (0/0) for nothing scored
         raise CaffeError(f"--iterations {args.iterations}: must be at least 1",
@@ -140,6 +141,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     net = build_net(args, TRAIN if args.phase == "TRAIN" else TEST,
                     require_weights_match=not args.allow_unmatched_weights)
+    if not args.weights and len(net.params) and not args.allow_unmatched_weights:
+        # Caffe's test(): CHECK_GT(FLAGS_weights.size(), 0) "Need model weights to score."
+        raise WeightsError("no --weights given: there are no model weights to score, only the "
+                           "net's random initial ones", where=args.model,
+                           hint="add --weights model.caffemodel; to score the initial weights "
+                                "anyway, add --allow_unmatched_weights")
     get_logger().info("Running for %d iterations.", args.iterations)
     score(net, args.iterations)
     return 0
