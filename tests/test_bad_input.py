@@ -458,11 +458,11 @@ def test_compute_image_mean_refuses_a_mean_no_blobproto_can_hold(tmp_path):
     # Records of 3x20000x10000 pixels need a 2.4 GB mean, over protobuf's 2 GiB (Caffe cannot
     # write it either); such a record is too big to build in a test, so the check that runs on
     # the first record's shape is called directly.
-    from pycaffe_alt.tools.compute_image_mean import _check_mean_size
+    from pycaffe_alt.tools.compute_image_mean import check_mean_size
 
     with pytest.raises(DataError, match="more than a BlobProto \\(at most 2 GiB\\) can hold"):
-        _check_mean_size((3, 20000, 10000), "db key 0")
-    _check_mean_size((3, 256, 256), "db key 0")
+        check_mean_size((3, 20000, 10000), "db key 0")
+    check_mean_size((3, 256, 256), "db key 0")
 
 
 def test_convert_imageset_refuses_impossible_resize_before_writing(tmp_path):

@@ -33,7 +33,7 @@ def mean_blob(db_path: str, backend: str = "lmdb") -> "caffe_pb2.BlobProto":
         for i in progress(range(len(reader)), len(reader), "compute_image_mean"):
             pixels = datum_to_array(reader.datum(i), where=reader.where(i))
             if shape is None:
-                _check_mean_size(pixels.shape, reader.where(i))
+                check_mean_size(pixels.shape, reader.where(i))
                 shape = pixels.shape
                 total = np.zeros(pixels.size, dtype=np.float32)
             elif pixels.shape != shape:
@@ -50,7 +50,7 @@ def mean_blob(db_path: str, backend: str = "lmdb") -> "caffe_pb2.BlobProto":
                          legacy_dims=True)
 
 
-def _check_mean_size(shape: Tuple[int, ...], where: str) -> None:
+def check_mean_size(shape: Tuple[int, ...], where: str) -> None:
     """Refuse an empty record, or a mean no BlobProto can hold (2 GiB of floats) or this
     machine cannot sum, before anything is accumulated."""
     size = int(np.prod(shape))
