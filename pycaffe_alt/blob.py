@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, Set, Tuple
 import numpy as np
 import torch
 
-from .errors import ArgumentTypeError, NetError, first_line
+from .errors import ArgumentTypeError, NetError, first_line, integer_argument
 
 
 def is_memory_of(arr: np.ndarray, t: torch.Tensor) -> bool:
@@ -185,8 +185,8 @@ def _shape_args(shape, where: str = "<blob>") -> Tuple[int, ...]:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
     try:
-        dims = tuple(int(d) for d in shape)
-    except (TypeError, ValueError):
+        dims = tuple(integer_argument(d, "a reshape() dimension") for d in shape)
+    except ArgumentTypeError:  # 2.9 was cut to 2 and inf overflowed before
         raise NetError(f"reshape() takes integer dimensions, got {shape!r}", where) from None
     check_blob_shape(dims, where)
     return dims

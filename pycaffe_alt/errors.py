@@ -121,3 +121,16 @@ class ImageNotFoundError(DataError, FileNotFoundError):
 
 class ImageReadError(DataError, OSError):
     """An image file that cannot be decoded; an ``OSError`` too (what pycaffe's imread raises)."""
+
+
+def integer_argument(value: object, what: str) -> int:
+    """``value`` as an int when it is a whole number (an int, a numpy integer, or a float such
+    as 2.0); otherwise an ArgumentTypeError naming ``what`` (2.9, inf, NaN, True, "2")."""
+    import numbers
+
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+            float(value).is_integer():
+        return int(value)
+    raise ArgumentTypeError(f"{what} must be a whole number, got {value!r}")

@@ -9,6 +9,7 @@ borders and when shrinking (skimage then smooths first).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -16,7 +17,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from .data import datum as _datum
-from .errors import BlobShapeError, DataError, ImageNotFoundError, ImageReadError
+from .errors import (ArgumentTypeError, BlobShapeError, DataError, ImageNotFoundError,
+                     ImageReadError)
 from .fileio import check_input_path
 from .host_memory import physical_memory
 from .proto import caffe_pb2
@@ -26,6 +28,9 @@ from .proto import caffe_pb2
 
 def blobproto_to_array(blob: "caffe_pb2.BlobProto", return_diff: bool = False) -> np.ndarray:
     """The data (or diff) of a BlobProto as an array, shaped by its legacy 4-D fields if set."""
+    if not isinstance(blob, caffe_pb2.BlobProto):
+        raise ArgumentTypeError(f"blobproto_to_array() takes a caffe_pb2.BlobProto, got "
+                                f"{type(blob).__name__}")
     values = np.array(blob.diff if return_diff else blob.data)
     if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
         shape = (blob.num, blob.channels, blob.height, blob.width)
@@ -42,12 +47,30 @@ def blobproto_to_array(blob: "caffe_pb2.BlobProto", return_diff: bool = False) -
 
 def array_to_blobproto(arr: np.ndarray, diff: Optional[np.ndarray] = None) -> "caffe_pb2.BlobProto":
     """An N-D array (and optional diff of the same shape) as a BlobProto with ``shape`` set."""
+    arr = _numeric_array(arr, "array_to_blobproto()")
+    if diff is not None:
+        diff = _numeric_array(diff, "array_to_blobproto() diff")
+        if diff.shape != arr.shape:  # the loaders refuse such a blob later; refuse it now
+            raise BlobShapeError(f"array_to_blobproto(): the diff has shape {diff.shape}, the "
+                                 f"data {arr.shape}", hint="give a diff of the data's shape")
     blob = caffe_pb2.BlobProto()
     blob.shape.dim.extend(int(n) for n in arr.shape)
     blob.data.extend(np.asarray(arr, dtype=np.float64).ravel().tolist())
     if diff is not None:
         blob.diff.extend(np.asarray(diff, dtype=np.float64).ravel().tolist())
     return blob
+
+
+def _numeric_array(value, what: str) -> np.ndarray:
+    """``value`` as an array of numbers, or an ArgumentTypeError naming ``what``."""
+    try:
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"elements of type {arr.dtype}")
+        return arr
+    except (TypeError, ValueError) as e:
+        raise ArgumentTypeError(f"{what} takes an array of numbers, got {type(value).__name__} "
+                                f"({e})") from None
 
 
 def arraylist_to_blobprotovector_str(arraylist: Iterable[np.ndarray]) -> bytes:
@@ -78,6 +101,9 @@ def datum_to_array(datum: "caffe_pb2.Datum") -> np.ndarray:
 
     Unlike pycaffe, an encoded Datum is decoded (with its own channel count, as Caffe's layers).
     """
+    if not isinstance(datum, caffe_pb2.Datum):
+        raise ArgumentTypeError(f"datum_to_array() takes a caffe_pb2.Datum, got "
+                                f"{type(datum).__name__}")
     arr = _datum.datum_to_array(datum)
     return arr if arr.dtype == np.uint8 else arr.astype(np.float64)
 
@@ -102,6 +128,9 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
         if not os.path.lexists(filename):
             raise ImageNotFoundError("no such image file", where=os.fspath(filename))
         check_input_path(filename, ImageReadError, "image file")
+    elif not callable(getattr(filename, "read", None)):
+        raise ArgumentTypeError(f"load_image() takes a file name (or an open binary file), got "
+                                f"{type(filename).__name__}")
     try:
         with Image.open(filename) as im:
             im.load()
@@ -197,7 +226,11 @@ def _scale_value(value, what: str, in_: str):
 
 def oversample(images: Sequence[np.ndarray], crop_dims: Sequence[int]) -> np.ndarray:
     """10 crops per H x W x K image: 4 corners and centre, then their mirrors; (10N) x h x w x K."""
-    im_shape = np.array(images[0].shape)
+    if len(images) == 0 or len(crop_dims) != 2:
+        raise DataError(f"oversample() takes a non-empty list of images and (height, width) crop "
+                        f"dims, got {len(images)} image(s) and {tuple(crop_dims)}",
+                        where="oversample")
+    im_shape = np.array(np.shape(images[0]))
     crop_h, crop_w = int(crop_dims[0]), int(crop_dims[1])
     if len(im_shape) != 3 or not (0 < crop_h <= im_shape[0] and 0 < crop_w <= im_shape[1]):
         raise DataError(f"cannot take {crop_h} x {crop_w} crops of images of shape "
@@ -230,6 +263,9 @@ class Transformer:
     """
 
     def __init__(self, inputs: Dict[str, Sequence[int]]):
+        if not isinstance(inputs, Mapping):
+            raise ArgumentTypeError(f"Transformer() takes a dict {{input name: shape}}, got "
+                                    f"{type(inputs).__name__}")
         self.inputs = {k: tuple(v) for k, v in inputs.items()}
         self.transpose: Dict[str, Sequence[int]] = {}
         self.channel_swap: Dict[str, Sequence[int]] = {}

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 
 from .caffe_alias import install_as_caffe
 from .errors import CaffeError
+from .fileio import check_input_path
 from .log import setup_logging
 from .python_opt_in import ALLOW_PYTHON_ENV
 
@@ -27,6 +28,23 @@ USAGE = ("usage: pycaffe-alt run [--allow-python] SCRIPT.py [ARGS...]\n"
          "Runs an unchanged pycaffe program with 'import caffe' meaning pycaffe_alt.\n"
          "--allow-python: its nets may import the Python layer modules they name (as Caffe "
          "does; off by default, since a prototxt then runs code).")
+
+
+def _check_compiles(script: str) -> None:
+    """One paragraph instead of Python's traceback when the file is no Python program at all
+    (a .caffemodel or .prototxt given by mistake, a syntax error); errors the program raises
+    while running stay its own."""
+    try:
+        with open(script, "rb") as f:
+            compile(f.read(), script, "exec")
+    except SyntaxError as e:
+        line = f" (line {e.lineno})" if e.lineno else ""
+        raise CaffeError(f"'{script}' is not a Python program Python can compile: {e.msg}{line}",
+                         "pycaffe-alt run",
+                         "give the path of the Python program to run") from None
+    except ValueError as e:  # e.g. "source code string cannot contain null bytes"
+        raise CaffeError(f"'{script}' is not a Python program ({e})", "pycaffe-alt run",
+                         "give the path of the Python program to run") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -54,9 +72,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         return 0
     script = args[0]
-    if not os.path.isfile(script):
-        raise CaffeError(f"can't open file '{script}': no such file", "pycaffe-alt run",
-                         "give the path of the Python program to run")
+    if not (os.path.isdir(script) and os.path.isfile(os.path.join(script, "__main__.py"))):
+        # As python3 runs a folder with a __main__.py; a FIFO, device or other folder is
+        # refused before it is read (reading a FIFO would wait for a writer).
+        check_input_path(script, CaffeError, "Python program")
+        _check_compiles(script)
     sys.argv = [script] + args[1:]
     # As `python3 script.py`: the script's folder comes first on the path (its sibling modules,
     # Python layers included, are importable), instead of this launcher's. Before aliasing, so

@@ -126,7 +126,16 @@ def test_pycaffe_alt_run_and_python_m(program, tmp_path):
 
 def test_run_reports_a_missing_script_and_keeps_the_exit_status(tmp_path):
     r = _run([sys.executable, "-m", "pycaffe_alt.run", str(tmp_path / "nope.py")])
-    assert r.returncode == 1 and "can't open file" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    # A folder, or a file that is no Python program: one paragraph, not Python's traceback.
+    binary = tmp_path / "w.caffemodel"
+    binary.write_bytes(b"\x0a\x00\x01garbage")
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = (\n")
+    for target, says in ((tmp_path, "is a directory"), (binary, "is not a Python program"),
+                         (broken, "'(' was never closed (line 1)")):
+        r = _run([sys.executable, "-m", "pycaffe_alt.run", str(target)])
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     exits = tmp_path / "exits.py"
     exits.write_text("import sys, caffe\nsys.exit(3 if caffe.__name__ == 'pycaffe_alt' else 4)\n")
     assert _run([sys.executable, "-m", "pycaffe_alt.run", str(exits)]).returncode == 3

@@ -150,3 +150,24 @@ def test_caffe_io_refuses_corrupt_and_mistyped_values_by_name():
         cio.resize_image(np.ones((4, 4, 3)), (5,))
     with pytest.raises(DataError, match="more than this machine's memory"):
         cio.resize_image(np.random.rand(4, 4, 3), (10**6, 10**6))
+
+
+def test_caffe_io_refuses_wrong_argument_types_with_type_errors():
+    # Internal AttributeError/IndexError before; now TypeErrors (ArgumentTypeError) or DataErrors
+    # that name the call.
+    cases = [
+        (lambda: cio.blobproto_to_array(b"garbage"), TypeError, "takes a caffe_pb2.BlobProto"),
+        (lambda: cio.datum_to_array("x"), TypeError, "takes a caffe_pb2.Datum"),
+        (lambda: cio.arraylist_to_blobprotovector_str([np.ones(2), "x"]), TypeError,
+         "array of numbers"),
+        (lambda: cio.load_image(5), TypeError, "takes a file name"),
+        (lambda: cio.Transformer([1, 2]), TypeError, "takes a dict"),
+        (lambda: cio.oversample([], (5, 5)), DataError, "non-empty list of images"),
+        (lambda: cio.oversample([np.ones((10, 12, 3))], (5,)), DataError, "crop dims"),
+        (lambda: cio.array_to_blobproto(np.ones(3), np.ones(4)), ValueError, "diff has shape"),
+    ]
+    for call, error, says in cases:
+        with pytest.raises(error, match=says):
+            call()
+    blob = cio.array_to_blobproto(np.ones((2, 3)), np.zeros((2, 3)))
+    assert cio.blobproto_to_array(blob, return_diff=True).shape == (2, 3)

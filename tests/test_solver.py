@@ -526,3 +526,30 @@ def test_snapshot_diff_with_repeated_layer_names_writes_each_layers_own(tmp_path
     second = [layer for layer in saved.layer if layer.name == "ip"][1]
     np.testing.assert_allclose(np.array(second.blobs[0].diff).reshape(2, 4),
                                s.net.layers[2].blobs[0].diff, rtol=1e-6)
+
+
+def test_solver_api_refuses_wrong_argument_values(tmp_path):
+    from pycaffe_alt.net import Net
+
+    s = lsq_solver(tmp_path, type="SGD")
+    with pytest.raises(TypeError, match="whole number, got 1.5"):
+        s.step(1.5)
+    with pytest.raises(TypeError, match=">= 0"):
+        s.iter = -5
+    with pytest.raises(TypeError, match="takes a Net"):
+        s.share_weights(5)
+    with pytest.raises(TypeError, match="on_start must be callable"):
+        s.add_callback(5, 6)
+    s.step(2.0)  # a whole float is a count
+    assert s.iter == 2
+    assert isinstance(s.net, Net)
+
+
+def test_blob_reshape_refuses_fractional_and_infinite_dimensions(tmp_path):
+    s = lsq_solver(tmp_path, type="SGD")
+    blob = s.net.blobs["x"]
+    for dims in ((2.9, 3), (float("inf"), 3), (float("nan"), 3), ("2", 3)):
+        with pytest.raises(NetError, match="integer dimensions"):
+            blob.reshape(*dims)
+    blob.reshape(np.int64(4), 3.0)
+    assert blob.data.shape == (4, 3)

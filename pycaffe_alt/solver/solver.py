@@ -21,7 +21,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import CaffeError, NetError, NonFiniteLossError, SolverError, located_in
+from ..errors import (ArgumentTypeError, CaffeError, NetError, NonFiniteLossError, SolverError,
+                      integer_argument, located_in)
 from ..fileio import check_input_path, remove_stale_temporaries
 from ..layers import TEST, TRAIN
 from ..log import format_value, get_logger, loss_suffix
@@ -353,7 +354,11 @@ class Solver:
 
     @iter.setter
     def iter(self, value: int) -> None:  # noqa: A003
-        self._iter = int(value)
+        # pycaffe's iter is read-only; ours can be set (a resumed count), to a count >= 0.
+        value = integer_argument(value, "solver.iter")
+        if value < 0:
+            raise ArgumentTypeError(f"solver.iter must be >= 0, got {value}")
+        self._iter = value
 
     @property
     def lr(self) -> float:
@@ -374,6 +379,10 @@ class Solver:
     def add_callback(self, on_start, on_gradients_ready) -> None:
         """pycaffe's ``add_callback``: two callables, run before each iteration's forward pass
         and after its gradients are ready (before the update)."""
+        for name, fn in (("on_start", on_start), ("on_gradients_ready", on_gradients_ready)):
+            if not callable(fn):  # it would fail only at the next step, far from here
+                raise ArgumentTypeError(f"add_callback(): {name} must be callable, got "
+                                        f"{type(fn).__name__}")
         self.add_hook(loop.CallbackHook(on_start, on_gradients_ready))
 
     def set_world_size(self, world: int) -> None:
@@ -398,7 +407,7 @@ class Solver:
     def step(self, iters: int) -> float:
         """Run ``iters`` iterations (Caffe's Solver::Step, with its display/test/snapshot cadence);
         returns the last smoothed loss."""
-        return loop.run_steps(self, int(iters))
+        return loop.run_steps(self, integer_argument(iters, "step() iters"))
 
     def solve(self, resume: Optional[str] = None) -> None:
         """Caffe's Solve: restore ``resume`` if given, train to ``max_iter``, snapshot at the end
@@ -715,6 +724,8 @@ class Solver:
     def share_weights(self, net: Net) -> None:
         """pycaffe ``solver.share_weights(net)``: ``net`` uses the train net's parameter tensors
         for layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        if not isinstance(net, Net):
+            raise ArgumentTypeError(f"share_weights() takes a Net, got {type(net).__name__}")
         net.share_with(self.net)
     # ---- end of pycaffe extras ----
 
