@@ -9,10 +9,11 @@ below ``b'``. Layers that start threads or seed their own generators take raw dr
 stream first (see :func:`skip`), so the layer order of a net decides which values each filler gets.
 
 What follows Caffe draw for draw: ``constant``, ``uniform``, ``xavier``, ``positive_unitball``
-fillers and the set-up draws of data layers. ``gaussian`` and ``msra`` (boost's ziggurat normal
-distribution) and every draw made while running (dropout masks, random crops and mirrors) use
-torch's and numpy's generators instead: same distributions, different values; a gaussian filler
-does not advance this stream, so uniform fillers after one no longer line up with Caffe's.
+fillers, the set-up draws of data layers, and the Data/ImageData layers' random crops and mirrors
+(their transformer's own mt19937, seeded by one of those set-up draws; data/pipeline.py).
+``gaussian`` and ``msra`` (boost's ziggurat normal distribution) and dropout masks use torch's
+generator instead: same distributions, different values; a gaussian filler does not advance this
+stream, so uniform fillers after one no longer line up with Caffe's.
 """
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+import pycaffe_alt as caffe
 from layer_check import make_layer
+from pycaffe_alt.caffe_rng import CaffeRNG
 from pycaffe_alt.data.datum import array_to_datum
 from pycaffe_alt.data.db import open_db
 from pycaffe_alt.errors import CaffeError, DataError
@@ -152,7 +154,7 @@ def test_train_phase_random_crop_and_mirror_are_seeded_and_valid(in_golden):
     plain.close()
 
     def train_batches(seed):
-        torch.manual_seed(seed)
+        caffe.set_random_seed(seed)
         layer = data_layer("mnist_test_lmdb", "crop_size: 20 mirror: true", 16, TRAIN)
         out = [layer()[0].numpy() for _ in range(1)]
         layer.close()
@@ -169,6 +171,25 @@ def test_train_phase_random_crop_and_mirror_are_seeded_and_valid(in_golden):
         offsets.add(matches[0][:2])
         flips += matches[0][2]
     assert len(offsets) > 4 and 0 < flips < 16
+
+
+def test_train_crops_and_mirrors_follow_caffes_transformer_stream(in_golden):
+    # Caffe: the Data layer's set-up draws the reader thread's seed, two transformer seeds and
+    # the prefetch thread's seed from Caffe's stream; the second transformer seed starts the
+    # mt19937 whose numbers give, per record in order, mirror = r % 2, h = r % (H - crop + 1),
+    # w = r % (W - crop + 1) (data_transformer.cpp). Checked over two batches.
+    plain = data_layer("mnist_test_lmdb", batch_size=32)
+    full = plain()[0].numpy()
+    plain.close()
+    caffe.set_random_seed(1)
+    layer = data_layer("mnist_test_lmdb", "crop_size: 20 mirror: true", 16, TRAIN)
+    got = np.concatenate([layer()[0].numpy() for _ in range(2)])
+    layer.close()
+    stream = CaffeRNG(int(CaffeRNG(1).raw(4)[2])).raw(3 * 32)
+    for i in range(32):
+        m, h, w = (int(v) for v in stream[3 * i:3 * i + 3])
+        window = full[i, 0, h % 9:h % 9 + 20, w % 9:w % 9 + 20]
+        np.testing.assert_array_equal(got[i, 0], window[:, ::-1] if m % 2 else window)
 
 
 # -- ImageData ---------------------------------------------------------------------------------

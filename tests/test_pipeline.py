@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from layer_check import make_layer
+from pycaffe_alt import set_random_seed
 from pycaffe_alt.data.datum import array_to_datum
 from pycaffe_alt.data.db import open_db
 from pycaffe_alt.data.pipeline import Ordering
@@ -18,7 +19,7 @@ MNIST = os.path.join(GOLDEN, "mnist_test_lmdb")  # 128 records
 
 def train_layer(source=MNIST, batch_size=48, transform="crop_size: 24 mirror: true", seed=5,
                 extra=""):
-    torch.manual_seed(seed)
+    set_random_seed(seed)  # torch's generator and Caffe's stream (the transformer's seed)
     return make_layer(f'name: "data" type: "Data" top: "data" top: "label" transform_param '
                       f'{{ {transform} }} data_param {{ source: "{source}" batch_size: {batch_size} '
                       f'backend: LMDB {extra} }}', [], TRAIN)

@@ -28,15 +28,16 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..distributed.sharding import UNSHARDED, Shard
 from ..errors import CaffeError, DataError
-from .transformer import (TransformSpec, draw_params, needs_random, normalize_batch, output_shape,
-                          place_pixels)
+from ..caffe_rng import CaffeRNG
+from .transformer import (TransformSpec, draw_params, draws_per_record, needs_random,
+                          normalize_batch, output_shape, place_pixels, rand_from)
 
 # Sub-streams of a layer's seed: one family of generators per purpose, so that e.g. turning
 # shuffling on does not change the crops.
@@ -136,8 +137,14 @@ class BatchMaker:
     """
 
     def __init__(self, source: RecordSource, spec: TransformSpec, batch_size: int,
-                 ordering: Ordering, seed: int, where: str, shard: Shard = UNSHARDED):
+                 ordering: Ordering, seed: int, where: str, shard: Shard = UNSHARDED,
+                 transform_seed: Optional[int] = None):
         self.source = source
+        # The seed of Caffe's transformer generator (an mt19937 the layer seeds with a draw from
+        # Caffe's stream at set-up): crops and flips then follow Caffe's draw for draw.
+        self.transform_seed = transform_seed
+        self._stream: Optional[CaffeRNG] = None
+        self._stream_pos = 0
         # Data-parallel training: which samples of the global order this rank reads.
         self.shard = shard
         self.spec = spec
@@ -154,18 +161,46 @@ class BatchMaker:
         # batches. Otherwise it is released after each batch, see release_if_idle.
         self.holds = 0
 
+    def restart(self, ordering: Ordering) -> None:
+        """Read by ``ordering`` (and the current seeds) from now on: cached permutations and
+        the transformer stream's position are dropped."""
+        self.ordering = ordering
+        self._perm_cache.clear()
+        self._stream, self._stream_pos = None, 0
+
     def indices(self, b: int) -> np.ndarray:
         samples = self.shard.positions(b * self.batch_size, self.batch_size)
         return self.ordering.records(samples, self._perm_cache)
 
-    def transform_generator(self, b: int) -> np.random.Generator:
-        """The crops' and flips' generator of batch ``b``. A data-parallel rank draws from its
-        own sub-stream (as each of Caffe's solvers seeds its own transformer), so its records
-        are the single-process run's, but not its random crops and flips."""
+    def transform_rand(self, b: int) -> Callable[[int], int]:
+        """Caffe's ``Rand(n)`` for the crops and flips of batch ``b``.
+
+        Caffe's transformer draws the same count of numbers for every record
+        (:func:`draws_per_record`), one record after the other from its own mt19937, so batch
+        ``b`` starts at number ``b * batch_size * count`` of that stream: a batch stays a pure
+        function of ``b`` (workers and resume skip ahead to it). A data-parallel rank draws from
+        its own sub-stream (as each of Caffe's solvers seeds its own transformer), so its records
+        are the single-process run's, but not its random crops and flips; so does a maker given
+        no Caffe seed.
+        """
+        count = self.batch_size * draws_per_record(self.spec)
         s = self.shard
-        if s.world == 1 and s.start == 0:
-            return derived_generator(self.seed, _STREAM_TRANSFORM, b)
-        return derived_generator(self.seed, _STREAM_SHARD_TRANSFORM, b, s.rank, s.world, s.start)
+        if s.world == 1 and s.start == 0 and self.transform_seed is not None:
+            return rand_from(self._caffe_draws(b * count, count))
+        rng = derived_generator(self.seed, _STREAM_TRANSFORM, b) if s.world == 1 and s.start == 0 \
+            else derived_generator(self.seed, _STREAM_SHARD_TRANSFORM, b, s.rank, s.world, s.start)
+        return rand_from(rng.integers(0, 2 ** 32, size=count, dtype=np.uint64).tolist())
+
+    def _caffe_draws(self, start: int, count: int) -> List[int]:
+        """Numbers ``start .. start+count-1`` of the transformer's mt19937 stream."""
+        if self._stream is None or start < self._stream_pos:
+            self._stream, self._stream_pos = CaffeRNG(self.transform_seed), 0
+        while self._stream_pos < start:  # skip ahead (a worker's other batches, a resume)
+            step = min(start - self._stream_pos, 1 << 22)
+            self._stream.raw(step)
+            self._stream_pos += step
+        self._stream_pos += count
+        return self._stream.raw(count).tolist()
 
     def make(self, b: int) -> Dict[str, np.ndarray]:
         indices = self.indices(b)
@@ -186,10 +221,10 @@ class BatchMaker:
                     np.copyto(data[i], image, casting="unsafe")
             offsets = [(False, 0, 0)] * self.batch_size
         else:
-            rng = self.transform_generator(b)
+            rand = self.transform_rand(b)
             offsets = []
             for i, image in enumerate(images):
-                mirror, h_off, w_off = draw_params(self.spec, rng, image.shape[1], image.shape[2])
+                mirror, h_off, w_off = draw_params(self.spec, rand, image.shape[1], image.shape[2])
                 place_pixels(data[i], image, mirror, h_off, w_off)
                 mirrored[i] = mirror
                 offsets.append((mirror, h_off, w_off))
@@ -431,8 +466,7 @@ class InputPipeline:
         """Reshuffle the records at every pass (True) or read them in key order (False)."""
         self._stop_engine()
         o = self.maker.ordering
-        self.maker.ordering = Ordering(o.num_records, o.skip, bool(shuffle), o.seed)
-        self.maker._perm_cache.clear()
+        self.maker.restart(Ordering(o.num_records, o.skip, bool(shuffle), o.seed))
 
     def set_shard(self, rank: int, world: int) -> None:
         """Read as rank ``rank`` of ``world`` data-parallel ranks (Caffe's skip rule, see
@@ -449,7 +483,8 @@ class InputPipeline:
         o = self.maker.ordering
         state = {"batch": self._next, "seed": self.maker.seed, "skip": o.skip,
                  "shuffle": o.shuffle, "num_records": o.num_records,
-                 "batch_size": self.maker.batch_size}
+                 "batch_size": self.maker.batch_size,
+                 "transform_seed": self.maker.transform_seed}
         state.update(self.maker.shard.state(self._next * self.maker.batch_size))
         return state
 
@@ -460,10 +495,14 @@ class InputPipeline:
             n, bs = int(state["num_records"]), int(state["batch_size"])
             batch, seed, skip = int(state["batch"]), int(state["seed"]), int(state["skip"])
             shuffle = bool(state["shuffle"])
+            # Absent in snapshots from before the transformer followed Caffe's stream.
+            transform_seed = state.get("transform_seed", self.maker.transform_seed)
+            transform_seed = None if transform_seed is None else int(transform_seed)
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"data state is incomplete or malformed ({e!r})", self.maker.where,
                             "pass a dict returned by state()") from None
-        if batch < 0 or seed < 0 or not 0 <= skip < max(n, 1):
+        if batch < 0 or seed < 0 or not 0 <= skip < max(n, 1) or \
+                not (transform_seed is None or 0 <= transform_seed < 2 ** 32):
             raise DataError(f"data state is out of range (batch {batch}, seed {seed}, skip {skip} "
                             f"of {n} records)", self.maker.where, "pass a dict returned by state()")
         if n != o.num_records or bs != self.maker.batch_size:
@@ -472,9 +511,8 @@ class InputPipeline:
                             f"{self.maker.batch_size}", self.maker.where,
                             "resume with the same dataset and batch_size")
         self._stop_engine()
-        self.maker.seed = seed
-        self.maker.ordering = Ordering(n, skip, shuffle, seed)
-        self.maker._perm_cache.clear()
+        self.maker.seed, self.maker.transform_seed = seed, transform_seed
+        self.maker.restart(Ordering(n, skip, shuffle, seed))
         # A snapshot of W ranks continues on this layer's own number of ranks (see Shard.resumed).
         try:
             shard, served = self.maker.shard.resumed(state, batch * bs)

@@ -13,14 +13,15 @@ A data layer turns each record (a C,H,W image, uint8 or float) into a float32 sa
 
 All arithmetic is float32 as in Caffe (``Dtype`` = float), so results are bit-identical.
 
-Random numbers come from a ``numpy.random.Generator`` handed in by the caller (the input pipeline
-derives one per batch from the layer's seed), so the functions here stay pure.
+Random numbers come from a ``rand(n)`` function handed in by the caller (Caffe's
+``DataTransformer::Rand``: the next raw 32-bit number of the transformer's own mt19937, mod n; the
+input pipeline keeps that stream), so the functions here stay pure.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -130,22 +131,35 @@ def needs_random(spec: TransformSpec) -> bool:
     return spec.mirror or (spec.train and spec.crop_size > 0)
 
 
-def draw_params(spec: TransformSpec, rng: Optional[np.random.Generator], height: int, width: int
-                ) -> Tuple[bool, int, int]:
-    """(mirror, h_off, w_off) for one sample, drawn in Caffe's order: the mirror coin first, then
-    the row offset, then the column offset."""
+def draws_per_record(spec: TransformSpec) -> int:
+    """How many numbers Caffe's transformer draws per record: the mirror coin when ``mirror``
+    is set, and the two crop offsets in TRAIN with ``crop_size`` (data_transformer.cpp)."""
+    return int(spec.mirror) + 2 * int(spec.train and spec.crop_size > 0)
+
+
+def draw_params(spec: TransformSpec, rand: Optional[Callable[[int], int]], height: int,
+                width: int) -> Tuple[bool, int, int]:
+    """(mirror, h_off, w_off) for one sample, drawn in Caffe's order with ``rand(n)`` (Caffe's
+    DataTransformer::Rand: the next raw number mod n): the mirror coin first, then the row
+    offset, then the column offset."""
     # Caffe flips at random whenever mirror is set, whatever the phase (data_transformer.cpp
     # draws Rand(2) without looking at phase_); only the crop position depends on the phase.
-    mirror = bool(spec.mirror and rng.integers(2))
+    mirror = bool(spec.mirror and rand(2))
     crop = spec.crop_size
     if not crop:
         return mirror, 0, 0
     if spec.train:
-        h_off = int(rng.integers(height - crop + 1))
-        w_off = int(rng.integers(width - crop + 1))
+        h_off = int(rand(height - crop + 1))
+        w_off = int(rand(width - crop + 1))
     else:
         h_off, w_off = (height - crop) // 2, (width - crop) // 2
     return mirror, h_off, w_off
+
+
+def rand_from(values: Iterable[int]) -> Callable[[int], int]:
+    """Caffe's ``Rand(n)`` over a sequence of raw 32-bit draws: each call takes the next one."""
+    it = iter(values)
+    return lambda n: next(it) % n
 
 
 def place_pixels(out: np.ndarray, image: np.ndarray, mirror: bool, h_off: int, w_off: int) -> None:
@@ -185,11 +199,11 @@ def transform_into(out: np.ndarray, image: np.ndarray, spec: TransformSpec, mirr
     normalize_batch(out[None], spec, [(mirror, h_off, w_off)])
 
 
-def transform(image: np.ndarray, spec: TransformSpec, rng: Optional[np.random.Generator],
+def transform(image: np.ndarray, spec: TransformSpec, rand: Optional[Callable[[int], int]],
               where: str = "transform") -> np.ndarray:
-    """One C,H,W record -> float32 C,h,w sample (draws its own mirror/crop from ``rng``)."""
+    """One C,H,W record -> float32 C,h,w sample (draws its own mirror/crop with ``rand``)."""
     shape = output_shape(spec, image.shape, where)
     out = np.empty(shape, dtype=np.float32)
-    mirror, h_off, w_off = draw_params(spec, rng, image.shape[1], image.shape[2])
+    mirror, h_off, w_off = draw_params(spec, rand, image.shape[1], image.shape[2])
     transform_into(out, image, spec, mirror, h_off, w_off)
     return out

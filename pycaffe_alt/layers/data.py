@@ -113,12 +113,14 @@ class PipelinedDataLayer(DataLayerBase):
     """A data layer fed by an :class:`InputPipeline` (Data, ImageData)."""
 
     def init_pipeline(self, source, spec: TransformSpec, batch_size: int, rand_skip: int,
-                      shuffle: bool, workers: int, prefetch: int) -> None:
+                      shuffle: bool, workers: int, prefetch: int,
+                      transform_seed: Optional[int] = None) -> None:
         seed = layer_seed(self.name)
         n = len(source)
         skip = draw_skip(seed, rand_skip, n)
         ordering = Ordering(n, skip, shuffle, seed)
-        maker = BatchMaker(source, spec, batch_size, ordering, seed, self.where)
+        maker = BatchMaker(source, spec, batch_size, ordering, seed, self.where,
+                           transform_seed=transform_seed)
         # The first record served fixes the top shapes (Caffe reads it in DataLayerSetUp).
         first = int(ordering.indices(0, 1)[0])
         image, _ = source.load(first)
@@ -264,9 +266,12 @@ class Data(PipelinedDataLayer):
         source = self.require_source(dp.source, "data_param", "database",
                                      _create_db_hint(dp.source), folder_ok=True)
         spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
-        # Caffe's set-up draws from its stream: the reader thread's and the prefetch thread's
-        # seeds, and two transformer seeds (InitRand runs twice) when it crops or mirrors.
-        caffe_rng.skip(2 + 2 * needs_random(spec))
+        # Caffe's set-up draws from its stream, in order: the reader thread's seed (DataReader,
+        # made with the layer), two transformer seeds when it crops or mirrors (InitRand runs in
+        # BaseDataLayer::LayerSetUp and again before prefetching starts; the second seeds the
+        # generator that is used), and the prefetch thread's seed.
+        draws = caffe_rng.stream().raw(2 + 2 * needs_random(spec))
+        transform_seed = int(draws[2]) if needs_random(spec) else None
         records = DbSource(source, _backend_of(dp, source), spec.force_color, spec.force_gray,
                            self.where)
         if dp.rand_skip:
@@ -277,7 +282,8 @@ class Data(PipelinedDataLayer):
         self.init_pipeline(records, spec, batch_size, 0,
                            shuffle=bool(dp.shuffle),
                            workers=int(dp.workers),
-                           prefetch=max(1, int(dp.prefetch)))
+                           prefetch=max(1, int(dp.prefetch)),
+                           transform_seed=transform_seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,15 +385,20 @@ class ImageData(PipelinedDataLayer):
             "to root_folder)")
         entries = parse_image_list(source, self.where)
         spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
-        # Caffe's set-up draws: the prefetch thread's seed, the shuffle generator's seed, the
-        # rand_skip draw, and two transformer seeds when it crops or mirrors.
-        caffe_rng.skip(1 + bool(ip.shuffle) + (ip.rand_skip > 0) + 2 * needs_random(spec))
+        # Caffe's set-up draws, in order: a transformer seed when it crops or mirrors
+        # (BaseDataLayer::LayerSetUp), the shuffle generator's seed, the rand_skip draw
+        # (ImageDataLayer::DataLayerSetUp), the second transformer seed (the one used), and the
+        # prefetch thread's seed.
+        first = int(needs_random(spec)) + bool(ip.shuffle) + (ip.rand_skip > 0)
+        draws = caffe_rng.stream().raw(first + 1 + needs_random(spec))
+        transform_seed = int(draws[first]) if needs_random(spec) else None
         records = ImageListSource(entries, ip.root_folder, int(ip.new_height), int(ip.new_width),
                                   bool(ip.is_color), source)
         self.init_pipeline(records, spec, batch_size, int(ip.rand_skip),
                            shuffle=bool(ip.shuffle),
                            workers=int(ip.workers),
-                           prefetch=max(1, int(param.data_param.prefetch)))
+                           prefetch=max(1, int(param.data_param.prefetch)),
+                           transform_seed=transform_seed)
 
 
 # ---------------------------------------------------------------------------------------------
