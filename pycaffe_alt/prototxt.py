@@ -239,8 +239,8 @@ def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_me
         message_name, field = match.groups() if match else ("", "")
         if message_name.endswith("LayerParameter") and field.endswith("_param") \
                 and field[:-len("_param")].replace("_", "") == kind.lower():
-            # The layer's own parameter block (ROIPooling's roi_pooling_param, BN's bn_param,
-            # Interp's interp_param...) missing from caffe.proto: the type is a fork's, and a
+            # The layer's own parameter block (R-FCN's psroi_pooling_param of PSROIPooling,
+            # YOLO's reorg_param...) missing from caffe.proto: the type is a fork's, and a
             # close BVLC field name (pooling_param) would be the wrong suggestion.
             hint = (f"'{field}' is the parameter block of a layer type that a Caffe fork "
                     f"adds; {kind} is not a layer of BVLC Caffe and cannot be built here "

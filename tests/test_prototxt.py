@@ -185,12 +185,26 @@ def test_write_into_missing_directory(tmp_path):
         prototxt.write_text(caffe_pb2.NetParameter(), str(tmp_path / "nope" / "x.prototxt"))
 
 
-FORK_LAYERS = [
+FORK_LAYERS = [  # fork layer types whose parameter block caffe.proto does not have
+    ("PSROIPooling", "psroi_pooling_param { spatial_scale: 0.0625 output_dim: 21 group_size: 7 }"),
+    ("Reorg", "reorg_param { stride: 2 }"),
+]
+
+SUPPORTED_FORK_BLOCKS = [
     ("ROIPooling", "roi_pooling_param { pooled_w: 6 pooled_h: 6 }"),
-    ("BN", "bn_param { slope_filler { type: \"constant\" value: 1 } }"),
+    ("SmoothL1Loss", "smooth_l1_loss_param { sigma: 3 }"),
+    ("BN", "bn_param { slope_filler { type: \"constant\" value: 1 } frozen: true }"),
     ("Interp", "interp_param { zoom_factor: 2 }"),
     ("Upsample", "upsample_param { scale: 2 }"),
 ]
+
+
+@pytest.mark.parametrize("kind,block", SUPPORTED_FORK_BLOCKS)
+def test_the_parameter_blocks_of_supported_fork_layers_are_read(tmp_path, kind, block):
+    path = tmp_path / "fork.prototxt"
+    path.write_text(f'layer {{ name: "forked" type: "{kind}" {block} }}\n')
+    layer = prototxt.read_net(str(path)).layer[0]
+    assert layer.HasField(block.split()[0])
 
 
 @pytest.mark.parametrize("kind,block", FORK_LAYERS)
