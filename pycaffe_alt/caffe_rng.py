@@ -11,9 +11,11 @@ stream first (see :func:`skip`), so the layer order of a net decides which value
 What follows Caffe draw for draw: ``constant``, ``uniform``, ``xavier``, ``positive_unitball``
 fillers, the set-up draws of data layers, and the Data/ImageData layers' random crops and mirrors
 (their transformer's own mt19937, seeded by one of those set-up draws; data/pipeline.py).
-``gaussian`` and ``msra`` (boost's ziggurat normal distribution) and dropout masks use torch's
-generator instead: same distributions, different values; a gaussian filler does not advance this
-stream, so uniform fillers after one no longer line up with Caffe's.
+Dropout masks on the CPU follow it too (one draw per unit at every TRAIN forward; on CUDA, where
+Caffe draws with cuRAND, and inside compiled graphs, torch's generator draws them). ``gaussian``
+and ``msra`` fillers (boost's ziggurat normal distribution) use torch's generator instead: same
+distribution, different values; a gaussian filler does not advance this stream, so uniform
+fillers and dropout masks after one no longer line up with Caffe's.
 """
 from __future__ import annotations
 
@@ -57,6 +59,15 @@ class CaffeRNG:
             parts.append(kept)
             missing -= len(kept)
         return np.concatenate(parts) if parts else np.empty(0, np.float32)
+
+    def bernoulli(self, n: int, p: float) -> np.ndarray:
+        """``caffe_rng_bernoulli<double>(n, p)``: ``n`` booleans, each True with probability
+        ``p``. boost's ``bernoulli_distribution<double>`` takes one raw draw ``u`` per value and
+        gives ``u <= p * (2^32 - 1)`` in double (False for every draw when ``p`` is 0, which
+        takes none)."""
+        if p == 0:
+            return np.zeros(int(n), dtype=bool)
+        return self.raw(n).astype(np.float64) <= float(p) * 4294967295.0
 
     @staticmethod
     def _from_raw(raw: np.ndarray, a32: np.float32, span: np.float32) -> np.ndarray:

@@ -179,6 +179,34 @@ def test_dropout_train_scales_kept_units():
     assert torch.equal(x_.grad, (out != 0).float() / 0.75)  # same mask, same scale
 
 
+def test_dropout_masks_follow_caffes_stream_on_the_cpu():
+    # DropoutLayer::Forward_cpu: caffe_rng_bernoulli(count, 1. - threshold_) draws one raw number
+    # per unit from Caffe's stream (boost's bernoulli_distribution<double>: keep when
+    # u <= p * (2^32 - 1)); top = bottom * mask * scale_ (float(1 / (1 - threshold_))).
+    import numpy as np
+
+    from pycaffe_alt import caffe_rng
+
+    layer = make_layer('type: "Dropout" dropout_param { dropout_ratio: 0.3 }', [(2, 3, 4, 5)], TRAIN)
+    caffe_rng.seed(11)
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = layer(x)
+    raw = caffe_rng.CaffeRNG(11).raw(2 * 3 * 4 * 5 * 2)
+    keep = raw[:120].astype(np.float64) <= (1.0 - float(np.float32(0.3))) * 4294967295.0
+    scale = np.float32(1.0 / (1.0 - float(np.float32(0.3))))
+    want = x.detach().numpy() * keep.reshape(2, 3, 4, 5).astype(np.float32) * scale
+    np.testing.assert_array_equal(y.detach().numpy(), want)
+    y.backward(torch.ones_like(y))
+    np.testing.assert_array_equal(x.grad.numpy(), keep.reshape(2, 3, 4, 5) * scale)
+    # The next forward takes the next 120 numbers; TEST passes take none.
+    second = layer(x.detach())
+    keep2 = raw[120:].astype(np.float64) <= (1.0 - float(np.float32(0.3))) * 4294967295.0
+    np.testing.assert_array_equal(second.numpy() != 0, keep2.reshape(2, 3, 4, 5) & (x.detach().numpy() != 0))
+    layer.eval()
+    layer(x.detach())
+    assert caffe_rng.stream().raw(1)[0] == caffe_rng.CaffeRNG(11).raw(241)[240]
+
+
 def test_dropout_test_phase_is_identity_and_follows_train_flag():
     layer = make_layer('type: "Dropout" dropout_param { dropout_ratio: 0.5 }', [(100,)], TEST)
     x = torch.randn(100)

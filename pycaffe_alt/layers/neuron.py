@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import caffe_rng
 from ..proto import caffe_pb2
 from ..registry import LAYERS
 from .base import Layer
@@ -278,11 +280,21 @@ class Dropout(NeuronLayer):
         if not 0.0 <= self.ratio < 1.0:
             raise self.error(f"dropout_ratio must be in [0, 1), got {self.ratio}",
                              "set dropout_ratio to the probability of dropping a unit, e.g. 0.5")
+        # DropoutLayer: threshold_ is the float ratio; scale_ = 1 / (1 - threshold_) in double,
+        # stored as a float; units are kept with probability 1. - threshold_ (a double).
+        self.keep = 1.0 - float(np.float32(self.ratio))
+        self.scale = float(np.float32(1.0 / self.keep))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x.clone()
-        return F.dropout(x, self.ratio, training=True)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return F.dropout(x, self.ratio, training=True)
+        # Caffe's Forward_cpu: caffe_rng_bernoulli(count, 1. - threshold_, mask) from Caffe's
+        # stream, one draw per unit in (N, C, H, W) order, then top = bottom * mask * scale_.
+        keep = caffe_rng.stream().bernoulli(x.numel(), self.keep)
+        mask = torch.from_numpy(keep).view(x.shape).to(x.dtype) * self.scale
+        return x * mask
 
 
 @LAYERS.register("Clip")
