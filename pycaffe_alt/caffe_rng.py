@@ -84,10 +84,20 @@ class CaffeRNG:
         return {"key": np.asarray(st["key"], dtype=np.uint32).tobytes(), "pos": int(st["pos"])}
 
     def set_state(self, state: Dict[str, object]) -> None:
-        """Continue from a :meth:`state`."""
+        """Continue from a :meth:`state` (ValueError for a damaged one)."""
         key = np.frombuffer(state["key"], dtype=np.uint32).copy()  # type: ignore[arg-type]
-        self._bits.state = {"bit_generator": "MT19937",
-                            "state": {"key": key, "pos": int(state["pos"])}}  # type: ignore[arg-type]
+        pos = check_mt_position(key, state["pos"])
+        self._bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+
+
+def check_mt_position(key: np.ndarray, pos: object) -> int:
+    """``pos`` as an int when ``key`` and ``pos`` form an MT19937 state (624 words, position
+    0..624); ValueError otherwise. numpy's setters check neither, and a position outside the key
+    makes the next draw read past it (a crash)."""
+    position = int(pos)  # type: ignore[call-overload]
+    if len(key) != 624 or not 0 <= position <= 624:
+        raise ValueError(f"not an MT19937 state ({len(key)} key words, position {position})")
+    return position
 
 
 _stream: Optional[CaffeRNG] = None

@@ -127,9 +127,14 @@ def integer_argument(value: object, what: str) -> int:
     """``value`` as an int when it is a whole number (an int, a numpy integer, or a float such
     as 2.0); otherwise an ArgumentTypeError naming ``what`` (2.9, inf, NaN, True, "2")."""
     import numbers
+    import operator
 
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
+    if isinstance(value, bool):
+        raise ArgumentTypeError(f"{what} must be a whole number, got {value!r}")
+    try:  # ints, numpy integers and 0-d integer arrays (what boost.python's int accepts)
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        pass
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and \
             float(value).is_integer():
         return int(value)

@@ -28,9 +28,7 @@ from .proto import caffe_pb2
 
 def blobproto_to_array(blob: "caffe_pb2.BlobProto", return_diff: bool = False) -> np.ndarray:
     """The data (or diff) of a BlobProto as an array, shaped by its legacy 4-D fields if set."""
-    if not isinstance(blob, caffe_pb2.BlobProto):
-        raise ArgumentTypeError(f"blobproto_to_array() takes a caffe_pb2.BlobProto, got "
-                                f"{type(blob).__name__}")
+    _require_message(blob, "BlobProto", "blobproto_to_array()")
     values = np.array(blob.diff if return_diff else blob.data)
     if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
         shape = (blob.num, blob.channels, blob.height, blob.width)
@@ -59,6 +57,14 @@ def array_to_blobproto(arr: np.ndarray, diff: Optional[np.ndarray] = None) -> "c
     if diff is not None:
         blob.diff.extend(np.asarray(diff, dtype=np.float64).ravel().tolist())
     return blob
+
+
+def _require_message(message, name: str, caller: str) -> None:
+    """ArgumentTypeError unless ``message`` is a caffe.``name`` protobuf message: ours or one
+    of a program's own caffe_pb2 (compared by the message's full name, as pycaffe duck-types)."""
+    full_name = getattr(getattr(message, "DESCRIPTOR", None), "full_name", None)
+    if full_name != f"caffe.{name}":
+        raise ArgumentTypeError(f"{caller} takes a caffe_pb2.{name}, got {type(message).__name__}")
 
 
 def _numeric_array(value, what: str) -> np.ndarray:
@@ -101,9 +107,7 @@ def datum_to_array(datum: "caffe_pb2.Datum") -> np.ndarray:
 
     Unlike pycaffe, an encoded Datum is decoded (with its own channel count, as Caffe's layers).
     """
-    if not isinstance(datum, caffe_pb2.Datum):
-        raise ArgumentTypeError(f"datum_to_array() takes a caffe_pb2.Datum, got "
-                                f"{type(datum).__name__}")
+    _require_message(datum, "Datum", "datum_to_array()")
     arr = _datum.datum_to_array(datum)
     return arr if arr.dtype == np.uint8 else arr.astype(np.float64)
 
@@ -122,7 +126,7 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(filename, (str, os.PathLike)):
+    if isinstance(filename, (str, bytes, os.PathLike)):
         # A missing file is pycaffe's FileNotFoundError; a FIFO, device or folder is refused
         # before Pillow could block on it, as an unreadable image (an OSError, as imread's).
         if not os.path.lexists(filename):
@@ -226,9 +230,9 @@ def _scale_value(value, what: str, in_: str):
 
 def oversample(images: Sequence[np.ndarray], crop_dims: Sequence[int]) -> np.ndarray:
     """10 crops per H x W x K image: 4 corners and centre, then their mirrors; (10N) x h x w x K."""
-    if len(images) == 0 or len(crop_dims) != 2:
+    if len(images) == 0 or np.ndim(crop_dims) != 1 or len(crop_dims) != 2:
         raise DataError(f"oversample() takes a non-empty list of images and (height, width) crop "
-                        f"dims, got {len(images)} image(s) and {tuple(crop_dims)}",
+                        f"dims, got {len(images)} image(s) and {crop_dims!r}",
                         where="oversample")
     im_shape = np.array(np.shape(images[0]))
     crop_h, crop_w = int(crop_dims[0]), int(crop_dims[1])

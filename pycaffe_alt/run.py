@@ -34,9 +34,17 @@ def _check_compiles(script: str) -> None:
     """One paragraph instead of Python's traceback when the file is no Python program at all
     (a .caffemodel or .prototxt given by mistake, a syntax error); errors the program raises
     while running stay its own."""
+    import importlib.util
+    import zipfile
+
+    if zipfile.is_zipfile(script):  # a zipapp (.pyz): Python runs its __main__.py
+        return
     try:
         with open(script, "rb") as f:
-            compile(f.read(), script, "exec")
+            source = f.read()
+        if source.startswith(importlib.util.MAGIC_NUMBER):  # compiled bytecode (.pyc)
+            return
+        compile(source, script, "exec")
     except SyntaxError as e:
         line = f" (line {e.lineno})" if e.lineno else ""
         raise CaffeError(f"'{script}' is not a Python program Python can compile: {e.msg}{line}",

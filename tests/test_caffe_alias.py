@@ -139,6 +139,17 @@ def test_run_reports_a_missing_script_and_keeps_the_exit_status(tmp_path):
     exits = tmp_path / "exits.py"
     exits.write_text("import sys, caffe\nsys.exit(3 if caffe.__name__ == 'pycaffe_alt' else 4)\n")
     assert _run([sys.executable, "-m", "pycaffe_alt.run", str(exits)]).returncode == 3
+    # What python3 itself runs still runs: a zipapp and compiled bytecode.
+    import py_compile
+    import zipapp
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "__main__.py").write_text("import sys, caffe\nsys.exit(5 if caffe.__name__ == 'pycaffe_alt' else 6)\n")
+    zipapp.create_archive(str(app), str(tmp_path / "app.pyz"))
+    pyc = py_compile.compile(str(exits), cfile=str(tmp_path / "exits.pyc"))
+    assert _run([sys.executable, "-m", "pycaffe_alt.run", str(tmp_path / "app.pyz")]).returncode == 5
+    assert _run([sys.executable, "-m", "pycaffe_alt.run", pyc]).returncode == 3
 
 
 def test_pth_alias_install_and_uninstall(program, tmp_path):

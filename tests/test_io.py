@@ -171,3 +171,31 @@ def test_caffe_io_refuses_wrong_argument_types_with_type_errors():
             call()
     blob = cio.array_to_blobproto(np.ones((2, 3)), np.zeros((2, 3)))
     assert cio.blobproto_to_array(blob, return_diff=True).shape == (2, 3)
+
+
+def test_caffe_io_takes_messages_of_a_programs_own_caffe_pb2_and_path_forms(tmp_path):
+    # A program's own protoc output of caffe.proto: other classes, the same message names.
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fdp = descriptor_pb2.FileDescriptorProto(name="their_caffe.proto", package="caffe")
+    msg = fdp.message_type.add(name="Datum")
+    for number, (name, kind) in enumerate([("channels", "TYPE_INT32"), ("height", "TYPE_INT32"),
+                                           ("width", "TYPE_INT32"), ("data", "TYPE_BYTES"),
+                                           ("label", "TYPE_INT32")], 1):
+        msg.field.add(name=name, number=number, type=getattr(descriptor_pb2.FieldDescriptorProto, kind),
+                      label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    msg.field.add(name="float_data", number=6, type=descriptor_pb2.FieldDescriptorProto.TYPE_FLOAT,
+                  label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED)
+    msg.field.add(name="encoded", number=7, type=descriptor_pb2.FieldDescriptorProto.TYPE_BOOL,
+                  label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    TheirDatum = message_factory.GetMessageClass(pool.FindMessageTypeByName("caffe.Datum"))
+    theirs = TheirDatum(channels=1, height=1, width=2, data=bytes([3, 4]))
+    assert cio.datum_to_array(theirs).tolist() == [[[3, 4]]]
+    # Paths as bytes, crop dims as a bare number: a path that loads / one DataError.
+    image = tmp_path / "im.png"
+    cv2.imwrite(str(image), np.zeros((4, 5, 3), np.uint8))
+    assert cio.load_image(str(image).encode()).shape == (4, 5, 3)
+    with pytest.raises(DataError, match="crop dims"):
+        cio.oversample([np.ones((10, 12, 3))], 5)

@@ -298,6 +298,16 @@ def test_accuracy_top_k_ties_ignore_and_per_class():
         make_layer(text % "top_k: 4", [x.shape, y.shape])
 
 
+def test_accuracy_counts_in_float32_under_bf16():
+    # 1999 of 3000 right: bf16 counts would round to 0.6640625; Caffe's float gives 0.66633.
+    x = torch.zeros(3000, 2, dtype=torch.bfloat16)
+    x[:1999, 1] = 1
+    x[1999:, 0] = 1
+    y = torch.ones(3000)
+    acc = make_layer('type: "Accuracy"', [x.shape, y.shape])(x, y)
+    assert acc.dtype == torch.float32 and acc.item() == pytest.approx(1999 / 3000, rel=1e-6)
+
+
 def test_accuracy_spatial_axis():
     x = _rand(2, 3, 4).float()
     y = x.argmax(1).float()

@@ -289,11 +289,13 @@ def test_mvn_backward_is_caffes_formula():
 
 def test_mvn_top_has_four_axes_as_in_caffe():
     # MVNLayer::Reshape: top (num, channels, height, width), missing axes 1.
-    layer = make_layer('type: "MVN"', [(2, 5)])
+    layer = make_layer('type: "MVN" mvn_param { across_channels: true }', [(2, 5)])
     assert layer.top_shapes([(2, 5)]) == [(2, 5, 1, 1)]
-    y = layer(torch.arange(10.0).view(2, 5))
+    x = torch.arange(10.0).view(2, 5) ** 2
+    y = layer(x)
     assert y.shape == (2, 5, 1, 1)
-    torch.testing.assert_close(y.view(2, 5).mean(dim=1), torch.zeros(2))
+    c = x - x.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(y.view(2, 5), c / ((c * c).mean(dim=1, keepdim=True).sqrt() + 1e-9))
     with pytest.raises(NetError, match="at most 4 axes"):
         make_layer('type: "MVN"', [(1, 2, 2, 2, 2)])
 

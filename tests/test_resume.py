@@ -102,13 +102,15 @@ def test_n_plus_resume_plus_n_equals_2n_bitwise(tmp_path, fmt):
 def test_restore_logs_caffes_literal_line(tmp_path, caplog):
     # Caffe's restore functions live in SGDSolver and print "SGDSolver: restoring history" for
     # every solver type (the golden Adam/Nesterov/... train_resume.log files show it).
-    param = make_param(tmp_path)  # Nesterov
-    first, _ = run(param, 1)
-    _, state = first.snapshot()
-    with caplog.at_level("INFO", logger="pycaffe_alt"):
-        run(param, 0, restore=state)
-    lines = [r.getMessage() for r in caplog.records if "restoring history" in r.getMessage()]
-    assert lines == ["SGDSolver: restoring history"]
+    for fmt, want in (("BINARYPROTO", ["SGDSolver: restoring history"]), ("HDF5", [])):
+        param = make_param(tmp_path, fmt)  # Nesterov
+        first, _ = run(param, 1)
+        _, state = first.snapshot()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pycaffe_alt"):
+            run(param, 0, restore=state)
+        lines = [r.getMessage() for r in caplog.records if "restoring history" in r.getMessage()]
+        assert lines == want  # RestoreSolverStateFromHDF5 logs nothing
 
 
 def test_hdf5_snapshot_has_a_group_for_every_layer(tmp_path):
@@ -124,8 +126,9 @@ def test_hdf5_snapshot_has_a_group_for_every_layer(tmp_path):
         assert list(f["data/relu1"]) == [] and list(f["data/conv1"]) == ["0", "1"]
 
 
-@pytest.mark.parametrize("damage", ["torch_short", "numpy_pos", "python_missing", "batch_negative",
-                                    "world_zero", "train_not_dict"])
+@pytest.mark.parametrize("damage", ["torch_short", "numpy_pos", "numpy_pos_far", "caffe_pos_far",
+                                    "python_missing", "batch_negative", "world_zero",
+                                    "train_not_dict"])
 def test_damaged_resume_data_is_one_solver_error(tmp_path, damage):
     param = make_param(tmp_path)
     first, _ = run(param, 2)
@@ -137,6 +140,10 @@ def test_damaged_resume_data_is_one_solver_error(tmp_path, damage):
         state["rng"]["torch"] = state["rng"]["torch"][:100]
     elif damage == "numpy_pos":
         state["rng"]["numpy"]["pos"] = "x"
+    elif damage == "numpy_pos_far":  # numpy accepts it; the next draw would read past the key
+        state["rng"]["numpy"]["pos"] = 10 ** 7
+    elif damage == "caffe_pos_far":
+        state["rng"]["caffe"]["pos"] = 625
     elif damage == "python_missing":
         state["rng"]["python"] = [3]
     elif damage == "batch_negative":

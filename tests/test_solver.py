@@ -553,3 +553,5 @@ def test_blob_reshape_refuses_fractional_and_infinite_dimensions(tmp_path):
             blob.reshape(*dims)
     blob.reshape(np.int64(4), 3.0)
     assert blob.data.shape == (4, 3)
+    blob.reshape(np.array(5), np.array(3))  # 0-d integer arrays, as boost.python's int takes
+    assert blob.data.shape == (5, 3)

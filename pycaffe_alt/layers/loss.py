@@ -506,11 +506,14 @@ class Accuracy(Layer):
         classes = torch.arange(c, device=x.device).view(1, c, 1)
         ahead = (x3 > true_score) | ((x3 == true_score) & (classes > idx.unsqueeze(1)))
         correct = (ahead.sum(1) < self.top_k) & valid
-        acc = correct.sum().to(x.dtype) / valid.sum().to(x.dtype)  # 0/0 = NaN as in Caffe
+        # Counted and divided in at least float32 (Caffe's float accuracy / int count): scores
+        # in bf16/fp16 (mixed precision) would round the counts.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        acc = correct.sum().to(dtype) / valid.sum().to(dtype)  # 0/0 = NaN as in Caffe
         if self.n_tops == 1:
             return acc
         flat_idx, flat_valid = idx.reshape(-1), valid.reshape(-1)
-        seen = torch.zeros(c, dtype=x.dtype, device=x.device).index_add_(0, flat_idx, flat_valid.to(x.dtype))
-        hits = torch.zeros(c, dtype=x.dtype, device=x.device).index_add_(0, flat_idx, correct.reshape(-1).to(x.dtype))
+        seen = torch.zeros(c, dtype=dtype, device=x.device).index_add_(0, flat_idx, flat_valid.to(dtype))
+        hits = torch.zeros(c, dtype=dtype, device=x.device).index_add_(0, flat_idx, correct.reshape(-1).to(dtype))
         per_class = torch.where(seen > 0, hits / seen.clamp(min=1), torch.zeros_like(seen))
         return acc, per_class

@@ -508,9 +508,9 @@ class Pooling(Layer):
             if self.method == AVE:
                 return x.mean(dim=(2, 3), keepdim=True)
             if not self.with_mask:
-                # max(dim) routes the gradient to one index, the first maximum, as Caffe's
-                # strict '>' scan does (amax would split it between tied maxima).
-                return x.flatten(2).max(dim=2, keepdim=True)[0].unsqueeze(3)
+                # One window over the plane: max pooling's gradient goes to the first maximum,
+                # as Caffe's strict '>' scan does (amax would split it between tied maxima).
+                return F.max_pool2d(x, (h, w))
         y, mask = pool2d(x, self._geometry(h, w), self.method, self.training, self.with_mask)
         return (y, mask) if self.with_mask else y
 

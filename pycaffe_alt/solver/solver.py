@@ -37,7 +37,7 @@ from ..train.resume import capture as capture_resume_state
 from .lr_policy import current_step, learning_rate
 from .regularize import clip_gradients, local_decay, normalize, regularize, regularizer
 from .rules import RuleHyper, apply_update, check_hyper, local_rate, update_rule
-from .snapshot import (check_history, read_any_solverstate, snapshot_companion,
+from .snapshot import (check_history, is_hdf5, read_any_solverstate, snapshot_companion,
                        snapshot_filename, write_solverstate, write_solverstate_h5,
                        write_weights_h5)
 
@@ -684,8 +684,10 @@ class Solver:
             except CaffeError as e:
                 raise SolverError(f"cannot restore its weights: {e.what}", where=weights,
                                   hint=e.hint) from None
-        # Caffe's SGDSolver restore functions print this literally, whichever solver type runs.
-        logger.info("SGDSolver: restoring history")
+        # SGDSolver::RestoreSolverStateFromBinaryProto prints this literally, whichever solver
+        # type runs; the HDF5 restore prints nothing.
+        if not is_hdf5(state_path):
+            logger.info("SGDSolver: restoring history")
         with torch.no_grad():
             for h, arr in zip(self.history, data.history):
                 h.copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(h.shape).to(h.device, h.dtype))

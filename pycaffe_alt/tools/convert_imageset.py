@@ -104,7 +104,8 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
         if value < 0:
             warn(f"{flag} {value} is negative; as in Caffe it is taken as 0 (no resize)")
     resize_height, resize_width = max(0, resize_height), max(0, resize_width)
-    if resize_height and resize_width:  # Caffe resizes only when both are given
+    if resize_height and resize_width and not encoded:  # Caffe resizes only when both are
+        # given; an encoded Datum holds the re-encoded file, whose size is checked per image.
         _check_resized_size(resize_height, resize_width, 1 if gray else 3)
     skipped: List[str] = []
     first_shape = None

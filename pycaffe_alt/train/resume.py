@@ -46,12 +46,6 @@ def _numpy_rng_state() -> Dict[str, Any]:
             "has_gauss": int(has_gauss), "gauss": float(gauss)}
 
 
-def _set_numpy_rng_state(state: Dict[str, Any]) -> None:
-    keys = np.frombuffer(state["keys"], dtype=np.uint32).copy()
-    np.random.set_state((state["kind"], keys, int(state["pos"]), int(state["has_gauss"]),
-                         float(state["gauss"])))
-
-
 def _rng_state() -> Dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     state = {"torch": torch.get_rng_state().numpy().tobytes(),
@@ -63,40 +57,48 @@ def _rng_state() -> Dict[str, Any]:
     return state
 
 
-def check_rng_state(state: Dict[str, Any]) -> None:
-    """Raise ValueError/TypeError/KeyError unless every generator state in ``state`` can be
-    set: each is tried on a throwaway generator first, so a damaged snapshot changes nothing."""
+def _decode_rng_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The generator states of a :func:`capture` as the setters take them, each checked on a
+    throwaway generator (ValueError/TypeError/KeyError otherwise): a damaged snapshot is
+    refused before any generator changes. MT19937 positions are range-checked here, as neither
+    numpy's setters nor ours check them (a position past 624 reads outside the key: a crash)."""
     if not isinstance(state, dict):
         raise TypeError(f"rng is a {type(state).__name__}, not a dict")
+    out: Dict[str, Any] = {}
     if "torch" in state:
-        torch.Generator().set_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
-    if "caffe" in state:
-        caffe_rng.CaffeRNG(0).set_state(state["caffe"])
+        out["torch"] = torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8)
+        torch.Generator().set_state(out["torch"])
+    if "caffe" in state:  # absent in snapshots from before the stream was kept
+        out["caffe"] = state["caffe"]
+        caffe_rng.CaffeRNG(0).set_state(out["caffe"])
     if "numpy" in state:
-        numpy_state = state["numpy"]
-        keys = np.frombuffer(numpy_state["keys"], dtype=np.uint32).copy()
-        np.random.RandomState().set_state((numpy_state["kind"], keys, int(numpy_state["pos"]),
-                                           int(numpy_state["has_gauss"]),
-                                           float(numpy_state["gauss"])))
+        n = state["numpy"]
+        keys = np.frombuffer(n["keys"], dtype=np.uint32).copy()
+        out["numpy"] = (n["kind"], keys, caffe_rng.check_mt_position(keys, n["pos"]),
+                        int(n["has_gauss"]), float(n["gauss"]))
+        np.random.RandomState().set_state(out["numpy"])
     if "python" in state:
         version, internal, gauss_next = state["python"]
-        random.Random().setstate((version, tuple(internal), gauss_next))
+        out["python"] = (version, tuple(internal), gauss_next)
+        random.Random().setstate(out["python"])
     cuda = state.get("cuda", [])
     if not isinstance(cuda, list) or not all(isinstance(c, bytes) for c in cuda):
         raise TypeError("cuda generator states are not a list of byte strings")
+    out["cuda"] = cuda
+    return out
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
-    if "caffe" in state:  # absent in snapshots from before the stream was kept
-        caffe_rng.stream().set_state(state["caffe"])
-    if "numpy" in state:
-        _set_numpy_rng_state(state["numpy"])
-    if "python" in state:
-        version, internal, gauss_next = state["python"]
-        random.setstate((version, tuple(internal), gauss_next))
-    cuda = state.get("cuda")
+def _set_rng_state(decoded: Dict[str, Any]) -> None:
+    """Set the generators from a :func:`_decode_rng_state`."""
+    if "torch" in decoded:
+        torch.set_rng_state(decoded["torch"])
+    if "caffe" in decoded:
+        caffe_rng.stream().set_state(decoded["caffe"])
+    if "numpy" in decoded:
+        np.random.set_state(decoded["numpy"])
+    if "python" in decoded:
+        random.setstate(decoded["python"])
+    cuda = decoded["cuda"]
     if cuda and torch.cuda.is_available():
         n = min(len(cuda), torch.cuda.device_count())
         for i in range(n):
@@ -136,8 +138,7 @@ def apply(solver, state: Dict[str, Any], where: str = "resume_state") -> None:
         return
     # Generator states are checked before anything is set; a data layer refuses a damaged
     # position before it moves (DataError). The caller reports either as a damaged snapshot.
-    rng = state.get("rng", {})
-    check_rng_state(rng)
+    rng = _decode_rng_state(state.get("rng", {}))
     data = state.get("data", {})
     _load_net_data_state(solver.net, data.get("train", {}), "train", where)
     tests: List[Dict[str, Any]] = data.get("test", [])
