@@ -19,6 +19,7 @@ fillers and dropout masks after one no longer line up with Caffe's.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, Optional
 
@@ -67,7 +68,10 @@ class CaffeRNG:
         takes none)."""
         if p == 0:
             return np.zeros(int(n), dtype=bool)
-        return self.raw(n).astype(np.float64) <= float(p) * 4294967295.0
+        # u is a whole number, so u <= t exactly when u <= floor(t): one integer comparison
+        # on the raw draws, no float copy of them.
+        threshold = np.uint64(math.floor(float(p) * 4294967295.0))
+        return self._bits.random_raw(int(n)) <= threshold
 
     @staticmethod
     def _from_raw(raw: np.ndarray, a32: np.float32, span: np.float32) -> np.ndarray:
