@@ -582,3 +582,22 @@ def test_upsample_mask_out_of_range_is_refused(bad):
     mask[0, 0, 1, 1] = bad
     with pytest.raises(CaffeError, match="outside the 6 x 6 output"):
         layer(torch.ones(1, 1, 3, 3), mask)
+
+
+def test_smooth_l1_force_backward_reaches_the_targets(tmp_path):
+    # fast_rcnn_layers.hpp: AllowForceBackward is true for every bottom; the targets' diff is
+    # the negated predictions' one.
+    import pycaffe_alt as caffe
+
+    path = tmp_path / "net.prototxt"
+    path.write_text("""force_backward: true
+    layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "b" type: "Input" top: "b" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "l" type: "SmoothL1Loss" bottom: "a" bottom: "b" top: "l" }""")
+    net = caffe.Net(str(path), caffe.TRAIN)
+    net.blobs["a"].data[...] = [[0.2, -3, 1], [0, 0.5, 2]]
+    net.blobs["b"].data[...] = 0
+    net.forward()
+    net.backward()
+    assert net.blobs["a"].diff.any()
+    np.testing.assert_allclose(net.blobs["b"].diff, -net.blobs["a"].diff)

@@ -207,6 +207,19 @@ def test_dropout_masks_follow_caffes_stream_on_the_cpu():
     assert caffe_rng.stream().raw(1)[0] == caffe_rng.CaffeRNG(11).raw(241)[240]
 
 
+def test_dropout_scale_train_false_scales_at_test_time():
+    # caffe-fast-rcnn's DropoutParameter.scale_train (py-faster-rcnn's ZF models): TRAIN keeps
+    # survivors unscaled, TEST multiplies by float(1 / scale_) = 1 - ratio.
+    text = 'type: "Dropout" dropout_param { dropout_ratio: 0.25 scale_train: false }'
+    x = torch.full((4000,), 2.0, requires_grad=True)
+    y = make_layer(text, [(4000,)], TRAIN)(x)
+    assert set(y.detach().unique().tolist()) == {0.0, 2.0}
+    y.sum().backward()
+    assert set(x.grad.unique().tolist()) == {0.0, 1.0}
+    test = make_layer(text, [(4000,)], TEST)(torch.full((4000,), 2.0))
+    assert torch.equal(test, torch.full((4000,), 2.0 * 0.75))
+
+
 def test_dropout_test_phase_is_identity_and_follows_train_flag():
     layer = make_layer('type: "Dropout" dropout_param { dropout_ratio: 0.5 }', [(100,)], TEST)
     x = torch.randn(100)

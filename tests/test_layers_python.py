@@ -4,11 +4,13 @@ from __future__ import annotations
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 from google.protobuf import text_format
 
+import pycaffe_alt as caffe
 from layer_check import gradcheck_layer
 from pycaffe_alt.errors import NetError
 from pycaffe_alt.layers import LAYERS, TEST, TRAIN, LayerContext
@@ -98,6 +100,21 @@ def test_import_error_names_the_module(user_module):
         python_layer("no_such_layers_mod", "X", [(2, 3)])
     with pytest.raises(NetError, match="has no 'Missing'"):
         python_layer(user_module, "Missing", [(2, 3)])
+    # Found, but its own import fails: the hint names what is missing, not the layer's file.
+    (Path.cwd() / "needs_dep_layers.py").write_text("import dep_not_installed_xyz\n")
+    with pytest.raises(NetError) as info:
+        python_layer("needs_dep_layers", "X", [(2, 3)])
+    assert "imports 'dep_not_installed_xyz'" in str(info.value)
+    assert "put needs_dep_layers.py" not in str(info.value)
+    with pytest.raises(NetError, match="put pkg_nowhere/sub.py in the working directory"):
+        python_layer("pkg_nowhere.sub", "X", [(2, 3)])
+
+
+def test_python_layer_phase_prints_its_name(user_module):
+    # py-faster-rcnn's ProposalLayer: cfg_key = str(self.phase) # either 'TRAIN' or 'TEST'
+    layer = python_layer(user_module, "Source", [], tops=("data", "phase"), phase=TEST)
+    assert str(layer.user.phase) == "TEST" and layer.user.phase == 1 == caffe.TEST
+    assert str(caffe.TRAIN) == "TRAIN" and caffe.TRAIN == 0
 
 
 def test_setup_error_reaches_the_caller_unchanged_with_a_note(user_module):

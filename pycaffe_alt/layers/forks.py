@@ -234,6 +234,11 @@ class SmoothL1Loss(LossLayer):
 
     num_bottoms = (2, 4)
 
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        # fast_rcnn_layers.hpp: AllowForceBackward is true for every bottom; the backward
+        # writes the targets' diff (the negated predictions' one), not the weights'.
+        return bottom_index < 2
+
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
         sigma = float(param.smooth_l1_loss_param.sigma)

@@ -284,17 +284,23 @@ class Dropout(NeuronLayer):
         # stored as a float; units are kept with probability 1. - threshold_ (a double).
         self.keep = 1.0 - float(np.float32(self.ratio))
         self.scale = float(np.float32(1.0 / self.keep))
+        # caffe-fast-rcnn's scale_train: false moves the scaling to TEST, where the fork
+        # multiplies by 1 / scale_ (in double, stored as a float).
+        self.scale_train = bool(param.dropout_param.scale_train)
+        self.test_scale = float(np.float32(1.0 / self.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return x.clone()
+            return x.clone() if self.scale_train else x * self.test_scale
+        scale = self.scale if self.scale_train else 1.0
         if x.device.type != "cpu" or torch.compiler.is_compiling():
-            return F.dropout(x, self.ratio, training=True)
+            y = F.dropout(x, self.ratio, training=True)  # survivors scaled by 1 / (1 - ratio)
+            return y if self.scale_train else y * self.keep
         # Caffe's Forward_cpu: caffe_rng_bernoulli(count, 1. - threshold_, mask) from Caffe's
         # stream, one draw per unit in (N, C, H, W) order, then top = bottom * mask * scale_.
         keep = caffe_rng.stream().bernoulli(x.numel(), self.keep)
-        mask = torch.from_numpy(keep).view(x.shape).to(x.dtype) * self.scale
-        return x * mask
+        mask = torch.from_numpy(keep).view(x.shape).to(x.dtype)
+        return x * (mask * scale if scale != 1.0 else mask)
 
 
 @LAYERS.register("Clip")

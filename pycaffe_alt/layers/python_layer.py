@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..blob import Blob, BlobVec
+from ..phase import Phase
 from ..python_opt_in import ALLOW_PYTHON_ENV, python_layers_allowed
 from ..registry import LAYERS
 from .base import Layer, Shape
@@ -232,7 +233,7 @@ class Python(Layer):
         # pycaffe sets these attributes before setup (PythonLayer::LayerSetUp).
         self.user.param_str = pp.param_str
         self.user.param_str_ = pp.param_str  # the name py-faster-rcnn's Caffe fork gives it
-        self.user.phase = int(ctx.phase)
+        self.user.phase = Phase(ctx.phase)  # str() is the name, as pycaffe's enum
         if not isinstance(getattr(self.user, "blobs", None), PyBlobVec):
             self.user.blobs = PyBlobVec()
         self.n_tops = len(param.top)
@@ -269,8 +270,15 @@ class Python(Layer):
             raise self.error(f"module '{module_name}' does not compile: {e.msg} ({e.filename}, "
                              f"line {e.lineno})", "fix the module's Python syntax") from None
         except ImportError as e:
-            raise self.error(f"cannot import module '{module_name}': {e}",
-                             f"put {module_name}.py in the working directory ({cwd}) or on PYTHONPATH") from e
+            missing = getattr(e, "name", None)
+            path = module_name.replace(".", "/") + ".py"
+            if missing and missing != module_name and not module_name.startswith(missing + "."):
+                # The layer's module was found; an import inside it failed.
+                hint = (f"the module imports '{missing}', which is not installed or not on the "
+                        "path: install it or add its folder to PYTHONPATH")
+            else:
+                hint = f"put {path} in the working directory ({cwd}) or on PYTHONPATH"
+            raise self.error(f"cannot import module '{module_name}': {e}", hint) from e
         finally:
             if added:
                 sys.path.remove(cwd)
