@@ -5,6 +5,7 @@ These only choose the default device for nets and solvers created afterwards (an
 """
 from __future__ import annotations
 
+import operator
 import random
 
 import numpy as np
@@ -54,10 +55,13 @@ def set_random_seed(seed: int) -> None:
     Caffe's own stream (:mod:`pycaffe_alt.caffe_rng`) restarts too, so the fillers that follow
     it give Caffe's initial weights for the same seed and net.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
-            not 0 <= int(seed) < 2**63:
+    try:  # ints, numpy integers, 0-d integer arrays and tensors (what boost.python's int takes)
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value < 2**63:
         raise ArgumentTypeError(f"set_random_seed() takes an integer in [0, 2^63), got {seed!r}")
-    seed = int(seed)
+    seed = value
     caffe_rng.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

@@ -12,6 +12,7 @@ first on ``sys.path``. Its exceptions and exit status are its own. See
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import sys
@@ -30,29 +31,38 @@ USAGE = ("usage: pycaffe-alt run [--allow-python] SCRIPT.py [ARGS...]\n"
          "does; off by default, since a prototxt then runs code).")
 
 
-def _check_compiles(script: str) -> None:
-    """One paragraph instead of Python's traceback when the file is no Python program at all
-    (a .caffemodel or .prototxt given by mistake, a syntax error); errors the program raises
-    while running stay its own."""
+def _not_a_program(script: str, why: str) -> CaffeError:
+    return CaffeError(f"'{script}' is not a Python program Python can run: {why}",
+                      "pycaffe-alt run", "give the path of the Python program to run")
+
+
+def _check_runnable(script: str) -> None:
+    """One paragraph instead of Python's traceback when ``script`` is no program Python can
+    start (a .caffemodel or .prototxt given by mistake, a syntax error, a zip without
+    ``__main__.py``, truncated bytecode); errors the program raises while running stay its own."""
     import importlib.util
+    import marshal
     import zipfile
 
+    if os.path.isdir(script):  # a folder runs its __main__.py
+        script = os.path.join(script, "__main__.py")
     if zipfile.is_zipfile(script):  # a zipapp (.pyz): Python runs its __main__.py
+        with zipfile.ZipFile(script) as z:
+            if "__main__.py" not in z.namelist():
+                raise _not_a_program(script, "a zip file without __main__.py")
         return
     try:
         with open(script, "rb") as f:
             source = f.read()
         if source.startswith(importlib.util.MAGIC_NUMBER):  # compiled bytecode (.pyc)
+            marshal.loads(source[16:])  # the header is 16 bytes (PEP 552)
             return
         compile(source, script, "exec")
     except SyntaxError as e:
         line = f" (line {e.lineno})" if e.lineno else ""
-        raise CaffeError(f"'{script}' is not a Python program Python can compile: {e.msg}{line}",
-                         "pycaffe-alt run",
-                         "give the path of the Python program to run") from None
-    except ValueError as e:  # e.g. "source code string cannot contain null bytes"
-        raise CaffeError(f"'{script}' is not a Python program ({e})", "pycaffe-alt run",
-                         "give the path of the Python program to run") from None
+        raise _not_a_program(script, f"{e.msg}{line}") from None
+    except (ValueError, EOFError, TypeError) as e:  # null bytes; truncated or bad bytecode
+        raise _not_a_program(script, str(e) or type(e).__name__) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -75,7 +85,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args[0] == "-m":
         if len(args) < 2:
             raise CaffeError("-m needs a module name", "pycaffe-alt run", USAGE)
+        # As `python3 -m`: the current folder comes first on the path.
+        if os.getcwd() not in sys.path[:1]:
+            sys.path.insert(0, os.getcwd())
         install_as_caffe()
+        try:
+            spec = importlib.util.find_spec(args[1])
+        except (ImportError, ValueError):  # a missing parent package, an empty name
+            spec = None
+        if spec is None:
+            raise CaffeError(f"no module named '{args[1]}'", "pycaffe-alt run -m",
+                             f"run it from the folder that holds it ({os.getcwd()} is searched "
+                             "first), or add that folder to PYTHONPATH")
         sys.argv = [args[1]] + args[2:]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         return 0
@@ -84,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # As python3 runs a folder with a __main__.py; a FIFO, device or other folder is
         # refused before it is read (reading a FIFO would wait for a writer).
         check_input_path(script, CaffeError, "Python program")
-        _check_compiles(script)
+    _check_runnable(script)
     sys.argv = [script] + args[1:]
     # As `python3 script.py`: the script's folder comes first on the path (its sibling modules,
     # Python layers included, are importable), instead of this launcher's. Before aliasing, so

@@ -482,3 +482,14 @@ def test_tools_test_needs_weights_as_caffe_does(tmp_path):
         msg = _tool_error(test_tool, ["--model", str(net), "--iterations", "1"] + extra, WeightsError)
         assert "no --weights given" in msg or "empty entry" in msg
     assert test_tool.main(["--model", str(net), "--iterations", "1", "--allow_unmatched_weights"]) == 0
+    # Several files: one that matches is enough (Caffe skips what a file lacks).
+    from pycaffe_alt.net import Net
+
+    good, other = str(tmp_path / "good.caffemodel"), str(tmp_path / "other.caffemodel")
+    Net(str(net), TEST).save(good)
+    renamed = tmp_path / "renamed.prototxt"
+    renamed.write_text(net.read_text().replace('name: "ip"', 'name: "ip_other"'))
+    Net(str(renamed), TEST).save(other)
+    assert test_tool.main(["--model", str(net), "--iterations", "1", "--weights", f"{good},{other}"]) == 0
+    with pytest.raises(WeightsError, match="no layer of this weights file"):
+        test_tool.main(["--model", str(net), "--iterations", "1", "--weights", other])

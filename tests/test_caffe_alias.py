@@ -150,6 +150,23 @@ def test_run_reports_a_missing_script_and_keeps_the_exit_status(tmp_path):
     pyc = py_compile.compile(str(exits), cfile=str(tmp_path / "exits.pyc"))
     assert _run([sys.executable, "-m", "pycaffe_alt.run", str(tmp_path / "app.pyz")]).returncode == 5
     assert _run([sys.executable, "-m", "pycaffe_alt.run", pyc]).returncode == 3
+    # ... and what it cannot start is one paragraph: a zip without __main__.py, cut bytecode,
+    # a folder whose __main__.py does not compile, a module -m cannot find.
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "nomain.zip", "w") as z:
+        z.writestr("other.py", "x = 1\n")
+    (tmp_path / "cut.pyc").write_bytes(open(pyc, "rb").read()[:20])
+    (tmp_path / "badapp").mkdir()
+    (tmp_path / "badapp" / "__main__.py").write_text("def (\n")
+    for args, says in (([str(tmp_path / "nomain.zip")], "without __main__.py"),
+                       ([str(tmp_path / "cut.pyc")], "is not a Python program"),
+                       ([str(tmp_path / "badapp")], "__main__.py' is not a Python program"),
+                       (["-m", "no_such_module_xyz"], "no module named 'no_such_module_xyz'")):
+        r = _run([sys.executable, "-m", "pycaffe_alt.run", *args], cwd=tmp_path)
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # -m looks in the current folder first, as python3 -m does.
+    assert _run([sys.executable, "-m", "pycaffe_alt.run", "-m", "exits"], cwd=tmp_path).returncode == 3
 
 
 def test_pth_alias_install_and_uninstall(program, tmp_path):

@@ -118,3 +118,18 @@ def test_draws_equal_boosts():
     np.testing.assert_array_equal(rng.uniform(300, -0.3, 0.3), np.float32(ref[:300]))
     rng.skip(300)  # the reference's 300 bernoulli draws take one raw draw each
     assert rng.raw(5).tolist() == [int(v) for v in ref[600:]]
+
+
+def test_set_random_seed_takes_any_integer_form():
+    import numpy as np
+    import torch
+
+    import pycaffe_alt as caffe
+    from pycaffe_alt import caffe_rng
+
+    for seed in (np.array(3), torch.tensor(3), np.int64(3), 3):
+        caffe.set_random_seed(seed)
+        assert caffe_rng.stream().raw(1)[0] == caffe_rng.CaffeRNG(3).raw(1)[0]
+    for bad in (True, 2.5, -1, "3"):
+        with pytest.raises(TypeError):
+            caffe.set_random_seed(bad)

@@ -601,3 +601,17 @@ def test_smooth_l1_force_backward_reaches_the_targets(tmp_path):
     net.backward()
     assert net.blobs["a"].diff.any()
     np.testing.assert_allclose(net.blobs["b"].diff, -net.blobs["a"].diff)
+
+
+def test_fork_layers_refuse_non_finite_parameters_and_take_empty_inputs():
+    from layer_check import make_layer
+    from pycaffe_alt.errors import NetError
+
+    with pytest.raises(NetError, match="spatial_scale nan must be a finite number"):
+        make_layer('type: "ROIPooling" roi_pooling_param { pooled_h: 2 pooled_w: 2 spatial_scale: nan }',
+                   [(1, 3, 4, 4), (1, 5)])
+    with pytest.raises(NetError, match="sigma 1e\\+20 must be positive"):
+        make_layer('type: "SmoothL1Loss" smooth_l1_loss_param { sigma: 1e20 }', [(2, 3), (2, 3)])
+    roi = make_layer('type: "ROIPooling" roi_pooling_param { pooled_h: 2 pooled_w: 2 }',
+                     [(1, 3, 0, 4), (1, 5)])
+    assert torch.equal(roi(torch.zeros(1, 3, 0, 4), torch.zeros(1, 5)), torch.zeros(1, 3, 2, 2))

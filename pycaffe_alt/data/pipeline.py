@@ -33,7 +33,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Protocol,
 import numpy as np
 import torch
 
-from ..distributed.sharding import UNSHARDED, Shard
+from ..distributed.sharding import MAX_SAMPLES, UNSHARDED, Shard
 from ..errors import CaffeError, DataError
 from ..caffe_rng import CaffeRNG
 from .transformer import (TransformSpec, draw_params, draws_per_record, needs_random,
@@ -501,7 +501,7 @@ class InputPipeline:
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"data state is incomplete or malformed ({e!r})", self.maker.where,
                             "pass a dict returned by state()") from None
-        if batch < 0 or seed < 0 or not 0 <= skip < max(n, 1) or \
+        if not 0 <= batch * bs <= MAX_SAMPLES or seed < 0 or not 0 <= skip < max(n, 1) or \
                 not (transform_seed is None or 0 <= transform_seed < 2 ** 32):
             raise DataError(f"data state is out of range (batch {batch}, seed {seed}, skip {skip} "
                             f"of {n} records)", self.maker.where, "pass a dict returned by state()")

@@ -23,7 +23,8 @@ import torch
 from .. import caffe_rng
 from ..blob_memory import check_blob_fits
 from ..data.db import open_db
-from ..data.pipeline import BatchMaker, InputPipeline, Ordering, draw_skip, layer_seed
+from ..data.pipeline import (MAX_SAMPLES, BatchMaker, InputPipeline, Ordering, draw_skip,
+                             layer_seed)
 from ..data.transformer import TransformSpec, needs_random, output_shape, spec_from_param
 from ..distributed.sharding import UNSHARDED
 from ..errors import CaffeError, DataError
@@ -580,7 +581,7 @@ class HDF5Data(DataLayerBase):
             raise DataError(f"data state was saved for {state.get('total')} rows, this layer "
                             f"reads {self.total}", self.where, "resume with the same files")
         seed, served = int(state["seed"]), int(state["served"])
-        if seed < 0 or served < 0:
+        if seed < 0 or not 0 <= served <= MAX_SAMPLES:
             raise DataError(f"data state is out of range (seed {seed}, served {served})",
                             self.where, "resume with a snapshot of this net")
         self._shard, self._served = self._shard.resumed(state, served)
@@ -663,7 +664,7 @@ class MemoryData(DataLayerBase):
 
     def load_state(self, state: Dict[str, object]) -> None:
         pos = int(state["pos"])
-        if pos < 0:
+        if not 0 <= pos <= MAX_SAMPLES:
             raise DataError(f"data state is out of range (pos {pos})", self.where,
                             "resume with a snapshot of this net")
         self._pos = pos

@@ -138,6 +138,9 @@ class ROIPooling(Layer):
         p = param.roi_pooling_param
         self.pooled_h, self.pooled_w = int(p.pooled_h), int(p.pooled_w)
         self.spatial_scale = float(p.spatial_scale)
+        if not math.isfinite(self.spatial_scale):  # NaN or inf rounds every ROI to nothing
+            raise self.error(f"spatial_scale {self.spatial_scale:g} must be a finite number",
+                             "the feature map's size over the image's, e.g. 0.0625 for stride 16")
         if self.pooled_h <= 0 or self.pooled_w <= 0:  # the fork's CHECK_GT(pooled_h/w, 0)
             raise self.error(f"pooled size {self.pooled_h} x {self.pooled_w} is empty",
                              "set roi_pooling_param { pooled_h: H pooled_w: W } to at least 1")
@@ -181,8 +184,8 @@ class ROIPooling(Layer):
         hstart, hend = self._bins(y1, (y2 - y1 + 1).clamp(min=1), self.pooled_h, h, x.dtype)
         wstart, wend = self._bins(x1, (x2 - x1 + 1).clamp(min=1), self.pooled_w, w, x.dtype)
         malformed = (x2 < x1) | (y2 < y1)
-        if r == 0:
-            return x.new_zeros((0, c, self.pooled_h, self.pooled_w))
+        if r == 0 or h == 0 or w == 0 or c == 0:  # no ROI, or every bin empty: zeros (the fork)
+            return x.new_zeros((r, c, self.pooled_h, self.pooled_w)) + 0 * x.sum()
         kh = max(int((hend - hstart).max()), 1)
         kw = max(int((wend - wstart).max()), 1)
         hwc = x.permute(0, 2, 3, 1)  # (N, H, W, C): one gather yields every channel
@@ -242,7 +245,11 @@ class SmoothL1Loss(LossLayer):
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
         sigma = float(param.smooth_l1_loss_param.sigma)
-        self.sigma2 = float(np.float32(sigma) * np.float32(sigma))  # sigma2_ is a Dtype
+        with np.errstate(over="ignore"):
+            self.sigma2 = float(np.float32(sigma) * np.float32(sigma))  # sigma2_ is a Dtype
+        if not (sigma > 0 and math.isfinite(self.sigma2)):  # 0 or inf: 1 / sigma2 breaks
+            raise self.error(f"smooth_l1_loss_param.sigma {sigma:g} must be positive and its "
+                             "square a finite float", "use a sigma such as 1 or 3")
         if len(bottom_shapes) == 3:
             raise self.error("has 3 bottoms; weights need both the inside (bottom 2) and outside "
                              "(bottom 3) weights", "give 2 bottoms, or 4")
@@ -533,5 +540,7 @@ class Upsample(Layer):
                              f"{self.out_size[0]} x {self.out_size[1]} output",
                              "check that the scale or upsample_h/upsample_w match the input of the "
                              "pooling layer that made the mask")
+        if x.numel() == 0:  # nothing to scatter (an empty batch or no channels)
+            return x.new_zeros(tuple(x.shape[:2]) + self.out_size) + 0 * x.sum()
         top = _Unpool.apply(x, index, plane)
         return top.reshape(tuple(x.shape[:2]) + self.out_size)

@@ -104,9 +104,8 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
         if value < 0:
             warn(f"{flag} {value} is negative; as in Caffe it is taken as 0 (no resize)")
     resize_height, resize_width = max(0, resize_height), max(0, resize_width)
-    if resize_height and resize_width and not encoded:  # Caffe resizes only when both are
-        # given; an encoded Datum holds the re-encoded file, whose size is checked per image.
-        _check_resized_size(resize_height, resize_width, 1 if gray else 3)
+    if resize_height and resize_width:  # Caffe resizes only when both are given
+        _check_resized_size(resize_height, resize_width, 1 if gray else 3, encoded)
     skipped: List[str] = []
     first_shape = None
     with open_db(db_name, backend, "w") as db:
@@ -142,12 +141,14 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
     return written, skipped
 
 
-def _check_resized_size(height: int, width: int, channels: int) -> None:
-    """Refuse, before any image is read, a resize no Datum can hold (protobuf messages are at
-    most 2 GiB) or this machine cannot hold in memory; OpenCV's own allocation failure would
-    come with no word on the flags."""
+def _check_resized_size(height: int, width: int, channels: int, encoded: bool) -> None:
+    """Refuse, before any image is read, a resize this machine cannot hold in memory (OpenCV's
+    own allocation failure would come with no word on the flags) or, for raw records, no Datum
+    can hold (protobuf messages are at most 2 GiB; an encoded Datum holds the re-encoded file,
+    whose size is checked per image)."""
     size = height * width * channels
-    limit = min(DATUM_BYTES_LIMIT, physical_memory() or DATUM_BYTES_LIMIT)
+    memory = physical_memory()
+    limit = (memory or size) if encoded else min(DATUM_BYTES_LIMIT, memory or DATUM_BYTES_LIMIT)
     if size > limit:
         raise DataError(f"--resize_height {height} --resize_width {width} makes every image "
                         f"{channels}x{height}x{width} = {size:,} bytes, more than "

@@ -86,13 +86,15 @@ def build_net(args, phase: int, require_weights_match: bool = False):
     if not all(names):  # Caffe would try to open the empty name
         raise WeightsError(f"--weights {args.weights!r} has an empty entry",
                            hint="give .caffemodel paths separated by single commas")
-    for w in names:
-        if not net.copy_from(w) and require_weights_match and len(net.params):
-            raise WeightsError("no layer of this weights file has the name of a layer of the net, "
-                               "so nothing would be tested but the net's random initial weights",
-                               where=w, hint=f"check that --weights belongs to --model "
-                                             f"({args.model}); to score the unmatched net anyway, "
-                                             "add --allow_unmatched_weights")
+    # Caffe loads each file in turn and skips the layers a file lacks; only when no file
+    # matched any layer would the score be the random initial weights'.
+    matched = [w for w in names if net.copy_from(w)]
+    if names and not matched and require_weights_match and len(net.params):
+        raise WeightsError(f"no layer of {'this weights file' if len(names) == 1 else 'these weights files'} "
+                           "has the name of a layer of the net, so nothing would be tested but "
+                           "the net's random initial weights", where=args.weights,
+                           hint=f"check that --weights belongs to --model ({args.model}); to "
+                                "score the unmatched net anyway, add --allow_unmatched_weights")
     return net
 
 
