@@ -157,8 +157,10 @@ class _BlobStore:
         return t
 
     def _zeros(self, name: str, shape: Shape) -> torch.Tensor:
-        """A zero value for blob ``name`` in the net's memory format (NetError when too big)."""
-        return zeros(shape, self._net.device, name, self._net.source, self._net.memory_format)
+        """A zero value for blob ``name`` in the net's memory format and float type (NetError
+        when too big)."""
+        t = zeros(shape, self._net.device, name, self._net.source, self._net.memory_format)
+        return t if self._net._dtype == torch.float32 else t.to(self._net._dtype)
 
     def diff_tensor(self, name: str) -> torch.Tensor:
         shape = tuple(self.data_tensor(name).shape)
@@ -167,6 +169,8 @@ class _BlobStore:
             # Loss tops start with their loss weight as diff (Caffe's Layer::SetLossWeights).
             # Allocated in the net's format directly (no NCHW tensor to copy from).
             d = mf.zeros(shape, self._net.memory_format, self._net.device)
+            if self._net._dtype != torch.float32:
+                d = d.to(self._net._dtype)
             weight = self._net._loss_weights.get(name, 0.0)
             if weight:
                 d.fill_(weight)
@@ -243,6 +247,7 @@ class Net(nn.Module):
         self.source = source
         self.phase = phase
         self._device = torch.device(device) if device is not None else default_device()
+        self._dtype = torch.float32  # follows net.double() / net.half() (see _apply)
         self.net_param = self._filtered(net_param, phase, stages, level, source)
         self._values: Dict[str, torch.Tensor] = {}
         self._diffs: Dict[str, torch.Tensor] = {}
@@ -1118,11 +1123,17 @@ class Net(nn.Module):
         # Blob values follow the module (net.to('cuda'), net.double()).
         self._values = {k: fn(v) for k, v in self._values.items()}
         self._diffs = {k: fn(v) for k, v in self._diffs.items()}
-        probe = next(iter(self.parameters()), None)
-        if probe is None and self._values:
-            probe = next(iter(self._values.values()))
+        # Where (and in which float type) blobs made later live: what ``fn`` makes of a scalar
+        # on the current device (net.double() before any input blob exists, or with no
+        # parameters to look at, still makes the inputs double).
+        try:
+            probe = fn(torch.zeros((), device=self._device))
+        except (RuntimeError, TypeError, ValueError):  # e.g. a memory-format-only conversion
+            probe = None
         if probe is not None:
             self._device = probe.device
+            if probe.is_floating_point():
+                self._dtype = probe.dtype
         return self
 
     def __repr__(self) -> str:

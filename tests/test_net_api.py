@@ -444,3 +444,23 @@ def test_forward_and_forward_all_refuse_none_scalars_and_ragged_lists(value, mat
         net.forward(x=value)
     with pytest.raises(NetError, match=match):
         net.forward_all(x=value)
+
+
+def test_double_makes_later_blobs_double_too():
+    # Input blobs first touched after net.double() (and every blob of a net without
+    # parameters) follow the conversion, as docs/pycaffe.md says.
+    net = net_from_text("""
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 1 } } }""")
+    net.double()
+    net.blobs["x"].data[...] = 1 / 3
+    out = net.forward()
+    assert net.blobs["x"].data.dtype == np.float64 and out["y"].dtype == np.float64
+    plain = net_from_text("""
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "a" type: "AbsVal" bottom: "x" top: "y" }""")
+    plain.double()
+    plain.blobs["x"].data[...] = 1 / 3
+    assert plain.forward()["y"].dtype == np.float64
+    assert plain.forward()["y"][0, 0] == 1 / 3  # no float32 rounding on the way
