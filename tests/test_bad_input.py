@@ -473,6 +473,13 @@ def test_convert_imageset_refuses_impossible_resize_before_writing(tmp_path):
     assert not out.exists()
 
 
+def test_convert_imageset_refuses_an_unknown_encode_type_once(tmp_path):
+    out = tmp_path / "db"
+    msg = _tool_error(convert_imageset, ["--encode_type", "xyz", PHOTOS + "/", PHOTOS_LIST,
+                                         str(out)], DataError)
+    assert "--encode_type 'xyz'" in msg and not out.exists()
+
+
 def test_tools_test_needs_weights_as_caffe_does(tmp_path):
     net = tmp_path / "net.prototxt"
     net.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'

@@ -104,6 +104,8 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
         if value < 0:
             warn(f"{flag} {value} is negative; as in Caffe it is taken as 0 (no resize)")
     resize_height, resize_width = max(0, resize_height), max(0, resize_width)
+    if encode_type:
+        _check_encode_type(encode_type)
     if resize_height and resize_width:  # Caffe resizes only when both are given
         _check_resized_size(resize_height, resize_width, 1 if gray else 3, encoded)
     skipped: List[str] = []
@@ -139,6 +141,21 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
             db.put("%08d_%s" % (line_id, name), value)
         written = db.count
     return written, skipped
+
+
+def _check_encode_type(encode_type: str) -> None:
+    """Refuse once, up front, an --encode_type OpenCV cannot write (otherwise every image is
+    skipped with the same warning)."""
+    import cv2
+    import numpy as np
+
+    try:
+        ok, _ = cv2.imencode("." + encode_type, np.zeros((2, 2, 3), np.uint8))
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise DataError(f"--encode_type {encode_type!r}: OpenCV cannot encode images as that type",
+                        hint="use png or jpg (or another extension OpenCV writes: bmp, tif, ...)")
 
 
 def _check_resized_size(height: int, width: int, channels: int, encoded: bool) -> None:
