@@ -59,14 +59,15 @@ def _too_big(shape: Sequence[int], blob: str, where: str, device, needed: int,
                     "resize) or the layer's num_output")
 
 
-def check_blob_fits(shape: Sequence[int], device, blob: str, where: str) -> None:
-    """NetError (at ``where``, naming ``blob``) when the blob exceeds the device's memory."""
-    needed = blob_bytes(shape)
+def check_blob_fits(shape: Sequence[int], device, blob: str, where: str, work: int = 1) -> None:
+    """NetError (at ``where``, naming ``blob``) when the blob exceeds the device's memory, or
+    ``work`` times the blob does (a layer that needs that much memory while making it)."""
+    needed = blob_bytes(shape) * work
     capacity = device_memory(device)
     if capacity is not None and needed > capacity:
         raise _too_big(shape, blob, where, device, needed,
-                       f"more than the {human_bytes(capacity)} of memory on "
-                       f"{torch.device(device or 'cpu')}")
+                       f"{'with the layer working memory, ' if work > 1 else ''}more than the "
+                       f"{human_bytes(capacity)} of memory on {torch.device(device or 'cpu')}")
 
 
 def zeros(shape: Sequence[int], device, blob: str, where: str,

@@ -615,3 +615,20 @@ def test_fork_layers_refuse_non_finite_parameters_and_take_empty_inputs():
     roi = make_layer('type: "ROIPooling" roi_pooling_param { pooled_h: 2 pooled_w: 2 }',
                      [(1, 3, 0, 4), (1, 5)])
     assert torch.equal(roi(torch.zeros(1, 3, 0, 4), torch.zeros(1, 5)), torch.zeros(1, 3, 2, 2))
+
+
+def test_interp_and_upsample_count_their_working_memory():
+    # About six tops at once while running: a top that fits memory alone but not six times is
+    # refused when the net is built, before Interp builds its index tables.
+    from layer_check import make_layer
+    from pycaffe_alt.errors import NetError
+    from pycaffe_alt.host_memory import physical_memory
+
+    side = int((physical_memory() / 4 / 3) ** 0.5)  # a 1 x 1 x side x side top of memory / 3
+    with pytest.raises(NetError, match="with the layer working memory"):
+        make_layer(f'type: "Interp" interp_param {{ height: {side} width: {side} }}', [(1, 1, 4, 4)])
+    with pytest.raises(NetError, match="with the layer working memory"):
+        make_layer(f'type: "Upsample" upsample_param {{ upsample_h: {side} upsample_w: {side} }}',
+                   [(1, 1, side // 2 + 1, side // 2 + 1), (1, 1, side // 2 + 1, side // 2 + 1)])
+    with pytest.raises(NetError, match="more than"):
+        make_layer('type: "Interp" interp_param { height: 2147483647 width: 2147483647 }', [(1, 1, 4, 4)])
