@@ -1127,7 +1127,7 @@ class Net(nn.Module):
         # on the current device (net.double() before any input blob exists, or with no
         # parameters to look at, still makes the inputs double).
         try:
-            probe = fn(torch.zeros((), device=self._device))
+            probe = fn(torch.zeros((), device=self._device, dtype=self._dtype))
         except (RuntimeError, TypeError, ValueError):  # e.g. a memory-format-only conversion
             probe = None
         if probe is not None:

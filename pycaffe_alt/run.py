@@ -48,7 +48,7 @@ def _check_runnable(script: str) -> None:
         script = os.path.join(script, "__main__.py")
     if zipfile.is_zipfile(script):  # a zipapp (.pyz): Python runs its __main__.py
         with zipfile.ZipFile(script) as z:
-            if "__main__.py" not in z.namelist():
+            if not {"__main__.py", "__main__.pyc"} & set(z.namelist()):
                 raise _not_a_program(script, "a zip file without __main__.py")
         return
     try:
@@ -91,8 +91,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         install_as_caffe()
         try:
             spec = importlib.util.find_spec(args[1])
-        except (ImportError, ValueError):  # a missing parent package, an empty name
+        except ValueError:  # an empty name
             spec = None
+        except ImportError as e:
+            parts = args[1].split(".")
+            if getattr(e, "name", None) not in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+                raise  # the package was found; its own import failed, as python3 -m reports
+            spec = None  # a missing parent package
         if spec is None:
             raise CaffeError(f"no module named '{args[1]}'", "pycaffe-alt run -m",
                              f"run it from the folder that holds it ({os.getcwd()} is searched "

@@ -165,6 +165,10 @@ def test_run_reports_a_missing_script_and_keeps_the_exit_status(tmp_path):
                        (["-m", "no_such_module_xyz"], "no module named 'no_such_module_xyz'")):
         r = _run([sys.executable, "-m", "pycaffe_alt.run", *args], cwd=tmp_path)
         assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # A zipapp of bytecode only (__main__.pyc) runs, as with python3.
+    with zipfile.ZipFile(tmp_path / "pyc.zip", "w") as z:
+        z.write(pyc, "__main__.pyc")
+    assert _run([sys.executable, "-m", "pycaffe_alt.run", str(tmp_path / "pyc.zip")]).returncode == 3
     # -m looks in the current folder first, as python3 -m does.
     assert _run([sys.executable, "-m", "pycaffe_alt.run", "-m", "exits"], cwd=tmp_path).returncode == 3
 

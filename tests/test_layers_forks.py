@@ -610,8 +610,13 @@ def test_fork_layers_refuse_non_finite_parameters_and_take_empty_inputs():
     with pytest.raises(NetError, match="spatial_scale nan must be a finite number"):
         make_layer('type: "ROIPooling" roi_pooling_param { pooled_h: 2 pooled_w: 2 spatial_scale: nan }',
                    [(1, 3, 4, 4), (1, 5)])
-    with pytest.raises(NetError, match="sigma 1e\\+20 must be positive"):
+    with pytest.raises(NetError, match="sigma 1e\\+20: its square is not a finite"):
         make_layer('type: "SmoothL1Loss" smooth_l1_loss_param { sigma: 1e20 }', [(2, 3), (2, 3)])
+    # The fork only squares sigma: a negative one is the positive one, 0 a plain L1 (no refusal).
+    negative = make_layer('type: "SmoothL1Loss" smooth_l1_loss_param { sigma: -1 }', [(2, 3), (2, 3)])
+    positive = make_layer('type: "SmoothL1Loss"', [(2, 3), (2, 3)])
+    a, b = torch.randn(2, 3) * 3, torch.zeros(2, 3)
+    assert torch.equal(negative(a, b), positive(a, b))
     roi = make_layer('type: "ROIPooling" roi_pooling_param { pooled_h: 2 pooled_w: 2 }',
                      [(1, 3, 0, 4), (1, 5)])
     assert torch.equal(roi(torch.zeros(1, 3, 0, 4), torch.zeros(1, 5)), torch.zeros(1, 3, 2, 2))

@@ -460,7 +460,7 @@ def test_double_makes_later_blobs_double_too():
     plain = net_from_text("""
     layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
     layer { name: "a" type: "AbsVal" bottom: "x" top: "y" }""")
-    plain.double()
+    plain.double().to("cpu")  # a later device move keeps the float type
     plain.blobs["x"].data[...] = 1 / 3
     assert plain.forward()["y"].dtype == np.float64
     assert plain.forward()["y"][0, 0] == 1 / 3  # no float32 rounding on the way

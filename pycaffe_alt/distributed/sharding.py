@@ -69,7 +69,7 @@ class Shard:
         start = int(state.get("shard_start", 0))
         if world < 1 or not 0 <= start <= MAX_SAMPLES or not 0 <= served <= MAX_SAMPLES:
             raise ValueError(f"world_size {world}, shard_start {start} and served {served} must "
-                             "be >= 1, >= 0 and >= 0")
+                             f"be >= 1, in [0, 2^34] and in [0, 2^34]")
         if world == self.world:
             return Shard(self.rank, self.world, start), served
         cursor = start + served * world

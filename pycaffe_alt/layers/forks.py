@@ -254,9 +254,9 @@ class SmoothL1Loss(LossLayer):
         sigma = float(param.smooth_l1_loss_param.sigma)
         with np.errstate(over="ignore"):
             self.sigma2 = float(np.float32(sigma) * np.float32(sigma))  # sigma2_ is a Dtype
-        if not (sigma > 0 and math.isfinite(self.sigma2)):  # 0 or inf: 1 / sigma2 breaks
-            raise self.error(f"smooth_l1_loss_param.sigma {sigma:g} must be positive and its "
-                             "square a finite float", "use a sigma such as 1 or 3")
+        if not math.isfinite(self.sigma2):  # its square overflows: NaN gradients
+            raise self.error(f"smooth_l1_loss_param.sigma {sigma:g}: its square is not a finite "
+                             "float", "use a sigma such as 1 or 3")
         if len(bottom_shapes) == 3:
             raise self.error("has 3 bottoms; weights need both the inside (bottom 2) and outside "
                              "(bottom 3) weights", "give 2 bottoms, or 4")
