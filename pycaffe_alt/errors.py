@@ -135,7 +135,6 @@ def integer_argument(value: object, what: str) -> int:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         pass
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and \
-            float(value).is_integer():
+    if isinstance(value, numbers.Real) and float(value).is_integer():
         return int(value)
     raise ArgumentTypeError(f"{what} must be a whole number, got {value!r}")

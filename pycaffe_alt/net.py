@@ -1234,16 +1234,15 @@ class Net(nn.Module):
     def save_hdf5(self, path: str) -> None:
         """Write the weights as Caffe's HDF5 layout ``data/<layer>/<i>`` (pycaffe ``save_hdf5``)."""
         from .solver.snapshot import write_weights_h5
+        from .weights import shared_flags
 
         # Net::ToHDF5 makes a group for every layer and stores only the blobs a layer owns (a
         # blob shared from an earlier layer is left out; loading fills it from its owner).
-        seen: set = set()
-        table = []
-        for view in self._views:
-            arrays = [None if id(p) in seen else p.detach().cpu().numpy() for p in view.module.blobs]
-            seen.update(id(p) for p in view.module.blobs)
-            table.append((view.name, arrays))
-        write_weights_h5(table, os.fspath(path))
+        layers = self._named_params()
+        write_weights_h5([(name, [None if shared else p.detach().cpu().numpy()
+                                  for p, shared in zip(params, flags)])
+                          for (name, params), flags in zip(layers, shared_flags(layers))],
+                         os.fspath(path))
 
     def load_hdf5(self, path: str) -> None:
         """Copy weights from a Caffe HDF5 file by layer name, whatever its file name (pycaffe

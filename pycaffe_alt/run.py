@@ -40,7 +40,6 @@ def _check_runnable(script: str) -> None:
     """One paragraph instead of Python's traceback when ``script`` is no program Python can
     start (a .caffemodel or .prototxt given by mistake, a syntax error, a zip without
     ``__main__.py``, truncated bytecode); errors the program raises while running stay its own."""
-    import importlib.util
     import marshal
     import zipfile
 

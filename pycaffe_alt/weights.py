@@ -175,6 +175,17 @@ def shapes_match(blob, shape: Sequence[int]) -> bool:
     return _legacy_dims(blob) == padded
 
 
+def shared_flags(layers: Sequence[Tuple[str, Sequence]]) -> List[List[bool]]:
+    """For every blob of ``layers`` ((name, blobs) in net order): whether an earlier layer holds
+    it, i.e. it is shared from that layer (Caffe's param owner is the first holder)."""
+    seen: set = set()
+    flags = []
+    for _, params in layers:
+        flags.append([id(p) in seen for p in params])
+        seen.update(id(p) for p in params)
+    return flags
+
+
 def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
                  hdf5: Optional[bool] = None) -> List[str]:
     """Copy a weights file into ``layers`` ((name, [nn.Parameter]) of every layer, in net
@@ -194,10 +205,7 @@ def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
     stored = read_net_weights(path, hdf5)
     targets: Dict[str, Sequence] = {}
     shared: Dict[str, List[bool]] = {}
-    owner_seen = set()  # a blob held by an earlier layer is shared from it (Caffe's param owner)
-    for name, params in layers:
-        flags = [id(p) in owner_seen for p in params]
-        owner_seen.update(id(p) for p in params)
+    for (name, params), flags in zip(layers, shared_flags(layers)):
         if hdf5 or name not in targets:
             targets[name], shared[name] = params, flags
     copied = []

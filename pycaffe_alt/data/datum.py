@@ -18,6 +18,20 @@ from ..proto import caffe_pb2
 MESSAGE_BYTES_LIMIT = 2 ** 31 - 1
 
 
+def too_large(nbytes: int, message: Optional[str]) -> Optional[str]:
+    """Why ``nbytes`` cannot be made: "more than a <message> (at most 2 GiB) can hold" (a
+    protobuf message kind such as "Datum"; None: no message holds them), or "more than this
+    machine's memory"; None when they fit."""
+    from ..host_memory import physical_memory
+
+    if message is not None and nbytes > MESSAGE_BYTES_LIMIT:
+        return f"more than a {message} (at most 2 GiB) can hold"
+    memory = physical_memory()
+    if memory is not None and nbytes > memory:
+        return "more than this machine's memory"
+    return None
+
+
 def array_to_datum(arr: np.ndarray, label: Optional[int] = None) -> "caffe_pb2.Datum":
     """A C x H x W array as a Datum: uint8 goes to ``data`` as bytes, anything else to ``float_data``.
 

@@ -185,9 +185,10 @@ class BatchMaker:
         """
         count = self.batch_size * draws_per_record(self.spec)
         s = self.shard
-        if s.world == 1 and s.start == 0 and self.transform_seed is not None:
+        unsharded = s.world == 1 and s.start == 0
+        if unsharded and self.transform_seed is not None:
             return rand_from(self._caffe_draws(b * count, count))
-        rng = derived_generator(self.seed, _STREAM_TRANSFORM, b) if s.world == 1 and s.start == 0 \
+        rng = derived_generator(self.seed, _STREAM_TRANSFORM, b) if unsharded \
             else derived_generator(self.seed, _STREAM_SHARD_TRANSFORM, b, s.rank, s.world, s.start)
         return rand_from(rng.integers(0, 2 ** 32, size=count, dtype=np.uint64).tolist())
 
@@ -196,8 +197,8 @@ class BatchMaker:
         if self._stream is None or start < self._stream_pos:
             self._stream, self._stream_pos = CaffeRNG(self.transform_seed), 0
         while self._stream_pos < start:  # skip ahead (a worker's other batches, a resume)
-            step = min(start - self._stream_pos, 1 << 22)
-            self._stream.raw(step)
+            step = min(start - self._stream_pos, 1 << 22)  # bounded memory per chunk
+            self._stream.skip(step)
             self._stream_pos += step
         self._stream_pos += count
         return self._stream.raw(count).tolist()

@@ -25,6 +25,12 @@ from ..fillers import fill
 from ..phase import TEST, TRAIN  # noqa: F401 - re-exported by the layers package
 
 Shape = Tuple[int, ...]
+
+
+def legacy_shape(shape: Sequence[int]) -> Shape:
+    """Caffe's (num, channels, height, width) view of a blob of at most 4 axes (missing ones 1)."""
+    shape = tuple(int(d) for d in shape)
+    return shape + (1,) * (4 - len(shape))
 Tops = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 

@@ -25,14 +25,14 @@ are not here; the parser names them as a fork's (see prototxt.py).
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 import torch
 
 from ..blob_memory import check_blob_fits
 from ..registry import LAYERS
-from .base import Layer, Shape
+from .base import Layer, Shape, legacy_shape
 from .loss import LossLayer
 from .vision import Convolution
 
@@ -225,11 +225,6 @@ class ROIPooling(Layer):
 
 
 # -- py-faster-rcnn: SmoothL1Loss ----------------------------------------------------------------
-def _legacy_shape(shape: Sequence[int]) -> Tuple[int, ...]:
-    """Caffe's (num, channels, height, width) of a blob of at most 4 axes (missing ones are 1)."""
-    return tuple(shape) + (1,) * (4 - len(shape))
-
-
 @LAYERS.register("SmoothL1Loss")
 class SmoothL1Loss(LossLayer):
     """Faster R-CNN's box regression loss (caffe-fast-rcnn ``smooth_L1_loss_layer.cu``; the CPU
@@ -266,7 +261,7 @@ class SmoothL1Loss(LossLayer):
                 raise self.error(f"bottom {i} has {len(s)} axes; the fork reads at most 4 "
                                  "(num, channels, height, width)")
             # The fork's Reshape: channels, height and width agree (LossLayer: num for bottom 1).
-            mine, theirs = _legacy_shape(s), _legacy_shape(first)
+            mine, theirs = legacy_shape(s), legacy_shape(first)
             if mine[1:] != theirs[1:] or (i < 2 and mine[0] != theirs[0]) \
                     or math.prod(s) != math.prod(first):
                 raise self.error(f"bottom {i} has shape {tuple(s)}, bottom 0 has {first}",

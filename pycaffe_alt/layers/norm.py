@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import LAYERS
-from .base import Layer, Shape
+from .base import Layer, Shape, legacy_shape
 
 # LRNParameter.NormRegion (wire facts).
 ACROSS_CHANNELS, WITHIN_CHANNEL = 0, 1
@@ -324,7 +324,7 @@ class MVN(Layer):
             centred = centred / _CaffeStdGrad.apply(var, self.eps)
         # MVNLayer::Reshape makes the top (num, channels, height, width): a bottom with fewer
         # than 4 axes gets a 4-axis top, the missing axes 1 ((N, D) gives (N, D, 1, 1)).
-        return centred.reshape(tuple(x.shape) + (1,) * (4 - x.dim()))
+        return centred.reshape(legacy_shape(x.shape))
 
 
 # -- Softmax ----------------------------------------------------------------------------------

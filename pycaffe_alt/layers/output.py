@@ -18,13 +18,7 @@ import torch
 from ..errors import NetError
 from ..fileio import check_output_path
 from ..registry import LAYERS
-from .base import Layer, Shape
-
-
-def legacy_shape(shape: Sequence[int]) -> tuple:
-    """Caffe's (num, channels, height, width) view of a blob of at most 4 axes."""
-    shape = tuple(int(d) for d in shape)
-    return shape + (1,) * (4 - len(shape))
+from .base import Layer, Shape, legacy_shape
 
 
 @LAYERS.register("HDF5Output")

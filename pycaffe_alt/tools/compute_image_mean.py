@@ -14,11 +14,10 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data.datum import MESSAGE_BYTES_LIMIT, datum_to_array
+from ..data.datum import datum_to_array, too_large
 from ..data.db import open_db
 from ..errors import DataError
 from ..fileio import atomic_write
-from ..host_memory import physical_memory
 from ..proto import caffe_pb2
 from ..weights import array_to_blob
 from .cli import parse_args, progress, run_main
@@ -57,12 +56,10 @@ def check_mean_size(shape: Tuple[int, ...], where: str) -> None:
     if size == 0:
         raise DataError(f"record has no pixels (shape {'x'.join(map(str, shape))})", where=where,
                         hint="the record is empty or corrupt; re-create the database")
-    limit = min(MESSAGE_BYTES_LIMIT, physical_memory() or MESSAGE_BYTES_LIMIT)
-    if size * 4 > limit:
+    why = too_large(size * 4, "BlobProto")
+    if why is not None:
         raise DataError(f"records of {'x'.join(map(str, shape))} pixels need a mean of "
-                        f"{size * 4:,} bytes, more than "
-                        + ("a BlobProto (at most 2 GiB) can hold" if limit == MESSAGE_BYTES_LIMIT
-                           else "this machine's memory"), where=where,
+                        f"{size * 4:,} bytes, {why}", where=where,
                         hint="resize the images when creating the database (convert_imageset "
                              "--resize_height/--resize_width)")
 

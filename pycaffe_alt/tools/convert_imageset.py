@@ -16,12 +16,11 @@ from typing import List, Optional, Sequence, Tuple
 
 from google.protobuf.message import EncodeError
 
-from ..data.datum import MESSAGE_BYTES_LIMIT as DATUM_BYTES_LIMIT
+from ..data.datum import too_large
 from ..data.db import normalize_backend, open_db
 from ..data.image import guess_encoding, image_to_datum
 from ..errors import DataError
 from ..fileio import read_input_bytes
-from ..host_memory import physical_memory
 from .cli import add_bool_flag, int32, parse_args, progress, run_main, warn
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -159,13 +158,10 @@ def _check_resized_size(height: int, width: int, channels: int, encoded: bool) -
     can hold (protobuf messages are at most 2 GiB; an encoded Datum holds the re-encoded file,
     whose size is checked per image)."""
     size = height * width * channels
-    memory = physical_memory()
-    limit = (memory or size) if encoded else min(DATUM_BYTES_LIMIT, memory or DATUM_BYTES_LIMIT)
-    if size > limit:
+    why = too_large(size, None if encoded else "Datum")
+    if why is not None:
         raise DataError(f"--resize_height {height} --resize_width {width} makes every image "
-                        f"{channels}x{height}x{width} = {size:,} bytes, more than "
-                        + ("a Datum (at most 2 GiB) can hold" if limit == DATUM_BYTES_LIMIT
-                           else "this machine's memory"),
+                        f"{channels}x{height}x{width} = {size:,} bytes, {why}",
                         hint="choose a smaller size")
 
 
