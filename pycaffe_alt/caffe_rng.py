@@ -8,14 +8,13 @@ over ``[a, nextafter(b, +inf))``, which turns one 32-bit draw ``u`` into
 below ``b'``. Layers that start threads or seed their own generators take raw draws from the same
 stream first (see :func:`skip`), so the layer order of a net decides which values each filler gets.
 
-What follows Caffe draw for draw: ``constant``, ``uniform``, ``xavier``, ``positive_unitball``
-fillers, the set-up draws of data layers, and the Data/ImageData layers' random crops and mirrors
-(their transformer's own mt19937, seeded by one of those set-up draws; data/pipeline.py).
-Dropout masks on the CPU follow it too (one draw per unit at every TRAIN forward; on CUDA, where
-Caffe draws with cuRAND, and inside compiled graphs, torch's generator draws them). ``gaussian``
-and ``msra`` fillers (boost's ziggurat normal distribution) use torch's generator instead: same
-distribution, different values; a gaussian filler does not advance this stream, so uniform
-fillers and dropout masks after one no longer line up with Caffe's.
+What follows Caffe draw for draw: every filler (``gaussian`` and ``msra`` through boost's
+ziggurat normal distribution, :mod:`pycaffe_alt.boost_random.ziggurat`; the sparse gaussian
+mask through ``bernoulli_distribution<float>``), the set-up draws of data layers, and the
+Data/ImageData layers' random crops and mirrors (their transformer's own mt19937, seeded by one
+of those set-up draws; data/pipeline.py). Dropout masks on the CPU follow it too (one draw per
+unit at every TRAIN forward; on CUDA, where Caffe draws with cuRAND, and inside compiled graphs,
+torch's generator draws them).
 """
 from __future__ import annotations
 
@@ -25,7 +24,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-_TWO_32 = np.float32(4294967296.0)  # boost: float(eng.max() - eng.min()) + 1
+from .boost_random import ziggurat
+
+_TWO_32 = np.float32(4294967296.0)
+_GAUSSIAN_BLOCK = 1 << 16  # boost: float(eng.max() - eng.min()) + 1
 
 
 class CaffeRNG:
@@ -72,6 +74,39 @@ class CaffeRNG:
         # on the raw draws, no float copy of them.
         threshold = np.uint64(math.floor(float(p) * 4294967295.0))
         return self._bits.random_raw(int(n)) <= threshold
+
+    def gaussian(self, n: int, mean: float, sigma: float) -> np.ndarray:
+        """``caffe_rng_gaussian<float>(n, mean, sigma)``: ``n`` float32 values of boost's
+        ``normal_distribution<float>`` (:mod:`pycaffe_alt.boost_random.ziggurat`), which takes
+        a varying number of draws per value."""
+        out = np.empty(int(n), dtype=np.float32)
+        # Blocks keep the working arrays small (cache-resident, no fresh pages per call).
+        for lo in range(0, len(out), _GAUSSIAN_BLOCK):
+            count = min(_GAUSSIAN_BLOCK, len(out) - lo)
+            start = self._bits.state
+            size = count + count // 16 + 64  # about 1.01 draws per value; more when short
+            while True:
+                try:
+                    out[lo:lo + count], used = ziggurat.unit_normals(self.raw(size), count)
+                    break
+                except ziggurat.NeedMoreDraws:
+                    self._bits.state = start
+                    size *= 2
+            # Rewind and take exactly the draws the values used.
+            self._bits.state = start
+            self.skip(used)
+        # normal_distribution<float>: unit * sigma + mean, in float.
+        out *= np.float32(sigma)
+        out += np.float32(mean)
+        return out
+
+    def bernoulli_float(self, n: int, p: float) -> np.ndarray:
+        """``caffe_rng_bernoulli<float>(n, p)`` (the sparse gaussian filler's mask): like
+        :meth:`bernoulli` with boost's float comparison; ``p`` is a float32 and must lie in
+        [0, 1]."""
+        if np.float32(p) == 0:
+            return np.zeros(int(n), dtype=bool)
+        return ziggurat.bernoulli_float(self.raw(int(n)), np.float32(p))
 
     @staticmethod
     def _from_raw(raw: np.ndarray, a32: np.float32, span: np.float32) -> np.ndarray:

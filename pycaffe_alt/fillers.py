@@ -2,10 +2,9 @@
 
 Formulas follow Caffe's filler.hpp: fan-in is ``count / shape[0]``, fan-out ``count / shape[1]``;
 ``sparse`` in the gaussian filler keeps each weight with probability ``sparse / shape[0]``.
-``uniform``, ``xavier`` and ``positive_unitball`` draw from Caffe's own stream
-(:mod:`pycaffe_alt.caffe_rng`): with the same ``random_seed`` and net they give Caffe's values
-bit for bit. ``gaussian`` and ``msra`` draw from torch's generator (same distribution, other
-values than boost's normal distribution).
+Every random filler draws from Caffe's own stream (:mod:`pycaffe_alt.caffe_rng`): with the same
+``random_seed`` and net they give Caffe's values bit for bit (``gaussian`` and ``msra`` through
+boost's ziggurat normal distribution, :mod:`pycaffe_alt.boost_random.ziggurat`).
 """
 from __future__ import annotations
 
@@ -55,12 +54,23 @@ def _uniform(t, p):
     _caffe_uniform(t, p.min, p.max)
 
 
+def _caffe_gaussian(t: torch.Tensor, mean, std) -> None:
+    """Fill ``t`` with ``caffe_rng_gaussian<float>(count, mean, std)``."""
+    values = caffe_rng.stream().gaussian(t.numel(), float(mean), float(std))
+    t.copy_(torch.from_numpy(values).reshape(t.shape))
+
+
 def _gaussian(t, p):
-    t.normal_(p.mean, p.std)
+    _caffe_gaussian(t, np.float32(p.mean), np.float32(p.std))
     if p.sparse >= 0:
-        # Caffe: each weight survives with probability sparse / num_outputs (shape[0]).
-        keep = min(1.0, p.sparse / float(t.shape[0])) if t.dim() > 0 and t.shape[0] else 0.0
-        t.mul_(torch.bernoulli(torch.full_like(t, keep)))
+        # Caffe: each weight survives with probability Dtype(sparse) / Dtype(num_outputs)
+        # (shape[0]), one caffe_rng_bernoulli<float> draw per weight after the values.
+        keep = caffe_rng.stream().bernoulli_float(t.numel(), _sparse_probability(p, t.shape))
+        t.mul_(torch.from_numpy(keep).reshape(t.shape).to(t.dtype))
+
+
+def _sparse_probability(p, shape: Sequence[int]) -> np.float32:
+    return np.float32(p.sparse) / np.float32(shape[0])
 
 
 def _positive_unitball(t, p):
@@ -78,7 +88,8 @@ def _xavier(t, p):
 
 
 def _msra(t, p):
-    t.normal_(0.0, math.sqrt(2.0 / _variance_n(t, p.variance_norm)))
+    # Caffe: Dtype std = sqrt(Dtype(2) / n), in float.
+    _caffe_gaussian(t, 0.0, np.sqrt(np.float32(2.0) / np.float32(_variance_n(t, p.variance_norm))))
 
 
 def _bilinear(t, p):
@@ -121,6 +132,18 @@ def check(filler_param, shape: Sequence[int]) -> None:
         raise FillerError(f"{kind} filler: sparse {sparse} is not supported",
                           hint="sparse applies to the gaussian filler only (-1: dense, N >= 0: about "
                                "N non-zero weights per output)")
+    if kind == "gaussian":
+        std = np.float32(filler_param.std)
+        if not std > 0:
+            # caffe_rng_gaussian's CHECK_GT(sigma, 0) (a NaN fails it too).
+            raise FillerError(f"gaussian filler needs std > 0, got std {filler_param.std:g}",
+                              hint="e.g. weight_filler { type: \"gaussian\" std: 0.01 }; for "
+                                   "all-equal weights use type: \"constant\"")
+        if sparse >= 0 and len(shape) and shape[0] and not (
+                _sparse_probability(filler_param, shape) <= 1):
+            # caffe_rng_bernoulli's CHECK_LE(p, 1) with p = sparse / num_outputs.
+            raise FillerError(f"gaussian filler: sparse {sparse} exceeds the blob's {shape[0]} "
+                              f"outputs (shape[0])", hint=f"use 0 <= sparse <= {shape[0]}")
     if kind == "uniform":
         # caffe_rng_uniform's CHECK_LE(a, b); a NaN bound or a span beyond float (-3e38..3e38)
         # would make every draw fall outside [min, max] and the rejection loop never end.

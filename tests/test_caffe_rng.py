@@ -133,3 +133,108 @@ def test_set_random_seed_takes_any_integer_form():
     for bad in (True, 2.5, -1, "3"):
         with pytest.raises(TypeError):
             caffe.set_random_seed(bad)
+
+
+BOOST_RNG = __import__("pathlib").Path(__file__).parent / "fixtures" / "boost_rng"
+
+
+def _bits(values):
+    return np.asarray(values, dtype=np.float32).view(np.uint32)
+
+
+def test_gaussian_draws_equal_boosts_normal_distribution():
+    """caffe_rng_gaussian<float> and caffe_rng_bernoulli<float> as boost (>= 1.64) draws them
+    (fixtures/boost_rng/normal_reference.cpp); both seeds' runs include tail samples, whose
+    extra draws would shift everything after them."""
+    lines = (BOOST_RNG / "normal_seeds_1_42.txt").read_text().split()
+    per_seed = 2000 + 200 + 200 + 3
+    for k, seed in enumerate((1, 42)):
+        ref = lines[k * per_seed:(k + 1) * per_seed]
+        rng = CaffeRNG(seed)
+        assert _bits(rng.gaussian(2000, 0.0, 1.0)).tolist() == [int(h, 16) for h in ref[:2000]]
+        assert _bits(rng.gaussian(200, 0.5, 0.01)).tolist() == [int(h, 16) for h in ref[2000:2200]]
+        assert rng.bernoulli_float(200, 0.2).astype(int).tolist() == [int(v) for v in ref[2200:2400]]
+        assert rng.raw(3).tolist() == [int(v) for v in ref[2400:]]
+
+
+def test_a_long_gaussian_run_equals_boosts_and_uses_its_draws():
+    import hashlib
+
+    ref = dict(line.split() for line in
+               (BOOST_RNG / "normal_seed1701_200000.txt").read_text().splitlines())
+    rng = CaffeRNG(1701)
+    values = rng.gaussian(200000, 0.0, 1.0)
+    assert hashlib.sha256(values.astype("<f4").tobytes()).hexdigest() == ref["sha256"]
+    assert rng.raw(1)[0] == int(ref["next_raw"])
+
+
+@pytest.mark.parametrize("seed", [0, 3, 99, 2024])
+def test_vectorized_ziggurat_equals_the_scalar_reference(seed):
+    from pycaffe_alt.boost_random import ziggurat
+
+    raw = CaffeRNG(seed).raw(21000)
+    values, used = ziggurat.unit_normals(raw, 20000)
+    pos, ref = 0, []
+    for _ in range(20000):
+        v, pos = ziggurat.unit_normal_at(raw, pos)
+        ref.append(v)
+    assert used == pos
+    assert _bits(values).tolist() == _bits(ref).tolist()
+
+
+def test_a_short_buffer_asks_for_more_draws_and_gaussian_supplies_them():
+    from pycaffe_alt.boost_random import ziggurat
+
+    raw = CaffeRNG(42).raw(64)
+    need = next(n for n in range(1, 64)
+                if ziggurat.unit_normals(raw, n)[1] > n)  # a value that took 2+ draws
+    with pytest.raises(ziggurat.NeedMoreDraws):
+        ziggurat.unit_normals(raw[:need], need)
+    # CaffeRNG.gaussian starts with a margin of draws; with many slow values it asks again.
+    a = CaffeRNG(42).gaussian(need, 0, 1)
+    assert _bits(a).tolist() == _bits(ziggurat.unit_normals(raw, need)[0]).tolist()
+
+
+def test_gaussian_msra_and_sparse_fillers_draw_caffes_values():
+    caffe_rng.seed(42)
+    t = fill(torch.empty(10, 200), caffe_pb2.FillerParameter(type="gaussian", std=1.0))
+    lines = (BOOST_RNG / "normal_seeds_1_42.txt").read_text().split()
+    assert _bits(t.numpy()).ravel().tolist() == [int(h, 16) for h in lines[2403:4403]]
+    # msra: std = sqrt(Dtype(2) / fan_in) in float, the same draws.
+    caffe_rng.seed(7)
+    m = fill(torch.empty(8, 4, 3, 3), caffe_pb2.FillerParameter(type="msra"))
+    std = np.sqrt(np.float32(2) / np.float32(36))
+    assert np.array_equal(m.numpy().ravel(), CaffeRNG(7).gaussian(288, 0, std))
+    # sparse: the values first, then one bernoulli<float> draw per weight, p = 3 / 10.
+    caffe_rng.seed(9)
+    s = fill(torch.empty(10, 40), caffe_pb2.FillerParameter(type="gaussian", std=1.0, sparse=3))
+    rng = CaffeRNG(9)
+    values = rng.gaussian(400, 0, 1)
+    keep = rng.bernoulli_float(400, np.float32(3) / np.float32(10))
+    assert np.array_equal(s.numpy().ravel(), values * keep)
+    assert caffe_rng.stream().raw(1)[0] == rng.raw(1)[0]
+
+
+@pytest.mark.parametrize("kw,shape,needle", [
+    (dict(type="gaussian", std=0.0), (4, 3), "std > 0"),
+    (dict(type="gaussian", std=-1.0), (4, 3), "std > 0"),
+    (dict(type="gaussian", std=float("nan")), (4, 3), "std > 0"),
+    (dict(type="gaussian", sparse=5), (4, 3), "sparse 5 exceeds the blob's 4 outputs"),
+])
+def test_gaussian_filler_refuses_what_caffe_aborts_on(kw, shape, needle):
+    from pycaffe_alt.fillers import FillerError
+
+    with pytest.raises(FillerError, match=needle):
+        fill(torch.empty(shape), caffe_pb2.FillerParameter(**kw))
+
+
+def test_ziggurat_tables_are_what_their_equations_give():
+    pytest.importorskip("mpmath")
+    from pycaffe_alt.boost_random import generate_tables, tables
+
+    fresh = generate_tables.tables()
+    for name, values in fresh.items():
+        assert tuple(values) == getattr(tables, name), name
+    # The layers' defining properties, in double: equal areas, top at 0, y = f(x).
+    assert tables.NORMAL_X[-1] == 0 and tables.NORMAL_Y[-1] == 1 and len(tables.NORMAL_X) == 129
+    assert tables.EXPONENTIAL_X[0] == pytest.approx(tables.EXPONENTIAL_X[1] + 1, abs=4e-15)  # x0 = v / f(r) = r + 1
