@@ -108,6 +108,34 @@ class CaffeRNG:
             return np.zeros(int(n), dtype=bool)
         return ziggurat.bernoulli_float(self.raw(int(n)), np.float32(p))
 
+    def shuffle(self, values: np.ndarray) -> None:
+        """``caffe::shuffle(begin, end, this generator)`` in place (util/rng.hpp): Fisher-Yates
+        from the last position down, swapping position ``i`` with ``boost::uniform_int(0, i)``.
+        boost's uniform_int on a 32-bit engine divides one draw by a bucket size of
+        ``(2^32 - 1) // (i + 1)`` (one more when ``(2^32 - 1) % (i + 1) == i``) and draws again
+        when the quotient exceeds ``i``."""
+        n = len(values)
+        if n < 2:
+            return
+        tops = np.arange(n - 1, 0, -1, dtype=np.int64)
+        span = np.int64(0xFFFFFFFF)
+        buckets = span // (tops + 1) + (span % (tops + 1) == tops)
+        picks = np.empty(n - 1, dtype=np.int64)
+        buf, at, done = self.raw(n - 1).astype(np.int64), 0, 0
+        while done < n - 1:
+            need = n - 1 - done
+            if len(buf) - at < need:  # a rejected draw was replaced: take one more per rejection
+                buf, at = np.concatenate([buf[at:], self.raw(need - (len(buf) - at)).astype(np.int64)]), 0
+            quotient = buf[at:at + need] // buckets[done:]
+            rejected = np.flatnonzero(quotient > tops[done:])
+            ok = int(rejected[0]) if len(rejected) else need
+            picks[done:done + ok] = quotient[:ok]
+            done, at = done + ok, at + ok + (ok < need)
+        order = values.tolist()
+        for i, j in zip(tops.tolist(), picks.tolist()):
+            order[i], order[j] = order[j], order[i]
+        values[:] = order
+
     @staticmethod
     def _from_raw(raw: np.ndarray, a32: np.float32, span: np.float32) -> np.ndarray:
         return raw.astype(np.float32) / _TWO_32 * span + a32

@@ -235,6 +235,76 @@ def test_image_data_shuffle_permutes_every_pass(in_golden):
     layer.close()
 
 
+def test_image_data_shuffle_reads_caffes_order(in_golden):
+    """ImageData's passes are the key order shuffled in place by caffe::shuffle on an mt19937
+    seeded with a draw from Caffe's stream: once at set-up, again after every pass; rand_skip
+    starts the first pass at (the next draw) % rand_skip."""
+    n = len(read_list("digits_test.txt"))
+    for extra, skip_mod in (("shuffle: true", 0), ("shuffle: true rand_skip: 7", 7)):
+        caffe.set_random_seed(31)
+        layer = image_layer("digits_test.txt", extra, batch_size=n)
+        draws = CaffeRNG(31).raw(2).tolist()  # no crop/mirror: the shuffle seed comes first
+        rng, order, expected = CaffeRNG(draws[0]), np.arange(n), []
+        for _ in range(3):
+            rng.shuffle(order)
+            expected.extend(order.tolist())
+        skip = draws[1] % skip_mod if skip_mod else 0
+        served = []
+        for _ in range(2):
+            layer()
+            served.extend(layer.last_indices.tolist())
+        assert served == expected[skip:skip + 2 * n]
+        layer.close()
+
+
+def test_image_data_caffe_shuffle_resumes_mid_pass(in_golden):
+    n = len(read_list("digits_test.txt"))
+    caffe.set_random_seed(5)
+    a = image_layer("digits_test.txt", "shuffle: true", batch_size=3)
+    for _ in range(n // 3 + 2):  # into the second pass
+        a()
+    state = a.pipeline.state()
+    ahead = [a() and a.last_indices.tolist() for _ in range(n // 3 + 1)]
+    caffe.set_random_seed(99)  # another shuffle seed at set-up: the state's must win
+    b = image_layer("digits_test.txt", "shuffle: true", batch_size=3)
+    b.pipeline.load_state(state)
+    assert [b() and b.last_indices.tolist() for _ in range(n // 3 + 1)] == ahead
+    a.close(), b.close()
+
+
+def test_caffe_shuffle_equals_boosts_fisher_yates():
+    """CaffeRNG.shuffle against caffe::shuffle compiled with boost
+    (fixtures/boost_rng/shuffle_reference.cpp): three passes of 10, two of 1000, and two of
+    300000 records, where boost's uniform_int rejects a few draws."""
+    from pathlib import Path
+
+    lines = (Path(__file__).parent / "fixtures" / "boost_rng" / "shuffle_passes.txt"
+             ).read_text().splitlines()
+
+    def passes(seed, n, count):
+        rng, order, out = CaffeRNG(seed), np.arange(n), []
+        for _ in range(count):
+            rng.shuffle(order)
+            out.append(order.copy())
+        return out, int(rng.raw(1)[0])
+
+    out, after = passes(1, 10, 3)
+    assert [o.tolist() for o in out] == [[int(t) for t in line.split()] for line in lines[:3]]
+    assert after == int(lines[3])
+    out, after = passes(77, 1000, 2)
+    assert [o.tolist() for o in out] == [[int(t) for t in line.split()] for line in lines[4:6]]
+    assert after == int(lines[6])
+
+    def fnv(order):
+        h = 1469598103934665603
+        for v in order.tolist():
+            h = ((h ^ v) * 1099511628211) & (2 ** 64 - 1)
+        return h
+
+    out, after = passes(2024, 300000, 2)
+    assert [fnv(o) for o in out] == [int(lines[7]), int(lines[8])] and after == int(lines[9])
+
+
 def test_image_data_rand_skip_starts_later(in_golden):
     torch.manual_seed(0)
     layer = image_layer("digits_test.txt", "rand_skip: 10", batch_size=2)

@@ -11,7 +11,8 @@ generator derived from ``(layer seed, b)``, and transforms them. Hence
 
 Order follows Caffe's Data layer: records in key order with a wrapping cursor (after the last
 record comes the first), an optional random skip at the start (``rand_skip``), and an optional
-reshuffle at every pass (ImageData's ``shuffle``; off by default for Data, as in Caffe).
+reshuffle at every pass (ImageData's ``shuffle``, in Caffe's order: :class:`CaffeShuffles`; an
+opt-in for Data, which Caffe never shuffles).
 
 Every batch carries the record index (position in key order) of each sample: the alternation
 mask store keys on them.
@@ -43,7 +44,6 @@ from .transformer import (TransformSpec, draw_params, draws_per_record, needs_ra
 # shuffling on does not change the crops.
 _STREAM_TRANSFORM = 0
 _STREAM_SHUFFLE = 1
-_STREAM_SKIP = 2
 _STREAM_SHARD_TRANSFORM = 3
 
 
@@ -67,13 +67,6 @@ def layer_seed(name: str) -> int:
     return int(seq.generate_state(2, np.uint32).view(np.uint64)[0] >> np.uint64(1))
 
 
-def draw_skip(seed: int, rand_skip: int, num_records: int) -> int:
-    """Caffe's ``rand_skip``: skip a random number of records in [0, rand_skip) at the start."""
-    if rand_skip <= 0:
-        return 0
-    return int(derived_generator(seed, _STREAM_SKIP, 0).integers(rand_skip)) % max(num_records, 1)
-
-
 class RecordSource(Protocol):
     """Random access to the records of a dataset, in its canonical (key/list) order."""
 
@@ -88,17 +81,61 @@ class RecordSource(Protocol):
     def close(self) -> None: ...
 
 
+class CaffeShuffles:
+    """The orders ImageData's ``shuffle`` reads in Caffe: key order shuffled once at set-up and
+    again, in place, at the end of every pass, by ``caffe::shuffle`` on the layer's own mt19937
+    (seeded with a draw from Caffe's stream). Pass ``e`` reads the order after ``e + 1``
+    shuffles; the chain is kept, so consecutive passes cost one shuffle each (an earlier pass,
+    after a resume, recomputes from the seed)."""
+
+    def __init__(self, num_records: int, seed: int):
+        self.num_records, self.seed = num_records, seed
+        self._lock = threading.Lock()
+        self._restart()
+
+    def _restart(self) -> None:
+        self._rng = CaffeRNG(self.seed)
+        self._order = np.arange(self.num_records, dtype=np.int64)
+        self._pass = -1
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Record indices of pass ``epoch`` (0 = the first)."""
+        with self._lock:
+            if epoch < self._pass:
+                self._restart()
+            while self._pass < epoch:
+                self._rng.shuffle(self._order)
+                self._pass += 1
+            return self._order.copy()
+
+    def __getstate__(self) -> Dict[str, int]:  # worker processes rebuild the chain
+        return {"num_records": self.num_records, "seed": self.seed}
+
+    def __setstate__(self, state: Dict[str, int]) -> None:
+        self.__init__(state["num_records"], state["seed"])
+
+
 @dataclass(frozen=True)
 class Ordering:
     """Which record is the ``n``-th sample served: key order from ``skip`` on, wrapping at the
-    end; with ``shuffle`` every pass (epoch) uses its own permutation."""
+    end; with ``shuffle`` every pass (epoch) uses its own permutation: Caffe's (ImageData's
+    chain of in-place shuffles, :class:`CaffeShuffles`) when ``caffe_shuffle_seed`` is given,
+    else an independent permutation per pass from ``seed`` (Data's opt-in reshuffle)."""
 
     num_records: int
     skip: int = 0
     shuffle: bool = False
     seed: int = 0
+    caffe_shuffle_seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        chain = (CaffeShuffles(self.num_records, self.caffe_shuffle_seed)
+                 if self.shuffle and self.caffe_shuffle_seed is not None else None)
+        object.__setattr__(self, "_caffe_chain", chain)  # a cache, not part of the value
 
     def permutation(self, epoch: int) -> np.ndarray:
+        if self._caffe_chain is not None:
+            return self._caffe_chain.order(epoch)
         return derived_generator(self.seed, _STREAM_SHUFFLE, epoch).permutation(self.num_records)
 
     def indices(self, first: int, count: int,
@@ -467,7 +504,8 @@ class InputPipeline:
         """Reshuffle the records at every pass (True) or read them in key order (False)."""
         self._stop_engine()
         o = self.maker.ordering
-        self.maker.restart(Ordering(o.num_records, o.skip, bool(shuffle), o.seed))
+        self.maker.restart(Ordering(o.num_records, o.skip, bool(shuffle), o.seed,
+                                    o.caffe_shuffle_seed))
 
     def set_shard(self, rank: int, world: int) -> None:
         """Read as rank ``rank`` of ``world`` data-parallel ranks (Caffe's skip rule, see
@@ -484,6 +522,7 @@ class InputPipeline:
         o = self.maker.ordering
         state = {"batch": self._next, "seed": self.maker.seed, "skip": o.skip,
                  "shuffle": o.shuffle, "num_records": o.num_records,
+                 "caffe_shuffle_seed": o.caffe_shuffle_seed,
                  "batch_size": self.maker.batch_size,
                  "transform_seed": self.maker.transform_seed}
         state.update(self.maker.shard.state(self._next * self.maker.batch_size))
@@ -499,11 +538,13 @@ class InputPipeline:
             # Absent in snapshots from before the transformer followed Caffe's stream.
             transform_seed = state.get("transform_seed", self.maker.transform_seed)
             transform_seed = None if transform_seed is None else int(transform_seed)
+            shuffle_seed = state.get("caffe_shuffle_seed", o.caffe_shuffle_seed)
+            shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"data state is incomplete or malformed ({e!r})", self.maker.where,
                             "pass a dict returned by state()") from None
         if not 0 <= batch * bs <= MAX_SAMPLES or seed < 0 or not 0 <= skip < max(n, 1) or \
-                not (transform_seed is None or 0 <= transform_seed < 2 ** 32):
+                not all(v is None or 0 <= v < 2 ** 32 for v in (transform_seed, shuffle_seed)):
             raise DataError(f"data state is out of range (batch {batch}, seed {seed}, skip {skip} "
                             f"of {n} records)", self.maker.where, "pass a dict returned by state()")
         if n != o.num_records or bs != self.maker.batch_size:
@@ -513,7 +554,7 @@ class InputPipeline:
                             "resume with the same dataset and batch_size")
         self._stop_engine()
         self.maker.seed, self.maker.transform_seed = seed, transform_seed
-        self.maker.restart(Ordering(n, skip, shuffle, seed))
+        self.maker.restart(Ordering(n, skip, shuffle, seed, shuffle_seed))
         # A snapshot of W ranks continues on this layer's own number of ranks (see Shard.resumed).
         try:
             shard, served = self.maker.shard.resumed(state, batch * bs)

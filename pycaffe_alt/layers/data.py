@@ -23,7 +23,7 @@ import torch
 from .. import caffe_rng
 from ..blob_memory import check_blob_fits
 from ..data.db import open_db
-from ..data.pipeline import (MAX_SAMPLES, BatchMaker, InputPipeline, Ordering, draw_skip,
+from ..data.pipeline import (MAX_SAMPLES, BatchMaker, InputPipeline, Ordering,
                              layer_seed)
 from ..data.transformer import TransformSpec, needs_random, output_shape, spec_from_param
 from ..distributed.sharding import UNSHARDED
@@ -113,13 +113,15 @@ class DataLayerBase(Layer):
 class PipelinedDataLayer(DataLayerBase):
     """A data layer fed by an :class:`InputPipeline` (Data, ImageData)."""
 
-    def init_pipeline(self, source, spec: TransformSpec, batch_size: int, rand_skip: int,
+    def init_pipeline(self, source, spec: TransformSpec, batch_size: int, skip: int,
                       shuffle: bool, workers: int, prefetch: int,
-                      transform_seed: Optional[int] = None) -> None:
+                      transform_seed: Optional[int] = None,
+                      caffe_shuffle_seed: Optional[int] = None) -> None:
+        """Read ``source`` from record ``skip`` on (wrapping within the records), reshuffled
+        at every pass when ``shuffle`` (Caffe's order when ``caffe_shuffle_seed`` is given)."""
         seed = layer_seed(self.name)
         n = len(source)
-        skip = draw_skip(seed, rand_skip, n)
-        ordering = Ordering(n, skip, shuffle, seed)
+        ordering = Ordering(n, skip % max(n, 1), shuffle, seed, caffe_shuffle_seed)
         maker = BatchMaker(source, spec, batch_size, ordering, seed, self.where,
                            transform_seed=transform_seed)
         # The first record served fixes the top shapes (Caffe reads it in DataLayerSetUp).
@@ -388,18 +390,21 @@ class ImageData(PipelinedDataLayer):
         spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
         # Caffe's set-up draws, in order: a transformer seed when it crops or mirrors
         # (BaseDataLayer::LayerSetUp), the shuffle generator's seed, the rand_skip draw
-        # (ImageDataLayer::DataLayerSetUp), the second transformer seed (the one used), and the
-        # prefetch thread's seed.
-        first = int(needs_random(spec)) + bool(ip.shuffle) + (ip.rand_skip > 0)
-        draws = caffe_rng.stream().raw(first + 1 + needs_random(spec))
-        transform_seed = int(draws[first]) if needs_random(spec) else None
+        # (ImageDataLayer::DataLayerSetUp: skip = draw % rand_skip), the second transformer seed
+        # (the one used), and the prefetch thread's seed.
+        at = int(needs_random(spec))
+        first = at + bool(ip.shuffle) + (ip.rand_skip > 0)
+        draws = caffe_rng.stream().raw(first + 1 + needs_random(spec)).tolist()
+        transform_seed = draws[first] if needs_random(spec) else None
+        shuffle_seed = draws[at] if ip.shuffle else None
+        skip = draws[at + bool(ip.shuffle)] % ip.rand_skip if ip.rand_skip > 0 else 0
         records = ImageListSource(entries, ip.root_folder, int(ip.new_height), int(ip.new_width),
                                   bool(ip.is_color), source)
-        self.init_pipeline(records, spec, batch_size, int(ip.rand_skip),
+        self.init_pipeline(records, spec, batch_size, skip,
                            shuffle=bool(ip.shuffle),
                            workers=int(ip.workers),
                            prefetch=max(1, int(param.data_param.prefetch)),
-                           transform_seed=transform_seed)
+                           transform_seed=transform_seed, caffe_shuffle_seed=shuffle_seed)
 
 
 # ---------------------------------------------------------------------------------------------
