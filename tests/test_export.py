@@ -2,7 +2,8 @@
 
 Nets: LeNet (models/lenet), GoogLeNet (models/googlenet, 224x224: its 7x7 pool5 needs the full
 size) and a ResNet block with BatchNorm/Scale, all with random weights, plus
-tests/fixtures/export_zoo.prototxt (every layer kind the exporters write, in odd geometries).
+tests/fixtures/export_zoo.prototxt (every layer kind the exporters write, in odd geometries) and
+tests/fixtures/export_forks.prototxt (the layers of SENet, ShuffleNet, PSPNet, FCN and SSD).
 
 Per format, every net is exported once (module-scoped fixture) and one subprocess reloads all of
 them and runs two batch sizes; the outputs are compared here with the Net's own layers
@@ -61,6 +62,8 @@ NETS = {
                   ["prob", "loss3/classifier", "inception_3a/output"]),
     "resblock": (None, ["prob", "fc", "sum"]),
     "zoo": (os.path.join(FIXTURES, "export_zoo.prototxt"), ["prob", "scaled", "cat", "gpool", "deconv"]),
+    "forks": (os.path.join(FIXTURES, "export_forks.prototxt"),
+              ["flat", "prior", "thr1", "am", "swish1", "axpy", "log1"]),
 }
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "export": ".pt2", "pytorch": ".py"}
 
@@ -125,6 +128,11 @@ def randomize(net, seed=0):
                 module.mean.copy_(torch.randn(module.mean.shape, generator=gen))
                 module.variance.copy_(torch.rand(module.variance.shape, generator=gen) * 3 + 0.5)
                 module.scale_factor.fill_(2.0)
+                continue
+            if module.type == "BN":  # PSPNet's BN: a positive running variance
+                for p in module.blobs:
+                    p.copy_(torch.randn(p.shape, generator=gen))
+                module.variance.copy_(torch.rand(module.variance.shape, generator=gen) * 3 + 0.5)
                 continue
             for p in module.blobs:
                 if p.dim() >= 2:
@@ -333,7 +341,7 @@ name: "Odd"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
   convolution_param { num_output: 4 kernel_size: 3 } }
-layer { name: "am" type: "ArgMax" bottom: "conv" top: "am" argmax_param { axis: 1 } }
+layer { name: "am" type: "ArgMax" bottom: "conv" top: "am" argmax_param { axis: 1 top_k: 2 } }
 layer { name: "mvn" type: "MVN" bottom: "conv" top: "mvn" }
 layer { name: "relu" type: "ReLU" bottom: "conv" top: "relu" }
 """
@@ -346,7 +354,8 @@ def test_unsupported_layers_fail_clearly(workdir):
     with pytest.raises(NetError) as err:
         convert(proto, None, "onnx", str(workdir / "odd.onnx"))
     text = str(err.value)
-    assert "'am' (ArgMax)" in text and "'mvn' (MVN)" in text and "--outputs" in text
+    assert "'am' (ArgMax: only the index of the maximum" in text and "'mvn' (MVN)" in text
+    assert "--outputs" in text
     assert not os.path.exists(workdir / "odd.onnx")
     # Outputs that do not need them convert.
     result = convert(proto, None, "pytorch", str(workdir / "odd.py"), outputs=["relu"])
@@ -532,3 +541,38 @@ def test_errors_name_the_prototxt_when_shapes_are_given(workdir):
     net = convert(str(proto), to="pytorch", out=str(workdir / "small_pool.py"),
                   shapes={"data": (1, 3, 6, 6)})
     assert net.paths
+
+
+def test_fork_layers_lower_to_their_own_operators(nets, workdir):
+    """SENet/ShuffleNet/PSPNet/FCN/SSD layers become standard ONNX operators; a PriorBox
+    output is a constant of batch 1; what needs the batch axis moved is refused by name."""
+    proto, weights, _, outputs = nets["forks"]
+    path = str(workdir / "forks_ops.onnx")
+    convert(proto, weights, "onnx", path, outputs=outputs, verify=False)
+    from pycaffe_alt.export.onnx import op_counts
+
+    _, counts = op_counts(path)
+    for op in ("Split", "Slice", "Resize", "Transpose", "ReduceSum", "Softplus", "Clip",
+               "ArgMax", "BatchNormalization"):
+        assert counts.get(op), (op, counts)
+    import onnx
+
+    model = onnx.load(path)
+    prior = [o for o in model.graph.output if o.name == "prior"][0]
+    assert [d.dim_value for d in prior.type.tensor_type.shape.dim] == [1, 2, 784]
+    bad = {
+        "crop_batch": 'layer { name: "c" type: "Crop" bottom: "data" bottom: "ref" top: "c" '
+                      'crop_param { axis: 0 offset: 1 offset: 0 offset: 0 offset: 0 } }',
+        "permute_batch": 'layer { name: "c" type: "Permute" bottom: "data" top: "c" '
+                         'permute_param { order: 1 order: 0 } }',
+        "slice_batch": 'layer { name: "c" type: "Slice" bottom: "data" top: "c" top: "d" '
+                       'slice_param { axis: 0 } }',
+    }
+    head = ('name: "b" layer { name: "data" type: "Input" top: "data" input_param { shape '
+            '{ dim: 4 dim: 3 dim: 6 dim: 6 } } } layer { name: "ref" type: "Input" top: "ref" '
+            'input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }\n')
+    for key, layer in bad.items():
+        p = workdir / f"{key}.prototxt"
+        p.write_text(head + layer)
+        with pytest.raises(NetError, match=r"'c' \((Crop|Permute|Slice): .*batch"):
+            convert(str(p), None, "onnx", str(workdir / f"{key}.onnx"), outputs=["c"])

@@ -59,6 +59,19 @@ KINDS = {
     "flatten": "axis, end_axis",
     "reshape": "shape (without the batch axis)",
     "identity": "",
+    "exp": "inner_scale, outer_scale (outer * exp(inner * x))",
+    "log": "scale, shift, base_scale (base_scale * log(shift + scale * x))",
+    "softplus": "", "clip": "min, max", "swish": "beta", "threshold": "threshold",
+    "crop": "starts, sizes (from axis 1 on)",
+    "slice": "axis, sizes (one per output)",
+    "scale_by": "shape (the second input's broadcast shape, batch axis first when axis 0) [bias?]",
+    "axpy": "",
+    "permute": "order",
+    "normalize": "across_spatial, eps [scale (C,) or ()]",
+    "constant": "[value] (PriorBox: depends on shapes only)",
+    "shuffle_channel": "group",
+    "interp": "offset, crop (h, w), size (h, w)",
+    "argmax": "axis",
     "softmax_loss": "axis, normalize (count of valid outputs)",
     "euclidean_loss": "",
 }
@@ -211,8 +224,31 @@ class _Lowering:
         return [Op("power", name, bottoms, tops, dict(power=m.power, scale=m.scale, shift=m.shift))]
 
     def _dropout(self, name, m, bottoms, tops):
-        # TEST-phase Caffe dropout is the identity (it scales at TRAIN time).
-        return [Op("identity", name, bottoms, tops)]
+        # TEST-phase Caffe dropout is the identity (it scales at TRAIN time), except for
+        # py-faster-rcnn's scale_train: false, which scales at TEST time instead.
+        if m.scale_train:
+            return [Op("identity", name, bottoms, tops)]
+        return [Op("power", name, bottoms, tops, dict(power=1.0, scale=m.test_scale, shift=0.0))]
+
+    def _exp(self, name, m, bottoms, tops):
+        return [Op("exp", name, bottoms, tops, dict(inner_scale=m.inner_scale,
+                                                    outer_scale=m.outer_scale))]
+
+    def _log(self, name, m, bottoms, tops):
+        return [Op("log", name, bottoms, tops, dict(scale=m.scale, shift=m.shift,
+                                                    base_scale=m.base_scale))]
+
+    def _bnll(self, name, m, bottoms, tops):
+        return [Op("softplus", name, bottoms, tops)]
+
+    def _clip(self, name, m, bottoms, tops):
+        return [Op("clip", name, bottoms, tops, dict(min=m.min, max=m.max))]
+
+    def _swish(self, name, m, bottoms, tops):
+        return [Op("swish", name, bottoms, tops, dict(beta=m.beta))]
+
+    def _threshold(self, name, m, bottoms, tops):
+        return [Op("threshold", name, bottoms, tops, dict(threshold=m.threshold))]
 
     def _split(self, name, m, bottoms, tops):
         return [Op("identity", name, bottoms, [t]) for t in tops]
@@ -234,10 +270,37 @@ class _Lowering:
         params = OrderedDict(mean=_arr(m.mean) * inv, var=_arr(m.variance) * inv)
         return [Op("batch_norm", name, bottoms, tops, dict(eps=m.eps), params)]
 
+    def _bn(self, name, m, bottoms, tops):
+        # PSPNet's BN at TEST (or frozen): running statistics as stored, slope/bias as affine.
+        flat = lambda t: _arr(t).reshape(-1)  # noqa: E731 - (1, C, 1, 1) blobs
+        params = OrderedDict(mean=flat(m.mean), var=flat(m.variance), weight=flat(m.slope),
+                             bias=flat(m.bias))
+        return [Op("batch_norm", name, bottoms, tops, dict(eps=m.eps), params)]
+
+    def _normalize(self, name, m, bottoms, tops):
+        return [Op("normalize", name, bottoms, tops,
+                   dict(across_spatial=m.across_spatial, eps=m.eps), OrderedDict(scale=_arr(m.scale)))]
+
     def _scale(self, name, m, bottoms, tops):
-        if len(bottoms) != 1:
-            return self._reject(name, m, "a second bottom as the scale")
+        if len(bottoms) == 2:
+            return self._scale_by(name, m, bottoms, tops)
         return self._affine(name, m, bottoms, tops, m.weight, m.bias if m.bias_term else None)
+
+    def _scale_by(self, name, m, bottoms, tops):
+        """Scale by a second bottom (SENet's excitation): the operand is laid over the first
+        bottom's axes from ``axis`` on (at axis 0 it carries the batch axis itself)."""
+        x_shape, s_shape = self.shapes[bottoms[0]], self.shapes[bottoms[1]]
+        axis = 0 if not s_shape else (m.axis + len(x_shape) if m.axis < 0 else m.axis)
+        params = OrderedDict()
+        if m.bias_term:
+            if axis == 0:
+                return self._reject(name, m, "a learned bias over the batch axis")
+            params["bias"] = _arr(m.bias)
+        shape = tuple(s_shape) + (1,) * (len(x_shape) - axis - len(s_shape))
+        bias_shape = tuple(params["bias"].shape) + (1,) * (len(x_shape) - axis - params["bias"].ndim) \
+            if m.bias_term else ()
+        return [Op("scale_by", name, bottoms, tops, dict(shape=shape, axis=axis,
+                                                         bias_shape=bias_shape), params)]
 
     def _bias(self, name, m, bottoms, tops):
         if len(bottoms) != 1:
@@ -292,6 +355,51 @@ class _Lowering:
         if not keeps_batch or dst[0] != src[0]:
             return self._reject(name, m, "a reshape that changes the batch axis")
         return [Op("reshape", name, bottoms, tops, dict(shape=tuple(dst[1:])))]
+
+    def _crop(self, name, m, bottoms, tops):
+        big, ref = self.shapes[bottoms[0]], self.shapes[bottoms[1]]
+        windows = m.windows(big, ref)
+        starts, sizes = [0] * (len(big) - 1), list(big[1:])
+        for i, off, size in windows:
+            if i == 0:
+                if off != 0:
+                    return self._reject(name, m, "an offset on the batch axis")
+                continue  # the batch follows the input (the reference has the same batch)
+            starts[i - 1], sizes[i - 1] = off, size
+        # Only the first bottom is read: the reference gives a shape, known at export.
+        return [Op("crop", name, bottoms[:1], tops, dict(starts=starts, sizes=sizes))]
+
+    def _slice(self, name, m, bottoms, tops):
+        if m.axis == 0:
+            return self._reject(name, m, "slicing the batch axis")
+        return [Op("slice", name, bottoms, tops,
+                   dict(axis=m.axis, sizes=m.sizes(self.shapes[bottoms[0]][m.axis])))]
+
+    def _axpy(self, name, m, bottoms, tops):
+        return [Op("axpy", name, bottoms, tops)]
+
+    def _permute(self, name, m, bottoms, tops):
+        if m.order[0] != 0:
+            return self._reject(name, m, "moving the batch axis")
+        return [Op("permute", name, bottoms, tops, dict(order=tuple(m.order)))]
+
+    def _priorbox(self, name, m, bottoms, tops):
+        feature, image = self.shapes[bottoms[0]], self.shapes[bottoms[1]]
+        value = np.asarray(m.boxes(feature, image), dtype=np.float32)
+        return [Op("constant", name, [], tops, {}, OrderedDict(value=value))]
+
+    def _shufflechannel(self, name, m, bottoms, tops):
+        return [Op("shuffle_channel", name, bottoms, tops, dict(group=m.group))]
+
+    def _interp(self, name, m, bottoms, tops):
+        return [Op("interp", name, bottoms, tops,
+                   dict(offset=-m.pad_beg, crop=tuple(m.crop), size=tuple(m.out_size)))]
+
+    def _argmax(self, name, m, bottoms, tops):
+        if m.axis is None or m.axis == 0 or m.top_k != 1 or m.out_max_val:
+            return self._reject(name, m, "only the index of the maximum along a non-batch axis "
+                                         "(axis set, top_k 1, no out_max_val) is exported")
+        return [Op("argmax", name, bottoms, tops, dict(axis=m.axis))]
 
     # -- losses (only when asked) ----------------------------------------------------------------
     def _softmaxwithloss(self, name, m, bottoms, tops):

@@ -31,7 +31,8 @@ OPSET = 17  # ONNX 1.12 (2022): what current runtimes (onnxruntime, TensorRT, Op
 # Above this many bytes of weights, they go to a side file (protobuf's 2 GB message limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # Op kinds that are one ONNX operator of their input, with no attributes.
-_UNARY = {"sigmoid": "Sigmoid", "tanh": "Tanh", "abs": "Abs", "identity": "Identity"}
+_UNARY = {"sigmoid": "Sigmoid", "tanh": "Tanh", "abs": "Abs", "identity": "Identity",
+          "softplus": "Softplus"}
 
 
 def require_onnx():
@@ -63,6 +64,8 @@ class _Builder:
             for t in op.outputs:
                 self.last_writer[t] = i
         self.taken = set(graph.inputs)
+        # Blobs computed from constants only (PriorBox): their batch axis is 1, not symbolic.
+        self.static: set = set()
         self.const_names: set = set()
         self.counter = 0
 
@@ -115,12 +118,15 @@ class _Builder:
                                "leave it out (loss layers are left out unless asked)")
             for t, o in zip(op.outputs, outs):
                 self.current[t] = o
+            if op.kind == "constant" or (op.inputs and all(b in self.static for b in op.inputs)):
+                self.static.update(op.outputs)
         h = self.helper
         tp = self.onnx.TensorProto.FLOAT
 
         def info(name: str, blob: str):
             shape = self.graph.shapes[blob]
-            dims = ["batch"] + [int(d) for d in shape[1:]] if shape else []
+            dims = [int(d) for d in shape] if blob in self.static else \
+                ["batch"] + [int(d) for d in shape[1:]] if shape else []
             return h.make_tensor_value_info(name, tp, dims)
 
         inputs = [info(n, n) for n in self.graph.inputs]
@@ -309,6 +315,141 @@ class _Builder:
 
     def _reshape(self, op, ins, outs):
         self._reshape_to(op, ins, outs, op.attrs["shape"])
+
+    def ints(self, op: Op, what: str, values: Sequence[int]) -> str:
+        return self.const(f"{op.name}.{what}", np.array([int(v) for v in values], np.int64))
+
+    def _chain(self, op, x: str, outs, steps) -> None:
+        """Apply (onnx op, second input or None) steps in turn; the last writes ``outs``."""
+        for j, (kind, arg) in enumerate(steps):
+            y = outs[0] if j == len(steps) - 1 else self.fresh(f"{op.outputs[0]}/{kind.lower()}")
+            self.node(kind, [x] + ([arg] if arg is not None else []), [y], op)
+            x = y
+
+    def _exp(self, op, ins, outs):
+        a = op.attrs
+        steps = ([("Mul", self.scalar(op, "inner", a["inner_scale"]))] if a["inner_scale"] != 1 else [])
+        steps.append(("Exp", None))
+        if a["outer_scale"] != 1:
+            steps.append(("Mul", self.scalar(op, "outer", a["outer_scale"])))
+        self._chain(op, ins[0], outs, steps)
+
+    def _log(self, op, ins, outs):
+        a = op.attrs
+        steps = [("Mul", self.scalar(op, "scale", a["scale"]))] if a["scale"] != 1 else []
+        if a["shift"] != 0:
+            steps.append(("Add", self.scalar(op, "shift", a["shift"])))
+        steps.append(("Log", None))
+        if a["base_scale"] != 1:
+            steps.append(("Mul", self.scalar(op, "base", a["base_scale"])))
+        self._chain(op, ins[0], outs, steps)
+
+    def _clip(self, op, ins, outs):
+        self.node("Clip", [ins[0], self.scalar(op, "min", op.attrs["min"]),
+                           self.scalar(op, "max", op.attrs["max"])], outs, op)
+
+    def _swish(self, op, ins, outs):
+        beta = op.attrs["beta"]
+        gate = self.fresh(f"{op.outputs[0]}/gate")
+        steps = [("Mul", self.scalar(op, "beta", beta))] if beta != 1 else []
+        self._chain(op, ins[0], [gate], steps + [("Sigmoid", None)])
+        self.node("Mul", [ins[0], gate], outs, op)
+
+    def _threshold(self, op, ins, outs):
+        above = self.fresh(f"{op.outputs[0]}/above")
+        self.node("Greater", [ins[0], self.scalar(op, "threshold", op.attrs["threshold"])], [above], op)
+        self.node("Cast", [above], outs, op, to=self.onnx.TensorProto.FLOAT)
+
+    def _crop(self, op, ins, outs):
+        starts, sizes = op.attrs["starts"], op.attrs["sizes"]
+        axes = list(range(1, len(starts) + 1))
+        self.node("Slice", [ins[0], self.ints(op, "starts", starts),
+                            self.ints(op, "ends", [a + n for a, n in zip(starts, sizes)]),
+                            self.ints(op, "axes", axes)], outs, op)
+
+    def _slice(self, op, ins, outs):
+        self.node("Split", [ins[0], self.ints(op, "split", op.attrs["sizes"])], outs, op,
+                  axis=op.attrs["axis"])
+
+    def _scale_by(self, op, ins, outs):
+        a = op.attrs
+        target = ([0] + list(a["shape"][1:])) if a["axis"] == 0 else list(a["shape"])
+        laid = self.fresh(f"{op.inputs[1]}/laid")
+        self.node("Reshape", [ins[1], self.ints(op, "shape", target)], [laid], op)
+        if "bias" not in op.params:
+            return self.node("Mul", [ins[0], laid], outs, op)
+        scaled = self.fresh(f"{op.outputs[0]}/scaled")
+        self.node("Mul", [ins[0], laid], [scaled], op)
+        bias = op.params["bias"].reshape(a["bias_shape"])
+        self.node("Add", [scaled, self.const(f"{op.name}.bias", bias)], outs, op)
+
+    def _axpy(self, op, ins, outs):
+        a, x, y = ins
+        ndim = len(self.graph.shapes[op.inputs[1]])
+        laid, prod = self.fresh(f"{op.inputs[0]}/laid"), self.fresh(f"{op.outputs[0]}/ax")
+        self.node("Reshape", [a, self.ints(op, "shape", [0, 0] + [1] * (ndim - 2))], [laid], op)
+        self.node("Mul", [laid, x], [prod], op)
+        self.node("Add", [prod, y], outs, op)
+
+    def _permute(self, op, ins, outs):
+        self.node("Transpose", ins, outs, op, perm=list(op.attrs["order"]))
+
+    def _normalize(self, op, ins, outs):
+        n = op.outputs[0]
+        flat, sq, total, shifted, norm, unit, unflat = (
+            self.fresh(f"{n}/{s}") for s in ("flat", "sq", "sum", "eps", "norm", "unit", "shape"))
+        self.node("Reshape", [ins[0], self.ints(op, "flat", [0, 0, -1])], [flat], op)
+        self.node("Mul", [flat, flat], [sq], op)
+        axes = [1, 2] if op.attrs["across_spatial"] else [1]
+        self.node("ReduceSum", [sq, self.ints(op, "axes", axes)], [total], op, keepdims=1)
+        self.node("Add", [total, self.scalar(op, "eps", op.attrs["eps"])], [shifted], op)
+        self.node("Sqrt", [shifted], [norm], op)
+        self.node("Div", [flat, norm], [unit], op)
+        shape = self.fresh(f"{n}/in_shape")
+        self.node("Shape", [ins[0]], [shape], op)
+        self.node("Reshape", [unit, shape], [unflat], op)
+        scale = op.params["scale"]
+        ndim = len(self.graph.shapes[op.inputs[0]])
+        if scale.ndim:
+            scale = scale.reshape((1, -1) + (1,) * (ndim - 2))
+        self.node("Mul", [unflat, self.const(f"{op.name}.scale", scale)], outs, op)
+
+    def _constant(self, op, ins, outs):
+        self.node("Identity", [self.const(f"{op.name}.value", op.params["value"])], outs, op)
+
+    def _shuffle_channel(self, op, ins, outs):
+        shape = self.graph.shapes[op.inputs[0]]
+        g, rest = op.attrs["group"], list(shape[2:])
+        grid, swapped = self.fresh(f"{op.outputs[0]}/grid"), self.fresh(f"{op.outputs[0]}/swapped")
+        self.node("Reshape", [ins[0], self.ints(op, "grid", [0, g, shape[1] // g] + rest)], [grid], op)
+        perm = [0, 2, 1] + list(range(3, 3 + len(rest)))
+        self.node("Transpose", [grid], [swapped], op, perm=perm)
+        self.node("Reshape", [swapped, self.ints(op, "shape", [0, shape[1]] + rest)], outs, op)
+
+    def _interp(self, op, ins, outs):
+        a = op.attrs
+        off, (h, w) = a["offset"], a["crop"]
+        x = ins[0]
+        if off or (h, w) != tuple(self.graph.shapes[op.inputs[0]][2:]):
+            x = self.fresh(f"{op.inputs[0]}/crop")
+            self.node("Slice", [ins[0], self.ints(op, "starts", [off, off]),
+                                self.ints(op, "ends", [off + h, off + w]),
+                                self.ints(op, "axes", [2, 3])], [x], op)
+        if tuple(a["size"]) == (h, w):
+            return self.node("Identity", [x], outs, op)
+        # Resize needs the full output size: (N, C) of the input, then the fork's (h, w).
+        shape, lead, sizes = (self.fresh(f"{op.outputs[0]}/{s}") for s in ("shape", "nc", "sizes"))
+        self.node("Shape", [x], [shape], op)
+        self.node("Slice", [shape, self.ints(op, "zero", [0]), self.ints(op, "two", [2])], [lead], op)
+        self.node("Concat", [lead, self.ints(op, "size", a["size"])], [sizes], op, axis=0)
+        self.node("Resize", [x, "", "", sizes], outs, op, mode="linear",
+                  coordinate_transformation_mode="align_corners")
+
+    def _argmax(self, op, ins, outs):
+        # Caffe ranks ties by index, the higher first: select_last_index.
+        index = self.fresh(f"{op.outputs[0]}/index")
+        self.node("ArgMax", ins, [index], op, axis=op.attrs["axis"], keepdims=1, select_last_index=1)
+        self.node("Cast", [index], outs, op, to=self.onnx.TensorProto.FLOAT)
 
 
 def to_model(graph: Graph):

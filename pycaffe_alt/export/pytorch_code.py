@@ -124,7 +124,8 @@ def _f(v: float) -> str:
 
 
 # Op kinds that are one torch function of their input.
-_UNARY = {"sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "abs": "torch.abs"}
+_UNARY = {"sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "abs": "torch.abs",
+          "softplus": "F.softplus"}
 
 
 class _Writer:
@@ -313,6 +314,108 @@ class _Writer:
 
     def _identity(self, op: Op, ins: List[str]) -> str:
         return ins[0]
+
+    def _exp(self, op: Op, ins: List[str]) -> str:
+        a = op.attrs
+        inner = ins[0] if a["inner_scale"] == 1 else f"{ins[0]} * {_f(a['inner_scale'])}"
+        expr = f"torch.exp({inner})"
+        return expr if a["outer_scale"] == 1 else f"{expr} * {_f(a['outer_scale'])}"
+
+    def _log(self, op: Op, ins: List[str]) -> str:
+        a = op.attrs
+        x = ins[0] if a["scale"] == 1 else f"{ins[0]} * {_f(a['scale'])}"
+        x = x if a["shift"] == 0 else f"{x} + {_f(a['shift'])}"
+        expr = f"torch.log({x})"
+        return expr if a["base_scale"] == 1 else f"{expr} * {_f(a['base_scale'])}"
+
+    def _clip(self, op: Op, ins: List[str]) -> str:
+        return f"torch.clamp({ins[0]}, {_f(op.attrs['min'])}, {_f(op.attrs['max'])})"
+
+    def _swish(self, op: Op, ins: List[str]) -> str:
+        beta = op.attrs["beta"]
+        inner = ins[0] if beta == 1 else f"{ins[0]} * {_f(beta)}"
+        return f"{ins[0]} * torch.sigmoid({inner})"
+
+    def _threshold(self, op: Op, ins: List[str]) -> str:
+        return f"({ins[0]} > {_f(op.attrs['threshold'])}).to({ins[0]}.dtype)"
+
+    def _crop(self, op: Op, ins: List[str]) -> str:
+        index = ", ".join(f"{a}:{a + n}" for a, n in zip(op.attrs["starts"], op.attrs["sizes"]))
+        return f"{ins[0]}[:, {index}]"
+
+    def _slice(self, op: Op, ins: List[str]) -> List[str]:
+        axis, start, out = op.attrs["axis"], 0, []
+        for size in op.attrs["sizes"]:
+            out.append(f"{ins[0]}.narrow({axis}, {start}, {size})")
+            start += size
+        return out
+
+    def _scale_by(self, op: Op, ins: List[str]) -> str:
+        a = op.attrs
+        rest = ", ".join(str(d) for d in a["shape"][1:])
+        lead = f"{ins[1]}.shape[0]" if a["axis"] == 0 else str(a["shape"][0])
+        expr = f"{ins[0]} * {ins[1]}.reshape([{lead}{', ' if rest else ''}{rest}])"
+        if "bias" in op.params:
+            name = identifier(f"{op.name}_bias", self.attrs)
+            self.init.append(f"        self.register_buffer({name!r}, torch.zeros({_t(a['bias_shape'])}))")
+            self.state[name] = torch.from_numpy(op.params["bias"].reshape(a["bias_shape"]).copy())
+            expr = f"{expr} + self.{name}"
+        return expr
+
+    def _axpy(self, op: Op, ins: List[str]) -> str:
+        a, x, y = ins
+        ndim = len(self.graph.shapes[op.inputs[1]])
+        ones = ", 1" * (ndim - 2)
+        return f"{a}.reshape([{a}.shape[0], {a}.shape[1]{ones}]) * {x} + {y}"
+
+    def _permute(self, op: Op, ins: List[str]) -> str:
+        return f"{ins[0]}.permute({list(op.attrs['order'])}).contiguous()"
+
+    def _normalize(self, op: Op, ins: List[str]) -> str:
+        x, a = ins[0], op.attrs
+        dims = "[1, 2]" if a["across_spatial"] else "[1]"
+        scale = op.params["scale"]
+        name = identifier(f"{op.name}_scale", self.attrs)
+        shape = () if scale.ndim == 0 else (1, scale.shape[0]) + (1,) * (
+            len(self.graph.shapes[op.inputs[0]]) - 2)
+        self.init.append(f"        self.register_buffer({name!r}, torch.ones({_t(shape)}))")
+        self.state[name] = torch.from_numpy(scale.reshape(shape).copy())
+        flat = f"{x}.reshape([{x}.shape[0], {x}.shape[1], -1])"
+        return (f"({flat} / ({flat}.pow(2).sum({dims}, keepdim=True) + {_f(a['eps'])}).sqrt())"
+                f".reshape({x}.shape) * self.{name}")
+
+    def _constant(self, op: Op, ins: List[str]) -> str:
+        value = op.params["value"]
+        name = identifier(op.name, self.attrs)
+        self.init.append(f"        self.register_buffer({name!r}, torch.zeros({_t(value.shape)}))")
+        self.state[name] = torch.from_numpy(value.copy())
+        return f"self.{name}"
+
+    def _shuffle_channel(self, op: Op, ins: List[str]) -> str:
+        x, g = ins[0], op.attrs["group"]
+        shape = self.graph.shapes[op.inputs[0]]
+        rest = ", ".join(str(d) for d in shape[2:])
+        rest = f", {rest}" if rest else ""
+        return (f"{x}.reshape([{x}.shape[0], {g}, {shape[1] // g}{rest}]).transpose(1, 2)"
+                f".reshape([{x}.shape[0], {shape[1]}{rest}])")
+
+    def _interp(self, op: Op, ins: List[str]) -> str:
+        a = op.attrs
+        off, (h, w) = a["offset"], a["crop"]
+        x = ins[0]
+        shape = self.graph.shapes[op.inputs[0]]
+        if off or (h, w) != tuple(shape[2:]):
+            x = f"{x}[:, :, {off}:{off + h}, {off}:{off + w}]"
+        if tuple(a["size"]) == (h, w):
+            return f"{x}.clone()"
+        return f"F.interpolate({x}, size={_t(a['size'])}, mode='bilinear', align_corners=True)"
+
+    def _argmax(self, op: Op, ins: List[str]) -> str:
+        # Caffe ranks ties by index, the higher first; torch.argmax takes the first maximum.
+        axis, x = op.attrs["axis"], ins[0]
+        last = self.graph.shapes[op.inputs[0]][axis] - 1
+        return (f"({last} - torch.argmax(torch.flip({x}, [{axis}]), {axis}, keepdim=True))"
+                f".to({x}.dtype)")
 
     def _softmax_loss(self, op: Op, ins: List[str]) -> str:
         x, label = ins

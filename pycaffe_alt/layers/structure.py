@@ -256,9 +256,10 @@ class Slice(Layer):
         self.axis = legacy_or_axis(self, p, "slice_dim", len(shape))
         self.points = [int(v) for v in p.slice_point]
         self.n_tops = len(param.top)
-        self._sizes(shape[self.axis])
+        self.sizes(shape[self.axis])
 
-    def _sizes(self, length: int) -> List[int]:
+    def sizes(self, length: int) -> List[int]:
+        """The tops' lengths along the axis for a bottom ``length`` long (Caffe's checks)."""
         n = self.n_tops
         if self.points:
             if len(self.points) != n - 1:
@@ -278,7 +279,7 @@ class Slice(Layer):
         return [length // n] * n
 
     def forward(self, x: torch.Tensor):
-        sizes = self._sizes(x.shape[self.axis])
+        sizes = self.sizes(x.shape[self.axis])
         if len(sizes) == 1:
             return x.view_as(x)
         return tuple(torch.split(x, sizes, dim=self.axis))
@@ -432,9 +433,10 @@ class Crop(Layer):
         if len(self.offsets) > 1 and self.axis + len(self.offsets) != n:
             raise self.error(f"has {len(self.offsets)} offsets for the {n - self.axis} axes from "
                              f"axis {self.axis} on", "give one offset for all cropped axes, or one each")
-        self._windows(tuple(bottom_shapes[0]), tuple(bottom_shapes[1]))
+        self.windows(tuple(bottom_shapes[0]), tuple(bottom_shapes[1]))
 
-    def _windows(self, big: Shape, ref: Shape) -> List[Tuple[int, int, int]]:
+    def windows(self, big: Shape, ref: Shape) -> List[Tuple[int, int, int]]:
+        """``(axis, offset, size)`` of every cropped axis for bottoms of these shapes."""
         if len(big) != len(ref):
             raise self.error(f"bottoms have different numbers of axes: {big} and {ref}",
                              "the reference bottom must have as many axes as the cropped one")
@@ -451,7 +453,7 @@ class Crop(Layer):
 
     def forward(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         y = x
-        for i, off, size in self._windows(tuple(x.shape), tuple(ref.shape)):
+        for i, off, size in self.windows(tuple(x.shape), tuple(ref.shape)):
             if off != 0 or size != x.shape[i]:
                 y = y.narrow(i, off, size)
         return y if y is not x else x.view_as(x)
