@@ -181,7 +181,9 @@ def check_blob_shape(shape: Sequence[int], where: str = "<blob>") -> None:
                        "every dimension must be >= 0")
 
 
-def _shape_args(shape, where: str = "<blob>") -> Tuple[int, ...]:
+def shape_args(shape, where: str = "<blob>") -> Tuple[int, ...]:
+    """The dimensions of a ``reshape(*shape)`` or ``reshape(shape)`` call as ints, with Caffe's
+    Blob::Reshape checks (NetError at ``where``); fractional or non-numeric ones are refused."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
     try:
@@ -209,7 +211,7 @@ class Blob(_BlobView):
 
     def reshape(self, *shape: int) -> None:
         """Change the blob's shape (contents become zeros); call ``net.reshape()`` after inputs."""
-        self._store.reshape(self.name, _shape_args(shape))
+        self._store.reshape(self.name, shape_args(shape))
 
     def __repr__(self) -> str:
         return f"Blob({self.name!r}, shape={self.shape})"
@@ -236,7 +238,7 @@ class ParamBlob(_BlobView):
     def reshape(self, *shape: int) -> None:
         """Replace the parameter's contents with zeros of a new shape (net surgery)."""
         with torch.no_grad():
-            self.param.data = torch.zeros(_shape_args(shape), dtype=self.param.dtype,
+            self.param.data = torch.zeros(shape_args(shape), dtype=self.param.dtype,
                                           device=self.param.device)
         self.param.grad = None
 

@@ -139,11 +139,19 @@ def check(filler_param, shape: Sequence[int]) -> None:
             raise FillerError(f"gaussian filler needs std > 0, got std {filler_param.std:g}",
                               hint="e.g. weight_filler { type: \"gaussian\" std: 0.01 }; for "
                                    "all-equal weights use type: \"constant\"")
+        if not (np.isfinite(std) and np.isfinite(np.float32(filler_param.mean))):
+            # Caffe fills infinities or NaNs and trains on them; never what was meant.
+            raise FillerError(f"gaussian filler needs a finite mean and std (as floats), got mean "
+                              f"{filler_param.mean:g} std {filler_param.std:g}",
+                              hint="e.g. weight_filler { type: \"gaussian\" std: 0.01 }")
         if sparse >= 0 and len(shape) and shape[0] and not (
                 _sparse_probability(filler_param, shape) <= 1):
             # caffe_rng_bernoulli's CHECK_LE(p, 1) with p = sparse / num_outputs.
             raise FillerError(f"gaussian filler: sparse {sparse} exceeds the blob's {shape[0]} "
                               f"outputs (shape[0])", hint=f"use 0 <= sparse <= {shape[0]}")
+    if kind == "constant" and not np.isfinite(np.float32(filler_param.value)):
+        raise FillerError(f"constant filler needs a finite value, got {filler_param.value:g}",
+                          hint="e.g. bias_filler { type: \"constant\" value: 0 }")
     if kind == "uniform":
         # caffe_rng_uniform's CHECK_LE(a, b); a NaN bound or a span beyond float (-3e38..3e38)
         # would make every draw fall outside [min, max] and the rejection loop never end.

@@ -8,6 +8,7 @@ borders and when shrinking (skimage then smooths first).
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -35,7 +36,7 @@ def blobproto_to_array(blob: "caffe_pb2.BlobProto", return_diff: bool = False) -
     else:
         shape = tuple(blob.shape.dim)
     # A truncated or foreign binaryproto parses into a blob whose count does not match.
-    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) != values.size:
+    if any(d < 0 for d in shape) or math.prod(int(d) for d in shape) != values.size:
         raise BlobShapeError(f"BlobProto of shape {shape} holds {values.size} "
                         f"{'diff' if return_diff else 'data'} values",
                         hint="the blob (or the .binaryproto it came from) is damaged or "

@@ -9,6 +9,7 @@ HDF5 weight files (told by their content, as Caffe's H5Fis_hdf5 test tells them)
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -47,7 +48,7 @@ def blob_to_array(blob, diff: bool = False) -> np.ndarray:
         values = blob.double_data if len(blob.double_data) else blob.data
     arr = np.asarray(values, dtype=np.float32)
     shape = blob_shape(blob)
-    if arr.size != int(np.prod(shape, dtype=np.int64)):
+    if arr.size != math.prod(int(d) for d in shape):  # Python ints: no int64 wrap-around
         raise WeightsError(f"blob declares shape {shape} but holds {arr.size} values",
                            hint="the file is truncated or was not written by Caffe")
     return arr.reshape(shape)

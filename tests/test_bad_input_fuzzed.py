@@ -179,7 +179,8 @@ def test_hdf5data_source_that_is_an_hdf5_file(tmp_path):
                  f'hdf5_data_param {{ source: "{h5}" batch_size: 2 }} }}')
 
 
-@pytest.mark.parametrize("dims, values", [((5, 5), [1.0, 2.0]), ((-1,), [1.0, 2.0, 3.0])])
+@pytest.mark.parametrize("dims, values", [((5, 5), [1.0, 2.0]), ((-1,), [1.0, 2.0, 3.0]),
+                                          ((2 ** 32, 2 ** 32), [])])  # wraps to 0 in int64
 def test_blobproto_whose_count_does_not_match_its_shape(dims, values):
     blob = caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=dims), data=values)
     with pytest.raises(DataError, match="holds"):

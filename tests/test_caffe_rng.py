@@ -238,3 +238,17 @@ def test_ziggurat_tables_are_what_their_equations_give():
     # The layers' defining properties, in double: equal areas, top at 0, y = f(x).
     assert tables.NORMAL_X[-1] == 0 and tables.NORMAL_Y[-1] == 1 and len(tables.NORMAL_X) == 129
     assert tables.EXPONENTIAL_X[0] == pytest.approx(tables.EXPONENTIAL_X[1] + 1, abs=4e-15)  # x0 = v / f(r) = r + 1
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(type="gaussian", std=float("inf")), "finite mean and std"),
+    (dict(type="gaussian", std=1e39), "finite mean and std"),  # inf as a float
+    (dict(type="gaussian", mean=float("nan")), "finite mean and std"),
+    (dict(type="constant", value=float("nan")), "constant filler needs a finite value"),
+    (dict(type="constant", value=float("-inf")), "constant filler needs a finite value"),
+])
+def test_fillers_refuse_non_finite_values(kw, needle):
+    from pycaffe_alt.fillers import FillerError
+
+    with pytest.raises(FillerError, match=needle):
+        fill(torch.empty(4, 3), caffe_pb2.FillerParameter(**kw))

@@ -58,6 +58,15 @@ USER_CODE = textwrap.dedent('''
             top[0].data[...] = np.arange(t.count).reshape(t.num, t.channels, t.height, t.width)
             top[1].data[...] = self.phase
 
+    class Reshaper:
+        """Reshapes its top (or adds a blob) to the shape given in param_str."""
+        def setup(self, bottom, top):
+            if self.param_str.startswith("blob"):
+                self.blobs.add_blob(*eval(self.param_str[4:]))
+        def reshape(self, bottom, top):
+            if not self.param_str.startswith("blob"):
+                top[0].reshape(*eval(self.param_str))
+
     class Broken:
         def setup(self, bottom, top):
             raise ValueError("param_str must be a number")
@@ -191,3 +200,24 @@ def test_net_layers_hand_out_the_users_layer_object(user_module, tmp_path):
         view.no_such_method
     view.threshold = 0.5  # written to the user's object, as on pycaffe's
     assert view.module.user.threshold == 0.5
+
+
+@pytest.mark.parametrize("module,cls", [(".rel", "X"), ("..rel", "X"), ("a..b", "X"), ("x.", "X"),
+                                        ("ok", "not a name")])
+def test_module_and_layer_must_be_python_names(module, cls):
+    # '.rel' reached importlib, which raised a TypeError about relative imports.
+    with pytest.raises(NetError, match="both must be Python names"):
+        python_layer(module, cls, [(2, 3)])
+
+
+@pytest.mark.parametrize("param_str,needle", [
+    ("(-1, 3)", "negative dimension"),
+    ("(2.5, 3)", "integer dimensions"),
+    ("(100000, 100000, 1000)", "needs"),
+    ("blob(-2,)", "negative dimension"),
+    ("blob(1.5,)", "integer dimensions"),
+])
+def test_python_layer_reshape_checks_like_blob_reshape(user_module, param_str, needle):
+    # numpy's ValueError/MemoryError, or a silent cut of 2.5 to 2, before.
+    with pytest.raises(NetError, match=needle):
+        python_layer(user_module, "Reshaper", [(2, 3)], param_str=param_str)

@@ -363,3 +363,25 @@ def test_detection_output_ignores_save_output_param_with_a_warning(caplog):
         layer = make_layer(text, [(1, 8), (1, 4), (1, 2, 8)])
     assert layer is not None and any("save_output_param is ignored" in r.getMessage()
                                      for r in caplog.records)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("variance: nan", "variance must be positive"),
+    ("step: nan", "step must be positive"),
+    ("offset: nan", "offset must be finite"),
+    ("aspect_ratio: inf", "aspect_ratio must be positive"),
+    ("max_size: nan", "max_size nan is not greater"),
+])
+def test_prior_box_refuses_non_finite_values(extra, needle):
+    # NaN passed the "<= 0" tests and gave NaN priors; the fork's CHECK_GT(.., 0) fails on it.
+    with pytest.raises(CaffeError, match=needle):
+        make_layer(f'type: "PriorBox" prior_box_param {{ min_size: 4 {extra} }}',
+                   [(1, 2, 3, 3), (1, 3, 12, 12)])
+    with pytest.raises(CaffeError, match="min_size must be positive"):
+        make_layer('type: "PriorBox" prior_box_param { min_size: nan }', [(1, 2, 3, 3), (1, 3, 12, 12)])
+
+
+def test_detection_output_refuses_a_nan_nms_threshold():
+    with pytest.raises(CaffeError, match="nms_threshold must be non-negative"):
+        make_layer('type: "DetectionOutput" detection_output_param { num_classes: 3 '
+                   'nms_param { nms_threshold: nan } }', [(1, 8), (1, 6), (1, 2, 8)])

@@ -119,3 +119,22 @@ def test_golden_current_step(case):
     state = caffe_pb2.SolverState.FromString((GOLDEN / case / "snap_iter_15.solverstate").read_bytes())
     derived = current_step(param, state.iter - 1)
     assert state.current_step == (0 if derived is None else derived)
+
+
+@pytest.mark.parametrize("fields,it,expected", [
+    # C's pow overflows to inf and Caffe trains on (its loss then turns NaN); Python's raised.
+    ('lr_policy: "inv" base_lr: 1 gamma: 1 power: -1000', 2, math.inf),
+    ('lr_policy: "exp" base_lr: 1 gamma: 1e30', 40, math.inf),
+    ('lr_policy: "step" base_lr: 1 gamma: 1e30 stepsize: 1', 40, math.inf),
+    ('lr_policy: "multistep" base_lr: 1 gamma: 10 stepvalue: 1', 1, 10.0),
+    # poly past max_iter: pow of a negative base with a fractional power is NaN.
+    ('lr_policy: "poly" base_lr: 1 power: 0.5 max_iter: 10', 12, math.nan),
+    # poly at max_iter with a negative power: pow(0, -1) is inf.
+    ('lr_policy: "poly" base_lr: 1 power: -1 max_iter: 10', 10, math.inf),
+])
+def test_rates_beyond_float_follow_c_pow(fields, it, expected):
+    rate = LR_POLICIES[solver(fields).lr_policy](solver(fields), it)
+    if math.isnan(expected):
+        assert math.isnan(rate)
+    else:
+        assert rate == expected

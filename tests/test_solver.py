@@ -534,8 +534,10 @@ def test_solver_api_refuses_wrong_argument_values(tmp_path):
     s = lsq_solver(tmp_path, type="SGD")
     with pytest.raises(TypeError, match="whole number, got 1.5"):
         s.step(1.5)
-    with pytest.raises(TypeError, match=">= 0"):
+    with pytest.raises(TypeError, match=r"in 0\.\.2147483647, got -5"):
         s.iter = -5
+    with pytest.raises(TypeError, match="got 2147483648"):  # a snapshot stores an int32
+        s.iter = 2 ** 31
     with pytest.raises(TypeError, match="takes a Net"):
         s.share_weights(5)
     with pytest.raises(TypeError, match="on_start must be callable"):
@@ -555,3 +557,38 @@ def test_blob_reshape_refuses_fractional_and_infinite_dimensions(tmp_path):
     assert blob.data.shape == (4, 3)
     blob.reshape(np.array(5), np.array(3))  # 0-d integer arrays, as boost.python's int takes
     assert blob.data.shape == (5, 3)
+
+
+def test_a_net_without_learnable_parameters_trains(tmp_path):
+    """Caffe's ApplyUpdate loops over no parameters; every update rule used to fail on the
+    empty parameter list."""
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "d" type: "DummyData" top: "x" top: "y" dummy_data_param { data_filler '
+        '{ type: "gaussian" std: 1 } shape { dim: 4 dim: 3 } shape { dim: 4 dim: 3 } } }\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "x" bottom: "y" top: "loss" }\n')
+    for kind in ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"):
+        (tmp_path / "solver.prototxt").write_text(
+            f'net: "{tmp_path / "net.prototxt"}" base_lr: 0.01 lr_policy: "fixed" max_iter: 2 '
+            f'type: "{kind}" snapshot_prefix: "{tmp_path / "s"}"')
+        s = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+        s.step(2)
+        assert s.iter == 2
+
+
+@pytest.mark.parametrize("field,value", [("base_lr", "nan"), ("base_lr", "inf"),
+                                         ("momentum", "nan"), ("weight_decay", "inf"),
+                                         ("delta", "nan"), ("clip_gradients", "nan"),
+                                         ("gamma", "inf"), ("power", "nan")])
+def test_non_finite_hyper_parameters_are_refused(tmp_path, field, value):
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "d" type: "DummyData" top: "x" top: "y" dummy_data_param { data_filler '
+        '{ type: "gaussian" std: 1 } shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" '
+        'inner_product_param { num_output: 2 } }\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" }\n')
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}" base_lr: 0.01 lr_policy: "fixed" max_iter: 2 '
+        f'{field}: {value}'.replace("base_lr: 0.01 lr_policy", "lr_policy" if field == "base_lr"
+                                    else "base_lr: 0.01 lr_policy"))
+    with pytest.raises(SolverError, match=f"{field} must be a finite number"):
+        caffe.get_solver(str(tmp_path / "solver.prototxt"))

@@ -29,11 +29,20 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..blob import Blob, BlobVec
+from ..blob import Blob, BlobVec, shape_args
+from ..blob_memory import check_blob_fits
 from ..phase import Phase
 from ..python_opt_in import ALLOW_PYTHON_ENV, python_layers_allowed
 from ..registry import LAYERS
 from .base import Layer, Shape
+
+
+def _checked_shape(shape, what: str) -> Tuple[int, ...]:
+    """Integer dimensions that fit in memory, or a NetError naming ``what`` (numpy's own errors
+    for a negative or huge shape, or a silent cut of 2.5 to 2, were the alternative)."""
+    dims = shape_args(shape, what)
+    check_blob_fits(dims, None, "reshaped", what)
+    return dims
 
 
 class PyBlob:
@@ -70,7 +79,7 @@ class PyBlob:
 
     def reshape(self, *shape: int) -> None:
         """Caffe's Blob::Reshape: new (zeroed) storage only when the shape changes."""
-        shape = tuple(int(d) for d in shape)
+        shape = _checked_shape(shape, "reshape() of a top or blob")
         if shape != self.shape:
             self._data = np.zeros(shape, dtype=self._data.dtype)
             self._diff = np.zeros(shape, dtype=self._data.dtype)
@@ -93,7 +102,7 @@ class PyBlobVec(BlobVec):
     fixed = False  # the user's layer fills its own list
 
     def add_blob(self, *shape: int) -> None:
-        self.append(PyBlob(np.zeros(tuple(int(d) for d in shape), dtype=np.float32)))
+        self.append(PyBlob(np.zeros(_checked_shape(shape, "self.blobs.add_blob()"), dtype=np.float32)))
 
 
 class PythonLayerBase:
@@ -213,6 +222,12 @@ class Python(Layer):
         module_name, class_name = pp.module, pp.layer
         if not module_name or not class_name:
             raise self.error("python_param needs both 'module' and 'layer'",
+                             "e.g. python_param { module: 'my_layers' layer: 'MyLayer' }")
+        if not all(part.isidentifier() for part in module_name.split(".")) or \
+                not class_name.isidentifier():
+            # importlib's own errors for '.x' (a relative import) or 'a..b' were tracebacks.
+            raise self.error(f"python_param names module '{module_name}' and layer '{class_name}'; "
+                             "both must be Python names (the module dotted: 'pkg.mod')",
                              "e.g. python_param { module: 'my_layers' layer: 'MyLayer' }")
         cls = loaded_layer_class(module_name, class_name)
         if cls is None:

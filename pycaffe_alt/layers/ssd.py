@@ -26,6 +26,12 @@ CORNER, CENTER_SIZE, CORNER_SIZE = 1, 2, 3
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
+def _positive(v: float) -> bool:
+    """``v > 0`` and finite: the fork CHECKs ``> 0``, which NaN fails; an infinite size or
+    ratio makes every box infinite."""
+    return math.isfinite(v) and v > 0
+
+
 # -- Normalize ------------------------------------------------------------------------------------
 def l2_normalize(x: torch.Tensor, across_spatial: bool, eps: float) -> torch.Tensor:
     """x / sqrt(sum x^2 + eps), the sum over (C, H, W) per item or over C per position.
@@ -191,26 +197,29 @@ class PriorBox(Layer):
         p = param.prior_box_param
         if len(p.min_size) == 0:
             raise self.error("has no min_size", "give at least one 'min_size:'")
-        if any(m <= 0 for m in p.min_size):
-            raise self.error(f"min_size must be positive, got {list(p.min_size)}", None)
+        if not all(_positive(m) for m in p.min_size):
+            raise self.error(f"min_size must be positive and finite, got {list(p.min_size)}", None)
         if len(p.max_size) and len(p.max_size) != len(p.min_size):
             raise self.error(f"has {len(p.max_size)} max_size for {len(p.min_size)} min_size",
                              "give one max_size per min_size, or none")
         for mn, mx in zip(p.min_size, p.max_size):
-            if mx <= mn:
+            if not (mx > mn and math.isfinite(mx)):
                 raise self.error(f"max_size {mx} is not greater than min_size {mn}",
                                  "each max_size must exceed its min_size")
         if len(p.variance) > 1 and len(p.variance) != 4:
             raise self.error(f"has {len(p.variance)} variance values",
                              "give one variance for all coordinates, or exactly four")
-        if any(v <= 0 for v in p.variance):
-            raise self.error(f"variance must be positive, got {list(p.variance)}", None)
+        if not all(_positive(v) for v in p.variance):  # NaN fails the fork's CHECK_GT too
+            raise self.error(f"variance must be positive and finite, got {list(p.variance)}", None)
         self.variance = [float(v) for v in p.variance] or [0.1]  # the fork's default
         self.img_hw = self._pair(p, "img_size", "img_h", "img_w", "image size")
         self.step_hw = self._pair(p, "step", "step_h", "step_w", "step")
         self.offset = float(p.offset)
+        if not math.isfinite(self.offset):
+            raise self.error(f"offset must be finite, got {self.offset}",
+                             "offset places the box centres within a cell, e.g. 0.5")
         self.clip = bool(p.clip)
-        if any(not ar > 0 for ar in p.aspect_ratio):
+        if not all(_positive(ar) for ar in p.aspect_ratio):
             # The fork divides by sqrt(ar): 0 gives infinite boxes, a negative one NaN.
             raise self.error(f"aspect_ratio must be positive, got {list(p.aspect_ratio)}",
                              "aspect ratios are width / height of the prior boxes, e.g. 2 or 3")
@@ -227,12 +236,12 @@ class PriorBox(Layer):
             if p.HasField(both):
                 raise self.error(f"sets both {both} and {h}/{w}", f"give either {both} or {h} and {w}")
             vh, vw = getattr(p, h), getattr(p, w)
-            if vh <= 0 or vw <= 0:
+            if not (_positive(vh) and _positive(vw)):
                 raise self.error(f"{h} and {w} must both be positive, got {vh} and {vw}", None)
             return float(vh), float(vw)
         if p.HasField(both):
             v = getattr(p, both)
-            if v <= 0:
+            if not _positive(v):
                 raise self.error(f"{both} must be positive, got {v}", None)
             return float(v), float(v)
         return 0.0, 0.0
@@ -402,7 +411,7 @@ class DetectionOutput(Layer):
         self.confidence_threshold = (float(p.confidence_threshold) if p.HasField("confidence_threshold")
                                      else -FLT_MAX)
         self.nms_threshold = float(p.nms_param.nms_threshold)
-        if self.nms_threshold < 0:
+        if not self.nms_threshold >= 0:  # NaN fails the fork's CHECK_GE too
             raise self.error(f"nms_threshold must be non-negative, got {self.nms_threshold}", None)
         self.eta = float(p.nms_param.eta)
         if not 0 < self.eta <= 1:

@@ -24,8 +24,22 @@ _LN_FLT_MAX = math.log(float(np.finfo(np.float32).max))  # float exp overflows a
 
 
 def _rounded(x: float) -> float:
-    """Round to the float32 value Caffe stores in its ``Dtype rate``."""
-    return float(_f32(x))
+    """Round to the float32 value Caffe stores in its ``Dtype rate`` (inf past float's range)."""
+    with np.errstate(over="ignore"):
+        return float(_f32(x))
+
+
+def c_pow(x: float, y: float) -> float:
+    """C's ``pow``, which Caffe's policies call: an overflow is inf, a negative base with a
+    fractional exponent NaN, zero to a negative power inf, where Python's ``math.pow`` raises.
+    Caffe then trains on with that rate (and its loss turns NaN), so no policy crashes here."""
+    try:
+        return math.pow(x, y)
+    except OverflowError:
+        odd = float(y).is_integer() and int(y) % 2 == 1
+        return -math.inf if x < 0 and odd else math.inf
+    except ValueError:
+        return math.inf if x == 0 else math.nan
 
 
 def _require(ok: bool, policy: str, what: str, hint: str) -> None:
@@ -63,13 +77,13 @@ def _step(p, it: int) -> float:
              "set stepsize: the number of iterations between rate drops")
     _require(p.gamma >= 0, "step", f"gamma must be >= 0 (got {p.gamma})",
              "gamma is the factor applied at each step, e.g. gamma: 0.1")
-    return _rounded(p.base_lr * math.pow(p.gamma, it // p.stepsize))
+    return _rounded(p.base_lr * c_pow(p.gamma, it // p.stepsize))
 
 
 def _exp(p, it: int) -> float:
     _require(p.gamma >= 0, "exp", f"gamma must be >= 0 (got {p.gamma})",
              "gamma is the per-iteration decay factor, e.g. gamma: 0.999")
-    return _rounded(p.base_lr * math.pow(p.gamma, it))
+    return _rounded(p.base_lr * c_pow(p.gamma, it))
 
 
 def _inv(p, it: int) -> float:
@@ -77,7 +91,7 @@ def _inv(p, it: int) -> float:
              "inv uses base_lr * (1 + gamma * iter) ^ (-power)")
     # Caffe forms 1 + gamma * iter in float32 before the pow.
     base = _f32(1) + _f32(p.gamma) * _f32(it)
-    return _rounded(p.base_lr * math.pow(float(base), -p.power))
+    return _rounded(p.base_lr * c_pow(float(base), -p.power))
 
 
 def multistep_advance(stepvalues: Sequence[int], step: int, it: int) -> int:
@@ -93,7 +107,7 @@ def _multistep(p, it: int, step: Optional[int] = None) -> float:
              "gamma is the factor applied at each stepvalue, e.g. gamma: 0.1")
     if step is None:
         step = multistep_index(p.stepvalue, it)
-    return _rounded(p.base_lr * math.pow(p.gamma, step))
+    return _rounded(p.base_lr * c_pow(p.gamma, step))
 
 
 def _poly(p, it: int) -> float:
@@ -101,7 +115,7 @@ def _poly(p, it: int) -> float:
              "poly decays the rate to zero at max_iter; set max_iter")
     # Caffe: Dtype(1) - Dtype(iter) / Dtype(max_iter), all float32.
     frac = _f32(1) - _f32(it) / _f32(p.max_iter)
-    return _rounded(p.base_lr * math.pow(float(frac), p.power))
+    return _rounded(p.base_lr * c_pow(float(frac), p.power))
 
 
 def _sigmoid(p, it: int) -> float:

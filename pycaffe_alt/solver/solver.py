@@ -14,6 +14,7 @@ parameter normalize, regularize, update value, and finally ``data -= update``.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -69,6 +70,12 @@ def _split_weights(entries: Iterable[str]) -> List[str]:
         out.extend(w.strip() for w in str(entry).split(",") if w.strip())
     return out
 
+
+
+# SolverParameter float fields an update reads: a non-finite value is refused (clip_gradients
+# too: NaN compared false and silently meant no clipping).
+_FINITE_FIELDS = ("base_lr", "momentum", "momentum2", "weight_decay", "gamma", "power", "delta",
+                  "rms_decay", "clip_gradients")
 
 class Solver:
     """Caffe's Solver/SGDSolver: trains a net from a SolverParameter; the update rule is chosen
@@ -190,6 +197,13 @@ class Solver:
                                "one", self._where("stepvalue"), k, p.stepvalue[k],
                                p.stepvalue[k - 1])
                 break
+        # A NaN or infinite hyper-parameter makes every weight NaN at the first update (Caffe
+        # trains on silently); one of them is never meant.
+        for field in _FINITE_FIELDS:
+            value = getattr(p, field)
+            if p.HasField(field) and not math.isfinite(value):
+                raise SolverError(f"{field} must be a finite number (got {value})",
+                                  self._where(field), "fix or remove the field")
         # Unknown names and missing policy parameters fail now, not at the first update.
         regularizer(p.regularization_type)
         if p.lr_policy:
@@ -356,8 +370,8 @@ class Solver:
     def iter(self, value: int) -> None:  # noqa: A003
         # pycaffe's iter is read-only; ours can be set (a resumed count), to a count >= 0.
         value = integer_argument(value, "solver.iter")
-        if value < 0:
-            raise ArgumentTypeError(f"solver.iter must be >= 0, got {value}")
+        if not 0 <= value < 2 ** 31:  # Caffe's iter_ is an int (the solverstate's int32)
+            raise ArgumentTypeError(f"solver.iter must be in 0..2147483647, got {value}")
         self._iter = value
 
     @property
@@ -499,6 +513,9 @@ class Solver:
             logger.info("Iteration %d, lr = %s", it, format_value(rate))
         with torch.no_grad():
             diffs = self._diffs()
+            if not diffs:  # nothing learnable: Caffe's ApplyUpdate loops over no parameters
+                self._iter += 1
+                return
             if not self.precision.unscale_and_check(diffs):  # FP16 overflow: skip this step
                 self._iter += 1
                 return
