@@ -138,3 +138,17 @@ def integer_argument(value: object, what: str) -> int:
     if isinstance(value, numbers.Real) and float(value).is_integer():
         return int(value)
     raise ArgumentTypeError(f"{what} must be a whole number, got {value!r}")
+
+
+def path_argument(value: object, what: str) -> str:
+    """A file path given as ``str``, ``bytes`` or ``os.PathLike``, as a ``str`` (bytes decoded
+    as the file system does); otherwise an ArgumentTypeError naming ``what``. One rule for
+    every pycaffe call that takes a path."""
+    import os
+
+    if isinstance(value, (str, bytes, os.PathLike)):
+        path = os.fsdecode(os.fspath(value))
+        if path:
+            return path
+    raise ArgumentTypeError(f"{what} takes a file path (str, bytes or os.PathLike), got "
+                            f"{value!r}"[:300])

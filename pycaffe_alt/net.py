@@ -28,7 +28,7 @@ from . import memory_format as mf
 from .blob import Blob, BlobVec, HostMirror, ParamBlob, check_blob_shape, is_memory_of
 from .blob_memory import check_blob_fits, zeros
 from .compile import CompiledNet
-from .errors import ArgumentTypeError, CaffeError, NetError, first_line
+from .errors import ArgumentTypeError, CaffeError, NetError, first_line, path_argument
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
 from .mode import default_device
@@ -107,10 +107,10 @@ def _load_net_param(source) -> Tuple["caffe_pb2.NetParameter", str]:
 def _parse_pycaffe_args(args, phase, weights):
     """pycaffe's two signatures: Net(file, phase, ...) and Net(file, weights, phase)."""
     args = list(args)
-    if args and isinstance(args[0], (str, os.PathLike)):
+    if args and isinstance(args[0], (str, bytes, os.PathLike)):
         if weights is not None:
             raise TypeError("weights given twice")
-        weights = os.fspath(args.pop(0))
+        weights = path_argument(args.pop(0), "Net() weights")
     if args:
         if phase is not None:
             raise TypeError("phase given twice")
@@ -473,6 +473,15 @@ class Net(nn.Module):
                     raise NetError(f"cannot share param '{spec.name}' owned by layer "
                                    f"'{owner_layer}': owner shape {tuple(owner.shape)}, this layer "
                                    f"expects {tuple(mine.shape)}", where)
+                if owner.shape != mine.shape:
+                    # Caffe's PERMISSIVE mode shares the values under each layer's own shape;
+                    # here a layer computes with the one tensor it holds, so it is refused now
+                    # rather than failing at every forward.
+                    raise NetError(f"param '{spec.name}' is shared PERMISSIVE between shapes "
+                                   f"{tuple(owner.shape)} (layer '{owner_layer}') and "
+                                   f"{tuple(mine.shape)}: sharing one blob under two shapes is not "
+                                   "supported", where,
+                                   "give both layers the same parameter shape, or stop sharing")
                 info = next(pi for pi in self._param_infos if pi.param is owner)
                 # Caffe: a sharer may set lr/decay only if the owner left them unset or agrees.
                 for attr in ("lr_mult", "decay_mult"):
@@ -1067,11 +1076,9 @@ class Net(nn.Module):
         returns the names of the layers copied."""
         from .weights import copy_weights
 
-        if not isinstance(path, (str, os.PathLike)):
-            raise ArgumentTypeError(f"copy_from() takes the path of a weights file, got "
-                                    f"{type(path).__name__}")
+        path = path_argument(path, "copy_from()")
         self._push_host_writes()  # a pending numpy write must not land on the loaded weights
-        return copy_weights(self._named_params(), os.fspath(path))
+        return copy_weights(self._named_params(), path)
 
     def save(self, path: str, diffs: Optional[Sequence[Sequence[np.ndarray]]] = None) -> None:
         """Write the net with its weights as a .caffemodel (atomically); ``diffs`` (one list of
@@ -1079,12 +1086,10 @@ class Net(nn.Module):
         ``snapshot_diff``)."""
         from .weights import atomic_write, net_param_with_weights
 
-        if not isinstance(path, (str, os.PathLike)):
-            raise ArgumentTypeError(f"save() takes the path of the .caffemodel to write, got "
-                                    f"{type(path).__name__}")
+        path = path_argument(path, "save()")
         self._push_host_writes()  # numpy edits of GPU weights (net surgery) go in too
         proto = net_param_with_weights(self.net_param, [v.module.blobs for v in self._views], diffs)
-        atomic_write(os.fspath(path), proto.SerializeToString())
+        atomic_write(path, proto.SerializeToString())
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s parameter blobs for layers of the same name (Caffe's ShareTrainedLayersWith)."""
@@ -1238,11 +1243,11 @@ class Net(nn.Module):
 
         # Net::ToHDF5 makes a group for every layer and stores only the blobs a layer owns (a
         # blob shared from an earlier layer is left out; loading fills it from its owner).
+        path = path_argument(path, "save_hdf5()")
         layers = self._named_params()
         write_weights_h5([(name, [None if shared else p.detach().cpu().numpy()
                                   for p, shared in zip(params, flags)])
-                          for (name, params), flags in zip(layers, shared_flags(layers))],
-                         os.fspath(path))
+                          for (name, params), flags in zip(layers, shared_flags(layers))], path)
 
     def load_hdf5(self, path: str) -> None:
         """Copy weights from a Caffe HDF5 file by layer name, whatever its file name (pycaffe
@@ -1250,8 +1255,9 @@ class Net(nn.Module):
         are left alone."""
         from .weights import copy_weights
 
+        path = path_argument(path, "load_hdf5()")
         self._push_host_writes()
-        copy_weights(self._named_params(), os.fspath(path), hdf5=True)
+        copy_weights(self._named_params(), path, hdf5=True)
 
     def _unsupported_hook(self, name: str) -> None:
         raise NetError(f"net.{name}(callback) is not supported", self.source,

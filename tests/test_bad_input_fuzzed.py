@@ -133,7 +133,7 @@ def test_blob_shapes_follow_caffes_limits():
     (lambda n: n.forward(data=np.zeros((2, 2, 5, 5))), "has shape \\(2, 2, 5, 5\\)"),
     (lambda n: n.forward(data="hello"), "not an array of numbers"),
     (lambda n: n.forward(conv1=np.zeros((2, 20, 24, 24))), "not an input of this net"),
-    (lambda n: n.copy_from(None), "path of a weights file"),
+    (lambda n: n.copy_from(None), r"copy_from\(\) takes a file path"),
 ])
 def test_pycaffe_calls_with_bad_arguments_raise_caffe_errors(call, message):
     with pytest.raises(CaffeError, match=message):
@@ -418,7 +418,7 @@ def test_mnist_image_file_with_no_pixels_is_refused(tmp_path):
 
 def test_save_and_share_with_name_a_wrong_argument():
     net = lenet()
-    with pytest.raises(CaffeError, match="save\\(\\) takes the path"):
+    with pytest.raises(CaffeError, match="save\\(\\) takes a file path"):
         net.save(None)
     with pytest.raises(CaffeError, match="share_with\\(\\) takes another Net"):
         net.share_with("x")

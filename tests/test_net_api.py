@@ -251,6 +251,16 @@ def test_param_sharing_by_name_and_mismatch():
     assert len(net.learnable_params) == 3  # shared weight once, two biases
     with pytest.raises(NetError, match="cannot share param 'w'"):
         net_from_text(text % 3)
+    # PERMISSIVE: same count, other shape ((2, 6) and (3, 4)); it built, then every forward
+    # failed with a matrix-shape error.
+    permissive = """
+    layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 1 dim: 6 } } }
+    layer { name: "b" type: "Input" top: "b" input_param { shape { dim: 1 dim: 4 } } }
+    layer { name: "p" type: "InnerProduct" bottom: "a" top: "p" param { name: "w" } inner_product_param { num_output: 2 } }
+    layer { name: "q" type: "InnerProduct" bottom: "b" top: "q" param { name: "w" share_mode: PERMISSIVE } inner_product_param { num_output: 3 } }
+    """
+    with pytest.raises(NetError, match="shared PERMISSIVE between shapes"):
+        net_from_text(permissive)
 
 
 def test_duplicate_top_is_an_error():
@@ -464,3 +474,28 @@ def test_double_makes_later_blobs_double_too():
     plain.blobs["x"].data[...] = 1 / 3
     assert plain.forward()["y"].dtype == np.float64
     assert plain.forward()["y"][0, 0] == 1 / 3  # no float32 rounding on the way
+
+
+def test_every_path_argument_takes_str_bytes_or_pathlike(tmp_path):
+    """One rule for paths (save_hdf5 of bytes raised tempfile's TypeError; Net(model, bytes
+    weights, phase) printed only the signature; load_hdf5 and Net(bytes) already took them)."""
+    import pathlib
+
+    from pycaffe_alt.errors import ArgumentTypeError
+
+    model = tmp_path / "m.prototxt"
+    model.write_text('layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 1 dim: 3 } } }\n'
+                     'layer { name: "p" type: "InnerProduct" bottom: "a" top: "p" '
+                     'inner_product_param { num_output: 2 } }')
+    net = caffe.Net(str(model), caffe.TEST)
+    w = bytes(tmp_path / "w.caffemodel")
+    net.save(w)
+    net.save_hdf5(bytes(tmp_path / "w.h5"))
+    assert net.copy_from(pathlib.Path(os.fsdecode(w))) == ["p"]
+    net.load_hdf5(bytes(tmp_path / "w.h5"))
+    again = caffe.Net(bytes(model), w, caffe.TEST)
+    assert np.array_equal(again.params["p"][0].data, net.params["p"][0].data)
+    for call in (lambda: net.save(5), lambda: net.copy_from(None), lambda: net.save_hdf5(""),
+                 lambda: net.load_hdf5(3.5)):
+        with pytest.raises(ArgumentTypeError, match="takes a file path"):
+            call()
