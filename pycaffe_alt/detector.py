@@ -14,11 +14,19 @@ import numpy as np
 
 from . import io as caffe_io
 from .classifier import input_transformer
-from .errors import CaffeError, DataError
+from .errors import ArgumentTypeError, CaffeError, DataError, integer_argument
 from .net import Net
 from .phase import TEST
 
 Window = Sequence[int]
+
+
+def _numeric(value) -> bool:
+    try:
+        np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def context_box(window: Window, crop_size: int, context_pad: int) -> np.ndarray:
@@ -85,7 +93,11 @@ class Detector(Net):
     def crop(self, im: np.ndarray, window: Window) -> np.ndarray:
         """The window (ymin, xmin, ymax, xmax) of an H x W x K image, with context padding when
         configured (then exactly the net's input size, mean-filled outside the image)."""
-        window = np.asarray(window).astype(int)
+        values = np.asarray(window, dtype=np.float64) if _numeric(window) else None
+        if values is None or values.shape != (4,) or not np.all(np.isfinite(values)):
+            raise DataError(f"a window is 4 finite numbers (ymin, xmin, ymax, xmax), got "
+                            f"{window!r}"[:200], where="Detector.crop")
+        window = values.astype(int)
         if not self.context_pad:
             return im[window[0]:window[2], window[1]:window[3]]
         crop_size = self.blobs[self.inputs[0]].width  # R-CNN assumes square inputs
@@ -116,6 +128,14 @@ class Detector(Net):
         t = self.transformer
         inv_transpose = [t.transpose[in_][i] for i in t.transpose[in_]]
         self.crop_dims = np.array(self.blobs[in_].data.shape[1:])[inv_transpose]
+        if context_pad is not None:
+            context_pad = integer_argument(context_pad, "Detector context_pad")
+            crop_size = self.blobs[in_].width
+            if not 0 <= 2 * context_pad < crop_size:
+                # The warped window would have no pixels left for the window itself (pycaffe
+                # divides by zero at half the crop size).
+                raise ArgumentTypeError(f"Detector context_pad must be in 0..{(crop_size - 1) // 2} "
+                                        f"for the net's {crop_size}-pixel input, got {context_pad}")
         self.context_pad = context_pad
         if not context_pad:
             return

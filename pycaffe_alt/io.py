@@ -19,10 +19,17 @@ from google.protobuf.message import DecodeError
 
 from .data import datum as _datum
 from .errors import (ArgumentTypeError, BlobShapeError, DataError, ImageNotFoundError,
-                     ImageReadError)
+                     ImageReadError, integer_argument)
 from .fileio import check_input_path
 from .host_memory import physical_memory
 from .proto import caffe_pb2
+
+
+def _int_sequence(value, what: str) -> Tuple[int, ...]:
+    """A sequence of whole numbers as a tuple of ints, or an ArgumentTypeError naming ``what``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ArgumentTypeError(f"{what} must be a sequence of integers, got {value!r}"[:300])
+    return tuple(integer_argument(v, what) for v in value)
 
 
 # --- proto / datum / ndarray conversion ---------------------------------------------------------
@@ -187,7 +194,8 @@ def _resize_unit(im: np.ndarray, new_dims: Tuple[int, int], interp_order: int) -
 def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1) -> np.ndarray:
     """Resize an H x W x K image to ``new_dims`` = (height, width); float32, K kept."""
     im = np.asarray(im)
-    if len(new_dims) != 2 or im.ndim != 3 or 0 in im.shape or min(int(d) for d in new_dims) < 1:
+    new_dims = _int_sequence(new_dims, "resize_image() new_dims")
+    if len(new_dims) != 2 or im.ndim != 3 or 0 in im.shape or min(new_dims) < 1:
         raise DataError(f"cannot resize an image of shape {im.shape} to {tuple(new_dims)}",
                         where="resize_image", hint="give a non-empty H x W x K image (a grey "
                         "image as img[:, :, None]) and (height, width), both positive")
@@ -271,7 +279,8 @@ class Transformer:
         if not isinstance(inputs, Mapping):
             raise ArgumentTypeError(f"Transformer() takes a dict {{input name: shape}}, got "
                                     f"{type(inputs).__name__}")
-        self.inputs = {k: tuple(v) for k, v in inputs.items()}
+        self.inputs = {k: _int_sequence(v, f"Transformer input '{k}' shape")
+                       for k, v in inputs.items()}
         self.transpose: Dict[str, Sequence[int]] = {}
         self.channel_swap: Dict[str, Sequence[int]] = {}
         self.raw_scale: Dict[str, float] = {}
@@ -291,7 +300,7 @@ class Transformer:
                             "for an N x K x H x W input", where="Transformer")
         # Our own float32 copy: the in-place steps below keep float32 (as pycaffe's do) without
         # touching the caller's array.
-        caffe_in = np.array(data, dtype=np.float32, copy=True)
+        caffe_in = np.array(_numeric_array(data, "preprocess() data"), dtype=np.float32, copy=True)
         in_dims = self.inputs[in_][2:]
         if caffe_in.shape[:2] != in_dims:
             caffe_in = resize_image(caffe_in, in_dims)
@@ -341,6 +350,7 @@ class Transformer:
     def set_transpose(self, in_: str, order: Sequence[int]) -> None:
         """Dimension order, e.g. (2, 0, 1) turns H x W x K into K x H x W."""
         self._check_input(in_)
+        order = _int_sequence(order, "set_transpose() order")
         if len(order) != len(self.inputs[in_]) - 1:
             raise DataError(f"transpose order {tuple(order)} needs {len(self.inputs[in_]) - 1} "
                             f"axes", where=f"Transformer input '{in_}'",
@@ -350,6 +360,7 @@ class Transformer:
     def set_channel_swap(self, in_: str, order: Sequence[int]) -> None:
         """Channel order after transposing, e.g. (2, 1, 0) turns RGB into BGR."""
         self._check_input(in_)
+        order = _int_sequence(order, "set_channel_swap() order")
         if len(order) != self.inputs[in_][1]:
             raise DataError(f"channel swap {tuple(order)} needs {self.inputs[in_][1]} entries "
                             f"(the input's channels)", where=f"Transformer input '{in_}'")
@@ -363,8 +374,11 @@ class Transformer:
     def set_mean(self, in_: str, mean: np.ndarray) -> None:
         """Mean to subtract: one value per channel (K,) or a K x H x W image (resized if needed)."""
         self._check_input(in_)
-        mean = np.asarray(mean)
+        mean = _numeric_array(mean, "set_mean() mean")
         where = f"Transformer input '{in_}'"
+        if mean.size == 0:
+            raise DataError(f"mean of shape {mean.shape} is empty", where=where,
+                            hint="give one value per channel or a K x H x W mean image")
         if mean.ndim == 1:
             if mean.shape[0] != self.inputs[in_][1]:
                 raise DataError(f"mean has {mean.shape[0]} channels, input has "

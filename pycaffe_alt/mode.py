@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import caffe_rng
-from .errors import ArgumentTypeError, CaffeError
+from .errors import ArgumentTypeError, CaffeError, integer_argument
 
 
 class _Defaults:
@@ -41,7 +41,10 @@ def set_mode_gpu() -> None:
 
 def set_device(device_id: int) -> None:
     """Choose the GPU used in GPU mode (pycaffe ``caffe.set_device(i)``)."""
-    _defaults.device_id = int(device_id)
+    device_id = integer_argument(device_id, "set_device() device id")
+    if device_id < 0:
+        raise ArgumentTypeError(f"set_device() takes a GPU number >= 0, got {device_id}")
+    _defaults.device_id = device_id
 
 
 def default_device() -> torch.device:

@@ -96,7 +96,7 @@ def _load_net_param(source) -> Tuple["caffe_pb2.NetParameter", str]:
         return source, "<net_param>"
     from .prototxt import read_net
 
-    path = os.fspath(source)
+    path = path_argument(source, "Net() network_file")
     net_param = read_net(path)
     if not net_param.layer:  # an empty or comments-only file would "score" Loss: 0
         raise NetError("the net has no layers", path,

@@ -219,6 +219,9 @@ def _net_param(tops, names) -> "caffe_pb2.NetParameter":
     layers: "OrderedDict[Function, Any]" = OrderedDict()
     autonames: Counter = Counter()
     for top in tops:
+        if not isinstance(top, (Top, Function)):
+            raise ArgumentTypeError(f"to_proto() takes the tops of caffe.layers calls (or "
+                                    f"NetSpec attributes), got {type(top).__name__}")
         top._to_proto(layers, names, autonames)
     net = caffe_pb2.NetParameter()
     net.layer.extend(layers.values())

@@ -452,3 +452,27 @@ def test_a_nan_label_is_named_as_nan():
     # Before: "label -9223372036854775808 is outside ..." (NaN converted to INT64_MIN).
     with pytest.raises(NetError, match="label nan is outside the 10 classes"):
         lenet().forward(data=np.zeros((2, 1, 28, 28)), label=np.array([np.nan, 1]))
+
+
+@pytest.mark.parametrize("call, message", [
+    # Fuzz round 6 (2026-12-04): numpy/Python errors that named no argument before.
+    (lambda: caffe.io.resize_image(np.zeros((4, 4, 3)), (float("nan"), 4)),
+     r"resize_image\(\) new_dims must be a whole number"),
+    (lambda: caffe.io.Transformer({"data": 5}), "input 'data' shape must be a sequence"),
+    (lambda: caffe.io.Transformer({"data": "abcd"}), "input 'data' shape must be a sequence"),
+    (lambda: caffe.io.Transformer({"data": (1, 3, 8, 8)}).set_transpose("data", None),
+     r"set_transpose\(\) order must be a sequence"),
+    (lambda: caffe.io.Transformer({"data": (1, 3, 8, 8)}).set_mean("data", np.zeros((3, 0, 8))),
+     "mean of shape \\(3, 0, 8\\) is empty"),
+    (lambda: caffe.io.Transformer({"data": (1, 3, 8, 8)}).set_mean("data", ["a", "b", "c"]),
+     r"set_mean\(\) mean takes an array of numbers"),
+    (lambda: caffe.io.Transformer({"data": (1, 3, 8, 8)}).preprocess("data", "abc"),
+     r"preprocess\(\) data takes an array of numbers"),
+    (lambda: caffe.set_device("a"), r"set_device\(\) device id must be a whole number"),
+    (lambda: caffe.set_device(-2), "GPU number >= 0"),
+    (lambda: caffe.Net(None, caffe.TEST), r"Net\(\) network_file takes a file path"),
+    (lambda: caffe.to_proto(5), r"to_proto\(\) takes the tops"),
+])
+def test_pycaffe_helpers_name_a_bad_argument(call, message):
+    with pytest.raises(CaffeError, match=message):
+        call()

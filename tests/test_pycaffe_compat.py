@@ -283,6 +283,14 @@ def test_detector_windows_and_context(deploy, tmp_path):
     np.testing.assert_allclose(window[0, 0], np.array([30.0, 20.0, 10.0]) / 255, rtol=1e-6)
     with pytest.raises(caffe.CaffeError, match="selective_search"):
         det.detect_selective_search([path])
+    # pycaffe divides by zero at context_pad = crop / 2; a short or NaN window indexed out of
+    # range or was cropped silently.
+    for pad in (8, 9, -1):
+        with pytest.raises(TypeError, match="context_pad must be in 0..7"):
+            caffe.Detector(model_def, model_weights, context_pad=pad)
+    for bad in (np.array([0, 0, 5]), np.array([np.nan, 0, 5, 5]), "abcd"):
+        with pytest.raises(caffe.CaffeError, match="a window is 4 finite numbers"):
+            padded.crop(loaded, bad)
 
 
 # ---------------------------------------------------------------- protobuf and caffe.io

@@ -538,6 +538,8 @@ def test_solver_api_refuses_wrong_argument_values(tmp_path):
         s.iter = -5
     with pytest.raises(TypeError, match="got 2147483648"):  # a snapshot stores an int32
         s.iter = 2 ** 31
+    with pytest.raises(TypeError, match=r"restore\(\) takes a file path"):
+        s.restore(None)
     with pytest.raises(TypeError, match="takes a Net"):
         s.share_weights(5)
     with pytest.raises(TypeError, match="on_start must be callable"):

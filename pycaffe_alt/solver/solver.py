@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import (ArgumentTypeError, CaffeError, NetError, NonFiniteLossError, SolverError,
-                      integer_argument, located_in)
+                      integer_argument, located_in, path_argument)
 from ..fileio import check_input_path, remove_stale_temporaries
 from ..layers import TEST, TRAIN
 from ..log import format_value, get_logger, loss_suffix
@@ -688,7 +688,7 @@ class Solver:
         current_step, history and the weights of ``learned_net``; with our continuation data also
         the data cursors and random generators (otherwise the data restarts where it is, as in
         Caffe)."""
-        state_path = os.fspath(state_path)
+        state_path = path_argument(state_path, "restore()")
         data = read_any_solverstate(state_path)
         shapes = self.rule.history_shapes([tuple(d.shape) for d in self._datas])
         check_history(data.history, shapes, state_path)
