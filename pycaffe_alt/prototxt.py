@@ -51,7 +51,11 @@ def read_net(path_or_text: PathOrText) -> caffe_pb2.NetParameter:
     if data is None:
         raw = _read_bytes(source)
         if _looks_binary(raw[:_SNIFF_BYTES]):
-            _parse_binary(raw, net, source)
+            try:
+                _parse_binary(raw, net, source)
+            except PrototxtError:
+                _refuse_stray_control_byte(raw, source)
+                raise
         else:
             parse_text(_decode_text(raw, source), net, source)
     else:
@@ -144,6 +148,26 @@ def _read_bytes(path: str) -> bytes:
 
 def _looks_binary(head: bytes) -> bool:
     return any(b in _BINARY_BYTES for b in head)
+
+
+def _refuse_stray_control_byte(raw: bytes, source: str) -> None:
+    """A file that is not binary protobuf but text with a few control bytes (a NUL pasted into
+    a name) is a damaged prototxt: say where the byte is instead of "corrupt binary"."""
+    controls = [i for i, b in enumerate(raw) if b in _BINARY_BYTES]
+    if not controls or len(controls) > max(8, len(raw) // 100):
+        return
+    text = bytes(b for b in raw if b not in _BINARY_BYTES)
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    first = controls[0]
+    line = raw.count(b"\n", 0, first) + 1
+    column = first - (raw.rfind(b"\n", 0, first) + 1) + 1
+    raise PrototxtError(f"control character 0x{raw[first]:02x} in a text prototxt "
+                        f"({len(controls)} in the file)", where=f"{source}:{line}:{column}",
+                        hint="remove it: a prototxt holds no control characters other than tabs "
+                             "and line breaks")
 
 
 def _decode_text(raw: bytes, source: str) -> str:

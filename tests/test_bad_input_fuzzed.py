@@ -476,3 +476,37 @@ def test_a_nan_label_is_named_as_nan():
 def test_pycaffe_helpers_name_a_bad_argument(call, message):
     with pytest.raises(CaffeError, match=message):
         call()
+
+
+def test_a_stray_control_byte_in_a_text_prototxt_is_located(tmp_path):
+    from pycaffe_alt.prototxt import read_net
+
+    path = tmp_path / "nul.prototxt"
+    path.write_bytes(b'layer { name: "da\x00ta" type: "Input" top: "data" '
+                     b'input_param { shape { dim: 1 } } }\n')
+    # It was reported as a corrupt binary NetParameter.
+    with pytest.raises(CaffeError, match=r"nul.prototxt:1:18: control character 0x00"):
+        read_net(str(path))
+
+
+def test_parse_log_says_an_output_folder_is_a_file(tmp_path):
+    from pycaffe_alt.tools import parse_log
+
+    log = tmp_path / "a.log"
+    log.write_text("I1204 solver.cpp:1] Iteration 10, loss = 0.5\n")
+    (tmp_path / "notadir").write_text("x")
+    with pytest.raises(CaffeError, match="is a file, not a folder"):
+        parse_log.main([str(log), str(tmp_path / "notadir")])
+
+
+def test_an_empty_batch_gives_caffes_loss_and_accuracy(tmp_path):
+    # Caffe: loss 0 over its normalizer max(1, 0); the reference's accuracy 0 / 0. Both failed
+    # inside torch (an ambiguous reshape of 0 elements, a min() of nothing).
+    path = tmp_path / "empty.prototxt"
+    path.write_text(
+        'layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 0 dim: 3 } } }\n'
+        'layer { name: "l" type: "Input" top: "l" input_param { shape { dim: 0 } } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "d" bottom: "l" top: "loss" }\n'
+        'layer { name: "acc" type: "Accuracy" bottom: "d" bottom: "l" top: "acc" }\n')
+    out = caffe.Net(str(path), caffe.TEST).forward()
+    assert float(out["loss"]) == 0.0 and np.isnan(out["acc"])

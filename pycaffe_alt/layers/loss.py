@@ -192,8 +192,9 @@ class SoftmaxWithLoss(LossLayer):
 
     def forward(self, x: torch.Tensor, label: torch.Tensor):
         outer, c = _prod(x.shape[:self.axis]), x.shape[self.axis]
-        x3 = x.reshape(outer, c, -1)
-        labels = label.reshape(outer, -1)
+        inner = _prod(x.shape[self.axis + 1:])  # explicit: -1 is ambiguous for an empty batch
+        x3 = x.reshape(outer, c, inner)
+        labels = label.reshape(outer, inner)
         logp = F.log_softmax(x3, dim=1)
         ignore = _NO_IGNORE if self.ignore_label is None else self.ignore_label
         loss = None
@@ -223,8 +224,8 @@ class SoftmaxWithLoss(LossLayer):
         or directly the mean when Caffe's normalizer is the number of labels. Out-of-range
         labels make ``nll_loss`` raise on the CPU; the layer's error then names the label.
         """
-        if float(logp.detach().min()) < _LOG_FLT_MIN:
-            return None
+        if logp.numel() == 0 or float(logp.detach().min()) < _LOG_FLT_MIN:
+            return None  # the general path (an empty batch: loss 0 over Caffe's normalizer 1)
         idx = labels.long()
         norm = self._normalizer(idx, ignore, logp.shape[2])
         # nll_loss's mean divides by the labels not ignored: Caffe's normalizer when nothing is.
@@ -484,8 +485,10 @@ class Accuracy(Layer):
         self.axis, self.top_k, self.n_tops = a, int(ap.top_k), max(len(param.top), 1)
         self.ignore_label = int(ap.ignore_label) if ap.HasField("ignore_label") else None
         n_labels = _prod(bottom_shapes[1])
-        if n_labels == 0 or self.top_k > _prod(s0) // n_labels:
-            raise self.error(f"top_k {self.top_k} exceeds the number of classes",
+        # Caffe's CHECK_LE(top_k, count / label count): the class axis when the counts agree
+        # (checked next); an empty batch divides by zero there.
+        if self.top_k > s0[a]:
+            raise self.error(f"top_k {self.top_k} exceeds the {s0[a]} classes",
                              "top_k must be at most the number of classes")
         if _prod(s0[:a]) * _prod(s0[a + 1:]) != n_labels:
             raise self.error(f"has {n_labels} labels for predictions of shape {s0} (class axis {a})",
@@ -500,8 +503,9 @@ class Accuracy(Layer):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, label: torch.Tensor):
         outer, c = _prod(x.shape[:self.axis]), x.shape[self.axis]
-        x3 = x.detach().reshape(outer, c, -1)
-        idx, valid = _check_class_labels(self, label.reshape(outer, -1), c, self.ignore_label)
+        inner = _prod(x.shape[self.axis + 1:])
+        x3 = x.detach().reshape(outer, c, inner)
+        idx, valid = _check_class_labels(self, label.reshape(outer, inner), c, self.ignore_label)
         true_score = x3.gather(1, idx.unsqueeze(1))
         classes = torch.arange(c, device=x.device).view(1, c, 1)
         ahead = (x3 > true_score) | ((x3 == true_score) & (classes > idx.unsqueeze(1)))

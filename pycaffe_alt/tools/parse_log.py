@@ -219,6 +219,9 @@ def write_csv(path: str, rows: Sequence[Row], delimiter: str = ",") -> bool:
 def save_csv_files(log_path: str, output_dir: str, train: Sequence[Row], test: Sequence[Row],
                    delimiter: str = ",") -> List[str]:
     """``<output_dir>/<log basename>.train`` and ``.test``; returns the paths written."""
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise CaffeError(f"output folder {output_dir!r} is a file, not a folder",
+                         hint="give the folder to write LOG.train and LOG.test into")
     if not os.path.isdir(output_dir):
         raise CaffeError(f"output folder {output_dir!r} does not exist", hint=f"mkdir -p {output_dir}")
     base = os.path.join(output_dir, os.path.basename(log_path))
