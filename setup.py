@@ -7,7 +7,8 @@ setup(
     description="Caffe nets, solvers and tools on PyTorch, with the alternation training of "
                 "'CNNs are Globally Optimal Given Multi-Layer Support'",
     packages=find_packages(include=["pycaffe_alt", "pycaffe_alt.*"]),
-    package_data={"pycaffe_alt.proto": ["caffe.proto"],
+    package_data={"pycaffe_alt": ["alias_path/caffe/__init__.py"],
+                  "pycaffe_alt.proto": ["caffe.proto"],
                   "pycaffe_alt.imagenet": ["ilsvrc_2012_mean.npy"]},
     python_requires=">=3.9",
     install_requires=[

@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 import warnings
@@ -151,6 +152,29 @@ def install_finder(top_level: bool = False) -> CaffeAliasFinder:
     # load a second copy.
     sys.meta_path.insert(0, finder)
     return finder
+
+
+# A folder holding a one-line ``caffe`` alias package, for processes started from an aliased one.
+ALIAS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alias_path")
+
+
+def alias_for_child_processes() -> None:
+    """Let Python processes this one starts import ``caffe`` as pycaffe_alt too: put
+    :data:`ALIAS_PATH` first on ``sys.path`` (what multiprocessing's spawn and forkserver
+    children start from) and on ``PYTHONPATH`` (any other Python started from here)."""
+    if ALIAS_PATH not in sys.path:
+        sys.path.insert(0, ALIAS_PATH)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != ALIAS_PATH]
+    os.environ["PYTHONPATH"] = os.pathsep.join([ALIAS_PATH] + parts)
+
+
+def alias_unless_real_caffe() -> bool:
+    """Install the alias (:func:`install_as_caffe`) unless ``caffe`` is already imported or a
+    real Caffe is importable; returns whether ``caffe`` is now pycaffe_alt. For Python layer
+    modules, which ``import caffe`` as they would inside Caffe's own embedded interpreter."""
+    if ALIAS not in sys.modules and real_caffe_location() is None:
+        install_as_caffe()
+    return aliased()
 
 
 def install_as_caffe() -> types.ModuleType:

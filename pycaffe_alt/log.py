@@ -50,6 +50,13 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
+# A library's logger gets a NullHandler (the logging HOWTO's advice): without one, Python's
+# last-resort handler printed its warnings (e.g. the legacy-input upgrade note) to stderr in a
+# program that never called caffe.init_log(), whatever GLOG_minloglevel said. Handlers the
+# program or init_log() configure still receive every record.
+get_logger().addHandler(logging.NullHandler())
+
+
 def format_value(x: float) -> str:
     """A float32 value as Caffe's ``ostream << float`` prints it (6 significant digits)."""
     return "%g" % float(np.float32(x))

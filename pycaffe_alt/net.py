@@ -641,6 +641,13 @@ class Net(nn.Module):
             if name not in values:
                 values[name] = self._store.data_tensor(name)
         last = len(self._steps) - 1 if end is None else end
+        if start > 0:
+            # A pass from a middle layer reads whatever its bottoms hold, as Caffe's
+            # ForwardFromTo does: zeros when no pass (and no user) has written them yet.
+            for step in self._steps[start:last + 1]:
+                for b in step.bottoms:
+                    if b not in values:
+                        self._store.data_tensor(b)
         if self._compiled is not None and first_versions is None and trace is None and not eager:
             out = self._compiled.run(values, start, last)
         else:

@@ -18,7 +18,7 @@ import runpy
 import sys
 from typing import List, Optional, Sequence
 
-from .caffe_alias import install_as_caffe
+from .caffe_alias import alias_for_child_processes, install_as_caffe
 from .errors import CaffeError
 from .fileio import check_input_path
 from .log import setup_logging
@@ -88,6 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.getcwd() not in sys.path[:1]:
             sys.path.insert(0, os.getcwd())
         install_as_caffe()
+        alias_for_child_processes()
         try:
             spec = importlib.util.find_spec(args[1])
         except ValueError:  # an empty name
@@ -120,6 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         sys.path.append(script_dir)
     install_as_caffe()
+    alias_for_child_processes()
     runpy.run_path(script, run_name="__main__")
     return 0
 

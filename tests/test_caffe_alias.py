@@ -196,8 +196,11 @@ def test_pth_alias_install_and_uninstall(program, tmp_path):
 # ------------------------------------------------------------------ in-process finder behaviour
 @pytest.fixture
 def clean_caffe():
-    """Remove every caffe / caffe.X entry this test adds to sys.modules."""
+    """Start without caffe / caffe.X in sys.modules (another test's Python layer may have
+    aliased it: a layer module's `import caffe` does) and put back what was there after."""
     before = {k: v for k, v in sys.modules.items() if k == "caffe" or k.startswith("caffe.")}
+    for k in before:
+        del sys.modules[k]
     yield
     for k in [k for k in sys.modules if k == "caffe" or k.startswith("caffe.")]:
         if k not in before:
@@ -362,3 +365,66 @@ def test_run_shows_glog_lines_like_pycaffe_and_honours_glog_minloglevel(tmp_path
     inside.write_text("import os\nos.environ['GLOG_minloglevel'] = '2'\n" + LOGGING_PROGRAM)
     r = _run([sys.executable, "-m", "pycaffe_alt.run", str(inside)])
     assert r.returncode == 0 and "a line from the program" not in r.stderr
+
+
+def test_children_of_a_run_program_import_caffe_too(tmp_path):
+    """multiprocessing's spawn and forkserver children (and any Python the program starts)
+    re-import the main script in a fresh interpreter: `import caffe` failed there."""
+    script = tmp_path / "mp_prog.py"
+    script.write_text(textwrap.dedent('''
+        import multiprocessing as mp
+        import subprocess
+        import sys
+        import caffe
+
+        def child(q):
+            import caffe
+            q.put(caffe.__name__)
+
+        if __name__ == "__main__":
+            for method in ("spawn", "forkserver"):
+                ctx = mp.get_context(method)
+                q = ctx.Queue()
+                p = ctx.Process(target=child, args=(q,))
+                p.start()
+                p.join(120)
+                print(method, p.exitcode, q.get(timeout=5))
+            out = subprocess.run([sys.executable, "-c", "import caffe; print(caffe.__name__)"],
+                                 capture_output=True, text=True).stdout.strip()
+            print("subprocess", out)
+    '''))
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", str(script)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "spawn 0 pycaffe_alt" in r.stdout and "forkserver 0 pycaffe_alt" in r.stdout
+    assert "subprocess pycaffe_alt" in r.stdout
+
+
+def test_python_layer_modules_import_caffe_under_the_tools(tmp_path):
+    """A layer module's `import caffe` finds pycaffe inside Caffe; under tools/train and from
+    `import pycaffe_alt as caffe` it found nothing ('No module named caffe')."""
+    (tmp_path / "mylayer.py").write_text(textwrap.dedent('''
+        import caffe
+        import numpy as np
+
+        class Source(caffe.Layer):
+            def setup(self, bottom, top):
+                pass
+            def reshape(self, bottom, top):
+                top[0].reshape(2, 3)
+            def forward(self, bottom, top):
+                top[0].data[...] = 1.0
+            def backward(self, top, propagate_down, bottom):
+                pass
+    '''))
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Python" top: "data" python_param { module: "mylayer" '
+        'layer: "Source" } }\nlayer { name: "sq" type: "Power" bottom: "data" top: "sq" }\n')
+    prog = tmp_path / "prog.py"
+    prog.write_text("import pycaffe_alt as caffe\n"
+                    "net = caffe.Net('net.prototxt', caffe.TEST, allow_python=True)\n"
+                    "print('sum', float(net.forward()['sq'].sum()))\n")
+    r = _run([sys.executable, str(prog)], cwd=tmp_path)
+    assert r.returncode == 0 and "sum 6.0" in r.stdout, r.stderr[-3000:]
+    r = _run([sys.executable, os.path.join(ROOT, "tools", "time"), "--model", "net.prototxt",
+              "--iterations", "1", "--allow-python"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]

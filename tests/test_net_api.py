@@ -499,3 +499,35 @@ def test_every_path_argument_takes_str_bytes_or_pathlike(tmp_path):
                  lambda: net.load_hdf5(3.5)):
         with pytest.raises(ArgumentTypeError, match="takes a file path"):
             call()
+
+
+def test_forward_from_a_middle_layer_reads_what_the_blobs_hold(tmp_path):
+    """Caffe's ForwardFromTo runs on whatever the bottoms hold: zeros on a fresh net, the
+    last values otherwise (a KeyError came out of Net.run before)."""
+    net = net_from_text("""
+    layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "p" type: "InnerProduct" bottom: "a" top: "p" inner_product_param { num_output: 4
+      bias_filler { type: "constant" value: 0.5 } } }
+    layer { name: "q" type: "InnerProduct" bottom: "p" top: "q" inner_product_param { num_output: 2
+      bias_filler { type: "constant" value: 0.25 } } }
+    """)
+    out = net.forward(start="q")
+    np.testing.assert_allclose(out["q"], np.full((2, 2), 0.25))  # zeros through q's weights
+    net.blobs["p"].data[...] = 1.0
+    expected = net.params["q"][0].data.sum(1) + 0.25
+    np.testing.assert_allclose(net.forward(start="q")["q"], np.tile(expected, (2, 1)), rtol=1e-6)
+
+
+def test_a_program_without_init_log_stays_quiet(tmp_path):
+    import subprocess
+    import sys
+
+    model = tmp_path / "legacy.prototxt"
+    model.write_text('input: "data" input_dim: 1 input_dim: 3 input_dim: 4 input_dim: 4\n'
+                     'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }\n')
+    code = f"import pycaffe_alt as caffe; caffe.Net({str(model)!r}, caffe.TEST)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=root))
+    # The legacy-input upgrade note went to stderr through Python's last-resort handler.
+    assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -31,6 +31,7 @@ import torch
 
 from ..blob import Blob, BlobVec, shape_args
 from ..blob_memory import check_blob_fits
+from ..caffe_alias import alias_unless_real_caffe
 from ..phase import Phase
 from ..python_opt_in import ALLOW_PYTHON_ENV, python_layers_allowed
 from ..registry import LAYERS
@@ -274,6 +275,9 @@ class Python(Layer):
         self._bind_params(self.blobs)
 
     def _import(self, module_name: str, class_name: str) -> type:
+        # Inside Caffe, a layer module's `import caffe` finds pycaffe: give it ours (never in
+        # place of a real Caffe that is importable here).
+        alias_unless_real_caffe()
         # As Caffe's embedded interpreter, the working directory is importable.
         cwd = os.getcwd()
         added = cwd not in sys.path
