@@ -63,7 +63,7 @@ NETS = {
     "resblock": (None, ["prob", "fc", "sum"]),
     "zoo": (os.path.join(FIXTURES, "export_zoo.prototxt"), ["prob", "scaled", "cat", "gpool", "deconv"]),
     "forks": (os.path.join(FIXTURES, "export_forks.prototxt"),
-              ["flat", "prior", "thr1", "am", "swish1", "axpy", "log1"]),
+              ["flat", "prior", "thr1", "am", "swish1", "axpy", "log1", "up"]),
 }
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "export": ".pt2", "pytorch": ".py"}
 

@@ -575,6 +575,23 @@ def test_upsample_bad_setup_is_refused(params, shapes, match):
         make_layer(f'type: "Upsample" upsample_param {{ {params} }}', shapes)
 
 
+# -- Upsample (YOLOv3 forks: one bottom, nearest) -------------------------------------------------
+def test_nearest_upsample_copies_blocks_and_sums_them_back():
+    x = torch.arange(2 * 3 * 2 * 3, dtype=torch.float32).reshape(2, 3, 2, 3)
+    layer = make_layer('type: "Upsample" upsample_param { scale: 2 }', [x.shape])
+    assert layer.top_shapes([x.shape]) == [(2, 3, 4, 6)]
+    y = layer(x)
+    h, w = np.meshgrid(np.arange(4) // 2, np.arange(6) // 2, indexing="ij")
+    np.testing.assert_array_equal(y.numpy(), x.numpy()[:, :, h, w])  # top[h][w] = in[h/s][w/s]
+    gradcheck_layer(layer, [x.double()])
+    rect = make_layer('type: "Upsample" upsample_param { scale_h: 3 scale_w: 1 }', [x.shape])
+    assert tuple(rect(x).shape) == (2, 3, 6, 3)
+    for params, match in (("scale: 2 upsample_h: 4 upsample_w: 6", "takes only scale"),
+                          ("scale: 0", "at least 1")):
+        with pytest.raises(CaffeError, match=match):
+            make_layer(f'type: "Upsample" upsample_param {{ {params} }}', [x.shape])
+
+
 @pytest.mark.parametrize("bad", [36.0, -1.0])
 def test_upsample_mask_out_of_range_is_refused(bad):
     layer = make_layer('type: "Upsample" upsample_param { scale: 2 }', [(1, 1, 3, 3)] * 2)

@@ -71,6 +71,7 @@ KINDS = {
     "constant": "[value] (PriorBox: depends on shapes only)",
     "shuffle_channel": "group",
     "interp": "offset, crop (h, w), size (h, w)",
+    "upsample_nearest": "scale (h, w)",
     "argmax": "axis",
     "softmax_loss": "axis, normalize (count of valid outputs)",
     "euclidean_loss": "",
@@ -394,6 +395,11 @@ class _Lowering:
     def _interp(self, name, m, bottoms, tops):
         return [Op("interp", name, bottoms, tops,
                    dict(offset=-m.pad_beg, crop=tuple(m.crop), size=tuple(m.out_size)))]
+
+    def _upsample(self, name, m, bottoms, tops):
+        if not m.nearest:
+            return self._reject(name, m, "SegNet's unpooling needs the pooling's mask top")
+        return [Op("upsample_nearest", name, bottoms, tops, dict(scale=tuple(m.scale)))]
 
     def _argmax(self, name, m, bottoms, tops):
         if m.axis is None or m.axis == 0 or m.top_k != 1 or m.out_max_val:

@@ -445,6 +445,13 @@ class _Builder:
         self.node("Resize", [x, "", "", sizes], outs, op, mode="linear",
                   coordinate_transformation_mode="align_corners")
 
+    def _upsample_nearest(self, op, ins, outs):
+        # top[h][w] = bottom[h / s][w / s]: nearest with asymmetric coordinates, rounding down.
+        sh, sw = op.attrs["scale"]
+        scales = self.const(f"{op.name}.scales", np.array([1, 1, sh, sw], np.float32))
+        self.node("Resize", [ins[0], "", scales], outs, op, mode="nearest",
+                  coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
     def _argmax(self, op, ins, outs):
         # Caffe ranks ties by index, the higher first: select_last_index.
         index = self.fresh(f"{op.outputs[0]}/index")

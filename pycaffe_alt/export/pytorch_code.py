@@ -410,6 +410,10 @@ class _Writer:
             return f"{x}.clone()"
         return f"F.interpolate({x}, size={_t(a['size'])}, mode='bilinear', align_corners=True)"
 
+    def _upsample_nearest(self, op: Op, ins: List[str]) -> str:
+        sh, sw = op.attrs["scale"]
+        return f"{ins[0]}.repeat_interleave({sh}, 2).repeat_interleave({sw}, 3)"
+
     def _argmax(self, op: Op, ins: List[str]) -> str:
         # Caffe ranks ties by index, the higher first; torch.argmax takes the first maximum.
         axis, x = op.attrs["axis"], ins[0]

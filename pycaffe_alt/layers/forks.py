@@ -25,7 +25,7 @@ are not here; the parser names them as a fork's (see prototxt.py).
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -496,9 +496,13 @@ class Upsample(Layer):
     ``H * scale_h - pad_out_h`` (``scale`` for both axes unless scale_h and scale_w are given).
     Backward gathers the top's diff at the mask (each bottom gets its position's diff); the mask
     gets none.
+
+    With one bottom it is the YOLOv3 forks' nearest-neighbour ``Upsample`` (darknet2caffe,
+    caffe-yolov3, MobileNet-YOLO: ``upsample_param { scale: 2 }``): top (N, C, H * s, W * s)
+    with ``top[h][w] = bottom[h / s][w / s]``; the backward sums each s x s block.
     """
 
-    num_bottoms = (2, 2)
+    num_bottoms = (1, 2)
     num_tops = (1, 1)
     blob_names = ()
 
@@ -506,6 +510,10 @@ class Upsample(Layer):
         super().__init__(param, bottom_shapes, ctx)
         p = param.upsample_param
         has = p.HasField
+        self.nearest = len(bottom_shapes) == 1
+        if self.nearest:
+            self._init_nearest(p, tuple(bottom_shapes[0]))
+            return
         if not ((has("upsample_h") and has("upsample_w"))
                 or (not has("scale") and has("scale_h") and has("scale_w"))
                 or (not has("scale_h") and not has("scale_w"))):  # the fork's LayerSetUp CHECK
@@ -533,6 +541,21 @@ class Upsample(Layer):
         check_blob_fits(tuple(data[:2]) + tuple(out), None, self.name, self.where,
                         work=_UPSAMPLE_WORK)
 
+    def _init_nearest(self, p, data: Shape) -> None:
+        if p.HasField("upsample_h") or p.HasField("upsample_w") or p.pad_out_h or p.pad_out_w:
+            raise self.error("a one-bottom (nearest) Upsample takes only scale (or scale_h and "
+                             "scale_w)", "remove upsample_h/upsample_w/pad_out_*, or give the "
+                             "pooling mask as bottom 1 for SegNet's unpooling")
+        has = p.HasField
+        self.scale = (int(p.scale_h), int(p.scale_w)) if has("scale_h") and has("scale_w") \
+            else (int(p.scale), int(p.scale))
+        if len(data) != 4:
+            raise self.error(f"bottom has shape {data}; Upsample enlarges 4-D (N, C, H, W) blobs")
+        if min(self.scale) < 1:
+            raise self.error(f"scale {self.scale[0]} x {self.scale[1]} must be at least 1")
+        self.out_size = (data[2] * self.scale[0], data[3] * self.scale[1])
+        check_blob_fits(tuple(data[:2]) + self.out_size, None, self.name, self.where)
+
     def allow_force_backward(self, bottom_index: int) -> bool:
         return bottom_index == 0
 
@@ -540,7 +563,14 @@ class Upsample(Layer):
         n, c = bottom_shapes[0][:2]
         return [(int(n), int(c)) + self.out_size]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.nearest:
+            # Each input value copied into an s_h x s_w block: exact, and autograd's backward of
+            # the broadcast sums each block, as the forks' backward does.
+            n, c, h, w = x.shape
+            sh, sw = self.scale
+            block = x.reshape(n, c, h, 1, w, 1).expand(n, c, h, sh, w, sw)
+            return block.reshape(n, c, h * sh, w * sw)
         plane = self.out_size[0] * self.out_size[1]
         index = torch.trunc(mask.detach()).long()  # static_cast<int>(bottom_mask_data[i])
         bad = (index < 0) | (index >= plane) | ~torch.isfinite(mask.detach())
