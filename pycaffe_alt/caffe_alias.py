@@ -19,7 +19,9 @@ descriptor pool refuses that) and whose error classes are copies that ``except
 pycaffe_alt.CaffeError`` does not catch. The :class:`CaffeAliasFinder` therefore answers every
 ``caffe.X`` while ``sys.modules['caffe']`` is the pycaffe_alt package, by handing back the module
 ``pycaffe_alt.X`` itself: nothing is loaded twice and ``caffe.io is pycaffe_alt.io``. A ``caffe.X``
-with no ``pycaffe_alt.X`` fails with the usual ``ModuleNotFoundError``. The finder is installed
+with no ``pycaffe_alt.X`` is loaded from a Caffe fork's ``python/caffe`` folder on ``sys.path``
+when one has it (SSD's ``caffe.model_libs``: pure Python over pycaffe's NetSpec, whose ``import
+caffe`` then gets ours), else fails with the usual ``ModuleNotFoundError``. The finder is installed
 when pycaffe_alt is imported and does nothing while ``caffe`` is another module (a real Caffe).
 
 A real Caffe is never shadowed silently: :func:`install_as_caffe` refuses when another ``caffe``
@@ -79,6 +81,27 @@ def real_caffe_location(path: Optional[Sequence[str]] = None) -> Optional[str]:
     return location
 
 
+def fork_module_spec(fullname: str) -> Optional[importlib.machinery.ModuleSpec]:
+    """The spec of ``caffe.X`` (``caffe.X.Y`` ...) from a ``caffe`` package folder on
+    ``sys.path`` that is not pycaffe_alt's: a Caffe fork's ``python/caffe`` holding pure-Python
+    helpers next to its pycaffe (SSD's ``model_libs.py``, used as ``from caffe.model_libs
+    import *``). None when no such file exists (the usual ModuleNotFoundError follows)."""
+    parts = fullname.split(".")[1:]
+    ours = {os.path.realpath(os.path.dirname(os.path.abspath(__file__))),
+            os.path.realpath(os.path.join(ALIAS_PATH, ALIAS))}
+    for entry in sys.path:
+        folder = os.path.join(entry or os.getcwd(), ALIAS)
+        if not os.path.isdir(folder) or os.path.realpath(folder) in ours:
+            continue
+        base = os.path.join(folder, *parts)
+        if os.path.isfile(os.path.join(base, "__init__.py")):
+            return importlib.util.spec_from_file_location(
+                fullname, os.path.join(base, "__init__.py"), submodule_search_locations=[base])
+        if os.path.isfile(base + ".py"):
+            return importlib.util.spec_from_file_location(fullname, base + ".py")
+    return None
+
+
 class CaffeAliasFinder:
     """Resolves ``caffe.X`` to the already-importable ``pycaffe_alt.X`` while ``caffe`` is the
     pycaffe_alt package; with ``top_level=True`` (the ``.pth`` alias) also a bare ``import caffe``.
@@ -118,7 +141,9 @@ class CaffeAliasFinder:
             except ModuleNotFoundError:
                 found = None
             if found is None:
-                return None  # the usual ModuleNotFoundError: No module named 'caffe.X'
+                # Not ours: a module a fork ships inside its own python/caffe package (the SSD
+                # fork's caffe.model_libs) runs from there, its `import caffe` being ours.
+                return fork_module_spec(fullname)
             is_package = found.submodule_search_locations is not None
         return self._spec(fullname, target_name, is_package)
 

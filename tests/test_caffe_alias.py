@@ -428,3 +428,40 @@ def test_python_layer_modules_import_caffe_under_the_tools(tmp_path):
     r = _run([sys.executable, os.path.join(ROOT, "tools", "time"), "--model", "net.prototxt",
               "--iterations", "1", "--allow-python"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_a_forks_own_python_helpers_load_through_the_alias(tmp_path):
+    """SSD's scripts do `from caffe.model_libs import *`, a pure-Python file inside the fork's
+    python/caffe next to its pycaffe; with that folder on the path it now loads from there, and
+    its own `import caffe` is pycaffe_alt. Modules pycaffe_alt has (caffe.io) stay ours."""
+    fork = tmp_path / "fork" / "python" / "caffe"
+    (fork / "tools").mkdir(parents=True)
+    (fork / "__init__.py").write_text("from ._caffe import Net\n")
+    (fork / "io.py").write_text("FORK = True\n")
+    (fork / "model_libs.py").write_text(
+        "import caffe\nfrom caffe import layers as L, params as P\n"
+        "def DataLayer():\n    return L.Input(shape=dict(dim=[1, 3, 4, 4]))\n")
+    (fork / "tools" / "__init__.py").write_text("")
+    (fork / "tools" / "helper.py").write_text("from caffe.proto import caffe_pb2\nVALUE = 7\n")
+    prog = tmp_path / "gen.py"
+    prog.write_text(textwrap.dedent('''
+        import warnings
+        warnings.simplefilter("ignore")
+        import caffe
+        import caffe.io
+        from caffe.model_libs import *
+        from caffe.tools.helper import VALUE, caffe_pb2
+        import pycaffe_alt
+        assert caffe is pycaffe_alt and caffe.io is pycaffe_alt.io and L is pycaffe_alt.layers
+        assert caffe_pb2 is pycaffe_alt.proto.caffe_pb2 and VALUE == 7
+        n = caffe.NetSpec()
+        n.data = DataLayer()
+        print("FORK OK", len(n.to_proto().layer))
+    '''))
+    env = _env(PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path / "fork" / "python")]))
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", str(prog)], env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "FORK OK 1" in r.stdout, r.stderr[-3000:]
+    missing = tmp_path / "missing.py"
+    missing.write_text("import caffe.no_such_helper\n")
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", str(missing)], env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "No module named 'caffe.no_such_helper'" in r.stderr
