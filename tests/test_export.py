@@ -63,7 +63,7 @@ NETS = {
     "resblock": (None, ["prob", "fc", "sum"]),
     "zoo": (os.path.join(FIXTURES, "export_zoo.prototxt"), ["prob", "scaled", "cat", "gpool", "deconv"]),
     "forks": (os.path.join(FIXTURES, "export_forks.prototxt"),
-              ["flat", "prior", "thr1", "am", "swish1", "axpy", "log1", "up"]),
+              ["flat", "prior", "thr1", "am", "swish1", "axpy", "log1", "segbn"]),
 }
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "export": ".pt2", "pytorch": ".py"}
 
@@ -129,7 +129,7 @@ def randomize(net, seed=0):
                 module.variance.copy_(torch.rand(module.variance.shape, generator=gen) * 3 + 0.5)
                 module.scale_factor.fill_(2.0)
                 continue
-            if module.type == "BN":  # PSPNet's BN: a positive running variance
+            if module.type == "BN" and hasattr(module, "variance"):  # PSPNet's: positive variance
                 for p in module.blobs:
                     p.copy_(torch.randn(p.shape, generator=gen))
                 module.variance.copy_(torch.rand(module.variance.shape, generator=gen) * 3 + 0.5)

@@ -491,14 +491,40 @@ def test_bn_default_slope_is_zero_like_caffes_constant_filler():
 
 
 @pytest.mark.parametrize("text,shape,match", [
-    ('bn_param { bn_mode: INFERENCE }', (1, 3, 4, 4), "SegNet's BN"),
-    ('bn_param { scale_filler { type: "constant" value: 1 } shift_filler { } }', (1, 3, 4, 4),
-     "sets scale_filler, shift_filler"),
+    ('bn_param { bn_mode: INFERENCE }', (1, 3, 4), "SegNet's BN normalises \\(N, C, H, W\\)"),
     ('bn_param { frozen: true }', (1, 3, 4, 4, 2), "BN normalises"),
 ])
 def test_bn_bad_input_is_refused(text, shape, match):
     with pytest.raises(CaffeError, match=match):
         make_layer(f'type: "BN" {text}', [shape])
+
+
+def test_segnet_bn_learn_and_inference_modes():
+    """caffe-segnet bn_layer.cpp: LEARN normalises with the batch's statistics (variance as
+    E[x^2] - E[x]^2, eps 1e-9) in every phase, tops 2 and 3 being that mean and variance;
+    INFERENCE is scale * x + shift. Chosen by SegNet's bn_param fields."""
+    from pycaffe_alt.layers import TEST
+    from pycaffe_alt.layers.forks import SegNetBN
+
+    x = torch.from_numpy(np.random.RandomState(3).randn(2, 3, 4, 5).astype(np.float32))
+    learn = make_layer('type: "BN" top: "y" top: "m" top: "v" bn_param { scale_filler { type: '
+                       '"constant" value: 2 } shift_filler { type: "constant" value: 0.5 } }',
+                       [x.shape], phase=TEST)
+    assert isinstance(learn, SegNetBN) and [tuple(b.shape) for b in learn.blobs] == [(1, 3, 1, 1)] * 2
+    y, m, v = learn(x)
+    xn = x.numpy()
+    mean = xn.mean((0, 2, 3), keepdims=True)
+    var = (xn * xn).mean((0, 2, 3), keepdims=True) - mean * mean
+    np.testing.assert_allclose(y.detach().numpy(), (xn - mean) / np.sqrt(var + 1e-9) * 2 + 0.5,
+                               atol=2e-6)
+    np.testing.assert_allclose(m.numpy(), mean, atol=1e-6)
+    np.testing.assert_allclose(v.numpy(), var, atol=1e-6)
+    assert gradcheck_layer(learn, [x.double()], eps=1e-6)
+    infer = make_layer('type: "BN" bn_param { bn_mode: INFERENCE scale_filler { type: "constant" '
+                       'value: 3 } shift_filler { type: "constant" value: -1 } }', [x.shape])
+    np.testing.assert_allclose(infer(x).detach().numpy(), 3 * xn - 1, rtol=1e-6)
+    with pytest.raises(CaffeError, match="PSPNet's BN has one"):
+        make_layer('type: "BN" top: "y" top: "m" bn_param { frozen: true }', [x.shape])
 
 
 # -- Upsample (SegNet) ---------------------------------------------------------------------------

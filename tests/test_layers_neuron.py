@@ -220,6 +220,21 @@ def test_dropout_scale_train_false_scales_at_test_time():
     assert torch.equal(test, torch.full((4000,), 2.0 * 0.75))
 
 
+def test_dropout_sample_weights_test_drops_at_test_time():
+    # Bayesian SegNet's caffe-segnet DropoutParameter.sample_weights_test: TEST draws a mask
+    # from Caffe's stream and scales survivors, exactly as TRAIN does (Monte Carlo dropout).
+    from pycaffe_alt import caffe_rng
+
+    text = 'type: "Dropout" dropout_param { dropout_ratio: 0.5 sample_weights_test: true }'
+    layer = make_layer(text, [(1000,)], TEST)
+    caffe_rng.seed(4)
+    y = layer(torch.ones(1000))
+    keep = caffe_rng.CaffeRNG(4).bernoulli(1000, 0.5)
+    assert torch.equal(y, torch.from_numpy(keep).float() * 2.0)
+    plain = make_layer('type: "Dropout" dropout_param { dropout_ratio: 0.5 }', [(1000,)], TEST)
+    assert torch.equal(plain(torch.ones(1000)), torch.ones(1000))
+
+
 def test_dropout_test_phase_is_identity_and_follows_train_flag():
     layer = make_layer('type: "Dropout" dropout_param { dropout_ratio: 0.5 }', [(100,)], TEST)
     x = torch.randn(100)

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from ..errors import NetError
+from ..layers.forks import SegNetBN
 from ..layers.vision import (AVE, MAX, PoolGeometry, pooled_shape, torch_pool_is_exact,
                              window_counts)
 
@@ -227,6 +228,8 @@ class _Lowering:
     def _dropout(self, name, m, bottoms, tops):
         # TEST-phase Caffe dropout is the identity (it scales at TRAIN time), except for
         # py-faster-rcnn's scale_train: false, which scales at TEST time instead.
+        if m.sample_test:
+            return self._reject(name, m, "sample_weights_test: true drops units at test time")
         if m.scale_train:
             return [Op("identity", name, bottoms, tops)]
         return [Op("power", name, bottoms, tops, dict(power=1.0, scale=m.test_scale, shift=0.0))]
@@ -272,6 +275,16 @@ class _Lowering:
         return [Op("batch_norm", name, bottoms, tops, dict(eps=m.eps), params)]
 
     def _bn(self, name, m, bottoms, tops):
+        if isinstance(m, SegNetBN):
+            # SegNet's INFERENCE mode is a per-channel affine map; LEARN normalises every batch
+            # with its own statistics, which an exported model would not do.
+            if not m.inference or len(tops) > 1:
+                return self._reject(name, m, "SegNet's bn_mode LEARN (batch statistics) or its "
+                                             "statistics tops; export after setting bn_mode: "
+                                             "INFERENCE")
+            return [Op("affine", name, bottoms, tops, dict(shape=(m.channels, 1, 1), axis=1),
+                       OrderedDict(weight=_arr(m.scale).reshape(-1),
+                                   bias=_arr(m.shift).reshape(-1)))]
         # PSPNet's BN at TEST (or frozen): running statistics as stored, slope/bias as affine.
         flat = lambda t: _arr(t).reshape(-1)  # noqa: E731 - (1, C, 1, 1) blobs
         params = OrderedDict(mean=flat(m.mean), var=flat(m.variance), weight=flat(m.slope),

@@ -395,23 +395,27 @@ class BN(Layer):
     backward only passes ``top_diff * slope / sqrt(var + eps)`` to the bottom.
 
     The fork's ``engine`` is not used by its layer factory (BN is always BNLayer); it is ignored.
-    SegNet's BN (caffe-segnet: ``bn_mode``, ``scale_filler``, ``shift_filler``, two blobs) is
-    recognised by those fields and refused.
+    A ``bn_param`` with SegNet's fields (``bn_mode``, ``scale_filler``, ``shift_filler``) makes
+    the layer SegNet's BN instead (:class:`SegNetBN`).
     """
 
     num_bottoms = (1, 1)
-    num_tops = (1, 1)
+    num_tops = (1, 3)  # SegNet's BN may add the batch mean and variance tops
     blob_names = ("slope", "bias", "mean", "variance")
+
+    def __new__(cls, param, bottom_shapes, ctx):
+        # Both forks call their layer "BN" with a bn_param; the fields say which one it is.
+        if cls is BN and any(param.bn_param.HasField(f) for f in _SEGNET_BN_FIELDS):
+            return SegNetBN(param, bottom_shapes, ctx)
+        return super().__new__(cls)
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
         p = param.bn_param
-        segnet = [f for f in ("bn_mode", "scale_filler", "shift_filler") if p.HasField(f)]
-        if segnet:
-            raise self.error(f"bn_param sets {', '.join(segnet)}: this is SegNet's BN (caffe-segnet), "
-                             "which is not supported; only PSPNet's BN is (slope_filler, bias_filler, "
-                             "momentum, eps, frozen)",
-                             "replace it by BatchNorm + Scale, or PSPNet's bn_param")
+        if len(param.top) > 1:
+            raise self.error(f"has {len(param.top)} tops; PSPNet's BN has one",
+                             "remove the extra tops (SegNet's BN, with bn_mode, gives the batch "
+                             "mean and variance as tops 2 and 3)")
         shape = tuple(bottom_shapes[0])
         if not 2 <= len(shape) <= 4:
             raise self.error(f"bottom has shape {shape}; BN normalises (N, C[, H[, W]]) blobs per channel")
@@ -459,6 +463,62 @@ class BN(Layer):
                 self.variance.mul_(m).add_((1 - m) * var.detach().reshape(self.variance.shape)
                                            .to(self.variance.dtype))
         return centred * (var + self.eps).pow(-0.5) * slope + bias
+
+
+_SEGNET_BN_FIELDS = ("bn_mode", "scale_filler", "shift_filler")
+_SEGNET_INFERENCE = 1  # BNParameter.BNMode INFERENCE (caffe-segnet's enum value)
+_SEGNET_BN_EPS = 1e-9  # var_eps_, fixed in the fork's LayerSetUp
+
+
+class SegNetBN(Layer):
+    """SegNet's batch normalisation (alexgkendall/caffe-segnet ``bn_layer.cpp``), the ``BN``
+    of SegNet, Bayesian SegNet and ENet prototxts (``bn_param`` with ``bn_mode``,
+    ``scale_filler``, ``shift_filler``).
+
+    Blobs (1, C, 1, 1): ``scale`` and ``shift``. ``bn_mode: LEARN`` (the default) normalises
+    with the batch's statistics in every phase (SegNet's compute_bn_statistics.py then folds
+    dataset statistics into scale and shift and switches to INFERENCE): mean over (N, H, W),
+    variance ``E[x^2] - E[x]^2``, ``top = (x - mean) / sqrt(var + 1e-9) * scale + shift``;
+    optional tops 2 and 3 are the batch mean and variance (1, C, 1, 1). ``bn_mode: INFERENCE``:
+    ``top = x * scale + shift`` (tops 2 and 3 are zeros). The backward is the exact gradient of
+    these, which is the fork's hand-written one.
+    """
+
+    num_bottoms = (1, 1)
+    num_tops = (1, 3)
+    blob_names = ("scale", "shift")
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        p = param.bn_param
+        shape = tuple(bottom_shapes[0])
+        if len(shape) != 4:
+            raise self.error(f"bottom has shape {shape}; SegNet's BN normalises (N, C, H, W) blobs")
+        self.channels = int(shape[1])
+        self.inference = p.bn_mode == _SEGNET_INFERENCE
+        self.n_tops = max(len(param.top), 1)
+        blob = (1, self.channels, 1, 1)
+        self.add_blob(blob, p.scale_filler)
+        self.add_blob(blob, p.shift_filler)
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
+        stats = (1, self.channels, 1, 1)
+        return [tuple(bottom_shapes[0])] + [stats] * (self.n_tops - 1)
+
+    def forward(self, x: torch.Tensor):
+        if x.shape[1] != self.channels:
+            raise self.error(f"bottom has {x.shape[1]} channels, the blobs have {self.channels}",
+                             "feed a blob with the channel count the layer was built for")
+        if self.inference:
+            top = x * self.scale + self.shift
+            stats = [x.new_zeros((1, self.channels, 1, 1))] * 2
+        else:
+            dims = (0, 2, 3)
+            mean = x.mean(dim=dims, keepdim=True)
+            var = (x * x).mean(dim=dims, keepdim=True) - mean * mean  # the fork's E[x^2] - E[x]^2
+            top = (x - mean) / (var + _SEGNET_BN_EPS).sqrt() * self.scale + self.shift
+            stats = [mean.detach(), var.detach()]
+        return top if self.n_tops == 1 else (top, *stats[:self.n_tops - 1])
 
 
 # -- SegNet: Upsample ----------------------------------------------------------------------------

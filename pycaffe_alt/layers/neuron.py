@@ -272,6 +272,8 @@ class Dropout(NeuronLayer):
 
     TEST: identity (Caffe's inverted dropout scales at train time only; BVLC's DropoutParameter
     has no ``scale_train`` switch). The phase is read at forward time from ``self.training``.
+    Fork fields: py-faster-rcnn's ``scale_train: false`` (scale at TEST instead) and Bayesian
+    SegNet's ``sample_weights_test: true`` (drop at TEST as at TRAIN).
     """
 
     def __init__(self, param, bottom_shapes, ctx):
@@ -288,9 +290,12 @@ class Dropout(NeuronLayer):
         # multiplies by 1 / scale_ (in double, stored as a float).
         self.scale_train = bool(param.dropout_param.scale_train)
         self.test_scale = float(np.float32(1.0 / self.scale))
+        # caffe-segnet's sample_weights_test: TEST drops units too (Bayesian SegNet's Monte
+        # Carlo samples), exactly as TRAIN does.
+        self.sample_test = bool(param.dropout_param.sample_weights_test)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training and not self.sample_test:
             return x.clone() if self.scale_train else x * self.test_scale
         scale = self.scale if self.scale_train else 1.0
         if x.device.type != "cpu" or torch.compiler.is_compiling():
