@@ -489,6 +489,8 @@ def test_tools_test_needs_weights_as_caffe_does(tmp_path):
         msg = _tool_error(test_tool, ["--model", str(net), "--iterations", "1"] + extra, WeightsError)
         assert "no --weights given" in msg or "empty entry" in msg
     assert test_tool.main(["--model", str(net), "--iterations", "1", "--allow_unmatched_weights"]) == 0
+    # convert_model's spelling works here too.
+    assert test_tool.main(["--model", str(net), "--iterations", "1", "--allow-unmatched-weights"]) == 0
     # Several files: one that matches is enough (Caffe skips what a file lacks).
     from pycaffe_alt.net import Net
 

@@ -81,9 +81,11 @@ def int32(text: str) -> int:
 def add_bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     """A gflags boolean: ``--name`` sets it; ``--name=false`` / ``--noname`` clear it.
 
-    It never consumes the next argument (gflags booleans take no separate value).
+    It never consumes the next argument (gflags booleans take no separate value). The dashed
+    spelling (``--allow-unmatched-weights``) is accepted too, as our other tools accept it.
     """
-    parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=False,
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=False,
                         help=help)
 
 
