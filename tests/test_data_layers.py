@@ -547,3 +547,85 @@ def test_training_holds_the_lmdb_open_and_releases_it_after(in_golden, monkeypat
             time.sleep(0.05)
     solver.step(2)  # and training goes on reading it
     assert solver.iter == 14
+
+
+# -- DenseImageData (SegNet) -------------------------------------------------------------------
+@pytest.fixture
+def pairs(tmp_path):
+    """Five 12 x 16 colour images with label images of class values 0..10."""
+    rs = np.random.RandomState(0)
+    lines = []
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"img{i}.png"), (rs.rand(12, 16, 3) * 255).astype(np.uint8))
+        cv2.imwrite(str(tmp_path / f"lab{i}.png"), rs.randint(0, 11, (12, 16)).astype(np.uint8))
+        lines.append(f"img{i}.png lab{i}.png")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def dense_layer(root, extra="", transform="", batch_size=2, phase=TRAIN):
+    return layer_from(f'type: "DenseImageData" top: "data" top: "label" dense_image_data_param {{ '
+                      f'source: "{root}/list.txt" root_folder: "{root}/" batch_size: {batch_size} '
+                      f'{extra} }} transform_param {{ {transform} }}', phase)
+
+
+def test_dense_image_data_reads_pairs_with_caffes_order_flips_and_crops(pairs):
+    """caffe-segnet: shuffle as ImageData; per image a flip draw (rand() % 2) and the crop's
+    row/column offsets from the prefetch thread's generator (seeded by the last set-up draw);
+    the mean and scale go to the image, the label keeps its pixel values."""
+    caffe.set_random_seed(8)
+    layer = dense_layer(pairs, "shuffle: true mirror: true crop_height: 8 crop_width: 10",
+                        "mean_value: 100 scale: 0.5")
+    assert layer.top_shapes([]) == [(2, 3, 8, 10), (2, 1, 8, 10)]
+    shuffle_seed, thread_seed = CaffeRNG(8).raw(2).tolist()
+    order = np.arange(5)
+    CaffeRNG(shuffle_seed).shuffle(order)
+    rng = CaffeRNG(thread_seed)
+    for b in range(2):
+        data, label = layer()
+        assert layer.last_indices.tolist() == order[2 * b:2 * b + 2].tolist()
+        for i, k in enumerate(order[2 * b:2 * b + 2]):
+            img = cv2.imread(str(pairs / f"img{k}.png")).astype(np.float32)
+            lab = cv2.imread(str(pairs / f"lab{k}.png"), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+            if rng.raw(1)[0] % 2:
+                img, lab = img[:, ::-1], lab[:, ::-1]
+            h_off, w_off = rng.raw(2) % np.array([5, 7])
+            img, lab = img[h_off:h_off + 8, w_off:w_off + 10], lab[h_off:h_off + 8, w_off:w_off + 10]
+            np.testing.assert_array_equal(data[i].numpy(), (img.transpose(2, 0, 1) - 100) * 0.5)
+            np.testing.assert_array_equal(label[i, 0].numpy(), lab)
+    state = layer.state()
+    ahead = [t.clone() for t in layer()]
+    again = dense_layer(pairs, "shuffle: true mirror: true crop_height: 8 crop_width: 10",
+                        "mean_value: 100 scale: 0.5")
+    again.load_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(again(), ahead))
+
+
+def test_dense_image_data_resizes_labels_nearest_and_takes_any_size_at_batch_1(pairs):
+    layer = dense_layer(pairs, "new_height: 6 new_width: 7 is_color: false", phase=TEST)
+    data, label = layer()
+    assert data.shape == (2, 1, 6, 7) and label.shape == (2, 1, 6, 7)
+    lab = cv2.imread(str(pairs / "lab0.png"), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(label[0, 0].numpy(),
+                                  cv2.resize(lab, (7, 6), interpolation=cv2.INTER_NEAREST))
+    cv2.imwrite(str(pairs / "img1.png"), np.zeros((9, 5, 3), np.uint8))
+    cv2.imwrite(str(pairs / "lab1.png"), np.zeros((9, 5), np.uint8))
+    one = dense_layer(pairs, batch_size=1, phase=TEST)
+    assert one()[0].shape == (1, 3, 12, 16) and one()[1].shape == (1, 1, 9, 5)
+
+
+@pytest.mark.parametrize("extra,transform,setup,match", [
+    ("", "mirror: true", None, "transform_param mirror/crop_size"),
+    ("crop_height: 4", "", None, "only one of crop_height/crop_width"),
+    ("crop_height: 20 crop_width: 4", "", "", "crop 20 x 4 is larger than the 12 x 16 image"),
+    ("", "", "odd", "lists 11 names"),
+    ("", "", "size", "label image .*is 5 x 4"),
+])
+def test_dense_image_data_bad_input_names_the_problem(pairs, extra, transform, setup, match):
+    if setup == "odd":
+        (pairs / "list.txt").write_text((pairs / "list.txt").read_text() + "img0.png\n")
+    if setup == "size":
+        cv2.imwrite(str(pairs / "lab0.png"), np.zeros((4, 5), np.uint8))
+    with pytest.raises(CaffeError, match=match):
+        layer = dense_layer(pairs, extra, transform, phase=TEST)
+        layer()

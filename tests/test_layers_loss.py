@@ -380,3 +380,34 @@ def test_golden_parity(case):
             assert _rel(params[layer_name][int(i)].grad.numpy(), ref[key]) <= 1e-3, key
             checked += 1
     assert checked >= 2
+
+
+def test_softmax_loss_weight_by_label_freqs_scales_each_term_and_its_gradient():
+    """caffe-segnet softmax_loss_layer.cpp: loss -= log(max(p, FLT_MIN)) * w[label], divided by
+    the count of labels (not of weights); the gradient (p - onehot) times w[label]."""
+    from layer_check import make_layer
+
+    text = ('type: "SoftmaxWithLoss" loss_param { weight_by_label_freqs: true class_weighting: 0.5 '
+            'class_weighting: 2 class_weighting: 1 ignore_label: 255 }')
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    label = torch.tensor([[[0, 1], [2, 255]], [[1, 1], [0, 2]]], dtype=torch.float64).reshape(2, 1, 2, 2)
+    layer = make_layer(text, [x.shape, label.shape]).double()
+    loss = layer(x, label)
+    p = torch.softmax(x.detach(), 1)
+    w = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    terms = [-torch.log(p[n, int(label[n, 0, i, j]), i, j]) * w[int(label[n, 0, i, j])]
+             for n in range(2) for i in range(2) for j in range(2) if label[n, 0, i, j] != 255]
+    assert torch.allclose(loss, sum(terms) / 7)
+    loss.backward()
+    onehot = torch.zeros_like(p)
+    for n in range(2):
+        for i in range(2):
+            for j in range(2):
+                k = int(label[n, 0, i, j])
+                if k != 255:
+                    onehot[n, k, i, j] = 1
+                    expected = (p[n, :, i, j] - onehot[n, :, i, j]) * w[k] / 7
+                    assert torch.allclose(x.grad[n, :, i, j], expected)
+    with pytest.raises(NetError, match="2 class_weighting values for 3 classes"):
+        make_layer('type: "SoftmaxWithLoss" loss_param { weight_by_label_freqs: true '
+                   'class_weighting: 1 class_weighting: 2 }', [x.shape, label.shape])

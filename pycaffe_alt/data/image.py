@@ -20,11 +20,13 @@ def read_file_bytes(path: str) -> bytes:
     return read_input_bytes(path, DataError, "image file")
 
 
-def read_image(path: str, height: int = 0, width: int = 0, is_color: bool = True) -> np.ndarray:
+def read_image(path: str, height: int = 0, width: int = 0, is_color: bool = True,
+               nearest: bool = False) -> np.ndarray:
     """Read an image as H x W x C uint8 BGR (C=3) or grey (C=1), as Caffe's ``ReadImageToCVMat``.
 
     ``is_color`` picks OpenCV's IMREAD_COLOR (grey files become 3 equal channels) or
-    IMREAD_GRAYSCALE; the image is resized to height x width only when both are positive.
+    IMREAD_GRAYSCALE; the image is resized to height x width only when both are positive, with
+    nearest-neighbour interpolation when ``nearest`` (caffe-segnet's overload for label images).
     Raises DataError naming the file when OpenCV cannot open or decode it.
     """
     import cv2
@@ -40,7 +42,8 @@ def read_image(path: str, height: int = 0, width: int = 0, is_color: bool = True
                         "truncated)", where=path)
     if height > 0 and width > 0:
         # cv::resize's default interpolation is INTER_LINEAR, as in Caffe's call.
-        img = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(img, (width, height),
+                         interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
     if img.ndim == 2:
         img = img[:, :, None]
     return img

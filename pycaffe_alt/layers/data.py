@@ -25,7 +25,8 @@ from ..blob_memory import check_blob_fits
 from ..data.db import open_db
 from ..data.pipeline import (MAX_SAMPLES, BatchMaker, InputPipeline, Ordering,
                              layer_seed)
-from ..data.transformer import TransformSpec, needs_random, output_shape, spec_from_param
+from ..data.transformer import (TransformSpec, needs_random, normalize_batch, output_shape,
+                                place_pixels, spec_from_param)
 from ..distributed.sharding import UNSHARDED
 from ..errors import CaffeError, DataError
 from ..fileio import check_input_path
@@ -405,6 +406,164 @@ class ImageData(PipelinedDataLayer):
                            workers=int(ip.workers),
                            prefetch=max(1, int(param.data_param.prefetch)),
                            transform_seed=transform_seed, caffe_shuffle_seed=shuffle_seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# DenseImageData (SegNet): an image and its label image per line
+# ---------------------------------------------------------------------------------------------
+def parse_pair_list(path: str, where: str) -> List[Tuple[str, str]]:
+    """Whitespace-separated ``<image> <label image>`` pairs, as the fork's ``infile >> a >> b``
+    reads them; a trailing name without its pair is an error naming the file."""
+    with open(path, "rb") as f:
+        words = f.read().decode("utf-8", errors="replace").split()
+    if len(words) % 2:
+        raise DataError(f"{path} lists {len(words)} names; each line holds an image and its label "
+                        "image", where, "write '<image> <label image>' on every line")
+    return list(zip(words[0::2], words[1::2]))
+
+
+@LAYERS.register("DenseImageData")
+class DenseImageData(DataLayerBase):
+    """SegNet's ``DenseImageData`` (alexgkendall/caffe-segnet ``dense_image_data_layer.cpp``):
+    tops ``data`` (N, C, H, W) and ``label`` (N, 1, H, W), the label image's pixel values.
+
+    ``dense_image_data_param``: source (lines ``<image> <label image>``), root_folder,
+    batch_size, new_height/new_width (both or neither; labels resized nearest-neighbour),
+    is_color, shuffle (Caffe's order, as ImageData), rand_skip, mirror and
+    crop_height/crop_width (random per image, drawn as the fork's prefetch thread draws them:
+    ``rand() % 2`` for the flip, then the crop's row and column offsets, from the thread's
+    generator). ``transform_param`` gives mean and scale for the image only (the fork refuses
+    its mirror and crop_size). With batch_size 1 and no resizing or cropping every batch takes
+    its image's own size.
+    """
+
+    num_tops = (2, 2)
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        p = param.dense_image_data_param
+        self.batch_size = self.require_batch_size(p.batch_size, "dense_image_data_param")
+        for a, b, what in (("new_height", "new_width", "resize"), ("crop_height", "crop_width", "crop")):
+            if (getattr(p, a) > 0) != (getattr(p, b) > 0):  # the fork's CHECKs
+                raise self.error(f"dense_image_data_param sets only one of {a}/{b}",
+                                 f"set both ({what}) or neither")
+        self.spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
+        if self.spec.mirror or self.spec.crop_size:
+            raise self.error("transform_param mirror/crop_size would transform the image and not "
+                             "its labels (the fork refuses them)",
+                             "use dense_image_data_param { mirror: true crop_height: H "
+                             "crop_width: W }, which move both")
+        source = self.require_source(p.source, "dense_image_data_param", "image pair list",
+                                     "write a text file with one '<image> <label image>' line "
+                                     "per example (paths relative to root_folder)")
+        self.pairs = parse_pair_list(source, self.where)
+        if not self.pairs:
+            raise self.error(f"{source} lists no image pairs", "add '<image> <label image>' lines")
+        self.list_path, self.root = source, p.root_folder
+        self.new_hw = (int(p.new_height), int(p.new_width))
+        self.crop_hw = (int(p.crop_height), int(p.crop_width))
+        self.mirror, self.is_color = bool(p.mirror), bool(p.is_color)
+        # Caffe's set-up draws: the shuffle generator's seed, the rand_skip draw, the prefetch
+        # thread's seed (whose stream gives the flips and crops).
+        draws = caffe_rng.stream().raw(bool(p.shuffle) + (p.rand_skip > 0) + 1).tolist()
+        shuffle_seed = draws[0] if p.shuffle else None
+        skip = draws[int(bool(p.shuffle))] % p.rand_skip if p.rand_skip > 0 else 0
+        self.thread_seed = draws[-1]
+        self._rng = caffe_rng.CaffeRNG(self.thread_seed)
+        self.ordering = Ordering(len(self.pairs), skip % len(self.pairs), bool(p.shuffle),
+                                 layer_seed(self.name), shuffle_seed)
+        self._served = 0
+        self.variable = self.batch_size == 1 and self.new_hw == (0, 0) and self.crop_hw == (0, 0)
+        first = int(self.ordering.indices(0, 1)[0])
+        image, label = self._read(first)
+        if label.shape[:2] != image.shape[:2]:
+            raise self.error(f"label image {self.pairs[first][1]!r} is {label.shape[1]} x "
+                             f"{label.shape[0]}, its image {image.shape[1]} x {image.shape[0]}",
+                             "input and label images must have the same height and width")
+        h, w = self.crop_hw if self.crop_hw[0] else image.shape[:2]
+        self._top_shapes = [(self.batch_size, image.shape[2], h, w), (self.batch_size, 1, h, w)]
+
+    def _read(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        from ..data.image import read_image
+
+        image_name, label_name = self.pairs[index]
+        paths = (self.root + image_name, self.root + label_name)  # string concatenation, as Caffe
+        try:
+            image = read_image(paths[0], *self.new_hw, is_color=self.is_color)
+            label = read_image(paths[1], *self.new_hw, is_color=False, nearest=True)
+        except CaffeError as e:
+            raise DataError(f"{e.what} ({e.where})", f"{self.list_path} pair {index + 1}",
+                            e.hint) from None
+        return image, label
+
+    def forward(self):
+        n = self.batch_size
+        indices = self.ordering.indices(self._served, n)
+        items = []
+        for index in indices.tolist():
+            image, label = self._read(index)
+            if label.shape[:2] != image.shape[:2]:
+                raise DataError(f"label image is {label.shape[1]} x {label.shape[0]}, its image "
+                                f"{image.shape[1]} x {image.shape[0]}",
+                                f"{self.list_path} pair {index + 1}",
+                                "input and label images must have the same height and width")
+            if self.mirror and self._rng.raw(1)[0] % 2:
+                image, label = image[:, ::-1], label[:, ::-1]
+            if self.crop_hw[0]:
+                (ch, cw), (h, w) = self.crop_hw, image.shape[:2]
+                if ch > h or cw > w:
+                    raise DataError(f"crop {ch} x {cw} is larger than the {h} x {w} image",
+                                    f"{self.list_path} pair {index + 1}",
+                                    "lower crop_height/crop_width or resize the images")
+                h_off, w_off = (int(d) for d in self._rng.raw(2) % np.array([h - ch + 1, w - cw + 1]))
+                image = image[h_off:h_off + ch, w_off:w_off + cw]
+                label = label[h_off:h_off + ch, w_off:w_off + cw]
+            items.append((image, label))
+        shape = items[0][0].shape if self.variable else self._top_shapes[0][2:] + (self._top_shapes[0][1],)
+        data = np.empty((n, shape[2], shape[0], shape[1]), dtype=np.float32)
+        labels = np.empty((n, 1, shape[0], shape[1]), dtype=np.float32)
+        for i, (image, label) in enumerate(items):
+            if image.shape != shape:
+                raise DataError(f"image is {image.shape[1]} x {image.shape[0]} x {image.shape[2]}, "
+                                f"the batch {shape[1]} x {shape[0]} x {shape[2]}",
+                                f"{self.list_path} pair {int(indices[i]) + 1}",
+                                "give every image the same size, or set new_height/new_width")
+            place_pixels(data[i], image.transpose(2, 0, 1), False, 0, 0)
+            labels[i, 0] = label[:, :, 0]  # the label's pixel values, no mean or scale
+        normalize_batch(data, self.spec, [(False, 0, 0)] * n)
+        self._served += n
+        self.last_indices = torch.from_numpy(indices.astype(np.int64))
+        return torch.from_numpy(data).to(self.device), torch.from_numpy(labels).to(self.device)
+
+    def state(self) -> Dict[str, object]:
+        """The serving position and the flip/crop generator, for exact resume."""
+        rng = self._rng.state()
+        return {"served": self._served, "num_records": len(self.pairs), "rng_key": rng["key"],
+                "rng_pos": rng["pos"], "caffe_shuffle_seed": self.ordering.caffe_shuffle_seed,
+                "skip": self.ordering.skip}
+
+    def load_state(self, state: Dict[str, object]) -> None:
+        try:
+            served, n = int(state["served"]), int(state["num_records"])
+            skip = int(state["skip"])
+            seed = state.get("caffe_shuffle_seed")
+            seed = None if seed is None else int(seed)
+            rng = {"key": state["rng_key"], "pos": state["rng_pos"]}
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"data state is incomplete or malformed ({e!r})", self.where,
+                            "pass a dict returned by state()") from None
+        if n != len(self.pairs) or not 0 <= served <= MAX_SAMPLES or not 0 <= skip < n:
+            raise DataError(f"data state was saved for {n} image pairs (served {served}, skip "
+                            f"{skip}); this layer lists {len(self.pairs)}", self.where,
+                            "resume with the same list file")
+        try:
+            self._rng.set_state(rng)
+        except (ValueError, TypeError) as e:
+            raise DataError(f"data state has a damaged generator ({e})", self.where,
+                            "pass a dict returned by state()") from None
+        o = self.ordering
+        self.ordering = Ordering(o.num_records, skip, o.shuffle, o.seed, seed)
+        self._served = served
 
 
 # ---------------------------------------------------------------------------------------------

@@ -189,6 +189,16 @@ class SoftmaxWithLoss(LossLayer):
                 f"prediction's dimensions other than the class axis)")
         self.ignore_label = self._ignore_label()
         self.mode = normalization_mode(param.loss_param)
+        lp = param.loss_param
+        # SegNet's weight_by_label_freqs: each label's term (value and gradient) times its
+        # class's weight; the normalizer still counts labels (caffe-segnet softmax_loss_layer).
+        weights = None
+        if lp.weight_by_label_freqs:
+            if len(lp.class_weighting) != s0[a]:  # the fork's CHECK_EQ
+                raise self.error(f"has {len(lp.class_weighting)} class_weighting values for "
+                                 f"{s0[a]} classes", "give one class_weighting per class")
+            weights = torch.tensor(np.asarray(lp.class_weighting, dtype=np.float32))
+        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor):
         outer, c = _prod(x.shape[:self.axis]), x.shape[self.axis]
@@ -198,7 +208,8 @@ class SoftmaxWithLoss(LossLayer):
         logp = F.log_softmax(x3, dim=1)
         ignore = _NO_IGNORE if self.ignore_label is None else self.ignore_label
         loss = None
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                self.class_weights is None:
             loss = self._unclamped_loss(logp, labels, ignore)
         if loss is None:
             idx = _class_indices(self, labels, c, self.ignore_label)
@@ -207,6 +218,9 @@ class SoftmaxWithLoss(LossLayer):
             # Caffe: loss -= log(max(prob, FLT_MIN)); its backward is prob - onehot regardless of
             # the clamp, i.e. the gradient of the unclamped log-softmax.
             nll = with_caffe_gradient(nll.clamp(max=-_LOG_FLT_MIN), nll)
+            if self.class_weights is not None:
+                known = torch.where(idx == ignore, torch.zeros_like(idx), idx)
+                nll = nll * self.class_weights.to(nll.dtype)[known]
             loss = nll.sum() / self._normalizer(idx, ignore, x3.shape[2])
         if self.n_tops == 1:
             return loss
