@@ -787,7 +787,7 @@ class Net(nn.Module):
         except (TypeError, ValueError) as e:
             raise NetError(f"{caller} got a value for '{name}' that is not an array of numbers "
                            f"({first_line(e)})", self.source) from None
-        if arr.ndim == 0:
+        if arr.ndim == 0 and self._shapes[name] != ():  # a 0-axis blob takes one number
             raise NetError(f"{caller} got a single number for '{name}', not a batch", self.source,
                            f"give an array of shape {tuple(self.blobs[name].shape)}")
         return arr

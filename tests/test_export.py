@@ -562,7 +562,7 @@ def test_fork_layers_lower_to_their_own_operators(nets, workdir):
     assert [d.dim_value for d in prior.type.tensor_type.shape.dim] == [1, 2, 784]
     bad = {
         "crop_batch": 'layer { name: "c" type: "Crop" bottom: "data" bottom: "ref" top: "c" '
-                      'crop_param { axis: 0 offset: 1 offset: 0 offset: 0 offset: 0 } }',
+                      'crop_param { axis: 0 offset: 0 } }',
         "permute_batch": 'layer { name: "c" type: "Permute" bottom: "data" top: "c" '
                          'permute_param { order: 1 order: 0 } }',
         "slice_batch": 'layer { name: "c" type: "Slice" bottom: "data" top: "c" top: "d" '
@@ -576,3 +576,34 @@ def test_fork_layers_lower_to_their_own_operators(nets, workdir):
         p.write_text(head + layer)
         with pytest.raises(NetError, match=r"'c' \((Crop|Permute|Slice): .*batch"):
             convert(str(p), None, "onnx", str(workdir / f"{key}.onnx"), outputs=["c"])
+
+
+def test_odd_constants_and_inputs_export_or_are_refused_by_name(workdir):
+    """Fuzz round 7: infinite layer constants were written as bare `inf` into the generated
+    code (NameError); a scale input without a batch axis and a 0-axis input failed in the
+    check or wrote a model the runtime could not load."""
+    clip = workdir / "clip_inf.prototxt"
+    clip.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 '
+                    'dim: 4 dim: 3 dim: 3 } } }\nlayer { name: "c" type: "Clip" bottom: "data" '
+                    'top: "c" clip_param { min: -inf max: inf } }\n')
+    for fmt in ("pytorch", "torchscript"):
+        result = convert(str(clip), None, fmt, str(workdir / f"clip_inf{SUFFIX[fmt]}"),
+                         allow_unmatched_weights=True)
+        assert result.outputs == ["c"]
+    head = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 '
+            'dim: 4 dim: 5 } } }\n')
+    for name, extra, match in (
+            ("nobatch", 'layer { name: "s" type: "Input" top: "s" input_param { shape { dim: 4 '
+                        'dim: 5 } } }\nlayer { name: "sc" type: "Scale" bottom: "data" bottom: "s" '
+                        'top: "o" scale_param { axis: -2 } }\n', "scale input 's' has no batch axis"),
+            ("scalar", 'layer { name: "s" type: "Input" top: "s" input_param { shape { } } }\n'
+                       'layer { name: "sc" type: "Scale" bottom: "data" bottom: "s" top: "o" }\n',
+             "input\\(s\\) s have no axes")):
+        path = workdir / f"{name}.prototxt"
+        path.write_text(head + extra)
+        with pytest.raises(NetError, match=match):
+            convert(str(path), None, "onnx", str(workdir / f"{name}.onnx"))
+    # The 0-axis input itself takes one number through pycaffe's forward.
+    net = Net(str(workdir / "scalar.prototxt"), TEST)
+    out = net.forward(data=np.ones((2, 3, 4, 5), np.float32), s=np.float32(3.0))
+    assert np.all(out["o"] == 3.0)

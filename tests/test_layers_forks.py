@@ -680,3 +680,14 @@ def test_interp_and_upsample_count_their_working_memory():
                    [(1, 1, side // 2 + 1, side // 2 + 1), (1, 1, side // 2 + 1, side // 2 + 1)])
     with pytest.raises(NetError, match="more than"):
         make_layer('type: "Interp" interp_param { height: 2147483647 width: 2147483647 }', [(1, 1, 4, 4)])
+
+
+def test_interp_size_follows_the_forks_order_of_tests():
+    # InterpLayer::Reshape: shrink alone, zoom alone, height and width, shrink and zoom: with
+    # all four set, height x width wins (we shrank and zoomed).
+    layer = make_layer('type: "Interp" interp_param { shrink_factor: 2 zoom_factor: 3 height: 6 '
+                       'width: 7 }', [(1, 2, 9, 9)])
+    assert layer.top_shapes([(1, 2, 9, 9)]) == [(1, 2, 6, 7)]
+    both = make_layer('type: "Interp" interp_param { shrink_factor: 2 zoom_factor: 3 }',
+                      [(1, 2, 9, 9)])
+    assert both.top_shapes([(1, 2, 9, 9)]) == [(1, 2, 13, 13)]  # (9-1)/2+1 = 5, 5 + 4*2

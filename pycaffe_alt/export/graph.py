@@ -118,8 +118,9 @@ def _is_loss_layer(module) -> bool:
 class _Lowering:
     """Turns one layer at a time into ops; collects the layers it cannot express."""
 
-    def __init__(self, net):
+    def __init__(self, net, inputs: Sequence[str] = ()):
         self.shapes = {n: tuple(b.shape) for n, b in net.blobs.items()}
+        self.inputs = set(inputs)  # blobs fed from outside: axis 0 is their batch axis
         self.unsupported: List[str] = []
 
     def lower(self, name: str, module, bottoms: List[str], tops: List[str]) -> List[Op]:
@@ -305,12 +306,16 @@ class _Lowering:
         bottom's axes from ``axis`` on (at axis 0 it carries the batch axis itself)."""
         x_shape, s_shape = self.shapes[bottoms[0]], self.shapes[bottoms[1]]
         axis = 0 if not s_shape else (m.axis + len(x_shape) if m.axis < 0 else m.axis)
+        if axis > 0 and bottoms[1] in self.inputs:
+            # An exported input's axis 0 is its batch axis; this one lies over later axes.
+            return self._reject(name, m, f"the scale input '{bottoms[1]}' has no batch axis")
         params = OrderedDict()
         if m.bias_term:
             if axis == 0:
                 return self._reject(name, m, "a learned bias over the batch axis")
             params["bias"] = _arr(m.bias)
-        shape = tuple(s_shape) + (1,) * (len(x_shape) - axis - len(s_shape))
+        # A 0-axis operand (one number) multiplies everything: no reshape.
+        shape = tuple(s_shape) + (1,) * (len(x_shape) - axis - len(s_shape)) if s_shape else ()
         bias_shape = tuple(params["bias"].shape) + (1,) * (len(x_shape) - axis - params["bias"].ndim) \
             if m.bias_term else ()
         return [Op("scale_by", name, bottoms, tops, dict(shape=shape, axis=axis,
@@ -376,9 +381,10 @@ class _Lowering:
         starts, sizes = [0] * (len(big) - 1), list(big[1:])
         for i, off, size in windows:
             if i == 0:
-                if off != 0:
-                    return self._reject(name, m, "an offset on the batch axis")
-                continue  # the batch follows the input (the reference has the same batch)
+                # The top takes the reference's batch, which an exported model (free batch axis)
+                # would not know.
+                return self._reject(name, m, "cropping the batch axis (axis 0) to the "
+                                             "reference's batch")
             starts[i - 1], sizes[i - 1] = off, size
         # Only the first bottom is read: the reference gives a shape, known at export.
         return [Op("crop", name, bottoms[:1], tops, dict(starts=starts, sizes=sizes))]
@@ -566,7 +572,12 @@ def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Seq
     Raises one NetError naming every needed layer that has no operator here.
     """
     plan = plan_layers(net, outputs, inputs, include_loss)
-    low = _Lowering(net)
+    scalars = [n for n in plan.inputs if not net.blobs[n].shape]
+    if scalars:
+        raise NetError(f"input(s) {', '.join(scalars)} have no axes (one number each); every "
+                       "input of an exported model has a batch axis", net.source,
+                       "give the blob a shape with a batch axis, e.g. input_param { shape { dim: 1 } }")
+    low = _Lowering(net, plan.inputs)
     modules = net.layer_modules
     ops: List[Op] = []
     for name in plan.layers:

@@ -373,9 +373,11 @@ class _Builder:
 
     def _scale_by(self, op, ins, outs):
         a = op.attrs
-        target = ([0] + list(a["shape"][1:])) if a["axis"] == 0 else list(a["shape"])
-        laid = self.fresh(f"{op.inputs[1]}/laid")
-        self.node("Reshape", [ins[1], self.ints(op, "shape", target)], [laid], op)
+        laid = ins[1]
+        if a["shape"]:
+            target = ([0] + list(a["shape"][1:])) if a["axis"] == 0 else list(a["shape"])
+            laid = self.fresh(f"{op.inputs[1]}/laid")
+            self.node("Reshape", [ins[1], self.ints(op, "shape", target)], [laid], op)
         if "bias" not in op.params:
             return self.node("Mul", [ins[0], laid], outs, op)
         scaled = self.fresh(f"{op.outputs[0]}/scaled")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import keyword
+import math
 import os
 import re
 import sys
@@ -120,7 +121,9 @@ def _t(shape) -> str:
 
 
 def _f(v: float) -> str:
-    return repr(float(v))
+    v = float(v)
+    # repr gives bare inf / nan, which are no Python (or TorchScript) names.
+    return repr(v) if math.isfinite(v) else f"float({repr(v)!r})"
 
 
 # Op kinds that are one torch function of their input.
@@ -352,9 +355,12 @@ class _Writer:
 
     def _scale_by(self, op: Op, ins: List[str]) -> str:
         a = op.attrs
-        rest = ", ".join(str(d) for d in a["shape"][1:])
-        lead = f"{ins[1]}.shape[0]" if a["axis"] == 0 else str(a["shape"][0])
-        expr = f"{ins[0]} * {ins[1]}.reshape([{lead}{', ' if rest else ''}{rest}])"
+        if a["shape"]:
+            rest = ", ".join(str(d) for d in a["shape"][1:])
+            lead = f"{ins[1]}.shape[0]" if a["axis"] == 0 else str(a["shape"][0])
+            expr = f"{ins[0]} * {ins[1]}.reshape([{lead}{', ' if rest else ''}{rest}])"
+        else:  # one number
+            expr = f"{ins[0]} * {ins[1]}"
         if "bias" in op.params:
             name = identifier(f"{op.name}_bias", self.attrs)
             self.init.append(f"        self.register_buffer({name!r}, torch.zeros({_t(a['bias_shape'])}))")

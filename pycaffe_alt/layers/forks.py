@@ -335,14 +335,19 @@ class Interp(Layer):
         def zoomed(n: int) -> int:  # zoom_factor - 1 new samples between neighbours
             return n + (n - 1) * (p.zoom_factor - 1)
 
-        if shrink:
-            h_out, w_out = (h_eff - 1) // p.shrink_factor + 1, (w_eff - 1) // p.shrink_factor + 1
-            if zoom:
-                h_out, w_out = zoomed(h_out), zoomed(w_out)
-        elif zoom:
+        # The fork's Reshape tests in this order: shrink alone, zoom alone, height and width,
+        # then shrink and zoom together (so height/width win over the pair of factors).
+        def shrunk(n: int) -> int:
+            return (n - 1) // p.shrink_factor + 1
+
+        if shrink and not zoom:
+            h_out, w_out = shrunk(h_eff), shrunk(w_eff)
+        elif zoom and not shrink:
             h_out, w_out = zoomed(h_eff), zoomed(w_eff)
         elif p.HasField("height") and p.HasField("width"):
             h_out, w_out = int(p.height), int(p.width)
+        elif shrink and zoom:
+            h_out, w_out = zoomed(shrunk(h_eff)), zoomed(shrunk(w_eff))
         else:  # the fork's LOG(FATAL)
             raise self.error("interp_param gives no output size",
                              "set zoom_factor, shrink_factor (or both), or height and width")
