@@ -189,8 +189,12 @@ def alias_for_child_processes() -> None:
     children start from) and on ``PYTHONPATH`` (any other Python started from here)."""
     if ALIAS_PATH not in sys.path:
         sys.path.insert(0, ALIAS_PATH)
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != ALIAS_PATH]
-    os.environ["PYTHONPATH"] = os.pathsep.join([ALIAS_PATH] + parts)
+    # The alias imports pycaffe_alt: the folder this one came from goes along (a source checkout
+    # imported through the current directory is not on the child's path otherwise).
+    home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours = [ALIAS_PATH, home]
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in ours]
+    os.environ["PYTHONPATH"] = os.pathsep.join(ours + parts)
 
 
 def alias_unless_real_caffe() -> bool:

@@ -102,13 +102,14 @@ def apply_shapes(net_param: "caffe_pb2.NetParameter",
 
 
 def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str, Sequence[int]]] = None,
-              state_dict=None, allow_unmatched_weights: bool = False):
+              state_dict=None, allow_unmatched_weights: bool = False, allow_python: bool = False):
     """A TEST-phase Net from a prototxt path / NetParameter / Net, with weights from a caffemodel
     or .h5 (``weights``) or a ``net.state_dict()``-named state (``state_dict``).
 
     A ``weights`` file that shares no layer name with a net that has parameters is an error
     unless ``allow_unmatched_weights``: the converted file would hold the fillers' random values
-    and pass its own check (as ``tools/test`` refuses to score such a net).
+    and pass its own check (as ``tools/test`` refuses to score such a net). ``allow_python``:
+    build Python layers (a Python data layer becomes an input of the export).
     """
     from .. import prototxt
     from ..net import Net
@@ -125,7 +126,7 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
             param = model if isinstance(model, caffe_pb2.NetParameter) else prototxt.read_net(model)
             source = apply_shapes(param, shapes)
         try:
-            net = Net(source, TEST)
+            net = Net(source, TEST, allow_python=allow_python)
         except CaffeError as e:
             raise _named_after(e, model) from None
         if shapes and not isinstance(model, caffe_pb2.NetParameter):
@@ -224,7 +225,7 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
             outputs: Optional[Sequence[str]] = None, inputs: Optional[Sequence[str]] = None,
             shapes: Optional[Mapping[str, Sequence[int]]] = None, include_loss: bool = False,
             state_dict=None, verify: Union[bool, Sequence[int]] = True,
-            allow_unmatched_weights: bool = False) -> Conversion:
+            allow_unmatched_weights: bool = False, allow_python: bool = False) -> Conversion:
     """Convert a Caffe net (prototxt path, NetParameter or Net) with its weights to ``to``.
 
     ``weights``: a .caffemodel or .h5; ``state_dict``: instead (or on top), a PyTorch state in
@@ -246,7 +247,7 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
             raise CaffeError(f"the PyTorch code output {out} does not end in .py",
                              hint="give --out NAME.py (its weights are written to NAME.pt)")
         check_writable(os.path.splitext(out)[0] + ".pt")
-    net = build_net(model, weights, shapes, state_dict, allow_unmatched_weights)
+    net = build_net(model, weights, shapes, state_dict, allow_unmatched_weights, allow_python)
     if to in ("caffemodel", "h5"):
         path = (weight_formats.write_caffemodel if to == "caffemodel" else weight_formats.write_h5)(net, out)
         return Conversion(to, [path])

@@ -68,13 +68,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    dest="allow_unmatched_weights", action="store_true",
                    help="convert even when --weights shares no layer name with the net (its "
                    "random initial weights are written)")
+    p.add_argument("--allow-python", "--allow_python", dest="allow_python", action="store_true",
+                   help="build the net's Python layers (runs their modules' code)")
     args = parse_args(p, argv)
     setup_logging()
     result = convert(args.model, args.weights or None, args.to, args.out,
                      outputs=_names(args.outputs), inputs=_names(args.inputs),
                      shapes=parse_shapes(args.shape) or None, include_loss=args.include_loss,
                      state_dict=args.state_dict or None, verify=not args.no_verify,
-                     allow_unmatched_weights=args.allow_unmatched_weights)
+                     allow_unmatched_weights=args.allow_unmatched_weights,
+                     allow_python=args.allow_python)
     print(result.summary())
     return 0
 
