@@ -26,8 +26,8 @@ import numpy as np
 
 from .boost_random import ziggurat
 
-_TWO_32 = np.float32(4294967296.0)
-_GAUSSIAN_BLOCK = 1 << 16  # boost: float(eng.max() - eng.min()) + 1
+_TWO_32 = np.float32(4294967296.0)  # boost: float(eng.max() - eng.min()) + 1
+_GAUSSIAN_BLOCK = 1 << 16  # values per ziggurat call: small, cache-resident working arrays
 
 
 class CaffeRNG:

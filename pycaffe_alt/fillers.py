@@ -144,8 +144,10 @@ def check(filler_param, shape: Sequence[int]) -> None:
             raise FillerError(f"gaussian filler needs a finite mean and std (as floats), got mean "
                               f"{filler_param.mean:g} std {filler_param.std:g}",
                               hint="e.g. weight_filler { type: \"gaussian\" std: 0.01 }")
-        if sparse >= 0 and len(shape) and shape[0] and not (
-                _sparse_probability(filler_param, shape) <= 1):
+        if sparse >= 0 and not len(shape):  # GaussianFiller's CHECK_GE(num_axes, 1)
+            raise FillerError("gaussian filler: sparse needs a blob with an output axis, this one "
+                              "has none", hint="remove sparse (a 0-axis blob is one value)")
+        if sparse >= 0 and shape[0] and not (_sparse_probability(filler_param, shape) <= 1):
             # caffe_rng_bernoulli's CHECK_LE(p, 1) with p = sparse / num_outputs.
             raise FillerError(f"gaussian filler: sparse {sparse} exceeds the blob's {shape[0]} "
                               f"outputs (shape[0])", hint=f"use 0 <= sparse <= {shape[0]}")

@@ -220,6 +220,7 @@ def test_gaussian_msra_and_sparse_fillers_draw_caffes_values():
     (dict(type="gaussian", std=-1.0), (4, 3), "std > 0"),
     (dict(type="gaussian", std=float("nan")), (4, 3), "std > 0"),
     (dict(type="gaussian", sparse=5), (4, 3), "sparse 5 exceeds the blob's 4 outputs"),
+    (dict(type="gaussian", sparse=1), (), "sparse needs a blob with an output axis"),
 ])
 def test_gaussian_filler_refuses_what_caffe_aborts_on(kw, shape, needle):
     from pycaffe_alt.fillers import FillerError

@@ -571,16 +571,20 @@ def dense_layer(root, extra="", transform="", batch_size=2, phase=TRAIN):
 
 def test_dense_image_data_reads_pairs_with_caffes_order_flips_and_crops(pairs):
     """caffe-segnet: shuffle as ImageData; per image a flip draw (rand() % 2) and the crop's
-    row/column offsets from the prefetch thread's generator (seeded by the last set-up draw);
-    the mean and scale go to the image, the label keeps its pixel values."""
+    row/column offsets; the mean and scale go to the image, the label keeps its pixel values."""
     caffe.set_random_seed(8)
     layer = dense_layer(pairs, "shuffle: true mirror: true crop_height: 8 crop_width: 10",
                         "mean_value: 100 scale: 0.5")
     assert layer.top_shapes([]) == [(2, 3, 8, 10), (2, 1, 8, 10)]
-    shuffle_seed, thread_seed = CaffeRNG(8).raw(2).tolist()
+    from pycaffe_alt.data.pipeline import layer_seed
+
+    shuffle_seed, after = CaffeRNG(8).raw(2).tolist()
+    assert caffe.caffe_rng.stream().raw(1)[0] == after  # set-up took one draw: the shuffle seed
     order = np.arange(5)
     CaffeRNG(shuffle_seed).shuffle(order)
-    rng = CaffeRNG(thread_seed)
+    # The flips and crops: the layer's own generator (the fork's thread shares the process-wide
+    # stream with the main thread, an order no run repeats).
+    rng = CaffeRNG(layer_seed(layer.name) & 0xFFFFFFFF)
     for b in range(2):
         data, label = layer()
         assert layer.last_indices.tolist() == order[2 * b:2 * b + 2].tolist()

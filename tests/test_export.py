@@ -607,3 +607,15 @@ def test_odd_constants_and_inputs_export_or_are_refused_by_name(workdir):
     net = Net(str(workdir / "scalar.prototxt"), TEST)
     out = net.forward(data=np.ones((2, 3, 4, 5), np.float32), s=np.float32(3.0))
     assert np.all(out["o"] == 3.0)
+
+
+def test_a_class_weighted_loss_is_refused_not_exported_unweighted(workdir):
+    path = workdir / "weighted.prototxt"
+    path.write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }\n'
+        'layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 2 } } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "data" bottom: "label" top: "loss" '
+        'loss_param { weight_by_label_freqs: true class_weighting: 1 class_weighting: 2 '
+        'class_weighting: 3 } }\n')
+    with pytest.raises(NetError, match="SegNet's class_weighting"):
+        convert(str(path), None, "pytorch", str(workdir / "weighted.py"), include_loss=True)

@@ -691,3 +691,15 @@ def test_interp_size_follows_the_forks_order_of_tests():
     both = make_layer('type: "Interp" interp_param { shrink_factor: 2 zoom_factor: 3 }',
                       [(1, 2, 9, 9)])
     assert both.top_shapes([(1, 2, 9, 9)]) == [(1, 2, 13, 13)]  # (9-1)/2+1 = 5, 5 + 4*2
+
+
+def test_bn_layers_deep_copy():
+    # BN.__new__ picks SegNet's class by bn_param; copy.deepcopy calls __new__ with no arguments.
+    import copy
+
+    from pycaffe_alt.layers.forks import SegNetBN
+
+    pspnet = make_layer('type: "BN" bn_param { frozen: true }', [(1, 3, 4, 4)])
+    segnet = make_layer('type: "BN" bn_param { bn_mode: INFERENCE }', [(1, 3, 4, 4)])
+    assert type(copy.deepcopy(pspnet)).__name__ == "BN"
+    assert isinstance(copy.deepcopy(segnet), SegNetBN)

@@ -431,6 +431,8 @@ class _Lowering:
         lp = m.param.loss_param
         if lp.HasField("ignore_label") or len(tops) > 1:
             return self._reject(name, m, "ignore_label or a second top")
+        if m.class_weights is not None:
+            return self._reject(name, m, "SegNet's class_weighting")
         if lp.HasField("normalize") or lp.normalization not in (1, 2):  # VALID, BATCH_SIZE
             return self._reject(name, m, "a normalization other than VALID or BATCH_SIZE")
         shape = self.shapes[bottoms[0]]

@@ -430,11 +430,12 @@ class DenseImageData(DataLayerBase):
     ``dense_image_data_param``: source (lines ``<image> <label image>``), root_folder,
     batch_size, new_height/new_width (both or neither; labels resized nearest-neighbour),
     is_color, shuffle (Caffe's order, as ImageData), rand_skip, mirror and
-    crop_height/crop_width (random per image, drawn as the fork's prefetch thread draws them:
-    ``rand() % 2`` for the flip, then the crop's row and column offsets, from the thread's
-    generator). ``transform_param`` gives mean and scale for the image only (the fork refuses
-    its mirror and crop_size). With batch_size 1 and no resizing or cropping every batch takes
-    its image's own size.
+    crop_height/crop_width (random per image: ``rand() % 2`` for the flip, then the crop's row
+    and column offsets, as the fork draws them, but from a generator of the layer's own: the
+    fork's prefetch thread takes them from the process-wide stream while the main thread goes
+    on drawing, an order no run repeats). ``transform_param`` gives mean and scale for the image
+    only (the fork refuses its mirror and crop_size). With batch_size 1 and no resizing or
+    cropping every batch takes its image's own size.
     """
 
     num_tops = (2, 2)
@@ -463,13 +464,12 @@ class DenseImageData(DataLayerBase):
         self.new_hw = (int(p.new_height), int(p.new_width))
         self.crop_hw = (int(p.crop_height), int(p.crop_width))
         self.mirror, self.is_color = bool(p.mirror), bool(p.is_color)
-        # Caffe's set-up draws: the shuffle generator's seed, the rand_skip draw, the prefetch
-        # thread's seed (whose stream gives the flips and crops).
-        draws = caffe_rng.stream().raw(bool(p.shuffle) + (p.rand_skip > 0) + 1).tolist()
+        # The fork's set-up draws from Caffe's stream: the shuffle generator's seed, then the
+        # rand_skip draw (its prefetch thread draws no seed of its own).
+        draws = caffe_rng.stream().raw(bool(p.shuffle) + (p.rand_skip > 0)).tolist()
         shuffle_seed = draws[0] if p.shuffle else None
         skip = draws[int(bool(p.shuffle))] % p.rand_skip if p.rand_skip > 0 else 0
-        self.thread_seed = draws[-1]
-        self._rng = caffe_rng.CaffeRNG(self.thread_seed)
+        self._rng = caffe_rng.CaffeRNG(layer_seed(self.name) & 0xFFFFFFFF)
         self.ordering = Ordering(len(self.pairs), skip % len(self.pairs), bool(p.shuffle),
                                  layer_seed(self.name), shuffle_seed)
         self._served = 0

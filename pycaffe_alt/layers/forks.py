@@ -408,10 +408,13 @@ class BN(Layer):
     num_tops = (1, 3)  # SegNet's BN may add the batch mean and variance tops
     blob_names = ("slope", "bias", "mean", "variance")
 
-    def __new__(cls, param, bottom_shapes, ctx):
+    def __new__(cls, *args, **kwargs):
         # Both forks call their layer "BN" with a bn_param; the fields say which one it is.
-        if cls is BN and any(param.bn_param.HasField(f) for f in _SEGNET_BN_FIELDS):
-            return SegNetBN(param, bottom_shapes, ctx)
+        # (copy.deepcopy calls __new__ without arguments: then it is this class.)
+        param = args[0] if args else kwargs.get("param")
+        if cls is BN and param is not None and \
+                any(param.bn_param.HasField(f) for f in _SEGNET_BN_FIELDS):
+            return SegNetBN(*args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, param, bottom_shapes, ctx):
