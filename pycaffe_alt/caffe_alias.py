@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.machinery
+import contextlib
 import importlib.util
 import os
 import sys
 import types
 import warnings
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .errors import CaffeError
 
@@ -62,23 +63,33 @@ def real_caffe_location(path: Optional[Sequence[str]] = None) -> Optional[str]:
     """Where a ``caffe`` package that is not an alias of ours would be imported from (searching
     ``path``, default ``sys.path``), or None.
 
-    A ``caffe`` whose ``__init__.py`` mentions pycaffe_alt is one of the one-line aliases and not
-    counted; anything else named ``caffe`` (BVLC's ``python/caffe`` with its ``_caffe`` extension,
-    a ``caffe`` distribution's package) is.
+    Counted: a ``caffe`` package whose folder holds the compiled ``_caffe`` extension (BVLC's
+    built ``python/caffe``, a Caffe distribution's package) and a ``caffe`` module file. Not
+    counted: one of the one-line aliases (a ``caffe/__init__.py`` that mentions pycaffe_alt), a
+    folder named ``caffe`` without ``__init__.py`` (a source checkout), and a package without the
+    extension (a fork's unbuilt ``python/caffe``, whose helpers the alias loads).
     """
     spec = importlib.machinery.PathFinder.find_spec(ALIAS, None if path is None else list(path))
-    if spec is None:
+    if spec is None or spec.origin in (None, "namespace"):
         return None
-    origin = spec.origin if spec.origin not in (None, "namespace") else None
-    location = origin or next(iter(spec.submodule_search_locations or []), None) or ALIAS
-    if origin and origin.endswith(".py"):
+    origin = spec.origin
+    if origin.endswith(".py"):
         try:
             with open(origin, encoding="utf-8", errors="replace") as f:
                 if PACKAGE in f.read():
                     return None
         except OSError:
             pass
-    return location
+    if spec.submodule_search_locations:
+        folder = os.path.dirname(origin)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return None
+        suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+        if not any(n.startswith("_caffe") and n.endswith(suffixes) for n in names):
+            return None
+    return origin
 
 
 def fork_module_spec(fullname: str) -> Optional[importlib.machinery.ModuleSpec]:
@@ -197,13 +208,21 @@ def alias_for_child_processes() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(ours + parts)
 
 
-def alias_unless_real_caffe() -> bool:
-    """Install the alias (:func:`install_as_caffe`) unless ``caffe`` is already imported or a
-    real Caffe is importable; returns whether ``caffe`` is now pycaffe_alt. For Python layer
-    modules, which ``import caffe`` as they would inside Caffe's own embedded interpreter."""
-    if ALIAS not in sys.modules and real_caffe_location() is None:
-        install_as_caffe()
-    return aliased()
+@contextlib.contextmanager
+def caffe_importable() -> Iterator[None]:
+    """While the block runs, a bare ``import caffe`` gives pycaffe_alt, unless ``caffe`` is
+    already imported or a real Caffe is importable; for Python layer modules, which ``import
+    caffe`` as inside Caffe's embedded interpreter. Nothing is aliased unless the block imports
+    ``caffe`` (then it stays imported, as any import does)."""
+    if ALIAS in sys.modules or real_caffe_location() is not None:
+        yield
+        return
+    finder = install_finder()
+    before, finder.top_level = finder.top_level, True
+    try:
+        yield
+    finally:
+        finder.top_level = before
 
 
 def install_as_caffe() -> types.ModuleType:

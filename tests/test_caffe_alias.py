@@ -213,6 +213,7 @@ def _fake_real_caffe(tmp_path):
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("from ._caffe import Net\n")
     (pkg / "io.py").write_text("REAL = True\n")
+    (pkg / "_caffe.so").write_bytes(b"")  # the compiled pycaffe module that makes it a Caffe
     return pkg
 
 
@@ -465,3 +466,51 @@ def test_a_forks_own_python_helpers_load_through_the_alias(tmp_path):
     missing.write_text("import caffe.no_such_helper\n")
     r = _run([sys.executable, "-m", "pycaffe_alt.run", str(missing)], env=env, cwd=tmp_path)
     assert r.returncode != 0 and "No module named 'caffe.no_such_helper'" in r.stderr
+
+
+def test_a_caffe_folder_is_a_real_caffe_only_with_its_extension(tmp_path, monkeypatch):
+    # A source checkout cloned as ./caffe (no __init__.py) or a fork's unbuilt python/caffe
+    # blocked the alias for Python layer modules, whose `import caffe` then found nothing usable.
+    (tmp_path / "checkout" / "caffe").mkdir(parents=True)
+    unbuilt = tmp_path / "unbuilt" / "caffe"
+    unbuilt.mkdir(parents=True)
+    (unbuilt / "__init__.py").write_text("from ._caffe import Net\n")
+    for root in ("checkout", "unbuilt"):
+        assert caffe_alias.real_caffe_location([str(tmp_path / root)]) is None
+    (unbuilt / "_caffe.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert caffe_alias.real_caffe_location([str(tmp_path / "unbuilt")]) == str(unbuilt / "__init__.py")
+
+
+def test_a_python_layer_aliases_caffe_only_when_its_module_imports_it(tmp_path):
+    (tmp_path / "plain_layer.py").write_text(textwrap.dedent('''
+        class Source:
+            def setup(self, bottom, top):
+                pass
+            def reshape(self, bottom, top):
+                top[0].reshape(1, 2)
+            def forward(self, bottom, top):
+                top[0].data[...] = 1.0
+    '''))
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "d" type: "Python" top: "d" python_param { module: "plain_layer" '
+        'layer: "Source" } }\n')
+    prog = tmp_path / "prog.py"
+    prog.write_text("import sys, pycaffe_alt as caffe\n"
+                    "caffe.Net('net.prototxt', caffe.TEST, allow_python=True)\n"
+                    "print('caffe imported', 'caffe' in sys.modules)\n")
+    r = _run([sys.executable, str(prog)], cwd=tmp_path)
+    assert r.returncode == 0 and "caffe imported False" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_child_python_without_pycaffe_alt_gets_its_own_caffe(tmp_path):
+    """The alias folder on PYTHONPATH steps aside in a Python that cannot import pycaffe_alt
+    (another environment), which then imports its own caffe."""
+    own = tmp_path / "own" / "caffe"
+    own.mkdir(parents=True)
+    (own / "__init__.py").write_text("WHO = 'own'\n")
+    alias = os.path.join(ROOT, "pycaffe_alt", "alias_path")
+    code = "import caffe; print('got', caffe.WHO)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([alias, str(tmp_path / "own")]))
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=str(tmp_path))
+    assert r.returncode == 0 and "got own" in r.stdout, r.stderr[-2000:]

@@ -272,6 +272,19 @@ def test_image_data_caffe_shuffle_resumes_mid_pass(in_golden):
     a.close(), b.close()
 
 
+def test_caffe_shuffles_pickle_their_current_pass():
+    import pickle
+
+    from pycaffe_alt.data.pipeline import CaffeShuffles
+
+    chain = CaffeShuffles(500, 11)
+    chain.order(4)
+    copy = pickle.loads(pickle.dumps(chain))
+    assert copy._pass == 4  # goes on from there in a worker, no replay of passes 0..4
+    assert np.array_equal(copy.order(6), chain.order(6))
+    assert np.array_equal(copy.order(2), CaffeShuffles(500, 11).order(2))  # earlier: replayed
+
+
 def test_caffe_shuffle_equals_boosts_fisher_yates():
     """CaffeRNG.shuffle against caffe::shuffle compiled with boost
     (fixtures/boost_rng/shuffle_reference.cpp): three passes of 10, two of 1000, and two of

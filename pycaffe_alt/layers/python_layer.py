@@ -31,7 +31,7 @@ import torch
 
 from ..blob import Blob, BlobVec, shape_args
 from ..blob_memory import check_blob_fits
-from ..caffe_alias import alias_unless_real_caffe
+from ..caffe_alias import caffe_importable
 from ..phase import Phase
 from ..python_opt_in import ALLOW_PYTHON_ENV, python_layers_allowed
 from ..registry import LAYERS
@@ -256,8 +256,9 @@ class Python(Layer):
         bottoms = [PyBlob(np.zeros(tuple(s), dtype=np.float32)) for s in bottom_shapes]
         self._tops = _new_tops(self.n_tops, np.float32)
         try:
-            self.user.setup(bottoms, self._tops)
-            self.user.reshape(bottoms, self._tops)
+            with caffe_importable():  # a setup that imports caffe itself
+                self.user.setup(bottoms, self._tops)
+                self.user.reshape(bottoms, self._tops)
         except Exception as e:
             # The user's own exception goes on unchanged, as pycaffe lets it through
             # (programs catch e.g. RuntimeError from Net()); a note names the layer.
@@ -275,16 +276,16 @@ class Python(Layer):
         self._bind_params(self.blobs)
 
     def _import(self, module_name: str, class_name: str) -> type:
-        # Inside Caffe, a layer module's `import caffe` finds pycaffe: give it ours (never in
-        # place of a real Caffe that is importable here).
-        alias_unless_real_caffe()
         # As Caffe's embedded interpreter, the working directory is importable.
         cwd = os.getcwd()
         added = cwd not in sys.path
         if added:
             sys.path.insert(0, cwd)
         try:
-            module = importlib.import_module(module_name)
+            # Inside Caffe a layer module's `import caffe` finds pycaffe: here ours (never in
+            # place of a real Caffe importable from here, the working directory included).
+            with caffe_importable():
+                module = importlib.import_module(module_name)
         except SyntaxError as e:
             raise self.error(f"module '{module_name}' does not compile: {e.msg} ({e.filename}, "
                              f"line {e.lineno})", "fix the module's Python syntax") from None
