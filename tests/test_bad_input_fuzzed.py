@@ -510,3 +510,57 @@ def test_an_empty_batch_gives_caffes_loss_and_accuracy(tmp_path):
         'layer { name: "acc" type: "Accuracy" bottom: "d" bottom: "l" top: "acc" }\n')
     out = caffe.Net(str(path), caffe.TEST).forward()
     assert float(out["loss"]) == 0.0 and np.isnan(out["acc"])
+
+
+# -- fuzz round 7 (2026-12-04): export arguments, state_dicts, layer edge values ---------------
+def test_convert_state_dict_files_and_arguments_are_checked(tmp_path):
+    import torch
+
+    from pycaffe_alt.export import convert
+
+    model = tmp_path / "m.prototxt"
+    model.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 '
+                     'dim: 3 } } }\nlayer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                     'inner_product_param { num_output: 2 } }\n')
+    out = str(tmp_path / "m.onnx")
+    fifo = make_fifo(tmp_path)
+    with no_hang(30), pytest.raises(WeightsError, match="FIFO"):  # torch.load waited forever
+        convert(str(model), None, "onnx", out, state_dict=fifo)
+    bad = tmp_path / "sd.pt"
+    torch.save({"ip.weight": "not a tensor"}, bad)
+    with pytest.raises(WeightsError, match="entries that are not tensors: ip.weight"):
+        convert(str(model), None, "onnx", out, state_dict=str(bad))
+    with pytest.raises(WeightsError, match="holds a int, not a state_dict"):
+        convert(str(model), None, "onnx", out, state_dict=5)
+    for kw, match in ((dict(verify=[0]), "1..4096"), (dict(verify=[-1]), "1..4096"),
+                      (dict(shapes={"data": (1, 2.5)}), "whole number"),
+                      (dict(shapes={"data": None}), "sequence of sizes"),
+                      (dict(outputs=[5]), "takes blob names")):
+        with pytest.raises(CaffeError, match=match):
+            convert(str(model), None, "onnx", out, **kw)
+    # A string of names is the CLI's comma-separated list, not its characters.
+    assert convert(str(model), None, "onnx", out, outputs="ip", verify=False).outputs == ["ip"]
+
+
+@pytest.mark.parametrize("layer,match", [
+    ('type: "Clip" clip_param { min: nan max: 1 }', "must be numbers, not NaN"),
+    ('type: "Upsample" upsample_param { scale_h: 3 }', "only one of scale_h/scale_w"),
+])
+def test_layer_values_round_7(layer, match):
+    with pytest.raises(NetError, match=match):
+        net_from('layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 1 dim: 2 '
+                 f'dim: 3 dim: 3 }} }} }}\nlayer {{ name: "l" bottom: "d" top: "t" {layer} }}')
+
+
+def test_exp_with_a_huge_shift_is_inf_and_empty_batches_pass(tmp_path):
+    # math.exp raised "math range error"; Caffe's exp gives inf. Normalize and flat ArgMax
+    # failed on N = 0 (an ambiguous reshape); Caffe loops zero times.
+    net = net_from('layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 1 dim: 2 } } }\n'
+                   'layer { name: "e" type: "Exp" bottom: "d" top: "e" exp_param { shift: 1000 } }')
+    assert np.all(np.isinf(net.forward()["e"]))
+    empty = net_from(
+        'layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 0 dim: 3 dim: 2 dim: 2 } } }\n'
+        'layer { name: "n" type: "Normalize" bottom: "d" top: "n" }\n'
+        'layer { name: "a" type: "ArgMax" bottom: "d" top: "a" }')
+    out = empty.forward()
+    assert out["n"].shape == (0, 3, 2, 2) and out["a"].shape[0] == 0

@@ -16,7 +16,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import CaffeError, NetError, WeightsError, first_line
+from ..errors import (ArgumentTypeError, CaffeError, NetError, WeightsError, first_line,
+                      integer_argument)
 from ..fileio import check_output_path
 from ..proto import caffe_pb2
 from . import exported, pytorch_code, torchscript
@@ -99,6 +100,43 @@ def apply_shapes(net_param: "caffe_pb2.NetParameter",
         raise NetError(f"--shape names {', '.join(missing)}, which no Input or data layer produces",
                        None, "give shapes for the tops of Input/Data layers (e.g. data=1,3,224,224)")
     return out
+
+
+def _names(value, what: str) -> Optional[List[str]]:
+    """Blob names as a list: a str is one comma-separated list (as --outputs takes)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip()]
+    if not all(isinstance(n, str) for n in value):
+        raise ArgumentTypeError(f"convert() {what} takes blob names, got {value!r}"[:300])
+    return list(value)
+
+
+def _shapes(value) -> Optional[Dict[str, Tuple[int, ...]]]:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ArgumentTypeError(f"convert() shapes takes {{blob: (d0, d1, ...)}}, got {value!r}"[:300])
+    out = {}
+    for name, dims in value.items():
+        if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+            raise ArgumentTypeError(f"convert() shapes['{name}'] must be a sequence of sizes, got {dims!r}")
+        shape = tuple(integer_argument(d, f"convert() shapes['{name}']") for d in dims)
+        if not shape or min(shape) <= 0:
+            raise ArgumentTypeError(f"convert() shapes['{name}'] needs positive sizes, got {shape}")
+        out[name] = shape
+    return out
+
+
+def _batches(value) -> List[int]:
+    """``verify`` as a list of batch sizes to check at (1..4096)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ArgumentTypeError(f"convert() verify takes True, False or batch sizes, got {value!r}")
+    batches = [integer_argument(b, "convert() verify batch size") for b in value]
+    if not batches or not all(1 <= b <= 4096 for b in batches):
+        raise ArgumentTypeError(f"convert() verify batch sizes must be in 1..4096, got {batches}")
+    return batches
 
 
 def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str, Sequence[int]]] = None,
@@ -237,6 +275,9 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
     """
     if to not in FORMATS:
         raise CaffeError(f"unknown format {to!r}", hint="formats: " + ", ".join(FORMATS))
+    outputs, inputs = _names(outputs, "outputs"), _names(inputs, "inputs")
+    shapes = _shapes(shapes)
+    batches = None if isinstance(verify, bool) else _batches(verify)
     if not out:
         raise CaffeError("no output path given", hint="give out= (--out PATH)")
     check_writable(out)
@@ -278,15 +319,17 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
         result.notes.append("not checked: onnxruntime is not installed (pip install onnxruntime)")
         return result
     first = next(iter(graph.inputs.values()), (1,))
-    batches = [int(first[0]) if first else 1, int(first[0]) + 2 if first else 3] if verify is True \
-        else [int(b) for b in verify]
+    if batches is None:
+        batches = [int(first[0]) if first else 1, int(first[0]) + 2 if first else 3]
     result.verified_with = {"onnx": "onnxruntime", "torchscript": "torch.jit.load",
                             "export": "torch.export.load", "pytorch": "the generated load()"}[to]
     for batch in batches:
         feed = random_inputs(graph, batch)
         ref = reference(net, graph, feed, include_loss, inputs)
         got = run_file(to, paths[0], graph, feed)
-        errs = {n: _rel(g, r) for n, g, r in zip(graph.outputs, got, ref)}
+        # A shape that differs is a mismatch too (the difference alone would broadcast).
+        errs = {n: _rel(g, r) if np.shape(g) == np.shape(r) else float("inf")
+                for n, g, r in zip(graph.outputs, got, ref)}
         result.max_rel_error[batch] = errs
         bad = {n: e for n, e in errs.items() if not e <= TOLERANCE}
         if bad:

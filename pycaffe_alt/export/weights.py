@@ -14,6 +14,7 @@ from typing import Dict, Mapping, Union
 import torch
 
 from ..errors import WeightsError
+from ..fileio import check_input_path
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -30,24 +31,39 @@ def write_h5(net, path: str) -> str:
     return path
 
 
+def where_of(source) -> str:
+    """The file a state_dict came from, or a placeholder for an in-memory one."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<state_dict>"
+
+
 def read_state_dict(source: Union[str, StateDict]) -> "OrderedDict[str, torch.Tensor]":
     """A state_dict from a mapping or a ``torch.save``'d file (tensors only: weights_only load).
 
     A ``module.`` prefix on every key (``nn.DataParallel``) is removed.
     """
+    where = where_of(source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
             raise WeightsError(f"file not found: {path}", hint="check the state_dict path")
+        # A FIFO would block torch.load forever, a device would be read without end.
+        check_input_path(path, WeightsError, "state_dict file")
         try:
             source = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip or torch version errors all mean "not loadable"
-            raise WeightsError(f"not a torch.save'd state_dict ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''})", where=path,
+            # Only the first sentence of torch's text: its advice to load with
+            # weights_only=False would run the file's code.
+            first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""
+            raise WeightsError(f"not a torch.save'd state_dict of tensors ({type(e).__name__}: "
+                               f"{first})", where=path,
                                hint="save it with torch.save(model.state_dict(), PATH)") from None
-        if not isinstance(source, Mapping):
-            raise WeightsError(f"holds a {type(source).__name__}, not a state_dict", where=path,
-                               hint="save model.state_dict(), not the model")
+    if not isinstance(source, Mapping):
+        raise WeightsError(f"holds a {type(source).__name__}, not a state_dict", where=where,
+                           hint="save model.state_dict(), not the model")
+    bad = [str(k) for k, v in source.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"state_dict entries that are not tensors: {', '.join(bad[:8])}",
+                           where=where, hint="a state_dict maps '<layer>.<blob>' to tensors")
     state = OrderedDict((k, v) for k, v in source.items())
     if state and all(k.startswith("module.") for k in state):
         state = OrderedDict((k[len("module."):], v) for k, v in state.items())

@@ -448,6 +448,11 @@ class DenseImageData(DataLayerBase):
             if (getattr(p, a) > 0) != (getattr(p, b) > 0):  # the fork's CHECKs
                 raise self.error(f"dense_image_data_param sets only one of {a}/{b}",
                                  f"set both ({what}) or neither")
+        if p.new_height > 0:
+            # Before any image is resized: OpenCV's own failure names no field.
+            check_blob_fits((self.batch_size, 3 if p.is_color else 1, int(p.new_height),
+                             int(p.new_width)), None, param.top[0] if len(param.top) else "data",
+                            self.where)
         self.spec = spec_from_param(param.transform_param, ctx.phase == TRAIN, self.where)
         if self.spec.mirror or self.spec.crop_size:
             raise self.error("transform_param mirror/crop_size would transform the image and not "

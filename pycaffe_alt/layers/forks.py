@@ -90,9 +90,12 @@ class ShuffleChannel(Layer):
         shape = tuple(bottom_shapes[0])
         if self.group <= 0:  # the fork's CHECK_GT(group_, 0)
             raise self.error(f"group {self.group} must be at least 1", "set shuffle_channel_param { group: G }")
-        if len(shape) < 2 or shape[1] % self.group:  # the fork's "Wrong group size." check
-            raise self.error(f"group {self.group} does not divide the {shape[1] if len(shape) > 1 else 0} "
-                             "channels of the bottom", "choose a group that divides the channels")
+        if len(shape) < 2:
+            raise self.error(f"bottom has shape {shape}; ShuffleChannel needs a channel axis "
+                             "(N, C, ...)")
+        if shape[1] % self.group:  # the fork's "Wrong group size." check
+            raise self.error(f"group {self.group} does not divide the {shape[1]} channels of the "
+                             "bottom", "choose a group that divides the channels")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[0], x.shape[1]
@@ -615,7 +618,10 @@ class Upsample(Layer):
                              "scale_w)", "remove upsample_h/upsample_w/pad_out_*, or give the "
                              "pooling mask as bottom 1 for SegNet's unpooling")
         has = p.HasField
-        self.scale = (int(p.scale_h), int(p.scale_w)) if has("scale_h") and has("scale_w") \
+        if has("scale_h") != has("scale_w"):
+            raise self.error("upsample_param sets only one of scale_h/scale_w",
+                             "give both, or scale for both axes")
+        self.scale = (int(p.scale_h), int(p.scale_w)) if has("scale_h") \
             else (int(p.scale), int(p.scale))
         if len(data) != 4:
             raise self.error(f"bottom has shape {data}; Upsample enlarges 4-D (N, C, H, W) blobs")

@@ -211,7 +211,10 @@ class Exp(NeuronLayer):
         log_base = log_base_scale(self, float(p.base))
         # Caffe folds the constants: y = outer * exp(inner * x).
         self.inner_scale = log_base * float(p.scale)
-        self.outer_scale = 1.0 if p.shift == 0 else math.exp(log_base * float(p.shift))
+        # math.exp raises past double's range; Caffe's exp gives inf.
+        exponent = log_base * float(p.shift)
+        self.outer_scale = 1.0 if p.shift == 0 else (math.exp(exponent) if exponent < 709.0
+                                                      else math.inf)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.exp(x * self.inner_scale if self.inner_scale != 1.0 else x)
@@ -318,6 +321,9 @@ class Clip(NeuronLayer):
         if not (p.HasField("min") and p.HasField("max")):
             raise self.error("needs clip_param { min: ... max: ... }", "give both bounds")
         self.min, self.max = float(p.min), float(p.max)
+        if math.isnan(self.min) or math.isnan(self.max):
+            raise self.error(f"clip_param min {self.min} / max {self.max} must be numbers, not NaN",
+                             "give numeric bounds (inf is allowed)")
         if self.min > self.max:
             raise self.error(f"clip_param min ({self.min}) is greater than max ({self.max})",
                              "swap the bounds")

@@ -40,7 +40,7 @@ def l2_normalize(x: torch.Tensor, across_spatial: bool, eps: float) -> torch.Ten
     channel sums are accumulated onto it).
     """
     n = x.shape[0]
-    flat = x.reshape(n, x.shape[1], -1)
+    flat = x.reshape(n, x.shape[1], math.prod(x.shape[2:]))  # -1 is ambiguous for N = 0
     if across_spatial:
         norm = (flat.pow(2).sum(dim=(1, 2), keepdim=True) + eps).sqrt()
     else:

@@ -555,7 +555,7 @@ class ArgMax(Layer):
         if self.axis is not None:
             values, indices = caffe_topk(x, self.axis, self.top_k)
             return values if self.out_max_val else indices.to(x.dtype)
-        values, indices = caffe_topk(x.reshape(x.shape[0], -1), 1, self.top_k)
+        values, indices = caffe_topk(x.reshape(x.shape[0], count(tuple(x.shape), 1)), 1, self.top_k)
         parts = [indices.to(x.dtype)] + ([values] if self.out_max_val else [])
         y = torch.stack(parts, dim=1)  # (N, 1 or 2, top_k)
         return y.reshape(tuple(y.shape) + (1,) * max(0, x.dim() - 3))
