@@ -446,6 +446,12 @@ class _ProcessPrefetcher:
         return item
 
     def close(self) -> None:
+        # The workers hold only read handles: stop them outright. A graceful shutdown from a
+        # finalizer (del net, interpreter exit) can find torch's queues already finalized and
+        # then waits 5 s per worker for a goodbye that never arrives (measured: 20 s for 4).
+        for worker in getattr(self._iter, "_workers", ()):
+            if worker.is_alive():
+                worker.terminate()
         shutdown = getattr(self._iter, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
