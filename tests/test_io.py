@@ -134,6 +134,9 @@ def test_caffe_io_refuses_corrupt_and_mistyped_values_by_name():
         cio.blobprotovector_str_to_arraylist(b"\xff\xff\xff")
     with pytest.raises(DataError, match="32-bit label"):
         cio.array_to_datum(np.zeros((1, 2, 2), np.uint8), label=2**40)
+    for bad in (1.5, "3"):  # 1.5 was cut to 1 (pycaffe's protobuf refuses both)
+        with pytest.raises(TypeError, match="label must be a whole number"):
+            cio.array_to_datum(np.zeros((1, 2, 2), np.uint8), label=bad)
     t = cio.Transformer({"data": (1, 3, 4, 4)})
     for bad in ("x", float("nan"), True):
         with pytest.raises(DataError, match="raw_scale must be a finite number"):

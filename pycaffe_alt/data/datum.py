@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, integer_argument
 from ..proto import caffe_pb2
 
 # protobuf serializes no message over 2 GiB - 1 bytes: the most a Datum's pixels or a mean
@@ -48,7 +48,9 @@ def array_to_datum(arr: np.ndarray, label: Optional[int] = None) -> "caffe_pb2.D
     else:
         datum.float_data.extend(np.asarray(arr, dtype=np.float64).ravel().tolist())
     if label is not None:
-        if not -2**31 <= int(label) < 2**31:  # Datum.label is an int32
+        # A whole number (pycaffe's protobuf refuses 1.5 and "3" with a TypeError).
+        label = integer_argument(label, "array_to_datum() label")
+        if not -2**31 <= label < 2**31:  # Datum.label is an int32
             raise DataError(f"label {label} does not fit a Datum's 32-bit label",
                             hint="labels are class indices")
         datum.label = int(label)
