@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from . import caffe_rng
+from .cpu_fallback import GPU_AS_CPU_ENV, gpu_requests_run_on_cpu
 from .errors import ArgumentTypeError, CaffeError, integer_argument
+from .log import get_logger
 
 
 class _Defaults:
@@ -21,6 +23,7 @@ class _Defaults:
     def __init__(self) -> None:
         self.gpu = False
         self.device_id = 0
+        self.warned_gpu_as_cpu = False
 
 
 _defaults = _Defaults()
@@ -32,10 +35,20 @@ def set_mode_cpu() -> None:
 
 
 def set_mode_gpu() -> None:
-    """New nets and solvers run on the GPU chosen by ``set_device`` (default 0)."""
+    """New nets and solvers run on the GPU chosen by ``set_device`` (default 0); on the CPU
+    when the environment says so (``pycaffe-alt run --cpu``)."""
+    if gpu_requests_run_on_cpu():
+        if not _defaults.warned_gpu_as_cpu:  # once: programs may call it before every net
+            _defaults.warned_gpu_as_cpu = True
+            get_logger().warning(
+                "set_mode_gpu(): running on the CPU instead (%s=1, pycaffe-alt run --cpu)",
+                GPU_AS_CPU_ENV)
+        _defaults.gpu = False
+        return
     if not torch.cuda.is_available():
         raise CaffeError("set_mode_gpu: no CUDA device is available to PyTorch",
-                         hint="install a CUDA build of torch, or use set_mode_cpu()")
+                         hint="install a CUDA build of torch, use set_mode_cpu(), or run an "
+                              "unchanged program with pycaffe-alt run --cpu")
     _defaults.gpu = True
 
 

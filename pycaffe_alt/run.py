@@ -19,16 +19,24 @@ import sys
 from typing import List, Optional, Sequence
 
 from .caffe_alias import alias_for_child_processes, install_as_caffe
+from .cpu_fallback import GPU_AS_CPU_ENV
 from .errors import CaffeError
 from .fileio import check_input_path
 from .log import setup_logging
 from .python_opt_in import ALLOW_PYTHON_ENV
 
-USAGE = ("usage: pycaffe-alt run [--allow-python] SCRIPT.py [ARGS...]\n"
-         "       pycaffe-alt run [--allow-python] -m MODULE [ARGS...]\n"
+USAGE = ("usage: pycaffe-alt run [--allow-python] [--cpu] SCRIPT.py [ARGS...]\n"
+         "       pycaffe-alt run [--allow-python] [--cpu] -m MODULE [ARGS...]\n"
          "Runs an unchanged pycaffe program with 'import caffe' meaning pycaffe_alt.\n"
          "--allow-python: its nets may import the Python layer modules they name (as Caffe "
-         "does; off by default, since a prototxt then runs code).")
+         "does; off by default, since a prototxt then runs code).\n"
+         "--cpu: its caffe.set_mode_gpu() keeps the CPU (one warning), for programs that ask "
+         "for a GPU unconditionally.")
+
+# The launcher's own options, before the program; through the environment, since the
+# program's own calls cannot take them (and its child processes inherit them).
+OPTIONS = {"--allow-python": ALLOW_PYTHON_ENV, "--allow_python": ALLOW_PYTHON_ENV,
+           "--cpu": GPU_AS_CPU_ENV}
 
 
 def _not_a_program(script: str, why: str) -> CaffeError:
@@ -75,12 +83,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # lines that log parsers read. GLOG_minloglevel quiets it, as it quiets pycaffe, also when
     # the program sets it itself before `import caffe` (BVLC's notebooks do).
     setup_logging(follow_glog_env=True)
-    if args[0] in ("--allow-python", "--allow_python"):
-        # Through the environment: the program's own Net(...) calls cannot take the flag.
-        os.environ[ALLOW_PYTHON_ENV] = "1"
+    while args and args[0] in OPTIONS:
+        os.environ[OPTIONS[args[0]]] = "1"
+        if len(args) == 1:
+            raise CaffeError(f"{args[0]} needs a program to run", "pycaffe-alt run", USAGE)
         args = args[1:]
-        if not args:
-            raise CaffeError("--allow-python needs a program to run", "pycaffe-alt run", USAGE)
     if args[0] == "-m":
         if len(args) < 2:
             raise CaffeError("-m needs a module name", "pycaffe-alt run", USAGE)

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import pycaffe_alt
 from pycaffe_alt import caffe_alias
@@ -514,3 +515,37 @@ def test_a_child_python_without_pycaffe_alt_gets_its_own_caffe(tmp_path):
     r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                        env=env, timeout=120, cwd=str(tmp_path))
     assert r.returncode == 0 and "got own" in r.stdout, r.stderr[-2000:]
+
+
+GPU_PROGRAM = textwrap.dedent('''
+    import caffe
+    from caffe import layers as L
+    caffe.set_mode_gpu()
+    caffe.set_device(0)
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 2]))
+    n.out = L.Power(n.data, power=2)
+    caffe.set_mode_gpu()
+    with open("net.prototxt", "w") as f:
+        f.write(str(n.to_proto()))
+    net = caffe.Net("net.prototxt", caffe.TEST)
+    print("DEVICE", net.device.type, net.forward(data=[[1.0, 3.0]])["out"].tolist())
+''')
+
+
+def test_run_cpu_keeps_gpu_programs_on_the_cpu(tmp_path):
+    # Programs that ask for the GPU unconditionally: `--cpu` runs them on the CPU, with one
+    # warning for the two set_mode_gpu() calls; options come in any order before the program.
+    prog = tmp_path / "gpu_prog.py"
+    prog.write_text(GPU_PROGRAM)
+    for opts in (["--cpu"], ["--allow-python", "--cpu"], ["--cpu", "--allow_python"]):
+        r = _run([sys.executable, "-m", "pycaffe_alt.run", *opts, str(prog)], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "DEVICE cpu [[1.0, 9.0]]" in r.stdout
+        assert r.stderr.count("running on the CPU instead") == 1, r.stderr
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", "--cpu"], cwd=tmp_path)
+    assert r.returncode != 0 and "--cpu needs a program to run" in r.stderr
+    assert "Traceback" not in r.stderr
+    if not torch.cuda.is_available():  # without the option the program stops at its GPU call
+        r = _run([sys.executable, "-m", "pycaffe_alt.run", str(prog)], cwd=tmp_path)
+        assert r.returncode != 0 and "no CUDA device" in r.stderr and "run --cpu" in r.stderr
