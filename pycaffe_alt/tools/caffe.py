@@ -33,6 +33,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "time": ("time_net", "benchmark model execution time"),
     "convert_imageset": ("convert_imageset", "images + list file -> LMDB of Datums"),
     "compute_image_mean": ("compute_image_mean", "mean image of a database -> binaryproto"),
+    "extract_features": ("extract_features", "blobs of a trained net -> LMDB/LevelDB of Datums"),
     "convert_mnist": ("convert_mnist", "MNIST IDX files -> LMDBs"),
     "convert_cifar": ("convert_cifar", "CIFAR-10/100 batches -> LMDBs"),
     "upgrade_net_proto_text": ("upgrade_net_proto_text", "legacy net prototxt -> current format"),
