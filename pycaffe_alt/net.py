@@ -630,17 +630,22 @@ class Net(nn.Module):
         passes and exact weight steps).
         """
         values = self._values
+        last = len(self._steps) - 1 if end is None else end
         if start == 0:
             # Drop last pass's activations before making new ones: they are overwritten anyway,
             # and freeing them first lets the allocator reuse their memory (~5% of a LeNet step).
-            for name in self._produced:
+            # Only those this pass makes: Caffe's ForwardFromTo(0, end) leaves the blobs above
+            # ``end`` holding the last full pass's values (pycaffe's forward(end=...)).
+            produced = self._produced if last == len(self._steps) - 1 else \
+                [t for step in self._steps[:last + 1] if step.runs for t in step.tops
+                 if t not in self._inputs]
+            for name in produced:
                 values.pop(name, None)
         if inputs:
             values.update(inputs)
         for name in self._inputs:
             if name not in values:
                 values[name] = self._store.data_tensor(name)
-        last = len(self._steps) - 1 if end is None else end
         if start > 0:
             # A pass from a middle layer reads whatever its bottoms hold, as Caffe's
             # ForwardFromTo does: zeros when no pass (and no user) has written them yet.

@@ -106,6 +106,19 @@ def test_forward_kwargs_start_end_and_blobs(lenet):
         lenet.forward(data=np.zeros((3, 1, 28, 28)))
 
 
+def test_forward_to_a_middle_layer_keeps_the_blobs_above_it(lenet):
+    # Caffe's ForwardFromTo(0, end) runs layers 0..end only: ip2 and the loss keep the values
+    # of the last full pass (pycaffe tutorials read them after a partial pass).
+    lenet.forward(data=np.random.rand(2, 1, 28, 28).astype(np.float32), label=np.array([0, 1]))
+    ip2, loss = lenet.blobs["ip2"].data.copy(), float(lenet.blobs["loss"].data)
+    conv1 = lenet.blobs["conv1"].data.copy()
+    lenet.blobs["data"].data[...] = 0
+    lenet.forward(end="conv1")
+    assert not np.array_equal(lenet.blobs["conv1"].data, conv1)  # conv1 did run again
+    np.testing.assert_array_equal(lenet.blobs["ip2"].data, ip2)
+    assert float(lenet.blobs["loss"].data) == loss != 0
+
+
 def test_backward_matches_autograd_and_accumulates(lenet):
     x = np.random.rand(2, 1, 28, 28).astype(np.float32)
     lenet.forward(data=x, label=np.array([2, 7]))
