@@ -703,3 +703,32 @@ def test_bn_layers_deep_copy():
     segnet = make_layer('type: "BN" bn_param { bn_mode: INFERENCE }', [(1, 3, 4, 4)])
     assert type(copy.deepcopy(pspnet)).__name__ == "BN"
     assert isinstance(copy.deepcopy(segnet), SegNetBN)
+
+
+def test_interp_and_nearest_upsample_follow_a_reshaped_input():
+    # Both forks work their output size out again in every Reshape: a net reshaped to another
+    # input size resizes the whole new input (DeepLab/PSPNet at a new resolution, YOLOv3 at
+    # 608 after 416). Before, the set-up size stayed and only its top-left corner was read.
+    import pycaffe_alt as caffe
+    from pycaffe_alt.prototxt import parse_text
+    from pycaffe_alt.proto import caffe_pb2
+
+    def net(h, w):
+        return caffe.Net(parse_text(f'''
+            layer {{ name: "data" type: "Input" top: "data"
+                    input_param {{ shape {{ dim: 1 dim: 2 dim: {h} dim: {w} }} }} }}
+            layer {{ name: "zoom" type: "Interp" bottom: "data" top: "zoom"
+                    interp_param {{ zoom_factor: 2 pad_beg: -1 }} }}
+            layer {{ name: "up" type: "Upsample" bottom: "zoom" top: "up" upsample_param {{ scale: 2 }} }}
+            layer {{ name: "cat" type: "Concat" bottom: "up" bottom: "up" top: "cat" }}''',
+            caffe_pb2.NetParameter()), caffe.TEST)
+
+    reshaped = net(7, 7)
+    reshaped.blobs["data"].reshape(1, 2, 12, 9)
+    reshaped.reshape()
+    assert reshaped.blobs["zoom"].data.shape == (1, 2, 21, 15)  # (12-1) + 10 zoomed
+    assert reshaped.blobs["cat"].data.shape == (1, 4, 42, 30)
+    x = RNG.randn(1, 2, 12, 9).astype(np.float32)
+    got = reshaped.forward(data=x)
+    want = net(12, 9).forward(data=x)
+    np.testing.assert_array_equal(got["cat"], want["cat"])

@@ -412,8 +412,8 @@ class _Lowering:
         return [Op("shuffle_channel", name, bottoms, tops, dict(group=m.group))]
 
     def _interp(self, name, m, bottoms, tops):
-        return [Op("interp", name, bottoms, tops,
-                   dict(offset=-m.pad_beg, crop=tuple(m.crop), size=tuple(m.out_size)))]
+        crop, size = m.sizes(*self.shapes[bottoms[0]][2:4])
+        return [Op("interp", name, bottoms, tops, dict(offset=-m.pad_beg, crop=crop, size=size))]
 
     def _upsample(self, name, m, bottoms, tops):
         if not m.nearest:

@@ -25,7 +25,7 @@ are not here; the parser names them as a fork's (see prototxt.py).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -326,45 +326,55 @@ class Interp(Layer):
         shape = tuple(bottom_shapes[0])
         if len(shape) != 4:
             raise self.error(f"bottom has shape {shape}; Interp resizes 4-D (N, C, H, W) blobs")
-        h_eff = shape[2] + self.pad_beg + self.pad_end
-        w_eff = shape[3] + self.pad_beg + self.pad_end
-        if h_eff <= 0 or w_eff <= 0:
-            raise self.error(f"cropping {-self.pad_beg} and {-self.pad_end} leaves {h_eff} x {w_eff} "
-                             f"of the {shape[2]} x {shape[3]} input", "crop less (pad_beg, pad_end)")
         shrink, zoom = p.HasField("shrink_factor"), p.HasField("zoom_factor")
         for name, on, v in (("shrink_factor", shrink, p.shrink_factor), ("zoom_factor", zoom, p.zoom_factor)):
             if on and v < 1:
                 raise self.error(f"{name} {v} must be at least 1")
+        self.shrink = int(p.shrink_factor) if shrink else None
+        self.zoom = int(p.zoom_factor) if zoom else None
+        self.size = (int(p.height), int(p.width)) if p.HasField("height") and p.HasField("width") \
+            else None
+        if self.size is None and not (shrink or zoom):  # the fork's LOG(FATAL)
+            raise self.error("interp_param gives no output size",
+                             "set zoom_factor, shrink_factor (or both), or height and width")
+        _, out = self.sizes(shape[2], shape[3])
+        # Before any index table is built (one entry per output row and column): the forward
+        # holds several top-sized tensors at once (two row gathers, four column gathers).
+        check_blob_fits(tuple(shape[:2]) + out, None, self.name, self.where, work=_INTERP_WORK)
+
+    def sizes(self, height: int, width: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """``((cropped H, W), (output H, W))`` for an input of ``height x width``: the fork's
+        Reshape, which works them out again for every input size (a net reshaped to another
+        input resizes to the new size)."""
+        h_eff = int(height) + self.pad_beg + self.pad_end
+        w_eff = int(width) + self.pad_beg + self.pad_end
+        if h_eff <= 0 or w_eff <= 0:
+            raise self.error(f"cropping {-self.pad_beg} and {-self.pad_end} leaves {h_eff} x {w_eff} "
+                             f"of the {height} x {width} input", "crop less (pad_beg, pad_end)")
+
         def zoomed(n: int) -> int:  # zoom_factor - 1 new samples between neighbours
-            return n + (n - 1) * (p.zoom_factor - 1)
+            return n + (n - 1) * (self.zoom - 1)
+
+        def shrunk(n: int) -> int:
+            return (n - 1) // self.shrink + 1
 
         # The fork's Reshape tests in this order: shrink alone, zoom alone, height and width,
         # then shrink and zoom together (so height/width win over the pair of factors).
-        def shrunk(n: int) -> int:
-            return (n - 1) // p.shrink_factor + 1
-
-        if shrink and not zoom:
-            h_out, w_out = shrunk(h_eff), shrunk(w_eff)
-        elif zoom and not shrink:
-            h_out, w_out = zoomed(h_eff), zoomed(w_eff)
-        elif p.HasField("height") and p.HasField("width"):
-            h_out, w_out = int(p.height), int(p.width)
-        elif shrink and zoom:
-            h_out, w_out = zoomed(shrunk(h_eff)), zoomed(shrunk(w_eff))
-        else:  # the fork's LOG(FATAL)
-            raise self.error("interp_param gives no output size",
-                             "set zoom_factor, shrink_factor (or both), or height and width")
-        if h_out <= 0 or w_out <= 0:
-            raise self.error(f"output size {h_out} x {w_out} is empty", "set a positive height and width")
-        self.crop = (h_eff, w_eff)
-        self.out_size = (int(h_out), int(w_out))
-        # Before any index table is built (one entry per output row and column): the forward
-        # holds several top-sized tensors at once (two row gathers, four column gathers).
-        check_blob_fits(tuple(shape[:2]) + self.out_size, None, self.name, self.where,
-                        work=_INTERP_WORK)
+        if self.shrink and not self.zoom:
+            out = (shrunk(h_eff), shrunk(w_eff))
+        elif self.zoom and not self.shrink:
+            out = (zoomed(h_eff), zoomed(w_eff))
+        elif self.size is not None:
+            out = self.size
+        else:
+            out = (zoomed(shrunk(h_eff)), zoomed(shrunk(w_eff)))
+        if out[0] <= 0 or out[1] <= 0:
+            raise self.error(f"output size {out[0]} x {out[1]} is empty",
+                             "set a positive height and width")
+        return (h_eff, w_eff), (int(out[0]), int(out[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (h1, w1), (h2, w2) = self.crop, self.out_size
+        (h1, w1), (h2, w2) = self.sizes(x.shape[2], x.shape[3])
         off = -self.pad_beg
         src = x[:, :, off:off + h1, off:off + w1]
         if (h1, w1) == (h2, w2):  # the fork's "just copy" case
@@ -627,15 +637,18 @@ class Upsample(Layer):
             raise self.error(f"bottom has shape {data}; Upsample enlarges 4-D (N, C, H, W) blobs")
         if min(self.scale) < 1:
             raise self.error(f"scale {self.scale[0]} x {self.scale[1]} must be at least 1")
-        self.out_size = (data[2] * self.scale[0], data[3] * self.scale[1])
-        check_blob_fits(tuple(data[:2]) + self.out_size, None, self.name, self.where)
+        check_blob_fits(self.top_shapes([data])[0], None, self.name, self.where)
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         return bottom_index == 0
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
-        n, c = bottom_shapes[0][:2]
-        return [(int(n), int(c)) + self.out_size]
+        n, c, h, w = (int(d) for d in bottom_shapes[0])
+        if self.nearest:  # the forks' Reshape scales the bottom it has now
+            return [(n, c, h * self.scale[0], w * self.scale[1])]
+        # SegNet's unpooling keeps the size it worked out at set-up (the fork recomputes
+        # upsample_h/w only while they are unset), so the mask's indices keep their meaning.
+        return [(n, c) + tuple(self.out_size)]
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.nearest:
