@@ -253,6 +253,9 @@ class Net(nn.Module):
         self._diffs: Dict[str, torch.Tensor] = {}
         # Layers whose autograd graph a pycaffe backward has used up (freed) since their forward.
         self._spent_steps: Set[int] = set()
+        # What the last pycaffe forward's layers read from the blobs a backward re-reads (see
+        # _backward_reads): a change made before the backward re-records from there.
+        self._read_by_forward: Dict[str, torch.Tensor] = {}
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
         self._compiled: Optional[CompiledNet] = None
@@ -415,6 +418,16 @@ class Net(nn.Module):
         for p, need in param_needs.values():
             p.requires_grad_(need)
         self._backward_possible = any(plan.layer_needs)
+        # Caffe's Backward reads the bottoms as they are when it runs; autograd keeps what the
+        # forward read, and for bottoms that get no gradient that is often a converted copy (a
+        # loss layer's labels as integers). Blobs a program may rewrite between forward and
+        # backward (adversarial attacks set the target label after the forward) are watched:
+        # no-gradient bottoms of backward layers, except 4-D ones feeding layers with weights
+        # (the images into conv1, whose autograd input is the blob's own memory anyway).
+        self._backward_reads: List[Tuple[int, str]] = [
+            (step.index, b) for step, needs in zip(self._steps, plan.layer_needs) if needs
+            for b, detach in zip(step.bottoms, step.detach)
+            if detach and (not step.layer.blobs or len(self._shapes.get(b, ())) != 4)]
         # Backward seeds come only from blobs whose (last) producer runs backward.
         self._seedable = {t for step, need in zip(self._steps, plan.layer_needs) if need
                           for t in step.tops}
@@ -838,12 +851,20 @@ class Net(nn.Module):
         with torch.set_grad_enabled(grad):
             self.run(None, start, end, first_versions)
         self._spent_steps.difference_update(range(start, end + 1))
+        if grad:
+            for index, name in self._backward_reads:
+                if start <= index <= end and name in self._values:
+                    self._read_by_forward[name] = self._values[name].detach().clone()
 
-    def _take_held_writes(self) -> None:
-        """Before a pass that starts above the first layer: a held data array the user wrote
-        into (it is the blob's memory to them, see blob.py) becomes that blob's value, so the
-        layers read what was written, as Caffe's would."""
-        for name, arr in self._store.held_arrays("data").items():
+    def _take_held_writes(self, names: Optional[Iterable[str]] = None) -> None:
+        """Before a pass that starts above the first layer (or a backward that re-reads
+        ``names``): a held data array the user wrote into (it is the blob's memory to them, see
+        blob.py) becomes that blob's value, so the layers read what was written, as Caffe's
+        would."""
+        held = self._store.held_arrays("data")
+        if names is not None:
+            held = {n: held[n] for n in names if n in held}
+        for name, arr in held.items():
             t = self._values.get(name)
             if t is None or t.device.type != "cpu" or tuple(t.shape) != arr.shape or \
                     is_memory_of(arr, t):
@@ -878,8 +899,18 @@ class Net(nn.Module):
                 not self._spent_steps.isdisjoint(range(lo, hi + 1)):
             # No graph yet, or a previous backward freed it: Caffe's backward can run any
             # number of times on what the blobs hold.
-            self._replay_graph(lo, hi)
+            self._first_versions = self._replay_graph(lo, hi)
             tensors, grads = self._seed_tensors(seeds)
+        else:
+            changed = self._first_rewritten_reader(lo, hi)
+            if changed is not None:
+                # A watched bottom was written after the forward: the layers from its first
+                # reader on record their graph again from what the blobs hold now; the layers
+                # below keep the forward's graph (and Dropout masks).
+                replayed = self._replay_graph(changed, hi)
+                below = {t for step in self._steps[:changed] for t in step.tops}
+                self._first_versions.update((n, v) for n, v in replayed.items() if n not in below)
+                tensors, grads = self._seed_tensors(seeds)
         if tensors:
             self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
             self._spent_steps.update(range(lo, hi + 1))
@@ -901,8 +932,25 @@ class Net(nn.Module):
                 grads.append(self._store.diff_tensor(name).to(v.dtype))
         return tensors, grads
 
-    def _replay_graph(self, lo: int, hi: int) -> None:
-        """Record the graph of layers ``lo..hi`` from the data now in the blobs.
+    def _first_rewritten_reader(self, lo: int, hi: int) -> Optional[int]:
+        """The first layer of ``lo..hi`` whose watched bottom (see ``_backward_reads``) holds
+        other values than the last forward read, or None."""
+        read = self._read_by_forward
+        if not read:
+            return None
+        if self._store.held:
+            self._take_held_writes(read)
+        for index, name in self._backward_reads:
+            if lo <= index <= hi and name in read:
+                now = self._values.get(name)
+                if now is not None and (now.shape != read[name].shape or
+                                        not torch.equal(now.detach(), read[name])):
+                    return index
+        return None
+
+    def _replay_graph(self, lo: int, hi: int) -> Dict[str, torch.Tensor]:
+        """Record the graph of layers ``lo..hi`` from the data now in the blobs; returns the
+        first value of each blob they produce (what ``_first_versions`` holds).
 
         Caffe's Backward reads the data in the blobs and needs no forward in the same session
         (pycaffe's ``net.backward()`` right after building a net works, BVLC's test_python_layer
@@ -929,7 +977,7 @@ class Net(nn.Module):
                 for t, v in zip(step.tops, (out,) if isinstance(out, torch.Tensor) else out):
                     first.setdefault(t, v)
                     values[t] = v
-        self._first_versions = first
+        return first
 
     def _accumulate_grads(self, tensors, grads, steps: Sequence[Step], whole: bool = False) -> None:
         """Gradients of the seeds w.r.t. the blobs and parameters of ``steps``: blob diffs are

@@ -119,6 +119,31 @@ def test_forward_to_a_middle_layer_keeps_the_blobs_above_it(lenet):
     assert float(lenet.blobs["loss"].data) == loss != 0
 
 
+def test_backward_reads_the_labels_the_blobs_hold_when_it_runs():
+    # Caffe's SoftmaxWithLoss::Backward reads bottom[1] when it runs: FGSM-style programs
+    # forward with a dummy label, then write the target label and call backward() alone.
+    def grads(net):
+        net.backward()
+        return (net.blobs["data"].diff.copy(), net.params["ip1"][0].diff.copy(),
+                net.blobs["ip2"].diff.copy())
+
+    x = np.random.RandomState(3).rand(2, 1, 28, 28).astype(np.float32)
+    nets = [caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
+                      caffe.TRAIN) for _ in range(3)]
+    fresh, rewritten, held = nets
+    fresh.forward(data=x, label=np.array([4, 9]))
+    want = grads(fresh)
+    rewritten.forward(data=x, label=np.array([0, 0]))
+    rewritten.blobs["label"].data[...] = [4, 9]
+    for a, b in zip(grads(rewritten), want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    label = held.blobs["label"].data  # an array taken before the forward, written after it
+    held.forward(data=x, label=np.array([1, 1]))
+    label[...] = [4, 9]
+    for a, b in zip(grads(held), want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_backward_matches_autograd_and_accumulates(lenet):
     x = np.random.rand(2, 1, 28, 28).astype(np.float32)
     lenet.forward(data=x, label=np.array([2, 7]))
