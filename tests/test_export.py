@@ -512,6 +512,30 @@ def test_a_scripting_failure_is_one_message(workdir, monkeypatch):
         convert(str(proto), to="torchscript", out=str(workdir / "refused.pt"))
 
 
+POOL_MASK = """
+name: "encoder"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 8 dim: 8 } } }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" top: "pool_mask"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv" type: "Convolution" bottom: "pool" top: "conv"
+  convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "up" type: "Upsample" bottom: "conv" bottom: "pool_mask" top: "up"
+  upsample_param { scale: 2 } }
+"""
+
+
+def test_a_pooling_mask_nobody_reads_is_not_needed(workdir):
+    # ENet's and SegNet's encoders: MAX pooling with a mask top only the decoder's unpooling
+    # reads. Cut before the unpooling, the pooling exports as a plain max pool.
+    proto = str(workdir / "encoder.prototxt")
+    with open(proto, "w") as f:
+        f.write(POOL_MASK)
+    result = convert(proto, None, "onnx", str(workdir / "enc.onnx"), outputs=["conv"])
+    assert result.outputs == ["conv"]
+    with pytest.raises(NetError, match="'pool' \\(Pooling: the argmax mask top\\)"):
+        convert(proto, None, "onnx", str(workdir / "enc.onnx"), outputs=["pool_mask"])
+
+
 def test_weights_sharing_no_layer_name_are_refused_unless_allowed(workdir):
     proto = workdir / "in_place_on_input.prototxt"
     proto.write_text(IN_PLACE_ON_INPUT)

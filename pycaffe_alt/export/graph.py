@@ -118,9 +118,12 @@ def _is_loss_layer(module) -> bool:
 class _Lowering:
     """Turns one layer at a time into ops; collects the layers it cannot express."""
 
-    def __init__(self, net, inputs: Sequence[str] = ()):
+    def __init__(self, net, inputs: Sequence[str] = (), read: Optional[Set[str]] = None):
         self.shapes = {n: tuple(b.shape) for n, b in net.blobs.items()}
         self.inputs = set(inputs)  # blobs fed from outside: axis 0 is their batch axis
+        # Blobs the exported model reads or returns (None: all): a top nobody reads need not
+        # be computed.
+        self.read = read
         self.unsupported: List[str] = []
 
     def lower(self, name: str, module, bottoms: List[str], tops: List[str]) -> List[Op]:
@@ -168,7 +171,10 @@ class _Lowering:
 
     def _pooling(self, name, m, bottoms, tops):
         if len(tops) > 1:
-            return self._reject(name, m, "the argmax mask top")
+            if self.read is not None and tops[1] not in self.read:
+                tops = tops[:1]  # the mask feeds no kept layer (an encoder cut before unpooling)
+            else:
+                return self._reject(name, m, "the argmax mask top")
         if m.method not in (MAX, AVE):
             return self._reject(name, m, "STOCHASTIC pooling")
         h, w = self.shapes[bottoms[0]][2:]
@@ -579,7 +585,8 @@ def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Seq
         raise NetError(f"input(s) {', '.join(scalars)} have no axes (one number each); every "
                        "input of an exported model has a batch axis", net.source,
                        "give the blob a shape with a batch axis, e.g. input_param { shape { dim: 1 } }")
-    low = _Lowering(net, plan.inputs)
+    read = set(plan.outputs) | {b for name in plan.layers for b in net.bottom_names[name]}
+    low = _Lowering(net, plan.inputs, read)
     modules = net.layer_modules
     ops: List[Op] = []
     for name in plan.layers:
