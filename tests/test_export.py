@@ -536,6 +536,37 @@ def test_a_pooling_mask_nobody_reads_is_not_needed(workdir):
         convert(proto, None, "onnx", str(workdir / "enc.onnx"), outputs=["pool_mask"])
 
 
+STAGED = """
+name: "staged"
+layer { name: "train_data" type: "Input" top: "data" include { phase: TEST stage: "train-set" }
+  input_param { shape { dim: 1 dim: 2 dim: 4 dim: 4 } } }
+layer { name: "test_data" type: "Input" top: "data" include { phase: TEST stage: "test-set" }
+  input_param { shape { dim: 1 dim: 2 dim: 6 dim: 6 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "deep" type: "ReLU" bottom: "conv" top: "deep" include { min_level: 1 } }
+"""
+
+
+def test_convert_builds_the_net_in_the_stages_and_level_given(workdir):
+    # BVLC's mnist_autoencoder keeps its TEST data layers under stages: without a stage the net
+    # has no data; a stage picks one of them, a level adds layers.
+    proto = str(workdir / "staged.prototxt")
+    with open(proto, "w") as f:
+        f.write(STAGED)
+    with pytest.raises(NetError, match="data"):
+        convert(proto, None, "onnx", str(workdir / "s.onnx"))
+    small = convert(proto, None, "onnx", str(workdir / "s.onnx"), stages="train-set")
+    assert small.inputs == {"data": (1, 2, 4, 4)} and small.outputs == ["conv"]
+    deep = convert(proto, None, "pytorch", str(workdir / "s.py"), stages=["test-set"], level=1)
+    assert deep.inputs == {"data": (1, 2, 6, 6)} and deep.outputs == ["deep"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_model"), "--model",
+                           proto, "--to", "onnx", "--out", str(workdir / "t.onnx"), "--stage",
+                           "test-set", "--level", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "deep" in proc.stdout
+
+
 def test_weights_sharing_no_layer_name_are_refused_unless_allowed(workdir):
     proto = workdir / "in_place_on_input.prototxt"
     proto.write_text(IN_PLACE_ON_INPUT)

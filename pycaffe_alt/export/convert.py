@@ -140,23 +140,27 @@ def _batches(value) -> List[int]:
 
 
 def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str, Sequence[int]]] = None,
-              state_dict=None, allow_unmatched_weights: bool = False, allow_python: bool = False):
+              state_dict=None, allow_unmatched_weights: bool = False, allow_python: bool = False,
+              stages: Sequence[str] = (), level: int = 0):
     """A TEST-phase Net from a prototxt path / NetParameter / Net, with weights from a caffemodel
     or .h5 (``weights``) or a ``net.state_dict()``-named state (``state_dict``).
 
     A ``weights`` file that shares no layer name with a net that has parameters is an error
     unless ``allow_unmatched_weights``: the converted file would hold the fillers' random values
     and pass its own check (as ``tools/test`` refuses to score such a net). ``allow_python``:
-    build Python layers (a Python data layer becomes an input of the export).
+    build Python layers (a Python data layer becomes an input of the export). ``stages`` and
+    ``level``: the NetState the TEST-phase net is built in (layers with include/exclude rules on
+    stages, e.g. BVLC's mnist_autoencoder's test-on-test data).
     """
     from .. import prototxt
     from ..net import Net
     from ..phase import TEST
 
     if isinstance(model, Net):
-        if shapes:
-            raise NetError("shapes can be changed only when building the net from a prototxt",
-                           model.source, "reshape the input blobs and call net.reshape() instead")
+        if shapes or stages or level:
+            raise NetError("shapes, stages and level can be set only when building the net from a "
+                           "prototxt", model.source, "reshape the input blobs and call "
+                           "net.reshape() instead, or build the Net with stages=/level=")
         net = model
     else:
         source = model
@@ -164,7 +168,7 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
             param = model if isinstance(model, caffe_pb2.NetParameter) else prototxt.read_net(model)
             source = apply_shapes(param, shapes)
         try:
-            net = Net(source, TEST, allow_python=allow_python)
+            net = Net(source, TEST, allow_python=allow_python, stages=list(stages), level=level)
         except CaffeError as e:
             raise _named_after(e, model) from None
         if shapes and not isinstance(model, caffe_pb2.NetParameter):
@@ -263,7 +267,8 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
             outputs: Optional[Sequence[str]] = None, inputs: Optional[Sequence[str]] = None,
             shapes: Optional[Mapping[str, Sequence[int]]] = None, include_loss: bool = False,
             state_dict=None, verify: Union[bool, Sequence[int]] = True,
-            allow_unmatched_weights: bool = False, allow_python: bool = False) -> Conversion:
+            allow_unmatched_weights: bool = False, allow_python: bool = False,
+            stages: Sequence[str] = (), level: int = 0) -> Conversion:
     """Convert a Caffe net (prototxt path, NetParameter or Net) with its weights to ``to``.
 
     ``weights``: a .caffemodel or .h5; ``state_dict``: instead (or on top), a PyTorch state in
@@ -271,7 +276,7 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
     conversion. ``outputs``/``inputs``: blob names (default: the net's outputs and its Input/data
     tops). ``shapes``: ``{blob: shape}`` for Input/data tops. ``verify``: check the written file
     against the Net (True: at the net's batch size and at 2 more; or a list of batch sizes).
-    ``allow_unmatched_weights``: see :func:`build_net`.
+    ``allow_unmatched_weights``, ``stages``, ``level``: see :func:`build_net`.
     """
     if to not in FORMATS:
         raise CaffeError(f"unknown format {to!r}", hint="formats: " + ", ".join(FORMATS))
@@ -288,7 +293,10 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
             raise CaffeError(f"the PyTorch code output {out} does not end in .py",
                              hint="give --out NAME.py (its weights are written to NAME.pt)")
         check_writable(os.path.splitext(out)[0] + ".pt")
-    net = build_net(model, weights, shapes, state_dict, allow_unmatched_weights, allow_python)
+    if isinstance(stages, str):  # one stage name, or the command line's comma list
+        stages = [x for x in stages.split(",") if x]
+    net = build_net(model, weights, shapes, state_dict, allow_unmatched_weights, allow_python,
+                    stages, level)
     if to in ("caffemodel", "h5"):
         path = (weight_formats.write_caffemodel if to == "caffemodel" else weight_formats.write_h5)(net, out)
         return Conversion(to, [path])

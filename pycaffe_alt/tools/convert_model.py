@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import CaffeError
 from ..export import FORMATS, convert
 from ..log import setup_logging
-from .cli import parse_args
+from .cli import int32, parse_args
 
 
 def parse_shapes(items: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
@@ -70,6 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "random initial weights are written)")
     p.add_argument("--allow-python", "--allow_python", dest="allow_python", action="store_true",
                    help="build the net's Python layers (runs their modules' code)")
+    p.add_argument("--stage", default="", help="comma-separated NetState stages (as tools/test)")
+    p.add_argument("--level", type=int32, default=0, help="NetState level")
     args = parse_args(p, argv)
     setup_logging()
     result = convert(args.model, args.weights or None, args.to, args.out,
@@ -77,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      shapes=parse_shapes(args.shape) or None, include_loss=args.include_loss,
                      state_dict=args.state_dict or None, verify=not args.no_verify,
                      allow_unmatched_weights=args.allow_unmatched_weights,
-                     allow_python=args.allow_python)
+                     allow_python=args.allow_python, stages=args.stage, level=args.level)
     print(result.summary())
     return 0
 
