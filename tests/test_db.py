@@ -149,3 +149,21 @@ def test_a_reader_dropped_without_close_gives_the_database_back(tmp_path):
     # py-lmdb refuses a second environment on the same files while the first is open.
     env = lmdb.open(path, readonly=True, lock=False)
     env.close()
+
+
+def test_a_database_the_program_holds_open_is_named_as_such(tmp_path):
+    # py-lmdb allows one handle per database and process: a program that keeps its own
+    # lmdb.open() (a pycaffe tutorial's generator) gets told that, not "not an LMDB".
+    import lmdb
+
+    path = str(tmp_path / "db")
+    with LMDBWriter(path) as w:
+        w.put("0001", array_to_datum(np.zeros((1, 2, 2), np.uint8), 3).SerializeToString())
+    env = lmdb.open(path, readonly=True)
+    try:
+        with pytest.raises(DataError, match="program itself has this LMDB open") as err:
+            LMDBReader(path)
+        assert "env.close()" in str(err.value)
+    finally:
+        env.close()
+    assert LMDBReader(path).datum(0).label == 3

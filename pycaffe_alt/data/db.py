@@ -166,6 +166,14 @@ def _open_lmdb(path: str):
         env = lmdb.open(path, readonly=True, lock=False, readahead=False,
                         subdir=os.path.isdir(path), max_readers=1024)
     except lmdb.Error as e:
+        if "already open in this process" in str(e):
+            # py-lmdb allows one handle per database file and process; the program's own
+            # lmdb.open() of it holds that one (Caffe's C++ reader is not counted by py-lmdb).
+            raise DataError("the program itself has this LMDB open (py-lmdb allows one handle "
+                            "per database and process)", where=path,
+                            hint="close the program's handle (env.close()) before a net reads "
+                                 "the database, or read the records before building the net "
+                                 "and close it then") from None
         raise DataError(f"cannot open as an LMDB ({e})", where=path,
                         hint="the path must be a database written by convert_imageset/"
                              "convert_mnist (a folder holding data.mdb)") from None
