@@ -225,6 +225,13 @@ _LEGACY_FIELD_HINTS = {
                     "param { decay_mult: ... } once per parameter blob",
     "solver_type": "solver_type is the old enum form; write type: \"SGD\" (or Nesterov, "
                    "AdaGrad, RMSProp, AdaDelta, Adam)",
+    # DeepLab v1's fork named the atrous rate 'hole' (hole_h/hole_w) before BVLC added dilation.
+    "hole": "'hole' is DeepLab v1's name for the atrous rate; BVLC Caffe calls it dilation: "
+            "write dilation: N in convolution_param",
+    "hole_h": "'hole_h' is DeepLab v1's atrous rate; write dilation: N (one value per spatial "
+              "axis for different rates) in convolution_param",
+    "hole_w": "'hole_w' is DeepLab v1's atrous rate; write dilation: N (one value per spatial "
+              "axis for different rates) in convolution_param",
 }
 
 # Text-format tokens, enough to follow blocks: comments and quoted strings (either quote,

@@ -262,3 +262,12 @@ def test_parse_errors_name_the_enclosing_layer_or_none(tmp_path, text, want):
         assert not what.startswith("layer '")
     else:
         assert what.startswith(f"layer '{want[0]}' (type {want[1]}): ")
+
+
+def test_deeplab_v1_hole_is_pointed_to_dilation(tmp_path):
+    path = tmp_path / "deeplab.prototxt"
+    path.write_text('layer { name: "fc6" type: "Convolution" bottom: "x" top: "y"\n'
+                    '  convolution_param { num_output: 8 kernel_size: 3 hole: 12 } }\n')
+    with pytest.raises(PrototxtError) as info:
+        prototxt.read_net(str(path))
+    assert "'fc6'" in info.value.what and "dilation: N" in info.value.hint

@@ -534,8 +534,10 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
     for kind, names in (("input", inputs), ("output", outputs)):
         for name in names or ():
             if name not in blobs:
+                listed = list(net.blobs)
                 raise NetError(f"{kind} '{name}' is not a blob of this net", net.source,
-                               f"blobs: {', '.join(net.blobs)}")
+                               f"blobs: {', '.join(listed[:30])}"
+                               f"{f', ... ({len(listed)} in all)' if len(listed) > 30 else ''}")
     fed: List[str] = list(inputs) if inputs is not None else []
     candidates: List[str] = []
     for name, module in modules.items():
