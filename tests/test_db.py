@@ -167,3 +167,23 @@ def test_a_database_the_program_holds_open_is_named_as_such(tmp_path):
     finally:
         env.close()
     assert LMDBReader(path).datum(0).label == 3
+
+
+def test_a_reader_collected_while_an_environment_opens_does_not_deadlock(tmp_path):
+    # Opening an environment may run the garbage collector, whose collected reader gives its
+    # environment back under the same lock, in the same thread (a retried failing net hung).
+    import threading
+
+    path = str(tmp_path / "db")
+    with LMDBWriter(path) as w:
+        w.put("0001", array_to_datum(np.zeros((1, 2, 2), np.uint8), 3).SerializeToString())
+
+    def nested():
+        with dbmod._ENVS_LOCK:
+            reader = LMDBReader(path)  # acquires and releases inside the held lock
+            reader.close()
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()

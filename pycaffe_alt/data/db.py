@@ -150,7 +150,10 @@ class _Reader:
 # same files twice in a process, yet several readers (a TRAIN and a TEST net, worker threads) may
 # read one database. Entries: realpath -> [environment, owning pid, reader count].
 _ENVS: Dict[str, list] = {}
-_ENVS_LOCK = threading.Lock()
+# Re-entrant: opening an environment allocates, the allocation may run the garbage collector,
+# and a collected reader's __del__ gives its environment back under this lock in the same
+# thread (with a plain Lock that thread waited for itself forever).
+_ENVS_LOCK = threading.RLock()
 
 
 def _open_lmdb(path: str):
