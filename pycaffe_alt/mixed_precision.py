@@ -74,8 +74,9 @@ class MixedPrecision:
         if precision not in DTYPES:
             raise SolverError(f"unknown precision {precision}", where, "use FP32, BF16 or FP16")
         if precision == _P.FP16:
-            if not param.loss_scale >= 1.0:
-                raise SolverError(f"loss_scale must be at least 1, got {param.loss_scale}", where,
+            if not 1.0 <= param.loss_scale < float("inf"):  # inf: every step overflows
+                raise SolverError(f"loss_scale must be finite and at least 1, got "
+                                  f"{param.loss_scale}", where,
                                   "leave it unset (65536) or give a power of two")
             if param.loss_scale_window < 1:
                 raise SolverError("loss_scale_window must be at least 1", where,

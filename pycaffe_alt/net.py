@@ -287,8 +287,9 @@ class Net(nn.Module):
             del state.stage[:]
             state.stage.extend(stages)
         if level:
-            if not isinstance(level, int) or isinstance(level, bool):
-                raise ArgumentTypeError(f"Net() level must be an integer, got {level!r}")
+            if not isinstance(level, int) or isinstance(level, bool) or \
+                    not -2**31 <= level < 2**31:  # NetState.level is an int32
+                raise ArgumentTypeError(f"Net() level must be a 32-bit integer, got {level!r}")
             state.level = level
         out = caffe_pb2.NetParameter()
         out.CopyFrom(net_param)

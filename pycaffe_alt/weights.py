@@ -124,7 +124,8 @@ def read_net_weights(path: str, hdf5: Optional[bool] = None
 
     net = _parse(path, caffe_pb2.NetParameter())
     if net_needs_upgrade(net):  # V0/V1 weights: Caffe upgrades them on load, blobs included
-        upgrade_net_as_needed(net, path)
+        with located_in(path):
+            upgrade_net_as_needed(net, path)
     out: "OrderedDict[str, Tuple[str, List]]" = OrderedDict()
     for layer in net.layer:
         if len(layer.blobs):

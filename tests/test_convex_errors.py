@@ -95,6 +95,10 @@ def test_input_layer_and_zero_bias_decay_are_refused(tmp_path):
     ("num_patterns: -3", "num_patterns must be >= 0"),
     ("relaxation: 2.5", "relaxation must be in (0, 2)"),
     ("max_exact_patterns: 0", "max_exact_patterns must be > 0"),
+    # inf tolerances "converged" at iteration 1 with a 94% duality gap (fuzz round 8).
+    ("abs_tol: inf", "abs_tol must be finite and >= 0"),
+    ("rel_tol: inf", "rel_tol must be finite and >= 0"),
+    ("gap_tol: inf", "gap_tol must be finite and >= 0"),
 ])
 def test_bad_convex_param_values(tmp_path, convex, words):
     X, y = fc_data()

@@ -111,9 +111,9 @@ class ConvexSolver(Solver):
                   (not 0 < c.rho < math.inf, f"rho must be finite and > 0, got {c.rho}"),
                   (not 0 < c.relaxation < 2, f"relaxation must be in (0, 2), got "
                    f"{c.relaxation}"),
-                  (not c.abs_tol >= 0, f"abs_tol must be >= 0, got {c.abs_tol}"),
-                  (not c.rel_tol >= 0, f"rel_tol must be >= 0, got {c.rel_tol}"),
-                  (not c.gap_tol >= 0, f"gap_tol must be >= 0, got {c.gap_tol}"),
+                  (not 0 <= c.abs_tol < math.inf, f"abs_tol must be finite and >= 0, got {c.abs_tol}"),
+                  (not 0 <= c.rel_tol < math.inf, f"rel_tol must be finite and >= 0, got {c.rel_tol}"),
+                  (not 0 <= c.gap_tol < math.inf, f"gap_tol must be finite and >= 0, got {c.gap_tol}"),
                   (c.polish_iter < 0, f"polish_iter must be >= 0, got {c.polish_iter}"),
                   (c.adapt_interval < 0, f"adapt_interval must be >= 0, got "
                    f"{c.adapt_interval}"),

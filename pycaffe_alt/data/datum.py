@@ -106,6 +106,10 @@ def datum_to_array(datum: "caffe_pb2.Datum", where: str = "Datum") -> np.ndarray
     if datum.encoded:
         return decode_datum(datum, where=where)
     shape = (datum.channels, datum.height, datum.width)
+    if min(shape) < 0:  # -1 x -4 x 4 matches 16 bytes yet is no shape
+        raise DataError(f"the record's shape {shape[0]}x{shape[1]}x{shape[2]} has a negative "
+                        "dimension", where=where,
+                        hint="the database is corrupt or was written by another tool; re-create it")
     size = shape[0] * shape[1] * shape[2]
     if len(datum.data):
         if len(datum.data) != size:

@@ -421,7 +421,13 @@ class Solver:
     def step(self, iters: int) -> float:
         """Run ``iters`` iterations (Caffe's Solver::Step, with its display/test/snapshot cadence);
         returns the last smoothed loss."""
-        return loop.run_steps(self, integer_argument(iters, "step() iters"))
+        iters = integer_argument(iters, "step() iters")
+        # pycaffe's Step(int) takes a C int, and Caffe's iteration counter is one too.
+        if not -2**31 <= iters < 2**31 or self.iter + iters >= 2**31:
+            raise SolverError(f"step({iters}) from iteration {self.iter} passes Caffe's largest "
+                              "iteration number, 2^31 - 1", self.source,
+                              "take fewer iterations per call")
+        return loop.run_steps(self, iters)
 
     def solve(self, resume: Optional[str] = None) -> None:
         """Caffe's Solve: restore ``resume`` if given, train to ``max_iter``, snapshot at the end

@@ -1,0 +1,59 @@
+"""Fuzz round 8: inputs that ran forever, were accepted silently or were not named."""
+import os
+
+import numpy as np
+import pytest
+
+import pycaffe_alt as caffe
+from pycaffe_alt.errors import ArgumentTypeError, CaffeError, DataError, SolverError
+from pycaffe_alt.mixed_precision import MixedPrecision
+from pycaffe_alt.proto import caffe_pb2
+from train_case import HERE
+
+ROOT = os.path.dirname(HERE)
+LENET = os.path.join(ROOT, "models", "lenet")
+
+
+def test_an_infinite_fp16_loss_scale_is_refused():
+    # With loss_scale inf every step overflowed and was skipped: "Optimization Done", nothing learnt.
+    param = caffe_pb2.SolverParameter(precision=caffe_pb2.SolverParameter.FP16,
+                                      loss_scale=float("inf"))
+    with pytest.raises(SolverError, match="loss_scale must be finite"):
+        MixedPrecision.from_solver_param(param, None, "solver.prototxt")
+
+
+def test_step_beyond_caffes_iteration_counter_is_refused(tmp_path):
+    # pycaffe's Step(int) takes a C int: step(2**63) trained until killed.
+    solver = tmp_path / "s.prototxt"
+    solver.write_text(f'net: "{LENET}/train_val.prototxt" test_iter: 1 test_interval: 100000 '
+                      f'max_iter: 10 base_lr: 0.01 lr_policy: "fixed" display: 0 '
+                      f'snapshot_prefix: "{tmp_path}/snap" solver_mode: CPU')
+    s = caffe.get_solver(str(solver))
+    for iters in (2 ** 31, 2 ** 63):
+        with pytest.raises(SolverError, match="2\\^31 - 1"):
+            s.step(iters)
+    assert s.iter == 0
+
+
+def test_a_datum_with_negative_dimensions_is_refused_by_name():
+    datum = caffe_pb2.Datum(channels=-1, height=-4, width=4, data=bytes(16))
+    with pytest.raises(DataError, match="negative dimension"):
+        caffe.io.datum_to_array(datum)
+
+
+def test_net_level_beyond_int32_is_refused_by_name():
+    with pytest.raises(ArgumentTypeError, match="level must be a 32-bit integer"):
+        caffe.Net(os.path.join(LENET, "deploy.prototxt"), caffe.TEST, level=2 ** 31)
+
+
+def test_a_weights_file_that_cannot_be_upgraded_is_named(tmp_path):
+    net = caffe.Net(os.path.join(LENET, "deploy.prototxt"), caffe.TEST)
+    good = tmp_path / "w.caffemodel"
+    net.save(str(good))
+    mixed = caffe_pb2.NetParameter.FromString(good.read_bytes())
+    mixed.layers.add().name = "ip2"  # both 'layer' and V1 'layers' entries
+    bad = tmp_path / "mixed.caffemodel"
+    bad.write_bytes(mixed.SerializeToString())
+    with pytest.raises(CaffeError) as err:
+        net.copy_from(str(bad))
+    assert str(err.value).startswith(str(bad)) and "'layers'" in str(err.value)
