@@ -18,6 +18,7 @@ import subprocess
 from typing import Dict, List, Optional, Tuple
 
 from .errors import CaffeError
+from .fileio import atomic_write, check_output_path
 from .proto import caffe_pb2
 
 LAYER_STYLE = {"shape": "record", "style": "filled", "fillcolor": "#6495ED"}
@@ -209,6 +210,7 @@ def draw_net_to_file(caffe_net, filename: str, rankdir: str = "LR",
     """Draw the net into ``filename`` in the format its extension names (``.png``, ``.svg``;
     ``.dot``/``.gv``/``.raw`` for DOT text)."""
     ext = os.path.splitext(os.fspath(filename))[1].lstrip(".") or "png"
+    check_output_path(os.fspath(filename), CaffeError)  # before the drawing: a FIFO, a folder
     payload = draw_net(caffe_net, rankdir, ext, phase, display_lrm)
-    with open(filename, "wb") as f:
-        f.write(payload)
+    # Atomic, as every output here: a folder, a missing parent or a FIFO is one message.
+    atomic_write(filename, payload, CaffeError)

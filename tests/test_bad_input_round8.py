@@ -8,6 +8,7 @@ import pycaffe_alt as caffe
 from pycaffe_alt.errors import ArgumentTypeError, CaffeError, DataError, SolverError
 from pycaffe_alt.mixed_precision import MixedPrecision
 from pycaffe_alt.proto import caffe_pb2
+from bad_input_case import make_fifo, no_hang
 from train_case import HERE
 
 ROOT = os.path.dirname(HERE)
@@ -57,3 +58,16 @@ def test_a_weights_file_that_cannot_be_upgraded_is_named(tmp_path):
     with pytest.raises(CaffeError) as err:
         net.copy_from(str(bad))
     assert str(err.value).startswith(str(bad)) and "'layers'" in str(err.value)
+
+
+def test_draw_net_output_paths_are_checked(tmp_path):
+    # A folder or a missing folder gave tracebacks, a FIFO blocked forever.
+    net = caffe.Net(os.path.join(LENET, "deploy.prototxt"), caffe.TEST)
+    (tmp_path / "out.dot").mkdir()
+    fifo = make_fifo(tmp_path, "pipe.dot")
+    for out, words in ((tmp_path / "out.dot", "directory"), (tmp_path / "no" / "x.dot", "does not exist"),
+                       (fifo, "FIFO")):
+        with no_hang(), pytest.raises(CaffeError, match=words):
+            caffe.draw.draw_net_to_file(net.net_param, str(out))
+    caffe.draw.draw_net_to_file(net.net_param, str(tmp_path / "ok.dot"))
+    assert (tmp_path / "ok.dot").read_text().startswith("digraph")
