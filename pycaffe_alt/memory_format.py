@@ -17,8 +17,9 @@ resume across runs would compare different kernels):
 
 Only the layout changes: every tensor keeps its NCHW shape, every torch op its meaning, so
 layers that need a plain NCHW buffer (``view``, ``Permute``) get one from their own
-``reshape``/``contiguous`` call. pycaffe's ``.data``/``.diff`` numpy arrays are views with
-NHWC strides: they read and write through like before.
+``reshape``/``contiguous`` call. pycaffe's ``.data``/``.diff`` numpy arrays of activations are
+views with NHWC strides: they read and write through like before. Weights stay in C order
+(see :func:`apply_to_parameters`).
 """
 from __future__ import annotations
 
@@ -115,15 +116,40 @@ def zeros(shape: Sequence[int], fmt: torch.memory_format, device: torch.device) 
     return torch.zeros(shape, device=device)
 
 
+def c_order_in(shape: Sequence[int], fmt: torch.memory_format) -> bool:
+    """Whether a tensor of ``shape`` stored in ``fmt`` is also in C order, as numpy sees it
+    (it ignores the strides of axes of size 1): channels-last with one channel, or a 1 x 1
+    plane (LeNet's first weight, 1 x 1 convolution weights), or any plain tensor."""
+    if fmt is not torch.channels_last or len(shape) != 4:
+        return True
+    return shape[1] == 1 or (shape[2] == 1 and shape[3] == 1) or 0 in shape
+
+
 def apply_to_parameters(module: nn.Module, fmt: torch.memory_format) -> None:
-    """Store every 4-D parameter of ``module`` in ``fmt``, keeping the Parameter objects (the
-    solver, pycaffe views and shared ``param { name }`` blobs hold on to them)."""
+    """Store the 4-D parameters of ``module`` in ``fmt`` where that keeps them in C order,
+    keeping the Parameter objects (the solver, pycaffe views and shared ``param { name }``
+    blobs hold on to them).
+
+    The others stay NCHW: pycaffe's ``net.params[...][i].data`` must be a C-order array (net
+    surgery and pruning scripts set ``w.shape = (n, -1)`` or write through ``w.reshape(...)``,
+    which on a channels-last view fail or write into a copy), and a weight's layout does not
+    decide the convolution's: with a channels-last input oneDNN computes channels-last either
+    way (same-process A/B, batch 64: LeNet 1.04x, All-CNN-C 1.00x against all weights
+    channels-last). The first weight with one input channel still gets channels-last strides
+    exactly (see :func:`has_format`): with a one-channel input, its strides decide the layout
+    of everything downstream.
+    """
     with torch.no_grad():
         for p in module.parameters():
-            if not has_format(p, fmt):
-                p.data = in_format(p.data, fmt)
+            if c_order_in(tuple(p.shape), fmt):
+                if not has_format(p, fmt):
+                    p.data = in_format(p.data, fmt)
+                    if p.grad is not None:
+                        p.grad = in_format(p.grad, fmt)
+            elif not p.is_contiguous():
+                p.data = p.data.contiguous()
                 if p.grad is not None:
-                    p.grad = in_format(p.grad, fmt)
+                    p.grad = p.grad.contiguous()
 
 
 def format_name(fmt: torch.memory_format) -> str:

@@ -60,12 +60,19 @@ def test_conv_net_weights_and_activations_are_channels_last_views_stay_nchw():
     # The view writes through: an edit through numpy is the tensor's value.
     arr[0, 1, 2, 3] = 42.0
     assert net.blobs["conv1"].data[0, 1, 2, 3] == 42.0  # a fresh view of the same tensor
+    # Weights of more than one channel stay NCHW: pycaffe hands out C-order arrays, which
+    # net surgery reshapes in place or writes through reshaped views.
     w = net.params["conv2"][0].data
+    assert w.flags.c_contiguous and net.params["conv1"][0].data.flags.c_contiguous
     w[1, 2, 3, 4] = -7.0
     assert float(net.params["conv2"][0].param.detach()[1, 2, 3, 4]) == -7.0
+    w.reshape(-1)[5] = 3.5
+    w.shape = (w.shape[0], -1)
+    assert float(net.params["conv2"][0].param.detach()[0, 0, 1, 0]) == 3.5
     net.backward()
-    assert is_channels_last(net.params["conv2"][0].param.grad)
-    assert net.params["conv2"][0].diff.shape == w.shape
+    assert net.params["conv2"][0].param.grad.is_contiguous()
+    assert net.params["conv2"][0].diff.shape == net.params["conv2"][0].shape
+    assert net.params["conv2"][0].diff.flags.c_contiguous
 
 
 def test_channels_last_matches_nchw_results():
