@@ -132,6 +132,10 @@ class _BlobStore:
         self._net = net
         self.dirty: Set[HostMirror] = set()
         self.held: Set[HostMirror] = set()  # blob views a user may hold (see blob.py)
+        # Blobs whose value is a tensor a caller passed in (net(data=t), run({...})): before
+        # pycaffe's arrays (or a pycaffe pass) use it as the blob's memory, the blob gets its
+        # own copy, or a later blobs['data'].data[...] = x would write into the caller's tensor.
+        self.foreign: Set[str] = set()
 
     def refresh_held(self) -> None:
         """After a pass: copy new blob values and diffs into the arrays users hold."""
@@ -154,6 +158,9 @@ class _BlobStore:
         t = self._net._values.get(name)
         if t is None:
             t = self._net._values[name] = self._zeros(name, self._net._shapes[name])
+        elif name in self.foreign:
+            self.foreign.discard(name)
+            t = self._net._values[name] = t.detach().clone()
         return t
 
     def _zeros(self, name: str, shape: Shape) -> torch.Tensor:
@@ -657,6 +664,8 @@ class Net(nn.Module):
                 values.pop(name, None)
         if inputs:
             values.update(inputs)
+            # The caller's tensors: pycaffe's views must not write into them (see data_tensor).
+            self._store.foreign.update(inputs)
         for name in self._inputs:
             if name not in values:
                 values[name] = self._store.data_tensor(name)
@@ -756,27 +765,45 @@ class Net(nn.Module):
         comes back. Tensor form: ``net(data=t)`` returns ``{output: tensor}``, differentiable.
         """
         if kwargs and all(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            for name in kwargs:
+                self._check_fed_blob(name, start, "forward()")
             last = self._layer_index(end, len(self._steps) - 1)
             names = self._output_names(blobs, end)
             if self._compiled is not None:
                 self._compiled.want(names)
-            values = self.run(kwargs, self._layer_index(start, 0), last)
+            before = {n: self._values.get(n) for n in kwargs}
+            try:
+                values = self.run(kwargs, self._layer_index(start, 0), last)
+            except BaseException:
+                # A refused pass leaves the blobs as they were: the tensors it was given (of
+                # a wrong shape, say) must not become the blobs pycaffe reads next.
+                for n, v in before.items():
+                    if v is None:
+                        self._values.pop(n, None)
+                    else:
+                        self._values[n] = v
+                raise
             return {n: values[n] for n in names}
         for name, arr in kwargs.items():
-            if name not in self._shapes:
-                raise NetError(f"forward() got an array for '{name}', which is not a blob of this net",
-                               self.source, f"inputs: {', '.join(self._inputs)}")
-            if start is None and name not in self._inputs:
-                # pycaffe refuses it too; a layer would overwrite the array before it is read.
-                raise NetError(f"forward() got an array for '{name}', which is not an input of "
-                               "this net (a layer computes it)", self.source,
-                               f"inputs: {', '.join(self._inputs)}; or start the pass above the "
-                               "layer that computes it (start=...)")
+            self._check_fed_blob(name, start, "forward()")
             self._write_array(name, arr, "data", "forward()")
         names = self._output_names(blobs, end)
         self._forward_pycaffe(self._layer_index(start, 0),
                               self._layer_index(end, len(self._steps) - 1))
         return {n: self.blobs[n].data for n in names}
+
+    def _check_fed_blob(self, name: str, start: Optional[str], caller: str) -> None:
+        """A value given for blob ``name`` must be for a blob of the net that the pass reads:
+        an input, or any blob when the pass starts at a later layer."""
+        if name not in self._shapes:
+            raise NetError(f"{caller} got a value for '{name}', which is not a blob of this net",
+                           self.source, f"inputs: {', '.join(self._inputs)}")
+        if start is None and name not in self._inputs:
+            # pycaffe refuses it too; a layer would overwrite the value before it is read.
+            raise NetError(f"{caller} got a value for '{name}', which is not an input of "
+                           "this net (a layer computes it)", self.source,
+                           f"inputs: {', '.join(self._inputs)}; or start the pass above the "
+                           "layer that computes it (start=...)")
 
     def _write_array(self, name: str, arr, field: str, caller: str) -> None:
         """``blobs[name].<field>[...] = arr`` with a NetError naming the blob when ``arr`` does not

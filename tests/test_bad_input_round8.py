@@ -71,3 +71,26 @@ def test_draw_net_output_paths_are_checked(tmp_path):
             caffe.draw.draw_net_to_file(net.net_param, str(out))
     caffe.draw.draw_net_to_file(net.net_param, str(tmp_path / "ok.dot"))
     assert (tmp_path / "ok.dot").read_text().startswith("digraph")
+
+
+def test_tensor_forward_checks_names_keeps_the_callers_tensor_and_undoes_a_refused_pass():
+    import torch
+
+    from pycaffe_alt.errors import NetError
+
+    net = caffe.Net(os.path.join(LENET, "deploy.prototxt"), caffe.TEST)
+    x = np.random.RandomState(0).rand(1, 1, 28, 28).astype(np.float32)
+    saved = x.copy()
+    net.forward(data=torch.from_numpy(x))
+    # A later pycaffe write goes into the blob's own memory, not into the caller's tensor.
+    net.forward(data=np.zeros((1, 1, 28, 28), np.float32))
+    net.blobs["data"].data[...] = 5
+    np.testing.assert_array_equal(x, saved)
+    for kwargs, words in ((dict(dat=torch.rand(1, 1, 28, 28)), "not a blob of this net"),
+                          (dict(conv1=torch.rand(1, 20, 24, 24)), "not an input")):
+        with pytest.raises(NetError, match=words):
+            net.forward(**kwargs)
+    with pytest.raises(CaffeError):
+        net.forward(data=torch.zeros(1, 1, 4, 4))
+    assert net.blobs["data"].data.shape == (1, 1, 28, 28)
+    assert net.forward(data=np.zeros((1, 1, 28, 28), np.float32))["prob"].shape == (1, 10)
