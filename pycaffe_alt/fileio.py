@@ -173,3 +173,22 @@ def remove_stale_temporaries(prefix: str) -> List[str]:
         except OSError:  # already gone, or not ours to delete: leave it
             pass
     return removed
+
+
+def refuse_external_links(h5file, path: str, error: Type[CaffeError]) -> None:
+    """Refuse (``error``) an open HDF5 file that holds an external link: h5py follows one into
+    another file when the linked name is read, and a link to a FIFO or device would block or
+    read it (Caffe's files, weights, solver states and HDF5Data sources, never hold them)."""
+    import h5py
+
+    found: List[str] = []
+
+    def check(name, link) -> None:
+        if isinstance(link, h5py.ExternalLink):
+            found.append(f"'{name}' -> {link.filename}:{link.path}")
+
+    h5file.visititems_links(check)
+    if found:
+        raise error(f"HDF5 file links to another file ({found[0]}"
+                    f"{f' and {len(found) - 1} more' if len(found) > 1 else ''})", where=path,
+                    hint="store the data in the file itself (h5py: copy the linked datasets in)")

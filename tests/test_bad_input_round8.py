@@ -94,3 +94,37 @@ def test_tensor_forward_checks_names_keeps_the_callers_tensor_and_undoes_a_refus
         net.forward(data=torch.zeros(1, 1, 4, 4))
     assert net.blobs["data"].data.shape == (1, 1, 28, 28)
     assert net.forward(data=np.zeros((1, 1, 28, 28), np.float32))["prob"].shape == (1, 10)
+
+
+def test_hdf5_files_with_external_links_are_refused(tmp_path):
+    # h5py follows an external link when the name is read: one to a FIFO blocked forever.
+    import h5py
+
+    from pycaffe_alt.errors import SolverError, WeightsError
+    from pycaffe_alt.solver.snapshot import read_solverstate_h5, read_weights_h5
+
+    fifo = make_fifo(tmp_path)
+    weights = tmp_path / "w.h5"
+    with h5py.File(weights, "w") as f:
+        f["data/conv1/0"] = h5py.ExternalLink(fifo, "/x")
+    state = tmp_path / "s.solverstate.h5"
+    with h5py.File(state, "w") as f:
+        f["iter"] = 3
+        f["current_step"] = 0
+        f["history/0"] = h5py.ExternalLink(fifo, "/x")
+    rows = tmp_path / "rows.h5"
+    with h5py.File(rows, "w") as f:
+        f["data"] = h5py.ExternalLink(fifo, "/x")
+        f["label"] = np.zeros(4, np.float32)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{rows}\n")
+    with no_hang():
+        with pytest.raises(WeightsError, match="links to another file"):
+            read_weights_h5(str(weights))
+        with pytest.raises(SolverError, match="links to another file"):
+            read_solverstate_h5(str(state))
+        net = tmp_path / "net.prototxt"
+        net.write_text(f'layer {{ name: "d" type: "HDF5Data" top: "data" top: "label" '
+                       f'hdf5_data_param {{ source: "{listing}" batch_size: 2 }} }}')
+        with pytest.raises(DataError, match="links to another file"):
+            caffe.Net(str(net), caffe.TRAIN)
