@@ -85,11 +85,7 @@ def atomic_write_chunks(path: str, chunks: Iterable[bytes],
     raises ``error`` naming the path.
     """
     path = os.fspath(path)
-    check_output_path(path, error)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise error(f"cannot write '{path}': folder '{folder}' does not exist",
-                    hint="create the folder first")
+    folder = check_output_file(path, error)
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temporary_prefix(path), suffix=".tmp")
     except OSError as e:
@@ -111,6 +107,18 @@ def atomic_write_chunks(path: str, chunks: Iterable[bytes],
             raise error(f"cannot write '{path}': {e.strerror}",
                         hint="check the folder is writable and the disk has room") from None
         raise
+
+
+def check_output_file(path: str, error: Type[CaffeError]) -> str:
+    """Refuse (``error``) an output that cannot be written as a file (see
+    :func:`check_output_path`) or whose folder is missing; returns the folder. Tools with two
+    outputs check both before writing either."""
+    check_output_path(path, error)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise error(f"cannot write '{path}': folder '{folder}' does not exist",
+                    hint="create the folder first")
+    return folder
 
 
 def check_output_path(path: str, error: Type[CaffeError]) -> None:

@@ -128,3 +128,20 @@ def test_hdf5_files_with_external_links_are_refused(tmp_path):
                        f'hdf5_data_param {{ source: "{listing}" batch_size: 2 }} }}')
         with pytest.raises(DataError, match="links to another file"):
             caffe.Net(str(net), caffe.TRAIN)
+
+
+def test_convert_relu_checks_both_outputs_before_writing_either(tmp_path):
+    from pycaffe_alt.tools import convert_relu
+
+    proto = tmp_path / "in.prototxt"
+    proto.write_text('layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 1 dim: 3 '
+                     'dim: 4 dim: 4 } } }\nlayer { name: "c" type: "Convolution" bottom: "d" top: "c" '
+                     'convolution_param { num_output: 2 kernel_size: 1 } }\n'
+                     'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }\n')
+    caffe.Net(str(proto), caffe.TEST).save(str(tmp_path / "in.caffemodel"))
+    (tmp_path / "wdir").mkdir()
+    for bad in (tmp_path / "wdir", tmp_path / "missing" / "w.caffemodel"):
+        with pytest.raises(CaffeError, match="cannot write"):
+            convert_relu.main(["--weights", str(tmp_path / "in.caffemodel"), "--out-weights",
+                               str(bad), str(proto), str(tmp_path / "out.prototxt")])
+        assert not (tmp_path / "out.prototxt").exists()

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import prototxt
 from ..errors import CaffeError, NetError
+from ..fileio import check_output_file
 from ..log import setup_logging
 from ..proto import caffe_pb2
 from ..weights import array_to_blob, blob_to_array
@@ -230,6 +231,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     if bool(args.weights) != bool(args.out_weights):
         p.error("--weights and --out-weights go together")
+    # Both outputs are checked before either is written (docs/bad_input.md).
+    for out_path in (args.output, args.out_weights):
+        if out_path:
+            check_output_file(out_path, CaffeError)
     net = prototxt.read_net(args.input)
     out, plan = convert_net(net, args.mode, args.ht_output, args.fold_bias)
     converted = None
