@@ -15,6 +15,7 @@ Two ways to run it:
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -472,6 +473,10 @@ class Net(nn.Module):
             if len(lp.loss_weight) != n_tops:
                 raise NetError(f"has {len(lp.loss_weight)} loss_weight values for {n_tops} tops",
                                where, "give one loss_weight per top")
+            if not all(math.isfinite(w) for w in lp.loss_weight):
+                # Training would end in "the loss became nan", blamed on the solver's base_lr.
+                raise NetError(f"loss_weight {list(lp.loss_weight)} is not finite", where,
+                               "give finite loss weights (0 leaves a top out of the loss)")
             return [float(w) for w in lp.loss_weight]
         return [1.0 if (cls.is_loss and i == 0) else 0.0 for i in range(n_tops)]
 
@@ -484,6 +489,10 @@ class Net(nn.Module):
         lr_mults = []
         for i in range(len(blobs)):
             spec = lp.param[i] if i < len(lp.param) else caffe_pb2.ParamSpec()
+            for field in ("lr_mult", "decay_mult"):
+                if not math.isfinite(getattr(spec, field)):
+                    raise NetError(f"param {i} has {field} {getattr(spec, field)}", where,
+                                   f"give a finite {field} (0 freezes the blob)")
             lr_mults.append(spec.lr_mult)
             if spec.name and spec.name in shared:
                 owner, owner_layer, owner_index = shared[spec.name]

@@ -145,3 +145,40 @@ def test_convert_relu_checks_both_outputs_before_writing_either(tmp_path):
             convert_relu.main(["--weights", str(tmp_path / "in.caffemodel"), "--out-weights",
                                str(bad), str(proto), str(tmp_path / "out.prototxt")])
         assert not (tmp_path / "out.prototxt").exists()
+
+
+@pytest.mark.parametrize("layer, words", [
+    ('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" param { lr_mult: nan } '
+     'inner_product_param { num_output: 2 } }', "lr_mult nan"),
+    ('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" param { decay_mult: inf } '
+     'inner_product_param { num_output: 2 } }', "decay_mult inf"),
+    ('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" loss_weight: nan '
+     'inner_product_param { num_output: 2 } }', "loss_weight"),
+    ('layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" batch_norm_param { eps: -1 } }',
+     "eps -1"),
+    ('layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" batch_norm_param { eps: nan } }',
+     "eps nan"),
+])
+def test_non_finite_net_values_are_refused_by_layer(layer, words):
+    # They trained to "the loss became nan", blamed on the solver's base_lr.
+    from pycaffe_alt.errors import NetError
+    from pycaffe_alt.prototxt import parse_text
+
+    text = 'layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }\n'
+    with pytest.raises(NetError, match=words) as err:
+        caffe.Net(parse_text(text + layer, caffe_pb2.NetParameter()), caffe.TRAIN)
+    assert "layer '" in str(err.value)
+
+
+def test_non_finite_transform_values_and_means_are_refused(tmp_path):
+    from pycaffe_alt.data.transformer import load_mean_file, spec_from_param
+    from pycaffe_alt.weights import array_to_blob
+
+    for tp in (caffe_pb2.TransformationParameter(scale=float("nan")),
+               caffe_pb2.TransformationParameter(mean_value=[1.0, float("inf")])):
+        with pytest.raises(DataError, match="finite"):
+            spec_from_param(tp, True, "layer 'data'")
+    mean = tmp_path / "mean.binaryproto"
+    mean.write_bytes(array_to_blob(np.full((1, 3, 2, 2), np.nan, np.float32)).SerializeToString())
+    with pytest.raises(DataError, match="non-finite"):
+        load_mean_file(str(mean), "layer 'data'")

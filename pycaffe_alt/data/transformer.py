@@ -77,6 +77,9 @@ def load_mean_file(path: str, where: str) -> np.ndarray:
     # Caffe's mean blob is 1,C,H,W; keep the last three axes (a 3-d shape is accepted too).
     if len(dims) == 4 and dims[0] == 1:
         dims = dims[1:]
+    if not np.isfinite(values).all():
+        raise DataError(f"mean_file {path!r} holds non-finite values (NaN or inf)", where,
+                        "re-create it with tools/compute_image_mean")
     if len(dims) != 3 or values.size == 0:
         raise DataError(f"mean_file {path!r} holds a blob of shape {dims} with {values.size} "
                         "values; a 1xCxHxW mean is needed", where,
@@ -97,6 +100,12 @@ def spec_from_param(tp, train: bool, where: str) -> TransformSpec:
     if tp.force_color and tp.force_gray:
         raise DataError("transform_param sets both force_color and force_gray", where,
                         "keep at most one of them")
+    # Non-finite values would train to "the loss became nan", blamed on the solver.
+    if not np.isfinite(tp.scale):
+        raise DataError(f"transform_param.scale is {tp.scale}", where, "give a finite scale")
+    if not all(np.isfinite(v) for v in tp.mean_value):
+        raise DataError(f"transform_param.mean_value {list(tp.mean_value)} is not finite", where,
+                        "give finite mean values")
     mean = load_mean_file(tp.mean_file, where) if tp.HasField("mean_file") else None
     return TransformSpec(scale=np.float32(tp.scale), mirror=bool(tp.mirror),
                          crop_size=int(tp.crop_size), mean=mean,

@@ -6,6 +6,7 @@ gradient and the comment says so.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -111,6 +112,10 @@ class BatchNorm(Layer):
         self.channels = 1 if len(shape) == 1 else int(shape[1])
         self.maf = float(p.moving_average_fraction)
         self.eps = float(p.eps)
+        # Caffe takes any value and divides by sqrt(var + eps): a negative or NaN eps gives NaN.
+        if not (math.isfinite(self.eps) and self.eps >= 0 and math.isfinite(self.maf)):
+            raise self.error(f"eps {self.eps:g} and moving_average_fraction {self.maf:g} must be "
+                             "finite, eps >= 0", "leave eps at its default 1e-5")
         # None = follow the phase at forward time (Caffe: use_global_stats defaults to phase == TEST).
         self.use_global_stats = bool(p.use_global_stats) if p.HasField("use_global_stats") else None
         # Caffe refuses any lr_mult but 0 on the statistics (a 'param { }' without lr_mult means
