@@ -277,6 +277,25 @@ def unmatched_warning(path: str, file_layers: Sequence[str], net_layers: Sequenc
             "and the net keeps its initial weights")
 
 
+def uncovered_warning(paths: Sequence[str], copied: Sequence[str],
+                      learnable: Sequence[str]) -> Optional[str]:
+    """The warning for a scored or converted net some of whose learnable layers no weights file
+    filled (None when every one was, or when none was: :func:`unmatched_warning` covers that).
+
+    A caffemodel cut short at a layer boundary still parses (protobuf cannot tell), and the
+    layers after the cut keep their random initial values; fine-tuning leaves new layers out on
+    purpose, so ``tools/train`` does not warn, but a score or an exported model of such a net is
+    not the trained model's.
+    """
+    missing = [n for n in learnable if n not in set(copied)]
+    if not missing or len(missing) == len(learnable):
+        return None
+    shown = ", ".join(f"'{n}'" for n in missing[:8]) + (", ..." if len(missing) > 8 else "")
+    return (f"{', '.join(paths)}: no weights for {len(missing)} of the net's {len(learnable)} "
+            f"layers with parameters ({shown}); they keep their initial values (a truncated "
+            "file, or weights of another net?)")
+
+
 def read_binaryproto(path: str) -> np.ndarray:
     """The array of a ``.binaryproto`` file (e.g. a mean image, shape (1, C, H, W))."""
     blob = _parse(path, caffe_pb2.BlobProto())

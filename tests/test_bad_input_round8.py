@@ -182,3 +182,28 @@ def test_non_finite_transform_values_and_means_are_refused(tmp_path):
     mean.write_bytes(array_to_blob(np.full((1, 3, 2, 2), np.nan, np.float32)).SerializeToString())
     with pytest.raises(DataError, match="non-finite"):
         load_mean_file(str(mean), "layer 'data'")
+
+
+def test_scoring_a_net_some_layers_of_which_got_no_weights_warns(tmp_path):
+    # A caffemodel cut at a layer boundary parses; tools/test scored random layers silently.
+    import subprocess
+    import sys
+
+    from pycaffe_alt.weights import uncovered_warning
+
+    assert uncovered_warning(["w"], ["a", "b"], ["a", "b"]) is None
+    assert uncovered_warning(["w"], [], ["a", "b"]) is None  # nothing matched: its own error
+    assert "no weights for 1 of the net's 2" in uncovered_warning(["w"], ["a"], ["a", "b"])
+    net = caffe.Net(os.path.join(LENET, "deploy.prototxt"), caffe.TEST)
+    net.save(str(tmp_path / "full.caffemodel"))
+    full = caffe_pb2.NetParameter.FromString((tmp_path / "full.caffemodel").read_bytes())
+    cut = caffe_pb2.NetParameter()
+    cut.layer.extend([lp for lp in full.layer if lp.name == "conv1"])
+    (tmp_path / "cut.caffemodel").write_bytes(cut.SerializeToString())
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_model"), "--model",
+                        os.path.join(LENET, "deploy.prototxt"), "--weights",
+                        str(tmp_path / "cut.caffemodel"), "--to", "caffemodel", "--out",
+                        str(tmp_path / "out.caffemodel")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "no weights for 6 of the net's 7 layers" in r.stderr and "'conv2'" in r.stderr

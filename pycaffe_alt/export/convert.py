@@ -19,7 +19,9 @@ import torch
 from ..errors import (ArgumentTypeError, CaffeError, NetError, WeightsError, first_line,
                       integer_argument)
 from ..fileio import check_output_path
+from ..log import get_logger
 from ..proto import caffe_pb2
+from ..weights import uncovered_warning
 from . import exported, pytorch_code, torchscript
 from . import onnx as onnx_format
 from . import weights as weight_formats
@@ -173,7 +175,13 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
             raise _named_after(e, model) from None
         if shapes and not isinstance(model, caffe_pb2.NetParameter):
             net.source = os.fspath(model)  # built from the reshaped copy; messages name the file
-    if weights and not net.copy_from(weights) and len(net.params) and not allow_unmatched_weights:
+    copied = net.copy_from(weights) if weights else []
+    if copied:
+        warning = uncovered_warning([weights], copied,
+                                    [n for n, blobs in net.params.items() if len(blobs)])
+        if warning:
+            get_logger().warning(warning)
+    if weights and not copied and len(net.params) and not allow_unmatched_weights:
         raise WeightsError("no layer of this weights file has the name of a layer of the net, so "
                            "the converted model would hold random initial weights", where=weights,
                            hint=f"check that the weights belong to {getattr(net, 'source', 'the net')}; "

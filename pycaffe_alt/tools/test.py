@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import CaffeError, WeightsError
+from ..weights import uncovered_warning
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from ..mode import resolve_device
@@ -88,7 +89,13 @@ def build_net(args, phase: int, require_weights_match: bool = False):
                            hint="give .caffemodel paths separated by single commas")
     # Caffe loads each file in turn and skips the layers a file lacks; only when no file
     # matched any layer would the score be the random initial weights'.
-    matched = [w for w in names if net.copy_from(w)]
+    copied = {w: net.copy_from(w) for w in names}
+    matched = [w for w in names if copied[w]]
+    if matched:
+        warning = uncovered_warning(matched, [n for w in matched for n in copied[w]],
+                                    [n for n, blobs in net.params.items() if len(blobs)])
+        if warning:
+            get_logger().warning(warning)
     if names and not matched and require_weights_match and len(net.params):
         raise WeightsError(f"no layer of {'this weights file' if len(names) == 1 else 'these weights files'} "
                            "has the name of a layer of the net, so nothing would be tested but "
