@@ -851,6 +851,8 @@ class Net(nn.Module):
         if end is not None:
             self._layer_index(end, 0)  # an unknown layer name is a NetError
         names = list(self.top_names[end]) if end is not None else list(self._outputs)
+        if isinstance(blobs, str):  # blobs="prob": one name (pycaffe would iterate its letters)
+            blobs = [blobs]
         for b in blobs or ():
             self._require_blob(b, "forward(blobs=...)")
             if b not in names:

@@ -207,3 +207,26 @@ def test_scoring_a_net_some_layers_of_which_got_no_weights_warns(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "no weights for 6 of the net's 7 layers" in r.stderr and "'conv2'" in r.stderr
+
+
+def test_small_round8_checks(tmp_path):
+    import argparse
+
+    from pycaffe_alt.tools.cli import positive_seconds
+    from pycaffe_alt.tools.plot_training_log import save_figure
+
+    for bad in ("-5", "nan", "inf", "0", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_seconds(bad)
+    assert positive_seconds("2.5") == 2.5
+    net = caffe.Net(os.path.join(LENET, "deploy.prototxt"), caffe.TEST)
+    out = net.forward(blobs="ip1")  # one name, not its letters
+    assert set(out) == {"prob", "ip1"}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fifo = make_fifo(tmp_path)
+    with no_hang(), pytest.raises(CaffeError, match="FIFO"):
+        save_figure(plt.figure(), fifo)

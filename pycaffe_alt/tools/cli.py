@@ -78,6 +78,17 @@ def int32(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive, finite number of seconds")
+    return value
+
+
 def add_bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     """A gflags boolean: ``--name`` sets it; ``--name=false`` / ``--noname`` clear it.
 

@@ -31,7 +31,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from ..errors import CaffeError
-from ..fileio import check_input_path
+from ..fileio import atomic_write, check_input_path
 from .cli import parse_args, run_main
 from .parse_log import Row, parse_log
 
@@ -152,10 +152,12 @@ def plot_legacy(chart_type: int, logs: Sequence[str]):
 
 def save_figure(fig, path: str) -> None:
     """Write the figure as a PNG, with a readable error when the folder is not writable."""
-    try:
-        fig.savefig(path, dpi=110, format="png")
-    except OSError as e:
-        raise CaffeError(f"cannot write {path}: {e.strerror}", hint="choose a writable path") from None
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    # Atomic, after the output-path check: a FIFO, folder or missing folder is one message.
+    atomic_write(path, buffer.getvalue(), CaffeError)
 
 
 def _check_logs(logs: Sequence[str]) -> None:

@@ -36,7 +36,7 @@ from ..fileio import check_input_path
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from ..proto import caffe_pb2
-from .cli import gflags_argv, int32, parse_args, run_main
+from .cli import gflags_argv, int32, parse_args, positive_seconds, run_main
 from .progress import training_progress
 from .test import gpu_ids, select_device
 
@@ -173,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--level", type=int32, default=None, help="NetState level of the train net")
     parser.add_argument("--allow-python", "--allow_python", action="store_true",
                         help="allow Python layers (they run code named in the prototxt)")
-    parser.add_argument("--dist-timeout", "--dist_timeout", type=float,
+    parser.add_argument("--dist-timeout", "--dist_timeout", type=positive_seconds,
                         default=DEFAULT_START_TIMEOUT,
                         help="data-parallel: seconds to wait for every rank at start-up "
                              f"(default {DEFAULT_START_TIMEOUT:g})")
