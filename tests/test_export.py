@@ -567,6 +567,40 @@ def test_convert_builds_the_net_in_the_stages_and_level_given(workdir):
     assert "deep" in proc.stdout
 
 
+REPEATED_NAMES = """
+name: "hed_like"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 9 dim: 9 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "a"
+  convolution_param { num_output: 2 kernel_size: 3 pad: 2 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "crop" type: "Crop" bottom: "a" bottom: "data" top: "ca" crop_param { offset: 1 } }
+layer { name: "conv_1" type: "Convolution" bottom: "data" top: "b"
+  convolution_param { num_output: 2 kernel_size: 1 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "crop" type: "Crop" bottom: "b" bottom: "data" top: "cb" crop_param { offset: 1 } }
+layer { name: "conv" type: "Eltwise" bottom: "ca" bottom: "cb" top: "sum" }
+"""
+
+
+def test_repeated_layer_names_export_under_numbered_names(workdir):
+    # Caffe accepts repeated layer names (HED's five Crop layers are all 'crop'); the exported
+    # forms name operators after layers, so the second of a name becomes name_1, skipping a
+    # name the net already has (conv_1 here: the Eltwise named conv becomes conv_2).
+    from pycaffe_alt.export.graph import export_names
+
+    assert export_names(["a", "a", "a_1", "b", "a"]) == ["a", "a_2", "a_1", "b", "a_3"]
+    proto = str(workdir / "repeated.prototxt")
+    with open(proto, "w") as f:
+        f.write(REPEATED_NAMES)
+    net = Net(proto, TEST)
+    graph = lower_net(net)
+    assert [op.name for op in graph.ops] == ["conv", "crop", "conv_1", "crop_1", "conv_2"]
+    for to, out in (("onnx", "r.onnx"), ("pytorch", "r.py"), ("torchscript", "r.pt")):
+        result = convert(net, None, to, str(workdir / out))
+        assert result.outputs == ["sum"]
+    x = torch.randn(1, 2, 9, 9)
+    np.testing.assert_allclose(as_module(net)(x).detach().numpy(),
+                               net(data=x)["sum"].detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_weights_sharing_no_layer_name_are_refused_unless_allowed(workdir):
     proto = workdir / "in_place_on_input.prototxt"
     proto.write_text(IN_PLACE_ON_INPUT)

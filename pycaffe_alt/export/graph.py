@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -502,12 +502,42 @@ def _sole_reader(ops: List[Op], i: int, outputs: Set[str]) -> Optional[int]:
 
 
 @dataclass
+class PlannedLayer:
+    """One layer an exported model runs: its name there, the Net's module, its blob names."""
+
+    name: str
+    module: Any
+    bottoms: Tuple[str, ...]
+    tops: Tuple[str, ...]
+
+
+@dataclass
 class LayerPlan:
     """Which layers of a Net an exported model runs: its inputs, layers (in order), outputs."""
 
     inputs: List[str]
-    layers: List[str]
+    layers: List[PlannedLayer]
     outputs: List[str]
+
+
+def export_names(names: Sequence[str]) -> List[str]:
+    """Layer names made unique for an exported model, which names operators and weights after
+    layers: Caffe accepts a repeated name (HED's five Crop layers are all 'crop'); the second
+    and later of a name get ``_1``, ``_2``... (skipping names the net already uses)."""
+    taken, seen, out = set(names), {}, []
+    for name in names:
+        if name not in seen:
+            seen[name] = 0
+            out.append(name)
+            continue
+        while True:
+            seen[name] += 1
+            candidate = f"{name}_{seen[name]}"
+            if candidate not in taken:
+                break
+        taken.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def plan_layers(net, outputs: Optional[Sequence[str]] = None,
@@ -521,15 +551,9 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
     writes only fed blobs (an in-place rewrite too) is left out. Loss layers are dropped unless
     ``include_loss`` (their label bottoms become inputs); Accuracy and Silence always are.
     """
-    names = [view.name for view in net.layers]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        # Caffe accepts repeated layer names; the exported forms name operators and weights
-        # after layers, so they need each name once.
-        raise NetError("layer name(s) " + ", ".join(f"'{n}' ({names.count(n)} layers)"
-                                                   for n in repeated) + " repeat", net.source,
-                       "give every layer its own name in the prototxt to export it")
-    modules = net.layer_modules
+    steps = net.steps
+    layers = [PlannedLayer(name, step.layer, tuple(step.bottoms), tuple(step.tops))
+              for name, step in zip(export_names([step.name for step in steps]), steps)]
     blobs = set(net.blobs)
     for kind, names in (("input", inputs), ("output", outputs)):
         for name in names or ():
@@ -539,9 +563,9 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
                                f"blobs: {', '.join(listed[:30])}"
                                f"{f', ... ({len(listed)} in all)' if len(listed) > 30 else ''}")
     fed: List[str] = list(inputs) if inputs is not None else []
-    candidates: List[str] = []
-    for name, module in modules.items():
-        bottoms, tops = net.bottom_names[name], net.top_names[name]
+    candidates: List[PlannedLayer] = []
+    for layer in layers:
+        module, bottoms, tops = layer.module, layer.bottoms, layer.tops
         if module.type in DATA_TYPES and not bottoms:
             if inputs is None:
                 fed += [t for t in tops if t not in fed]
@@ -552,19 +576,18 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
             continue
         if inputs is not None and tops and set(tops) <= set(fed):
             continue  # writes only fed blobs (in-place rewrites included): upstream of the cut
-        candidates.append(name)
+        candidates.append(layer)
     if outputs is None:
-        read = {b for n in candidates for b in net.bottom_names[n]}
-        outputs = sorted({t for n in candidates for t in net.top_names[n] if t not in read})
+        read = {b for layer in candidates for b in layer.bottoms}
+        outputs = sorted({t for layer in candidates for t in layer.tops if t not in read})
     outputs = list(outputs)
     needed = set(outputs)
-    kept: List[str] = []
-    for name in reversed(candidates):
-        tops = set(net.top_names[name])
-        if needed & tops:
-            kept.append(name)
-            needed -= tops
-            needed |= set(net.bottom_names[name])
+    kept: List[PlannedLayer] = []
+    for layer in reversed(candidates):
+        if needed & set(layer.tops):
+            kept.append(layer)
+            needed -= set(layer.tops)
+            needed |= set(layer.bottoms)
     kept.reverse()
     missing = sorted(needed - set(fed))
     if missing:
@@ -587,13 +610,11 @@ def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Seq
         raise NetError(f"input(s) {', '.join(scalars)} have no axes (one number each); every "
                        "input of an exported model has a batch axis", net.source,
                        "give the blob a shape with a batch axis, e.g. input_param { shape { dim: 1 } }")
-    read = set(plan.outputs) | {b for name in plan.layers for b in net.bottom_names[name]}
+    read = set(plan.outputs) | {b for layer in plan.layers for b in layer.bottoms}
     low = _Lowering(net, plan.inputs, read)
-    modules = net.layer_modules
     ops: List[Op] = []
-    for name in plan.layers:
-        ops.extend(low.lower(name, modules[name], list(net.bottom_names[name]),
-                             list(net.top_names[name])))
+    for layer in plan.layers:
+        ops.extend(low.lower(layer.name, layer.module, list(layer.bottoms), list(layer.tops)))
     if low.unsupported:
         raise NetError(
             "cannot export layer(s) " + ", ".join(low.unsupported) + ": the export formats have "

@@ -32,14 +32,13 @@ class NetModule(nn.Module):
                  inputs: Optional[Sequence[str]] = None, include_loss: bool = False):
         super().__init__()
         plan = plan_layers(net, outputs, inputs, include_loss)
-        modules = net.layer_modules
         self.input_names: List[str] = plan.inputs
         self.output_names: List[str] = plan.outputs
-        self.layer_names: List[str] = plan.layers
+        self.layer_names: List[str] = [layer.name for layer in plan.layers]
         # The Net's own layer objects: shared parameters, shared buffers (BatchNorm statistics).
-        self.layers = nn.ModuleList(modules[n] for n in plan.layers)
+        self.layers = nn.ModuleList(layer.module for layer in plan.layers)
         self._wiring: List[Tuple[Tuple[str, ...], Tuple[str, ...]]] = [
-            (tuple(net.bottom_names[n]), tuple(net.top_names[n])) for n in plan.layers]
+            (layer.bottoms, layer.tops) for layer in plan.layers]
         self.input_shapes: Dict[str, Tuple[int, ...]] = {
             n: tuple(net.blobs[n].shape) for n in plan.inputs}
 
