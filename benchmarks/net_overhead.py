@@ -139,7 +139,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--nets", default="lenet,allcnn_c")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="apply the malloc policy of tools/train|test|time and pycaffe-alt run "
+                         "(pycaffe_alt/host_memory.py) first; every variant runs under it")
     args = ap.parse_args()
+    if args.keep_freed_memory:
+        from pycaffe_alt.host_memory import keep_freed_memory
+
+        print("malloc policy of the tools applied:", keep_freed_memory())
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -8,8 +8,9 @@ iteration page-faults its activations in again. Measured on LeNet at batch 64 (2
 17.2 ms/iter with the defaults, 13.6 ms/iter with the policy below
 (benchmarks/train_speed.py).
 
-The training tools (train, test, time) call :func:`keep_freed_memory` once at start; the library
-itself never changes the allocator of a process that imports it.
+The training tools (train, test, time) and ``pycaffe-alt run`` (an unchanged pycaffe program's
+launcher) call :func:`keep_freed_memory` once at start; the library itself never changes the
+allocator of a process that imports it.
 """
 from __future__ import annotations
 

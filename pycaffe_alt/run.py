@@ -22,6 +22,7 @@ from .caffe_alias import alias_for_child_processes, install_as_caffe
 from .cpu_fallback import GPU_AS_CPU_ENV
 from .errors import CaffeError
 from .fileio import check_input_path
+from .host_memory import keep_freed_memory
 from .log import setup_logging
 from .python_opt_in import ALLOW_PYTHON_ENV
 
@@ -83,6 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # lines that log parsers read. GLOG_minloglevel quiets it, as it quiets pycaffe, also when
     # the program sets it itself before `import caffe` (BVLC's notebooks do).
     setup_logging(follow_glog_env=True)
+    # The program's nets reuse freed activation memory as the training tools' do (and Caffe's
+    # blobs keep theirs): see pycaffe_alt/host_memory.py.
+    keep_freed_memory()
     while args and args[0] in OPTIONS:
         os.environ[OPTIONS[args[0]]] = "1"
         if len(args) == 1:
