@@ -103,8 +103,12 @@ class HostMirror:
         """Copy a host copy that may have been written back to the device tensor."""
         t = self._get()
         if self._host is not None and t.device.type != "cpu" and self._host.shape == tuple(t.shape):
-            with torch.no_grad():
-                t.copy_(torch.from_numpy(self._host), non_blocking=False)
+            # Through ``.data``: the same memory without the tensor's version counter. A copy
+            # into a weight the last forward saved for its backward (a program that reads
+            # net.params[...].data between forward and backward) would otherwise make that
+            # backward fail ("modified by an inplace operation"); Caffe's backward reads the
+            # memory as it is, and so does this one.
+            t.data.copy_(torch.from_numpy(self._host), non_blocking=False)
             self._synced = (id(t), t._version)
 
 

@@ -344,8 +344,12 @@ def test_repeated_layer_names_build_and_run_as_in_caffe(tmp_path):
     assert [float(v.blobs[0].data[0, 0]) for v in other.layers if v.blobs] == [2.0, 7.0]
     with pytest.raises(WeightsError, match="two layers named 'ip' have parameters"):
         net.save_hdf5(str(tmp_path / "repeated.h5"))
-    with pytest.raises(NetError, match="'ip' \\(2 layers\\)"):
-        net.as_module()
+    # The exported module runs every layer of a repeated name (named ip, ip_1 there).
+    module = net.as_module(outputs=["z1", "z2"])
+    assert module.layer_names == ["ip", "ip_1", "abs", "abs_1"]
+    x = torch.randn(2, 3)
+    z1, z2 = module(x)
+    np.testing.assert_allclose(z2.detach().numpy(), 2 * z1.detach().numpy(), rtol=1e-6)
 
 
 def test_repeated_names_take_weights_where_caffe_puts_them(tmp_path):
@@ -569,3 +573,16 @@ def test_a_program_without_init_log_stays_quiet(tmp_path):
                        env=dict(os.environ, PYTHONPATH=root))
     # The legacy-input upgrade note went to stderr through Python's last-resort handler.
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host copies of GPU blobs)")
+def test_reading_gpu_weights_between_forward_and_backward():
+    # On a GPU .data is a host copy pushed back before the next computation; the push must not
+    # count as an in-place change of a weight the forward saved for its backward.
+    net = caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
+                    caffe.TRAIN, device="cuda")
+    net.forward(data=np.random.rand(2, 1, 28, 28).astype(np.float32), label=np.array([1, 2]))
+    w = net.params["conv1"][0].data.copy()
+    net.backward()
+    np.testing.assert_array_equal(net.params["conv1"][0].data, w)
+    assert np.abs(net.params["conv1"][0].diff).sum() > 0
