@@ -366,3 +366,15 @@ def test_parameter_layer_exposes_its_blob():
     assert torch.all(top == 1.5)
     (top * 2).sum().backward()
     assert torch.all(layer.blobs[0].grad == 2)
+
+
+def test_crop_without_crop_param_warns_that_hed_offsets_are_not_worked_out(caplog):
+    # HED's fork computes Crop offsets from the layers' geometry; BVLC (and we) crop at 0.
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="pycaffe_alt"):
+        make_layer('type: "Crop"', [(1, 2, 8, 8), (1, 2, 5, 5)])
+        make_layer('type: "Crop" crop_param { offset: 1 }', [(1, 2, 8, 8), (1, 2, 5, 5)])
+        make_layer('type: "Crop"', [(1, 2, 5, 5), (1, 2, 5, 5)])
+    warnings = [r for r in caplog.records if "HED" in r.getMessage()]
+    assert len(warnings) == 1 and "offset 0" in warnings[0].getMessage()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..fillers import FILLERS, fill
 from ..fillers import check as check_filler
 from ..proto import caffe_pb2
+from ..log import get_logger
 from ..registry import LAYERS
 from .base import Layer, Shape
 
@@ -434,6 +435,15 @@ class Crop(Layer):
             raise self.error(f"has {len(self.offsets)} offsets for the {n - self.axis} axes from "
                              f"axis {self.axis} on", "give one offset for all cropped axes, or one each")
         self.windows(tuple(bottom_shapes[0]), tuple(bottom_shapes[1]))
+        if not param.HasField("crop_param") and tuple(bottom_shapes[0]) != tuple(bottom_shapes[1]):
+            # BVLC's default is offset 0; HED's fork (s9xie/hed) has Crop layers without
+            # crop_param whose offsets it works out from the layers' geometry, so its nets run
+            # here with their edge maps shifted unless the offsets are written in.
+            get_logger().warning(
+                "%s: Crop without crop_param crops %s to %s at offset 0 (BVLC Caffe's default). A "
+                "net from HED's Caffe fork needs its offsets written in: crop_param { offset: N } "
+                "on the cropped axes", self.where, tuple(bottom_shapes[0]),
+                tuple(bottom_shapes[1]))
 
     def windows(self, big: Shape, ref: Shape) -> List[Tuple[int, int, int]]:
         """``(axis, offset, size)`` of every cropped axis for bottoms of these shapes."""
