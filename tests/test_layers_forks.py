@@ -732,3 +732,11 @@ def test_interp_and_nearest_upsample_follow_a_reshaped_input():
     got = reshaped.forward(data=x)
     want = net(12, 9).forward(data=x)
     np.testing.assert_array_equal(got["cat"], want["cat"])
+
+
+def test_segnet_unpooling_says_it_keeps_its_size_when_the_input_is_reshaped():
+    # The fork keeps upsample_h/w from set-up; a reshaped net failed later, at an Eltwise.
+    layer = make_layer('type: "Upsample" upsample_param { scale: 2 }', [(1, 2, 4, 4), (1, 2, 4, 4)])
+    assert layer.top_shapes([(3, 2, 4, 4), (3, 2, 4, 4)]) == [(3, 2, 8, 8)]  # batch may change
+    with pytest.raises(CaffeError, match="keeps the 8 x 8 output"):
+        layer.top_shapes([(1, 2, 6, 6), (1, 2, 6, 6)])

@@ -618,6 +618,7 @@ class Upsample(Layer):
                                  "give upsample_h and upsample_w instead")
             out = (data[2] * sh - int(p.pad_out_h), data[3] * sw - int(p.pad_out_w))
         self.out_size = out
+        self.setup_plane = tuple(data[2:])
         # The unpooling keeps an int64 winner map and temporaries next to the top.
         check_blob_fits(tuple(data[:2]) + tuple(out), None, self.name, self.where,
                         work=_UPSAMPLE_WORK)
@@ -647,7 +648,15 @@ class Upsample(Layer):
         if self.nearest:  # the forks' Reshape scales the bottom it has now
             return [(n, c, h * self.scale[0], w * self.scale[1])]
         # SegNet's unpooling keeps the size it worked out at set-up (the fork recomputes
-        # upsample_h/w only while they are unset), so the mask's indices keep their meaning.
+        # upsample_h/w only while they are unset), so the mask's indices keep their meaning;
+        # a reshaped input would unpool into the old plane (the fork then fails later, at an
+        # Eltwise of different sizes or "upsample top index out of range"): say so here.
+        if (h, w) != self.setup_plane:
+            raise self.error(f"its input is now {h} x {w}, but SegNet's unpooling keeps the "
+                             f"{self.out_size[0]} x {self.out_size[1]} output it worked out for "
+                             f"{self.setup_plane[0]} x {self.setup_plane[1]} at set-up, as the "
+                             "fork does", "build the net with the new input size in the prototxt "
+                             "instead of reshaping it")
         return [(n, c) + tuple(self.out_size)]
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
