@@ -654,6 +654,24 @@ def test_dense_image_data_resizes_labels_nearest_and_takes_any_size_at_batch_1(p
     assert one()[0].shape == (1, 3, 12, 16) and one()[1].shape == (1, 1, 9, 5)
 
 
+def test_enet_label_divide_factor_reads_smaller_labels(pairs):
+    # ENet's encoder trains against 1/8-size labels: the fork reads the label image at
+    # new_height/f x new_width/f, nearest neighbour.
+    layer = dense_layer(pairs, "new_height: 12 new_width: 16 label_divide_factor: 4", phase=TEST)
+    assert layer.top_shapes([]) == [(2, 3, 12, 16), (2, 1, 3, 4)]
+    data, label = layer()
+    assert data.shape == (2, 3, 12, 16) and label.shape == (2, 1, 3, 4)
+    lab = cv2.imread(str(pairs / "lab0.png"), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(label[0, 0].numpy(),
+                                  cv2.resize(lab, (4, 3), interpolation=cv2.INTER_NEAREST))
+    for extra, words in (("label_divide_factor: 0", "at least 1"),
+                         ("label_divide_factor: 2", "needs new_height"),
+                         ("new_height: 12 new_width: 16 crop_height: 8 crop_width: 8 "
+                          "label_divide_factor: 2", "no crop_height")):
+        with pytest.raises(CaffeError, match=words):
+            dense_layer(pairs, extra)
+
+
 @pytest.mark.parametrize("extra,transform,setup,match", [
     ("", "mirror: true", None, "transform_param mirror/crop_size"),
     ("crop_height: 4", "", None, "only one of crop_height/crop_width"),

@@ -435,7 +435,10 @@ class DenseImageData(DataLayerBase):
     fork's prefetch thread takes them from the process-wide stream while the main thread goes
     on drawing, an order no run repeats). ``transform_param`` gives mean and scale for the image
     only (the fork refuses its mirror and crop_size). With batch_size 1 and no resizing or
-    cropping every batch takes its image's own size.
+    cropping every batch takes its image's own size. ENet's fork adds ``label_divide_factor``
+    f: labels are read at ``new_height / f x new_width / f`` (C integer division, nearest
+    neighbour), the label top is (N, 1, H / f, W / f); it needs new_height/new_width, and the
+    fork's crop of such labels (the image's window applied to the smaller label) is refused.
     """
 
     num_tops = (2, 2)
@@ -468,6 +471,16 @@ class DenseImageData(DataLayerBase):
         self.list_path, self.root = source, p.root_folder
         self.new_hw = (int(p.new_height), int(p.new_width))
         self.crop_hw = (int(p.crop_height), int(p.crop_width))
+        f = int(p.label_divide_factor)
+        if f < 1:  # the fork divides by it
+            raise self.error(f"label_divide_factor {f} must be at least 1")
+        if f > 1 and (self.new_hw[0] == 0 or self.crop_hw[0] or min(self.new_hw) < f):
+            raise self.error(f"label_divide_factor {f} needs new_height and new_width of at least "
+                             f"{f} and no crop_height/crop_width (the fork reads labels at "
+                             "new_height/f x new_width/f and crops them with the image's window)",
+                             "set new_height/new_width and drop the crop")
+        self.label_hw = (self.new_hw[0] // f, self.new_hw[1] // f) if f > 1 else self.new_hw
+        self.label_factor = f
         self.mirror, self.is_color = bool(p.mirror), bool(p.is_color)
         # The fork's set-up draws from Caffe's stream: the shuffle generator's seed, then the
         # rand_skip draw (its prefetch thread draws no seed of its own).
@@ -481,12 +494,17 @@ class DenseImageData(DataLayerBase):
         self.variable = self.batch_size == 1 and self.new_hw == (0, 0) and self.crop_hw == (0, 0)
         first = int(self.ordering.indices(0, 1)[0])
         image, label = self._read(first)
-        if label.shape[:2] != image.shape[:2]:
+        if label.shape[:2] != self._label_size(image):
             raise self.error(f"label image {self.pairs[first][1]!r} is {label.shape[1]} x "
                              f"{label.shape[0]}, its image {image.shape[1]} x {image.shape[0]}",
                              "input and label images must have the same height and width")
         h, w = self.crop_hw if self.crop_hw[0] else image.shape[:2]
-        self._top_shapes = [(self.batch_size, image.shape[2], h, w), (self.batch_size, 1, h, w)]
+        lh, lw = (h, w) if self.label_factor == 1 else self.label_hw
+        self._top_shapes = [(self.batch_size, image.shape[2], h, w), (self.batch_size, 1, lh, lw)]
+
+    def _label_size(self, image: np.ndarray) -> Tuple[int, int]:
+        """The label image size that goes with ``image`` (the same, or ENet's reduced one)."""
+        return tuple(image.shape[:2]) if self.label_factor == 1 else self.label_hw
 
     def _read(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         from ..data.image import read_image
@@ -495,7 +513,7 @@ class DenseImageData(DataLayerBase):
         paths = (self.root + image_name, self.root + label_name)  # string concatenation, as Caffe
         try:
             image = read_image(paths[0], *self.new_hw, is_color=self.is_color)
-            label = read_image(paths[1], *self.new_hw, is_color=False, nearest=True)
+            label = read_image(paths[1], *self.label_hw, is_color=False, nearest=True)
         except CaffeError as e:
             raise DataError(f"{e.what} ({e.where})", f"{self.list_path} pair {index + 1}",
                             e.hint) from None
@@ -507,7 +525,7 @@ class DenseImageData(DataLayerBase):
         items = []
         for index in indices.tolist():
             image, label = self._read(index)
-            if label.shape[:2] != image.shape[:2]:
+            if label.shape[:2] != self._label_size(image):
                 raise DataError(f"label image is {label.shape[1]} x {label.shape[0]}, its image "
                                 f"{image.shape[1]} x {image.shape[0]}",
                                 f"{self.list_path} pair {index + 1}",
@@ -526,7 +544,8 @@ class DenseImageData(DataLayerBase):
             items.append((image, label))
         shape = items[0][0].shape if self.variable else self._top_shapes[0][2:] + (self._top_shapes[0][1],)
         data = np.empty((n, shape[2], shape[0], shape[1]), dtype=np.float32)
-        labels = np.empty((n, 1, shape[0], shape[1]), dtype=np.float32)
+        lh, lw = shape[:2] if self.label_factor == 1 else self.label_hw
+        labels = np.empty((n, 1, lh, lw), dtype=np.float32)
         for i, (image, label) in enumerate(items):
             if image.shape != shape:
                 raise DataError(f"image is {image.shape[1]} x {image.shape[0]} x {image.shape[2]}, "
