@@ -154,9 +154,19 @@ _ENVS: Dict[str, list] = {}
 # and a collected reader's __del__ gives its environment back under this lock in the same
 # thread (with a plain Lock that thread waited for itself forever).
 _ENVS_LOCK = threading.RLock()
+# Databases this process reads through a child process (see LMDBReader._child_reader).
+_SERVED_BY_CHILD: set = set()
 
 
-def _open_lmdb(path: str):
+class LMDBOpenInProcess(DataError):
+    """The program itself holds this LMDB open through py-lmdb, which then refuses another
+    handle in the process (the reader falls back to :mod:`pycaffe_alt.data.lmdb_child`)."""
+
+
+def open_lmdb_readonly(path: str):
+    """A read-only, lock-free py-lmdb environment of the database at ``path`` (a folder with
+    ``data.mdb``, or that file), checked for truncation; DataError (LMDBOpenInProcess when the
+    process already has it open) otherwise."""
     import lmdb
 
     data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
@@ -172,11 +182,10 @@ def _open_lmdb(path: str):
         if "already open in this process" in str(e):
             # py-lmdb allows one handle per database file and process; the program's own
             # lmdb.open() of it holds that one (Caffe's C++ reader is not counted by py-lmdb).
-            raise DataError("the program itself has this LMDB open (py-lmdb allows one handle "
-                            "per database and process)", where=path,
-                            hint="close the program's handle (env.close()) before a net reads "
-                                 "the database, or read the records before building the net "
-                                 "and close it then") from None
+            raise LMDBOpenInProcess("the program itself has this LMDB open (py-lmdb allows "
+                                    "one handle per database and process)", where=path,
+                                    hint="close the program's handle (env.close()) before a net "
+                                         "reads the database") from None
         raise DataError(f"cannot open as an LMDB ({e})", where=path,
                         hint="the path must be a database written by convert_imageset/"
                              "convert_mnist (a folder holding data.mdb)") from None
@@ -198,7 +207,7 @@ def _acquire_env(path: str):
             entry[0].close()
             entry = None
         if entry is None:
-            entry = _ENVS[key] = [_open_lmdb(path), os.getpid(), 0]
+            entry = _ENVS[key] = [open_lmdb_readonly(path), os.getpid(), 0]
         entry[2] += 1
         return entry[0]
 
@@ -226,12 +235,35 @@ class LMDBReader(_Reader):
     def __init__(self, path: str):
         self._local = threading.local()
         self._env_pid: Optional[int] = None  # process in which this reader holds an environment
+        # Set when the program holds the database open itself: a child process reads it.
+        self._child = None
         super().__init__(path)
+
+    def _child_reader(self):
+        """The child-process reader of this database, started on first need in this process."""
+        from ..log import get_logger
+        from .lmdb_child import ChildLMDB
+
+        child = self._child
+        if child is None or child.owner_pid != os.getpid():
+            with _ENVS_LOCK:
+                first = self.path not in _SERVED_BY_CHILD
+                _SERVED_BY_CHILD.add(self.path)
+            if first:  # once per database: a Data layer opens several readers
+                get_logger().warning("%s: the program itself holds this LMDB open through py-lmdb, "
+                                     "which allows one handle per process; reading it through a "
+                                     "child process (slower; close the program's handle before "
+                                     "the net reads it to avoid this)", self.path)
+            child = self._child = ChildLMDB(self.path)
+        return child
 
     def _list_keys(self) -> List[bytes]:
         import lmdb
 
-        env = _acquire_env(self.path)
+        try:
+            env = _acquire_env(self.path)
+        except LMDBOpenInProcess:
+            return self._child_reader().keys()
         try:
             with env.begin(buffers=False) as txn:
                 return list(txn.cursor().iternext(keys=True, values=False))
@@ -254,11 +286,23 @@ class LMDBReader(_Reader):
             local.txn, local.pid = env.begin(buffers=False), pid
         return local.txn
 
+    def _txn_or_child(self):
+        """This thread's read transaction, or None when a child process reads for us."""
+        if self._child is not None:
+            return None
+        try:
+            return self._txn()
+        except LMDBOpenInProcess:
+            return None
+
     def _get(self, key: bytes) -> Optional[bytes]:
         import lmdb
 
+        txn = self._txn_or_child()
+        if txn is None:
+            return self._child_reader().get_many([key])[0]
         try:
-            return self._txn().get(key)
+            return txn.get(key)
         except lmdb.Error as e:
             raise DataError(f"LMDB is corrupt ({e})",
                             where=f"{self.path} key '{key.decode('utf-8', 'replace')}'",
@@ -269,7 +313,11 @@ class LMDBReader(_Reader):
         # through value(), which names the key.
         import lmdb
 
-        keys, get = self._keys, self._txn().get
+        txn = self._txn_or_child()
+        if txn is None:
+            out = self._child_reader().get_many([self._keys[i] for i in indices])
+            return super().values(indices) if None in out else out
+        keys, get = self._keys, txn.get
         try:
             out = [get(keys[i]) for i in indices]
         except lmdb.Error:
@@ -286,6 +334,9 @@ class LMDBReader(_Reader):
 
     def close(self) -> None:
         """Release this process's handle (the reader reopens on the next read)."""
+        child, self._child = self._child, None
+        if child is not None:
+            child.close()
         if self._env_pid == os.getpid():
             if getattr(self._local, "pid", None) == self._env_pid:
                 self._local.txn.abort()
@@ -298,6 +349,7 @@ class LMDBReader(_Reader):
         state = self.__dict__.copy()
         del state["_local"]
         state["_env_pid"] = None
+        state["_child"] = None
         return state
 
     def __setstate__(self, state):
