@@ -183,20 +183,30 @@ def remove_stale_temporaries(prefix: str) -> List[str]:
     return removed
 
 
-def refuse_external_links(h5file, path: str, error: Type[CaffeError]) -> None:
-    """Refuse (``error``) an open HDF5 file that holds an external link: h5py follows one into
-    another file when the linked name is read, and a link to a FIFO or device would block or
-    read it (Caffe's files, weights, solver states and HDF5Data sources, never hold them)."""
+def refuse_external_data(h5file, path: str, error: Type[CaffeError]) -> None:
+    """Refuse (``error``) an open HDF5 file whose data lives partly in other files: an external
+    link, a dataset with external storage or a virtual dataset. h5py reads the other file when
+    the name is read, and one that is a FIFO or device would block or be read (Caffe's files,
+    weights, solver states and HDF5Data sources, never hold them)."""
     import h5py
 
     found: List[str] = []
 
-    def check(name, link) -> None:
+    def check_link(name, link) -> None:
         if isinstance(link, h5py.ExternalLink):
-            found.append(f"'{name}' -> {link.filename}:{link.path}")
+            found.append(f"'{name}' links to {link.filename}:{link.path}")
 
-    h5file.visititems_links(check)
+    def check_dataset(name, obj) -> None:
+        if isinstance(obj, h5py.Dataset):
+            if obj.is_virtual:
+                found.append(f"'{name}' is a virtual dataset of other files")
+            elif obj.id.get_create_plist().get_external_count() > 0:
+                found.append(f"'{name}' keeps its data in an external file")
+
+    h5file.visititems_links(check_link)
+    if not found:  # visiting the objects follows no external link once none is left
+        h5file.visititems(check_dataset)
     if found:
-        raise error(f"HDF5 file links to another file ({found[0]}"
+        raise error(f"HDF5 file keeps data in other files ({found[0]}"
                     f"{f' and {len(found) - 1} more' if len(found) > 1 else ''})", where=path,
-                    hint="store the data in the file itself (h5py: copy the linked datasets in)")
+                    hint="store the data in the file itself (h5py: copy the datasets in)")

@@ -119,14 +119,14 @@ def test_hdf5_files_with_external_links_are_refused(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text(f"{rows}\n")
     with no_hang():
-        with pytest.raises(WeightsError, match="links to another file"):
+        with pytest.raises(WeightsError, match="keeps data in other files"):
             read_weights_h5(str(weights))
-        with pytest.raises(SolverError, match="links to another file"):
+        with pytest.raises(SolverError, match="keeps data in other files"):
             read_solverstate_h5(str(state))
         net = tmp_path / "net.prototxt"
         net.write_text(f'layer {{ name: "d" type: "HDF5Data" top: "data" top: "label" '
                        f'hdf5_data_param {{ source: "{listing}" batch_size: 2 }} }}')
-        with pytest.raises(DataError, match="links to another file"):
+        with pytest.raises(DataError, match="keeps data in other files"):
             caffe.Net(str(net), caffe.TRAIN)
 
 
@@ -230,3 +230,25 @@ def test_small_round8_checks(tmp_path):
     fifo = make_fifo(tmp_path)
     with no_hang(), pytest.raises(CaffeError, match="FIFO"):
         save_figure(plt.figure(), fifo)
+
+
+def test_hdf5_datasets_stored_in_other_files_are_refused(tmp_path):
+    # Round 9: external storage and virtual datasets read another file too (a FIFO hung).
+    import h5py
+
+    from pycaffe_alt.errors import WeightsError
+    from pycaffe_alt.solver.snapshot import read_weights_h5
+
+    fifo = make_fifo(tmp_path)
+    ext = tmp_path / "ext.h5"
+    with h5py.File(ext, "w") as f:
+        f.create_dataset("data/conv1/0", shape=(4,), dtype="f4", external=[(fifo, 0, 16)])
+    virtual = tmp_path / "vds.h5"
+    with h5py.File(virtual, "w") as f:
+        layout = h5py.VirtualLayout(shape=(4,), dtype="f4")
+        layout[:] = h5py.VirtualSource(fifo, "x", shape=(4,))
+        f.create_virtual_dataset("data/conv1/0", layout)
+    with no_hang():
+        for path, words in ((ext, "external file"), (virtual, "virtual dataset")):
+            with pytest.raises(WeightsError, match=words):
+                read_weights_h5(str(path))

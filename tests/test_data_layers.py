@@ -556,8 +556,8 @@ def test_training_holds_the_lmdb_open_and_releases_it_after(in_golden, monkeypat
 
     monkeypatch.setattr(pipeline, "_cores_are_busy", lambda: in_line)
     opened = []
-    real_open = db_module._open_lmdb
-    monkeypatch.setattr(db_module, "_open_lmdb",
+    real_open = db_module.open_lmdb_readonly
+    monkeypatch.setattr(db_module, "open_lmdb_readonly",
                         lambda path: opened.append(path) or real_open(path))
     net = tmp_path / "net.prototxt"
     net.write_text(

@@ -29,7 +29,7 @@ from ..data.transformer import (TransformSpec, needs_random, normalize_batch, ou
                                 place_pixels, spec_from_param)
 from ..distributed.sharding import UNSHARDED
 from ..errors import CaffeError, DataError
-from ..fileio import check_input_path, refuse_external_links
+from ..fileio import check_input_path, refuse_external_data
 from ..proto import caffe_pb2
 from ..registry import LAYERS
 from .base import TRAIN, Layer, Shape
@@ -643,7 +643,7 @@ class HDF5Data(DataLayerBase):
                                 self.where, "fix the list file or create the file with h5py")
             try:
                 with h5py.File(path, "r") as h5:
-                    refuse_external_links(h5, path, DataError)
+                    refuse_external_data(h5, path, DataError)
                     shapes = [self._dataset_shape(h5, name, path) for name in self.datasets]
             except (OSError, RuntimeError) as e:  # h5py: RuntimeError for damaged tables
                 raise DataError(f"cannot read HDF5 file {path!r} ({e})", self.where,
@@ -701,7 +701,7 @@ class HDF5Data(DataLayerBase):
             path = self.files[file_index]
             try:
                 with h5py.File(path, "r") as h5:
-                    refuse_external_links(h5, path, DataError)
+                    refuse_external_data(h5, path, DataError)
                     arrays = [np.asarray(h5[name][...], dtype=np.float32) for name in self.datasets]
             except (OSError, RuntimeError, KeyError) as e:  # damaged (or changed) since set-up
                 raise DataError(f"cannot read HDF5 file {path!r} ({e})", self.where,

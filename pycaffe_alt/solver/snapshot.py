@@ -39,7 +39,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..errors import SolverError, WeightsError
-from ..fileio import check_input_path, read_input_bytes, refuse_external_links
+from ..fileio import check_input_path, read_input_bytes, refuse_external_data
 from ..proto import caffe_pb2
 from ..proto.text_fields import invalid_text_field
 from ..weights import array_to_blob, atomic_write, blob_to_array
@@ -340,7 +340,7 @@ def read_solverstate_h5(path: str) -> SolverStateData:
     _require_file(path, "solver state")
     try:
         with h5py.File(path, "r") as f:
-            refuse_external_links(f, path, SolverError)
+            refuse_external_data(f, path, SolverError)
             it = int(np.asarray(f["iter"]).reshape(-1)[0])
             step = int(np.asarray(f["current_step"]).reshape(-1)[0])
             learned = None
@@ -403,7 +403,7 @@ def read_weights_h5(path: str) -> Dict[str, List[Optional[np.ndarray]]]:
     _require_file(path, "HDF5 weights", WeightsError)
     try:
         with h5py.File(path, "r") as f:
-            refuse_external_links(f, path, WeightsError)
+            refuse_external_data(f, path, WeightsError)
             data = f["data"]
             return {name: _numbered(data[name], f"layer {name!r}") for name in data}
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
