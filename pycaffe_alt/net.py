@@ -105,6 +105,16 @@ def _load_net_param(source) -> Tuple["caffe_pb2.NetParameter", str]:
     return net_param, path
 
 
+def _blob_name_list(names, caller: str):
+    """``blobs=``/``diffs=`` as a list: one str is one name (pycaffe would iterate its
+    letters); bytes are refused (their items are numbers)."""
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, (bytes, bytearray)):
+        raise ArgumentTypeError(f"{caller} takes blob names as str, got {names!r}")
+    return names
+
+
 def _parse_pycaffe_args(args, phase, weights):
     """pycaffe's two signatures: Net(file, phase, ...) and Net(file, weights, phase)."""
     args = list(args)
@@ -264,6 +274,9 @@ class Net(nn.Module):
         # What the last pycaffe forward's layers read from the blobs a backward re-reads (see
         # _backward_reads): a change made before the backward re-records from there.
         self._read_by_forward: Dict[str, torch.Tensor] = {}
+        # Each produced blob's first value in the last pass (an in-place blob's diff is the
+        # gradient of that one); filled by every pass a pycaffe backward may follow.
+        self._first_versions: Dict[str, torch.Tensor] = {}
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
         self._compiled: Optional[CompiledNet] = None
@@ -431,12 +444,12 @@ class Net(nn.Module):
         # forward read, and for bottoms that get no gradient that is often a converted copy (a
         # loss layer's labels as integers). Blobs a program may rewrite between forward and
         # backward (adversarial attacks set the target label after the forward) are watched:
-        # no-gradient bottoms of backward layers, except 4-D ones feeding layers with weights
-        # (the images into conv1, whose autograd input is the blob's own memory anyway).
+        # no-gradient bottoms of backward layers, except those of layers whose backward reads
+        # the bottom's own memory (Layer.backward_reads_bottom_memory: the images into conv1).
         self._backward_reads: List[Tuple[int, str]] = [
             (step.index, b) for step, needs in zip(self._steps, plan.layer_needs) if needs
             for b, detach in zip(step.bottoms, step.detach)
-            if detach and (not step.layer.blobs or len(self._shapes.get(b, ())) != 4)]
+            if detach and not step.layer.backward_reads_bottom_memory]
         # Backward seeds come only from blobs whose (last) producer runs backward.
         self._seedable = {t for step, need in zip(self._steps, plan.layer_needs) if need
                           for t in step.tops}
@@ -780,18 +793,25 @@ class Net(nn.Module):
             names = self._output_names(blobs, end)
             if self._compiled is not None:
                 self._compiled.want(names)
-            before = {n: self._values.get(n) for n in kwargs}
+            first = self._layer_index(start, 0)
+            before, foreign = dict(self._values), set(self._store.foreign)
+            # First versions too (a pycaffe backward may follow), except in a compiled pass,
+            # which keeps its intermediate values inside the graph.
+            first_versions: Optional[Dict[str, torch.Tensor]] = \
+                {} if self._compiled is None else None
             try:
-                values = self.run(kwargs, self._layer_index(start, 0), last)
+                values = self.run(kwargs, first, last, first_versions)
             except BaseException:
-                # A refused pass leaves the blobs as they were: the tensors it was given (of
-                # a wrong shape, say) must not become the blobs pycaffe reads next.
-                for n, v in before.items():
-                    if v is None:
-                        self._values.pop(n, None)
-                    else:
-                        self._values[n] = v
+                # A refused pass leaves the blobs as they were: neither the tensors it was
+                # given (of a wrong shape, say) nor what its first layers made may become the
+                # blobs pycaffe reads next.
+                self._values.clear()
+                self._values.update(before)
+                self._store.foreign.clear()
+                self._store.foreign.update(foreign)
                 raise
+            self._first_versions = first_versions or {}
+            self._spent_steps.difference_update(range(first, last + 1))
             return {n: values[n] for n in names}
         for name, arr in kwargs.items():
             self._check_fed_blob(name, start, "forward()")
@@ -851,8 +871,7 @@ class Net(nn.Module):
         if end is not None:
             self._layer_index(end, 0)  # an unknown layer name is a NetError
         names = list(self.top_names[end]) if end is not None else list(self._outputs)
-        if isinstance(blobs, str):  # blobs="prob": one name (pycaffe would iterate its letters)
-            blobs = [blobs]
+        blobs = _blob_name_list(blobs, "forward(blobs=...)")
         for b in blobs or ():
             self._require_blob(b, "forward(blobs=...)")
             if b not in names:
@@ -890,6 +909,9 @@ class Net(nn.Module):
         with torch.set_grad_enabled(grad):
             self.run(None, start, end, first_versions)
         self._spent_steps.difference_update(range(start, end + 1))
+        # The layers above ``end`` keep the graph of an older pass, which no longer connects
+        # to the blobs below: a backward through them records it again from what they hold.
+        self._spent_steps.update(range(end + 1, len(self._steps)))
         if grad:
             for index, name in self._backward_reads:
                 if start <= index <= end and name in self._values:
@@ -956,6 +978,7 @@ class Net(nn.Module):
         if self._store.held:
             self._store.refresh_held()
         names = list(self.bottom_names[end]) if end is not None else list(self._inputs)
+        diffs = _blob_name_list(diffs, "backward(diffs=...)")
         for d in diffs or ():
             self._require_blob(d, "backward(diffs=...)")
         names += [d for d in diffs or () if d not in names]

@@ -252,3 +252,58 @@ def test_hdf5_datasets_stored_in_other_files_are_refused(tmp_path):
         for path, words in ((ext, "external file"), (virtual, "virtual dataset")):
             with pytest.raises(WeightsError, match=words):
                 read_weights_h5(str(path))
+
+
+def test_round9_pycaffe_passes(tmp_path):
+    # A tensor-form pass then a pycaffe backward (fresh net: AttributeError before); an in-place
+    # blob's diff from that pass; forward(end=) then backward reads the new lower blobs; a
+    # refused tensor pass leaves every blob as it was; diffs='name' is one name.
+    import torch
+
+    from pycaffe_alt.prototxt import parse_text
+
+    text = ('force_backward: true\n'
+            'layer { name: "in" type: "Input" top: "data" top: "label" input_param { shape { dim: 3 '
+            'dim: 1 dim: 8 dim: 8 } shape { dim: 3 } } }\n'
+            'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { '
+            'num_output: 2 kernel_size: 3 weight_filler { type: "gaussian" std: 0.5 } } }\n'
+            'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip" inner_product_param { '
+            'num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }\n'
+            'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+    caffe.set_random_seed(0)
+    param = parse_text(text, caffe_pb2.NetParameter())
+    a, b = caffe.Net(param, caffe.TRAIN), caffe.Net(param, caffe.TRAIN)
+    for p, q in zip(a.learnable_params, b.learnable_params):
+        q.param.data.copy_(p.param.data)
+    rs = np.random.RandomState(1)
+    x, x2, lab = rs.rand(3, 1, 8, 8), rs.rand(3, 1, 8, 8), np.array([0, 1, 2])
+    a.forward(data=torch.from_numpy(x).float().requires_grad_(), label=torch.from_numpy(lab).float())
+    a.backward()
+    b.forward(data=x, label=lab)
+    b.backward()
+    for name in ("conv", "data", "ip"):
+        np.testing.assert_allclose(a.blobs[name].diff, b.blobs[name].diff, rtol=1e-5, atol=1e-6)
+    assert set(b.backward(diffs="conv")) == {"conv", "data", "label"}
+    with pytest.raises(ArgumentTypeError):
+        b.backward(diffs=b"conv")
+    # forward(end=) then backward: the gradients are those of the new data throughout.
+    c = caffe.Net(param, caffe.TRAIN)
+    for p, q in zip(a.learnable_params, c.learnable_params):
+        q.param.data.copy_(p.param.data)
+    c.forward(data=x, label=lab)
+    c.forward(data=x2, end="ip")
+    c.backward()
+    d = caffe.Net(param, caffe.TRAIN)
+    for p, q in zip(a.learnable_params, d.learnable_params):
+        q.param.data.copy_(p.param.data)
+    d.forward(data=x2, label=lab)
+    d.backward()
+    np.testing.assert_allclose(c.params["ip"][0].diff, d.params["ip"][0].diff, rtol=1e-5, atol=1e-7)
+    assert np.abs(c.blobs["conv"].diff).sum() > 0
+    # A refused tensor pass leaves every blob as it was.
+    before = {k: v.data.copy() for k, v in d.blobs.items()}
+    with pytest.raises(CaffeError):
+        d.forward(data=torch.rand(3, 1, 10, 10))
+    for k, v in d.blobs.items():
+        np.testing.assert_array_equal(v.data, before[k])

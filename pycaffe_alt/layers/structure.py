@@ -85,6 +85,7 @@ class InnerProduct(Layer):
     num_bottoms = (1, 1)
     num_tops = (1, 1)
     blob_names = ("weight", "bias")
+    backward_reads_bottom_memory = True  # its flatten is a view of a C-order bottom
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
