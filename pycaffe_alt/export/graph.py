@@ -578,23 +578,39 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
             continue  # writes only fed blobs (in-place rewrites included): upstream of the cut
         candidates.append(layer)
     if outputs is None:
-        read = {b for layer in candidates for b in layer.bottoms}
-        outputs = sorted({t for layer in candidates for t in layer.tops if t not in read})
+        # Caffe's rule (Net::Init): walking the layers in order, a layer's bottoms stop being
+        # outputs and its tops become ones; a blob rewritten in place stays an output.
+        available: Set[str] = set()
+        for layer in candidates:
+            available -= set(layer.bottoms)
+            available |= set(layer.tops)
+        outputs = sorted(available)
     outputs = list(outputs)
-    needed = set(outputs)
+    # A blob named in ``inputs`` comes from outside, not from the layer that makes it (a cut at
+    # one top of a Slice, or below a pooling's mask top). Data layers' tops are fed too, but
+    # in-place layers on them still run (their value is the data layer's raw output).
+    cut = set(inputs) if inputs is not None else set()
+    needed = set(outputs) - cut
     kept: List[PlannedLayer] = []
     for layer in reversed(candidates):
         if needed & set(layer.tops):
             kept.append(layer)
             needed -= set(layer.tops)
-            needed |= set(layer.bottoms)
+            needed |= set(layer.bottoms) - cut
     kept.reverse()
+    read = set(outputs) | {b for layer in kept for b in layer.bottoms}
     missing = sorted(needed - set(fed))
     if missing:
         raise NetError(f"blob(s) {', '.join(missing)} are needed but neither computed by a kept "
                        "layer nor fed as inputs", net.source,
                        "add them to the inputs (--inputs), or keep the loss layers that read them")
-    used = [n for n in fed if n in needed]
+    used = [n for n in fed if n in read]
+    if inputs is not None:
+        unused = [n for n in inputs if n not in read]
+        if unused:
+            raise NetError(f"input(s) {', '.join(unused)} are not read by the layers that make "
+                           f"the outputs {', '.join(outputs)}", net.source,
+                           "leave them out of --inputs (or choose outputs that need them)")
     return LayerPlan(used, kept, outputs)
 
 
