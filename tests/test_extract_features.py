@@ -9,6 +9,7 @@ import pytest
 import pycaffe_alt as caffe
 from pycaffe_alt.data.db import LMDBReader
 from pycaffe_alt.errors import CaffeError
+from pycaffe_alt.proto import caffe_pb2
 from pycaffe_alt.tools import extract_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,3 +115,31 @@ def test_cli_bad_input_is_one_paragraph_and_leaves_no_database(tmp_path, model):
         assert r.returncode in (1, 2), (args, r.stdout, r.stderr)  # 2: argparse usage errors
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not (tmp_path / "out1").exists(), args
+
+
+def test_round9_arguments(tmp_path, model, caplog):
+    # Partial weights warn (as tools/test), a net with Input blobs is refused (its features
+    # would be the response to zeros), one database spelled two ways is a repeat.
+    import logging
+
+    proto, weights = model
+    full = caffe_pb2.NetParameter.FromString(open(weights, "rb").read())
+    partial = caffe_pb2.NetParameter()
+    partial.layer.extend([lp for lp in full.layer if lp.name != "ip"])
+    (tmp_path / "partial.caffemodel").write_bytes(partial.SerializeToString())
+    with caplog.at_level(logging.WARNING, logger="pycaffe_alt"):
+        assert extract_features.main([str(tmp_path / "partial.caffemodel"), proto, "ip",
+                                      str(tmp_path / "o"), "1", "lmdb"]) == 0
+    assert any("'ip'" in r.getMessage() and "no weights" in r.getMessage() for r in caplog.records)
+    net = caffe.Net(proto, weights, caffe.TEST)
+    with pytest.raises(CaffeError, match="repeat"):
+        extract_features.extract_features(net, ["ip", "conv"], [str(tmp_path / "p"),
+                                                                 str(tmp_path / "." / "p")], 1)
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 '
+                      'dim: 3 } } }\nlayer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" '
+                      'inner_product_param { num_output: 2 } }\n')
+    with pytest.raises(CaffeError, match="nothing fills"):
+        extract_features.extract_features(caffe.Net(str(deploy), caffe.TEST), ["ip"],
+                                          [str(tmp_path / "q")], 1)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 from typing import List, Optional, Sequence
 
@@ -27,6 +28,7 @@ from ..errors import CaffeError, WeightsError
 from ..log import get_logger, setup_logging
 from ..mode import resolve_device
 from ..proto import caffe_pb2
+from ..weights import uncovered_warning
 from .cli import parse_args, run_main
 
 # Caffe commits (and logs) every 1000 records of a database.
@@ -65,7 +67,7 @@ def extract_features(net, blob_names: Sequence[str], db_paths: Sequence[str], nu
         raise CaffeError(f"{len(blob_names)} feature blob(s) {blob_names} but {len(db_paths)} "
                          f"database(s) {db_paths}: the numbers must be equal and not zero",
                          hint="give one database name per blob, both lists separated by commas")
-    if len(set(db_paths)) != len(db_paths):
+    if len({os.path.realpath(p) for p in db_paths}) != len(db_paths):
         raise CaffeError(f"the database names {db_paths} repeat one",
                          hint="every blob needs its own database")
     for name in blob_names:
@@ -73,6 +75,15 @@ def extract_features(net, blob_names: Sequence[str], db_paths: Sequence[str], nu
             raise CaffeError(f"unknown feature blob name '{name}' in the network",
                              where=str(net.source or ""),
                              hint="blobs: " + ", ".join(list(net.blobs)[:30]))
+        legacy_dims(net.blobs[name].shape, name)  # before any database is made
+    if net.inputs:
+        # Nothing fills an Input blob here (Caffe's tool runs the net as it is, on zeros):
+        # the features would be the net's response to zeros.
+        raise CaffeError(f"the net has input blob(s) {', '.join(net.inputs)} that nothing fills; "
+                         "extract_features runs the net's own data layers",
+                         where=str(net.source or ""),
+                         hint="use a prototxt whose data layers (Data, ImageData, HDF5Data...) "
+                              "read the examples, or call pycaffe's forward with your arrays")
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise CaffeError(f"number of mini-batches {num_batches!r}: must be a positive integer")
     backend = normalize_backend(backend)
@@ -90,7 +101,7 @@ def extract_features(net, blob_names: Sequence[str], db_paths: Sequence[str], nu
                 for i, name in enumerate(blob_names):
                     data = values[name].detach().float().cpu().numpy()
                     dims = legacy_dims(data.shape, name)
-                    rows = data.reshape(dims[0], -1)
+                    rows = data.reshape(dims[0], -1) if dims[0] else ()  # a batch of 0
                     for row in rows:
                         writers[i].put(f"{counts[i]:010d}", feature_datum(row, dims))
                         counts[i] += 1
@@ -148,11 +159,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = resolve_device(args.device_id if gpu else None)
     normalize_backend(args.db_type)  # an unknown type is refused before the net is built
     net = Net(args.model, caffe_pb2.TEST, allow_python=args.allow_python, device=device)
-    if not net.copy_from(args.weights) and len(net.params):
+    copied = net.copy_from(args.weights)
+    learnable = [n for n, blobs in net.params.items() if len(blobs)]
+    if not copied and learnable:
         raise WeightsError("no layer of the weights file has the name of a layer of the net, so "
                            "the features would be those of the random initial weights",
                            where=args.weights,
                            hint=f"check that the weights belong to {args.model}")
+    warning = uncovered_warning([args.weights], copied, learnable)
+    if warning:
+        get_logger().warning(warning)
     counts = extract_features(net, args.blobs.split(","), args.datasets.split(","),
                               args.num_mini_batches, args.db_type)
     print(f"extract_features: {', '.join(f'{n} records of {b}' for n, b in zip(counts, args.blobs.split(',')))}"
