@@ -654,6 +654,18 @@ def test_dense_image_data_resizes_labels_nearest_and_takes_any_size_at_batch_1(p
     assert one()[0].shape == (1, 3, 12, 16) and one()[1].shape == (1, 1, 9, 5)
 
 
+def test_dense_image_data_checks_its_mean_at_set_up(pairs):
+    # Round 9: a mean that does not fit the images failed at the first batch with numpy's
+    # broadcast message; ImageData names it at set-up.
+    with pytest.raises(DataError, match="2 mean_value entries for a 3-channel record"):
+        dense_layer(pairs, "", "mean_value: 1 mean_value: 2")
+    from pycaffe_alt.weights import write_binaryproto
+
+    write_binaryproto(np.zeros((1, 3, 4, 4), np.float32), str(pairs / "mean.binaryproto"))
+    with pytest.raises(DataError, match="mean_file has shape"):
+        dense_layer(pairs, "", f'mean_file: "{pairs}/mean.binaryproto"')
+
+
 def test_enet_label_divide_factor_reads_smaller_labels(pairs):
     # ENet's encoder trains against 1/8-size labels: the fork reads the label image at
     # new_height/f x new_width/f, nearest neighbour.

@@ -499,6 +499,9 @@ class DenseImageData(DataLayerBase):
                              f"{label.shape[0]}, its image {image.shape[1]} x {image.shape[0]}",
                              "input and label images must have the same height and width")
         h, w = self.crop_hw if self.crop_hw[0] else image.shape[:2]
+        # The mean goes to the (cropped) image: checked now, naming the mean, not at the first
+        # batch as numpy's broadcast failure.
+        output_shape(self.spec, (image.shape[2], h, w), f"{self.list_path} pair {first + 1}")
         lh, lw = (h, w) if self.label_factor == 1 else self.label_hw
         self._top_shapes = [(self.batch_size, image.shape[2], h, w), (self.batch_size, 1, lh, lw)]
 
@@ -554,6 +557,8 @@ class DenseImageData(DataLayerBase):
                                 "give every image the same size, or set new_height/new_width")
             place_pixels(data[i], image.transpose(2, 0, 1), False, 0, 0)
             labels[i, 0] = label[:, :, 0]  # the label's pixel values, no mean or scale
+        if self.variable:  # each batch its image's size: the mean must fit this one too
+            output_shape(self.spec, data.shape[1:], f"{self.list_path} pair {int(indices[0]) + 1}")
         normalize_batch(data, self.spec, [(False, 0, 0)] * n)
         self._served += n
         self.last_indices = torch.from_numpy(indices.astype(np.int64))
