@@ -13,5 +13,5 @@ GPU_AS_CPU_ENV = "PYCAFFE_ALT_GPU_AS_CPU"
 
 
 def gpu_requests_run_on_cpu() -> bool:
-    """Whether the environment asks for GPU mode to mean the CPU."""
-    return os.environ.get(GPU_AS_CPU_ENV) == "1"
+    """Whether the environment asks for GPU mode to mean the CPU (1, true, yes or on)."""
+    return os.environ.get(GPU_AS_CPU_ENV, "").strip().lower() in ("1", "true", "yes", "on")

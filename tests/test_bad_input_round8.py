@@ -307,3 +307,34 @@ def test_round9_pycaffe_passes(tmp_path):
         d.forward(data=torch.rand(3, 1, 10, 10))
     for k, v in d.blobs.items():
         np.testing.assert_array_equal(v.data, before[k])
+
+
+def test_list_labels_are_ascii_decimals(tmp_path):
+    # Python's int() took "1_0" as 10 and other scripts' digits; Caffe's atoi reads 1 and 0.
+    from pycaffe_alt.layers.data import parse_image_list
+    from pycaffe_alt.tools.convert_imageset import read_list_file
+
+    for label in ("1_0", "\\uff12", "\\u0661"):
+        listing = tmp_path / "list.txt"
+        listing.write_text(f"a.png {label.encode().decode('unicode_escape')}\n", encoding="utf-8")
+        with pytest.raises(DataError, match="list.txt:1"):
+            parse_image_list(str(listing), "layer 'data'")
+        with pytest.raises(DataError, match="list.txt:1"):
+            read_list_file(str(listing))
+    listing.write_text("a.png -3\nb c.png +4\n")
+    assert parse_image_list(str(listing), "x") == [("a.png", -3), ("b c.png", 4)]
+
+
+def test_convert_stages_and_the_cpu_switch_values(tmp_path, monkeypatch):
+    from pycaffe_alt.cpu_fallback import GPU_AS_CPU_ENV, gpu_requests_run_on_cpu
+    from pycaffe_alt.export import convert
+
+    for value, on in (("1", True), (" true", True), ("YES", True), ("on", True), ("0", False),
+                      ("", False), ("no", False)):
+        monkeypatch.setenv(GPU_AS_CPU_ENV, value)
+        assert gpu_requests_run_on_cpu() is on, value
+    out = str(tmp_path / "m.caffemodel")
+    assert convert(os.path.join(LENET, "deploy.prototxt"), None, "caffemodel", out,
+                   stages=None).paths == [out]
+    with pytest.raises(ArgumentTypeError, match="stages"):
+        convert(os.path.join(LENET, "deploy.prototxt"), None, "caffemodel", out, stages=123)

@@ -6,6 +6,7 @@ images are in OpenCV's BGR order, as Caffe's tools write them.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import numpy as np
@@ -16,6 +17,17 @@ from ..proto import caffe_pb2
 # protobuf serializes no message over 2 GiB - 1 bytes: the most a Datum's pixels or a mean
 # BlobProto's floats can take (Caffe's own tools cannot write more either).
 MESSAGE_BYTES_LIMIT = 2 ** 31 - 1
+
+
+_DECIMAL = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+
+def decimal_label(text: str) -> Optional[int]:
+    """A list file's label as Caffe reads it: ASCII decimal digits with an optional sign, or
+    None. (Python's ``int`` also takes "1_0" as 10 and other scripts' digits, which Caffe's
+    ``atoi`` reads as 1 and 0.)"""
+    text = text.strip()
+    return int(text) if _DECIMAL.fullmatch(text) else None
 
 
 def too_large(nbytes: int, message: Optional[str]) -> Optional[str]:

@@ -301,8 +301,12 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
             raise CaffeError(f"the PyTorch code output {out} does not end in .py",
                              hint="give --out NAME.py (its weights are written to NAME.pt)")
         check_writable(os.path.splitext(out)[0] + ".pt")
-    if isinstance(stages, str):  # one stage name, or the command line's comma list
+    if stages is None:
+        stages = ()
+    elif isinstance(stages, str):  # one stage name, or the command line's comma list
         stages = [x for x in stages.split(",") if x]
+    elif not isinstance(stages, (list, tuple)):
+        raise ArgumentTypeError(f"stages must be a list of stage names, got {stages!r}")
     net = build_net(model, weights, shapes, state_dict, allow_unmatched_weights, allow_python,
                     stages, level)
     if to in ("caffemodel", "h5"):

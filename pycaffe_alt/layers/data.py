@@ -22,6 +22,7 @@ import torch
 
 from .. import caffe_rng
 from ..blob_memory import check_blob_fits
+from ..data.datum import decimal_label
 from ..data.db import open_db
 from ..data.pipeline import (MAX_SAMPLES, BatchMaker, InputPipeline, Ordering,
                              layer_seed)
@@ -307,10 +308,7 @@ def parse_image_list(path: str, where: str) -> List[Tuple[str, int]]:
             if not line.strip():
                 continue
             name, sep, label = line.rpartition(" ")
-            try:
-                value = int(label)
-            except ValueError:
-                value = None
+            value = decimal_label(label)
             if not sep or not name or value is None:
                 raise DataError(f"line {lineno} is {line!r}, not '<image path> <integer label>'",
                                 f"{path}:{lineno}",

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from google.protobuf.message import EncodeError
 
-from ..data.datum import too_large
+from ..data.datum import decimal_label, too_large
 from ..data.db import normalize_backend, open_db
 from ..data.image import guess_encoding, image_to_datum
 from ..errors import DataError
@@ -42,10 +42,7 @@ def read_list_file(path: str) -> List[Tuple[str, int]]:
         name, _, label = line.rstrip().rpartition(" ")
         if not name and "\t" in line:
             name, _, label = line.rstrip().rpartition("\t")
-        try:
-            value = int(label)
-        except ValueError:
-            value = None
+        value = decimal_label(label)
         if not name.strip() or value is None:
             raise DataError(f"malformed line {line!r}: expected 'FILENAME LABEL' with an integer "
                             f"label", where=f"{path}:{number}",
