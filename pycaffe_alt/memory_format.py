@@ -23,7 +23,7 @@ views with NHWC strides: they read and write through like before. Weights stay i
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -98,13 +98,33 @@ def has_format(t: torch.Tensor, fmt: torch.memory_format) -> bool:
     """
     if fmt is not torch.channels_last or t.dim() != 4:
         return True
-    return t.stride() == torch.empty(t.shape, memory_format=fmt, device="meta").stride()
+    return t.stride() == channels_last_strides(t.shape)
+
+
+def channels_last_strides(shape: Sequence[int]) -> Tuple[int, int, int, int]:
+    """The strides torch gives a channels-last tensor of 4-D ``shape`` (worked out here: this
+    runs on every pass, where making a meta tensor to ask torch cost more than the check)."""
+    if 0 in tuple(shape):  # torch's own rule for empty tensors
+        return tuple(torch.empty(tuple(shape), memory_format=torch.channels_last,
+                                 device="meta").stride())
+    _, c, h, w = (int(d) for d in shape)
+    return (h * w * c, 1, w * c, c)
+
+
+def runs_in_format(layer_type: str) -> bool:
+    """Whether a layer of this type computes in the net's format (its input's layout decides
+    its output's): convolutions and pooling."""
+    return layer_type in _SPATIAL_TYPES
 
 
 def in_format(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """``t`` laid out in ``fmt`` when it is 4-D (other ranks have no channels-last layout)."""
+    """``t`` laid out in ``fmt`` when it is 4-D (other ranks have no channels-last layout); a
+    tensor whose memory is already that layout (one channel, a 1 x 1 plane) is restrided, not
+    copied."""
     if has_format(t, fmt):
         return t
+    if fmt is torch.channels_last and c_order_in(tuple(t.shape), fmt) and t.is_contiguous():
+        return t.as_strided(t.shape, channels_last_strides(t.shape))
     return torch.empty_like(t, memory_format=fmt).copy_(t)
 
 

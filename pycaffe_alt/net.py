@@ -56,6 +56,9 @@ class Step:
     reads_final: bool = False
     # Bottoms whose diff this layer's Caffe Backward writes (layer and bottom need backward).
     diff_bottoms: Tuple[str, ...] = ()
+    # Bottoms given to the layer in the net's memory format: net inputs (C-order for pycaffe's
+    # arrays and a caller's NCHW tensors) read by a layer whose input layout decides its output's.
+    to_net_format: Tuple[bool, ...] = ()
 
 
 class _FinalValue:
@@ -176,8 +179,10 @@ class _BlobStore:
 
     def _zeros(self, name: str, shape: Shape) -> torch.Tensor:
         """A zero value for blob ``name`` in the net's memory format and float type (NetError
-        when too big)."""
-        t = zeros(shape, self._net.device, name, self._net.source, self._net.memory_format)
+        when too big); net inputs stay C-order, as pycaffe's arrays of them are (programs
+        write them through reshaped views), and reach their first convolution converted."""
+        fmt = torch.contiguous_format if name in self._net._inputs else self._net.memory_format
+        t = zeros(shape, self._net.device, name, self._net.source, fmt)
         return t if self._net._dtype == torch.float32 else t.to(self._net._dtype)
 
     def diff_tensor(self, name: str) -> torch.Tensor:
@@ -290,6 +295,9 @@ class Net(nn.Module):
         mf.apply_to_parameters(self, self.memory_format)
         for step in self._steps:
             step.layer.set_memory_format(self.memory_format)
+            if self.memory_format is torch.channels_last and mf.runs_in_format(step.layer.type):
+                flags = tuple(b in self._inputs and len(self._shapes[b]) == 4 for b in step.bottoms)
+                step.to_net_format = flags if any(flags) else ()
         if compile:
             self.set_compile(True)
         if weights:
@@ -722,6 +730,10 @@ class Net(nn.Module):
             bottoms = [values[b] for b in step.bottoms]
             if True in step.detach:
                 bottoms = [b.detach() if d else b for b, d in zip(bottoms, step.detach)]
+            if step.to_net_format:  # a net input into the first convolution (see Step)
+                fmt = self.memory_format
+                bottoms = [mf.in_format(b, fmt) if f and b.dim() == 4 else b
+                           for b, f in zip(bottoms, step.to_net_format)]
             try:
                 if step.reads_final and bottoms[0].requires_grad:
                     final = finals.setdefault(step.tops[0], _FinalValue())

@@ -165,3 +165,37 @@ def test_private_pass_readers_follow_the_training_batches_layout(tmp_path):
         pipe.close()
     assert is_channels_last(batch["data"])  # what the support pass feeds the net
     assert (n, bs) == (4, 4) and batch["data"][:, 0, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+RGB_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 } }
+"""
+
+
+def test_inputs_are_c_order_arrays_and_reach_the_first_convolution_channels_last():
+    # pycaffe programs write inputs through reshaped views (lost in a channels-last copy);
+    # the first convolution still computes channels-last, from pycaffe's array or a caller's
+    # NCHW tensor (its weight is NCHW, so its input's layout decides).
+    net = caffe.Net(parse_text(RGB_NET, caffe_pb2.NetParameter()), caffe.TEST)
+    assert net.memory_format is torch.channels_last
+    arr = net.blobs["data"].data
+    assert arr.flags.c_contiguous
+    x = np.random.default_rng(0).standard_normal(arr.shape).astype(np.float32)
+    arr.reshape(2, -1)[...] = x.reshape(2, -1)
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["data"].data, x)
+    assert is_channels_last(net.blob_value("conv"))
+    out = net(data=torch.from_numpy(x), blobs=["conv", "pool"])
+    assert is_channels_last(out["conv"]) and is_channels_last(out["pool"])
+    np.testing.assert_allclose(out["pool"].detach().numpy(), net.blobs["pool"].data, rtol=1e-6)
+
+
+def test_channels_last_strides_match_torchs():
+    import itertools
+
+    for shape in itertools.product([0, 1, 3], [0, 1, 3], [0, 1, 4], [0, 1, 5]):
+        assert mf.channels_last_strides(shape) == \
+            torch.empty(shape, memory_format=torch.channels_last, device="meta").stride(), shape
