@@ -192,20 +192,33 @@ def refuse_external_data(h5file, path: str, error: Type[CaffeError]) -> None:
 
     found: List[str] = []
 
-    def check_link(name, link) -> None:
-        if isinstance(link, h5py.ExternalLink):
-            found.append(f"'{name}' links to {link.filename}:{link.path}")
+    seen = set()
 
-    def check_dataset(name, obj) -> None:
-        if isinstance(obj, h5py.Dataset):
-            if obj.is_virtual:
-                found.append(f"'{name}' is a virtual dataset of other files")
-            elif obj.id.get_create_plist().get_external_count() > 0:
-                found.append(f"'{name}' keeps its data in an external file")
+    def walk(group, prefix: str) -> None:
+        # By hand with get(getlink=True), which every h5py 3 has (visititems_links is 3.11+):
+        # links are looked at without being followed; each group is entered once (hard-link
+        # cycles), soft links are left to h5py's own checks.
+        for key in group.keys():
+            name = prefix + key
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                found.append(f"'{name}' links to {link.filename}:{link.path}")
+                continue
+            if not isinstance(link, h5py.HardLink):
+                continue
+            obj = group.get(key)
+            if isinstance(obj, h5py.Group):
+                address = h5py.h5o.get_info(obj.id).addr  # a group reached twice is one object
+                if address not in seen:
+                    seen.add(address)
+                    walk(obj, name + "/")
+            elif isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    found.append(f"'{name}' is a virtual dataset of other files")
+                elif obj.id.get_create_plist().get_external_count() > 0:
+                    found.append(f"'{name}' keeps its data in an external file")
 
-    h5file.visititems_links(check_link)
-    if not found:  # visiting the objects follows no external link once none is left
-        h5file.visititems(check_dataset)
+    walk(h5file, "")
     if found:
         raise error(f"HDF5 file keeps data in other files ({found[0]}"
                     f"{f' and {len(found) - 1} more' if len(found) > 1 else ''})", where=path,

@@ -338,3 +338,20 @@ def test_convert_stages_and_the_cpu_switch_values(tmp_path, monkeypatch):
                    stages=None).paths == [out]
     with pytest.raises(ArgumentTypeError, match="stages"):
         convert(os.path.join(LENET, "deploy.prototxt"), None, "caffemodel", out, stages=123)
+
+
+def test_the_external_data_check_works_on_h5py_before_3_11(tmp_path, monkeypatch):
+    # setup.py admits h5py 3.0; Group.visititems_links is 3.11+ (review of round 8).
+    import h5py
+
+    from pycaffe_alt.errors import WeightsError
+    from pycaffe_alt.solver.snapshot import read_weights_h5
+
+    monkeypatch.delattr(h5py.Group, "visititems_links", raising=False)
+    path = tmp_path / "w.h5"
+    with h5py.File(path, "w") as f:
+        f["data/conv1/0"] = np.zeros(3, np.float32)
+        f["data/conv1/loop"] = f["data"]  # a hard-link cycle is walked once
+        f["data/ip/0"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/x")
+    with pytest.raises(WeightsError, match="'data/ip/0' links to"):
+        read_weights_h5(str(path))
