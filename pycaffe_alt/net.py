@@ -191,7 +191,8 @@ class _BlobStore:
         if d is None or tuple(d.shape) != shape:
             # Loss tops start with their loss weight as diff (Caffe's Layer::SetLossWeights).
             # Allocated in the net's format directly (no NCHW tensor to copy from).
-            d = mf.zeros(shape, self._net.memory_format, self._net.device)
+            fmt = torch.contiguous_format if name in self._net._inputs else self._net.memory_format
+            d = mf.zeros(shape, fmt, self._net.device)
             if self._net._dtype != torch.float32:
                 d = d.to(self._net._dtype)
             weight = self._net._loss_weights.get(name, 0.0)
@@ -452,12 +453,13 @@ class Net(nn.Module):
         # forward read, and for bottoms that get no gradient that is often a converted copy (a
         # loss layer's labels as integers). Blobs a program may rewrite between forward and
         # backward (adversarial attacks set the target label after the forward) are watched:
-        # no-gradient bottoms of backward layers, except those of layers whose backward reads
-        # the bottom's own memory (Layer.backward_reads_bottom_memory: the images into conv1).
+        # the no-gradient bottoms of loss layers and of layers that declare they keep a copy
+        # (Layer.backward_reads_bottom_copy: Embed's indices). Other layers' autograd records
+        # hold their bottoms' own memory, so a write reaches their backward anyway.
         self._backward_reads: List[Tuple[int, str]] = [
             (step.index, b) for step, needs in zip(self._steps, plan.layer_needs) if needs
             for b, detach in zip(step.bottoms, step.detach)
-            if detach and not step.layer.backward_reads_bottom_memory]
+            if detach and (step.layer.is_loss or step.layer.backward_reads_bottom_copy)]
         # Backward seeds come only from blobs whose (last) producer runs backward.
         self._seedable = {t for step, need in zip(self._steps, plan.layer_needs) if need
                           for t in step.tops}
@@ -824,6 +826,8 @@ class Net(nn.Module):
                 raise
             self._first_versions = first_versions or {}
             self._spent_steps.difference_update(range(first, last + 1))
+            # As in a pycaffe pass: the layers above ``end`` keep an older graph.
+            self._spent_steps.update(range(last + 1, len(self._steps)))
             return {n: values[n] for n in names}
         for name, arr in kwargs.items():
             self._check_fed_blob(name, start, "forward()")
@@ -972,17 +976,22 @@ class Net(nn.Module):
                 not self._spent_steps.isdisjoint(range(lo, hi + 1)):
             # No graph yet, or a previous backward freed it: Caffe's backward can run any
             # number of times on what the blobs hold.
-            self._first_versions = self._replay_graph(lo, hi)
+            spent = [i for i in self._spent_steps if lo <= i <= hi]
+            if not tensors or not spent or min(spent) == lo:
+                self._first_versions = self._replay_graph(lo, hi)
+            else:
+                # Only the layers a forward(end=...) left above its end: the layers below keep
+                # this pass's graph (and Dropout masks).
+                self._merge_replayed(min(spent), self._replay_graph(min(spent), hi))
             tensors, grads = self._seed_tensors(seeds)
         else:
-            changed = self._first_rewritten_reader(lo, hi)
-            if changed is not None:
-                # A watched bottom was written after the forward: the layers from its first
-                # reader on record their graph again from what the blobs hold now; the layers
-                # below keep the forward's graph (and Dropout masks).
-                replayed = self._replay_graph(changed, hi)
-                below = {t for step in self._steps[:changed] for t in step.tops}
-                self._first_versions.update((n, v) for n, v in replayed.items() if n not in below)
+            changed = self._rewritten_bottoms(lo, hi)
+            if changed:
+                # A watched bottom was written after the forward: the layers that depend on it
+                # record their graph again from what the blobs hold now; the others keep the
+                # forward's graph (no second BatchNorm average update, the same Dropout masks).
+                start = min(i for i, name in self._backward_reads if name in changed)
+                self._merge_replayed(start, self._replay_graph(start, hi, dirty=changed))
                 tensors, grads = self._seed_tensors(seeds)
         if tensors:
             self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
@@ -1006,23 +1015,35 @@ class Net(nn.Module):
                 grads.append(self._store.diff_tensor(name).to(v.dtype))
         return tensors, grads
 
-    def _first_rewritten_reader(self, lo: int, hi: int) -> Optional[int]:
-        """The first layer of ``lo..hi`` whose watched bottom (see ``_backward_reads``) holds
-        other values than the last forward read, or None."""
+    def _rewritten_bottoms(self, lo: int, hi: int) -> Set[str]:
+        """The watched bottoms (see ``_backward_reads``) of layers ``lo..hi`` that hold other
+        values than the last forward read (NaNs compare equal: a NaN label is no rewrite)."""
         read = self._read_by_forward
         if not read:
-            return None
+            return set()
         if self._store.held:
             self._take_held_writes(read)
+        changed: Set[str] = set()
         for index, name in self._backward_reads:
-            if lo <= index <= hi and name in read:
-                now = self._values.get(name)
-                if now is not None and (now.shape != read[name].shape or
-                                        not torch.equal(now.detach(), read[name])):
-                    return index
-        return None
+            if lo <= index <= hi and name in read and name not in changed:
+                now, then = self._values.get(name), read[name]
+                if now is None:
+                    continue
+                now = now.detach()
+                if now.shape != then.shape or now.dtype != then.dtype or not (
+                        torch.equal(now, then) or (now.is_floating_point() and torch.allclose(
+                            now, then, rtol=0.0, atol=0.0, equal_nan=True))):
+                    changed.add(name)
+        return changed
 
-    def _replay_graph(self, lo: int, hi: int) -> Dict[str, torch.Tensor]:
+    def _merge_replayed(self, start: int, replayed: Dict[str, torch.Tensor]) -> None:
+        """Take the first versions of a replay from layer ``start`` on: blobs made below it
+        keep this pass's (an in-place chain that crosses ``start`` began below it)."""
+        below = {t for step in self._steps[:start] for t in step.tops}
+        self._first_versions.update((n, v) for n, v in replayed.items() if n not in below)
+
+    def _replay_graph(self, lo: int, hi: int, dirty: Optional[Set[str]] = None
+                      ) -> Dict[str, torch.Tensor]:
         """Record the graph of layers ``lo..hi`` from the data now in the blobs; returns the
         first value of each blob they produce (what ``_first_versions`` holds).
 
@@ -1032,13 +1053,20 @@ class Net(nn.Module):
         recorded the layers with bottoms run again on the blobs' data. Layers without bottoms
         keep their tops (running a data layer would read the next batch). In-place layers then
         see their own output (the same gradient for ReLU-like layers; Dropout draws a new mask).
+        With ``dirty`` (blob names), only the layers that read one of them, or a top of a layer
+        replayed before, run again.
         """
         self._push_host_writes()
         values, first = self._values, {}
+        dirty = set(dirty) if dirty is not None else None
         with torch.enable_grad():
             for step in self._steps[lo:hi + 1]:
                 if not step.runs or not step.bottoms:
                     continue
+                if dirty is not None:
+                    if dirty.isdisjoint(step.bottoms):
+                        continue
+                    dirty.update(step.tops)
                 bottoms = []
                 for name, detach in zip(step.bottoms, step.detach):
                     v = values.get(name)
@@ -1338,6 +1366,7 @@ class Net(nn.Module):
         from itertools import zip_longest
 
         outs: Dict[str, list] = {n: [] for n in self._output_names(blobs, None)}
+        diffs = _blob_name_list(diffs, "forward_backward_all(diffs=...)")
         grads: Dict[str, list] = {n: [] for n in dict.fromkeys(self.inputs + list(diffs or ()))}
         fwd = self._batch({k: kwargs[k] for k in self.inputs if k in kwargs}) \
             if any(k in kwargs for k in self.inputs) else ([{}] if not kwargs else ())

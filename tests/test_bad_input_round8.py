@@ -355,3 +355,54 @@ def test_the_external_data_check_works_on_h5py_before_3_11(tmp_path, monkeypatch
         f["data/ip/0"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/x")
     with pytest.raises(WeightsError, match="'data/ip/0' links to"):
         read_weights_h5(str(path))
+
+
+def test_review_replays_touch_only_what_changed():
+    # A rewritten label re-records only the layers that read it (a BatchNorm above an
+    # auxiliary loss updated its averages twice); forward(end=) then backward keeps the
+    # Dropout masks below end; a tensor pass with end= then a pycaffe backward records the
+    # layers above end again.
+    import torch
+
+    from pycaffe_alt.prototxt import parse_text
+
+    text = ('layer { name: "in" type: "Input" top: "data" top: "label" input_param { shape { dim: 4 '
+            'dim: 6 } shape { dim: 4 } } }\n'
+            'layer { name: "ip0" type: "InnerProduct" bottom: "data" top: "h" inner_product_param { '
+            'num_output: 8 weight_filler { type: "gaussian" std: 0.5 } } }\n'
+            'layer { name: "drop" type: "Dropout" bottom: "h" top: "h" }\n'
+            'layer { name: "aux" type: "InnerProduct" bottom: "h" top: "a" inner_product_param { '
+            'num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }\n'
+            'layer { name: "aux_loss" type: "SoftmaxWithLoss" bottom: "a" bottom: "label" top: "l1" }\n'
+            'layer { name: "bn" type: "BatchNorm" bottom: "h" top: "b" }\n'
+            'layer { name: "ip1" type: "InnerProduct" bottom: "b" top: "o" inner_product_param { '
+            'num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }\n'
+            'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "o" bottom: "label" top: "l2" }\n')
+    param = parse_text(text, caffe_pb2.NetParameter())
+    caffe.set_random_seed(2)
+    net = caffe.Net(param, caffe.TRAIN)
+    x = np.random.RandomState(0).rand(4, 6)
+    net.forward(data=x, label=np.array([0, 1, 2, 0]))
+    h = net.blobs["h"].data.copy()
+    net.blobs["label"].data[...] = [2, 2, 1, 1]
+    net.backward()
+    assert float(net.params["bn"][2].data[0]) == 1.0  # one moving-average update, not two
+    dropped = h == 0
+    assert dropped.any() and (net.blobs["h"].diff[dropped] == 0).all()  # the forward's mask
+    net.forward(data=x, label=np.array([0, 1, 2, 0]))
+    net.forward(data=x, end="drop")
+    mask = net.blobs["h"].data == 0  # this pass's Dropout mask
+    net.backward()
+    assert mask.any() and (net.blobs["h"].diff[mask] == 0).all()
+    # Tensor form with end=, then a pycaffe backward: the upper layers are recorded again.
+    net2 = caffe.Net(param, caffe.TEST)
+    net2.forward(data=x, label=np.array([0, 1, 2, 0]))
+    net2.forward(data=torch.from_numpy(2 * x).float(), end="ip0")
+    net2.backward()
+    ref = caffe.Net(param, caffe.TEST)
+    for p, q in zip(net2.learnable_params, ref.learnable_params):
+        q.param.data.copy_(p.param.data)
+    ref.forward(data=2 * x, label=np.array([0, 1, 2, 0]))
+    ref.backward()
+    np.testing.assert_allclose(net2.params["ip1"][0].diff, ref.params["ip1"][0].diff,
+                               rtol=1e-5, atol=1e-7)

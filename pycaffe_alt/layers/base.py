@@ -96,11 +96,11 @@ class Layer(nn.Module):
     # Layers that run a user's code (Python layers): the user's exceptions reach the caller
     # unchanged, as in pycaffe, instead of being reworded into a NetError.
     runs_user_code: ClassVar[bool] = False
-    # Whether autograd's record of this layer's forward holds its bottoms' own memory (not a
-    # converted copy): then a program's write into a bottom between forward and backward
-    # reaches the backward as in Caffe without the net re-recording the layer (see net.py,
-    # _backward_reads). Convolutions and InnerProduct set it; labels cast to integers do not.
-    backward_reads_bottom_memory: ClassVar[bool] = False
+    # Whether this layer's backward reads a converted copy of a bottom that gets no gradient
+    # (indices cast to integers): a program's write into that bottom between forward and
+    # backward then reaches the backward only if the net records the layer again (net.py,
+    # _backward_reads). Loss layers count as such (their labels) without setting it.
+    backward_reads_bottom_copy: ClassVar[bool] = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], ctx: LayerContext):
         super().__init__()

@@ -85,7 +85,6 @@ class InnerProduct(Layer):
     num_bottoms = (1, 1)
     num_tops = (1, 1)
     blob_names = ("weight", "bias")
-    backward_reads_bottom_memory = True  # its flatten is a view of a C-order bottom
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
@@ -124,6 +123,7 @@ class Embed(Layer):
     backpropagate into them).
     """
 
+    backward_reads_bottom_copy = True  # its indices, as integers
     num_bottoms = (1, 1)
     num_tops = (1, 1)
     blob_names = ("weight", "bias")
@@ -577,6 +577,7 @@ class ArgMax(Layer):
 class BatchReindex(Layer):
     """Top item i = bottom item ``index[i]`` (bottom 1, 1-D); gradients add up over repeats."""
 
+    backward_reads_bottom_copy = True  # its indices, as integers
     num_bottoms = (2, 2)
     num_tops = (1, 1)
     blob_names = ()
@@ -613,6 +614,7 @@ class Filter(Layer):
     none.
     """
 
+    backward_reads_bottom_copy = True  # its indices, as integers
     num_bottoms = (2, None)
     num_tops = (1, None)
     blob_names = ()

@@ -103,7 +103,6 @@ class _ConvolutionBase(Layer):
     # Deconvolution swaps the roles of input and output channels in the weight blob.
     transposed = False
     has_weights = True
-    backward_reads_bottom_memory = True  # the weight gradient reads the input tensor itself
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
