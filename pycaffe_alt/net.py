@@ -296,7 +296,9 @@ class Net(nn.Module):
         mf.apply_to_parameters(self, self.memory_format)
         for step in self._steps:
             step.layer.set_memory_format(self.memory_format)
-            if self.memory_format is torch.channels_last and mf.runs_in_format(step.layer.type):
+            if self.memory_format is torch.channels_last:
+                # Every reader: an Eltwise or Concat of the input makes its top in the input's
+                # layout, and the convolutions after it would compute NCHW.
                 flags = tuple(b in self._inputs and len(self._shapes[b]) == 4 for b in step.bottoms)
                 step.to_net_format = flags if any(flags) else ()
         if compile:
@@ -724,6 +726,7 @@ class Net(nn.Module):
         """Run layers ``start..last`` (indices) on the blob values in ``values`` (updated in
         place); ``first_versions`` and ``trace`` as in :meth:`run`."""
         finals: Dict[str, _FinalValue] = {}
+        converted: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}  # see _input_in_format
         for step in self._steps[start:last + 1]:
             if not step.runs:
                 if trace is not None:  # Caffe's Input layers run (as no-ops) and are reported
@@ -732,10 +735,9 @@ class Net(nn.Module):
             bottoms = [values[b] for b in step.bottoms]
             if True in step.detach:
                 bottoms = [b.detach() if d else b for b, d in zip(bottoms, step.detach)]
-            if step.to_net_format:  # a net input into the first convolution (see Step)
-                fmt = self.memory_format
-                bottoms = [mf.in_format(b, fmt) if f and b.dim() == 4 else b
-                           for b, f in zip(bottoms, step.to_net_format)]
+            if step.to_net_format:  # a net input read in the net's format (see Step)
+                bottoms = [self._input_in_format(name, b, converted) if f and b.dim() == 4 else b
+                           for name, b, f in zip(step.bottoms, bottoms, step.to_net_format)]
             try:
                 if step.reads_final and bottoms[0].requires_grad:
                     final = finals.setdefault(step.tops[0], _FinalValue())
@@ -765,6 +767,16 @@ class Net(nn.Module):
                 values[t] = v
         for name, final in finals.items():
             final.value = values[name].detach()
+
+    def _input_in_format(self, name: str, value: torch.Tensor,
+                         converted: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Net input ``name`` (C-order, see _BlobStore._zeros) in the net's format, converted
+        once per pass for all its readers (an in-place layer on it gives a new value, converted
+        anew); the blob keeps its own C-order memory."""
+        cached = converted.get(name)
+        if cached is None or cached[0] is not value:
+            cached = converted[name] = (value, mf.in_format(value, self.memory_format))
+        return cached[1]
 
     @property
     def steps(self) -> List[Step]:

@@ -627,6 +627,10 @@ def test_default_outputs_follow_caffe_and_a_cut_may_take_one_top(workdir):
     assert cut.inputs == {"a": (1, 2, 6, 6)}
     with pytest.raises(NetError, match="input\\(s\\) data are not read"):
         convert(net, None, "onnx", str(workdir / "x.onnx"), outputs=["c1"], inputs=["a", "data"])
+    # The Slice is kept for 'b': a fed 'a' would be overwritten by it (review).
+    with pytest.raises(NetError, match="also made by layer 'slice'"):
+        convert(net, None, "onnx", str(workdir / "y.onnx"), outputs=["c1", "c2"],
+                inputs=["a", "data"])
 
 
 def test_weights_sharing_no_layer_name_are_refused_unless_allowed(workdir):

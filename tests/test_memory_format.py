@@ -199,3 +199,23 @@ def test_channels_last_strides_match_torchs():
     for shape in itertools.product([0, 1, 3], [0, 1, 3], [0, 1, 4], [0, 1, 5]):
         assert mf.channels_last_strides(shape) == \
             torch.empty(shape, memory_format=torch.channels_last, device="meta").stride(), shape
+
+
+def test_an_input_read_by_an_eltwise_keeps_the_net_channels_last():
+    # Review: only convolution readers got the converted input, so a global residual
+    # (input + conv) and everything after it ran NCHW.
+    text = RGB_NET.split('layer { name: "pool"')[0] + (
+        'layer { name: "c2" type: "Convolution" bottom: "data" top: "c2" convolution_param { '
+        'num_output: 3 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 1 } } }\n'
+        'layer { name: "sum" type: "Eltwise" bottom: "data" bottom: "c2" top: "sum" }\n'
+        'layer { name: "c3" type: "Convolution" bottom: "sum" top: "c3" convolution_param { '
+        'num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 1 } } }\n')
+    net = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), caffe.TEST)
+    x = np.random.default_rng(1).standard_normal(net.blobs["data"].shape).astype(np.float32)
+    net.forward(data=x)
+    assert is_channels_last(net.blob_value("sum")) and is_channels_last(net.blob_value("c3"))
+    assert net.blobs["data"].data.flags.c_contiguous
+    ref = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), caffe.TEST, memory_format="contiguous")
+    for p, q in zip(net.learnable_params, ref.learnable_params):
+        q.param.data.copy_(p.param.data)
+    np.testing.assert_allclose(ref.forward(data=x)["c3"], net.blobs["c3"].data, rtol=1e-5, atol=1e-5)

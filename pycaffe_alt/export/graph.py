@@ -598,6 +598,13 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
             needed -= set(layer.tops)
             needed |= set(layer.bottoms) - cut
     kept.reverse()
+    for layer in kept:
+        clash = sorted(cut & set(layer.tops))
+        if clash:  # the kept layer would overwrite the value fed from outside
+            raise NetError(f"input(s) {', '.join(clash)} are also made by layer '{layer.name}', "
+                           "which the outputs need for its other tops "
+                           f"({', '.join(t for t in layer.tops if t not in cut)})", net.source,
+                           "feed those other tops as inputs too, or cut below the layer")
     read = set(outputs) | {b for layer in kept for b in layer.bottoms}
     missing = sorted(needed - set(fed))
     if missing:
