@@ -202,3 +202,27 @@ def test_a_reader_collected_while_an_environment_opens_does_not_deadlock(tmp_pat
     t.start()
     t.join(30)
     assert not t.is_alive()
+
+
+def test_the_child_reader_keeps_its_snapshot_beside_a_writing_program(tmp_path):
+    # Review: opened lock-free, the child's snapshot pages were reused by the program's own
+    # writes (every record "disappeared"); with a reader-table slot they stay.
+    import lmdb
+
+    path = str(tmp_path / "db")
+    with LMDBWriter(path) as w:
+        for i in range(4):
+            w.put(f"{i:04d}", array_to_datum(np.full((1, 2, 2), i, np.uint8), i).SerializeToString())
+    env = lmdb.open(path, map_size=1 << 24)
+    try:
+        reader = LMDBReader(path)
+        assert reader.datum(1).label == 1
+        for _ in range(50):  # rewrite every record many times: freed pages get reused
+            with env.begin(write=True) as txn:
+                for i in range(4):
+                    txn.put(b"%04d" % i, array_to_datum(np.full((1, 2, 2), 9, np.uint8), 9)
+                            .SerializeToString())
+        assert [reader.datum(i).label for i in range(4)] == [0, 1, 2, 3]  # its snapshot
+        reader.close()
+    finally:
+        env.close()

@@ -163,10 +163,12 @@ class LMDBOpenInProcess(DataError):
     handle in the process (the reader falls back to :mod:`pycaffe_alt.data.lmdb_child`)."""
 
 
-def open_lmdb_readonly(path: str):
-    """A read-only, lock-free py-lmdb environment of the database at ``path`` (a folder with
-    ``data.mdb``, or that file), checked for truncation; DataError (LMDBOpenInProcess when the
-    process already has it open) otherwise."""
+def open_lmdb_readonly(path: str, lock: bool = False):
+    """A read-only py-lmdb environment of the database at ``path`` (a folder with ``data.mdb``,
+    or that file), checked for truncation; DataError (LMDBOpenInProcess when the process
+    already has it open) otherwise. ``lock``: take a slot in LMDB's reader table, so that a
+    writer keeps the pages a long read still uses (the child reader beside a program that may
+    write, see lmdb_child.py)."""
     import lmdb
 
     data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
@@ -176,7 +178,7 @@ def open_lmdb_readonly(path: str):
         # A directory is Caffe's layout (data.mdb inside); a bare file is MDB_NOSUBDIR. No lock file
         # (lock=False), so databases on read-only media open too; do not read a database while
         # another process writes it.
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False,
+        env = lmdb.open(path, readonly=True, lock=lock, readahead=False,
                         subdir=os.path.isdir(path), max_readers=1024)
     except lmdb.Error as e:
         if "already open in this process" in str(e):
@@ -244,11 +246,12 @@ class LMDBReader(_Reader):
         from ..log import get_logger
         from .lmdb_child import ChildLMDB
 
-        child = self._child
-        if child is None or child.owner_pid != os.getpid():
-            with _ENVS_LOCK:
-                first = self.path not in _SERVED_BY_CHILD
-                _SERVED_BY_CHILD.add(self.path)
+        with _ENVS_LOCK:  # one child per reader, also when threads ask at once
+            child = self._child
+            if child is not None and child.owner_pid == os.getpid():
+                return child
+            first = self.path not in _SERVED_BY_CHILD
+            _SERVED_BY_CHILD.add(self.path)
             if first:  # once per database: a Data layer opens several readers
                 get_logger().warning("%s: the program itself holds this LMDB open through py-lmdb, "
                                      "which allows one handle per process; reading it through a "

@@ -52,7 +52,12 @@ def serve(path: str, requests: BinaryIO, answers: BinaryIO) -> None:
     import lmdb
 
     try:
-        env = open_lmdb_readonly(path)
+        try:
+            # With the reader table: the program beside us may write, and its writes must not
+            # reuse the pages of the snapshot this child reads (Caffe's reader takes a slot too).
+            env = open_lmdb_readonly(path, lock=True)
+        except Exception:  # read-only media: no lock file can be made
+            env = open_lmdb_readonly(path)
     except Exception as e:  # reported to the parent, which raises it there
         _send(answers, ("error", str(e)))
         return
@@ -85,7 +90,7 @@ class ChildLMDB:
     def __init__(self, path: str):
         self.path = path
         self.owner_pid = os.getpid()  # the process that started the child (and may use it)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _request's failure path closes under it
         # The child imports pycaffe_alt from where this process did (a checkout, a venv).
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,8 +121,9 @@ class ChildLMDB:
 
     def _request(self, *message):
         if self._proc is None or self.owner_pid != os.getpid():
-            raise DataError("the LMDB reader process is closed or belongs to another process",
-                            where=self.path)
+            raise DataError("the reader process for this LMDB has ended", where=self.path,
+                            hint="close the program's own handle of it (env.close()) and build "
+                                 "the net again")
         with self._lock:
             try:
                 _send(self._proc.stdin, message)
@@ -136,7 +142,8 @@ class ChildLMDB:
 
     def close(self) -> None:
         """Stop the child (only from the process that started it)."""
-        proc, self._proc = self._proc, None
+        with self._lock:  # not while another thread waits for an answer
+            proc, self._proc = self._proc, None
         if proc is None or self.owner_pid != os.getpid():
             return
         try:
