@@ -211,9 +211,15 @@ def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
         if hdf5 or name not in targets:
             targets[name], shared[name] = params, flags
     copied = []
+    log = get_logger()
     for name, (_, blobs) in stored.items():
         target = targets.get(name)
-        if target is None or not (blobs or target):
+        if target is None:
+            # Caffe's CopyTrainedLayersFrom line: fine-tuners read it to spot a renamed layer
+            # that kept its initial weights.
+            log.info("Ignoring source layer %s", name)
+            continue
+        if not (blobs or target):
             continue
         if hdf5 and len(blobs) < len(target):
             # CopyTrainedLayersFromHDF5: a dataset missing from the group is fine for a shared
@@ -223,7 +229,7 @@ def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
         copied.append(name)
     message = unmatched_warning(path, list(stored), [n for n, blobs in targets.items() if blobs])
     if message is not None:
-        get_logger().warning("%s", message)
+        log.warning("%s", message)
     return copied
 
 

@@ -406,3 +406,21 @@ def test_review_replays_touch_only_what_changed():
     ref.backward()
     np.testing.assert_allclose(net2.params["ip1"][0].diff, ref.params["ip1"][0].diff,
                                rtol=1e-5, atol=1e-7)
+
+
+def test_copy_from_logs_the_source_layers_it_ignores(tmp_path, caplog):
+    # Caffe's CopyTrainedLayersFrom logs "Ignoring source layer X": fine-tuners read it to spot
+    # a renamed layer that kept its initial weights.
+    import logging
+
+    net = caffe.Net(os.path.join(LENET, "deploy.prototxt"), caffe.TEST)
+    net.save(str(tmp_path / "w.caffemodel"))
+    full = caffe_pb2.NetParameter.FromString((tmp_path / "w.caffemodel").read_bytes())
+    for lp in full.layer:
+        if lp.name == "ip2":
+            lp.name = "ip2_old"
+    (tmp_path / "renamed.caffemodel").write_bytes(full.SerializeToString())
+    with caplog.at_level(logging.INFO, logger="pycaffe_alt"):
+        net.copy_from(str(tmp_path / "renamed.caffemodel"))
+    assert [r.getMessage() for r in caplog.records if "Ignoring" in r.getMessage()] == \
+        ["Ignoring source layer ip2_old"]

@@ -298,6 +298,23 @@ def test_accuracy_top_k_ties_ignore_and_per_class():
         make_layer(text % "top_k: 4", [x.shape, y.shape])
 
 
+def test_accuracy_counts_a_label_outside_the_classes_as_a_miss(caplog):
+    # Caffe only DCHECKs the range in Accuracy: a release build counts such a label as a miss,
+    # and ENet's recipes rely on it (Cityscapes' 255 reaches an Accuracy without ignore_label).
+    import logging
+
+    x = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    y = torch.tensor([1.0, 255.0, 2.0, -1.0])
+    layer = make_layer('type: "Accuracy" bottom: "x" bottom: "y" top: "acc" top: "per_class"',
+                       [x.shape, y.shape])
+    with caplog.at_level(logging.WARNING, logger="pycaffe_alt"):
+        acc, per = layer(x, y)
+        layer(x, y)
+    assert acc.item() == pytest.approx(2 / 4)  # two hits over four counted labels
+    assert torch.allclose(per, torch.tensor([0.0, 1.0, 1.0]))
+    assert sum("counts as a miss" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_accuracy_counts_in_float32_under_bf16():
     # 1999 of 3000 right: bf16 counts would round to 0.6640625; Caffe's float gives 0.66633.
     x = torch.zeros(3000, 2, dtype=torch.bfloat16)

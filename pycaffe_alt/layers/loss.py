@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..errors import CaffeError
 from ..fileio import read_input_bytes
 from ..proto import caffe_pb2
+from ..log import get_logger
 from ..registry import LAYERS
 from .base import Layer, Shape
 
@@ -498,6 +499,7 @@ class Accuracy(Layer):
         a = self.canonical_axis(ap.axis, len(s0))
         self.axis, self.top_k, self.n_tops = a, int(ap.top_k), max(len(param.top), 1)
         self.ignore_label = int(ap.ignore_label) if ap.HasField("ignore_label") else None
+        self._warned_range = False
         n_labels = _prod(bottom_shapes[1])
         # Caffe's CHECK_LE(top_k, count / label count): the class axis when the counts agree
         # (checked next); an empty batch divides by zero there.
@@ -519,17 +521,34 @@ class Accuracy(Layer):
         outer, c = _prod(x.shape[:self.axis]), x.shape[self.axis]
         inner = _prod(x.shape[self.axis + 1:])
         x3 = x.detach().reshape(outer, c, inner)
-        idx, valid = _check_class_labels(self, label.reshape(outer, inner), c, self.ignore_label)
+        idx = label.reshape(outer, inner).long()  # static_cast<int>
+        counted = torch.ones_like(idx, dtype=torch.bool) if self.ignore_label is None \
+            else idx != self.ignore_label
+        # Caffe only DCHECKs the label range here: a release build counts a label outside the
+        # classes as a miss (ENet's recipes feed Cityscapes' 255 to an Accuracy without
+        # ignore_label and train). We do the same, and say so once.
+        in_range = (idx >= 0) & (idx < c)
+        if not self._warned_range and not torch.compiler.is_compiling() and \
+                idx.numel() and not bool((in_range | ~counted).all()):
+            self._warned_range = True
+            bad = int(idx[~in_range & counted][0])
+            get_logger().warning(
+                "%s: label %d is outside the %d classes; it counts as a miss, as in Caffe's "
+                "release build (set accuracy_param { ignore_label: %d } if it marks what to "
+                "skip)", self.where, bad, c, bad)
+        idx = torch.where(in_range, idx, torch.zeros_like(idx))
         true_score = x3.gather(1, idx.unsqueeze(1))
         classes = torch.arange(c, device=x.device).view(1, c, 1)
         ahead = (x3 > true_score) | ((x3 == true_score) & (classes > idx.unsqueeze(1)))
+        valid = counted & in_range
         correct = (ahead.sum(1) < self.top_k) & valid
         # Counted and divided in at least float32 (Caffe's float accuracy / int count): scores
         # in bf16/fp16 (mixed precision) would round the counts.
         dtype = torch.promote_types(x.dtype, torch.float32)
-        acc = correct.sum().to(dtype) / valid.sum().to(dtype)  # 0/0 = NaN as in Caffe
+        acc = correct.sum().to(dtype) / counted.sum().to(dtype)  # 0/0 = NaN as in Caffe
         if self.n_tops == 1:
             return acc
+        # (Caffe's per-class buffers would be written out of bounds; such labels are left out.)
         flat_idx, flat_valid = idx.reshape(-1), valid.reshape(-1)
         seen = torch.zeros(c, dtype=dtype, device=x.device).index_add_(0, flat_idx, flat_valid.to(dtype))
         hits = torch.zeros(c, dtype=dtype, device=x.device).index_add_(0, flat_idx, correct.reshape(-1).to(dtype))
