@@ -111,12 +111,6 @@ def channels_last_strides(shape: Sequence[int]) -> Tuple[int, int, int, int]:
     return (h * w * c, 1, w * c, c)
 
 
-def runs_in_format(layer_type: str) -> bool:
-    """Whether a layer of this type computes in the net's format (its input's layout decides
-    its output's): convolutions and pooling."""
-    return layer_type in _SPATIAL_TYPES
-
-
 def in_format(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     """``t`` laid out in ``fmt`` when it is 4-D (other ranks have no channels-last layout); a
     tensor whose memory is already that layout (one channel, a 1 x 1 plane) is restrided, not
@@ -154,8 +148,9 @@ def apply_to_parameters(module: nn.Module, fmt: torch.memory_format) -> None:
     surgery and pruning scripts set ``w.shape = (n, -1)`` or write through ``w.reshape(...)``,
     which on a channels-last view fail or write into a copy), and a weight's layout does not
     decide the convolution's: with a channels-last input oneDNN computes channels-last either
-    way (same-process A/B, batch 64: LeNet 1.04x, All-CNN-C 1.00x against all weights
-    channels-last). The first weight with one input channel still gets channels-last strides
+    way (the weight and its gradient are reordered each step: about 1% of a LeNet step at batch
+    64, nothing for All-CNN-C; docs/performance.md). The first weight with one input channel
+    still gets channels-last strides
     exactly (see :func:`has_format`): with a one-channel input, its strides decide the layout
     of everything downstream.
     """

@@ -177,12 +177,16 @@ class _BlobStore:
             t = self._net._values[name] = t.detach().clone()
         return t
 
+    def format_of(self, name: str) -> torch.memory_format:
+        """The layout of blob ``name``'s data and diff: the net's, except net inputs, which
+        stay C-order as pycaffe's arrays of them are (programs write them through reshaped
+        views); their readers get them converted (Net._input_in_format)."""
+        return torch.contiguous_format if name in self._net._inputs else self._net.memory_format
+
     def _zeros(self, name: str, shape: Shape) -> torch.Tensor:
         """A zero value for blob ``name`` in the net's memory format and float type (NetError
-        when too big); net inputs stay C-order, as pycaffe's arrays of them are (programs
-        write them through reshaped views), and reach their first convolution converted."""
-        fmt = torch.contiguous_format if name in self._net._inputs else self._net.memory_format
-        t = zeros(shape, self._net.device, name, self._net.source, fmt)
+        when too big)."""
+        t = zeros(shape, self._net.device, name, self._net.source, self.format_of(name))
         return t if self._net._dtype == torch.float32 else t.to(self._net._dtype)
 
     def diff_tensor(self, name: str) -> torch.Tensor:
@@ -191,8 +195,7 @@ class _BlobStore:
         if d is None or tuple(d.shape) != shape:
             # Loss tops start with their loss weight as diff (Caffe's Layer::SetLossWeights).
             # Allocated in the net's format directly (no NCHW tensor to copy from).
-            fmt = torch.contiguous_format if name in self._net._inputs else self._net.memory_format
-            d = mf.zeros(shape, fmt, self._net.device)
+            d = mf.zeros(shape, self.format_of(name), self._net.device)
             if self._net._dtype != torch.float32:
                 d = d.to(self._net._dtype)
             weight = self._net._loss_weights.get(name, 0.0)
@@ -837,9 +840,7 @@ class Net(nn.Module):
                 self._store.foreign.update(foreign)
                 raise
             self._first_versions = first_versions or {}
-            self._spent_steps.difference_update(range(first, last + 1))
-            # As in a pycaffe pass: the layers above ``end`` keep an older graph.
-            self._spent_steps.update(range(last + 1, len(self._steps)))
+            self._mark_recorded(first, last)
             return {n: values[n] for n in names}
         for name, arr in kwargs.items():
             self._check_fed_blob(name, start, "forward()")
@@ -936,14 +937,18 @@ class Net(nn.Module):
         self._first_versions = first_versions
         with torch.set_grad_enabled(grad):
             self.run(None, start, end, first_versions)
-        self._spent_steps.difference_update(range(start, end + 1))
-        # The layers above ``end`` keep the graph of an older pass, which no longer connects
-        # to the blobs below: a backward through them records it again from what they hold.
-        self._spent_steps.update(range(end + 1, len(self._steps)))
+        self._mark_recorded(start, end)
         if grad:
             for index, name in self._backward_reads:
                 if start <= index <= end and name in self._values:
                     self._read_by_forward[name] = self._values[name].detach().clone()
+
+    def _mark_recorded(self, start: int, end: int) -> None:
+        """After a pass over layers ``start..end``: their graph is fresh; the layers above
+        ``end`` keep the graph of an older pass, which no longer connects to the blobs below,
+        so a backward through them records it again from what they hold."""
+        self._spent_steps.difference_update(range(start, end + 1))
+        self._spent_steps.update(range(end + 1, len(self._steps)))
 
     def _take_held_writes(self, names: Optional[Iterable[str]] = None) -> None:
         """Before a pass that starts above the first layer (or a backward that re-reads
@@ -1042,9 +1047,10 @@ class Net(nn.Module):
                 if now is None:
                     continue
                 now = now.detach()
-                if now.shape != then.shape or now.dtype != then.dtype or not (
-                        torch.equal(now, then) or (now.is_floating_point() and torch.allclose(
-                            now, then, rtol=0.0, atol=0.0, equal_nan=True))):
+                same = now.shape == then.shape and now.dtype == then.dtype and (
+                    torch.allclose(now, then, rtol=0.0, atol=0.0, equal_nan=True)
+                    if now.is_floating_point() else torch.equal(now, then))
+                if not same:
                     changed.add(name)
         return changed
 

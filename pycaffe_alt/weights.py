@@ -293,13 +293,22 @@ def uncovered_warning(paths: Sequence[str], copied: Sequence[str],
     purpose, so ``tools/train`` does not warn, but a score or an exported model of such a net is
     not the trained model's.
     """
-    missing = [n for n in learnable if n not in set(copied)]
+    copied = set(copied)
+    missing = [n for n in learnable if n not in copied]
     if not missing or len(missing) == len(learnable):
         return None
     shown = ", ".join(f"'{n}'" for n in missing[:8]) + (", ..." if len(missing) > 8 else "")
     return (f"{', '.join(paths)}: no weights for {len(missing)} of the net's {len(learnable)} "
             f"layers with parameters ({shown}); they keep their initial values (a truncated "
             "file, or weights of another net?)")
+
+
+def warn_uncovered(paths: Sequence[str], copied: Sequence[str], params) -> None:
+    """Log :func:`uncovered_warning` for a net whose pycaffe ``params`` (layer name -> blobs)
+    got ``copied`` from ``paths`` (tools/test, extract_features and convert_model)."""
+    message = uncovered_warning(paths, copied, [n for n, blobs in params.items() if len(blobs)])
+    if message is not None:
+        get_logger().warning("%s", message)
 
 
 def read_binaryproto(path: str) -> np.ndarray:

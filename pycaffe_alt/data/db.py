@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from ..errors import DataError
 from ..fileio import check_input_path
@@ -155,7 +155,7 @@ _ENVS: Dict[str, list] = {}
 # thread (with a plain Lock that thread waited for itself forever).
 _ENVS_LOCK = threading.RLock()
 # Databases this process reads through a child process (see LMDBReader._child_reader).
-_SERVED_BY_CHILD: set = set()
+_SERVED_BY_CHILD: Set[str] = set()
 
 
 class LMDBOpenInProcess(DataError):

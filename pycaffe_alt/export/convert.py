@@ -19,9 +19,8 @@ import torch
 from ..errors import (ArgumentTypeError, CaffeError, NetError, WeightsError, first_line,
                       integer_argument)
 from ..fileio import check_output_path
-from ..log import get_logger
 from ..proto import caffe_pb2
-from ..weights import uncovered_warning
+from ..weights import warn_uncovered
 from . import exported, pytorch_code, torchscript
 from . import onnx as onnx_format
 from . import weights as weight_formats
@@ -177,10 +176,7 @@ def build_net(model, weights: Optional[str] = None, shapes: Optional[Mapping[str
             net.source = os.fspath(model)  # built from the reshaped copy; messages name the file
     copied = net.copy_from(weights) if weights else []
     if copied:
-        warning = uncovered_warning([weights], copied,
-                                    [n for n, blobs in net.params.items() if len(blobs)])
-        if warning:
-            get_logger().warning(warning)
+        warn_uncovered([weights], copied, net.params)
     if weights and not copied and len(net.params) and not allow_unmatched_weights:
         raise WeightsError("no layer of this weights file has the name of a layer of the net, so "
                            "the converted model would hold random initial weights", where=weights,

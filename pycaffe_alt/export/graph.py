@@ -518,6 +518,7 @@ class LayerPlan:
     inputs: List[str]
     layers: List[PlannedLayer]
     outputs: List[str]
+    read: Set[str] = field(default_factory=set)  # blobs the layers read or the model returns
 
 
 def export_names(names: Sequence[str]) -> List[str]:
@@ -618,7 +619,7 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
             raise NetError(f"input(s) {', '.join(unused)} are not read by the layers that make "
                            f"the outputs {', '.join(outputs)}", net.source,
                            "leave them out of --inputs (or choose outputs that need them)")
-    return LayerPlan(used, kept, outputs)
+    return LayerPlan(used, kept, outputs, read)
 
 
 def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Sequence[str]] = None,
@@ -633,8 +634,7 @@ def lower_net(net, outputs: Optional[Sequence[str]] = None, inputs: Optional[Seq
         raise NetError(f"input(s) {', '.join(scalars)} have no axes (one number each); every "
                        "input of an exported model has a batch axis", net.source,
                        "give the blob a shape with a batch axis, e.g. input_param { shape { dim: 1 } }")
-    read = set(plan.outputs) | {b for layer in plan.layers for b in layer.bottoms}
-    low = _Lowering(net, plan.inputs, read)
+    low = _Lowering(net, plan.inputs, plan.read)
     ops: List[Op] = []
     for layer in plan.layers:
         ops.extend(low.lower(layer.name, layer.module, list(layer.bottoms), list(layer.tops)))

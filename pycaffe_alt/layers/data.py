@@ -492,7 +492,7 @@ class DenseImageData(DataLayerBase):
         self.variable = self.batch_size == 1 and self.new_hw == (0, 0) and self.crop_hw == (0, 0)
         first = int(self.ordering.indices(0, 1)[0])
         image, label = self._read(first)
-        if label.shape[:2] != self._label_size(image):
+        if label.shape[:2] != self._label_size(image.shape[:2]):
             raise self.error(f"label image {self.pairs[first][1]!r} is {label.shape[1]} x "
                              f"{label.shape[0]}, its image {image.shape[1]} x {image.shape[0]}",
                              "input and label images must have the same height and width")
@@ -500,12 +500,13 @@ class DenseImageData(DataLayerBase):
         # The mean goes to the (cropped) image: checked now, naming the mean, not at the first
         # batch as numpy's broadcast failure.
         output_shape(self.spec, (image.shape[2], h, w), f"{self.list_path} pair {first + 1}")
-        lh, lw = (h, w) if self.label_factor == 1 else self.label_hw
-        self._top_shapes = [(self.batch_size, image.shape[2], h, w), (self.batch_size, 1, lh, lw)]
+        self._top_shapes = [(self.batch_size, image.shape[2], h, w),
+                            (self.batch_size, 1) + self._label_size((h, w))]
 
-    def _label_size(self, image: np.ndarray) -> Tuple[int, int]:
-        """The label image size that goes with ``image`` (the same, or ENet's reduced one)."""
-        return tuple(image.shape[:2]) if self.label_factor == 1 else self.label_hw
+    def _label_size(self, plane: Sequence[int]) -> Tuple[int, int]:
+        """The label size that goes with an image of ``plane`` (H, W): the same, or ENet's
+        reduced one."""
+        return (int(plane[0]), int(plane[1])) if self.label_factor == 1 else self.label_hw
 
     def _read(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         from ..data.image import read_image
@@ -526,7 +527,7 @@ class DenseImageData(DataLayerBase):
         items = []
         for index in indices.tolist():
             image, label = self._read(index)
-            if label.shape[:2] != self._label_size(image):
+            if label.shape[:2] != self._label_size(image.shape[:2]):
                 raise DataError(f"label image is {label.shape[1]} x {label.shape[0]}, its image "
                                 f"{image.shape[1]} x {image.shape[0]}",
                                 f"{self.list_path} pair {index + 1}",
@@ -545,8 +546,7 @@ class DenseImageData(DataLayerBase):
             items.append((image, label))
         shape = items[0][0].shape if self.variable else self._top_shapes[0][2:] + (self._top_shapes[0][1],)
         data = np.empty((n, shape[2], shape[0], shape[1]), dtype=np.float32)
-        lh, lw = shape[:2] if self.label_factor == 1 else self.label_hw
-        labels = np.empty((n, 1, lh, lw), dtype=np.float32)
+        labels = np.empty((n, 1) + self._label_size(shape[:2]), dtype=np.float32)
         for i, (image, label) in enumerate(items):
             if image.shape != shape:
                 raise DataError(f"image is {image.shape[1]} x {image.shape[0]} x {image.shape[2]}, "

@@ -28,7 +28,7 @@ from ..errors import CaffeError, WeightsError
 from ..log import get_logger, setup_logging
 from ..mode import resolve_device
 from ..proto import caffe_pb2
-from ..weights import uncovered_warning
+from ..weights import warn_uncovered
 from .cli import parse_args, run_main
 
 # Caffe commits (and logs) every 1000 records of a database.
@@ -44,6 +44,11 @@ def legacy_dims(shape: Sequence[int], blob: str) -> List[int]:
                          hint="extract a blob of at most 4 axes, e.g. add a Reshape or Flatten "
                               "layer above it to the feature prototxt")
     return [int(d) for d in shape] + [1] * (4 - len(shape))
+
+
+def _report(count: int, blob: str) -> None:
+    # Caffe's progress line, every 1000 records of a database and at its end.
+    get_logger().info("Extracted features of %d query images for feature blob %s", count, blob)
 
 
 def feature_datum(values: np.ndarray, dims: Sequence[int]) -> bytes:
@@ -106,11 +111,10 @@ def extract_features(net, blob_names: Sequence[str], db_paths: Sequence[str], nu
                         writers[i].put(f"{counts[i]:010d}", feature_datum(row, dims))
                         counts[i] += 1
                         if counts[i] % _REPORT_EVERY == 0:
-                            log.info("Extracted features of %d query images for feature blob %s",
-                                     counts[i], name)
+                            _report(counts[i], name)
     for name, n in zip(blob_names, counts):
         if n % _REPORT_EVERY:
-            log.info("Extracted features of %d query images for feature blob %s", n, name)
+            _report(n, name)
     log.info("Successfully extracted the features!")
     return counts
 
@@ -160,15 +164,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     normalize_backend(args.db_type)  # an unknown type is refused before the net is built
     net = Net(args.model, caffe_pb2.TEST, allow_python=args.allow_python, device=device)
     copied = net.copy_from(args.weights)
-    learnable = [n for n, blobs in net.params.items() if len(blobs)]
-    if not copied and learnable:
+    if not copied and len(net.params):
         raise WeightsError("no layer of the weights file has the name of a layer of the net, so "
                            "the features would be those of the random initial weights",
                            where=args.weights,
                            hint=f"check that the weights belong to {args.model}")
-    warning = uncovered_warning([args.weights], copied, learnable)
-    if warning:
-        get_logger().warning(warning)
+    warn_uncovered([args.weights], copied, net.params)
     counts = extract_features(net, args.blobs.split(","), args.datasets.split(","),
                               args.num_mini_batches, args.db_type)
     print(f"extract_features: {', '.join(f'{n} records of {b}' for n, b in zip(counts, args.blobs.split(',')))}"

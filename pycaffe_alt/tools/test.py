@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import CaffeError, WeightsError
-from ..weights import uncovered_warning
+from ..weights import warn_uncovered
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_logging
 from ..mode import resolve_device
@@ -92,10 +92,7 @@ def build_net(args, phase: int, require_weights_match: bool = False):
     copied = {w: net.copy_from(w) for w in names}
     matched = [w for w in names if copied[w]]
     if matched:
-        warning = uncovered_warning(matched, [n for w in matched for n in copied[w]],
-                                    [n for n, blobs in net.params.items() if len(blobs)])
-        if warning:
-            get_logger().warning(warning)
+        warn_uncovered(matched, [n for w in matched for n in copied[w]], net.params)
     if names and not matched and require_weights_match and len(net.params):
         raise WeightsError(f"no layer of {'this weights file' if len(names) == 1 else 'these weights files'} "
                            "has the name of a layer of the net, so nothing would be tested but "
