@@ -1,5 +1,7 @@
 """Input pipeline: order, prefetch engines (thread / worker processes), exact resume."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -134,3 +136,17 @@ def test_batches_follow_the_layer_device():
         data, label = layer()
         assert data.is_cuda and label.is_cuda and not layer.last_indices.is_cuda
     layer.close()
+
+
+def test_worker_processes_leave_no_temp_folders(tmp_path):
+    """Workers stopped by close() leave no multiprocessing folder (/tmp/pymp-*) behind: they
+    share the one this process made, removed when it exits (one per worker per run before)."""
+    code = ("import sys; sys.path[:0] = [%r]\n"
+            "from test_pipeline import train_layer, take\n"
+            "layer = train_layer(); layer.set_pipeline(workers=2); take(layer, 3); layer.close()\n"
+            % os.path.dirname(__file__))
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("pymp-")] == []

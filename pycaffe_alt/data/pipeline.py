@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import multiprocessing.util
 import os
 import queue
 import threading
@@ -437,6 +438,12 @@ class _ProcessPrefetcher:
             _BatchDataset(maker), batch_size=None, sampler=_CountFrom(start),
             num_workers=workers, pin_memory=pin, prefetch_factor=max(1, -(-depth // workers)),
             persistent_workers=False)
+        # A worker passes each batch's shared memory to this process through a socket in a
+        # multiprocessing temp folder (/tmp/pymp-*), made on first use and removed when that
+        # process exits normally. close() stops workers outright, so folders of their own
+        # would stay behind, one per worker per run. Made here first, the folder is inherited
+        # by the forked workers and removed when this process exits.
+        multiprocessing.util.get_temp_dir()
         self._iter = iter(loader)
 
     def next(self) -> Dict[str, torch.Tensor]:
