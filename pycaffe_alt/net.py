@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from . import memory_format as mf
-from .blob import Blob, BlobVec, HostMirror, ParamBlob, check_blob_shape, is_memory_of
+from .blob import (Blob, BlobVec, HostMirror, ParamBlob, check_blob_shape, is_memory_of,
+                   same_bits)
 from .blob_memory import check_blob_fits, zeros
 from .compile import CompiledNet
 from .errors import ArgumentTypeError, CaffeError, NetError, first_line, path_argument
@@ -1046,11 +1047,7 @@ class Net(nn.Module):
                 now, then = self._values.get(name), read[name]
                 if now is None:
                     continue
-                now = now.detach()
-                same = now.shape == then.shape and now.dtype == then.dtype and (
-                    torch.allclose(now, then, rtol=0.0, atol=0.0, equal_nan=True)
-                    if now.is_floating_point() else torch.equal(now, then))
-                if not same:
+                if not same_bits(now.detach(), then):
                     changed.add(name)
         return changed
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pycaffe_alt as caffe
+from pycaffe_alt.blob import same_bits
 from pycaffe_alt.errors import NetError, WeightsError
 from pycaffe_alt.prototxt import parse_text
 from pycaffe_alt.proto import caffe_pb2
@@ -142,6 +143,21 @@ def test_backward_reads_the_labels_the_blobs_hold_when_it_runs():
     label[...] = [4, 9]
     for a, b in zip(grads(held), want):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_label_rewrite_is_a_change_of_bits():
+    """What backward() counts as a rewritten label: any bit changed (NaN written again is no
+    change; -0.0 for 0.0 is one, which only re-records the same graph)."""
+    nan = torch.tensor([float("nan"), 1.0])
+    assert same_bits(nan, nan.clone())
+    assert not same_bits(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 2.0]))
+    assert not same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))
+    assert not same_bits(torch.zeros(2), torch.zeros(3))
+    assert not same_bits(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert same_bits(torch.tensor([3, 4]), torch.tensor([3, 4]))
+    assert not same_bits(torch.tensor([3, 4]), torch.tensor([3, 5]))
+    strided = torch.arange(8.0)[::2]
+    assert same_bits(strided, strided.clone()) and same_bits(strided.half(), strided.half())
 
 
 def test_backward_matches_autograd_and_accumulates(lenet):

@@ -468,6 +468,9 @@ class Pooling(Layer):
         if self.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
             raise self.error("global pooling allows only pad 0 and stride 1", "remove pad/stride")
         self.with_mask = len(param.top) > 1
+        # Every pass but global pooling's has the same geometry: made once.
+        self._fixed_geometry = PoolGeometry(self.kernel or (1, 1), self.stride, self.pad,
+                                            self.ceil)
         shape = tuple(bottom_shapes[0])
         if len(shape) != 4:
             raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {shape}",
@@ -491,8 +494,9 @@ class Pooling(Layer):
         return (int(getattr(pp, name)), int(getattr(pp, name)))
 
     def _geometry(self, h: int, w: int) -> PoolGeometry:
-        kernel = (int(h), int(w)) if self.kernel is None else self.kernel
-        return PoolGeometry(kernel, self.stride, self.pad, self.ceil)
+        if self.kernel is not None:
+            return self._fixed_geometry
+        return PoolGeometry((int(h), int(w)), self.stride, self.pad, self.ceil)
 
     def forward(self, x: torch.Tensor):
         if x.dim() != 4:
