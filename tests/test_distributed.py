@@ -44,9 +44,14 @@ def _case(tmp_path, name, batch, **fields):
     return folder
 
 
+def _log_dir(folder):
+    # torchrun's per-run folder goes to $TMPDIR and stays there unless it is given one.
+    return ["--log-dir", os.path.join(str(folder), "torchrun_logs")]
+
+
 def _torchrun(folder, *args, ranks=2, popen=False, **kw):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN,
+           *_log_dir(folder), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN,
            "--solver", "solver.prototxt", "--dist-timeout", "60", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=folder, env=_env(), stdout=subprocess.PIPE,
@@ -209,8 +214,8 @@ def test_a_bad_command_line_or_solver_file_is_reported_once(tmp_path):
     folder = _case(tmp_path, "bad", 8)
     (tmp_path / "bad" / "solvers" / "case" / "broken.prototxt").write_text("base_lr: [\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN,
-           "--solver", "broken.prototxt"]
+           *_log_dir(folder), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           TRAIN, "--solver", "broken.prototxt"]
     result = subprocess.run(cmd, cwd=folder, env=_env(), capture_output=True, text=True,
                             timeout=JOB_TIMEOUT)
     assert result.returncode != 0
@@ -434,7 +439,7 @@ def test_support_pass_split_by_record_gives_the_single_process_store(tmp_path):
     _ok(subprocess.run([sys.executable, script, str(tmp_path)], env=_env(), capture_output=True,
                        text=True, timeout=JOB_TIMEOUT))
     _ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
+                        *_log_dir(tmp_path), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
                         str(tmp_path)], env=_env(), capture_output=True, text=True,
                        timeout=JOB_TIMEOUT))
     for step in (1, 2):
@@ -680,7 +685,8 @@ def test_exact_steps_on_two_ranks_split_the_records_and_equal_one_process(tmp_pa
                              extra=extra)
         cmd = [TRAIN, "--solver", str(case["solver"]), "--weights", str(case["weights"])]
         if ranks == 2:
-            cmd = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+            cmd = ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   *_log_dir(tmp_path / name), "--master_addr",
                    "127.0.0.1", "--master_port", str(free_port()), *cmd, "--dist-timeout", "60"]
         result = subprocess.run([sys.executable, *cmd], env=_env(), capture_output=True,
                                 text=True, timeout=JOB_TIMEOUT)
