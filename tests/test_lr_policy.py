@@ -10,7 +10,8 @@ from google.protobuf import text_format
 
 from pycaffe_alt.errors import SolverError
 from pycaffe_alt.proto import caffe_pb2
-from pycaffe_alt.solver.lr_policy import LR_POLICIES, current_step, learning_rate, multistep_index
+from pycaffe_alt.solver.lr_policy import (LR_POLICIES, PlateauState, current_step, learning_rate,
+                                          multistep_index, plateau_advance)
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "solvers"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "ref.npz").exists())
@@ -34,6 +35,8 @@ TABLE = [
      [(0, 1.0), (5, 0.25), (8, 0.04), (10, 0.0)]),
     ('lr_policy: "sigmoid" base_lr: 2 gamma: 0.5 stepsize: 5',
      [(5, 1.0), (7, 2 / (1 + math.exp(-1))), (3, 2 / (1 + math.exp(1)))]),
+    # Without a held step (no loss seen yet) plateau is at its first step: base_lr.
+    ('lr_policy: "plateau" base_lr: 0.1 gamma: 0.5 plateau_winsize: 4', [(0, 0.1), (500, 0.1)]),
 ]
 
 
@@ -138,3 +141,78 @@ def test_rates_beyond_float_follow_c_pow(fields, it, expected):
         assert math.isnan(rate)
     else:
         assert rate == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# plateau (the SSD fork's GetLearningRate), against a sequence worked out by hand.
+
+PLATEAU = 'lr_policy: "plateau" base_lr: 0.1 gamma: 0.1 plateau_winsize: 3 plateau_winsize: 2 ' \
+          'plateau_winsize: 2'
+f32 = lambda x: float(np.float32(x))  # noqa: E731 - Caffe's minimum_loss_ is a float
+# (iteration, smoothed loss, expected (minimum_loss, iter_last_event, current_step) after it)
+PLATEAU_TRACE = [
+    (0, 5.0, (5.0, 0, 0)),            # the first loss is below FLT_MAX: an event at 0
+    (1, 4.0, (4.0, 1, 0)),            # new minimum: the window restarts at 1
+    (2, 4.0, (4.0, 1, 0)),            # equal is not below: no event
+    (3, 4.5, (4.0, 1, 0)),            # 3 < 1 + 3: one iteration short of the window
+    (4, 4.2, (4.0, 4, 1)),            # 4 >= 1 + 3: drop, the drop is the new event
+    (5, 3.9, (f32(3.9), 5, 1)),       # new minimum (float32) at 5, next window is 2
+    (6, 4.0, (f32(3.9), 5, 1)),       # 6 < 5 + 2
+    (7, 4.0, (f32(3.9), 7, 2)),       # 7 >= 5 + 2: second drop
+    (8, 3.9, (f32(3.9), 7, 2)),       # the same float32 value again: not below
+    (9, math.nan, (f32(3.9), 9, 3)),  # NaN never becomes the minimum; 9 >= 7 + 2: third drop
+    (10, 1.0, (1.0, 10, 3)),          # new minimum; no window left
+    (20, 2.0, (1.0, 10, 3)),          # never drops past the last window
+]
+
+
+def test_plateau_follows_the_forks_rule_by_hand():
+    param = solver(PLATEAU)
+    state = PlateauState()
+    assert state == (float(np.finfo(np.float32).max), 0, 0)  # SGDSolver::PreSolve's minimum
+    for it, loss, expected in PLATEAU_TRACE:
+        state = plateau_advance(param.plateau_winsize, state, loss, it)
+        assert state == expected, it
+        rate = learning_rate(param, it, state.current_step)
+        # base_lr * pow(gamma, step) on the float32 fields, rounded to the float32 rate
+        assert rate == f32(f32(0.1) * f32(0.1) ** expected[2]), it
+
+
+def test_plateau_goes_on_from_a_restored_state():
+    # After a resume the fork goes on from the solverstate's three values, whatever they are.
+    param = solver(PLATEAU)
+    held = PlateauState(minimum_loss=f32(1e38), iter_last_event=0, current_step=1)
+    assert plateau_advance(param.plateau_winsize, held, 7.0, 50) == (7.0, 50, 1)
+    held = PlateauState(minimum_loss=1.0, iter_last_event=48, current_step=1)
+    assert plateau_advance(param.plateau_winsize, held, 7.0, 49) == (1.0, 48, 1)
+    assert plateau_advance(param.plateau_winsize, held, 7.0, 50) == (1.0, 50, 2)
+    # current_step does not derive plateau's counter: the solver holds it.
+    assert current_step(param, 50, held=2) is None
+
+
+@pytest.mark.parametrize("fields,what", [
+    ('lr_policy: "plateau" base_lr: 0.1 gamma: 0.1', "plateau_winsize is not set"),
+    ('lr_policy: "plateau" base_lr: 0.1 gamma: 0.1 plateau_winsize: 5 plateau_winsize: 0',
+     r"plateau_winsize values must be > 0 \(got 0\)"),
+    ('lr_policy: "plateau" base_lr: 0.1 gamma: 0.1 plateau_winsize: -2',
+     r"plateau_winsize values must be > 0 \(got -2\)"),
+    ('lr_policy: "plateau" base_lr: 0.1 gamma: -0.1 plateau_winsize: 2', "gamma must be >= 0"),
+])
+def test_plateau_refuses_what_cannot_be_meant(fields, what):
+    with pytest.raises(SolverError, match=what) as e:
+        learning_rate(solver(fields), 0)
+    assert 'lr_policy "plateau"' in str(e.value)
+
+
+def test_plateau_refusal_names_the_solver_file_and_field(tmp_path):
+    import pycaffe_alt as caffe
+
+    path = tmp_path / "solver.prototxt"
+    path.write_text('net_param { layer { name: "x" type: "DummyData" top: "x" '
+                    'dummy_data_param { shape { dim: 1 } } } }\n'
+                    'base_lr: 0.1 lr_policy: "plateau" gamma: 0.1\n')
+    with pytest.raises(SolverError) as e:
+        caffe.get_solver(str(path), device="cpu")
+    text = str(e.value)
+    assert text.startswith(f"{path}: lr_policy \"plateau\": plateau_winsize is not set")
+    assert "hint: add plateau_winsize: N" in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from google.protobuf import text_format
@@ -218,3 +219,164 @@ def test_resume_continues_caffes_random_stream(tmp_path):
     assert rec1.losses + rec2.losses == rec.losses
     for a, b in zip(weights(straight), weights(resumed)):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# lr_policy "plateau" (the SSD fork): its state travels in the solverstate.
+
+PLATEAU_NET = """
+layer { name: "d" type: "DummyData" top: "x" top: "y"
+  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 }
+    data_filler { type: "uniform" min: -1 max: 1 } data_filler { type: "uniform" min: 0 max: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
+  inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" }"""
+
+
+def plateau_param(tmp_path, fmt="BINARYPROTO", extra="") -> caffe_pb2.SolverParameter:
+    p = caffe_pb2.SolverParameter()
+    text_format.Parse(PLATEAU_NET, p.net_param)
+    text_format.Parse('type: "Nesterov" momentum: 0.9 base_lr: 0.1 lr_policy: "plateau" '
+                      "gamma: 0.5 plateau_winsize: 1 plateau_winsize: 2 plateau_winsize: 3 "
+                      "max_iter: 12 random_seed: 3 snapshot_after_train: false " + extra,
+                      p)
+    p.snapshot_format = getattr(caffe_pb2.SolverParameter, fmt)
+    p.snapshot_prefix = str(tmp_path / "plateau")
+    return p
+
+
+class PlateauRecorder:
+    """Each iteration's smoothed loss (as the fork's GetLearningRate sees it) and the state after."""
+
+    def __init__(self):
+        self.smoothed, self.raw, self.states = [], [], []
+
+    def after_backward(self, solver, loss):
+        self.smoothed.append(float(loss))
+        self.raw.append(float(solver.net.loss().detach()))
+
+    def after_step(self, solver, loss):
+        self.states.append((solver.minimum_loss, solver.iter_last_event, solver.current_step))
+
+
+def run_plateau(param, iters, restore=None):
+    s = caffe.get_solver(param, device="cpu")
+    rec = PlateauRecorder()
+    s.add_hook(rec)
+    if restore:
+        s.restore(restore)
+    s.step(iters)
+    return s, rec
+
+
+def forks_plateau(smoothed, winsizes, start=0):
+    """The fork's GetLearningRate bookkeeping restated on a list of smoothed losses."""
+    minimum, last, step, out = float(np.finfo(np.float32).max), 0, 0, []
+    for it, loss in enumerate(smoothed, start):
+        if loss < minimum:
+            minimum, last = loss, it
+        if step < len(winsizes) and it >= last + winsizes[step]:
+            step, last = step + 1, it
+        out.append((minimum, last, step))
+    return out
+
+
+def test_plateau_reads_this_iterations_smoothed_loss(tmp_path):
+    # average_loss 3: the fork compares the window's mean, updated with this iteration's loss
+    # before ApplyUpdate (Solver::Step smooths, displays, then updates).
+    param = plateau_param(tmp_path, extra="average_loss: 3")
+    s, rec = run_plateau(param, 12)
+    assert rec.states == forks_plateau(rec.smoothed, [1, 2, 3])
+    assert rec.states[-1][2] >= 2  # the sequence plateaus: the rate dropped at least twice
+    # The previous iteration's smoothed loss, or the plain loss, would give other events: the
+    # test tells them apart.
+    assert forks_plateau([float("inf")] + rec.smoothed[:-1], [1, 2, 3]) != rec.states
+    assert forks_plateau(rec.raw, [1, 2, 3]) != rec.states
+    assert s.lr == pytest.approx(0.1 * 0.5 ** rec.states[-1][2])
+
+
+def test_plateau_logs_as_the_fork(tmp_path, caplog):
+    param = plateau_param(tmp_path, extra="display: 1")
+    with caplog.at_level("INFO", logger="pycaffe_alt"):
+        _, rec = run_plateau(param, 12)
+    lines = [r.getMessage() for r in caplog.records]
+    drops = [it for it in range(12) if rec.states[it][2] != (rec.states[it - 1][2] if it else 0)]
+    assert drops and [m for m in lines if m.endswith(tuple(f"step = {rec.states[it][2]}"
+                                                            for it in drops))] == \
+        [f"Plateau Status: Iteration {it}, step = {rec.states[it][2]}" for it in drops]
+    # display 1: the minimum is reported at every event (a new minimum or a drop).
+    events = [it for it in range(12) if rec.states[it][1] == it]
+    assert [m for m in lines if "current minimum_loss" in m] == \
+        [f"Plateau Status: Iteration {it}, current minimum_loss = {rec.states[it][0]:g}"
+         for it in events]
+    first = lines.index(f"Plateau Status: Iteration {drops[0]}, step = {rec.states[drops[0]][2]}")
+    assert lines[first + 2] == f"Iteration {drops[0]}, lr = {0.1 * 0.5 ** rec.states[drops[0]][2]:g}"
+
+
+@pytest.mark.parametrize("fmt", ["BINARYPROTO", "HDF5"])
+def test_plateau_n_plus_resume_plus_n_equals_2n_bitwise(tmp_path, fmt):
+    param = plateau_param(tmp_path, fmt)
+    straight, rec = run_plateau(param, 12)
+    first, rec1 = run_plateau(param, 5)
+    _, state = first.snapshot()
+    resumed, rec2 = run_plateau(param, 7, restore=state)
+    # The rate drops on both sides of the snapshot, whose window is open (last event at 4): a
+    # lost iter_last_event (0) would drop at 5, a lost minimum would make 5 an event.
+    assert rec.states[4][1:] == (4, 1) and rec.states[5][1:] == (4, 1)
+    assert rec.states[-1][2] > 1
+    assert rec1.states + rec2.states == rec.states
+    assert rec1.smoothed + rec2.smoothed == rec.smoothed
+    for a, b in zip(weights(straight), weights(resumed)):
+        assert torch.equal(a, b)
+    assert resumed.lr == straight.lr
+
+
+@pytest.mark.parametrize("fmt", ["BINARYPROTO", "HDF5"])
+def test_plateau_state_in_the_forks_fields(tmp_path, fmt):
+    import h5py
+
+    def fields(path):
+        if fmt == "HDF5":  # the fork's hdf5_save_int and hdf5_save_float<float>
+            with h5py.File(path, "r") as f:
+                if "minimum_loss" not in f and "iter_last_event" not in f:
+                    return None
+                assert f["iter_last_event"].dtype == np.int32 and f["iter_last_event"].shape == (1,)
+                assert f["minimum_loss"].dtype == np.float32 and f["minimum_loss"].shape == (1,)
+                return (float(f["minimum_loss"][0]), int(f["iter_last_event"][0]),
+                        int(f["current_step"][0]))
+        proto = caffe_pb2.SolverState.FromString(Path(path).read_bytes())
+        if not proto.HasField("minimum_loss") and not proto.HasField("iter_last_event"):
+            return None
+        return proto.minimum_loss, proto.iter_last_event, proto.current_step
+
+    first, rec = run_plateau(plateau_param(tmp_path, fmt), 5)
+    assert fields(first.snapshot()[1]) == rec.states[-1]
+    # Other policies write none (the fork writes them always): their files stay BVLC Caffe's.
+    other, _ = run(make_param(tmp_path, fmt), 1)
+    assert fields(other.snapshot()[1]) is None
+
+
+@pytest.mark.parametrize("fmt", ["BINARYPROTO", "HDF5"])
+def test_solverstate_without_plateau_fields_restores_the_protos_defaults(tmp_path, fmt):
+    """A solverstate without the fields (BVLC Caffe's, another policy's): the fork's binaryproto
+    restore takes the proto defaults, 1e38 and 0 (its HDF5 restore would abort; we do the same
+    as for binaryproto), and the run goes on from there."""
+    from pycaffe_alt.solver.snapshot import read_any_solverstate, write_solverstate_h5
+
+    param = plateau_param(tmp_path, fmt)
+    first, _ = run_plateau(param, 5)
+    _, path = first.snapshot()
+    data = read_any_solverstate(path)
+    bare = str(tmp_path / ("bare.solverstate" + (".h5" if fmt == "HDF5" else "")))
+    write = write_solverstate_h5 if fmt == "HDF5" else write_solverstate
+    write(bare, data.iter, data.current_step, data.learned_net, data.history, data.resume_state)
+    resumed = caffe.get_solver(param, device="cpu")
+    resumed.minimum_loss, resumed.iter_last_event = 0.5, 3
+    resumed.restore(bare)
+    assert (resumed.minimum_loss, resumed.iter_last_event, resumed.current_step) == \
+        (float(np.float32(1e38)), 0, data.current_step)
+    rec = PlateauRecorder()
+    resumed.add_hook(rec)
+    resumed.step(1)
+    # Any loss is below 1e38: iteration 5 is an event, which restarts the window (no drop).
+    assert rec.states == [(rec.smoothed[0], 5, data.current_step)]

@@ -5,6 +5,11 @@ policy is evaluated). Here every policy is a pure function ``(solver_param, it) 
 in a table, and the step counter that Caffe stores in the solverstate is derived separately by
 :func:`current_step`, so a restored ``current_step`` can be checked instead of trusted.
 
+``plateau`` (the SSD fork, weiliu89/caffe ``ssd``) is the one policy that is not a closed form of
+the iteration: it reads the smoothed training loss. Its bookkeeping is the pure
+:func:`plateau_advance` over a :class:`PlateauState`, which the solver holds and snapshots; the
+rate itself is then ``base_lr * gamma ^ current_step`` like ``multistep``.
+
 Precision: Caffe's rate is a ``Dtype`` (float32) built from float32 proto fields; intermediate
 ``pow``/``exp`` calls run in double. We evaluate the same expressions in float64 on the float32
 field values, with the float32 roundings Caffe performs on its ``Dtype`` sub-expressions, and
@@ -13,14 +18,15 @@ round the result to float32. The returned Python float is therefore exactly Caff
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from ..errors import SolverError
 
 _f32 = np.float32
-_LN_FLT_MAX = math.log(float(np.finfo(np.float32).max))  # float exp overflows above it
+FLT_MAX = float(np.finfo(np.float32).max)
+_LN_FLT_MAX = math.log(FLT_MAX)  # float exp overflows above it
 
 
 def _rounded(x: float) -> float:
@@ -110,6 +116,55 @@ def _multistep(p, it: int, step: Optional[int] = None) -> float:
     return _rounded(p.base_lr * c_pow(p.gamma, step))
 
 
+class PlateauState(NamedTuple):
+    """The SSD fork's plateau bookkeeping: ``SGDSolver::minimum_loss_``, ``iter_last_event_`` and
+    the ``current_step_`` it shares with ``step``/``multistep`` (all three go into the
+    solverstate). The defaults are a fresh solver's: ``PreSolve`` sets the minimum to
+    ``numeric_limits<float>::max()``; the fork leaves ``iter_last_event_`` uninitialized, and 0
+    (the solverstate's default) is what it holds in practice. Its value only matters until the
+    first finite smoothed loss replaces the minimum, which sets it to that iteration."""
+
+    minimum_loss: float = FLT_MAX
+    iter_last_event: int = 0
+    current_step: int = 0
+
+
+def plateau_advance(winsizes: Sequence[int], held: PlateauState, smoothed_loss: float,
+                    it: int) -> PlateauState:
+    """The fork's plateau update at iteration ``it``, done in ``GetLearningRate`` before the rate.
+
+    ``smoothed_loss`` is Caffe's ``smoothed_loss_`` at that moment: ``Step`` updates it with
+    this iteration's loss before ``ApplyUpdate``, so it includes iteration ``it``. First a
+    smoothed loss strictly below the minimum becomes the minimum, and that iteration is an
+    "event"; then, while steps remain (``current_step < len(winsizes)``), the rate drops one
+    step when ``it >= iter_last_event + winsizes[current_step]``, which is an event too (the
+    next window counts from it). A NaN loss never compares below, so it never resets the window.
+    Comparisons are in float32, the ``Dtype`` both values have in Caffe.
+    """
+    minimum, last, step = held
+    loss = float(_f32(smoothed_loss))
+    if loss < minimum:
+        minimum, last = loss, it
+    if 0 <= step < len(winsizes) and it >= last + winsizes[step]:
+        step, last = step + 1, it
+    return PlateauState(minimum, last, step)
+
+
+def _plateau(p, it: int, step: Optional[int] = None) -> float:
+    # The fork checks none of these (an empty plateau_winsize trains at base_lr, a window <= 0
+    # drops the rate at every iteration); each is a solver file that cannot mean what it says.
+    _require(len(p.plateau_winsize) > 0, "plateau", "plateau_winsize is not set, so the rate "
+             "would never drop (the SSD fork then trains at base_lr throughout)",
+             "add plateau_winsize: N, one per drop: the iterations without a new minimum of the "
+             "smoothed loss after which the rate is multiplied by gamma")
+    bad = [w for w in p.plateau_winsize if w <= 0]
+    _require(not bad, "plateau", f"plateau_winsize values must be > 0 (got {bad[0] if bad else 0})",
+             "each value is a number of iterations without a new minimum of the smoothed loss")
+    _require(p.gamma >= 0, "plateau", f"gamma must be >= 0 (got {p.gamma})",
+             "gamma is the factor applied at each plateau, e.g. gamma: 0.1")
+    return _rounded(p.base_lr * c_pow(p.gamma, 0 if step is None else step))
+
+
 def _poly(p, it: int) -> float:
     _require(p.max_iter > 0, "poly", f"max_iter must be > 0 (got {p.max_iter})",
              "poly decays the rate to zero at max_iter; set max_iter")
@@ -140,7 +195,11 @@ LR_POLICIES: Dict[str, Callable[[object, int], float]] = {
     "multistep": _multistep,
     "poly": _poly,
     "sigmoid": _sigmoid,
+    "plateau": _plateau,  # the SSD fork's
 }
+
+# Policies whose rate is base_lr * gamma ^ (a held step counter) rather than a function of ``it``.
+_HELD_STEP = (_multistep, _plateau)
 
 
 def _policy(name: str) -> Callable[[object, int], float]:
@@ -155,12 +214,13 @@ def learning_rate(solver_param, it: int, step: Optional[int] = None) -> float:
     """The rate Caffe uses (and logs as ``Iteration it, lr = ...``) for the update at ``it``.
 
     ``solver_param`` is a ``caffe_pb2.SolverParameter``; the result is float32-exact.
-    ``step``: the multistep counter for this iteration (:func:`current_step` with the held
-    value); without it, the counter of a run started at iteration 0. Other policies ignore it.
+    ``step``: the multistep or plateau counter for this iteration (:func:`current_step` with the
+    held value; :func:`plateau_advance`); without it, multistep's counter of a run started at
+    iteration 0, and plateau's first step (base_lr). Other policies ignore it.
     """
     policy = _policy(solver_param.lr_policy)
-    if step is not None and policy is _multistep:
-        return _multistep(solver_param, it, step)
+    if step is not None and policy in _HELD_STEP:
+        return policy(solver_param, it, step)
     return policy(solver_param, it)
 
 
@@ -169,9 +229,10 @@ def current_step(solver_param, it: int, held: Optional[int] = None) -> Optional[
 
     ``step`` sets it to ``it // stepsize``; ``multistep`` advances the ``held`` value by at most
     one (:func:`multistep_advance`), or, with ``held`` None, gives the count of a run started at
-    iteration 0 (:func:`multistep_index`). The other policies never touch it, so None is
-    returned and the caller keeps whatever value it had (0, or the one restored from a
-    solverstate).
+    iteration 0 (:func:`multistep_index`). ``plateau`` moves it from the smoothed loss
+    (:func:`plateau_advance`), which this function does not see. The other policies never touch
+    it. For those, None is returned and the caller keeps (or advances) whatever value it had (0,
+    or the one restored from a solverstate).
     """
     name = solver_param.lr_policy
     _policy(name)  # unknown names fail the same way as in learning_rate

@@ -3,12 +3,15 @@
 Layouts follow Caffe so that each side reads the other's files:
 
 - ``<prefix>_iter_<N>.solverstate``: a ``caffe_pb2.SolverState`` (iter, learned_net, history
-  blobs with their shapes, current_step). History blobs are in the update rule's order (see
+  blobs with their shapes, current_step; with ``lr_policy: "plateau"`` also the SSD fork's
+  ``minimum_loss`` and ``iter_last_event``, fields 5 and 6). History blobs are in the update rule's order (see
   :mod:`pycaffe_alt.solver.rules`: AdaDelta/Adam store all first-set blobs, then all second-set
   blobs).
 - ``<prefix>_iter_<N>.solverstate.h5`` (``snapshot_format: HDF5``): datasets ``iter`` and
   ``current_step`` (int32, shape (1,)), ``learned_net`` (a null-terminated fixed-length string,
-  as ``H5LTmake_dataset_string`` writes it) and a group ``history`` with datasets ``0``..``n-1``.
+  as ``H5LTmake_dataset_string`` writes it) and a group ``history`` with datasets ``0``..``n-1``;
+  with ``plateau`` also the fork's ``iter_last_event`` (int32, shape (1,)) and ``minimum_loss``
+  (float32, shape (1,), as its ``hdf5_save_float<float>`` writes it).
 - ``<prefix>_iter_<N>.caffemodel.h5``: a group ``data`` with one group per layer, holding the
   layer's blobs as datasets ``0``, ``1``, ... (Caffe's ``Net::ToHDF5``).
 
@@ -42,6 +45,7 @@ from ..errors import SolverError, WeightsError
 from ..fileio import check_input_path, read_input_bytes, refuse_external_data
 from ..proto import caffe_pb2
 from ..proto.text_fields import invalid_text_field
+from .lr_policy import PlateauState
 from ..weights import array_to_blob, atomic_write, blob_to_array
 
 RESUME_MAGIC = b"pycaffe_alt.resume.v1\n"
@@ -77,14 +81,37 @@ def is_hdf5(path: str) -> bool:
     return path.endswith(".h5")
 
 
-class SolverStateData(NamedTuple):
-    """What a solverstate holds; unpacks as ``(iter, current_step, learned_net, history, resume_state)``."""
+# SolverState.minimum_loss's proto default (1e38 as a float): what the fork restores from a
+# solverstate written without plateau bookkeeping (BVLC Caffe's, or another policy's of ours).
+_UNSET_MINIMUM_LOSS = float(np.float32(1e38))
 
+
+class _SolverStateTuple(NamedTuple):
     iter: int
     current_step: int
     learned_net: Optional[str]
     history: List[np.ndarray]
     resume_state: Optional[Dict[str, Any]]
+
+
+class SolverStateData(_SolverStateTuple):
+    """What a solverstate holds; unpacks as ``(iter, current_step, learned_net, history, resume_state)``.
+
+    The SSD fork's plateau bookkeeping comes as the attributes ``minimum_loss`` and
+    ``iter_last_event``, outside the tuple so that it still unpacks into five. A file without
+    them gives the proto defaults (1e38 and 0), as the fork's binaryproto restore does.
+    """
+
+    minimum_loss: float = _UNSET_MINIMUM_LOSS  # the defaults, also for _replace/_make copies
+    iter_last_event: int = 0
+
+    def __new__(cls, iter: int, current_step: int, learned_net: Optional[str],
+                history: List[np.ndarray], resume_state: Optional[Dict[str, Any]],
+                minimum_loss: float = _UNSET_MINIMUM_LOSS, iter_last_event: int = 0):
+        self = super().__new__(cls, iter, current_step, learned_net, history, resume_state)
+        self.minimum_loss = minimum_loss
+        self.iter_last_event = iter_last_event
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,12 +200,15 @@ def _history_arrays(states: Sequence, path: str) -> List[np.ndarray]:
 
 def write_solverstate(path: str, iter: int, current_step: int, learned_net: Optional[str],
                      history: Sequence[np.ndarray],
-                     resume_state: Optional[Dict[str, Any]] = None) -> None:
+                     resume_state: Optional[Dict[str, Any]] = None,
+                     plateau: Optional[PlateauState] = None) -> None:
     """Write a Caffe ``.solverstate`` atomically (history as float32 blobs with shapes).
 
     ``learned_net`` is the matching ``.caffemodel`` path as Caffe records it (None leaves the
     field unset: restoring then keeps the net's current weights). ``resume_state`` is our
-    continuation data, stored in the field Caffe ignores.
+    continuation data, stored in the field Caffe ignores. ``plateau``: the SSD fork's
+    ``minimum_loss`` and ``iter_last_event`` are written from it (its ``current_step`` is the
+    argument's); None writes neither, as BVLC Caffe does.
     """
     state = caffe_pb2.SolverState()
     state.iter = int(iter)
@@ -187,6 +217,9 @@ def write_solverstate(path: str, iter: int, current_step: int, learned_net: Opti
     for arr in history:
         state.history.append(array_to_blob(np.asarray(arr)))
     state.current_step = int(current_step)
+    if plateau is not None:
+        state.iter_last_event = int(plateau.iter_last_event)
+        state.minimum_loss = plateau.minimum_loss
     if resume_state is not None:
         state.resume_state = encode_resume_state(resume_state)
     atomic_write(path, state.SerializeToString())
@@ -232,7 +265,8 @@ def read_solverstate(path: str) -> SolverStateData:
     return SolverStateData(
         iter=state.iter, current_step=state.current_step,
         learned_net=state.learned_net if state.HasField("learned_net") else None,
-        history=_history_arrays(state.history, path), resume_state=resume)
+        history=_history_arrays(state.history, path), resume_state=resume,
+        minimum_loss=state.minimum_loss, iter_last_event=state.iter_last_event)
 
 
 def _check_counters(it: int, step: int, path: str) -> None:
@@ -303,14 +337,19 @@ def _h5_bytes(fill) -> bytes:
 
 def write_solverstate_h5(path: str, iter: int, current_step: int, learned_net: Optional[str],
                          history: Sequence[np.ndarray],
-                         resume_state: Optional[Dict[str, Any]] = None) -> None:
-    """Write ``.solverstate.h5`` as Caffe's ``SnapshotSolverStateToHDF5`` lays it out, atomically."""
+                         resume_state: Optional[Dict[str, Any]] = None,
+                         plateau: Optional[PlateauState] = None) -> None:
+    """Write ``.solverstate.h5`` as Caffe's ``SnapshotSolverStateToHDF5`` lays it out, atomically
+    (``plateau`` as in :func:`write_solverstate`, in the fork's datasets)."""
 
     def fill(f) -> None:
         _save_int(f, "iter", int(iter))
         if learned_net is not None:
             _save_string(f, "learned_net", learned_net)
         _save_int(f, "current_step", int(current_step))
+        if plateau is not None:
+            _save_int(f, "iter_last_event", int(plateau.iter_last_event))
+            f.create_dataset("minimum_loss", data=np.array([plateau.minimum_loss], np.float32))
         group = f.create_group("history")
         for i, arr in enumerate(history):
             group.create_dataset(str(i), data=np.asarray(arr, dtype=np.float32))
@@ -343,6 +382,12 @@ def read_solverstate_h5(path: str) -> SolverStateData:
             refuse_external_data(f, path, SolverError)
             it = int(np.asarray(f["iter"]).reshape(-1)[0])
             step = int(np.asarray(f["current_step"]).reshape(-1)[0])
+            # The fork requires both datasets; without them (BVLC Caffe's file, another policy's)
+            # we take the values its binaryproto restore would, so a run may switch to plateau.
+            last_event = (int(np.asarray(f["iter_last_event"]).reshape(-1)[0])
+                          if "iter_last_event" in f else 0)
+            minimum = (float(np.asarray(f["minimum_loss"], dtype=np.float32).reshape(-1)[0])
+                       if "minimum_loss" in f else _UNSET_MINIMUM_LOSS)
             learned = None
             if "learned_net" in f:
                 value = f["learned_net"][()]
@@ -358,7 +403,8 @@ def read_solverstate_h5(path: str) -> SolverStateData:
         raise SolverError("history datasets are not numbered 0..n-1", where=path,
                           hint="the file is damaged; resume from another snapshot")
     return SolverStateData(iter=it, current_step=step, learned_net=learned, history=history,
-                           resume_state=None if resume is None else decode_resume_state(resume, path))
+                           resume_state=None if resume is None else decode_resume_state(resume, path),
+                           minimum_loss=minimum, iter_last_event=last_event)
 
 
 def read_any_solverstate(path: str) -> SolverStateData:

@@ -35,7 +35,7 @@ from ..signal_requests import CountedRequest
 from ..train import debug_info, loop
 from ..train.resume import apply as apply_resume_state
 from ..train.resume import capture as capture_resume_state
-from .lr_policy import current_step, learning_rate
+from .lr_policy import PlateauState, current_step, learning_rate, plateau_advance
 from .regularize import clip_gradients, local_decay, normalize, regularize, regularizer
 from .rules import RuleHyper, apply_update, check_hyper, local_rate, update_rule
 from .snapshot import (check_history, is_hdf5, read_any_solverstate, snapshot_companion,
@@ -124,6 +124,9 @@ class Solver:
         self.precision = MixedPrecision.from_solver_param(self.param, self.device, self.source)
         self._iter = 0
         self.current_step = 0
+        # The SSD fork's plateau bookkeeping (lr_policy "plateau"), snapshotted with current_step.
+        self.minimum_loss: float = PlateauState().minimum_loss
+        self.iter_last_event: int = PlateauState().iter_last_event
         logger.info("Initializing solver from parameters: %s", self.source)
         self.check_snapshot_folder(required=self.param.snapshot > 0)
         # Caffe seeds before building the nets: fillers, dropout and data streams follow it.
@@ -376,9 +379,11 @@ class Solver:
 
     @property
     def lr(self) -> float:
-        """The learning rate of the current iteration (pycaffe ``SGDSolver.lr``)."""
-        return learning_rate(self.param, self._iter,
-                             current_step(self.param, self._iter, self.current_step))
+        """The learning rate of the current iteration (pycaffe ``SGDSolver.lr``). For
+        ``plateau`` it is the rate at the held step: whether this iteration drops it depends on
+        its loss, not yet computed."""
+        step = current_step(self.param, self._iter, self.current_step)
+        return learning_rate(self.param, self._iter, self.current_step if step is None else step)
 
     @property
     def nets(self) -> List[Net]:
@@ -509,7 +514,8 @@ class Solver:
         """Caffe's SGDSolver::ApplyUpdate for the current iteration, then ``iter += 1``."""
         it = self._iter
         with located_in(self.source):  # e.g. no lr_policy at all: a solver-file error
-            step = current_step(self.param, it, self.current_step)
+            step = (self._advance_plateau(it) if self.param.lr_policy == "plateau"
+                    else current_step(self.param, it, self.current_step))
             rate = learning_rate(self.param, it, step)
         if step is not None:
             if self.param.lr_policy == "multistep" and step != self.current_step:
@@ -533,6 +539,25 @@ class Solver:
             self.rule.update(diffs, self.history, self._local_rates(rate), self.hyper, it)
             apply_update(self._datas, diffs)
         self._iter += 1
+
+    def _advance_plateau(self, it: int) -> int:
+        """The SSD fork's plateau bookkeeping for iteration ``it`` (``plateau_advance`` on the
+        held state), with its two log lines; returns the step counter for this iteration's rate.
+
+        The fork reads ``smoothed_loss_`` in ``GetLearningRate``, called first thing in
+        ``ApplyUpdate``: after ``Step`` smoothed this iteration's loss (and displayed it), so the
+        smoother's current value. Reading it is a host sync on a GPU, once per iteration."""
+        held = PlateauState(self.minimum_loss, self.iter_last_event, self.current_step)
+        new = plateau_advance(self.param.plateau_winsize, held, self.smoother.value(), it)
+        self.minimum_loss, self.iter_last_event = new.minimum_loss, new.iter_last_event
+        if new.current_step != held.current_step:
+            logger.info("Plateau Status: Iteration %d, step = %d", it, new.current_step)
+        # The fork reports the minimum at display iterations when an event (a new minimum or a
+        # drop) happened since the previous display.
+        if self.display_due(it) and new.iter_last_event > it - self.param.display:
+            logger.info("Plateau Status: Iteration %d, current minimum_loss = %s", it,
+                        format_value(new.minimum_loss))
+        return new.current_step
 
     # ------------------------------------------------------------------ testing
     def test(self, test_net_id: int = 0) -> "OrderedDict[str, float]":
@@ -660,14 +685,21 @@ class Solver:
             self.net.save(model, self._layer_diffs() if self.param.snapshot_diff else None)
         history = [h.detach().cpu().numpy() for h in self.history]
         resume_state = self._resume_state()
+        # The fork writes its plateau fields whatever the policy (iter_last_event then holds
+        # whatever it held); we write them where they mean something, so other policies' files
+        # stay BVLC Caffe's. Its restore reads them unconditionally (see restore).
+        plateau = (PlateauState(self.minimum_loss, self.iter_last_event, self.current_step)
+                   if self.param.lr_policy == "plateau" else None)
         if hdf5:
             state = snapshot_filename(prefix, self._iter, ".solverstate.h5")
             logger.info("Snapshotting solver state to HDF5 file %s", state)
-            write_solverstate_h5(state, self._iter, self.current_step, model, history, resume_state)
+            write_solverstate_h5(state, self._iter, self.current_step, model, history, resume_state,
+                                 plateau)
         else:
             state = snapshot_filename(prefix, self._iter, ".solverstate")
             logger.info("Snapshotting solver state to binary proto file %s", state)
-            write_solverstate(state, self._iter, self.current_step, model, history, resume_state)
+            write_solverstate(state, self._iter, self.current_step, model, history, resume_state,
+                              plateau)
         self.last_snapshot = (model, state)
         for hook in self.hooks:
             if hasattr(hook, "on_snapshot"):
@@ -691,7 +723,7 @@ class Solver:
 
     def restore(self, state_path: str) -> None:
         """Caffe's Restore from a ``.solverstate`` (or ``.solverstate.h5``): iteration,
-        current_step, history and the weights of ``learned_net``; with our continuation data also
+        current_step (and the SSD fork's plateau minimum_loss, iter_last_event), history and the weights of ``learned_net``; with our continuation data also
         the data cursors and random generators (otherwise the data restarts where it is, as in
         Caffe)."""
         state_path = path_argument(state_path, "restore()")
@@ -716,6 +748,8 @@ class Solver:
                 h.copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(h.shape).to(h.device, h.dtype))
         self._iter = int(data.iter)
         self.current_step = int(data.current_step)
+        # As the fork, whatever the policy: a file without them gives the proto defaults.
+        self.minimum_loss, self.iter_last_event = data.minimum_loss, int(data.iter_last_event)
         if data.resume_state is not None:
             try:
                 self._apply_resume_state(data.resume_state, state_path)
