@@ -598,6 +598,7 @@ def test_a_request_made_while_the_ranks_exchange_is_kept(tmp_path, monkeypatch):
 
     import pycaffe_alt as caffe
     from pycaffe_alt.distributed import DataParallel
+    from pycaffe_alt.errors import DistributedError
 
     folder = _case(tmp_path, "req", 8, max_iter=50, snapshot=0, test_interval=1000)
     monkeypatch.chdir(folder)
@@ -698,3 +699,30 @@ def test_exact_steps_on_two_ranks_split_the_records_and_equal_one_process(tmp_pa
         finals.append(hidden_weights(tmp_path / name / "snap_iter_2.caffemodel"))
     np.testing.assert_allclose(finals[1], finals[0], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(finals[3], finals[2], rtol=1e-6, atol=1e-9)
+
+
+def test_plateau_is_refused_data_parallel(tmp_path):
+    """The SSD fork drops the rate from the root solver's smoothed loss alone; every rank of
+    ours applies the update with its own loss, so the ranks would part: refused at the start."""
+    import torch.distributed as dist
+    from google.protobuf import text_format
+
+    import pycaffe_alt as caffe
+    from pycaffe_alt.distributed import DataParallel
+    from pycaffe_alt.errors import DistributedError
+    from pycaffe_alt.proto import caffe_pb2
+
+    p = caffe_pb2.SolverParameter()
+    text_format.Parse('net_param { layer { name: "x" type: "DummyData" top: "x" '
+                      'dummy_data_param { shape { dim: 1 } } } } base_lr: 0.1 '
+                      'lr_policy: "plateau" gamma: 0.1 plateau_winsize: 5', p)
+    solver = caffe.get_solver(p, device="cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(DistributedError, match='lr_policy "plateau" cannot run '
+                                                   "data-parallel") as e:
+            DataParallel(solver)
+        assert ": lr_policy" in str(e.value) and "multistep" in str(e.value)
+    finally:
+        dist.destroy_process_group()

@@ -83,6 +83,15 @@ class DataParallel:
             raise DistributedError("DataParallel needs an initialized process group",
                                    hint="call pycaffe_alt.distributed.join(...) or "
                                         "torch.distributed.init_process_group first")
+        if solver.param.lr_policy == "plateau":
+            # Every rank reaches this, so the job stops on all of them rather than hanging.
+            raise DistributedError(
+                'lr_policy "plateau" cannot run data-parallel: the SSD fork drops the rate from '
+                "the root solver's smoothed loss alone (its worker solvers apply no update), "
+                "while here every rank applies the update with its own loss, so the ranks' "
+                "rates, and then their weights, would part", where=f"{solver.source}: lr_policy",
+                hint="train on one process, or use lr_policy \"multistep\" with the iterations "
+                     "at which the plateau run dropped the rate", rank=0)
         self.solver = solver
         self.group = group
         self.rank = dist.get_rank(group)
