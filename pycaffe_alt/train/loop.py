@@ -30,7 +30,8 @@ The loop drives any object with the solver's public training surface: ``iter``, 
 
 Host syncs: the loss stays on the device. It is read at display iterations (to print it), by the
 non-finite guard (every iteration on the CPU where reading is free; on a GPU at display
-iterations, before every snapshot and at the end of ``step``), and once when ``step`` returns.
+iterations, before every snapshot and at the end of ``step``), once when ``step`` returns, and, with
+the SSD fork's ``lr_policy: "plateau"``, by the update of every iteration (its rate depends on it).
 """
 from __future__ import annotations
 
