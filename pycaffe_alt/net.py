@@ -469,6 +469,12 @@ class Net(nn.Module):
         # Backward seeds come only from blobs whose (last) producer runs backward.
         self._seedable = {t for step, need in zip(self._steps, plan.layer_needs) if need
                           for t in step.tops}
+        # Blob name -> the steps that write it, in order (the producer, then in-place layers):
+        # which of a blob's values a partial backward starts from or ends at.
+        self._writers: Dict[str, List[int]] = {}
+        for step in self._steps:
+            for t in step.tops:
+                self._writers.setdefault(t, []).append(step.index)
         self._register_modules(modules)
         self._views = self._make_views(modules)
 
@@ -989,7 +995,8 @@ class Net(nn.Module):
             list(dict.fromkeys(self._outputs + list(self._loss_weights)))
         if lo > hi:  # Caffe's BackwardFromTo runs nothing for a reversed range
             seeds = []
-        tensors, grads = self._seed_tensors(seeds)
+        top_of = hi if start is not None else None
+        tensors, grads = self._seed_tensors(seeds, top_of)
         if (not tensors and any(name in self._seedable for name in seeds)) or \
                 not self._spent_steps.isdisjoint(range(lo, hi + 1)):
             # No graph yet, or a previous backward freed it: Caffe's backward can run any
@@ -1001,7 +1008,7 @@ class Net(nn.Module):
                 # Only the layers a forward(end=...) left above its end: the layers below keep
                 # this pass's graph (and Dropout masks).
                 self._merge_replayed(min(spent), self._replay_graph(min(spent), hi))
-            tensors, grads = self._seed_tensors(seeds)
+            tensors, grads = self._seed_tensors(seeds, top_of)
         else:
             changed = self._rewritten_bottoms(lo, hi)
             if changed:
@@ -1010,7 +1017,7 @@ class Net(nn.Module):
                 # forward's graph (no second BatchNorm average update, the same Dropout masks).
                 start = min(i for i, name in self._backward_reads if name in changed)
                 self._merge_replayed(start, self._replay_graph(start, hi, dirty=changed))
-                tensors, grads = self._seed_tensors(seeds)
+                tensors, grads = self._seed_tensors(seeds, top_of)
         if tensors:
             self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
             self._spent_steps.update(range(lo, hi + 1))
@@ -1023,11 +1030,19 @@ class Net(nn.Module):
         names += [d for d in diffs or () if d not in names]
         return {n: self.blobs[n].diff for n in names}
 
-    def _seed_tensors(self, seeds: Sequence[str]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """The seeds' values that carry a graph, and their diffs as the gradients to push."""
+    def _seed_tensors(self, seeds: Sequence[str], top_of: Optional[int] = None
+                      ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The seeds' values that carry a graph, and their diffs as the gradients to push.
+
+        With ``top_of`` (the index of ``backward(start=)``'s layer) a seed is that layer's own
+        output: Caffe's BackwardFromTo starts at that layer, so in-place layers above it (a
+        ReLU after the start Convolution) take no part and their masks are not applied."""
         tensors, grads = [], []
         for name in seeds:
             v = self._values.get(name)
+            writers = self._writers.get(name, ())
+            if top_of is not None and writers and writers[0] == top_of and len(writers) > 1:
+                v = self._first_versions.get(name, v)
             if v is not None and v.requires_grad and name in self._seedable:
                 tensors.append(v)
                 grads.append(self._store.diff_tensor(name).to(v.dtype))
@@ -1073,6 +1088,7 @@ class Net(nn.Module):
         """
         self._push_host_writes()
         values, first = self._values, {}
+        kept: Dict[str, Optional[torch.Tensor]] = {}
         dirty = set(dirty) if dirty is not None else None
         with torch.enable_grad():
             for step in self._steps[lo:hi + 1]:
@@ -1093,7 +1109,15 @@ class Net(nn.Module):
                 out = step.layer(*bottoms)
                 for t, v in zip(step.tops, (out,) if isinstance(out, torch.Tensor) else out):
                     first.setdefault(t, v)
+                    if self._writers[t][-1] > hi:
+                        # An in-place layer above the range rewrote this blob: its data stays
+                        # that layer's output (Caffe's Backward never changes blob data); the
+                        # replayed value is reached through ``first``.
+                        kept.setdefault(t, values.get(t))
                     values[t] = v
+        for t, v in kept.items():
+            if v is not None:
+                values[t] = v
         return first
 
     def _accumulate_grads(self, tensors, grads, steps: Sequence[Step], whole: bool = False) -> None:
@@ -1112,8 +1136,7 @@ class Net(nn.Module):
         blob_names = list(dict.fromkeys(n for s in steps for n in s.bottoms + s.tops))
         blob_ts = []
         for n in blob_names:
-            # In-place chains: a blob's diff is the gradient of its first value in this pass.
-            t = self._first_versions.get(n, self._values.get(n))
+            t = self._diff_version(n, steps)
             if t is not None and t.requires_grad:
                 blob_ts.append((n, t))
         params = list({id(p): p for s in steps for p in s.layer.blobs if p.requires_grad}.values())
@@ -1145,6 +1168,21 @@ class Net(nn.Module):
             else:
                 self._diffs[n] = g.clone() if g.untyped_storage().data_ptr() in held else g
 
+    def _diff_version(self, name: str, steps: Sequence[Step]) -> Optional[torch.Tensor]:
+        """The value of blob ``name`` whose gradient a backward over ``steps`` leaves as its diff.
+
+        Caffe's in-place layers share one blob, and each one's Backward rewrites its diff, so
+        after BackwardFromTo the diff is the gradient w.r.t. the value the lowest layer of the
+        range that reads the blob read. In-place chains that start in the range: the first
+        value (conv, then in-place ReLU: the diff is the pre-ReLU gradient). A chain that ended
+        below the range (a backward that starts at the conv above a conv + ReLU, as
+        layer-by-layer backward loops do): the final value, so no ReLU outside the range masks
+        the diff (and its graph is left for a later backward over it)."""
+        readers = [s.index for s in steps if name in s.bottoms]
+        if readers and all(w < min(readers) for w in self._writers.get(name, ())):
+            return self._values.get(name)
+        return self._first_versions.get(name, self._values.get(name))
+
     @staticmethod
     def _backward_whole(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:
         # A hook per blob keeps its gradient as it passes. (Passing the blobs as ``inputs``
@@ -1173,7 +1211,12 @@ class Net(nn.Module):
         got = torch.autograd.grad(tensors, inputs, grads, allow_unused=True)
         for p, g in zip(params, got[len(blob_ts):]):
             if g is not None:
-                if p.grad is None:  # a blob diff sharing it is copied by the caller
+                if p.grad is None and g.stride() != p.stride():
+                    # autograd.grad may hand a conv weight's gradient in another layout; a
+                    # later whole backward accumulates into .grad and torch warns ("gradient
+                    # layout contract") when .grad's strides are not the parameter's.
+                    p.grad = torch.empty_like(p, requires_grad=False).copy_(g.detach())
+                elif p.grad is None:  # a blob diff sharing it is copied by the caller
                     p.grad = g.detach()
                 else:  # in place, as Caffe accumulates: diff arrays the user holds stay live
                     p.grad.add_(g.detach())

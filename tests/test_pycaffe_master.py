@@ -67,6 +67,57 @@ def test_backward_without_end_returns_the_input_diffs_plus_diffs(tmp_path):
     np.testing.assert_allclose(out["x"], np.full((2, 3), 2.0))
 
 
+CONV_RELU = """name: 'cr' force_backward: true input: 'data' input_shape { dim: 1 dim: 2 dim: 6 dim: 6 }
+layer { name: 'conv1' type: 'Convolution' bottom: 'data' top: 'conv1'
+  convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: 'gaussian' std: 0.5 } } }
+layer { name: 'relu1' type: 'ReLU' bottom: 'conv1' top: 'conv1' }
+layer { name: 'conv2' type: 'Convolution' bottom: 'conv1' top: 'conv2'
+  convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: 'gaussian' std: 0.5 } } }
+layer { name: 'relu2' type: 'ReLU' bottom: 'conv2' top: 'conv2' }
+layer { name: 'conv3' type: 'Convolution' bottom: 'conv2' top: 'conv3'
+  convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: 'gaussian' std: 0.5 } } }
+"""
+
+
+def test_layer_by_layer_backward_through_in_place_relus(tmp_path):
+    # fzliu/style-transfer's loop: backward(start=layer, end=next_layer) segment by segment,
+    # adding to each segment's diff. Caffe's BackwardFromTo runs exactly the layers of the
+    # range: a ReLU below the range does not mask the conv1 diff, one in the range does, and a
+    # backward that starts at conv1 ignores relu1 above it. It crashed ("backward through the
+    # graph a second time") and masked the first diff.
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+    from torch.nn.grad import conv2d_input
+    path = tmp_path / "net.prototxt"
+    path.write_text(CONV_RELU)
+    caffe.set_random_seed(3)
+    net = caffe.Net(str(path), caffe.TEST)
+    x = np.random.RandomState(0).randn(1, 2, 6, 6).astype(np.float32)
+    net.forward(data=x)
+    data = {k: b.data.copy() for k, b in net.blobs.items()}
+    w = {k: torch.tensor(v[0].data.copy()) for k, v in net.params.items()}
+    b = {k: torch.tensor(v[1].data.copy()) for k, v in net.params.items()}
+    r1 = F.conv2d(torch.tensor(x), w["conv1"], b["conv1"]).clamp(min=0)
+    r2 = F.conv2d(r1, w["conv2"], b["conv2"]).clamp(min=0)
+
+    net.blobs["conv3"].diff[...] = 1
+    net.backward(start="conv3", end="conv2")  # conv3, relu2, conv2
+    g2 = conv2d_input(r2.shape, w["conv3"], torch.ones(1, 2, 2, 2)) * (r2 > 0)
+    np.testing.assert_allclose(net.blobs["conv2"].diff, g2.numpy(), atol=1e-5)
+    np.testing.assert_allclose(net.blobs["conv1"].diff, conv2d_input(r1.shape, w["conv2"], g2),
+                               atol=1e-5)  # relu1 is below the range: no mask
+    net.blobs["conv2"].diff[...] += 0.5
+    net.backward(start="conv2", end="conv1")  # conv2, relu1, conv1
+    g1 = conv2d_input(r1.shape, w["conv2"], g2 + 0.5) * (r1 > 0)
+    np.testing.assert_allclose(net.blobs["conv1"].diff, g1.numpy(), atol=1e-5)
+    net.blobs["conv1"].diff[...] *= 2
+    net.backward(start="conv1")  # conv1 only: relu1 above it takes no part
+    np.testing.assert_allclose(net.blobs["data"].diff,
+                               conv2d_input((1, 2, 6, 6), w["conv1"], 2 * g1), atol=1e-5)
+    for name, value in data.items():  # backward never changes blob data
+        np.testing.assert_array_equal(net.blobs[name].data, value)
+
+
 def test_backward_works_without_a_forward_first(net):
     # Caffe's Backward reads the blobs; BVLC's tests call net.backward() right after Net().
     g = np.ones(net.blobs["ip"].diff.shape, np.float32)
