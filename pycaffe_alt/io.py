@@ -26,10 +26,18 @@ from .proto import caffe_pb2
 
 
 def _int_sequence(value, what: str) -> Tuple[int, ...]:
-    """A sequence of whole numbers as a tuple of ints, or an ArgumentTypeError naming ``what``."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    """A sequence of whole numbers as a tuple of ints, or an ArgumentTypeError naming ``what``.
+
+    Anything iterable counts, as pycaffe only indexes and slices these: protobuf's repeated
+    fields iterate by the sequence protocol and have no ``__iter__`` (DIGITS' example.py gives
+    the Transformer ``net_param.input_shape[0].dim``)."""
+    try:
+        items = None if isinstance(value, (str, bytes)) else iter(value)
+    except TypeError:
+        items = None
+    if items is None:
         raise ArgumentTypeError(f"{what} must be a sequence of integers, got {value!r}"[:300])
-    return tuple(integer_argument(v, what) for v in value)
+    return tuple(integer_argument(v, what) for v in items)
 
 
 # --- proto / datum / ndarray conversion ---------------------------------------------------------

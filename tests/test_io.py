@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pycaffe_alt.io as cio
-from pycaffe_alt.errors import DataError
+from pycaffe_alt.errors import ArgumentTypeError, DataError
 from pycaffe_alt.proto import caffe_pb2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +72,20 @@ def test_resize_and_oversample():
     assert crops.shape == (10, 4, 6, 3)
     assert np.array_equal(crops[0], img[:4, :6]) and np.array_equal(crops[3], img[4:, 4:])
     assert np.array_equal(crops[4], img[2:6, 2:8]) and np.array_equal(crops[5], img[:4, :6][:, ::-1])
+
+
+def test_transformer_takes_a_protobuf_repeated_field_as_shape():
+    # DIGITS' example.py: Transformer(inputs={'data': net_param.input_shape[0].dim}). Protobuf's
+    # repeated fields iterate by __getitem__ (no __iter__); pycaffe only indexes and slices them.
+    net = caffe_pb2.NetParameter()
+    net.input_shape.add().dim.extend([1, 3, 6, 8])
+    t = cio.Transformer({"data": net.input_shape[0].dim})
+    t.set_transpose("data", (2, 0, 1))
+    _, channels, height, width = t.inputs["data"]
+    assert (channels, height, width) == (3, 6, 8) and tuple(t.inputs["data"][1:]) == (3, 6, 8)
+    assert t.preprocess("data", np.zeros((6, 8, 3), np.float32)).shape == (3, 6, 8)
+    with pytest.raises(ArgumentTypeError, match="sequence of integers"):
+        cio.Transformer({"data": 5})
 
 
 def test_transformer_preprocess_deprocess():
