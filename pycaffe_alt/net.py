@@ -287,6 +287,9 @@ class Net(nn.Module):
         # Each produced blob's first value in the last pass (an in-place blob's diff is the
         # gradient of that one); filled by every pass a pycaffe backward may follow.
         self._first_versions: Dict[str, torch.Tensor] = {}
+        # In-place blobs a backward's replay stopped inside of (see _replay_graph): the value
+        # the replay's last layer wrote, which seeds a backward that starts there.
+        self._replayed_tops: Dict[str, torch.Tensor] = {}
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
         self._compiled: Optional[CompiledNet] = None
@@ -956,6 +959,7 @@ class Net(nn.Module):
         so a backward through them records it again from what they hold."""
         self._spent_steps.difference_update(range(start, end + 1))
         self._spent_steps.update(range(end + 1, len(self._steps)))
+        self._replayed_tops = {}
 
     def _take_held_writes(self, names: Optional[Iterable[str]] = None) -> None:
         """Before a pass that starts above the first layer (or a backward that re-reads
@@ -1036,13 +1040,17 @@ class Net(nn.Module):
 
         With ``top_of`` (the index of ``backward(start=)``'s layer) a seed is that layer's own
         output: Caffe's BackwardFromTo starts at that layer, so in-place layers above it (a
-        ReLU after the start Convolution) take no part and their masks are not applied."""
+        ReLU after the start Convolution) take no part and their masks are not applied. That
+        output is known when the layer made the blob (its first value) or a replay just ran
+        it; otherwise (an in-place layer in the middle of a chain, before any replay) the
+        blob's final value is the seed."""
         tensors, grads = [], []
         for name in seeds:
             v = self._values.get(name)
             writers = self._writers.get(name, ())
-            if top_of is not None and writers and writers[0] == top_of and len(writers) > 1:
-                v = self._first_versions.get(name, v)
+            if top_of is not None and writers and writers[-1] != top_of:
+                v = self._replayed_tops.get(name) if name in self._replayed_tops else \
+                    self._first_versions.get(name, v) if writers[0] == top_of else v
             if v is not None and v.requires_grad and name in self._seedable:
                 tensors.append(v)
                 grads.append(self._store.diff_tensor(name).to(v.dtype))
@@ -1115,6 +1123,7 @@ class Net(nn.Module):
                         # replayed value is reached through ``first``.
                         kept.setdefault(t, values.get(t))
                     values[t] = v
+        self._replayed_tops = {t: values[t] for t in kept}
         for t, v in kept.items():
             if v is not None:
                 values[t] = v

@@ -118,6 +118,38 @@ def test_layer_by_layer_backward_through_in_place_relus(tmp_path):
         np.testing.assert_array_equal(net.blobs[name].data, value)
 
 
+def test_backward_from_each_layer_of_an_in_place_chain(tmp_path):
+    # conv -> BatchNorm -> Scale -> ReLU, all in place: backward(start=X) seeds X's own
+    # output, so the layers above X take no part (Caffe's BackwardFromTo), in any order of
+    # calls; the blob's data stays the ReLU output throughout.
+    path = tmp_path / "chain.prototxt"
+    path.write_text("""name: 'c' force_backward: true input: 'data' input_shape { dim: 2 dim: 2 dim: 4 dim: 4 }
+layer { name: 'conv1' type: 'Convolution' bottom: 'data' top: 'conv1'
+  convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: 'gaussian' std: 0.5 } } }
+layer { name: 'bn1' type: 'BatchNorm' bottom: 'conv1' top: 'conv1' batch_norm_param { use_global_stats: true } }
+layer { name: 'scale1' type: 'Scale' bottom: 'conv1' top: 'conv1' scale_param { filler { value: -2 } } }
+layer { name: 'relu1' type: 'ReLU' bottom: 'conv1' top: 'conv1' }
+layer { name: 'ip' type: 'InnerProduct' bottom: 'conv1' top: 'ip'
+  inner_product_param { num_output: 2 weight_filler { type: 'gaussian' std: 0.5 } } }
+""")
+    net = caffe.Net(str(path), caffe.TEST)
+    net.params["bn1"][0].data[...] = 0.1  # mean 0.1, variance 1 (scale factor 1)
+    net.params["bn1"][1].data[...] = 1
+    net.params["bn1"][2].data[...] = 1
+    net.forward(data=np.random.RandomState(0).randn(2, 2, 4, 4).astype(np.float32))
+    data = net.blobs["conv1"].data.copy()
+    positive = data > 0
+    inv_std = 1 / np.sqrt(1 + 1e-5)
+    expected = {"relu1": -2 * inv_std * positive, "scale1": np.full(data.shape, -2 * inv_std),
+                "bn1": np.full(data.shape, inv_std)}
+    for order in (["relu1", "scale1", "bn1"], ["relu1", "bn1", "scale1", "relu1"]):
+        for start in order:
+            net.blobs["conv1"].diff[...] = 1
+            net.backward(start=start)
+            np.testing.assert_allclose(net.blobs["conv1"].diff, expected[start], atol=1e-5)
+            np.testing.assert_array_equal(net.blobs["conv1"].data, data)
+
+
 def test_backward_works_without_a_forward_first(net):
     # Caffe's Backward reads the blobs; BVLC's tests call net.backward() right after Net().
     g = np.ones(net.blobs["ip"].diff.shape, np.float32)
