@@ -475,9 +475,13 @@ class Net(nn.Module):
         # Blob name -> the steps that write it, in order (the producer, then in-place layers):
         # which of a blob's values a partial backward starts from or ends at.
         self._writers: Dict[str, List[int]] = {}
+        # Blob name -> the steps that read it, in order (see _diff_version).
+        self._readers: Dict[str, List[int]] = {}
         for step in self._steps:
             for t in step.tops:
                 self._writers.setdefault(t, []).append(step.index)
+            for b in step.bottoms:
+                self._readers.setdefault(b, []).append(step.index)
         self._register_modules(modules)
         self._views = self._make_views(modules)
 
@@ -1145,7 +1149,7 @@ class Net(nn.Module):
         blob_names = list(dict.fromkeys(n for s in steps for n in s.bottoms + s.tops))
         blob_ts = []
         for n in blob_names:
-            t = self._diff_version(n, steps)
+            t = self._diff_version(n, steps[0].index, steps[-1].index)
             if t is not None and t.requires_grad:
                 blob_ts.append((n, t))
         params = list({id(p): p for s in steps for p in s.layer.blobs if p.requires_grad}.values())
@@ -1177,8 +1181,9 @@ class Net(nn.Module):
             else:
                 self._diffs[n] = g.clone() if g.untyped_storage().data_ptr() in held else g
 
-    def _diff_version(self, name: str, steps: Sequence[Step]) -> Optional[torch.Tensor]:
-        """The value of blob ``name`` whose gradient a backward over ``steps`` leaves as its diff.
+    def _diff_version(self, name: str, lo: int, hi: int) -> Optional[torch.Tensor]:
+        """The value of blob ``name`` whose gradient a backward over layers ``lo..hi`` leaves as
+        its diff.
 
         Caffe's in-place layers share one blob, and each one's Backward rewrites its diff, so
         after BackwardFromTo the diff is the gradient w.r.t. the value the lowest layer of the
@@ -1187,8 +1192,11 @@ class Net(nn.Module):
         below the range (a backward that starts at the conv above a conv + ReLU, as
         layer-by-layer backward loops do): the final value, so no ReLU outside the range masks
         the diff (and its graph is left for a later backward over it)."""
-        readers = [s.index for s in steps if name in s.bottoms]
-        if readers and all(w < min(readers) for w in self._writers.get(name, ())):
+        # From the lists made at build: a scan of every step per blob made a backward
+        # quadratic in the depth (ResNet-152's 500 layers).
+        first_reader = next((i for i in self._readers.get(name, ()) if lo <= i <= hi), None)
+        if first_reader is not None and \
+                all(w < first_reader for w in self._writers.get(name, ())):
             return self._values.get(name)
         return self._first_versions.get(name, self._values.get(name))
 
