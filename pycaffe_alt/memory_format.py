@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import NetError
+from .nchw_request import nchw_requested
 
 FORMATS = ("auto", "channels_last", "contiguous")
 FormatRequest = Union[str, torch.memory_format, None]
@@ -75,7 +76,8 @@ def choose(requested: FormatRequest, device: torch.device, layers: Iterable[Sequ
         return torch.channels_last
     if requested == "contiguous":
         return torch.contiguous_format
-    if not compiled and device_prefers_channels_last(device) and net_prefers_channels_last(layers):
+    if not compiled and not nchw_requested() and device_prefers_channels_last(device) and \
+            net_prefers_channels_last(layers):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -24,20 +24,23 @@ from .errors import CaffeError
 from .fileio import check_input_path
 from .host_memory import keep_freed_memory
 from .log import setup_logging
+from .nchw_request import NCHW_ENV
 from .python_opt_in import ALLOW_PYTHON_ENV
 
-USAGE = ("usage: pycaffe-alt run [--allow-python] [--cpu] SCRIPT.py [ARGS...]\n"
-         "       pycaffe-alt run [--allow-python] [--cpu] -m MODULE [ARGS...]\n"
+USAGE = ("usage: pycaffe-alt run [--allow-python] [--cpu] [--nchw] SCRIPT.py [ARGS...]\n"
+         "       pycaffe-alt run [--allow-python] [--cpu] [--nchw] -m MODULE [ARGS...]\n"
          "Runs an unchanged pycaffe program with 'import caffe' meaning pycaffe_alt.\n"
          "--allow-python: its nets may import the Python layer modules they name (as Caffe "
          "does; off by default, since a prototxt then runs code).\n"
          "--cpu: its caffe.set_mode_gpu() keeps the CPU (one warning), for programs that ask "
-         "for a GPU unconditionally.")
+         "for a GPU unconditionally.\n"
+         "--nchw: its nets keep every blob in C-order NCHW memory, as Caffe's (for programs "
+         "that write through reshaped views of activation arrays; slower convolutions).")
 
 # The launcher's own options, before the program; through the environment, since the
 # program's own calls cannot take them (and its child processes inherit them).
 OPTIONS = {"--allow-python": ALLOW_PYTHON_ENV, "--allow_python": ALLOW_PYTHON_ENV,
-           "--cpu": GPU_AS_CPU_ENV}
+           "--cpu": GPU_AS_CPU_ENV, "--nchw": NCHW_ENV}
 
 
 def _not_a_program(script: str, why: str) -> CaffeError:

@@ -549,3 +549,32 @@ def test_run_cpu_keeps_gpu_programs_on_the_cpu(tmp_path):
     if not torch.cuda.is_available():  # without the option the program stops at its GPU call
         r = _run([sys.executable, "-m", "pycaffe_alt.run", str(prog)], cwd=tmp_path)
         assert r.returncode != 0 and "no CUDA device" in r.stderr and "run --cpu" in r.stderr
+
+
+RESHAPE_WRITE_PROGRAM = textwrap.dedent('''
+    import caffe
+    from caffe import layers as L
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 1, 6, 6]))
+    n.conv = L.Convolution(n.data, num_output=3, kernel_size=3)
+    with open("net.prototxt", "w") as f:
+        f.write(str(n.to_proto()))
+    net = caffe.Net("net.prototxt", caffe.TEST)
+    net.forward()
+    a = net.blobs["conv"].data
+    a.reshape(a.shape[0], -1)[:] = 7  # merges the batch and channel axes
+    print("C_ORDER", a.flags["C_CONTIGUOUS"], "WRITTEN", float(net.blobs["conv"].data.min()))
+''')
+
+
+def test_run_nchw_keeps_activation_arrays_c_order(tmp_path):
+    # Default: channels-last activations, whose arrays are strided views (a batch-merging
+    # reshape is a copy). `--nchw` (PYCAFFE_ALT_NCHW=1) keeps "auto" nets in C-order memory,
+    # where the write goes through as in Caffe.
+    prog = tmp_path / "reshape_prog.py"
+    prog.write_text(RESHAPE_WRITE_PROGRAM)
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", "--nchw", str(prog)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "C_ORDER True WRITTEN 7.0" in r.stdout
+    r = _run([sys.executable, "-m", "pycaffe_alt.run", str(prog)], cwd=tmp_path)
+    assert r.returncode == 0 and "C_ORDER False" in r.stdout, r.stderr[-3000:]
