@@ -343,7 +343,15 @@ def _explain(detail: str, root: pb_message.Message) -> Tuple[str, Optional[str]]
         what = f"{_short_name(enum)} has no value '{value}'"
         close = difflib.get_close_matches(value.upper(), names, n=1, cutoff=0.6)
         valid = "valid values: " + ", ".join(names)
-        return what, (f"did you mean '{close[0]}'? {valid}" if close else valid)
+        hint = f"did you mean '{close[0]}'? {valid}" if close else valid
+        if enum.full_name == "caffe.V1LayerParameter.LayerType":
+            # Forks added their own values to this enum (DeepLab's IMAGE_SEG_DATA and INTERP,
+            # C3D's CONVOLUTION3D and VIDEO_DATA); BVLC's parser rejects them as we do.
+            hint = (f"if '{value}' is not a typo, it is a layer type that a Caffe fork added "
+                    "to the V1 enum (DeepLab's IMAGE_SEG_DATA, C3D's CONVOLUTION3D...); "
+                    "pycaffe_alt does not implement it: remove or replace that layer (a data "
+                    "layer by input: and input_shape fields) to read the net. " + hint)
+        return what, hint
     match = _DUPLICATE.search(detail)
     if match:
         full_name, field = match.groups()

@@ -12,8 +12,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to classes; unknown names raise an error listing the known ones."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, advice: str = ""):
         self.kind = kind
+        self.advice = advice  # what to do about an unknown name, said before the known ones
         self._entries: Dict[str, T] = {}
 
     def register(self, name: str, *aliases: str) -> Callable[[T], T]:
@@ -37,6 +38,7 @@ class Registry(Generic[T]):
         except KeyError:
             close = difflib.get_close_matches(name, self._entries, n=3)
             hint = (f"did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
+            hint += f"{self.advice} " if self.advice else ""
             hint += f"known {self.kind}s: {', '.join(self.names())}"
             raise UnknownTypeError(f"unknown {self.kind} {name!r}", where, hint) from None
 
@@ -44,4 +46,14 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
 
-LAYERS: "Registry[type]" = Registry("layer type")
+# A type missing here is usually a fork's own layer whose parameter block caffe.proto does hold
+# (SSD's AnnotatedData, MultiBoxLoss, DetectionEvaluate), so the prototxt parses and only the
+# build can say what to do instead.
+LAYERS: "Registry[type]" = Registry(
+    "layer type",
+    advice="If it is not a typo, it is a layer of a Caffe fork that pycaffe_alt does not "
+           "implement (such as the SSD fork's training layers AnnotatedData, MultiBoxLoss and "
+           "DetectionEvaluate): replace a data layer by an Input layer with the same tops and "
+           "feed them (net.blobs[name].data, or net(name=tensor)); remove a loss or evaluation "
+           "layer to run the net for inference (as its deploy prototxt does); or let a Python "
+           "layer (type: \"Python\", docs/pycaffe.md) compute it.")

@@ -85,6 +85,20 @@ def test_unknown_enum_lists_valid_values():
     assert "did you mean 'MAX'" in err.hint
 
 
+def test_a_forks_v1_layer_type_says_what_to_do():
+    # DeepLab v1's train.prototxt: layers { type: IMAGE_SEG_DATA } (a value the fork added to the
+    # V1 enum); the hint says it is a fork's type and what to do, not only the nearest value.
+    text = 'layers {\n  name: "data"\n  type: IMAGE_SEG_DATA\n  top: "data"\n}\n'
+    with pytest.raises(PrototxtError) as info:
+        prototxt.parse_text(text, caffe_pb2.NetParameter(), "deeplab.prototxt")
+    err = info.value
+    assert err.where == "deeplab.prototxt:3:9"
+    assert "layer 'data' (type IMAGE_SEG_DATA)" in err.what
+    assert "a layer type that a Caffe fork added to the V1 enum" in err.hint
+    assert "remove or replace that layer" in err.hint
+    assert "IMAGE_DATA" in err.hint  # the valid values still follow
+
+
 def test_enum_number_out_of_range():
     with pytest.raises(PrototxtError) as info:
         prototxt.parse_text("layer { pooling_param { pool: 7 } }", caffe_pb2.NetParameter(), "n")

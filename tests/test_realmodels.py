@@ -169,3 +169,20 @@ def test_unsupported_layer_type_is_named(tmp_path):
     assert "rois" in message  # the layer is named too
     assert "DetectionOutput" in message  # the hint lists the known types
     assert isinstance(info.value, CaffeError)
+
+
+def test_ssd_training_layer_says_what_to_do(tmp_path):
+    # weiliu89's ssd_pascal.py train.prototxt starts with AnnotatedData (its annotated_data_param
+    # parses: caffe.proto holds the SSD fork's messages); the refusal names the layer and says
+    # how to run the net without it, before the list of known types.
+    path = tmp_path / "train.prototxt"
+    path.write_text('layer { name: "data" type: "AnnotatedData" top: "data" top: "label"\n'
+                    '  annotated_data_param { batch_sampler { max_sample: 1 } } }\n')
+    with pytest.raises(UnknownTypeError) as info:
+        caffe.Net(str(path), caffe.TRAIN)
+    err = info.value
+    assert "layer 'data' (type AnnotatedData)" in err.where
+    assert "unknown layer type 'AnnotatedData'" in err.what
+    assert "replace a data layer by an Input layer" in err.hint
+    assert "Python layer" in err.hint
+    assert err.hint.index("Input layer") < err.hint.index("known layer types")
