@@ -279,7 +279,24 @@ def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_me
                     f"adds; {kind} is not a layer of BVLC Caffe and cannot be built here "
                     "(caffe.layer_type_list() lists the supported types; a Python layer can "
                     "stand in for it)")
+        elif match and _unimplemented_type(kind):
+            # A field of another fork's layer of the same name (C3D's VideoData: source,
+            # new_length; caffe.proto holds the SSD fork's VideoDataParameter): fixing the field
+            # would only lead to the unknown type, so say that now.
+            hint = (f"{hint + '; ' if hint else ''}the type {kind} is not implemented here "
+                    "either (a Caffe fork's layer, whose parameters differ from the "
+                    f"{message_name.split('.')[-1]} of caffe.proto): replace that layer (a data layer by an "
+                    "Input layer with the same tops) or remove it")
     return PrototxtError(what, where=where, hint=hint)
+
+
+def _unimplemented_type(kind: str) -> bool:
+    """True for a layer type string (not a V1 enum name, nor '?') that no class implements."""
+    if kind == "?" or kind.isupper():
+        return False
+    from .layers import LAYERS  # the package fills the registry (imported on this path only)
+
+    return kind not in LAYERS
 
 
 def _enclosing_layer(text: str, line: int, column: int) -> Optional[Tuple[str, str]]:

@@ -99,6 +99,26 @@ def test_a_forks_v1_layer_type_says_what_to_do():
     assert "IMAGE_DATA" in err.hint  # the valid values still follow
 
 
+def test_a_field_of_an_unimplemented_forks_layer_says_the_type_is_unsupported_too():
+    # C3D v1.1's train_simple.prototxt: its VideoData (source, new_length...) is not the SSD
+    # fork's VideoDataParameter that caffe.proto holds, and no VideoData layer is implemented.
+    text = ('layer {\n  name: "data"\n  type: "VideoData"\n  top: "data"\n'
+            '  video_data_param {\n    source: "train_01.lst"\n    new_length: 16\n  }\n}\n')
+    with pytest.raises(PrototxtError) as info:
+        prototxt.parse_text(text, caffe_pb2.NetParameter(), "c3d.prototxt")
+    err = info.value
+    assert err.where == "c3d.prototxt:6:5"
+    assert err.what == "layer 'data' (type VideoData): VideoDataParameter has no field 'source'"
+    assert "video_file" in err.hint  # the fields caffe.proto does hold
+    assert "the type VideoData is not implemented here either" in err.hint
+    assert "Input layer" in err.hint
+    # A supported type with a misspelt field keeps the plain answer.
+    with pytest.raises(PrototxtError) as info:
+        prototxt.parse_text('layer { name: "p" type: "Pooling" pooling_param { kernel: 2 } }',
+                            caffe_pb2.NetParameter(), "p.prototxt")
+    assert "not implemented" not in (info.value.hint or "")
+
+
 def test_enum_number_out_of_range():
     with pytest.raises(PrototxtError) as info:
         prototxt.parse_text("layer { pooling_param { pool: 7 } }", caffe_pb2.NetParameter(), "n")
