@@ -70,9 +70,14 @@ class Shard:
         if world < 1 or not 0 <= start <= MAX_SAMPLES or not 0 <= served <= MAX_SAMPLES:
             raise ValueError(f"world_size {world}, shard_start {start} and served {served} must "
                              f"be >= 1, in [0, 2^34] and in [0, 2^34]")
+        # The global cursor bounds every position either branch reads (a huge world_size passed
+        # the checks above and overflowed the int64 sample numbers at the first batch).
+        cursor = start + served * world
+        if cursor > MAX_SAMPLES:
+            raise ValueError(f"world_size {world}, shard_start {start} and served {served} put "
+                             f"the global cursor at {cursor}, beyond 2^34 samples")
         if world == self.world:
             return Shard(self.rank, self.world, start), served
-        cursor = start + served * world
         return Shard(self.rank, self.world, cursor), 0
 
     def regrouped(self, rank: int, world: int, served: int) -> Tuple["Shard", int]:
