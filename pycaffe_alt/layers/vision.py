@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compile_ops import keeps_max_pool_whole, max_pool2d_with_indices
+from ..errors import NetError
 from ..registry import LAYERS
 from .base import Layer
 
@@ -558,9 +559,18 @@ class SPP(Layer):
     def _levels(self, h: int, w: int):
         if h <= 0 or w <= 0:
             raise self.error(f"input plane {h}x{w} is empty", "feed a non-empty input")
-        levels = [spp_level_geometry(i, h, w) for i in range(self.height)]
-        for g in levels:
-            _check_pool_geometry(self, g, self.method)
+        # Each level is checked as it is made, as Caffe sets up its Pooling layers one by one:
+        # a level with more bins than pixels is refused there, before a pyramid_height of 2^32
+        # would build (and compute 2^level for) billions of levels.
+        levels = []
+        for i in range(self.height):
+            levels.append(spp_level_geometry(i, h, w))
+            try:
+                _check_pool_geometry(self, levels[-1], self.method)
+            except NetError as e:  # name the field the user set, not the derived pad and kernel
+                raise self.error(f"pyramid_height {self.height}: level {i} ({2 ** i} bins a side) "
+                                 f"does not fit the {h}x{w} input ({e.what})",
+                                 f"lower pyramid_height to {i} or less") from None
         return levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
