@@ -1,4 +1,6 @@
 """Fuzz round 10: structured mutations of real files, the newest code, leaks and signals."""
+import os
+import shutil
 
 import pytest
 
@@ -6,7 +8,7 @@ import pycaffe_alt as caffe
 from pycaffe_alt.errors import NetError, SolverError
 from pycaffe_alt.solver.snapshot import read_solverstate, write_solverstate
 from bad_input_case import no_hang
-from train_case import make_case
+from train_case import GOLDEN, make_case
 
 
 def test_a_resume_state_with_an_absurd_world_size_is_refused(tmp_path, monkeypatch):
@@ -38,3 +40,44 @@ def test_an_spp_pyramid_taller_than_its_input_is_refused_at_once(tmp_path):
     with no_hang(20), pytest.raises(NetError, match="'spp'.*pyramid_height 4294967295: level 3 "
                                                     r"(?s:.*)hint: lower pyramid_height to 3"):
         caffe.Net(str(net), caffe.TEST)
+
+
+HELD_LMDB_NET = """
+layer { name: "mnist" type: "Data" top: "data" top: "label" transform_param { scale: 0.00390625 }
+  data_param { source: "%s" batch_size: 16 backend: LMDB } }
+"""
+
+
+def test_a_held_lmdb_is_read_by_one_child_process_for_all_batches(tmp_path, monkeypatch):
+    # pycaffe's forward() releases the database after each batch; for a database the program
+    # holds open that stopped the child reader, and every batch started a Python process
+    # (0.13 s a batch instead of 0.3 ms).
+    import gc
+
+    import lmdb
+
+    from pycaffe_alt.data import lmdb_child
+
+    source = str(tmp_path / "mnist_lmdb")  # a copy: the child's reader table is a lock file
+    shutil.copytree(os.path.join(GOLDEN, "data", "mnist_train_lmdb"), source)
+    started = []
+    real_init = lmdb_child.ChildLMDB.__init__
+
+    def counting_init(self, path):
+        started.append(path)
+        real_init(self, path)
+
+    monkeypatch.setattr(lmdb_child.ChildLMDB, "__init__", counting_init)
+    net_file = tmp_path / "net.prototxt"
+    net_file.write_text(HELD_LMDB_NET % source)
+    env = lmdb.open(source, readonly=True, lock=False)
+    try:
+        net = caffe.Net(str(net_file), caffe.TRAIN)
+        for _ in range(4):
+            net.forward()
+        del net
+        gc.collect()
+    finally:
+        env.close()
+    assert len(started) == 1
+

@@ -81,6 +81,10 @@ class RecordSource(Protocol):
 
     def close(self) -> None: ...
 
+    def release(self) -> None:
+        """Between batches: give back what stops other code in the process from opening the
+        dataset (see :meth:`BatchMaker.release_if_idle`); the next load reopens it."""
+
 
 class CaffeShuffles:
     """The orders ImageData's ``shuffle`` reads in Caffe: key order shuffled once at set-up and
@@ -311,7 +315,7 @@ class BatchMaker:
         faulting the file in again), which is why a running training loop holds it instead.
         """
         if not self.holds:
-            self.source.close()
+            self.source.release()
 
     def close(self) -> None:
         self.source.close()

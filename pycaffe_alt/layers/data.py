@@ -131,7 +131,7 @@ class PipelinedDataLayer(DataLayerBase):
         image, _ = source.load(first)
         shape = output_shape(spec, image.shape, f"{self.where}: record {first}")
         # Release this process's handles: the prefetch thread or worker processes reopen them.
-        source.close()
+        source.release()
         self._top_shapes = [(batch_size,) + shape]
         if len(self.param.top) > 1:
             self._top_shapes.append((batch_size,))
@@ -238,6 +238,9 @@ class DbSource:
 
     def close(self) -> None:
         self.reader.close()
+
+    def release(self) -> None:
+        self.reader.release()
 
 
 def _backend_of(dp, path: str) -> str:
@@ -356,6 +359,9 @@ class ImageListSource:
         return (self.load(int(i)) for i in indices)
 
     def close(self) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
 
