@@ -1,6 +1,10 @@
 """Fuzz round 10: structured mutations of real files, the newest code, leaks and signals."""
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -81,3 +85,44 @@ def test_a_held_lmdb_is_read_by_one_child_process_for_all_batches(tmp_path, monk
         env.close()
     assert len(started) == 1
 
+
+HELD_LMDB_PROGRAM = """
+import lmdb, sys
+import pycaffe_alt as caffe
+env = lmdb.open(sys.argv[1], readonly=True, lock=False)
+net = caffe.Net(sys.argv[2], caffe.TRAIN)
+net.forward()
+print("READY", flush=True)
+while True:
+    net.forward()
+"""
+
+
+def test_ctrl_c_reaches_only_the_program_not_its_lmdb_reader_process(tmp_path):
+    # Ctrl-C goes to the terminal's whole foreground process group: the child reading a held
+    # LMDB printed its own KeyboardInterrupt traceback under "run.py: interrupted".
+    source = str(tmp_path / "mnist_lmdb")
+    shutil.copytree(os.path.join(GOLDEN, "data", "mnist_train_lmdb"), source)
+    net_file = tmp_path / "net.prototxt"
+    net_file.write_text(HELD_LMDB_NET % source)
+    program = tmp_path / "held.py"
+    program.write_text(HELD_LMDB_PROGRAM)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pycaffe_alt.run", str(program), source, str(net_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,  # a group of its own, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert "READY" in proc.stdout.readline()
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1 and "run.py: interrupted" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err

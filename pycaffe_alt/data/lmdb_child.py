@@ -98,9 +98,13 @@ class ChildLMDB:
         code = ("import sys; from pycaffe_alt.data.lmdb_child import serve; "
                 "serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer)")
         try:
+            # In a session of its own: Ctrl-C at a terminal goes to the foreground process
+            # group, and the child (started once the net first reads) printed its own
+            # KeyboardInterrupt traceback under the tool's "interrupted". It stops when this
+            # process closes its end of the pipe, however this process ends.
             self._proc: Optional[subprocess.Popen] = subprocess.Popen(
                 [sys.executable, "-c", code, path], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, env=env)
+                stdout=subprocess.PIPE, env=env, start_new_session=True)
         except OSError as e:
             raise DataError(f"cannot start a reader process for this LMDB ({e})", where=path,
                             hint="close the program's own handle of it (env.close()) before a "
