@@ -126,3 +126,20 @@ def test_ctrl_c_reaches_only_the_program_not_its_lmdb_reader_process(tmp_path):
             proc.communicate()
     assert proc.returncode == 1 and "run.py: interrupted" in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+@pytest.mark.parametrize("count, message", [
+    ("99999999999999999999", "does not fit in a 32-bit signed integer"),
+    ("1_0", "is not a positive integer"),  # int() read 10; Caffe's atoi reads 1
+    ("\uff13", "is not a positive integer"),  # a full-width 3: int() took it; atoi reads 0
+])
+def test_extract_features_batch_counts_are_caffes_int32_decimals(tmp_path, count, message, capsys):
+    # A count of 10^20 passed (ints are unbounded) and extracted for ever; the others were read
+    # differently from Caffe.
+    from pycaffe_alt.tools import extract_features
+
+    with no_hang(60), pytest.raises(SystemExit) as e:
+        extract_features.main(["w.caffemodel", "net.prototxt", "ip", str(tmp_path / "out"), count,
+                               "lmdb"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

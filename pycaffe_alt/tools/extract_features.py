@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..data.datum import decimal_label
 from ..data.db import normalize_backend, open_db
 from ..errors import CaffeError, WeightsError
 from ..log import get_logger, setup_logging
@@ -120,12 +121,14 @@ def extract_features(net, blob_names: Sequence[str], db_paths: Sequence[str], nu
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
+    # ASCII decimals, as Caffe's atoi reads them (int() took "1_0" as 10 and other scripts'
+    # digits, which atoi reads as 1 and 0).
+    value = decimal_label(text) or 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    if value >= 2 ** 31:  # Caffe's atoi into an int cannot hold it; here it ran for ever
+        raise argparse.ArgumentTypeError(f"{text} does not fit in a 32-bit signed integer "
+                                         "(Caffe reads NUM_MINI_BATCHES into an int)")
     return value
 
 
