@@ -176,6 +176,10 @@ class _BlobStore:
         elif name in self.foreign:
             self.foreign.discard(name)
             t = self._net._values[name] = t.detach().clone()
+        elif t.is_inference() and not torch.is_inference_mode_enabled():
+            # Made by a pass under torch.inference_mode(): autograd refuses such a tensor in any
+            # graph it records, so every later training pass or backward of the net failed.
+            t = self._net._values[name] = t.clone()
         return t
 
     def format_of(self, name: str) -> torch.memory_format:
@@ -1113,7 +1117,7 @@ class Net(nn.Module):
                 bottoms = []
                 for name, detach in zip(step.bottoms, step.detach):
                     v = values.get(name)
-                    if v is None:
+                    if v is None or v.is_inference():  # data_tensor makes an inference one usable
                         v = self._store.data_tensor(name)
                     if not v.requires_grad and not detach and self._plan.blob_needs.get(name):
                         v = values[name] = v.detach().requires_grad_(True)

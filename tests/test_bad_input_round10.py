@@ -143,3 +143,31 @@ def test_extract_features_batch_counts_are_caffes_int32_decimals(tmp_path, count
                                "lmdb"])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+LENET = os.path.join(GOLDEN, "nets", "lenet_loss")
+
+
+def test_a_pass_under_inference_mode_leaves_the_net_trainable():
+    # The input blobs a pass makes under torch.inference_mode() are inference tensors, which
+    # autograd refuses in any graph: every later forward of a force_backward net raised
+    # RuntimeError, and other nets failed at their first layer ("failed on bottoms...").
+    import numpy as np
+    import torch
+
+    proto, weights = os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel")
+    x, y = np.random.RandomState(0).rand(2, 1, 28, 28), np.array([1.0, 3.0])
+    ref = caffe.Net(proto, weights, caffe.TRAIN)
+    ref.forward(data=x, label=y)
+    ref.backward()
+    net = caffe.Net(proto, weights, caffe.TRAIN)
+    with torch.inference_mode():
+        net.forward(data=x, label=y)
+    net.forward(data=x, label=y)
+    net.backward()
+    assert np.allclose(net.params["conv1"][0].diff, ref.params["conv1"][0].diff)
+    assert np.allclose(net.blobs["data"].diff, ref.blobs["data"].diff)
+    with torch.inference_mode():  # backward replays the inference pass's layers
+        net(data=torch.from_numpy(x).float(), label=torch.from_numpy(y).float())
+    net.backward()
+    assert np.allclose(net.blobs["data"].diff, ref.blobs["data"].diff, atol=1e-6)
