@@ -834,8 +834,16 @@ class Net(nn.Module):
         comes back. Tensor form: ``net(data=t)`` returns ``{output: tensor}``, differentiable.
         """
         if kwargs and all(isinstance(v, torch.Tensor) for v in kwargs.values()):
-            for name in kwargs:
+            for name, value in kwargs.items():
                 self._check_fed_blob(name, start, "forward()")
+                if value.layout != torch.strided or value.is_nested:
+                    # Layers index, reshape and re-lay out their bottoms, which only dense
+                    # tensors allow (torch raised inside the memory-format conversion).
+                    kind = "nested" if value.is_nested else str(value.layout).split(".")[-1]
+                    raise ArgumentTypeError(
+                        f"forward() got a {kind} tensor for '{name}'; blobs are dense tensors",
+                        self.source, "stack its items of one shape (torch.stack(t.unbind()))"
+                        if value.is_nested else "pass t.to_dense()")
             last = self._layer_index(end, len(self._steps) - 1)
             names = self._output_names(blobs, end)
             if self._compiled is not None:
@@ -906,7 +914,7 @@ class Net(nn.Module):
                            f"give an array of shape {tuple(self.blobs[name].shape)}")
         try:
             arr = np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: a nested tensor
             raise NetError(f"{caller} got a value for '{name}' that is not an array of numbers "
                            f"({first_line(e)})", self.source) from None
         if arr.ndim == 0 and self._shapes[name] != ():  # a 0-axis blob takes one number

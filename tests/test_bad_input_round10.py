@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -171,3 +172,25 @@ def test_a_pass_under_inference_mode_leaves_the_net_trainable():
         net(data=torch.from_numpy(x).float(), label=torch.from_numpy(y).float())
     net.backward()
     assert np.allclose(net.blobs["data"].diff, ref.blobs["data"].diff, atol=1e-6)
+
+
+def test_sparse_and_nested_tensors_are_refused_by_blob_name():
+    # They failed inside torch (the memory-format conversion of a bottom, numpy's conversion of
+    # a nested tensor) with a RuntimeError traceback.
+    import numpy as np
+    import torch
+
+    from pycaffe_alt.errors import ArgumentTypeError
+
+    net = caffe.Net(os.path.join(LENET, "net.prototxt"), caffe.TRAIN)
+    sparse = torch.rand(2, 1, 28, 28).to_sparse()
+    with warnings.catch_warnings():  # torch: nested tensors are "in prototype stage"
+        warnings.simplefilter("ignore")
+        nested = torch.nested.nested_tensor([torch.rand(1, 28, 28), torch.rand(1, 28, 28)])
+    for value, kind in ((sparse, "sparse_coo"), (nested, "nested")):
+        with pytest.raises(ArgumentTypeError, match=f"got a {kind} tensor for 'data'"):
+            net(data=value, label=torch.ones(2))
+        with pytest.raises(NetError, match="'data' that is not an array of numbers"):
+            net.forward(data=value, label=np.ones(2))  # the pycaffe form (numpy and tensors)
+        with pytest.raises(NetError, match="'data' that is not an array of numbers"):
+            net.forward_all(data=value)
