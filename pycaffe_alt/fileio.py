@@ -24,6 +24,11 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character de
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+# A path with a NUL cannot name a file (the system call ends the name there); Python's os
+# functions raise ValueError("embedded null byte") for it, not OSError.
+NUL_HINT = "no file name holds a NUL byte: fix the path (a '\\000' escape in a prototxt string?)"
+
+
 def check_input_path(path: "str | os.PathLike[str]", error: Type[CaffeError] = CaffeError,
                      what: str = "file", folder_ok: bool = False) -> str:
     """``path`` as a str when it names a regular file (or a folder, with ``folder_ok``).
@@ -40,6 +45,8 @@ def check_input_path(path: "str | os.PathLike[str]", error: Type[CaffeError] = C
                          f"({os.getcwd()}), as in Caffe") from None
     except OSError as e:
         raise error(f"cannot open {what} '{path}': {e.strerror}") from None
+    except ValueError:  # os.stat's "embedded null byte"
+        raise error(f"{what} path {path!r} contains a NUL character", hint=NUL_HINT) from None
     if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
         return path
     if stat.S_ISDIR(mode):
@@ -132,6 +139,9 @@ def check_output_path(path: str, error: Type[CaffeError]) -> None:
         return
     except OSError as e:
         raise error(f"cannot write '{path}': {e.strerror}") from None
+    except ValueError:  # os.stat's "embedded null byte"
+        raise error(f"cannot write {path!r}: the path contains a NUL character",
+                    hint=NUL_HINT) from None
     if stat.S_ISREG(mode):
         return
     kind = "a directory" if stat.S_ISDIR(mode) else \

@@ -194,3 +194,22 @@ def test_sparse_and_nested_tensors_are_refused_by_blob_name():
             net.forward(data=value, label=np.ones(2))  # the pycaffe form (numpy and tensors)
         with pytest.raises(NetError, match="'data' that is not an array of numbers"):
             net.forward_all(data=value)
+
+
+def test_paths_with_a_nul_character_are_refused_by_name(tmp_path, monkeypatch):
+    # os functions raise ValueError("embedded null byte") for them, which escaped as a
+    # traceback: from Net(), net.save() and the solver's snapshot folder probe (a '\000' escape
+    # in snapshot_prefix); a solver path that is a folder was "not found".
+    from pycaffe_alt.errors import PrototxtError, WeightsError
+
+    with pytest.raises(PrototxtError, match="contains a NUL character"):
+        caffe.Net(str(tmp_path / "x\0y.prototxt"), caffe.TEST)
+    net = caffe.Net(os.path.join(LENET, "net.prototxt"), caffe.TEST)
+    with pytest.raises(WeightsError, match="contains a NUL character"):
+        net.save(str(tmp_path / "x\0y.caffemodel"))
+    with pytest.raises(SolverError, match="is a directory, not a solver file"):
+        caffe.get_solver(str(tmp_path))
+    folder = make_case(tmp_path, snapshot_prefix="snap\0shot", max_iter=1)
+    monkeypatch.chdir(folder)
+    with pytest.raises(SolverError, match="snapshot_prefix 'snap\\\\x00shot' contains a NUL"):
+        caffe.get_solver("solver.prototxt").solve()

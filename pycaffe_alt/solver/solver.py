@@ -24,7 +24,7 @@ import torch
 
 from ..errors import (ArgumentTypeError, CaffeError, NetError, NonFiniteLossError, SolverError,
                       integer_argument, located_in, path_argument)
-from ..fileio import check_input_path, remove_stale_temporaries
+from ..fileio import NUL_HINT, check_input_path, remove_stale_temporaries
 from ..layers import TEST, TRAIN
 from ..log import format_value, get_logger, loss_suffix
 from ..mode import default_device, set_random_seed
@@ -56,10 +56,8 @@ def _read_solver_param(solver: SolverSource) -> Tuple["caffe_pb2.SolverParameter
         param.CopyFrom(solver)
         upgrade_solver_as_needed(param, "<solver_param>")
         return param, "<solver_param>"
-    path = os.fspath(solver)
-    if not os.path.isfile(path):
-        raise SolverError("solver file not found", where=path,
-                          hint=f"check the path (relative paths start at {os.getcwd()})")
+    # Missing, a folder, a FIFO or a NUL in the path: said as such (a folder was "not found").
+    path = check_input_path(solver, SolverError, "solver file")
     return read_solver(path), path
 
 
@@ -234,6 +232,9 @@ class Solver:
     def check_snapshot_folder(self, required: bool = True) -> None:
         """Fail now, not at the first snapshot, when snapshot files cannot be written there
         (Caffe's CheckSnapshotWritePermissions probes with a temporary file the same way)."""
+        if "\0" in self.param.snapshot_prefix:  # open() raised ValueError for it
+            raise SolverError(f"snapshot_prefix {self.param.snapshot_prefix!r} contains a NUL "
+                              "character", self._where("snapshot_prefix"), NUL_HINT)
         if self.param.snapshot_prefix:
             # Temporaries of snapshots a killed run was writing (SIGKILL skips every cleanup).
             for path in remove_stale_temporaries(self.param.snapshot_prefix):
