@@ -213,3 +213,19 @@ def test_paths_with_a_nul_character_are_refused_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(folder)
     with pytest.raises(SolverError, match="snapshot_prefix 'snap\\\\x00shot' contains a NUL"):
         caffe.get_solver("solver.prototxt").solve()
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(type="Adam", momentum=0.9, delta=0.0), "Adam needs delta > 0"),
+    (dict(type="AdaGrad", momentum=0.0, delta=-1.0), "AdaGrad needs delta > 0"),
+    (dict(type="RMSProp", momentum=0.0, delta=0.0), "RMSProp needs delta > 0"),
+    (dict(type="AdaDelta", momentum=2.0), "AdaDelta needs 0 <= momentum <= 1"),
+    (dict(type="AdaDelta", momentum=-0.5), "AdaDelta needs 0 <= momentum <= 1"),
+])
+def test_update_rule_values_that_train_on_nan_are_refused(tmp_path, monkeypatch, fields, message):
+    # delta 0 divides 0 by 0 where a gradient entry is still 0; AdaDelta's momentum outside
+    # [0, 1] makes its squared-gradient average negative. Both trained to "the loss became nan
+    # at iteration 1", blamed on base_lr.
+    monkeypatch.chdir(make_case(tmp_path, **fields))
+    with pytest.raises(SolverError, match=message):
+        caffe.get_solver("solver.prototxt")

@@ -221,6 +221,16 @@ class Solver:
                     raise SolverError(f"Adam needs 0 <= {field} < 1 (got {value:g})",
                                       self._where(field), "Adam's usual values are momentum 0.9 "
                                       "and momentum2 0.999 (beta1, beta2)")
+        if rule_type == "AdaDelta" and not 0 <= p.momentum <= 1:
+            # The squared-gradient average then goes negative and its root is NaN.
+            raise SolverError(f"AdaDelta needs 0 <= momentum <= 1 (got {p.momentum:g})",
+                              self._where("momentum"), "AdaDelta's usual value is momentum 0.95")
+        if rule_type in ("AdaGrad", "RMSProp", "AdaDelta", "Adam") and not p.delta > 0:
+            # delta keeps the root of the gradient history off zero: a gradient entry that is
+            # still 0 (a unit no example reached) divides 0 by 0 at the first update.
+            raise SolverError(f"{rule_type} needs delta > 0 (got {p.delta:g})",
+                              self._where("delta"), "Caffe's default is delta 1e-8; remove the "
+                              "field or give a small positive value")
 
     @staticmethod
     def _pick_device(device) -> torch.device:
