@@ -229,3 +229,24 @@ def test_update_rule_values_that_train_on_nan_are_refused(tmp_path, monkeypatch,
     monkeypatch.chdir(make_case(tmp_path, **fields))
     with pytest.raises(SolverError, match=message):
         caffe.get_solver("solver.prototxt")
+
+
+def test_layer_names_hdf5_cannot_hold_are_refused_before_writing(tmp_path, monkeypatch):
+    # "conv1/5x5" (GoogLeNet's style) was written as group 5x5 inside a group conv1, which the
+    # reader refused: an HDF5 snapshot that could not be resumed. An empty name raised h5py's
+    # ValueError. A solver for HDF5 snapshots is refused when built, not at its first snapshot.
+    from pycaffe_alt.errors import WeightsError
+
+    folder = make_case(tmp_path, snapshot_format=0, snapshot_prefix=str(tmp_path / "snap"))
+    net_file = os.path.join(folder, "net.prototxt")
+    with open(net_file) as f:
+        text = f.read()
+    with open(net_file, "w") as f:
+        f.write(text.replace('name: "conv1"', 'name: "conv1/5x5"'))
+    monkeypatch.chdir(folder)
+    with pytest.raises(SolverError, match="snapshot_format HDF5 cannot hold layer 'conv1/5x5'"):
+        caffe.get_solver("solver.prototxt")
+    net = caffe.Net("net.prototxt", caffe.TEST)
+    with pytest.raises(WeightsError, match="'conv1/5x5' cannot be a group of an HDF5"):
+        net.save_hdf5(str(tmp_path / "w.caffemodel.h5"))
+    assert not (tmp_path / "w.caffemodel.h5").exists()

@@ -412,6 +412,24 @@ def read_any_solverstate(path: str) -> SolverStateData:
     return read_solverstate_h5(path) if is_hdf5(path) else read_solverstate(path)
 
 
+HDF5_NAME_HINT = "rename the layer, or save as .caffemodel (snapshot_format: BINARYPROTO)"
+
+
+def hdf5_name_problem(name: str) -> Optional[str]:
+    """Why layer ``name`` cannot be one group of an HDF5 weights file, or None.
+
+    HDF5 reads a group name as a path: "a/b" became group b inside group a (which the reader
+    then refused, so the snapshot could not be resumed), "/a" a group outside ``data``, and
+    "" cannot be created (Caffe's ToHDF5 fails on all of them too)."""
+    if not name:
+        return "the name is empty"
+    if "/" in name:
+        return "'/' separates group names in HDF5"
+    if name in (".", ".."):
+        return f"'{name}' is a relative path in HDF5"
+    return None
+
+
 def write_weights_h5(layers: Sequence[Tuple[str, Sequence[Optional[np.ndarray]]]], path: str,
                      diffs: Optional[Sequence[Tuple[str, Sequence[Optional[np.ndarray]]]]] = None
                      ) -> None:
@@ -435,6 +453,10 @@ def write_weights_h5(layers: Sequence[Tuple[str, Sequence[Optional[np.ndarray]]]
                                            "layout has one group per layer name", where=path,
                                            hint="rename one of them, or save as .caffemodel")
                     continue
+                problem = hdf5_name_problem(name)
+                if problem is not None:
+                    raise WeightsError(f"layer {name!r} cannot be a group of an HDF5 weights file "
+                                       f"({problem})", where=path, hint=HDF5_NAME_HINT)
                 group = top.create_group(name)
                 for i, arr in enumerate(blobs):
                     if arr is not None:

@@ -38,9 +38,9 @@ from ..train.resume import capture as capture_resume_state
 from .lr_policy import PlateauState, current_step, learning_rate, plateau_advance
 from .regularize import clip_gradients, local_decay, normalize, regularize, regularizer
 from .rules import RuleHyper, apply_update, check_hyper, local_rate, update_rule
-from .snapshot import (check_history, is_hdf5, read_any_solverstate, snapshot_companion,
-                       snapshot_filename, write_solverstate, write_solverstate_h5,
-                       write_weights_h5)
+from .snapshot import (HDF5_NAME_HINT, check_history, hdf5_name_problem, is_hdf5,
+                       read_any_solverstate, snapshot_companion, snapshot_filename,
+                       write_solverstate, write_solverstate_h5, write_weights_h5)
 
 logger = get_logger()
 
@@ -131,6 +131,7 @@ class Solver:
         if self.param.random_seed >= 0:
             set_random_seed(self.param.random_seed)
         self.net: Net = self._build_train_net(allow_python)
+        self._check_hdf5_layer_names()
         self.test_nets: List[Net] = self._build_test_nets(allow_python)
         for path in _split_weights(list(self.param.weights) + list(weights)):
             self._load_weights(path)
@@ -231,6 +232,17 @@ class Solver:
             raise SolverError(f"{rule_type} needs delta > 0 (got {p.delta:g})",
                               self._where("delta"), "Caffe's default is delta 1e-8; remove the "
                               "field or give a small positive value")
+
+    def _check_hdf5_layer_names(self) -> None:
+        """HDF5 snapshots hold a group per layer: a name HDF5 reads as a path is refused when
+        the solver is built, not at the first snapshot of a long run."""
+        if self.param.snapshot_format != caffe_pb2.SolverParameter.HDF5:
+            return
+        for view in self.net.layers:
+            problem = hdf5_name_problem(view.name)
+            if problem is not None:
+                raise SolverError(f"snapshot_format HDF5 cannot hold layer {view.name!r} "
+                                  f"({problem})", self._where("snapshot_format"), HDF5_NAME_HINT)
 
     @staticmethod
     def _pick_device(device) -> torch.device:
