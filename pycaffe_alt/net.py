@@ -219,6 +219,11 @@ class _BlobStore:
         self._net._diffs.pop(name, None)
 
 
+def _graph_was_freed(error: RuntimeError) -> bool:
+    """Whether autograd refused a backward because an earlier one freed the graph's buffers."""
+    return "backward through the graph a second time" in str(error)
+
+
 class LayerView:
     """pycaffe's ``net.layers[i]``: ``.type``, ``.blobs`` (numpy views), and the module itself.
 
@@ -1039,7 +1044,18 @@ class Net(nn.Module):
                 self._merge_replayed(start, self._replay_graph(start, hi, dirty=changed))
                 tensors, grads = self._seed_tensors(seeds, top_of)
         if tensors:
-            self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
+            try:
+                self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
+            except RuntimeError as e:
+                if not _graph_was_freed(e):
+                    raise
+                # A torch backward the caller ran on the module form's outputs
+                # (net.loss(net(data=t)).backward()) freed the graph this pass recorded: record
+                # it again from the blobs, as after any spent pass. (That backward freed it all,
+                # so the engine stopped at the first node, before any parameter gradient.)
+                self._first_versions = self._replay_graph(lo, hi)
+                tensors, grads = self._seed_tensors(seeds, top_of)
+                self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
             self._spent_steps.update(range(lo, hi + 1))
         if self._store.held:
             self._store.refresh_held()
