@@ -129,6 +129,32 @@ def test_get_solver_picks_the_type_of_the_file(mnist_solver):
     assert len(solver.test_nets) == 1
 
 
+TINY_TRAIN = """
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+        dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 1 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc"
+        inner_product_param { num_output: 1 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("rule", ["SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"])
+def test_get_solver_returns_the_pycaffe_class_of_the_rule(tmp_path, rule):
+    # pycaffe's get_solver returns the solver as its dynamic class (AdamSolver for type "Adam"),
+    # and every rule's class derives from SGDSolver (python/caffe/_caffe.cpp), so .lr and
+    # isinstance checks written against caffe.SGDSolver hold for all of them.
+    (tmp_path / "net.prototxt").write_text(TINY_TRAIN)
+    path = tmp_path / "solver.prototxt"
+    path.write_text(f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.01\nlr_policy: "fixed"\n'
+                    f'type: "{rule}"\n')
+    solver = caffe.get_solver(str(path))
+    cls = getattr(caffe, rule + "Solver")
+    assert type(solver) is cls
+    assert isinstance(solver, caffe.SGDSolver) and isinstance(solver, caffe.Solver)
+    assert issubclass(cls, caffe.SGDSolver)
+    assert solver.type == rule and solver.lr == pytest.approx(0.01)
+
+
 # ---------------------------------------------------------------- classification notebook
 DEPLOY = """
 name: "tiny"

@@ -812,17 +812,26 @@ class Solver:
     # ---- end of pycaffe extras ----
 
 
-def _typed(name: str, doc: str) -> type:
-    return type(f"{name}Solver", (Solver,), {"forced_type": name, "__doc__": doc,
-                                            "__module__": __name__})
+def _typed(name: str, doc: str, base: type = Solver) -> type:
+    return type(f"{name}Solver", (base,), {"forced_type": name, "__doc__": doc,
+                                           "__module__": __name__})
 
 
 SGDSolver = _typed("SGD", "pycaffe's ``caffe.SGDSolver``: a Solver that always uses the SGD rule.")
-NesterovSolver = _typed("Nesterov", "pycaffe's ``caffe.NesterovSolver`` (Nesterov momentum).")
-AdaGradSolver = _typed("AdaGrad", "pycaffe's ``caffe.AdaGradSolver``.")
-RMSPropSolver = _typed("RMSProp", "pycaffe's ``caffe.RMSPropSolver``.")
-AdaDeltaSolver = _typed("AdaDelta", "pycaffe's ``caffe.AdaDeltaSolver``.")
-AdamSolver = _typed("Adam", "pycaffe's ``caffe.AdamSolver``.")
+# pycaffe registers the other rules with SGDSolver as their base (python/caffe/_caffe.cpp, as in
+# Caffe's C++), so isinstance(caffe.AdamSolver(path), caffe.SGDSolver) holds there too.
+NesterovSolver = _typed("Nesterov", "pycaffe's ``caffe.NesterovSolver`` (Nesterov momentum).",
+                        SGDSolver)
+AdaGradSolver = _typed("AdaGrad", "pycaffe's ``caffe.AdaGradSolver``.", SGDSolver)
+RMSPropSolver = _typed("RMSProp", "pycaffe's ``caffe.RMSPropSolver``.", SGDSolver)
+AdaDeltaSolver = _typed("AdaDelta", "pycaffe's ``caffe.AdaDeltaSolver``.", SGDSolver)
+AdamSolver = _typed("Adam", "pycaffe's ``caffe.AdamSolver``.", SGDSolver)
+
+# The pycaffe class of each built-in update rule, by Caffe ``type`` string. pycaffe's get_solver
+# hands back the solver as its dynamic C++ class (Boost.Python looks up the registered class of
+# the object's runtime type), so a file of type "Adam" gives an AdamSolver there.
+RULE_SOLVERS = {cls.forced_type: cls for cls in (SGDSolver, NesterovSolver, AdaGradSolver,
+                                                 RMSPropSolver, AdaDeltaSolver, AdamSolver)}
 
 
 # Solver types that are more than an update rule, by Caffe ``type`` string: the class that trains
@@ -835,12 +844,13 @@ DSD_SOLVER = "pycaffe_alt.alternation.dsd:dsd_solver_class"
 
 
 def solver_class(type_name: str) -> type:
-    """The class :func:`get_solver` builds for a solver ``type`` (Solver for a plain update rule)."""
+    """The class :func:`get_solver` builds for a solver ``type``: pycaffe's class of a built-in
+    update rule (AdamSolver for "Adam"), Solver for any other rule name."""
     import importlib
 
     target = SOLVER_CLASSES.get(type_name)
     if target is None:
-        return Solver
+        return RULE_SOLVERS.get(type_name, Solver)
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
 
