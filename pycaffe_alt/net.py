@@ -357,6 +357,8 @@ class Net(nn.Module):
         self.top_names: "OrderedDict[str, List[str]]" = OrderedDict()
         self.bottom_names: "OrderedDict[str, List[str]]" = OrderedDict()
         links: List[LayerLinks] = []
+        # Each layer's loss weight per top as set up (save writes a loss layer's default).
+        self._set_up_loss_weights: List[List[float]] = []
         modules: List[Layer] = []
         shared: Dict[str, Tuple[nn.Parameter, str, int]] = {}
         self._param_infos: List[ParamInfo] = []
@@ -427,6 +429,7 @@ class Net(nn.Module):
             if lp.type == "Input":
                 self._inputs.extend(tops)
             weights = self._top_loss_weights(lp, cls, len(tops), where)
+            self._set_up_loss_weights.append(weights)
             for t, w in zip(tops, weights):
                 if w:
                     self._loss_weights[t] = w
@@ -1353,7 +1356,9 @@ class Net(nn.Module):
 
         path = path_argument(path, "save()")
         self._push_host_writes()  # numpy edits of GPU weights (net surgery) go in too
-        proto = net_param_with_weights(self.net_param, [v.module.blobs for v in self._views], diffs)
+        proto = net_param_with_weights(self.net_param, [v.module.blobs for v in self._views], diffs,
+                                       phase=int(self.phase),
+                                       loss_weights=self._set_up_loss_weights)
         atomic_write(path, proto.SerializeToString())
 
     def share_with(self, other: "Net") -> None:

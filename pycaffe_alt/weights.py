@@ -329,17 +329,29 @@ def atomic_write(path: str, payload: bytes) -> None:
 
 
 def net_param_with_weights(net_param, layers: Sequence[Sequence],
-                           diffs: Optional[Sequence[Sequence[np.ndarray]]] = None
+                           diffs: Optional[Sequence[Sequence[np.ndarray]]] = None, *,
+                           phase: Optional[int] = None,
+                           loss_weights: Optional[Sequence[Sequence[float]]] = None
                            ) -> "caffe_pb2.NetParameter":
-    """A copy of ``net_param`` whose layers carry their current blobs (Caffe's Net::ToProto).
+    """What Caffe's Net::ToProto writes: the net's name and its layers, each with its current
+    blobs (no other NetParameter field: not the filtering ``state``, nor ``force_backward``).
 
     ``layers`` holds each layer's parameters, in the order of ``net_param.layer`` (by position:
     layer names may repeat); ``diffs``, in the same order, one array per blob: each blob also
     carries its diff (``ToProto(param, write_diff=true)``, the solver's ``snapshot_diff``).
+    Each layer is written as Caffe holds it after set-up: with ``phase``, the net's, where the
+    layer gives none (Net::Init), and with the ``loss_weights`` it was set up with (one list per
+    layer) where it gives none and they are not all 0 (LossLayer::LayerSetUp writes a loss
+    layer's default ``loss_weight: 1`` into its parameters).
     """
     out = caffe_pb2.NetParameter()
-    out.CopyFrom(net_param)
+    out.name = net_param.name
+    out.layer.extend(net_param.layer)
     for index, (layer, params) in enumerate(zip(out.layer, layers)):
+        if phase is not None and not layer.HasField("phase"):
+            layer.phase = phase
+        if loss_weights is not None and not len(layer.loss_weight) and any(loss_weights[index]):
+            layer.loss_weight.extend(loss_weights[index])
         del layer.blobs[:]
         layer_diffs = diffs[index] if diffs is not None else None
         for i, p in enumerate(params):

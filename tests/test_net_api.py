@@ -260,6 +260,41 @@ def test_save_copy_from_roundtrip(tmp_path, lenet):
     assert np.all(other.params["ip1"][0].data == 0.25)
 
 
+SAVED = """
+name: "saved"
+force_backward: true
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+        dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 4 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+layer { name: "half" type: "EuclideanLoss" bottom: "ip" bottom: "ip" top: "half" loss_weight: 0.5 }
+layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc" phase: TRAIN }
+"""
+
+
+def test_save_writes_what_caffe_net_to_proto_writes(tmp_path):
+    # Caffe's Net::ToProto writes the name and the layers only (no state, no force_backward);
+    # every layer carries the phase Net::Init gave it (the net's, where the layer sets none)
+    # and a loss layer the loss_weight: 1 LossLayer::LayerSetUp added (a real Caffe model, ARM's
+    # quantized_cifar10_m4_iter_70000.caffemodel, has both).
+    net = net_from_text(SAVED, caffe.TEST)
+    path = str(tmp_path / "m.caffemodel")
+    net.save(path)
+    saved = caffe_pb2.NetParameter.FromString(open(path, "rb").read())
+    assert [f.name for f, _ in saved.ListFields()] == ["name", "layer"]
+    assert saved.name == "saved"
+    phases = {l.name: l.phase for l in saved.layer}
+    assert phases == {"data": caffe.TEST, "ip": caffe.TEST, "loss": caffe.TEST,
+                      "half": caffe.TEST, "acc": caffe.TRAIN}
+    weights = {l.name: list(l.loss_weight) for l in saved.layer}
+    assert weights == {"data": [], "ip": [], "loss": [1.0], "half": [0.5], "acc": []}
+    assert [len(l.blobs) for l in saved.layer] == [0, 2, 0, 0, 0]
+    # The net's own definition is left as it was, and the file still loads as a net.
+    assert not net.net_param.layer[2].loss_weight and net.net_param.HasField("state")
+    again = net_from_text(str(saved), caffe.TEST)
+    np.testing.assert_array_equal(again.params["ip"][0].data, net.params["ip"][0].data)
+
+
 def test_share_with_uses_the_same_tensors(lenet):
     other = caffe.Net(os.path.join(LENET, "net.prototxt"), caffe.TEST)
     other.share_with(lenet)
