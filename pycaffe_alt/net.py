@@ -18,7 +18,7 @@ import functools
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
@@ -403,8 +403,11 @@ class Net(nn.Module):
                                    f"makes '{t}' produced by multiple sources)", where,
                                    f"give this layer a new top instead of '{t}'")
             bottom_shapes = [self._shapes[b] for b in bottoms]
+            # Caffe's Net::Init gives the net's phase only to layers that set none: a layer's
+            # own phase wins (Bayesian SegNet keeps its Dropout in TRAIN in a TEST net).
+            layer_ctx = replace(ctx, phase=int(lp.phase)) if lp.HasField("phase") else ctx
             try:
-                layer = cls(lp, bottom_shapes, ctx)
+                layer = cls(lp, bottom_shapes, layer_ctx)
             except CaffeError as e:
                 # A check below the layer (a filler, a data source) knows neither file nor layer.
                 raise e.locate(where)

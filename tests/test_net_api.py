@@ -657,3 +657,23 @@ def test_pycaffe_backward_after_a_torch_backward_of_the_module_form():
     np.testing.assert_allclose(net.params["conv1"][0].diff, 2 * ref.params["conv1"][0].diff,
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(net.blobs["ip2"].diff, ref.blobs["ip2"].diff, rtol=1e-5, atol=1e-7)
+
+
+def test_a_layers_own_phase_wins_over_the_nets():
+    # Caffe's Net::Init sets a layer's phase from the net's only when the layer sets none
+    # (Bayesian SegNet samples with Dropout layers marked TRAIN in its TEST net); the layer
+    # keeps it when the net switches with train()/eval().
+    text = ('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 500 } } }\n'
+            'layer { name: "own" type: "Dropout" bottom: "x" top: "own" phase: TRAIN }\n'
+            'layer { name: "net" type: "Dropout" bottom: "x" top: "net" }\n'
+            'layer { name: "off" type: "Dropout" bottom: "x" top: "off" phase: TEST }\n')
+    for phase in (caffe.TEST, caffe.TRAIN):
+        net = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), phase)
+        for switch in (None, net.eval, net.train):
+            if switch is not None:
+                switch()
+            net.forward(x=np.ones((4, 500), np.float32))
+            dropped = {n: float((net.blobs[n].data == 0).mean()) for n in ("own", "net", "off")}
+            assert 0.3 < dropped["own"] < 0.7 and dropped["off"] == 0.0, (phase, switch, dropped)
+            net_trains = phase == caffe.TRAIN if switch is None else switch == net.train
+            assert (dropped["net"] > 0.3) == net_trains

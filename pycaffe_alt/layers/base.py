@@ -111,6 +111,15 @@ class Layer(nn.Module):
         self._blob_list: List[nn.Parameter] = []
         self.train(ctx.phase == TRAIN)
 
+    def train(self, mode: bool = True) -> "Layer":
+        """``nn.Module.train``, except that a layer whose prototxt sets ``phase`` keeps that
+        phase when the net switches (``net.train()``/``net.eval()``), as Caffe's Net::Init sets
+        only unset phases from the net's."""
+        has_field = getattr(self.param, "HasField", None)
+        if has_field is not None and has_field("phase"):
+            mode = self.param.phase == TRAIN
+        return super().train(mode)
+
     # -- pycaffe surface -------------------------------------------------------------------
     @property
     def type(self) -> str:  # noqa: A003 - pycaffe's Layer.type is a string
