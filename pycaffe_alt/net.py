@@ -535,6 +535,14 @@ class Net(nn.Module):
                 raise NetError(f"loss_weight {list(lp.loss_weight)} is not finite", where,
                                "give finite loss weights (0 leaves a top out of the loss)")
             return [float(w) for w in lp.loss_weight]
+        if cls.is_loss and n_tops > 1:
+            # LossLayer::LayerSetUp adds one loss_weight (1) when none is given, and
+            # SetLossWeights then finds one value for several tops: Caffe stops at its CHECK
+            # ("loss_weight must be unspecified or specified once per top blob").
+            raise NetError(f"is a loss layer with {n_tops} tops and no loss_weight; Caffe gives "
+                           "a loss layer one loss_weight (1) by default, which fits one top "
+                           "only", where, "give one loss_weight per top, e.g. loss_weight: 1 "
+                           "then loss_weight: 0 for a second (probability) top")
         return [1.0 if (cls.is_loss and i == 0) else 0.0 for i in range(n_tops)]
 
     def _attach_params(self, layer: Layer, lp, shared, where) -> List[float]:

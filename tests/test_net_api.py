@@ -677,3 +677,17 @@ def test_a_layers_own_phase_wins_over_the_nets():
             assert 0.3 < dropped["own"] < 0.7 and dropped["off"] == 0.0, (phase, switch, dropped)
             net_trains = phase == caffe.TRAIN if switch is None else switch == net.train
             assert (dropped["net"] > 0.3) == net_trains
+
+
+def test_a_loss_layer_with_two_tops_needs_a_loss_weight_per_top():
+    # Caffe's LossLayer adds one loss_weight (1) when none is given; SetLossWeights then CHECKs
+    # one value per top, so a SoftmaxWithLoss with a probability top needs both weights.
+    head = ('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+            'layer { name: "y" type: "Input" top: "y" input_param { shape { dim: 2 } } }\n')
+    two = 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "x" bottom: "y" top: "l" top: "p"'
+    with pytest.raises(NetError, match="2 tops and no loss_weight") as e:
+        caffe.Net(parse_text(head + two + " }", caffe_pb2.NetParameter()), caffe.TEST)
+    assert "loss_weight: 1" in str(e.value)
+    net = caffe.Net(parse_text(head + two + " loss_weight: 1 loss_weight: 0 }",
+                               caffe_pb2.NetParameter()), caffe.TEST)
+    assert net.loss_tops == ["l"]
