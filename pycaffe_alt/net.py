@@ -1064,12 +1064,18 @@ class Net(nn.Module):
                 if not _graph_was_freed(e):
                     raise
                 # A torch backward the caller ran on the module form's outputs
-                # (net.loss(net(data=t)).backward()) freed the graph this pass recorded: record
-                # it again from the blobs, as after any spent pass. (That backward freed it all,
-                # so the engine stopped at the first node, before any parameter gradient.)
-                self._first_versions = self._replay_graph(lo, hi)
-                tensors, grads = self._seed_tensors(seeds, top_of)
-                self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
+                # (net.loss(net(data=t)).backward()) freed the graph this pass recorded. Running
+                # the layers again would update BatchNorm's averages a second time and draw new
+                # Dropout masks, and the parameters above the freed part already took their
+                # gradient: refuse, naming what to do.
+                self._spent_steps.update(range(lo, hi + 1))
+                raise NetError(
+                    "backward(): a torch backward on the outputs of the module call freed this "
+                    "pass's graph (some parameter diffs may already hold part of this backward's "
+                    "gradient)", self.source,
+                    "run the pass again (net.forward() or the module call) before net.backward(), "
+                    "or give the torch backward retain_graph=True; net.clear_param_diffs() clears "
+                    "the parameter diffs") from None
             self._spent_steps.update(range(lo, hi + 1))
         if self._store.held:
             self._store.refresh_held()

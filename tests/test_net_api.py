@@ -640,23 +640,20 @@ def test_reading_gpu_weights_between_forward_and_backward():
 
 
 def test_pycaffe_backward_after_a_torch_backward_of_the_module_form():
-    # The module form's graph is the caller's: a torch backward frees it, and a pycaffe
-    # backward after it records it again from the blobs (Caffe's backward reads the blobs)
-    # instead of torch's "backward through the graph a second time"; the parameter diffs
-    # then hold both gradients, as Caffe's accumulate.
-    def build():
-        return caffe.Net(os.path.join(LENET, "net.prototxt"),
-                         os.path.join(LENET, "weights.caffemodel"), caffe.TRAIN)
-
-    net, ref = build(), build()
+    # The module form's graph is the caller's: after a torch backward freed it, a pycaffe
+    # backward says what to do (not torch's "backward through the graph a second time");
+    # running the layers again would update BatchNorm averages twice and draw new Dropout masks.
+    net = caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
+                    caffe.TRAIN)
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([3.0, 5.0])
     net.loss(net(data=x, label=y)).backward()
+    with pytest.raises(NetError, match="freed this pass's graph") as e:
+        net.backward()
+    assert "retain_graph=True" in str(e.value)
+    net.forward(data=x.numpy(), label=y.numpy())  # a new pass: backward works again
+    net.clear_param_diffs()
     net.backward()
-    ref.forward(data=x.numpy(), label=y.numpy())
-    ref.backward()
-    np.testing.assert_allclose(net.params["conv1"][0].diff, 2 * ref.params["conv1"][0].diff,
-                               rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(net.blobs["ip2"].diff, ref.blobs["ip2"].diff, rtol=1e-5, atol=1e-7)
+    assert np.abs(net.params["conv1"][0].diff).sum() > 0
 
 
 def test_a_layers_own_phase_wins_over_the_nets():
