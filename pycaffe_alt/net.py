@@ -14,12 +14,13 @@ Two ways to run it:
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -293,12 +294,13 @@ class Net(nn.Module):
         # What the last pycaffe forward's layers read from the blobs a backward re-reads (see
         # _backward_reads): a change made before the backward re-records from there.
         self._read_by_forward: Dict[str, torch.Tensor] = {}
-        # Each produced blob's first value in the last pass (an in-place blob's diff is the
-        # gradient of that one); filled by every pass a pycaffe backward may follow.
-        self._first_versions: Dict[str, torch.Tensor] = {}
-        # In-place blobs a backward's replay stopped inside of (see _replay_graph): the value
-        # the replay's last layer wrote, which seeds a backward that starts there.
-        self._replayed_tops: Dict[str, torch.Tensor] = {}
+        # (layer index, top name) -> what that layer wrote there in the last pass or replay:
+        # every value an in-place blob takes on its way through a chain (conv, BatchNorm,
+        # Scale, ReLU). Caffe's BackwardFromTo(start, end) seeds with ``start``'s own output and
+        # leaves each diff as the gradient of the value the range's lowest reader read (see
+        # _writer_key); filled by every pass a pycaffe backward may follow. The autograd graph
+        # holds these tensors anyway while it lives.
+        self._written: Dict[Tuple[int, str], torch.Tensor] = {}
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
         self._compiled: Optional[CompiledNet] = None
@@ -709,16 +711,18 @@ class Net(nn.Module):
                        f"layers: {', '.join(s.name for s in self._steps)}")
 
     def run(self, inputs: Optional[Dict[str, torch.Tensor]] = None, start: int = 0,
-            end: Optional[int] = None, first_versions: Optional[Dict[str, torch.Tensor]] = None,
+            end: Optional[int] = None,
+            written: Optional[Dict[Tuple[int, str], torch.Tensor]] = None,
             trace: Optional[List[Tuple[Step, Sequence[torch.Tensor], Sequence[torch.Tensor]]]] = None,
             eager: bool = False) -> Dict[str, torch.Tensor]:
         """Run layers ``start..end`` (indices) on tensors; returns the dict of every blob's value.
 
         Missing inputs are taken from the blobs' current values (what pycaffe wrote); tensors
-        given here become the input blobs' values. ``first_versions`` collects each produced
-        blob's first value in this pass (an in-place blob's diff is the gradient of that one).
+        given here become the input blobs' values. ``written`` collects each layer's tops as
+        ``(layer index, top name) -> tensor`` (see ``_written``); a pass from a middle layer
+        also records there the values it reads from in-place chains that began below it.
         ``trace`` receives ``(step, bottoms, tops)`` for every layer in order (debug_info).
-        With compiling on (:meth:`set_compile`) a pass without ``first_versions``/``trace`` runs
+        With compiling on (:meth:`set_compile`) a pass without ``written``/``trace`` runs
         compiled and brings out only the outputs, loss tops and requested blobs; ``eager`` runs
         it layer by layer all the same (passes that read intermediate blobs, differentiate
         twice, or change layers' Python state between batches: the alternation's support
@@ -750,21 +754,23 @@ class Net(nn.Module):
                 for b in step.bottoms:
                     if b not in values:
                         self._store.data_tensor(b)
-        if self._compiled is not None and first_versions is None and trace is None and not eager:
+            if written is not None:
+                self._record_read_values(written, start)
+        if self._compiled is not None and written is None and trace is None and not eager:
             out = self._compiled.run(values, start, last)
         else:
-            self.run_steps(values, start, last, first_versions, trace)
+            self.run_steps(values, start, last, written, trace)
             out = values
         if self._store.held:
             self._store.refresh_held()
         return out
 
     def run_steps(self, values: Dict[str, torch.Tensor], start: int, last: int,
-                  first_versions: Optional[Dict[str, torch.Tensor]] = None,
+                  written: Optional[Dict[Tuple[int, str], torch.Tensor]] = None,
                   trace: Optional[List[Tuple[Step, Sequence[torch.Tensor], Sequence[torch.Tensor]]]]
                   = None) -> None:
         """Run layers ``start..last`` (indices) on the blob values in ``values`` (updated in
-        place); ``first_versions`` and ``trace`` as in :meth:`run`."""
+        place); ``written`` and ``trace`` as in :meth:`run`."""
         finals: Dict[str, _FinalValue] = {}
         converted: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}  # see _input_in_format
         for step in self._steps[start:last + 1]:
@@ -802,8 +808,8 @@ class Net(nn.Module):
             if trace is not None:
                 trace.append((step, bottoms, out))
             for t, v in zip(step.tops, out):
-                if first_versions is not None:
-                    first_versions.setdefault(t, v)
+                if written is not None:
+                    written[(step.index, t)] = v
                 values[t] = v
         for name, final in finals.items():
             final.value = values[name].detach()
@@ -869,12 +875,11 @@ class Net(nn.Module):
                 self._compiled.want(names)
             first = self._layer_index(start, 0)
             before, foreign = dict(self._values), set(self._store.foreign)
-            # First versions too (a pycaffe backward may follow), except in a compiled pass,
-            # which keeps its intermediate values inside the graph.
-            first_versions: Optional[Dict[str, torch.Tensor]] = \
-                {} if self._compiled is None else None
+            # Each layer's outputs too (a pycaffe backward may follow), except in a compiled
+            # pass, which keeps its intermediate values inside the graph.
+            written = self._written_below(first) if self._compiled is None else None
             try:
-                values = self.run(kwargs, first, last, first_versions)
+                values = self.run(kwargs, first, last, written)
             except BaseException:
                 # A refused pass leaves the blobs as they were: neither the tensors it was
                 # given (of a wrong shape, say) nor what its first layers made may become the
@@ -884,7 +889,7 @@ class Net(nn.Module):
                 self._store.foreign.clear()
                 self._store.foreign.update(foreign)
                 raise
-            self._first_versions = first_versions or {}
+            self._written = written if written is not None else {}
             self._mark_recorded(first, last)
             return {n: values[n] for n in names}
         for name, arr in kwargs.items():
@@ -978,10 +983,9 @@ class Net(nn.Module):
         # Replaced before the pass, not after: the last pass's blob values it holds are freed
         # before this pass allocates new ones (as run() drops them from _values), so two
         # passes' activations are never alive at once.
-        first_versions: Dict[str, torch.Tensor] = {}
-        self._first_versions = first_versions
+        written = self._written = self._written_below(start)
         with torch.set_grad_enabled(grad):
-            self.run(None, start, end, first_versions)
+            self.run(None, start, end, written)
         self._mark_recorded(start, end)
         if grad:
             for index, name in self._backward_reads:
@@ -994,7 +998,43 @@ class Net(nn.Module):
         so a backward through them records it again from what they hold."""
         self._spent_steps.difference_update(range(start, end + 1))
         self._spent_steps.update(range(end + 1, len(self._steps)))
-        self._replayed_tops = {}
+
+    def _written_below(self, start: int) -> Dict[Tuple[int, str], torch.Tensor]:
+        """The ``_written`` a pass from layer ``start`` begins with: the outputs of the layers
+        below it, which it does not run again (none for a whole pass: two passes' activations
+        are never alive at once)."""
+        if start == 0:
+            return {}
+        return {k: v for k, v in self._written.items() if k[0] < start}
+
+    def _record_read_values(self, written: Dict[Tuple[int, str], torch.Tensor], start: int) -> None:
+        """For a pass from layer ``start``: an in-place chain that crosses ``start`` is read from
+        the blob's data (Caffe's ForwardFromTo reads the buffer: the chain's last output), so
+        that data, not what the chain's layer below ``start`` once wrote, is the value the
+        pass's layers read (and a backward over them differentiates)."""
+        for name in self._writers:
+            key = self._writer_key(name, start)
+            if key is not None and name in self._values:
+                written[key] = self._values[name]
+
+    def _writer_key(self, name: str, index: int) -> Optional[Tuple[int, str]]:
+        """The ``_written`` key of the value layer ``index`` reads from blob ``name``: the
+        output of the blob's last writer below ``index``, when a later in-place layer rewrote
+        it; None when the layer reads the blob's data (its final value, or an input)."""
+        writers = self._writers.get(name)
+        if not writers:
+            return None
+        k = bisect.bisect_left(writers, index)
+        if k == 0 or k == len(writers):
+            return None
+        return writers[k - 1], name
+
+    def _read_value(self, name: str, index: int) -> Optional[torch.Tensor]:
+        """The value layer ``index`` read from blob ``name`` in the last pass or replay (the
+        blob's data where none was recorded: a backward without a forward first)."""
+        key = self._writer_key(name, index)
+        v = self._written.get(key) if key is not None else None
+        return v if v is not None else self._values.get(name)
 
     def _take_held_writes(self, names: Optional[Iterable[str]] = None) -> None:
         """Before a pass that starts above the first layer (or a backward that re-reads
@@ -1041,12 +1081,10 @@ class Net(nn.Module):
             # No graph yet, or a previous backward freed it: Caffe's backward can run any
             # number of times on what the blobs hold.
             spent = [i for i in self._spent_steps if lo <= i <= hi]
-            if not tensors or not spent or min(spent) == lo:
-                self._first_versions = self._replay_graph(lo, hi)
-            else:
-                # Only the layers a forward(end=...) left above its end: the layers below keep
-                # this pass's graph (and Dropout masks).
-                self._merge_replayed(min(spent), self._replay_graph(min(spent), hi))
+            # Only the spent layers when the range has graph below them (the layers a
+            # forward(end=...) left above its end): the layers below keep this pass's graph
+            # (and Dropout masks).
+            self._replay_graph(lo if not tensors or not spent else min(spent), hi)
             tensors, grads = self._seed_tensors(seeds, top_of)
         else:
             changed = self._rewritten_bottoms(lo, hi)
@@ -1055,7 +1093,7 @@ class Net(nn.Module):
                 # record their graph again from what the blobs hold now; the others keep the
                 # forward's graph (no second BatchNorm average update, the same Dropout masks).
                 start = min(i for i, name in self._backward_reads if name in changed)
-                self._merge_replayed(start, self._replay_graph(start, hi, dirty=changed))
+                self._replay_graph(start, hi, dirty=changed)
                 tensors, grads = self._seed_tensors(seeds, top_of)
         if tensors:
             try:
@@ -1091,18 +1129,13 @@ class Net(nn.Module):
         """The seeds' values that carry a graph, and their diffs as the gradients to push.
 
         With ``top_of`` (the index of ``backward(start=)``'s layer) a seed is that layer's own
-        output: Caffe's BackwardFromTo starts at that layer, so in-place layers above it (a
-        ReLU after the start Convolution) take no part and their masks are not applied. That
-        output is known when the layer made the blob (its first value) or a replay just ran
-        it; otherwise (an in-place layer in the middle of a chain, before any replay) the
-        blob's final value is the seed."""
+        output, what a layer right above it would read: Caffe's BackwardFromTo starts at that
+        layer, so in-place layers above it (a ReLU after the start Convolution, the Scale and
+        ReLU after a start BatchNorm) take no part and their masks and factors are not
+        applied."""
         tensors, grads = [], []
         for name in seeds:
-            v = self._values.get(name)
-            writers = self._writers.get(name, ())
-            if top_of is not None and writers and writers[-1] != top_of:
-                v = self._replayed_tops.get(name) if name in self._replayed_tops else \
-                    self._first_versions.get(name, v) if writers[0] == top_of else v
+            v = self._values.get(name) if top_of is None else self._read_value(name, top_of + 1)
             if v is not None and v.requires_grad and name in self._seedable:
                 tensors.append(v)
                 grads.append(self._store.diff_tensor(name).to(v.dtype))
@@ -1126,29 +1159,26 @@ class Net(nn.Module):
                     changed.add(name)
         return changed
 
-    def _merge_replayed(self, start: int, replayed: Dict[str, torch.Tensor]) -> None:
-        """Take the first versions of a replay from layer ``start`` on: blobs made below it
-        keep this pass's (an in-place chain that crosses ``start`` began below it)."""
-        below = {t for step in self._steps[:start] for t in step.tops}
-        self._first_versions.update((n, v) for n, v in replayed.items() if n not in below)
-
-    def _replay_graph(self, lo: int, hi: int, dirty: Optional[Set[str]] = None
-                      ) -> Dict[str, torch.Tensor]:
-        """Record the graph of layers ``lo..hi`` from the data now in the blobs; returns the
-        first value of each blob they produce (what ``_first_versions`` holds).
+    def _replay_graph(self, lo: int, hi: int, dirty: Optional[Set[str]] = None) -> None:
+        """Record the graph of layers ``lo..hi`` again from the values they read; their outputs
+        replace their ``_written`` entries.
 
         Caffe's Backward reads the data in the blobs and needs no forward in the same session
         (pycaffe's ``net.backward()`` right after building a net works, BVLC's test_python_layer
         does it); the autograd graph a backward uses is made by a forward, so when none was
-        recorded the layers with bottoms run again on the blobs' data. Layers without bottoms
-        keep their tops (running a data layer would read the next batch). In-place layers then
-        see their own output (the same gradient for ReLU-like layers; Dropout draws a new mask).
-        With ``dirty`` (blob names), only the layers that read one of them, or a top of a layer
-        replayed before, run again.
+        recorded (or a backward freed it) the layers with bottoms run again. Each reads what it
+        read in the pass (``_read_value``): a range that begins in the middle of an in-place
+        chain starts from the output of the chain's layer below it, not from the chain's final
+        data (a BatchNorm replayed from the ReLU output would normalize twice). Without a
+        recorded pass the blobs' data is read (in-place layers then see their own output: the
+        same gradient for ReLU-like layers). Layers without bottoms keep their tops (running a
+        data layer would read the next batch); Dropout draws a new mask. The blobs' data stays
+        what the pass left (Caffe's Backward never changes it): only a blob's last writer sets
+        it, to the value it had. With ``dirty`` (blob names), only the layers that read one of
+        them, or a top of a layer replayed before, run again.
         """
         self._push_host_writes()
-        values, first = self._values, {}
-        kept: Dict[str, Optional[torch.Tensor]] = {}
+        values, written = self._values, self._written
         dirty = set(dirty) if dirty is not None else None
         with torch.enable_grad():
             for step in self._steps[lo:hi + 1]:
@@ -1160,26 +1190,21 @@ class Net(nn.Module):
                     dirty.update(step.tops)
                 bottoms = []
                 for name, detach in zip(step.bottoms, step.detach):
-                    v = values.get(name)
+                    key = self._writer_key(name, step.index)
+                    v = written.get(key) if key is not None else None
+                    home: Dict[Any, torch.Tensor] = written if v is not None else values
+                    if v is None:
+                        key, v = name, values.get(name)
                     if v is None or v.is_inference():  # data_tensor makes an inference one usable
                         v = self._store.data_tensor(name)
                     if not v.requires_grad and not detach and self._plan.blob_needs.get(name):
-                        v = values[name] = v.detach().requires_grad_(True)
+                        v = home[key] = v.detach().requires_grad_(True)
                     bottoms.append(v.detach() if detach else v)
                 out = step.layer(*bottoms)
                 for t, v in zip(step.tops, (out,) if isinstance(out, torch.Tensor) else out):
-                    first.setdefault(t, v)
-                    if self._writers[t][-1] > hi:
-                        # An in-place layer above the range rewrote this blob: its data stays
-                        # that layer's output (Caffe's Backward never changes blob data); the
-                        # replayed value is reached through ``first``.
-                        kept.setdefault(t, values.get(t))
-                    values[t] = v
-        self._replayed_tops = {t: values[t] for t in kept}
-        for t, v in kept.items():
-            if v is not None:
-                values[t] = v
-        return first
+                    written[(step.index, t)] = v
+                    if self._writers[t][-1] == step.index:
+                        values[t] = v
 
     def _accumulate_grads(self, tensors, grads, steps: Sequence[Step], whole: bool = False) -> None:
         """Gradients of the seeds w.r.t. the blobs and parameters of ``steps``: blob diffs are
@@ -1235,18 +1260,16 @@ class Net(nn.Module):
 
         Caffe's in-place layers share one blob, and each one's Backward rewrites its diff, so
         after BackwardFromTo the diff is the gradient w.r.t. the value the lowest layer of the
-        range that reads the blob read. In-place chains that start in the range: the first
-        value (conv, then in-place ReLU: the diff is the pre-ReLU gradient). A chain that ended
-        below the range (a backward that starts at the conv above a conv + ReLU, as
-        layer-by-layer backward loops do): the final value, so no ReLU outside the range masks
-        the diff (and its graph is left for a later backward over it)."""
+        range that reads the blob read: conv then in-place ReLU, the pre-ReLU gradient; a range
+        that ends at the Scale of conv, BatchNorm, Scale, ReLU, the gradient of the BatchNorm
+        output; a chain that ended below the range (a backward that starts at the conv above
+        a conv + ReLU, as layer-by-layer backward loops do), the final value, so no ReLU
+        outside the range masks the diff. A blob no layer of the range reads keeps its diff
+        (the gradient of the value the range's top layer left: its seed)."""
         # From the lists made at build: a scan of every step per blob made a backward
         # quadratic in the depth (ResNet-152's 500 layers).
         first_reader = next((i for i in self._readers.get(name, ()) if lo <= i <= hi), None)
-        if first_reader is not None and \
-                all(w < first_reader for w in self._writers.get(name, ())):
-            return self._values.get(name)
-        return self._first_versions.get(name, self._values.get(name))
+        return self._read_value(name, hi + 1 if first_reader is None else first_reader)
 
     @staticmethod
     def _backward_whole(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:

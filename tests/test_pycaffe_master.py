@@ -150,6 +150,123 @@ layer { name: 'ip' type: 'InnerProduct' bottom: 'conv1' top: 'ip'
             np.testing.assert_array_equal(net.blobs["conv1"].data, data)
 
 
+IN_PLACE_CHAINS = {
+    # conv -> BatchNorm -> Scale -> ReLU, all in place on 'conv1' (a ResNet block's start):
+    # BatchNorm's factor 1/sqrt(4) and Scale's signed factors make a skipped or doubled layer
+    # show in the diffs.
+    "bn_scale_relu": ["bn1", "scale1", "relu1"],
+    # conv -> ReLU -> Dropout (TEST: identity), in place: Dropout's backward alone must not
+    # apply the ReLU mask.
+    "relu_dropout": ["relu1", "drop1"],
+}
+CHAIN_LAYERS = {
+    "bn1": "layer { name: 'bn1' type: 'BatchNorm' bottom: 'conv1' top: 'conv1' "
+           "batch_norm_param { use_global_stats: true } }",
+    "scale1": "layer { name: 'scale1' type: 'Scale' bottom: 'conv1' top: 'conv1' "
+              "scale_param { bias_term: true } }",
+    "relu1": "layer { name: 'relu1' type: 'ReLU' bottom: 'conv1' top: 'conv1' }",
+    "drop1": "layer { name: 'drop1' type: 'Dropout' bottom: 'conv1' top: 'conv1' }",
+}
+
+
+def _chain_net(tmp_path, chain):
+    path = tmp_path / "chain.prototxt"
+    path.write_text("name: 'c' force_backward: true input: 'data' "
+                    "input_shape { dim: 2 dim: 2 dim: 4 dim: 4 }\n"
+                    "layer { name: 'conv1' type: 'Convolution' bottom: 'data' top: 'conv1' "
+                    "convolution_param { num_output: 3 kernel_size: 3 "
+                    "weight_filler { type: 'gaussian' std: 0.5 } } }\n"
+                    + "\n".join(CHAIN_LAYERS[n] for n in chain) +
+                    "\nlayer { name: 'ip' type: 'InnerProduct' bottom: 'conv1' top: 'ip' "
+                    "inner_product_param { num_output: 2 weight_filler { type: 'gaussian' std: 0.5 } } }\n")
+    caffe.set_random_seed(1)
+    net = caffe.Net(str(path), caffe.TEST)
+    if "bn1" in chain:
+        net.params["bn1"][0].data[...] = 0.3
+        net.params["bn1"][1].data[...] = 4.0
+        net.params["bn1"][2].data[...] = 1
+    if "scale1" in chain:
+        net.params["scale1"][0].data[...] = [-2, 1.5, 3]
+        net.params["scale1"][1].data[...] = [0.5, -0.25, 1]
+    return net
+
+
+def _caffe_backward_from_to(net, x, names, start, end, blob_diffs, param_diffs):
+    """Caffe's Net::BackwardFromTo by hand: layers start..end, highest first, each a VJP at the
+    input it read in the forward, reading its top's diff and overwriting its bottom's (one blob
+    for an in-place chain); parameter diffs add up. Returns the new blob and parameter diffs."""
+    import torch
+    import torch.nn.functional as F
+    w = {k: [torch.tensor(b.data.copy()) for b in v] for k, v in net.params.items()}
+
+    def channel(v):
+        return v.view(1, -1, 1, 1)
+
+    fns = {
+        "conv1": lambda a, p: F.conv2d(a, p[0], p[1]),
+        "bn1": lambda a, p: (a - channel(w["bn1"][0])) / torch.sqrt(channel(w["bn1"][1]) + 1e-5),
+        "scale1": lambda a, p: a * channel(p[0]) + channel(p[1]),
+        "relu1": lambda a, p: a.clamp(min=0),
+        "drop1": lambda a, p: a,  # TEST phase
+        "ip": lambda a, p: F.linear(a.reshape(a.shape[0], -1), p[0], p[1]),
+    }
+    learned = {"conv1": w["conv1"], "scale1": w.get("scale1", []), "ip": w["ip"]}
+    inputs, t = {}, torch.tensor(x)
+    for n in names:
+        inputs[n] = t
+        t = fns[n](t, learned.get(n, []))
+    blob_diffs, param_diffs = dict(blob_diffs), {k: list(v) for k, v in param_diffs.items()}
+    for n in reversed(names[names.index(end):names.index(start) + 1]):
+        a = inputs[n].clone().requires_grad_(True)
+        p = [q.clone().requires_grad_(True) for q in learned.get(n, [])]
+        top, bottom = ("ip", "conv1") if n == "ip" else ("conv1", "data" if n == "conv1" else "conv1")
+        grads = torch.autograd.grad(fns[n](a, p), [a] + p, torch.tensor(blob_diffs[top]))
+        blob_diffs[bottom] = grads[0].numpy()
+        for i, g in enumerate(grads[1:]):
+            param_diffs[n][i] = param_diffs[n][i] + g.numpy()
+    return blob_diffs, param_diffs
+
+
+@pytest.mark.parametrize("chain", sorted(IN_PLACE_CHAINS))
+@pytest.mark.parametrize("whole_first", [False, True], ids=["fresh", "after_backward"])
+def test_backward_from_to_every_pair_of_an_in_place_chain(tmp_path, chain, whole_first):
+    # Every (start, end) of conv -> in-place chain -> InnerProduct leaves the blob and
+    # parameter diffs Caffe's BackwardFromTo leaves: a start inside the chain seeds that
+    # layer's own output (the layers above it take no part), the diff is the gradient of what
+    # the range's lowest layer read, and after a whole backward (graph spent) the range is
+    # recorded again from what its first layer read, not from the chain's final data (it
+    # masked by the ReLU for Dropout alone, doubled BatchNorm's factor, or raised torch's
+    # "backward through the graph a second time").
+    names = ["conv1"] + IN_PLACE_CHAINS[chain] + ["ip"]
+    x = np.random.RandomState(0).randn(2, 2, 4, 4).astype(np.float32)
+    learned = ["conv1", "scale1", "ip"]
+    for hi, start in enumerate(names):
+        for end in names[:hi + 1]:
+            net = _chain_net(tmp_path, IN_PLACE_CHAINS[chain])
+            net.forward(data=x)
+            if whole_first:
+                net.backward()
+            data = {b: net.blobs[b].data.copy() for b in net.blobs}
+            rs = np.random.RandomState(5)
+            for b in net.blobs:
+                net.blobs[b].diff[...] = rs.randn(*net.blobs[b].diff.shape)
+            blob_diffs = {b: net.blobs[b].diff.copy() for b in net.blobs}
+            param_diffs = {k: [p.diff.copy() for p in net.params[k]] for k in learned
+                           if k in net.params}
+            want_blobs, want_params = _caffe_backward_from_to(
+                net, x, names, start, end, blob_diffs, param_diffs)
+            net.backward(start=start, end=end)
+            where = f"{chain} backward(start={start!r}, end={end!r})"
+            for b in net.blobs:
+                np.testing.assert_allclose(net.blobs[b].diff, want_blobs[b], atol=1e-4,
+                                           err_msg=f"{where}: blob {b}")
+                np.testing.assert_array_equal(net.blobs[b].data, data[b])
+            for k, diffs in want_params.items():
+                for i, want in enumerate(diffs):
+                    np.testing.assert_allclose(net.params[k][i].diff, want, atol=1e-4,
+                                               err_msg=f"{where}: {k} param {i}")
+
+
 def test_backward_works_without_a_forward_first(net):
     # Caffe's Backward reads the blobs; BVLC's tests call net.backward() right after Net().
     g = np.ones(net.blobs["ip"].diff.shape, np.float32)
