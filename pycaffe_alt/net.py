@@ -808,7 +808,10 @@ class Net(nn.Module):
             if trace is not None:
                 trace.append((step, bottoms, out))
             for t, v in zip(step.tops, out):
-                if written is not None:
+                if written is not None and v.requires_grad:
+                    # Only values a backward can start from or pass through: a pass without
+                    # gradients (a deploy net, torch.no_grad()) keeps one value per blob, as
+                    # Caffe's in-place layers share one buffer.
                     written[(step.index, t)] = v
                 values[t] = v
         for name, final in finals.items():
