@@ -70,9 +70,9 @@ class Recorder:
         self.tests.append((solver.iter, results["accuracy"], results["loss"]))
 
 
-def run(param, iters, restore=None):
+def run(param, iters, restore=None, recorder=None):
     s = caffe.get_solver(param, device="cpu")
-    rec = Recorder()
+    rec = Recorder() if recorder is None else recorder
     s.add_hook(rec)
     if restore:
         s.restore(restore)
@@ -260,13 +260,7 @@ class PlateauRecorder:
 
 
 def run_plateau(param, iters, restore=None):
-    s = caffe.get_solver(param, device="cpu")
-    rec = PlateauRecorder()
-    s.add_hook(rec)
-    if restore:
-        s.restore(restore)
-    s.step(iters)
-    return s, rec
+    return run(param, iters, restore, PlateauRecorder())
 
 
 def forks_plateau(smoothed, winsizes, start=0):
