@@ -255,7 +255,7 @@ def read_solverstate(path: str) -> SolverStateData:
     if not state.HasField("iter"):
         raise SolverError("not a solver state (no iteration recorded)", where=path,
                           hint="pass a .solverstate file written by Caffe or pycaffe_alt")
-    _check_counters(state.iter, state.current_step, path)
+    _check_counters(state.iter, state.current_step, state.iter_last_event, path)
     if state.HasField("learned_net") and not state.learned_net:
         # Caffe would try to open "" and fail; resuming with the initial weights is never meant.
         raise SolverError("learned_net is empty: the state names no weights file", where=path,
@@ -269,7 +269,7 @@ def read_solverstate(path: str) -> SolverStateData:
         minimum_loss=state.minimum_loss, iter_last_event=state.iter_last_event)
 
 
-def _check_counters(it: int, step: int, path: str) -> None:
+def _check_counters(it: int, step: int, last_event: int, path: str) -> None:
     # Caffe would resume at a negative iteration (and train max_iter - iter steps); a
     # solverstate never holds one, so the file is damaged or not a solver state.
     for field, value in (("iter", it), ("current_step", step)):
@@ -280,6 +280,14 @@ def _check_counters(it: int, step: int, path: str) -> None:
     if it >= 2**31 - 1:  # int32 in Caffe's proto: no iteration could follow and be recorded
         raise SolverError(f"iter is {it}, the largest int32; no iteration can follow it",
                           where=path, hint="the file is damaged; resume from another snapshot")
+    # An HDF5 dataset may hold any integer; Caffe reads these into an int (hdf5_load_int) and
+    # the .solverstate fields are int32, so a larger one is no state Caffe wrote. Taken as read,
+    # it stopped the next snapshot with a traceback after its .caffemodel was written.
+    for field, value in (("current_step", step), ("iter_last_event", last_event)):
+        if not -2**31 <= value < 2**31:
+            raise SolverError(f"{field} is {value}, outside the int32 range a solver state "
+                              "holds", where=path,
+                              hint="the file is damaged; resume from another snapshot")
 
 
 def check_history(history: Sequence[np.ndarray], expected_shapes: Sequence[Tuple[int, ...]],
@@ -398,7 +406,7 @@ def read_solverstate_h5(path: str) -> SolverStateData:
     except (OSError, KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
         raise SolverError(f"not a valid HDF5 solver state ({e})", where=path,
                           hint="resume from another snapshot") from None
-    _check_counters(it, step, path)
+    _check_counters(it, step, last_event, path)
     if any(h is None for h in history):
         raise SolverError("history datasets are not numbered 0..n-1", where=path,
                           hint="the file is damaged; resume from another snapshot")
