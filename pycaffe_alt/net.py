@@ -34,6 +34,7 @@ from .compile import CompiledNet
 from .errors import ArgumentTypeError, CaffeError, NetError, first_line, path_argument
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
+from .layers.loss import with_caffe_gradient
 from .mode import default_device
 from .netstate import LayerLinks, layer_included, plan_backward
 from .proto import caffe_pb2
@@ -979,8 +980,14 @@ class Net(nn.Module):
         grad = self._backward_possible and torch.is_grad_enabled()
         # Leaves for inputs that receive gradients (force_backward nets).
         for name in self._inputs:
-            t = self._store.data_tensor(name).detach()
-            if grad and self._plan.blob_needs.get(name, False):
+            t = self._store.data_tensor(name)
+            wants = grad and self._plan.blob_needs.get(name, False)
+            if start > 0 and t.grad_fn is None and t.requires_grad == wants:
+                # A pass from a middle layer leaves the layers below, and the input leaf their
+                # graph starts from, as they are: a backward over both gives the input its diff.
+                continue
+            t = t.detach()
+            if wants:
                 t.requires_grad_(True)
             self._values[name] = t
         # Replaced before the pass, not after: the last pass's blob values it holds are freed
@@ -1017,8 +1024,17 @@ class Net(nn.Module):
         pass's layers read (and a backward over them differentiates)."""
         for name in self._writers:
             key = self._writer_key(name, start)
-            if key is not None and name in self._values:
-                written[key] = self._values[name]
+            if key is None or name not in self._values:
+                continue
+            data, below = self._values[name], written.get(key)
+            if below is not None and below.requires_grad and below is not data and \
+                    below.shape == data.shape:
+                # The value is the buffer's, but Caffe's Backward hands the layer's bottom diff
+                # to the writer below ``start`` (its bottom diff is that blob's diff): the
+                # gradient goes to what that writer made, not back through the chain's upper
+                # layers of the last pass, whose data this is (a Scale would count twice).
+                data = self._values[name] = with_caffe_gradient(data, below)
+            written[key] = data
 
     def _writer_key(self, name: str, index: int) -> Optional[Tuple[int, str]]:
         """The ``_written`` key of the value layer ``index`` reads from blob ``name``: the

@@ -267,6 +267,29 @@ def test_backward_from_to_every_pair_of_an_in_place_chain(tmp_path, chain, whole
                                                err_msg=f"{where}: {k} param {i}")
 
 
+def test_backward_across_the_start_of_a_partial_forward_in_a_chain(tmp_path):
+    # forward(start='scale1') reads the chain's buffer (the last pass's ReLU output), and
+    # Caffe's backward over relu1..conv1 then passes Scale's bottom diff to BatchNorm: the
+    # layers below keep their diffs (with a positive Scale and no bias the ReLU mask is the
+    # same), where the upper layers of the last pass were counted again (conv1's weight diff
+    # doubled) and the input leaf of that pass was replaced (a zero data diff).
+    def run(partial):
+        net = _chain_net(tmp_path, IN_PLACE_CHAINS["bn_scale_relu"])
+        net.params["scale1"][0].data[...] = 2.0
+        net.params["scale1"][1].data[...] = 0.0
+        net.forward(data=np.random.RandomState(0).randn(2, 2, 4, 4).astype(np.float32))
+        if partial:
+            net.forward(start="scale1", end="relu1")
+        net.blobs["conv1"].diff[...] = 1
+        net.backward(start="relu1", end="conv1")
+        return [net.params["conv1"][0].diff.copy(), net.blobs["data"].diff.copy(),
+                net.blobs["conv1"].diff.copy()]
+
+    for got, want in zip(run(True), run(False)):
+        assert np.abs(want).sum() > 0
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_backward_works_without_a_forward_first(net):
     # Caffe's Backward reads the blobs; BVLC's tests call net.backward() right after Net().
     g = np.ones(net.blobs["ip"].diff.shape, np.float32)
