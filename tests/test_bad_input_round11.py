@@ -6,14 +6,7 @@ from google.protobuf import text_format
 import pycaffe_alt as caffe
 from pycaffe_alt.errors import SolverError
 from pycaffe_alt.proto import caffe_pb2
-
-PLATEAU_NET = """
-layer { name: "d" type: "DummyData" top: "x" top: "y"
-  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 }
-    data_filler { type: "uniform" min: -1 max: 1 } data_filler { type: "uniform" min: 0 max: 1 } } }
-layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
-  inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
-layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" }"""
+from test_resume import PLATEAU_NET  # the plateau resume tests' net
 
 
 def plateau_solver(tmp_path, fmt: str, prefix: str):
