@@ -34,7 +34,6 @@ from .compile import CompiledNet
 from .errors import ArgumentTypeError, CaffeError, NetError, first_line, path_argument
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
-from .layers.loss import with_caffe_gradient
 from .mode import default_device
 from .netstate import LayerLinks, layer_included, plan_backward
 from .proto import caffe_pb2
@@ -82,6 +81,21 @@ class _BufferBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, top_diff):
         return ctx.layer.inplace_backward(top_diff, ctx.final.value), None, None
+
+
+class _BufferValue(torch.autograd.Function):
+    """A blob's buffer value whose gradient goes to another tensor of its shape: a pass from a
+    middle layer of an in-place chain reads the buffer (the chain's last output), while Caffe's
+    Backward hands that layer's bottom diff to the writer below it. (The arithmetic form
+    ``v.detach() + (t - t.detach())`` turns an inf in ``t`` into NaN.)"""
+
+    @staticmethod
+    def forward(ctx, value, grad_to):
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
 
 
 @dataclass
@@ -809,10 +823,11 @@ class Net(nn.Module):
             if trace is not None:
                 trace.append((step, bottoms, out))
             for t, v in zip(step.tops, out):
-                if written is not None and v.requires_grad:
-                    # Only values a backward can start from or pass through: a pass without
-                    # gradients (a deploy net, torch.no_grad()) keeps one value per blob, as
-                    # Caffe's in-place layers share one buffer.
+                if written is not None and (v.requires_grad or self._writers[t][-1] != step.index):
+                    # Values a backward can start from or pass through, and (with or without
+                    # gradients) what a later in-place layer overwrites: a backward after a pass
+                    # without a graph replays a range from what its first layer read. A last
+                    # writer's value is the blob's data already.
                     written[(step.index, t)] = v
                 values[t] = v
         for name, final in finals.items():
@@ -1033,7 +1048,7 @@ class Net(nn.Module):
                 # to the writer below ``start`` (its bottom diff is that blob's diff): the
                 # gradient goes to what that writer made, not back through the chain's upper
                 # layers of the last pass, whose data this is (a Scale would count twice).
-                data = self._values[name] = with_caffe_gradient(data, below)
+                data = self._values[name] = _BufferValue.apply(data, below)
             written[key] = data
 
     def _writer_key(self, name: str, index: int) -> Optional[Tuple[int, str]]:

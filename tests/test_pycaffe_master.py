@@ -290,6 +290,47 @@ def test_backward_across_the_start_of_a_partial_forward_in_a_chain(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_partial_forward_in_a_chain_keeps_infinite_values_of_the_layer_below(tmp_path):
+    # The pass from 'tanh1' reads the buffer (the last TanH output); an inf the layer below
+    # once wrote must not reach it as NaN (the gradient is routed to that layer's output).
+    path = tmp_path / "inf.prototxt"
+    path.write_text("force_backward: true input: 'data' input_shape { dim: 1 dim: 2 }\n"
+                    "layer { name: 'ip1' type: 'InnerProduct' bottom: 'data' top: 'ip1' "
+                    "inner_product_param { num_output: 2 } }\n"
+                    "layer { name: 'tanh1' type: 'TanH' bottom: 'ip1' top: 'ip1' }\n"
+                    "layer { name: 'ip2' type: 'InnerProduct' bottom: 'ip1' top: 'ip2' "
+                    "inner_product_param { num_output: 1 } }\n")
+    net = caffe.Net(str(path), caffe.TRAIN)
+    net.params["ip1"][0].data[...] = [[np.inf, 0.0], [0.0, 1.0]]
+    net.params["ip2"][0].data[...] = 1.0
+    net.forward(data=np.array([[1.0, 0.5]], np.float32))
+    np.testing.assert_allclose(net.blobs["ip1"].data, [[1.0, np.tanh(0.5)]], rtol=1e-6)
+    net.forward(start="tanh1")
+    np.testing.assert_allclose(net.blobs["ip1"].data, np.tanh([[1.0, np.tanh(0.5)]]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("start,end", [("scale1", "bn1"), ("relu1", "bn1"), ("relu1", "scale1")])
+def test_ranged_backward_in_a_chain_after_a_forward_without_a_graph(tmp_path, start, end):
+    # A forward under torch.no_grad() records no graph: the backward replays the range from
+    # what its first layer read in that forward, not from the chain's final (ReLU) data.
+    import torch
+
+    def run(no_grad):
+        net = _chain_net(tmp_path, IN_PLACE_CHAINS["bn_scale_relu"])
+        x = np.random.RandomState(0).randn(2, 2, 4, 4).astype(np.float32)
+        if no_grad:
+            with torch.no_grad():
+                net.forward(data=x)
+        else:
+            net.forward(data=x)
+        net.blobs["conv1"].diff[...] = 1
+        net.backward(start=start, end=end)
+        return net.blobs["conv1"].diff.copy(), net.params["scale1"][0].diff.copy()
+
+    for got, want in zip(run(True), run(False)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_backward_works_without_a_forward_first(net):
     # Caffe's Backward reads the blobs; BVLC's tests call net.backward() right after Net().
     g = np.ones(net.blobs["ip"].diff.shape, np.float32)
