@@ -823,11 +823,14 @@ class Net(nn.Module):
             if trace is not None:
                 trace.append((step, bottoms, out))
             for t, v in zip(step.tops, out):
-                if written is not None and (v.requires_grad or self._writers[t][-1] != step.index):
+                if written is not None and (v.requires_grad or (
+                        self._backward_possible and self._writers[t][-1] != step.index)):
                     # Values a backward can start from or pass through, and (with or without
                     # gradients) what a later in-place layer overwrites: a backward after a pass
                     # without a graph replays a range from what its first layer read. A last
-                    # writer's value is the blob's data already.
+                    # writer's value is the blob's data already, and a net no layer of which
+                    # runs backward (a deploy net) keeps one value per blob, as Caffe's
+                    # in-place layers share one buffer.
                     written[(step.index, t)] = v
                 values[t] = v
         for name, final in finals.items():

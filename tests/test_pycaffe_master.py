@@ -331,6 +331,30 @@ def test_ranged_backward_in_a_chain_after_a_forward_without_a_graph(tmp_path, st
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_deploy_net_keeps_one_value_per_in_place_chain(tmp_path):
+    # No layer of a TEST net without force_backward runs backward: the outputs a chain's later
+    # in-place layers overwrite are freed after the pass (Caffe's chain is one buffer); a net
+    # that can run backward keeps them for a ranged backward.
+    import gc
+    import weakref
+
+    def conv_output_alive(force_backward):
+        net = _chain_net(tmp_path, IN_PLACE_CHAINS["bn_scale_relu"])
+        if not force_backward:
+            text = (tmp_path / "chain.prototxt").read_text().replace("force_backward: true", "")
+            (tmp_path / "deploy.prototxt").write_text(text)
+            net = caffe.Net(str(tmp_path / "deploy.prototxt"), caffe.TEST)
+        seen = []
+        net.layer_dict["conv1"].module.register_forward_hook(
+            lambda mod, inp, out: seen.append(weakref.ref(out)))
+        net.forward(data=np.ones((2, 2, 4, 4), np.float32))
+        gc.collect()
+        return seen[0]() is not None
+
+    assert conv_output_alive(force_backward=True)
+    assert not conv_output_alive(force_backward=False)
+
+
 def test_backward_works_without_a_forward_first(net):
     # Caffe's Backward reads the blobs; BVLC's tests call net.backward() right after Net().
     g = np.ones(net.blobs["ip"].diff.shape, np.float32)
