@@ -6,7 +6,7 @@ machine; on one without CUDA, Caffe (and pycaffe_alt by default) stops at that c
 warns once. Kept apart from :mod:`pycaffe_alt.mode` so that the launcher can set it without
 importing torch (as :mod:`pycaffe_alt.python_opt_in`).
 """
-import os
+from .env_switch import switch_is_on
 
 # Inherited by child processes, as the program's own workers ask for the GPU too.
 GPU_AS_CPU_ENV = "PYCAFFE_ALT_GPU_AS_CPU"
@@ -14,4 +14,4 @@ GPU_AS_CPU_ENV = "PYCAFFE_ALT_GPU_AS_CPU"
 
 def gpu_requests_run_on_cpu() -> bool:
     """Whether the environment asks for GPU mode to mean the CPU (1, true, yes or on)."""
-    return os.environ.get(GPU_AS_CPU_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return switch_is_on(GPU_AS_CPU_ENV)

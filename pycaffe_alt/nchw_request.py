@@ -11,7 +11,7 @@ net an unchanged program builds) keeps the plain layout instead, at the cost of 
 convolutions. Kept apart from :mod:`pycaffe_alt.memory_format` so that the launcher can set it
 without importing torch (as :mod:`pycaffe_alt.cpu_fallback`).
 """
-import os
+from .env_switch import switch_is_on
 
 # Inherited by child processes, which build nets of their own.
 NCHW_ENV = "PYCAFFE_ALT_NCHW"
@@ -19,4 +19,4 @@ NCHW_ENV = "PYCAFFE_ALT_NCHW"
 
 def nchw_requested() -> bool:
     """Whether the environment asks "auto" nets for C-order NCHW blobs (1, true, yes or on)."""
-    return os.environ.get(NCHW_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return switch_is_on(NCHW_ENV)

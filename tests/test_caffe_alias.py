@@ -578,3 +578,22 @@ def test_run_nchw_keeps_activation_arrays_c_order(tmp_path):
     assert "C_ORDER True WRITTEN 7.0" in r.stdout
     r = _run([sys.executable, "-m", "pycaffe_alt.run", str(prog)], cwd=tmp_path)
     assert r.returncode == 0 and "C_ORDER False" in r.stdout, r.stderr[-3000:]
+
+
+def test_launcher_switches_warn_once_about_values_that_are_neither_on_nor_off(monkeypatch, caplog):
+    # PYCAFFE_ALT_NCHW=2 or =enable meant off without a word; now off with one warning.
+    from pycaffe_alt.cpu_fallback import GPU_AS_CPU_ENV, gpu_requests_run_on_cpu
+    from pycaffe_alt.env_switch import switch_is_on
+    from pycaffe_alt.nchw_request import NCHW_ENV, nchw_requested
+
+    for value, on in ((" Yes ", True), ("on", True), ("0", False), ("", False), ("off", False)):
+        monkeypatch.setenv(NCHW_ENV, value)
+        monkeypatch.setenv(GPU_AS_CPU_ENV, value)
+        assert nchw_requested() is on and gpu_requests_run_on_cpu() is on
+    assert not caplog.records
+    monkeypatch.setenv("PYCAFFE_ALT_TEST_SWITCH", "enable")  # a name no other test reads
+    with caplog.at_level("WARNING", logger="pycaffe_alt"):
+        assert not switch_is_on("PYCAFFE_ALT_TEST_SWITCH")
+        assert not switch_is_on("PYCAFFE_ALT_TEST_SWITCH")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "PYCAFFE_ALT_TEST_SWITCH='enable'" in warnings[0]
