@@ -61,6 +61,8 @@ class Step:
     # Bottoms given to the layer in the net's memory format: net inputs (C-order for pycaffe's
     # arrays and a caller's NCHW tensors) read by a layer whose input layout decides its output's.
     to_net_format: Tuple[bool, ...] = ()
+    # Per top: a later in-place layer rewrites it (this layer's output is not the blob's data).
+    rewritten_tops: Tuple[bool, ...] = ()
 
 
 class _FinalValue:
@@ -514,6 +516,8 @@ class Net(nn.Module):
                 self._writers.setdefault(t, []).append(step.index)
             for b in step.bottoms:
                 self._readers.setdefault(b, []).append(step.index)
+        for step in self._steps:
+            step.rewritten_tops = tuple(self._writers[t][-1] != step.index for t in step.tops)
         self._register_modules(modules)
         self._views = self._make_views(modules)
 
@@ -822,9 +826,9 @@ class Net(nn.Module):
                 out = (out,)
             if trace is not None:
                 trace.append((step, bottoms, out))
-            for t, v in zip(step.tops, out):
+            for t, v, rewritten in zip(step.tops, out, step.rewritten_tops):
                 if written is not None and (v.requires_grad or (
-                        self._backward_possible and self._writers[t][-1] != step.index)):
+                        rewritten and self._backward_possible)):
                     # Values a backward can start from or pass through, and (with or without
                     # gradients) what a later in-place layer overwrites: a backward after a pass
                     # without a graph replays a range from what its first layer read. A last
@@ -1066,12 +1070,19 @@ class Net(nn.Module):
             return None
         return writers[k - 1], name
 
-    def _read_value(self, name: str, index: int) -> Optional[torch.Tensor]:
-        """The value layer ``index`` read from blob ``name`` in the last pass or replay (the
-        blob's data where none was recorded: a backward without a forward first)."""
+    def _read_slot(self, name: str, index: int) -> Tuple[Dict[Any, torch.Tensor], Any]:
+        """Where the value layer ``index`` read from blob ``name`` in the last pass or replay
+        is kept: ``(_written, key)``, or ``(_values, name)`` for the blob's data (also where
+        none was recorded: a backward without a forward first)."""
         key = self._writer_key(name, index)
-        v = self._written.get(key) if key is not None else None
-        return v if v is not None else self._values.get(name)
+        if key is not None and self._written.get(key) is not None:
+            return self._written, key
+        return self._values, name
+
+    def _read_value(self, name: str, index: int) -> Optional[torch.Tensor]:
+        """The value layer ``index`` read from blob ``name`` (see :meth:`_read_slot`)."""
+        home, key = self._read_slot(name, index)
+        return home.get(key)
 
     def _take_held_writes(self, names: Optional[Iterable[str]] = None) -> None:
         """Before a pass that starts above the first layer (or a backward that re-reads
@@ -1227,20 +1238,18 @@ class Net(nn.Module):
                     dirty.update(step.tops)
                 bottoms = []
                 for name, detach in zip(step.bottoms, step.detach):
-                    key = self._writer_key(name, step.index)
-                    v = written.get(key) if key is not None else None
-                    home: Dict[Any, torch.Tensor] = written if v is not None else values
-                    if v is None:
-                        key, v = name, values.get(name)
+                    home, key = self._read_slot(name, step.index)
+                    v = home.get(key)
                     if v is None or v.is_inference():  # data_tensor makes an inference one usable
                         v = self._store.data_tensor(name)
                     if not v.requires_grad and not detach and self._plan.blob_needs.get(name):
                         v = home[key] = v.detach().requires_grad_(True)
                     bottoms.append(v.detach() if detach else v)
                 out = step.layer(*bottoms)
-                for t, v in zip(step.tops, (out,) if isinstance(out, torch.Tensor) else out):
+                outs = (out,) if isinstance(out, torch.Tensor) else out
+                for t, v, rewritten in zip(step.tops, outs, step.rewritten_tops):
                     written[(step.index, t)] = v
-                    if self._writers[t][-1] == step.index:
+                    if not rewritten:
                         values[t] = v
 
     def _accumulate_grads(self, tensors, grads, steps: Sequence[Step], whole: bool = False) -> None:
@@ -1305,8 +1314,10 @@ class Net(nn.Module):
         (the gradient of the value the range's top layer left: its seed)."""
         # From the lists made at build: a scan of every step per blob made a backward
         # quadratic in the depth (ResNet-152's 500 layers).
-        first_reader = next((i for i in self._readers.get(name, ()) if lo <= i <= hi), None)
-        return self._read_value(name, hi + 1 if first_reader is None else first_reader)
+        readers = self._readers.get(name, ())
+        k = bisect.bisect_left(readers, lo)
+        first_reader = readers[k] if k < len(readers) and readers[k] <= hi else hi + 1
+        return self._read_value(name, first_reader)
 
     @staticmethod
     def _backward_whole(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:

@@ -469,9 +469,9 @@ class Pooling(Layer):
         if self.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
             raise self.error("global pooling allows only pad 0 and stride 1", "remove pad/stride")
         self.with_mask = len(param.top) > 1
-        # Every pass but global pooling's has the same geometry: made once.
-        self._fixed_geometry = PoolGeometry(self.kernel or (1, 1), self.stride, self.pad,
-                                            self.ceil)
+        # Every pass has the same geometry except global pooling's (its kernel is the input's).
+        self._fixed_geometry = None if self.kernel is None else \
+            PoolGeometry(self.kernel, self.stride, self.pad, self.ceil)
         shape = tuple(bottom_shapes[0])
         if len(shape) != 4:
             raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {shape}",
@@ -495,9 +495,8 @@ class Pooling(Layer):
         return (int(getattr(pp, name)), int(getattr(pp, name)))
 
     def _geometry(self, h: int, w: int) -> PoolGeometry:
-        if self.kernel is not None:
-            return self._fixed_geometry
-        return PoolGeometry((int(h), int(w)), self.stride, self.pad, self.ceil)
+        return self._fixed_geometry or PoolGeometry((int(h), int(w)), self.stride, self.pad,
+                                                    self.ceil)
 
     def forward(self, x: torch.Tensor):
         if x.dim() != 4:

@@ -123,8 +123,9 @@ class Solver:
         self._iter = 0
         self.current_step = 0
         # The SSD fork's plateau bookkeeping (lr_policy "plateau"), snapshotted with current_step.
-        self.minimum_loss: float = PlateauState().minimum_loss
-        self.iter_last_event: int = PlateauState().iter_last_event
+        fresh = PlateauState()
+        self.minimum_loss: float = fresh.minimum_loss
+        self.iter_last_event: int = fresh.iter_last_event
         logger.info("Initializing solver from parameters: %s", self.source)
         self.check_snapshot_folder(required=self.param.snapshot > 0)
         # Caffe seeds before building the nets: fillers, dropout and data streams follow it.
@@ -563,6 +564,9 @@ class Solver:
             apply_update(self._datas, diffs)
         self._iter += 1
 
+    def _plateau_state(self) -> PlateauState:
+        return PlateauState(self.minimum_loss, self.iter_last_event, self.current_step)
+
     def _advance_plateau(self, it: int) -> int:
         """The SSD fork's plateau bookkeeping for iteration ``it`` (``plateau_advance`` on the
         held state), with its two log lines; returns the step counter for this iteration's rate.
@@ -570,7 +574,7 @@ class Solver:
         The fork reads ``smoothed_loss_`` in ``GetLearningRate``, called first thing in
         ``ApplyUpdate``: after ``Step`` smoothed this iteration's loss (and displayed it), so the
         smoother's current value. Reading it is a host sync on a GPU, once per iteration."""
-        held = PlateauState(self.minimum_loss, self.iter_last_event, self.current_step)
+        held = self._plateau_state()
         new = plateau_advance(self.param.plateau_winsize, held, self.smoother.value(), it)
         self.minimum_loss, self.iter_last_event = new.minimum_loss, new.iter_last_event
         if new.current_step != held.current_step:
@@ -711,8 +715,7 @@ class Solver:
         # The fork writes its plateau fields whatever the policy (iter_last_event then holds
         # whatever it held); we write them where they mean something, so other policies' files
         # stay BVLC Caffe's. Its restore reads them unconditionally (see restore).
-        plateau = (PlateauState(self.minimum_loss, self.iter_last_event, self.current_step)
-                   if self.param.lr_policy == "plateau" else None)
+        plateau = self._plateau_state() if self.param.lr_policy == "plateau" else None
         if hdf5:
             state = snapshot_filename(prefix, self._iter, ".solverstate.h5")
             logger.info("Snapshotting solver state to HDF5 file %s", state)
@@ -746,9 +749,9 @@ class Solver:
 
     def restore(self, state_path: str) -> None:
         """Caffe's Restore from a ``.solverstate`` (or ``.solverstate.h5``): iteration,
-        current_step (and the SSD fork's plateau minimum_loss, iter_last_event), history and the weights of ``learned_net``; with our continuation data also
-        the data cursors and random generators (otherwise the data restarts where it is, as in
-        Caffe)."""
+        current_step (and the SSD fork's plateau minimum_loss, iter_last_event), history and the
+        weights of ``learned_net``; with our continuation data also the data cursors and random
+        generators (otherwise the data restarts where it is, as in Caffe)."""
         state_path = path_argument(state_path, "restore()")
         data = read_any_solverstate(state_path)
         shapes = self.rule.history_shapes([tuple(d.shape) for d in self._datas])
