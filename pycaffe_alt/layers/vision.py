@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +160,10 @@ class _ConvolutionBase(Layer):
         raise NotImplementedError
 
     def forward(self, *bottoms: torch.Tensor):
+        if len(bottoms) == 1 and self.axis == 1:
+            # The usual layer (one bottom, channels on axis 1): no per-bottom reshaping to do,
+            # and a small net's step notices a generator and tuple per layer.
+            return self._run(bottoms[0])
         tops = tuple(self._unflatten_batch(x, self._run(self._flatten_batch(x))) for x in bottoms)
         return tops[0] if len(tops) == 1 else tops
 
@@ -254,7 +258,27 @@ def torch_pool_is_exact(geom: PoolGeometry, h: int, w: int) -> bool:
     in row-major order; the two differ only in the output size (torch also drops windows that
     start past the input when there is no padding) and torch refuses pad > kernel/2. The tests
     compare both paths with a loop transcription of Caffe on CPU.
+
+    Eager calls remember the answer per geometry and input size (every pass of a net asks the
+    same question; the arithmetic cost a LeNet pass ~10 us). While torch.compile traces, the
+    answer is computed: a lookup in a dict that grows would make Dynamo guard on its contents.
     """
+    if torch.compiler.is_compiling():
+        return _torch_pool_is_exact(geom, h, w)
+    key = (geom, int(h), int(w))
+    exact = _POOL_IS_EXACT.get(key)
+    if exact is None:
+        if len(_POOL_IS_EXACT) >= _POOL_IS_EXACT_LIMIT:  # a program reshaping to ever new sizes
+            _POOL_IS_EXACT.clear()
+        exact = _POOL_IS_EXACT[key] = _torch_pool_is_exact(geom, h, w)
+    return exact
+
+
+_POOL_IS_EXACT: Dict[Tuple[PoolGeometry, int, int], bool] = {}
+_POOL_IS_EXACT_LIMIT = 4096
+
+
+def _torch_pool_is_exact(geom: PoolGeometry, h: int, w: int) -> bool:
     if any(p > k // 2 for k, p in zip(geom.kernel, geom.pad)):
         return False
     sizes = zip(pooled_shape(geom, h, w), (h, w), geom.kernel, geom.stride, geom.pad)
@@ -308,7 +332,9 @@ def max_pool(x: torch.Tensor, geom: PoolGeometry, with_mask: bool = False):
         y, idx = max_pool2d_with_indices(x, geom.kernel, geom.stride, geom.pad, geom.ceil)
         return y, (idx.to(x.dtype) if with_mask else None)
     if not with_mask:
-        return F.max_pool2d(x, geom.kernel, geom.stride, geom.pad, ceil_mode=geom.ceil), None
+        # torch.max_pool2d is what F.max_pool2d calls without indices, minus its argument
+        # dispatch wrapper (a few us of a small net's pass).
+        return torch.max_pool2d(x, geom.kernel, geom.stride, geom.pad, ceil_mode=geom.ceil), None
     # Torch's indices already number the unpadded plane, like Caffe's.
     y, idx = F.max_pool2d(x, geom.kernel, geom.stride, geom.pad, ceil_mode=geom.ceil, return_indices=True)
     return y, idx.to(x.dtype)
