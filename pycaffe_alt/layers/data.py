@@ -790,6 +790,15 @@ class HDF5Data(DataLayerBase):
 # ---------------------------------------------------------------------------------------------
 # MemoryData: arrays handed over from Python
 # ---------------------------------------------------------------------------------------------
+def _float32_in_place_or_copy(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when it is a writable float32 C-order array (a view of the caller's
+    memory, as Caffe's MemoryData reads it), else a float32 C-order copy."""
+    if (array.dtype == np.float32 and array.flags.c_contiguous and array.flags.writeable
+            and array.dtype.isnative):
+        return array
+    return np.array(array, dtype=np.float32, order="C")
+
+
 @LAYERS.register("MemoryData")
 class MemoryData(DataLayerBase):
     """Caffe's ``MemoryData`` layer: serves ``batch_size`` rows at a time of the arrays given to
@@ -824,7 +833,11 @@ class MemoryData(DataLayerBase):
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """Serve these arrays: data N x C x H x W, labels N values; N a multiple of batch_size.
 
-        The arrays are copied (as float32), so changing them afterwards does not change the data.
+        Caffe's MemoryDataLayer::Reset keeps pointers into the caller's arrays (pycaffe's
+        Net_SetInputArrays passes PyArray_DATA, no copy), so a program that refills the same
+        float32 C-order arrays in place and calls forward() again trains on the new values.
+        Arrays in that form are therefore used in place here too; any other dtype or layout
+        (which pycaffe refuses) is copied as float32.
         """
         data = np.asarray(data)
         labels = np.asarray(labels)
@@ -840,8 +853,8 @@ class MemoryData(DataLayerBase):
             raise DataError(f"{n} rows is not a positive multiple of batch_size "
                             f"{self.batch_size}", self.where,
                             "pad or trim the arrays to a multiple of the batch size")
-        self._data = torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
-        self._labels = torch.from_numpy(np.array(labels, dtype=np.float32).reshape(n))
+        self._data = torch.from_numpy(_float32_in_place_or_copy(data))
+        self._labels = torch.from_numpy(_float32_in_place_or_copy(labels).reshape(n))
         self._pos = 0
 
     def forward(self):
