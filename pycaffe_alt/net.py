@@ -65,6 +65,14 @@ class Step:
     rewritten_tops: Tuple[bool, ...] = ()
 
 
+@dataclass(frozen=True)
+class _DiffRange:
+    """What a backward over a range of layers touches (see Net._diff_range)."""
+
+    readers: Tuple[Tuple[str, int], ...]  # per blob of the range: whose read value's gradient
+    diff_bottoms: Tuple[str, ...]  # the blobs whose diff the range's Backward writes
+
+
 class _FinalValue:
     """The value an in-place blob ends a forward pass with (filled in after the pass)."""
 
@@ -306,6 +314,7 @@ class Net(nn.Module):
         self.net_param = self._filtered(net_param, phase, stages, level, source)
         self._values: Dict[str, torch.Tensor] = {}
         self._diffs: Dict[str, torch.Tensor] = {}
+        self._diff_ranges: Dict[Tuple[int, int], _DiffRange] = {}
         # Layers whose autograd graph a pycaffe backward has used up (freed) since their forward.
         self._spent_steps: Set[int] = set()
         # What the last pycaffe forward's layers read from the blobs a backward re-reads (see
@@ -509,7 +518,7 @@ class Net(nn.Module):
         # Blob name -> the steps that write it, in order (the producer, then in-place layers):
         # which of a blob's values a partial backward starts from or ends at.
         self._writers: Dict[str, List[int]] = {}
-        # Blob name -> the steps that read it, in order (see _diff_version).
+        # Blob name -> the steps that read it, in order (see _diff_reader).
         self._readers: Dict[str, List[int]] = {}
         for step in self._steps:
             for t in step.tops:
@@ -1265,10 +1274,10 @@ class Net(nn.Module):
         its lowest blobs, which are no leaves (``backward(inputs=...)`` would run their
         ``grad_fn`` and free graph a later call still needs).
         """
-        blob_names = list(dict.fromkeys(n for s in steps for n in s.bottoms + s.tops))
         blob_ts = []
-        for n in blob_names:
-            t = self._diff_version(n, steps[0].index, steps[-1].index)
+        diff_range = self._diff_range(steps[0].index, steps[-1].index)
+        for n, reader in diff_range.readers:
+            t = self._read_value(n, reader)
             if t is not None and t.requires_grad:
                 blob_ts.append((n, t))
         params = list({id(p): p for s in steps for p in s.layer.blobs if p.requires_grad}.values())
@@ -1281,11 +1290,10 @@ class Net(nn.Module):
         # copied into it (only those: a copy per blob would cost every pass).
         held_diffs = self._store.held_arrays("diff")
         kept: Dict[str, torch.Tensor] = {}
-        for s in steps:
-            for n in s.diff_bottoms:
-                old = self._diffs.pop(n, None)
-                if old is not None and n in held_diffs:
-                    kept[n] = old
+        for n in diff_range.diff_bottoms:
+            old = self._diffs.pop(n, None)
+            if old is not None and n in held_diffs:
+                kept[n] = old
         if whole:
             got = self._backward_whole(tensors, grads, blob_ts, params)
         else:
@@ -1300,9 +1308,22 @@ class Net(nn.Module):
             else:
                 self._diffs[n] = g.clone() if g.untyped_storage().data_ptr() in held else g
 
-    def _diff_version(self, name: str, lo: int, hi: int) -> Optional[torch.Tensor]:
-        """The value of blob ``name`` whose gradient a backward over layers ``lo..hi`` leaves as
-        its diff.
+    def _diff_range(self, lo: int, hi: int) -> "_DiffRange":
+        """What a backward over layers ``lo..hi`` reads and writes, made once per range (the
+        layers never change after build; every pycaffe backward asks for the same range)."""
+        cached = self._diff_ranges.get((lo, hi))
+        if cached is None:
+            steps = self._steps[lo:hi + 1]
+            names = dict.fromkeys(n for s in steps for n in s.bottoms + s.tops)
+            cached = self._diff_ranges[(lo, hi)] = _DiffRange(
+                readers=tuple((n, self._diff_reader(n, lo, hi)) for n in names),
+                diff_bottoms=tuple(n for s in steps for n in s.diff_bottoms))
+        return cached
+
+    def _diff_reader(self, name: str, lo: int, hi: int) -> int:
+        """The layer whose read value of blob ``name`` a backward over layers ``lo..hi`` takes
+        the gradient of, to leave it as the blob's diff (``hi + 1``: the value the range's top
+        layer left).
 
         Caffe's in-place layers share one blob, and each one's Backward rewrites its diff, so
         after BackwardFromTo the diff is the gradient w.r.t. the value the lowest layer of the
@@ -1316,8 +1337,7 @@ class Net(nn.Module):
         # quadratic in the depth (ResNet-152's 500 layers).
         readers = self._readers.get(name, ())
         k = bisect.bisect_left(readers, lo)
-        first_reader = readers[k] if k < len(readers) and readers[k] <= hi else hi + 1
-        return self._read_value(name, first_reader)
+        return readers[k] if k < len(readers) and readers[k] <= hi else hi + 1
 
     @staticmethod
     def _backward_whole(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:
