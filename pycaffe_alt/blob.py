@@ -47,6 +47,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def graph_free(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without autograd history: ``t`` itself when it has none. ``detach()`` makes a new
+    tensor through an op dispatch, and in a pass each dispatch costs a small net several us more
+    than alone (the large ops before it evict the dispatcher's code from the caches)."""
+    return t.detach() if t.requires_grad else t
+
+
 class HostMirror:
     """Numpy access to a tensor that may live on a GPU, with Caffe's head-state rule."""
 
@@ -87,7 +94,7 @@ class HostMirror:
         if arr is not None and arr.shape == tuple(t.shape):
             self._copy_into(arr, t)
             return arr
-        arr = t.detach().numpy()
+        arr = graph_free(t).numpy()
         self._view = weakref.ref(arr)
         self._source = None
         if self._held is not None:

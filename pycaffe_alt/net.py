@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from . import memory_format as mf
-from .blob import (Blob, BlobVec, HostMirror, ParamBlob, check_blob_shape, is_memory_of,
-                   same_bits)
+from .blob import (Blob, BlobVec, HostMirror, ParamBlob, check_blob_shape, graph_free,
+                   is_memory_of, same_bits)
 from .blob_memory import check_blob_fits, zeros
 from .compile import CompiledNet
 from .errors import ArgumentTypeError, CaffeError, NetError, first_line, path_argument
@@ -808,7 +808,10 @@ class Net(nn.Module):
                 continue
             bottoms = [values[b] for b in step.bottoms]
             if True in step.detach:
-                bottoms = [b.detach() if d else b for b, d in zip(bottoms, step.detach)]
+                # Only values that carry a graph: detaching a plain tensor (the data and labels)
+                # changes nothing but costs an op dispatch.
+                bottoms = [b.detach() if d and b.requires_grad else b
+                           for b, d in zip(bottoms, step.detach)]
             if step.to_net_format:  # a net input read in the net's format (see Step)
                 bottoms = [self._input_in_format(name, b, converted) if f and b.dim() == 4 else b
                            for name, b, f in zip(step.bottoms, bottoms, step.to_net_format)]
@@ -1017,9 +1020,10 @@ class Net(nn.Module):
                 # A pass from a middle layer leaves the layers below, and the input leaf their
                 # graph starts from, as they are: a backward over both gives the input its diff.
                 continue
-            t = t.detach()
-            if wants:
-                t.requires_grad_(True)
+            if t.requires_grad or wants:  # a fresh leaf; a plain tensor is one already
+                t = t.detach()
+                if wants:
+                    t.requires_grad_(True)
             self._values[name] = t
         # Replaced before the pass, not after: the last pass's blob values it holds are freed
         # before this pass allocates new ones (as run() drops them from _values), so two
@@ -1031,7 +1035,7 @@ class Net(nn.Module):
         if grad:
             for index, name in self._backward_reads:
                 if start <= index <= end and name in self._values:
-                    self._read_by_forward[name] = self._values[name].detach().clone()
+                    self._read_by_forward[name] = graph_free(self._values[name]).clone()
 
     def _mark_recorded(self, start: int, end: int) -> None:
         """After a pass over layers ``start..end``: their graph is fresh; the layers above
@@ -1195,7 +1199,8 @@ class Net(nn.Module):
             v = self._values.get(name) if top_of is None else self._read_value(name, top_of + 1)
             if v is not None and v.requires_grad and name in self._seedable:
                 tensors.append(v)
-                grads.append(self._store.diff_tensor(name).to(v.dtype))
+                diff = self._store.diff_tensor(name)
+                grads.append(diff if diff.dtype == v.dtype else diff.to(v.dtype))
         return tensors, grads
 
     def _rewritten_bottoms(self, lo: int, hi: int) -> Set[str]:
@@ -1212,7 +1217,7 @@ class Net(nn.Module):
                 now, then = self._values.get(name), read[name]
                 if now is None:
                     continue
-                if not same_bits(now.detach(), then):
+                if not same_bits(graph_free(now), then):
                     changed.add(name)
         return changed
 
@@ -1359,7 +1364,7 @@ class Net(nn.Module):
             if t.grad is not None:
                 captured[n] = t.grad
                 t.grad = None
-        return {n: g.detach() for n, g in captured.items()}
+        return {n: graph_free(g) for n, g in captured.items()}
 
     @staticmethod
     def _backward_by_grad(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:
@@ -1376,7 +1381,8 @@ class Net(nn.Module):
                     p.grad = g.detach()
                 else:  # in place, as Caffe accumulates: diff arrays the user holds stay live
                     p.grad.add_(g.detach())
-        return {n: g.detach() for (n, _), g in zip(blob_ts, got[:len(blob_ts)]) if g is not None}
+        return {n: graph_free(g) for (n, _), g in zip(blob_ts, got[:len(blob_ts)])
+                if g is not None}
 
     def forward_all(self, blobs: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, np.ndarray]:
         """pycaffe ``forward_all``: run all items through in batches, outputs concatenated."""

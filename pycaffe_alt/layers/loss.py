@@ -208,7 +208,11 @@ class SoftmaxWithLoss(LossLayer):
             # One prediction per example (classifiers): the (N, C) form of the same ops. ATen's
             # nll_loss of (N, C, 1) goes through a 4-D reshape to its spatial kernel: several
             # us more per pass, which a small net's step notices.
-            x3, labels = x.reshape(outer, c), label.reshape(outer)
+            # Already in that form, no reshape: in a pass each op dispatched costs far more than
+            # alone (the convolutions evict the dispatcher's code from the caches; ~15-30 us a
+            # view and its backward node in LeNet's step, benchmarks/net_overhead.py).
+            x3 = x if x.dim() == 2 and self.axis == 1 else x.reshape(outer, c)
+            labels = label if label.dim() == 1 else label.reshape(outer)
         else:
             x3, labels = x.reshape(outer, c, inner), label.reshape(outer, inner)
         logp = F.log_softmax(x3, dim=1)
@@ -244,8 +248,12 @@ class SoftmaxWithLoss(LossLayer):
         or directly the mean when Caffe's normalizer is the number of labels. Out-of-range
         labels make ``nll_loss`` raise on the CPU; the layer's error then names the label.
         """
-        if logp.numel() == 0 or float(logp.detach().min()) < _LOG_FLT_MIN:
+        if logp.numel() == 0:
             return None  # the general path (an empty batch: loss 0 over Caffe's normalizer 1)
+        with torch.no_grad():  # no detach op to dispatch (see forward)
+            smallest = float(logp.min())
+        if smallest < _LOG_FLT_MIN:
+            return None  # Caffe's clamp acts: the general path
         idx = labels.long()
         norm = self._normalizer(idx, ignore, inner)
         # nll_loss's mean divides by the labels not ignored: Caffe's normalizer when nothing is.
