@@ -208,9 +208,10 @@ class SoftmaxWithLoss(LossLayer):
             # One prediction per example (classifiers): the (N, C) form of the same ops. ATen's
             # nll_loss of (N, C, 1) goes through a 4-D reshape to its spatial kernel: several
             # us more per pass, which a small net's step notices.
-            # Already in that form, no reshape: in a pass each op dispatched costs far more than
-            # alone (the convolutions evict the dispatcher's code from the caches; ~15-30 us a
-            # view and its backward node in LeNet's step, benchmarks/net_overhead.py).
+            # Already in that form, no reshape: a view is still an op dispatch and a backward
+            # node, and inside a pass each costs more than alone (the convolutions before it
+            # evict the dispatcher's code from the caches: 10-30 us each in LeNet's step timed
+            # op by op on one thread; within the noise of benchmarks/net_overhead.py).
             x3 = x if x.dim() == 2 and self.axis == 1 else x.reshape(outer, c)
             labels = label if label.dim() == 1 else label.reshape(outer)
         else:

@@ -108,8 +108,7 @@ class InnerProduct(Layer):
                              f"from axis {self.axis} on, but the weights expect {self.K}",
                              "only the axes before 'axis' may change after setup")
         # A bottom already flat (the second of two InnerProducts) is used as it is: a reshape to
-        # its own shape is still a view op and a backward node, each costing a small net's step
-        # ~15 us in a pass (see SoftmaxWithLoss.forward).
+        # its own shape is still a view op and a backward node (see SoftmaxWithLoss.forward).
         flat = x if x.dim() == self.axis + 1 else x.reshape(tuple(x.shape[:self.axis]) + (self.K,))
         bias = self.bias if self.bias_term else None
         if self.transpose:
