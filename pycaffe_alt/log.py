@@ -93,9 +93,11 @@ class GlogEnvFilter(logging.Filter):
 
 
 def setup_logging(stream: Optional[TextIO] = None, level: int = logging.INFO,
-                  follow_glog_env: bool = False) -> logging.Logger:
+                  follow_glog_env: bool = False, propagate: bool = True) -> logging.Logger:
     """Send the package's log lines to ``stream`` (stderr by default, as glog does); with
-    ``follow_glog_env`` each line also passes :class:`GlogEnvFilter`."""
+    ``follow_glog_env`` each line also passes :class:`GlogEnvFilter`. ``propagate=False`` keeps
+    the lines out of the root logger: glog writes them itself and never through the Python
+    logging of the program that embeds Caffe."""
     logger = get_logger()
     for h in list(logger.handlers):
         if getattr(h, "_pycaffe_alt", False):
@@ -107,4 +109,5 @@ def setup_logging(stream: Optional[TextIO] = None, level: int = logging.INFO,
     handler._pycaffe_alt = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level)
+    logger.propagate = propagate
     return logger

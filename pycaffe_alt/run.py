@@ -85,8 +85,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # pycaffe never calls InitGoogleLogging, and glog then writes every line to stderr ("Logging
     # before InitGoogleLogging() is written to STDERR"): the solver's "Iteration N, loss = ..."
     # lines that log parsers read. GLOG_minloglevel quiets it, as it quiets pycaffe, also when
-    # the program sets it itself before `import caffe` (BVLC's notebooks do).
-    setup_logging(follow_glog_env=True)
+    # the program sets it itself before `import caffe` (BVLC's notebooks do). The lines stay
+    # out of the program's own Python logging: a program that calls logging.basicConfig (many
+    # training scripts log their own test accuracy) got each solver line a second time, in its
+    # own format, where pycaffe's glog lines never reach it.
+    setup_logging(follow_glog_env=True, propagate=False)
     # The program's nets reuse freed activation memory as the training tools' do (and Caffe's
     # blobs keep theirs): see pycaffe_alt/host_memory.py.
     keep_freed_memory()
