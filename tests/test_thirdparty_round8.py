@@ -44,3 +44,24 @@ def test_solver_lines_stay_out_of_the_programs_own_logging(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["PY accuracy 1"]
     assert "Iteration 1, loss = " in r.stderr
+
+
+def test_get_solver_reads_the_solver_file_once(tmp_path, monkeypatch, caplog):
+    # ChanganVR/ConstraintAwareCompression writes a solver file without snapshot_prefix and
+    # opens it with caffe.get_solver: pycaffe reads the file once (ReadSolverParamsFromText-
+    # FileOrDie), so Caffe's upgrade note is logged once and the solver is of the file's type.
+    import logging
+
+    import pycaffe_alt as caffe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.prototxt").write_text(TINY_NET)
+    (tmp_path / "ft_solver.prototxt").write_text(
+        "net: 'net.prototxt' base_lr: 0.01 lr_policy: 'fixed' type: 'Adam'")
+    with caplog.at_level(logging.INFO, logger="pycaffe_alt"):
+        solver = caffe.get_solver("ft_solver.prototxt")
+    notes = [r for r in caplog.records if "snapshot_prefix was not specified" in r.getMessage()]
+    assert len(notes) == 1
+    assert isinstance(solver, caffe.AdamSolver)
+    assert solver.param.snapshot_prefix == "ft_solver"
+    assert solver.source == "ft_solver.prototxt"

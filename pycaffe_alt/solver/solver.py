@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,13 +44,25 @@ from .snapshot import (HDF5_NAME_HINT, check_history, hdf5_name_problem, is_hdf5
 
 logger = get_logger()
 
-SolverSource = Union[str, os.PathLike, "caffe_pb2.SolverParameter"]
+class SolverFile(NamedTuple):
+    """A solver file already read and upgraded (by :func:`get_solver`), with its path: the
+    solver is built from it without reading, upgrading and logging the file a second time."""
+
+    param: "caffe_pb2.SolverParameter"
+    path: str
+
+
+SolverSource = Union[str, os.PathLike, "caffe_pb2.SolverParameter", SolverFile]
 
 
 def _read_solver_param(solver: SolverSource) -> Tuple["caffe_pb2.SolverParameter", str]:
     from ..prototxt import read_solver
     from ..upgrade import upgrade_solver_as_needed
 
+    if isinstance(solver, SolverFile):
+        param = caffe_pb2.SolverParameter()
+        param.CopyFrom(solver.param)
+        return param, solver.path
     if isinstance(solver, caffe_pb2.SolverParameter):
         param = caffe_pb2.SolverParameter()
         param.CopyFrom(solver)
@@ -869,7 +881,14 @@ def get_solver(solver: SolverSource, **kwargs) -> Solver:
         from ..prototxt import read_solver
 
         path = os.fspath(solver)
-        param = read_solver(path) if os.path.isfile(path) else caffe_pb2.SolverParameter(type="")
+        if os.path.isfile(path):
+            # Read once, as pycaffe's get_solver reads the file once and builds the solver
+            # from the parameters (each upgrade note, e.g. the derived snapshot_prefix, was
+            # logged twice when the solver read the file again).
+            param = read_solver(path)
+            solver = SolverFile(param, path)
+        else:  # the solver's own reading says what is wrong with the path
+            param = caffe_pb2.SolverParameter(type="")
     if param.HasField("dsd_param"):
         module, _, name = DSD_SOLVER.partition(":")
         return getattr(importlib.import_module(module), name)(param)(solver, **kwargs)
