@@ -44,6 +44,7 @@ from .snapshot import (HDF5_NAME_HINT, check_history, hdf5_name_problem, is_hdf5
 
 logger = get_logger()
 
+
 class SolverFile(NamedTuple):
     """A solver file already read and upgraded (by :func:`get_solver`), with its path: the
     solver is built from it without reading, upgrading and logging the file a second time."""
