@@ -111,3 +111,11 @@ def setup_logging(stream: Optional[TextIO] = None, level: int = logging.INFO,
     logger.setLevel(level)
     logger.propagate = propagate
     return logger
+
+
+def setup_tool_logging() -> logging.Logger:
+    """Logging of a command-line tool, as Caffe's binaries log: glog's lines on stderr (caffe.cpp
+    sets ``FLAGS_alsologtostderr``), without those below ``GLOG_minloglevel``, which glog reads
+    from the environment at start-up (``GLOG_minloglevel=1 caffe train ...`` prints warnings and
+    errors only; scripts use it to quiet ``caffe test`` and ``caffe time``)."""
+    return setup_logging(follow_glog_env=True)

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CaffeError
 from ..export import FORMATS, convert
-from ..log import setup_logging
+from ..log import setup_tool_logging
 from .cli import int32, parse_args
 
 
@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--stage", default="", help="comma-separated NetState stages (as tools/test)")
     p.add_argument("--level", type=int32, default=0, help="NetState level")
     args = parse_args(p, argv)
-    setup_logging()
+    setup_tool_logging()
     result = convert(args.model, args.weights or None, args.to, args.out,
                      outputs=_names(args.outputs), inputs=_names(args.inputs),
                      shapes=parse_shapes(args.shape) or None, include_loss=args.include_loss,

@@ -26,7 +26,7 @@ import numpy as np
 from .. import prototxt
 from ..errors import CaffeError, NetError
 from ..fileio import check_output_file
-from ..log import setup_logging
+from ..log import setup_tool_logging
 from ..proto import caffe_pb2
 from ..weights import array_to_blob, blob_to_array
 from .cli import parse_args
@@ -228,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output", dest="ht_output", default="KEEP", choices=list(_HT.Output.keys()),
                    help="THRESHOLD output: KEEP (eq. 9) or SHIFT (eq. 2)")
     args = parse_args(p, argv)
-    setup_logging()
+    setup_tool_logging()
     if bool(args.weights) != bool(args.out_weights):
         p.error("--weights and --out-weights go together")
     # Both outputs are checked before either is written (docs/bad_input.md).

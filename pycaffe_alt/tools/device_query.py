@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import CaffeError
-from ..log import get_logger, setup_logging
+from ..log import get_logger, setup_tool_logging
 from .cli import parse_args, run_main
 
 # (torch property attribute, Caffe-style label): the fields caffe's DeviceQuery prints,
@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--gpu", default="", help="device ids (N, N,M or all); default: all")
     args = parse_args(parser, argv)
     log = get_logger()
-    setup_logging()
+    setup_tool_logging()
     log.info("CPU:")
     for k, v in cpu_info().items():
         log.info("%-32s %s", k, v)

@@ -26,7 +26,7 @@ import torch
 from ..data.datum import decimal_label
 from ..data.db import normalize_backend, open_db
 from ..errors import CaffeError, WeightsError
-from ..log import get_logger, setup_logging
+from ..log import get_logger, setup_tool_logging
 from ..mode import resolve_device
 from ..proto import caffe_pb2
 from ..weights import warn_uncovered
@@ -159,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if gpu and not torch.cuda.is_available():
         raise CaffeError("GPU: no CUDA device is available to PyTorch",
                          hint="give CPU (or nothing) as the mode, or install a CUDA build of torch")
-    setup_logging()
+    setup_tool_logging()
     from ..net import Net
 
     start = time.time()

@@ -16,7 +16,7 @@ import torch
 from ..errors import CaffeError, WeightsError
 from ..weights import warn_uncovered
 from ..host_memory import keep_freed_memory
-from ..log import get_logger, setup_logging
+from ..log import get_logger, setup_tool_logging
 from ..mode import resolve_device
 from .cli import add_bool_flag, int32, parse_args, run_main
 
@@ -141,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.iterations < 1:  # Caffe would print "Loss: -nan" (0/0) for nothing scored
         raise CaffeError(f"--iterations {args.iterations}: must be at least 1",
                          hint="the number of batches to score")
-    setup_logging()
+    setup_tool_logging()
     keep_freed_memory()  # reuse activation memory across iterations, as Caffe does
     from ..layers import TEST, TRAIN
 

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import CaffeError
 from ..host_memory import keep_freed_memory
-from ..log import get_logger, setup_logging
+from ..log import get_logger, setup_tool_logging
 from .cli import int32, parse_args, run_main
 from .test import add_net_flags, build_net
 
@@ -246,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--phase", choices=["TRAIN", "TEST"], default="TRAIN",
                         help="net phase (caffe time's default: TRAIN)")
     args = parse_args(parser, argv)
-    setup_logging()
+    setup_tool_logging()
     keep_freed_memory()  # reuse activation memory across iterations, as Caffe does
     from ..layers import TEST, TRAIN
 

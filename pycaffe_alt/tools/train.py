@@ -34,7 +34,7 @@ from ..distributed.launch import spawn_ranks, without_flag
 from ..errors import CaffeError, DistributedError, SolverError, WeightsError
 from ..fileio import check_input_path
 from ..host_memory import keep_freed_memory
-from ..log import get_logger, setup_logging
+from ..log import get_logger, setup_tool_logging
 from ..proto import caffe_pb2
 from .cli import gflags_argv, int32, parse_args, positive_seconds, run_main
 from .progress import training_progress
@@ -184,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="run the nets through torch.compile (see docs/performance.md)")
     argv = gflags_argv(sys.argv[1:] if argv is None else list(argv))
     quiet = later_local_rank()
-    setup_logging()  # outside the redirection below: the log handler keeps the real stderr
+    setup_tool_logging()  # outside the redirection below: the log handler keeps the real stderr
     try:
         with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
             args = parse_args(parser, argv)
