@@ -56,3 +56,20 @@ def test_tools_obey_glog_minloglevel(tmp_path):
     assert quiet.returncode == 0, quiet.stderr
     assert not [m for m in quiet.stderr.splitlines() if m.startswith("I")], quiet.stderr
 
+
+def test_caffe_test_lines(tmp_path):
+    # caffe.cpp test(): "Use CPU.", "Running for N iterations.", one "Batch i, NAME = v" per
+    # element of each output (the bare blob name, also for outputs of several values), then
+    # "Loss: ", then "NAME = mean" per element with the loss suffix on loss outputs.
+    proc = run_tool("test", "--model", tiny_net(tmp_path), "--iterations", "2",
+                    "--allow_unmatched_weights")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    lines = messages(proc.stderr)
+    loss = "1.09861"  # -log(1/3): the three logits are equal
+    per_batch = ["Batch %d, loss = " + loss] + ["Batch %d, prob = 0.333333"] * 6
+    expected = (["Use CPU.", "Running for 2 iterations."]
+                + [line % 0 for line in per_batch] + [line % 1 for line in per_batch]
+                + ["Loss: " + loss, f"loss = {loss} (* 1 = {loss} loss)"]
+                + ["prob = 0.333333"] * 6)
+    assert lines == expected, proc.stderr

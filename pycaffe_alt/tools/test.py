@@ -16,7 +16,7 @@ import torch
 from ..errors import CaffeError, WeightsError
 from ..weights import warn_uncovered
 from ..host_memory import keep_freed_memory
-from ..log import get_logger, setup_tool_logging
+from ..log import format_value, get_logger, loss_suffix, setup_tool_logging
 from ..mode import resolve_device
 from .cli import add_bool_flag, int32, parse_args, run_main
 
@@ -102,30 +102,39 @@ def build_net(args, phase: int, require_weights_match: bool = False):
     return net
 
 
+def log_device(device: torch.device) -> None:
+    """Caffe's line naming the device (caffe.cpp test() and time(): "Use CPU." or "Use GPU with
+    device ID N")."""
+    get_logger().info("Use %s.", "CPU" if device.type == "cpu" else f"GPU with device ID {device.index}")
+
+
 def score(net, iterations: int) -> "OrderedDict[str, float]":
-    """Mean of every element of every net output over ``iterations`` forward passes."""
+    """Mean of every element of every net output over ``iterations`` forward passes.
+
+    Logged as caffe.cpp's test() logs it: the bare blob name on every line, also for each value
+    of an output of several values, and float sums and means (Caffe keeps them in floats). The
+    returned keys tell those values apart: ``name[j]`` for an output of several values.
+    """
     log = get_logger()
     sums: "OrderedDict[str, np.ndarray]" = OrderedDict()
-    loss = 0.0
+    loss = np.float32(0)
     with torch.no_grad():
         for i in range(iterations):
             values = net.run()  # the whole pass (one graph with --compile)
-            loss += float(net.loss(values).item()) if net.loss_tops else 0.0
+            loss += np.float32(net.loss(values).item()) if net.loss_tops else np.float32(0)
             for name in net.outputs:
-                flat = values[name].detach().cpu().double().numpy().ravel()
-                for j, v in enumerate(flat):
-                    log.info("Batch %d, %s = %g", i, name if flat.size == 1 else f"{name}[{j}]", v)
-                sums[name] = sums.get(name, 0) + flat
-    log.info("Loss: %g", loss / max(iterations, 1))
+                flat = values[name].detach().cpu().float().numpy().ravel()
+                for v in flat:
+                    log.info("Batch %d, %s = %s", i, name, format_value(v))
+                sums[name] = sums[name] + flat if name in sums else flat.copy()
+    log.info("Loss: %s", format_value(loss / np.float32(max(iterations, 1))))
     means: "OrderedDict[str, float]" = OrderedDict()
     for name, total in sums.items():
-        mean = total / max(iterations, 1)
+        mean = total / np.float32(max(iterations, 1))
         weight = net.blob_loss_weights.get(name, 0.0)
         for j, v in enumerate(mean):
-            label = name if mean.size == 1 else f"{name}[{j}]"
-            suffix = f" (* {weight:g} = {weight * v:g} loss)" if weight else ""
-            log.info("%s = %g%s", label, v, suffix)
-            means[label] = float(v)
+            log.info("%s = %s%s", name, format_value(v), loss_suffix(weight, v))
+            means[name if mean.size == 1 else f"{name}[{j}]"] = float(v)
     return means
 
 
@@ -153,6 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "net's random initial ones", where=args.model,
                            hint="add --weights model.caffemodel; to score the initial weights "
                                 "anyway, add --allow_unmatched_weights")
+    log_device(net.device)
     get_logger().info("Running for %d iterations.", args.iterations)
     score(net, args.iterations)
     return 0

@@ -34,7 +34,7 @@ from ..errors import CaffeError
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_tool_logging
 from .cli import int32, parse_args, run_main
-from .test import add_net_flags, build_net
+from .test import add_net_flags, build_net, log_device
 
 
 @dataclass
@@ -252,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     log = get_logger()
     net = build_net(args, TRAIN if args.phase == "TRAIN" else TEST)
-    log.info("Use %s.", "CPU" if net.device.type == "cpu" else f"GPU with device ID {net.device.index}")
+    log_device(net.device)
     if args.compile:
         log.info("--compile: timing whole passes of the compiled net (no per-layer times)")
         time_passes(net, args.iterations)
