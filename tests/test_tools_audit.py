@@ -73,3 +73,35 @@ def test_caffe_test_lines(tmp_path):
                 + ["Loss: " + loss, f"loss = {loss} (* 1 = {loss} loss)"]
                 + ["prob = 0.333333"] * 6)
     assert lines == expected, proc.stderr
+
+
+def test_convert_imageset_lines(tmp_path):
+    # convert_imageset.cpp: "Shuffling data", "A total of N images.", the encode_type note, and
+    # "Processed N files." after every 1000 records and after the last (scripts grep it).
+    import cv2
+
+    rng = np.random.default_rng(0)
+    names = [f"img{i}.png" for i in range(3)]
+    for name in names:
+        cv2.imwrite(str(tmp_path / name), rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
+    (tmp_path / "list.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
+    proc = run_tool("convert_imageset", "--shuffle", "--encode_type", "png", f"{tmp_path}/",
+                    tmp_path / "list.txt", tmp_path / "db")
+    assert proc.returncode == 0, proc.stderr
+    assert messages(proc.stderr) == ["Shuffling data", "A total of 3 images.",
+                                     "encode_type specified, assuming encoded=true.",
+                                     "Processed 3 files."], proc.stderr
+
+
+def test_compute_image_mean_lines(tmp_path):
+    # compute_image_mean.cpp logs (on stderr, in glog's format) the count, the output file, the
+    # channels and each channel's mean, summed in a float as Caffe does (a double gives 136.535
+    # for channel 0 of this database).
+    out = tmp_path / "mean.binaryproto"
+    proc = run_tool("compute_image_mean", os.path.join(GOLDEN_DATA, "photos_resized_lmdb"), out)
+    assert proc.returncode == 0, proc.stderr
+    assert "mean_value" not in proc.stdout
+    assert messages(proc.stderr) == ["Starting iteration", "Processed 12 files.", f"Write to {out}",
+                                     "Number of channels: 3", "mean_value channel [0]: 136.536",
+                                     "mean_value channel [1]: 146.059",
+                                     "mean_value channel [2]: 147.826"], proc.stderr

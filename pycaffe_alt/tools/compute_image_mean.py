@@ -18,17 +18,25 @@ from ..data.datum import datum_to_array, too_large
 from ..data.db import open_db
 from ..errors import DataError
 from ..fileio import atomic_write
+from ..log import format_value, get_logger, setup_tool_logging
 from ..proto import caffe_pb2
 from ..weights import array_to_blob
 from .cli import parse_args, progress, run_main
 
+# Caffe logs "Processed N files." every 10000 records (and after the last).
+_REPORT_EVERY = 10000
+
 
 def mean_blob(db_path: str, backend: str = "lmdb") -> "caffe_pb2.BlobProto":
     """Mean image of all records of the database as Caffe's BlobProto (num=1, C, H, W)."""
+    log = get_logger()
     reader = open_db(db_path, backend, "r")
     try:
         total = None
         shape = None
+        if len(reader) and reader.datum(0).encoded:
+            log.info("Decoding Datum")
+        log.info("Starting iteration")
         for i in progress(range(len(reader)), len(reader), "compute_image_mean"):
             pixels = datum_to_array(reader.datum(i), where=reader.where(i))
             if shape is None:
@@ -42,11 +50,28 @@ def mean_blob(db_path: str, backend: str = "lmdb") -> "caffe_pb2.BlobProto":
                                 hint="convert with --resize_height/--resize_width")
             # float32 accumulation, one record at a time, as Caffe adds into BlobProto.data.
             total += pixels.reshape(-1).astype(np.float32)
+            if (i + 1) % _REPORT_EVERY == 0:
+                log.info("Processed %d files.", i + 1)
         count = len(reader)
+        if count % _REPORT_EVERY:
+            log.info("Processed %d files.", count)
     finally:
         reader.close()
     return array_to_blob((total / np.float32(count)).astype(np.float32).reshape((1,) + shape),
                          legacy_dims=True)
+
+
+def log_channel_means(blob: "caffe_pb2.BlobProto") -> None:
+    """compute_image_mean.cpp's closing lines, on stderr as all its lines: the number of channels
+    and each channel's mean value (what a prototxt's ``mean_value`` takes). Caffe adds a
+    channel's values one by one into a float, so the sum is taken the same way (cumsum adds in
+    order; a pairwise or double sum can differ in the last printed digit)."""
+    log = get_logger()
+    log.info("Number of channels: %d", blob.channels)
+    mean = np.asarray(blob.data, dtype=np.float32).reshape(blob.channels, -1)
+    for c, values in enumerate(mean):
+        channel_sum = np.cumsum(values, dtype=np.float32)[-1]
+        log.info("mean_value channel [%d]: %s", c, format_value(channel_sum / np.float32(values.size)))
 
 
 def check_mean_size(shape: Tuple[int, ...], where: str) -> None:
@@ -72,15 +97,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="binaryproto to write (omitted: only print the channel means)")
     p.add_argument("--backend", default="lmdb", help="lmdb (default) or leveldb")
     args = parse_args(p, argv)
+    setup_tool_logging()
     start = time.time()
     blob = mean_blob(args.input_db, args.backend)
     if args.output_file:
+        get_logger().info("Write to %s", args.output_file)
         # Atomic: an interrupted run keeps the old file, and a FIFO or device given as the
         # output is replaced by the file instead of blocking the write.
         atomic_write(args.output_file, blob.SerializeToString(), DataError)
-    mean = np.asarray(blob.data, dtype=np.float32).reshape(blob.channels, -1)
-    for c, value in enumerate(mean.mean(axis=1, dtype=np.float64)):
-        print(f"mean_value channel [{c}]: {value:g}")
+    log_channel_means(blob)
     print(f"compute_image_mean: {blob.channels}x{blob.height}x{blob.width} mean of "
           f"{args.input_db}" + (f" written to {args.output_file}" if args.output_file else "")
           + f" in {time.time() - start:.1f}s")

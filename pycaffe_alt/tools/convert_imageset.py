@@ -21,10 +21,13 @@ from ..data.db import normalize_backend, open_db
 from ..data.image import guess_encoding, image_to_datum
 from ..errors import DataError
 from ..fileio import read_input_bytes
+from ..log import get_logger, setup_tool_logging
 from .cli import add_bool_flag, int32, parse_args, progress, run_main, warn
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 _BOOL_FLAGS = ("gray", "shuffle", "check_size", "encoded")
+# Caffe commits, and logs "Processed N files.", every 1000 records (and after the last).
+_REPORT_EVERY = 1000
 
 
 def read_list_file(path: str) -> List[Tuple[str, int]]:
@@ -91,10 +94,15 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
         raise DataError("the list file names no image, so no database was written",
                         where=list_file, hint="one image per line: a path relative to ROOTFOLDER, "
                                               "a space, the integer label")
+    log = get_logger()
     if shuffle:
+        log.info("Shuffling data")
         random.Random(seed).shuffle(entries)
+    log.info("A total of %d images.", len(entries))
     # Caffe: an encode_type alone means encoded output; negative sizes mean "no resize"
     # (std::max(0, FLAGS_resize_*)), accepted without a word: we accept them with one.
+    if encode_type and not encoded:
+        log.info("encode_type specified, assuming encoded=true.")
     encoded = encoded or bool(encode_type)
     for flag, value in (("--resize_height", resize_height), ("--resize_width", resize_width)):
         if value < 0:
@@ -135,7 +143,11 @@ def convert(root_folder: str, list_file: str, db_name: str, gray: bool = False,
                 skipped.append(message)
                 continue
             db.put("%08d_%s" % (line_id, name), value)
+            if db.count % _REPORT_EVERY == 0:
+                log.info("Processed %d files.", db.count)
         written = db.count
+        if written % _REPORT_EVERY:
+            log.info("Processed %d files.", written)
     return written, skipped
 
 
@@ -164,6 +176,7 @@ def _check_resized_size(height: int, width: int, channels: int, encoded: bool) -
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv, _BOOL_FLAGS)
+    setup_tool_logging()
     start = time.time()
     # A failed or interrupted run leaves no half-written database: the writer removes it.
     written, skipped = convert(args.root_folder, args.list_file, args.db_name, args.gray,
