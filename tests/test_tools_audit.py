@@ -105,3 +105,16 @@ def test_compute_image_mean_lines(tmp_path):
                                      "Number of channels: 3", "mean_value channel [0]: 136.536",
                                      "mean_value channel [1]: 146.059",
                                      "mean_value channel [2]: 147.826"], proc.stderr
+
+
+def test_upgrade_tools_log_in_glog_format(tmp_path):
+    # upgrade_net_proto_text.cpp logs through glog: "E<date> <time> <tid> file:line] File already
+    # in latest proto format: IN", then the INFO line naming the output.
+    net = tiny_net(tmp_path)
+    out = tmp_path / "out.prototxt"
+    proc = run_tool("upgrade_net_proto_text", net, out)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert re.fullmatch("E" + GLOG_PREFIX[6:] + re.escape(f"File already in latest proto format: {net}"),
+                        lines[0]), proc.stderr
+    assert messages(proc.stderr)[1:] == [f"Wrote upgraded NetParameter text proto to {out}"]

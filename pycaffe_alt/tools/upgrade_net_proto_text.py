@@ -16,6 +16,7 @@ from google.protobuf import message as pb_message
 
 from .. import prototxt, upgrade
 from ..errors import CaffeError
+from ..log import GlogEnvFilter, GlogFormatter
 from ..proto import caffe_pb2
 
 logger = logging.getLogger("pycaffe_alt")
@@ -73,10 +74,13 @@ def _run(args: List[str], prog: str, in_help: str,
 
 @contextlib.contextmanager
 def _log_to_stderr() -> Iterator[None]:
-    # Caffe's tools log INFO and up to stderr (FLAGS_alsologtostderr). The handler lives only
-    # while the tool runs, so calling main() in-process leaves the logger as it was.
+    # Caffe's upgrade tools log through glog: its line format (which log readers match) and its
+    # GLOG_minloglevel. Their INFO lines go to glog's log file, which we do not write, so they
+    # are shown on stderr with the rest. The handler lives only while the tool runs, so calling
+    # main() in-process leaves the logger as it was.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname).1s %(message)s"))
+    handler.setFormatter(GlogFormatter())
+    handler.addFilter(GlogEnvFilter())
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
