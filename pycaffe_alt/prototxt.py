@@ -119,6 +119,18 @@ def write_text(message: pb_message.Message, path: PathOrText) -> None:
     _write_atomic(os.fspath(path), text_format.MessageToString(message).encode("utf-8"))
 
 
+# An unquoted value with a trailing ".0": only a float field prints so (integers have no dot,
+# enums are names, strings are quoted).
+_INTEGRAL_FLOAT = re.compile(r"^(\s*\w+: -?\d+)\.0$", re.M)
+
+
+def debug_string(message: pb_message.Message) -> str:
+    """``message`` as C++ protobuf's ``DebugString()`` writes it, which Caffe logs (the solver's
+    parameters): the text format without the final newline, and an integral float as ``1``
+    where Python's text_format writes ``1.0`` (C++ prints floats with ``%g``)."""
+    return _INTEGRAL_FLOAT.sub(r"\1", text_format.MessageToString(message)).rstrip("\n")
+
+
 def write_binary(message: pb_message.Message, path: PathOrText) -> None:
     """Write ``message`` in binary wire format to ``path`` atomically."""
     _write_atomic(os.fspath(path), message.SerializeToString())

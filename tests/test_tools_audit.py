@@ -11,8 +11,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DATA = os.path.join(ROOT, "tests", "fixtures", "golden", "data")
 
-# glog's prefix: severity, month-day, time with microseconds, thread id, file:line.
-GLOG_PREFIX = r"[IWEF]\d{4} \d{2}:\d{2}:\d{2}\.\d{6} +\d+ [^ ]+:\d+\] "
+# glog's prefix: severity, [year] month-day (glog >= 0.6 writes the year, as in the reference
+# logs), time with microseconds, thread id, file:line.
+GLOG_PREFIX = r"[IWEF](?:\d{4})?\d{4} \d{2}:\d{2}:\d{2}\.\d{6} +\d+ [^ ]+:\d+\] "
 
 # Two examples of three features each, and a net output of 2x3 values (the Softmax "prob").
 TINY_NET = """name: "tiny"
@@ -115,6 +116,31 @@ def test_upgrade_tools_log_in_glog_format(tmp_path):
     proc = run_tool("upgrade_net_proto_text", net, out)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
-    assert re.fullmatch("E" + GLOG_PREFIX[6:] + re.escape(f"File already in latest proto format: {net}"),
+    assert re.fullmatch("E" + GLOG_PREFIX[len("[IWEF]"):] + re.escape(f"File already in latest proto format: {net}"),
                         lines[0]), proc.stderr
     assert messages(proc.stderr)[1:] == [f"Wrote upgraded NetParameter text proto to {out}"]
+
+
+def glog_block(text, first, last):
+    """The messages from the line starting ``first`` to the one before ``last``, the lines
+    without a glog prefix (a multi-line message) kept as they are."""
+    lines = [re.sub("^" + GLOG_PREFIX, "", line) for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith(first))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith(last))
+    return lines[start:end]
+
+
+def test_train_logs_the_solver_parameters_as_caffe(tmp_path):
+    # Solver::Init logs param.DebugString() after caffe.cpp set train_state from --level (0)
+    # and --stage (boost::split of "" gives one empty stage): the reference log's block.
+    case = os.path.join(ROOT, "tests", "fixtures", "golden", "solvers", "sgd_step")
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    for name in ("solver.prototxt", "net.prototxt"):
+        (work / name).write_text(open(os.path.join(case, name)).read())
+    os.symlink(GOLDEN_DATA, tmp_path / "data")  # the net reads ../../data/mnist_*_lmdb
+    proc = run_tool("train", "--solver", "solver.prototxt", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(case, "train.log")) as f:
+        reference = glog_block(f.read(), "Initializing solver", "Creating training net")
+    assert glog_block(proc.stderr, "Initializing solver", "Creating training net") == reference

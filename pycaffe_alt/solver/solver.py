@@ -31,6 +31,7 @@ from ..mode import default_device, set_random_seed
 from ..mixed_precision import MixedPrecision
 from ..net import Net
 from ..proto import caffe_pb2
+from ..prototxt import debug_string
 from ..signal_requests import CountedRequest
 from ..train import debug_info, loop
 from ..train.resume import apply as apply_resume_state
@@ -139,7 +140,9 @@ class Solver:
         fresh = PlateauState()
         self.minimum_loss: float = fresh.minimum_loss
         self.iter_last_event: int = fresh.iter_last_event
-        logger.info("Initializing solver from parameters: %s", self.source)
+        # Solver::Init logs the parameters in force (the file's fields after the upgrade and
+        # the command line's train_state), one per line, as log readers and users expect.
+        logger.info("Initializing solver from parameters: \n%s", debug_string(self.param))
         self.check_snapshot_folder(required=self.param.snapshot > 0)
         # Caffe seeds before building the nets: fillers, dropout and data streams follow it.
         if self.param.random_seed >= 0:

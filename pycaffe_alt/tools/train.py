@@ -170,7 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--sighup_effect", "--sighup-effect", choices=EFFECTS, default="snapshot",
                         help="what SIGHUP does (default: snapshot)")
     parser.add_argument("--stage", default="", help="comma-separated NetState stages of the train net")
-    parser.add_argument("--level", type=int32, default=None, help="NetState level of the train net")
+    parser.add_argument("--level", type=int32, default=0,
+                        help="NetState level of the train net (default 0, as Caffe's, which "
+                             "replaces a level the solver file gives)")
     parser.add_argument("--allow-python", "--allow_python", action="store_true",
                         help="allow Python layers (they run code named in the prototxt)")
     parser.add_argument("--dist-timeout", "--dist_timeout", type=positive_seconds,
@@ -240,9 +242,12 @@ def build_solver(args: argparse.Namespace, device):
     """The solver the flags ask for, on ``device``."""
     from ..solver.solver import get_solver
 
-    stages = _split(args.stage)
+    # caffe.cpp train() sets the train net's NetState level to --level and adds every name of
+    # boost::split(--stage, ","), which keeps empty names: without --stage it adds the stage "".
+    # The solver's log shows that state (train_state { level: 0 stage: "" }).
+    stages = args.stage.split(",")
     return get_solver(args.solver, device=device, weights=tuple(_split(args.weights)),
-                      allow_python=args.allow_python, stages=stages or None, level=args.level,
+                      allow_python=args.allow_python, stages=stages, level=args.level,
                       compile=args.compile, stop_on_nonfinite_loss=True)
 
 
