@@ -104,6 +104,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # As `python3 -m`: the current folder comes first on the path.
         if os.getcwd() not in sys.path[:1]:
             sys.path.insert(0, os.getcwd())
+        if args[1].startswith("."):
+            # importlib would raise its own ImportError ("no package specified") with a
+            # traceback; python3 -m refuses such names in one line.
+            raise CaffeError(f"'{args[1]}' is a relative module name, which -m cannot run",
+                             "pycaffe-alt run -m", "give the module's full dotted name")
         install_as_caffe()
         alias_for_child_processes()
         try:
@@ -119,6 +124,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise CaffeError(f"no module named '{args[1]}'", "pycaffe-alt run -m",
                              f"run it from the folder that holds it ({os.getcwd()} is searched "
                              "first), or add that folder to PYTHONPATH")
+        if spec.submodule_search_locations is not None and \
+                importlib.util.find_spec(args[1] + ".__main__") is None:
+            # A package runs its __main__ submodule; runpy's ImportError for one without it
+            # came with a traceback, where python3 -m says it in one line.
+            raise CaffeError(f"'{args[1]}' is a package without a __main__ module, so it "
+                             "cannot be run", "pycaffe-alt run -m",
+                             "give the module inside the package to run (package.module)")
         sys.argv = [args[1]] + args[2:]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         return 0

@@ -1,0 +1,27 @@
+"""Fuzz round 12: the tools' less-visited flags, pycaffe-alt run, caffe.io, net surgery."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tool(args, cwd=None, timeout=120):
+    """``python3 ARGS`` with this checkout first on the path, under a timeout (a hang fails)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("module, says", [
+    (".", "'.' is a relative module name"),
+    (".x", "'.x' is a relative module name"),
+    ("json", "'json' is a package without a __main__ module"),
+])
+def test_run_m_of_a_relative_name_or_a_package_without_main_is_one_paragraph(tmp_path, module, says):
+    # importlib's "no package specified" and runpy's "cannot be directly executed" ImportErrors
+    # came with a traceback; python3 -m says both in one line.
+    r = run_tool(["-m", "pycaffe_alt.run", "-m", module], cwd=tmp_path)
+    assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
