@@ -25,3 +25,21 @@ def test_run_m_of_a_relative_name_or_a_package_without_main_is_one_paragraph(tmp
     # came with a traceback; python3 -m says both in one line.
     r = run_tool(["-m", "pycaffe_alt.run", "-m", module], cwd=tmp_path)
     assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--y", ""], "--y names no quantity to plot"),
+    (["--y", ",,"], "--y names no quantity to plot"),
+    (["--out", "{tmp}/figure.pdf"], "its name must end in .png"),
+])
+def test_plot_training_log_without_quantities_or_with_a_non_png_name_is_refused(tmp_path, args, says):
+    # `--y ""` reached matplotlib's "Number of rows must be a positive integer" traceback; an
+    # --out of figure.pdf was silently written as PNG bytes.
+    from pycaffe_alt.errors import CaffeError
+    from pycaffe_alt.tools import plot_training_log
+
+    log = os.path.join(ROOT, "tests", "fixtures", "golden", "solvers", "sgd_fixed", "train.log")
+    argv = [log, "--out", str(tmp_path / "figure.png")] + [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(CaffeError, match=says):
+        plot_training_log.main(argv)
+    assert not list(tmp_path.iterdir())

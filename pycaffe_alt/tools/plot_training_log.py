@@ -105,6 +105,9 @@ def plot_logs(logs: Sequence[str], x: str = "iters", ys: Sequence[str] = ("loss"
         raise CaffeError(f"--x {x!r}: expected one of {', '.join(_X_COLUMNS)}")
     if labels is not None and len(labels) != len(logs):
         raise CaffeError(f"{len(labels)} labels for {len(logs)} logs", hint="give one label per log")
+    if not ys:  # `--y ""` or `--y ,`: a figure of zero panels is matplotlib's ValueError
+        raise CaffeError("--y names no quantity to plot",
+                         hint="e.g. --y loss,accuracy (comma-separated; see tools/parse_log for the columns)")
     parsed = [parse_log(p) for p in logs]
     labels = list(labels) if labels is not None else log_labels(logs)
     fig = Figure(figsize=(7.5, 3.6 * len(ys)), layout="constrained")
@@ -189,6 +192,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--logy", action="store_true", help="logarithmic y axis")
     args = parse_args(parser, argv)
     _check_logs(args.logs)
+    suffix = os.path.splitext(args.out)[1]
+    if suffix and suffix.lower() != ".png":
+        # The figure is always a PNG: under another extension (out.pdf, out.svg) the file would
+        # not be what its name says.
+        raise CaffeError(f"--out {args.out!r}: the output is a PNG image, so its name must end "
+                         "in .png", hint=f"e.g. --out {os.path.splitext(args.out)[0]}.png")
     ys = [y for y in args.y.split(",") if y]
     labels = args.labels.split(",") if args.labels else None
     save_figure(plot_logs(args.logs, args.x, ys, labels, args.title, args.logy), args.out)
