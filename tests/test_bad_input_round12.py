@@ -43,3 +43,25 @@ def test_plot_training_log_without_quantities_or_with_a_non_png_name_is_refused(
     with pytest.raises(CaffeError, match=says):
         plot_training_log.main(argv)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("shape, label_shape", [((2, 5), (2,)), ((2, 5, 3, 3), (2, 1, 3, 3))])
+def test_torchscript_export_with_a_softmax_loss_compiles(tmp_path, shape, label_shape):
+    # On 2-D scores the generated code reshaped the label to `[n, 1] + []`, which TorchScript
+    # types as a list of tensors: the conversion failed with "this is a bug in pycaffe_alt's
+    # exporter" though docs/convert.md lists SoftmaxWithLoss for the torchscript format.
+    from pycaffe_alt.export import convert
+
+    dims = lambda s: " ".join(f"dim: {d}" for d in s)  # noqa: E731
+    layer = ('type: "InnerProduct" inner_product_param { num_output: 4 axis: 1 '
+             if len(shape) == 2 else 'type: "Convolution" convolution_param { num_output: 4 kernel_size: 1 ')
+    proto = tmp_path / "loss.prototxt"
+    proto.write_text(
+        f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims(shape)} }} }} }}\n'
+        f'layer {{ name: "label" type: "Input" top: "label" input_param {{ shape {{ {dims(label_shape)} }} }} }}\n'
+        f'layer {{ name: "score" {layer} weight_filler {{ type: "gaussian" std: 0.5 }} }} '
+        'bottom: "data" top: "score" }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }\n')
+    result = convert(str(proto), None, "torchscript", str(tmp_path / "loss.pt"), include_loss=True,
+                     outputs=["loss"])
+    assert result.outputs == ["loss"] and os.path.isfile(tmp_path / "loss.pt")

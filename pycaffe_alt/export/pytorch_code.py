@@ -435,7 +435,10 @@ class _Writer:
                            "the pytorch format writes the loss over axis 1 only")
         # Caffe: -sum log(max(p[label], FLT_MIN)) / normaliser.
         shape = self.graph.shapes[op.inputs[0]]
-        idx = f"{label}.long().reshape([{x}.shape[0], 1] + {list(shape[2:])})"
+        # The trailing sizes are written into the list itself: TorchScript types a bare `[]`
+        # (the 2-D case) as List[Tensor], and `[n, 1] + []` then fails to compile.
+        rest = "".join(f", {d}" for d in shape[2:])
+        idx = f"{label}.long().reshape([{x}.shape[0], 1{rest}])"
         return (f"-torch.log(torch.softmax({x}, 1).gather(1, {idx}).clamp_min(1.1754944e-38)).sum() "
                 f"/ ({x}.shape[0] * {a['per_item']})")
 
