@@ -65,3 +65,25 @@ def test_torchscript_export_with_a_softmax_loss_compiles(tmp_path, shape, label_
     result = convert(str(proto), None, "torchscript", str(tmp_path / "loss.pt"), include_loss=True,
                      outputs=["loss"])
     assert result.outputs == ["loss"] and os.path.isfile(tmp_path / "loss.pt")
+
+
+@pytest.mark.parametrize("to, out, flag", [("caffemodel", "net.prototxt", "--model"),
+                                           ("onnx", "w.caffemodel", "--weights"),
+                                           ("pytorch", "w.py", "--weights")])
+def test_convert_model_never_writes_over_its_own_inputs(tmp_path, to, out, flag):
+    # `--to caffemodel --out net.prototxt` replaced the net definition with binary weights, and
+    # `--to onnx --out W.caffemodel` the weights with an ONNX file, without a word.
+    import shutil
+
+    from pycaffe_alt.errors import CaffeError
+    from pycaffe_alt.tools import convert_model
+
+    golden = os.path.join(ROOT, "tests", "fixtures", "golden", "nets", "lenet_loss")
+    shutil.copy(os.path.join(golden, "net.prototxt"), tmp_path / "net.prototxt")
+    weights = "w.pt" if to == "pytorch" else "w.caffemodel"  # the .py's companion is NAME.pt
+    shutil.copy(os.path.join(golden, "weights.caffemodel"), tmp_path / weights)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(CaffeError, match=f"is the {flag} file the conversion reads"):
+        convert_model.main(["--model", str(tmp_path / "net.prototxt"), "--weights",
+                            str(tmp_path / weights), "--to", to, "--out", str(tmp_path / out)])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

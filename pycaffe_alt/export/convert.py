@@ -211,6 +211,21 @@ def check_writable(path: str) -> None:
                          hint="choose another --out")
 
 
+def check_not_an_input(out: str, inputs: Mapping[str, object]) -> None:
+    """A CaffeError when the output ``out`` is the same file as one of ``inputs`` (a label such
+    as ``--model`` -> the path, or a non-path value, which is skipped): the converted file would
+    replace the net definition or the weights it is made from (a binary caffemodel written over
+    the prototxt)."""
+    if not os.path.isfile(out):
+        return
+    for flag, source in inputs.items():
+        if isinstance(source, (str, os.PathLike)) and os.path.isfile(source) \
+                and os.path.samefile(out, source):
+            raise CaffeError(f"the output {out} is the {flag} file the conversion reads",
+                             hint="give --out a new file name: the converted file would "
+                                  "replace its own input")
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     # NaN (sqrt of a negative input) or inf in the same places in both agree; a NaN or inf in
     # one only is a disagreement (the result is then inf).
@@ -297,6 +312,10 @@ def convert(model, weights: Optional[str] = None, to: str = "onnx", out: Optiona
             raise CaffeError(f"the PyTorch code output {out} does not end in .py",
                              hint="give --out NAME.py (its weights are written to NAME.pt)")
         check_writable(os.path.splitext(out)[0] + ".pt")
+    sources = {"--model": model, "--weights": weights, "--state-dict": state_dict}
+    check_not_an_input(out, sources)
+    if to == "pytorch":
+        check_not_an_input(os.path.splitext(out)[0] + ".pt", sources)
     if stages is None:
         stages = ()
     elif isinstance(stages, str):  # one stage name, or the command line's comma list
