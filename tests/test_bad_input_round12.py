@@ -87,3 +87,23 @@ def test_convert_model_never_writes_over_its_own_inputs(tmp_path, to, out, flag)
         convert_model.main(["--model", str(tmp_path / "net.prototxt"), "--weights",
                             str(tmp_path / weights), "--to", to, "--out", str(tmp_path / out)])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("output", ["data.mdb", "lock.mdb"])
+def test_compute_image_mean_does_not_write_over_its_input_database(tmp_path, output):
+    # `compute_image_mean DB DB/data.mdb` replaced the database with its own mean and said
+    # "written"; the next read of DB failed with MDB_INVALID.
+    import shutil
+
+    from pycaffe_alt.errors import DataError
+    from pycaffe_alt.tools import compute_image_mean
+
+    db = tmp_path / "db"
+    shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "golden", "data", "mnist_train_lmdb"), db)
+    before = (db / output).read_bytes()
+    with pytest.raises(DataError, match="is a file of the input database"):
+        compute_image_mean.main([str(db), str(db / output)])
+    assert (db / output).read_bytes() == before
+    # A mean written next to the records, under its own name, is still fine (twice too).
+    for _ in range(2):
+        assert compute_image_mean.main([str(db), str(db / "mean.binaryproto")]) == 0

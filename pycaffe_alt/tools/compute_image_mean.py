@@ -9,6 +9,8 @@ record count, and written with the legacy num=1/channels/height/width fields.
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import os
 import time
 from typing import Optional, Sequence, Tuple
 
@@ -89,6 +91,27 @@ def check_mean_size(shape: Tuple[int, ...], where: str) -> None:
                              "--resize_height/--resize_width)")
 
 
+# The files an LMDB (data.mdb, lock.mdb) or a LevelDB keeps in its folder.
+_DB_FILE_NAMES = ("data.mdb", "lock.mdb", "CURRENT", "LOCK", "LOG", "LOG.old")
+_DB_FILE_PATTERNS = ("MANIFEST-*", "*.ldb", "*.sst", "*.log")
+
+
+def check_output_outside_db(db_path: str, output_file: str) -> None:
+    """Refuse an output that is the database itself (a single-file LMDB) or one of the files
+    in its folder (``DB/data.mdb``, a LevelDB table): the mean would silently replace the
+    records it was computed from. Checked before the records are read."""
+    if not (os.path.isfile(output_file) and os.path.exists(db_path)):
+        return
+    name = os.path.basename(output_file)
+    in_folder = os.path.isdir(db_path) and os.path.samefile(
+        os.path.dirname(os.path.abspath(output_file)), db_path)
+    is_db_file = name in _DB_FILE_NAMES or any(fnmatch.fnmatchcase(name, p) for p in _DB_FILE_PATTERNS)
+    if os.path.samefile(output_file, db_path) or (in_folder and is_db_file):
+        raise DataError(f"OUTPUT_FILE '{output_file}' is a file of the input database "
+                        f"'{db_path}': the mean would replace it",
+                        hint="write the mean outside the database, e.g. mean.binaryproto")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="compute_image_mean",
                                 description="Compute the mean image of a leveldb/lmdb.")
@@ -99,6 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(p, argv)
     setup_tool_logging()
     start = time.time()
+    if args.output_file:
+        check_output_outside_db(args.input_db, args.output_file)
     blob = mean_blob(args.input_db, args.backend)
     if args.output_file:
         get_logger().info("Write to %s", args.output_file)
