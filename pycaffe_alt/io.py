@@ -97,6 +97,10 @@ def _numeric_array(value, what: str) -> np.ndarray:
 
 def arraylist_to_blobprotovector_str(arraylist: Iterable[np.ndarray]) -> bytes:
     """Serialized BlobProtoVector of the arrays."""
+    if isinstance(arraylist, (str, bytes)) or not hasattr(arraylist, "__iter__"):
+        # pycaffe fails in its loop with "'NoneType' object is not iterable".
+        raise ArgumentTypeError("arraylist_to_blobprotovector_str() takes a list of arrays, "
+                                f"got {type(arraylist).__name__}")
     vec = caffe_pb2.BlobProtoVector()
     vec.blobs.extend(array_to_blobproto(a) for a in arraylist)
     return vec.SerializeToString()
@@ -203,6 +207,12 @@ def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1)
     """Resize an H x W x K image to ``new_dims`` = (height, width); float32, K kept."""
     im = np.asarray(im)
     new_dims = _int_sequence(new_dims, "resize_image() new_dims")
+    interp_order = integer_argument(interp_order, "resize_image() interp_order")
+    if not 0 <= interp_order <= 5:
+        # The spline orders scikit-image and scipy know; checked before the constant-image
+        # shortcut, which took any order (skimage's ValueError came only for other images).
+        raise DataError(f"interp_order {interp_order} is not a spline order 0..5",
+                        where="resize_image", hint="0 nearest, 1 bilinear (the default), 3 cubic")
     if len(new_dims) != 2 or im.ndim != 3 or 0 in im.shape or min(new_dims) < 1:
         raise DataError(f"cannot resize an image of shape {im.shape} to {tuple(new_dims)}",
                         where="resize_image", hint="give a non-empty H x W x K image (a grey "

@@ -107,3 +107,28 @@ def test_compute_image_mean_does_not_write_over_its_input_database(tmp_path, out
     # A mean written next to the records, under its own name, is still fine (twice too).
     for _ in range(2):
         assert compute_image_mean.main([str(db), str(db / "mean.binaryproto")]) == 0
+
+
+def test_caffe_io_helpers_name_their_bad_arguments():
+    # numpy's "could not convert string to float", Python's "'NoneType' object is not
+    # iterable" and scikit-image's "Spline interpolation order has to be in the range 0-5"
+    # escaped; an interp_order of 7 passed silently for a constant image.
+    import numpy as np
+
+    import pycaffe_alt as caffe
+    from pycaffe_alt.errors import ArgumentTypeError, DataError
+
+    with pytest.raises(ArgumentTypeError, match=r"array_to_datum\(\) takes an array of numbers"):
+        caffe.io.array_to_datum(np.array([[["a"]]]))
+    # What pycaffe's arr.astype(float) takes still converts.
+    assert list(caffe.io.array_to_datum(np.array([[["2"]]])).float_data) == [2.0]
+    assert list(caffe.io.array_to_datum(np.array([[[1, 2.5]]], dtype=object)).float_data) == [1.0, 2.5]
+    with pytest.raises(ArgumentTypeError, match="takes a list of arrays, got NoneType"):
+        caffe.io.arraylist_to_blobprotovector_str(None)
+    for image in (np.random.rand(4, 4, 3), np.zeros((4, 4, 3)), np.random.rand(4, 4, 2)):
+        for order in (-1, 6):
+            with pytest.raises(DataError, match=f"interp_order {order} is not a spline order"):
+                caffe.io.resize_image(image, (2, 2), interp_order=order)
+    with pytest.raises(ArgumentTypeError, match="interp_order must be a whole number"):
+        caffe.io.resize_image(np.zeros((4, 4, 3)), (2, 2), interp_order="linear")
+    assert caffe.io.resize_image(np.random.rand(4, 4, 3), (2, 2), interp_order=3).shape == (2, 2, 3)

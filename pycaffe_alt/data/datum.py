@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DataError, integer_argument
+from ..errors import ArgumentTypeError, DataError, integer_argument
 from ..proto import caffe_pb2
 
 # protobuf serializes no message over 2 GiB - 1 bytes: the most a Datum's pixels or a mean
@@ -58,7 +58,14 @@ def array_to_datum(arr: np.ndarray, label: Optional[int] = None) -> "caffe_pb2.D
     if arr.dtype == np.uint8:
         datum.data = np.ascontiguousarray(arr).tobytes()
     else:
-        datum.float_data.extend(np.asarray(arr, dtype=np.float64).ravel().tolist())
+        # Whatever pycaffe's arr.astype(float) takes (object arrays of numbers, digit strings);
+        # other values are one error instead of numpy's "could not convert string to float".
+        try:
+            values = np.asarray(arr, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ArgumentTypeError(f"array_to_datum() takes an array of numbers, got elements "
+                                    f"of type {arr.dtype} ({e})") from None
+        datum.float_data.extend(values.ravel().tolist())
     if label is not None:
         # A whole number (pycaffe's protobuf refuses 1.5 and "3" with a TypeError).
         label = integer_argument(label, "array_to_datum() label")
