@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import io as caffe_io
-from .errors import DataError
+from .errors import ArgumentTypeError, DataError
 from .net import Net
 from .phase import TEST
 
@@ -75,14 +75,24 @@ class Classifier(Net):
     def predict(self, inputs: Sequence[np.ndarray], oversample: bool = True) -> np.ndarray:
         """Class probabilities (N x C, the net's first output) of N H x W x K images; with
         ``oversample`` the average over ten crops, else the centre crop only."""
+        if isinstance(inputs, (str, bytes)) or not hasattr(inputs, "__len__"):
+            raise ArgumentTypeError(f"Classifier.predict() takes a list of H x W x K images, "
+                                    f"got {type(inputs).__name__}")
         if len(inputs) == 0:
             raise DataError("predict() got no images", where="Classifier",
                             hint="pass a list of H x W x K arrays (caffe.io.load_image)")
+        inputs = [np.asarray(image) for image in inputs]  # nested lists too
         for i, image in enumerate(inputs):
-            if np.ndim(image) != 3:
-                raise DataError(f"image {i} has shape {np.shape(image)}, not H x W x K",
+            if image.ndim != 3:
+                raise DataError(f"image {i} has shape {image.shape}, not H x W x K",
                                 where="Classifier.predict",
                                 hint="caffe.io.load_image(path, color=False) gives H x W x 1")
+            # The batch takes image 0's channel count; a 1-channel image is broadcast into it as
+            # in pycaffe, any other count failed in numpy's broadcast.
+            if image.shape[2] not in (1, inputs[0].shape[2]):
+                raise DataError(f"image {i} has {image.shape[2]} channels, image 0 has "
+                                f"{inputs[0].shape[2]}", where="Classifier.predict",
+                                hint="give images of one kind (all colour or all grey)")
         resized = np.zeros((len(inputs),) + self.image_dims + (inputs[0].shape[2],),
                            dtype=np.float32)
         for ix, image in enumerate(inputs):

@@ -132,3 +132,30 @@ def test_caffe_io_helpers_name_their_bad_arguments():
     with pytest.raises(ArgumentTypeError, match="interp_order must be a whole number"):
         caffe.io.resize_image(np.zeros((4, 4, 3)), (2, 2), interp_order="linear")
     assert caffe.io.resize_image(np.random.rand(4, 4, 3), (2, 2), interp_order=3).shape == (2, 2, 3)
+
+
+def test_classifier_predict_names_a_bad_list_of_images(tmp_path):
+    # predict(None) / a generator raised "has no len()", a nested list "'list' object has no
+    # attribute 'shape'", and images of 1 then 3 (or 3 then 4) channels numpy's broadcast error.
+    import numpy as np
+
+    import pycaffe_alt as caffe
+    from pycaffe_alt.errors import ArgumentTypeError, DataError
+
+    proto = tmp_path / "deploy.prototxt"
+    proto.write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 5 } }\n'
+        'layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }\n')
+    clf = caffe.Classifier(str(proto), None)
+    rgb, grey = np.random.rand(10, 12, 3), np.random.rand(10, 12, 1)
+    for bad in (None, (x for x in [rgb]), "abc"):
+        with pytest.raises(ArgumentTypeError, match="takes a list of H x W x K images"):
+            clf.predict(bad)
+    for images, says in (([grey, rgb], "image 1 has 3 channels, image 0 has 1"),
+                         ([rgb, np.random.rand(10, 12, 4)], "image 1 has 4 channels, image 0 has 3")):
+        with pytest.raises(DataError, match=says):
+            clf.predict(images)
+    # What pycaffe runs still runs: nested lists, a grey image broadcast into a colour batch.
+    assert clf.predict([rgb.tolist()]).shape == (1, 5)
+    assert clf.predict([rgb, grey], oversample=False).shape == (2, 5)
