@@ -80,6 +80,11 @@ class WeightsError(CaffeError):
     """A caffemodel/binaryproto/solverstate that cannot be read or does not fit the net."""
 
 
+class LayerMethodError(NetError, NotImplementedError):
+    """A Python layer class that does not define a method Caffe calls (``reshape``,
+    ``forward``); a ``NotImplementedError`` as well, as the base class raised before."""
+
+
 class DataError(CaffeError):
     """A dataset (LMDB, image list, HDF5...) that is missing, empty or corrupt."""
 

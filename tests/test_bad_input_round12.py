@@ -159,3 +159,58 @@ def test_classifier_predict_names_a_bad_list_of_images(tmp_path):
     # What pycaffe runs still runs: nested lists, a grey image broadcast into a colour batch.
     assert clf.predict([rgb.tolist()]).shape == (1, 5)
     assert clf.predict([rgb, grey], oversample=False).shape == (2, 5)
+
+
+PY_CLASSES = '''
+import caffe
+
+
+class NoReshape(caffe.Layer):
+    def setup(self, bottom, top):
+        pass
+
+    def forward(self, bottom, top):
+        top[0].data[...] = 1
+
+
+class NoForward(caffe.Layer):
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+
+class NotALayer:
+    pass
+'''
+
+
+@pytest.mark.parametrize("cls, says", [
+    ("NoReshape", "class '{mod}.NoReshape' does not define reshape"),
+    ("NoForward", "class '{mod}.NoForward' does not define forward"),
+    ("NotALayer", "class '{mod}.NotALayer' has no setup\\(\\) method"),
+])
+def test_a_python_layer_class_without_a_method_caffe_calls_is_one_paragraph(tmp_path, monkeypatch,
+                                                                             cls, says):
+    # The base class's NotImplementedError (and a plain class's AttributeError on 'setup') came
+    # with a traceback through pycaffe_alt's python_layer.py, and named no layer at forward.
+    import uuid
+
+    from pycaffe_alt.tools import time_net
+
+    mod = f"round12_layers_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{mod}.py").write_text(PY_CLASSES)
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }\n'
+        f'layer {{ name: "py" type: "Python" bottom: "data" top: "out" python_param {{ module: "{mod}" '
+        f'layer: "{cls}" }} }}\n')
+    monkeypatch.chdir(tmp_path)
+    from pycaffe_alt.errors import NetError
+    try:
+        with pytest.raises(NetError, match=says.format(mod=mod)) as info:
+            time_net.main(["--model", str(proto), "--allow-python", "--iterations", "1"])
+        assert "layer 'py' (type Python)" in str(info.value)
+    finally:
+        sys.modules.pop(mod, None)

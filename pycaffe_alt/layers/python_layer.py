@@ -32,6 +32,7 @@ import torch
 from ..blob import Blob, BlobVec, shape_args
 from ..blob_memory import check_blob_fits
 from ..caffe_alias import caffe_importable
+from ..errors import CaffeError, LayerMethodError
 from ..phase import Phase
 from ..python_opt_in import ALLOW_PYTHON_ENV, python_layers_allowed
 from ..registry import LAYERS
@@ -106,6 +107,9 @@ class PyBlobVec(BlobVec):
         self.append(PyBlob(np.zeros(_checked_shape(shape, "self.blobs.add_blob()"), dtype=np.float32)))
 
 
+LAYER_METHODS_HINT = "a caffe.Layer subclass defines setup, reshape, forward and backward"
+
+
 class PythonLayerBase:
     """Base class for user Python layers, in the role of pycaffe's ``caffe.Layer``.
 
@@ -123,10 +127,17 @@ class PythonLayerBase:
         pass
 
     def reshape(self, bottom, top) -> None:
-        raise NotImplementedError("a Python layer must define reshape(bottom, top)")
+        raise self._undefined("reshape(bottom, top)")
 
     def forward(self, bottom, top) -> None:
-        raise NotImplementedError("a Python layer must define forward(bottom, top)")
+        raise self._undefined("forward(bottom, top)")
+
+    def _undefined(self, method: str) -> LayerMethodError:
+        # A NetError too: the class (not the code it runs) is what is wrong, so the tools
+        # print one paragraph instead of a traceback through this module.
+        cls = type(self)
+        return LayerMethodError(f"Python layer class '{cls.__module__}.{cls.__qualname__}' "
+                                f"does not define {method}", hint=LAYER_METHODS_HINT)
 
     def backward(self, top, propagate_down, bottom) -> None:
         pass
@@ -245,6 +256,13 @@ class Python(Layer):
                     f"--allow-python SCRIPT.py, or {ALLOW_PYTHON_ENV}=1 in the environment); or "
                     "import the module before building the net")
             cls = self._import(module_name, class_name)
+        for method in ("setup", "reshape"):  # both run now; forward is checked when it runs
+            # A class that is no caffe.Layer at all failed inside setup with an AttributeError.
+            if not callable(getattr(cls, method, None)):
+                raise self.error(f"class '{module_name}.{class_name}' has no {method}() method: "
+                                 "it is not a Python layer",
+                                 "python_param.layer names a caffe.Layer subclass defining "
+                                 "setup, reshape, forward and backward")
         self.user = _instantiate(cls, param)
         # pycaffe sets these attributes before setup (PythonLayer::LayerSetUp).
         self.user.param_str = pp.param_str
@@ -331,5 +349,12 @@ class Python(Layer):
             self._tops = _new_tops(self.n_tops, np_dtype)
         # Parameters by attribute name, so functional_call and parameter sharing see replacements.
         params = [getattr(self, n) for n in self._param_names]
-        outs = _PythonFunction.apply(self, len(bottoms), *bottoms, *params)
+        if not callable(getattr(self.user, "forward", None)):  # a duck-typed class without one
+            raise self.error(f"Python layer class '{type(self.user).__module__}."
+                             f"{type(self.user).__qualname__}' does not define forward(bottom, top)",
+                             LAYER_METHODS_HINT)
+        try:
+            outs = _PythonFunction.apply(self, len(bottoms), *bottoms, *params)
+        except CaffeError as e:  # ours (a class without forward, a bad top.reshape): name the layer
+            raise e.locate(self.where)
         return outs[0] if len(outs) == 1 else outs
