@@ -305,7 +305,8 @@ def uncovered_warning(paths: Sequence[str], copied: Sequence[str],
 
 def warn_uncovered(paths: Sequence[str], copied: Sequence[str], params) -> None:
     """Log :func:`uncovered_warning` for a net whose pycaffe ``params`` (layer name -> blobs)
-    got ``copied`` from ``paths`` (tools/test, extract_features and convert_model)."""
+    got ``copied`` from ``paths`` (tools/test, extract_features, convert_model, and a solver
+    restoring a snapshot's weights)."""
     message = uncovered_warning(paths, copied, [n for n, blobs in params.items() if len(blobs)])
     if message is not None:
         get_logger().warning("%s", message)

@@ -36,6 +36,7 @@ from ..signal_requests import CountedRequest
 from ..train import debug_info, loop
 from ..train.resume import apply as apply_resume_state
 from ..train.resume import capture as capture_resume_state
+from ..weights import warn_uncovered
 from .lr_policy import PlateauState, current_step, learning_rate, plateau_advance
 from .regularize import clip_gradients, local_decay, normalize, regularize, regularizer
 from .rules import RuleHyper, apply_update, check_hyper, local_rate, update_rule
@@ -777,10 +778,13 @@ class Solver:
                                          "keep the .caffemodel of the snapshot with its "
                                          ".solverstate")
             try:
-                self.net.copy_from(weights)
+                copied = self.net.copy_from(weights)
             except CaffeError as e:
                 raise SolverError(f"cannot restore its weights: {e.what}", where=weights,
                                   hint=e.hint) from None
+            # A snapshot's own weights cover every learnable layer; one cut short (or of another
+            # net) left layers at their initial values while their history was restored.
+            warn_uncovered([weights], copied, self.net.params)
         # SGDSolver::RestoreSolverStateFromBinaryProto prints this literally, whichever solver
         # type runs; the HDF5 restore prints nothing.
         if not is_hdf5(state_path):
