@@ -266,3 +266,19 @@ def test_restoring_a_snapshot_whose_weights_lack_a_layer_warns(tmp_path, fmt, ca
     caplog.clear()
     caffe.get_solver(str(tmp_path / "solver.prototxt")).restore(first.snapshot()[1])
     assert "no weights for" not in caplog.text
+
+
+@pytest.mark.parametrize("field", ["support_batch_size: 2000000000 gap_iter: 1",
+                                   "weight_step: CONVEX exact_batch_size: 2000000000"])
+def test_alternation_pass_batches_beyond_memory_are_refused_when_the_solver_is_built(tmp_path, field):
+    # A support pass of 2e9 records per batch (the dataset wrapped millions of times) filled
+    # memory for minutes instead of failing.
+    from alternation_case import solver_param
+
+    from pycaffe_alt.alternation.solver import AlternationSolver
+    from pycaffe_alt.errors import SolverError
+
+    name = field.split()[-2].rstrip(":") if "exact" in field else "support_batch_size"
+    with pytest.raises(SolverError, match=f"{name} 2000000000 makes the pass's 'data' batch "
+                                          r".* more than the .* of memory"):
+        AlternationSolver(solver_param(tmp_path, field))

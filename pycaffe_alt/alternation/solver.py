@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..blob_memory import blob_bytes, device_memory, human_bytes
 from ..distributed.sharding import RecordSplit
 from ..errors import SolverError
 from ..log import get_logger
@@ -50,9 +51,10 @@ from .exact_step import ExactWeightStep
 from .mask_store import MaskStore
 from .staleness import MeteredSupport, StalenessMeter, threshold_gap
 from .support_pass import (BatchSupport, StoredSupports, batch_size_of, capture_rng,
-                           data_states, first_data_layer, fraction_text, hard_threshold_layers,
-                           load_data_states, record_count, run_support_pass,
-                           store_supportmask_layers, support_layout, thresholded_loss)
+                           data_states, data_steps, first_data_layer, fraction_text,
+                           hard_threshold_layers, load_data_states, record_count,
+                           run_support_pass, store_supportmask_layers, support_layout,
+                           thresholded_loss)
 
 logger = get_logger()
 
@@ -144,6 +146,7 @@ class AlternationSolver(Solver):
                               "HDF5Data layer")
         self.records = int(records)
         self.batch_size = batch_size_of(self._data_layer)
+        self._check_pass_batches(ap)
         self._epoch_schedule()
 
         # Schedule state (all of it goes into snapshots).
@@ -224,6 +227,23 @@ class AlternationSolver(Solver):
                               "a staleness_threshold to end a weight step",
                               self._where("alternation_param"),
                               "e.g. alternation_param { gap_epochs: 4 }")
+
+    def _check_pass_batches(self, ap) -> None:
+        """Refuse a support or exact pass batch whose input blob alone exceeds the device's
+        memory: the pass reads that many records into one batch (wrapping around the dataset),
+        and support_batch_size 2000000000 filled memory for minutes instead of failing."""
+        top = data_steps(self.net)[0].tops[0]
+        record_shape = tuple(self.net.blobs[top].shape)[1:]
+        capacity = device_memory(self.device)
+        for field in ("support_batch_size", "exact_batch_size"):
+            size = int(getattr(ap, field))
+            needed = blob_bytes((size,) + record_shape)
+            if size > 0 and capacity is not None and needed > capacity:
+                raise SolverError(f"{field} {size} makes the pass's '{top}' batch "
+                                  f"{human_bytes(needed)}, more than the {human_bytes(capacity)} "
+                                  f"of memory on {self.device}", self._where("alternation_param"),
+                                  f"leave it 0 (the train batch, {self.batch_size}) or give a "
+                                  "smaller batch")
 
     def _make_exact_step(self, ap) -> ExactWeightStep:
         work = self._store_work_path()
