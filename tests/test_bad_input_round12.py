@@ -282,3 +282,19 @@ def test_alternation_pass_batches_beyond_memory_are_refused_when_the_solver_is_b
     with pytest.raises(SolverError, match=f"{name} 2000000000 makes the pass's 'data' batch "
                                           r".* more than the .* of memory"):
         AlternationSolver(solver_param(tmp_path, field))
+
+
+def test_dsd_phases_longer_than_any_max_iter_do_not_ask_for_that_max_iter(tmp_path):
+    # The hint said "set max_iter: 6442450941", a value max_iter (an int32) cannot hold.
+    from test_dsd import dsd_param
+
+    from pycaffe_alt.errors import SolverError
+    from pycaffe_alt.solver.solver import get_solver
+
+    big = 2 ** 31 - 1
+    param = dsd_param(tmp_path, f"dense_iter: {big} sparse_iter: {big} redense_iter: {big} "
+                                "prune_by: MAGNITUDE sparsity: 0.5")
+    with pytest.raises(SolverError, match="= 6442450941") as info:
+        get_solver(param)
+    assert "set max_iter: 6442450941" not in str(info.value)
+    assert "their sum must fit max_iter (at most 2147483647)" in str(info.value)

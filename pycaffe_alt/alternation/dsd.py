@@ -129,10 +129,13 @@ class DSDSolver(Solver):
                               "DSD without a Sparse step is plain training: remove dsd_param")
         total = d.dense_iter + d.sparse_iter + d.redense_iter
         if self.param.max_iter != total:
+            # max_iter is an int32: a longer schedule cannot be matched by any max_iter, so the
+            # hint must not ask for one.
+            fix = (f"set max_iter: {total} (or change the phase lengths)" if total < 2**31 else
+                   f"shorten the phases: their sum must fit max_iter (at most {2**31 - 1})")
             raise SolverError(f"max_iter is {self.param.max_iter} but dense_iter + sparse_iter + "
                               f"redense_iter = {d.dense_iter} + {d.sparse_iter} + "
-                              f"{d.redense_iter} = {total}", where,
-                              f"set max_iter: {total} (or change the phase lengths)")
+                              f"{d.redense_iter} = {total}", where, fix)
         if not d.redense_lr_mult > 0:
             raise SolverError(f"redense_lr_mult must be > 0 (got {d.redense_lr_mult})", where)
         for s in d.sparsity:
