@@ -298,3 +298,14 @@ def test_dsd_phases_longer_than_any_max_iter_do_not_ask_for_that_max_iter(tmp_pa
         get_solver(param)
     assert "set max_iter: 6442450941" not in str(info.value)
     assert "their sum must fit max_iter (at most 2147483647)" in str(info.value)
+
+
+def test_a_negative_max_exact_patterns_is_named_as_such(tmp_path):
+    # It was reported as "num_patterns 0 is more than max_exact_patterns (-5)".
+    from convex_case import Case, fc_data
+
+    from pycaffe_alt.errors import SolverError
+
+    X, y = fc_data()
+    with pytest.raises(SolverError, match=r"max_exact_patterns must be > 0, got -5"):
+        Case(tmp_path, X, y, convex="max_exact_patterns: -5").run()

@@ -105,6 +105,10 @@ class ConvexSolver(Solver):
                            "arrangement pattern", self.source)
         checks = [(c.num_patterns < 0, f"num_patterns must be >= 0 (0 = every pattern), got "
                    f"{c.num_patterns}"),
+                  # Before the comparison below, which a negative limit made say "num_patterns
+                  # 0 is more than max_exact_patterns (-5)".
+                  (c.max_exact_patterns <= 0,
+                   f"max_exact_patterns must be > 0, got {c.max_exact_patterns}"),
                   (c.num_patterns > c.max_exact_patterns,
                    f"num_patterns {c.num_patterns} is more than max_exact_patterns "
                    f"({c.max_exact_patterns}), the most patterns one problem may hold"),
@@ -117,8 +121,6 @@ class ConvexSolver(Solver):
                   (c.polish_iter < 0, f"polish_iter must be >= 0, got {c.polish_iter}"),
                   (c.adapt_interval < 0, f"adapt_interval must be >= 0, got "
                    f"{c.adapt_interval}"),
-                  (c.max_exact_patterns <= 0,
-                   f"max_exact_patterns must be > 0, got {c.max_exact_patterns}"),
                   (p.max_iter <= 0, f"max_iter (the solver's iterations) must be > 0, got "
                    f"{p.max_iter}")]
         for bad, what in checks:
