@@ -309,3 +309,19 @@ def test_a_negative_max_exact_patterns_is_named_as_such(tmp_path):
     X, y = fc_data()
     with pytest.raises(SolverError, match=r"max_exact_patterns must be > 0, got -5"):
         Case(tmp_path, X, y, convex="max_exact_patterns: -5").run()
+
+
+def test_an_idx_header_whose_size_wraps_int64_is_refused_as_truncated(tmp_path):
+    # 2^31 x 2^16 x 2^16 bytes wrapped numpy's int64 product to a negative size, which passed
+    # the truncation check and failed in numpy's reshape with a traceback.
+    import struct
+
+    from pycaffe_alt.errors import DataError
+    from pycaffe_alt.tools import convert_mnist
+
+    images, labels = tmp_path / "images.idx", tmp_path / "labels.idx"
+    images.write_bytes(struct.pack(">IIII", 2051, 2 ** 31, 2 ** 16, 2 ** 16) + bytes(12))
+    labels.write_bytes(struct.pack(">II", 2049, 3) + bytes(3))
+    with pytest.raises(DataError, match=r"IDX file is truncated: header says 2147483648x65536x65536"):
+        convert_mnist.convert(str(images), str(labels), str(tmp_path / "db"))
+    assert not (tmp_path / "db").exists()

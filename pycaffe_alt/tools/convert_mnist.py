@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import os
 import time
 from typing import Optional, Sequence, Tuple
@@ -45,7 +46,7 @@ def read_idx(path: str, magic: int) -> np.ndarray:
         raise DataError(f"not an IDX {kind} file (magic {found})", where=path,
                         hint="pass the images file first and the labels file second")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    size = int(np.prod(dims))
+    size = math.prod(dims)  # Python ints: numpy's int64 product of 2^31 x 2^16 x 2^16 wraps
     if len(raw) - header < size:
         raise DataError(f"IDX file is truncated: header says {'x'.join(map(str, dims))} "
                         f"({size} bytes) but only {len(raw) - header} follow", where=path)
