@@ -95,7 +95,10 @@ def _parse(path: str, message):
     if not os.path.exists(path):
         raise WeightsError(f"file not found: {path}", hint="check the path (relative paths are "
                            "taken from the current directory)")
-    raw = fileio.read_input_bytes(path, WeightsError, "weights file")
+    # Named by what it holds: a mean image (BlobProto) given as a FIFO was "not a weights file".
+    kind = "BlobProto file (.binaryproto)" if isinstance(message, caffe_pb2.BlobProto) \
+        else "weights file"
+    raw = fileio.read_input_bytes(path, WeightsError, kind)
     try:
         message.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as e:

@@ -325,3 +325,17 @@ def test_an_idx_header_whose_size_wraps_int64_is_refused_as_truncated(tmp_path):
     with pytest.raises(DataError, match=r"IDX file is truncated: header says 2147483648x65536x65536"):
         convert_mnist.convert(str(images), str(labels), str(tmp_path / "db"))
     assert not (tmp_path / "db").exists()
+
+
+def test_a_mean_file_that_is_a_fifo_or_folder_is_not_called_a_weights_file(tmp_path):
+    # "mean_file 'm' cannot be read: 'm' is a FIFO (named pipe), not a weights file".
+    from pycaffe_alt.errors import CaffeError
+    from pycaffe_alt.weights import read_binaryproto
+
+    fifo = tmp_path / "mean.binaryproto"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(CaffeError) as info:
+            read_binaryproto(str(path))
+        assert "not a BlobProto file (.binaryproto)" in str(info.value)
+        assert "weights file" not in str(info.value)
