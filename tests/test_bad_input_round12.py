@@ -339,3 +339,18 @@ def test_a_mean_file_that_is_a_fifo_or_folder_is_not_called_a_weights_file(tmp_p
             read_binaryproto(str(path))
         assert "not a BlobProto file (.binaryproto)" in str(info.value)
         assert "weights file" not in str(info.value)
+
+
+def test_convert_relu_refuses_one_file_for_both_outputs(tmp_path):
+    # The converted weights were written over the converted prototxt and both "wrote" lines
+    # were printed.
+    from pycaffe_alt.errors import CaffeError
+    from pycaffe_alt.tools import convert_relu
+
+    golden = os.path.join(ROOT, "tests", "fixtures", "golden", "nets", "lenet_loss")
+    out = tmp_path / "out.prototxt"
+    with pytest.raises(CaffeError, match="OUT.prototxt and --out-weights are the same file"):
+        convert_relu.main([os.path.join(golden, "net.prototxt"), str(out), "--weights",
+                           os.path.join(golden, "weights.caffemodel"), "--out-weights",
+                           str(tmp_path / "." / "out.prototxt")])
+    assert not list(tmp_path.iterdir())

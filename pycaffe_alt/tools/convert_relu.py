@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -235,6 +236,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for out_path in (args.output, args.out_weights):
         if out_path:
             check_output_file(out_path, CaffeError)
+    if args.out_weights and (os.path.abspath(args.out_weights) == os.path.abspath(args.output) or (
+            os.path.exists(args.output) and os.path.exists(args.out_weights)
+            and os.path.samefile(args.output, args.out_weights))):
+        # The weights were written over the converted prototxt just written, without a word.
+        raise CaffeError(f"OUT.prototxt and --out-weights are the same file ({args.output})",
+                         hint="give the converted weights their own name, e.g. OUT.caffemodel")
     net = prototxt.read_net(args.input)
     out, plan = convert_net(net, args.mode, args.ht_output, args.fold_bias)
     converted = None
