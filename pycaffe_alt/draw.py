@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from typing import Dict, List, Optional, Tuple
 
-from .errors import CaffeError
+from .errors import ArgumentTypeError, CaffeError, path_argument
 from .fileio import atomic_write, check_output_path
 from .proto import caffe_pb2
 
@@ -121,6 +121,12 @@ def to_dot(caffe_net, rankdir: str = "LR", label_edges: bool = True,
            phase: Optional[int] = None, display_lrm: bool = False) -> str:
     """The net (a ``caffe_pb2.NetParameter``) as Graphviz DOT text; ``phase`` (caffe.TRAIN /
     caffe.TEST) keeps only that phase's layers, None keeps all."""
+    if getattr(getattr(caffe_net, "DESCRIPTOR", None), "full_name", None) != "caffe.NetParameter":
+        # A Net, a path or None failed on '.name' with an AttributeError, as in pycaffe.
+        raise ArgumentTypeError(f"caffe.draw takes a caffe_pb2.NetParameter, got "
+                                f"{type(caffe_net).__name__}",
+                                hint="read the prototxt into one: text_format.Merge(open(path)"
+                                     ".read(), caffe_pb2.NetParameter())")
     if rankdir not in ("LR", "RL", "TB", "BT"):
         raise CaffeError(f"rankdir {rankdir!r} is not a Graphviz direction",
                          hint="use 'LR', 'TB', 'BT' or 'RL'")
@@ -209,8 +215,9 @@ def draw_net_to_file(caffe_net, filename: str, rankdir: str = "LR",
                      phase: Optional[int] = None, display_lrm: bool = False) -> None:
     """Draw the net into ``filename`` in the format its extension names (``.png``, ``.svg``;
     ``.dot``/``.gv``/``.raw`` for DOT text)."""
-    ext = os.path.splitext(os.fspath(filename))[1].lstrip(".") or "png"
-    check_output_path(os.fspath(filename), CaffeError)  # before the drawing: a FIFO, a folder
+    filename = path_argument(filename, "draw_net_to_file()")
+    ext = os.path.splitext(filename)[1].lstrip(".") or "png"
+    check_output_path(filename, CaffeError)  # before the drawing: a FIFO, a folder
     payload = draw_net(caffe_net, rankdir, ext, phase, display_lrm)
     # Atomic, as every output here: a folder, a missing parent or a FIFO is one message.
     atomic_write(filename, payload, CaffeError)

@@ -354,3 +354,28 @@ def test_convert_relu_refuses_one_file_for_both_outputs(tmp_path):
                            os.path.join(golden, "weights.caffemodel"), "--out-weights",
                            str(tmp_path / "." / "out.prototxt")])
     assert not list(tmp_path.iterdir())
+
+
+def test_solver_and_draw_entry_points_name_arguments_of_the_wrong_type(tmp_path):
+    # os.fspath's "expected str, bytes or os.PathLike object, not NoneType" and draw's
+    # "'Net' object has no attribute 'name'" escaped as plain TypeError/AttributeError.
+    import pycaffe_alt as caffe
+    from pycaffe_alt import draw
+    from pycaffe_alt.errors import ArgumentTypeError
+    from pycaffe_alt.proto import caffe_pb2
+
+    for call, says in ((lambda: caffe.get_solver(None), r"get_solver\(\) takes a file path"),
+                       (lambda: caffe.get_solver(5), r"get_solver\(\) takes a file path"),
+                       (lambda: caffe.SGDSolver(None), r"Solver\(\) takes a file path"),
+                       (lambda: draw.draw_net_to_file(None, str(tmp_path / "n.dot")),
+                        "caffe.draw takes a caffe_pb2.NetParameter, got NoneType"),
+                       (lambda: draw.draw_net_to_file(caffe_pb2.NetParameter(), None),
+                        r"draw_net_to_file\(\) takes a file path")):
+        with pytest.raises(ArgumentTypeError, match=says):
+            call()
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('layer { name: "data" type: "Input" top: "data" '
+                     'input_param { shape { dim: 1 dim: 2 } } }\n')
+    with pytest.raises(ArgumentTypeError, match="caffe.draw takes a caffe_pb2.NetParameter, got Net"):
+        draw.draw_net_to_file(caffe.Net(str(proto), caffe.TEST), str(tmp_path / "n.dot"))
+    assert not list(tmp_path.glob("*.dot"))

@@ -72,7 +72,7 @@ def _read_solver_param(solver: SolverSource) -> Tuple["caffe_pb2.SolverParameter
         upgrade_solver_as_needed(param, "<solver_param>")
         return param, "<solver_param>"
     # Missing, a folder, a FIFO or a NUL in the path: said as such (a folder was "not found").
-    path = check_input_path(solver, SolverError, "solver file")
+    path = check_input_path(path_argument(solver, "Solver()"), SolverError, "solver file")
     return read_solver(path), path
 
 
@@ -888,7 +888,8 @@ def get_solver(solver: SolverSource, **kwargs) -> Solver:
     else:
         from ..prototxt import read_solver
 
-        path = os.fspath(solver)
+        # None or a number: one ArgumentTypeError, as Net(None) gives (os.fspath's TypeError).
+        path = path_argument(solver, "get_solver()")
         if os.path.isfile(path):
             # Read once, as pycaffe's get_solver reads the file once and builds the solver
             # from the parameters (each upgrade note, e.g. the derived snapshot_prefix, was
