@@ -379,3 +379,21 @@ def test_solver_and_draw_entry_points_name_arguments_of_the_wrong_type(tmp_path)
     with pytest.raises(ArgumentTypeError, match="caffe.draw takes a caffe_pb2.NetParameter, got Net"):
         draw.draw_net_to_file(caffe.Net(str(proto), caffe.TEST), str(tmp_path / "n.dot"))
     assert not list(tmp_path.glob("*.dot"))
+
+
+def test_an_empty_site_dir_is_refused_not_taken_as_this_environment(tmp_path, monkeypatch):
+    # `install-caffe-alias --site-dir ""` (an unset "$SITE") wrote the alias into this Python's
+    # own site-packages; the uninstall removed it from there.
+    from pycaffe_alt.errors import CaffeError
+    from pycaffe_alt.tools import caffe_alias
+
+    site = tmp_path / "site"  # stands for this Python's site-packages
+    site.mkdir()
+    monkeypatch.setattr(caffe_alias, "default_site_dir", lambda: str(site))
+    for main in (caffe_alias.install_main, caffe_alias.uninstall_main):
+        with pytest.raises(CaffeError, match="--site-dir is empty"):
+            main(["--site-dir", ""])
+    assert not list(site.iterdir())
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(CaffeError, match="'.*afile' is not a folder"):
+        caffe_alias.install_main(["--site-dir", str(tmp_path / "afile")])

@@ -41,6 +41,18 @@ def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _site_dir(given: Optional[str], prog: str) -> str:
+    """The --site-dir to use: this Python's when the flag is absent. An empty value (an unset
+    shell variable in ``--site-dir "$SITE"``) is refused: it meant this whole environment."""
+    if given is None:
+        return default_site_dir()
+    if not given:
+        raise CaffeError("--site-dir is empty", prog,
+                         f"give a site-packages folder, or leave the flag out for this Python's "
+                         f"({default_site_dir()})")
+    return given
+
+
 def install_main(argv: Optional[Sequence[str]] = None) -> int:
     """Write the .pth file (refusing to shadow a real Caffe unless ``--force``)."""
     parser = _parser("pycaffe-alt install-caffe-alias",
@@ -49,7 +61,7 @@ def install_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="install even though a real Caffe is importable (it is then shadowed; "
                              "'import caffe' warns about it)")
     args = parse_args(parser, argv)
-    site_dir = args.site_dir or default_site_dir()
+    site_dir = _site_dir(args.site_dir, "pycaffe-alt install-caffe-alias")
     real = real_caffe_location(list(sys.path) + [site_dir])
     if real is not None and not args.force:
         raise CaffeError(f"a real Caffe is importable as 'caffe' ({real}); the alias would hide it",
@@ -57,7 +69,9 @@ def install_main(argv: Optional[Sequence[str]] = None) -> int:
                          "use 'pycaffe-alt run script.py' for single programs, or pass --force to "
                          "shadow it in this environment")
     if not os.path.isdir(site_dir):
-        raise CaffeError(f"no such folder: {site_dir}", "pycaffe-alt install-caffe-alias",
+        what = f"'{site_dir}' is not a folder" if os.path.exists(site_dir) else \
+            f"no such folder: {site_dir}"
+        raise CaffeError(what, "pycaffe-alt install-caffe-alias",
                          "give an existing site-packages folder with --site-dir")
     path = os.path.join(site_dir, PTH_NAME)
     try:
@@ -78,7 +92,7 @@ def uninstall_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser("pycaffe-alt uninstall-caffe-alias",
                      "Remove the bare 'import caffe' alias from this Python environment.")
     args = parse_args(parser, argv)
-    path = os.path.join(args.site_dir or default_site_dir(), PTH_NAME)
+    path = os.path.join(_site_dir(args.site_dir, "pycaffe-alt uninstall-caffe-alias"), PTH_NAME)
     if not os.path.exists(path):
         print(f"no caffe alias installed ({path} does not exist)")
         return 0
