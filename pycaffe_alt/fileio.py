@@ -29,6 +29,15 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character de
 NUL_HINT = "no file name holds a NUL byte: fix the path (a '\\000' escape in a prototxt string?)"
 
 
+def with_article(noun: str) -> str:
+    """``noun`` after "a" or "an" as it is spoken: "an image file", "an HDF5 weights file" (an
+    acronym is read letter by letter), "a weights file"."""
+    first_word = noun.split()[0] if noun.split() else noun
+    acronym = first_word.isupper() and len(first_word) > 1
+    vowel_sound = noun[:1] in ("AEFHILMNORSX" if acronym else "aeiouAEIOU")
+    return f"{'an' if vowel_sound else 'a'} {noun}"
+
+
 def check_input_path(path: "str | os.PathLike[str]", error: Type[CaffeError] = CaffeError,
                      what: str = "file", folder_ok: bool = False) -> str:
     """``path`` as a str when it names a regular file (or a folder, with ``folder_ok``).
@@ -50,10 +59,10 @@ def check_input_path(path: "str | os.PathLike[str]", error: Type[CaffeError] = C
     if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
         return path
     if stat.S_ISDIR(mode):
-        raise error(f"'{path}' is a directory, not a {what}",
+        raise error(f"'{path}' is a directory, not {with_article(what)}",
                     hint=f"give the path of the {what} itself")
     kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-    raise error(f"'{path}' is {kind}, not a {what}",
+    raise error(f"'{path}' is {kind}, not {with_article(what)}",
                 hint="give a regular file: pipes and devices are refused because reading them "
                      "could wait or run forever")
 

@@ -397,3 +397,15 @@ def test_an_empty_site_dir_is_refused_not_taken_as_this_environment(tmp_path, mo
     (tmp_path / "afile").write_text("")
     with pytest.raises(CaffeError, match="'.*afile' is not a folder"):
         caffe_alias.install_main(["--site-dir", str(tmp_path / "afile")])
+
+
+def test_path_refusals_say_an_before_vowel_sounds(tmp_path):
+    # "is a directory, not a image list", "not a IDX file", "not a HDF5 weights file".
+    from pycaffe_alt.errors import DataError
+    from pycaffe_alt.fileio import check_input_path
+
+    for what, says in (("image list", "not an image list"), ("IDX file", "not an IDX file"),
+                       ("HDF5 weights file", "not an HDF5 weights file"),
+                       ("weights file", "not a weights file")):
+        with pytest.raises(DataError, match=f"is a directory, {says}\n"):
+            check_input_path(str(tmp_path), DataError, what)
