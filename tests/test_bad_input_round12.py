@@ -409,3 +409,17 @@ def test_path_refusals_say_an_before_vowel_sounds(tmp_path):
                        ("weights file", "not a weights file")):
         with pytest.raises(DataError, match=f"is a directory, {says}\n"):
             check_input_path(str(tmp_path), DataError, what)
+
+
+def test_convert_shape_for_a_data_layers_label_alone_names_the_missing_data_top(tmp_path):
+    # The data top got the label's shape (N,) and conv1 failed with "axis 1 is out of range for
+    # a 1-axis bottom".
+    from pycaffe_alt.errors import NetError
+    from pycaffe_alt.export import convert
+
+    case = os.path.join(ROOT, "tests", "fixtures", "golden", "solvers", "sgd_fixed")
+    with pytest.raises(NetError, match="--shape gives label but not 'data', the data top of Data "
+                                       "layer 'mnist'"):
+        convert(os.path.join(case, "net.prototxt"), os.path.join(case, "init.caffemodel"), "onnx",
+                str(tmp_path / "net.onnx"), shapes={"label": (2,)})
+    assert not list(tmp_path.iterdir())

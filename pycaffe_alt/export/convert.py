@@ -82,6 +82,12 @@ def apply_shapes(net_param: "caffe_pb2.NetParameter",
         given = [t for t in tops if t in shapes]
         if not given:
             continue
+        if layer.type != "Input" and tops[0] not in shapes:
+            # Its data top would get the labels' shape (batch,), and the first layer reading
+            # it failed ("axis 1 is out of range for a 1-axis bottom") far from the cause.
+            raise NetError(f"--shape gives {', '.join(given)} but not '{tops[0]}', the data top "
+                           f"of {layer.type} layer '{layer.name}'", None,
+                           f"add --shape {tops[0]}=N,C,H,W (the other tops then get (N,))")
         batch = int(shapes[given[0]][0]) if len(shapes[given[0]]) else 1
         if layer.type != "Input":
             keep = caffe_pb2.LayerParameter()
