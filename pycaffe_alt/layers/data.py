@@ -836,8 +836,9 @@ class MemoryData(DataLayerBase):
         Caffe's MemoryDataLayer::Reset keeps pointers into the caller's arrays (pycaffe's
         Net_SetInputArrays passes PyArray_DATA, no copy), so a program that refills the same
         float32 C-order arrays in place and calls forward() again trains on the new values.
-        Arrays in that form are therefore used in place here too; any other dtype or layout
-        (which pycaffe refuses) is copied as float32.
+        Arrays in that form are therefore kept, not copied, and each forward copies its batch
+        out of them as they are then; any other dtype or layout (which pycaffe refuses) is
+        copied as float32 here.
         """
         data = np.asarray(data)
         labels = np.asarray(labels)
@@ -869,7 +870,12 @@ class MemoryData(DataLayerBase):
         self.last_indices = torch.arange(pos, pos + b, dtype=torch.long)
         self._pos = (pos + b) % self._data.shape[0]
         device = self.device
-        return data.to(device), labels.to(device)
+        # Copied out of the caller's arrays at each forward: the batch holds their values as
+        # they are now (Caffe reads them in place), but the net never writes into them. A blob
+        # array a program holds (d = net.blobs['data'].data) receives each new batch in place
+        # (see HostMirror.refresh); as a view of the caller's rows it made the next forward
+        # overwrite the rows it came from with the next batch's values.
+        return data.to(device, copy=True), labels.to(device, copy=True)
 
     def state(self) -> Dict[str, object]:
         return {"pos": self._pos}
