@@ -124,14 +124,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise CaffeError(f"no module named '{args[1]}'", "pycaffe-alt run -m",
                              f"run it from the folder that holds it ({os.getcwd()} is searched "
                              "first), or add that folder to PYTHONPATH")
+        # Set before the package check: finding its __main__ imports the package, whose
+        # __init__ then sees the program's arguments, as under python3 -m (not this tool's).
+        argv_before, sys.argv = sys.argv, [args[1]] + args[2:]
         if spec.submodule_search_locations is not None and \
                 importlib.util.find_spec(args[1] + ".__main__") is None:
+            sys.argv = argv_before
             # A package runs its __main__ submodule; runpy's ImportError for one without it
             # came with a traceback, where python3 -m says it in one line.
             raise CaffeError(f"'{args[1]}' is a package without a __main__ module, so it "
                              "cannot be run", "pycaffe-alt run -m",
                              "give the module inside the package to run (package.module)")
-        sys.argv = [args[1]] + args[2:]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         return 0
     script = args[0]

@@ -32,3 +32,23 @@ def test_memory_data_held_blob_array_does_not_overwrite_the_callers_rows(tmp_pat
     np.testing.assert_array_equal(held_labels.ravel(), [2, 3])
     net.forward()  # wraps around to the caller's first rows, as they are
     np.testing.assert_array_equal(net.blobs["data"].data.ravel(), [0, 1, 2, 3])
+
+
+def test_run_m_package_init_sees_the_programs_arguments(tmp_path):
+    # python3 -m pkg imports pkg with the program's arguments in sys.argv; the check for a
+    # __main__ submodule imported pkg while sys.argv still held pycaffe-alt's own command line.
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pkg = tmp_path / "argvpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import sys\nprint('init', sys.argv[1:])\n")
+    (pkg / "__main__.py").write_text("import sys\nprint('main', sys.argv[1:])\n")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "pycaffe_alt.run", "-m", "argvpkg", "x", "y"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["init ['x', 'y']", "main ['x', 'y']"], r.stdout
