@@ -52,3 +52,32 @@ def test_run_m_package_init_sees_the_programs_arguments(tmp_path):
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["init ['x', 'y']", "main ['x', 'y']"], r.stdout
+
+
+def test_tools_test_names_the_device_before_the_weights_lines(tmp_path):
+    # caffe.cpp test() logs "Use CPU." before building the net and copying the weights, so
+    # CopyTrainedLayersFrom's "Ignoring source layer" lines come after it, not before.
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny = ('name: "tiny"\nlayer { name: "data" type: "DummyData" top: "data" top: "label"\n'
+            '  dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 2 } } }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"\n'
+            '  inner_product_param { num_output: 3 } }\n'
+            'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+    (tmp_path / "tiny.prototxt").write_text(tiny)
+    (tmp_path / "big.prototxt").write_text(
+        tiny + 'layer { name: "extra" type: "InnerProduct" bottom: "ip" top: "ip2"\n'
+               '  inner_product_param { num_output: 2 } }\n')
+    caffe.Net(str(tmp_path / "big.prototxt"), caffe.TEST).save(str(tmp_path / "w.caffemodel"))
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("GLOG_minloglevel", None)
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "test"), "--model",
+                        str(tmp_path / "tiny.prototxt"), "--weights", str(tmp_path / "w.caffemodel"),
+                        "--iterations", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    messages = [line.split("] ", 1)[-1] for line in r.stderr.splitlines()]
+    assert messages[:3] == ["Use CPU.", "Ignoring source layer extra",
+                            "Running for 1 iterations."], r.stderr

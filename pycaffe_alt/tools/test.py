@@ -80,9 +80,12 @@ def build_net(args, phase: int, require_weights_match: bool = False):
     from ..net import Net
 
     stages = [s for s in args.stage.split(",") if s]
+    device = select_device(args.gpu)
+    # caffe.cpp's test() and time() name the device before building the net: its lines (the
+    # weights' "Ignoring source layer", the uncovered-layers warning) come after.
+    log_device(device)
     net = Net(args.model, phase, stages=stages, level=args.level,
-              allow_python=args.allow_python, device=select_device(args.gpu),
-              compile=args.compile)
+              allow_python=args.allow_python, device=device, compile=args.compile)
     names = args.weights.split(",") if args.weights else []
     if not all(names):  # Caffe would try to open the empty name
         raise WeightsError(f"--weights {args.weights!r} has an empty entry",
@@ -162,7 +165,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "net's random initial ones", where=args.model,
                            hint="add --weights model.caffemodel; to score the initial weights "
                                 "anyway, add --allow_unmatched_weights")
-    log_device(net.device)
     get_logger().info("Running for %d iterations.", args.iterations)
     score(net, args.iterations)
     return 0

@@ -34,7 +34,7 @@ from ..errors import CaffeError
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_tool_logging
 from .cli import int32, parse_args, run_main
-from .test import add_net_flags, build_net, log_device
+from .test import add_net_flags, build_net
 
 
 @dataclass
@@ -251,8 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..layers import TEST, TRAIN
 
     log = get_logger()
-    net = build_net(args, TRAIN if args.phase == "TRAIN" else TEST)
-    log_device(net.device)
+    net = build_net(args, TRAIN if args.phase == "TRAIN" else TEST)  # logs the device first
     if args.compile:
         log.info("--compile: timing whole passes of the compiled net (no per-layer times)")
         time_passes(net, args.iterations)
