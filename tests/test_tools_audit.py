@@ -144,3 +144,19 @@ def test_train_logs_the_solver_parameters_as_caffe(tmp_path):
     with open(os.path.join(case, "train.log")) as f:
         reference = glog_block(f.read(), "Initializing solver", "Creating training net")
     assert glog_block(proc.stderr, "Initializing solver", "Creating training net") == reference
+
+
+def test_test_and_time_pass_the_empty_stage_as_caffe(tmp_path):
+    # caffe.cpp's test() and time() give the net every name of boost::split(--stage, ","): with
+    # no --stage that is the one stage "", so a rule naming "" applies (as in tools/train).
+    net = tmp_path / "staged.prototxt"
+    net.write_text(TINY_NET + 'layer { name: "extra" type: "Softmax" bottom: "ip" top: "extra"\n'
+                              '  exclude { stage: "" } }\n')
+    for tool, extra in (("test", ("--iterations", "1", "--allow_unmatched_weights")),
+                        ("time", ("--iterations", "1"))):
+        plain = run_tool(tool, "--model", net, *extra)
+        assert plain.returncode == 0, plain.stderr
+        assert not [m for m in messages(plain.stderr) if "extra" in m], plain.stderr
+        staged = run_tool(tool, "--model", net, "--stage", "deploy", *extra)
+        assert staged.returncode == 0, staged.stderr
+        assert [m for m in messages(staged.stderr) if "extra" in m], staged.stderr

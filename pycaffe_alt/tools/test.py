@@ -79,7 +79,9 @@ def build_net(args, phase: int, require_weights_match: bool = False):
     """
     from ..net import Net
 
-    stages = [s for s in args.stage.split(",") if s]
+    # Every name of boost::split(--stage, ","), as caffe.cpp's test() and time() pass them (and
+    # tools/train): without --stage the net's state has the stage "".
+    stages = args.stage.split(",")
     device = select_device(args.gpu)
     # caffe.cpp's test() and time() name the device before building the net: its lines (the
     # weights' "Ignoring source layer", the uncovered-layers warning) come after.
