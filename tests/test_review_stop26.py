@@ -1,37 +1,6 @@
-"""Review round 26: defects found in the per-pass performance and tool-log changes."""
-import numpy as np
-
+"""Review round 26: defects found in the per-pass performance and tool-log changes (the
+MemoryData one is in test_thirdparty_round7.py, with the behaviour it corrects)."""
 import pycaffe_alt as caffe
-
-MEMORY_NET = """name: 'LinearReg'
-layer { name: 'input' type: 'MemoryData' top: 'data' top: 'actual'
-  memory_data_param { batch_size: 2 channels: 1 height: 1 width: 2 } }
-layer { name: 'ip' type: 'InnerProduct' bottom: 'data' top: 'predicted'
-  inner_product_param { num_output: 1 weight_filler { type: 'constant' value: 1 } } }
-layer { name: 'loss' type: 'EuclideanLoss' bottom: 'predicted' bottom: 'actual' top: 'loss' }
-"""
-
-
-def test_memory_data_held_blob_array_does_not_overwrite_the_callers_rows(tmp_path):
-    # A program holding net.blobs['data'].data across forwards (to look at the batch) gets
-    # each new batch in that array; the net must not write the caller's own rows: the second
-    # forward copied rows 2..3 over rows 0..1 of the array given to set_input_arrays.
-    path = tmp_path / "memory.prototxt"
-    path.write_text(MEMORY_NET)
-    net = caffe.Net(str(path), caffe.TRAIN)
-    data = np.arange(8, dtype=np.float32).reshape(4, 1, 1, 2)
-    labels = np.arange(4, dtype=np.float32)
-    net.set_input_arrays(data, labels)
-    net.forward()
-    held = net.blobs["data"].data
-    held_labels = net.blobs["actual"].data
-    net.forward()
-    np.testing.assert_array_equal(data.ravel(), np.arange(8))
-    np.testing.assert_array_equal(labels, np.arange(4))
-    np.testing.assert_array_equal(held.ravel(), [4, 5, 6, 7])
-    np.testing.assert_array_equal(held_labels.ravel(), [2, 3])
-    net.forward()  # wraps around to the caller's first rows, as they are
-    np.testing.assert_array_equal(net.blobs["data"].data.ravel(), [0, 1, 2, 3])
 
 
 def test_run_m_package_init_sees_the_programs_arguments(tmp_path):
