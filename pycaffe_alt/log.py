@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from typing import Optional, TextIO
@@ -76,11 +77,14 @@ GLOG_LEVELS = {0: logging.INFO, 1: logging.WARNING, 2: logging.ERROR, 3: logging
 def glog_env_level() -> int:
     """The logging level glog's ``GLOG_minloglevel`` asks for (0 INFO, 1 WARNING, 2 ERROR,
     3 FATAL; unset or unreadable: INFO), the knob Caffe users set to quiet pycaffe."""
-    try:
-        value = int(os.environ.get("GLOG_minloglevel", "0"))
-    except ValueError:
-        value = 0
+    # glog reads the variable with strtol: leading blanks and a sign, then the leading digits
+    # ("1abc" is 1, "abc" is 0).
+    match = _LEADING_INT.match(os.environ.get("GLOG_minloglevel", ""))
+    value = int(match.group(0)) if match else 0
     return GLOG_LEVELS.get(min(max(value, 0), 3), logging.INFO)
+
+
+_LEADING_INT = re.compile(r"\s*[+-]?\d+")
 
 
 class GlogEnvFilter(logging.Filter):

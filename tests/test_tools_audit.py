@@ -160,3 +160,16 @@ def test_test_and_time_pass_the_empty_stage_as_caffe(tmp_path):
         staged = run_tool(tool, "--model", net, "--stage", "deploy", *extra)
         assert staged.returncode == 0, staged.stderr
         assert [m for m in messages(staged.stderr) if "extra" in m], staged.stderr
+
+
+def test_glog_minloglevel_is_read_as_strtol_reads_it(monkeypatch):
+    # glog's EnvToInt is strtol(value, NULL, 10): leading blanks and a sign, then the leading
+    # digits; a value with no leading digits is 0.
+    import logging
+
+    from pycaffe_alt.log import glog_env_level
+
+    for value, level in (("1abc", logging.WARNING), (" 2", logging.ERROR), ("+1", logging.WARNING),
+                         ("abc", logging.INFO), ("", logging.INFO), ("-1", logging.INFO)):
+        monkeypatch.setenv("GLOG_minloglevel", value)
+        assert glog_env_level() == level, value
