@@ -173,3 +173,16 @@ def test_glog_minloglevel_is_read_as_strtol_reads_it(monkeypatch):
                          ("abc", logging.INFO), ("", logging.INFO), ("-1", logging.INFO)):
         monkeypatch.setenv("GLOG_minloglevel", value)
         assert glog_env_level() == level, value
+
+
+def test_convert_model_without_weights_warns(tmp_path):
+    # The converted model would hold the fillers' random weights: said, not silent.
+    net = tmp_path / "deploy.prototxt"
+    net.write_text('name: "tiny"\nlayer { name: "data" type: "Input" top: "data"\n'
+                   '  input_param { shape { dim: 1 dim: 3 } } }\n'
+                   'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"\n'
+                   '  inner_product_param { num_output: 2 } }\n')
+    proc = run_tool("convert_model", "--model", net, "--to", "torchscript",
+                    "--out", tmp_path / "net.pt")
+    assert proc.returncode == 0, proc.stderr
+    assert [m for m in messages(proc.stderr) if "no --weights or --state-dict" in m], proc.stderr

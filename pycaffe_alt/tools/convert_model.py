@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CaffeError
 from ..export import FORMATS, convert
-from ..log import setup_tool_logging
+from ..log import get_logger, setup_tool_logging
 from .cli import int32, parse_args
 
 
@@ -74,6 +74,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--level", type=int32, default=0, help="NetState level")
     args = parse_args(p, argv)
     setup_tool_logging()
+    if not args.weights and not args.state_dict:
+        # tools/test refuses to score a net without weights; converting one can be meant (an
+        # architecture to train elsewhere), but the random weights must not pass unnoticed.
+        get_logger().warning("%s: no --weights or --state-dict given: the converted model holds "
+                             "the random initial weights the net's fillers draw", args.model)
     result = convert(args.model, args.weights or None, args.to, args.out,
                      outputs=_names(args.outputs), inputs=_names(args.inputs),
                      shapes=parse_shapes(args.shape) or None, include_loss=args.include_loss,
