@@ -594,3 +594,18 @@ def test_non_finite_hyper_parameters_are_refused(tmp_path, field, value):
                                     else "base_lr: 0.01 lr_policy"))
     with pytest.raises(SolverError, match=f"{field} must be a finite number"):
         caffe.get_solver(str(tmp_path / "solver.prototxt"))
+
+
+@pytest.mark.parametrize("block,field,value", [("alternation_param", "warmup_epochs", 2),
+                                               ("convex_param", "max_exact_patterns", 8)])
+def test_a_block_the_solver_does_not_read_is_named(tmp_path, caplog, block, field, value):
+    # An alternation_param (or convex_param) under type "SGD" trained plain SGD without a word.
+    param = lsq_param(tmp_path, type="SGD")
+    setattr(getattr(param, block), field, value)
+    with caplog.at_level(logging.WARNING, logger="pycaffe_alt"):
+        caffe.Solver(param, device="cpu")
+    assert [r for r in caplog.records if f"{block} is ignored" in r.getMessage()], caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pycaffe_alt"):
+        caffe.Solver(lsq_param(tmp_path, type="SGD"), device="cpu")
+    assert not [r for r in caplog.records if "is ignored" in r.getMessage()], caplog.text

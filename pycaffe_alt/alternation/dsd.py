@@ -410,6 +410,8 @@ class SupportDSDSolver(DSDSolver, AlternationSolver):
     Attribute ``channel_support``: HardThreshold name -> bool per channel, of the last pass.
     """
 
+    reads_blocks = ("alternation_param",)
+
     def __init__(self, solver: SolverSource, **kwargs):
         self.channel_support: Dict[str, torch.Tensor] = {}
         super().__init__(solver, **kwargs)

@@ -97,6 +97,8 @@ class AlternationSolver(Solver):
     Methods: :meth:`support_step`, :meth:`test` (``masked=True`` for MaskT), plus Solver's.
     """
 
+    reads_blocks = ("alternation_param",)
+
     def __init__(self, solver: SolverSource, **kwargs):
         super().__init__(solver, **kwargs)
         ap = self.param.alternation_param

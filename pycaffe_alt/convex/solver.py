@@ -76,6 +76,8 @@ class ConvexSolver(Solver):
     (:class:`~.net_fit.ConvexProblem`) and ``program``; ``step`` and ``restore`` are refused.
     """
 
+    reads_blocks = ("convex_param",)
+
     def __init__(self, solver: SolverSource, **kwargs):
         super().__init__(solver, **kwargs)
         self.convex = self.param.convex_param

@@ -87,6 +87,13 @@ def _split_weights(entries: Iterable[str]) -> List[str]:
 
 # SolverParameter float fields an update reads: a non-finite value is refused (clip_gradients
 # too: NaN compared false and silently meant no clipping).
+# Our SolverParameter blocks -> what makes a solver train by one (Solver.reads_blocks).
+# (A dsd_param given to a solver that is not DSD's is refused by _check_param.)
+EXTENSION_BLOCKS = {
+    "alternation_param": 'set type: "Alternation" to train by alternation (docs/alternation.md)',
+    "convex_param": 'set type: "Convex" to train the two-layer net to its global optimum',
+}
+
 _FINITE_FIELDS = ("base_lr", "momentum", "momentum2", "weight_decay", "gamma", "power", "delta",
                   "rms_decay", "clip_gradients")
 
@@ -111,6 +118,9 @@ class Solver:
     """
 
     forced_type: Optional[str] = None  # the pycaffe subclasses (SGDSolver, ...) fix the rule
+    # Which of our SolverParameter blocks (EXTENSION_BLOCKS) the class trains by; a block the
+    # class does not read is named in a warning instead of being ignored without a word.
+    reads_blocks: Tuple[str, ...] = ()
 
     def __init__(self, solver: SolverSource, *, device: Union[str, torch.device, None] = None,
                  weights: Sequence[str] = (), allow_python: bool = False,
@@ -133,6 +143,7 @@ class Solver:
             self._check_rule_param(rule_type)
             self.hyper = RuleHyper.from_solver_param(self.param)
             check_hyper(rule_type, self.hyper)
+        self._warn_unread_blocks()
         self.device = self._pick_device(device)
         self.precision = MixedPrecision.from_solver_param(self.param, self.device, self.source)
         self._iter = 0
@@ -190,6 +201,14 @@ class Solver:
 
     def _where(self, field: str) -> str:
         return f"{self.source}: {field}"
+
+    def _warn_unread_blocks(self) -> None:
+        """One warning per block of ours the file sets but this solver does not train by (an
+        ``alternation_param`` under ``type: "SGD"`` trained plain SGD without a word)."""
+        for block, hint in EXTENSION_BLOCKS.items():
+            if self.param.HasField(block) and block not in self.reads_blocks:
+                logger.warning("%s is ignored: a %s solver (type \"%s\") does not read it; %s",
+                               self._where(block), type(self).__name__, self.type, hint)
 
     def _check_param(self) -> None:
         p = self.param
