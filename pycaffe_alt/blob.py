@@ -265,10 +265,17 @@ class ParamBlob(_BlobView):
         return tuple(self.param.shape)
 
     def reshape(self, *shape: int) -> None:
-        """Replace the parameter's contents with zeros of a new shape (net surgery)."""
+        """Give the parameter a new shape (net surgery). As Caffe's Blob::Reshape, which keeps
+        its memory while the new count fits the old one, the leading values stay (a reshape to
+        the same shape changes nothing); a larger blob is new zeroed memory (SyncedMemory's
+        first to_cpu memsets it)."""
+        new_shape = shape_args(shape)
         with torch.no_grad():
-            self.param.data = torch.zeros(shape_args(shape), dtype=self.param.dtype,
-                                          device=self.param.device)
+            old = self.param.data
+            fresh = torch.zeros(new_shape, dtype=old.dtype, device=old.device)
+            if fresh.numel() <= old.numel():
+                fresh.view(-1).copy_(old.reshape(-1)[:fresh.numel()])
+            self.param.data = fresh
         self.param.grad = None
 
     def __repr__(self) -> str:
