@@ -272,7 +272,15 @@ def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_me
             if detail.startswith(quoted):
                 detail = detail[len(quoted):]
     where = f"{filename}:{line}:{column}" if line is not None else filename
-    what, hint = _explain(detail, message)
+    field = _unfinished_last_field(text) if detail.startswith("'': ") else None
+    if field is not None:
+        # The parser ran out of text: upb then quotes an empty line ('': Couldn't parse
+        # integer: ) and names no token, which read as a bug rather than a cut-short file.
+        what = f"the file ends after '{field}', before its value"
+        hint = ("the file was cut short (an interrupted copy or save?) or its last field lacks "
+                "a value: complete that field or remove it")
+    else:
+        what, hint = _explain(detail, message)
     try:
         layer = _enclosing_layer(text, line, column or 1) if line is not None else None
     except (IndexError, ValueError, TypeError, RecursionError):  # only an addition to the message
@@ -300,6 +308,15 @@ def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_me
                     f"{message_name.split('.')[-1]} of caffe.proto): replace that layer (a data layer by an "
                     "Input layer with the same tops) or remove it")
     return PrototxtError(what, where=where, hint=hint)
+
+
+def _unfinished_last_field(text: str) -> Optional[str]:
+    """The field name that ``text`` ends with (``name`` or ``name:``, then only blanks and
+    comments), or None when the text ends otherwise (a value, a brace)."""
+    tokens = [(m.lastgroup, m.group()) for m in _TOKEN.finditer(text) if m.lastgroup != "comment"]
+    if tokens and tokens[-1][0] == "colon":
+        tokens.pop()
+    return tokens[-1][1] if tokens and tokens[-1][0] == "word" else None
 
 
 def _unimplemented_type(kind: str) -> bool:
