@@ -119,6 +119,19 @@ def test_import_error_names_the_module(user_module):
         python_layer("pkg_nowhere.sub", "X", [(2, 3)])
 
 
+def test_module_error_at_import_reaches_the_caller_with_a_note(user_module):
+    # The module's own code fails while it is imported: its exception goes on unchanged, as a
+    # setup error does, with a note naming the layer (the traceback named only the file).
+    (Path.cwd() / "failing_layers_mod.py").write_text("ratio = 1 / 0\n")
+    try:
+        with pytest.raises(ZeroDivisionError) as info:
+            python_layer("failing_layers_mod", "X", [(2, 3)])
+    finally:
+        sys.modules.pop("failing_layers_mod", None)
+    assert any("Python layer 'py'" in note and "failing_layers_mod" in note
+               for note in getattr(info.value, "__notes__", []))
+
+
 def test_python_layer_phase_prints_its_name(user_module):
     # py-faster-rcnn's ProposalLayer: cfg_key = str(self.phase) # either 'TRAIN' or 'TEST'
     layer = python_layer(user_module, "Source", [], tops=("data", "phase"), phase=TEST)

@@ -317,6 +317,14 @@ class Python(Layer):
             else:
                 hint = f"put {path} in the working directory ({cwd}) or on PYTHONPATH"
             raise self.error(f"cannot import module '{module_name}': {e}", hint) from e
+        except Exception as e:
+            # The module's own code failed while it ran (a ZeroDivisionError at its top level):
+            # its exception goes on unchanged, as from the layer's setup, with a note naming
+            # the layer (the traceback alone named only the module's file).
+            if hasattr(e, "add_note"):  # Python 3.11+
+                e.add_note(f"raised while importing module '{module_name}' of Python layer "
+                           f"'{self.name}'")
+            raise
         finally:
             if added:
                 sys.path.remove(cwd)
