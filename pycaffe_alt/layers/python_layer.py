@@ -110,6 +110,14 @@ class PyBlobVec(BlobVec):
 LAYER_METHODS_HINT = "a caffe.Layer subclass defines setup, reshape, forward and backward"
 
 
+def undefined_method(cls: type, method: str) -> LayerMethodError:
+    """The error for a Python layer class ``cls`` that lacks ``method``, a method Caffe calls.
+    A NetError too: the class (not the code it runs) is what is wrong, so the tools print one
+    paragraph instead of a traceback through this module."""
+    return LayerMethodError(f"Python layer class '{cls.__module__}.{cls.__qualname__}' "
+                            f"does not define {method}", hint=LAYER_METHODS_HINT)
+
+
 class PythonLayerBase:
     """Base class for user Python layers, in the role of pycaffe's ``caffe.Layer``.
 
@@ -127,17 +135,10 @@ class PythonLayerBase:
         pass
 
     def reshape(self, bottom, top) -> None:
-        raise self._undefined("reshape(bottom, top)")
+        raise undefined_method(type(self), "reshape(bottom, top)")
 
     def forward(self, bottom, top) -> None:
-        raise self._undefined("forward(bottom, top)")
-
-    def _undefined(self, method: str) -> LayerMethodError:
-        # A NetError too: the class (not the code it runs) is what is wrong, so the tools
-        # print one paragraph instead of a traceback through this module.
-        cls = type(self)
-        return LayerMethodError(f"Python layer class '{cls.__module__}.{cls.__qualname__}' "
-                                f"does not define {method}", hint=LAYER_METHODS_HINT)
+        raise undefined_method(type(self), "forward(bottom, top)")
 
     def backward(self, top, propagate_down, bottom) -> None:
         pass
@@ -260,9 +261,7 @@ class Python(Layer):
             # A class that is no caffe.Layer at all failed inside setup with an AttributeError.
             if not callable(getattr(cls, method, None)):
                 raise self.error(f"class '{module_name}.{class_name}' has no {method}() method: "
-                                 "it is not a Python layer",
-                                 "python_param.layer names a caffe.Layer subclass defining "
-                                 "setup, reshape, forward and backward")
+                                 "it is not a Python layer", LAYER_METHODS_HINT)
         self.user = _instantiate(cls, param)
         # pycaffe sets these attributes before setup (PythonLayer::LayerSetUp).
         self.user.param_str = pp.param_str
@@ -357,11 +356,9 @@ class Python(Layer):
             self._tops = _new_tops(self.n_tops, np_dtype)
         # Parameters by attribute name, so functional_call and parameter sharing see replacements.
         params = [getattr(self, n) for n in self._param_names]
-        if not callable(getattr(self.user, "forward", None)):  # a duck-typed class without one
-            raise self.error(f"Python layer class '{type(self.user).__module__}."
-                             f"{type(self.user).__qualname__}' does not define forward(bottom, top)",
-                             LAYER_METHODS_HINT)
         try:
+            if not callable(getattr(self.user, "forward", None)):  # a duck-typed class
+                raise undefined_method(type(self.user), "forward(bottom, top)")
             outs = _PythonFunction.apply(self, len(bottoms), *bottoms, *params)
         except CaffeError as e:  # ours (a class without forward, a bad top.reshape): name the layer
             raise e.locate(self.where)
