@@ -69,7 +69,9 @@ class Step:
 class _DiffRange:
     """What a backward over a range of layers touches (see Net._diff_range)."""
 
-    readers: Tuple[Tuple[str, int], ...]  # per blob of the range: whose read value's gradient
+    # Per blob of the range: the ``_written`` key of the read value whose gradient becomes its
+    # diff (None: the blob's data; see Net._diff_reader and Net._writer_key).
+    diff_keys: Tuple[Tuple[str, Optional[Tuple[int, str]]], ...]
     diff_bottoms: Tuple[str, ...]  # the blobs whose diff the range's Backward writes
 
 
@@ -1087,7 +1089,11 @@ class Net(nn.Module):
         """Where the value layer ``index`` read from blob ``name`` in the last pass or replay
         is kept: ``(_written, key)``, or ``(_values, name)`` for the blob's data (also where
         none was recorded: a backward without a forward first)."""
-        key = self._writer_key(name, index)
+        return self._slot(name, self._writer_key(name, index))
+
+    def _slot(self, name: str, key: Optional[Tuple[int, str]]
+              ) -> Tuple[Dict[Any, torch.Tensor], Any]:
+        """:meth:`_read_slot` for a ``_writer_key`` already known."""
         if key is not None and self._written.get(key) is not None:
             return self._written, key
         return self._values, name
@@ -1281,8 +1287,9 @@ class Net(nn.Module):
         """
         blob_ts = []
         diff_range = self._diff_range(steps[0].index, steps[-1].index)
-        for n, reader in diff_range.readers:
-            t = self._read_value(n, reader)
+        for n, key in diff_range.diff_keys:
+            home, slot = self._slot(n, key)
+            t = home.get(slot)
             if t is not None and t.requires_grad:
                 blob_ts.append((n, t))
         params = list({id(p): p for s in steps for p in s.layer.blobs if p.requires_grad}.values())
@@ -1321,7 +1328,8 @@ class Net(nn.Module):
             steps = self._steps[lo:hi + 1]
             names = dict.fromkeys(n for s in steps for n in s.bottoms + s.tops)
             cached = self._diff_ranges[(lo, hi)] = _DiffRange(
-                readers=tuple((n, self._diff_reader(n, lo, hi)) for n in names),
+                diff_keys=tuple((n, self._writer_key(n, self._diff_reader(n, lo, hi)))
+                                for n in names),
                 diff_bottoms=tuple(n for s in steps for n in s.diff_bottoms))
         return cached
 
