@@ -656,6 +656,19 @@ def test_pycaffe_backward_after_a_torch_backward_of_the_module_form():
     assert np.abs(net.params["conv1"][0].diff).sum() > 0
 
 
+def test_pycaffe_backward_leaves_the_callers_graph_alone():
+    # A tensor the caller computed (here from a leaf of its own) and fed to the module form:
+    # pycaffe's backward fills the net's diffs and stops at the net's input, as Caffe's Backward
+    # ends at the input blob; the caller's leaf gets no gradient from it.
+    net = caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
+                    caffe.TRAIN)
+    scale = torch.ones((), requires_grad=True)
+    net(data=torch.rand(2, 1, 28, 28) * scale, label=torch.tensor([3.0, 5.0]))
+    net.backward()
+    assert scale.grad is None
+    assert np.abs(net.params["conv1"][0].diff).sum() > 0
+
+
 def test_a_layers_own_phase_wins_over_the_nets():
     # Caffe's Net::Init sets a layer's phase from the net's only when the layer sets none
     # (Bayesian SegNet samples with Dropout layers marked TRAIN in its TEST net); the layer
