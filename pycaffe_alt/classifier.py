@@ -49,6 +49,23 @@ def center_crop(images: np.ndarray, crop_dims: Sequence[int]) -> np.ndarray:
     return images[:, y0:y1, x0:x1, :]
 
 
+def _dims_given(image_dims) -> bool:
+    """pycaffe's ``if not image_dims``: None, 0 (``caffe.TRAIN`` passed third) and an empty
+    sequence mean the net's own input size (an array counts as given when it holds sizes)."""
+    if isinstance(image_dims, np.ndarray):
+        return image_dims.size > 0
+    return bool(image_dims)
+
+
+def _image_size(image_dims) -> Optional[tuple]:
+    """``image_dims`` as (height, width) of positive ints, or None when it is not one."""
+    try:
+        size = tuple(int(d) for d in image_dims)
+    except (TypeError, ValueError):
+        return None
+    return size if len(size) == 2 and min(size) >= 1 else None
+
+
 class Classifier(Net):
     """pycaffe's ``caffe.Classifier(model_file, pretrained_file, image_dims=None, mean=None,
     input_scale=None, raw_scale=None, channel_swap=None)``: a TEST-phase Net; ``image_dims``
@@ -62,15 +79,23 @@ class Classifier(Net):
         super().__init__(model_file, TEST, weights=pretrained_file, **net_kwargs)
         self.transformer = input_transformer(self, mean, input_scale, raw_scale, channel_swap)
         self.crop_dims = np.array(self.blobs[self.inputs[0]].data.shape[2:])
-        dims = image_dims if image_dims is not None else self.crop_dims
-        try:
-            self.image_dims = tuple(int(d) for d in dims)
-        except (TypeError, ValueError):
-            self.image_dims = ()
-        if len(self.image_dims) != 2 or min(self.image_dims) < 1:
+        # pycaffe keeps image_dims as given (`if not image_dims: image_dims = self.crop_dims`) and
+        # only predict() resizes to it, so a program that passes caffe.TEST third as for a Net
+        # (Classifier(deploy, weights, caffe.TEST, mean=...)) builds the net and uses it through
+        # forward(): a size that is not (height, width) is refused by predict(), not here.
+        self.image_dims = image_dims if _dims_given(image_dims) else self.crop_dims
+        self._resize_to = _image_size(self.image_dims)
+
+    def _checked_image_size(self) -> tuple:
+        if self._resize_to is None:
+            dims = self.image_dims
             raise DataError(f"image_dims {dims!r} is not (height, width) of positive sizes",
-                            where="Classifier", hint="e.g. image_dims=(256, 256); the net's "
-                            f"crop is {tuple(int(d) for d in self.crop_dims)}")
+                            where="Classifier.predict",
+                            hint="e.g. image_dims=(256, 256); the net's crop is "
+                            f"{tuple(int(d) for d in self.crop_dims)}. Classifier(model, weights, "
+                            "caffe.TEST) passes caffe.TEST as image_dims: a Classifier is always "
+                            "TEST phase, leave it out")
+        return self._resize_to
 
     def predict(self, inputs: Sequence[np.ndarray], oversample: bool = True) -> np.ndarray:
         """Class probabilities (N x C, the net's first output) of N H x W x K images; with
@@ -93,10 +118,10 @@ class Classifier(Net):
                 raise DataError(f"image {i} has {image.shape[2]} channels, image 0 has "
                                 f"{inputs[0].shape[2]}", where="Classifier.predict",
                                 hint="give images of one kind (all colour or all grey)")
-        resized = np.zeros((len(inputs),) + self.image_dims + (inputs[0].shape[2],),
-                           dtype=np.float32)
+        size = self._checked_image_size()
+        resized = np.zeros((len(inputs),) + size + (inputs[0].shape[2],), dtype=np.float32)
         for ix, image in enumerate(inputs):
-            resized[ix] = caffe_io.resize_image(image, self.image_dims)
+            resized[ix] = caffe_io.resize_image(image, size)
         crops = caffe_io.oversample(resized, self.crop_dims) if oversample \
             else center_crop(resized, self.crop_dims)
         in_ = self.inputs[0]

@@ -519,11 +519,14 @@ def test_import_is_lazy():
 
 @pytest.mark.parametrize("dims", [(-5, 10), (20, 20, 3), "ab"])
 def test_classifier_refuses_image_dims_that_are_not_a_size(deploy, dims):
+    # pycaffe keeps image_dims as given and only predict() resizes to it: the net is built, and
+    # predict() refuses the size by name (pycaffe failed inside numpy or skimage).
     from pycaffe_alt.errors import DataError
 
     model_def, model_weights = deploy
+    clf = caffe.Classifier(model_def, model_weights, image_dims=dims)
     with pytest.raises(DataError, match="is not \\(height, width\\)"):
-        caffe.Classifier(model_def, model_weights, image_dims=dims)
+        clf.predict([np.zeros((20, 20, 3), np.float32)])
 
 
 def test_a_pycaffe_solver_runs_where_set_mode_says_not_where_solver_mode_says(tmp_path):
