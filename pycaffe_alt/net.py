@@ -881,8 +881,12 @@ class Net(nn.Module):
     def loss(self, values: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Caffe's net loss: sum over loss tops of loss_weight * sum(top)."""
         values = self._values if values is None else values
+        return self._weighted_loss(self._loss_weights.items(), values)
+
+    def _weighted_loss(self, weights, values: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The sum of loss_weight * sum(top) over ``weights``' (top, weight) pairs."""
         total = None
-        for name, w in self._loss_weights.items():
+        for name, w in weights:
             v = values[name]
             # A scalar loss top of weight 1 (the usual case) is its own term: no extra ops.
             term = v if (w == 1.0 and v.dim() == 0) else v.sum() * w
@@ -1574,9 +1578,13 @@ class Net(nn.Module):
         return self._blob_ids([t for t in self._steps[i].tops if not t.startswith(ANONYMOUS_TOP)])
 
     def _forward(self, start: int, end: int) -> float:
-        """Caffe's ForwardFromTo(start, end) by layer index; returns the loss."""
+        """Caffe's ForwardFromTo(start, end) by layer index; returns the loss of the layers it
+        ran: Caffe sums what each of them returns from Forward, so a range without a loss layer
+        gives 0 (layer-by-layer timing scripts call ``_forward(j, j)`` for every layer)."""
         self._forward_pycaffe(start, end)
-        return float(self.loss().detach())
+        ran = {top for step in self._steps[start:end + 1] for top in step.tops}
+        weights = [(name, w) for name, w in self._loss_weights.items() if name in ran]
+        return float(self._weighted_loss(weights, self._values).detach())
 
     def _backward(self, start: int, end: int) -> None:
         """Caffe's BackwardFromTo(start, end): layers ``start`` down to ``end``, by index."""

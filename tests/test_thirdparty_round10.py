@@ -141,3 +141,39 @@ def test_fgsm_backward_with_diffs_gives_the_data_gradient(tmp_path):
     loss = float(net.forward(data=x)["loss"])
     adversarial = x + np.sign(grads["data"]) * 0.1
     assert float(net.forward(data=adversarial)["loss"]) > loss
+
+
+TRAIN_NET = """name: 'tiny'
+layer { name: 'data' type: 'DummyData' top: 'data' top: 'label'
+  dummy_data_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } shape { dim: 4 }
+    data_filler { type: 'gaussian' } data_filler { type: 'constant' value: 1 } } }
+layer { name: 'conv' type: 'Convolution' bottom: 'data' top: 'conv'
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: 'xavier' } } }
+layer { name: 'relu' type: 'ReLU' bottom: 'conv' top: 'conv' }
+layer { name: 'ip' type: 'InnerProduct' bottom: 'conv' top: 'ip'
+  inner_product_param { num_output: 2 weight_filler { type: 'xavier' } } }
+layer { name: 'loss' type: 'SoftmaxWithLoss' bottom: 'ip' bottom: 'label' top: 'loss' }
+"""
+
+
+def test_layer_by_layer_forward_and_backward(tmp_path):
+    # philkr's time_net (layer timing): net._forward(j, j) and net._backward(j, j) for every
+    # layer in turn. Caffe's ForwardFromTo returns the loss of the layers it ran (0 below the
+    # loss layer; the whole loss was looked up and a KeyError raised), and the layer-by-layer
+    # backward gives the whole backward's diffs.
+    (tmp_path / "trainval.prototxt").write_text(TRAIN_NET)
+    net = caffe.Net(str(tmp_path / "trainval.prototxt"), caffe.TRAIN)
+    losses = [net._forward(j, j) for j in range(len(net._layer_names))]
+    assert losses[:-1] == [0.0] * (len(losses) - 1)
+    assert losses[-1] == pytest.approx(float(net.blobs["loss"].data))
+    for j in reversed(range(len(net._layer_names))):
+        net._backward(j, j)
+    layerwise = {k: [b.diff.copy() for b in v] for k, v in net.params.items()}
+    for v in net.params.values():
+        for b in v:
+            b.diff[...] = 0
+    net.forward(start="conv")  # the same batch
+    net.backward()
+    for k, v in net.params.items():
+        for a, b in zip(layerwise[k], v):
+            np.testing.assert_allclose(a, b.diff, rtol=1e-6, atol=1e-7)
