@@ -177,3 +177,46 @@ def test_layer_by_layer_forward_and_backward(tmp_path):
     for k, v in net.params.items():
         for a, b in zip(layerwise[k], v):
             np.testing.assert_allclose(a, b.diff, rtol=1e-6, atol=1e-7)
+
+
+
+def test_densenet_generator_writes_what_pycaffe_wrote():
+    # liuzhuang13/DenseNetCaffe make_densenet.py (run unchanged but for Python 2's `/`, its
+    # train/test_densenet.prototxt came out byte for byte as committed, written by pycaffe): a
+    # BatchNorm, an in-place Scale with filler/bias_filler, ReLU, Convolution, Dropout, Concat;
+    # the expected texts are those layers of the committed train_densenet.prototxt.
+    from pycaffe_alt import layers as L, params as P
+
+    data, label = L.Data(source="train_lmdb", backend=P.Data.LMDB, batch_size=64, ntop=2,
+                         transform_param=dict(mean_file="mean.binaryproto"))
+    conv = L.Convolution(data, kernel_size=3, stride=1, num_output=16, pad=1, bias_term=False,
+                         weight_filler=dict(type="msra"), bias_filler=dict(type="constant"))
+    bn = L.BatchNorm(conv, in_place=False, param=[dict(lr_mult=0, decay_mult=0)] * 3)
+    scale = L.Scale(bn, bias_term=True, in_place=True, filler=dict(value=1),
+                    bias_filler=dict(value=0))
+    relu = L.ReLU(scale, in_place=True)
+    conv2 = L.Convolution(relu, kernel_size=3, stride=1, num_output=12, pad=1, bias_term=False,
+                          weight_filler=dict(type="msra"), bias_filler=dict(type="constant"))
+    drop = L.Dropout(conv2, dropout_ratio=0.2)
+    text = str(caffe.to_proto(L.Concat(conv, drop, axis=1), label))
+    assert """  name: "Scale1"
+  type: "Scale"
+  bottom: "BatchNorm1"
+  top: "BatchNorm1"
+  scale_param {
+    filler {
+      value: 1
+    }
+    bias_term: true
+    bias_filler {
+      value: 0
+    }
+  }
+}""" in text
+    assert """  name: "Concat1"
+  type: "Concat"
+  bottom: "Convolution1"
+  bottom: "Dropout1"
+  top: "Concat1"
+  concat_param {
+    axis: 1""" in text
