@@ -38,8 +38,8 @@ import torch
 from ..distributed.sharding import MAX_SAMPLES, UNSHARDED, Shard
 from ..errors import CaffeError, DataError
 from ..caffe_rng import CaffeRNG
-from .transformer import (TransformSpec, draw_params, draws_per_record, needs_random,
-                          normalize_batch, output_shape, place_pixels, rand_from)
+from .transformer import (TransformSpec, draw_params, draws_per_record, mean_window,
+                          needs_random, normalize_batch, output_shape, place_pixels, rand_from)
 
 # Sub-streams of a layer's seed: one family of generators per purpose, so that e.g. turning
 # shuffling on does not change the crops.
@@ -76,8 +76,10 @@ class RecordSource(Protocol):
     def load(self, index: int) -> Tuple[np.ndarray, float]:
         """Record ``index`` as a C,H,W array (uint8 or float32) and its label."""
 
-    def load_many(self, indices: Sequence[int]) -> Iterable[Tuple[np.ndarray, float]]:
-        """``load`` of each of ``indices``, in order (a source may read them in one go)."""
+    def load_many(self, indices: Sequence[int]) -> Iterable[Tuple[np.ndarray, float, bool]]:
+        """``load`` of each of ``indices``, in order (a source may read them in one go), each
+        with whether Caffe decodes it to a ``cv::Mat`` first (an encoded record, an image
+        file), which changes how a mirrored sample reads the mean (``mean_window``)."""
 
     def close(self) -> None: ...
 
@@ -254,9 +256,10 @@ class BatchMaker:
     def make(self, b: int) -> Dict[str, np.ndarray]:
         indices = self.indices(b)
         labels = np.empty(self.batch_size, dtype=np.float32)
-        images = []
-        for i, (image, labels[i]) in enumerate(self.source.load_many(indices)):
+        images, decoded = [], []
+        for i, (image, labels[i], from_mat) in enumerate(self.source.load_many(indices)):
             images.append(image)
+            decoded.append(from_mat)
         data = self._batch_buffer(self._sample_shape(indices, images))
         mirrored = np.zeros(self.batch_size, dtype=bool)
         if not needs_random(self.spec) and not self.spec.crop_size:
@@ -276,7 +279,7 @@ class BatchMaker:
                 mirror, h_off, w_off = draw_params(self.spec, rand, image.shape[1], image.shape[2])
                 place_pixels(data[i], image, mirror, h_off, w_off)
                 mirrored[i] = mirror
-                offsets.append((mirror, h_off, w_off))
+                offsets.append(mean_window(mirror, h_off, w_off, decoded[i]))
         # Mean and scale over the whole batch at once: the same per-element arithmetic as
         # Caffe's (pixel - mean) * scale, without a Python-level pass per sample.
         normalize_batch(data, self.spec, offsets)

@@ -181,13 +181,27 @@ def place_pixels(out: np.ndarray, image: np.ndarray, mirror: bool, h_off: int, w
     np.copyto(out, src, casting="unsafe")
 
 
+def mean_window(mirror: bool, h_off: int, w_off: int, decoded: bool) -> Tuple[bool, int, int]:
+    """Where a sample reads the ``mean_file``: ``(flip the mean, h_off, w_off)``.
+
+    Caffe's Datum path reads the mean at each pixel's *source* position, so a mirrored sample
+    sees the mean mirrored with it. Images that go through the ``cv::Mat`` path (encoded
+    records, ImageData's files) are different in the reference build (the SSD fork's
+    ``DataTransformer::Transform(const cv::Mat&, ...)``): its mean index uses the mirrored
+    *output* column (``w_idx_real``), so the mean stays unflipped while the pixels flip. BVLC
+    master reads the source column there too; the fork is what the fixtures' Caffe runs.
+    """
+    return (mirror and not decoded, h_off, w_off)
+
+
 def normalize_batch(data: np.ndarray, spec: TransformSpec,
                     offsets: Sequence[Tuple[bool, int, int]]) -> None:
     """Subtract the mean and apply the scale to placed pixels ``data`` (N,C,h,w) in place.
 
     Equals Caffe's per-pixel ``(pixel - mean[source position]) * scale`` written to the mirrored
     position: subtracting the crop of the mean and then flipping both is the same thing. A mean
-    file is cropped (and flipped) per sample with that sample's ``(mirror, h_off, w_off)``.
+    file is cropped (and flipped) per sample with that sample's ``(flip, h_off, w_off)``
+    (:func:`mean_window`).
     """
     _, _, oh, ow = data.shape
     if spec.mean is not None:

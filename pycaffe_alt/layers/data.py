@@ -217,24 +217,26 @@ class DbSource:
                 image = datum_to_array(datum, where=f"{self.where}: {self.reader.where(index)}")
         return image, float(datum.label)
 
-    def load_many(self, indices: Sequence[int]) -> Iterator[Tuple[np.ndarray, float]]:
+    def load_many(self, indices: Sequence[int]) -> Iterator[Tuple[np.ndarray, float, bool]]:
         """``load`` for a batch: one read of every record, raw uint8 Datums decoded without a
         per-record detour; anything else (encoded, float_data, malformed) goes through ``load``,
-        which decodes it or names the record in its error."""
+        which decodes it or names the record in its error. The flag says whether the record
+        was encoded (Caffe transforms those as a decoded cv::Mat)."""
         datum = caffe_pb2.Datum()
         raw_ok = not (self.force_color or self.force_gray)  # load() warns about those once
         for index, value in zip(indices, self.reader.values(indices)):
             try:
                 datum.ParseFromString(value)
             except Exception:
-                yield self.load(int(index))
+                yield (*self.load(int(index)), False)  # load names the corrupt record
                 continue
             data = datum.data
             c, h, w = datum.channels, datum.height, datum.width
             if raw_ok and not datum.encoded and data and len(data) == c * h * w:
-                yield np.frombuffer(data, dtype=np.uint8).reshape(c, h, w), float(datum.label)
+                image = np.frombuffer(data, dtype=np.uint8).reshape(c, h, w)
+                yield image, float(datum.label), False
             else:
-                yield self.load(int(index))
+                yield (*self.load(int(index)), bool(datum.encoded))
 
     def close(self) -> None:
         self.reader.close()
@@ -354,9 +356,10 @@ class ImageListSource:
                             e.hint) from None
         return image.transpose(2, 0, 1), float(label)
 
-    def load_many(self, indices: Sequence[int]) -> Iterator[Tuple[np.ndarray, float]]:
-        """``load`` for each of ``indices`` (images are separate files: nothing to batch)."""
-        return (self.load(int(i)) for i in indices)
+    def load_many(self, indices: Sequence[int]) -> Iterator[Tuple[np.ndarray, float, bool]]:
+        """``load`` for each of ``indices`` (images are separate files: nothing to batch); every
+        image is decoded, as Caffe's ImageData transforms a cv::Mat."""
+        return ((*self.load(int(i)), True) for i in indices)
 
     def close(self) -> None:
         pass
