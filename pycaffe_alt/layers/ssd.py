@@ -4,9 +4,10 @@ These follow the fork's ``normalize_layer.cpp``, ``permute_layer.cpp``, ``prior_
 ``detection_output_layer.cpp`` and the box utilities of ``bbox_util.cpp`` (decoding and the greedy
 ``ApplyNMSFast``), so real SSD models (e.g. OpenCV's res10 face detector) give Caffe's outputs.
 
-Normalize and Permute are differentiable (autograd equals the fork's hand-written backward: both
-are exact gradients). PriorBox's output depends only on shapes and DetectionOutput has no backward
-in Caffe; neither connects its top to the graph.
+Permute's backward is autograd's (the fork's is the exact gradient). Normalize's is the fork's
+hand-written one, which is not the exact gradient when each channel has its own scale (see
+:class:`_NormalizeFn`). PriorBox's output depends only on shapes and DetectionOutput has no
+backward in Caffe; neither connects its top to the graph.
 """
 from __future__ import annotations
 
@@ -33,19 +34,49 @@ def _positive(v: float) -> bool:
 
 
 # -- Normalize ------------------------------------------------------------------------------------
-def l2_normalize(x: torch.Tensor, across_spatial: bool, eps: float) -> torch.Tensor:
-    """x / sqrt(sum x^2 + eps), the sum over (C, H, W) per item or over C per position.
+def _l2_norms(flat: torch.Tensor, across_spatial: bool, eps: float) -> torch.Tensor:
+    """sqrt(sum x^2 + eps) of (N, C, S) values, over (C, S) per item or over C per position.
 
     The fork adds eps inside the square root in both modes (``norm_`` starts at eps and the
     channel sums are accumulated onto it).
     """
-    n = x.shape[0]
-    flat = x.reshape(n, x.shape[1], math.prod(x.shape[2:]))  # -1 is ambiguous for N = 0
-    if across_spatial:
-        norm = (flat.pow(2).sum(dim=(1, 2), keepdim=True) + eps).sqrt()
-    else:
-        norm = (flat.pow(2).sum(dim=1, keepdim=True) + eps).sqrt()
-    return (flat / norm).reshape(x.shape)
+    return (flat.pow(2).sum(dim=(1, 2) if across_spatial else 1, keepdim=True) + eps).sqrt()
+
+
+class _NormalizeFn(torch.autograd.Function):
+    """The fork's Normalize: ``scale * x / norm``, with NormalizeLayer::Backward_cpu's gradients.
+
+    The fork's bottom diff is ``scale * (g - x * sum(x * g) / norm^2) / norm`` (sums over the
+    normalized span): it normalizes the top diff first and multiplies by the scale last, so a
+    per-channel scale is left out of ``sum(x * g)``. That is the exact gradient only when every
+    channel has the same scale (``channel_shared``, or equal values); autograd's ``sum(scale * x
+    * g)`` would differ from Caffe otherwise. The scale's diff, the fork's ``sum(top * g) /
+    scale``, is ``sum(x / norm * g)``, the exact one.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, across_spatial: bool,  # type: ignore[override]
+                eps: float) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+        norm = _l2_norms(flat, across_spatial, eps)
+        s = scale.reshape(1, -1, 1) if scale.dim() else scale
+        ctx.save_for_backward(flat, norm, scale)
+        ctx.across_spatial = across_spatial
+        return (flat / norm * s).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        flat, norm, scale = ctx.saved_tensors
+        g = grad.reshape(flat.shape)
+        s = scale.reshape(1, -1, 1) if scale.dim() else scale
+        x_diff = scale_diff = None
+        if ctx.needs_input_grad[0]:
+            dot = (flat * g).sum(dim=(1, 2) if ctx.across_spatial else 1, keepdim=True)
+            x_diff = ((g - flat * dot / (norm * norm)) / norm * s).reshape(grad.shape)
+        if ctx.needs_input_grad[1]:
+            per_channel = (flat / norm * g).sum(dim=(0, 2))
+            scale_diff = per_channel.sum() if scale.dim() == 0 else per_channel.reshape(scale.shape)
+        return x_diff, scale_diff, None, None
 
 
 @LAYERS.register("Normalize")
@@ -72,10 +103,7 @@ class Normalize(Layer):
         self.add_blob(() if self.channel_shared else (shape[1],), filler)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = l2_normalize(x, self.across_spatial, self.eps)
-        if self.channel_shared:
-            return y * self.scale
-        return y * self.scale.reshape((1, -1) + (1,) * (x.dim() - 2))
+        return _NormalizeFn.apply(x, self.scale, self.across_spatial, self.eps)
 
 
 def _constant_filler(value: float):
