@@ -34,9 +34,10 @@ def _input(name: str, shape: Sequence[int]) -> str:
 
 
 def run_net(layers: str, inputs: Arrays, params: Dict[ParamKey, np.ndarray], top_diffs: Arrays,
-            phase: int = caffe.TEST):
-    """Forward and backward of ``layers`` fed ``inputs``; returns the net afterwards."""
-    text = "force_backward: true\n" + "".join(_input(k, v.shape) for k, v in inputs.items()) + layers
+            phase: int = caffe.TEST, backward: bool = True):
+    """Forward (and backward) of ``layers`` fed ``inputs``; returns the net afterwards."""
+    text = ("force_backward: true\n" if backward else "") + \
+        "".join(_input(k, v.shape) for k, v in inputs.items()) + layers
     fd, path = tempfile.mkstemp(suffix=".prototxt")
     try:
         with os.fdopen(fd, "w") as f:
@@ -49,9 +50,10 @@ def run_net(layers: str, inputs: Arrays, params: Dict[ParamKey, np.ndarray], top
     for (layer, i), v in params.items():
         net.params[layer][i].data[...] = v
     net.forward()
-    for k, v in top_diffs.items():
-        net.blobs[k].diff[...] = v
-    net.backward()
+    if backward:
+        for k, v in top_diffs.items():
+            net.blobs[k].diff[...] = v
+        net.backward()
     return net
 
 
@@ -91,11 +93,16 @@ class Case:
     params: Dict[ParamKey, np.ndarray]
     ref: Callable[[Arrays, Dict[ParamKey, np.ndarray]], Arrays]
     grad_inputs: Sequence[str] = ()
-    loss_tops: Sequence[str] = ()
+    # Loss tops and their loss_weight: Caffe's top holds the unweighted loss and backward starts
+    # from the loss weight as the top's diff (as the fixtures' topdiff/<loss>).
+    loss_tops: Dict[str, float] = field(default_factory=dict)
     ref_grads: Optional[Callable[[Arrays, Dict[ParamKey, np.ndarray], Arrays], Arrays]] = None
     phase: int = caffe.TEST
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    # Outputs whose top diff reaches the bottoms (None: all); Caffe's recurrent layers do not
+    # propagate the diff of an exposed final state.
+    grad_outputs: Optional[Sequence[str]] = None
+    backward: bool = True  # False: a layer without backward in Caffe (no force_backward)
 
 
 def check_case(case: Case) -> List[str]:
@@ -103,21 +110,26 @@ def check_case(case: Case) -> List[str]:
     x64 = {k: np.asarray(v, np.float64).copy() for k, v in case.inputs.items()}
     p64 = {k: np.asarray(v, np.float64).copy() for k, v in case.params.items()}
     outs = case.ref(x64, p64)
-    diffs = {k: (np.ones_like(v) if k in case.loss_tops else rng.randn(*v.shape)) for k, v in outs.items()}
+    outs = {k: np.asarray(v, np.float64) for k, v in outs.items()}
+    diffs = {k: (np.full_like(v, case.loss_tops[k]) if k in case.loss_tops else np.asarray(rng.randn(*v.shape)))
+             for k, v in outs.items()}
     net = run_net(case.layers, {k: v.astype(np.float32) for k, v in case.inputs.items()},
                   {k: v.astype(np.float32) for k, v in case.params.items()},
-                  {k: v.astype(np.float32) for k, v in diffs.items()}, case.phase)
+                  {k: v.astype(np.float32) for k, v in diffs.items()}, case.phase, case.backward)
     bad = []
     for k, v in outs.items():
         e = rel_err(net.blobs[k].data, v)
         if e > FWD_TOL:
             bad.append(f"{case.name}: forward {k} rel {e:.2e}")
-    if case.ref_grads is not None:
+    if not case.backward:
+        grads = {}
+    elif case.ref_grads is not None:
         grads = case.ref_grads(x64, p64, diffs)
     else:
         def objective() -> float:
             o = case.ref(x64, p64)
-            return float(sum((o[k] * d).sum() for k, d in diffs.items()))
+            return float(sum((o[k] * d).sum() for k, d in diffs.items()
+                             if case.grad_outputs is None or k in case.grad_outputs))
         grads = {f"bdiff/{k}": numeric_grad(objective, x64[k]) for k in case.grad_inputs}
         grads.update({f"pdiff/{l}/{i}": numeric_grad(objective, p64[(l, i)]) for (l, i) in p64})
     for key, ref in grads.items():
@@ -480,4 +492,374 @@ NORMALIZE = [_normalize_case(a, s, 70 + 2 * a + s) for a in (False, True) for s 
 
 @pytest.mark.parametrize("case", NORM + NORMALIZE, ids=lambda c: c.name)
 def test_normalization_layers_match_caffe(case: Case):
+    assert not check_case(case)
+
+
+# -- structure layers -----------------------------------------------------------------------------
+def _reduce(x, op: str, axis: int, coeff: float):
+    rows = x.reshape(x.shape[:axis] + (-1,))
+    y = {"sum": rows.sum(-1), "asum": np.abs(rows).sum(-1), "sumsq": (rows ** 2).sum(-1),
+         "mean": rows.mean(-1)}[op]
+    return coeff * y
+
+
+def _reduction_case(op: str, axis: int, coeff: float, seed: int) -> Case:
+    x = _r(seed, 2, 3, 4, lo=0.05)
+    canon = axis % 3
+    return Case(f"reduction_{op}_axis{axis}_coeff{coeff}",
+                f'layer {{ name: "r" type: "Reduction" bottom: "x" top: "y" reduction_param {{ '
+                f'operation: {op.upper()} axis: {axis} coeff: {coeff} }} }}',
+                {"x": x}, {}, lambda v, _: {"y": _reduce(v["x"], op, canon, coeff)}, grad_inputs=["x"])
+
+
+def _argmax_ref(axis: Optional[int], k: int, out_max_val: bool):
+    def ref(v, _):
+        x = v["x"]
+        if axis is not None:
+            order = np.argsort(-x, axis=axis, kind="stable")[(slice(None),) * axis + (slice(0, k),)]
+            vals = np.take_along_axis(x, order, axis=axis)
+            return {"y": vals if out_max_val else order.astype(np.float64)}
+        flat = x.reshape(x.shape[0], -1)
+        order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+        parts = [order.astype(np.float64)] + ([np.take_along_axis(flat, order, 1)] if out_max_val else [])
+        y = np.stack(parts, axis=1)
+        return {"y": y.reshape(y.shape + (1,) * max(0, x.ndim - 3))}
+    return ref
+
+
+def _accuracy_ref(k: int, ignore: Optional[int], axis: int):
+    def ref(v, _):
+        x, label = np.moveaxis(v["x"], axis, -1), v["label"].astype(int)
+        scores = x.reshape(-1, x.shape[-1])
+        labels = label.reshape(-1)
+        hits = count = 0
+        for row, lab in zip(scores, labels):
+            if ignore is not None and lab == ignore:
+                continue
+            count += 1
+            # the SSD fork's AccuracyLayer: partial_sort of (score, class) pairs, greater first
+            top = sorted(((s, c) for c, s in enumerate(row)), reverse=True)[:k]
+            hits += any(c == lab for _, c in top)
+        return {"acc": np.array(hits / count)}
+    return ref
+
+
+STRUCTURE = [
+    Case("ip_transpose_axis2", 'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 3 axis: 2 transpose: true } }',
+         {"x": _r(80, 2, 3, 2, 2)}, {("ip", 0): _r(81, 4, 3), ("ip", 1): _r(82, 3)},
+         lambda v, p: {"y": v["x"].reshape(2, 3, 4) @ p[("ip", 0)] + p[("ip", 1)]}, grad_inputs=["x"]),
+    Case("ip_axis_minus1_nobias", 'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 2 axis: -1 bias_term: false } }',
+         {"x": _r(83, 2, 3, 4)}, {("ip", 0): _r(84, 2, 4)},
+         lambda v, p: {"y": v["x"] @ p[("ip", 0)].T}, grad_inputs=["x"]),
+    _reduction_case("sum", 1, -2.0, 85),
+    _reduction_case("asum", -1, 0.5, 86),
+    _reduction_case("sumsq", 1, 1.5, 87),
+    _reduction_case("mean", -2, 3.0, 88),
+    _reduction_case("mean", 0, 1.0, 89),
+    Case("crop_axis_minus2_two_offsets", 'layer { name: "c" type: "Crop" bottom: "x" bottom: "ref" top: "y" crop_param { axis: -2 offset: 1 offset: 2 } }',
+         {"x": _r(90, 2, 3, 5, 6), "ref": _r(91, 1, 1, 3, 2)}, {},
+         lambda v, _: {"y": v["x"][:, :, 1:4, 2:4]}, grad_inputs=["x"]),
+    Case("crop_axis1_one_offset", 'layer { name: "c" type: "Crop" bottom: "x" bottom: "ref" top: "y" crop_param { axis: 1 offset: 1 } }',
+         {"x": _r(92, 2, 4, 5, 5), "ref": _r(93, 2, 2, 3, 3)}, {},
+         lambda v, _: {"y": v["x"][:, 1:3, 1:4, 1:4]}, grad_inputs=["x"]),
+    Case("slice_axis_minus1_points", 'layer { name: "s" type: "Slice" bottom: "x" top: "a" top: "b" top: "c" slice_param { axis: -1 slice_point: 1 slice_point: 4 } }',
+         {"x": _r(94, 2, 3, 6)}, {},
+         lambda v, _: {"a": v["x"][..., :1], "b": v["x"][..., 1:4], "c": v["x"][..., 4:]}, grad_inputs=["x"]),
+    Case("concat_axis_minus3", 'layer { name: "c" type: "Concat" bottom: "a" bottom: "b" top: "y" concat_param { axis: -3 } }',
+         {"a": _r(95, 2, 1, 3, 2), "b": _r(96, 2, 2, 3, 2)}, {},
+         lambda v, _: {"y": np.concatenate([v["a"], v["b"]], axis=1)}, grad_inputs=["a", "b"]),
+    Case("flatten_axis1_end_minus2", 'layer { name: "f" type: "Flatten" bottom: "x" top: "y" flatten_param { axis: 1 end_axis: -2 } }',
+         {"x": _r(97, 2, 3, 2, 4)}, {}, lambda v, _: {"y": v["x"].reshape(2, 6, 4)}, grad_inputs=["x"]),
+    Case("reshape_axis_minus2_numaxes1", 'layer { name: "r" type: "Reshape" bottom: "x" top: "y" reshape_param { shape { dim: 2 dim: -1 } axis: -2 num_axes: 1 } }',
+         # axis -2 of a 3-axis bottom starts at 3 - 2 + 1 = 2 (Caffe counts -1 as after the last)
+         {"x": _r(98, 2, 6, 4)}, {}, lambda v, _: {"y": v["x"].reshape(2, 6, 2, 2)}, grad_inputs=["x"]),
+    Case("reshape_copy_and_infer", 'layer { name: "r" type: "Reshape" bottom: "x" top: "y" reshape_param { shape { dim: 0 dim: -1 dim: 2 } } }',
+         {"x": _r(99, 3, 2, 2, 2)}, {}, lambda v, _: {"y": v["x"].reshape(3, 4, 2)}, grad_inputs=["x"]),
+    Case("tile_axis_minus1", 'layer { name: "t" type: "Tile" bottom: "x" top: "y" tile_param { axis: -1 tiles: 3 } }',
+         {"x": _r(100, 2, 2, 3)}, {}, lambda v, _: {"y": np.concatenate([v["x"]] * 3, axis=-1)}, grad_inputs=["x"]),
+    Case("tile_axis1", 'layer { name: "t" type: "Tile" bottom: "x" top: "y" tile_param { axis: 1 tiles: 2 } }',
+         {"x": _r(101, 2, 2, 3)}, {}, lambda v, _: {"y": np.concatenate([v["x"]] * 2, axis=1)}, grad_inputs=["x"]),
+    Case("eltwise_prod_three", 'layer { name: "e" type: "Eltwise" bottom: "a" bottom: "b" bottom: "c" top: "y" eltwise_param { operation: PROD } }',
+         {"a": _r(102, 2, 3), "b": _r(103, 2, 3), "c": _r(104, 2, 3)}, {},
+         lambda v, _: {"y": v["a"] * v["b"] * v["c"]}, grad_inputs=["a", "b", "c"]),
+    Case("eltwise_sum_negative_coeffs", 'layer { name: "e" type: "Eltwise" bottom: "a" bottom: "b" bottom: "c" top: "y" eltwise_param { operation: SUM coeff: -1 coeff: 0.5 coeff: 2 } }',
+         {"a": _r(105, 2, 3), "b": _r(106, 2, 3), "c": _r(107, 2, 3)}, {},
+         lambda v, _: {"y": -v["a"] + 0.5 * v["b"] + 2 * v["c"]}, grad_inputs=["a", "b", "c"]),
+    Case("eltwise_max_three", 'layer { name: "e" type: "Eltwise" bottom: "a" bottom: "b" bottom: "c" top: "y" eltwise_param { operation: MAX } }',
+         {"a": _r(108, 2, 5), "b": _r(109, 2, 5), "c": _r(110, 2, 5)}, {},
+         lambda v, _: {"y": np.maximum(np.maximum(v["a"], v["b"]), v["c"])}, grad_inputs=["a", "b", "c"]),
+    Case("embed_bias", 'layer { name: "e" type: "Embed" bottom: "idx" top: "y" embed_param { input_dim: 5 num_output: 3 } }',
+         {"idx": np.array([[0, 4, 2], [2, 2, 1]], np.float64)}, {("e", 0): _r(111, 5, 3), ("e", 1): _r(112, 3)},
+         lambda v, p: {"y": p[("e", 0)][v["idx"].astype(int)] + p[("e", 1)]}),
+    Case("argmax_axis1_top2_values", 'layer { name: "a" type: "ArgMax" bottom: "x" top: "y" argmax_param { axis: 1 top_k: 2 out_max_val: true } }',
+         {"x": _r(113, 2, 5, 3)}, {}, _argmax_ref(1, 2, True), backward=False),
+    Case("argmax_axis_minus1_top3_indices", 'layer { name: "a" type: "ArgMax" bottom: "x" top: "y" argmax_param { axis: -1 top_k: 3 } }',
+         {"x": _r(114, 2, 3, 5)}, {}, _argmax_ref(2, 3, False), backward=False),
+    Case("argmax_flat_top3", 'layer { name: "a" type: "ArgMax" bottom: "x" top: "y" argmax_param { top_k: 3 } }',
+         {"x": _r(115, 2, 3, 2, 2)}, {}, _argmax_ref(None, 3, False), backward=False),
+    Case("argmax_flat_2d_bottom", 'layer { name: "a" type: "ArgMax" bottom: "x" top: "y" argmax_param { top_k: 2 out_max_val: true } }',
+         {"x": _r(116, 3, 6)}, {}, _argmax_ref(None, 2, True), backward=False),
+    Case("accuracy_top3_ignore", 'layer { name: "a" type: "Accuracy" bottom: "x" bottom: "label" top: "acc" accuracy_param { top_k: 3 ignore_label: 1 } }',
+         {"x": _r(117, 8, 5), "label": np.array([0, 1, 2, 3, 4, 1, 3, 2], np.float64)}, {},
+         _accuracy_ref(3, 1, 1), backward=False),
+    Case("accuracy_spatial_axis2", 'layer { name: "a" type: "Accuracy" bottom: "x" bottom: "label" top: "acc" accuracy_param { axis: 2 } }',
+         {"x": _r(118, 2, 3, 4), "label": np.array([[0, 3, 1], [2, 2, 0]], np.float64)}, {},
+         _accuracy_ref(1, None, 2), backward=False),
+]
+
+
+@pytest.mark.parametrize("case", STRUCTURE, ids=lambda c: c.name)
+def test_structure_layers_match_caffe(case: Case):
+    assert not check_case(case)
+
+
+# -- losses ---------------------------------------------------------------------------------------
+def _normalizer(mode: str, outer: int, inner: int, valid: int) -> float:
+    """LossLayer::GetNormalizer, never below 1."""
+    n = {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer, "NONE": 1}[mode]
+    return max(1.0, float(n))
+
+
+def _softmax_loss_case(mode: Optional[str], ignore: Optional[int], axis: int, shape, seed: int,
+                       weight: float = 1.0, normalize: Optional[bool] = None) -> Case:
+    rng = np.random.RandomState(seed)
+    name_axis, axis = axis, axis % len(shape)
+    c = shape[axis]
+    label_shape = shape[:axis] + shape[axis + 1:]
+    label = rng.randint(0, c, size=label_shape).astype(np.float64)
+    opts = ([f"normalization: {mode}"] if mode else []) + \
+        ([f"ignore_label: {ignore}"] if ignore is not None else []) + \
+        ([f"normalize: {str(normalize).lower()}"] if normalize is not None else [])
+    eff = mode or ("BATCH_SIZE" if normalize is False else "VALID")
+
+    def ref(v, _):
+        x = np.moveaxis(v["x"], axis, -1)
+        logp = np.log(_softmax(x, -1))
+        lab = v["label"].astype(int)
+        outer = int(np.prod(shape[:axis]))
+        inner = int(np.prod(shape[axis + 1:]))
+        keep = np.ones(lab.shape, bool) if ignore is None else lab != ignore
+        total = -np.take_along_axis(logp, np.where(keep, lab, 0)[..., None], -1)[..., 0][keep].sum()
+        return {"loss": np.array(total / _normalizer(eff, outer, inner, int(keep.sum())))}
+    return Case(f"softmax_loss_{eff}_ignore{ignore}_axis{name_axis}_w{weight}",
+                f'layer {{ name: "l" type: "SoftmaxWithLoss" bottom: "x" bottom: "label" top: "loss" '
+                f'loss_weight: {weight} softmax_param {{ axis: {name_axis} }} loss_param {{ {" ".join(opts)} }} }}',
+                {"x": _r(seed, *shape), "label": label}, {}, ref, grad_inputs=["x"], loss_tops={"loss": weight})
+
+
+def _sigmoid_ce_case(mode: Optional[str], ignore: Optional[int], seed: int, normalize: Optional[bool] = None) -> Case:
+    rng = np.random.RandomState(seed)
+    shape = (3, 2, 2)
+    target = rng.rand(*shape)
+    if ignore is not None:
+        target[rng.rand(*shape) < 0.3] = ignore
+    opts = ([f"normalization: {mode}"] if mode else []) + \
+        ([f"ignore_label: {ignore}"] if ignore is not None else []) + \
+        ([f"normalize: {str(normalize).lower()}"] if normalize is not None else [])
+    eff = mode or ({True: "VALID", False: "BATCH_SIZE", None: "BATCH_SIZE"}[normalize])
+
+    def ref(v, _):
+        x, t = v["x"], v["t"]
+        keep = np.ones(x.shape, bool) if ignore is None else t.astype(int) != ignore
+        per = -(x * (t - (x >= 0)) - np.log1p(np.exp(x - 2 * x * (x >= 0))))
+        return {"loss": np.array(per[keep].sum() / _normalizer(eff, shape[0], 4, int(keep.sum())))}
+    return Case(f"sigmoid_ce_{eff}_ignore{ignore}_normalize{normalize}",
+                f'layer {{ name: "l" type: "SigmoidCrossEntropyLoss" bottom: "x" bottom: "t" top: "loss" '
+                f'loss_param {{ {" ".join(opts)} }} }}',
+                {"x": _r(seed + 1, *shape), "t": target}, {}, ref, grad_inputs=["x"], loss_tops={"loss": 1.0})
+
+
+def _contrastive_case(legacy: bool, seed: int) -> Case:
+    a, b = _r(seed, 6, 3) * 0.6, _r(seed + 1, 6, 3) * 0.6
+    y = np.array([1, 0, 0, 1, 0, 0], np.float64)
+    margin = 1.5
+
+    def ref(v, _):
+        d2 = ((v["a"] - v["b"]) ** 2).sum(1)
+        dis = np.maximum(margin - d2, 0) if legacy else np.maximum(margin - np.sqrt(d2), 0) ** 2
+        return {"loss": np.array(np.where(v["y"] != 0, d2, dis).sum() / 6 / 2)}
+
+    def grads(v, _, d):
+        # ContrastiveLossLayer::Backward_cpu; non-legacy divides by (dist + 1e-4).
+        diff = v["a"] - v["b"]
+        d2 = (diff ** 2).sum(1)
+        alpha = 1.0 / 6
+        out = np.zeros_like(diff)
+        for j in range(6):
+            if v["y"][j]:
+                out[j] = alpha * diff[j]
+            else:
+                if legacy:
+                    mdist, beta = margin - d2[j], -alpha
+                else:
+                    dist = np.sqrt(d2[j])
+                    mdist = margin - dist
+                    beta = -alpha * mdist / (dist + 1e-4)
+                out[j] = beta * diff[j] if mdist > 0 else 0
+        return {"bdiff/a": out, "bdiff/b": -out}
+    return Case(f"contrastive_legacy{legacy}",
+                f'layer {{ name: "l" type: "ContrastiveLoss" bottom: "a" bottom: "b" bottom: "y" top: "loss" '
+                f'contrastive_loss_param {{ margin: {margin} legacy_version: {str(legacy).lower()} }} }}',
+                {"a": a, "b": b, "y": y}, {}, ref, ref_grads=grads, loss_tops={"loss": 1.0})
+
+
+def _infogain_ref(v, _):
+    p, lab, h = v["p"], v["label"].astype(int), v["H"].reshape(3, 3)
+    return {"loss": np.array(-(h[lab] * np.log(np.maximum(p, 1e-20))).sum() / p.shape[0])}
+
+
+def _hinge_ref(norm: str):
+    def ref(v, _):
+        x, lab = v["x"].copy(), v["label"].astype(int)
+        x[np.arange(len(lab)), lab] *= -1
+        m = np.maximum(0, 1 + x)
+        return {"loss": np.array((m if norm == "L1" else m ** 2).sum() / x.shape[0])}
+    return ref
+
+
+_PROBS = _softmax(_r(120, 4, 3), 1)
+LOSSES = [
+    _softmax_loss_case("FULL", 2, 1, (2, 3, 2, 2), 121),
+    _softmax_loss_case("BATCH_SIZE", 0, 1, (2, 3, 3), 122),
+    _softmax_loss_case("NONE", None, 1, (4, 5), 123, weight=2.5),
+    _softmax_loss_case("VALID", 1, 2, (2, 3, 4), 124),
+    _softmax_loss_case(None, None, 1, (3, 4, 2), 125, normalize=False),
+    _softmax_loss_case(None, 3, -1, (2, 2, 5), 126),
+    _sigmoid_ce_case("VALID", -1, 127),
+    _sigmoid_ce_case("FULL", -1, 128),
+    _sigmoid_ce_case("NONE", None, 129),
+    _sigmoid_ce_case(None, -1, 130, normalize=True),
+    _sigmoid_ce_case(None, None, 131),
+    _contrastive_case(True, 132),
+    _contrastive_case(False, 133),
+    Case("euclidean_both_bottoms_loss_weight", 'layer { name: "l" type: "EuclideanLoss" bottom: "a" bottom: "b" top: "loss" loss_weight: 3 }',
+         {"a": _r(134, 3, 2, 2), "b": _r(135, 3, 4)}, {},
+         lambda v, _: {"loss": np.array(((v["a"].reshape(3, 4) - v["b"]) ** 2).sum() / 3 / 2)},
+         grad_inputs=["a", "b"], loss_tops={"loss": 3.0}),
+    Case("hinge_l1_4d", 'layer { name: "l" type: "HingeLoss" bottom: "x" bottom: "label" top: "loss" }',
+         {"x": _r(136, 4, 3, 1, 1) * 0.7, "label": np.array([0, 2, 1, 2], np.float64)}, {},
+         _hinge_ref("L1"), grad_inputs=["x"], loss_tops={"loss": 1.0}),
+    Case("hinge_l2", 'layer { name: "l" type: "HingeLoss" bottom: "x" bottom: "label" top: "loss" hinge_loss_param { norm: L2 } }',
+         {"x": _r(137, 4, 5) * 0.7, "label": np.array([4, 2, 1, 0], np.float64)}, {},
+         _hinge_ref("L2"), grad_inputs=["x"], loss_tops={"loss": 1.0}),
+    Case("infogain_asymmetric_h", 'layer { name: "l" type: "InfogainLoss" bottom: "p" bottom: "label" bottom: "H" top: "loss" }',
+         {"p": _PROBS, "label": np.array([2, 0, 1, 2], np.float64), "H": np.abs(_r(138, 1, 1, 3, 3))}, {},
+         _infogain_ref, grad_inputs=["p"], loss_tops={"loss": 1.0}),
+    Case("multinomial_logistic", 'layer { name: "l" type: "MultinomialLogisticLoss" bottom: "p" bottom: "label" top: "loss" }',
+         {"p": _PROBS, "label": np.array([1, 0, 2, 2], np.float64)}, {},
+         lambda v, _: {"loss": np.array(-np.log(v["p"][np.arange(4), v["label"].astype(int)]).sum() / 4)},
+         grad_inputs=["p"], loss_tops={"loss": 1.0}),
+]
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=lambda c: c.name)
+def test_loss_layers_match_caffe(case: Case):
+    assert not check_case(case)
+
+
+# -- recurrent layers -----------------------------------------------------------------------------
+def _sigm(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _rnn_ref(v, p):
+    """RNNLayer's unrolled net: h_t = tanh(W_hh (cont_t h_{t-1}) + W_xh x_t + b_h),
+    o_t = tanh(W_ho h_t + b_o)."""
+    w_xh, b_h, w_hh, w_ho, b_o = (p[("r", i)] for i in range(5))
+    h, outs = v["h0"][0], []
+    for t in range(v["x"].shape[0]):
+        h = np.tanh((v["cont"][t][:, None] * h) @ w_hh.T + v["x"][t].reshape(h.shape[0], -1) @ w_xh.T + b_h)
+        outs.append(np.tanh(h @ w_ho.T + b_o))
+    return {"o": np.stack(outs), "hT": h[None]}
+
+
+def _lstm_ref(v, p):
+    """LSTMLayer's unrolled net and LSTMUnit: gates (i, f, o, g) = W_hc (cont h) + W_xc x + b_c,
+    f scaled by cont, c = f c + i g, h = o tanh(c)."""
+    w_xc, b_c, w_hc = (p[("r", i)] for i in range(3))
+    h, c, outs = v["h0"][0], v["c0"][0], []
+    for t in range(v["x"].shape[0]):
+        cont = v["cont"][t][:, None]
+        gates = (cont * h) @ w_hc.T + v["x"][t].reshape(h.shape[0], -1) @ w_xc.T + b_c
+        i, f, o, g = np.split(gates, 4, axis=1)
+        c = cont * _sigm(f) * c + _sigm(i) * np.tanh(g)
+        h = _sigm(o) * np.tanh(c)
+        outs.append(h)
+    return {"h": np.stack(outs), "hT": h[None], "cT": c[None]}
+
+
+def _rnn_grads(ref, out: str, state_inputs: Sequence[str]):
+    """Caffe's recurrent backward: the diff of the outputs reaches x and the parameters; the
+    exposed final state's diff goes nowhere and the initial state's bottom diff stays 0."""
+    def grads(x, p, d):
+        def objective() -> float:
+            return float((ref(x, p)[out] * d[out]).sum())
+        g = {"bdiff/x": numeric_grad(objective, x["x"])}
+        g.update({f"pdiff/r/{i}": numeric_grad(objective, p[("r", i)]) for (_, i) in p})
+        g.update({f"bdiff/{s}": np.zeros_like(x[s]) for s in state_inputs})
+        return g
+    return grads
+
+
+_T, _N, _H = 3, 2, 3
+_CONT = np.array([[0, 0], [1, 0], [1, 1]], np.float64)
+RECURRENT = [
+    Case("rnn_expose_hidden", 'layer { name: "r" type: "RNN" bottom: "x" bottom: "cont" bottom: "h0" top: "o" top: "hT" '
+         'recurrent_param { num_output: 3 expose_hidden: true } }',
+         {"x": _r(140, _T, _N, 2, 2), "cont": _CONT, "h0": _r(141, 1, _N, _H) * 0.5},
+         {("r", 0): _r(142, _H, 4) * 0.5, ("r", 1): _r(143, _H) * 0.5, ("r", 2): _r(144, _H, _H) * 0.5,
+          ("r", 3): _r(145, _H, _H) * 0.5, ("r", 4): _r(146, _H) * 0.5},
+         _rnn_ref, ref_grads=_rnn_grads(_rnn_ref, "o", ["h0"])),
+    Case("lstm_expose_hidden", 'layer { name: "r" type: "LSTM" bottom: "x" bottom: "cont" bottom: "h0" bottom: "c0" '
+         'top: "h" top: "hT" top: "cT" recurrent_param { num_output: 3 expose_hidden: true } }',
+         {"x": _r(147, _T, _N, 2), "cont": _CONT, "h0": _r(148, 1, _N, _H) * 0.5, "c0": _r(149, 1, _N, _H) * 0.5},
+         {("r", 0): _r(150, 4 * _H, 2) * 0.5, ("r", 1): _r(151, 4 * _H) * 0.5, ("r", 2): _r(152, 4 * _H, _H) * 0.5},
+         _lstm_ref, ref_grads=_rnn_grads(_lstm_ref, "h", ["h0", "c0"])),
+]
+
+
+@pytest.mark.parametrize("case", RECURRENT, ids=lambda c: c.name)
+def test_recurrent_layers_match_caffe(case: Case):
+    assert not check_case(case)
+
+
+# -- batch statistics and pyramids ----------------------------------------------------------------
+def _bn_train_ref(v, p):
+    """BatchNormLayer in TRAIN: batch mean and biased variance per channel (axis 1)."""
+    x = v["x"]
+    axes = tuple(a for a in range(x.ndim) if a != 1)
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    c = x - x.mean(axis=axes).reshape(view)
+    return {"y": c / np.sqrt((c ** 2).mean(axis=axes).reshape(view) + 1e-5)}
+
+
+def _spp_ref(levels: int, method: str):
+    def ref(v, _):
+        x = v["x"]
+        h, w = x.shape[2:]
+        outs = []
+        for level in range(levels):
+            bins = 2 ** level
+            # SPPLayer::GetPoolingParam: kernel = ceil(size / bins), pad = (kernel*bins - size + 1) / 2
+            kh, kw = int(math.ceil(h / bins)), int(math.ceil(w / bins))
+            ph, pw = (kh * bins - h + 1) // 2, (kw * bins - w + 1) // 2
+            outs.append(caffe_pool(x, (kh, kw), (kh, kw), (ph, pw), method).reshape(x.shape[0], -1))
+        return {"y": np.concatenate(outs, axis=1)}
+    return ref
+
+
+BATCH = [
+    Case("batchnorm_train_2d", 'layer { name: "bn" type: "BatchNorm" bottom: "x" top: "y" }',
+         {"x": _r(160, 5, 3)}, {}, _bn_train_ref, grad_inputs=["x"], phase=caffe.TRAIN),
+    Case("batchnorm_train_3d", 'layer { name: "bn" type: "BatchNorm" bottom: "x" top: "y" }',
+         {"x": _r(161, 2, 3, 4)}, {}, _bn_train_ref, grad_inputs=["x"], phase=caffe.TRAIN),
+    Case("spp_ave_3_levels_nonsquare", 'layer { name: "s" type: "SPP" bottom: "x" top: "y" spp_param { pyramid_height: 3 pool: AVE } }',
+         {"x": _r(162, 1, 2, 6, 7)}, {}, _spp_ref(3, "ave"), grad_inputs=["x"]),
+    Case("spp_max_2_levels_nonsquare", 'layer { name: "s" type: "SPP" bottom: "x" top: "y" spp_param { pyramid_height: 2 pool: MAX } }',
+         {"x": _r(163, 1, 2, 3, 6)}, {}, _spp_ref(2, "max"), grad_inputs=["x"]),
+]
+
+
+@pytest.mark.parametrize("case", BATCH, ids=lambda c: c.name)
+def test_batch_statistics_and_pyramids_match_caffe(case: Case):
     assert not check_case(case)
