@@ -807,6 +807,12 @@ class Net(nn.Module):
             if not step.runs:
                 if trace is not None:  # Caffe's Input layers run (as no-ops) and are reported
                     trace.append((step, (), tuple(values[t] for t in step.tops)))
+                if written is not None and True in step.rewritten_tops:
+                    # An input an in-place layer rewrites (ReLU on the data blob): what that
+                    # layer read is the input itself, which a backward differentiates.
+                    for t, rewritten in zip(step.tops, step.rewritten_tops):
+                        if rewritten and t in values:
+                            written[(step.index, t)] = values[t]
                 continue
             bottoms = [values[b] for b in step.bottoms]
             if True in step.detach:
@@ -1310,11 +1316,11 @@ class Net(nn.Module):
             old = self._diffs.pop(n, None)
             if old is not None and n in held_diffs:
                 kept[n] = old
-        if whole:
-            # Only a caller's tensor (net(data=t), run({...})) can bring leaves of its own into
-            # the graph; without one, every leaf is a parameter or a blob leaf of this net.
-            got = self._backward_whole(tensors, grads, blob_ts,
-                                       params if self._store.foreign else None)
+        if whole and not self._store.foreign:
+            # Every leaf of the graph is a parameter or a blob leaf of this net: only a
+            # caller's tensor (net(data=t), run({...})) can bring leaves of its own, which
+            # the gradients must not reach (autograd.grad names what it differentiates).
+            got = self._backward_whole(tensors, grads, blob_ts)
         else:
             got = self._backward_by_grad(tensors, grads, blob_ts, params)
         # A blob gradient sharing memory with a parameter diff would change as that accumulates.
@@ -1360,15 +1366,12 @@ class Net(nn.Module):
         return readers[k] if k < len(readers) and readers[k] <= hi else hi + 1
 
     @staticmethod
-    def _backward_whole(tensors, grads, blob_ts, params: Optional[List[torch.Tensor]]
-                        ) -> Dict[str, torch.Tensor]:
-        """One backward over the whole graph: parameter gradients accumulate into ``.grad``,
-        hooks keep the blobs' gradients. ``params``: the only parameters the gradients may
-        reach (None: every leaf of the graph is a parameter or blob leaf of the net, and the
-        engine runs unrestricted, about 0.2 ms faster per LeNet step than naming them as
-        ``inputs``, which also makes the engine work out which nodes lead to them)."""
-        # A hook per blob keeps its gradient as it passes. (Passing the blobs as ``inputs``
-        # instead makes the engine store a copy in each one's ``.grad``: slower.)
+    def _backward_whole(tensors, grads, blob_ts) -> Dict[str, torch.Tensor]:
+        """One backward over the whole graph: parameter gradients accumulate into ``.grad`` as
+        the engine makes them (in place, while in cache), hooks keep the blobs' gradients.
+        The engine runs unrestricted: naming the parameters as ``inputs`` cost ~0.2 ms of a
+        LeNet step. (Passing the blobs as ``inputs`` makes it store a copy in each one's
+        ``.grad``: slower still.)"""
         captured: Dict[str, torch.Tensor] = {}
         leaves = [(n, t) for n, t in blob_ts if t.grad_fn is None]  # forced inputs
         handles = [t.register_hook(functools.partial(captured.__setitem__, n))
@@ -1376,11 +1379,7 @@ class Net(nn.Module):
         for _, t in leaves:
             t.grad = None  # an input leaf kept from an earlier pass must not accumulate
         try:
-            if params is None:
-                torch.autograd.backward(tensors, grads)
-            else:
-                inputs = list({id(t): t for t in params + [t for _, t in leaves]}.values())
-                torch.autograd.backward(tensors, grads, inputs=inputs)
+            torch.autograd.backward(tensors, grads)
         finally:
             for h in handles:
                 h.remove()
@@ -1393,6 +1392,8 @@ class Net(nn.Module):
     @staticmethod
     def _backward_by_grad(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:
         inputs = [t for _, t in blob_ts] + params
+        if not inputs:  # nothing in the range takes a gradient
+            return {}
         got = torch.autograd.grad(tensors, inputs, grads, allow_unused=True)
         for p, g in zip(params, got[len(blob_ts):]):
             if g is not None:

@@ -140,3 +140,59 @@ def test_an_explicit_loss_weight_on_an_inner_top_counts_as_a_reader():
     assert plan_backward(layers, force_backward=False).layer_needs[1] is True
     layers[1].explicit_loss = [False]
     assert plan_backward(layers, force_backward=False).layer_needs[1] is False
+
+
+INPUT_IN_PLACE = {
+    # Input -> in-place ReLU -> a layer reading the rewritten blob.
+    "relu then ip": ('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+                     'layer { name: "r" type: "ReLU" bottom: "x" top: "x" }\n'
+                     'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param '
+                     '{ num_output: 2 weight_filler { type: "gaussian" std: 1 } } }', "y"),
+    "relu then conv": ('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 2 dim: 5 dim: 5 } } }\n'
+                       'layer { name: "r" type: "ReLU" bottom: "x" top: "x" }\n'
+                       'layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param '
+                       '{ num_output: 3 kernel_size: 3 weight_filler { type: "gaussian" std: 1 } } }', "y"),
+    # The in-place layer is the last one: its output is the net output and the seed.
+    "power last": ('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+                   'layer { name: "p" type: "Power" bottom: "x" top: "x" power_param { power: 2 } }', "x"),
+}
+
+
+@pytest.mark.parametrize("module_form", [False, True], ids=["pycaffe", "module call"])
+@pytest.mark.parametrize("case", sorted(INPUT_IN_PLACE))
+def test_an_in_place_layer_on_a_net_input_passes_the_gradient_to_the_input(case, module_form):
+    # The input's diff is the gradient w.r.t. what the in-place layer read, the input itself
+    # (Caffe: ReLU's mask, Power's derivative); it was taken w.r.t. the layer's output, or the
+    # seed was handed back unchanged when the in-place layer was the last one.
+    import torch
+
+    from pycaffe_alt.proto import caffe_pb2
+    from pycaffe_alt.prototxt import parse_text
+
+    body, top = INPUT_IN_PLACE[case]
+    net = caffe.Net(parse_text("force_backward: true\n" + body, caffe_pb2.NetParameter()),
+                    caffe.TEST)
+    rng = np.random.RandomState(1)
+    x = rng.randn(*net.blobs["x"].data.shape).astype(np.float32)
+    g = rng.randn(*net.blobs[top].data.shape).astype(np.float32)
+    if module_form:
+        # The caller's tensor takes part in the graph when it asks for a gradient.
+        net(x=torch.from_numpy(x.copy()).requires_grad_(True))
+    else:
+        net.forward(x=x)
+    net.blobs[top].diff[...] = g
+    got = net.backward()["x"]
+    # The same computation written out in torch, differentiated w.r.t. the input.
+    leaf = torch.from_numpy(x.copy()).requires_grad_(True)
+    params = [torch.from_numpy(b.data.copy()) for b in next(iter(net.params.values()), [])]
+    if case == "power last":
+        out = leaf ** 2
+    elif case == "relu then ip":
+        out = torch.nn.functional.linear(torch.relu(leaf), *params)
+    else:
+        out = torch.nn.functional.conv2d(torch.relu(leaf), *params)
+    out.backward(torch.from_numpy(g))
+    np.testing.assert_allclose(got, leaf.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(got).sum() > 0
+    if case != "power last":
+        assert not got[x < 0].any()  # ReLU's mask
