@@ -32,6 +32,7 @@ from .blob import (Blob, BlobVec, HostMirror, ParamBlob, check_blob_shape, graph
 from .blob_memory import check_blob_fits, zeros
 from .compile import CompiledNet
 from .errors import ArgumentTypeError, CaffeError, NetError, first_line, path_argument
+from .layer_callbacks import BackwardSequence, LayerCallbacks
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
 from .mode import default_device
@@ -332,6 +333,7 @@ class Net(nn.Module):
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
         self._compiled: Optional[CompiledNet] = None
+        self._callbacks = LayerCallbacks()  # pycaffe's before_forward & co.
         self.memory_format = torch.contiguous_format
         self._build(LayerContext(phase=phase, allow_python=allow_python, source=source))
         self.train(phase == TRAIN)
@@ -786,7 +788,8 @@ class Net(nn.Module):
                         self._store.data_tensor(b)
             if written is not None:
                 self._record_read_values(written, start)
-        if self._compiled is not None and written is None and trace is None and not eager:
+        if self._compiled is not None and written is None and trace is None and not eager \
+                and not self._callbacks.on_forward:  # the callbacks run around each layer
             out = self._compiled.run(values, start, last)
         else:
             self.run_steps(values, start, last, written, trace)
@@ -803,7 +806,10 @@ class Net(nn.Module):
         place); ``written`` and ``trace`` as in :meth:`run`."""
         finals: Dict[str, _FinalValue] = {}
         converted: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}  # see _input_in_format
+        calls = self._callbacks if self._callbacks.on_forward else None
         for step in self._steps[start:last + 1]:
+            if calls is not None:
+                calls.call("before_forward", step.index)
             if not step.runs:
                 if trace is not None:  # Caffe's Input layers run (as no-ops) and are reported
                     trace.append((step, (), tuple(values[t] for t in step.tops)))
@@ -813,6 +819,8 @@ class Net(nn.Module):
                     for t, rewritten in zip(step.tops, step.rewritten_tops):
                         if rewritten and t in values:
                             written[(step.index, t)] = values[t]
+                if calls is not None:
+                    calls.call("after_forward", step.index)
                 continue
             bottoms = [values[b] for b in step.bottoms]
             if True in step.detach:
@@ -857,6 +865,8 @@ class Net(nn.Module):
                     # in-place layers share one buffer.
                     written[(step.index, t)] = v
                 values[t] = v
+            if calls is not None:
+                calls.call("after_forward", step.index)
         for name, final in finals.items():
             final.value = values[name].detach()
 
@@ -1172,6 +1182,7 @@ class Net(nn.Module):
                 start = min(i for i, name in self._backward_reads if name in changed)
                 self._replay_graph(start, hi, dirty=changed)
                 tensors, grads = self._seed_tensors(seeds, top_of)
+        sequence = self._backward_sequence(lo, hi) if self._callbacks.on_backward else None
         if tensors:
             try:
                 self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
@@ -1191,7 +1202,12 @@ class Net(nn.Module):
                     "run the pass again (net.forward() or the module call) before net.backward(), "
                     "or give the torch backward retain_graph=True; net.clear_param_diffs() clears "
                     "the parameter diffs") from None
+            finally:
+                if sequence is not None:
+                    sequence.release()  # its hooks must not outlive this backward
             self._spent_steps.update(range(lo, hi + 1))
+        if sequence is not None:
+            sequence.finish()
         if self._store.held:
             self._store.refresh_held()
         names = list(self.bottom_names[end]) if end is not None else list(self._inputs)
@@ -1200,6 +1216,13 @@ class Net(nn.Module):
             self._require_blob(d, "backward(diffs=...)")
         names += [d for d in diffs or () if d not in names]
         return {n: self.blobs[n].diff for n in names}
+
+    def _backward_sequence(self, lo: int, hi: int) -> BackwardSequence:
+        """The backward callbacks of layers ``lo..hi`` watching this pass's layer outputs."""
+        sequence = BackwardSequence(self._callbacks, lo, hi)
+        for step in self._steps[lo:hi + 1]:
+            sequence.watch(step.index, [self._read_value(t, step.index + 1) for t in step.tops])
+        return sequence
 
     def _seed_tensors(self, seeds: Sequence[str], top_of: Optional[int] = None
                       ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -1673,20 +1696,25 @@ class Net(nn.Module):
         self._push_host_writes()
         copy_weights(self._named_params(), path, hdf5=True)
 
-    def _unsupported_hook(self, name: str) -> None:
-        raise NetError(f"net.{name}(callback) is not supported", self.source,
-                       "register torch hooks on the layer modules instead: "
-                       "net.layer_dict[name].module.register_forward_hook(...)")
+    @property
+    def layer_callbacks(self) -> LayerCallbacks:
+        """The per-layer callbacks registered with :meth:`before_forward` and its siblings (a
+        solver's training pass calls the backward ones, see pycaffe_alt/layer_callbacks.py)."""
+        return self._callbacks
 
     def before_forward(self, callback) -> None:
-        self._unsupported_hook("before_forward")
+        """pycaffe master: call ``callback(layer_index)`` before each layer's forward."""
+        self._callbacks.add("before_forward", callback, self.source)
 
     def after_forward(self, callback) -> None:
-        self._unsupported_hook("after_forward")
+        """pycaffe master: call ``callback(layer_index)`` after each layer's forward."""
+        self._callbacks.add("after_forward", callback, self.source)
 
     def before_backward(self, callback) -> None:
-        self._unsupported_hook("before_backward")
+        """pycaffe master: call ``callback(layer_index)`` before each layer's backward."""
+        self._callbacks.add("before_backward", callback, self.source)
 
     def after_backward(self, callback) -> None:
-        self._unsupported_hook("after_backward")
+        """pycaffe master: call ``callback(layer_index)`` after each layer's backward."""
+        self._callbacks.add("after_backward", callback, self.source)
     # ---- end of pycaffe extras ----

@@ -431,8 +431,6 @@ def test_net_extras(deploy, tmp_path):
     net.params['fc'][0].diff[...] = 1
     net.clear_param_diffs()
     assert not net.params['fc'][0].diff.any()
-    with pytest.raises(caffe.CaffeError, match="before_forward"):
-        net.before_forward(lambda i: None)
 
 
 # ---------------------------------------------------------------- caffe.draw

@@ -25,6 +25,7 @@ import torch
 from ..errors import (ArgumentTypeError, CaffeError, NetError, NonFiniteLossError, SolverError,
                       integer_argument, located_in, path_argument)
 from ..fileio import NUL_HINT, check_input_path, remove_stale_temporaries
+from ..layer_callbacks import BackwardSequence
 from ..layers import TEST, TRAIN
 from ..log import format_value, get_logger, loss_suffix
 from ..mode import default_device, set_random_seed
@@ -527,16 +528,29 @@ class Solver:
         returns the loss averaged over the passes as a device tensor (no host sync).
         ``debug`` logs Caffe's debug_info lines for each pass."""
         total = None
+        callbacks = self.net.layer_callbacks
         for _ in range(self.param.iter_size):
-            trace = [] if debug else None
+            # The layers' outputs, for debug_info's lines or the net's backward callbacks.
+            trace = [] if debug or callbacks.on_backward else None
             with self.precision.autocast():
                 values = self.net.run(trace=trace)
                 if debug:
                     grads = debug_info.watch_bottoms(trace)
                     debug_info.log_forward(trace)
                 loss = self.net.loss(values)
-            if loss.requires_grad:
-                self.precision.scaled(loss).backward()
+            sequence = None
+            if callbacks.on_backward:
+                sequence = BackwardSequence(callbacks, 0, len(self.net.steps) - 1)
+                for step, _, tops in trace:
+                    sequence.watch(step.index, tops)
+            try:
+                if loss.requires_grad:
+                    self.precision.scaled(loss).backward()
+            finally:
+                if sequence is not None:
+                    sequence.release()
+            if sequence is not None:
+                sequence.finish()
             if debug:
                 debug_info.log_backward(trace, grads, self._params)
             loss = loss.detach()

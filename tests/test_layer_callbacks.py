@@ -1,0 +1,130 @@
+"""pycaffe master's per-layer callbacks (net.before_forward & co., pycaffe_alt/layer_callbacks.py):
+Caffe's order, where the backward ones fall, the solver's training pass, BVLC's train.py timing."""
+import os
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+import pycaffe_alt as caffe
+from pycaffe_alt.errors import CaffeError
+from pycaffe_alt.proto import caffe_pb2
+
+LENET = os.path.join(os.path.dirname(__file__), "fixtures", "golden", "nets", "lenet_loss")
+KINDS = ("before_forward", "after_forward", "before_backward", "after_backward")
+
+
+def lenet(**kwargs):
+    net = caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
+                    caffe.TRAIN, **kwargs)
+    net.blobs["data"].data[...] = np.random.RandomState(0).rand(*net.blobs["data"].data.shape)
+    net.blobs["label"].data[...] = np.arange(net.blobs["label"].data.shape[0]) % 10
+    return net
+
+
+def record(net):
+    events = []
+    for kind in KINDS:
+        getattr(net, kind)(lambda i, kind=kind: events.append((kind, i)))
+    return events
+
+
+def caffe_order(kinds, indices):
+    return [(k, i) for i in indices for k in kinds]
+
+
+def test_every_layer_in_caffes_order():
+    # Net::ForwardFromTo: before(i), Forward, after(i) for i up; BackwardFromTo: the same from
+    # the top down, for every layer, also those with no backward (data, label).
+    net = lenet()
+    events = record(net)
+    n = len(net.layers)
+    net.forward()
+    assert events == caffe_order(KINDS[:2], range(n))
+    events.clear()
+    net.backward()
+    assert events == caffe_order(KINDS[2:], reversed(range(n)))
+    events.clear()
+    net.forward(start="conv2", end="ip1")
+    names = list(net._layer_names)
+    assert events == caffe_order(KINDS[:2], range(names.index("conv2"), names.index("ip1") + 1))
+    events.clear()
+    net.backward(start="ip2", end="pool1")
+    assert events == caffe_order(KINDS[2:], range(names.index("ip2"), names.index("pool1") - 1, -1))
+
+
+def test_a_layers_backward_callbacks_surround_its_gradient():
+    # One autograd pass runs the backward; before_backward(i) comes when layer i's top gradient
+    # is ready and after_backward(i) once its parameter diffs are made.
+    net = lenet()
+    names = list(net._layer_names)
+    seen = {}
+
+    def has_diff(i):
+        params = net.params.get(names[i])
+        return None if params is None else bool(np.abs(params[0].diff).sum() > 0)
+
+    net.before_backward(lambda i: seen.setdefault(("before", names[i]), has_diff(i)))
+    net.after_backward(lambda i: seen.setdefault(("after", names[i]), has_diff(i)))
+    net.forward()
+    net.clear_param_diffs()
+    net.backward()
+    for layer in ("conv1", "conv2", "ip1", "ip2"):
+        assert seen[("before", layer)] is False and seen[("after", layer)] is True, layer
+
+
+def test_the_solvers_training_pass_calls_them(tmp_path):
+    # BVLC's python/train.py --timing registers them on solver.net and times solver.step().
+    p = caffe_pb2.SolverParameter()
+    text_format.Parse(open(os.path.join(LENET, "net.prototxt")).read(), p.net_param)
+    p.base_lr, p.lr_policy, p.max_iter, p.display, p.iter_size = 0.01, "fixed", 2, 0, 2
+    p.snapshot_after_train = False
+    p.snapshot_prefix = str(tmp_path / "s")
+    solver = caffe.SGDSolver(p, device="cpu")
+    net = solver.net
+    events = record(net)
+    fprop = [caffe.Timer() for _ in net.layers]
+    bprop = [caffe.Timer() for _ in net.layers]
+    net.before_forward(lambda layer: fprop[layer].start())
+    net.after_forward(lambda layer: fprop[layer].stop())
+    net.before_backward(lambda layer: bprop[layer].start())
+    net.after_backward(lambda layer: bprop[layer].stop())
+    solver.step(1)
+    n = len(net.layers)
+    one_pass = caffe_order(KINDS[:2], range(n)) + caffe_order(KINDS[2:], reversed(range(n)))
+    assert events == one_pass * 2  # iter_size 2: two forward/backward passes
+    conv = list(net._layer_names).index("conv1")
+    assert fprop[conv].ms > 0 and bprop[conv].ms > 0
+
+
+def test_a_compiled_net_runs_its_layers_one_by_one_for_the_callbacks():
+    net = lenet(compile=True)
+    events = record(net)
+    net.forward()
+    assert events == caffe_order(KINDS[:2], range(len(net.layers)))
+
+
+def test_a_callback_that_is_not_callable_is_refused():
+    net = lenet()
+    with pytest.raises(CaffeError, match=r"net.after_backward\(\) needs a callable") as e:
+        net.after_backward(3)
+    assert "lambda layer" in str(e.value)
+
+
+def test_an_exception_in_a_callback_leaves_no_hook_behind():
+    net = lenet()
+    calls, failed = [], []
+
+    def fail_once(i):
+        calls.append(i)
+        if not failed:
+            failed.append(i)
+            raise RuntimeError("stop")
+
+    net.before_backward(fail_once)
+    net.forward()
+    with pytest.raises(RuntimeError, match="stop"):
+        net.backward()
+    calls.clear()
+    net.backward()  # one call per layer: no hook of the failed backward fires again
+    assert calls == list(reversed(range(len(net.layers))))
