@@ -11,6 +11,7 @@ is imported on first use (PEP 562 ``__getattr__``), so tools that only touch
 ``pycaffe_alt.data.db`` or ``pycaffe_alt.proto`` do not pay for torch at start-up.
 """
 import importlib
+import os
 import importlib.util
 import sys
 import time
@@ -163,11 +164,41 @@ def set_multiprocess(multiprocess: bool) -> None:
 
 
 class NCCL:
-    """pycaffe's ``caffe.NCCL`` (multi-GPU gradient exchange): not supported; constructing one
-    raises :class:`CaffeError`."""
+    """pycaffe's ``caffe.NCCL(solver, uid)`` for the one process this runs in.
 
-    def __init__(self, *args, **kwargs):
-        _single_solver("NCCL", 2, 1)
+    Caffe's NCCL all-reduces each iteration's gradients over ``solver_count()`` solvers and
+    broadcasts the first one's weights (``bcast``). Here the count is always 1, where both are
+    the identity, so an NCCL object is accepted wherever pycaffe takes one
+    (``solver.add_callback(nccl)``, ``net.after_backward(nccl)``) and changes nothing: BVLC's own
+    ``python/train.py`` runs on one device. Data-parallel training over several processes is
+    :mod:`pycaffe_alt.distributed` (``tools/train --world-size``).
+    """
+
+    def __init__(self, solver, uid) -> None:
+        from .solver import Solver
+
+        if not isinstance(solver, Solver):
+            raise CaffeError(f"NCCL(solver, uid) needs a solver, got {type(solver).__name__}",
+                             hint="nccl = caffe.NCCL(solver, caffe.NCCL.new_uid())")
+        self.solver = solver
+        self.uid = uid
+
+    @staticmethod
+    def new_uid() -> bytes:
+        """A session id, as bytes like pycaffe's (one process: any unique value serves)."""
+        return os.urandom(16).hex().encode()
+
+    def bcast(self) -> None:
+        """Give every solver the first one's weights: with one solver there is nothing to do."""
+
+    def on_start(self) -> None:
+        """Solver callback: nothing before an iteration (as Caffe's NCCL)."""
+
+    def on_gradients_ready(self) -> None:
+        """Solver callback: the all-reduce of one solver's gradients leaves them as they are."""
+
+    def __call__(self, layer: int) -> None:
+        """Net callback (``net.after_backward(nccl)``, layer-wise reduce): nothing to reduce."""
 
 
 class Timer:

@@ -128,3 +128,32 @@ def test_an_exception_in_a_callback_leaves_no_hook_behind():
     calls.clear()
     net.backward()  # one call per layer: no hook of the failed backward fires again
     assert calls == list(reversed(range(len(net.layers))))
+
+
+def _lenet_solver(tmp_path):
+    p = caffe_pb2.SolverParameter()
+    text_format.Parse(open(os.path.join(LENET, "net.prototxt")).read(), p.net_param)
+    p.base_lr, p.lr_policy, p.max_iter, p.display, p.momentum = 0.01, "fixed", 3, 0, 0.9
+    p.snapshot_after_train = False
+    p.snapshot_prefix = str(tmp_path / "s")
+    p.random_seed = 5
+    return caffe.SGDSolver(p, device="cpu")
+
+
+def test_nccl_of_one_solver_changes_nothing(tmp_path):
+    # BVLC's python/train.py on one device: new_uid, NCCL(solver, uid), bcast, then the NCCL
+    # object as a solver callback and as the net's layer-wise after_backward reduce.
+    plain, reduced = _lenet_solver(tmp_path), _lenet_solver(tmp_path)
+    uid = caffe.NCCL.new_uid()
+    assert isinstance(uid, bytes) and uid != caffe.NCCL.new_uid()
+    nccl = caffe.NCCL(reduced, uid)
+    nccl.bcast()
+    reduced.add_callback(nccl)
+    reduced.net.after_backward(nccl)
+    plain.step(3)
+    reduced.step(3)
+    for name, blobs in plain.net.params.items():
+        for a, b in zip(blobs, reduced.net.params[name]):
+            np.testing.assert_array_equal(a.data, b.data)
+    with pytest.raises(CaffeError, match="needs a solver"):
+        caffe.NCCL(plain.net, uid)

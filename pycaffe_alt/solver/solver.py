@@ -456,9 +456,13 @@ class Solver:
         ``on_snapshot(solver, paths)`` during training (see :mod:`pycaffe_alt.train.loop`)."""
         self.hooks.append(hook)
 
-    def add_callback(self, on_start, on_gradients_ready) -> None:
+    def add_callback(self, on_start, on_gradients_ready=None) -> None:
         """pycaffe's ``add_callback``: two callables, run before each iteration's forward pass
-        and after its gradients are ready (before the update)."""
+        and after its gradients are ready (before the update); or one object with both as
+        methods (pycaffe's ``add_callback(nccl)``, a Caffe ``Solver::Callback``)."""
+        if on_gradients_ready is None and hasattr(on_start, "on_gradients_ready"):
+            on_start, on_gradients_ready = getattr(on_start, "on_start", None), \
+                on_start.on_gradients_ready
         for name, fn in (("on_start", on_start), ("on_gradients_ready", on_gradients_ready)):
             if not callable(fn):  # it would fail only at the next step, far from here
                 raise ArgumentTypeError(f"add_callback(): {name} must be callable, got "
