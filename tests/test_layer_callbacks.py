@@ -33,6 +33,18 @@ def caffe_order(kinds, indices):
     return [(k, i) for i in indices for k in kinds]
 
 
+def _lenet_solver(tmp_path, **fields):
+    p = caffe_pb2.SolverParameter()
+    text_format.Parse(open(os.path.join(LENET, "net.prototxt")).read(), p.net_param)
+    p.base_lr, p.lr_policy, p.max_iter, p.display, p.momentum = 0.01, "fixed", 3, 0, 0.9
+    p.snapshot_after_train = False
+    p.snapshot_prefix = str(tmp_path / "s")
+    p.random_seed = 5
+    for k, v in fields.items():
+        setattr(p, k, v)
+    return caffe.SGDSolver(p, device="cpu")
+
+
 def test_every_layer_in_caffes_order():
     # Net::ForwardFromTo: before(i), Forward, after(i) for i up; BackwardFromTo: the same from
     # the top down, for every layer, also those with no backward (data, label).
@@ -75,12 +87,7 @@ def test_a_layers_backward_callbacks_surround_its_gradient():
 
 def test_the_solvers_training_pass_calls_them(tmp_path):
     # BVLC's python/train.py --timing registers them on solver.net and times solver.step().
-    p = caffe_pb2.SolverParameter()
-    text_format.Parse(open(os.path.join(LENET, "net.prototxt")).read(), p.net_param)
-    p.base_lr, p.lr_policy, p.max_iter, p.display, p.iter_size = 0.01, "fixed", 2, 0, 2
-    p.snapshot_after_train = False
-    p.snapshot_prefix = str(tmp_path / "s")
-    solver = caffe.SGDSolver(p, device="cpu")
+    solver = _lenet_solver(tmp_path, iter_size=2)
     net = solver.net
     events = record(net)
     fprop = [caffe.Timer() for _ in net.layers]
@@ -128,16 +135,6 @@ def test_an_exception_in_a_callback_leaves_no_hook_behind():
     calls.clear()
     net.backward()  # one call per layer: no hook of the failed backward fires again
     assert calls == list(reversed(range(len(net.layers))))
-
-
-def _lenet_solver(tmp_path):
-    p = caffe_pb2.SolverParameter()
-    text_format.Parse(open(os.path.join(LENET, "net.prototxt")).read(), p.net_param)
-    p.base_lr, p.lr_policy, p.max_iter, p.display, p.momentum = 0.01, "fixed", 3, 0, 0.9
-    p.snapshot_after_train = False
-    p.snapshot_prefix = str(tmp_path / "s")
-    p.random_seed = 5
-    return caffe.SGDSolver(p, device="cpu")
 
 
 def test_nccl_of_one_solver_changes_nothing(tmp_path):
