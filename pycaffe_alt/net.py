@@ -1165,8 +1165,8 @@ class Net(nn.Module):
         tensors, grads = self._seed_tensors(seeds, top_of)
         if (not tensors and any(name in self._seedable for name in seeds)) or \
                 not self._spent_steps.isdisjoint(range(lo, hi + 1)):
-            # No graph yet, or a previous backward freed it: Caffe's backward can run any
-            # number of times on what the blobs hold.
+            # No graph yet (a backward without a forward), or layers a forward(end=...) left
+            # with an older pass's graph: Caffe's backward runs on what the blobs hold.
             spent = [i for i in self._spent_steps if lo <= i <= hi]
             # Only the spent layers when the range has graph below them (the layers a
             # forward(end=...) left above its end): the layers below keep this pass's graph
@@ -1205,7 +1205,6 @@ class Net(nn.Module):
             finally:
                 if sequence is not None:
                     sequence.release()  # its hooks must not outlive this backward
-            self._spent_steps.update(range(lo, hi + 1))
         if sequence is not None:
             sequence.finish()
         if self._store.held:
@@ -1267,8 +1266,8 @@ class Net(nn.Module):
         Caffe's Backward reads the data in the blobs and needs no forward in the same session
         (pycaffe's ``net.backward()`` right after building a net works, BVLC's test_python_layer
         does it); the autograd graph a backward uses is made by a forward, so when none was
-        recorded (or a backward freed it) the layers with bottoms run again. Each reads what it
-        read in the pass (``_read_value``): a range that begins in the middle of an in-place
+        recorded (or the layers above a forward(end=...) hold an older pass's) the layers with
+        bottoms run again. Each reads what it read in the pass (``_read_value``): a range that begins in the middle of an in-place
         chain starts from the output of the chain's layer below it, not from the chain's final
         data (a BatchNorm replayed from the ReLU output would normalize twice). Without a
         recorded pass the blobs' data is read (in-place layers then see their own output: the
@@ -1402,7 +1401,10 @@ class Net(nn.Module):
         for _, t in leaves:
             t.grad = None  # an input leaf kept from an earlier pass must not accumulate
         try:
-            torch.autograd.backward(tensors, grads)
+            # The graph is kept for the next backward of this pass: Caffe's Backward can run
+            # again on the same forward and reads the masks and statistics that forward stored
+            # (running the layers again drew new Dropout masks and updated BatchNorm's averages).
+            torch.autograd.backward(tensors, grads, retain_graph=True)
         finally:
             for h in handles:
                 h.remove()
@@ -1417,7 +1419,8 @@ class Net(nn.Module):
         inputs = [t for _, t in blob_ts] + params
         if not inputs:  # nothing in the range takes a gradient
             return {}
-        got = torch.autograd.grad(tensors, inputs, grads, allow_unused=True)
+        # Kept for the next backward, as in _backward_whole.
+        got = torch.autograd.grad(tensors, inputs, grads, allow_unused=True, retain_graph=True)
         for p, g in zip(params, got[len(blob_ts):]):
             if g is not None:
                 if p.grad is None and g.stride() != p.stride():

@@ -1,0 +1,66 @@
+"""Fuzz round 14: sequences of pycaffe API calls on small valid nets and solvers.
+
+The generator (tests/api_sequence_case.py) runs seeded random sequences of forward/backward
+forms, blob and parameter writes, reshapes, weight files, sharing, module calls and solver
+steps, and checks invariants after each call; below it runs a few fixed seeds, and the
+minimized repros of what it found are tests of their own.
+"""
+import random
+
+import numpy as np
+import pytest
+
+import pycaffe_alt as caffe
+from api_sequence_case import NETS, Failure, _feed, run_sequence
+
+
+def _net(tmp_path, kind: str) -> caffe.Net:
+    text, phase = NETS[kind]
+    path = tmp_path / f"{kind}.prototxt"
+    path.write_text(text)
+    net = caffe.Net(str(path), phase)
+    _feed(net, random.Random(0), kind)
+    return net
+
+
+SEEDS = range(12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_sequences(tmp_path, monkeypatch, seed):
+    monkeypatch.chdir(tmp_path)
+    try:
+        run_sequence(seed, str(tmp_path), length=12)
+    except Failure as f:
+        pytest.fail(str(f))
+
+
+# -- minimized repros ---------------------------------------------------------------------------
+
+def test_a_second_backward_keeps_the_dropout_masks_of_the_forward(tmp_path):
+    # Caffe's DropoutLayer::Backward reads the mask its Forward stored: backward twice gives the
+    # same diffs and leaves the blobs' data alone (a replay drew new masks).
+    net = _net(tmp_path, "drop")
+    net.forward()
+    data = {n: b.data.copy() for n, b in net.blobs.items()}
+    net.backward()
+    first = {n: b.diff.copy() for n, b in net.blobs.items()}
+    w1 = net.params["ip1"][0].diff.copy()
+    net.backward()
+    for name, blob in net.blobs.items():
+        np.testing.assert_array_equal(blob.diff, first[name], err_msg=name)
+        np.testing.assert_array_equal(blob.data, data[name], err_msg=name)
+    np.testing.assert_allclose(net.params["ip1"][0].diff, 2 * w1, rtol=1e-6)
+
+
+def test_a_second_backward_does_not_update_batchnorm_statistics(tmp_path):
+    # Only BatchNorm's Forward moves its running averages; Backward leaves the blobs as they are.
+    net = _net(tmp_path, "bn")
+    net.forward()
+    stats = [b.data.copy() for b in net.params["bn1"]]
+    conv1 = net.blobs["conv1"].data.copy()
+    net.backward()
+    net.backward()
+    for before, blob in zip(stats, net.params["bn1"]):
+        np.testing.assert_array_equal(blob.data, before)
+    np.testing.assert_array_equal(net.blobs["conv1"].data, conv1)
