@@ -1412,7 +1412,10 @@ class Net(nn.Module):
             if t.grad is not None:
                 captured[n] = t.grad
                 t.grad = None
-        return {n: graph_free(g) for n, g in captured.items()}
+        # A hook gets None for an output of a node the seeds reach only through its other
+        # outputs (Slice's second top when the range's loss reads the first): no gradient
+        # reached that blob, as _backward_by_grad's allow_unused gives None.
+        return {n: graph_free(g) for n, g in captured.items() if g is not None}
 
     @staticmethod
     def _backward_by_grad(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:

@@ -64,3 +64,15 @@ def test_a_second_backward_does_not_update_batchnorm_statistics(tmp_path):
     for before, blob in zip(stats, net.params["bn1"]):
         np.testing.assert_array_equal(blob.data, before)
     np.testing.assert_array_equal(net.blobs["conv1"].data, conv1)
+
+
+def test_a_backward_from_one_loss_past_a_slice_whose_other_top_gets_no_gradient(tmp_path):
+    # split: cat -> Slice -> s1 (loss1), s2 (loss2). A backward from loss1 reaches s2 through
+    # no layer: its diff stays what it was (zeros), as Caffe's BackwardFromTo leaves it (this
+    # raised AttributeError: the gradient hook of s2 got None).
+    net = _net(tmp_path, "split")
+    net.forward()
+    diffs = net.backward(start="loss1", diffs=["s2", "ipb", "conv1"])
+    assert not diffs["s2"].any() and not diffs["ipb"].any()
+    assert diffs["conv1"].any()
+    net.backward(start="loss1", end="conv1")
