@@ -1338,13 +1338,19 @@ class Net(nn.Module):
             old = self._diffs.pop(n, None)
             if old is not None and n in held_diffs:
                 kept[n] = old
-        if whole and not self._store.foreign:
-            # Every leaf of the graph is a parameter or a blob leaf of this net: only a
-            # caller's tensor (net(data=t), run({...})) can bring leaves of its own, which
-            # the gradients must not reach (autograd.grad names what it differentiates).
-            got = self._backward_whole(tensors, grads, blob_ts)
-        else:
-            got = self._backward_by_grad(tensors, grads, blob_ts, params)
+        try:
+            if whole and not self._store.foreign:
+                # Every leaf of the graph is a parameter or a blob leaf of this net: only a
+                # caller's tensor (net(data=t), run({...})) can bring leaves of its own, which
+                # the gradients must not reach (autograd.grad names what it differentiates).
+                got = self._backward_whole(tensors, grads, blob_ts)
+            else:
+                got = self._backward_by_grad(tensors, grads, blob_ts, params)
+        except BaseException:
+            # A refused backward (the graph a torch backward freed): the diffs whose arrays a
+            # user holds stay the blobs' diffs, or a fresh read would disagree with them.
+            self._diffs.update(kept)
+            raise
         # A blob gradient sharing memory with a parameter diff would change as that accumulates.
         held = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
         for n, g in got.items():

@@ -9,9 +9,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 import pycaffe_alt as caffe
 from api_sequence_case import NETS, Failure, _feed, run_sequence
+from pycaffe_alt.errors import NetError
 
 
 def _net(tmp_path, kind: str) -> caffe.Net:
@@ -76,3 +78,21 @@ def test_a_backward_from_one_loss_past_a_slice_whose_other_top_gets_no_gradient(
     assert not diffs["s2"].any() and not diffs["ipb"].any()
     assert diffs["conv1"].any()
     net.backward(start="loss1", end="conv1")
+
+
+def test_a_refused_backward_leaves_held_diff_arrays_the_blobs_diffs(tmp_path):
+    # A torch backward on the module call's outputs freed the graph, so net.backward() refuses;
+    # the diff array the program holds must still be what net.blobs[...].diff reads (the
+    # refused call had dropped the blob's diff: a fresh read gave zeros).
+    net = _net(tmp_path, "split")
+    net.forward()
+    net.backward()
+    held = net.blobs["ipa"].diff
+    before = held.copy()
+    assert before.any()
+    out = net(**{n: torch.from_numpy(net.blobs[n].data.copy()) for n in net.inputs})
+    net.loss(out).backward()
+    with pytest.raises(NetError, match="freed"):
+        net.backward()
+    np.testing.assert_array_equal(net.blobs["ipa"].diff, before)
+    np.testing.assert_array_equal(held, before)
