@@ -184,8 +184,17 @@ class World:
         return net
 
     def pick(self) -> Tuple[str, caffe.Net]:
+        """A net: one of NETS (built on first use) or, at times, one made since (a net that
+        shares weights, the solver's)."""
+        if self.rng.random() < 0.25 and len(self.nets) > 1:
+            key = self.rng.choice(sorted(self.nets))
+            return key, self.nets[key]
         kind = self.rng.choice(list(NETS))
         return kind, self.net(kind)
+
+    def kind_of(self, key: str) -> str:
+        """The NETS entry a net of the world was built from."""
+        return self.solver_kind if key == "solver" else key.split("_shared")[0]
 
     def taint(self, kind: str) -> None:
         self.tainted[kind] = True
@@ -260,7 +269,7 @@ def op_forward(w: World) -> str:
 
 def op_forward_kwargs(w: World) -> str:
     kind, net = w.pick()
-    if kind == "mem":
+    if w.kind_of(kind) == "mem":
         return op_forward(w)
     name = w.rng.choice(net.inputs)
     shape = net.blobs[name].shape
@@ -333,10 +342,15 @@ def op_backward_twice(w: World) -> str:
     net = w.net(kind)
     net.forward()
     p0 = _param_values(net, "diff")
+    data, weights = _snapshot_blobs(net, "data"), _param_values(net, "data")
     net.backward()
     b1, p1 = _snapshot_blobs(net, "diff"), _param_values(net, "diff")
     net.backward()
     b2, p2 = _snapshot_blobs(net, "diff"), _param_values(net, "diff")
+    for n, v in data.items():
+        _check(_same(v, net.blobs[n].data), f"{kind}: backward changed blob data {n}")
+    for k, v in weights.items():
+        _check(_same(v, net.params[k[0]][k[1]].data), f"{kind}: backward changed param {k}")
     if w.tainted[kind]:
         return f"{kind}: forward(); backward(); backward() (tainted)"
     for n in b1:
@@ -426,14 +440,14 @@ def check_held(w: World) -> None:
 
 def op_reshape(w: World) -> str:
     kind, net = w.pick()
-    if kind == "mem":
+    if w.kind_of(kind) == "mem":
         return op_forward(w)
     batch = w.rng.choice([1, 2, 3])
     for name in net.inputs:
         shape = net.blobs[name].shape
         net.blobs[name].reshape(batch, *shape[1:])
     net.reshape()
-    _feed(net, w.rng, kind)
+    _feed(net, w.rng, w.kind_of(kind))
     out = net.forward()
     for name in net.blobs:
         arr = net.blobs[name].data
@@ -475,6 +489,10 @@ def op_write_param(w: World) -> str:
 
 def op_save_load(w: World) -> str:
     kind, net = w.pick()
+    kind = w.kind_of(kind) if kind != "solver" else kind
+    if kind == "solver":
+        return "save/load: not on the solver's net"
+    net = w.nets[kind]
     w.saved += 1
     fmt = w.rng.choice(["caffemodel", "h5"])
     path = os.path.join(w.folder, f"w{w.saved}.{fmt}")
@@ -498,7 +516,8 @@ def op_save_load(w: World) -> str:
 
 
 def op_share(w: World) -> str:
-    kind, net = w.pick()
+    kind = w.rng.choice(list(NETS))
+    net = w.net(kind)
     other = caffe.Net(w.files[kind], NETS[kind][1])
     _feed(other, w.rng, kind) if kind != "mem" else None
     other.share_with(net)
@@ -558,7 +577,6 @@ def op_memory(w: World) -> str:
             return "mem.set_input_arrays(3 items for batch 2) refused"
         raise Violation("set_input_arrays with a count not a multiple of the batch was accepted")
     _feed(net, w.rng, "mem")
-    w.tainted["mem"] = w.tainted["mem"] and bool(w.shared)
     out = net.forward()
     return f"mem.set_input_arrays; forward() -> loss {float(out['loss']):.3f}"
 
@@ -599,6 +617,8 @@ def op_solver_step(w: World) -> str:
 def op_solver_roundtrip(w: World) -> str:
     """snapshot(); step(k) -> A; restore(); step(k) -> A bit-exactly."""
     s = _solver(w)
+    if w.rng.random() < 0.4:
+        s.param.snapshot_format = caffe.proto.caffe_pb2.SolverParameter.HDF5
     model, state = s.snapshot()
     before = _param_values(s.net, "data")
     it = s.iter
@@ -620,6 +640,11 @@ def op_solver_roundtrip(w: World) -> str:
 def op_solver_test(w: World) -> str:
     s = _solver(w)
     for t in s.test_nets:
+        # Test nets share the train net's weights (ShareTrainedLayersWith).
+        for name, blobs in t.params.items():
+            for i, b in enumerate(blobs):
+                _check(_same(b.data, s.net.params[name][i].data),
+                       f"solver: test net weight {name}[{i}] is not the train net's")
         out = t.forward()
         if not w.tainted["solver"]:
             for n, a in out.items():
@@ -627,12 +652,50 @@ def op_solver_test(w: World) -> str:
     return "solver.test_nets[i].forward()"
 
 
+def op_fresh_backward(w: World) -> str:
+    """backward() on a net no forward ran on (pycaffe allows it), then forward; backward."""
+    kind = w.rng.choice(list(NETS))
+    net = caffe.Net(w.files[kind], NETS[kind][1])
+    _feed(net, w.rng, kind)
+    net.backward()
+    for k, v in _param_values(net, "diff").items():
+        _check(_finite(v), f"{kind}: param diff {k} not finite after a backward without forward")
+    net.forward()
+    net.backward()
+    return f"{kind}: fresh net backward(); forward(); backward()"
+
+
+def op_partial_then_backward(w: World) -> str:
+    """forward(end=L) then a whole backward, or forward() then backward(start=, end=) twice."""
+    kind, net = w.pick()
+    names = list(net._layer_names)
+    if w.rng.random() < 0.5:
+        end = w.rng.choice(names)
+        net.forward(end=end)
+        net.backward()
+        return f"{kind}: forward(end={end!r}); backward()"
+    net.forward()
+    lo, hi = sorted(w.rng.sample(range(len(names)), 2)) if len(names) > 1 else (0, 0)
+    net.backward(start=names[hi], end=names[lo])
+    first = _snapshot_blobs(net, "diff")
+    net.backward(start=names[hi], end=names[lo])
+    # A start layer whose top a layer of the range rewrites in place (its diff is the seed):
+    # Caffe's second BackwardFromTo starts from the diff the first one left, not the same.
+    tops = set(net.top_names[names[hi]])
+    in_place = any(tops & set(net.bottom_names[n]) for n in names[lo:hi + 1])
+    if not w.tainted[kind] and not in_place:
+        for n, v in first.items():
+            _check(_same(v, net.blobs[n].diff, 1e-5),
+                   f"{kind}: backward(start={names[hi]!r}, end={names[lo]!r}) twice: {n} differs")
+    return f"{kind}: forward(); backward(start={names[hi]!r}, end={names[lo]!r}) x2"
+
+
 OPS: List[Tuple[Callable[[World], str], int]] = [
     (op_forward, 4), (op_forward_kwargs, 3), (op_forward_range, 3), (op_backward, 4),
     (op_backward_twice, 2), (op_layerwise, 2), (op_write_blob, 4), (op_hold_diff, 2),
     (op_reshape, 2), (op_write_param, 2), (op_save_load, 1), (op_share, 1), (op_clear, 1),
     (op_module, 2), (op_memory, 1), (op_solver_step, 2), (op_solver_roundtrip, 1),
-    (op_solver_test, 1),
+    (op_solver_test, 1), (op_fresh_backward, 1), (op_partial_then_backward, 2),
 ]
 
 
@@ -650,15 +713,21 @@ class Failure(Exception):
 
 
 def run_sequence(seed: int, folder: str, length: Optional[int] = None,
-                 ops: Optional[List[Callable[[World], str]]] = None) -> List[str]:
-    """Run one seeded sequence in ``folder``; returns its log, raises :class:`Failure`."""
+                 keep: Optional[List[int]] = None) -> List[str]:
+    """Run one seeded sequence in ``folder``; returns its log, raises :class:`Failure`.
+
+    Operation ``i`` draws from its own ``Random((seed, i))``, so ``keep`` (the indices of the
+    operations to run, the others skipped) shrinks a failing sequence without changing what the
+    kept operations do."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+    ops = draw_ops(rng, length if length is not None else rng.randrange(5, 31))
     w = World(folder, rng)
-    if ops is None:
-        ops = draw_ops(rng, length if length is not None else rng.randrange(5, 31))
-    for op in ops:
+    for i, op in enumerate(ops):
+        if keep is not None and i not in keep:
+            continue
+        w.rng = random.Random(f"{seed}/{i}")
         w.log.append(op.__name__)
         try:
             w.log[-1] = op(w)
@@ -671,3 +740,30 @@ def run_sequence(seed: int, folder: str, length: Optional[int] = None,
         except BaseException as e:  # Violation or a defect
             raise Failure(w.log, e) from e
     return w.log
+
+
+def minimize(seed: int, folder_factory: Callable[[], str], length: Optional[int] = None
+             ) -> Tuple[List[int], Failure]:
+    """The smallest ``keep`` list (one operation dropped at a time) that still fails the same
+    way as the whole of sequence ``seed``."""
+    def fails(keep):
+        try:
+            run_sequence(seed, folder_factory(), length, keep)
+        except Failure as f:
+            return f
+        return None
+
+    first = fails(None)
+    assert first is not None, "the sequence passes"
+    keep = list(range(len(first.log)))
+    what = type(first.error), str(first.error).split(":")[0]
+    keep = keep[:len(first.log)]
+    # the failing operation is the last one run
+    i = len(keep) - 2
+    while i >= 0:
+        trial = keep[:i] + keep[i + 1:]
+        f = fails(trial)
+        if f is not None and (type(f.error), str(f.error).split(":")[0]) == what:
+            keep, first = trial, f
+        i -= 1
+    return keep, first
