@@ -248,6 +248,19 @@ class _BlobStore:
         self._net._diffs.pop(name, None)
 
 
+def _layer_error(step: "Step", bottoms: Sequence[torch.Tensor], error: Exception) -> NetError:
+    """What a layer's failure in a pass or a backward's replay is reported as (the caller re-raises
+    user layers' errors and CaffeErrors unchanged): a check the layer makes at setup but not
+    again after a reshape (pycaffe's blob.reshape, net.reshape, a parameter blob's reshape) or a
+    fault torch finds first becomes a NetError naming the layer and the shapes it got, not a
+    torch traceback."""
+    return step.layer.error(
+        f"failed on bottoms of shapes {[tuple(b.shape) for b in bottoms]}: {first_line(error)}",
+        "check the shapes the layers above produce and this layer's parameters; after a "
+        "reshape (blob.reshape, net.reshape), build the net with the new shapes to have every "
+        "layer check them at setup")
+
+
 def _graph_was_freed(error: RuntimeError) -> bool:
     """Whether autograd refused a backward because an earlier one freed the graph's buffers."""
     return "backward through the graph a second time" in str(error)
@@ -838,18 +851,12 @@ class Net(nn.Module):
                 else:
                     out = step.layer(*bottoms)
             except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
-                # A check the layer makes at setup but not again after a reshape (pycaffe's
-                # blob.reshape, net.reshape) or a fault torch finds first: name the layer and
-                # the shapes it got, not a torch traceback. User layers keep their own errors.
+                # Raised without binding it to a local: the error's traceback holds this frame,
+                # and a cycle through it kept the failed pass's graph (and a reshaped
+                # parameter's stale gradient accumulator) alive until a garbage collection.
                 if step.layer.runs_user_code or isinstance(e, CaffeError):
                     raise
-                raise step.layer.error(
-                    f"failed on bottoms of shapes {[tuple(b.shape) for b in bottoms]}: "
-                    f"{first_line(e)}",
-                    "check the shapes the layers above produce and this layer's parameters; "
-                    "after a reshape (blob.reshape, net.reshape), build the net with the new "
-                    "shapes to have every layer check them at setup"
-                ) from None
+                raise _layer_error(step, bottoms, e) from None
             if isinstance(out, torch.Tensor):
                 out = (out,)
             if trace is not None:
@@ -1297,7 +1304,13 @@ class Net(nn.Module):
                     if not v.requires_grad and not detach and self._plan.blob_needs.get(name):
                         v = home[key] = v.detach().requires_grad_(True)
                     bottoms.append(v.detach() if detach else v)
-                out = step.layer(*bottoms)
+                try:
+                    out = step.layer(*bottoms)
+                except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
+                    # As in run_steps (a parameter blob reshaped since the forward, say).
+                    if step.layer.runs_user_code or isinstance(e, CaffeError):
+                        raise
+                    raise _layer_error(step, bottoms, e) from None
                 outs = (out,) if isinstance(out, torch.Tensor) else out
                 for t, v, rewritten in zip(step.tops, outs, step.rewritten_tops):
                     written[(step.index, t)] = v

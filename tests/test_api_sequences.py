@@ -96,3 +96,33 @@ def test_a_refused_backward_leaves_held_diff_arrays_the_blobs_diffs(tmp_path):
         net.backward()
     np.testing.assert_array_equal(net.blobs["ipa"].diff, before)
     np.testing.assert_array_equal(held, before)
+
+
+def test_a_backward_that_replays_a_layer_with_a_misshapen_parameter_names_the_layer(tmp_path):
+    # Net surgery gave ip1's weight another shape; a backward with no forward before it runs
+    # the layers to record their graph and must report the layer as a pass does (it raised
+    # torch's RuntimeError "mat1 and mat2 shapes cannot be multiplied").
+    net = _net(tmp_path, "py")
+    net.params["ip1"][0].reshape(2, 4)
+    with pytest.raises(NetError, match="ip1") as forward_error:
+        net.forward()
+    with pytest.raises(NetError, match="ip1") as backward_error:
+        net.backward()
+    assert "failed on bottoms of shapes" in str(backward_error.value)
+    assert "Traceback" not in str(forward_error.value) + str(backward_error.value)
+
+
+def test_a_parameter_reshaped_wrong_and_back_trains_again(tmp_path):
+    # The refused pass on the wrong shape must not keep its graph alive: the weight's gradient
+    # accumulator would keep the wrong shape, and the next backward failed in torch.
+    net = _net(tmp_path, "deploy")
+    blob = net.params["conv1"][0]
+    shape, values = blob.shape, blob.data.copy()
+    blob.reshape(3, 2, 3, 4)
+    with pytest.raises(NetError, match="pool1|conv1"):
+        net.forward()
+    blob.reshape(*shape)
+    blob.data[...] = values
+    net.forward()
+    net.backward(prob=np.arange(4, dtype=np.float32).reshape(1, 4))
+    assert net.params["conv1"][0].diff.any()
