@@ -690,12 +690,52 @@ def op_partial_then_backward(w: World) -> str:
     return f"{kind}: forward(); backward(start={names[hi]!r}, end={names[lo]!r}) x2"
 
 
+def op_surgery(w: World) -> str:
+    """A parameter blob reshaped to a wrong shape: the next pass is refused with a CaffeError;
+    reshaped back and refilled, the net works again."""
+    kind, net = w.pick()
+    if not net.params:
+        return "no params"
+    layer = w.rng.choice(list(net.params))
+    blob = net.params[layer][0]
+    shape, values = blob.shape, blob.data.copy()
+    blob.reshape(*(tuple(shape[:-1]) + (shape[-1] + 1,)))
+    try:
+        net.forward()
+        if w.rng.random() < 0.5:
+            net.backward()
+    except CaffeError:
+        pass
+    blob.reshape(*shape)
+    blob.data[...] = values
+    net.forward()
+    return f"{kind}: params[{layer!r}][0] reshaped wrong, then back"
+
+
+def op_middle_write(w: World) -> str:
+    """Write a middle blob, then forward(start=) a layer reading it (Caffe reads the buffer)."""
+    kind, net = w.pick()
+    names = list(net._layer_names)
+    layer = w.rng.choice(names[1:])
+    bottoms = net.bottom_names[layer]
+    if not bottoms:
+        return "no bottoms"
+    b = w.rng.choice(bottoms)
+    net.blobs[b].data[...] = 0.25 if b != "label" else 0
+    out = net.forward(start=layer, **({b: net.blobs[b].data.copy()} if w.rng.random() < 0.5 else {}))
+    if not w.tainted[kind]:
+        for n, a in out.items():
+            _check(_finite(a), f"{kind}: output {n} not finite after forward(start={layer!r})")
+    return f"{kind}: blobs[{b!r}] written; forward(start={layer!r})"
+
+
 OPS: List[Tuple[Callable[[World], str], int]] = [
     (op_forward, 4), (op_forward_kwargs, 3), (op_forward_range, 3), (op_backward, 4),
     (op_backward_twice, 2), (op_layerwise, 2), (op_write_blob, 4), (op_hold_diff, 2),
     (op_reshape, 2), (op_write_param, 2), (op_save_load, 1), (op_share, 1), (op_clear, 1),
     (op_module, 2), (op_memory, 1), (op_solver_step, 2), (op_solver_roundtrip, 1),
     (op_solver_test, 1), (op_fresh_backward, 1), (op_partial_then_backward, 2),
+    (op_surgery, 1), (op_middle_write, 2),
 ]
 
 
