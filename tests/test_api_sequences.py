@@ -25,14 +25,14 @@ def _net(tmp_path, kind: str) -> caffe.Net:
     return net
 
 
-SEEDS = range(12)
+SEEDS = range(20)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_sequences(tmp_path, monkeypatch, seed):
     monkeypatch.chdir(tmp_path)
     try:
-        run_sequence(seed, str(tmp_path), length=12)
+        run_sequence(seed, str(tmp_path), length=20)
     except Failure as f:
         pytest.fail(str(f))
 
