@@ -1432,8 +1432,9 @@ class Net(nn.Module):
                 captured[n] = t.grad
                 t.grad = None
         # A hook gets None for an output of a node the seeds reach only through its other
-        # outputs (Slice's second top when the range's loss reads the first): no gradient
-        # reached that blob, as _backward_by_grad's allow_unused gives None.
+        # outputs (Slice's second top when the range's loss reads the first, or when its only
+        # reader has propagate_down: false): no gradient reached that blob, and its diff is
+        # left as it was (Caffe's reader writes none), as _backward_by_grad's allow_unused does.
         return {n: graph_free(g) for n, g in captured.items() if g is not None}
 
     @staticmethod
