@@ -1399,12 +1399,21 @@ class Net(nn.Module):
         output; a chain that ended below the range (a backward that starts at the conv above
         a conv + ReLU, as layer-by-layer backward loops do), the final value, so no ReLU
         outside the range masks the diff. A blob no layer of the range reads keeps its diff
-        (the gradient of the value the range's top layer left: its seed)."""
+        (the gradient of the value the range's top layer left: its seed).
+
+        Only readers whose Backward writes the blob's diff count (``Step.diff_bottoms``): an
+        in-place layer that writes no bottom diff (a Scale on a net input, learnable but with no
+        input gradient; a layer with ``propagate_down: false``) leaves the shared diff buffer
+        as the layers above wrote it, the gradient of its output."""
         # From the lists made at build: a scan of every step per blob made a backward
         # quadratic in the depth (ResNet-152's 500 layers).
         readers = self._readers.get(name, ())
-        k = bisect.bisect_left(readers, lo)
-        return readers[k] if k < len(readers) and readers[k] <= hi else hi + 1
+        for k in range(bisect.bisect_left(readers, lo), len(readers)):
+            if readers[k] > hi:
+                break
+            if name in self._steps[readers[k]].diff_bottoms:
+                return readers[k]
+        return hi + 1
 
     @staticmethod
     def _backward_whole(tensors, grads, blob_ts) -> Dict[str, torch.Tensor]:

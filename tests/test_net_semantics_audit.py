@@ -802,3 +802,13 @@ def test_slice_top_read_without_gradient():
         _ip("ip2", "s2", "y2", 3, 2, r),
         _loss("y1"), _loss("y2", "loss2")], _inputs(r, data=(2, 4))))
 
+
+def test_in_place_layer_writing_no_bottom_diff_leaves_the_diff_above():
+    """Caffe's in-place layers share one diff buffer: a Scale on a net input (learnable, but no
+    input gradient without force_backward) writes no bottom diff, so the input's diff is the
+    gradient of the Scale's output that the layer above wrote (ours was zeros)."""
+    r = np.random.RandomState(1)
+    assert_matches(_spec([
+        LayerSpec("sc", "Scale", ["data"], ["data"], {}, [r.randn(3), r.randn(3)]),
+        _ip("ip", "data", "y", 3, 3 * 4 * 4, r), _loss("y")], _inputs(r, data=(2, 3, 4, 4))))
+
