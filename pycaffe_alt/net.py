@@ -862,6 +862,12 @@ class Net(nn.Module):
             if trace is not None:
                 trace.append((step, bottoms, out))
             for t, v, rewritten in zip(step.tops, out, step.rewritten_tops):
+                if not v.requires_grad and self._plan.blob_needs.get(t) and \
+                        v.is_floating_point() and torch.is_grad_enabled():
+                    # Caffe's readers compute this blob's diff (blob_need_backward_) even where
+                    # no gradient goes below it (its producer's bottoms all have propagate_down:
+                    # false): a leaf takes it, as _replay_graph makes one for a bottom.
+                    v = v.detach().requires_grad_(True)
                 if written is not None and (v.requires_grad or (
                         rewritten and self._backward_possible)):
                     # Values a backward can start from or pass through, and (with or without

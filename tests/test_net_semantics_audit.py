@@ -812,3 +812,25 @@ def test_in_place_layer_writing_no_bottom_diff_leaves_the_diff_above():
         LayerSpec("sc", "Scale", ["data"], ["data"], {}, [r.randn(3), r.randn(3)]),
         _ip("ip", "data", "y", 3, 3 * 4 * 4, r), _loss("y")], _inputs(r, data=(2, 3, 4, 4))))
 
+
+def test_reader_computes_diff_of_blob_whose_producer_stops_gradients():
+    """An Eltwise with propagate_down: false on both bottoms still has blob_need_backward on its
+    top (a bottom needed it), so the layer above computes that top's diff in Caffe; no
+    gradient reached the top here, and its diff (and the diffs above it) stayed zero."""
+    r = np.random.RandomState(2)
+    assert_matches(_spec([
+        _ip("ip1", "data", "a", 3, 3, r),
+        LayerSpec("e", "Eltwise", ["data", "a"], ["res"], {"op": "SUM"},
+                  propagate_down=[False, False]),
+        LayerSpec("relu", "ReLU", ["res"], ["r2"]),
+        _ip("ip2", "r2", "y", 3, 3, r), _loss("y")], _inputs(r, data=(2, 3))))
+    # An in-place BatchNorm with propagate_down: false on a conv: the Scale above it and the
+    # layer above the chain still compute their bottom diffs (the chain's diff is the gradient
+    # of the BatchNorm's output).
+    assert_matches(_spec([
+        LayerSpec("c", "Convolution", ["data"], ["c"], {"pad": 0}, [r.randn(3, 3, 1, 1), r.randn(3)]),
+        LayerSpec("bn", "BatchNorm", ["c"], ["c"], {}, [r.randn(3), r.uniform(.5, 1.5, 3), np.ones(1)],
+                  propagate_down=[False]),
+        LayerSpec("sc", "Scale", ["c"], ["c"], {}, [r.randn(3)]),
+        _ip("ip", "c", "y", 3, 3 * 4 * 4, r), _loss("y")], _inputs(r, data=(2, 3, 4, 4))))
+
