@@ -548,8 +548,12 @@ class Net(nn.Module):
         self._views = self._make_views(modules)
 
     def _mark_buffer_readers(self) -> None:
+        """Set ``reads_final`` on layers whose Caffe backward reads a buffer that later in-place
+        layers overwrite: their own (in place), or their top when the backward reads the top."""
         for i, step in enumerate(self._steps):
-            if step.layer.inplace_backward is None or step.tops != step.bottoms or len(step.tops) != 1:
+            layer = step.layer
+            if layer.inplace_backward is None or len(step.tops) != 1 or (
+                    step.tops != step.bottoms and not layer.backward_reads_top):
                 continue
             blob = step.tops[0]
             step.reads_final = any(s.tops == (blob,) and blob in s.bottoms for s in self._steps[i + 1:])

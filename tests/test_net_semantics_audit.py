@@ -834,3 +834,16 @@ def test_reader_computes_diff_of_blob_whose_producer_stops_gradients():
         LayerSpec("sc", "Scale", ["c"], ["c"], {}, [r.randn(3)]),
         _ip("ip", "c", "y", 3, 3 * 4 * 4, r), _loss("y")], _inputs(r, data=(2, 3, 4, 4))))
 
+
+@pytest.mark.parametrize("kind", ["Sigmoid", "TanH", "Softmax"])
+def test_top_reading_backward_sees_later_in_place_layers(kind):
+    """Sigmoid/TanH/Softmax backward read their top buffer (SigmoidLayer::Backward_cpu reads
+    top[0]->cpu_data()): with a separate top rewritten by a later in-place layer (a Scale, a
+    leaky ReLU), Caffe's gradient uses the rewritten values, as it does for an in-place one."""
+    r = np.random.RandomState(3)
+    assert_matches(_spec([
+        _ip("ip0", "data", "x", 4, 4, r),
+        LayerSpec("f", kind, ["x"], ["y"]),
+        LayerSpec("sc", "Scale", ["y"], ["y"], {}, [r.randn(4) - 1.0]),
+        LayerSpec("relu", "ReLU", ["y"], ["y"], {"slope": 0.1}),
+        _ip("ip1", "y", "z", 3, 4, r), _loss("z")], _inputs(r, data=(2, 4)), force=True))

@@ -93,6 +93,11 @@ class Layer(nn.Module):
     # backward reads that buffer define ``inplace_backward(top_diff, buffer) -> bottom_diff``
     # with Caffe's formula; the net uses it only in such chains (see net.py).
     inplace_backward = None
+    # Whether that formula reads the layer's *top* (Caffe's SigmoidLayer, TanHLayer, ExpLayer and
+    # SoftmaxLayer::Backward_cpu read top[0]->cpu_data()): then a layer with a top of its own
+    # sees what later in-place layers wrote there too (Sigmoid, then an in-place Scale), and
+    # the net uses ``inplace_backward`` for it as well. ReLU's reads its bottom: not set.
+    backward_reads_top: ClassVar[bool] = False
     # Layers that run a user's code (Python layers): the user's exceptions reach the caller
     # unchanged, as in pycaffe, instead of being reworded into a NetError.
     runs_user_code: ClassVar[bool] = False

@@ -162,6 +162,8 @@ class ELU(NeuronLayer):
 class Sigmoid(NeuronLayer):
     """Logistic function ``1 / (1 + exp(-x))``."""
 
+    backward_reads_top = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
 
@@ -172,6 +174,8 @@ class Sigmoid(NeuronLayer):
 @LAYERS.register("TanH")
 class TanH(NeuronLayer):
     """Hyperbolic tangent."""
+
+    backward_reads_top = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x)
@@ -204,6 +208,8 @@ class Power(NeuronLayer):
 @LAYERS.register("Exp")
 class Exp(NeuronLayer):
     """``base ** (shift + scale * x)``; base -1 (the default) means e."""
+
+    backward_reads_top = True
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)

@@ -340,6 +340,7 @@ class Softmax(Layer):
     num_bottoms = (1, 1)
     num_tops = (1, 1)
     blob_names = ()
+    backward_reads_top = True
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
