@@ -64,6 +64,8 @@ class Step:
     to_net_format: Tuple[bool, ...] = ()
     # Per top: a later in-place layer rewrites it (this layer's output is not the blob's data).
     rewritten_tops: Tuple[bool, ...] = ()
+    # Per top: Caffe computes its diff (blob_need_backward_), see Net.run_steps.
+    diff_tops: Tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -507,6 +509,7 @@ class Net(nn.Module):
         self._plan = plan
         for step, needs, layer_needs in zip(self._steps, plan.bottom_needs, plan.layer_needs):
             step.detach = tuple(not n for n in needs)
+            step.diff_tops = tuple(bool(plan.blob_needs.get(t)) for t in step.tops)
             if layer_needs:
                 step.diff_bottoms = tuple(b for b, n in zip(step.bottoms, needs) if n)
         # A parameter gets a gradient when one of its users needs it (Caffe's
@@ -865,9 +868,9 @@ class Net(nn.Module):
                 out = (out,)
             if trace is not None:
                 trace.append((step, bottoms, out))
-            for t, v, rewritten in zip(step.tops, out, step.rewritten_tops):
-                if not v.requires_grad and self._plan.blob_needs.get(t) and \
-                        v.is_floating_point() and torch.is_grad_enabled():
+            for t, v, rewritten, diff in zip(step.tops, out, step.rewritten_tops, step.diff_tops):
+                if diff and not v.requires_grad and v.is_floating_point() and \
+                        torch.is_grad_enabled():
                     # Caffe's readers compute this blob's diff (blob_need_backward_) even where
                     # no gradient goes below it (its producer's bottoms all have propagate_down:
                     # false): a leaf takes it, as _replay_graph makes one for a bottom.
