@@ -1204,8 +1204,15 @@ class Net(nn.Module):
                 tensors, grads = self._seed_tensors(seeds, top_of)
         sequence = self._backward_sequence(lo, hi) if self._callbacks.on_backward else None
         if tensors:
+            # Caffe's Backward can run again on the same forward, reading the masks and
+            # statistics that forward stored: the graph is kept for it where running the layers
+            # again would draw new Dropout masks or update BatchNorm's averages. Elsewhere
+            # autograd frees it as it goes (the backward reuses that memory: ~3% of a LeNet
+            # step) and a second backward records it again, with the same values.
+            retain = not all(s.layer.replays_exactly for s in self._steps[lo:hi + 1])
             try:
-                self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0)
+                self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0,
+                                       retain=retain)
             except RuntimeError as e:
                 if not _graph_was_freed(e):
                     raise
@@ -1225,6 +1232,8 @@ class Net(nn.Module):
             finally:
                 if sequence is not None:
                     sequence.release()  # its hooks must not outlive this backward
+            if not retain:
+                self._spent_steps.update(range(lo, hi + 1))
         if sequence is not None:
             sequence.finish()
         if self._store.held:
@@ -1330,7 +1339,8 @@ class Net(nn.Module):
                     if not rewritten:
                         values[t] = v
 
-    def _accumulate_grads(self, tensors, grads, steps: Sequence[Step], whole: bool = False) -> None:
+    def _accumulate_grads(self, tensors, grads, steps: Sequence[Step], whole: bool = False,
+                          retain: bool = False) -> None:
         """Gradients of the seeds w.r.t. the blobs and parameters of ``steps``: blob diffs are
         replaced, parameter diffs accumulate in place as Caffe's do (``.diff`` arrays the user
         holds stay live).
@@ -1369,9 +1379,9 @@ class Net(nn.Module):
                 # Every leaf of the graph is a parameter or a blob leaf of this net: only a
                 # caller's tensor (net(data=t), run({...})) can bring leaves of its own, which
                 # the gradients must not reach (autograd.grad names what it differentiates).
-                got = self._backward_whole(tensors, grads, blob_ts)
+                got = self._backward_whole(tensors, grads, blob_ts, retain)
             else:
-                got = self._backward_by_grad(tensors, grads, blob_ts, params)
+                got = self._backward_by_grad(tensors, grads, blob_ts, params, retain)
         except BaseException:
             # A refused backward (the graph a torch backward freed): the diffs whose arrays a
             # user holds stay the blobs' diffs, or a fresh read would disagree with them.
@@ -1429,7 +1439,7 @@ class Net(nn.Module):
         return hi + 1
 
     @staticmethod
-    def _backward_whole(tensors, grads, blob_ts) -> Dict[str, torch.Tensor]:
+    def _backward_whole(tensors, grads, blob_ts, retain: bool) -> Dict[str, torch.Tensor]:
         """One backward over the whole graph: parameter gradients accumulate into ``.grad`` as
         the engine makes them (in place, while in cache), hooks keep the blobs' gradients.
         The engine runs unrestricted: naming the parameters as ``inputs`` cost ~0.2 ms of a
@@ -1442,10 +1452,7 @@ class Net(nn.Module):
         for _, t in leaves:
             t.grad = None  # an input leaf kept from an earlier pass must not accumulate
         try:
-            # The graph is kept for the next backward of this pass: Caffe's Backward can run
-            # again on the same forward and reads the masks and statistics that forward stored
-            # (running the layers again drew new Dropout masks and updated BatchNorm's averages).
-            torch.autograd.backward(tensors, grads, retain_graph=True)
+            torch.autograd.backward(tensors, grads, retain_graph=retain)  # see Net.backward
         finally:
             for h in handles:
                 h.remove()
@@ -1460,12 +1467,12 @@ class Net(nn.Module):
         return {n: graph_free(g) for n, g in captured.items() if g is not None}
 
     @staticmethod
-    def _backward_by_grad(tensors, grads, blob_ts, params) -> Dict[str, torch.Tensor]:
+    def _backward_by_grad(tensors, grads, blob_ts, params, retain: bool
+                          ) -> Dict[str, torch.Tensor]:
         inputs = [t for _, t in blob_ts] + params
         if not inputs:  # nothing in the range takes a gradient
             return {}
-        # Kept for the next backward, as in _backward_whole.
-        got = torch.autograd.grad(tensors, inputs, grads, allow_unused=True, retain_graph=True)
+        got = torch.autograd.grad(tensors, inputs, grads, allow_unused=True, retain_graph=retain)
         for p, g in zip(params, got[len(blob_ts):]):
             if g is not None:
                 if p.grad is None and g.stride() != p.stride():

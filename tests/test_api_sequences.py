@@ -55,6 +55,45 @@ def test_a_second_backward_keeps_the_dropout_masks_of_the_forward(tmp_path):
     np.testing.assert_allclose(net.params["ip1"][0].diff, 2 * w1, rtol=1e-6)
 
 
+_CONV_HEAD = """layer { name: "x" type: "Input" top: "x" top: "t"
+  input_param { shape { dim: 4 dim: 2 dim: 6 dim: 6 } shape { dim: 4 } } }
+layer { name: "c" type: "Convolution" bottom: "x" top: "c"
+  convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "gaussian" std: 1 } } }
+"""
+_IP_LOSS = """layer { name: "ip" type: "InnerProduct" bottom: "p" top: "y"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "y" bottom: "t" top: "l" }
+"""
+SECOND_BACKWARD = {
+    # Stochastic pooling samples its windows in TRAIN: the graph of the pass is kept.
+    "stochastic pooling": 'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }\n'
+                          'layer { name: "p" type: "Pooling" bottom: "c" top: "p" '
+                          'pooling_param { pool: STOCHASTIC kernel_size: 2 stride: 2 } }\n',
+    # Layers that give the same values again: the graph is freed and recorded again.
+    "deterministic layers": 'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }\n'
+                            'layer { name: "p" type: "Pooling" bottom: "c" top: "p" '
+                            'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n',
+}
+
+
+@pytest.mark.parametrize("case", sorted(SECOND_BACKWARD))
+def test_a_second_backward_repeats_the_first(tmp_path, case):
+    path = tmp_path / "net.prototxt"
+    path.write_text(_CONV_HEAD + SECOND_BACKWARD[case] + _IP_LOSS)
+    net = caffe.Net(str(path), caffe.TRAIN)
+    rng = np.random.RandomState(3)
+    net.blobs["x"].data[...] = rng.rand(4, 2, 6, 6)
+    net.blobs["t"].data[...] = [0, 1, 2, 1]
+    net.forward()
+    net.backward()
+    first = {n: b.diff.copy() for n, b in net.blobs.items()}
+    w = net.params["c"][0].diff.copy()
+    net.backward()
+    for name, blob in net.blobs.items():
+        np.testing.assert_allclose(blob.diff, first[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(net.params["c"][0].diff, 2 * w, rtol=1e-5)
+
+
 def test_a_second_backward_does_not_update_batchnorm_statistics(tmp_path):
     # Only BatchNorm's Forward moves its running averages; Backward leaves the blobs as they are.
     net = _net(tmp_path, "bn")

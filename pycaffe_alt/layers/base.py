@@ -199,6 +199,15 @@ class Layer(nn.Module):
         """Told by the Net which memory format its 4-D tensors use (pycaffe_alt.memory_format);
         layers that produce batches (data layers) lay them out that way. Others ignore it."""
 
+    @property
+    def replays_exactly(self) -> bool:
+        """Whether running this layer's forward again on the same bottoms gives the same tops and
+        changes nothing (no random draws, no running statistics, no user code). A pycaffe
+        backward then lets autograd free the pass's graph and records it again if a second
+        backward of the same pass comes; otherwise it keeps the graph, as Caffe's Backward
+        reads the masks and statistics its Forward stored."""
+        return not self.runs_user_code
+
     def prepare_pass(self) -> None:
         """Host work this layer needs before a compiled pass reaches it, which the graph itself
         cannot contain (e.g. looking the batch's stored supports up by record index). The

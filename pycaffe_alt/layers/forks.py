@@ -463,6 +463,10 @@ class BN(Layer):
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
         return [tuple(bottom_shapes[0])]  # not by a fake run: a TRAIN forward updates the statistics
 
+    @property
+    def replays_exactly(self) -> bool:
+        return self.frozen or not self.training  # a TRAIN pass updates the running statistics
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.channels:
             raise self.error(f"bottom has {x.shape[1]} channels, the blobs have {self.channels}",

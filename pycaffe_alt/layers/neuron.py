@@ -303,6 +303,10 @@ class Dropout(NeuronLayer):
         # Carlo samples), exactly as TRAIN does.
         self.sample_test = bool(param.dropout_param.sample_weights_test)
 
+    @property
+    def replays_exactly(self) -> bool:
+        return not (self.training or self.sample_test)  # otherwise each pass draws a new mask
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and not self.sample_test:
             return x.clone() if self.scale_train else x * self.test_scale

@@ -135,6 +135,11 @@ class BatchNorm(Layer):
         # Not by a fake run: a TRAIN forward would update the running statistics.
         return [tuple(bottom_shapes[0])]
 
+    @property
+    def replays_exactly(self) -> bool:
+        # A pass on batch statistics updates the running sums.
+        return (not self.training) if self.use_global_stats is None else self.use_global_stats
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() > 1 and x.shape[1] != self.channels:
             raise self.error(f"bottom has {x.shape[1]} channels, the statistics have {self.channels}",

@@ -164,6 +164,10 @@ class HardThreshold(Layer):
         self._beta_for(q)  # shape check
         return threshold_support(q, self.beta)
 
+    @property
+    def replays_exactly(self) -> bool:
+        return self.record_support is None  # a recorded pass stores the batch's supports
+
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         beta = self._beta_for(q)
         shift = self.mode == "RELU_BIAS" or self.output == "SHIFT"
@@ -264,6 +268,10 @@ class SupportMask(Layer):
                              "\"Alternation\"); outside it use source BOTTOM with the mask as a "
                              "second bottom, or source BATCH")
         return self.support_provider(q)
+
+    @property
+    def replays_exactly(self) -> bool:
+        return self.record_support is None  # a recorded pass stores the batch's supports
 
     def forward(self, q: torch.Tensor, m_bottom: Optional[torch.Tensor] = None) -> torch.Tensor:
         m = _constant_mask(self, self.mask(q, m_bottom), q, f"the {self.source} support")

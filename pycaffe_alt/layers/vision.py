@@ -524,6 +524,10 @@ class Pooling(Layer):
         return self._fixed_geometry or PoolGeometry((int(h), int(w)), self.stride, self.pad,
                                                     self.ceil)
 
+    @property
+    def replays_exactly(self) -> bool:
+        return not (self.method == STOCHASTIC and self.training)  # TRAIN samples each window
+
     def forward(self, x: torch.Tensor):
         if x.dim() != 4:
             raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {tuple(x.shape)}",
