@@ -1185,8 +1185,9 @@ class Net(nn.Module):
         tensors, grads = self._seed_tensors(seeds, top_of)
         if (not tensors and any(name in self._seedable for name in seeds)) or \
                 not self._spent_steps.isdisjoint(range(lo, hi + 1)):
-            # No graph yet (a backward without a forward), or layers a forward(end=...) left
-            # with an older pass's graph: Caffe's backward runs on what the blobs hold.
+            # No graph yet (a backward without a forward), a backward freed it (nets whose
+            # layers replay exactly, see below), or layers a forward(end=...) left with an
+            # older pass's graph: Caffe's backward runs on what the blobs hold.
             spent = [i for i in self._spent_steps if lo <= i <= hi]
             # Only the spent layers when the range has graph below them (the layers a
             # forward(end=...) left above its end): the layers below keep this pass's graph
@@ -1295,8 +1296,9 @@ class Net(nn.Module):
         Caffe's Backward reads the data in the blobs and needs no forward in the same session
         (pycaffe's ``net.backward()`` right after building a net works, BVLC's test_python_layer
         does it); the autograd graph a backward uses is made by a forward, so when none was
-        recorded (or the layers above a forward(end=...) hold an older pass's) the layers with
-        bottoms run again. Each reads what it read in the pass (``_read_value``): a range that begins in the middle of an in-place
+        recorded (or a backward freed it, or the layers above a forward(end=...) hold an older
+        pass's) the layers with bottoms run again. Each reads what it read in the pass
+        (``_read_value``): a range that begins in the middle of an in-place
         chain starts from the output of the chain's layer below it, not from the chain's final
         data (a BatchNorm replayed from the ReLU output would normalize twice). Without a
         recorded pass the blobs' data is read (in-place layers then see their own output: the
