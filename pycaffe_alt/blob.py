@@ -151,6 +151,18 @@ def _assign(view: "_BlobView", target: np.ndarray, value, field: str) -> None:
                             "it); to change the blob's shape, call reshape(...) first") from None
 
 
+def legacy_shape(shape: Sequence[int], axis: int, what: str) -> int:
+    """Caffe's Blob::LegacyShape, behind pycaffe's ``num``, ``channels``, ``height`` and
+    ``width``: axis ``axis`` of ``shape``, and 1 for the axes past its last one (the shape is
+    padded with 1s on the right: an InnerProduct top (N, K) has num N, channels K, height and
+    width 1). Caffe CHECK-fails on a blob of more than four axes; here that is a NetError."""
+    if len(shape) > 4:
+        raise NetError(f"{what} has {len(shape)} axes {tuple(shape)}; num, channels, height and "
+                       "width are for blobs of at most 4 axes (Caffe's LegacyShape)", None,
+                       "read its shape instead (blob.shape, blob.data.shape)")
+    return int(shape[axis]) if axis < len(shape) else 1
+
+
 class _BlobView(metaclass=abc.ABCMeta):
     """What blobs and parameter blobs share: numpy ``data``/``diff`` and Caffe's legacy dims.
 
@@ -186,15 +198,10 @@ class _BlobView(metaclass=abc.ABCMeta):
     def count(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
-    def _legacy(self, axis: int) -> int:
-        # Caffe's LegacyShape: the shape padded with 1s on the left to 4 axes.
-        shape = self.shape
-        return shape[axis - 4 + len(shape)] if len(shape) >= 4 - axis else 1
-
-    num = property(lambda self: self._legacy(0))
-    channels = property(lambda self: self._legacy(1))
-    height = property(lambda self: self._legacy(2))
-    width = property(lambda self: self._legacy(3))
+    num = property(lambda self: legacy_shape(self.shape, 0, repr(self)))
+    channels = property(lambda self: legacy_shape(self.shape, 1, repr(self)))
+    height = property(lambda self: legacy_shape(self.shape, 2, repr(self)))
+    width = property(lambda self: legacy_shape(self.shape, 3, repr(self)))
 
 
 MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes

@@ -29,7 +29,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..blob import Blob, BlobVec, shape_args
+from ..blob import Blob, BlobVec, legacy_shape, shape_args
 from ..blob_memory import check_blob_fits
 from ..caffe_alias import caffe_importable
 from ..errors import CaffeError, LayerMethodError
@@ -71,13 +71,10 @@ class PyBlob:
     def count(self) -> int:
         return int(self._data.size)
 
-    def _legacy(self, i: int) -> int:
-        return int(self._data.shape[i]) if i < self._data.ndim else 1
-
-    num = property(lambda self: self._legacy(0))
-    channels = property(lambda self: self._legacy(1))
-    height = property(lambda self: self._legacy(2))
-    width = property(lambda self: self._legacy(3))
+    num = property(lambda self: legacy_shape(self.shape, 0, repr(self)))
+    channels = property(lambda self: legacy_shape(self.shape, 1, repr(self)))
+    height = property(lambda self: legacy_shape(self.shape, 2, repr(self)))
+    width = property(lambda self: legacy_shape(self.shape, 3, repr(self)))
 
     def reshape(self, *shape: int) -> None:
         """Caffe's Blob::Reshape: new (zeroed) storage only when the shape changes."""
