@@ -492,3 +492,15 @@ def test_deformable_convolution_is_refused_by_name(tmp_path):
     assert "DeformableConvolution" in msg and "deformable_convolution_param" in msg
     assert "Python layer" in msg
 
+
+def test_se_resnet50_reshaped_below_its_fixed_pool_says_the_kernel_does_not_fit(tmp_path):
+    """SE-ResNet-50's pool5 is a fixed 7 x 7 window: reshaped to 96 x 96 the input reaching it
+    is 3 x 3, and Caffe's Pooling Reshape works out a -3 x -3 top (its Blob CHECK fails). The
+    error is the one the build gives for that geometry, naming the kernel and the input, not
+    torch's pooling message."""
+    net = caffe.Net(write_model(tmp_path, "se_resnet50"), caffe.TEST)
+    net.blobs["data"].reshape(1, 3, 96, 96)
+    with pytest.raises(CaffeError, match=r"pool5/7x7_s1.*kernel \(7, 7\).*does not fit the 3x3 "
+                                         r"input: the output would be -3x-3") as e:
+        net.reshape()
+    assert "global_pooling" in str(e.value) and "too small" not in str(e.value)

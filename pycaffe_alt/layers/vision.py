@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..compile_ops import keeps_max_pool_whole, max_pool2d_with_indices
 from ..errors import NetError
 from ..registry import LAYERS
-from .base import Layer
+from .base import Layer, Shape
 
 Pair = Tuple[int, int]
 
@@ -503,13 +503,29 @@ class Pooling(Layer):
             raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {shape}",
                              "reshape the input to 4 axes")
         _check_pool_geometry(self, self._geometry(shape[2], shape[3]), self.method)
-        out = pooled_shape(self._geometry(shape[2], shape[3]), shape[2], shape[3])
-        if min(out) < 1:  # Caffe's Reshape CHECK fails on the negative (or empty) top
-            raise self.error(f"the kernel {self._geometry(shape[2], shape[3]).kernel} (pad "
-                             f"{self.pad}) does not fit the {shape[2]}x{shape[3]} input: the "
-                             f"output would be {out[0]}x{out[1]}",
-                             "use a smaller kernel, padding, or global_pooling: true")
+        self._pooled_size(shape[2], shape[3])
         self.fixed_switches = None
+
+    def _pooled_size(self, h: int, w: int) -> Pair:
+        """Caffe's pooled size for an ``h x w`` input, or the error its Reshape CHECK gives on
+        a negative (or empty) top. Caffe's Reshape works the size out again for each input, so a
+        net reshaped to a smaller image (SE-ResNet's fixed 7 x 7 pool5 fed 96 x 96) fails here
+        too, not inside torch's pooling."""
+        geom = self._geometry(h, w)
+        out = pooled_shape(geom, h, w)
+        if min(out) < 1:
+            raise self.error(f"the kernel {geom.kernel} (pad {self.pad}) does not fit the {h}x{w} "
+                             f"input: the output would be {out[0]}x{out[1]}",
+                             "use a smaller kernel, padding, or global_pooling: true")
+        return out
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
+        shape = tuple(bottom_shapes[0])
+        if len(shape) != 4:
+            raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {shape}",
+                             "reshape the input to 4 axes")
+        top = tuple(shape[:2]) + tuple(self._pooled_size(shape[2], shape[3]))
+        return [top] * (2 if self.with_mask else 1)  # the mask top is shaped as the pooled one
 
     def _pair(self, pp, name: str, hname: str, wname: str) -> Pair:
         has_h, has_w = pp.HasField(hname), pp.HasField(wname)
