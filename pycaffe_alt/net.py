@@ -76,6 +76,8 @@ class _DiffRange:
     # diff (None: the blob's data; see Net._diff_reader and Net._writer_key).
     diff_keys: Tuple[Tuple[str, Optional[Tuple[int, str]]], ...]
     diff_bottoms: Tuple[str, ...]  # the blobs whose diff the range's Backward writes
+    # A learnable parameter of the range is also used by a layer below it (shared weights).
+    shares_below: bool = False
 
 
 class _FinalValue:
@@ -1138,6 +1140,14 @@ class Net(nn.Module):
             return self._written, key
         return self._values, name
 
+    def _written_by(self, name: str, key: Any) -> int:
+        """The index of the layer whose output a ``_read_slot`` key names (for the blob's data,
+        keyed by its name: its last writer; -1 for a net input no layer rewrites)."""
+        if isinstance(key, tuple):
+            return key[0]
+        writers = self._writers.get(name)
+        return writers[-1] if writers else -1
+
     def _read_value(self, name: str, index: int) -> Optional[torch.Tensor]:
         """The value layer ``index`` read from blob ``name`` (see :meth:`_read_slot`)."""
         home, key = self._read_slot(name, index)
@@ -1183,7 +1193,16 @@ class Net(nn.Module):
             seeds = []
         top_of = hi if start is not None else None
         tensors, grads = self._seed_tensors(seeds, top_of)
-        if (not tensors and any(name in self._seedable for name in seeds)) or \
+        if 0 < lo <= hi and self._diff_range(lo, hi).shares_below:
+            # Caffe's BackwardFromTo runs the range's layers only: a parameter shared with a
+            # layer below the range gets the range's contributions alone. Autograd would follow
+            # the pass's graph down into that layer (and fail where a backward freed it), so
+            # the range's graph is recorded again from what the blobs hold, cut at its bottoms.
+            self._replay_graph(lo, hi, cut=lo)
+            # The layers below no longer lead to the values the range reads.
+            self._spent_steps.update(range(lo))
+            tensors, grads = self._seed_tensors(seeds, top_of)
+        elif (not tensors and any(name in self._seedable for name in seeds)) or \
                 not self._spent_steps.isdisjoint(range(lo, hi + 1)):
             # No graph yet (a backward without a forward), a backward freed it (nets whose
             # layers replay exactly, see below), or layers a forward(end=...) left with an
@@ -1289,7 +1308,8 @@ class Net(nn.Module):
                     changed.add(name)
         return changed
 
-    def _replay_graph(self, lo: int, hi: int, dirty: Optional[Set[str]] = None) -> None:
+    def _replay_graph(self, lo: int, hi: int, dirty: Optional[Set[str]] = None,
+                      cut: Optional[int] = None) -> None:
         """Record the graph of layers ``lo..hi`` again from the values they read; their outputs
         replace their ``_written`` entries.
 
@@ -1306,7 +1326,8 @@ class Net(nn.Module):
         data layer would read the next batch); Dropout draws a new mask. The blobs' data stays
         what the pass left (Caffe's Backward never changes it): only a blob's last writer sets
         it, to the value it had. With ``dirty`` (blob names), only the layers that read one of
-        them, or a top of a layer replayed before, run again.
+        them, or a top of a layer replayed before, run again. With ``cut`` (a layer index), a
+        bottom made below that layer is read detached, so the new graph begins at it.
         """
         self._push_host_writes()
         values, written = self._values, self._written
@@ -1325,6 +1346,9 @@ class Net(nn.Module):
                     v = home.get(key)
                     if v is None or v.is_inference():  # data_tensor makes an inference one usable
                         v = self._store.data_tensor(name)
+                    if cut is not None and v.grad_fn is not None and \
+                            self._written_by(name, key) < cut:
+                        v = v.detach()  # made below ``cut``: the graph starts here
                     if not v.requires_grad and not detach and self._plan.blob_needs.get(name):
                         v = home[key] = v.detach().requires_grad_(True)
                     bottoms.append(v.detach() if detach else v)
@@ -1406,10 +1430,13 @@ class Net(nn.Module):
         if cached is None:
             steps = self._steps[lo:hi + 1]
             names = dict.fromkeys(n for s in steps for n in s.bottoms + s.tops)
+            below = {id(p) for s in self._steps[:lo] for p in s.layer.blobs}
             cached = self._diff_ranges[(lo, hi)] = _DiffRange(
                 diff_keys=tuple((n, self._writer_key(n, self._diff_reader(n, lo, hi)))
                                 for n in names),
-                diff_bottoms=tuple(n for s in steps for n in s.diff_bottoms))
+                diff_bottoms=tuple(n for s in steps for n in s.diff_bottoms),
+                shares_below=any(p.requires_grad and id(p) in below
+                                 for s in steps for p in s.layer.blobs))
         return cached
 
     def _diff_reader(self, name: str, lo: int, hi: int) -> int:
