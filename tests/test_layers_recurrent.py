@@ -338,3 +338,25 @@ def test_netspec_writes_an_lstm_net_that_builds():
     net = caffe.Net(n.to_proto(), caffe.TEST)
     assert [tuple(b.data.shape) for b in net.params["h"]] == [(4 * H, D), (4 * H,), (4 * H, H)]
     assert net.forward()["y"].shape == (T, N, 2)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "LSTM"])
+def test_a_second_backward_of_one_pass_keeps_the_carried_state(kind, x):
+    # Caffe's Backward reads what the Forward stored; running the layer again for a second
+    # backward started from this pass's final state (other diffs, other top data) and moved
+    # the carried state on, so the next forward differed from a net that never backwarded twice.
+    net, ref = recurrent_net(kind), recurrent_net(kind)
+    for mine, theirs in zip(net.params["rec"], ref.params["rec"]):
+        theirs.data[...] = mine.data
+    cont = np.ones((T, N), np.float32)
+    run(net, x, cont)
+    y = run(net, x, cont)["y"].copy()  # starts from the first pass's final state
+    diffs = []
+    for _ in range(2):
+        net.blobs["y"].diff[...] = 1
+        diffs.append(net.backward()["x"].copy())
+    np.testing.assert_array_equal(diffs[0], diffs[1])
+    np.testing.assert_array_equal(net.blobs["y"].data, y)
+    for _ in range(3):
+        expected = run(ref, x, cont)["y"].copy()
+    np.testing.assert_allclose(run(net, x, cont)["y"], expected, rtol=1e-6, atol=1e-6)

@@ -249,6 +249,13 @@ class _Recurrent(Layer):
     def _steps(self, x_in, static_in, cont, state):
         raise NotImplementedError
 
+    @property
+    def replays_exactly(self) -> bool:
+        # Without expose_hidden a forward starts from the state the previous one left and
+        # stores its own (Caffe's RecurrentLayer::Forward_cpu copies h_T into h_0): running it
+        # again for a second backward would start from this pass's end and move the state on.
+        return self.expose_hidden
+
     def reset_state(self) -> None:
         """Forget the carried state: the next forward starts from zeros (Caffe's ``Reset``)."""
         self._state = None
