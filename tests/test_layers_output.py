@@ -91,3 +91,25 @@ def test_bad_hdf5output_layers_name_the_layer(tmp_path, case, message):
     with pytest.raises(NetError, match=message) as e:
         output_net(path, data, label)
     assert "'dump'" in str(e.value)
+
+
+def test_a_second_backward_of_one_pass_writes_no_rows(tmp_path):
+    # Caffe's HDF5Output Backward does nothing: a backward that ran the layers again to record
+    # their graph (the first backward freed it) appended the batch a second time.
+    path = tmp_path / "out.h5"
+    text = f"""
+    layer {{ name: "in" type: "Input" top: "x" top: "label"
+      input_param {{ shape {{ dim: 2 dim: 3 }} shape {{ dim: 2 dim: 1 }} }} }}
+    layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+      inner_product_param {{ num_output: 1 weight_filler {{ type: "gaussian" std: 1 }} }} }}
+    layer {{ name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "label" top: "loss" }}
+    layer {{ name: "dump" type: "HDF5Output" bottom: "y" bottom: "label"
+      hdf5_output_param {{ file_name: "{path}" }} }}
+    """
+    net = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), caffe.TRAIN)
+    net.forward(x=np.ones((2, 3), np.float32), label=np.zeros((2, 1), np.float32))
+    net.backward()
+    net.backward()
+    with h5py.File(path, "r") as h5:
+        assert h5["data"].shape[0] == 2
+    assert net.layer_dict["dump"].module.rows_written == 2

@@ -71,6 +71,10 @@ class HDF5Output(Layer):
         self._check(bottom_shapes)
         return []
 
+    @property
+    def replays_exactly(self) -> bool:
+        return False  # each forward appends rows to the file; Caffe's Backward writes none
+
     def forward(self, data: torch.Tensor, label: torch.Tensor):
         self._check([data.shape, label.shape])
         import h5py
