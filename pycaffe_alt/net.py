@@ -347,6 +347,9 @@ class Net(nn.Module):
         # _writer_key); filled by every pass a pycaffe backward may follow. The autograd graph
         # holds these tensors anyway while it lives.
         self._written: Dict[Tuple[int, str], torch.Tensor] = {}
+        # Whether the recorded graph may reach a caller's tensor (see run): _store.foreign
+        # forgets a name once pycaffe copies the blob, but the pass's graph still holds it.
+        self._foreign_graph = False
         self._shapes: Dict[str, Shape] = OrderedDict()
         self._store = _BlobStore(self)
         self._compiled: Optional[CompiledNet] = None
@@ -798,6 +801,8 @@ class Net(nn.Module):
             values.update(inputs)
             # The caller's tensors: pycaffe's views must not write into them (see data_tensor).
             self._store.foreign.update(inputs)
+        # A pass from a middle layer keeps the graph the layers below it recorded before.
+        self._foreign_graph = bool(self._store.foreign) or (start > 0 and self._foreign_graph)
         for name in self._inputs:
             if name not in values:
                 values[name] = self._store.data_tensor(name)
@@ -1401,7 +1406,7 @@ class Net(nn.Module):
             if old is not None and n in held_diffs:
                 kept[n] = old
         try:
-            if whole and not self._store.foreign:
+            if whole and not self._foreign_graph:
                 # Every leaf of the graph is a parameter or a blob leaf of this net: only a
                 # caller's tensor (net(data=t), run({...})) can bring leaves of its own, which
                 # the gradients must not reach (autograd.grad names what it differentiates).

@@ -656,14 +656,19 @@ def test_pycaffe_backward_after_a_torch_backward_of_the_module_form():
     assert np.abs(net.params["conv1"][0].diff).sum() > 0
 
 
-def test_pycaffe_backward_leaves_the_callers_graph_alone():
+@pytest.mark.parametrize("read_blobs", [False, True], ids=["", "after a blob read"])
+def test_pycaffe_backward_leaves_the_callers_graph_alone(read_blobs):
     # A tensor the caller computed (here from a leaf of its own) and fed to the module form:
     # pycaffe's backward fills the net's diffs and stops at the net's input, as Caffe's Backward
-    # ends at the input blob; the caller's leaf gets no gradient from it.
+    # ends at the input blob; the caller's leaf gets no gradient from it. Reading the input
+    # blobs gives pycaffe its own copies, but the pass's graph still starts from the caller's
+    # tensor (its leaf got a gradient).
     net = caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
                     caffe.TRAIN)
     scale = torch.ones((), requires_grad=True)
     net(data=torch.rand(2, 1, 28, 28) * scale, label=torch.tensor([3.0, 5.0]))
+    if read_blobs:
+        assert net.blobs["data"].data.shape == (2, 1, 28, 28) and net.blobs["label"].data.size == 2
     net.backward()
     assert scale.grad is None
     assert np.abs(net.params["conv1"][0].diff).sum() > 0
