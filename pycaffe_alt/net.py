@@ -265,6 +265,20 @@ def _layer_error(step: "Step", bottoms: Sequence[torch.Tensor], error: Exception
         "layer check them at setup")
 
 
+def _run_layer(step: "Step", bottoms: Sequence[torch.Tensor], call=None):
+    """``step``'s layer on ``bottoms`` (or ``call()``, which runs it another way) in a pass or
+    a backward's replay; a failure is reported as :func:`_layer_error` says."""
+    try:
+        return step.layer(*bottoms) if call is None else call()
+    except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
+        # Raised without binding it to a local: the error's traceback holds the caller's frame,
+        # and a cycle through it kept the failed pass's graph (and a reshaped parameter's stale
+        # gradient accumulator) alive until a garbage collection.
+        if step.layer.runs_user_code or isinstance(e, CaffeError):
+            raise
+        raise _layer_error(step, bottoms, e) from None
+
+
 def _graph_was_freed(error: RuntimeError) -> bool:
     """Whether autograd refused a backward because an earlier one freed the graph's buffers."""
     return "backward through the graph a second time" in str(error)
@@ -858,19 +872,12 @@ class Net(nn.Module):
             if step.to_net_format:  # a net input read in the net's format (see Step)
                 bottoms = [self._input_in_format(name, b, converted) if f and b.dim() == 4 else b
                            for name, b, f in zip(step.bottoms, bottoms, step.to_net_format)]
-            try:
-                if step.reads_final and bottoms[0].requires_grad:
-                    final = finals.setdefault(step.tops[0], _FinalValue())
-                    out = _BufferBackward.apply(bottoms[0], step.layer, final)
-                else:
-                    out = step.layer(*bottoms)
-            except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
-                # Raised without binding it to a local: the error's traceback holds this frame,
-                # and a cycle through it kept the failed pass's graph (and a reshaped
-                # parameter's stale gradient accumulator) alive until a garbage collection.
-                if step.layer.runs_user_code or isinstance(e, CaffeError):
-                    raise
-                raise _layer_error(step, bottoms, e) from None
+            if step.reads_final and bottoms[0].requires_grad:
+                final = finals.setdefault(step.tops[0], _FinalValue())
+                out = _run_layer(step, bottoms, functools.partial(
+                    _BufferBackward.apply, bottoms[0], step.layer, final))
+            else:
+                out = _run_layer(step, bottoms)
             if isinstance(out, torch.Tensor):
                 out = (out,)
             if trace is not None:
@@ -1357,13 +1364,7 @@ class Net(nn.Module):
                     if not v.requires_grad and not detach and self._plan.blob_needs.get(name):
                         v = home[key] = v.detach().requires_grad_(True)
                     bottoms.append(v.detach() if detach else v)
-                try:
-                    out = step.layer(*bottoms)
-                except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
-                    # As in run_steps (a parameter blob reshaped since the forward, say).
-                    if step.layer.runs_user_code or isinstance(e, CaffeError):
-                        raise
-                    raise _layer_error(step, bottoms, e) from None
+                out = _run_layer(step, bottoms)
                 outs = (out,) if isinstance(out, torch.Tensor) else out
                 for t, v, rewritten in zip(step.tops, outs, step.rewritten_tops):
                     written[(step.index, t)] = v
