@@ -83,11 +83,12 @@ class Classifier(Net):
         # only predict() resizes to it, so a program that passes caffe.TEST third as for a Net
         # (Classifier(deploy, weights, caffe.TEST, mean=...)) builds the net and uses it through
         # forward(): a size that is not (height, width) is refused by predict(), not here.
+        # Read again by every predict(), as pycaffe's: a program may set it between calls.
         self.image_dims = image_dims if _dims_given(image_dims) else self.crop_dims
-        self._resize_to = _image_size(self.image_dims)
 
     def _checked_image_size(self) -> tuple:
-        if self._resize_to is None:
+        size = _image_size(self.image_dims)
+        if size is None:
             dims = self.image_dims
             raise DataError(f"image_dims {dims!r} is not (height, width) of positive sizes",
                             where="Classifier.predict",
@@ -95,7 +96,7 @@ class Classifier(Net):
                             f"{tuple(int(d) for d in self.crop_dims)}. Classifier(model, weights, "
                             "caffe.TEST) passes caffe.TEST as image_dims: a Classifier is always "
                             "TEST phase, leave it out")
-        return self._resize_to
+        return size
 
     def predict(self, inputs: Sequence[np.ndarray], oversample: bool = True) -> np.ndarray:
         """Class probabilities (N x C, the net's first output) of N H x W x K images; with

@@ -527,6 +527,17 @@ def test_classifier_refuses_image_dims_that_are_not_a_size(deploy, dims):
         clf.predict([np.zeros((20, 20, 3), np.float32)])
 
 
+def test_classifier_predict_reads_image_dims_when_it_runs(deploy):
+    # pycaffe's predict() reads self.image_dims at each call: a program may change it after
+    # construction (it was read once, at construction, and a new value was ignored).
+    model_def, model_weights = deploy
+    images = [_image(30, 26, seed=i) for i in range(2)]
+    clf = caffe.Classifier(model_def, model_weights, image_dims=(20, 20))
+    clf.image_dims = (24, 24)
+    expected = caffe.Classifier(model_def, model_weights, image_dims=(24, 24)).predict(images)
+    np.testing.assert_array_equal(clf.predict(images), expected)
+
+
 def test_a_pycaffe_solver_runs_where_set_mode_says_not_where_solver_mode_says(tmp_path):
     # Caffe's Solver does not read solver_mode (the caffe tool does): with set_mode_cpu() a
     # solver file saying GPU still trains on the CPU, without a warning.
