@@ -1241,7 +1241,8 @@ class Net(nn.Module):
             # again would draw new Dropout masks or update BatchNorm's averages. Elsewhere
             # autograd frees it as it goes (the backward reuses that memory: ~3% of a LeNet
             # step) and a second backward records it again, with the same values.
-            retain = not all(s.layer.replays_exactly for s in self._steps[lo:hi + 1])
+            retain = not all(s.layer.replays_exactly for s in self._steps[lo:hi + 1]
+                             if s.runs and s.bottoms)  # what a replay runs (not data layers)
             try:
                 self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0,
                                        retain=retain)

@@ -234,3 +234,44 @@ def test_python_layer_reshape_checks_like_blob_reshape(user_module, param_str, n
     # numpy's ValueError/MemoryError, or a silent cut of 2.5 to 2, before.
     with pytest.raises(NetError, match=needle):
         python_layer(user_module, "Reshaper", [(2, 3)], param_str=param_str)
+
+
+def test_a_python_data_layer_does_not_keep_the_backwards_graph(user_module, tmp_path):
+    # A pycaffe backward keeps the pass's graph only when running the layers again would
+    # differ (Layer.replays_exactly). A data layer is never run again to record a graph, so a
+    # Python data layer (FCN's voc_layers) must not keep every pass's graph alive.
+    import gc
+    import weakref
+
+    import numpy as np
+
+    import pycaffe_alt as caffe
+
+    path = tmp_path / "net.prototxt"
+    path.write_text(f'force_backward: true\n'
+                    f'layer {{ name: "src" type: "Python" top: "a" top: "b" python_param {{ '
+                    f'module: "{user_module}" layer: "Source" }} }}\n'
+                    'layer { name: "ip" type: "InnerProduct" bottom: "a" top: "y" '
+                    'inner_product_param { num_output: 3 weight_filler { type: "gaussian" } } }\n'
+                    'layer { name: "l" type: "Reduction" bottom: "y" top: "l" loss_weight: 1 }\n')
+    net = caffe.Net(str(path), caffe.TRAIN, allow_python=True)
+
+    class Saved:  # what the graph holds for its backward
+        def __init__(self, t):
+            self.t = t
+
+    saved = []
+
+    def pack(t):
+        box = Saved(t)
+        saved.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        net.forward()
+    net.backward()
+    gc.collect()
+    assert saved and not any(ref() is not None for ref in saved)
+    before = net.params["ip"][0].diff.copy()
+    net.backward()  # recorded again: the same gradient once more
+    np.testing.assert_allclose(net.params["ip"][0].diff, 2 * before, rtol=1e-6)
