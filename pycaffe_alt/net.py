@@ -368,6 +368,9 @@ class Net(nn.Module):
         self._store = _BlobStore(self)
         self._compiled: Optional[CompiledNet] = None
         self._callbacks = LayerCallbacks()  # pycaffe's before_forward & co.
+        # Passes begun (run()): tells a layer callback that ran a pass of its own (see
+        # _call_forward_callbacks) from one that did not.
+        self._runs = 0
         self.memory_format = torch.contiguous_format
         self._build(LayerContext(phase=phase, allow_python=allow_python, source=source))
         self.train(phase == TRAIN)
@@ -799,6 +802,7 @@ class Net(nn.Module):
         twice, or change layers' Python state between batches: the alternation's support
         passes and exact weight steps).
         """
+        self._runs += 1
         values = self._values
         last = len(self._steps) - 1 if end is None else end
         if start == 0:
@@ -850,7 +854,7 @@ class Net(nn.Module):
         calls = self._callbacks if self._callbacks.on_forward else None
         for step in self._steps[start:last + 1]:
             if calls is not None:
-                calls.call("before_forward", step.index)
+                self._call_forward_callbacks("before_forward", step.index, written)
             if not step.runs:
                 if trace is not None:  # Caffe's Input layers run (as no-ops) and are reported
                     trace.append((step, (), tuple(values[t] for t in step.tops)))
@@ -861,7 +865,7 @@ class Net(nn.Module):
                         if rewritten and t in values:
                             written[(step.index, t)] = values[t]
                 if calls is not None:
-                    calls.call("after_forward", step.index)
+                    self._call_forward_callbacks("after_forward", step.index, written)
                 continue
             bottoms = [values[b] for b in step.bottoms]
             if True in step.detach:
@@ -900,9 +904,24 @@ class Net(nn.Module):
                     written[(step.index, t)] = v
                 values[t] = v
             if calls is not None:
-                calls.call("after_forward", step.index)
+                self._call_forward_callbacks("after_forward", step.index, written)
         for name, final in finals.items():
             final.value = values[name].detach()
+
+    def _call_forward_callbacks(self, kind: str, index: int,
+                                written: Optional[Dict[Tuple[int, str], torch.Tensor]]) -> None:
+        """Call layer ``index``'s ``kind`` callbacks during a pass that records ``written``.
+
+        A callback may run a pass of its own (``net.forward()``, as Caffe's ForwardFromTo allows
+        from inside another): it leaves the blobs holding its values, which this pass's next
+        layers then read, as they read Caffe's shared buffers. The layer outputs a backward
+        differentiates are then that pass's too, where this one does not make them again (they
+        were this pass's own, disconnected from its loss: an in-place blob's diff came out
+        wrong)."""
+        runs = self._runs
+        self._callbacks.call(kind, index)
+        if self._runs != runs and written is not None and self._written is not written:
+            written.update(self._written)
 
     def _input_in_format(self, name: str, value: torch.Tensor,
                          converted: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -1087,6 +1106,7 @@ class Net(nn.Module):
         written = self._written = self._written_below(start)
         with torch.set_grad_enabled(grad):
             self.run(None, start, end, written)
+        self._written = written  # a pass a layer callback ran inside this one set its own
         self._mark_recorded(start, end)
         if grad:
             for index, name in self._backward_reads:
