@@ -16,7 +16,7 @@ starts), ``after(i)`` when a lower layer's begins or the pass ends.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -31,6 +31,9 @@ class LayerCallbacks:
 
     def __init__(self) -> None:
         self._lists: Dict[str, List[Callback]] = {kind: [] for kind in KINDS}
+        # (kind, layer index) while callbacks run: the net refuses a backward they start (see
+        # Net.backward), which the pass around them would take apart.
+        self.calling: Optional[Tuple[str, int]] = None
 
     def add(self, kind: str, callback: Callback, where: str = "") -> None:
         """Register ``callback`` (called with a layer index) for ``kind``."""
@@ -51,10 +54,15 @@ class LayerCallbacks:
         """Whether a backward pass has callbacks to call."""
         return bool(self._lists["before_backward"] or self._lists["after_backward"])
 
-    def call(self, kind: str, index: int) -> None:
-        """Call every ``kind`` callback with layer ``index``, in registration order."""
-        for callback in self._lists[kind]:
-            callback(index)
+    def call(self, kind: str, index: int, in_pass: bool = True) -> None:
+        """Call every ``kind`` callback with layer ``index``, in registration order;
+        ``in_pass``: while the pass's graph is being made or consumed (not after its backward)."""
+        outer, self.calling = self.calling, (kind, index) if in_pass else self.calling
+        try:
+            for callback in self._lists[kind]:
+                callback(index)
+        finally:
+            self.calling = outer
 
 
 class BackwardSequence:
@@ -89,19 +97,20 @@ class BackwardSequence:
                 self._callbacks.call("before_backward", index)
                 self._started = True
 
-    def _close_down_to(self, stop: int) -> None:
-        """Finish layers ``self._next`` down to ``stop`` (before_backward where still due)."""
+    def _close_down_to(self, stop: int, in_pass: bool = True) -> None:
+        """Finish layers ``self._next`` down to ``stop`` (before_backward where still due);
+        ``in_pass`` as in :meth:`LayerCallbacks.call`."""
         while self._next >= stop:
             if not self._started:
-                self._callbacks.call("before_backward", self._next)
-            self._callbacks.call("after_backward", self._next)
+                self._callbacks.call("before_backward", self._next, in_pass)
+            self._callbacks.call("after_backward", self._next, in_pass)
             self._next -= 1
             self._started = False
 
     def finish(self) -> None:
         """After the backward: the remaining layers' callbacks, in order; hooks removed."""
         self.release()
-        self._close_down_to(self._lo)
+        self._close_down_to(self._lo, in_pass=False)  # the autograd pass is over
 
     def release(self) -> None:
         """Remove the gradient hooks (also when the backward failed)."""

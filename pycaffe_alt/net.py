@@ -1213,6 +1213,17 @@ class Net(nn.Module):
         overwritten. Returns, as pycaffe master does, the diffs of ``end``'s bottoms (of the net
         inputs when ``end`` is not given), plus those named in ``diffs``.
         """
+        if self._callbacks.calling is not None:
+            # Caffe's BackwardFromTo would run on the blobs as the pass around the callback has
+            # left them; here that pass's autograd graph is half made (a forward) or being
+            # consumed (a backward), and a backward through it failed with a message blaming a
+            # torch backward on the module call's outputs.
+            kind, index = self._callbacks.calling
+            raise NetError(f"backward() called from a {kind} callback (layer "
+                           f"'{self._steps[index].name}', #{index}) while a pass of this net "
+                           "is running; a backward cannot run inside another pass", self.source,
+                           "note what the callback needs and call net.backward() after "
+                           "net.forward()/net.backward() returns")
         for name, arr in kwargs.items():
             self._require_blob(name, "backward()")
             self._write_array(name, arr, "diff", "backward()")

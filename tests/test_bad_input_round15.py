@@ -54,3 +54,52 @@ def test_a_forward_run_from_a_forward_callback_leaves_the_outer_pass_right(kind)
     got, want = pass_state(net), pass_state(plain)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.parametrize("kind, layer", [("after_forward", 5), ("before_backward", 5),
+                                         ("after_backward", 8), ("before_forward", 9)])
+def test_a_backward_run_from_a_callback_inside_a_pass_is_refused_by_name(kind, layer):
+    # It failed with "a torch backward on the outputs of the module call freed this pass's
+    # graph", about a module call the user never made; the net must work afterwards.
+    from pycaffe_alt.errors import NetError
+
+    plain = lenet()
+    plain.forward()
+    plain.backward()
+    net = lenet()
+    fired = []
+
+    def backward_once(i):
+        if i == layer and not fired:
+            fired.append(i)
+            net.backward()
+
+    getattr(net, kind)(backward_once)
+    with pytest.raises(NetError) as info:
+        net.forward()
+        net.backward()
+    message = str(info.value)
+    assert f"backward() called from a {kind} callback (layer '{net._layer_names[layer]}'" in \
+        message and "module call" not in message, message
+    net.clear_param_diffs()
+    net.forward()
+    net.backward()  # the callback fired once: no more backward from inside
+    got, want = pass_state(net), pass_state(plain)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_backward_from_the_last_after_backward_callback_accumulates_again():
+    # Once the autograd pass is over (the bottom layer's after_backward), a backward is Caffe's
+    # second BackwardFromTo: the parameter diffs accumulate twice.
+    plain = lenet()
+    plain.forward()
+    plain.backward()
+    net = lenet()
+    fired = []
+    net.after_backward(lambda i: i == 0 and not fired and (fired.append(i) or net.backward()))
+    net.forward()
+    net.backward()
+    for name, blobs in plain.params.items():
+        for a, b in zip(net.params[name], blobs):
+            np.testing.assert_allclose(a.diff, 2 * b.diff, rtol=1e-6, atol=1e-7)
