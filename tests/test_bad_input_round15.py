@@ -103,3 +103,27 @@ def test_a_backward_from_the_last_after_backward_callback_accumulates_again():
     for name, blobs in plain.params.items():
         for a, b in zip(net.params[name], blobs):
             np.testing.assert_allclose(a.diff, 2 * b.diff, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("iter_size", [0, -2])
+def test_iter_size_set_below_one_between_steps_is_a_solver_error(tmp_path, iter_size):
+    # solver.param is writable (pycaffe's is a copy, ours the live message); iter_size 0 ran no
+    # pass and failed with "'NoneType' object has no attribute 'detach'".
+    from google.protobuf import text_format
+
+    from pycaffe_alt.errors import SolverError
+    from pycaffe_alt.proto import caffe_pb2
+
+    p = caffe_pb2.SolverParameter()
+    text_format.Parse(open(os.path.join(LENET, "net.prototxt")).read(), p.net_param)
+    p.base_lr, p.lr_policy, p.max_iter, p.display = 0.01, "fixed", 3, 0
+    p.snapshot_prefix = str(tmp_path / "s")
+    solver = caffe.SGDSolver(p, device="cpu")
+    solver.step(1)
+    solver.param.iter_size = iter_size
+    with pytest.raises(SolverError, match=rf"iter_size must be >= 1 \(got {iter_size}"):
+        solver.step(1)
+    assert solver.iter == 1
+    solver.param.iter_size = 1
+    solver.step(1)
+    assert solver.iter == 2

@@ -533,6 +533,13 @@ class Solver:
         ``debug`` logs Caffe's debug_info lines for each pass."""
         total = None
         callbacks = self.net.layer_callbacks
+        if self.param.iter_size < 1:
+            # solver.param is writable between steps; the file's value was checked at load, and
+            # no pass at all left no loss to return (an AttributeError on None).
+            raise SolverError(f"iter_size must be >= 1 (got {self.param.iter_size}, set after "
+                              "the solver was made)", self._where("iter_size"),
+                              "set solver.param.iter_size to the number of batches accumulated "
+                              "per update (1: none)")
         for _ in range(self.param.iter_size):
             # The layers' outputs, for debug_info's lines or the net's backward callbacks.
             trace = [] if debug or callbacks.on_backward else None
