@@ -66,6 +66,16 @@ class Step:
     rewritten_tops: Tuple[bool, ...] = ()
     # Per top: Caffe computes its diff (blob_need_backward_), see Net.run_steps.
     diff_tops: Tuple[bool, ...] = ()
+    # Caffe runs this layer's Backward (layer_need_backward_).
+    runs_backward: bool = False
+
+    @property
+    def replayed(self) -> bool:
+        """Whether a backward with no graph for this layer runs it again to record one (see
+        Net._replay_graph): a layer with bottoms whose Backward Caffe runs. A data layer would
+        read the next batch, and a layer without a Backward (HDF5Output, Accuracy, a layer on
+        the labels) takes no part in Caffe's: its tops keep what its last forward wrote."""
+        return self.runs and bool(self.bottoms) and self.runs_backward
 
 
 @dataclass(frozen=True)
@@ -532,6 +542,7 @@ class Net(nn.Module):
         for step, needs, layer_needs in zip(self._steps, plan.bottom_needs, plan.layer_needs):
             step.detach = tuple(not n for n in needs)
             step.diff_tops = tuple(bool(plan.blob_needs.get(t)) for t in step.tops)
+            step.runs_backward = bool(layer_needs)
             if layer_needs:
                 step.diff_bottoms = tuple(b for b, n in zip(step.bottoms, needs) if n)
         # A parameter gets a gradient when one of its users needs it (Caffe's
@@ -1273,7 +1284,7 @@ class Net(nn.Module):
             # autograd frees it as it goes (the backward reuses that memory: ~3% of a LeNet
             # step) and a second backward records it again, with the same values.
             retain = not all(s.layer.replays_exactly for s in self._steps[lo:hi + 1]
-                             if s.runs and s.bottoms)  # what a replay runs (not data layers)
+                             if s.replayed)  # what a replay runs (not data layers)
             try:
                 self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0,
                                        retain=retain)
@@ -1378,7 +1389,7 @@ class Net(nn.Module):
         dirty = set(dirty) if dirty is not None else None
         with torch.enable_grad():
             for step in self._steps[lo:hi + 1]:
-                if not step.runs or not step.bottoms:
+                if not step.replayed:
                     continue
                 if dirty is not None:
                     if dirty.isdisjoint(step.bottoms):
