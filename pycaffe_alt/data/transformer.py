@@ -6,10 +6,12 @@ A data layer turns each record (a C,H,W image, uint8 or float) into a float32 sa
 1. decode an encoded record, in colour or grey when ``force_color``/``force_gray`` is set;
 2. draw ``mirror`` (one coin flip, only when ``mirror: true``), then the crop offsets (random in
    TRAIN, centre ``(H - crop) // 2`` in TEST);
-3. for every output pixel, ``(pixel - mean) * scale``, where the mean is the ``mean_file`` blob read
-   at the *source* position of the pixel (so the mean is cropped with the data's offsets and is
-   not mirrored) or the ``mean_value`` of its channel; the result is written mirrored when the coin
-   said so.
+3. for every output pixel, ``(pixel - mean) * scale``, where the mean is the ``mean_value`` of its
+   channel or the ``mean_file`` blob cropped with the data's offsets; the result is written
+   mirrored when the coin said so. A raw Datum reads the mean at the pixel's *source* position
+   (the mean flips with the pixels); a decoded image (encoded record, ImageData file) goes through
+   the reference build's ``cv::Mat`` transform, which reads it at the *output* position (the mean
+   stays unflipped): :func:`mean_window`.
 
 All arithmetic is float32 as in Caffe (``Dtype`` = float), so results are bit-identical.
 
