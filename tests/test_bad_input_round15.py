@@ -1,22 +1,9 @@
 """Fuzz round 15: layer callbacks and NCCL of one solver, solver-level call sequences, the
 tools' unusual but valid invocations."""
-import os
-
 import numpy as np
 import pytest
 
-import pycaffe_alt as caffe
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LENET = os.path.join(ROOT, "tests", "fixtures", "golden", "nets", "lenet_loss")
-
-
-def lenet(**kwargs):
-    net = caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
-                    caffe.TRAIN, **kwargs)
-    net.blobs["data"].data[...] = np.random.RandomState(0).rand(*net.blobs["data"].data.shape)
-    net.blobs["label"].data[...] = np.arange(net.blobs["label"].data.shape[0]) % 10
-    return net
+from lenet_case import lenet, lenet_solver
 
 
 def pass_state(net):
@@ -109,16 +96,9 @@ def test_a_backward_from_the_last_after_backward_callback_accumulates_again():
 def test_iter_size_set_below_one_between_steps_is_a_solver_error(tmp_path, iter_size):
     # solver.param is writable (pycaffe's is a copy, ours the live message); iter_size 0 ran no
     # pass and failed with "'NoneType' object has no attribute 'detach'".
-    from google.protobuf import text_format
-
     from pycaffe_alt.errors import SolverError
-    from pycaffe_alt.proto import caffe_pb2
 
-    p = caffe_pb2.SolverParameter()
-    text_format.Parse(open(os.path.join(LENET, "net.prototxt")).read(), p.net_param)
-    p.base_lr, p.lr_policy, p.max_iter, p.display = 0.01, "fixed", 3, 0
-    p.snapshot_prefix = str(tmp_path / "s")
-    solver = caffe.SGDSolver(p, device="cpu")
+    solver = lenet_solver(tmp_path)
     solver.step(1)
     solver.param.iter_size = iter_size
     with pytest.raises(SolverError, match=rf"iter_size must be >= 1 \(got {iter_size}"):

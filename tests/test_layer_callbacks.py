@@ -1,25 +1,14 @@
 """pycaffe master's per-layer callbacks (net.before_forward & co., pycaffe_alt/layer_callbacks.py):
 Caffe's order, where the backward ones fall, the solver's training pass, BVLC's train.py timing."""
-import os
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 import pycaffe_alt as caffe
+from lenet_case import lenet, lenet_solver
 from pycaffe_alt.errors import CaffeError
-from pycaffe_alt.proto import caffe_pb2
 
-LENET = os.path.join(os.path.dirname(__file__), "fixtures", "golden", "nets", "lenet_loss")
 KINDS = ("before_forward", "after_forward", "before_backward", "after_backward")
-
-
-def lenet(**kwargs):
-    net = caffe.Net(os.path.join(LENET, "net.prototxt"), os.path.join(LENET, "weights.caffemodel"),
-                    caffe.TRAIN, **kwargs)
-    net.blobs["data"].data[...] = np.random.RandomState(0).rand(*net.blobs["data"].data.shape)
-    net.blobs["label"].data[...] = np.arange(net.blobs["label"].data.shape[0]) % 10
-    return net
 
 
 def record(net):
@@ -31,18 +20,6 @@ def record(net):
 
 def caffe_order(kinds, indices):
     return [(k, i) for i in indices for k in kinds]
-
-
-def _lenet_solver(tmp_path, **fields):
-    p = caffe_pb2.SolverParameter()
-    text_format.Parse(open(os.path.join(LENET, "net.prototxt")).read(), p.net_param)
-    p.base_lr, p.lr_policy, p.max_iter, p.display, p.momentum = 0.01, "fixed", 3, 0, 0.9
-    p.snapshot_after_train = False
-    p.snapshot_prefix = str(tmp_path / "s")
-    p.random_seed = 5
-    for k, v in fields.items():
-        setattr(p, k, v)
-    return caffe.SGDSolver(p, device="cpu")
 
 
 def test_every_layer_in_caffes_order():
@@ -87,7 +64,7 @@ def test_a_layers_backward_callbacks_surround_its_gradient():
 
 def test_the_solvers_training_pass_calls_them(tmp_path):
     # BVLC's python/train.py --timing registers them on solver.net and times solver.step().
-    solver = _lenet_solver(tmp_path, iter_size=2)
+    solver = lenet_solver(tmp_path, iter_size=2)
     net = solver.net
     events = record(net)
     fprop = [caffe.Timer() for _ in net.layers]
@@ -140,7 +117,7 @@ def test_an_exception_in_a_callback_leaves_no_hook_behind():
 def test_nccl_of_one_solver_changes_nothing(tmp_path):
     # BVLC's python/train.py on one device: new_uid, NCCL(solver, uid), bcast, then the NCCL
     # object as a solver callback and as the net's layer-wise after_backward reduce.
-    plain, reduced = _lenet_solver(tmp_path), _lenet_solver(tmp_path)
+    plain, reduced = lenet_solver(tmp_path), lenet_solver(tmp_path)
     uid = caffe.NCCL.new_uid()
     assert isinstance(uid, bytes) and uid != caffe.NCCL.new_uid()
     nccl = caffe.NCCL(reduced, uid)
