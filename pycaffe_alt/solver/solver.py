@@ -924,10 +924,13 @@ def solver_class(type_name: str) -> type:
 
 def get_solver(solver: SolverSource, **kwargs) -> Solver:
     """pycaffe's ``caffe.get_solver(path)``: the solver of the type the file names (DSD when
-    the file has a ``dsd_param``)."""
+    the file has a ``dsd_param``). ``solver`` may also be a :class:`SolverFile` already read
+    (tools/train reads the file once, as caffe.cpp's train() does)."""
     import importlib
 
-    if isinstance(solver, caffe_pb2.SolverParameter):
+    if isinstance(solver, SolverFile):
+        param = solver.param
+    elif isinstance(solver, caffe_pb2.SolverParameter):
         param = solver
     else:
         from ..prototxt import read_solver

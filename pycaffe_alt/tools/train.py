@@ -224,10 +224,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.info("GPU %d: %s", device.index, torch.cuda.get_device_name(device))
 
     if job is not None:
-        return train_rank(args, job, device)
+        return train_rank(args, job, device, param)
     if args.sync_bn:
         log.warning("--sync-bn has no effect on one process (its batch is the whole batch)")
-    solver = build_solver(args, device)
+    solver = build_solver(args, device, param)
     if args.snapshot:
         log.info("Resuming from %s", args.snapshot)
         solver.restore(args.snapshot)
@@ -238,15 +238,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def build_solver(args: argparse.Namespace, device):
-    """The solver the flags ask for, on ``device``."""
-    from ..solver.solver import get_solver
+def build_solver(args: argparse.Namespace, device, param: "caffe_pb2.SolverParameter"):
+    """The solver the flags ask for, on ``device``, from ``param`` (the solver file as read)."""
+    from ..solver.solver import SolverFile, get_solver
+
+    # caffe.cpp train(): --snapshot clears the file's weights (the state's own weights are
+    # restored) and --weights replaces them with the flag's list; a file's weights that are
+    # missing must not stop either, nor be copied under the flag's (layers the flag's files
+    # lack would keep them). The solver's log then shows the weights in force, as Caffe's.
+    if args.snapshot or args.weights:
+        param = caffe_pb2.SolverParameter.FromString(param.SerializeToString())
+        param.ClearField("weights")
+        if args.weights:
+            param.weights.append(args.weights)
 
     # caffe.cpp train() sets the train net's NetState level to --level and adds every name of
     # boost::split(--stage, ","), which keeps empty names: without --stage it adds the stage "".
     # The solver's log shows that state (train_state { level: 0 stage: "" }).
     stages = args.stage.split(",")
-    return get_solver(args.solver, device=device, weights=tuple(_split(args.weights)),
+    return get_solver(SolverFile(param, args.solver), device=device,
                       allow_python=args.allow_python, stages=stages, level=args.level,
                       compile=args.compile, stop_on_nonfinite_loss=True)
 
@@ -265,7 +275,8 @@ def rank_gpu(job: LaunchEnv, ids: List[int], gpu: str) -> str:
     return ""
 
 
-def train_rank(args: argparse.Namespace, job: LaunchEnv, device) -> int:
+def train_rank(args: argparse.Namespace, job: LaunchEnv, device,
+               param: "caffe_pb2.SolverParameter") -> int:
     """One rank of a data-parallel job: join, build, (restore), train; rank 0 logs, tests and
     snapshots. A failure on any rank ends every rank with a non-zero status and one report."""
     from ..distributed import DataParallel, FailureBoard, join, leave
@@ -276,7 +287,7 @@ def train_rank(args: argparse.Namespace, job: LaunchEnv, device) -> int:
     dp = None
     try:
         try:
-            solver = build_solver(args, device)
+            solver = build_solver(args, device, param)
         except CaffeError as e:
             board.report(e.what)
             if board.same_failure_on_root(e.what):

@@ -1,0 +1,78 @@
+"""Fuzz round 16: tools/train's flag combinations that Caffe accepts (--weights and --snapshot
+against the solver file's own weights), the tools' outputs and their log lines."""
+import os
+
+import numpy as np
+import pytest
+
+from pycaffe_alt.log import setup_logging
+from pycaffe_alt.proto import caffe_pb2
+from pycaffe_alt.tools import train
+from train_case import make_case
+
+
+@pytest.fixture
+def case(tmp_path, monkeypatch):
+    folder = make_case(tmp_path, max_iter=1, test_interval=100, snapshot=0)
+    monkeypatch.chdir(folder)
+    yield folder
+    setup_logging()
+
+
+def _solver_with(name, extra, source="solver.prototxt"):
+    with open(source) as f:
+        text = f.read()
+    with open(name, "w") as f:
+        f.write(extra + text)
+    return name
+
+
+def _model(path):
+    return caffe_pb2.NetParameter.FromString(open(path, "rb").read())
+
+
+def _ip2_weights(path):
+    layer = next(l for l in _model(path).layer if l.name == "ip2")
+    return np.array(layer.blobs[0].data)
+
+
+def test_weights_and_snapshot_flags_replace_the_solver_files_weights(case, capsys):
+    # caffe.cpp train(): --snapshot clears the file's `weights`, --weights replaces them. They
+    # were loaded as well: a missing one stopped the run, and a file's weights were kept for the
+    # layers the flag's caffemodels lack (a silently different start).
+    init = _model("init.caffemodel")
+    sevens = caffe_pb2.NetParameter(name=init.name)
+    sevens.layer.add().CopyFrom(next(l for l in init.layer if l.name == "ip2"))
+    for blob in sevens.layer[0].blobs:
+        blob.data[:] = [7.0] * len(blob.data)
+    open("sevens.caffemodel", "wb").write(sevens.SerializeToString())
+    no_ip2 = caffe_pb2.NetParameter(name=init.name)
+    no_ip2.layer.extend(l for l in init.layer if l.name != "ip2")
+    open("no_ip2.caffemodel", "wb").write(no_ip2.SerializeToString())
+
+    _solver_with("missing.prototxt", 'weights: "missing.caffemodel"\n')
+    assert train.main(["--solver", "missing.prototxt", "--weights", "init.caffemodel"]) == 0
+    log = capsys.readouterr().err
+    assert 'weights: "init.caffemodel"' in log and "missing.caffemodel" not in log
+    assert train.main(["--solver", "missing.prototxt", "--snapshot", "snap_iter_1.solverstate"]) == 0
+    assert "Resuming from snap_iter_1.solverstate" in capsys.readouterr().err
+
+    _solver_with("sevens.prototxt", 'weights: "sevens.caffemodel"\n')
+    assert train.main(["--solver", "sevens.prototxt"]) == 0
+    assert np.abs(_ip2_weights("snap_iter_1.caffemodel") - 7).max() < 0.5  # the file's weights
+    capsys.readouterr()
+    assert train.main(["--solver", "sevens.prototxt", "--weights", "no_ip2.caffemodel"]) == 0
+    assert "Finetuning from sevens.caffemodel" not in capsys.readouterr().err
+    assert np.abs(_ip2_weights("snap_iter_1.caffemodel")).max() < 2  # ip2 from its filler
+
+
+def test_train_reads_and_upgrades_the_solver_file_once(case, capsys):
+    # caffe.cpp reads the file once: the upgrade note was logged twice.
+    with open("solver.prototxt") as f:
+        text = "".join(line for line in f if not line.startswith("snapshot_prefix"))
+    with open("noprefix.prototxt", "w") as f:
+        f.write(text)
+    assert train.main(["--solver", "noprefix.prototxt"]) == 0
+    log = capsys.readouterr().err
+    assert log.count("snapshot_prefix was not specified and is set to noprefix") == 1
+    assert os.path.isfile("noprefix_iter_1.caffemodel")
