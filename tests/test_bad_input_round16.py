@@ -76,3 +76,38 @@ def test_train_reads_and_upgrades_the_solver_file_once(case, capsys):
     log = capsys.readouterr().err
     assert log.count("snapshot_prefix was not specified and is set to noprefix") == 1
     assert os.path.isfile("noprefix_iter_1.caffemodel")
+
+
+def _datum_db(path, sizes):
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, (c, h, w) in enumerate(sizes):
+            datum = caffe_pb2.Datum(channels=c, height=h, width=w, data=bytes(c * h * w), label=0)
+            txn.put(b"%08d" % i, datum.SerializeToString())
+    env.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "missing folder"])
+def test_compute_image_mean_refuses_its_output_before_reading_the_records(tmp_path, capfd, kind):
+    # A large database takes minutes: the output was refused only after the mean was computed.
+    from pycaffe_alt.errors import DataError
+    from pycaffe_alt.tools import compute_image_mean
+
+    db = _datum_db(tmp_path / "db", [(1, 4, 4), (1, 5, 5)])  # its 2nd record would fail the run
+    out = tmp_path / "out"
+    if kind == "folder":
+        out.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(out)
+    else:
+        out = tmp_path / "no" / "mean.binaryproto"
+    try:
+        with pytest.raises(DataError) as info:
+            compute_image_mean.main([db, str(out)])
+    finally:
+        setup_logging()
+    assert info.value.message().startswith(f"cannot write '{out}'")
+    assert "Starting iteration" not in capfd.readouterr().err

@@ -19,7 +19,7 @@ import numpy as np
 from ..data.datum import datum_to_array, too_large
 from ..data.db import open_db
 from ..errors import DataError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, check_output_file
 from ..log import format_value, get_logger, setup_tool_logging
 from ..proto import caffe_pb2
 from ..weights import array_to_blob
@@ -123,6 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_tool_logging()
     start = time.time()
     if args.output_file:
+        # Before the records are read (a large database takes minutes): a folder, FIFO or
+        # device, or a missing folder, was refused only after the mean was computed.
+        check_output_file(args.output_file, DataError)
         check_output_outside_db(args.input_db, args.output_file)
     blob = mean_blob(args.input_db, args.backend)
     if args.output_file:
