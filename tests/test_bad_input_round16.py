@@ -111,3 +111,17 @@ def test_compute_image_mean_refuses_its_output_before_reading_the_records(tmp_pa
         setup_logging()
     assert info.value.message().startswith(f"cannot write '{out}'")
     assert "Starting iteration" not in capfd.readouterr().err
+
+
+def test_test_and_time_name_the_gpu_as_caffes_line(caplog):
+    # caffe.cpp test() and time(): "Use GPU with device ID 1", without the full stop of "Use CPU."
+    import logging
+
+    import torch
+
+    from pycaffe_alt.tools.test import log_device
+
+    with caplog.at_level(logging.INFO, logger="pycaffe_alt"):
+        log_device(torch.device("cuda", 1))
+        log_device(torch.device("cpu"))
+    assert [r.getMessage() for r in caplog.records] == ["Use GPU with device ID 1", "Use CPU."]

@@ -109,8 +109,11 @@ def build_net(args, phase: int, require_weights_match: bool = False):
 
 def log_device(device: torch.device) -> None:
     """Caffe's line naming the device (caffe.cpp test() and time(): "Use CPU." or "Use GPU with
-    device ID N")."""
-    get_logger().info("Use %s.", "CPU" if device.type == "cpu" else f"GPU with device ID {device.index}")
+    device ID N", which has no full stop)."""
+    if device.type == "cpu":
+        get_logger().info("Use CPU.")
+    else:
+        get_logger().info("Use GPU with device ID %d", device.index)
 
 
 def score(net, iterations: int) -> "OrderedDict[str, float]":
