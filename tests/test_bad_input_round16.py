@@ -125,3 +125,23 @@ def test_test_and_time_name_the_gpu_as_caffes_line(caplog):
         log_device(torch.device("cuda", 1))
         log_device(torch.device("cpu"))
     assert [r.getMessage() for r in caplog.records] == ["Use GPU with device ID 1", "Use CPU."]
+
+
+@pytest.mark.parametrize("blocker", ["file", "fifo"])
+def test_a_snapshot_prefix_under_a_file_names_the_file(case, capsys, blocker):
+    # The reason given was makedirs' "File exists".
+    from pycaffe_alt.errors import SolverError
+
+    if blocker == "file":
+        open("taken", "w").close()
+    else:
+        os.mkfifo("taken")
+    with open("solver.prototxt") as f:
+        text = f.read().replace('snapshot_prefix: "snap"', 'snapshot_prefix: "taken/sub/snap"')
+    with open("s.prototxt", "w") as f:
+        f.write(text)
+    with pytest.raises(SolverError) as info:
+        train.main(["--solver", "s.prototxt"])
+    message = info.value.message()
+    assert message.startswith("s.prototxt: snapshot_prefix: cannot write snapshots with prefix "
+                              "'taken/sub/snap' ('taken' is not a folder)"), message

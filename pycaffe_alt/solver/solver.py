@@ -314,8 +314,15 @@ class Solver:
                 pass
             os.remove(probe)
         except OSError as e:
+            # makedirs says "File exists" when a part of the folder's path is a file (or FIFO):
+            # name that part instead.
+            blocker = folder
+            while blocker and not os.path.lexists(blocker):
+                blocker = os.path.dirname(blocker)
+            reason = (f"'{blocker}' is not a folder" if blocker and not os.path.isdir(blocker)
+                      else e.strerror)
             raise SolverError(f"cannot write snapshots with prefix '{self.param.snapshot_prefix}' "
-                              f"({e.strerror})", self._where("snapshot_prefix"),
+                              f"({reason})", self._where("snapshot_prefix"),
                               "make sure the folder exists and is writable (relative prefixes "
                               f"start at {os.getcwd()})") from None
 
