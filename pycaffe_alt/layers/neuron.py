@@ -9,7 +9,7 @@ side, Clip passes the gradient at both bounds, AbsVal has gradient 0 at 0).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import caffe_rng
 from ..proto import caffe_pb2
 from ..registry import LAYERS
-from .base import Layer
+from .base import Layer, Shape
 
 
 class NeuronLayer(Layer):
@@ -306,6 +306,12 @@ class Dropout(NeuronLayer):
     @property
     def replays_exactly(self) -> bool:
         return not (self.training or self.sample_test)  # otherwise each pass draws a new mask
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
+        # The top has the bottom's shape (NeuronLayer::Reshape). Not the default fake forward:
+        # that would draw a mask from Caffe's stream, which DropoutLayer::Reshape never does, so
+        # the first real forward would get the seed's second mask instead of its first.
+        return [tuple(bottom_shapes[0])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and not self.sample_test:
