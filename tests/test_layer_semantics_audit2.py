@@ -564,6 +564,12 @@ def test_inplace_dropout_train_matches_caffe():
     assert rel_err(net.blobs["x"].diff, _back_through_conv(_G * mask * 2)) < GRAD_TOL
 
 
+def test_inplace_absval_is_refused():
+    # AbsValLayer::LayerSetUp: CHECK_NE(top[0], bottom[0]) "Layer does not allow in-place computation."
+    with pytest.raises(CaffeError):
+        _conv_then_inplace('layer { name: "n" type: "AbsVal" bottom: "x" top: "y" }', _X, _W, _G)
+
+
 def test_inplace_chain_relu_then_scale_reads_the_scaled_buffer():
     # conv -> ReLU (in place) -> Scale (in place): Caffe's ReLU backward masks by the final
     # (scaled) buffer, so a negative scale flips which units pass.

@@ -28,9 +28,10 @@ class NeuronLayer(Layer):
     in-place layers have overwritten (e.g. ReLU then an in-place Scale: Caffe's ReLU mask comes from
     the scaled values). The net then calls ``inplace_backward(top_diff, buffer)`` (see base.py).
     It is defined only where Caffe's formula on the layer's own output is the true gradient (ReLU,
-    ELU, Sigmoid, TanH, Exp). AbsVal, Power, Log, BNLL and Clip read their bottom, which in place
-    already holds their output, so Caffe's in-place gradient is wrong even alone; we keep the true
-    gradient for them rather than copy that defect. Swish would need its saved input as well.
+    ELU, Sigmoid, TanH, Exp). Power, Log, BNLL and Clip read their bottom, which in place already
+    holds their output, so Caffe's in-place gradient is wrong even alone; we keep the true
+    gradient for them rather than copy that defect.
+    AbsVal refuses to run in place, as Caffe's. Swish would need its saved input as well.
     """
 
     num_bottoms = (1, 1)
@@ -187,6 +188,16 @@ class TanH(NeuronLayer):
 @LAYERS.register("AbsVal")
 class AbsVal(NeuronLayer):
     """``|x|``; the gradient is ``sign(x)``, 0 at 0, as in Caffe."""
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        # AbsValLayer::LayerSetUp: CHECK_NE(top[0], bottom[0]): Caffe refuses to run it in
+        # place (its backward reads the bottom, which in place would hold |x|). The net has
+        # already refused an in-place blob with other readers, so the names decide it.
+        if len(param.top) and len(param.bottom) and param.top[0] == param.bottom[0]:
+            raise self.error(f"cannot run in place (top and bottom are both '{param.top[0]}'); "
+                             "Caffe's AbsVal layer does not allow in-place computation",
+                             "give the layer a top of its own")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.abs(x)
