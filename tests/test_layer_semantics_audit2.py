@@ -10,15 +10,13 @@ Expected values are float64 numpy transcriptions of the fork's layer sources; th
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
-
 import numpy as np
 import pytest
 
 import pycaffe_alt as caffe
 from pycaffe_alt.errors import CaffeError
-from test_layer_semantics_audit import (Case, _lstm_ref, _r, _rnn_grads, _sigm, _softmax,
-                                        caffe_pool, check_case, numeric_grad, rel_err, run_net)
+from test_layer_semantics_audit import (Case, _r, _sigm, _softmax, caffe_pool, check_case,
+                                        numeric_grad, rel_err, run_net)
 
 GRAD_TOL = 1e-3
 
@@ -580,3 +578,17 @@ def test_inplace_chain_relu_then_scale_reads_the_scaled_buffer():
     dscale = _G * s.reshape(1, 3, 1, 1)
     dc = np.where(final > 0, dscale, 0)
     assert rel_err(net.blobs["x"].diff, _back_through_conv(dc)) < GRAD_TOL
+
+
+def test_sigmoid_then_inplace_dropout_reads_the_dropped_top():
+    # SigmoidLayer::Backward_cpu reads top[0]'s buffer, which the in-place Dropout scaled:
+    # bottom_diff = dy * y_final * (1 - y_final), y_final = sigmoid(x) * mask * scale.
+    x, g = _r(323, 2, 3, 2), _r(324, 2, 3, 2)
+    caffe.set_random_seed(5)
+    net = run_net('layer { name: "s" type: "Sigmoid" bottom: "x" top: "y" }\n'
+                  'layer { name: "d" type: "Dropout" bottom: "y" top: "y" }',
+                  {"x": np.float32(x)}, {}, {"y": np.float32(g)}, phase=caffe.TRAIN)
+    mask = (_mt19937(5, x.size).astype(np.float64) <= 0.5 * 4294967295.0).reshape(x.shape)
+    yf = _sigm(x) * mask * 2
+    assert rel_err(net.blobs["y"].data, yf) < 1e-4
+    assert rel_err(net.blobs["x"].diff, g * mask * 2 * yf * (1 - yf)) < GRAD_TOL
