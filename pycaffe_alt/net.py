@@ -328,6 +328,14 @@ class LayerView:
     def name(self) -> str:
         return self.module.name
 
+    @property
+    def __class__(self):  # noqa: D105
+        # pycaffe hands out the user's own object for a Python layer, so programs test
+        # isinstance(net.layers[0], MyDataLayer); isinstance consults __class__ after type(),
+        # so the view answers for both classes (as unittest.mock's specs do).
+        user = self._user()
+        return type(user) if user is not None else LayerView
+
     def __repr__(self) -> str:
         return f"<Layer {self.name!r} type {self.type!r}>"
 

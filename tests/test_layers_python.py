@@ -213,6 +213,9 @@ def test_net_layers_hand_out_the_users_layer_object(user_module, tmp_path):
         view.no_such_method
     view.threshold = 0.5  # written to the user's object, as on pycaffe's
     assert view.module.user.threshold == 0.5
+    # Programs test the class of pycaffe's object (hizhangp/triplet's data layer checks).
+    assert isinstance(view, type(view.module.user)) and view.__class__ is type(view.module.user)
+    assert not isinstance(net.layers[0], int)
 
 
 @pytest.mark.parametrize("module,cls", [(".rel", "X"), ("..rel", "X"), ("a..b", "X"), ("x.", "X"),
