@@ -1255,11 +1255,18 @@ class Net(nn.Module):
             seeds = []
         top_of = hi if start is not None else None
         tensors, grads = self._seed_tensors(seeds, top_of)
-        if 0 < lo <= hi and self._diff_range(lo, hi).shares_below:
+        # The layers autograd may reach: with a parameter shared below the range, those below.
+        reach = 0 if 0 < lo <= hi and self._diff_range(lo, hi).shares_below else lo
+        replays_exactly = all(s.layer.replays_exactly for s in self._steps[reach:hi + 1]
+                              if s.replayed)
+        if reach < lo and replays_exactly:
             # Caffe's BackwardFromTo runs the range's layers only: a parameter shared with a
             # layer below the range gets the range's contributions alone. Autograd would follow
             # the pass's graph down into that layer (and fail where a backward freed it), so
             # the range's graph is recorded again from what the blobs hold, cut at its bottoms.
+            # Only where running the layers again gives the same values: a replay would draw
+            # new Dropout masks (in the range, or below it for a later whole backward). Else
+            # the parameter also takes the lower layer's part, through the kept graph.
             self._replay_graph(lo, hi, cut=lo)
             # The layers below no longer lead to the values the range reads.
             self._spent_steps.update(range(lo))
@@ -1291,8 +1298,7 @@ class Net(nn.Module):
             # again would draw new Dropout masks or update BatchNorm's averages. Elsewhere
             # autograd frees it as it goes (the backward reuses that memory: ~3% of a LeNet
             # step) and a second backward records it again, with the same values.
-            retain = not all(s.layer.replays_exactly for s in self._steps[lo:hi + 1]
-                             if s.replayed)  # what a replay runs (not data layers)
+            retain = not replays_exactly
             try:
                 self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0,
                                        retain=retain)

@@ -196,3 +196,40 @@ def test_an_in_place_layer_on_a_net_input_passes_the_gradient_to_the_input(case,
     assert np.abs(got).sum() > 0
     if case != "power last":
         assert not got[x < 0].any()  # ReLU's mask
+
+
+SHARED_WITH_DROPOUT = """force_backward: true
+layer {{ name: "x" type: "Input" top: "data" input_param {{ shape {{ dim: 4 dim: 6 }} }} }}
+layer {{ name: "a" type: "InnerProduct" bottom: "data" top: "a" param {{ name: "w" }}
+  inner_product_param {{ num_output: 6 weight_filler {{ type: "gaussian" std: 1 }} }} }}
+{below}
+layer {{ name: "b" type: "InnerProduct" bottom: "a" top: "y" param {{ name: "w" }}
+  inner_product_param {{ num_output: 6 }} }}
+{above}
+layer {{ name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "data" top: "loss" }}
+"""
+
+
+@pytest.mark.parametrize("where", ["below", "above"])
+def test_a_range_sharing_a_weight_below_it_keeps_the_forwards_dropout_masks(tmp_path, where):
+    # backward(end='b') where b shares its weight with a layer below: recording the range's
+    # graph again (how the range's part alone is taken) would draw new Dropout masks, so where
+    # a layer does not replay exactly the pass's graph is used as it is (the shared weight then
+    # also takes the lower layer's part), and kept for a later whole backward.
+    drop = {"below": 'layer { name: "d" type: "Dropout" bottom: "a" top: "a" }',
+            "above": 'layer { name: "d" type: "Dropout" bottom: "y" top: "y" }'}[where]
+    path = tmp_path / "net.prototxt"
+    path.write_text(SHARED_WITH_DROPOUT.format(below=drop if where == "below" else "",
+                                               above=drop if where == "above" else ""))
+    caffe.set_random_seed(3)
+    net = caffe.Net(str(path), caffe.TRAIN)
+    net.blobs["data"].data[...] = np.random.RandomState(0).randn(4, 6)
+    net.forward()
+    data = {n: b.data.copy() for n, b in net.blobs.items()}
+    net.backward()
+    first = net.blobs["data"].diff.copy()
+    net.backward(end="b")
+    net.backward()
+    for name, blob in net.blobs.items():
+        np.testing.assert_array_equal(blob.data, data[name], err_msg=name)
+    np.testing.assert_allclose(net.blobs["data"].diff, first, rtol=1e-6)
