@@ -496,7 +496,15 @@ class InputPipeline:
         pin = device.type == "cuda"
         if self._engine is None or self._engine_pin != pin:
             self._start(pin)
-        batch = self._engine.next()
+        try:
+            batch = self._engine.next()
+        except BaseException:
+            # A failed batch leaves each engine elsewhere (the thread has exited, workers have
+            # moved on to the following batches): restart from this batch at the next call, so
+            # a caller that goes on gets the same error again, or the batch once the file is
+            # fixed, never a later batch out of step with state().
+            self._stop_engine()
+            raise
         self._next += 1
         if device.type != "cpu":
             batch = {k: (v if k in _HOST_KEYS else v.to(device, non_blocking=pin))

@@ -1,0 +1,42 @@
+"""Round 17 of bad input: data layers, the transformer and the prefetching pipeline fed odd
+combinations (a failing batch under each engine, HDF5 files larger than memory, MemoryData
+arrays that are not numbers, fillers on empty blobs, rand_skip beyond the list)."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from layer_check import make_layer
+from pycaffe_alt.data.db import open_db
+from pycaffe_alt.errors import CaffeError, DataError
+from pycaffe_alt.layers import TEST
+from pycaffe_alt.proto import caffe_pb2
+
+
+def _encoded(h, w):
+    ok, buf = cv2.imencode(".png", np.full((h, w, 3), 7, np.uint8))
+    return caffe_pb2.Datum(data=buf.tobytes(), encoded=True, label=h).SerializeToString()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failed_batch_fails_again_under_every_engine_and_keeps_the_position(tmp_path, workers):
+    # The prefetch thread exited after the error (the next call said only "the prefetch thread
+    # stopped without a batch"); worker processes went on and served the batch after the bad
+    # one while state() still pointed at the bad one.
+    with open_db(str(tmp_path / "db"), "lmdb", "w") as db:
+        for i, value in enumerate([_encoded(8, 8), b"\x08garbage\xff\xff", _encoded(8, 8)]):
+            db.put(f"{i:08d}", value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # leave a core free, so that workers: 0 reads in a thread
+    try:
+        layer = make_layer(f'type: "Data" top: "data" top: "label" data_param {{ source: '
+                           f'"{tmp_path / "db"}" batch_size: 1 backend: LMDB workers: {workers} }}',
+                           [], TEST)
+        layer()
+        for _ in range(2):
+            with pytest.raises(DataError, match="00000001"):
+                layer()
+            assert layer.state()["batch"] == 1
+        layer.close()
+    finally:
+        torch.set_num_threads(threads)
