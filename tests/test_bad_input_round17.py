@@ -40,3 +40,18 @@ def test_a_failed_batch_fails_again_under_every_engine_and_keeps_the_position(tm
         layer.close()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_an_hdf5_file_larger_than_memory_is_named_at_set_up(tmp_path):
+    # Caffe reads a listed file whole; numpy's allocation failure came out of the first
+    # forward as a traceback (the row order alone of 10**12 rows is 7 TiB).
+    import h5py
+
+    path = tmp_path / "big.h5"
+    with h5py.File(path, "w") as h5:  # declared, never written: the file stays small
+        h5.create_dataset("data", shape=(10 ** 12, 1), dtype="f4")
+        h5.create_dataset("label", shape=(10 ** 12,), dtype="f4")
+    (tmp_path / "list.txt").write_text(f"{path}\n")
+    with pytest.raises(DataError, match=r"big.h5.*10{12} rows.*more than this machine's memory"):
+        make_layer(f'type: "HDF5Data" top: "data" top: "label" hdf5_data_param {{ source: '
+                   f'"{tmp_path / "list.txt"}" batch_size: 2 }}', [], TEST)

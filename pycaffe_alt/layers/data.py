@@ -22,7 +22,7 @@ import torch
 
 from .. import caffe_rng
 from ..blob_memory import check_blob_fits
-from ..data.datum import decimal_label
+from ..data.datum import decimal_label, too_large
 from ..data.db import open_db
 from ..data.pipeline import (MAX_SAMPLES, BatchMaker, InputPipeline, Ordering,
                              layer_seed)
@@ -667,6 +667,16 @@ class HDF5Data(DataLayerBase):
                                 "every top's dataset needs one row per example")
             if n == 0:
                 raise DataError(f"HDF5 file {path!r} has no rows", self.where)
+            # Caffe reads a whole file at once (as float32 here, plus an int64 row order): a
+            # file beyond memory is named now, not met as numpy's allocation failure at the
+            # batch that reaches it.
+            why = too_large(sum(4 * int(np.prod(s, dtype=object)) for s in shapes) + 8 * n, None)
+            if why is not None:
+                raise DataError(f"HDF5 file {path!r} holds {n} rows of shapes "
+                                f"{[s[1:] for s in shapes]}: read whole as Caffe does, that is "
+                                f"{why}", self.where,
+                                "split it into smaller .h5 files listed in the source, or store "
+                                "smaller rows")
             if tails is None:
                 tails = [s[1:] for s in shapes]
             elif tails != [s[1:] for s in shapes]:
