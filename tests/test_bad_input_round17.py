@@ -55,3 +55,18 @@ def test_an_hdf5_file_larger_than_memory_is_named_at_set_up(tmp_path):
     with pytest.raises(DataError, match=r"big.h5.*10{12} rows.*more than this machine's memory"):
         make_layer(f'type: "HDF5Data" top: "data" top: "label" hdf5_data_param {{ source: '
                    f'"{tmp_path / "list.txt"}" batch_size: 2 }}', [], TEST)
+
+
+@pytest.mark.parametrize("data, labels, said", [
+    (np.full((2, 1, 2, 2), "a"), np.zeros(2), r"data array holds <U1"),
+    (np.zeros((2, 1, 2, 2)), np.array(["a", "b"]), r"labels array holds <U1"),
+    (np.zeros((2, 1, 2, 2), complex), np.zeros(2), r"complex128 values, not real numbers"),
+    ([[1, 2], [3]], [1], r"data cannot be made an array"),
+])
+def test_memory_data_arrays_that_are_not_real_numbers_are_refused_by_name(data, labels, said):
+    # numpy's conversion error came out as a traceback; complex values lost their imaginary
+    # part with only numpy's warning.
+    layer = make_layer('type: "MemoryData" top: "data" top: "label" memory_data_param { '
+                       'batch_size: 2 channels: 1 height: 2 width: 2 }', [], TEST)
+    with pytest.raises(DataError, match=said):
+        layer.set_input_arrays(data, labels)

@@ -853,8 +853,7 @@ class MemoryData(DataLayerBase):
         out of them as they are then; any other dtype or layout (which pycaffe refuses) is
         copied as float32 here.
         """
-        data = np.asarray(data)
-        labels = np.asarray(labels)
+        data, labels = self._numeric(data, "data"), self._numeric(labels, "labels")
         if data.ndim != 4 or tuple(data.shape[1:]) != self.sample_shape:
             raise DataError(f"data has shape {data.shape}, expected N x "
                             f"{' x '.join(map(str, self.sample_shape))}", self.where,
@@ -870,6 +869,19 @@ class MemoryData(DataLayerBase):
         self._data = torch.from_numpy(_float32_in_place_or_copy(data))
         self._labels = torch.from_numpy(_float32_in_place_or_copy(labels).reshape(n))
         self._pos = 0
+
+    def _numeric(self, values, what: str) -> np.ndarray:
+        """``values`` as a numpy array of real numbers (pycaffe takes float32 arrays only; any
+        real or integer dtype is converted here, anything else is refused by name)."""
+        try:
+            array = np.asarray(values)
+        except (ValueError, TypeError) as e:  # ragged nested lists
+            raise DataError(f"{what} cannot be made an array ({e})", self.where,
+                            "pass numpy arrays: data N x C x H x W, labels N") from None
+        if array.dtype.kind not in "fiub":
+            raise DataError(f"the {what} array holds {array.dtype} values, not real numbers",
+                            self.where, f"pass {what} as a float32 numpy array")
+        return array
 
     def forward(self):
         if self._data is None:
