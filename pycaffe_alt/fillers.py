@@ -175,6 +175,10 @@ def check(filler_param, shape: Sequence[int]) -> None:
 def fill(t: torch.Tensor, filler_param) -> torch.Tensor:
     """Fill ``t`` in place according to a caffe_pb2.FillerParameter; returns ``t``."""
     check(filler_param, tuple(t.shape))
+    if t.numel() == 0:
+        # Caffe's fillers loop over no values and draw nothing; their fan-in and kernel-size
+        # divisions (xavier, msra, bilinear) are by zero for an empty blob.
+        return t
     fn = FILLERS[filler_param.type or "constant"]
     with torch.no_grad():
         fn(t, filler_param)

@@ -70,3 +70,17 @@ def test_memory_data_arrays_that_are_not_real_numbers_are_refused_by_name(data, 
                        'batch_size: 2 channels: 1 height: 2 width: 2 }', [], TEST)
     with pytest.raises(DataError, match=said):
         layer.set_input_arrays(data, labels)
+
+
+@pytest.mark.parametrize("filler, shape", [("xavier", "dim: 3 dim: 0"), ("msra", "dim: 0 dim: 3"),
+                                           ("bilinear", "dim: 0 dim: 1 dim: 0 dim: 0")])
+def test_fillers_on_an_empty_dummy_blob_fill_nothing(filler, shape):
+    # Their fan-in or kernel size is zero: "uniform draw needs finite a <= b" or
+    # ZeroDivisionError, where Caffe's loops over no values draw and write nothing.
+    from pycaffe_alt import caffe_rng
+
+    before = caffe_rng.stream().state()
+    layer = make_layer(f'type: "DummyData" top: "x" dummy_data_param {{ shape {{ {shape} }} '
+                       f'data_filler {{ type: "{filler}" }} }}', [], TEST)
+    assert layer().numel() == 0
+    assert caffe_rng.stream().state() == before
