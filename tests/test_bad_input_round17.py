@@ -84,3 +84,29 @@ def test_fillers_on_an_empty_dummy_blob_fill_nothing(filler, shape):
                        f'data_filler {{ type: "{filler}" }} }}', [], TEST)
     assert layer().numel() == 0
     assert caffe_rng.stream().state() == before
+
+
+def test_an_image_data_skip_beyond_the_list_is_refused_as_caffe_does(tmp_path, monkeypatch):
+    # The skip drawn from rand_skip wrapped round the list; Caffe's set-up CHECKs it is below
+    # the number of lines. With the stream seeded, the draw is Caffe's own.
+    from pycaffe_alt import caffe_rng
+
+    monkeypatch.chdir(tmp_path)
+    for name in "abc":
+        cv2.imwrite(f"{name}.png", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "list.txt").write_text("a.png 0\nb.png 1\nc.png 2\n")
+    caffe_rng.seed(1)
+    draw = int(caffe_rng.stream().raw(1)[0])  # ImageData's first draw without shuffle or crop
+    skip = draw % 1000
+    assert skip >= 3
+    caffe_rng.seed(1)
+    with pytest.raises(CaffeError, match=rf"rand_skip 1000 drew a skip of {skip} but list.txt "
+                                         r"lists 3 images"):
+        make_layer('type: "ImageData" top: "data" top: "label" image_data_param { '
+                   'source: "list.txt" batch_size: 1 rand_skip: 1000 }', [], TEST)
+    caffe_rng.seed(1)
+    layer = make_layer('type: "ImageData" top: "data" top: "label" image_data_param { '
+                       'source: "list.txt" batch_size: 1 rand_skip: 3 }', [], TEST)
+    layer()
+    assert layer.last_indices.tolist() == [draw % 3]
+    layer.close()

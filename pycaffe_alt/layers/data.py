@@ -406,6 +406,13 @@ class ImageData(PipelinedDataLayer):
         transform_seed = draws[first] if needs_random(spec) else None
         shuffle_seed = draws[at] if ip.shuffle else None
         skip = draws[at + bool(ip.shuffle)] % ip.rand_skip if ip.rand_skip > 0 else 0
+        if skip >= len(entries):
+            # Caffe's CHECK_GT(lines_.size(), skip) ("Not enough points to skip") stops here on
+            # this very draw; wrapping round the list would start where no Caffe run starts.
+            raise self.error(f"image_data_param.rand_skip {ip.rand_skip} drew a skip of {skip} "
+                             f"but {source} lists {len(entries)} images (Caffe stops: not "
+                             "enough points to skip)",
+                             f"set rand_skip to at most {len(entries)}")
         records = ImageListSource(entries, ip.root_folder, int(ip.new_height), int(ip.new_width),
                                   bool(ip.is_color), source)
         self.init_pipeline(records, spec, batch_size, skip,
