@@ -110,3 +110,14 @@ def test_an_image_data_skip_beyond_the_list_is_refused_as_caffe_does(tmp_path, m
     layer()
     assert layer.last_indices.tolist() == [draw % 3]
     layer.close()
+
+
+def test_an_image_list_saved_with_a_byte_order_mark_says_so(tmp_path, monkeypatch):
+    # The error was "no such image file (a.png)" with the mark invisible in front of a name
+    # that exists.
+    monkeypatch.chdir(tmp_path)
+    cv2.imwrite("a.png", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbfa.png 1\r\n")
+    with pytest.raises(DataError, match=r"list.txt:1: the list starts with a UTF-8 byte-order"):
+        make_layer('type: "ImageData" top: "data" top: "label" image_data_param { '
+                   'source: "list.txt" batch_size: 1 }', [], TEST)

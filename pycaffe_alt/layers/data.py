@@ -310,6 +310,12 @@ def parse_image_list(path: str, where: str) -> List[Tuple[str, int]]:
     with open(path, "r", encoding="utf-8", errors="surrogateescape") as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\r\n")
+            if lineno == 1 and line.startswith("\ufeff"):
+                # Caffe would take the mark as part of the first image's name and fail to load
+                # an image that is plainly there; the name printed then looks right.
+                raise DataError("the list starts with a UTF-8 byte-order mark, which Caffe reads "
+                                "as part of the first image's path", f"{path}:1",
+                                "save the list as UTF-8 without BOM (or plain ASCII)")
             if not line.strip():
                 continue
             name, sep, label = line.rpartition(" ")
