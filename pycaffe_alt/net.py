@@ -20,7 +20,7 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -94,6 +94,13 @@ class _FinalValue:
     """The value an in-place blob ends a forward pass with (filled in after the pass)."""
 
     value: Optional[torch.Tensor] = None
+
+
+def _final_value_of(value: torch.Tensor) -> _FinalValue:
+    """A :class:`_FinalValue` already known (a replay's: the data the pass left)."""
+    final = _FinalValue()
+    final.value = value.detach()
+    return final
 
 
 class _BufferBackward(torch.autograd.Function):
@@ -287,6 +294,17 @@ def _run_layer(step: "Step", bottoms: Sequence[torch.Tensor], call=None):
         if step.layer.runs_user_code or isinstance(e, CaffeError):
             raise
         raise _layer_error(step, bottoms, e) from None
+
+
+def _run_layer_on_buffer(step: "Step", bottoms: Sequence[torch.Tensor],
+                         final: Callable[[], _FinalValue]):
+    """:func:`_run_layer`, and for a layer whose Caffe Backward reads the buffer later in-place
+    layers overwrite (``Step.reads_final``) with that backward: ``final()`` gives the
+    :class:`_FinalValue` the buffer's value is (or after the pass will be) in."""
+    if step.reads_final and bottoms[0].requires_grad:
+        return _run_layer(step, bottoms, functools.partial(
+            _BufferBackward.apply, bottoms[0], step.layer, final()))
+    return _run_layer(step, bottoms)
 
 
 def _graph_was_freed(error: RuntimeError) -> bool:
@@ -895,12 +913,8 @@ class Net(nn.Module):
             if step.to_net_format:  # a net input read in the net's format (see Step)
                 bottoms = [self._input_in_format(name, b, converted) if f and b.dim() == 4 else b
                            for name, b, f in zip(step.bottoms, bottoms, step.to_net_format)]
-            if step.reads_final and bottoms[0].requires_grad:
-                final = finals.setdefault(step.tops[0], _FinalValue())
-                out = _run_layer(step, bottoms, functools.partial(
-                    _BufferBackward.apply, bottoms[0], step.layer, final))
-            else:
-                out = _run_layer(step, bottoms)
+            out = _run_layer_on_buffer(step, bottoms, lambda: finals.setdefault(step.tops[0],
+                                                                                _FinalValue()))
             if isinstance(out, torch.Tensor):
                 out = (out,)
             if trace is not None:
@@ -1421,7 +1435,10 @@ class Net(nn.Module):
                     if not v.requires_grad and not detach and self._plan.blob_needs.get(name):
                         v = home[key] = v.detach().requires_grad_(True)
                     bottoms.append(v.detach() if detach else v)
-                out = _run_layer(step, bottoms)
+                # Caffe's Backward reads the buffer: the data the pass left (a replay rewrites
+                # the blob's data with the same values only, at its last writer, above).
+                out = _run_layer_on_buffer(step, bottoms, lambda: _final_value_of(
+                    self._store.data_tensor(step.tops[0])))
                 outs = (out,) if isinstance(out, torch.Tensor) else out
                 for t, v, rewritten in zip(step.tops, outs, step.rewritten_tops):
                     written[(step.index, t)] = v
