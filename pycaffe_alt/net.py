@@ -88,6 +88,9 @@ class _DiffRange:
     diff_bottoms: Tuple[str, ...]  # the blobs whose diff the range's Backward writes
     # A learnable parameter of the range is also used by a layer below it (shared weights).
     shares_below: bool = False
+    # What ``backward(start=)`` at the range's top layer starts from: ``(blob, index)`` for each
+    # top no layer of the range reads, the value layer ``index`` reads (see Net._read_value).
+    start_seeds: Tuple[Tuple[str, int], ...] = ()
 
 
 class _FinalValue:
@@ -1263,12 +1266,14 @@ class Net(nn.Module):
         self._push_host_writes()
         lo = self._layer_index(end, 0)
         hi = self._layer_index(start, len(self._steps) - 1)
-        seeds = self.top_names[start] if start is not None else \
-            list(dict.fromkeys(self._outputs + list(self._loss_weights)))
+        seeds: Sequence[Tuple[str, Optional[int]]]
         if lo > hi:  # Caffe's BackwardFromTo runs nothing for a reversed range
             seeds = []
-        top_of = hi if start is not None else None
-        tensors, grads = self._seed_tensors(seeds, top_of)
+        elif start is not None:
+            seeds = self._diff_range(lo, hi).start_seeds
+        else:
+            seeds = [(n, None) for n in dict.fromkeys(self._outputs + list(self._loss_weights))]
+        tensors, grads = self._seed_tensors(seeds)
         # The layers autograd may reach: with a parameter shared below the range, those below.
         reach = 0 if 0 < lo <= hi and self._diff_range(lo, hi).shares_below else lo
         replays_exactly = all(s.layer.replays_exactly for s in self._steps[reach:hi + 1]
@@ -1284,8 +1289,8 @@ class Net(nn.Module):
             self._replay_graph(lo, hi, cut=lo)
             # The layers below no longer lead to the values the range reads.
             self._spent_steps.update(range(lo))
-            tensors, grads = self._seed_tensors(seeds, top_of)
-        elif (not tensors and any(name in self._seedable for name in seeds)) or \
+            tensors, grads = self._seed_tensors(seeds)
+        elif (not tensors and any(name in self._seedable for name, _ in seeds)) or \
                 not self._spent_steps.isdisjoint(range(lo, hi + 1)):
             # No graph yet (a backward without a forward), a backward freed it (nets whose
             # layers replay exactly, see below), or layers a forward(end=...) left with an
@@ -1295,7 +1300,7 @@ class Net(nn.Module):
             # forward(end=...) left above its end): the layers below keep this pass's graph
             # (and Dropout masks).
             self._replay_graph(lo if not tensors or not spent else min(spent), hi)
-            tensors, grads = self._seed_tensors(seeds, top_of)
+            tensors, grads = self._seed_tensors(seeds)
         else:
             changed = self._rewritten_bottoms(lo, hi)
             if changed:
@@ -1304,7 +1309,7 @@ class Net(nn.Module):
                 # forward's graph (no second BatchNorm average update, the same Dropout masks).
                 start = min(i for i, name in self._backward_reads if name in changed)
                 self._replay_graph(start, hi, dirty=changed)
-                tensors, grads = self._seed_tensors(seeds, top_of)
+                tensors, grads = self._seed_tensors(seeds)
         sequence = self._backward_sequence(lo, hi) if self._callbacks.on_backward else None
         if tensors:
             # Caffe's Backward can run again on the same forward, reading the masks and
@@ -1355,18 +1360,19 @@ class Net(nn.Module):
             sequence.watch(step.index, [self._read_value(t, step.index + 1) for t in step.tops])
         return sequence
 
-    def _seed_tensors(self, seeds: Sequence[str], top_of: Optional[int] = None
+    def _seed_tensors(self, seeds: Sequence[Tuple[str, Optional[int]]]
                       ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """The seeds' values that carry a graph, and their diffs as the gradients to push.
 
-        With ``top_of`` (the index of ``backward(start=)``'s layer) a seed is that layer's own
-        output, what a layer right above it would read: Caffe's BackwardFromTo starts at that
-        layer, so in-place layers above it (a ReLU after the start Convolution, the Scale and
-        ReLU after a start BatchNorm) take no part and their masks and factors are not
-        applied."""
+        A seed is ``(blob, index)``: the value layer ``index`` reads (see ``_read_value``), or
+        with ``index`` None the blob's data. From ``backward(start=)`` a seed of the start
+        layer is its own output, what a layer right above it would read: Caffe's
+        BackwardFromTo starts at that layer, so in-place layers above it (a ReLU after the
+        start Convolution, the Scale and ReLU after a start BatchNorm) take no part and their
+        masks and factors are not applied."""
         tensors, grads = [], []
-        for name in seeds:
-            v = self._values.get(name) if top_of is None else self._read_value(name, top_of + 1)
+        for name, index in seeds:
+            v = self._values.get(name) if index is None else self._read_value(name, index)
             if v is not None and v.requires_grad and name in self._seedable:
                 tensors.append(v)
                 diff = self._store.diff_tensor(name)
@@ -1516,8 +1522,31 @@ class Net(nn.Module):
                                 for n in names),
                 diff_bottoms=tuple(n for s in steps for n in s.diff_bottoms),
                 shares_below=any(p.requires_grad and id(p) in below
-                                 for s in steps for p in s.layer.blobs))
+                                 for s in steps for p in s.layer.blobs),
+                start_seeds=self._unread_tops(lo, hi))
         return cached
+
+    def _unread_tops(self, lo: int, hi: int) -> Tuple[Tuple[str, int], ...]:
+        """The tops of layers ``lo..hi`` that no layer of the range reads, each as ``(blob,
+        index)`` of the value a layer right above its writer reads.
+
+        Caffe's BackwardFromTo runs every layer of the range on the diffs its tops hold: the
+        start layer's, and also a lower layer's whose top only layers above the range read (or
+        none: a net output's diff, a loss top's weight; after a whole backward, what that pass
+        left). A top a layer of the range reads gets its diff from that reader (autograd). A
+        blob several layers above the range read keeps the sum of their last diffs, as Caffe's
+        Split below them sums their split tops' stale diffs; where some readers are in the
+        range, the net has no per-reader diffs to add to theirs (no Split layers)."""
+        seeds: List[Tuple[str, int]] = []
+        for step in self._steps[lo:hi + 1]:
+            if step.index < hi and not step.runs_backward:
+                continue  # Caffe runs no Backward of it: its tops' diffs go nowhere
+            for t in step.tops:
+                readers = self._readers.get(t, ())
+                k = bisect.bisect_right(readers, step.index)
+                if k == len(readers) or readers[k] > hi:
+                    seeds.append((t, step.index + 1))
+        return tuple(seeds)
 
     def _diff_reader(self, name: str, lo: int, hi: int) -> int:
         """The layer whose read value of blob ``name`` a backward over layers ``lo..hi`` takes

@@ -892,6 +892,32 @@ def check_partial(seed: int, which: str, after_full: bool) -> List[str]:
     return bad
 
 
+def assert_partial_matches(spec: NetSpec, which: str, name: str, after_full: bool = False) -> None:
+    net, sim = run_pair(spec, 0)
+    if after_full:
+        net.backward()
+        sim.backward()
+    net.backward(**{which: name})
+    sim.backward(**{which: sim.index(name)})
+    bad = mismatches(spec, net, sim, ("diff", "pdiff"))
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("start,after_full", [("loss2", False), ("ip2", False), ("ip2", True)])
+def test_backward_start_runs_every_layer_of_the_range(start, after_full):
+    """Caffe's BackwardFromTo(start, 0) runs every layer up to ``start`` on the diffs its tops
+    hold: the first loss (below ``start``) still adds its gradient, and after a whole backward
+    ``y2``'s diff is what that pass left. Ours started from ``start``'s tops alone, so
+    ``backward(start=<last layer>)`` was not a whole backward."""
+    r = np.random.RandomState(8)
+    assert_partial_matches(_spec([
+        _ip("ip0", "data", "x", 4, 4, r),
+        LayerSpec("s", "Slice", ["x"], ["s1", "s2"], {"point": 2}),
+        _ip("ip1", "s1", "y1", 3, 2, r), _loss("y1"),
+        _ip("ip2", "s2", "y2", 3, 2, r), _loss("y2", "loss2")], _inputs(r, data=(2, 4))),
+        "start", start, after_full)
+
+
 # -- the random nets -------------------------------------------------------------------------------
 # Seed 18 hits the known divergence of test_in_place_propagate_down_false_under_a_slice.
 SWEEP = [s for s in range(100) if s != 18]
