@@ -1527,24 +1527,25 @@ class Net(nn.Module):
         return cached
 
     def _unread_tops(self, lo: int, hi: int) -> Tuple[Tuple[str, int], ...]:
-        """The tops of layers ``lo..hi`` that no layer of the range reads, each as ``(blob,
-        index)`` of the value a layer right above its writer reads.
+        """The tops of layers ``lo..hi`` whose diff no layer of the range writes, each as
+        ``(blob, index)`` of the value a layer right above its writer reads.
 
         Caffe's BackwardFromTo runs every layer of the range on the diffs its tops hold: the
-        start layer's, and also a lower layer's whose top only layers above the range read (or
-        none: a net output's diff, a loss top's weight; after a whole backward, what that pass
-        left). A top a layer of the range reads gets its diff from that reader (autograd). A
-        blob several layers above the range read keeps the sum of their last diffs, as Caffe's
-        Split below them sums their split tops' stale diffs; where some readers are in the
-        range, the net has no per-reader diffs to add to theirs (no Split layers)."""
+        start layer's, and also a lower layer's whose top only layers above the range read, or
+        layers that write it no diff (``propagate_down: false``), or none (a net output's diff,
+        a loss top's weight; after a whole backward, what that pass left). A top a layer of the
+        range writes the diff of gets it from that reader (autograd). A blob several layers
+        above the range read keeps the sum of their last diffs, as Caffe's Split below them
+        sums their split tops' stale diffs; where some readers in the range write theirs, the
+        net has no per-reader diffs to add to them (no Split layers)."""
         seeds: List[Tuple[str, int]] = []
         for step in self._steps[lo:hi + 1]:
             if step.index < hi and not step.runs_backward:
                 continue  # Caffe runs no Backward of it: its tops' diffs go nowhere
             for t in step.tops:
-                readers = self._readers.get(t, ())
-                k = bisect.bisect_right(readers, step.index)
-                if k == len(readers) or readers[k] > hi:
+                # No reader above the writer writes the diff (_diff_reader's rule); a loss top
+                # starts from its weight, as in a whole backward.
+                if self._diff_reader(t, step.index + 1, hi) > hi or t in self._loss_weights:
                     seeds.append((t, step.index + 1))
         return tuple(seeds)
 

@@ -918,6 +918,19 @@ def test_backward_start_runs_every_layer_of_the_range(start, after_full):
         "start", start, after_full)
 
 
+def test_backward_start_from_a_blob_its_range_reads_without_diff():
+    """``x``'s readers are ``ipA`` (in the range, ``propagate_down: false``) and ``ipB`` (above
+    it): Caffe's ip0 reads the diff ``x``'s Split sums from its tops, ipB's from the whole
+    backward before and none from ipA. Ours counted ipA as a reader and started nothing from
+    ``x`` (ip0's weight got no second gradient)."""
+    r = np.random.RandomState(9)
+    assert_partial_matches(_spec([
+        _ip("ip0", "data", "x", 4, 4, r),
+        _ip("ipA", "x", "a", 3, 4, r, propagate_down=[False]), _loss("a"),
+        _ip("ipB", "x", "b", 3, 4, r), _loss("b", "lossB")], _inputs(r, data=(2, 4))),
+        "start", "loss", after_full=True)
+
+
 # -- the random nets -------------------------------------------------------------------------------
 # Seed 18 hits the known divergence of test_in_place_propagate_down_false_under_a_slice.
 SWEEP = [s for s in range(100) if s != 18]
