@@ -88,6 +88,11 @@ class _DiffRange:
     diff_bottoms: Tuple[str, ...]  # the blobs whose diff the range's Backward writes
     # A learnable parameter of the range is also used by a layer below it (shared weights).
     shares_below: bool = False
+    # A blob the range reads is also read by a layer below it (not in place): autograd's way
+    # from the range to that blob may pass through the lower layer (x read by the range and by
+    # a layer below whose output the range reads too), using (and freeing) the pass's graph
+    # there.
+    reads_below: bool = False
     # What ``backward(start=)`` at the range's top layer starts from: ``(blob, index)`` for each
     # top no layer of the range reads, the value layer ``index`` reads (see Net._read_value).
     start_seeds: Tuple[Tuple[str, int], ...] = ()
@@ -1299,7 +1304,13 @@ class Net(nn.Module):
             # Only the spent layers when the range has graph below them (the layers a
             # forward(end=...) left above its end): the layers below keep this pass's graph
             # (and Dropout masks).
-            self._replay_graph(lo if not tensors or not spent else min(spent), hi)
+            if self._diff_range(lo, hi).reads_below:
+                # The graph below the range may be freed too (a whole backward before): it
+                # begins at the range's bottoms, as Caffe's BackwardFromTo runs no layer below.
+                self._replay_graph(lo, hi, cut=lo)
+                self._spent_steps.update(range(lo))
+            else:
+                self._replay_graph(lo if not tensors or not spent else min(spent), hi)
             tensors, grads = self._seed_tensors(seeds)
         else:
             changed = self._rewritten_bottoms(lo, hi)
@@ -1342,6 +1353,9 @@ class Net(nn.Module):
                     sequence.release()  # its hooks must not outlive this backward
             if not retain:
                 self._spent_steps.update(range(lo, hi + 1))
+                if self._diff_range(lo, hi).reads_below:
+                    # Autograd may have gone through (and freed) the graph of layers below.
+                    self._spent_steps.update(range(lo))
         if sequence is not None:
             sequence.finish()
         if self._store.held:
@@ -1523,6 +1537,9 @@ class Net(nn.Module):
                 diff_bottoms=tuple(n for s in steps for n in s.diff_bottoms),
                 shares_below=any(p.requires_grad and id(p) in below
                                  for s in steps for p in s.layer.blobs),
+                reads_below=any(r < lo and n not in self._steps[r].tops
+                                for n in dict.fromkeys(b for s in steps for b in s.bottoms)
+                                for r in self._readers.get(n, ())),
                 start_seeds=self._unread_tops(lo, hi))
         return cached
 
