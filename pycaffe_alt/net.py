@@ -1277,7 +1277,10 @@ class Net(nn.Module):
         elif start is not None:
             seeds = self._diff_range(lo, hi).start_seeds
         else:
-            seeds = [(n, None) for n in dict.fromkeys(self._outputs + list(self._loss_weights))]
+            # Caffe's BackwardFromTo runs no layer below ``end``: the diff of an output made
+            # below it goes nowhere (autograd would carry it into the blobs the range reads).
+            seeds = [(n, None) for n in dict.fromkeys(self._outputs + list(self._loss_weights))
+                     if lo == 0 or self._written_by(n, n) >= lo]
         tensors, grads = self._seed_tensors(seeds)
         # The layers autograd may reach: with a parameter shared below the range, those below.
         reach = 0 if 0 < lo <= hi and self._diff_range(lo, hi).shares_below else lo

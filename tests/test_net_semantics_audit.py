@@ -970,6 +970,17 @@ def test_backward_end_reading_a_blob_a_lower_layer_reads(order):
         _ip("ip2", "e", "y", 3, 4, r), _loss("y")], _inputs(r, data=(2, 4))), "e")
 
 
+def test_backward_end_leaves_out_outputs_made_below():
+    """``o`` is a net output made below ``ip1``: Caffe's ``backward(end='ip1')`` does not run
+    ``ipO``, so ``o``'s diff goes nowhere. Ours seeded it, and autograd carried it through
+    ``ipO`` into ``data`` (which ``ip1`` reads), after a whole backward through ipO's freed
+    graph: NetError."""
+    r = np.random.RandomState(11)
+    _end_case(("whole", "end"), _spec([
+        _ip("ipO", "data", "o", 2, 4, r),
+        _ip("ip1", "data", "y", 3, 4, r), _loss("y")], _inputs(r, data=(2, 4)), force=True), "ip1")
+
+
 # -- the random nets -------------------------------------------------------------------------------
 # Seed 18 hits the known divergence of test_in_place_propagate_down_false_under_a_slice.
 SWEEP = [s for s in range(100) if s != 18]
