@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 import pycaffe_alt as caffe
+from pycaffe_alt.errors import NetError
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
 Arr = np.ndarray
@@ -321,11 +322,32 @@ class CaffeSim:
                     self.diff[t] = np.full_like(self.data[t], w)
 
     # Net::BackwardFromTo
-    def backward(self, start: Optional[int] = None, end: int = 0) -> None:
+    def backward(self, start: Optional[int] = None, end: int = 0,
+                 stale_splits: bool = True) -> None:
+        """With ``stale_splits`` False, the Splits of the range act as the net without Split
+        layers does (known divergence (b)): one whose tops' diffs layers of the range write sums
+        those only (it forgets what readers above the range wrote in their last Backward); one
+        whose readers in the range write no diff does not run, so the layer below reads the
+        blob's own diff (Caffe's sums its tops' stale diffs, which after an in-place chain below
+        the Split are not what the blob's diff was left holding)."""
         start = len(self.layers) - 1 if start is None else start
+        idle: List[int] = []
+        if not stale_splits:
+            pos = {b: i for i, l in enumerate(self.layers) for b in l.bottoms}
+            writes = {b for l in self.layers[end:start + 1] if l.need
+                      for b, n in zip(l.bottoms, l.bottom_need) if n}
+            for i in range(end, start + 1):
+                l = self.layers[i]
+                if l.type != "Split":
+                    continue
+                if writes.isdisjoint(l.tops):
+                    idle.append(i)
+                for t in l.tops:
+                    if pos[t] > start:
+                        self.diff[t] = np.zeros_like(self.diff[t])
         for i in range(start, end - 1, -1):
             l = self.layers[i]
-            if l.need and l.type != "Input":
+            if l.need and l.type != "Input" and i not in idle:
                 got = self._bwd(l, [self.diff[t] for t in l.tops])
                 for j, g in got.items():
                     if l.bottom_need[j]:
@@ -879,26 +901,36 @@ def test_second_backward_reads_the_overwritten_buffer():
 
 
 # -- partial backward ranges -----------------------------------------------------------------------
-def check_partial(seed: int, which: str, after_full: bool) -> List[str]:
+def check_partial(seed: int, which: str, after_full: bool, known_splits: bool = True,
+                  every: bool = False) -> List[str]:
     """``backward(start=L)`` or ``backward(end=L)`` for every non-input layer L, each on a fresh
     forward (after a whole backward first, when ``after_full``: Caffe's Split tops then hold that
-    backward's diffs, which a range through the Split sums)."""
+    backward's diffs, which a range through the Split sums).
+
+    ``known_splits`` False leaves out what only the Split layers Caffe inserts and this net
+    does not explain: (a) with ``end=``, the diff of a blob whose Split sits below the range
+    (Caffe writes none); (b) the stale diffs a Split in the range sums from the split tops of
+    readers above it (the simulator zeroes the split tops first). ``every``: every layer as L
+    (else about four)."""
     spec = random_net(seed)
     bad = []
     names = [l.name for l in spec.layers]
-    for name in names[:: max(1, len(names) // 4)]:
+    for name in names if every else names[:: max(1, len(names) // 4)]:
         net, sim = run_pair(spec, seed)
         if after_full:
             net.backward()
             sim.backward()
         i = sim.index(name)
+        skip: List[str] = []
         if which == "start":
             net.backward(start=name)
-            sim.backward(start=i)
+            sim.backward(start=i, stale_splits=known_splits)
         else:
             net.backward(end=name)
-            sim.backward(end=i)
-        bad += [f"{which}={name}: {m}" for m in mismatches(spec, net, sim, ("diff", "pdiff"))]
+            sim.backward(end=i, stale_splits=known_splits)
+            skip = [] if known_splits else sim.splits_below(i)
+        bad += [f"{which}={name}: {m}"
+                for m in mismatches(spec, net, sim, ("diff", "pdiff"), skip)]
     return bad
 
 
@@ -991,7 +1023,55 @@ def test_random_nets_whole_backward():
     assert not failures, failures
 
 
+# Partial ranges (start=/end=, on a fresh forward and after a whole backward) with the known
+# Split divergences (a) and (b) left out (see check_partial). Seed 18: the in-place
+# propagate_down: false divergence above; seeds 17 and 50 (end=, after a whole backward):
+# test_backward_end_after_whole_on_a_slice_of_an_input; seed 56 (start=, after a whole
+# backward): test_backward_start_in_place_propagate_down_false_after_whole.
+PARTIAL_KNOWN = {("start", False): {18}, ("start", True): {18, 56},
+                 ("end", False): {18}, ("end", True): {17, 18, 50}}
+
+
+@pytest.mark.parametrize("which,after_full", [("start", False), ("start", True),
+                                              ("end", False), ("end", True)],
+                         ids=["start", "start-after-whole", "end", "end-after-whole"])
+def test_random_nets_partial_backward(which, after_full):
+    failures = {}
+    for s in range(60):
+        if s in PARTIAL_KNOWN[(which, after_full)]:
+            continue
+        try:
+            bad = check_partial(s, which, after_full, known_splits=False)
+        except NetError as e:
+            bad = [f"NetError: {e}"]
+        if bad:
+            failures[s] = bad
+    assert not failures, failures
+
+
 # -- known divergences (documented; not fixed) -----------------------------------------------------
+@pytest.mark.xfail(strict=True, raises=NetError,
+                   reason="the range's graph reaches a freed Slice of a net input")
+def test_backward_end_after_whole_on_a_slice_of_an_input():
+    """A Slice of a forced net input, one top read below ``end`` (ip2), one by it (ip1):
+    ``backward(end='ip1')`` after a whole backward raises NetError (autograd meets a graph the
+    whole backward freed); Caffe runs ip1 and the losses. Not found: which node it meets
+    (the same net with an InnerProduct between the input and the Slice works)."""
+    r = np.random.RandomState(12)
+    _end_case(("whole", "end"), _spec([
+        LayerSpec("s", "Slice", ["data"], ["s3", "s4"], {"point": 2}),
+        _ip("ip2", "s3", "z", 3, 2, r), _ip("ip1", "s4", "y", 3, 2, r),
+        _loss("y"), _loss("z", "loss2")], _inputs(r, data=(2, 4)), force=True), "ip1")
+
+
+@pytest.mark.xfail(strict=True, reason="not minimized: see the docstring")
+def test_backward_start_in_place_propagate_down_false_after_whole():
+    """Random net 56, ``backward(start='c1')`` after a whole backward: c1's parameter diffs
+    differ (relative error ~6e3). c1 is a Convolution with an in-place Sigmoid
+    (``propagate_down: false``) and ReLU above it; likely the in-place propagate_down: false
+    divergence (test_in_place_propagate_down_false_under_a_slice) seen through the diff the
+    whole backward left in the shared buffer. Not minimized."""
+    assert not check_partial(56, "start", True, known_splits=False, every=True)
 @pytest.mark.xfail(strict=True, reason="a parameter takes gradients from every layer using it")
 def test_shared_param_frozen_in_one_layer():
     """Caffe's param_propagate_down is per layer and per blob (its own lr_mult != 0): a weight
