@@ -10,7 +10,7 @@ import math
 
 import lmdb
 import numpy as np
-import yaml
+import pytest
 from google.protobuf import text_format
 
 import pycaffe_alt as caffe
@@ -328,6 +328,8 @@ class TripletLayer(TripletMnistLoss):
     """hizhangp/triplet tripletloss_layer.py: the same loss, param_str read with yaml."""
 
     def setup(self, bottom, top):
+        import yaml  # PyYAML: the program's own dependency (the test skips without it)
+
         self.margin = yaml.safe_load(self.param_str)["margin"]
         top[0].reshape(1)
 
@@ -338,6 +340,7 @@ def test_solver_wrapper_feeds_a_python_data_layer_through_solver_net_layers(tmp_
     # weights come in by solver.net.copy_from, the data by solver.net.layers[0].set_data (pycaffe
     # hands back the Python layer object itself), the loss is read from solver.net.blobs['loss']
     # after each step(1), and snapshots are net.save(prefix + '_iter_{solver.iter}').
+    pytest.importorskip("yaml")  # the program parses its layers' param_str with PyYAML
     monkeypatch.chdir(tmp_path)
     body = """name: 'VGG_FACE_16_layers'
 layer { name: 'data' type: 'Python' top: 'data' top: 'labels'
