@@ -1271,11 +1271,12 @@ class Net(nn.Module):
         self._push_host_writes()
         lo = self._layer_index(end, 0)
         hi = self._layer_index(start, len(self._steps) - 1)
+        ranged = self._diff_range(lo, hi)  # what the range reads and writes (made once)
         seeds: Sequence[Tuple[str, Optional[int]]]
         if lo > hi:  # Caffe's BackwardFromTo runs nothing for a reversed range
             seeds = []
         elif start is not None:
-            seeds = self._diff_range(lo, hi).start_seeds
+            seeds = ranged.start_seeds
         else:
             # Caffe's BackwardFromTo runs no layer below ``end``: the diff of an output made
             # below it goes nowhere (autograd would carry it into the blobs the range reads).
@@ -1283,7 +1284,7 @@ class Net(nn.Module):
                      if lo == 0 or self._written_by(n, n) >= lo]
         tensors, grads = self._seed_tensors(seeds)
         # The layers autograd may reach: with a parameter shared below the range, those below.
-        reach = 0 if 0 < lo <= hi and self._diff_range(lo, hi).shares_below else lo
+        reach = 0 if 0 < lo <= hi and ranged.shares_below else lo
         replays_exactly = all(s.layer.replays_exactly for s in self._steps[reach:hi + 1]
                               if s.replayed)
         if reach < lo and replays_exactly:
@@ -1307,7 +1308,7 @@ class Net(nn.Module):
             # Only the spent layers when the range has graph below them (the layers a
             # forward(end=...) left above its end): the layers below keep this pass's graph
             # (and Dropout masks).
-            if self._diff_range(lo, hi).reads_below:
+            if ranged.reads_below:
                 # The graph below the range may be freed too (a whole backward before): it
                 # begins at the range's bottoms, as Caffe's BackwardFromTo runs no layer below.
                 self._replay_graph(lo, hi, cut=lo)
@@ -1356,7 +1357,7 @@ class Net(nn.Module):
                     sequence.release()  # its hooks must not outlive this backward
             if not retain:
                 self._spent_steps.update(range(lo, hi + 1))
-                if self._diff_range(lo, hi).reads_below:
+                if ranged.reads_below:
                     # Autograd may have gone through (and freed) the graph of layers below.
                     self._spent_steps.update(range(lo))
         if sequence is not None:

@@ -426,6 +426,15 @@ def pool2d(x: torch.Tensor, geom: PoolGeometry, method: int, training: bool, wit
     return stochastic_pool_test(x, geom), None
 
 
+def four_axes(layer: Layer, shape: Sequence[int]) -> Tuple[int, ...]:
+    """``shape`` as a tuple, or the layer's error when it is not (N, C, H, W) (pooling layers)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != 4:
+        raise layer.error(f"needs a 4-axis bottom (N, C, H, W), got shape {shape}",
+                          "reshape the input to 4 axes")
+    return shape
+
+
 def _check_pool_geometry(layer: Layer, geom: PoolGeometry, method: int) -> None:
     """Caffe's LayerSetUp checks on a pooling geometry (padding only for MAX/AVE, pad < kernel)."""
     if any(k <= 0 for k in geom.kernel):
@@ -498,10 +507,7 @@ class Pooling(Layer):
         # Every pass has the same geometry except global pooling's (its kernel is the input's).
         self._fixed_geometry = None if self.kernel is None else \
             PoolGeometry(self.kernel, self.stride, self.pad, self.ceil)
-        shape = tuple(bottom_shapes[0])
-        if len(shape) != 4:
-            raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {shape}",
-                             "reshape the input to 4 axes")
+        shape = four_axes(self, bottom_shapes[0])
         _check_pool_geometry(self, self._geometry(shape[2], shape[3]), self.method)
         self._pooled_size(shape[2], shape[3])
         self.fixed_switches = None
@@ -520,10 +526,7 @@ class Pooling(Layer):
         return out
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
-        shape = tuple(bottom_shapes[0])
-        if len(shape) != 4:
-            raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {shape}",
-                             "reshape the input to 4 axes")
+        shape = four_axes(self, bottom_shapes[0])
         top = tuple(shape[:2]) + tuple(self._pooled_size(shape[2], shape[3]))
         return [top] * (2 if self.with_mask else 1)  # the mask top is shaped as the pooled one
 
@@ -545,9 +548,8 @@ class Pooling(Layer):
         return not (self.method == STOCHASTIC and self.training)  # TRAIN samples each window
 
     def forward(self, x: torch.Tensor):
-        if x.dim() != 4:
-            raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {tuple(x.shape)}",
-                             "reshape the input to 4 axes")
+        if x.dim() != 4:  # the check alone on the pass's path: no tuple built per pass
+            four_axes(self, x.shape)
         h, w = x.shape[-2:]
         if self.fixed_switches is not None and self.method == MAX:
             idx = self.fixed_switches(x).to(device=x.device, dtype=torch.long)
@@ -595,10 +597,7 @@ class SPP(Layer):
                              "set spp_param { pyramid_height: N }")
         if self.method not in (MAX, AVE, STOCHASTIC):
             raise self.error(f"unknown pooling method {self.method}", "use MAX, AVE or STOCHASTIC")
-        shape = tuple(bottom_shapes[0])
-        if len(shape) != 4:
-            raise self.error(f"needs a 4-axis bottom (N, C, H, W), got shape {shape}",
-                             "reshape the input to 4 axes")
+        shape = four_axes(self, bottom_shapes[0])
         self._levels(shape[2], shape[3])
 
     def _levels(self, h: int, w: int):
