@@ -68,9 +68,10 @@ class LayerCallbacks:
 class BackwardSequence:
     """Caffe's backward callback order for layers ``lo..hi`` around one autograd backward.
 
-    Usage: :meth:`watch` each layer's output tensors after the forward, run the backward, then
-    :meth:`finish` (which also calls the callbacks of layers the gradient never reached, as
-    Caffe calls them for layers that need no backward).
+    Usage: :meth:`watch` each layer's output tensors after the forward, then run the backward
+    inside ``with sequence:``. Leaving the block normally is :meth:`finish` (which also calls
+    the callbacks of layers the gradient never reached, as Caffe calls them for layers that
+    need no backward); leaving it by an exception only removes the hooks (:meth:`release`).
     """
 
     def __init__(self, callbacks: LayerCallbacks, lo: int, hi: int):
@@ -111,6 +112,16 @@ class BackwardSequence:
         """After the backward: the remaining layers' callbacks, in order; hooks removed."""
         self.release()
         self._close_down_to(self._lo, in_pass=False)  # the autograd pass is over
+
+    def __enter__(self) -> "BackwardSequence":
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        # A failed backward: its hooks must not outlive it, and no more callbacks are due.
+        if kind is None:
+            self.finish()
+        else:
+            self.release()
 
     def release(self) -> None:
         """Remove the gradient hooks (also when the backward failed)."""

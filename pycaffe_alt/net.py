@@ -15,6 +15,7 @@ Two ways to run it:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import math
 import os
@@ -1326,42 +1327,39 @@ class Net(nn.Module):
                 self._replay_graph(start, hi, dirty=changed)
                 tensors, grads = self._seed_tensors(seeds)
         sequence = self._backward_sequence(lo, hi) if self._callbacks.on_backward else None
-        if tensors:
-            # Caffe's Backward can run again on the same forward, reading the masks and
-            # statistics that forward stored: the graph is kept for it where running the layers
-            # again would draw new Dropout masks or update BatchNorm's averages. Elsewhere
-            # autograd frees it as it goes (the backward reuses that memory: ~3% of a LeNet
-            # step) and a second backward records it again, with the same values.
-            retain = not replays_exactly
-            try:
-                self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0,
-                                       retain=retain)
-            except RuntimeError as e:
-                if not _graph_was_freed(e):
-                    raise
-                # A torch backward the caller ran on the module form's outputs
-                # (net.loss(net(data=t)).backward()) freed the graph this pass recorded. Running
-                # the layers again would update BatchNorm's averages a second time and draw new
-                # Dropout masks, and the parameters above the freed part already took their
-                # gradient: refuse, naming what to do.
-                self._spent_steps.update(range(lo, hi + 1))
-                raise NetError(
-                    "backward(): a torch backward on the outputs of the module call freed this "
-                    "pass's graph (some parameter diffs may already hold part of this backward's "
-                    "gradient)", self.source,
-                    "run the pass again (net.forward() or the module call) before net.backward(), "
-                    "or give the torch backward retain_graph=True; net.clear_param_diffs() clears "
-                    "the parameter diffs") from None
-            finally:
-                if sequence is not None:
-                    sequence.release()  # its hooks must not outlive this backward
-            if not retain:
-                self._spent_steps.update(range(lo, hi + 1))
-                if ranged.reads_below:
-                    # Autograd may have gone through (and freed) the graph of layers below.
-                    self._spent_steps.update(range(lo))
-        if sequence is not None:
-            sequence.finish()
+        # The callbacks' hooks must not outlive this backward (BackwardSequence.__exit__).
+        with sequence if sequence is not None else contextlib.nullcontext():
+            if tensors:
+                # Caffe's Backward can run again on the same forward, reading the masks and
+                # statistics that forward stored: the graph is kept for it where running the
+                # layers again would draw new Dropout masks or update BatchNorm's averages.
+                # Elsewhere autograd frees it as it goes (the backward reuses that memory: ~3% of
+                # a LeNet step) and a second backward records it again, with the same values.
+                retain = not replays_exactly
+                try:
+                    self._accumulate_grads(tensors, grads, self._steps[lo:hi + 1], whole=lo == 0,
+                                           retain=retain)
+                except RuntimeError as e:
+                    if not _graph_was_freed(e):
+                        raise
+                    # A torch backward the caller ran on the module form's outputs
+                    # (net.loss(net(data=t)).backward()) freed the graph this pass recorded.
+                    # Running the layers again would update BatchNorm's averages a second time
+                    # and draw new Dropout masks, and the parameters above the freed part already
+                    # took their gradient: refuse, naming what to do.
+                    self._spent_steps.update(range(lo, hi + 1))
+                    raise NetError(
+                        "backward(): a torch backward on the outputs of the module call freed "
+                        "this pass's graph (some parameter diffs may already hold part of this "
+                        "backward's gradient)", self.source,
+                        "run the pass again (net.forward() or the module call) before "
+                        "net.backward(), or give the torch backward retain_graph=True; "
+                        "net.clear_param_diffs() clears the parameter diffs") from None
+                if not retain:
+                    self._spent_steps.update(range(lo, hi + 1))
+                    if ranged.reads_below:
+                        # Autograd may have gone through (and freed) the graph of layers below.
+                        self._spent_steps.update(range(lo))
         if self._store.held:
             self._store.refresh_held()
         names = list(self.bottom_names[end]) if end is not None else list(self._inputs)

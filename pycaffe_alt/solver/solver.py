@@ -14,6 +14,7 @@ parameter normalize, regularize, update value, and finally ``data -= update``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import OrderedDict
@@ -561,14 +562,9 @@ class Solver:
                 sequence = BackwardSequence(callbacks, 0, len(self.net.steps) - 1)
                 for step, _, tops in trace:
                     sequence.watch(step.index, tops)
-            try:
+            with sequence if sequence is not None else contextlib.nullcontext():
                 if loss.requires_grad:
                     self.precision.scaled(loss).backward()
-            finally:
-                if sequence is not None:
-                    sequence.release()
-            if sequence is not None:
-                sequence.finish()
             if debug:
                 debug_info.log_backward(trace, grads, self._params)
             loss = loss.detach()
