@@ -1284,18 +1284,22 @@ class Net(nn.Module):
             seeds = [(n, None) for n in dict.fromkeys(self._outputs + list(self._loss_weights))
                      if lo == 0 or self._written_by(n, n) >= lo]
         tensors, grads = self._seed_tensors(seeds)
-        # The layers autograd may reach: with a parameter shared below the range, those below.
-        reach = 0 if 0 < lo <= hi and ranged.shares_below else lo
+        # The layers autograd may reach: with a parameter shared below the range, or a blob the
+        # range reads that a layer below reads too (its way back may pass through that layer),
+        # those below.
+        reach = 0 if 0 < lo <= hi and (ranged.shares_below or ranged.reads_below) else lo
         replays_exactly = all(s.layer.replays_exactly for s in self._steps[reach:hi + 1]
                               if s.replayed)
         if reach < lo and replays_exactly:
             # Caffe's BackwardFromTo runs the range's layers only: a parameter shared with a
-            # layer below the range gets the range's contributions alone. Autograd would follow
-            # the pass's graph down into that layer (and fail where a backward freed it), so
-            # the range's graph is recorded again from what the blobs hold, cut at its bottoms.
-            # Only where running the layers again gives the same values: a replay would draw
-            # new Dropout masks (in the range, or below it for a later whole backward). Else
-            # the parameter also takes the lower layer's part, through the kept graph.
+            # layer below the range gets the range's contributions alone, and so does a blob
+            # the range reads beside a lower layer's output made from it (the diff Caffe's Split
+            # top of the range's reader gets). Autograd would follow the pass's graph down into
+            # that layer (and fail where a backward freed it), so the range's graph is
+            # recorded again from what the blobs hold, cut at its bottoms. Only where running
+            # the layers again gives the same values: a replay would draw new Dropout masks (in
+            # the range, or below it for a later whole backward). Else the parameter or blob
+            # also takes the lower layer's part, through the kept graph.
             self._replay_graph(lo, hi, cut=lo)
             # The layers below no longer lead to the values the range reads.
             self._spent_steps.update(range(lo))

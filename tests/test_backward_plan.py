@@ -233,3 +233,55 @@ def test_a_range_sharing_a_weight_below_it_keeps_the_forwards_dropout_masks(tmp_
     for name, blob in net.blobs.items():
         np.testing.assert_array_equal(blob.data, data[name], err_msg=name)
     np.testing.assert_allclose(net.blobs["data"].diff, first, rtol=1e-6)
+
+
+READ_BELOW = """force_backward: true
+layer {{ name: "x" type: "Input" top: "data" input_param {{ shape {{ dim: 4 dim: 6 }} }} }}
+layer {{ name: "ip0" type: "InnerProduct" bottom: "data" top: "x"
+  inner_product_param {{ num_output: 6 weight_filler {{ type: "gaussian" std: 1 }} }} }}
+{drop}
+layer {{ name: "ip1" type: "InnerProduct" bottom: "x" top: "y"
+  inner_product_param {{ num_output: 6 weight_filler {{ type: "gaussian" std: 1 }} }} }}
+layer {{ name: "sum" type: "Eltwise" bottom: "x" bottom: "y" top: "z" }}
+layer {{ name: "loss" type: "EuclideanLoss" bottom: "z" bottom: "data" top: "loss" }}
+"""
+
+
+def _read_below_net(tmp_path, drop=""):
+    path = tmp_path / "net.prototxt"
+    path.write_text(READ_BELOW.format(drop=drop))
+    caffe.set_random_seed(5)
+    net = caffe.Net(str(path), caffe.TRAIN)
+    net.blobs["data"].data[...] = np.random.RandomState(1).randn(4, 6)
+    return net
+
+
+def test_a_range_reading_a_blob_also_read_below_it_takes_the_ranges_part_alone(tmp_path):
+    # backward(end='sum'): 'sum' reads x and y = ip1(x), ip1 being below the range. Caffe's
+    # BackwardFromTo runs 'sum' and 'loss' only: the diff 'sum' writes for x (Caffe's split
+    # top x_split_1, what pycaffe returns for the end layer's bottom) is z's diff, with no part
+    # through ip1 (whose Backward does not run). Autograd followed the graph through ip1 too.
+    net = _read_below_net(tmp_path)
+    net.forward()
+    got = net.backward(end="sum")
+    z_diff = net.blobs["z"].diff.copy()
+    np.testing.assert_allclose(got["y"], z_diff, rtol=1e-6)
+    np.testing.assert_allclose(got["x"], z_diff, rtol=1e-6)
+    assert not net.params["ip1"][0].diff.any()
+
+
+def test_a_range_reading_a_blob_read_below_keeps_the_forwards_dropout_mask(tmp_path):
+    # The same with a Dropout on x below the range: recording the range again cut at its
+    # bottoms is what takes its part alone, and it would not change the mask, but letting
+    # autograd free the graph below (the range's way to x passes through ip1 and the Dropout)
+    # made a later whole backward record the Dropout again with a new mask.
+    net = _read_below_net(tmp_path, 'layer { name: "d" type: "Dropout" bottom: "x" top: "x" }')
+    net.forward()
+    data = {n: b.data.copy() for n, b in net.blobs.items()}
+    net.backward()
+    first = net.blobs["data"].diff.copy()
+    net.backward(end="sum")
+    net.backward()
+    for name, blob in net.blobs.items():
+        np.testing.assert_array_equal(blob.data, data[name], err_msg=name)
+    np.testing.assert_allclose(net.blobs["data"].diff, first, rtol=1e-6)
