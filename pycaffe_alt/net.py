@@ -245,7 +245,9 @@ class _BlobStore:
         """The layout of blob ``name``'s data and diff: the net's, except net inputs, which
         stay C-order as pycaffe's arrays of them are (programs write them through reshaped
         views); their readers get them converted (Net._input_in_format)."""
-        return torch.contiguous_format if name in self._net._inputs else self._net.memory_format
+        if name in self._net._net_input_names:
+            return torch.contiguous_format
+        return self._net.memory_format
 
     def _zeros(self, name: str, shape: Shape) -> torch.Tensor:
         """A zero value for blob ``name`` in the net's memory format and float type (NetError
@@ -429,7 +431,8 @@ class Net(nn.Module):
             if self.memory_format is torch.channels_last:
                 # Every reader: an Eltwise or Concat of the input makes its top in the input's
                 # layout, and the convolutions after it would compute NCHW.
-                flags = tuple(b in self._inputs and len(self._shapes[b]) == 4 for b in step.bottoms)
+                flags = tuple(b in self._net_input_names and len(self._shapes[b]) == 4
+                              for b in step.bottoms)
                 step.to_net_format = flags if any(flags) else ()
         if compile:
             self.set_compile(True)
@@ -466,7 +469,7 @@ class Net(nn.Module):
         available: "OrderedDict[str, None]" = OrderedDict()  # produced, not yet consumed
         produced: Set[str] = set()
         self._steps: List[Step] = []
-        self._inputs: List[str] = []
+        self._net_input_names: List[str] = []
         self._loss_weights: "OrderedDict[str, float]" = OrderedDict()
         self.top_names: "OrderedDict[str, List[str]]" = OrderedDict()
         self.bottom_names: "OrderedDict[str, List[str]]" = OrderedDict()
@@ -544,7 +547,7 @@ class Net(nn.Module):
                 if not t.startswith(ANONYMOUS_TOP):
                     available[t] = None
             if lp.type == "Input":
-                self._inputs.extend(tops)
+                self._net_input_names.extend(tops)
             weights = self._top_loss_weights(lp, cls, len(tops), where)
             self._set_up_loss_weights.append(weights)
             for t, w in zip(tops, weights):
@@ -569,9 +572,9 @@ class Net(nn.Module):
         self._mark_buffer_readers()
         # Blobs a pass recomputes (input blobs written in place keep their storage).
         self._produced = [t for step in self._steps if step.runs for t in step.tops
-                          if t not in self._inputs]
+                          if t not in self._net_input_names]
         # Outputs: blobs nobody consumed, in Caffe's (sorted std::set) order.
-        self._outputs = sorted(available)
+        self._net_output_names = sorted(available)
         plan = plan_backward(links, self.net_param.force_backward)
         self._plan = plan
         for step, needs, layer_needs in zip(self._steps, plan.bottom_needs, plan.layer_needs):
@@ -789,11 +792,11 @@ class Net(nn.Module):
 
     @property
     def inputs(self) -> List[str]:
-        return list(self._inputs)
+        return list(self._net_input_names)
 
     @property
     def outputs(self) -> List[str]:
-        return list(self._outputs)
+        return list(self._net_output_names)
 
     @property
     def loss_tops(self) -> List[str]:
@@ -858,7 +861,7 @@ class Net(nn.Module):
             # ``end`` holding the last full pass's values (pycaffe's forward(end=...)).
             produced = self._produced if last == len(self._steps) - 1 else \
                 [t for step in self._steps[:last + 1] if step.runs for t in step.tops
-                 if t not in self._inputs]
+                 if t not in self._net_input_names]
             for name in produced:
                 values.pop(name, None)
         if inputs:
@@ -867,7 +870,7 @@ class Net(nn.Module):
             self._store.foreign.update(inputs)
         # A pass from a middle layer keeps the graph the layers below it recorded before.
         self._foreign_graph = bool(self._store.foreign) or (start > 0 and self._foreign_graph)
-        for name in self._inputs:
+        for name in self._net_input_names:
             if name not in values:
                 values[name] = self._store.data_tensor(name)
         if start > 0:
@@ -1060,13 +1063,13 @@ class Net(nn.Module):
         an input, or any blob when the pass starts at a later layer."""
         if name not in self._shapes:
             raise NetError(f"{caller} got a value for '{name}', which is not a blob of this net",
-                           self.source, f"inputs: {', '.join(self._inputs)}")
-        if start is None and name not in self._inputs:
+                           self.source, f"inputs: {', '.join(self._net_input_names)}")
+        if start is None and name not in self._net_input_names:
             # pycaffe refuses it too; a layer would overwrite the value before it is read.
             raise NetError(f"{caller} got a value for '{name}', which is not an input of "
                            "this net (a layer computes it)", self.source,
-                           f"inputs: {', '.join(self._inputs)}; or start the pass above the "
-                           "layer that computes it (start=...)")
+                           f"inputs: {', '.join(self._net_input_names)}; or start the pass "
+                           "above the layer that computes it (start=...)")
 
     def _write_array(self, name: str, arr, field: str, caller: str) -> None:
         """``blobs[name].<field>[...] = arr`` with a NetError naming the blob when ``arr`` does not
@@ -1104,7 +1107,7 @@ class Net(nn.Module):
     def _output_names(self, blobs, end) -> List[str]:
         if end is not None:
             self._layer_index(end, 0)  # an unknown layer name is a NetError
-        names = list(self.top_names[end]) if end is not None else list(self._outputs)
+        names = list(self.top_names[end]) if end is not None else list(self._net_output_names)
         blobs = _blob_name_list(blobs, "forward(blobs=...)")
         for b in blobs or ():
             self._require_blob(b, "forward(blobs=...)")
@@ -1130,7 +1133,7 @@ class Net(nn.Module):
             self._take_held_writes()
         grad = self._backward_possible and torch.is_grad_enabled()
         # Leaves for inputs that receive gradients (force_backward nets).
-        for name in self._inputs:
+        for name in self._net_input_names:
             t = self._store.data_tensor(name)
             wants = grad and self._plan.blob_needs.get(name, False)
             if start > 0 and t.grad_fn is None and t.requires_grad == wants:
@@ -1281,7 +1284,8 @@ class Net(nn.Module):
         else:
             # Caffe's BackwardFromTo runs no layer below ``end``: the diff of an output made
             # below it goes nowhere (autograd would carry it into the blobs the range reads).
-            seeds = [(n, None) for n in dict.fromkeys(self._outputs + list(self._loss_weights))
+            seeds = [(n, None) for n in
+                     dict.fromkeys(self._net_output_names + list(self._loss_weights))
                      if lo == 0 or self._written_by(n, n) >= lo]
         tensors, grads = self._seed_tensors(seeds)
         # The layers autograd may reach: with a parameter shared below the range, or a blob the
@@ -1366,7 +1370,7 @@ class Net(nn.Module):
                         self._spent_steps.update(range(lo))
         if self._store.held:
             self._store.refresh_held()
-        names = list(self.bottom_names[end]) if end is not None else list(self._inputs)
+        names = list(self.bottom_names[end]) if end is not None else list(self._net_input_names)
         diffs = _blob_name_list(diffs, "backward(diffs=...)")
         for d in diffs or ():
             self._require_blob(d, "backward(diffs=...)")
@@ -1663,7 +1667,7 @@ class Net(nn.Module):
             raise NetError("forward_all() got inputs of different lengths: " +
                            ", ".join(f"{k} {n}" for k, n in lengths.items()), self.source,
                            "give every input the same number of items")
-        batch = self.blobs[self._inputs[0]].shape[0] if self._inputs else n_items
+        batch = self.blobs[self._net_input_names[0]].shape[0] if self._net_input_names else n_items
         for lo in range(0, n_items, batch):
             chunk = {}
             for k, v in kwargs.items():
@@ -1796,8 +1800,7 @@ class Net(nn.Module):
 
     # ---- pycaffe extras ----
     # The rest of pycaffe's Net surface (python/caffe/pycaffe.py, _caffe.cpp), written in terms of
-    # the methods above. pycaffe's index lists ``_inputs``/``_outputs`` are not provided: those
-    # attribute names hold blob names here (use ``inputs``/``outputs``).
+    # the methods above.
     @property
     def _blobs(self) -> List[Blob]:
         return list(self.blobs.values())
@@ -1809,6 +1812,18 @@ class Net(nn.Module):
     def _blob_ids(self, names: Sequence[str]) -> List[int]:
         index = {n: i for i, n in enumerate(self.blobs)}
         return [index[n] for n in names]
+
+    @property
+    def _inputs(self) -> List[int]:
+        """pycaffe's ``net._inputs``: Caffe's input_blob_indices, positions in ``_blob_names``
+        (programs that walk a net by index look these up in ``_top_ids`` and ``_blobs``)."""
+        return self._blob_ids(self._net_input_names)
+
+    @property
+    def _outputs(self) -> List[int]:
+        """pycaffe's ``net._outputs``: Caffe's output_blob_indices, positions in ``_blob_names``
+        (an anonymous loss top, absent from ``net.blobs`` here, has none)."""
+        return self._blob_ids([n for n in self._net_output_names if n in self.blobs])
 
     def _bottom_ids(self, i: int) -> List[int]:
         """Blob indices (into ``net.blobs``) of layer ``i``'s bottoms."""
