@@ -1,8 +1,15 @@
 """Round 14 of third-party pycaffe programs run unchanged, aimed at programs that read a net's
-structure and generate code or prototxt from it: a Caffe-to-SystemC generator walking
+structure and generate code, prototxt or weights from it: a Caffe-to-SystemC generator walking
 net._top_ids/_bottom_ids/_inputs/_outputs/_blobs by index (hilbertw/model-caffe, gen-wire.py,
-gen-blob-cpp.py with net_wrapper.py). Behaviours they rely on, each checked with a small program
-of our own written after the real one's pattern."""
+gen-blob-cpp.py with net_wrapper.py). Also run this round without a divergence found: Fabrik's
+JSON-to-prototxt NetSpec exporter over its 57 layer types (Cloud-CV/Fabrik,
+ide/utils/jsonToPrototxt.py, compared with BVLC's net_spec.py), an fc-to-conv converter that
+rewrites the prototxt through caffe_pb2/text_format and transplants weights with .flat, an HDF5
+ball-tracker regression trainer feeding Input blobs between solver.step(1) calls and testing with
+test_nets[0].forward(start=...), weights copied from a TRAIN-phase deploy net into solver.net
+(Vertical-Beach/ai-edge-contest4, FPN/train_signate.py), a caffemodel pickled from
+net.layer_dict, a mean.binaryproto written with array_to_blobproto. Behaviours they rely on, each
+checked with a small program of our own written after the real one's pattern."""
 import numpy as np
 
 import pycaffe_alt as caffe
