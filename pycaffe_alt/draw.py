@@ -5,10 +5,11 @@
 pycaffe: through pydot (or pydotplus) when importable, else through Graphviz's ``dot`` program
 when it is on PATH; ``.dot``/``.gv``/``.raw`` files get the DOT text itself.
 
-Styling follows pycaffe's draw.py: convolutions red, pooling orange, inner products purple,
-other layers blue, in-place layers green; a layer's label holds its name, type, kernel/stride/pad
-for spatial layers and optionally the lr_mults; edges into a layer's tops carry the batch size
-(Data) or num_output (Convolution, Deconvolution, InnerProduct).
+Styling follows pycaffe's draw.py: convolutions red, pooling orange, inner products purple, other
+layers blue, in-place layers green, blobs grey octagons unless last written (outputs plain); a
+layer's label holds its name, type, kernel/stride/pad for spatial layers and optionally the
+lr_mults; edges into a layer's tops carry the batch size (Data) or num_output (Convolution,
+Deconvolution, InnerProduct).
 """
 from __future__ import annotations
 
@@ -132,7 +133,10 @@ def to_dot(caffe_net, rankdir: str = "LR", label_edges: bool = True,
                          hint="use 'LR', 'TB', 'BT' or 'RL'")
     lines: List[str] = [f"digraph {_quote(caffe_net.name or 'Net')} {{",
                         f"  rankdir={rankdir};"]
-    blobs: Dict[str, None] = {}
+    # Blob -> whether its last use was as a bottom. pycaffe's get_pydot_graph remakes a blob's
+    # node at each use, as a grey octagon for a bottom and a plain node for a top, and draws the
+    # last one made: outputs (and blobs an in-place layer writes last) come out plain.
+    blobs: Dict[str, bool] = {}
     edges: List[str] = []
     for layer in caffe_net.layer:
         if not _included(layer, phase):
@@ -145,15 +149,16 @@ def to_dot(caffe_net, rankdir: str = "LR", label_edges: bool = True,
         label = _record_label(get_layer_label(layer, rankdir, display_lrm))
         lines.append(f"  {_quote(node)} {_attrs(dict(label=label, **style))};")
         for bottom in layer.bottom:
-            blobs.setdefault(bottom)
+            blobs[bottom] = True
             edges.append(f"  {_quote(bottom + '_blob')} -> {_quote(node)};")
         edge_label = get_edge_label(layer) if label_edges else ""
         for top in layer.top:
-            blobs.setdefault(top)
+            blobs[top] = False
             attrs = f" {_attrs({'label': edge_label})}" if edge_label else ""
             edges.append(f"  {_quote(node)} -> {_quote(top + '_blob')}{attrs};")
-    for blob in blobs:
-        lines.append(f"  {_quote(blob + '_blob')} {_attrs(dict(label=blob, **BLOB_STYLE))};")
+    for blob, read_last in blobs.items():
+        style = BLOB_STYLE if read_last else {}
+        lines.append(f"  {_quote(blob + '_blob')} {_attrs(dict(label=blob, **style))};")
     lines.extend(edges)
     lines.append("}")
     return "\n".join(lines) + "\n"

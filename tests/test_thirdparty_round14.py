@@ -1,7 +1,9 @@
 """Round 14 of third-party pycaffe programs run unchanged, aimed at programs that read a net's
 structure and generate code, prototxt or weights from it: a Caffe-to-SystemC generator walking
 net._top_ids/_bottom_ids/_inputs/_outputs/_blobs by index (hilbertw/model-caffe, gen-wire.py,
-gen-blob-cpp.py with net_wrapper.py). Also run this round without a divergence found: Fabrik's
+gen-blob-cpp.py with net_wrapper.py) and a draw_net script whose picture of a net's blobs follows
+pycaffe's get_pydot_graph (0mariwest/Qrcode-Detect, src/caffe/draw.py, checked against BVLC's
+draw.py through a recording pydot). Also run this round without a divergence found: Fabrik's
 JSON-to-prototxt NetSpec exporter over its 57 layer types (Cloud-CV/Fabrik,
 ide/utils/jsonToPrototxt.py, compared with BVLC's net_spec.py), an fc-to-conv converter that
 rewrites the prototxt through caffe_pb2/text_format and transplants weights with .flat, an HDF5
@@ -63,3 +65,35 @@ def test_input_and_output_index_lists_name_blobs_by_position(tmp_path):
     assert net.inputs == ["data"] and len(net._inputs) == 1
     net.blobs["data"].data[...] = np.ones((1, 3, 8, 8), np.float32)
     assert net.forward()["prob"].shape == (1, 5)
+
+
+DETECT = """name: 'det'
+layer { name: 'data' type: 'Input' top: 'data' input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: 'conv' type: 'Convolution' bottom: 'data' top: 'conv' convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: 'relu' type: 'ReLU' bottom: 'conv' top: 'conv' }
+layer { name: 'fc' type: 'InnerProduct' bottom: 'conv' top: 'fc' inner_product_param { num_output: 2 } }
+layer { name: 'act' type: 'Sigmoid' bottom: 'fc' top: 'fc' }
+layer { name: 'prob' type: 'Softmax' bottom: 'conv' top: 'prob' }
+"""
+
+
+def test_draw_net_styles_a_blob_as_the_last_layer_touching_it_left_it(tmp_path):
+    # 0mariwest/Qrcode-Detect src/caffe/draw.py: text_format.Merge a deploy prototxt into a
+    # NetParameter and caffe.draw.draw_net_to_file(net, file, 'LR'). pycaffe's get_pydot_graph
+    # keeps one node per blob, replaced at each use: a bottom makes it a grey octagon, a top a
+    # plain node. So a blob no layer reads after writing it (the outputs 'prob' and, written last
+    # by an in-place layer, 'fc') is drawn plain, and one read last ('data', 'conv') styled.
+    import re
+
+    from google.protobuf import text_format
+
+    import pycaffe_alt.draw
+
+    net = caffe.proto.caffe_pb2.NetParameter()
+    text_format.Merge(DETECT, net)
+    out = tmp_path / "net.dot"
+    pycaffe_alt.draw.draw_net_to_file(net, str(out), "LR")
+    nodes = dict(re.findall(r'^\s*"(\w+)_blob" \[(.*)\];$', out.read_text(), re.M))
+    assert sorted(nodes) == ["conv", "data", "fc", "prob"]
+    assert 'shape="octagon"' in nodes["data"] and 'shape="octagon"' in nodes["conv"]
+    assert nodes["prob"] == 'label="prob"' and nodes["fc"] == 'label="fc"'
