@@ -89,7 +89,13 @@ class DataError(CaffeError):
     """A dataset (LMDB, image list, HDF5...) that is missing, empty or corrupt."""
 
 
-class BlobShapeError(DataError, ValueError):
+class ArrayShapeError(DataError, ValueError):
+    """An array of the wrong shape for what it was given to. A ``ValueError`` as well, as
+    pycaffe's ``caffe.io`` raises there (``array_to_datum``'s "Incorrect array shape.",
+    ``Transformer.set_mean``'s "Mean shape invalid"), so a program's ``except ValueError`` holds."""
+
+
+class BlobShapeError(ArrayShapeError):
     """A BlobProto whose values do not fill its shape. A ``ValueError`` as well: pycaffe's
     ``blobproto_to_array`` fails in numpy's reshape there, and BVLC's own test expects it."""
 

@@ -18,8 +18,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from .data import datum as _datum
-from .errors import (ArgumentTypeError, BlobShapeError, DataError, ImageNotFoundError,
-                     ImageReadError, integer_argument)
+from .errors import (ArgumentTypeError, ArrayShapeError, BlobShapeError, DataError,
+                     ImageNotFoundError, ImageReadError, integer_argument)
 from .fileio import check_input_path
 from .host_memory import physical_memory
 from .proto import caffe_pb2
@@ -395,18 +395,18 @@ class Transformer:
         mean = _numeric_array(mean, "set_mean() mean")
         where = f"Transformer input '{in_}'"
         if mean.size == 0:
-            raise DataError(f"mean of shape {mean.shape} is empty", where=where,
-                            hint="give one value per channel or a K x H x W mean image")
+            raise ArrayShapeError(f"mean of shape {mean.shape} is empty", where=where,
+                                  hint="give one value per channel or a K x H x W mean image")
         if mean.ndim == 1:
             if mean.shape[0] != self.inputs[in_][1]:
-                raise DataError(f"mean has {mean.shape[0]} channels, input has "
-                                f"{self.inputs[in_][1]}", where=where)
+                raise ArrayShapeError(f"mean has {mean.shape[0]} channels, input has "
+                                      f"{self.inputs[in_][1]}", where=where)
             mean = mean[:, np.newaxis, np.newaxis]
         else:
             shape = mean.shape if mean.ndim != 2 else (1,) + mean.shape
             if len(shape) != 3:
-                raise DataError(f"mean shape {mean.shape} is neither (K,) nor K x H x W",
-                                where=where)
+                raise ArrayShapeError(f"mean shape {mean.shape} is neither (K,) nor K x H x W",
+                                      where=where)
             if shape != self.inputs[in_][1:]:
                 # Resize the mean image to the input size, through [0, 1] as pycaffe does.
                 m_min, m_max = mean.min(), mean.max()

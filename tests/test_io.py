@@ -216,3 +216,17 @@ def test_caffe_io_takes_messages_of_a_programs_own_caffe_pb2_and_path_forms(tmp_
     assert cio.load_image(str(image).encode()).shape == (4, 5, 3)
     with pytest.raises(DataError, match="crop dims"):
         cio.oversample([np.ones((10, 12, 3))], 5)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: cio.array_to_datum(np.zeros((3, 4))),
+    lambda: cio.Transformer({"data": (1, 3, 8, 8)}).set_mean("data", np.zeros(2)),
+    lambda: cio.Transformer({"data": (1, 3, 8, 8)}).set_mean("data", np.zeros((1, 3, 8, 8))),
+    lambda: cio.Transformer({"data": (1, 3, 8, 8)}).set_mean("data", np.zeros(0)),
+], ids=["datum of 2 axes", "mean channels", "mean of 4 axes", "empty mean"])
+def test_shape_errors_are_value_errors_as_pycaffes(call):
+    # pycaffe raises ValueError there ("Incorrect array shape.", "Mean channels incompatible
+    # with input.", "Mean shape invalid"): a program's `except ValueError` must catch ours.
+    with pytest.raises(ValueError) as got:
+        call()
+    assert isinstance(got.value, DataError)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import ArgumentTypeError, DataError, integer_argument
+from ..errors import ArgumentTypeError, ArrayShapeError, DataError, integer_argument
 from ..proto import caffe_pb2
 
 # protobuf serializes no message over 2 GiB - 1 bytes: the most a Datum's pixels or a mean
@@ -51,8 +51,9 @@ def array_to_datum(arr: np.ndarray, label: Optional[int] = None) -> "caffe_pb2.D
     """
     arr = np.asarray(arr)
     if arr.ndim != 3:
-        raise DataError(f"a Datum holds a 3-D (channels, height, width) array, got shape {arr.shape}",
-                        hint="add the channel axis, e.g. arr[None] for a grey H x W image")
+        raise ArrayShapeError(f"a Datum holds a 3-D (channels, height, width) array, got shape "
+                              f"{arr.shape}",
+                              hint="add the channel axis, e.g. arr[None] for a grey H x W image")
     datum = caffe_pb2.Datum()
     datum.channels, datum.height, datum.width = (int(n) for n in arr.shape)
     if arr.dtype == np.uint8:
