@@ -287,7 +287,9 @@ def test_stages_and_level_reach_the_train_net(tmp_path):
 
 
 def test_pycaffe_subclasses_force_their_rule(tmp_path):
-    p = lsq_param(tmp_path, type="SGD", momentum=0.9)
+    # A file without a type takes the class's (Caffe's CheckType; one naming another type is
+    # refused: tests/test_solver_audit3.py).
+    p = lsq_param(tmp_path, momentum=0.9)
     assert caffe.AdamSolver(p, device="cpu").type == "Adam"
     assert caffe.NesterovSolver(p, device="cpu").type == "Nesterov"
     assert caffe.get_solver(p, device="cpu").type == "SGD"

@@ -132,7 +132,7 @@ class Solver:
         self._compile = compile  # the nets run through torch.compile (pycaffe_alt/compile.py)
         self.param, self.source = _read_solver_param(solver)
         if self.forced_type is not None:
-            self.param.type = self.forced_type
+            self._check_type()
         self.type: str = self.param.type
         if stages is not None:
             self.param.train_state.stage.extend(stages)
@@ -200,6 +200,20 @@ class Solver:
                               "Solver", self._where("type"),
                               "build it with get_solver(path) (tools/train does)")
         return self.type
+
+    def _check_type(self) -> None:
+        """Caffe's Solver::CheckType for the pycaffe rule classes: a type the file gives (the
+        old solver_type enum is upgraded to one before) must be the class's, and a file that
+        gives none takes the class's. Caffe aborts on a mismatch rather than train a rule the
+        file does not name."""
+        if self.param.HasField("type") and self.param.type != self.forced_type:
+            raise SolverError(f'the solver file says type "{self.param.type}" but '
+                              f"caffe.{type(self).__name__} trains {self.forced_type} (Caffe: "
+                              "solver type must agree with the instantiated solver class)",
+                              self._where("type"),
+                              "build the solver with caffe.get_solver(path), which takes the "
+                              f"file's type, or remove the type line to train {self.forced_type}")
+        self.param.type = self.forced_type
 
     def _where(self, field: str) -> str:
         return f"{self.source}: {field}"
