@@ -5,6 +5,7 @@ Each test names the Caffe statement it checks; the nets are tiny and built in tm
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 
@@ -50,3 +51,79 @@ def test_rule_class_sets_the_type_a_file_leaves_out(tmp_path):
     s = caffe.AdamSolver(lsq_file(tmp_path, "momentum: 0.9"), device="cpu")
     assert s.type == s.param.type == "Adam"
     assert caffe.SGDSolver(lsq_file(tmp_path, 'type: "SGD"'), device="cpu").type == "SGD"
+
+
+# ---------------------------------------------------------------------------------------------
+# The SSD fork's eval_type: "detection" (Solver::TestDetection and ComputeAP)
+
+# DetectionEvaluate rows [item_id, label, score, tp, fp]; item_id -1: [-1, label, num_pos, ..].
+# Label 1 has 2 + 1 = 3 boxes and four scored detections (the 0.6 one matched a difficult box:
+# tp = fp = 0, not evaluated); label 2 has a box and no detection (a warning, an AP of 0 that
+# still counts in the mean); label 3 has detections but no num_pos row (not averaged).
+DET_ROWS = [[-1, 1, 2, 0, 0], [0, 1, 0.7, 1, 0], [0, 1, 0.9, 1, 0], [1, 1, 0.5, 0, 1],
+            [1, 1, 0.6, 0, 0], [-1, 1, 1, 0, 0], [1, 1, 0.8, 0, 1], [-1, 2, 1, 0, 0],
+            [2, 3, 0.4, 0, 1]]
+# Label 1 by score: tp 1 0 1 0 -> precision 1, 1/2, 2/3, 1/2; recall 1/3, 1/3, 2/3, 2/3.
+LABEL1_AP = {"Integral": 1 / 3 + (2 / 3) * (1 / 3), "MaxIntegral": 1 / 3 + (2 / 3) * (1 / 3),
+             "11point": (4 * 1 + 3 * (2 / 3)) / 11}
+
+
+def detection_solver(tmp_path, caplog, extra: str):
+    test_net = ('test_net_param { name: "det" layer { name: "det" type: "Input" top: "det" '
+                f'input_param {{ shape {{ dim: 1 dim: 1 dim: {len(DET_ROWS)} dim: 5 }} }} }} }}\n'
+                "test_iter: 1\ntest_interval: 100\n")
+    s = caffe.get_solver(lsq_file(tmp_path, test_net + extra), device="cpu")
+    s.test_nets[0].blobs["det"].data[...] = [[DET_ROWS]]
+    caplog.clear()
+    return s
+
+
+@pytest.mark.parametrize("ap_version", ["Integral", "MaxIntegral", "11point"])
+def test_detection_eval_type_reports_the_mean_average_precision(tmp_path, caplog, ap_version):
+    """eval_type "detection" tests by TestDetection: the output line is the mAP over the labels
+    with positives, each label's AP computed by ComputeAP in the ap_version's style (the
+    classification means of the raw rows were printed instead)."""
+    s = detection_solver(tmp_path, caplog, f'eval_type: "detection" ap_version: "{ap_version}"')
+    with caplog.at_level("INFO", logger="pycaffe_alt"):
+        results = s.test(0)
+    assert list(results) == ["det"]
+    assert results["det"] == pytest.approx(LABEL1_AP[ap_version] / 2, rel=1e-6)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [m for m in lines if "Test net output" in m] == \
+        ["    Test net output #0: det = %g" % np.float32(results["det"])]
+    assert "Missing true_pos for label: 2" in lines
+    assert not any(m.startswith("class") for m in lines)
+
+
+def test_detection_per_class_lines(tmp_path, caplog):
+    """show_per_class_result logs "class<label>: <AP>" for each label averaged (not label 2,
+    skipped with its warning)."""
+    s = detection_solver(tmp_path, caplog, 'eval_type: "detection" show_per_class_result: true')
+    with caplog.at_level("INFO", logger="pycaffe_alt"):
+        s.test(0)
+    classes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("class")]
+    assert classes == ["class1: %g" % np.float32(LABEL1_AP["Integral"])]
+
+
+@pytest.mark.parametrize("extra,field", [('eval_type: "detections"', "eval_type"),
+                                         ('eval_type: "detection" ap_version: "VOC"',
+                                          "ap_version")])
+def test_unknown_eval_type_or_ap_version_is_refused(tmp_path, caplog, extra, field):
+    """The fork aborts on them at the first test ("Unknown evaluation type"); a solver with test
+    nets refuses them when it is built."""
+    with pytest.raises(SolverError) as e:
+        detection_solver(tmp_path, caplog, extra)
+    assert f"solver.prototxt: {field}" in str(e.value)
+
+
+def test_detection_outputs_that_are_not_rows_of_five_are_named(tmp_path):
+    """The fork CHECKs width 5 on every output; one SolverError names the solver file, the test
+    net and the blob's shape."""
+    test_net = ('test_net_param { name: "det" layer { name: "det" type: "Input" top: "det" '
+                'input_param { shape { dim: 1 dim: 2 dim: 4 } } } }\ntest_iter: 1\n'
+                'test_interval: 100\neval_type: "detection"\n')
+    s = caffe.get_solver(lsq_file(tmp_path, test_net), device="cpu")
+    with pytest.raises(SolverError) as e:
+        s.test(0)
+    assert "solver.prototxt: eval_type (test net #0)" in str(e.value)
+    assert "[1, 2, 4]" in str(e.value)

@@ -3,6 +3,7 @@
 - :mod:`.lr_policy` — ``learning_rate(solver_param, it)``, pure closed forms per policy.
 - :mod:`.rules` — SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam as pure in-place tensor updates.
 - :mod:`.regularize` — clipping, iter_size normalization, L2/L1 weight decay.
+- :mod:`.detection_eval` — the SSD fork's ``eval_type: "detection"`` test (mAP by ComputeAP).
 - :mod:`.snapshot` — ``.solverstate`` / HDF5 snapshot reading and atomic writing.
 - :mod:`.solver` — the :class:`Solver` (pycaffe's ``caffe.SGDSolver``...) over those formulas.
 """

@@ -39,6 +39,7 @@ from ..train import debug_info, loop
 from ..train.resume import apply as apply_resume_state
 from ..train.resume import capture as capture_resume_state
 from ..weights import warn_uncovered
+from .detection_eval import DetectionTally, check_eval_param
 from .lr_policy import PlateauState, current_step, learning_rate, plateau_advance
 from .regularize import clip_gradients, local_decay, normalize, regularize, regularizer
 from .rules import RuleHyper, apply_update, check_hyper, local_rate, update_rule
@@ -417,6 +418,8 @@ class Solver:
             raise SolverError("test nets are defined but test_interval is not > 0",
                               self._where("test_interval"),
                               "set test_interval, or remove test_iter to train without testing")
+        if sources:  # the fork checks these when it tests, so only a solver with test nets
+            check_eval_param(p.eval_type, p.ap_version, self.source)
         nets = []
         for i, (label, source) in enumerate(sources):
             logger.info("Creating test net (#%d) specified by %s", i, label)
@@ -692,6 +695,8 @@ class Solver:
         net = self.test_nets[test_net_id]
         n_iter = self.param.test_iter[test_net_id]
         scores = loss = None
+        # The SSD fork's TestDetection: the outputs are detection rows, scored as mAP.
+        tally = DetectionTally() if self.param.eval_type == "detection" else None
         with torch.no_grad():
             for _ in range(n_iter):
                 # Caffe polls for signals at every test batch.
@@ -706,15 +711,29 @@ class Solver:
                 values = net.run(trace=trace)
                 if trace is not None:
                     debug_info.log_forward(trace)
-                batch = torch.cat([values[n].detach().reshape(-1).float() for n in net.outputs]) \
-                    if net.outputs else torch.zeros(0, device=net.device)
-                scores = batch.clone() if scores is None else scores + batch
+                if tally is not None:
+                    with located_in(self._where(f"eval_type (test net #{test_net_id})")):
+                        tally.add([(n, values[n].detach().cpu().numpy()) for n in net.outputs])
+                else:
+                    batch = torch.cat([values[n].detach().reshape(-1).float()
+                                       for n in net.outputs]) \
+                        if net.outputs else torch.zeros(0, device=net.device)
+                    scores = batch.clone() if scores is None else scores + batch
                 if self.param.test_compute_loss:
                     iter_loss = net.loss(values).detach().float()
                     loss = iter_loss if loss is None else loss + iter_loss
         results: "OrderedDict[str, float]" = OrderedDict()
         if self.param.test_compute_loss and loss is not None:
             logger.info("Test loss%s: %s", tag, format_value(float((loss / n_iter).cpu())))
+        if tally is not None:
+            with located_in(self._where(f"eval_type (test net #{test_net_id})")):
+                maps = tally.mean_aps(self.param.ap_version, self.param.show_per_class_result)
+            for i, value in enumerate(maps):
+                # No loss suffix: the fork's detection lines never carry one.
+                logger.info("    Test net output #%d%s: %s = %s", i, tag, net.outputs[i],
+                            format_value(value))
+                results[net.outputs[i]] = value
+            return results
         if scores is None:
             return results
         means = (scores / n_iter).cpu().numpy() if n_iter else scores.cpu().numpy()
