@@ -127,3 +127,53 @@ def test_detection_outputs_that_are_not_rows_of_five_are_named(tmp_path):
         s.test(0)
     assert "solver.prototxt: eval_type (test net #0)" in str(e.value)
     assert "[1, 2, 4]" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Test outputs whose size changes between batches (DetectionOutput's detections, a Python layer)
+
+GROW_LAYER = """import caffe
+class Grow(caffe.Layer):
+    '''An output one value longer at every reshape, as DetectionOutput's row count varies.'''
+    def setup(self, bottom, top): self.n = 0
+    def reshape(self, bottom, top):
+        self.n += 1
+        top[0].reshape(1, self.n)
+    def forward(self, bottom, top): top[0].data[...] = 1.0
+    def backward(self, top, propagate_down, bottom): pass
+"""
+GROW_NET = ('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 } } } '
+            'layer { name: "g" type: "Python" bottom: "x" top: "g" '
+            'python_param { module: "grow_audit3" layer: "Grow" } }')
+
+
+def test_solver_test_refuses_an_output_whose_size_changes(tmp_path, monkeypatch):
+    """Caffe's TestClassification adds batch i's values into the slots batch 0 made (writing
+    past them, or shifting another output's values in): such an output has no mean. It was a
+    torch RuntimeError traceback; now one SolverError naming the test net and the output."""
+    (tmp_path / "grow_audit3.py").write_text(GROW_LAYER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extra = f'test_net_param {{ name: "v" {GROW_NET} }}\ntest_iter: 3\ntest_interval: 100\n'
+    s = caffe.get_solver(lsq_file(tmp_path, extra), device="cpu", allow_python=True)
+    with pytest.raises(SolverError) as e:
+        s.test(0)
+    assert "test net #0" in str(e.value) and "output g" in str(e.value)
+
+
+def test_tools_test_refuses_an_output_whose_size_changes(tmp_path, monkeypatch):
+    """caffe.cpp's test() accumulates the same way; numpy raised a broadcasting ValueError (or,
+    from one value to several, broadcast it silently)."""
+    from pycaffe_alt.errors import CaffeError
+    from pycaffe_alt.log import setup_logging
+    from pycaffe_alt.tools import test as test_tool
+
+    (tmp_path / "grow_audit3.py").write_text(GROW_LAYER)
+    (tmp_path / "net.prototxt").write_text(GROW_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(CaffeError) as e:
+            test_tool.main(["--model", str(tmp_path / "net.prototxt"), "--iterations", "3",
+                            "--allow-python"])
+    finally:
+        setup_logging()
+    assert "output g" in str(e.value) and "net.prototxt" in str(e.value)

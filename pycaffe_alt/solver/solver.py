@@ -32,6 +32,7 @@ from ..log import format_value, get_logger, loss_suffix
 from ..mode import default_device, set_random_seed
 from ..mixed_precision import MixedPrecision
 from ..net import Net
+from ..output_counts import count_change
 from ..proto import caffe_pb2
 from ..prototxt import debug_string
 from ..signal_requests import CountedRequest
@@ -694,11 +695,11 @@ class Solver:
         self.push_host_writes()
         net = self.test_nets[test_net_id]
         n_iter = self.param.test_iter[test_net_id]
-        scores = loss = None
+        scores = loss = first_counts = None
         # The SSD fork's TestDetection: the outputs are detection rows, scored as mAP.
         tally = DetectionTally() if self.param.eval_type == "detection" else None
         with torch.no_grad():
-            for _ in range(n_iter):
+            for batch_index in range(n_iter):
                 # Caffe polls for signals at every test batch.
                 snap, stop = self.take_requests()
                 if snap:
@@ -715,6 +716,14 @@ class Solver:
                     with located_in(self._where(f"eval_type (test net #{test_net_id})")):
                         tally.add([(n, values[n].detach().cpu().numpy()) for n in net.outputs])
                 else:
+                    counts = [values[n].numel() for n in net.outputs]
+                    first_counts = first_counts or counts
+                    change = count_change(net.outputs, first_counts, counts, batch_index)
+                    if change is not None:
+                        raise SolverError(change, self._where(f"test net #{test_net_id}"),
+                                          "score a detector's detections with DetectionEvaluate "
+                                          'outputs and eval_type: "detection", or end the test '
+                                          "net in outputs of a fixed size")
                     batch = torch.cat([values[n].detach().reshape(-1).float()
                                        for n in net.outputs]) \
                         if net.outputs else torch.zeros(0, device=net.device)

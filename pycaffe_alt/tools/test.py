@@ -18,6 +18,7 @@ from ..weights import warn_uncovered
 from ..host_memory import keep_freed_memory
 from ..log import format_value, get_logger, loss_suffix, setup_tool_logging
 from ..mode import resolve_device
+from ..output_counts import count_change
 from .cli import add_bool_flag, int32, parse_args, run_main
 
 
@@ -126,10 +127,18 @@ def score(net, iterations: int) -> "OrderedDict[str, float]":
     log = get_logger()
     sums: "OrderedDict[str, np.ndarray]" = OrderedDict()
     loss = np.float32(0)
+    first_counts: Optional[List[int]] = None
     with torch.no_grad():
         for i in range(iterations):
             values = net.run()  # the whole pass (one graph with --compile)
             loss += np.float32(net.loss(values).item()) if net.loss_tops else np.float32(0)
+            counts = [values[name].numel() for name in net.outputs]
+            first_counts = first_counts or counts
+            change = count_change(net.outputs, first_counts, counts, i)
+            if change is not None:  # caffe.cpp's test() sums by position, as Solver::Test
+                raise CaffeError(change, where=net.source,
+                                 hint="score one batch at a time (--iterations 1), or end the "
+                                      "net in outputs of a fixed size")
             for name in net.outputs:
                 flat = values[name].detach().cpu().float().numpy().ravel()
                 for v in flat:
