@@ -177,3 +177,13 @@ def test_tools_test_refuses_an_output_whose_size_changes(tmp_path, monkeypatch):
     finally:
         setup_logging()
     assert "output g" in str(e.value) and "net.prototxt" in str(e.value)
+
+
+def test_detection_rows_with_nan_counts_are_named(tmp_path, caplog):
+    """A NaN where the fork casts to int (item_id, label, num_pos, tp, fp) has no meaning (C++
+    makes some integer of it); one SolverError instead of Python's int(nan) ValueError."""
+    s = detection_solver(tmp_path, caplog, 'eval_type: "detection"')
+    s.test_nets[0].blobs["det"].data[0, 0, 1, 3] = float("nan")
+    with pytest.raises(SolverError) as e:
+        s.test(0)
+    assert "solver.prototxt: eval_type (test net #0)" in str(e.value) and "row 1" in str(e.value)

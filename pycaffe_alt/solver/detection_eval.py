@@ -117,7 +117,14 @@ class DetectionTally:
                                   hint="the outputs must be DetectionEvaluate's, or set "
                                        'eval_type: "classification"')
             rows = values.astype(np.float32).reshape(-1)[:shape[2] * 5].reshape(-1, 5)
-            for row in rows:
+            for k, row in enumerate(rows):
+                # The fork casts these to int; a NaN or infinity there is no count or label.
+                cast = row[[0, 1, 2]] if row[0] == -1 else row[[0, 1, 3, 4]]
+                if not np.isfinite(cast).all():
+                    raise SolverError(f"test net output {name}, row {k}: {row.tolist()} has a "
+                                      "non-finite item_id, label, num_pos, tp or fp",
+                                      hint="the rows must be DetectionEvaluate's "
+                                           "[item_id, label, score, tp, fp]")
                 item, label = int(row[0]), int(row[1])  # static_cast<int>: toward zero
                 if item == -1:
                     counts = self.num_pos.setdefault(j, {})
