@@ -187,3 +187,13 @@ def test_detection_rows_with_nan_counts_are_named(tmp_path, caplog):
     with pytest.raises(SolverError) as e:
         s.test(0)
     assert "solver.prototxt: eval_type (test net #0)" in str(e.value) and "row 1" in str(e.value)
+
+
+def test_detection_counts_add_up_over_the_test_batches(tmp_path, caplog):
+    """TestDetection sums num_pos and collects the detections of every batch before the AP: two
+    batches of the same rows are label 1's detections twice against 6 boxes (ties keep their
+    order): precision 1 1 2/3 1/2 3/5 2/3 4/7 1/2 at recall 1/6 2/6 2/6 2/6 3/6 4/6 4/6 4/6."""
+    s = detection_solver(tmp_path, caplog, 'eval_type: "detection"')
+    s.param.test_iter[0] = 2
+    ap = (1 + 1 + 3 / 5 + 2 / 3) / 6
+    assert s.test(0)["det"] == pytest.approx(ap / 2, rel=1e-6)
