@@ -197,3 +197,21 @@ def test_detection_counts_add_up_over_the_test_batches(tmp_path, caplog):
     s.param.test_iter[0] = 2
     ap = (1 + 1 + 3 / 5 + 2 / 3) / 6
     assert s.test(0)["det"] == pytest.approx(ap / 2, rel=1e-6)
+
+
+def test_get_solver_logs_a_file_without_type_as_written(tmp_path, caplog):
+    """caffe.cpp's train() and pycaffe's get_solver build through the registry
+    (CreateSolver(param)), whose constructor does not run CheckType: "Initializing solver from
+    parameters" shows no type line for a file without one. Only the rule classes' file
+    constructor (caffe.SGDSolver(path)) sets it."""
+    with caplog.at_level("INFO", logger="pycaffe_alt"):
+        s = caffe.get_solver(lsq_file(tmp_path), device="cpu")
+    block = next(r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith("Initializing solver"))
+    assert "type:" not in block and s.type == "SGD" and isinstance(s, caffe.SGDSolver)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pycaffe_alt"):
+        caffe.SGDSolver(lsq_file(tmp_path), device="cpu")
+    block = next(r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith("Initializing solver"))
+    assert 'type: "SGD"' in block

@@ -134,7 +134,9 @@ class Solver:
         self._compile = compile  # the nets run through torch.compile (pycaffe_alt/compile.py)
         self.param, self.source = _read_solver_param(solver)
         if self.forced_type is not None:
-            self._check_type()
+            # get_solver and tools/train build through Caffe's registry (CreateSolver(param)),
+            # whose constructor skips CheckType; pycaffe's SGDSolver(path) runs it.
+            self._check_type(set_missing=not isinstance(solver, SolverFile))
         self.type: str = self.param.type
         if stages is not None:
             self.param.train_state.stage.extend(stages)
@@ -203,11 +205,11 @@ class Solver:
                               "build it with get_solver(path) (tools/train does)")
         return self.type
 
-    def _check_type(self) -> None:
+    def _check_type(self, set_missing: bool = True) -> None:
         """Caffe's Solver::CheckType for the pycaffe rule classes: a type the file gives (the
-        old solver_type enum is upgraded to one before) must be the class's, and a file that
-        gives none takes the class's. Caffe aborts on a mismatch rather than train a rule the
-        file does not name."""
+        old solver_type enum is upgraded to one before) must be the class's, and, with
+        ``set_missing``, a file that gives none takes the class's (so the logged parameters
+        show it). Caffe aborts on a mismatch rather than train a rule the file does not name."""
         if self.param.HasField("type") and self.param.type != self.forced_type:
             raise SolverError(f'the solver file says type "{self.param.type}" but '
                               f"caffe.{type(self).__name__} trains {self.forced_type} (Caffe: "
@@ -215,7 +217,8 @@ class Solver:
                               self._where("type"),
                               "build the solver with caffe.get_solver(path), which takes the "
                               f"file's type, or remove the type line to train {self.forced_type}")
-        self.param.type = self.forced_type
+        if set_missing or self.param.type != self.forced_type:
+            self.param.type = self.forced_type
 
     def _where(self, field: str) -> str:
         return f"{self.source}: {field}"
