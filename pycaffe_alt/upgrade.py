@@ -496,6 +496,7 @@ class _NetUpgrade(NamedTuple):
     what: str  # "... specified using deprecated <what>"
     problem_line: Optional[str]  # logged when the step reported problems
     note: Optional[str]  # Caffe's warning after the step
+    done: str  # Caffe's INFO line when the step reported no problems
 
 
 _LEGACY_NOTE = ("Note that future Caffe releases will not support {}; use upgrade_net_proto_text "
@@ -508,21 +509,27 @@ _NET_UPGRADES = (
     _NetUpgrade(net_needs_v0_to_v1_upgrade, upgrade_v0_net, "V0LayerParameter",
                 "V0LayerParameter",
                 "Warning: had one or more problems upgrading V0NetParameter to NetParameter "
-                "(see above); continuing anyway.", _LEGACY_NOTE.format("V0NetParameter")),
+                "(see above); continuing anyway.", _LEGACY_NOTE.format("V0NetParameter"),
+                "Successfully upgraded file specified using deprecated V0LayerParameter"),
     _NetUpgrade(net_needs_data_upgrade, lambda net, _: upgrade_net_data_transformation(net),
                 "data transformation", "transformation parameters", None,
                 "Note that future Caffe releases will only support transform_param messages "
-                "for transformation fields."),
+                "for transformation fields.",
+                "Successfully upgraded file specified using deprecated data transformation "
+                "parameters."),
     _NetUpgrade(net_needs_v1_to_v2_upgrade, upgrade_v1_net, "V1LayerParameter",
                 "V1LayerParameter",
                 "Warning: had one or more problems upgrading V1LayerParameter (see above); "
-                "continuing anyway.", _LEGACY_NOTE.format("V1LayerParameter")),
+                "continuing anyway.", _LEGACY_NOTE.format("V1LayerParameter"),
+                "Successfully upgraded file specified using deprecated V1LayerParameter"),
     _NetUpgrade(net_needs_input_upgrade, lambda net, _: upgrade_net_input(net), "input fields",
                 "input fields", None,
                 "Note that future Caffe releases will only support input layers and not input "
-                "fields."),
+                "fields.",
+                "Successfully upgraded file specified using deprecated input fields."),
     _NetUpgrade(net_needs_batchnorm_upgrade, lambda net, _: upgrade_net_batchnorm(net),
-                "BatchNorm params", None, None, None),
+                "BatchNorm params", None, None, None,
+                "Successfully upgraded batch norm layers using deprecated params."),
 )
 
 
@@ -543,6 +550,8 @@ def upgrade_net_as_needed(net: caffe_pb2.NetParameter, source: str = "<net>") ->
         report.applied.append(step.name)
         if step.problem_line and len(report.problems) > before:
             logger.error(step.problem_line)
+        else:
+            logger.info(step.done)
         if step.note:
             logger.warning(step.note)
     return report
@@ -610,6 +619,8 @@ def upgrade_solver_as_needed(solver: caffe_pb2.SolverParameter,
                     "'solver_type' field (enum)': %s", source)
         upgrade_solver_type(solver)
         report.applied.append("solver_type")
+        logger.info("Successfully upgraded file specified using deprecated 'solver_type' field "
+                    "(enum) to 'type' field (string).")
         logger.warning("Note that future Caffe releases will only support 'type' field "
                        "(string) for a solver's type.")
     return report

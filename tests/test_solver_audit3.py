@@ -215,3 +215,46 @@ def test_get_solver_logs_a_file_without_type_as_written(tmp_path, caplog):
     block = next(r.getMessage() for r in caplog.records
                  if r.getMessage().startswith("Initializing solver"))
     assert 'type: "SGD"' in block
+
+
+# ---------------------------------------------------------------------------------------------
+# upgrade_proto.cpp's log lines
+
+
+def _messages(caplog):
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_solver_type_upgrade_logs_caffes_three_lines(tmp_path, caplog):
+    """UpgradeSolverAsNeeded: "Attempting to upgrade ...", then on success "Successfully
+    upgraded ... to 'type' field (string).", then the warning (the middle line was missing)."""
+    from pycaffe_alt.prototxt import read_solver
+
+    with caplog.at_level("INFO", logger="pycaffe_alt"):
+        read_solver(lsq_file(tmp_path, "solver_type: ADAM"))
+    lines = [m for m in _messages(caplog) if "solver_type" in m or "'type' field" in m]
+    assert lines[0].startswith("Attempting to upgrade input file specified using deprecated "
+                               "'solver_type' field (enum)': ")
+    assert lines[1:] == ["Successfully upgraded file specified using deprecated 'solver_type' "
+                         "field (enum) to 'type' field (string).",
+                         "Note that future Caffe releases will only support 'type' field "
+                         "(string) for a solver's type."]
+
+
+def test_net_upgrades_log_their_success_lines(tmp_path, caplog):
+    """UpgradeNetAsNeeded logs a "Successfully upgraded ..." line after each step that worked
+    (input fields and V1 layers here; the fork's texts)."""
+    from pycaffe_alt.prototxt import read_net
+
+    path = tmp_path / "old.prototxt"
+    path.write_text('input: "x" input_dim: 1 input_dim: 2 input_dim: 1 input_dim: 1\n'
+                    'layers { name: "r" type: RELU bottom: "x" top: "y" }\n')
+    with caplog.at_level("INFO", logger="pycaffe_alt"):
+        read_net(str(path))
+    lines = _messages(caplog)
+    for done in ("Successfully upgraded file specified using deprecated V1LayerParameter",
+                 "Successfully upgraded file specified using deprecated input fields."):
+        assert done in lines
+    v1 = lines.index("Successfully upgraded file specified using deprecated V1LayerParameter")
+    assert lines[v1 - 1].startswith("Attempting to upgrade input file specified using "
+                                    "deprecated V1LayerParameter: ")
