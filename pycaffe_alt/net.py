@@ -69,6 +69,9 @@ class Step:
     diff_tops: Tuple[bool, ...] = ()
     # Caffe runs this layer's Backward (layer_need_backward_).
     runs_backward: bool = False
+    # Per top: filled when the layer is set up and never again (Layer.fixed_tops): a pass
+    # leaves the blob's value as it is.
+    fixed_tops: Tuple[bool, ...] = ()
 
     @property
     def replayed(self) -> bool:
@@ -470,6 +473,7 @@ class Net(nn.Module):
         produced: Set[str] = set()
         self._steps: List[Step] = []
         self._net_input_names: List[str] = []
+        self._fixed: Set[str] = set()  # blobs of Layer.fixed_tops (kept across passes)
         self._loss_weights: "OrderedDict[str, float]" = OrderedDict()
         self.top_names: "OrderedDict[str, List[str]]" = OrderedDict()
         self.bottom_names: "OrderedDict[str, List[str]]" = OrderedDict()
@@ -566,13 +570,22 @@ class Net(nn.Module):
             # position and the last layer's blobs.
             self.top_names[lp.name] = [t for t in tops if not t.startswith(ANONYMOUS_TOP)]
             self.bottom_names[lp.name] = bottoms
+            # Caffe's DummyData fills its constant tops in LayerSetUp, once: the blobs hold
+            # that value before any pass, and passes leave them alone.
+            fixed = layer.fixed_tops()
+            for i, value in fixed.items():
+                self._values[tops[i]] = value
+                self._fixed.add(tops[i])
             self._steps.append(Step(index, lp.name, layer, tuple(bottoms), tuple(tops), (),
-                                    lp.type != "Input"))
+                                    lp.type != "Input",
+                                    fixed_tops=tuple(i in fixed for i in range(len(tops)))
+                                    if fixed else ()))
 
         self._mark_buffer_readers()
-        # Blobs a pass recomputes (input blobs written in place keep their storage).
+        # Blobs a pass recomputes (input blobs written in place keep their storage, and so do
+        # fixed tops).
         self._produced = [t for step in self._steps if step.runs for t in step.tops
-                          if t not in self._net_input_names]
+                          if t not in self._net_input_names and t not in self._fixed]
         # Outputs: blobs nobody consumed, in Caffe's (sorted std::set) order.
         self._net_output_names = sorted(available)
         plan = plan_backward(links, self.net_param.force_backward)
@@ -861,7 +874,7 @@ class Net(nn.Module):
             # ``end`` holding the last full pass's values (pycaffe's forward(end=...)).
             produced = self._produced if last == len(self._steps) - 1 else \
                 [t for step in self._steps[:last + 1] if step.runs for t in step.tops
-                 if t not in self._net_input_names]
+                 if t not in self._net_input_names and t not in self._fixed]
             for name in produced:
                 values.pop(name, None)
         if inputs:
@@ -929,6 +942,11 @@ class Net(nn.Module):
                                                                                 _FinalValue()))
             if isinstance(out, torch.Tensor):
                 out = (out,)
+            if step.fixed_tops:
+                # Caffe's Forward leaves these blobs alone: the value they hold (set-up's fill,
+                # a pycaffe write, an in-place layer's last output) is this layer's top.
+                out = tuple(values[t].detach() if fixed and t in values else v
+                            for t, v, fixed in zip(step.tops, out, step.fixed_tops))
             if trace is not None:
                 trace.append((step, bottoms, out))
             for t, v, rewritten, diff in zip(step.tops, out, step.rewritten_tops, step.diff_tops):
@@ -1693,6 +1711,8 @@ class Net(nn.Module):
             where = f"{self.source}: layer '{step.name}' (type {step.layer.type})"
             bottom_shapes = [self._shapes[b] for b in step.bottoms]
             for t, s in zip(step.tops, self._infer_top_shapes(step.layer, bottom_shapes, where)):
+                if t in self._fixed:
+                    continue  # DummyDataLayer::Reshape does nothing: the blob keeps its shape
                 self._shapes[t] = tuple(s)
                 self._values.pop(t, None)
                 self._diffs.pop(t, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -174,6 +174,14 @@ class Layer(nn.Module):
         if isinstance(tops, torch.Tensor):
             tops = (tops,)
         return [tuple(t.shape) for t in tops]
+
+    def fixed_tops(self) -> Dict[int, torch.Tensor]:
+        """Tops this layer fills once, when it is set up, and never again: top index -> that
+        first value. The net puts it in the blob at build time and a pass leaves the blob as
+        it is (what pycaffe writes there, or an in-place layer made of it, is what the next
+        pass reads), and ``net.reshape()`` leaves its shape: Caffe's DummyData with a
+        "constant" filler. Most layers have none."""
+        return {}
 
     def canonical_axis(self, axis: int, ndim: int, what: str = "axis") -> int:
         """Caffe's ``Blob::CanonicalAxisIndex``: negative axes count from the end; an axis

@@ -9,7 +9,7 @@ in ``forward`` (so the net can be reshaped from Python, as in pycaffe). Views st
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -659,8 +659,10 @@ class Filter(Layer):
 class DummyData(Layer):
     """Tops of given shapes filled by ``data_filler`` (one for all tops, or one per top).
 
-    As in Caffe, constant fillers give the same data every pass while other fillers draw new
-    values at every forward. Shapes come from ``shape`` or the legacy num/channels/height/width.
+    As in Caffe, other fillers draw new values at every forward, while a top with a "constant"
+    filler (the default) is filled once, at set-up, and never again (DummyDataLayer::LayerSetUp
+    runs Forward with ``refill_`` inverted): see :meth:`fixed_tops`. Shapes come from ``shape``
+    or the legacy num/channels/height/width.
     """
 
     num_bottoms = (0, 0)
@@ -702,11 +704,19 @@ class DummyData(Layer):
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
         return list(self.shapes)
 
+    def _filled(self, index: int) -> torch.Tensor:
+        t = torch.empty(self.shapes[index], dtype=self._like.dtype, device=self._like.device)
+        return fill(t, self.fillers[index])
+
+    def fixed_tops(self) -> Dict[int, torch.Tensor]:
+        # Caffe fills the constant tops in LayerSetUp and its Forward skips them: the net keeps
+        # what the blob holds (what pycaffe wrote into a NetSpec placeholder L.DummyData).
+        # The filler type as Caffe compares it (strcmp with "constant"; unset means constant).
+        return {i: self._filled(i) for i, f in enumerate(self.fillers)
+                if (f.type or "constant") == "constant"}
+
     def forward(self):
-        tops = []
-        for shape, f in zip(self.shapes, self.fillers):
-            t = torch.empty(shape, dtype=self._like.dtype, device=self._like.device)
-            tops.append(fill(t, f))
+        tops = [self._filled(i) for i in range(len(self.shapes))]
         return tops[0] if len(tops) == 1 else tuple(tops)
 
 
