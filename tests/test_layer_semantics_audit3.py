@@ -11,6 +11,15 @@ Found and fixed:
   blob), and DummyDataLayer::Reshape does nothing, so a blob the user reshaped keeps its shape.
   We refilled those tops at every forward: the written data was silently replaced by zeros.
 
+Audited and found to agree (kept below as regression cases): LSTMUnit's gates and cont, PReLU on
+3-D and 5-D bottoms, Scale/Bias with a second bottom at a negative axis (with Scale's bias blob),
+Im2col with rectangular kernel, stride, pad and dilation, Softmax over axis 0, Log/Exp with a
+base and scale/shift, Tile at a negative axis, Crop of a 5-D blob with one offset per axis, ELU
+with a negative alpha, SoftmaxWithLoss whose labels are all ignored (VALID normalizer max(1, 0)),
+EuclideanLoss with propagate_down false on one bottom, and (by reading, not repeated here)
+BatchNorm's phase default, LRN/MVN/Pooling/SPP/Convolution set-up checks, PriorBox, Reduction,
+ArgMax, Concat/Slice legacy axes, Reshape's 0/-1/axis/num_axes rules and Embed's defaults.
+
 Expected values are float64 numpy transcriptions of the C++ (the harness, one-layer nets built
 from prototxt text with the fixtures' tolerances, is the first audit's).
 """
@@ -20,7 +29,7 @@ import numpy as np
 import pytest
 
 import pycaffe_alt as caffe
-from test_layer_semantics_audit import Case, _r, check_case, run_net
+from test_layer_semantics_audit import Case, _r, _sigm, _softmax, check_case, run_net
 
 
 def _net(tmp_path, text: str, phase: int = caffe.TEST) -> caffe.Net:
@@ -109,3 +118,102 @@ def test_dummydata_constant_top_in_a_training_net_gets_its_diff(tmp_path):
         net.backward()
         np.testing.assert_allclose(net.blobs["a"].diff, (a - t) / 3, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(net.blobs["loss"].data), ((a - t) ** 2).sum() / 6, rtol=1e-5)
+
+
+# -- layers and parameters the earlier audits do not reach ----------------------------------------
+def _lstm_unit(v, _):
+    """LSTMUnitLayer: gates i, f, o, g in that order along the last axis; c = cont*f*c_prev + i*g."""
+    c0, x, cont = v["c0"], v["x"], v["cont"]
+    d = c0.shape[2]
+    i, f, o = _sigm(x[..., :d]), _sigm(x[..., d:2 * d]), _sigm(x[..., 2 * d:3 * d])
+    g = np.tanh(x[..., 3 * d:])
+    c = cont[..., None] * f * c0 + i * g
+    return {"c": c, "h": o * np.tanh(c)}
+
+
+def _im2col(x, k, s, p, d):
+    """Caffe's im2col buffer: channel-major rows (c, kh, kw), one column per output position."""
+    n, c, h, w = x.shape
+    oh = (h + 2 * p[0] - (d[0] * (k[0] - 1) + 1)) // s[0] + 1
+    ow = (w + 2 * p[1] - (d[1] * (k[1] - 1) + 1)) // s[1] + 1
+    xp = np.zeros((n, c, h + 2 * p[0], w + 2 * p[1]))
+    xp[:, :, p[0]:p[0] + h, p[1]:p[1] + w] = x
+    y = np.zeros((n, c * k[0] * k[1], oh, ow))
+    for ci in range(c):
+        for a in range(k[0]):
+            for b in range(k[1]):
+                y[:, (ci * k[0] + a) * k[1] + b] = xp[:, ci, a * d[0]:a * d[0] + s[0] * (oh - 1) + 1:s[0],
+                                                      b * d[1]:b * d[1] + s[1] * (ow - 1) + 1:s[1]]
+    return y
+
+
+def _prelu_nd(v, p):
+    x, slope = v["x"], p[("n", 0)]
+    return {"y": np.where(x > 0, x, slope.reshape((1, -1) + (1,) * (x.ndim - 2)) * x)}
+
+
+MORE = [
+    Case("lstm_unit_cont", 'layer { name: "u" type: "LSTMUnit" bottom: "c0" bottom: "x" bottom: "cont" top: "c" top: "h" }',
+         {"c0": _r(301, 1, 3, 2), "x": _r(302, 1, 3, 8), "cont": np.array([[1.0, 0.0, 1.0]])}, {},
+         _lstm_unit, grad_inputs=["c0", "x"]),
+    Case("prelu_5d", 'layer { name: "n" type: "PReLU" bottom: "x" top: "y" }', {"x": _r(303, 2, 3, 2, 1, 2)},
+         {("n", 0): np.array([0.1, -0.3, 0.5])}, _prelu_nd, grad_inputs=["x"]),
+    Case("prelu_3d", 'layer { name: "n" type: "PReLU" bottom: "x" top: "y" }', {"x": _r(304, 2, 3, 4)},
+         {("n", 0): np.array([0.1, -0.3, 0.5])}, _prelu_nd, grad_inputs=["x"]),
+    Case("scale_second_bottom_axis_minus2_bias", 'layer { name: "sc" type: "Scale" bottom: "x" bottom: "s" top: "y" scale_param { axis: -2 bias_term: true } }',
+         {"x": _r(305, 2, 3, 4), "s": _r(306, 3, 4)}, {("sc", 0): _r(307, 3, 4)},
+         lambda v, p: {"y": v["x"] * v["s"] + p[("sc", 0)]}, grad_inputs=["x", "s"]),
+    Case("bias_second_bottom_axis_minus1", 'layer { name: "b" type: "Bias" bottom: "x" bottom: "b" top: "y" bias_param { axis: -1 } }',
+         {"x": _r(308, 2, 3, 4), "b": _r(309, 4)}, {}, lambda v, _: {"y": v["x"] + v["b"]}, grad_inputs=["x", "b"]),
+    Case("im2col_rect_stride_pad_dilation", 'layer { name: "i" type: "Im2col" bottom: "x" top: "y" convolution_param { '
+         'kernel_h: 2 kernel_w: 3 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 2 dilation: 2 } }',
+         {"x": _r(310, 2, 2, 5, 4)}, {}, lambda v, _: {"y": _im2col(v["x"], (2, 3), (2, 1), (1, 2), (2, 2))},
+         grad_inputs=["x"]),
+    Case("softmax_axis0", 'layer { name: "s" type: "Softmax" bottom: "x" top: "y" softmax_param { axis: 0 } }',
+         {"x": _r(311, 3, 2, 2)}, {}, lambda v, _: {"y": _softmax(v["x"], 0)}, grad_inputs=["x"]),
+    Case("log_base2_scale_shift", 'layer { name: "l" type: "Log" bottom: "x" top: "y" log_param { base: 2 scale: 0.5 shift: 1 } }',
+         {"x": np.abs(_r(312, 2, 3)) + 0.1}, {}, lambda v, _: {"y": np.log2(1 + 0.5 * v["x"])}, grad_inputs=["x"]),
+    Case("exp_base_half_scale_shift", 'layer { name: "l" type: "Exp" bottom: "x" top: "y" exp_param { base: 0.5 scale: 2 shift: -1 } }',
+         {"x": _r(313, 2, 3)}, {}, lambda v, _: {"y": 0.5 ** (-1 + 2 * v["x"])}, grad_inputs=["x"]),
+    Case("tile_axis_minus2", 'layer { name: "t" type: "Tile" bottom: "x" top: "y" tile_param { axis: -2 tiles: 2 } }',
+         {"x": _r(314, 2, 3, 2)}, {}, lambda v, _: {"y": np.tile(v["x"], (1, 2, 1))}, grad_inputs=["x"]),
+    Case("crop_5d_offset_per_axis", 'layer { name: "c" type: "Crop" bottom: "x" bottom: "r" top: "y" crop_param { axis: 2 offset: 1 offset: 0 offset: 2 } }',
+         {"x": _r(315, 2, 2, 3, 3, 4), "r": np.zeros((2, 2, 2, 2, 2))}, {},
+         lambda v, _: {"y": v["x"][:, :, 1:3, 0:2, 2:4]}, grad_inputs=["x"]),
+    Case("elu_negative_alpha", 'layer { name: "e" type: "ELU" bottom: "x" top: "y" elu_param { alpha: -0.5 } }',
+         {"x": _r(316, 2, 5)}, {}, lambda v, _: {"y": np.where(v["x"] > 0, v["x"], -0.5 * (np.exp(v["x"]) - 1))},
+         grad_inputs=["x"]),
+]
+
+
+@pytest.mark.parametrize("case", MORE, ids=lambda c: c.name)
+def test_more_layers_match_caffe(case: Case):
+    assert not check_case(case)
+
+
+def test_softmax_loss_with_every_label_ignored_is_zero():
+    # get_normalizer returns max(1, valid_count): loss 0 and gradient 0, not NaN.
+    net = run_net('layer { name: "l" type: "SoftmaxWithLoss" bottom: "x" bottom: "label" top: "loss" '
+                  'loss_param { ignore_label: 1 } }',
+                  {"x": _r(317, 2, 3).astype(np.float32), "label": np.ones(2, np.float32)}, {},
+                  {"loss": np.float32(1.0)})
+    assert float(net.blobs["loss"].data) == 0.0
+    assert not np.any(net.blobs["x"].diff)
+
+
+def test_euclidean_propagate_down_false_leaves_that_bottom(tmp_path):
+    # Without force_backward, propagate_down: false keeps the gradient from bottom 0 (a
+    # Parameter blob here) while bottom 1 gets -(a - b) / num.
+    net = _net(tmp_path, 'layer { name: "in" type: "Input" top: "b" input_param { shape { dim: 3 dim: 4 } } }\n'
+                         'layer { name: "pa" type: "Parameter" top: "a" parameter_param { shape { dim: 3 dim: 4 } } }\n'
+                         'layer { name: "pb" type: "Parameter" top: "c" parameter_param { shape { dim: 3 dim: 4 } } }\n'
+                         'layer { name: "e" type: "Eltwise" bottom: "b" bottom: "c" top: "bc" }\n'
+                         'layer { name: "l" type: "EuclideanLoss" bottom: "a" bottom: "bc" top: "loss" '
+                         'propagate_down: false propagate_down: true }\n', caffe.TRAIN)
+    a, b = _r(318, 3, 4).astype(np.float32), _r(319, 3, 4).astype(np.float32)
+    net.params["pa"][0].data[...] = a
+    net.blobs["b"].data[...] = b
+    net.forward()
+    net.backward()
+    assert not np.any(net.params["pa"][0].diff)
+    np.testing.assert_allclose(net.params["pb"][0].diff, -(a - b) / 3, rtol=1e-5, atol=1e-7)
