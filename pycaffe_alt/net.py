@@ -1785,6 +1785,8 @@ class Net(nn.Module):
             if len(mine) != len(theirs[name]):
                 raise NetError(f"layer '{name}': {len(mine)} blobs here, {len(theirs[name])} in the "
                                "other net", self.source)
+            if all(p is q for p, q in zip(theirs[name], mine)):
+                continue  # shared already (a solver shares again at each test, as Caffe)
             for i, p in enumerate(theirs[name]):
                 if tuple(p.shape) != tuple(mine[i].shape):
                     raise NetError(f"layer '{name}' blob {i}: shape {tuple(mine[i].shape)} here, "

@@ -233,15 +233,34 @@ def golden_param(monkeypatch, tmp_path, case="sgd_fixed"):
     return p
 
 
-def test_test_nets_share_the_train_weights(monkeypatch, tmp_path):
+def test_test_nets_share_the_train_weights_from_the_first_test(monkeypatch, tmp_path):
+    # Caffe's Test() shares the train net's weights into the test net (ShareTrainedLayersWith)
+    # each time it runs; before the first test the test net has its own, filled or loaded.
     p = golden_param(monkeypatch, tmp_path)
+    p.test_interval, p.test_initialization = 1000, False
     s = caffe.SGDSolver(p, device="cpu")
     assert len(s.test_nets) == 1 and s.test_nets[0].phase == caffe.TEST
-    assert s.test_nets[0].params["conv1"][0].param is s.net.params["conv1"][0].param
-    s.step(2)
-    np.testing.assert_array_equal(s.test_nets[0].params["ip2"][0].data, s.net.params["ip2"][0].data)
+    test_net = s.test_nets[0]
+    assert test_net.params["conv1"][0].param is not s.net.params["conv1"][0].param
+    mine = test_net.params["ip2"][0].data.copy()
+    s.step(2)  # no test runs: the test net's weights are its own still
+    np.testing.assert_array_equal(test_net.params["ip2"][0].data, mine)
+    assert not np.array_equal(mine, s.net.params["ip2"][0].data)
     r = s.test(0)
     assert list(r) == ["accuracy", "loss"] and 0 <= r["accuracy"] <= 1
+    assert test_net.params["conv1"][0].param is s.net.params["conv1"][0].param
+    s.step(1)
+    np.testing.assert_array_equal(test_net.params["ip2"][0].data, s.net.params["ip2"][0].data)
+
+
+def test_a_test_net_loaded_before_training_leaves_the_train_net_alone(monkeypatch, tmp_path):
+    # A program loading weights into solver.test_nets[0] (to validate them) before training:
+    # in Caffe the train net keeps its filled weights and trains from them.
+    p = golden_param(monkeypatch, tmp_path)
+    s = caffe.SGDSolver(p, device="cpu")
+    before = s.net.params["ip2"][0].data.copy()
+    s.test_nets[0].params["ip2"][0].data[...] = 0.5
+    np.testing.assert_array_equal(s.net.params["ip2"][0].data, before)
 
 
 def test_test_interval_and_initialization(monkeypatch, tmp_path):

@@ -170,8 +170,9 @@ class Solver:
         self.test_nets: List[Net] = self._build_test_nets(allow_python)
         for path in _split_weights(list(self.param.weights) + list(weights)):
             self._load_weights(path)
-        for test_net in self.test_nets:
-            test_net.share_with(self.net)
+        # The test nets keep their own (filled or loaded) weights until a test: Caffe's Test
+        # shares the train net's into them (ShareTrainedLayersWith) each time it runs, so a
+        # test net copy_from()'d or run by a program before that is the test net alone.
         logger.info("Solver scaffolding done.")
 
         self.refresh_params()
@@ -697,6 +698,7 @@ class Solver:
             logger.info("Iteration %d, Testing net (#%d)", self._iter, test_net_id)
         self.push_host_writes()
         net = self.test_nets[test_net_id]
+        net.share_with(self.net)  # Caffe's Test: test_net->ShareTrainedLayersWith(net_)
         n_iter = self.param.test_iter[test_net_id]
         scores = loss = first_counts = None
         # The SSD fork's TestDetection: the outputs are detection rows, scored as mAP.
