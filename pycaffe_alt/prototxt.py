@@ -105,6 +105,7 @@ def parse_text(text: str, message: M, filename: str = "<text>") -> M:
         text_format.Parse(text, message)
     except text_format.ParseError as exc:
         raise _readable_parse_error(exc, text, message, filename) from None
+    _refuse_invalid_escape(text, filename)
     return message
 
 
@@ -257,6 +258,43 @@ _TOKEN = re.compile(r"""
   | (?P<colon>:)
   | (?P<other>[^\s])
 """, re.VERBOSE)
+
+
+# What may follow a backslash in a string, per C++ protobuf's tokenizer (ConsumeString): a
+# letter escape, an octal digit, \x and a hex digit, \u and four, \U and eight up to 10ffff.
+_VALID_ESCAPE = re.compile(r"""[abfnrtv\\?'"]|[0-7]|x[0-9A-Fa-f]|u[0-9A-Fa-f]{4}"""
+                           r"|U00(?:0[0-9A-Fa-f]|10)[0-9A-Fa-f]{4}")
+
+
+def _refuse_invalid_escape(text: str, filename: str) -> None:
+    r"""Refuse a string escape Caffe's parser refuses ("Invalid escape sequence in string
+    literal"): Python's parser keeps an unknown one such as ``\q`` as the two characters, so a
+    file Caffe rejects built a net with a layer or source name Caffe never reads."""
+    if "\\" not in text:
+        return
+    for match in _TOKEN.finditer(text):
+        if match.lastgroup != "string" or "\\" not in match.group():
+            continue
+        body, start = match.group()[1:], match.start() + 1
+        i = body.find("\\")
+        while i >= 0:
+            if not _VALID_ESCAPE.match(body, i + 1):
+                offset = start + i
+                line = text.count("\n", 0, offset) + 1
+                column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+                escape = body[i:i + 2]
+                what = f"invalid escape sequence '{escape}' in a string"
+                try:
+                    layer = _enclosing_layer(text, line, column)
+                except (IndexError, ValueError, TypeError, RecursionError):
+                    layer = None
+                if layer is not None:
+                    what = f"layer '{layer[0]}' (type {layer[1]}): {what}"
+                raise PrototxtError(what, where=f"{filename}:{line}:{column}",
+                                    hint="Caffe's parser refuses it; write \\\\ for a "
+                                         "backslash (\\n, \\t, \\\", \\x41, \\101 are the "
+                                         "escapes it knows)")
+            i = body.find("\\", i + 2)
 
 
 def _readable_parse_error(exc: text_format.ParseError, text: str, message: pb_message.Message,

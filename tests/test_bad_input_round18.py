@@ -1,0 +1,76 @@
+"""Bad-input round 18: files of the wrong kind or damaged in new ways (HDF5 snapshots whose
+datasets are misnamed or not numbers, BlobProtos with legacy dims beside a shape), string
+escapes Caffe's parser refuses, and tool flags with empty entries."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+import pycaffe_alt as caffe
+from pycaffe_alt.errors import CaffeError, PrototxtError, SolverError, WeightsError
+from pycaffe_alt.proto import caffe_pb2
+from pycaffe_alt.solver.snapshot import read_solverstate_h5, write_solverstate_h5
+from pycaffe_alt.tools.test import gpu_ids
+
+from bad_input_case import MNIST_LMDB, input_net
+
+IP = ('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+      'inner_product_param { num_output: 2 bias_term: BIAS } }')
+
+
+def ip_net(tmp_path, bias: bool = True) -> str:
+    """Input 1x3x2x2 -> InnerProduct 'ip' (2 outputs; weights 2x12, bias 2 when ``bias``)."""
+    return input_net(tmp_path, IP.replace("BIAS", "true" if bias else "false"), shape=(1, 3, 2, 2))
+
+
+def h5_weights(tmp_path, datasets: dict, name: str = "w.caffemodel.h5") -> str:
+    path = str(tmp_path / name)
+    with h5py.File(path, "w") as f:
+        group = f.create_group("data").create_group("ip")
+        for key, value in datasets.items():
+            group[key] = value
+    return path
+
+
+W = np.arange(24, dtype=np.float32).reshape(2, 12)
+
+
+def legacy_weights(tmp_path, legacy, shape, name: str) -> str:
+    net = caffe_pb2.NetParameter()
+    layer = net.layer.add(name="ip", type="InnerProduct")
+    for values, dims in ((W, (2, 12)), (np.array([1, 2], np.float32), (2,))):
+        blob = layer.blobs.add()
+        blob.data.extend(values.ravel().tolist())
+        blob.shape.dim.extend(dims)
+    blob = layer.blobs[0]
+    blob.shape.ClearField("dim")
+    blob.shape.dim.extend(shape)
+    blob.num, blob.channels, blob.height, blob.width = legacy
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+        f.write(net.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("written", [r"r\q", r"r\8", r"r\e"])
+def test_a_string_escape_caffes_parser_refuses_is_located(tmp_path, written):
+    path = input_net(tmp_path, f'layer {{ name: "{written}" type: "ReLU" bottom: "data" '
+                               'top: "r" }')
+    with pytest.raises(PrototxtError, match=r"input_net\.prototxt:2:17: layer .* \(type ReLU\): "
+                                            r"invalid escape sequence '\\.' in a string"):
+        caffe.Net(path, caffe.TEST)
+
+
+def test_escapes_caffes_parser_knows_still_read(tmp_path):
+    # Octal, hex, letter and quote escapes; a backslash inside a comment is no escape.
+    path = input_net(tmp_path, '# a comment with \\q in it\n'
+                               'layer { name: "r\\101\\x42\\t\\"\\\\" type: "ReLU" '
+                               "bottom: 'data' top: 'r' }")
+    net = caffe.Net(path, caffe.TEST)
+    assert list(net._layer_names)[-1] == 'rAB\t"\\'
+
+
+GOLDEN_SGD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "golden",
+                          "solvers", "sgd_fixed")
+GOLDEN_MEAN = os.path.join(os.path.dirname(GOLDEN_SGD), "..", "data", "mnist_mean.binaryproto")
