@@ -71,6 +71,15 @@ def test_escapes_caffes_parser_knows_still_read(tmp_path):
     assert list(net._layer_names)[-1] == 'rAB\t"\\'
 
 
+def test_a_gpu_list_with_an_empty_entry_is_refused():
+    # caffe.cpp casts every entry of -gpu: "0,,1" is a typo Caffe stops at, not the list 0,1.
+    with pytest.raises(CaffeError, match="expected a device id"):
+        gpu_ids("0,,1")
+    with pytest.raises(CaffeError, match="expected a device id"):
+        gpu_ids("0,")
+    assert gpu_ids("0,1") == [0, 1]
+
+
 GOLDEN_SGD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "golden",
                           "solvers", "sgd_fixed")
 GOLDEN_MEAN = os.path.join(os.path.dirname(GOLDEN_SGD), "..", "data", "mnist_mean.binaryproto")

@@ -49,7 +49,9 @@ def gpu_ids(flag: Optional[str]) -> List[int]:
                              hint="run without --gpu to use the CPU")
         return list(range(count))
     try:
-        return [int(s) for s in flag.split(",") if s.strip()]
+        # Every comma-separated entry is a device id, as caffe.cpp's get_gpus casts each one
+        # (boost::lexical_cast fails on an empty entry): "0,,1" is a typo, not the list 0,1.
+        return [int(s) for s in flag.split(",")]
     except ValueError:
         raise CaffeError(f"--gpu {flag!r}: expected a device id (0), a list (0,1) or 'all'",
                          hint="run tools/device_query to list the devices") from None
