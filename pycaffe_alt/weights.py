@@ -27,11 +27,16 @@ LayerBlobs = "OrderedDict[str, List[np.ndarray]]"
 
 
 def blob_shape(blob) -> Tuple[int, ...]:
-    """The shape a BlobProto declares: ``shape.dim`` or the legacy 4 dims."""
-    if blob.HasField("shape"):
-        return tuple(int(d) for d in blob.shape.dim)
+    """The shape a BlobProto declares: the legacy 4 dims when any is set, else ``shape.dim``.
+
+    Caffe's Blob::FromProto and ShapeEquals take the legacy num/channels/height/width whenever
+    one of them is present, even beside a ``shape``; preferring ``shape`` decoded such a blob
+    with other dims than Caffe and named a mismatch as "the file has (24, 216), the net expects
+    (24, 216)"."""
     if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
         return (blob.num, blob.channels, blob.height, blob.width)
+    if blob.HasField("shape"):
+        return tuple(int(d) for d in blob.shape.dim)
     # Caffe writes a 0-axis blob (one value, e.g. a shared PReLU slope) with no shape at all.
     return ()
 

@@ -53,6 +53,21 @@ def legacy_weights(tmp_path, legacy, shape, name: str) -> str:
     return path
 
 
+def test_legacy_dims_beside_a_shape_decide_as_in_caffe(tmp_path):
+    model = ip_net(tmp_path)
+    # Blob::FromProto and ShapeEquals read num/channels/height/width whenever one is set:
+    # (2, 12, 0, 0) is not the net's (1, 1, 2, 12). The message named the shape field instead
+    # and read "the file has (2, 12), the net expects (2, 12)".
+    path = legacy_weights(tmp_path, (2, 12, 0, 0), (2, 12), "both.caffemodel")
+    with pytest.raises(WeightsError, match=r"the file has \(2, 12, 0, 0\), the net expects "
+                                           r"\(2, 12\)"):
+        caffe.Net(model, caffe.TEST, weights=path)
+    # Legacy dims that fit win over a shape that does not, as in Caffe: the file loads.
+    path = legacy_weights(tmp_path, (1, 1, 2, 12), (12, 2), "legacy_fits.caffemodel")
+    net = caffe.Net(model, caffe.TEST, weights=path)
+    np.testing.assert_array_equal(net.params["ip"][0].data, W)
+
+
 @pytest.mark.parametrize("written", [r"r\q", r"r\8", r"r\e"])
 def test_a_string_escape_caffes_parser_refuses_is_located(tmp_path, written):
     path = input_net(tmp_path, f'layer {{ name: "{written}" type: "ReLU" bottom: "data" '
