@@ -229,6 +229,18 @@ def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
             continue
         if not (blobs or target):
             continue
+        if hdf5 and len(blobs) > len(target):
+            # CopyTrainedLayersFromHDF5 counts the group's datasets, then opens "0".."n-1": a
+            # dataset numbered past the layer's blobs, with fewer datasets than blobs, leaves
+            # a blob unread. Say which dataset, not a blob count the file does not hold.
+            extra = [i for i in range(len(target), len(blobs)) if blobs[i] is not None]
+            stored = sum(b is not None for b in blobs)
+            if stored <= len(target):
+                raise WeightsError(
+                    f"layer '{name}': the file's blob dataset '{extra[0]}' is past the layer's "
+                    f"{len(target)} blob(s) (datasets are named 0 to {len(target) - 1})",
+                    where=path, hint="the file is damaged or was edited; re-create it from "
+                                     "the net that wrote it")
         if hdf5 and len(blobs) < len(target):
             # CopyTrainedLayersFromHDF5: a dataset missing from the group is fine for a shared
             # blob (its owner's copy fills it), "Incompatible number of blobs" otherwise.

@@ -36,6 +36,55 @@ def h5_weights(tmp_path, datasets: dict, name: str = "w.caffemodel.h5") -> str:
 W = np.arange(24, dtype=np.float32).reshape(2, 12)
 
 
+def test_hdf5_weights_datasets_caffe_would_not_read_as_blobs_are_refused(tmp_path):
+    # "-1" beside "0" in a one-blob layer: Caffe counts two datasets for one blob and refuses;
+    # read as index -1 it landed in slot 0 and the file loaded without a word.
+    one_blob = ip_net(tmp_path, bias=False)
+    path = h5_weights(tmp_path, {"0": W, "-1": np.zeros(3, np.float32)})
+    with pytest.raises(WeightsError, match=r"entry named '-1'; blobs are datasets named 0, 1"):
+        caffe.Net(one_blob, caffe.TEST, weights=path)
+    # "0" and "7" in a two-blob layer: Caffe finds no "1"; we said the file had 8 blobs.
+    two_blobs = ip_net(tmp_path)
+    path = h5_weights(tmp_path, {"0": W, "7": np.zeros(2, np.float32)}, "seven.caffemodel.h5")
+    with pytest.raises(WeightsError, match=r"blob dataset '7' is past the layer's 2 blob\(s\)"):
+        caffe.Net(two_blobs, caffe.TEST, weights=path)
+    # Strings are no blob (hdf5_load_nd_dataset: "Unsupported datatype class: H5T_STRING").
+    path = h5_weights(tmp_path, {"0": W, "1": np.array([b"ab", b"cd"])}, "str.caffemodel.h5")
+    with pytest.raises(WeightsError, match=r"layer 'ip' blob 1 holds values of type \|S2"):
+        caffe.Net(two_blobs, caffe.TEST, weights=path)
+    # Integers are converted, as Caffe's H5T_INTEGER branch does.
+    path = h5_weights(tmp_path, {"0": W.astype(np.int32), "1": np.array([5, 6], np.int64)},
+                      "int.caffemodel.h5")
+    net = caffe.Net(two_blobs, caffe.TEST, weights=path)
+    assert net.params["ip"][1].data.tolist() == [5.0, 6.0]
+
+
+def test_hdf5_solver_state_counters_must_be_one_number(tmp_path):
+    path = str(tmp_path / "s.solverstate.h5")
+    write_solverstate_h5(path, 4, 0, None, [np.zeros(2, np.float32)])
+    assert read_solverstate_h5(path).iter == 4
+    # A float is converted, as HDF5 converts it for hdf5_load_int.
+    with h5py.File(path, "r+") as f:
+        del f["iter"]
+        f["iter"] = np.array([6.0])
+    assert read_solverstate_h5(path).iter == 6
+    for bad, shown in ((np.bytes_(b"7"), r"1 value\(s\) of type \|S1"),
+                       (np.array([[3, 3], [3, 3]], np.int32), r"4 value\(s\) of type int32")):
+        with h5py.File(path, "r+") as f:
+            del f["iter"]
+            f["iter"] = bad
+        # The string read as iteration 7 and the 2x2 array as its first value: a made-up resume.
+        with pytest.raises(SolverError, match=f"dataset 'iter' holds {shown}; Caffe stores one"):
+            read_solverstate_h5(path)
+    with h5py.File(path, "r+") as f:
+        del f["iter"]
+        f["iter"] = np.array([2], np.int32)
+        del f["history/0"]
+        f.create_group("history/0")
+    with pytest.raises(SolverError, match="history blob 0 is a group, not a dataset"):
+        read_solverstate_h5(path)
+
+
 def legacy_weights(tmp_path, legacy, shape, name: str) -> str:
     net = caffe_pb2.NetParameter()
     layer = net.layer.add(name="ip", type="InnerProduct")

@@ -369,15 +369,52 @@ def write_solverstate_h5(path: str, iter: int, current_step: int, learned_net: O
 
 
 def _numbered(group, what: str) -> List[Optional[np.ndarray]]:
-    """Datasets named 0..n-1 of a group as a list (None where an index is missing)."""
-    try:
-        indices = sorted(int(name) for name in group)
-    except ValueError:
-        raise ValueError(f"{what} holds a dataset whose name is not a number") from None
+    """Datasets named 0..n-1 of a group as a list (None where an index is missing).
+
+    Caffe opens each blob by the decimal name of its index (``oss << j``), so only those names
+    are blobs; any other name ("01", "-1", "w") is no blob Caffe reads, yet it counts in its
+    ``hdf5_get_num_links`` check. Read as a number it was put in the wrong slot or silently
+    dropped. The blobs are datasets of integers or floats (hdf5_load_nd_dataset refuses any other
+    class: strings, compounds, enums such as h5py's booleans)."""
+    h5py = _h5py()
+    if not isinstance(group, h5py.Group):
+        raise ValueError(f"{what} is a dataset, not a group of numbered blob datasets")
+    indices = []
+    for name in group:
+        if not (name.isascii() and name.isdigit() and str(int(name)) == name):
+            raise ValueError(f"{what} holds an entry named {name!r}; blobs are datasets named "
+                             "0, 1, 2, ...")
+        indices.append(int(name))
+    indices.sort()
     out: List[Optional[np.ndarray]] = [None] * (indices[-1] + 1 if indices else 0)
     for i in indices:
-        out[i] = np.asarray(group[str(i)], dtype=np.float32)
+        item = group[str(i)]
+        if not isinstance(item, h5py.Dataset):
+            raise ValueError(f"{what} blob {i} is a group, not a dataset")
+        if item.dtype.kind not in "iuf":
+            raise ValueError(f"{what} blob {i} holds values of type {item.dtype}; a blob holds "
+                             "integers or floating-point numbers")
+        out[i] = np.asarray(item, dtype=np.float32)
     return out
+
+
+def _counter(f, name: str, default: Optional[int] = None) -> int:
+    """The integer dataset ``name`` (Caffe's ``hdf5_save_int``: one value), or ``default`` when
+    absent and a default is given.
+
+    ``hdf5_load_int`` reads one int through HDF5's conversion: a float is converted, a string
+    fails ("Failed to load int dataset"), and a dataset of several values is no counter Caffe
+    wrote (it would read past its one int). Taking the first of them, or the digits of a string,
+    resumed a damaged file at a made-up iteration."""
+    if name not in f and default is not None:
+        return default
+    item = f[name]
+    if not isinstance(item, _h5py().Dataset):
+        raise ValueError(f"'{name}' is a group; Caffe stores one integer there")
+    if item.dtype.kind not in "iuf" or item.size != 1:
+        raise ValueError(f"dataset '{name}' holds {item.size} value(s) of type {item.dtype}; "
+                         "Caffe stores one integer there")
+    return int(np.asarray(item).reshape(-1)[0])
 
 
 def read_solverstate_h5(path: str) -> SolverStateData:
@@ -388,12 +425,11 @@ def read_solverstate_h5(path: str) -> SolverStateData:
     try:
         with h5py.File(path, "r") as f:
             refuse_external_data(f, path, SolverError)
-            it = int(np.asarray(f["iter"]).reshape(-1)[0])
-            step = int(np.asarray(f["current_step"]).reshape(-1)[0])
+            it = _counter(f, "iter")
+            step = _counter(f, "current_step")
             # The fork requires both datasets; without them (BVLC Caffe's file, another policy's)
             # we take the values its binaryproto restore would, so a run may switch to plateau.
-            last_event = (int(np.asarray(f["iter_last_event"]).reshape(-1)[0])
-                          if "iter_last_event" in f else 0)
+            last_event = _counter(f, "iter_last_event", default=0)
             minimum = (float(np.asarray(f["minimum_loss"], dtype=np.float32).reshape(-1)[0])
                        if "minimum_loss" in f else _UNSET_MINIMUM_LOSS)
             learned = None
