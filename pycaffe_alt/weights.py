@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from . import fileio
+from . import file_kind, fileio
 from .errors import WeightsError, located_in
 from .log import get_logger
 from .proto import caffe_pb2
@@ -96,6 +96,10 @@ def array_to_blob(arr: np.ndarray, diff: np.ndarray = None, legacy_dims: bool = 
     return blob
 
 
+def _expected_kind(message) -> "file_kind.Kind":
+    return file_kind.MEAN_FILE if isinstance(message, caffe_pb2.BlobProto) else file_kind.WEIGHTS
+
+
 def _parse(path: str, message):
     if not os.path.exists(path):
         raise WeightsError(f"file not found: {path}", hint="check the path (relative paths are "
@@ -107,6 +111,10 @@ def _parse(path: str, message):
     try:
         message.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as e:
+        kind = file_kind.other_kind(path, _expected_kind(message))
+        if kind is not None:
+            raise WeightsError(f"not a {type(message).__name__}: it looks like {kind.what}",
+                               where=path, hint=kind.advice) from None
         raise WeightsError(f"not a valid {type(message).__name__} ({e}); the file is truncated "
                            "or corrupt", where=path,
                            hint="download or copy it again; check it is a Caffe binary file") from None
@@ -139,6 +147,10 @@ def read_net_weights(path: str, hdf5: Optional[bool] = None
         if len(layer.blobs):
             out[layer.name] = (layer.type, list(layer.blobs))
     if not net.layer:
+        kind = file_kind.other_kind(path, file_kind.WEIGHTS)
+        if kind is not None:
+            raise WeightsError(f"holds no layers: it looks like {kind.what}", where=path,
+                               hint=kind.advice)
         raise WeightsError("holds no layers", where=path,
                            hint="is this a .caffemodel? solverstates and binaryprotos are different files")
     return out
@@ -335,8 +347,22 @@ def warn_uncovered(paths: Sequence[str], copied: Sequence[str], params) -> None:
 def read_binaryproto(path: str) -> np.ndarray:
     """The array of a ``.binaryproto`` file (e.g. a mean image, shape (1, C, H, W))."""
     blob = _parse(path, caffe_pb2.BlobProto())
-    with located_in(path):
-        return blob_to_array(blob)
+    try:
+        with located_in(path):
+            values = blob_to_array(blob)
+    except WeightsError:
+        values = None
+    if values is None or values.size == 0:
+        # Another kind of file "parses" into a blob of made-up dims (a solver state's iter is
+        # field 1, num; a caffemodel gives no dims at all): name the kind, not the dims.
+        kind = file_kind.other_kind(path, file_kind.MEAN_FILE)
+        if kind is not None:
+            raise WeightsError(f"not a BlobProto: it looks like {kind.what}", where=path,
+                               hint=kind.advice)
+    if values is None:
+        with located_in(path):
+            return blob_to_array(blob)  # raises the count error again
+    return values
 
 
 def write_binaryproto(arr: np.ndarray, path: str) -> None:

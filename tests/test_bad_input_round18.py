@@ -147,3 +147,41 @@ def test_a_gpu_list_with_an_empty_entry_is_refused():
 GOLDEN_SGD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "golden",
                           "solvers", "sgd_fixed")
 GOLDEN_MEAN = os.path.join(os.path.dirname(GOLDEN_SGD), "..", "data", "mnist_mean.binaryproto")
+
+
+def test_a_file_of_another_kind_is_named_with_where_it_belongs(tmp_path):
+    from pycaffe_alt.solver.snapshot import read_any_solverstate
+
+    model = ip_net(tmp_path)
+    state = os.path.join(GOLDEN_SGD, "snap_iter_15.solverstate")
+    weights = os.path.join(GOLDEN_SGD, "init.caffemodel")
+    # A solver state given as weights was "not a valid NetParameter ... truncated or corrupt".
+    with pytest.raises(WeightsError, match=r"not a NetParameter: it looks like a solver state "
+                                           r"\(\.solverstate\)\n  hint: resume training from it "
+                                           "with --snapshot"):
+        caffe.Net(model, caffe.TEST, weights=state)
+    # A mean image given as weights "held no layers"; as a snapshot its num (field 1, as iter
+    # is) was read as iteration 1 of a state with no history.
+    with pytest.raises(WeightsError, match=r"it looks like a BlobProto such as a mean image"):
+        caffe.Net(model, caffe.TEST, weights=GOLDEN_MEAN)
+    with pytest.raises(SolverError, match=r"not a solver state: it looks like a BlobProto"):
+        read_any_solverstate(GOLDEN_MEAN)
+    with pytest.raises(SolverError, match=r"it looks like a net's weights \(\.caffemodel\)\n"
+                                          "  hint: load it with --weights"):
+        read_any_solverstate(weights)
+    # HDF5: the state as weights, the weights as a state.
+    h5_state = str(tmp_path / "s.solverstate.h5")
+    write_solverstate_h5(h5_state, 4, 0, "w.caffemodel.h5", [np.zeros(2, np.float32)])
+    with pytest.raises(WeightsError, match=r"it looks like an HDF5 solver state"):
+        caffe.Net(model, caffe.TEST, weights=h5_state)
+    h5_weights_path = h5_weights(tmp_path, {"0": W, "1": np.zeros(2, np.float32)})
+    with pytest.raises(SolverError, match=r"it looks like HDF5 weights \(\.caffemodel\.h5\)"):
+        read_any_solverstate(h5_weights_path)
+    # A caffemodel named as a mean file: "blob declares shape () but holds 0 values".
+    mean_net = tmp_path / "mean_net.prototxt"
+    mean_net.write_text(
+        'layer { name: "d" type: "Data" top: "data" top: "label" transform_param { '
+        f'mean_file: "{weights}" }} data_param {{ source: "{MNIST_LMDB}" batch_size: 1 '
+        'backend: LMDB } }\n')
+    with pytest.raises(CaffeError, match=r"not a BlobProto: it looks like a net's weights"):
+        caffe.Net(str(mean_net), caffe.TEST)

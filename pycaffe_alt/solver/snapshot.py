@@ -41,6 +41,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from .. import file_kind
 from ..errors import SolverError, WeightsError
 from ..fileio import check_input_path, read_input_bytes, refuse_external_data
 from ..proto import caffe_pb2
@@ -245,6 +246,10 @@ def read_solverstate(path: str) -> SolverStateData:
     try:
         state.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as e:
+        kind = file_kind.other_kind(path, file_kind.SOLVER_STATE)
+        if kind is not None:
+            raise SolverError(f"not a solver state: it looks like {kind.what}", where=path,
+                              hint=kind.advice) from None
         raise SolverError(f"not a valid solver state ({e}); the file is truncated or corrupt",
                           where=path, hint="resume from another snapshot") from None
     bad = invalid_text_field(state)
@@ -252,6 +257,14 @@ def read_solverstate(path: str) -> SolverStateData:
         raise SolverError(f"field {bad} is not valid UTF-8 text; the file is corrupt",
                           where=path, hint="resume from another snapshot")
     # Caffe always writes iter; an empty or foreign file parses "successfully" without it.
+    # Caffe always names the weights (learned_net). A caffemodel parses with no iter; a mean
+    # BlobProto's num is field 1 too and was read as the iteration: name such a file's kind
+    # before its made-up state is believed.
+    suspect = not state.HasField("iter") or not state.HasField("learned_net")
+    kind = file_kind.other_kind(path, file_kind.SOLVER_STATE) if suspect else None
+    if kind is not None:
+        raise SolverError(f"not a solver state: it looks like {kind.what}", where=path,
+                          hint=kind.advice)
     if not state.HasField("iter"):
         raise SolverError("not a solver state (no iteration recorded)", where=path,
                           hint="pass a .solverstate file written by Caffe or pycaffe_alt")
@@ -440,6 +453,10 @@ def read_solverstate_h5(path: str) -> SolverStateData:
             resume = (bytes(np.asarray(f["resume_state"], dtype=np.uint8).tobytes())
                       if "resume_state" in f else None)
     except (OSError, KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
+        kind = file_kind.other_kind(path, file_kind.HDF5_SOLVER_STATE)
+        if kind is not None:
+            raise SolverError(f"not a solver state: it looks like {kind.what}", where=path,
+                              hint=kind.advice) from None
         raise SolverError(f"not a valid HDF5 solver state ({e})", where=path,
                           hint="resume from another snapshot") from None
     _check_counters(it, step, last_event, path)
@@ -519,5 +536,9 @@ def read_weights_h5(path: str) -> Dict[str, List[Optional[np.ndarray]]]:
             data = f["data"]
             return {name: _numbered(data[name], f"layer {name!r}") for name in data}
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        kind = file_kind.other_kind(path, file_kind.HDF5_WEIGHTS)
+        if kind is not None:
+            raise WeightsError(f"not weights: it looks like {kind.what}", where=path,
+                               hint=kind.advice) from None
         raise WeightsError(f"not a Caffe HDF5 weights file ({e})", where=path,
                           hint="HDF5 weights hold a group data/<layer>/<i>") from None
