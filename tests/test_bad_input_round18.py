@@ -185,3 +185,15 @@ def test_a_file_of_another_kind_is_named_with_where_it_belongs(tmp_path):
         'backend: LMDB } }\n')
     with pytest.raises(CaffeError, match=r"not a BlobProto: it looks like a net's weights"):
         caffe.Net(str(mean_net), caffe.TEST)
+
+
+def test_convert_model_shapes_with_an_empty_size_or_given_twice_are_refused():
+    from pycaffe_alt.tools.convert_model import parse_shapes
+
+    assert parse_shapes(["data=1, 3,8,8"]) == {"data": (1, 3, 8, 8)}
+    # "1,,8,8" was read as the 3-axis shape (1, 8, 8).
+    with pytest.raises(CaffeError, match="expected BLOB=D0,D1"):
+        parse_shapes(["data=1,,8,8"])
+    # The second --shape for a blob silently replaced the first.
+    with pytest.raises(CaffeError, match=r"gives blob 'data' twice \(\(1, 3\) and \(2, 3\)\)"):
+        parse_shapes(["data=1,3", "data=2,3"])

@@ -28,12 +28,17 @@ def parse_shapes(items: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
     for item in items:
         name, sep, dims = item.partition("=")
         try:
-            shape = tuple(int(d) for d in dims.split(",") if d.strip())
+            # Every entry is a size: "1,,28,28" is a typo, not the 3-axis shape (1, 28, 28).
+            shape = tuple(int(d) for d in dims.split(","))
         except ValueError:
             shape = ()
         if not sep or not name or not shape or any(d <= 0 for d in shape):
             raise CaffeError(f"--shape {item!r}: expected BLOB=D0,D1,... with positive sizes",
                              hint="e.g. --shape data=1,3,224,224")
+        if name in shapes:
+            # The later flag silently replaced the earlier one.
+            raise CaffeError(f"--shape gives blob {name!r} twice ({shapes[name]} and {shape})",
+                             hint="give one --shape per input blob")
         shapes[name] = shape
     return shapes
 
