@@ -197,3 +197,20 @@ def test_convert_model_shapes_with_an_empty_size_or_given_twice_are_refused():
     # The second --shape for a blob silently replaced the first.
     with pytest.raises(CaffeError, match=r"gives blob 'data' twice \(\(1, 3\) and \(2, 3\)\)"):
         parse_shapes(["data=1,3", "data=2,3"])
+
+
+def test_a_mean_file_of_several_images_works_as_its_first_as_in_caffe(tmp_path, caplog):
+    import logging
+
+    from pycaffe_alt.data.transformer import load_mean_file
+    from pycaffe_alt.weights import write_binaryproto
+
+    # DataTransformer checks channels/height/width only and reads from the blob's start; we
+    # refused "a blob of shape [2, 1, 4, 4] ...; a 1xCxHxW mean is needed".
+    means = np.stack([np.full((1, 4, 4), 5, np.float32), np.full((1, 4, 4), 9, np.float32)])
+    path = str(tmp_path / "two.binaryproto")
+    write_binaryproto(means, path)
+    with caplog.at_level(logging.WARNING, logger="pycaffe_alt"):
+        mean = load_mean_file(path, "layer 'd'")
+    np.testing.assert_array_equal(mean, np.full((1, 4, 4), 5, np.float32))
+    assert "holds 2 images (shape (2, 1, 4, 4)); Caffe uses the first one" in caplog.text

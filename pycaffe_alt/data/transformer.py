@@ -77,6 +77,15 @@ def load_mean_file(path: str, where: str) -> np.ndarray:
                         "a mean file is a BlobProto written by tools/compute_image_mean") from None
     dims = list(values.shape)
     # Caffe's mean blob is 1,C,H,W; keep the last three axes (a 3-d shape is accepted too).
+    if len(dims) == 4 and dims[0] > 1:
+        # DataTransformer checks only channels(), height() and width() and reads the mean from
+        # the start of the blob: a blob of several images works as its first one.
+        from ..log import get_logger
+
+        get_logger().warning("%s: mean_file %r holds %d images (shape %s); Caffe uses the first "
+                             "one, and so do we", where, path, dims[0], tuple(dims))
+        values = values[:1]
+        dims = [1] + dims[1:]
     if len(dims) == 4 and dims[0] == 1:
         dims = dims[1:]
     if not np.isfinite(values).all():
