@@ -117,6 +117,7 @@ def test_legacy_dims_beside_a_shape_decide_as_in_caffe(tmp_path):
     np.testing.assert_array_equal(net.params["ip"][0].data, W)
 
 
+@pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")
 @pytest.mark.parametrize("written", [r"r\q", r"r\8", r"r\e"])
 def test_a_string_escape_caffes_parser_refuses_is_located(tmp_path, written):
     path = input_net(tmp_path, f'layer {{ name: "{written}" type: "ReLU" bottom: "data" '
