@@ -293,6 +293,21 @@ def read_training_set(net, roles: TwoLayerNet) -> Tuple[torch.Tensor, torch.Tens
     return inputs, labels
 
 
+def _check_finite(net, roles: TwoLayerNet, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Refuse a training set holding NaN or infinite values, naming the first such record: the
+    program's data would be NaN, and ADMM's Cholesky factorization or the certificate's NNLS would
+    fail deep inside (Caffe's own solvers would just carry a NaN loss along)."""
+    for what, values, top in (("input", inputs, roles.data_top),
+                              ("target", labels, roles.label_top)):
+        bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            record = int(bad.nonzero()[0, 0])
+            raise _refuse(net, roles.data_index, f"record {record} (counting from 0) has a NaN "
+                          f"or infinite {what} value in top '{top}' ({int(bad.sum())} record(s) "
+                          "in all): the values are not finite, so the convex program has no "
+                          "meaning", "remove or repair those records in the data source")
+
+
 def _pool_weights(net, roles: TwoLayerNet, spatial: Tuple[int, int]) -> torch.Tensor:
     """The weight of each conv output position in the (linear) pooling, by running the net's own
     Pooling module on one-hot maps: exactly Caffe's divisor rules (padding, clipping)."""
@@ -364,6 +379,7 @@ def build_problem(net, roles: TwoLayerNet, weight_decay: float,
         raise _refuse(net, roles.first_index + 1, "HardThreshold with beta != 0 is not a ReLU",
                       "use a ReLU, or a HardThreshold whose beta is 0 (beta_filler constant 0)")
     inputs, labels = read_training_set(net, roles)
+    _check_finite(net, roles, inputs, labels)
     n = inputs.shape[0]
     y = labels.reshape(n, -1)
     if y.shape[1] != roles.outputs:
