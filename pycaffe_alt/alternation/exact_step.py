@@ -41,6 +41,7 @@ exchanged.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -668,7 +669,15 @@ class ExactWeightStep:
             stats: Dict[str, object] = dict(self.support_pass())
             stats["support_seconds"] = time.perf_counter() - t0
             layers = []
-            for block in self.blocks:
+            # A NaN/inf loss (NaN data, diverged weights) would put NaN into every normal
+            # equation, and LAPACK's least-squares fallback aborts on it. Nothing is solved; the
+            # loss reported for this iteration stops training with the loop's paragraph, as an
+            # SGD iteration's non-finite loss does (Caffe itself would keep iterating on NaN).
+            blocks = self.blocks if math.isfinite(stats["loss"]) else []
+            if not blocks:
+                logger.warning("Exact weight step: the training loss is %s before the sweep; no "
+                               "layer solved", stats["loss"])
+            for block in blocks:
                 t = time.perf_counter()
                 if self.kind == "CONVEX":
                     self.solve_lbfgs(block)

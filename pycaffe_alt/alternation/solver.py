@@ -492,7 +492,8 @@ class AlternationSolver(Solver):
         self._exact_ran = True
         changed = "first supports" if stats["changed"] is None else \
             f"{100 * stats['changed']:.3f}% of support/switch bits changed"
-        solved = ", ".join(f"{n} ({how}, {sec:.2f} s)" for n, how, sec in stats["layers"])
+        solved = ", ".join(f"{n} ({how}, {sec:.2f} s)" for n, how, sec in stats["layers"]) \
+            or "nothing"
         split = "" if self.record_split is None else \
             f" ({stats['records_computed']} of {self.records} records on this rank)"
         logger.info("Iteration %d, alternation: exact weight step (%s): loss %s before it, %s; "
