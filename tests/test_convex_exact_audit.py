@@ -1,0 +1,168 @@
+"""Adversarial review of the two research features (docs/exact_steps.md, docs/global_optimum.md):
+the Convex solver's certificate checked without cvxpy (tests/test_convex.py needs it and is
+skipped where it is not installed), and the bad training sets both solvers must report in one
+paragraph instead of a traceback."""
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from convex_case import CNN, Case, cnn_data, cnn_patches, fc_data, fc_features
+from exact_case import teacher_files
+from pycaffe_alt.convex.certificate import dual_max
+from pycaffe_alt.convex.patterns import enumerate_patterns
+from pycaffe_alt.convex.program import ConvexProgram
+from pycaffe_alt.errors import SolverError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(solver) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train"), "--solver",
+                           str(solver)], capture_output=True, text=True, env=ENV, timeout=300)
+
+
+# ------------------------------------------------------------------ the certificate, cvxpy-free
+def unit_sup(lam: np.ndarray, Z: np.ndarray, draws: int = 100000) -> float:
+    """``max_w |lam^T sum_k relu(Z_k w)|`` over unit vectors w, by dense sampling of the sphere:
+    a lower estimate of what the dual constraint must bound (independent of the solver's
+    patterns and NNLS projections)."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((draws, Z.shape[-1]))
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    vals = np.maximum(np.einsum("nkd,wd->wnk", Z, W), 0).sum(2) @ lam
+    return float(np.abs(vals).max())
+
+
+def _features(kind: str) -> np.ndarray:
+    X, _ = fc_data()
+    if kind == "fc_bias":
+        return fc_features(X, True)[:, None, :]
+    if kind == "duplicates_and_opposites":
+        Z = fc_features(X, False)[:4]
+        return np.vstack([Z, Z, -Z[:2], np.zeros((1, 2))])[:, None, :]
+    return cnn_patches(cnn_data()[0])
+
+
+@pytest.mark.parametrize("kind", ["fc_bias", "duplicates_and_opposites", "cnn"])
+def test_dual_constraint_bounds_every_relu_unit(kind):
+    """The certificate is valid only if ``M(lambda)`` is at least ``|lambda^T relu(Z w)|`` for
+    every unit ``||w|| = 1``: checked against sampled units, and tight (the sampled maximum
+    comes within 1% of it)."""
+    Z = _features(kind)
+    D, _ = enumerate_patterns(torch.from_numpy(Z), 100000)
+    prog = ConvexProgram(torch.from_numpy(Z), D, torch.zeros(len(Z), 1, dtype=torch.float64),
+                         1.0)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        lam = rng.standard_normal(len(Z))
+        M = dual_max(prog, torch.from_numpy(lam))
+        sup = unit_sup(lam, Z)
+        assert sup <= M * (1 + 1e-9)
+        assert sup >= 0.99 * M
+
+
+def _train_objective(case: Case, seed: int, hidden_scale: float = 0.5) -> float:
+    """Full-batch gradient descent from a random start: any net's objective is an upper bound
+    the certificate must stay below."""
+    import pycaffe_alt
+    from pycaffe_alt.layers import TRAIN
+
+    torch.manual_seed(seed)
+    net = pycaffe_alt.Net(case.net_path, TRAIN).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * hidden_scale)
+    params = list(net.parameters())
+    opt = torch.optim.LBFGS(params, max_iter=300, line_search_fn="strong_wolfe")
+    inputs = {"data": torch.from_numpy(case.X).double(),
+              "label": torch.from_numpy(case.y).double()}
+
+    def closure():
+        opt.zero_grad()
+        loss = net.loss(net.run(inputs, start=1)) + \
+            case.wd / 2 * sum((p ** 2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return case.objective(net=net)
+
+
+@pytest.mark.parametrize("variant", ["duplicates", "one_example", "no_biases", "cnn"])
+def test_certificate_brackets_the_written_net_and_local_searches(tmp_path, variant):
+    """Edge-case training sets: the objective the solver reports is the written caffemodel's
+    (float64 forward), the certified bound is below it, and no local search goes below the
+    bound."""
+    X, y = fc_data()
+    kw = dict(batch=4, convex="method: ADMM rho: 0.03", max_iter=400)
+    if variant == "duplicates":  # the same inputs twice, with different targets
+        X, y = np.vstack([X[:4], X[:4]]), np.vstack([y[:4], y[:4] + 0.3])
+    elif variant == "one_example":
+        X, y, kw["batch"] = X[:1], y[:1], 1
+    elif variant == "no_biases":
+        kw.update(bias1="false", bias2="false")
+    else:
+        X, y = cnn_data()
+        kw.update(template=CNN, batch=3)
+    case = Case(tmp_path, X, y, **kw)
+    solver = case.run()
+    result = solver.result
+    written = case.objective(weights=case.model(solver))
+    assert written == pytest.approx(result.objective, rel=1e-5)
+    assert result.lower_bound <= result.objective
+    best = min(_train_objective(case, seed) for seed in range(2))
+    assert best >= result.lower_bound * (1 - 1e-9)
+
+
+# ------------------------------------------------------------------ non-finite training sets
+def _poison(path, dataset: str, value: float) -> None:
+    with h5py.File(path, "a") as f:
+        a = f[dataset][...]
+        a[3].flat[0] = value
+        del f[dataset]
+        f[dataset] = a
+
+
+@pytest.mark.parametrize("dataset, value", [("data", np.nan), ("label", np.inf)])
+def test_convex_solver_names_a_non_finite_record(tmp_path, dataset, value):
+    """A NaN input made ADMM's Cholesky raise LinAlgError, an infinite target made scipy's NNLS
+    raise ValueError (tracebacks); now one paragraph naming the data layer and the record."""
+    X, y = fc_data()
+    case = Case(tmp_path, X, y, batch=4, max_iter=50)
+    _poison(os.path.join(case.folder, "train.h5"), dataset, value)
+    with pytest.raises(SolverError) as e:
+        case.run()
+    text = str(e.value)
+    assert "layer 'data'" in text and "record 3" in text and "not finite" in text, text
+    if dataset == "label":
+        return  # tools/train once is enough (its start-up is most of this file's time)
+    proc = train(case.solver_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "record 3" in proc.stderr
+    assert not os.path.isdir(os.path.dirname(case.prefix)) or \
+        not os.listdir(os.path.dirname(case.prefix))
+
+
+def test_least_squares_step_on_nan_data_stops_with_the_nan_loss_paragraph(tmp_path):
+    """A NaN input made the LEAST_SQUARES solve crash inside torch.linalg.lstsq (an internal
+    assert, with a traceback); the sweep is now skipped when the loss before it is not finite,
+    and training stops with the loop's paragraph, as an SGD iteration with a NaN loss does."""
+    case = teacher_files(tmp_path, n=100, batch=50, max_iter=2)
+    _poison(tmp_path / "train.h5", "data", np.nan)
+    proc = train(case["solver"])
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "loss became nan" in proc.stderr, proc.stderr
