@@ -166,3 +166,40 @@ def test_least_squares_step_on_nan_data_stops_with_the_nan_loss_paragraph(tmp_pa
     proc = train(case["solver"])
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "loss became nan" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------ hidden units the optimum needs
+def test_more_blocks_than_hidden_units_are_reduced_to_independent_ones(tmp_path):
+    """8 examples, 20 hidden units, 300 ADMM iterations: the point found had 21 nonzero blocks
+    and the solver refused with "the optimum found needs 21 hidden units", although an optimum
+    needs at most n per output (Carathéodory; Pilanci & Ergen's pruning). Linearly dependent
+    unit outputs are now removed without raising the objective, and the net is written."""
+    X, y = fc_data()
+    case = Case(tmp_path, X, y, hidden=20, batch=4, convex="method: ADMM rho: 0.03",
+                max_iter=300)
+    solver = case.run()
+    result = solver.result
+    assert result.units <= len(X)
+    written = case.objective(weights=case.model(solver))
+    assert written == pytest.approx(result.objective, rel=1e-5)
+    assert result.lower_bound <= result.objective
+    # The reduced net is no worse than the best point the iterations gave before it.
+    assert result.objective <= min(h["objective"] for h in result.history[:-1]) * (1 + 1e-9)
+
+
+def test_fewest_units_keeps_the_output_and_lowers_the_penalty():
+    from pycaffe_alt.convex.recover import fewest_units
+
+    Z = fc_features(fc_data()[0], True)[:, None, :]
+    D, H = enumerate_patterns(torch.from_numpy(Z), 100000)
+    y = torch.from_numpy(fc_data()[1]).double()
+    prog = ConvexProgram(torch.from_numpy(Z), D, y, 0.08, ridge=0.08)
+    gen = torch.Generator().manual_seed(0)
+    # Every block inside its pattern's cone: a positive multiple of the cell's direction.
+    scale = torch.rand(2, len(D), 1, 1, generator=gen, dtype=torch.float64)
+    V = scale * H[None, :, :, None]
+    assert int((V.norm(dim=2) > 0).sum()) > len(Z)
+    R = fewest_units(prog, V)
+    assert int((R.norm(dim=2) > 0).sum()) <= len(Z)
+    torch.testing.assert_close(prog.relu_output(R), prog.relu_output(V), rtol=1e-9, atol=1e-9)
+    assert prog.penalty(R) <= prog.penalty(V) * (1 + 1e-12)

@@ -11,6 +11,7 @@ With C outputs, unit k feeds only the output whose program it came from.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List
 
@@ -57,6 +58,49 @@ def pruned(V: torch.Tensor, rel: float = PRUNE) -> torch.Tensor:
     norms = V.norm(dim=2, keepdim=True)
     top = float(norms.max()) if norms.numel() else 0.0
     return V * (norms > rel * top) if top > 0 else V
+
+
+def fewest_units(prog: ConvexProgram, V: torch.Tensor, tol: float = 1e-10) -> torch.Tensor:
+    """V with at most ``rank`` (<= n) nonzero blocks per output column and an objective no
+    larger: the papers' pruning (Pilanci & Ergen 2020, Carathéodory's theorem).
+
+    A block ``v = c u`` (``||u|| = 1``, c >= 0) adds ``c sign (Z u)_+`` to its output column and
+    ``beta c`` to the penalty. When a column's k unit outputs ``q_b = sign (Z u_b)_+`` are linearly
+    dependent (always when k > n), a null vector t (``sum t_b q_b = 0``, signed so that
+    ``sum t_b >= 0``) moves the coefficients to ``c - a t`` without changing the output; the
+    largest step that keeps them >= 0 zeroes a block and does not raise the penalty. An iterative
+    solver stops at points with many small blocks (more than the n + 1 an optimum needs), which
+    would otherwise not fit the hidden layer. Blocks keep their pattern positions.
+    """
+    V = V.clone()
+    norms = V.norm(dim=2)                                       # (2, P, C)
+    for c in range(V.shape[3]):
+        while True:
+            s, p = (norms[:, :, c] > 0).nonzero(as_tuple=True)
+            k = len(s)
+            if k <= 1:
+                break
+            coef = norms[s, p, c]
+            u = V[s, p, :, c] / coef[:, None]                   # (k, d)
+            q = torch.einsum("nkd,jd->njk", prog.Z, u).clamp_min(0).sum(2)   # (n, k)
+            q = q * torch.where(s == 0, 1.0, -1.0).to(q)[None, :]
+            _, sv, vh = torch.linalg.svd(q, full_matrices=True)
+            rank = int((sv > tol * max(float(sv[0]), 1e-300)).sum()) if len(sv) else 0
+            if rank >= k:
+                break
+            t = vh[-1]                                          # q t = 0 (up to rounding)
+            if float(t.sum()) < 0:
+                t = -t
+            pos = t > 0
+            if not bool(pos.any()):
+                break
+            ratio = torch.where(pos, coef / t.clamp_min(1e-300), torch.full_like(coef, math.inf))
+            hit = int(ratio.argmin())
+            new = (coef - float(ratio[hit]) * t).clamp_min(0)
+            new[hit] = 0.0                                      # the block the step zeroes
+            V[s, p, :, c] = u * new[:, None]
+            norms[s, p, c] = new
+    return V
 
 
 def recover_units(prog: ConvexProgram, problem: ConvexProblem, V: torch.Tensor) -> Units:
@@ -118,4 +162,5 @@ def write_into_net(net, problem: ConvexProblem, units: Units) -> None:
             last.bias.copy_(torch.from_numpy(units.b2).to(last.bias.dtype))
 
 
-__all__ = ["Units", "active_blocks", "pruned", "PRUNE", "recover_units", "write_into_net"]
+__all__ = ["Units", "active_blocks", "pruned", "PRUNE", "fewest_units", "recover_units",
+           "write_into_net"]

@@ -32,7 +32,7 @@ from .net_fit import ConvexProblem, build_problem, check_two_layer, decay_mults
 from .patterns import enumerate_patterns, sample_patterns
 from .program import ConvexProgram
 from .polish import polish
-from .recover import pruned, recover_units, write_into_net
+from .recover import active_blocks, fewest_units, pruned, recover_units, write_into_net
 from .sampled import fista, gated_objective, split_into_cones
 
 logger = get_logger()
@@ -295,6 +295,17 @@ class ConvexSolver(Solver):
             logger.info("Convex: units polished by L-BFGS (%d iterations at most): objective "
                         "%s -> %s", self.convex.polish_iter,
                         _fmt(prog.net_objective(kept) * problem.scale),
+                        _fmt(prog.net_objective(final) * problem.scale))
+        used = len(active_blocks(final, rel=0.0))
+        if used > problem.roles.hidden:
+            # More blocks than hidden units: an optimum needs at most n per output (the
+            # papers' pruning), so first remove the linearly dependent ones.
+            before_value = prog.net_objective(final) * problem.scale
+            final = fewest_units(prog, final)
+            logger.info("Convex: %d units found, more than num_output %d of layer '%s': reduced "
+                        "to %d linearly independent ones, objective %s -> %s", used,
+                        problem.roles.hidden, problem.roles.first,
+                        len(active_blocks(final, rel=0.0)), _fmt(before_value),
                         _fmt(prog.net_objective(final) * problem.scale))
         # The final line describes the net that is written (tiny blocks dropped, polished).
         before = [prog.relu_output(kept), prog.F(kept)] if final is not kept else []
