@@ -336,6 +336,7 @@ class ExactWeightStep:
                  where: str = "alternation_param", store_path: Optional[str] = None,
                  max_ram_bytes: int = 1 << 30):
         self.net, self.kind, self.records = net, kind, int(records)
+        self.regularization = regularization
         self.batch_size, self.lbfgs_iter = int(batch_size), int(lbfgs_iter)
         self.max_dense, self.cg_iter = int(max_dense), int(cg_iter)
         self.where = where
@@ -621,7 +622,8 @@ class ExactWeightStep:
 
     # ------------------------------------------------------------------ CONVEX
     def solve_lbfgs(self, block: LayerBlock) -> float:
-        """``lbfgs_iter`` full-batch L-BFGS iterations on the block's loss + weight decay."""
+        """``lbfgs_iter`` full-batch L-BFGS iterations on the block's loss + weight decay (L2 or
+        L1, as the solver's regularization_type)."""
         params = block.params()
         lams = [block.lam_w if p is block.weight else block.lam_b for p in params]
         net = self.net
@@ -647,7 +649,11 @@ class ExactWeightStep:
                     p.grad = self._sum_over_ranks(p.grad if p.grad is not None
                                                   else torch.zeros_like(p))
             with torch.enable_grad():
-                reg = sum(0.5 * lam * (p * p).sum() for p, lam in zip(params, lams) if lam)
+                # Caffe's penalties: L2 adds decay x w to the diff (1/2 decay ||w||^2), L1 adds
+                # decay x sign(w) (decay ||w||_1; torch's |w| has gradient sign(w), 0 at 0).
+                l1 = self.regularization == "L1"
+                reg = sum(lam * p.abs().sum() if l1 else 0.5 * lam * (p * p).sum()
+                          for p, lam in zip(params, lams) if lam)
                 if isinstance(reg, torch.Tensor):
                     reg.backward()
                     total += reg.detach().double()
