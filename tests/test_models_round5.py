@@ -168,6 +168,16 @@ def caffe_shapes(path: str, input_shapes: dict) -> dict:
         elif t == "Upsample":  # SegNet: H * scale - pad_out_h
             p = layer.upsample_param
             out = [b[0][:2] + (b[0][2] * p.scale - p.pad_out_h, b[0][3] * p.scale - p.pad_out_w)]
+        elif t == "Interp":  # hszhao/PSPNet interp_layer.cpp Reshape (pad_beg/pad_end crop)
+            p = layer.interp_param
+            h, w = b[0][2] + p.pad_beg + p.pad_end, b[0][3] + p.pad_beg + p.pad_end
+            if p.HasField("shrink_factor"):
+                h, w = (h - 1) // p.shrink_factor + 1, (w - 1) // p.shrink_factor + 1
+            if p.HasField("zoom_factor"):
+                h, w = h + (h - 1) * (p.zoom_factor - 1), w + (w - 1) * (p.zoom_factor - 1)
+            elif not p.HasField("shrink_factor"):
+                h, w = p.height, p.width
+            out = [b[0][:2] + (h, w)]
         else:
             continue  # a layer with its own rules (PriorBox, ROIPooling...): checked in its test
         for name, s in zip(layer.top, out):
