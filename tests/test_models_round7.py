@@ -357,13 +357,15 @@ def test_fast_rcnn_training_roi_pooling_and_smooth_l1(tmp_path, monkeypatch):
 
 
 # -- BVLC examples' train_val nets ----------------------------------------------------------------
-def test_mnist_siamese_shared_weights_and_contrastive_loss(tmp_path):
+@pytest.mark.parametrize("name", ["mnist_siamese_train_test", "v1_mnist_siamese_train_test"])
+def test_mnist_siamese_shared_weights_and_contrastive_loss(tmp_path, name):
     """BVLC examples/siamese: a 2-channel pair Datum sliced into two LeNets sharing every weight
     by param name, then ContrastiveLoss (margin 1) on the 2-d features. The LevelDBs become an
-    LMDB here."""
+    LMDB here. The 2014 V1 original names its shared blobs with ``param: "conv1_w"`` strings,
+    slices with ``slice_dim`` and scales in data_param: upgraded, it is the same net."""
     rng = np.random.RandomState(0)
     write_lmdb(str(tmp_path / "pairs"), rng.randint(0, 256, (8, 2, 28, 28)), [1, 0] * 4)
-    text = sub(fixture_text("mnist_siamese_train_test"), r'source: "[^"]*"', f'source: "{tmp_path}/pairs"')
+    text = sub(fixture_text(name), r'source: "[^"]*"', f'source: "{tmp_path}/pairs"')
     # No backend field: Caffe's default is LevelDB; we take the database found (an LMDB).
     text = sub(text, r"batch_size: \d+", "batch_size: 4")
     path = write(tmp_path, "siamese", text)
@@ -382,6 +384,8 @@ def test_mnist_siamese_shared_weights_and_contrastive_loss(tmp_path):
         ref = np.where(sim > 0, d * d, np.maximum(1 - d, 0) ** 2).sum() / 8
         np.testing.assert_allclose(out["loss"], ref, rtol=1e-5)
         np.testing.assert_array_equal(net.blobs["sim"].data, [1, 0, 1, 0])
+        np.testing.assert_array_equal(net.blobs["data_p"].data[:, 0], net.blobs["pair_data"].data[:, 1])
+        assert net.blobs["pair_data"].data.max() <= 255 / 256  # scale 0.00390625
         assert any_grad(net)
     assert_roundtrip(net, path, caffe.TEST, tmp_path)
 
@@ -468,6 +472,93 @@ def test_hdf5_nonlinear_classifier(tmp_path):
         logp = x - np.log(np.exp(x).sum(1, keepdims=True))
         np.testing.assert_allclose(out["loss"], -logp[np.arange(10), lab].mean(), rtol=1e-5)
         assert any_grad(net)
+    assert_roundtrip(net, path, caffe.TEST, tmp_path)
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def lstm_reference(x, cont, w_x, b, w_h, static=None, w_s=None):
+    """Caffe's LSTM (lstm_layer.cpp unrolled, lstm_unit_layer.cpp): gates i, f, o, g from
+    W_xc x_t + b_c [+ W_xc_static s] + W_hc (cont_t h_{t-1}); c_t = cont_t f c_{t-1} + i g;
+    h_t = o tanh(c_t). x (T, N, D), cont (T, N)."""
+    T, N = cont.shape
+    H = w_h.shape[1]
+    h, c, hs = np.zeros((N, H)), np.zeros((N, H)), []
+    for t in range(T):
+        m = cont[t][:, None]
+        g = x[t] @ w_x.T + b + (m * h) @ w_h.T
+        if static is not None:
+            g += static @ w_s.T
+        i, f, o = sigmoid(g[:, :H]), sigmoid(g[:, H:2 * H]), sigmoid(g[:, 2 * H:3 * H])
+        c = m * f * c + i * np.tanh(g[:, 3 * H:])
+        h = o * np.tanh(c)
+        hs.append(h)
+    return np.array(hs)
+
+
+def test_lrcn_lstm_language_model_trains_on_hdf5_sentences(tmp_path):
+    """LRCN's COCO caption language model (jeffdonahue/caffe recurrent branch): time-major
+    HDF5 sentences (cont, input, target; T x N), Embed, LSTM with sequence-continuation
+    markers, an InnerProduct and a SoftmaxWithLoss on axis 2 ignoring -1, loss_weight 20;
+    Dropout only under stages. Vocabulary 8801 -> 12 and width 1000 -> 6 for time."""
+    T, N, V, H = 5, 3, 12, 6
+    rng = np.random.RandomState(0)
+    cont = np.ones((T, N))
+    cont[0] = 0
+    cont[3, 1] = 0  # a new sentence starts in stream 1
+    target = rng.randint(0, V, (T, N)).astype(float)
+    target[4, 2] = -1
+    with h5py.File(str(tmp_path / "lm.h5"), "w") as f:
+        f["cont_sentence"] = cont.astype(np.float32)
+        f["input_sentence"] = rng.randint(0, V, (T, N)).astype(np.float32)
+        f["target_sentence"] = target.astype(np.float32)
+    (tmp_path / "list.txt").write_text(f"{tmp_path}/lm.h5\n")
+    text = sub(fixture_text("lrcn_lstm_language_model"), r'source: "[^"]*"', f'source: "{tmp_path}/list.txt"')
+    text = sub(sub(text, r"batch_size: 20", f"batch_size: {T}"), r"(input_dim|num_output): 8801", rf"\1: {V}")
+    path = write(tmp_path, "lm", sub(text, r"num_output: 1000", f"num_output: {H}"))
+    for phase, stages in ((caffe.TRAIN, []), (caffe.TEST, ["test-on-val"])):
+        net = caffe.Net(path, phase, stages=stages)
+        assert [layer.type for layer in net.layers].count("Dropout") == 0
+        assert net.blobs["predict"].data.shape == (T, N, V)
+        out = forward_backward(net)
+        ref = lstm_reference(net.blobs["embedded_input_sentence"].data.astype(np.float64), cont,
+                             *(p.data.astype(np.float64) for p in net.params["lstm1"]))
+        np.testing.assert_allclose(net.blobs["lstm1"].data, ref, atol=1e-6)
+        p = net.blobs["predict"].data.astype(np.float64)
+        logp = p - np.log(np.exp(p).sum(2, keepdims=True))
+        valid = target >= 0
+        picked = np.take_along_axis(logp, np.maximum(target, 0).astype(int)[..., None], 2)[..., 0]
+        np.testing.assert_allclose(out["cross_entropy_loss"], -(picked * valid).sum() / valid.sum(), rtol=1e-5)
+        assert net.blob_loss_weights["cross_entropy_loss"] == 20 and any_grad(net)
+    assert_roundtrip(net, path, caffe.TEST, tmp_path, stages=["test-on-val"])
+    net = caffe.Net(path, caffe.TRAIN, stages=["lstm-drop", "embed-drop"])
+    assert [layer.type for layer in net.layers].count("Dropout") == 2
+
+
+def test_lrcn_word_to_preds_lstm_with_static_image_features(tmp_path):
+    """LRCN's caption deploy net: two LSTMs, the second with a third, static bottom (image
+    features, (N, D)) through its own W_xc_static; Softmax on axis 2. Widths shrunk."""
+    text = sub(sub(fixture_text("lrcn_word_to_preds_deploy"), r"dim: 1000", "dim: 8"),
+               r"num_output: 1000", "num_output: 8")
+    path = write(tmp_path, "w2p", "force_backward: true\n" + sub(text, r"(input_dim|num_output): 8801", r"\1: 20"))
+    net = caffe.Net(path, caffe.TEST)
+    assert [p.data.shape for p in net.params["lstm2"]] == [(32, 8), (32,), (32, 8), (32, 8)]
+    randomize_all(net)
+    rng = np.random.RandomState(0)
+    net.blobs["cont_sentence"].data[...] = 1
+    net.blobs["input_sentence"].data[...] = rng.randint(0, 20, (1, 8))
+    net.blobs["image_features"].data[...] = rng.randn(8, 8)
+    out = net.forward()
+    w_x, b, w_s, w_h = (p.data.astype(np.float64) for p in net.params["lstm2"])
+    ref = lstm_reference(net.blobs["lstm1"].data.astype(np.float64), np.ones((1, 8)), w_x, b, w_h,
+                         net.blobs["image_features"].data.astype(np.float64), w_s)
+    np.testing.assert_allclose(net.blobs["lstm2"].data, ref, atol=1e-6)
+    np.testing.assert_allclose(out["probs"].sum(2), 1, rtol=1e-5)
+    net.blobs["probs"].diff[...] = rng.randn(1, 8, 20)
+    net.backward()
+    assert np.abs(net.blobs["image_features"].diff).max() > 0
     assert_roundtrip(net, path, caffe.TEST, tmp_path)
 
 
