@@ -356,6 +356,36 @@ def test_fast_rcnn_training_roi_pooling_and_smooth_l1(tmp_path, monkeypatch):
     assert_roundtrip(net, path, caffe.TRAIN, tmp_path, allow_python=True)
 
 
+def test_ssd300_vgg_normalize_dilated_fc6_and_8732_priors(tmp_path, caplog):
+    """weiliu89/caffe SSD300 VGG16 deploy (as ssd_pascal.py writes it): conv4_3 through
+    Normalize (per-channel scale, across_spatial false), pool5 3x3 stride 1 pad 1, fc6 as a
+    dilation-6 conv, six heads Permute/Flatten/Concat'ed, 8732 PriorBoxes and DetectionOutput
+    with a save_output_param naming files of the author's machine (ignored, with a warning:
+    the top is the same). VGG widths /16; the heads keep theirs."""
+    text = slim(fixture_text("ssd300_vgg_deploy"), 16, keep=(16, 24, 84, 126))
+    path = write(tmp_path, "ssd300", "force_backward: true\n" + text)
+    net = caffe.Net(path, caffe.TEST)
+    assert "save_output_param is ignored" in caplog.text
+    randomize_all(net)
+    net.blobs["data"].data[...] = np.random.RandomState(0).randn(1, 3, 300, 300) * 50
+    check_shapes(path, net, 55)
+    # 38^2 x 4 + 19^2 x 6 + 10^2 x 6 + 5^2 x 6 + 3^2 x 4 + 1 x 4 priors, 4 coordinates each
+    assert net.blobs["mbox_priorbox"].data.shape == (1, 2, 8732 * 4)
+    assert net.blobs["mbox_conf_flatten"].data.shape == (1, 8732 * 21)
+    assert net.blobs["fc6"].data.shape[2:] == (19, 19)
+    out = net.forward()
+    assert out["detection_out"].shape[:2] == (1, 1) and out["detection_out"].shape[3] == 7
+    # normalize_layer.cpp: x / sqrt(sum_c x^2 + eps 1e-10) * scale_c
+    x = net.blobs["conv4_3"].data.astype(np.float64)
+    scale = net.params["conv4_3_norm"][0].data.reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(net.blobs["conv4_3_norm"].data,
+                               x / np.sqrt((x * x).sum(1, keepdims=True) + 1e-10) * scale, rtol=1e-5, atol=1e-7)
+    net.blobs["mbox_conf_flatten"].diff[...] = np.random.RandomState(1).randn(1, 8732 * 21)
+    net.backward(start="mbox_conf_flatten")
+    assert np.abs(net.blobs["data"].diff).max() > 0 and np.abs(net.params["conv4_3_norm"][0].diff).max() > 0
+    assert_roundtrip(net, path, caffe.TEST, tmp_path)
+
+
 # -- BVLC examples' train_val nets ----------------------------------------------------------------
 @pytest.mark.parametrize("name", ["mnist_siamese_train_test", "v1_mnist_siamese_train_test"])
 def test_mnist_siamese_shared_weights_and_contrastive_loss(tmp_path, name):
