@@ -168,6 +168,12 @@ def test_pspnet50_pyramid_pooling_interp_and_bn(tmp_path):
     forward_backward(net)
     assert np.abs(net.blobs["data"].diff).max() > 0
     assert_roundtrip(net, tmp_path)
+    # The pyramid's pools and Interps are sized for 473: at 713 (the Cityscapes size) pool1 is
+    # 2 x 2, Interp'ed to 60 x 60 against a 90 x 90 map, and Caffe's Concat check stops it.
+    net.blobs["data"].reshape(1, 3, 713, 713)
+    with pytest.raises(CaffeError) as e:
+        net.reshape()
+    refused(e, "conv5_3_concat", "Concat", "(1, 32, 60, 60)")
 
 
 def enet_deploy(tmp_path, h: int, w: int) -> str:
