@@ -564,6 +564,9 @@ def test_lrcn_lstm_language_model_trains_on_hdf5_sentences(tmp_path):
         picked = np.take_along_axis(logp, np.maximum(target, 0).astype(int)[..., None], 2)[..., 0]
         np.testing.assert_allclose(out["cross_entropy_loss"], -(picked * valid).sum() / valid.sum(), rtol=1e-5)
         assert net.blob_loss_weights["cross_entropy_loss"] == 20 and any_grad(net)
+        if phase == caffe.TEST:  # accuracy_layer.cpp: over the labels not ignored
+            hits = (p.argmax(2) == target) & valid
+            np.testing.assert_allclose(out["accuracy"], hits.sum() / valid.sum(), rtol=1e-6)
     assert_roundtrip(net, tmp_path)
     net = caffe.Net(path, caffe.TRAIN, stages=["lstm-drop", "embed-drop"])
     assert [layer.type for layer in net.layers].count("Dropout") == 2
