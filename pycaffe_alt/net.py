@@ -560,7 +560,8 @@ class Net(nn.Module):
             if len(lp.blobs):
                 # Weights written into the prototxt (a NetParameter with blobs, Caffe's ToProto):
                 # Caffe's Layer constructor loads them and skips the fillers.
-                copy_layer_blobs(lp.name, list(lp.blobs), layer.blobs, ctx.source)
+                copy_layer_blobs(lp.name, list(lp.blobs), layer.blobs, ctx.source,
+                                 adopt=layer.adopt_stored_shape)
             lr_mults = self._attach_params(layer, lp, shared, where)
             links.append(LayerLinks(bottoms, tops, weights, lr_mults, list(lp.propagate_down),
                                     [layer.allow_force_backward(i) for i in range(len(bottoms))],
@@ -1742,6 +1743,10 @@ class Net(nn.Module):
         """(name, parameters) of every layer in order, repeated names included."""
         return [(v.name, list(v.module.blobs)) for v in self._views]
 
+    def _shape_adopters(self) -> List[Callable[[int, Tuple[int, ...]], bool]]:
+        """Every layer's ``adopt_stored_shape``, in the order of :meth:`_named_params`."""
+        return [v.module.adopt_stored_shape for v in self._views]
+
     def copy_from(self, path: str) -> List[str]:
         """Load weights from a .caffemodel (or .h5) by layer name (pycaffe ``copy_from``);
         returns the names of the layers copied."""
@@ -1749,7 +1754,7 @@ class Net(nn.Module):
 
         path = path_argument(path, "copy_from()")
         self._push_host_writes()  # a pending numpy write must not land on the loaded weights
-        return copy_weights(self._named_params(), path)
+        return copy_weights(self._named_params(), path, adopters=self._shape_adopters())
 
     def save(self, path: str, diffs: Optional[Sequence[Sequence[np.ndarray]]] = None) -> None:
         """Write the net with its weights as a .caffemodel (atomically); ``diffs`` (one list of
@@ -1948,7 +1953,7 @@ class Net(nn.Module):
 
         path = path_argument(path, "load_hdf5()")
         self._push_host_writes()
-        copy_weights(self._named_params(), path, hdf5=True)
+        copy_weights(self._named_params(), path, hdf5=True, adopters=self._shape_adopters())
 
     @property
     def layer_callbacks(self) -> LayerCallbacks:

@@ -2,7 +2,8 @@
 
 Weights are matched to layers by name, as Caffe's ``CopyTrainedLayersFrom`` does: layers of the
 file that the net lacks are ignored (real caffemodels often hold the whole training net), and a
-blob whose shape differs is an error naming the layer and both shapes. Legacy 4-D shapes
+blob whose shape differs is an error naming the layer and both shapes (but for a layer whose
+forks store its blobs in different layouts, which takes the file's). Legacy 4-D shapes
 (num, channels, height, width) match any shape with the same dims once padded with 1s on the left.
 HDF5 weight files (told by their content, as Caffe's H5Fis_hdf5 test tells them) hold
 ``data/<layer>/<i>`` datasets.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -24,6 +25,9 @@ from .proto import caffe_pb2
 from .proto.text_fields import invalid_text_field
 
 LayerBlobs = "OrderedDict[str, List[np.ndarray]]"
+# (blob index, the file's shape) -> whether the layer reshaped that blob to it (a layer's
+# ``adopt_stored_shape``).
+ShapeAdopter = Callable[[int, Tuple[int, ...]], bool]
 
 
 def blob_shape(blob) -> Tuple[int, ...]:
@@ -209,9 +213,11 @@ def shared_flags(layers: Sequence[Tuple[str, Sequence]]) -> List[List[bool]]:
 
 
 def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
-                 hdf5: Optional[bool] = None) -> List[str]:
+                 hdf5: Optional[bool] = None,
+                 adopters: Optional[Sequence[Optional[ShapeAdopter]]] = None) -> List[str]:
     """Copy a weights file into ``layers`` ((name, [nn.Parameter]) of every layer, in net
-    order); returns the layers copied. ``hdf5`` as in :func:`read_net_weights`.
+    order); returns the layers copied. ``hdf5`` as in :func:`read_net_weights`; ``adopters``
+    (one per layer, in the same order) as ``adopt`` of :func:`copy_layer_blobs`.
 
     A repeated layer name gets the weights in the layer Caffe picks: the first of the name from
     a binary file (CopyTrainedLayersFrom searches the layers in order), the last from an HDF5
@@ -227,9 +233,12 @@ def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
     stored = read_net_weights(path, hdf5)
     targets: Dict[str, Sequence] = {}
     shared: Dict[str, List[bool]] = {}
-    for (name, params), flags in zip(layers, shared_flags(layers)):
+    adopt: Dict[str, Optional[ShapeAdopter]] = {}
+    if adopters is None:
+        adopters = [None] * len(layers)
+    for (name, params), flags, adopter in zip(layers, shared_flags(layers), adopters):
         if hdf5 or name not in targets:
-            targets[name], shared[name] = params, flags
+            targets[name], shared[name], adopt[name] = params, flags, adopter
     copied = []
     log = get_logger()
     for name, (_, blobs) in stored.items():
@@ -257,7 +266,7 @@ def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
             # CopyTrainedLayersFromHDF5: a dataset missing from the group is fine for a shared
             # blob (its owner's copy fills it), "Incompatible number of blobs" otherwise.
             blobs = list(blobs) + [None] * (len(target) - len(blobs))
-        copy_layer_blobs(name, blobs, target, path, shared[name])
+        copy_layer_blobs(name, blobs, target, path, shared[name], adopt[name])
         copied.append(name)
     message = unmatched_warning(path, list(stored), [n for n, blobs in targets.items() if blobs])
     if message is not None:
@@ -266,11 +275,13 @@ def copy_weights(layers: Sequence[Tuple[str, Sequence]], path: str,
 
 
 def copy_layer_blobs(name: str, blobs: Sequence, target: Sequence, where: str,
-                     shared: Optional[Sequence[bool]] = None) -> None:
+                     shared: Optional[Sequence[bool]] = None,
+                     adopt: Optional[ShapeAdopter] = None) -> None:
     """Copy one layer's stored BlobProtos into its parameters ``target``; the count and every
-    shape must fit (a WeightsError naming ``where``). A None blob (HDF5: not stored) is left
-    alone where ``shared`` says the parameter is shared from an earlier layer, whose copy fills
-    it; for any other parameter it is an error."""
+    shape must fit (a WeightsError naming ``where``), unless ``adopt(i, file_shape)`` (the
+    layer's ``adopt_stored_shape``) reshapes parameter ``i`` to the file's and says so. A None
+    blob (HDF5: not stored) is left alone where ``shared`` says the parameter is shared from an
+    earlier layer, whose copy fills it; for any other parameter it is an error."""
     import torch
 
     if len(blobs) != len(target):
@@ -287,6 +298,8 @@ def copy_layer_blobs(name: str, blobs: Sequence, target: Sequence, where: str,
                                     "load it into that net, or rename the layer to learn it "
                                     "from scratch")
         shape = tuple(param.shape)
+        if not shapes_match(blob, shape) and adopt is not None and adopt(i, blob_shape(blob)):
+            shape = tuple(param.shape)
         if not shapes_match(blob, shape):
             raise WeightsError(
                 f"layer '{name}' blob {i}: shape mismatch; the file has {blob_shape(blob)}, "

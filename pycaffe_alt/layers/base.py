@@ -151,6 +151,15 @@ class Layer(nn.Module):
         self._blob_list.append(p)
         return p
 
+    def adopt_stored_shape(self, index: int, shape: Tuple[int, ...]) -> bool:
+        """Whether blob ``index`` takes ``shape``, which a weights file stores and which differs
+        from the blob's own; a layer that does reshapes the blob (a view of the same memory) first.
+
+        Caffe refuses such a file ("Cannot copy param ... shape mismatch"), and so does every
+        layer here but one whose type two Caffe forks implement alike except for the layout of
+        its blobs: the file then says which fork wrote it."""
+        return False
+
     def replace_blob(self, index: int, p: nn.Parameter) -> None:
         """Make blob ``index`` the given Parameter (parameter sharing by ``param { name }``)."""
         for attr, value in list(self._parameters.items()):

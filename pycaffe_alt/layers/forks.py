@@ -401,7 +401,9 @@ class Interp(Layer):
 # -- PSPNet: BN ----------------------------------------------------------------------------------
 @LAYERS.register("BN")
 class BN(Layer):
-    """PSPNet's batch normalisation with its own affine part (hszhao/PSPNet ``bn_layer.cpp``).
+    """PSPNet's batch normalisation with its own affine part (hszhao/PSPNet ``bn_layer.cpp``),
+    also yjxiong/caffe's (action_recog branch, Temporal Segment Networks), whose blobs are
+    (1, C): a caffemodel stored that way gives the blobs that shape (``adopt_stored_shape``).
 
     Blobs (1, C, 1, 1) each: ``slope`` (slope_filler; Caffe's default filler is constant 0),
     ``bias`` (bias_filler), running ``mean`` (0) and ``variance`` (1 when frozen, else 0).
@@ -459,6 +461,18 @@ class BN(Layer):
         if self.frozen:
             with torch.no_grad():
                 var.fill_(1.0)
+
+    def adopt_stored_shape(self, index: int, shape: Tuple[int, ...]) -> bool:
+        # yjxiong/caffe (action_recog: Temporal Segment Networks' BN-Inception models) has this
+        # very layer and bn_param, but its LayerSetUp shapes the four blobs (1, C); PSPNet's
+        # copy shapes them (1, C, 1, 1). The prototxt cannot tell them apart, the caffemodel
+        # can: the blobs take the file's layout, so net.params and net.save keep the fork's.
+        if shape not in ((1, self.channels), (1, self.channels, 1, 1)):
+            return False
+        blob = self.blobs[index]
+        with torch.no_grad():
+            blob.data = blob.data.view(shape)
+        return True
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
         return [tuple(bottom_shapes[0])]  # not by a fake run: a TRAIN forward updates the statistics

@@ -1,0 +1,106 @@
+"""Round 15 of third-party pycaffe programs run unchanged, aimed at programs that optimise or
+read inside nets and at video classification: Temporal Segment Networks' frame classifier
+(yjxiong/temporal-segment-networks, pyActionRecog/action_caffe.py with utils/io.py: oversampled
+crops of each frame, the data blob reshaped to the crop count, forward(blobs=[...], data=...)),
+whose BN-Inception caffemodels come from yjxiong/caffe (action_recog), a fork whose "BN" layer
+stores its four blobs with shape (1, C). Also run this round without a divergence found: Gatys
+style transfer by L-BFGS over input gradients chained layer to layer with
+backward(start=layer, end=next_layer) (fzliu/style-transfer, style.py, checked against torch
+autograd), and class activation maps read from the last conv blob and the fc weights
+(sourav-sahaji/CAM-Python, py_demo.py). Behaviours they rely on, each checked with a small
+program of our own written after the real one's pattern."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import pycaffe_alt as caffe
+from pycaffe_alt.proto import caffe_pb2
+
+TSN = """name: 'BN-Inception-mini'
+input: 'data'
+input_dim: 1
+input_dim: 3
+input_dim: 16
+input_dim: 16
+layer { name: 'conv1/7x7_s2' type: 'Convolution' bottom: 'data' top: 'conv1/7x7_s2'
+  convolution_param { num_output: 4 pad: 3 kernel_size: 7 stride: 2 } }
+layer { name: 'conv1/7x7_s2_bn' type: 'BN' bottom: 'conv1/7x7_s2' top: 'conv1/7x7_s2_bn'
+  param { lr_mult: 1 decay_mult: 0 } param { lr_mult: 1 decay_mult: 0 }
+  bn_param { frozen: true slope_filler { type: 'constant' value: 1 }
+             bias_filler { type: 'constant' value: 0 } } }
+layer { name: 'conv1/relu_7x7' type: 'ReLU' bottom: 'conv1/7x7_s2_bn' top: 'conv1/7x7_s2_bn' }
+layer { name: 'global_pool' type: 'Pooling' bottom: 'conv1/7x7_s2_bn' top: 'global_pool'
+  pooling_param { pool: AVE kernel_size: 8 stride: 1 } }
+layer { name: 'dropout' type: 'Dropout' bottom: 'global_pool' top: 'global_pool'
+  dropout_param { dropout_ratio: 0.8 } }
+layer { name: 'fc-action' type: 'InnerProduct' bottom: 'global_pool' top: 'fc-action'
+  inner_product_param { num_output: 3 } }
+"""
+
+
+def _action_caffemodel(path, rng, channels=4):
+    # What yjxiong/caffe's Net::ToProto writes: BNLayer::LayerSetUp shapes its slope, bias,
+    # running mean and running variance (1, C), not (1, C, 1, 1) as PSPNet's copy of the layer.
+    arrays = {"conv1/7x7_s2": [rng.randn(channels, 3, 7, 7) * 0.1, rng.randn(channels) * 0.1],
+              "conv1/7x7_s2_bn": [1 + 0.1 * rng.randn(1, channels), 0.1 * rng.randn(1, channels),
+                                  0.1 * rng.randn(1, channels), 0.5 + rng.rand(1, channels)],
+              "fc-action": [rng.randn(3, channels), rng.randn(3) * 0.1]}
+    net = caffe_pb2.NetParameter(name="BN-Inception-mini")
+    for name, blobs in arrays.items():
+        layer = net.layer.add(name=name, type="BN" if name.endswith("_bn") else "X")
+        for a in blobs:
+            b = layer.blobs.add()
+            b.shape.dim.extend(a.shape)
+            b.data.extend(a.astype(np.float32).ravel())
+    path.write_bytes(net.SerializeToString())
+    return {k: [a.astype(np.float32) for a in v] for k, v in arrays.items()}
+
+
+def _frame_scores(net, transformer, frame, crop):
+    # action_caffe.py predict_single_frame: ten crops, preprocessed one by one, the data blob
+    # reshaped to the batch, then forward with the batch as a keyword and the score blob asked.
+    os_frame = caffe.io.oversample([frame], crop)
+    data = np.array([transformer.preprocess("data", x) for x in os_frame])
+    net.blobs["data"].reshape(*data.shape)
+    net.reshape()
+    out = net.forward(blobs=["fc-action"], data=data)
+    return out["fc-action"].copy(), data
+
+
+def test_tsn_frames_through_a_bn_inception_caffemodel_of_the_action_fork(tmp_path):
+    proto = tmp_path / "tsn_bn_inception_rgb_deploy.prototxt"
+    proto.write_text(TSN)
+    weights = tmp_path / "ucf101_split_1_tsn_rgb.caffemodel"
+    stored = _action_caffemodel(weights, np.random.RandomState(0))
+    # Caffe of the fork: the blobs keep the file's (1, C) shape, as its own BN made them.
+    net = caffe.Net(str(proto), str(weights), caffe.TEST)
+    assert [b.data.shape for b in net.params["conv1/7x7_s2_bn"]] == [(1, 4)] * 4
+    for got, want in zip(net.params["conv1/7x7_s2_bn"], stored["conv1/7x7_s2_bn"]):
+        np.testing.assert_array_equal(got.data, want)
+    transformer = caffe.io.Transformer({"data": net.blobs["data"].data.shape})
+    transformer.set_transpose("data", (2, 0, 1))
+    transformer.set_mean("data", np.array([104, 117, 123]))
+    frame = (np.random.RandomState(1).rand(20, 24, 3) * 255).astype(np.uint8)
+    scores, data = _frame_scores(net, transformer, frame, (16, 16))
+    assert scores.shape == (10, 3) and net.blobs["data"].data.shape == (10, 3, 16, 16)
+    # The fork's frozen BN: (x - mean) / sqrt(var + eps) * slope + bias, per channel.
+    w, b = (torch.tensor(a, dtype=torch.float64) for a in stored["conv1/7x7_s2"])
+    slope, bias, mean, var = (torch.tensor(a, dtype=torch.float64).reshape(1, -1, 1, 1)
+                              for a in stored["conv1/7x7_s2_bn"])
+    h = F.conv2d(torch.tensor(data, dtype=torch.float64), w, b, stride=2, padding=3)
+    h = torch.relu((h - mean) / torch.sqrt(var + 1e-5) * slope + bias).mean((2, 3))
+    fw, fb = (torch.tensor(a, dtype=torch.float64) for a in stored["fc-action"])
+    np.testing.assert_allclose(scores, F.linear(h, fw, fb).numpy(), rtol=1e-4, atol=1e-3)
+    # Saved and loaded again, by path and by copy_from, the layout stays the fork's.
+    again = tmp_path / "again.caffemodel"
+    net.save(str(again))
+    saved = caffe_pb2.NetParameter()
+    saved.ParseFromString(again.read_bytes())
+    bn = [l for l in saved.layer if l.name == "conv1/7x7_s2_bn"][0]
+    assert [tuple(bl.shape.dim) for bl in bn.blobs] == [(1, 4)] * 4
+    fresh = caffe.Net(str(proto), caffe.TEST)
+    fresh.copy_from(str(again))
+    np.testing.assert_array_equal(fresh.params["conv1/7x7_s2_bn"][3].data,
+                                  stored["conv1/7x7_s2_bn"][3])
+    assert np.allclose(_frame_scores(fresh, transformer, frame, (16, 16))[0], scores)
+
