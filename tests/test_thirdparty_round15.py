@@ -104,3 +104,52 @@ def test_tsn_frames_through_a_bn_inception_caffemodel_of_the_action_fork(tmp_pat
                                   stored["conv1/7x7_s2_bn"][3])
     assert np.allclose(_frame_scores(fresh, transformer, frame, (16, 16))[0], scores)
 
+
+TSN_TRAIN = """name: 'BN-Inception-mini'
+layer { name: 'data' type: 'Input' top: 'data' top: 'label'
+  input_param { shape { dim: 2 dim: 3 dim: 16 dim: 16 } shape { dim: 2 } } }
+layer { name: 'conv1/7x7_s2' type: 'Convolution' bottom: 'data' top: 'conv1/7x7_s2'
+  convolution_param { num_output: 4 pad: 3 kernel_size: 7 stride: 2 } }
+layer { name: 'conv1/7x7_s2_bn' type: 'BN' bottom: 'conv1/7x7_s2' top: 'conv1/7x7_s2_bn'
+  bn_param { slope_filler { type: 'constant' value: 1 } bias_filler { type: 'constant' value: 0 } } }
+layer { name: 'global_pool' type: 'Pooling' bottom: 'conv1/7x7_s2_bn' top: 'global_pool'
+  pooling_param { pool: AVE kernel_size: 8 stride: 1 } }
+layer { name: 'fc-action' type: 'InnerProduct' bottom: 'global_pool' top: 'fc-action'
+  inner_product_param { num_output: 3 } }
+layer { name: 'loss' type: 'SoftmaxWithLoss' bottom: 'fc-action' bottom: 'label' top: 'loss' }
+"""
+
+
+def test_fine_tuning_from_an_action_fork_caffemodel_after_the_solver_is_built(tmp_path):
+    # TSN fine-tunes from the fork's BN-Inception init model; from pycaffe that is
+    # solver.net.copy_from() after the solver (and its momentum history) exists. The learnt BN
+    # slope and bias then step with histories of the file's (1, C) shape, exactly as the same
+    # weights stored (1, C, 1, 1) do.
+    (tmp_path / "train.prototxt").write_text(TSN_TRAIN)
+    solver_path = tmp_path / "solver.prototxt"
+    solver_path.write_text(f"net: '{tmp_path / 'train.prototxt'}'\nbase_lr: 0.1\nmomentum: 0.9\n"
+                           "lr_policy: 'fixed'\nmax_iter: 10\ndisplay: 0\n")
+    action = tmp_path / "bn_inception_rgb_init.caffemodel"
+    _action_caffemodel(action, np.random.RandomState(0))
+    padded = caffe_pb2.NetParameter()
+    padded.ParseFromString(action.read_bytes())
+    for layer in padded.layer:
+        for blob in layer.blobs if layer.type == "BN" else []:
+            blob.shape.dim.extend([1, 1])
+    psp = tmp_path / "pspnet_layout.caffemodel"
+    psp.write_bytes(padded.SerializeToString())
+    learnt = []
+    for weights in (action, psp):
+        solver = caffe.SGDSolver(str(solver_path))
+        solver.net.copy_from(str(weights))
+        for i in range(3):
+            solver.net.blobs["data"].data[...] = np.random.RandomState(i).rand(2, 3, 16, 16) * 10
+            solver.net.blobs["label"].data[...] = [0, 2]
+            solver.step(1)
+        learnt.append([b.data.copy() for name in ("conv1/7x7_s2", "conv1/7x7_s2_bn", "fc-action")
+                       for b in solver.net.params[name]])
+    assert [a.shape for a in learnt[0][2:6]] == [(1, 4)] * 4
+    assert [a.shape for a in learnt[1][2:6]] == [(1, 4, 1, 1)] * 4
+    assert not np.allclose(learnt[0][2], 1 + 0.1 * np.random.RandomState(0).randn(1, 4))
+    for a, b in zip(*learnt):
+        np.testing.assert_array_equal(a.ravel(), b.ravel())

@@ -175,8 +175,9 @@ class Solver:
         # test net copy_from()'d or run by a program before that is the test net alone.
         logger.info("Solver scaffolding done.")
 
+        self.history: List[torch.Tensor] = []
         self.refresh_params()
-        self.history: List[torch.Tensor] = self.rule.new_history(self._datas)
+        self.history = self.rule.new_history(self._datas)
         self.smoother = loop.LossSmoother(self.param.average_loss)
         # pycaffe's step() goes on after a NaN loss as Caffe's does; tools/train stops.
         self.guard = loop.NonFiniteLossGuard(stop=stop_on_nonfinite_loss)
@@ -454,6 +455,13 @@ class Solver:
         self._decays = [local_decay(self.param.weight_decay, i.decay_mult) for i in infos]
         self._zero_diffs = {}
         self._rate_cache: Tuple[Optional[float], List[float]] = (None, [])
+        # A weights file may have reshaped a blob since the history was made (a BN of
+        # yjxiong/caffe stores (1, C) where the net built (1, C, 1, 1): Layer.adopt_stored_shape);
+        # the history follows, as Caffe's would have had the file's shape from the start.
+        shapes = self.rule.history_shapes([tuple(d.shape) for d in self._datas])
+        if len(self.history) == len(shapes):
+            self.history = [h.view(shape) if tuple(h.shape) != shape and h.numel() == math.prod(shape)
+                            else h for h, shape in zip(self.history, shapes)]
 
     # ------------------------------------------------------------------ pycaffe surface
     @property
