@@ -150,6 +150,11 @@ def read_net_weights(path: str, hdf5: Optional[bool] = None
     for layer in net.layer:
         if len(layer.blobs):
             out[layer.name] = (layer.type, list(layer.blobs))
+    if not net.layer and net.ByteSize() == 0 and file_kind.other_kind(path, file_kind.WEIGHTS) is None:
+        # Zero bytes parse as an empty NetParameter, which Caffe's CopyTrainedLayersFrom copies
+        # nothing from: programs write such a file on purpose to build a net from its fillers
+        # (caffe2pytorch's CaffeData). copy_weights says so when the net had weights to fill.
+        return out
     if not net.layer:
         kind = file_kind.other_kind(path, file_kind.WEIGHTS)
         if kind is not None:
@@ -314,11 +319,15 @@ def copy_layer_blobs(name: str, blobs: Sequence, target: Sequence, where: str,
 
 def unmatched_warning(path: str, file_layers: Sequence[str], net_layers: Sequence[str]
                       ) -> Optional[str]:
-    """The warning for a weights file none of whose layers the net has (None when some match).
+    """The warning for a weights file none of whose layers the net has, or that holds no
+    weights at all (None when some match, or when the net has nothing to fill).
 
     Caffe copies by name and silently ignores the rest, so such a file leaves the net at its
     initial (random) weights without a word; we say so.
     """
+    if not file_layers and net_layers:
+        return (f"{path}: the weights file holds no weights; nothing was copied and the net "
+                "keeps its initial weights")
     if not file_layers or not net_layers or set(file_layers) & set(net_layers):
         return None
     def names(items: Sequence[str]) -> str:

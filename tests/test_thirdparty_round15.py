@@ -153,3 +153,44 @@ def test_fine_tuning_from_an_action_fork_caffemodel_after_the_solver_is_built(tm
     assert not np.allclose(learnt[0][2], 1 + 0.1 * np.random.RandomState(0).randn(1, 4))
     for a, b in zip(*learnt):
         np.testing.assert_array_equal(a.ravel(), b.ravel())
+
+
+def test_a_zero_byte_weights_file_is_an_empty_net_as_in_caffe(tmp_path, caplog):
+    # wwwanghao/caffe2pytorch caffenet.py CaffeData: a Caffe data layer alone is written to a
+    # prototxt, an empty weights file beside it (open(weightfile, 'w').close()), and
+    # caffe.Net(protofile, weightfile, caffe.TRAIN) feeds the PyTorch model's batches. Caffe
+    # parses zero bytes as an empty NetParameter and copies nothing.
+    import lmdb
+
+    db = str(tmp_path / "train_lmdb")
+    env = lmdb.open(db, map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        for i in range(4):
+            img = np.full((3, 5, 5), 10 * i, np.uint8)
+            txn.put(b"%08d" % i, caffe.io.array_to_datum(img, i).SerializeToString())
+    env.close()
+    proto = tmp_path / ".temp_data0.5.prototxt"
+    proto.write_text(f"""name: 'temp network'
+layer {{ name: 'data' type: 'Data' top: 'data' top: 'label'
+  data_param {{ source: '{db}' batch_size: 2 backend: LMDB }} }}
+""")
+    weightfile = tmp_path / ".temp_data0.5.caffemodel"
+    open(str(weightfile), "w").close()
+    net = caffe.Net(str(proto), str(weightfile), caffe.TRAIN)
+    net.forward()
+    assert net.blobs["data"].data.shape == (2, 3, 5, 5)
+    np.testing.assert_array_equal(net.blobs["label"].data, [0, 1])
+    np.testing.assert_array_equal(net.blobs["data"].data[1], np.full((3, 5, 5), 10.0))
+    # A net with weights to fill keeps its initial ones, and says so.
+    mini = tmp_path / "mini.prototxt"
+    mini.write_text("""name: 'mini'
+layer { name: 'data' type: 'Input' top: 'data' input_param { shape { dim: 1 dim: 2 } } }
+layer { name: 'ip' type: 'InnerProduct' bottom: 'data' top: 'ip'
+  inner_product_param { num_output: 3 bias_filler { type: 'constant' value: 0.5 } } }
+""")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pycaffe_alt"):
+        filled = caffe.Net(str(mini), str(weightfile), caffe.TEST)
+    np.testing.assert_array_equal(filled.params["ip"][1].data, [0.5] * 3)
+    assert any("nothing was copied" in r.getMessage() and str(weightfile) in r.getMessage()
+               for r in caplog.records)
