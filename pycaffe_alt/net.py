@@ -1793,7 +1793,10 @@ class Net(nn.Module):
             if all(p is q for p, q in zip(theirs[name], mine)):
                 continue  # shared already (a solver shares again at each test, as Caffe)
             for i, p in enumerate(theirs[name]):
-                if tuple(p.shape) != tuple(mine[i].shape):
+                # A layer whose forks lay its blobs out differently takes the other net's
+                # layout (a BN of yjxiong/caffe loaded by copy_from into one net only).
+                if tuple(p.shape) != tuple(mine[i].shape) and \
+                        not view.module.adopt_stored_shape(i, tuple(p.shape)):
                     raise NetError(f"layer '{name}' blob {i}: shape {tuple(mine[i].shape)} here, "
                                    f"{tuple(p.shape)} in the other net", self.source)
                 replaced[id(mine[i])] = p

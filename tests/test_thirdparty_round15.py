@@ -128,7 +128,8 @@ def test_fine_tuning_from_an_action_fork_caffemodel_after_the_solver_is_built(tm
     (tmp_path / "train.prototxt").write_text(TSN_TRAIN)
     solver_path = tmp_path / "solver.prototxt"
     solver_path.write_text(f"net: '{tmp_path / 'train.prototxt'}'\nbase_lr: 0.1\nmomentum: 0.9\n"
-                           "lr_policy: 'fixed'\nmax_iter: 10\ndisplay: 0\n")
+                           "lr_policy: 'fixed'\nmax_iter: 10\ndisplay: 0\ntest_iter: 1\n"
+                           "test_interval: 2\ntest_initialization: false\n")
     action = tmp_path / "bn_inception_rgb_init.caffemodel"
     _action_caffemodel(action, np.random.RandomState(0))
     padded = caffe_pb2.NetParameter()
@@ -148,6 +149,12 @@ def test_fine_tuning_from_an_action_fork_caffemodel_after_the_solver_is_built(tm
             solver.step(1)
         learnt.append([b.data.copy() for name in ("conv1/7x7_s2", "conv1/7x7_s2_bn", "fc-action")
                        for b in solver.net.params[name]])
+        # The test at iteration 2 shared the train net's blobs into the test net, which was
+        # built (1, C, 1, 1) and never loaded the file; a program shares again by hand.
+        test_net = solver.test_nets[0]
+        test_net.share_with(solver.net)
+        assert test_net.params["conv1/7x7_s2_bn"][0].data.shape == learnt[-1][2].shape
+        assert np.isfinite(test_net.forward()["loss"])
     assert [a.shape for a in learnt[0][2:6]] == [(1, 4)] * 4
     assert [a.shape for a in learnt[1][2:6]] == [(1, 4, 1, 1)] * 4
     assert not np.allclose(learnt[0][2], 1 + 0.1 * np.random.RandomState(0).randn(1, 4))
