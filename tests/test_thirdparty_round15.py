@@ -1,14 +1,19 @@
 """Round 15 of third-party pycaffe programs run unchanged, aimed at programs that optimise or
-read inside nets and at video classification: Temporal Segment Networks' frame classifier
-(yjxiong/temporal-segment-networks, pyActionRecog/action_caffe.py with utils/io.py: oversampled
-crops of each frame, the data blob reshaped to the crop count, forward(blobs=[...], data=...)),
-whose BN-Inception caffemodels come from yjxiong/caffe (action_recog), a fork whose "BN" layer
-stores its four blobs with shape (1, C). Also run this round without a divergence found: Gatys
-style transfer by L-BFGS over input gradients chained layer to layer with
-backward(start=layer, end=next_layer) (fzliu/style-transfer, style.py, checked against torch
-autograd), and class activation maps read from the last conv blob and the fc weights
-(sourav-sahaji/CAM-Python, py_demo.py). Behaviours they rely on, each checked with a small
-program of our own written after the real one's pattern."""
+read inside nets, at video classification and at weight files: Temporal Segment Networks' frame
+classifier (yjxiong/temporal-segment-networks, pyActionRecog/action_caffe.py with utils/io.py:
+oversampled crops of each frame, the data blob reshaped to the crop count,
+forward(blobs=[...], data=...)), whose BN-Inception caffemodels come from yjxiong/caffe
+(action_recog), a fork whose "BN" layer stores its four blobs (1, C); and caffe2pytorch's
+CaffeData (wwwanghao/caffe2pytorch, caffenet.py), which builds a data-layer net with a zero-byte
+weights file. Also run this round without a divergence found: Gatys style transfer by L-BFGS
+over input gradients chained with backward(start=layer, end=next_layer) (fzliu/style-transfer,
+style.py, against torch autograd), class activation maps from the last conv blob and the fc
+weights (sourav-sahaji/CAM-Python, py_demo.py), Arm's 8-bit quantizer driving an LMDB TEST net
+layer by layer with forward(start=, end=) and HDF5 weights (ARM-software/ML-examples,
+cmsisnn-cifar10/nn_quantizer.py), forward_all of an unbatched (C, H, W) image for HDF5 features,
+which pycaffe slices into C one-channel batches, and a caffe.Net subclass batching fc features
+with forward_all. Behaviours they rely on, each checked with a small program of our own written
+after the real one's pattern."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -201,3 +206,32 @@ layer { name: 'ip' type: 'InnerProduct' bottom: 'data' top: 'ip'
     np.testing.assert_array_equal(filled.params["ip"][1].data, [0.5] * 3)
     assert any("nothing was copied" in r.getMessage() and str(weightfile) in r.getMessage()
                for r in caplog.records)
+
+
+def test_forward_all_of_an_unbatched_image_runs_one_batch_per_channel(tmp_path):
+    # Boretto & Salehi's CaffeFeaturesExtraction.py Caffe_extract_feature: after
+    # net.blobs['data'].reshape(1, 3, H, W), forward_all(**{net.inputs[0]: img_chw,
+    # 'blobs': [layer]}) with a preprocessed (3, H, W) image. pycaffe's _batch slices the
+    # first axis: three batches of one (H, W) channel, each broadcast over the data blob's
+    # channels, so out[layer][0] is the features of channel 0 repeated (the features saved
+    # to HDF5 are those).
+    proto = tmp_path / "deploy.prototxt"
+    proto.write_text("""name: 'mini'
+input: 'data'
+input_shape { dim: 10 dim: 3 dim: 8 dim: 8 }
+layer { name: 'conv1' type: 'Convolution' bottom: 'data' top: 'conv1'
+  convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: 'gaussian' std: 0.5 } } }
+layer { name: 'fc' type: 'InnerProduct' bottom: 'conv1' top: 'fc'
+  inner_product_param { num_output: 3 weight_filler { type: 'gaussian' std: 0.5 } } }
+""")
+    caffe.set_random_seed(5)
+    net = caffe.Net(str(proto), caffe.TEST)
+    net.blobs["data"].reshape(1, 3, 8, 8)
+    img = np.random.RandomState(4).rand(3, 8, 8).astype(np.float32)
+    out = net.forward_all(**{net.inputs[0]: img, "blobs": ["conv1"]})
+    assert out["conv1"].shape == (3, 2, 6, 6) and out["fc"].shape == (3, 3)
+    w, b = (torch.tensor(p.data, dtype=torch.float64) for p in net.params["conv1"])
+    for c in range(3):
+        x = torch.tensor(np.repeat(img[c][None, None], 3, axis=1), dtype=torch.float64)
+        np.testing.assert_allclose(out["conv1"][c], F.conv2d(x, w, b)[0].numpy(),
+                                   rtol=1e-5, atol=1e-5)
