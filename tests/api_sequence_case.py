@@ -639,8 +639,10 @@ def op_solver_roundtrip(w: World) -> str:
 
 def op_solver_test(w: World) -> str:
     s = _solver(w)
-    for t in s.test_nets:
-        # Test nets share the train net's weights (ShareTrainedLayersWith).
+    for k, t in enumerate(s.test_nets):
+        # Caffe's Test shares the train net's weights into the test net (ShareTrainedLayersWith);
+        # before the first test it holds its own.
+        s.test(k)
         for name, blobs in t.params.items():
             for i, b in enumerate(blobs):
                 _check(_same(b.data, s.net.params[name][i].data),
@@ -649,7 +651,7 @@ def op_solver_test(w: World) -> str:
         if not w.tainted["solver"]:
             for n, a in out.items():
                 _check(_finite(a), f"solver test net output {n} not finite")
-    return "solver.test_nets[i].forward()"
+    return "solver.test(i); solver.test_nets[i].forward()"
 
 
 def op_fresh_backward(w: World) -> str:
