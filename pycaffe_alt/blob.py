@@ -21,7 +21,8 @@ from typing import Callable, Optional, Sequence, Set, Tuple
 import numpy as np
 import torch
 
-from .errors import ArgumentTypeError, NetError, first_line, integer_argument
+from .errors import (ArgumentTypeError, BlobSizeError, NetError, NetTypeError, first_line,
+                     integer_argument)
 
 
 def is_memory_of(arr: np.ndarray, t: torch.Tensor) -> bool:
@@ -205,16 +206,36 @@ class _BlobView(metaclass=abc.ABCMeta):
 
 
 MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
+INT_MAX = 2**31 - 1  # Caffe's blob dimensions and count are C ints
 
 
-def check_blob_shape(shape: Sequence[int], where: str = "<blob>") -> None:
-    """Caffe's Blob::Reshape checks: at most 32 axes, no negative dimension (NetError)."""
+def check_blob_shape(shape: Sequence[int], where: str = "<blob>",
+                     blob: Optional[str] = None) -> None:
+    """Caffe's Blob::Reshape checks (NetError at ``where``, naming ``blob`` when given): at most
+    32 axes, no negative dimension, and (BlobSizeError) no dimension or count over INT_MAX."""
+    named = f"blob '{blob}' of shape" if blob else "blob shape"
     if len(shape) > MAX_BLOB_AXES:
-        raise NetError(f"blob shape has {len(shape)} axes; Caffe allows at most {MAX_BLOB_AXES}",
-                       where)
+        raise NetError(f"{f'blob {blob!r}' if blob else 'blob shape'} has {len(shape)} axes; "
+                       f"Caffe allows at most {MAX_BLOB_AXES}", where)
     if any(d < 0 for d in shape):
-        raise NetError(f"blob shape {tuple(shape)} has a negative dimension", where,
+        raise NetError(f"{named} {tuple(shape)} has a negative dimension", where,
                        "every dimension must be >= 0")
+    hint = ("lower the batch size, the input dimensions (input_param shape, crop, resize) or "
+            "the layer's num_output; Caffe cannot hold this blob either")
+    if any(d > INT_MAX for d in shape):
+        # Caffe reads a BlobShape dim (int64) into an int: 2^32 + 1 became 1, 2^31 a negative
+        # dimension; pycaffe's reshape raises OverflowError. Either way not the shape asked for.
+        raise BlobSizeError(f"{named} {tuple(shape)} has a dimension over INT_MAX "
+                            f"({INT_MAX}), which Caffe's int dimensions cannot hold", where, hint)
+    # Blob::Reshape's running check: each dimension must keep the count within INT_MAX while
+    # the count so far is not 0 (a 0 before a huge dimension passes, as in Caffe).
+    count = 1
+    for d in shape:
+        if count != 0 and d > INT_MAX // count:
+            raise BlobSizeError(f"{named} {tuple(shape)}: the product of its dimensions passes "
+                                f"INT_MAX ({INT_MAX}), which Caffe refuses (\"blob size exceeds "
+                                "INT_MAX\")", where, hint)
+        count *= d
 
 
 def shape_args(shape, where: str = "<blob>") -> Tuple[int, ...]:
@@ -225,7 +246,8 @@ def shape_args(shape, where: str = "<blob>") -> Tuple[int, ...]:
     try:
         dims = tuple(integer_argument(d, "a reshape() dimension") for d in shape)
     except ArgumentTypeError:  # 2.9 was cut to 2 and inf overflowed before
-        raise NetError(f"reshape() takes integer dimensions, got {shape!r}", where) from None
+        raise NetTypeError(f"reshape() takes integer dimensions, got {shape!r}"[:300],
+                           where) from None
     check_blob_shape(dims, where)
     return dims
 
@@ -247,7 +269,7 @@ class Blob(_BlobView):
 
     def reshape(self, *shape: int) -> None:
         """Change the blob's shape (contents become zeros); call ``net.reshape()`` after inputs."""
-        self._store.reshape(self.name, shape_args(shape))
+        self._store.reshape(self.name, shape_args(shape, f"blob '{self.name}'"))
 
     def __repr__(self) -> str:
         return f"Blob({self.name!r}, shape={self.shape})"

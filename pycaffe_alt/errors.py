@@ -76,6 +76,18 @@ class NetError(CaffeError):
     """A net that cannot be built: missing blob, wrong number of bottoms, shape mismatch."""
 
 
+class BlobSizeError(NetError, OverflowError):
+    """A blob shape Caffe's ``int`` cannot hold: a dimension, or the count of values, over
+    INT_MAX. An ``OverflowError`` as well, as pycaffe's ``blob.reshape`` raises for such a
+    dimension (boost.python's conversion to ``int``)."""
+
+
+class NetTypeError(NetError, TypeError):
+    """A pycaffe call on a net given a value of the wrong type (a reshape dimension of 2.5, a
+    NetSpec field given a string for a number). A ``TypeError`` as well, as pycaffe raises
+    there (boost.python's conversion, protobuf's field check)."""
+
+
 class WeightsError(CaffeError):
     """A caffemodel/binaryproto/solverstate that cannot be read or does not fit the net."""
 

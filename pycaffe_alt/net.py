@@ -536,7 +536,7 @@ class Net(nn.Module):
                 if cls.runs_user_code:
                     raise
                 raise NetError(f"cannot set up with bottom shapes {bottom_shapes}: {e}", where) from None
-            top_shapes = self._infer_top_shapes(layer, bottom_shapes, where)
+            top_shapes = self._infer_top_shapes(layer, bottom_shapes, tops, where)
             if len(top_shapes) != len(tops):
                 raise NetError(f"produces {len(top_shapes)} tops but {len(tops)} are named", where)
             for b in bottoms:
@@ -646,11 +646,12 @@ class Net(nn.Module):
             blob = step.tops[0]
             step.reads_final = any(s.tops == (blob,) and blob in s.bottoms for s in self._steps[i + 1:])
 
-    def _infer_top_shapes(self, layer: Layer, bottom_shapes, where) -> List[Shape]:
+    def _infer_top_shapes(self, layer: Layer, bottom_shapes, tops: Sequence[str],
+                          where) -> List[Shape]:
         try:
             shapes = [tuple(s) for s in layer.top_shapes(bottom_shapes)]
-            for s in shapes:
-                check_blob_shape(s, where)
+            for i, s in enumerate(shapes):
+                check_blob_shape(s, where, tops[i] if i < len(tops) else None)
             return shapes
         except CaffeError:
             raise
@@ -1711,7 +1712,8 @@ class Net(nn.Module):
                 continue
             where = f"{self.source}: layer '{step.name}' (type {step.layer.type})"
             bottom_shapes = [self._shapes[b] for b in step.bottoms]
-            for t, s in zip(step.tops, self._infer_top_shapes(step.layer, bottom_shapes, where)):
+            shapes = self._infer_top_shapes(step.layer, bottom_shapes, step.tops, where)
+            for t, s in zip(step.tops, shapes):
                 if t in self._fixed:
                     continue  # DummyDataLayer::Reshape does nothing: the blob keeps its shape
                 self._shapes[t] = tuple(s)

@@ -148,20 +148,23 @@ def test_weights_naming_a_directory(tmp_path, monkeypatch):
     assert "'.' is a directory" in msg
 
 
-def test_huge_input_names_layer_blob_and_bytes(tmp_path):
+def test_huge_input_names_layer_blob_and_bytes(tmp_path, monkeypatch):
+    # A machine with 1 GiB: a blob within Caffe's INT_MAX count (round 19) but beyond memory.
+    monkeypatch.setattr("pycaffe_alt.blob_memory.physical_memory", lambda: 2 ** 30)
     path = input_net(tmp_path, 'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }',
-                     shape=(2, 3, 100000, 100000))
+                     shape=(2, 3, 10000, 10000))
     with pytest.raises(NetError) as info:
         Net(path, TEST)
     msg = info.value.message()
-    assert "layer 'data'" in msg and "blob 'data'" in msg and "240000000000 bytes" in msg
+    assert "layer 'data'" in msg and "blob 'data'" in msg and "2400000000 bytes" in msg
     assert path in msg
 
 
-def test_huge_parameter_blob_names_the_layer(tmp_path):
+def test_huge_parameter_blob_names_the_layer(tmp_path, monkeypatch):
+    monkeypatch.setattr("pycaffe_alt.blob_memory.physical_memory", lambda: 2 ** 30)
     path = input_net(tmp_path, 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
-                               'inner_product_param { num_output: 2000000000 } }', shape=(1, 64))
-    with pytest.raises(NetError, match=r"layer 'ip'.*blob 'ip\.weight'.*512000000000 bytes"):
+                               'inner_product_param { num_output: 20000000 } }', shape=(1, 64))
+    with pytest.raises(NetError, match=r"layer 'ip'.*blob 'ip\.weight'.*5120000000 bytes"):
         Net(path, TEST)
 
 

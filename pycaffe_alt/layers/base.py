@@ -19,6 +19,7 @@ from typing import ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import nn
 
+from ..blob import check_blob_shape
 from ..blob_memory import check_blob_fits, zeros
 from ..errors import NetError
 from ..fillers import fill
@@ -142,6 +143,8 @@ class Layer(nn.Module):
         index = len(self._blob_list)
         if name is None:
             name = self.blob_names[index] if index < len(self.blob_names) else f"blob{index}"
+        # Caffe's parameter blobs go through Blob::Reshape as well: its int limits hold first.
+        check_blob_shape(tuple(int(d) for d in shape), self.where, f"{self.name}.{name}")
         check_blob_fits(shape, None, f"{self.name}.{name}", self.where)  # parameters start on the CPU
         tensor = zeros(tuple(int(d) for d in shape), None, f"{self.name}.{name}", self.where)
         if filler is not None:
