@@ -88,6 +88,21 @@ class NetTypeError(NetError, TypeError):
     there (boost.python's conversion, protobuf's field check)."""
 
 
+class NetValueError(NetError, ValueError):
+    """A pycaffe call on a net given a value it cannot use: a layer name the net lacks
+    (pycaffe's ``list.index`` raises ValueError), an array that does not fit its blob (numpy's
+    broadcast raises ValueError), a NetSpec field value out of its range."""
+
+
+class NetKeyError(NetError, KeyError):
+    """A blob name the net lacks; a ``KeyError`` as well, as pycaffe's ``net.blobs[name]``."""
+
+
+class NetAttributeError(NetError, AttributeError):
+    """A NetSpec keyword that is no field of the layer's parameters; an ``AttributeError`` as
+    well, as pycaffe's ``assign_proto`` raises there."""
+
+
 class WeightsError(CaffeError):
     """A caffemodel/binaryproto/solverstate that cannot be read or does not fit the net."""
 

@@ -334,8 +334,9 @@ class Transformer:
             if self.input_scale.get(in_) is not None:
                 caffe_in *= self.input_scale[in_]
         except (ValueError, IndexError) as e:
-            # pycaffe fails in numpy here: name the input, the image and the settings instead.
-            raise DataError(
+            # pycaffe fails in numpy here: name the input, the image and the settings instead,
+            # as a ValueError when numpy's was one (a program's except ValueError still holds).
+            raise (ArrayShapeError if isinstance(e, ValueError) else DataError)(
                 f"cannot preprocess an image of shape {np.shape(data)} for input '{in_}' of "
                 f"shape {self.inputs[in_]} ({e})", where="Transformer",
                 hint=f"transpose {self.transpose.get(in_)}, channel_swap "
@@ -360,9 +361,10 @@ class Transformer:
             if in_ in self.transpose:
                 decaf_in = decaf_in.transpose(np.argsort(self.transpose[in_]))
         except (ValueError, IndexError, TypeError) as e:
-            raise DataError(f"cannot deprocess an array of shape {np.shape(data)} for input "
-                            f"'{in_}' of shape {self.inputs[in_]} ({e})", where="Transformer",
-                            hint="give one preprocessed K x H x W image (or 1 x K x H x W)") from None
+            raise (ArrayShapeError if isinstance(e, ValueError) else DataError)(
+                f"cannot deprocess an array of shape {np.shape(data)} for input '{in_}' of shape "
+                f"{self.inputs[in_]} ({e})", where="Transformer",
+                hint="give one preprocessed K x H x W image (or 1 x K x H x W)") from None
         return decaf_in
 
     def set_transpose(self, in_: str, order: Sequence[int]) -> None:

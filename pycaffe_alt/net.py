@@ -32,7 +32,8 @@ from .blob import (Blob, BlobVec, HostMirror, ParamBlob, check_blob_shape, graph
                    is_memory_of, same_bits)
 from .blob_memory import check_blob_fits, zeros
 from .compile import CompiledNet
-from .errors import ArgumentTypeError, CaffeError, NetError, first_line, path_argument
+from .errors import (ArgumentTypeError, CaffeError, NetError, NetKeyError, NetValueError,
+                     first_line, integer_argument, path_argument)
 from .layer_callbacks import BackwardSequence, LayerCallbacks
 from .layers import LAYERS, TRAIN, Layer, LayerContext
 from .layers.base import check_bottom_count
@@ -178,7 +179,13 @@ def _blob_name_list(names, caller: str):
         return [names]
     if isinstance(names, (bytes, bytearray)):
         raise ArgumentTypeError(f"{caller} takes blob names as str, got {names!r}")
-    return names
+    if names is None:
+        return names
+    try:  # pycaffe adds the names to a list: anything but a list is a TypeError there
+        return list(names)
+    except TypeError:
+        raise ArgumentTypeError(f"{caller} takes a list of blob names, got "
+                                f"{type(names).__name__}") from None
 
 
 def _parse_pycaffe_args(args, phase, weights):
@@ -186,16 +193,17 @@ def _parse_pycaffe_args(args, phase, weights):
     args = list(args)
     if args and isinstance(args[0], (str, bytes, os.PathLike)):
         if weights is not None:
-            raise TypeError("weights given twice")
+            raise ArgumentTypeError("Net() weights given twice")
         weights = path_argument(args.pop(0), "Net() weights")
     if args:
         if phase is not None:
-            raise TypeError("phase given twice")
+            raise ArgumentTypeError("Net() phase given twice")
         phase = args.pop(0)
     if args:
-        raise TypeError("Net(network_file, [weights,] phase, level=0, stages=None, weights=None)")
+        raise ArgumentTypeError("Net() takes (network_file, [weights,] phase, level=0, "
+                                "stages=None, weights=None)")
     if phase is None:
-        raise TypeError("Net() needs a phase: caffe.TRAIN or caffe.TEST")
+        raise ArgumentTypeError("Net() needs a phase: caffe.TRAIN or caffe.TEST")
     if phase not in (caffe_pb2.TRAIN, caffe_pb2.TEST) or isinstance(phase, bool):
         raise ArgumentTypeError(f"Net() phase must be caffe.TRAIN (0) or caffe.TEST (1), got "
                                 f"{phase!r}")
@@ -845,8 +853,9 @@ class Net(nn.Module):
         for step in self._steps:
             if step.name == name:
                 return step.index
-        raise NetError(f"no layer named '{name}'", self.source,
-                       f"layers: {', '.join(s.name for s in self._steps)}")
+        # pycaffe looks the name up with list.index: a ValueError there.
+        raise NetValueError(f"no layer named '{name}'", self.source,
+                            f"layers: {', '.join(s.name for s in self._steps)}")
 
     def run(self, inputs: Optional[Dict[str, torch.Tensor]] = None, start: int = 0,
             end: Optional[int] = None,
@@ -1097,15 +1106,17 @@ class Net(nn.Module):
         target = getattr(self.blobs[name], field)
         arr = self._input_array(name, arr, caller)
         if target.shape and arr.shape[0] != target.shape[0]:
-            raise NetError(f"{caller}: '{name}' has batch size {arr.shape[0]}, the blob has "
-                           f"{target.shape[0]}", self.source,
-                           f"reshape first: net.blobs['{name}'].reshape(...); net.reshape()")
+            raise NetValueError(f"{caller}: '{name}' has batch size {arr.shape[0]}, the blob "
+                                f"has {target.shape[0]}", self.source,
+                                f"reshape first: net.blobs['{name}'].reshape(...); net.reshape()")
         try:
             target[...] = arr
         except ValueError:
-            raise NetError(f"{caller}: the array for '{name}' has shape {arr.shape}, the blob "
-                           f"{tuple(target.shape)}", self.source,
-                           f"reshape first: net.blobs['{name}'].reshape(...); net.reshape()") from None
+            # pycaffe's blob.data[...] = array: numpy's broadcast ValueError.
+            raise NetValueError(f"{caller}: the array for '{name}' has shape {arr.shape}, the "
+                                f"blob {tuple(target.shape)}", self.source,
+                                f"reshape first: net.blobs['{name}'].reshape(...); "
+                                "net.reshape()") from None
 
     def _input_array(self, name: str, value, caller: str) -> np.ndarray:
         """``value`` as a float32 array with a batch axis, or a NetError naming the blob: None
@@ -1137,9 +1148,10 @@ class Net(nn.Module):
 
     def _require_blob(self, name: str, caller: str) -> None:
         if name not in self._shapes:
-            raise NetError(f"{caller}: no blob named '{name}' in this net", self.source,
-                           f"blobs: {', '.join(list(self._shapes)[:20])}"
-                           f"{', ...' if len(self._shapes) > 20 else ''}")
+            # pycaffe reads self.blobs[name]: a KeyError there.
+            raise NetKeyError(f"{caller}: no blob named '{name}' in this net", self.source,
+                              f"blobs: {', '.join(list(self._shapes)[:20])}"
+                              f"{', ...' if len(self._shapes) > 20 else ''}")
 
     def _push_host_writes(self) -> None:
         """Copy numpy writes made on GPU nets (host copies) to the device."""
@@ -1865,10 +1877,27 @@ class Net(nn.Module):
         """Blob indices (into ``net.blobs``) of layer ``i``'s tops."""
         return self._blob_ids([t for t in self._steps[i].tops if not t.startswith(ANONYMOUS_TOP)])
 
+    def _layer_range(self, caller: str, start: object, end: object) -> Tuple[int, int]:
+        """``start`` and ``end`` as layer indices, with the checks Caffe's ForwardFromTo
+        (CHECK_GE(start, 0), CHECK_LT(end, layers)) and BackwardFromTo (the same on end and
+        start: it runs downwards) make: out of range, Caffe aborts; here a NetError rather than
+        a Python negative index or a silent clamp."""
+        first = integer_argument(start, f"{caller}() start")
+        last = integer_argument(end, f"{caller}() end")
+        low, high = (last, first) if caller == "_backward" else (first, last)
+        if low < 0 or high >= len(self._steps):
+            raise NetError(f"{caller}({start!r}, {end!r}): layer indices out of range for a net "
+                           f"of {len(self._steps)} layers", self.source,
+                           f"give indices in 0..{len(self._steps) - 1}")
+        return first, last
+
     def _forward(self, start: int, end: int) -> float:
         """Caffe's ForwardFromTo(start, end) by layer index; returns the loss of the layers it
         ran: Caffe sums what each of them returns from Forward, so a range without a loss layer
         gives 0 (layer-by-layer timing scripts call ``_forward(j, j)`` for every layer)."""
+        start, end = self._layer_range("_forward", start, end)
+        if start > end:  # Caffe's loop runs no layer
+            return 0.0
         self._forward_pycaffe(start, end)
         ran = {top for step in self._steps[start:end + 1] for top in step.tops}
         weights = [(name, w) for name, w in self._loss_weights.items() if name in ran]
@@ -1876,6 +1905,9 @@ class Net(nn.Module):
 
     def _backward(self, start: int, end: int) -> None:
         """Caffe's BackwardFromTo(start, end): layers ``start`` down to ``end``, by index."""
+        start, end = self._layer_range("_backward", start, end)
+        if start < end:  # Caffe's loop runs no layer
+            return
         self.backward(start=self._layer_names[start], end=self._layer_names[end])
 
     def clear_param_diffs(self) -> None:

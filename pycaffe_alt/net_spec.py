@@ -18,7 +18,8 @@ names them; a layer is named after its first top.
 Beyond pycaffe (each case is an error there): tuples count as lists; protobuf messages may be
 passed as values (``weight_filler=caffe_pb2.FillerParameter(...)``); Deconvolution/Im2col take
 ``convolution_param`` keywords and RNN/LSTM ``recurrent_param`` ones; unknown keywords raise a
-:class:`~pycaffe_alt.errors.NetError` naming the layer and keyword.
+:class:`~pycaffe_alt.errors.NetError` naming the layer and keyword (also an AttributeError,
+TypeError or ValueError where pycaffe raises that).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from collections import Counter, OrderedDict
 from functools import lru_cache
 from typing import Any, Dict, List, Tuple, Union
 
-from .errors import ArgumentTypeError, NetError
+from .errors import (ArgumentTypeError, NetAttributeError, NetError, NetTypeError,
+                     NetValueError)
 from .proto import caffe_pb2
 
 # Layer types that read another type's parameter message (Caffe's layer sources say which).
@@ -198,7 +200,8 @@ class Function:
         where = f"NetSpec layer '{layer.name}' (type {self.type_name})"
         if key not in target.DESCRIPTOR.fields_by_name:
             own_field = param_name_dict().get(self.type_name)
-            raise NetError(f"unknown parameter '{key}'", where,
+            # pycaffe's assign_proto reads the field with getattr: an AttributeError there.
+            raise NetAttributeError(f"unknown parameter '{key}'", where,
                            f"it is neither a field of {own_field}_param nor of LayerParameter"
                            if own_field else
                            "it is not a LayerParameter field; pass type-specific values inside "
@@ -206,7 +209,11 @@ class Function:
         try:
             assign_proto(target, key, value)
         except (TypeError, ValueError, AttributeError) as e:
-            raise NetError(f"bad value for '{key}': {e}", where) from None
+            # Raised as the type protobuf (or assign_proto, in pycaffe) raised, still naming
+            # the layer: a program's except TypeError / ValueError holds as with pycaffe.
+            kind = (NetTypeError if isinstance(e, TypeError) else
+                    NetValueError if isinstance(e, ValueError) else NetAttributeError)
+            raise kind(f"bad value for '{key}': {e}", where) from None
 
 
 def to_proto(*tops: Union[Top, Function]) -> "caffe_pb2.NetParameter":

@@ -1,10 +1,15 @@
-"""Bad-input round 19: blob sizes beyond Caffe's ``int`` (Blob::Reshape's INT_MAX checks)."""
+"""Bad-input round 19: blob sizes beyond Caffe's ``int`` (Blob::Reshape's INT_MAX checks) and
+pycaffe API misuse, where pycaffe raises a Python exception type a program may catch (ours must
+be catchable as that type too) or Caffe aborts (ours raises a CaffeError naming the net)."""
 import os
 
+import numpy as np
 import pytest
 
 import pycaffe_alt as caffe
-from pycaffe_alt.errors import BlobSizeError
+from pycaffe_alt import layers as L
+from pycaffe_alt.errors import ArgumentTypeError, BlobSizeError, CaffeError, NetError
+from pycaffe_alt.io import Transformer
 from pycaffe_alt.proto import caffe_pb2
 from pycaffe_alt.prototxt import parse_text
 
@@ -78,3 +83,65 @@ def test_blob_reshape_raises_pycaffes_exception_types():
     with pytest.raises(TypeError, match="integer dimensions"):
         net.blobs["data"].reshape(2.5, 1, 28, 28)
     assert net.blobs["data"].shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize("call, kind", [
+    (lambda n: n.forward(start="nope"), ValueError),  # pycaffe: list.index
+    (lambda n: n.backward(end="nope"), ValueError),
+    (lambda n: n.forward(blobs=["nope"]), KeyError),  # pycaffe: self.blobs[name]
+    (lambda n: n.forward_all(blobs=["nope"]), KeyError),
+    (lambda n: n.forward(data=np.zeros((2, 3, 28, 28))), ValueError),  # numpy's broadcast
+    (lambda n: n.forward_all(data=np.zeros((3, 28, 28))), ValueError),
+    (lambda n: n.forward(blobs=5), TypeError),  # was a bare TypeError from list()
+    (lambda n: n.backward(diffs=5), TypeError),
+    (lambda n: n.forward_backward_all(diffs=5, data=np.zeros((2, 1, 28, 28))), TypeError),
+    (lambda n: n._forward(1.5, 2), TypeError),
+])
+def test_net_calls_raise_what_pycaffe_raises_as_caffe_errors(call, kind):
+    with pytest.raises(kind) as info:
+        call(lenet())
+    assert isinstance(info.value, CaffeError), info.value
+
+
+@pytest.mark.parametrize("args", [(), (os.path.join(LENET, "weights.caffemodel"),),
+                                  (caffe.TEST, caffe.TEST)])
+def test_net_without_a_phase_or_with_extra_arguments_is_a_caffe_error(args):
+    with pytest.raises(ArgumentTypeError, match=r"Net\(\)"):
+        caffe.Net(os.path.join(LENET, "net.prototxt"), *args)
+
+
+@pytest.mark.parametrize("call", [lambda n: n._forward(-1, 2), lambda n: n._forward(0, 99),
+                                  lambda n: n._backward(2, -1), lambda n: n._backward(99, 0)])
+def test_layer_indices_caffe_checks_are_refused(call):
+    # ForwardFromTo / BackwardFromTo CHECK these; _forward(0, 99) ran the whole net before.
+    with pytest.raises(NetError, match="layer indices out of range for a net of 10 layers"):
+        call(lenet())
+
+
+def test_a_backward_range_caffe_runs_no_layer_of_leaves_the_diffs():
+    net = lenet()
+    net.forward(data=np.random.RandomState(0).rand(2, 1, 28, 28))
+    net.clear_param_diffs()
+    net._backward(-1, 0)  # start -1: Caffe's loop from -1 down to 0 runs nothing
+    assert not net.params["ip2"][1].diff.any()  # the Python index -1 ran every layer
+    net._backward(len(net.layers) - 1, 0)
+    assert net.params["ip2"][1].diff.any()
+
+
+def test_transformer_shape_mismatch_is_a_value_error():
+    t = Transformer({"data": (2, 3, 8, 8)})
+    t.set_mean("data", np.zeros(3))  # no transpose: the H x W x K image meets a K x 1 x 1 mean
+    with pytest.raises(ValueError, match="cannot preprocess an image of shape"):
+        t.preprocess("data", np.zeros((8, 8, 3)))
+    with pytest.raises(ValueError, match="cannot deprocess"):
+        t.deprocess("data", np.zeros((2, 8, 8)))
+
+
+@pytest.mark.parametrize("kwargs, kind", [
+    ({"nope": 3}, AttributeError), ({"num_output": "x"}, TypeError),
+    ({"num_output": -3}, ValueError), ({"convolution_param": {"nope": 3}}, AttributeError),
+])
+def test_netspec_bad_parameters_raise_pycaffes_types_naming_the_layer(kwargs, kind):
+    with pytest.raises(kind, match="layer 'Convolution1'") as info:
+        caffe.to_proto(L.Convolution(L.Input(), **kwargs))
+    assert isinstance(info.value, NetError)
