@@ -142,6 +142,9 @@ def _assign(view: "_BlobView", target: np.ndarray, value, field: str) -> None:
     """``view.<field> = value``: numpy's broadcasting assignment into the blob's memory, with a
     NetError naming the blob and both shapes when ``value`` does not fit (pycaffe's ``data`` has no
     setter at all; the usual spelling is ``blob.data[...] = value``)."""
+    if value is None:  # numpy would fill the blob with NaN: never what ``= None`` means
+        raise NetError(f"cannot assign None to {view!r}.{field}", None,
+                       f"give an array of shape {target.shape} (or a number)")
     try:
         target[...] = value
     except (ValueError, TypeError) as e:

@@ -1699,7 +1699,8 @@ class Net(nn.Module):
             raise NetError("forward_all() got inputs of different lengths: " +
                            ", ".join(f"{k} {n}" for k, n in lengths.items()), self.source,
                            "give every input the same number of items")
-        batch = self.blobs[self._net_input_names[0]].shape[0] if self._net_input_names else n_items
+        batch = self._batch_size("forward_all()", self._net_input_names[0]) \
+            if self._net_input_names else n_items
         for lo in range(0, n_items, batch):
             chunk = {}
             for k, v in kwargs.items():
@@ -1916,11 +1917,24 @@ class Net(nn.Module):
             if p.grad is not None:
                 p.grad.zero_()
 
+    def _batch_size(self, caller: str, name: str) -> int:
+        """The batch size forward_all and forward_backward_all split their inputs by: blob
+        ``name``'s first axis. A blob reshaped to batch 0 made pycaffe's ``_batch`` divide by
+        zero and our batch loops raise a bare ValueError: a NetValueError naming the blob."""
+        shape = self.blobs[name].shape
+        size = shape[0] if shape else 1
+        if size < 1:
+            raise NetValueError(f"{caller}: the input blob '{name}' has batch size 0, so the "
+                                "inputs cannot be split into batches", self.source,
+                                f"reshape it to a batch of at least 1: net.blobs['{name}']"
+                                ".reshape(...); net.reshape()")
+        return size
+
     def _batch(self, blobs: Dict[str, np.ndarray]):
         """Yield ``{name: array}`` batches of the net's batch size; the last one is zero-padded
         (pycaffe ``Net._batch``)."""
         num = len(next(iter(blobs.values())))
-        size = next(iter(self.blobs.values())).shape[0]
+        size = self._batch_size("forward_backward_all()", next(iter(self.blobs)))
         for lo in range(0, num - num % size, size):
             yield {name: arr[lo:lo + size] for name, arr in blobs.items()}
         if num % size:

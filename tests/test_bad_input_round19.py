@@ -145,3 +145,23 @@ def test_netspec_bad_parameters_raise_pycaffes_types_naming_the_layer(kwargs, ki
     with pytest.raises(kind, match="layer 'Convolution1'") as info:
         caffe.to_proto(L.Convolution(L.Input(), **kwargs))
     assert isinstance(info.value, NetError)
+
+
+@pytest.mark.parametrize("call", [lambda n: n.forward_all(data=np.zeros((3, 1, 28, 28))),
+                                  lambda n: n.forward_backward_all(data=np.zeros((3, 1, 28, 28)))])
+def test_batches_of_a_net_reshaped_to_batch_0_are_refused_by_blob(call):
+    # pycaffe's _batch divides by zero; ours raised range()'s bare ValueError.
+    net = lenet()
+    net.blobs["data"].reshape(0, 1, 28, 28)
+    net.blobs["label"].reshape(0)
+    net.reshape()
+    with pytest.raises(NetError, match="'data' has batch size 0") as info:
+        call(net)
+    assert isinstance(info.value, ValueError)
+
+
+def test_assigning_none_to_a_blob_is_refused_not_nan():
+    net = lenet()
+    with pytest.raises(NetError, match=r"cannot assign None to Blob\('data'"):
+        net.blobs["data"].data = None  # numpy's [...] = None filled the blob with NaN
+    assert not np.isnan(net.blobs["data"].data).any()
