@@ -8,7 +8,8 @@ import pytest
 
 import pycaffe_alt as caffe
 from pycaffe_alt import layers as L
-from pycaffe_alt.errors import ArgumentTypeError, BlobSizeError, CaffeError, NetError
+from pycaffe_alt.errors import (ArgumentTypeError, BlobSizeError, CaffeError, NetError,
+                                SolverError)
 from pycaffe_alt.io import Transformer
 from pycaffe_alt.proto import caffe_pb2
 from pycaffe_alt.prototxt import parse_text
@@ -165,3 +166,20 @@ def test_assigning_none_to_a_blob_is_refused_not_nan():
     with pytest.raises(NetError, match=r"cannot assign None to Blob\('data'"):
         net.blobs["data"].data = None  # numpy's [...] = None filled the blob with NaN
     assert not np.isnan(net.blobs["data"].data).any()
+
+
+@pytest.mark.parametrize("field, value", [("base_lr", float("nan")),
+                                          ("weight_decay", float("inf"))])
+def test_a_non_finite_value_written_into_solver_param_is_refused_at_the_next_update(
+        tmp_path, field, value):
+    # The file's values are checked at load; one written into the live solver.param trained
+    # every weight into NaN without a word.
+    from lenet_case import lenet_solver
+
+    solver = lenet_solver(tmp_path)
+    solver.step(1)
+    before = solver.net.params["ip2"][1].data.copy()
+    setattr(solver.param, field, value)
+    with pytest.raises(SolverError, match=rf"{field} must be a finite number \(got {value}, set after"):
+        solver.step(1)
+    assert solver.iter == 1 and np.array_equal(solver.net.params["ip2"][1].data, before)

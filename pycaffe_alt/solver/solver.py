@@ -259,17 +259,22 @@ class Solver:
                                "one", self._where("stepvalue"), k, p.stepvalue[k],
                                p.stepvalue[k - 1])
                 break
-        # A NaN or infinite hyper-parameter makes every weight NaN at the first update (Caffe
-        # trains on silently); one of them is never meant.
-        for field in _FINITE_FIELDS:
-            value = getattr(p, field)
-            if p.HasField(field) and not math.isfinite(value):
-                raise SolverError(f"{field} must be a finite number (got {value})",
-                                  self._where(field), "fix or remove the field")
+        self._check_finite_fields()
         # Unknown names and missing policy parameters fail now, not at the first update.
         regularizer(p.regularization_type)
         if p.lr_policy:
             learning_rate(p, 0)
+
+    def _check_finite_fields(self, changed: str = "") -> None:
+        """A NaN or infinite hyper-parameter makes every weight NaN at the first update (Caffe
+        trains on silently); one of them is never meant. ``changed`` notes a value written into
+        ``solver.param`` after the file was checked."""
+        p = self.param
+        for field in _FINITE_FIELDS:
+            value = getattr(p, field)
+            if p.HasField(field) and not math.isfinite(value):
+                raise SolverError(f"{field} must be a finite number (got {value}{changed})",
+                                  self._where(field), "fix or remove the field")
 
     def _check_rule_param(self, rule_type: str) -> None:
         """Hyper-parameters an update rule cannot run with (Caffe would divide by zero or take
@@ -631,6 +636,9 @@ class Solver:
     def apply_update(self) -> None:
         """Caffe's SGDSolver::ApplyUpdate for the current iteration, then ``iter += 1``."""
         it = self._iter
+        # solver.param is writable between steps (docs/pycaffe.md): a value written there
+        # since the file was checked gets the same check before it reaches the weights.
+        self._check_finite_fields(", set after the solver was made")
         with located_in(self.source):  # e.g. no lr_policy at all: a solver-file error
             step = (self._advance_plateau(it) if self.param.lr_policy == "plateau"
                     else current_step(self.param, it, self.current_step))
