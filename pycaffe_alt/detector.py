@@ -14,7 +14,7 @@ import numpy as np
 
 from . import io as caffe_io
 from .classifier import input_transformer
-from .errors import ArgumentTypeError, CaffeError, DataError, integer_argument
+from .errors import ArgumentTypeError, ArrayShapeError, CaffeError, DataError, integer_argument
 from .net import Net
 from .phase import TEST
 
@@ -40,6 +40,19 @@ def context_box(window: Window, crop_size: int, context_pad: int) -> np.ndarray:
     return np.round(np.tile(center, 2) + scale * np.array((-half_h, -half_w, half_h, half_w)))
 
 
+def _image_windows(entry: object, index: int) -> Tuple[str, List[np.ndarray]]:
+    """One ``(filename, windows)`` entry of detect_windows' list, or an ArrayShapeError (a
+    ValueError, as pycaffe's unpacking raises) naming the entry."""
+    try:
+        fname, windows = entry  # type: ignore[misc]
+        return fname, [np.asarray(w) for w in windows]
+    except (TypeError, ValueError):
+        raise ArrayShapeError(f"entry {index} is not a (filename, windows) pair: {entry!r}"[:300],
+                              where="Detector.detect_windows",
+                              hint="give [(filename, [(ymin, xmin, ymax, xmax), ...]), ...]") \
+            from None
+
+
 class Detector(Net):
     """pycaffe's ``caffe.Detector(model_file, pretrained_file, mean=None, input_scale=None,
     raw_scale=None, channel_swap=None, context_pad=None)``; other keywords (``device=``) go to
@@ -57,8 +70,7 @@ class Detector(Net):
                        ) -> List[Dict[str, object]]:
         """Classify every window of every image: ``[(filename, [window, ...]), ...]`` in,
         ``[{'window', 'prediction', 'filename'}, ...]`` out, in the same order."""
-        images_windows = [(fname, [np.asarray(w) for w in windows])
-                          for fname, windows in images_windows]
+        images_windows = [_image_windows(entry, i) for i, entry in enumerate(images_windows)]
         crops = []
         for fname, windows in images_windows:
             image = caffe_io.load_image(fname).astype(np.float32)
@@ -99,7 +111,20 @@ class Detector(Net):
                             f"{window!r}"[:200], where="Detector.crop")
         window = values.astype(int)
         if not self.context_pad:
-            return im[window[0]:window[2], window[1]:window[3]]
+            im_h, im_w = im.shape[:2]
+            named = tuple(int(v) for v in window)
+            if window.min() < 0:
+                # pycaffe slices with it: a negative coordinate counts from the far edge, so the
+                # crop is another part of the image (or empty), never the window meant.
+                raise DataError(f"window {named} has a negative coordinate",
+                                where="Detector.crop", hint="give windows in pixels of the "
+                                f"{im_h} x {im_w} image: 0 <= ymin < ymax, 0 <= xmin < xmax")
+            crop = im[window[0]:window[2], window[1]:window[3]]
+            if crop.size == 0:
+                raise DataError(f"window {named} holds no pixel of the {im_h} x {im_w} "
+                                "image", where="Detector.crop",
+                                hint="ymin < ymax and xmin < xmax, inside the image")
+            return crop
         crop_size = self.blobs[self.inputs[0]].width  # R-CNN assumes square inputs
         box = context_box(window, crop_size, self.context_pad)
         full_h, full_w = box[2] - box[0] + 1, box[3] - box[1] + 1

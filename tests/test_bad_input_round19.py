@@ -183,3 +183,33 @@ def test_a_non_finite_value_written_into_solver_param_is_refused_at_the_next_upd
     with pytest.raises(SolverError, match=rf"{field} must be a finite number \(got {value}, set after"):
         solver.step(1)
     assert solver.iter == 1 and np.array_equal(solver.net.params["ip2"][1].data, before)
+
+
+@pytest.fixture
+def detector_image(tmp_path):
+    import cv2
+
+    path = str(tmp_path / "a.png")
+    cv2.imwrite(path, (np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8))
+    cifar = os.path.join(HERE, "fixtures", "golden", "nets", "cifar10_full_deploy")
+    return caffe.Detector(os.path.join(cifar, "net.prototxt"),
+                          os.path.join(cifar, "weights.caffemodel")), path
+
+
+@pytest.mark.parametrize("window, said", [
+    ((-5, 0, 38, 10), "has a negative coordinate"),  # pycaffe cropped rows 35..38 instead
+    ((10, 10, 5, 5), "holds no pixel of the 40 x 50 image"),  # was resize_image's (0, 0, 3)
+])
+def test_detector_windows_pycaffe_would_crop_wrongly_are_refused(detector_image, window, said):
+    detector, image = detector_image
+    with pytest.raises(CaffeError, match=rf"Detector.crop: window \({', '.join(map(str, window))}"
+                                         rf"\) {said}"):
+        detector.detect_windows([(image, [window])])
+    assert len(detector.detect_windows([(image, [(0, 0, 100, 100)])])) == 1  # clipped, as pycaffe
+
+
+def test_detect_windows_entries_that_are_not_pairs_are_named(detector_image):
+    detector, image = detector_image
+    with pytest.raises(ValueError, match="entry 1 is not a \\(filename, windows\\) pair") as info:
+        detector.detect_windows([(image, [(0, 0, 5, 5)]), image])
+    assert isinstance(info.value, CaffeError)
