@@ -630,3 +630,32 @@ def test_a_block_the_solver_does_not_read_is_named(tmp_path, caplog, block, fiel
     with caplog.at_level(logging.WARNING, logger="pycaffe_alt"):
         caffe.Solver(lsq_param(tmp_path, type="SGD"), device="cpu")
     assert not [r for r in caplog.records if "is ignored" in r.getMessage()], caplog.text
+
+
+@pytest.mark.parametrize("field, value", [("momentum", 0.0), ("weight_decay", 0.5)])
+def test_rule_fields_set_between_steps_apply(monkeypatch, tmp_path, field, value):
+    # solver.param is live (docs/pycaffe.md): like base_lr, momentum and weight_decay written
+    # between steps are what the next update uses (they were read once, at construction).
+    p = golden_param(monkeypatch, tmp_path)
+    p.test_interval, p.test_initialization = 1000, False
+    runs = []
+    for change in (False, True):
+        caffe.set_random_seed(1)
+        s = caffe.SGDSolver(p, device="cpu")
+        s.step(2)
+        if change:
+            setattr(s.param, field, value)
+        s.step(2)
+        runs.append(s.net.params["ip2"][0].data.copy())
+    assert not np.array_equal(runs[0], runs[1])
+
+
+def test_a_momentum_set_on_rmsprop_between_steps_is_refused(monkeypatch, tmp_path):
+    p = golden_param(monkeypatch, tmp_path)
+    p.test_interval, p.test_initialization = 1000, False
+    p.type, p.momentum = "RMSProp", 0.0
+    s = caffe.get_solver(p)
+    s.step(1)
+    s.param.momentum = 0.9
+    with pytest.raises(SolverError, match="momentum cannot be used with RMSProp"):
+        s.step(1)

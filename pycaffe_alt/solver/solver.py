@@ -145,6 +145,7 @@ class Solver:
         with located_in(self.source):  # value errors name the solver file first
             self._check_param()
             rule_type = self._rule_type()
+            self._rule_name = rule_type  # for the checks of fields set between steps
             self.rule = update_rule(rule_type)
             self._check_rule_param(rule_type)
             self.hyper = RuleHyper.from_solver_param(self.param)
@@ -457,7 +458,8 @@ class Solver:
         self._params = [i.param for i in infos]
         self._datas = [p.detach() for p in self._params]
         self._lr_mults = [float(i.lr_mult) for i in infos]
-        self._decays = [local_decay(self.param.weight_decay, i.decay_mult) for i in infos]
+        self._decay_mults = [float(i.decay_mult) for i in infos]
+        self._decay_cache: Tuple[Optional[float], List[float]] = (None, [])
         self._zero_diffs = {}
         self._rate_cache: Tuple[Optional[float], List[float]] = (None, [])
         # A weights file may have reshaped a blob since the history was made (a BN of
@@ -622,6 +624,24 @@ class Solver:
             diffs.append(g)
         return diffs
 
+    def _local_decays(self) -> List[float]:
+        # solver.param is live (docs/pycaffe.md): weight_decay set between steps applies.
+        cached, decays = self._decay_cache
+        if cached != self.param.weight_decay:
+            decays = [local_decay(self.param.weight_decay, m) for m in self._decay_mults]
+            self._decay_cache = (self.param.weight_decay, decays)
+        return decays
+
+    def _rule_hyper(self) -> RuleHyper:
+        """The update rule's fields as solver.param holds them now (momentum, momentum2, delta,
+        rms_decay set between steps apply, as base_lr does), with Caffe's checks."""
+        hyper = RuleHyper.from_solver_param(self.param)
+        if hyper != self.hyper:
+            with located_in(self.source):
+                check_hyper(self._rule_name, hyper)
+            self.hyper = hyper
+        return hyper
+
     def _local_rates(self, rate: float) -> List[float]:
         cached_rate, rates = self._rate_cache
         if cached_rate != rate:
@@ -661,8 +681,8 @@ class Solver:
             if clipped is not None:
                 logger.info("%s", clipped.message())
             normalize(diffs, self.param.iter_size)
-            regularize(self._datas, diffs, self._decays, self.param.regularization_type)
-            self.rule.update(diffs, self.history, self._local_rates(rate), self.hyper, it)
+            regularize(self._datas, diffs, self._local_decays(), self.param.regularization_type)
+            self.rule.update(diffs, self.history, self._local_rates(rate), self._rule_hyper(), it)
             apply_update(self._datas, diffs)
         self._iter += 1
 
