@@ -46,6 +46,12 @@ Shape = Tuple[int, ...]
 ANONYMOUS_TOP = "(automatic)"
 
 
+def public_blob_name(name: str) -> str:
+    """The name pycaffe shows for blob ``name``: Caffe's Net::AppendTop calls every anonymous
+    loss top "(automatic)" (here each has a unique key so that the blobs stay apart)."""
+    return ANONYMOUS_TOP if name.startswith(ANONYMOUS_TOP) else name
+
+
 @dataclass
 class Step:
     """One layer in execution order, with the names it reads and writes."""
@@ -577,7 +583,8 @@ class Net(nn.Module):
             modules.append(layer)
             # pycaffe builds these dicts from the layer list: a repeated name keeps its first
             # position and the last layer's blobs.
-            self.top_names[lp.name] = [t for t in tops if not t.startswith(ANONYMOUS_TOP)]
+            # An anonymous loss top shows as Caffe names it (AppendTop's "(automatic)").
+            self.top_names[lp.name] = [public_blob_name(t) for t in tops]
             self.bottom_names[lp.name] = bottoms
             # Caffe's DummyData fills its constant tops in LayerSetUp, once: the blobs hold
             # that value before any pass, and passes leave them alone.
@@ -777,17 +784,26 @@ class Net(nn.Module):
     def device(self) -> torch.device:
         return self._device
 
-    @property
-    def blobs(self) -> "OrderedDict[str, Blob]":
-        """Every named blob, in the order layers produce them (no Split copies)."""
+    def _blob_table(self) -> Tuple[List[str], List[Blob], "OrderedDict[str, Blob]"]:
+        """Caffe's blob_names_ and blobs_ (one entry per blob, anonymous loss tops all named
+        "(automatic)"; no Split copies) and pycaffe's ``net.blobs`` dict zipped from them."""
         # Blob names are only ever added (at build), so their count tells whether the views
         # are current; comparing the name lists made every ``net.blobs[...]`` O(blobs).
         cached = self.__dict__.get("_blob_views")
         if cached is None or cached[0] != len(self._shapes):
-            cached = (len(self._shapes), OrderedDict(
-                (n, Blob(self._store, n)) for n in self._shapes if not n.startswith(ANONYMOUS_TOP)))
+            names = [public_blob_name(n) for n in self._shapes]
+            views = [Blob(self._store, n) for n in self._shapes]
+            # pycaffe's OrderedDict(zip(_blob_names, _blobs)): a repeated "(automatic)" keeps
+            # its first position and the last blob.
+            cached = (len(self._shapes), names, views, OrderedDict(zip(names, views)))
             self.__dict__["_blob_views"] = cached
-        return cached[1]
+        return cached[1], cached[2], cached[3]
+
+    @property
+    def blobs(self) -> "OrderedDict[str, Blob]":
+        """Every blob by name, in the order layers produce them (no Split copies); the
+        anonymous loss tops share the key "(automatic)", which gives the last of them."""
+        return self._blob_table()[2]
 
     @property
     def params(self) -> "OrderedDict[str, List[ParamBlob]]":
@@ -811,7 +827,9 @@ class Net(nn.Module):
 
     @property
     def _blob_names(self) -> List[str]:
-        return list(self.blobs)
+        """Caffe's blob_names(): one name per blob, "(automatic)" as often as there are
+        anonymous loss tops."""
+        return list(self._blob_table()[0])
 
     @property
     def inputs(self) -> List[str]:
@@ -828,7 +846,7 @@ class Net(nn.Module):
 
     @property
     def blob_loss_weights(self) -> "OrderedDict[str, float]":
-        return OrderedDict((n, self._loss_weights.get(n, 0.0)) for n in self.blobs)
+        return OrderedDict(zip(self._blob_names, self._blob_loss_weights))
 
     @property
     def layer_modules(self) -> "OrderedDict[str, Layer]":
@@ -1058,8 +1076,9 @@ class Net(nn.Module):
                         if value.is_nested else "pass t.to_dense()")
             last = self._layer_index(end, len(self._steps) - 1)
             names = self._output_names(blobs, end)
+            keys = [self.blobs[n].name for n in names]  # "(automatic)": its last blob
             if self._compiled is not None:
-                self._compiled.want(names)
+                self._compiled.want(keys)
             first = self._layer_index(start, 0)
             before, foreign = dict(self._values), set(self._store.foreign)
             # Each layer's outputs too (a pycaffe backward may follow), except in a compiled
@@ -1078,7 +1097,7 @@ class Net(nn.Module):
                 raise
             self._written = written if written is not None else {}
             self._mark_recorded(first, last)
-            return {n: values[n] for n in names}
+            return {n: values[k] for n, k in zip(names, keys)}
         for name, arr in kwargs.items():
             self._check_fed_blob(name, start, "forward()")
             self._write_array(name, arr, "data", "forward()")
@@ -1147,11 +1166,12 @@ class Net(nn.Module):
         return names
 
     def _require_blob(self, name: str, caller: str) -> None:
-        if name not in self._shapes:
+        if name not in self.blobs:
+            listed = list(self.blobs)
             # pycaffe reads self.blobs[name]: a KeyError there.
             raise NetKeyError(f"{caller}: no blob named '{name}' in this net", self.source,
-                              f"blobs: {', '.join(list(self._shapes)[:20])}"
-                              f"{', ...' if len(self._shapes) > 20 else ''}")
+                              f"blobs: {', '.join(listed[:20])}"
+                              f"{', ...' if len(listed) > 20 else ''}")
 
     def _push_host_writes(self) -> None:
         """Copy numpy writes made on GPU nets (host copies) to the device."""
@@ -1848,14 +1868,15 @@ class Net(nn.Module):
     # the methods above.
     @property
     def _blobs(self) -> List[Blob]:
-        return list(self.blobs.values())
+        return list(self._blob_table()[1])
 
     @property
     def _blob_loss_weights(self) -> List[float]:
-        return list(self.blob_loss_weights.values())
+        return [self._loss_weights.get(n, 0.0) for n in self._shapes]
 
     def _blob_ids(self, names: Sequence[str]) -> List[int]:
-        index = {n: i for i, n in enumerate(self.blobs)}
+        """Positions in ``_blob_names``/``_blobs`` of the blobs this net keys as ``names``."""
+        index = {n: i for i, n in enumerate(self._shapes)}
         return [index[n] for n in names]
 
     @property
@@ -1867,8 +1888,8 @@ class Net(nn.Module):
     @property
     def _outputs(self) -> List[int]:
         """pycaffe's ``net._outputs``: Caffe's output_blob_indices, positions in ``_blob_names``
-        (an anonymous loss top, absent from ``net.blobs`` here, has none)."""
-        return self._blob_ids([n for n in self._net_output_names if n in self.blobs])
+        (an anonymous loss top is never an output)."""
+        return self._blob_ids(self._net_output_names)
 
     def _bottom_ids(self, i: int) -> List[int]:
         """Blob indices (into ``net.blobs``) of layer ``i``'s bottoms."""
@@ -1876,7 +1897,7 @@ class Net(nn.Module):
 
     def _top_ids(self, i: int) -> List[int]:
         """Blob indices (into ``net.blobs``) of layer ``i``'s tops."""
-        return self._blob_ids([t for t in self._steps[i].tops if not t.startswith(ANONYMOUS_TOP)])
+        return self._blob_ids(self._steps[i].tops)
 
     def _layer_range(self, caller: str, start: object, end: object) -> Tuple[int, int]:
         """``start`` and ``end`` as layer indices, with the checks Caffe's ForwardFromTo

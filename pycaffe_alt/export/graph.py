@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from ..errors import NetError
+from ..net import ANONYMOUS_TOP
 from ..layers.forks import SegNetBN
 from ..layers.vision import (AVE, MAX, PoolGeometry, pooled_shape, torch_pool_is_exact,
                              window_counts)
@@ -558,6 +559,12 @@ def plan_layers(net, outputs: Optional[Sequence[str]] = None,
     blobs = set(net.blobs)
     for kind, names in (("input", inputs), ("output", outputs)):
         for name in names or ():
+            if name == ANONYMOUS_TOP:
+                # pycaffe lists a loss layer's unnamed top as "(automatic)" (Caffe's
+                # Net::AppendTop), a name every such layer shares and no layer can read.
+                raise NetError(f"{kind} '{name}' is the hidden top of a loss layer that names "
+                               "no top", net.source, "give that loss layer a top: name and "
+                               "export that name")
             if name not in blobs:
                 listed = list(net.blobs)
                 raise NetError(f"{kind} '{name}' is not a blob of this net", net.source,

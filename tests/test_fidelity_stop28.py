@@ -1,0 +1,87 @@
+"""Small fidelity gaps between pycaffe_alt and Caffe/pycaffe that earlier audits left, each
+checked against Caffe's sources (BVLC master; the SSD fork where the fixtures follow it).
+
+1. Anonymous loss tops. Net::Init gives a loss layer that names no top one (AutoTopBlobs;
+   AppendTop names it "(automatic)" and leaves it out of the available blobs, so it is never a
+   net output). It is in blob_names_/blobs_ and in the layer's top ids, so pycaffe's
+   ``net.blobs`` (an OrderedDict built over blob_names_: several "(automatic)" share one key,
+   first position, last blob) and ``net.top_names`` show '(automatic)'. The blob holds the
+   layer's (unweighted) loss after a forward and its loss weight as diff after a backward.
+   We hid those blobs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pycaffe_alt as caffe
+from pycaffe_alt.proto import caffe_pb2
+
+
+def _net(tmp_path, text: str, phase: int = caffe.TEST, name: str = "net.prototxt") -> caffe.Net:
+    path = tmp_path / name
+    path.write_text(text)
+    return caffe.Net(str(path), phase)
+
+
+# -- 1. anonymous loss tops -----------------------------------------------------------------------
+_TWO_LOSSES = (
+    'force_backward: true\n'
+    'layer { name: "in" type: "Input" top: "x" top: "t" input_param { '
+    'shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 } } }\n'
+    'layer { name: "ip1" type: "InnerProduct" bottom: "x" top: "a" '
+    'inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }\n'
+    'layer { name: "loss1" type: "EuclideanLoss" bottom: "a" bottom: "t" loss_weight: 2 }\n'
+    'layer { name: "ip2" type: "InnerProduct" bottom: "x" top: "b" '
+    'inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }\n'
+    'layer { name: "loss2" type: "EuclideanLoss" bottom: "b" bottom: "t" }\n')
+
+
+def _euclid(p: np.ndarray, t: np.ndarray) -> float:
+    return float(((p.astype(np.float64) - t) ** 2).sum() / 2 / p.shape[0])
+
+
+def test_anonymous_loss_tops_are_listed_as_pycaffe_lists_them(tmp_path):
+    net = _net(tmp_path, _TWO_LOSSES)
+    auto = "(automatic)"
+    # blob_names_ in AppendTop order (no Split blobs here, as documented).
+    assert net._blob_names == ["x", "t", "a", auto, "b", auto]
+    assert list(net.blobs) == ["x", "t", "a", auto, "b"]  # one key, first position
+    assert net.top_names["loss1"] == [auto] and net.top_names["loss2"] == [auto]
+    assert net.outputs == [] and net._outputs == []  # never available, so never an output
+    assert net._top_ids(2) == [3] and net._top_ids(4) == [5]
+    assert net._blob_loss_weights == [0.0, 0.0, 0.0, 2.0, 0.0, 1.0]
+    assert net.blob_loss_weights[auto] == 1.0  # the last blob of the name
+    assert net.blobs[auto].shape == ()  # LossLayer::Reshape: a 0-axis top
+
+    rng = np.random.RandomState(0)
+    x, t = rng.randn(2, 3).astype(np.float32), rng.randn(2, 4).astype(np.float32)
+    out = net.forward(x=x, t=t)
+    assert out == {}
+    a, b = net.blobs["a"].data, net.blobs["b"].data
+    # Each hidden top holds its layer's loss, unweighted; net.blobs gives the last one.
+    np.testing.assert_allclose(float(net._blobs[3].data), _euclid(a, t), rtol=1e-5)
+    np.testing.assert_allclose(float(net.blobs[auto].data), _euclid(b, t), rtol=1e-5)
+    assert set(net.forward(blobs=[auto])) == {auto}
+
+    net.backward()
+    assert float(net._blobs[3].diff) == 2.0 and float(net.blobs[auto].diff) == 1.0
+    expected = (2.0 * (a - t) / 2).T @ x  # loss weight 2 reaches ip1's weights
+    np.testing.assert_allclose(net.params["ip1"][0].diff, expected, rtol=1e-4, atol=1e-5)
+
+    saved = tmp_path / "w.caffemodel"
+    net.save(str(saved))
+    proto = caffe_pb2.NetParameter()
+    proto.ParseFromString(saved.read_bytes())
+    losses = [lp for lp in proto.layer if lp.name.startswith("loss")]
+    assert [list(lp.top) for lp in losses] == [[], []]  # ToProto writes the prototxt's tops
+
+
+def test_anonymous_loss_top_is_refused_by_name_as_an_export_output(tmp_path):
+    from pycaffe_alt.errors import NetError
+    from pycaffe_alt.export import plan_layers
+
+    net = _net(tmp_path, _TWO_LOSSES)
+    with pytest.raises(NetError, match="hidden top of a loss layer"):
+        plan_layers(net, outputs=["(automatic)"])
+
