@@ -292,6 +292,7 @@ class _BlobStore:
         return tuple(t.shape) if t is not None else self._net._shapes[name]
 
     def reshape(self, name: str, shape: Shape) -> None:
+        self._net._top_reshaped(name, shape)
         self._net._shapes[name] = shape
         self._net._values[name] = self._zeros(name, shape)
         self._net._diffs.pop(name, None)
@@ -1737,6 +1738,15 @@ class Net(nn.Module):
             arr = np.concatenate(parts) if parts and parts[0].ndim else np.asarray(parts)
             trimmed[k] = arr[:n_items] if arr.ndim else arr
         return trimmed
+
+    def _top_reshaped(self, name: str, shape: Shape) -> None:
+        """pycaffe reshaped blob ``name``: tell the layers that make it (not in place), so
+        that one whose Reshape leaves its tops alone (DummyData) makes that shape from now
+        on, as Caffe's next Forward fills the blob at the shape it has."""
+        for step in self._steps:
+            for i, top in enumerate(step.tops):
+                if top == name and not (i < len(step.bottoms) and step.bottoms[i] == top):
+                    step.layer.take_top_shape(i, shape)
 
     def reshape(self) -> None:
         """Propagate input shapes through every layer (pycaffe ``net.reshape()``)."""

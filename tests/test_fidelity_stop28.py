@@ -8,6 +8,9 @@ checked against Caffe's sources (BVLC master; the SSD fork where the fixtures fo
    first position, last blob) and ``net.top_names`` show '(automatic)'. The blob holds the
    layer's (unweighted) loss after a forward and its loss weight as diff after a backward.
    We hid those blobs.
+2. A DummyData top with a non-constant filler, reshaped by pycaffe: DummyDataLayer::Reshape does
+   nothing, so Forward refills the blob at the shape it has, at every pass (with or without a
+   ``net.reshape()`` between). We went back to the prototxt's shape.
 """
 from __future__ import annotations
 
@@ -85,3 +88,39 @@ def test_anonymous_loss_top_is_refused_by_name_as_an_export_output(tmp_path):
     with pytest.raises(NetError, match="hidden top of a loss layer"):
         plan_layers(net, outputs=["(automatic)"])
 
+
+# -- 2. DummyData: a reshaped non-constant top is refilled at its new shape ----------------------
+_NOISE = ('layer { name: "d" type: "DummyData" top: "n" top: "c" dummy_data_param { '
+          'shape { dim: 2 dim: 3 } data_filler { type: "gaussian" std: 1 } '
+          'data_filler { type: "constant" value: 0.5 } } }\n'
+          'layer { name: "r" type: "ReLU" bottom: "n" top: "y" }\n'
+          'layer { name: "s" type: "Silence" bottom: "c" }\n')
+
+
+@pytest.mark.parametrize("net_reshape", [True, False])
+def test_dummydata_random_top_is_refilled_at_the_shape_pycaffe_gave_it(tmp_path, net_reshape):
+    net = _net(tmp_path, _NOISE)
+    net.blobs["n"].reshape(5, 3)
+    if net_reshape:
+        net.reshape()
+    seen = []
+    for _ in range(2):
+        y = net.forward()["y"].copy()
+        n = net.blobs["n"].data.copy()
+        assert n.shape == (5, 3) and y.shape == (5, 3)
+        np.testing.assert_array_equal(y, np.maximum(n, 0))
+        seen.append(n)
+    assert (seen[0] != seen[1]).all()  # drawn afresh at each pass
+    net.reshape()  # the layer's Reshape keeps the blob's shape from now on
+    assert net.blobs["n"].shape == (5, 3) and net.forward()["y"].shape == (5, 3)
+    assert net.blobs["c"].shape == (2, 3)  # the constant top was not touched
+
+
+def test_dummydata_reshape_to_a_shape_its_filler_refuses_names_the_layer(tmp_path):
+    from pycaffe_alt.errors import CaffeError
+
+    text = _NOISE.replace('type: "gaussian" std: 1', 'type: "gaussian" std: 1 sparse: 2')
+    net = _net(tmp_path, text)
+    with pytest.raises(CaffeError, match="layer 'd'.*sparse 2 exceeds"):
+        # caffe_rng_bernoulli's CHECK_LE(p, 1) (p = sparse / shape[0]) at the next Forward
+        net.blobs["n"].reshape(1, 3)

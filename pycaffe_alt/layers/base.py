@@ -195,6 +195,14 @@ class Layer(nn.Module):
         "constant" filler. Most layers have none."""
         return {}
 
+    def take_top_shape(self, index: int, shape: Shape) -> bool:
+        """pycaffe reshaped this layer's top ``index`` (``net.blobs[top].reshape``): whether
+        the layer makes that top in ``shape`` from now on. Caffe runs each layer's Reshape
+        before its Forward; most set their tops' shapes there (False: the blob's new shape
+        lasts until the next pass or ``net.reshape()``). DummyData's Reshape does nothing, so
+        its Forward fills the blob at the shape pycaffe gave it (True)."""
+        return False
+
     def canonical_axis(self, axis: int, ndim: int, what: str = "axis") -> int:
         """Caffe's ``Blob::CanonicalAxisIndex``: negative axes count from the end; an axis
         outside ``[-ndim, ndim)`` is an error naming this layer."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fillers import FILLERS, fill
+from ..errors import CaffeError
 from ..fillers import check as check_filler
 from ..proto import caffe_pb2
 from ..log import get_logger
@@ -662,7 +663,8 @@ class DummyData(Layer):
     As in Caffe, other fillers draw new values at every forward, while a top with a "constant"
     filler (the default) is filled once, at set-up, and never again (DummyDataLayer::LayerSetUp
     runs Forward with ``refill_`` inverted): see :meth:`fixed_tops`. Shapes come from ``shape``
-    or the legacy num/channels/height/width.
+    or the legacy num/channels/height/width, until pycaffe reshapes a top
+    (:meth:`take_top_shape`: Caffe's Reshape here does nothing).
     """
 
     num_bottoms = (0, 0)
@@ -714,6 +716,16 @@ class DummyData(Layer):
         # The filler type as Caffe compares it (strcmp with "constant"; unset means constant).
         return {i: self._filled(i) for i, f in enumerate(self.fillers)
                 if (f.type or "constant") == "constant"}
+
+    def take_top_shape(self, index: int, shape: Shape) -> bool:
+        # DummyDataLayer::Reshape is empty: every later Forward fills the blob at the shape
+        # it has. A shape the filler refuses is refused now, as at set-up.
+        try:
+            check_filler(self.fillers[index], shape)
+        except CaffeError as e:
+            raise e.locate(self.where) from None
+        self.shapes[index] = tuple(shape)
+        return True
 
     def forward(self):
         tops = [self._filled(i) for i in range(len(self.shapes))]
