@@ -3,8 +3,10 @@
 Text files are parsed by protobuf's ``text_format.Parse``, which accepts what Caffe's C++
 ``TextFormat::Parse`` accepts: ``#`` comments, repeated fields written several times, strings
 in single or double quotes, enum values by name or number; and, like Caffe, it rejects a
-singular field given twice. Errors become :class:`~pycaffe_alt.errors.PrototxtError` with
-``file:line:col``, a readable message and a hint (close field names, valid enum values).
+singular field given twice. String escapes are read as C++ protobuf reads them: the few that
+Python's parser reads otherwise are rewritten first (``\\?``, surrogate pairs) or refused.
+Errors become :class:`~pycaffe_alt.errors.PrototxtError` with ``file:line:col``, a readable
+message and a hint (close field names, valid enum values).
 
 Nets and solvers are upgraded from legacy formats on read, as Caffe's
 ``ReadNetParamsFrom*FileOrDie`` / ``ReadSolverParamsFromTextFileOrDie`` do (see upgrade.py).
@@ -102,7 +104,7 @@ def parse_text(text: str, message: M, filename: str = "<text>") -> M:
         text = text[1:]
     message.Clear()
     try:
-        text_format.Parse(text, message)
+        text_format.Parse(_cpp_string_escapes(text), message)
     except text_format.ParseError as exc:
         raise _readable_parse_error(exc, text, message, filename) from None
     _refuse_invalid_escape(text, filename)
@@ -266,6 +268,42 @@ _VALID_ESCAPE = re.compile(r"""[abfnrtv\\?'"]|[0-7]|x[0-9A-Fa-f]|u[0-9A-Fa-f]{4}
                            r"|U00(?:0[0-9A-Fa-f]|10)[0-9A-Fa-f]{4}")
 
 
+_SURROGATE_PAIR = re.compile(r"\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})", re.I)
+
+
+def _cpp_string_escapes(text: str) -> str:
+    r"""``text`` with the string escapes Python's parser reads otherwise than C++ protobuf's
+    ParseStringAppend (which Caffe's ReadProtoFromTextFile uses) rewritten to what C++ reads:
+    ``\?`` is '?' (TranslateEscape; Python kept both characters), and a UTF-16 surrogate
+    pair in two ``\u`` escapes is one code point (FetchUnicodePoint; Python refused it)."""
+    if "\\?" not in text and "\\u" not in text:
+        return text
+    pieces, done = [], 0
+    for match in _TOKEN.finditer(text):
+        if match.lastgroup != "string" or "\\" not in match.group():
+            continue
+        token, out, i = match.group(), [], 0
+        while i < len(token):
+            if token[i] != "\\" or i + 1 == len(token):
+                out.append(token[i])
+                i += 1
+                continue
+            pair = _SURROGATE_PAIR.match(token, i)
+            if token[i + 1] == "?":
+                out.append("?")
+            elif pair:
+                head, trail = int(pair.group(1), 16), int(pair.group(2), 16)
+                out.append("\\U%08x" % (0x10000 + ((head - 0xD800) << 10 | (trail - 0xDC00))))
+                i = pair.end()
+                continue
+            else:  # any other escape is read alike; its letter is no escape of its own
+                out.append(token[i:i + 2])
+            i += 2
+        pieces += [text[done:match.start()], "".join(out)]
+        done = match.end()
+    return "".join(pieces) + text[done:]
+
+
 def _refuse_invalid_escape(text: str, filename: str) -> None:
     r"""Refuse a string escape Caffe's parser refuses ("Invalid escape sequence in string
     literal"): Python's parser keeps an unknown one such as ``\q`` as the two characters, so a
@@ -284,16 +322,23 @@ def _refuse_invalid_escape(text: str, filename: str) -> None:
                 column = offset - (text.rfind("\n", 0, offset) + 1) + 1
                 escape = body[i:i + 2]
                 what = f"invalid escape sequence '{escape}' in a string"
+                hint = ("Caffe's parser refuses it; write \\\\ for a backslash (\\n, \\t, "
+                        "\\\", \\x41, \\101 are the escapes it knows)")
+                if escape == "\\X" and re.match("[0-9A-Fa-f]", body[i + 2:i + 3]):
+                    # C++ protobuf's tokenizer lets \X through, but the ParseStringAppend of
+                    # Caffe's time decodes only a lower-case \x (\X41 is "?41"); newer ones
+                    # read it as hex: what the file means depends on the protobuf.
+                    what = (f"escape '\\X{body[i + 2:i + 4]}' in a string: Caffe reads it "
+                            "as '?' and the digits (the protobuf of Caffe's time) or as a "
+                            "hex escape (recent protobuf)")
+                    hint = f"write \\x{body[i + 2:i + 4]} (lower-case x) for the hex escape"
                 try:
                     layer = _enclosing_layer(text, line, column)
                 except (IndexError, ValueError, TypeError, RecursionError):
                     layer = None
                 if layer is not None:
                     what = f"layer '{layer[0]}' (type {layer[1]}): {what}"
-                raise PrototxtError(what, where=f"{filename}:{line}:{column}",
-                                    hint="Caffe's parser refuses it; write \\\\ for a "
-                                         "backslash (\\n, \\t, \\\", \\x41, \\101 are the "
-                                         "escapes it knows)")
+                raise PrototxtError(what, where=f"{filename}:{line}:{column}", hint=hint)
             i = body.find("\\", i + 2)
 
 

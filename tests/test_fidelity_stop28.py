@@ -1,4 +1,4 @@
-"""Small fidelity gaps between pycaffe_alt and Caffe/pycaffe that earlier audits left, each
+r"""Small fidelity gaps between pycaffe_alt and Caffe/pycaffe that earlier audits left, each
 checked against Caffe's sources (BVLC master; the SSD fork where the fixtures follow it).
 
 1. Anonymous loss tops. Net::Init gives a loss layer that names no top one (AutoTopBlobs;
@@ -11,6 +11,11 @@ checked against Caffe's sources (BVLC master; the SSD fork where the fixtures fo
 2. A DummyData top with a non-constant filler, reshaped by pycaffe: DummyDataLayer::Reshape does
    nothing, so Forward refills the blob at the shape it has, at every pass (with or without a
    ``net.reshape()`` between). We went back to the prototxt's shape.
+3. Prototxt string escapes as C++ protobuf's tokenizer reads them (ConsumeString validates,
+   ParseStringAppend decodes): ``\?`` is '?', and a UTF-16 surrogate pair written as two ``\u``
+   escapes is one code point. Python's parser kept ``\?`` as two characters and refused the
+   pair. ``\X`` (capital) passes C++'s check but Caffe-era protobuf decodes it as '?' and newer
+   ones as a hex escape: refused, naming the fix.
 """
 from __future__ import annotations
 
@@ -124,3 +129,31 @@ def test_dummydata_reshape_to_a_shape_its_filler_refuses_names_the_layer(tmp_pat
     with pytest.raises(CaffeError, match="layer 'd'.*sparse 2 exceeds"):
         # caffe_rng_bernoulli's CHECK_LE(p, 1) (p = sparse / shape[0]) at the next Forward
         net.blobs["n"].reshape(1, 3)
+
+
+
+# -- 3. string escapes as C++ protobuf reads them ------------------------------------------------
+@pytest.mark.parametrize("written, read", [
+    (r"a\?b", "a?b"),                    # TranslateEscape('?'): the trigraph escape
+    (r"a\\?b", "a\\?b"),                 # an escaped backslash, then a plain '?'
+    (r"a\\\?b", "a\\?b"),                # an escaped backslash, then \?
+    (r"\ud83d\ude00", "\U0001F600"),     # FetchUnicodePoint joins a surrogate pair
+    (r"\u00e9\101\x42\?", "\u00e9AB?"),
+])
+def test_string_escapes_read_as_cpp_protobuf_reads_them(written, read):
+    from pycaffe_alt.prototxt import parse_text
+
+    for quote in "\"'":
+        layer = parse_text(f"name: {quote}{written}{quote} type: 'ReLU'",
+                           caffe_pb2.LayerParameter())
+        assert layer.name == read
+
+
+def test_a_capital_x_escape_is_refused_naming_the_difference(tmp_path):
+    from pycaffe_alt.errors import PrototxtError
+
+    text = ('layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 } } }\n'
+            'layer { name: "r\\X41" type: "ReLU" bottom: "data" top: "r" }\n')
+    with pytest.raises(PrototxtError,
+                       match=r"(?s)net\.prototxt:2:17: layer .*'\\X41'.*write \\x41"):
+        _net(tmp_path, text)
