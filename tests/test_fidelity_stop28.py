@@ -16,6 +16,9 @@ checked against Caffe's sources (BVLC master; the SSD fork where the fixtures fo
    escapes is one code point. Python's parser kept ``\?`` as two characters and refused the
    pair. ``\X`` (capital) passes C++'s check but Caffe-era protobuf decodes it as '?' and newer
    ones as a hex escape: refused, naming the fix.
+4. The SSD fork's HDF5 snapshot dataset ``minimum_loss`` is read by ``hdf5_load_float``: one
+   float (an integer converted; a string fails). Several values were read as the first, and a
+   string was refused only by numpy's message.
 """
 from __future__ import annotations
 
@@ -157,3 +160,28 @@ def test_a_capital_x_escape_is_refused_naming_the_difference(tmp_path):
     with pytest.raises(PrototxtError,
                        match=r"(?s)net\.prototxt:2:17: layer .*'\\X41'.*write \\x41"):
         _net(tmp_path, text)
+
+
+# -- 4. HDF5 minimum_loss is one number -----------------------------------------------------------
+def test_hdf5_minimum_loss_must_be_one_number(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from pycaffe_alt.errors import SolverError
+    from pycaffe_alt.solver.lr_policy import PlateauState
+    from pycaffe_alt.solver.snapshot import read_solverstate_h5, write_solverstate_h5
+
+    path = str(tmp_path / "s.solverstate.h5")
+    write_solverstate_h5(path, 4, 1, None, [np.zeros(2, np.float32)],
+                         plateau=PlateauState(0.25, 3, 1))
+    assert read_solverstate_h5(path).minimum_loss == 0.25
+    with h5py.File(path, "r+") as f:  # an integer converts, as HDF5 converts it
+        del f["minimum_loss"]
+        f["minimum_loss"] = np.array([2], np.int32)
+    assert read_solverstate_h5(path).minimum_loss == 2.0
+    for bad, shown in ((np.array([0.5, 0.7], np.float32), r"2 value\(s\) of type float32"),
+                       (np.bytes_(b"0.5"), r"1 value\(s\) of type \|S3")):
+        with h5py.File(path, "r+") as f:
+            del f["minimum_loss"]
+            f["minimum_loss"] = bad
+        with pytest.raises(SolverError, match=f"dataset 'minimum_loss' holds {shown}; Caffe "
+                                              "stores one number there"):
+            read_solverstate_h5(path)

@@ -411,23 +411,29 @@ def _numbered(group, what: str) -> List[Optional[np.ndarray]]:
     return out
 
 
-def _counter(f, name: str, default: Optional[int] = None) -> int:
-    """The integer dataset ``name`` (Caffe's ``hdf5_save_int``: one value), or ``default`` when
-    absent and a default is given.
+def _one_value(f, name: str, what: str) -> np.ndarray:
+    """The one value of dataset ``name``, which Caffe writes with ``hdf5_save_int`` or the
+    fork's ``hdf5_save_float`` (``what``: "integer" or "number").
 
-    ``hdf5_load_int`` reads one int through HDF5's conversion: a float is converted, a string
-    fails ("Failed to load int dataset"), and a dataset of several values is no counter Caffe
-    wrote (it would read past its one int). Taking the first of them, or the digits of a string,
-    resumed a damaged file at a made-up iteration."""
-    if name not in f and default is not None:
-        return default
+    Its ``hdf5_load_int``/``hdf5_load_float`` read one value through HDF5's conversion: an
+    integer or float is converted, a string fails ("Failed to load int dataset"), and a dataset
+    of several values is none Caffe wrote (it would read past its one value). Taking the first
+    of them, or the digits of a string, resumed a damaged file at a made-up state."""
     item = f[name]
     if not isinstance(item, _h5py().Dataset):
-        raise ValueError(f"'{name}' is a group; Caffe stores one integer there")
+        raise ValueError(f"'{name}' is a group; Caffe stores one {what} there")
     if item.dtype.kind not in "iuf" or item.size != 1:
         raise ValueError(f"dataset '{name}' holds {item.size} value(s) of type {item.dtype}; "
-                         "Caffe stores one integer there")
-    return int(np.asarray(item).reshape(-1)[0])
+                         f"Caffe stores one {what} there")
+    return np.asarray(item).reshape(-1)[0]
+
+
+def _counter(f, name: str, default: Optional[int] = None) -> int:
+    """The integer dataset ``name`` (see :func:`_one_value`), or ``default`` when absent and a
+    default is given."""
+    if name not in f and default is not None:
+        return default
+    return int(_one_value(f, name, "integer"))
 
 
 def read_solverstate_h5(path: str) -> SolverStateData:
@@ -443,7 +449,7 @@ def read_solverstate_h5(path: str) -> SolverStateData:
             # The fork requires both datasets; without them (BVLC Caffe's file, another policy's)
             # we take the values its binaryproto restore would, so a run may switch to plateau.
             last_event = _counter(f, "iter_last_event", default=0)
-            minimum = (float(np.asarray(f["minimum_loss"], dtype=np.float32).reshape(-1)[0])
+            minimum = (float(np.float32(_one_value(f, "minimum_loss", "number")))
                        if "minimum_loss" in f else _UNSET_MINIMUM_LOSS)
             learned = None
             if "learned_net" in f:
