@@ -19,6 +19,9 @@ checked against Caffe's sources (BVLC master; the SSD fork where the fixtures fo
 4. The SSD fork's HDF5 snapshot dataset ``minimum_loss`` is read by ``hdf5_load_float``: one
    float (an integer converted; a string fails). Several values were read as the first, and a
    string was refused only by numpy's message.
+5. The upgrade tools log as Caffe's binaries do, glog naming the source file of each tool's LOG
+   call (upgrade_solver_proto_text.cpp:43] File already in latest proto format). The solver
+   tool's lines named upgrade_net_proto_text.py, the driver the three tools share.
 """
 from __future__ import annotations
 
@@ -185,3 +188,21 @@ def test_hdf5_minimum_loss_must_be_one_number(tmp_path):
         with pytest.raises(SolverError, match=f"dataset 'minimum_loss' holds {shown}; Caffe "
                                               "stores one number there"):
             read_solverstate_h5(path)
+
+
+# -- 5. each upgrade tool logs under its own name ---------------------------------------------------
+@pytest.mark.parametrize("tool, text", [
+    ("upgrade_solver_proto_text", 'base_lr: 0.1 type: "SGD" net: "n.prototxt"\n'),
+    ("upgrade_net_proto_text", 'name: "n" layer { name: "in" type: "Input" top: "x" }\n'),
+])
+def test_upgrade_tools_log_under_their_own_file_name(tmp_path, capsys, tool, text):
+    import importlib
+
+    main = importlib.import_module(f"pycaffe_alt.tools.{tool}").main
+    src, dst = tmp_path / "in.prototxt", tmp_path / "out.prototxt"
+    src.write_text(text)
+    assert main([str(src), str(dst)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("E") and f" {tool}.py:" in lines[0]
+    assert lines[0].endswith(f"] File already in latest proto format: {src}")
+    assert lines[1].startswith("I") and f" {tool}.py:" in lines[1] and "Wrote upgraded" in lines[1]

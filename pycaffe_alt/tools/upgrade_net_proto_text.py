@@ -25,6 +25,11 @@ EXIT_USAGE = 1
 EXIT_UPGRADE_PROBLEMS = 1
 EXIT_UNREADABLE = 2
 
+# glog prints the source file of each LOG call, which is each Caffe tool's own .cpp
+# (upgrade_solver_proto_text.cpp:43] File already in latest proto format): the shared driver's
+# lines are attributed to the tool's ``main``, which calls run_upgrade_tool, which calls _run.
+_TOOL_FRAME = 3
+
 
 def run_upgrade_tool(argv: Optional[List[str]], prog: str, in_help: str, description: str,
                      read: Callable[[str], pb_message.Message],
@@ -61,14 +66,16 @@ def _run(args: List[str], prog: str, in_help: str,
             report = apply_upgrade(param, in_path)
             success = report.success
             if not success:
-                logger.error("Encountered error(s) while upgrading prototxt; see details above.")
+                logger.error("Encountered error(s) while upgrading prototxt; see details above.",
+                             stacklevel=_TOOL_FRAME)
         else:
-            logger.error("File already in latest proto format: %s", in_path)
+            logger.error("File already in latest proto format: %s", in_path,
+                         stacklevel=_TOOL_FRAME)
         write(param, out_path)
     except CaffeError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_UPGRADE_PROBLEMS
-    logger.info("Wrote upgraded %s to %s", written_what, out_path)
+    logger.info("Wrote upgraded %s to %s", written_what, out_path, stacklevel=_TOOL_FRAME)
     return 0 if success else EXIT_UPGRADE_PROBLEMS
 
 
