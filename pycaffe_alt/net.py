@@ -1328,6 +1328,7 @@ class Net(nn.Module):
         self._push_host_writes()
         lo = self._layer_index(end, 0)
         hi = self._layer_index(start, len(self._steps) - 1)
+        self.check_backward(lo, hi)
         ranged = self._diff_range(lo, hi)  # what the range reads and writes (made once)
         seeds: Sequence[Tuple[str, Optional[int]]]
         if lo > hi:  # Caffe's BackwardFromTo runs nothing for a reversed range
@@ -1429,6 +1430,22 @@ class Net(nn.Module):
             self._require_blob(d, "backward(diffs=...)")
         names += [d for d in diffs or () if d not in names]
         return {n: self.blobs[n].diff for n in names}
+
+    def check_backward(self, lo: int = 0, hi: Optional[int] = None) -> None:
+        """Refuse a backward over layers ``lo..hi`` (by index; default all) that would run a
+        layer without one. Caffe's BackwardFromTo calls Backward on every layer of the range
+        whose layer_need_backward_ is set, and ThresholdLayer's is NOT_IMPLEMENTED: the run
+        aborts at the first such layer from the top, whatever gradient it would pass."""
+        hi = len(self._steps) - 1 if hi is None else hi
+        for step in reversed(self._steps[lo:hi + 1]):
+            if step.runs_backward and not step.layer.has_backward:
+                why = ("force_backward is set" if self.net_param.force_backward else
+                       "a layer below it learns (lr_mult != 0) and a loss is above it")
+                raise NetError(
+                    f"has no backward (Caffe's Backward_cpu is NOT_IMPLEMENTED and aborts), "
+                    f"and this backward runs it: {why}", step.layer.where,
+                    "freeze the layers below it (param { lr_mult: 0 }), keep it off the path "
+                    "to the loss, or drop force_backward; the forward alone runs")
 
     def _backward_sequence(self, lo: int, hi: int) -> BackwardSequence:
         """The backward callbacks of layers ``lo..hi`` watching this pass's layer outputs."""

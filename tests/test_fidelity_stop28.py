@@ -22,6 +22,11 @@ checked against Caffe's sources (BVLC master; the SSD fork where the fixtures fo
 5. The upgrade tools log as Caffe's binaries do, glog naming the source file of each tool's LOG
    call (upgrade_solver_proto_text.cpp:43] File already in latest proto format). The solver
    tool's lines named upgrade_net_proto_text.py, the driver the three tools share.
+6. Threshold's Backward_cpu is NOT_IMPLEMENTED: Caffe aborts when its backward pass reaches a
+   Threshold layer that needs backward (layer_need_backward_: something learnable below and a
+   loss above, or force_backward), even where the gradient would be zero. Nets where it needs
+   none (at the top of a net, nothing learnable below, a TEST net never run backward) run.
+   We passed a zero gradient silently.
 """
 from __future__ import annotations
 
@@ -206,3 +211,55 @@ def test_upgrade_tools_log_under_their_own_file_name(tmp_path, capsys, tool, tex
     assert lines[0].startswith("E") and f" {tool}.py:" in lines[0]
     assert lines[0].endswith(f"] File already in latest proto format: {src}")
     assert lines[1].startswith("I") and f" {tool}.py:" in lines[1] and "Wrote upgraded" in lines[1]
+
+
+# -- 6. Threshold has no backward ---------------------------------------------------------------------
+_THRESHOLD_BELOW_LOSS = (
+    'layer { name: "in" type: "Input" top: "x" top: "t" input_param { '
+    'shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 } } }\n'
+    'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "a" '
+    'inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }\n'
+    'layer { name: "thr" type: "Threshold" bottom: "a" top: "b" }\n'
+    'layer { name: "loss" type: "EuclideanLoss" bottom: "b" bottom: "t" top: "l" }\n')
+
+
+def test_threshold_needing_backward_is_refused_at_the_backward_naming_it(tmp_path):
+    from pycaffe_alt.errors import NetError
+
+    net = _net(tmp_path, _THRESHOLD_BELOW_LOSS, caffe.TRAIN)
+    net.forward()  # the forward runs, as in Caffe
+    with pytest.raises(NetError, match="layer 'thr' \\(type Threshold\\).*no backward"):
+        net.backward()
+    net.backward(start="ip", end="ip")  # a range without it runs, as BackwardFromTo
+    solver_path = tmp_path / "solver.prototxt"
+    solver_path.write_text(f'net: "{tmp_path / "net.prototxt"}" base_lr: 0.1 lr_policy: "fixed" '
+                           'max_iter: 1 solver_mode: CPU\n')
+    solver = caffe.SGDSolver(str(solver_path))
+    with pytest.raises(NetError, match="layer 'thr'"):
+        solver.step(1)
+    assert solver.iter == 0
+
+
+@pytest.mark.parametrize("text", [
+    # nothing learnable below it: layer_need_backward_ is false
+    _THRESHOLD_BELOW_LOSS.replace('top: "a" ', 'top: "a" param { lr_mult: 0 } param { lr_mult: 0 } '),
+    # at the top of the net, beside the loss: it contributes to no loss
+    _THRESHOLD_BELOW_LOSS.replace('bottom: "b" bottom: "t"', 'bottom: "a" bottom: "t"'),
+])
+def test_threshold_that_needs_no_backward_runs(tmp_path, text):
+    net = _net(tmp_path, text, caffe.TRAIN)
+    net.forward()
+    net.backward()
+
+
+def test_threshold_in_a_force_backward_net_is_refused_only_at_a_backward(tmp_path):
+    from pycaffe_alt.errors import NetError
+
+    text = ('force_backward: true\n'
+            'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+            'layer { name: "thr" type: "Threshold" bottom: "x" top: "y" }\n')
+    net = _net(tmp_path, text)
+    x = np.array([[0.5, -1, 0], [2, 0, -3]], np.float32)
+    np.testing.assert_array_equal(net.forward(x=x)["y"], (x > 0).astype(np.float32))
+    with pytest.raises(NetError, match="layer 'thr'"):
+        net.backward()

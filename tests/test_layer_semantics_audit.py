@@ -328,11 +328,18 @@ def test_neuron_layers_match_caffe(case: Case):
     assert not check_case(case)
 
 
-def test_threshold_forward_and_no_gradient():
+def test_threshold_forward_and_no_backward():
     x = _r(31, 2, 3, 2, 2, lo=0.05)
     net = run_net('layer { name: "t" type: "Threshold" bottom: "x" top: "y" threshold_param { threshold: 0.4 } }',
-                  {"x": x.astype(np.float32)}, {}, {"y": np.ones(x.shape, np.float32)})
+                  {"x": x.astype(np.float32)}, {}, {}, backward=False)
     np.testing.assert_array_equal(net.blobs["y"].data, (x.astype(np.float32) > np.float32(0.4)).astype(np.float32))
+    # ThresholdLayer::Backward_cpu is NOT_IMPLEMENTED: with force_backward Caffe aborts at the
+    # backward (tests/test_fidelity_stop28.py); it used to be a silent zero gradient here.
+    from pycaffe_alt.errors import NetError
+
+    with pytest.raises(NetError, match="layer 't' \\(type Threshold\\): has no backward"):
+        run_net('layer { name: "t" type: "Threshold" bottom: "x" top: "y" }',
+                {"x": x.astype(np.float32)}, {}, {"y": np.ones(x.shape, np.float32)})
 
 
 # -- normalization layers -------------------------------------------------------------------------

@@ -107,6 +107,10 @@ class Layer(nn.Module):
     # backward then reaches the backward only if the net records the layer again (net.py,
     # _backward_reads). Loss layers count as such (their labels) without setting it.
     backward_reads_bottom_copy: ClassVar[bool] = False
+    # False where Caffe's Backward_cpu is NOT_IMPLEMENTED (ThresholdLayer): a backward that
+    # runs this layer (Caffe's layer_need_backward_) aborts, so the net refuses it there
+    # (Net.check_backward) instead of passing a zero gradient.
+    has_backward: ClassVar[bool] = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], ctx: LayerContext):
         super().__init__()

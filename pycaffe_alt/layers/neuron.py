@@ -276,7 +276,11 @@ class BNLL(NeuronLayer):
 
 @LAYERS.register("Threshold")
 class Threshold(NeuronLayer):
-    """1 where ``x > threshold`` else 0. Caffe implements no backward: no gradient flows."""
+    """1 where ``x > threshold`` else 0. Caffe implements no backward (its Backward_cpu is
+    NOT_IMPLEMENTED): where the net's backward runs this layer it is refused, see
+    ``has_backward``; elsewhere no gradient flows."""
+
+    has_backward = False
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)

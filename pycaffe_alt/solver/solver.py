@@ -599,6 +599,8 @@ class Solver:
                 sequence = BackwardSequence(callbacks, 0, len(self.net.steps) - 1)
                 for step, _, tops in trace:
                     sequence.watch(step.index, tops)
+            # Caffe's Net::Backward aborts at a layer without one (Threshold) that needs it.
+            self.net.check_backward()
             with sequence if sequence is not None else contextlib.nullcontext():
                 if loss.requires_grad:
                     self.precision.scaled(loss).backward()
