@@ -263,3 +263,15 @@ def test_threshold_in_a_force_backward_net_is_refused_only_at_a_backward(tmp_pat
     np.testing.assert_array_equal(net.forward(x=x)["y"], (x > 0).astype(np.float32))
     with pytest.raises(NetError, match="layer 'thr'"):
         net.backward()
+
+
+def test_caffe_time_refuses_a_net_with_a_threshold_layer(tmp_path):
+    # caffe.cpp's time() calls every layer's Backward in its benchmark loop, needed or not:
+    # ThresholdLayer's NOT_IMPLEMENTED aborts it even where the net's own backward would run.
+    from pycaffe_alt.errors import NetError
+    from pycaffe_alt.tools.time_net import time_net
+
+    text = _THRESHOLD_BELOW_LOSS.replace('bottom: "b" bottom: "t"', 'bottom: "a" bottom: "t"')
+    net = _net(tmp_path, text, caffe.TRAIN)
+    with pytest.raises(NetError, match="layer 'thr' \\(type Threshold\\).*caffe time"):
+        time_net(net, 1)

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import CaffeError
+from ..errors import CaffeError, NetError
 from ..host_memory import keep_freed_memory
 from ..log import get_logger, setup_tool_logging
 from .cli import int32, parse_args, run_main
@@ -192,8 +192,16 @@ def time_net(net, iterations: int) -> Timings:
     records = timer.forward(timer.feed_inputs())
     log.info("Initial loss: %g", float(net.loss().detach()))
     log.info("Performing Backward")
+    net.check_backward()  # Caffe's untimed Net::Backward
     timer.backward(records)
     del records
+    for step in net.steps:
+        if not step.layer.has_backward:
+            # caffe.cpp's time() calls every layer's Backward in its benchmark loop, needed or
+            # not: ThresholdLayer's NOT_IMPLEMENTED stops it there.
+            raise NetError("has no backward (Caffe's Backward_cpu is NOT_IMPLEMENTED), and caffe "
+                           "time runs every layer's backward", step.layer.where,
+                           "time a net without this layer (its forward is one comparison)")
     log.info("*** Benchmark begins ***")
     log.info("Testing for %d iterations.", iterations)
     result = timer.run(iterations, lambda j, ms: log.info(
