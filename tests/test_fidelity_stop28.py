@@ -160,6 +160,7 @@ def test_string_escapes_read_as_cpp_protobuf_reads_them(written, read):
         assert layer.name == read
 
 
+@pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")
 def test_a_capital_x_escape_is_refused_naming_the_difference(tmp_path):
     from pycaffe_alt.errors import PrototxtError
 
@@ -245,7 +246,7 @@ def test_threshold_needing_backward_is_refused_at_the_backward_naming_it(tmp_pat
     _THRESHOLD_BELOW_LOSS.replace('top: "a" ', 'top: "a" param { lr_mult: 0 } param { lr_mult: 0 } '),
     # at the top of the net, beside the loss: it contributes to no loss
     _THRESHOLD_BELOW_LOSS.replace('bottom: "b" bottom: "t"', 'bottom: "a" bottom: "t"'),
-])
+], ids=["frozen_below", "at_the_top"])
 def test_threshold_that_needs_no_backward_runs(tmp_path, text):
     net = _net(tmp_path, text, caffe.TRAIN)
     net.forward()
