@@ -613,6 +613,9 @@ class Net(nn.Module):
             step.runs_backward = bool(layer_needs)
             if layer_needs:
                 step.diff_bottoms = tuple(b for b, n in zip(step.bottoms, needs) if n)
+        # Layers a backward would run that have none (see check_backward), top first.
+        self._backward_missing = [(i, step) for i, step in reversed(list(enumerate(self._steps)))
+                                  if step.runs_backward and not step.layer.has_backward]
         # A parameter gets a gradient when one of its users needs it (Caffe's
         # param_propagate_down: lr_mult != 0, or force_backward).
         param_needs: Dict[int, Tuple[nn.Parameter, bool]] = {}
@@ -1437,8 +1440,8 @@ class Net(nn.Module):
         whose layer_need_backward_ is set, and ThresholdLayer's is NOT_IMPLEMENTED: the run
         aborts at the first such layer from the top, whatever gradient it would pass."""
         hi = len(self._steps) - 1 if hi is None else hi
-        for step in reversed(self._steps[lo:hi + 1]):
-            if step.runs_backward and not step.layer.has_backward:
+        for i, step in self._backward_missing:
+            if lo <= i <= hi:
                 why = ("force_backward is set" if self.net_param.force_backward else
                        "a layer below it learns (lr_mult != 0) and a loss is above it")
                 raise NetError(
