@@ -196,7 +196,7 @@ def test_hdf5_minimum_loss_must_be_one_number(tmp_path):
             read_solverstate_h5(path)
 
 
-# -- 5. each upgrade tool logs under its own name ---------------------------------------------------
+# -- 5. each upgrade tool logs under its own name -------------------------------------------------
 @pytest.mark.parametrize("tool, text", [
     ("upgrade_solver_proto_text", 'base_lr: 0.1 type: "SGD" net: "n.prototxt"\n'),
     ("upgrade_net_proto_text", 'name: "n" layer { name: "in" type: "Input" top: "x" }\n'),
@@ -214,7 +214,7 @@ def test_upgrade_tools_log_under_their_own_file_name(tmp_path, capsys, tool, tex
     assert lines[1].startswith("I") and f" {tool}.py:" in lines[1] and "Wrote upgraded" in lines[1]
 
 
-# -- 6. Threshold has no backward ---------------------------------------------------------------------
+# -- 6. Threshold has no backward -----------------------------------------------------------------
 _THRESHOLD_BELOW_LOSS = (
     'layer { name: "in" type: "Input" top: "x" top: "t" input_param { '
     'shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 } } }\n'
@@ -243,7 +243,8 @@ def test_threshold_needing_backward_is_refused_at_the_backward_naming_it(tmp_pat
 
 @pytest.mark.parametrize("text", [
     # nothing learnable below it: layer_need_backward_ is false
-    _THRESHOLD_BELOW_LOSS.replace('top: "a" ', 'top: "a" param { lr_mult: 0 } param { lr_mult: 0 } '),
+    _THRESHOLD_BELOW_LOSS.replace('top: "a" ',
+                                  'top: "a" param { lr_mult: 0 } param { lr_mult: 0 } '),
     # at the top of the net, beside the loss: it contributes to no loss
     _THRESHOLD_BELOW_LOSS.replace('bottom: "b" bottom: "t"', 'bottom: "a" bottom: "t"'),
 ], ids=["frozen_below", "at_the_top"])
