@@ -188,3 +188,19 @@ def test_memory_data_reads_the_same_training_set_as_hdf5(tmp_path):
     assert np.array_equal(a.problem.Z.numpy(), b.problem.Z.numpy())
     assert np.array_equal(a.problem.y.numpy(), b.problem.y.numpy())
     assert abs(a.result.objective - b.result.objective) <= 1e-12 * a.result.objective
+
+
+def test_lenet_is_refused_for_its_second_convolution_not_its_max_pooling(tmp_path):
+    """LeNet (conv1 -> pool1 MAX -> conv2 ...) switched to type "Convex": the hint "use pool:
+    AVE" would not make it fit; the refusal names conv2, the second hidden layer."""
+    text = open(os.path.join(ROOT, "solvers", "lenet_sgd.prototxt")).read()
+    assert 'type: "SGD"' in text and 'net: "models/lenet/train_val.prototxt"' in text
+    text = text.replace('type: "SGD"', 'type: "Convex"').replace(
+        'snapshot_prefix: "snapshots/lenet/lenet_sgd"', f'snapshot_prefix: "{tmp_path}/lenet"')
+    solver = tmp_path / "lenet_convex.prototxt"
+    solver.write_text(text)
+    out = _train(str(solver), ROOT)
+    assert out.returncode != 0
+    assert "layer 'conv2'" in out.stderr and "second hidden layer" in out.stderr, out.stderr
+    assert "pool: AVE" not in out.stderr and "Traceback" not in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["lenet_convex.prototxt"]

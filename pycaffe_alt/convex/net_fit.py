@@ -121,10 +121,17 @@ def _refuse(net, index: Optional[int], what: str, hint: str = HINT) -> SolverErr
 
 
 def check_two_layer(net) -> TwoLayerNet:
-    """The roles of ``net``'s layers, or a SolverError naming the first layer that does not fit."""
+    """The roles of ``net``'s layers, or a SolverError naming the first layer that does not fit.
+
+    A layer that has the right role but a setting the program does not cover (MAX or local
+    pooling, a leaky ReLU) is only reported once the rest of the net fits: on a net that cannot
+    fit anyway (LeNet: a second convolution after the pooling) "use pool: AVE" would send the
+    user to change a setting that does not help, so the layer that breaks the form comes first.
+    """
     layers = list(net.net_param.layer)
     modules = [v.module for v in net.layers]
     pos = 0
+    settings: list = []   # refusals for settings, raised only if the form itself fits
 
     def take(role: str, expected: str):
         nonlocal pos
@@ -169,8 +176,9 @@ def check_two_layer(net) -> TwoLayerNet:
         raise _refuse(net, i, f"expected a ReLU (or HardThreshold with beta 0) on '{current}' "
                       f"after the first layer '{first}'; found {lp.type}")
     if lp.type == "ReLU" and m.negative_slope != 0:
-        raise _refuse(net, i, f"ReLU with negative_slope {m.negative_slope} (leaky): the "
-                      "arrangement program needs max(0, q)", "set negative_slope: 0")
+        settings.append(_refuse(net, i, f"ReLU with negative_slope {m.negative_slope} (leaky): "
+                                "the arrangement program needs max(0, q)",
+                                "set negative_slope: 0"))
     relu = lp.name
     current = lp.top[0]
 
@@ -179,16 +187,17 @@ def check_two_layer(net) -> TwoLayerNet:
     if lp.type == "Pooling" and list(lp.bottom) == [current]:
         if m.method != caffe_pb2.PoolingParameter.AVE:
             name = caffe_pb2.PoolingParameter.PoolMethod.Name(m.method)
-            raise _refuse(net, i, f"{name} pooling: the convex program covers average pooling "
-                          "only (max pooling makes the output a non-convex function of the "
-                          "units' patterns)", "use pool: AVE")
+            settings.append(_refuse(net, i, f"{name} pooling: the convex program covers "
+                                    "average pooling only (max pooling makes the output a "
+                                    "non-convex function of the units' patterns)",
+                                    "use pool: AVE"))
         shape = tuple(net.blob_shape(lp.top[0]))
         if len(shape) != 4 or shape[2:] != (1, 1):
-            raise _refuse(net, i, f"average pooling to {shape[2:]} positions per channel: each "
-                          "hidden unit would feed several output weights (a vector-output "
-                          "program per unit, not solved here)",
-                          "pool to one value per channel: pooling_param { pool: AVE "
-                          "global_pooling: true }")
+            settings.append(_refuse(net, i, f"pooling to {shape[2:]} positions per channel: "
+                                    "each hidden unit would feed several output weights (a "
+                                    "vector-output program per unit, not solved here)",
+                                    "pool to one value per channel: pooling_param { pool: AVE "
+                                    "global_pooling: true }"))
         pool = lp.name
         current = lp.top[0]
         i, lp, m = take("the last InnerProduct", "InnerProduct")
@@ -203,10 +212,11 @@ def check_two_layer(net) -> TwoLayerNet:
                       "remove inner_product_param.axis")
     shape = tuple(net.blob_shape(current))
     if len(shape) == 4 and shape[2:] != (1, 1):
-        raise _refuse(net, i, f"the last InnerProduct sees {shape[2]}x{shape[3]} positions per "
-                      "hidden channel: each unit would feed several output weights (a "
-                      "vector-output program per unit, not solved here)",
-                      "add Pooling { pool: AVE global_pooling: true } after the ReLU")
+        settings.append(_refuse(net, i, f"the last InnerProduct sees {shape[2]}x{shape[3]} "
+                                "positions per hidden channel: each unit would feed several "
+                                "output weights (a vector-output program per unit, not solved "
+                                "here)", "add Pooling { pool: AVE global_pooling: true } after "
+                                "the ReLU"))
     last_index, last, outputs, last_bias = i, lp.name, int(m.num_output), bool(m.bias_term)
     current = lp.top[0]
 
@@ -230,6 +240,8 @@ def check_two_layer(net) -> TwoLayerNet:
     if loss_top and net.blob_loss_weights.get(loss_top, 0.0) <= 0:
         raise _refuse(net, i, "the EuclideanLoss has loss_weight <= 0",
                       "use a positive loss_weight")
+    if settings:
+        raise settings[0]
     return TwoLayerNet(data_name, data_index, data_top, label_top, first, first_index, first_type,
                        relu, pool, last, last_index, lp.name, loss_top, hidden, outputs,
                        first_bias, last_bias)
