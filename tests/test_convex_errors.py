@@ -204,3 +204,27 @@ def test_lenet_is_refused_for_its_second_convolution_not_its_max_pooling(tmp_pat
     assert "layer 'conv2'" in out.stderr and "second hidden layer" in out.stderr, out.stderr
     assert "pool: AVE" not in out.stderr and "Traceback" not in out.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["lenet_convex.prototxt"]
+
+
+def test_starting_weights_are_refused_not_ignored(tmp_path):
+    """--weights (tools/train) and the solver file's weights field name a start the Convex solver
+    cannot use: one paragraph, before anything is read or written."""
+    X, y = fc_data()
+    case = Case(tmp_path, X, y, hidden=10, convex="rho: 0.1", max_iter=5)
+    model = tmp_path / "start.caffemodel"   # a valid model of this net (was read, then unused)
+    import pycaffe_alt
+    from pycaffe_alt.layers import TRAIN
+
+    pycaffe_alt.Net(case.net_path, TRAIN).save(str(model))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train"), "--solver",
+                          case.solver_path, "--weights", str(model)], cwd=str(tmp_path),
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    assert "starting weights" in out.stderr and "--weights" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not os.path.exists(os.path.dirname(case.prefix))
+    with open(case.solver_path, "a") as f:
+        f.write(f'weights: "{model}"\n')
+    with pytest.raises(SolverError, match="starting weights") as e:
+        case.run()
+    assert "weights" in str(e.value).split("\n")[0] and "\n  hint:" in str(e.value)

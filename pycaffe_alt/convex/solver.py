@@ -79,6 +79,8 @@ class ConvexSolver(Solver):
     reads_blocks = ("convex_param",)
 
     def __init__(self, solver: SolverSource, **kwargs):
+        # Read by _check_param, which the base constructor runs before it loads any weights.
+        self._start_weights = tuple(kwargs.get("weights", ()))
         super().__init__(solver, **kwargs)
         self.convex = self.param.convex_param
         self._check_convex_param()
@@ -99,6 +101,20 @@ class ConvexSolver(Solver):
     # ------------------------------------------------------------------ configuration
     def _rule_type(self) -> str:
         return "SGD"  # no update rule runs; the base class keeps an (unused) SGD history
+
+    def _check_param(self) -> None:
+        super()._check_param()
+        # Starting weights are refused rather than ignored: the program's optimum and its
+        # certificate depend on the training set alone, and a net's units give ADMM no
+        # meaningful start (its scaled duals, which carry the progress, would start at zero).
+        given = [w for w in list(self.param.weights) + list(self._start_weights) if w]
+        if given:
+            raise SolverError(f"starting weights {', '.join(given)}: the Convex solver computes "
+                              "the global optimum from the training set alone, and a start "
+                              "would be ignored", self._where("weights") + " / --weights",
+                              "remove --weights and the solver file's weights field; to "
+                              "fine-tune the Convex result, give its .caffemodel as --weights "
+                              "to an update-rule solver (type \"SGD\", ...)")
 
     def _check_convex_param(self) -> None:
         c, p = self.convex, self.param
