@@ -50,9 +50,11 @@ def independent_optimum(Z, y, wd, out_bias=True):
 @pytest.fixture(scope="module")
 def fc_case(tmp_path_factory):
     X, y = fc_data()
+    # rho fixed (adapt_interval 0): the 1e-4 agreement with cvxpy is for this ADMM run; with the
+    # default residual balancing the written net is 1.2e-4 above (certified gap 3.3e-4).
     case = Case(tmp_path_factory.mktemp("fc"), X, y, template=FC, batch=3,
-                convex="method: ADMM rho: 0.03 abs_tol: 1e-12 rel_tol: 1e-10", max_iter=1000,
-                display=250)
+                convex="method: ADMM rho: 0.03 adapt_interval: 0 abs_tol: 1e-12 rel_tol: 1e-10",
+                max_iter=1000, display=250)
     solver = case.run()
     optimum = independent_optimum(fc_features(X, True)[:, None, :], y, case.wd)
     return case, solver, optimum

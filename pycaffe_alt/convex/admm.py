@@ -18,8 +18,8 @@ with ``Q = S^2`` (the output bias minimized out; Q = I without one). Residuals (
 G^T (T - T_old)||``; converged when ``r <= sqrt(m) abs_tol + rel_tol max(||(U, G U)||,
 ||(V, T)||)`` and ``s <= sqrt(p) abs_tol + rel_tol rho ||Lam + G^T Nu||``.
 
-The linear system is factored once (again only when ``adapt`` > 0 changes rho, see
-:meth:`ADMM._balance`). Its matrix is ``B + F^T Q F`` with ``B = rho (I + Z^T Z)``
+The linear system is factored once (again each time residual balancing changes rho, see
+:meth:`ADMM.balance`). Its matrix is ``B + F^T Q F`` with ``B = rho (I + Z^T Z)``
 repeated on every block (because ``(2D - I)^2 = I``), so by Woodbury only a d x d Cholesky
 factor (B) and an n x n one (``I + S F B^{-1} F^T S``) are needed; every iteration then costs a
 few passes over the patterns (O(P n K d C)).
@@ -53,7 +53,8 @@ class ADMM:
 
     ``ADMM(program, rho, abs_tol, rel_tol, relaxation, adapt)`` (``adapt``: residual balancing
     every that many iterations; 0 = rho fixed); :meth:`step` runs one iteration and returns its
-    :class:`ADMMStats`; ``V`` is the current (group-sparse) solution estimate.
+    :class:`ADMMStats`; :meth:`balance` applies the balancing rule to two residuals; ``V`` is the
+    current (group-sparse) solution estimate, ``rho`` the current penalty.
     """
 
     def __init__(self, program: ConvexProgram, rho: float, abs_tol: float = 1e-8,
@@ -125,13 +126,19 @@ class ADMM:
             self.rel_tol * rho * float((self.Lam + p.GT(self.Nu)).norm())
         self._iter += 1
         if self.adapt and self._iter % self.adapt == 0:
-            self._balance(primal / max(eps_p, 1e-300), dual / max(eps_d, 1e-300))
+            self.balance(primal, dual)
         return ADMMStats(primal, dual, eps_p, eps_d)
 
-    def _balance(self, primal: float, dual: float) -> None:
-        """Residual balancing (Boyd et al. 2011, sec. 3.4.1, on residuals relative to their
-        tolerances): rho x 2 when the primal residual lags by more than 10x, / 2 when the dual
-        one does; the scaled duals are rescaled and the linear system is factored again."""
+    def balance(self, primal: float, dual: float) -> None:
+        """Residual balancing (Boyd et al. 2011, sec. 3.4.1, mu = 10, tau = 2, on the primal and
+        dual residuals themselves): rho x 2 when the primal residual exceeds 10 x the dual one,
+        / 2 in the opposite case; the scaled duals (y / rho) are divided by the same factor so
+        that the unscaled duals are unchanged, and the linear system is factored again.
+
+        Why by default: with a fixed rho too small for the problem, the group threshold
+        beta / rho keeps every block at zero for hundreds of iterations (the zero net with a
+        95% certified gap on a 5-image CNN at rho 0.01-0.1); balancing raises rho until the
+        primal residual comes down."""
         factor = 2.0 if primal > 10 * dual else 0.5 if dual > 10 * primal else 1.0
         if factor == 1.0:
             return

@@ -37,6 +37,9 @@ from .sampled import fista, gated_objective, split_into_cones
 
 logger = get_logger()
 _CP = caffe_pb2.ConvexParameter
+# A certified relative gap above this is reported as a warning with what to change: the net
+# written may then be far from the optimum (the zero net had a 95% gap, and only a gap line).
+LARGE_GAP = 0.01
 
 
 @dataclass
@@ -91,6 +94,7 @@ class ConvexSolver(Solver):
         self.program: Optional[ConvexProgram] = None
         self.result_history: List[dict] = []
         self._gated_value = 0.0
+        self._final_rho = float(self.convex.rho)
         logger.info("Convex: method %s, %s patterns, layers %s -> %s -> %s%s -> %s -> %s",
                     _CP.Method.Name(self.convex.method),
                     "all" if self.convex.num_patterns == 0 else f"{self.convex.num_patterns} "
@@ -246,8 +250,10 @@ class ConvexSolver(Solver):
         c, prog = self.convex, self.program
         admm = ADMM(prog, c.rho, c.abs_tol, c.rel_tol, c.relaxation, c.adapt_interval)
         setup = time.perf_counter() - start
-        logger.info("Convex: ADMM, rho = %g, relaxation %g, linear system factored in %.3g s "
-                    "(setup)", c.rho, c.relaxation, setup)
+        logger.info("Convex: ADMM, rho = %g (%s), relaxation %g, linear system factored in "
+                    "%.3g s (setup)", c.rho, "fixed: adapt_interval 0" if not c.adapt_interval
+                    else f"residual balancing every {c.adapt_interval} iterations",
+                    c.relaxation, setup)
         seconds, it = 0.0, 0
         for it in range(1, self.param.max_iter + 1):
             t0 = time.perf_counter()
@@ -273,7 +279,28 @@ class ConvexSolver(Solver):
                 break
         if admm.refactors:
             logger.info("Convex: rho adapted %d time(s), now %g", admm.refactors, admm.rho)
+        self._final_rho = admm.rho
         return admm.V, it, seconds, setup
+
+    def _warn_large_gap(self, iters: int) -> None:
+        """Say when the certified gap leaves the written net possibly far from the optimum, and
+        which fields change that (the log's numbers alone did not make a zero net stand out)."""
+        r, c = self.result, self.convex
+        if r.gap is None or not r.gap > LARGE_GAP:
+            return
+        zero = " (the zero net: no unit survived)" if r.units == 0 else ""
+        if c.method == _CP.ADMM:
+            rho = (f"rho {c.rho} (fixed: adapt_interval 0; remove it to let residual balancing "
+                   "adapt rho, or try rho x10 / x0.1)" if not c.adapt_interval else
+                   f"rho {c.rho} (adapted to {self._final_rho:g} by the end; try a start "
+                   "nearer that, or rho x10 / x0.1)")
+            what = f"raise max_iter ({iters} iterations run) or change {rho}"
+        else:
+            what = f"raise max_iter ({iters} iterations run)"
+        logger.warning("Convex: the certified relative gap %.3g is above %g: the net written%s "
+                       "may be up to that far above the global optimum (objective %s, lower "
+                       "bound %s); %s", r.gap, LARGE_GAP, zero, _fmt(r.objective),
+                       _fmt(r.lower_bound), what)
 
     def _run_sampled(self, H: torch.Tensor, exact: bool, start: float):
         prog = self.program
@@ -340,6 +367,7 @@ class ConvexSolver(Solver):
         logger.info("Convex: objective %s, certified lower bound %s, relative gap %s; %d "
                     "iterations in %.3g s (+ %.3g s setup)", _fmt(self.result.objective),
                     _fmt(self.result.lower_bound), _fmt(self.result.gap), iters, seconds, setup)
+        self._warn_large_gap(iters)
         self._iter = iters
         if self.param.snapshot_after_train:
             self.snapshot()
