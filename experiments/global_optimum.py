@@ -183,7 +183,7 @@ def run_convex(folder, X, y, kind, rho, hidden, extra="", max_iter=1000, display
     solver = solve(os.path.join(folder, "convex.prototxt"),
                    f'net: "{net}" type: "Convex" max_iter: {max_iter} display: {display} '
                    f'weight_decay: {wd} snapshot_prefix: "{folder}/cvx" solver_mode: CPU '
-                   f'random_seed: 1\nconvex_param {{ rho: {rho} adapt_interval: 50 '
+                   f'random_seed: 1\nconvex_param {{ rho: {rho} '
                    f'max_exact_patterns: 100000 gap_tol: 1e-6 {extra} }}\n')
     r = solver.result
     params = {k: [b.data.copy() for b in v] for k, v in solver.net.params.items()}
