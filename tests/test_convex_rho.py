@@ -17,6 +17,16 @@ from pycaffe_alt.proto import caffe_pb2
 ITERS = 100
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These small solves (2320 patterns) run 5-10x slower with 2 torch threads on a loaded
+    2-core machine (measured) than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _case(folder, convex):
     X, y = cnn_data(n=5, seed=1)
     return Case(folder, X, y, template=CNN, bias1="false", convex=convex, max_iter=ITERS)
