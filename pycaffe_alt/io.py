@@ -43,9 +43,12 @@ def _int_sequence(value, what: str) -> Tuple[int, ...]:
 # --- proto / datum / ndarray conversion ---------------------------------------------------------
 
 def blobproto_to_array(blob: "caffe_pb2.BlobProto", return_diff: bool = False) -> np.ndarray:
-    """The data (or diff) of a BlobProto as an array, shaped by its legacy 4-D fields if set."""
+    """The data (or diff) of a BlobProto as a float64 array, shaped by its legacy 4-D fields
+    if set."""
     _require_message(blob, "BlobProto", "blobproto_to_array()")
-    values = np.array(blob.diff if return_diff else blob.data)
+    # float64 as in pycaffe, whose np.array(blob.data) held Python floats (BVLC's
+    # ilsvrc_2012_mean.npy was made this way); protobuf's upb container hands numpy float32.
+    values = np.array(blob.diff if return_diff else blob.data, dtype=np.float64)
     if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
         shape = (blob.num, blob.channels, blob.height, blob.width)
     else:
