@@ -287,7 +287,9 @@ class Slice(Layer):
         sizes = self.sizes(x.shape[self.axis])
         if len(sizes) == 1:
             return x.view_as(x)
-        return tuple(torch.split(x, sizes, dim=self.axis))
+        # Caffe's SliceLayer copies into tops of their own (it shares only a single top): a
+        # view would let a write into the bottom's data (or a top's) reach the other blobs.
+        return tuple(t.clone() for t in torch.split(x, sizes, dim=self.axis))
 
 
 @LAYERS.register("Split")
@@ -470,7 +472,9 @@ class Crop(Layer):
         for i, off, size in self.windows(tuple(x.shape), tuple(ref.shape)):
             if off != 0 or size != x.shape[i]:
                 y = y.narrow(i, off, size)
-        return y if y is not x else x.view_as(x)
+        # CropLayer::Forward copies the window into a top of its own: no view of the bottom,
+        # which a write into one blob's data would carry into the other.
+        return y.clone() if y is not x else x.clone()
 
 
 @LAYERS.register("Tile")

@@ -1,0 +1,49 @@
+"""pycaffe call sequences on random nets against the Caffe simulator (round 2).
+
+tests/api_sequence2_case.py drives seeded sequences of partial forwards and backwards over any
+ranges, writes into blob data and diffs between calls, ``net.reshape()`` and
+``clear_param_diffs()`` on random nets (tests/test_net_semantics_audit.py's NetGen) and compares
+every blob and parameter with ``SeqSim`` after each call. The minimized repros of what it found
+are tests of their own below.
+"""
+import numpy as np
+import pytest
+
+import pycaffe_alt as caffe
+
+
+def _net(tmp_path, text: str, phase: int = caffe.TEST) -> caffe.Net:
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    return caffe.Net(str(path), phase)
+
+
+_IP_X = """layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "x"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }
+"""
+
+COPYING_TOPS = {
+    # SliceLayer copies into tops of their own when it has more than one (one top: ShareData).
+    "slice": ('layer { name: "s" type: "Slice" bottom: "x" top: "a" top: "b" '
+              'slice_param { axis: 1 slice_point: 1 } }\n', "a"),
+    # CropLayer::Forward copies the window (crop_copy), also where it is the whole bottom.
+    "crop": ('layer { name: "c" type: "Crop" bottom: "x" bottom: "data" top: "a" '
+             'crop_param { axis: 1 offset: 0 } }\n', "a"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COPYING_TOPS))
+def test_a_write_into_a_bottom_does_not_reach_a_copying_layers_top(tmp_path, case):
+    # The top was a view of the bottom: writing blobs['x'].data changed blobs['a'] (and a
+    # write into 'a' changed 'x'), which Caffe's separate buffers do not.
+    text, top = COPYING_TOPS[case]
+    net = _net(tmp_path, _IP_X + text)
+    net.blobs["data"].data[...] = np.random.RandomState(0).randn(2, 4)
+    net.forward()
+    a, x = net.blobs[top].data.copy(), net.blobs["x"].data.copy()
+    net.blobs["x"].data[...] = 7
+    np.testing.assert_array_equal(net.blobs[top].data, a)
+    net.blobs["x"].data[...] = x
+    net.blobs[top].data[...] = -3
+    np.testing.assert_array_equal(net.blobs["x"].data, x)
