@@ -1779,6 +1779,10 @@ class Net(nn.Module):
             for t, s in zip(step.tops, shapes):
                 if t in self._fixed:
                     continue  # DummyDataLayer::Reshape does nothing: the blob keeps its shape
+                if tuple(s) == tuple(self._store.shape(t)):
+                    # Blob::Reshape to the shape it has keeps its memory: Caffe's data and diff
+                    # (a loss top's weight, a diff written for a backward) stay as they are.
+                    continue
                 self._shapes[t] = tuple(s)
                 self._values.pop(t, None)
                 self._diffs.pop(t, None)

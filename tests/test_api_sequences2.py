@@ -47,3 +47,38 @@ def test_a_write_into_a_bottom_does_not_reach_a_copying_layers_top(tmp_path, cas
     net.blobs["x"].data[...] = x
     net.blobs[top].data[...] = -3
     np.testing.assert_array_equal(net.blobs["x"].data, x)
+
+
+_IP_CHAIN = _IP_X + """layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "relu" type: "ReLU" bottom: "x" top: "a" }
+layer { name: "ip2" type: "InnerProduct" bottom: "a" top: "y"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" }
+"""
+
+
+def _fed(tmp_path) -> caffe.Net:
+    net = _net(tmp_path, "force_backward: true\n" + _IP_CHAIN, caffe.TRAIN)
+    rng = np.random.RandomState(1)
+    net.blobs["data"].data[...] = rng.randn(2, 4)
+    net.blobs["t"].data[...] = rng.randn(2, 3)
+    return net
+
+
+def test_net_reshape_to_the_same_shapes_keeps_data_and_diffs(tmp_path):
+    # Net::Reshape calls each layer's Reshape; Blob::Reshape to the shape a blob has keeps its
+    # memory. net.reshape() dropped every top's data and diff (zeros; a loss top's written
+    # diff went back to its weight), so a backward after it ran on zeros.
+    net = _fed(tmp_path)
+    net.forward()
+    net.blobs["l"].diff[...] = 2.5
+    net.backward()
+    data = {n: b.data.copy() for n, b in net.blobs.items()}
+    diff = {n: b.diff.copy() for n, b in net.blobs.items()}
+    w = net.params["ip"][0].diff.copy()
+    net.reshape()
+    for name, blob in net.blobs.items():
+        np.testing.assert_array_equal(blob.data, data[name], err_msg=name)
+        np.testing.assert_array_equal(blob.diff, diff[name], err_msg=name)
+    net.backward()
+    np.testing.assert_allclose(net.params["ip"][0].diff, 2 * w, rtol=1e-5)
