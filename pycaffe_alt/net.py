@@ -1608,15 +1608,25 @@ class Net(nn.Module):
             # user holds stay the blobs' diffs, or a fresh read would disagree with them.
             self._diffs.update(kept)
             raise
-        # A blob gradient sharing memory with a parameter diff would change as that accumulates.
-        held = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
+        # Each blob's diff is memory of its own, as Caffe's are: autograd hands one gradient to
+        # several tensors (an Eltwise SUM passes its top's on to each bottom, a Concat gives
+        # views of it, a seed's diff may pass through unchanged), and a write into one blob's
+        # diff (or a parameter diff accumulating) would change the others.
+        used = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
+        used.update(d.untyped_storage().data_ptr() for n, d in self._diffs.items()
+                    if n not in got)
         for n, g in got.items():
             old = kept.get(n)
             if old is not None and old.shape == g.shape and old.dtype == g.dtype:
                 old.copy_(g)
                 self._diffs[n] = old
-            else:
-                self._diffs[n] = g.clone() if g.untyped_storage().data_ptr() in held else g
+                continue
+            ptr = g.untyped_storage().data_ptr()
+            if ptr in used:
+                g = g.clone()
+                ptr = g.untyped_storage().data_ptr()
+            used.add(ptr)
+            self._diffs[n] = g
 
     def _diff_range(self, lo: int, hi: int) -> "_DiffRange":
         """What a backward over layers ``lo..hi`` reads and writes, made once per range (the

@@ -98,3 +98,33 @@ def test_a_second_backward_keeps_blob_data_written_after_the_first(tmp_path):
     np.testing.assert_array_equal(net.blobs["a"].data, a)
     dy = net.blobs["y"].diff
     np.testing.assert_allclose(net.params["ip2"][0].diff - w0, dy.T @ a, rtol=1e-4, atol=1e-5)
+
+
+_JOINS = """force_backward: true
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "x"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "ipb" type: "InnerProduct" bottom: "data" top: "b"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "sum" type: "Eltwise" bottom: "x" bottom: "b" top: "s" }
+layer { name: "cat" type: "Concat" bottom: "s" bottom: "x" top: "c" }
+layer { name: "ip2" type: "InnerProduct" bottom: "c" top: "y"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+"""
+
+
+@pytest.mark.parametrize("written", ["s", "b", "c"])
+def test_a_write_into_one_blobs_diff_leaves_the_others(tmp_path, written):
+    # After a backward, an Eltwise SUM's bottoms had its top's gradient tensor itself as diff,
+    # and Concat's bottoms views of its top's: a write into
+    # one blob's .diff changed the others. Caffe's blobs each have a diff buffer of their own.
+    net = _net(tmp_path, _JOINS)
+    net.blobs["data"].data[...] = np.random.RandomState(3).randn(2, 4)
+    net.forward()
+    net.blobs["y"].diff[...] = 1
+    net.backward()
+    before = {n: b.diff.copy() for n, b in net.blobs.items()}
+    net.blobs[written].diff[...] = 42
+    for name, blob in net.blobs.items():
+        if name != written:
+            np.testing.assert_array_equal(blob.diff, before[name], err_msg=name)
