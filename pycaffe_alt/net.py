@@ -1196,6 +1196,12 @@ class Net(nn.Module):
                 # A pass from a middle layer leaves the layers below, and the input leaf their
                 # graph starts from, as they are: a backward over both gives the input its diff.
                 continue
+            writers = self._writers.get(name)
+            if start > 0 and writers and writers[-1] < start and t.grad_fn is not None:
+                # An in-place chain on the input below ``start`` (a Sigmoid on the data): the
+                # blob holds the chain's output, whose graph the pass's layers read on, as
+                # Caffe's Backward runs the chain's layers on the diff the pass's ones write.
+                continue
             if t.requires_grad or wants:  # a fresh leaf; a plain tensor is one already
                 t = t.detach()
                 if wants:

@@ -128,3 +128,24 @@ def test_a_write_into_one_blobs_diff_leaves_the_others(tmp_path, written):
     for name, blob in net.blobs.items():
         if name != written:
             np.testing.assert_array_equal(blob.diff, before[name], err_msg=name)
+
+
+def test_a_pass_above_an_in_place_chain_on_the_input_keeps_the_input_diff(tmp_path):
+    # force_backward, an in-place Sigmoid on the input: forward(); forward(start='ip');
+    # backward(). Caffe's backward runs ip (its bottom diff is the data blob's) and the Sigmoid
+    # on it (reading the data buffer, its output): the input's diff is W^T dy * s (1 - s).
+    # The partial pass made the input a fresh leaf, cut from the chain: its diff was zeros.
+    net = _net(tmp_path, """force_backward: true
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }
+layer { name: "sig" type: "Sigmoid" bottom: "data" top: "data" }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "y"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+""")
+    net.blobs["data"].data[...] = np.random.RandomState(0).randn(2, 4)
+    net.forward()
+    net.forward(start="ip")
+    net.blobs["y"].diff[...] = 1
+    net.backward()
+    s = net.blobs["data"].data
+    want = (np.ones((2, 3)) @ net.params["ip"][0].data) * s * (1 - s)
+    np.testing.assert_allclose(net.blobs["data"].diff, want, rtol=1e-5, atol=1e-6)
