@@ -1552,19 +1552,7 @@ class Net(nn.Module):
                 for t, v, rewritten in zip(step.tops, outs, step.rewritten_tops):
                     written[(step.index, t)] = v
                     if not rewritten:
-                        values[t] = self._kept_data(t, v)
-
-    def _kept_data(self, name: str, replayed: torch.Tensor) -> torch.Tensor:
-        """The value blob ``name`` keeps when a replay's last writer of it gives ``replayed``:
-        Caffe's Backward never changes blob data, so where the blob holds other values (written
-        into ``.data`` after the pass) they stay, and the layers above read them, as Caffe's read
-        the buffer; the gradient still goes to what the writer made."""
-        held = self._values.get(name)
-        if held is None or held.shape != replayed.shape or held.dtype != replayed.dtype or \
-                same_bits(graph_free(held), graph_free(replayed)):
-            return replayed
-        held = graph_free(held)
-        return _BufferValue.apply(held, replayed) if replayed.requires_grad else held
+                        values[t] = v
 
     def _accumulate_grads(self, tensors, grads, steps: Sequence[Step], whole: bool = False,
                           retain: bool = False) -> None:

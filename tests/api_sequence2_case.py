@@ -17,7 +17,13 @@ summed diff, where Caffe's keeps a stale one) is modelled as in ``check_partial`
 (``stale_splits=False``) and, where a range ends above a Split, the blob's diff is left out of
 the comparison until a later backward writes it again.
 
-KNOWN (not fixed; most failing seeds of 0..39 are this): Caffe layers whose Backward uses what
+KNOWN (not fixed): a backward that records the graph again (the first freed it) runs the
+layers from the net inputs and puts the replayed values into the blobs: data written into a
+blob after the forward goes back to the forward's values, and the layers above read those
+(Caffe's Backward never changes blob data and reads the buffers as they are): forward();
+backward(); blobs['a'].data[...] = v; backward() gives blobs['a'].data == the forward's a.
+
+KNOWN (not fixed): Caffe layers whose Backward uses what
 their Forward stored (SoftmaxWithLoss's prob_, EuclideanLoss's diff_, max pooling's mask,
 BatchNorm's x_norm_) keep that state until their next Forward, whatever is written into their
 bottoms or whichever layers a partial forward ran since. A backward that records the graph
