@@ -20,13 +20,7 @@ cvxpy = pytest.importorskip("cvxpy", reason="cvxpy (test-only, requirements-test
 REL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many tiny tensor operations: one thread is fastest, and a loaded machine does not spin.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def independent_optimum(Z, y, wd, out_bias=True):

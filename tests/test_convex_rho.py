@@ -17,14 +17,9 @@ from pycaffe_alt.proto import caffe_pb2
 ITERS = 100
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These small solves (2320 patterns) run 5-10x slower with 2 torch threads on a loaded
-    2-core machine (measured) than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These small solves (2320 patterns) run 5-10x slower with 2 torch threads on a loaded 2-core
+# machine (measured) than with one.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _case(folder, convex):

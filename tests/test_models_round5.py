@@ -12,7 +12,6 @@ Deconvolution and Crop, MTCNN's PReLU, Faster R-CNN's ROIPooling (behind a stand
 Python layer), SegNet's unpooling and YOLOv3's nearest Upsample. Nets a fork's layer or a
 model's own inconsistency keep from building say so (DeformableConvolution, yolov3-tiny).
 """
-import gzip
 import math
 import os
 import re
@@ -28,18 +27,13 @@ from google.protobuf import text_format
 import pycaffe_alt as caffe
 from pycaffe_alt.errors import CaffeError
 from pycaffe_alt.proto import caffe_pb2
+import model_fixtures
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "models_round5")
 
 
 # -- helpers --------------------------------------------------------------------------------------
 def fixture_text(name: str) -> str:
-    plain = os.path.join(FIXTURES, name + ".prototxt")
-    if os.path.exists(plain):
-        with open(plain) as f:
-            return f.read()
-    with gzip.open(plain + ".gz", "rt") as f:
-        return f.read()
+    return model_fixtures.fixture_text("models_round5", name)
 
 
 def write_model(tmp_path, name: str, text: str = None) -> str:

@@ -10,7 +10,6 @@ PSROIPooling, R-CNN's WindowData) and Python layers without the opt-in are refus
 Some nets are slimmed for time (``slim``: every num_output divided, input sizes kept); that keeps
 the topology and every spatial shape rule, which is what the tests check.
 """
-import gzip
 import os
 import re
 import subprocess
@@ -25,20 +24,15 @@ from google.protobuf import text_format
 import pycaffe_alt as caffe
 from pycaffe_alt.errors import CaffeError
 from pycaffe_alt.proto import caffe_pb2
+import model_fixtures
 from test_models_round5 import caffe_shapes, randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "models_round7")
 
 
 # -- helpers --------------------------------------------------------------------------------------
 def fixture_text(name: str) -> str:
-    plain = os.path.join(FIXTURES, name + ".prototxt")
-    if os.path.exists(plain):
-        with open(plain) as f:
-            return f.read()
-    with gzip.open(plain + ".gz", "rt") as f:
-        return f.read()
+    return model_fixtures.fixture_text("models_round7", name)
 
 
 def sub(text: str, pattern: str, repl: str, count: int = 0) -> str:
