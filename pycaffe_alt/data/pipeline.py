@@ -447,7 +447,7 @@ class _ProcessPrefetcher:
             persistent_workers=False)
         # A worker passes each batch's shared memory to this process through a socket in a
         # multiprocessing temp folder (/tmp/pymp-*), made on first use and removed when that
-        # process exits normally. close() stops workers outright, so folders of their own
+        # process exits normally. stop_outright() ends workers at once, so folders of their own
         # would stay behind, one per worker per run. Made here first, the folder is inherited
         # by the forked workers and removed when this process exits.
         multiprocessing.util.get_temp_dir()
@@ -460,15 +460,27 @@ class _ProcessPrefetcher:
         return item
 
     def close(self) -> None:
-        # The workers hold only read handles: stop them outright. A graceful shutdown from a
-        # finalizer (del net, interpreter exit) can find torch's queues already finalized and
-        # then waits 5 s per worker for a goodbye that never arrives (measured: 20 s for 4).
-        for worker in getattr(self._iter, "_workers", ()):
-            if worker.is_alive():
-                worker.terminate()
+        """Stop the workers gracefully: torch sets their done event while every worker is
+        alive (so the event's lock is free), tells each to stop, and terminates the ones that
+        have not exited after its timeout. Terminating them first could deadlock there (seen
+        once in CI: a worker killed inside ``done_event.is_set()`` never releases its lock)."""
+        if self._iter is None:
+            return
         shutdown = getattr(self._iter, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        self._iter = None
+
+    def stop_outright(self) -> None:
+        """From a finalizer (``del net``, interpreter exit): torch's queues may be finalized
+        already, and a graceful shutdown then waits 5 s per worker for a goodbye that never
+        arrives (measured: 20 s for 4). The workers hold only read handles: terminate them,
+        and leave the loader's shutdown (and its done event) alone."""
+        if self._iter is None:
+            return
+        for worker in getattr(self._iter, "_workers", ()):
+            if worker.is_alive():
+                worker.terminate()
         self._iter = None
 
 
@@ -522,9 +534,13 @@ class InputPipeline:
                                               pin)
         self._engine_pin = pin
 
-    def _stop_engine(self) -> None:
+    def _stop_engine(self, outright: bool = False) -> None:
+        """Stop prefetching; ``outright`` from a finalizer (see _ProcessPrefetcher)."""
         if self._engine is not None:
-            self._engine.close()
+            if outright and isinstance(self._engine, _ProcessPrefetcher):
+                self._engine.stop_outright()
+            else:
+                self._engine.close()
             self._engine = None
 
     def set_workers(self, workers: int) -> None:
@@ -621,7 +637,7 @@ class InputPipeline:
 
     def __del__(self):
         try:
-            self._stop_engine()
+            self._stop_engine(outright=True)
         except Exception:
             pass
 
