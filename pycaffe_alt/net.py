@@ -1779,7 +1779,8 @@ class Net(nn.Module):
         """pycaffe reshaped blob ``name``: tell the layers that make it (not in place), so
         that one whose Reshape leaves its tops alone (DummyData) makes that shape from now
         on, as Caffe's next Forward fills the blob at the shape it has."""
-        for step in self._steps:
+        for index in self._writers.get(name, ()):  # not every step: data blobs reshape often
+            step = self._steps[index]
             for i, top in enumerate(step.tops):
                 if top == name and not (i < len(step.bottoms) and step.bottoms[i] == top):
                     step.layer.take_top_shape(i, shape)
